@@ -1,0 +1,242 @@
+"""The graph IR: a closed vocabulary of ops with kinds, nodes with static shapes and dtypes.
+
+Every op's meaning is its reference function in `kfuse.ops.reference`; shapes and dtypes are
+inferred by running that same function on meta tensors, so inference and semantics cannot
+disagree. Fusion legality looks at `KIND[op]`, never at op names.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GraphError
+
+
+class Kind(enum.IntEnum):
+    """Op kinds, ordered like TVM's OpPatternKind: lower kinds fuse more freely."""
+    ELEMENTWISE = 0   # out[i] = f(in[i])
+    BROADCAST = 1     # elementwise over inputs broadcast to one shape
+    INJECTIVE = 2     # each output element reads one input element (reshape, transpose, slice, ...)
+    REDUCTION = 3     # reduces along axes (sum, max, softmax and norms along a row)
+    CONTRACTION = 4   # matmul, conv, attention: library or tiled kernels
+    OPAQUE = 5        # anything else; never fused
+    SOURCE = 6        # graph inputs and constants
+
+
+_E, _B, _I, _R, _C, _O = Kind.ELEMENTWISE, Kind.BROADCAST, Kind.INJECTIVE, Kind.REDUCTION, Kind.CONTRACTION, Kind.OPAQUE
+
+# op -> kind. The vocabulary is closed: a frontend maps every source op onto these.
+KIND: dict[str, Kind] = {
+    "input": Kind.SOURCE, "const": Kind.SOURCE,
+    **{op: _E for op in (
+        "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
+        "erf", "relu", "gelu", "silu", "floor", "ceil", "logical_not", "cast", "clamp", "leaky_relu",
+        "isnan", "softplus", "sign")},
+    **{op: _B for op in (
+        "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+        "logical_and", "logical_or", "where")},
+    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "pad", "triu", "tril")},
+    **{op: _R for op in (
+        "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
+        "log_softmax", "layer_norm", "rms_norm")},
+    **{op: _C for op in ("matmul", "linear", "conv2d", "attention")},
+    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum")},
+}
+
+DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+               torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Node:
+    """One op application. `name` comes from the source model and is only ever shown, never executed."""
+    op: str
+    inputs: list["Node"]
+    attrs: dict
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    name: str = ""
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def kind(self) -> Kind:
+        return KIND[self.op]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point
+                             else 1 if self.dtype == torch.bool else torch.iinfo(self.dtype).bits // 8)
+
+    @property
+    def value(self) -> torch.Tensor:
+        assert self.op == "const"
+        return self.attrs["value"]
+
+    def __repr__(self):
+        return f"%{self.id}:{self.op}"
+
+
+def infer(op: str, inputs: list[Node], attrs: dict) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of `op` applied to `inputs`, by running its reference on meta tensors."""
+    from .ops.reference import REFERENCE
+    if op not in KIND:
+        raise GraphError(f"op {op!r} is not in the IR vocabulary")
+    metas = [torch.empty(i.shape, dtype=i.dtype, device="meta") for i in inputs]
+    try:
+        out = REFERENCE[op](*metas, **attrs)
+    except Exception as e:  # a frontend built an ill-formed node: say which
+        shapes = ", ".join(f"{DTYPE_SHORT.get(i.dtype, i.dtype)}{list(i.shape)}" for i in inputs)
+        raise GraphError(f"{op}({shapes}) with {_fmt_attrs(attrs)}: {e}") from None
+    return tuple(out.shape), out.dtype
+
+
+# Folding a node whose inputs are all constants is done at build time, so shape arithmetic from
+# ONNX files and masks built from constants never reach a kernel; outputs above this size stay ops
+# unless they are no bigger than an input (a weight transpose folds, a big broadcast does not).
+FOLD_LIMIT = 1 << 16
+
+
+class Graph:
+    """Nodes in topological order, graph inputs and outputs."""
+
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.inputs: list[Node] = []
+        self.outputs: list[Node] = []
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    # -- building ---------------------------------------------------------------------------------
+    def input(self, shape, dtype, name="") -> Node:
+        n = Node("input", [], {"index": len(self.inputs)}, tuple(shape), dtype, name)
+        self.nodes.append(n)
+        self.inputs.append(n)
+        self.input_names.append(name)
+        return n
+
+    def const(self, value, dtype=None, name="") -> Node:
+        t = torch.as_tensor(value, dtype=dtype).detach().contiguous()
+        n = Node("const", [], {"value": t}, tuple(t.shape), t.dtype, name)
+        self.nodes.append(n)
+        return n
+
+    def add(self, op: str, *inputs: Node, name: str = "", **attrs) -> Node:
+        from .ops.reference import REFERENCE
+        shape, dtype = infer(op, list(inputs), attrs)
+        if inputs and all(i.op == "const" for i in inputs):
+            size = 1
+            for d in shape:
+                size *= d
+            if size <= FOLD_LIMIT or size <= max(i.numel for i in inputs):
+                return self.const(REFERENCE[op](*[i.value for i in inputs], **attrs), name=name)
+        n = Node(op, list(inputs), attrs, shape, dtype, name)
+        self.nodes.append(n)
+        return n
+
+    def insert_before(self, anchor: Node, op: str, *inputs: Node, name: str = "", **attrs) -> Node:
+        """A new node placed just before `anchor` (passes use this to keep topological order)."""
+        n = self.add(op, *inputs, name=name, **attrs)
+        self.nodes.remove(n)
+        self.nodes.insert(self.nodes.index(anchor), n)
+        return n
+
+    # -- editing ----------------------------------------------------------------------------------
+    def users(self) -> dict[Node, list[Node]]:
+        out: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out[i].append(n)
+        return out
+
+    def replace_uses(self, old: Node, new: Node):
+        for n in self.nodes:
+            n.inputs = [new if i is old else i for i in n.inputs]
+        self.outputs = [new if o is old else o for o in self.outputs]
+
+    def prune(self):
+        """Drop nodes no output depends on (graph inputs always stay)."""
+        live = set(self.outputs) | set(self.inputs)
+        for n in reversed(self.nodes):
+            if n in live:
+                live.update(n.inputs)
+        self.nodes = [n for n in self.nodes if n in live]
+
+    def toposort(self):
+        order, seen = [], set()
+        for root in self.nodes:
+            stack = [(root, False)]
+            while stack:
+                n, done = stack.pop()
+                if done:
+                    order.append(n)
+                elif n not in seen:
+                    seen.add(n)
+                    stack.append((n, True))
+                    stack.extend((i, False) for i in reversed(n.inputs) if i not in seen)
+        self.nodes = order
+
+    # -- checking and printing ----------------------------------------------------------------------
+    def check(self):
+        """Raise GraphError unless the graph is well formed: topological order, known ops, and each
+        node's recorded shape and dtype equal to what its inputs infer."""
+        seen = set()
+        for n in self.nodes:
+            if n.op not in KIND:
+                raise GraphError(f"{n}: op not in the vocabulary")
+            for i in n.inputs:
+                if i not in seen:
+                    raise GraphError(f"{n} uses {i}, which is not defined before it")
+            if n.op not in ("input", "const"):
+                shape, dtype = infer(n.op, n.inputs, n.attrs)
+                if (shape, dtype) != (n.shape, n.dtype):
+                    raise GraphError(f"{n}: recorded {n.dtype}{list(n.shape)}, inferred {dtype}{list(shape)}")
+            seen.add(n)
+        for o in self.outputs:
+            if o not in seen:
+                raise GraphError(f"output {o} is not a node of the graph")
+        if [n.attrs["index"] for n in self.inputs] != list(range(len(self.inputs))):
+            raise GraphError("graph inputs are out of order")
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        counts = {k: v for k, v in sorted(self.op_counts().items()) if k not in ("input", "const")}
+        params = sum(n.numel for n in self.nodes if n.op == "const")
+        return (f"{len(self.inputs)} inputs, {len(self.outputs)} outputs, "
+                f"{sum(counts.values())} ops, {params:,} constant elements\n  ops: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    def __str__(self):
+        lines = []
+        for n in self.nodes:
+            ty = f"{DTYPE_SHORT.get(n.dtype, str(n.dtype))}{list(n.shape)}"
+            if n.op == "input":
+                lines.append(f"%{n.id} = input {n.name!r} : {ty}")
+            elif n.op == "const":
+                lines.append(f"%{n.id} = const : {ty}")
+            else:
+                args = ", ".join(f"%{i.id}" for i in n.inputs)
+                attrs = f" {_fmt_attrs(n.attrs)}" if n.attrs else ""
+                lines.append(f"%{n.id} = {n.op}({args}){attrs} : {ty}")
+        lines.append("return " + ", ".join(f"%{o.id}" for o in self.outputs))
+        return "\n".join(lines)
+
+
+def _fmt_attrs(attrs: dict) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in attrs.items()) + "}"

@@ -1,0 +1,131 @@
+"""The meaning of every IR op, one plain torch function each: the specification and the oracle.
+
+Written for clarity, not speed. `run(graph, inputs)` interprets a graph op by op, unfused.
+The same functions run on meta tensors to infer shapes (kfuse.ir.infer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GraphError
+
+
+def _attention(q, k, v, mask=None, *, scale, causal=False):
+    """softmax(q kᵀ · scale + mask) v over [..., heads, seq, dim]; k and v may have fewer heads
+    (grouped-query attention), each shared by heads // kv_heads query heads."""
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal:
+        lq, lk = s.shape[-2], s.shape[-1]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(lk - lq)
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _linear(x, w, b=None, *, act="none"):
+    """act(x @ w + b) with w stored [K, N]."""
+    return ACTIVATIONS[act](torch.matmul(x, w) if b is None else torch.matmul(x, w) + b)
+
+
+def _layer_norm(x, w, b, *, eps, ndim=1):
+    return F.layer_norm(x, x.shape[-ndim:], w, b, eps)
+
+
+def _rms_norm(x, w, *, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _slice(x, *, axis, start, end, step=1):
+    return x[(slice(None),) * axis + (slice(start, end, step),)]
+
+
+def _gather(x, idx, *, axis):
+    """ONNX Gather: out.shape = x.shape[:axis] + idx.shape + x.shape[axis+1:]."""
+    flat = torch.index_select(x, axis, idx.reshape(-1).long())
+    return flat.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+def _reduce(fn):
+    return lambda x, *, axes, keepdim=False: fn(x, dim=axes, keepdim=keepdim)
+
+
+def _avg_pool2d(x, *, kernel, stride, padding, ceil_mode=False, count_include_pad=True):
+    return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
+
+
+# Activations a linear/contraction epilogue may carry, by name.
+ACTIVATIONS = {
+    "none": lambda x: x,
+    "relu": torch.relu,
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+REFERENCE = {
+    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "sin": torch.sin, "cos": torch.cos,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "relu": torch.relu,
+    "gelu": lambda x, *, approximate="none": F.gelu(x, approximate=approximate),
+    "silu": F.silu, "floor": torch.floor, "ceil": torch.ceil, "logical_not": torch.logical_not,
+    "cast": lambda x, *, dtype: x.to(dtype),
+    "clamp": lambda x, *, min=None, max=None: torch.clamp(x, min, max),
+    "leaky_relu": lambda x, *, alpha: F.leaky_relu(x, alpha),
+    "isnan": torch.isnan, "sign": torch.sign,
+    "softplus": lambda x, *, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
+    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "logical_and": torch.logical_and, "logical_or": torch.logical_or, "where": torch.where,
+    "reshape": lambda x, *, shape: x.reshape(shape),
+    "transpose": lambda x, *, perm: x.permute(perm),
+    "expand": lambda x, *, shape: x.expand(shape),
+    "slice": _slice,
+    "concat": lambda *xs, axis: torch.cat(xs, axis),
+    "gather": _gather,
+    "pad": lambda x, *, pads, value=0.0: F.pad(x, pads, value=value),
+    "triu": lambda x, *, diagonal=0: torch.triu(x, diagonal),
+    "tril": lambda x, *, diagonal=0: torch.tril(x, diagonal),
+    "reduce_sum": _reduce(torch.sum), "reduce_mean": _reduce(torch.mean),
+    "reduce_max": _reduce(torch.amax), "reduce_min": _reduce(torch.amin),
+    "reduce_var": lambda x, *, axes, correction=1, keepdim=False: torch.var(x, axes, correction=correction, keepdim=keepdim),
+    "argmax": lambda x, *, axis, keepdim=False: torch.argmax(x, axis, keepdim),
+    "softmax": lambda x, *, axis: torch.softmax(x, axis),
+    "log_softmax": lambda x, *, axis: torch.log_softmax(x, axis),
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "matmul": torch.matmul,
+    "linear": _linear,
+    "conv2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1:
+        F.conv2d(x, w, b, stride, padding, dilation, groups),
+    "attention": _attention,
+    "max_pool2d": lambda x, *, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False:
+        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
+    "avg_pool2d": _avg_pool2d,
+    "cumsum": lambda x, *, axis: torch.cumsum(x, axis),
+}
+
+
+def run(graph, inputs, *, keep=None):
+    """Interpret `graph` op by op on `inputs` (torch tensors); returns the list of outputs.
+    With `keep` (a set of nodes), also returns a dict of those nodes' values."""
+    if len(inputs) != len(graph.inputs):
+        raise GraphError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    env = {}
+    for n in graph.nodes:
+        if n.op == "input":
+            env[n] = inputs[n.attrs["index"]]
+        elif n.op == "const":
+            env[n] = n.value
+        else:
+            env[n] = REFERENCE[n.op](*[env[i] for i in n.inputs], **n.attrs)
+    outs = [env[o] for o in graph.outputs]
+    return (outs, {n: env[n] for n in keep}) if keep is not None else outs
