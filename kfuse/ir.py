@@ -34,7 +34,7 @@ KIND: dict[str, Kind] = {
     **{op: _E for op in (
         "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
         "erf", "relu", "gelu", "silu", "floor", "ceil", "logical_not", "cast", "clamp", "leaky_relu",
-        "isnan", "softplus", "sign")},
+        "isnan", "softplus", "sign", "log1p", "expm1")},
     **{op: _B for op in (
         "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
         "logical_and", "logical_or", "where")},

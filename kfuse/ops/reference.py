@@ -79,7 +79,7 @@ REFERENCE = {
     "cast": lambda x, *, dtype: x.to(dtype),
     "clamp": lambda x, *, min=None, max=None: torch.clamp(x, min, max),
     "leaky_relu": lambda x, *, alpha: F.leaky_relu(x, alpha),
-    "isnan": torch.isnan, "sign": torch.sign,
+    "isnan": torch.isnan, "sign": torch.sign, "log1p": torch.log1p, "expm1": torch.expm1,
     "softplus": lambda x, *, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
     "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,

@@ -1,0 +1,67 @@
+"""The C backend: render a kernel-IR FusedKernel to C, compile it (cached on disk), call it.
+
+    fn = build(kernel)          # raises compiler.CompileError if the C compiler is missing or fails
+    fn(inputs, outputs)         # contiguous torch tensors; outputs preallocated, written in place
+
+Outputs must not alias inputs (a row kernel may write an output before its last read of an input).
+Threads: KFUSE_NUM_THREADS (default os.cpu_count()), or set_threads(n) at run time.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from ...kernels import FusedKernel
+from . import compiler
+from .compiler import CompileError
+from .render import render
+
+__all__ = ["build", "set_threads", "CompileError", "CKernel", "render"]
+
+_threads = int(os.environ.get("KFUSE_NUM_THREADS") or os.cpu_count() or 1)
+_libs: list[ctypes.CDLL] = []
+
+
+def set_threads(n: int):
+    """Use n threads in every loaded kernel library and in torch."""
+    global _threads
+    _threads = int(n)
+    for lib in _libs:
+        lib.kf_set_threads(_threads)
+    torch.set_num_threads(_threads)
+
+
+class CKernel:
+    """A compiled kernel: call with (inputs, outputs), lists of contiguous torch tensors."""
+
+    def __init__(self, k: FusedKernel, lib: ctypes.CDLL, source: str):
+        self.kernel, self.lib, self.source = k, lib, source
+        self.n_args = len(k.inputs) + len(k.outputs)
+        self._run = lib.kf_run
+        self._run.argtypes = [ctypes.c_void_p]
+        self._run.restype = None
+        self._argv = ctypes.c_void_p * self.n_args
+
+    def __call__(self, inputs, outputs):
+        argv = self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs])
+        self._run(argv)
+
+    def check(self, inputs, outputs):
+        """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging)."""
+        for t, n in zip(list(inputs) + list(outputs), self.kernel.inputs + self.kernel.outputs, strict=True):
+            if tuple(t.shape) != n.shape or t.dtype != n.dtype or not t.is_contiguous():
+                raise ValueError(f"argument for {n}: got {t.dtype}{list(t.shape)} "
+                                 f"(contiguous={t.is_contiguous()}), want {n.dtype}{list(n.shape)}")
+
+
+def build(k: FusedKernel) -> CKernel:
+    """Compile (or load from the disk cache) the C kernel for `k`."""
+    source = render(k)
+    lib = compiler.load(source)
+    if lib not in _libs:
+        lib.kf_set_threads.argtypes = [ctypes.c_int]
+        lib.kf_set_threads(_threads)
+        _libs.append(lib)
+    return CKernel(k, lib, source)

@@ -1,0 +1,428 @@
+/* Fused attention, FlashAttention style: softmax(q k^T * scale + mask) v, never materialising the
+ * [Lq, Lk] score matrix. Compiled once per head dimension: attention.py prepends `#define HD <D>`.
+ *
+ * Two kernels, both with an online softmax (running max m, running sum l, rescaled accumulator):
+ *
+ * block kernel (many queries): a task is (batch, head, block of BQ = 64 queries, key chunk).
+ *   Queries live in the SIMD lanes: the query block is packed transposed, qt[HD][BQ], once per
+ *   task; then for every key tile of BK = 64 keys
+ *     st[BK][BQ] = K_tile . qt       (broadcast K[j][d] from the strided k rows, FMA with qt[d][:])
+ *     st = st * scale + mask, causal -inf
+ *     softmax update per lane (a lane is a query): max and sum over j are vertical, no shuffles
+ *     ot[HD][BQ] = ot * alpha + V_tile^T . st  (broadcast V[j][d], FMA with st[j][:])
+ *   K and V are read straight from their strided rows; nothing is packed but the query block.
+ *   Sizes: qt + ot = 2*HD*BQ*4 B (32 KiB at HD=64) and st = BK*BQ*4 B = 16 KiB stay in L1/L2;
+ *   the register tiles are 4 keys x 4 vectors (S) and 4 dims x 4 vectors (PV): 16 accumulators.
+ *
+ * row kernel (few queries: decode): a task is (batch, kv head, group of up to 4 query rows that
+ *   share that kv head, key chunk). The head dimension lives in the lanes: a score is a dot
+ *   product q . K[j]; 16 of them are reduced together by a transpose-add tree (46 shuffles/adds
+ *   per 16 keys instead of 16 horizontal sums); o += p[j] * V[j] is a broadcast FMA. Each K and
+ *   V row is loaded once for all the rows of the group (GQA decode reads the cache once).
+ *
+ * split-KV: the keys are cut into chunks, each task writes its partial (m, l, unnormalised o)
+ *   to part_*; attn_combine merges them: M = max m_c, L = sum l_c e^(m_c-M), O = sum o_c e^(m_c-M) / L.
+ *
+ * A row whose keys are all masked ends with l = 0 and o = 0, so o / l = NaN, like torch.softmax.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#ifndef HD
+#error "HD (head dimension) must be defined"
+#endif
+#define NC ((HD + 15) / 16) /* 16-float chunks of a head row */
+#define HDP (NC * 16)       /* padded head dimension */
+#define BQ 64               /* queries per block-kernel task: 4 vectors */
+#define BK 64               /* keys per tile */
+#define RMAX 4              /* query rows per row-kernel task */
+#define INL static inline __attribute__((always_inline))
+
+typedef struct {
+    const float *q, *k, *v;
+    float *o;
+    const void *mask;
+    float *part;                               /* split-KV partials, NULL when not split */
+    int64_t B, H, Hkv, Lq, Lk;
+    int64_t sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi;
+    int64_t smb, smh, smi, smj;                /* mask strides, 0 on broadcast dims */
+    int64_t mask_kind;                         /* 0 none, 1 additive float, 2 bool keep */
+    int64_t causal, nthreads, nsplit, chunk;   /* chunk: keys per split, multiple of BK */
+    double scale;
+} attn_args;
+
+/* ---------------------------------------------------------------- vector layer, 16 lanes */
+#ifdef __AVX512F__
+#include <immintrin.h>
+typedef __m512 vf;
+INL vf vzero(void) { return _mm512_setzero_ps(); }
+INL vf vset1(float x) { return _mm512_set1_ps(x); }
+INL vf vload(const float *p) { return _mm512_loadu_ps(p); }
+INL vf vloadn(const float *p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+INL void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+INL vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+INL vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+INL vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+INL vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+INL vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); } /* NaN in either: returns b */
+INL float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+INL float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
+/* m, with -inf replaced by 0 (the shift used while a row has seen no unmasked key) */
+INL vf vsafe(vf m) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, vset1(-INFINITY), _CMP_EQ_OQ), m, vzero());
+}
+/* exp: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial
+ * (1 + r + r^2 P5(r)), then scalef (exact 2^n, correct overflow and underflow).
+ * Clamping to [-110, 100] sends exp(-inf) to exactly 0 and exp(+inf) to inf; the clamps return
+ * their second operand on NaN, so NaN propagates. Accuracy: tests/ops/test_attention_kernel.py. */
+INL vf vexp(vf x) {
+    x = _mm512_max_ps(vset1(-110.0f), x);
+    x = _mm512_min_ps(vset1(100.0f), x);
+    vf n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+/* out[k] = sum of the lanes of a[k], k < 16: transpose-add tree, 46 shuffles and adds */
+INL vf vreduce16(const vf *a) {
+    vf t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = vadd(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        u[i] = vadd(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        w[i] = vadd(_mm512_unpacklo_ps(u[2 * i], u[2 * i + 1]), _mm512_unpackhi_ps(u[2 * i], u[2 * i + 1]));
+    vf z = vadd(_mm512_shuffle_ps(w[0], w[1], 0x44), _mm512_shuffle_ps(w[0], w[1], 0xEE));
+    /* lane 4L+m holds key 4m+L */
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(idx, z);
+}
+#else /* portable fallback: GCC vector extensions, scalar libm where there is no operator */
+typedef float vf __attribute__((vector_size(64)));
+INL vf vzero(void) { vf z = {0}; return z; }
+INL vf vset1(float x) { return vzero() + x; }
+INL vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
+INL vf vloadn(const float *p, int n) { vf x = vzero(); for (int i = 0; i < n; i++) x[i] = p[i]; return x; }
+INL void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+INL vf vadd(vf a, vf b) { return a + b; }
+INL vf vsub(vf a, vf b) { return a - b; }
+INL vf vmul(vf a, vf b) { return a * b; }
+INL vf vfma(vf a, vf b, vf c) { return a * b + c; }
+INL vf vmax(vf a, vf b) { vf r; for (int i = 0; i < 16; i++) r[i] = a[i] > b[i] ? a[i] : b[i]; return r; }
+INL float vhmax(vf x) { float m = x[0]; for (int i = 1; i < 16; i++) m = x[i] > m ? x[i] : m; return m; }
+INL float vhsum(vf x) { float s = 0; for (int i = 0; i < 16; i++) s += x[i]; return s; }
+INL vf vsafe(vf m) { for (int i = 0; i < 16; i++) if (m[i] == -INFINITY) m[i] = 0; return m; }
+INL vf vexp(vf x) { for (int i = 0; i < 16; i++) x[i] = expf(x[i]); return x; }
+INL vf vreduce16(const vf *a) { vf r; for (int k = 0; k < 16; k++) r[k] = vhsum(a[k]); return r; }
+#endif
+
+/* a head row of HD floats as NC vectors (the last one zero-filled past HD) */
+INL vf vrow(const float *p, int c) { return (c + 1) * 16 <= HD ? vload(p + 16 * c) : vloadn(p + 16 * c, HD - 16 * c); }
+
+static const float zero_row[HDP];
+
+/* mask value added to the score of query i, key j (row pointer already offset for b, h) */
+INL float mask_at(const attn_args *a, const char *mrow, int64_t i, int64_t j) {
+    if (a->mask_kind == 1) return ((const float *)mrow)[i * a->smi + j * a->smj];
+    return ((const uint8_t *)mrow)[i * a->smi + j * a->smj] ? 0.0f : -INFINITY;
+}
+INL const char *mask_base(const attn_args *a, int64_t b, int64_t h) {
+    size_t esz = a->mask_kind == 1 ? 4 : 1;
+    return (const char *)a->mask + (b * a->smb + h * a->smh) * esz;
+}
+
+/* the result of a task: normalised into out, or (split) partial m, l, o into part */
+INL void emit_row(const attn_args *a, int64_t b, int64_t h, int64_t i, int64_t c, float m, float l, const float *o, int64_t ostride) {
+    if (!a->part) {
+        float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
+        for (int d = 0; d < HD; d++) dst[d] = o[d * ostride] / l;
+    } else {
+        int64_t row = (b * a->H + h) * a->Lq + i;
+        float *dst = a->part + (c * a->B * a->H * a->Lq + row) * (HD + 2);
+        dst[0] = m; dst[1] = l;
+        for (int d = 0; d < HD; d++) dst[2 + d] = o[d * ostride];
+    }
+}
+
+/* ---------------------------------------------------------------- block kernel */
+INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke, const int NV) {
+    float qt[HD * BQ] __attribute__((aligned(64)));
+    float ot[HD * BQ] __attribute__((aligned(64)));
+    float st[BK * BQ] __attribute__((aligned(64)));
+    float mrun[BQ] __attribute__((aligned(64))), lrun[BQ] __attribute__((aligned(64)));
+    const int64_t G = a->H / a->Hkv, hk = h / G, i0 = qb * BQ;
+    const int rows = (int)(a->Lq - i0 < BQ ? a->Lq - i0 : BQ);
+    const int64_t off = a->Lk - a->Lq; /* causal: query i sees keys j <= i + off */
+    const float *qp = a->q + b * a->sqb + h * a->sqh + i0 * a->sqi;
+    const float *kp = a->k + b * a->skb + hk * a->skh;
+    const float *vp = a->v + b * a->svb + hk * a->svh;
+    const char *mrow = a->mask_kind ? mask_base(a, b, h) : 0;
+    const float scale = (float)a->scale;
+
+    for (int d = 0; d < HD; d++)
+        for (int i = 0; i < NV * 16; i++) qt[d * BQ + i] = i < rows ? qp[i * a->sqi + d] : 0.0f;
+    for (int i = 0; i < NV * 16; i++) { mrun[i] = -INFINITY; lrun[i] = 0.0f; }
+    for (int d = 0; d < HD; d++)
+        for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, vzero());
+
+    int64_t jend = ke;
+    if (a->causal && i0 + rows + off < jend) jend = i0 + rows + off; /* last row's last key + 1 */
+    for (int64_t j0 = ks; j0 < jend; j0 += BK) {
+        const int n = (int)(jend - j0 < BK ? jend - j0 : BK);
+        /* S^T tile: 4 keys x NV vectors per register tile */
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            vf acc[4][NV];
+            for (int r = 0; r < 4; r++) for (int v = 0; v < NV; v++) acc[r][v] = vzero();
+            const float *k0 = kp + (j0 + j) * a->skj;
+            for (int d = 0; d < HD; d++) {
+                vf qv[NV];
+                for (int v = 0; v < NV; v++) qv[v] = vload(qt + d * BQ + 16 * v);
+                for (int r = 0; r < 4; r++) {
+                    vf kb = vset1(k0[r * a->skj + d]);
+                    for (int v = 0; v < NV; v++) acc[r][v] = vfma(kb, qv[v], acc[r][v]);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int v = 0; v < NV; v++) vstore(st + (j + r) * BQ + 16 * v, vmul(acc[r][v], vset1(scale)));
+        }
+        for (; j < n; j++) {
+            vf acc[NV];
+            for (int v = 0; v < NV; v++) acc[v] = vzero();
+            const float *k0 = kp + (j0 + j) * a->skj;
+            for (int d = 0; d < HD; d++) {
+                vf kb = vset1(k0[d]);
+                for (int v = 0; v < NV; v++) acc[v] = vfma(kb, vload(qt + d * BQ + 16 * v), acc[v]);
+            }
+            for (int v = 0; v < NV; v++) vstore(st + j * BQ + 16 * v, vmul(acc[v], vset1(scale)));
+        }
+        /* mask, then causal */
+        if (a->mask_kind) {
+            for (j = 0; j < n; j++) {
+                float *s = st + j * BQ;
+                if (a->smi == 0) { /* one value per key: padding masks */
+                    vf mv = vset1(mask_at(a, mrow, i0, j0 + j));
+                    for (int v = 0; v < NV; v++) vstore(s + 16 * v, vadd(vload(s + 16 * v), mv));
+                } else {
+                    for (int i = 0; i < rows; i++) s[i] += mask_at(a, mrow, i0 + i, j0 + j);
+                }
+            }
+        }
+        if (a->causal && j0 + n - 1 > i0 + off) {
+            for (j = 0; j < n; j++)
+                for (int i = 0; i < rows; i++)
+                    if (j0 + j > i0 + i + off) st[j * BQ + i] = -INFINITY;
+        }
+        /* online softmax, one query per lane */
+        vf alpha[NV];
+        for (int v = 0; v < NV; v++) {
+            vf mold = vload(mrun + 16 * v), mx = mold;
+            for (j = 0; j < n; j++) mx = vmax(mx, vload(st + j * BQ + 16 * v));
+            vf ms = vsafe(mx), sum = vzero();
+            alpha[v] = vexp(vsub(mold, ms));
+            for (j = 0; j < n; j++) {
+                vf p = vexp(vsub(vload(st + j * BQ + 16 * v), ms));
+                vstore(st + j * BQ + 16 * v, p);
+                sum = vadd(sum, p);
+            }
+            vstore(mrun + 16 * v, mx);
+            vstore(lrun + 16 * v, vfma(vload(lrun + 16 * v), alpha[v], sum));
+        }
+        /* O^T = O^T * alpha + V^T P^T: 4 dims x NV vectors per register tile */
+        int d = 0;
+        for (; d + 4 <= HD; d += 4) {
+            vf acc[4][NV];
+            for (int r = 0; r < 4; r++)
+                for (int v = 0; v < NV; v++) acc[r][v] = vmul(vload(ot + (d + r) * BQ + 16 * v), alpha[v]);
+            const float *v0 = vp + j0 * a->svj + d;
+            for (j = 0; j < n; j++) {
+                vf pv[NV];
+                for (int v = 0; v < NV; v++) pv[v] = vload(st + j * BQ + 16 * v);
+                for (int r = 0; r < 4; r++) {
+                    vf vb = vset1(v0[j * a->svj + r]);
+                    for (int v = 0; v < NV; v++) acc[r][v] = vfma(vb, pv[v], acc[r][v]);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int v = 0; v < NV; v++) vstore(ot + (d + r) * BQ + 16 * v, acc[r][v]);
+        }
+        for (; d < HD; d++) {
+            vf acc[NV];
+            for (int v = 0; v < NV; v++) acc[v] = vmul(vload(ot + d * BQ + 16 * v), alpha[v]);
+            for (j = 0; j < n; j++) {
+                vf vb = vset1(vp[(j0 + j) * a->svj + d]);
+                for (int v = 0; v < NV; v++) acc[v] = vfma(vb, vload(st + j * BQ + 16 * v), acc[v]);
+            }
+            for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, acc[v]);
+        }
+    }
+    for (int i = 0; i < rows; i++) emit_row(a, b, h, i0 + i, c, mrun[i], lrun[i], ot + i, BQ);
+}
+
+static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke) {
+    int64_t rows = a->Lq - qb * BQ;
+    int nv = rows >= 64 ? 4 : (int)((rows + 15) / 16);
+    switch (nv) {
+    case 1: block_task_nv(a, b, h, qb, c, ks, ke, 1); break;
+    case 2: block_task_nv(a, b, h, qb, c, ks, ke, 2); break;
+    case 3: block_task_nv(a, b, h, qb, c, ks, ke, 3); break;
+    default: block_task_nv(a, b, h, qb, c, ks, ke, 4); break;
+    }
+}
+
+/* ---------------------------------------------------------------- row kernel */
+INL void row_task_r(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int64_t c, int64_t ks, int64_t ke, const int R) {
+    float s[RMAX][BK] __attribute__((aligned(64)));
+    float ob[RMAX][HDP] __attribute__((aligned(64)));
+    vf q[RMAX][NC];
+    float mrun[RMAX], lrun[RMAX];
+    const char *mrow[RMAX];
+    int64_t hr[RMAX], ir[RMAX], lim[RMAX];
+    const int64_t G = a->H / a->Hkv, off = a->Lk - a->Lq;
+    const float *kp = a->k + b * a->skb + hk * a->skh;
+    const float *vp = a->v + b * a->svb + hk * a->svh;
+    const float scale = (float)a->scale;
+    int64_t jend = ks;
+    for (int r = 0; r < R; r++) {
+        int64_t rr = rg * RMAX + r; /* row within this kv head: (query head in group, query) */
+        hr[r] = hk * G + rr / a->Lq; ir[r] = rr % a->Lq;
+        const float *qp = a->q + b * a->sqb + hr[r] * a->sqh + ir[r] * a->sqi;
+        for (int cc = 0; cc < NC; cc++) q[r][cc] = vrow(qp, cc);
+        mrun[r] = -INFINITY; lrun[r] = 0.0f;
+        for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, vzero());
+        mrow[r] = a->mask_kind ? mask_base(a, b, hr[r]) : 0;
+        lim[r] = a->causal ? (ir[r] + off + 1 < ke ? ir[r] + off + 1 : ke) : ke;
+        if (lim[r] > jend) jend = lim[r];
+    }
+    for (int64_t j0 = ks; j0 < jend; j0 += BK) {
+        const int n = (int)(jend - j0 < BK ? jend - j0 : BK);
+        /* scores, 16 keys at a time, one transpose-add reduction per row */
+        for (int j = 0; j < n; j += 16) {
+            const float *kr[16];
+            for (int t = 0; t < 16; t++) kr[t] = j + t < n ? kp + (j0 + j + t) * a->skj : zero_row;
+            for (int r = 0; r < R; r++) {
+                vf acc[16];
+                for (int t = 0; t < 16; t++) {
+                    acc[t] = vmul(q[r][0], vrow(kr[t], 0));
+                    for (int cc = 1; cc < NC; cc++) acc[t] = vfma(q[r][cc], vrow(kr[t], cc), acc[t]);
+                }
+                vstore(s[r] + j, vmul(vreduce16(acc), vset1(scale)));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float *sr = s[r];
+            if (a->mask_kind)
+                for (int j = 0; j < n; j++) sr[j] += mask_at(a, mrow[r], ir[r], j0 + j);
+            for (int j = 0; j < n; j++)
+                if (j0 + j >= lim[r]) sr[j] = -INFINITY;
+            for (int j = n; j < (n + 15) / 16 * 16; j++) sr[j] = -INFINITY;
+            vf mx = vset1(mrun[r]);
+            for (int j = 0; j < n; j += 16) mx = vmax(mx, vload(sr + j));
+            float m = vhmax(mx);
+            float ms = m == -INFINITY ? 0.0f : m;
+            vf msv = vset1(ms), sum = vzero();
+            for (int j = 0; j < n; j += 16) {
+                vf p = vexp(vsub(vload(sr + j), msv));
+                vstore(sr + j, p);
+                sum = vadd(sum, p);
+            }
+            float alpha = expf(mrun[r] - ms);
+            lrun[r] = lrun[r] * alpha + vhsum(sum);
+            mrun[r] = m;
+            for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, vmul(vload(ob[r] + 16 * cc), vset1(alpha)));
+        }
+        /* o_r += p_r[j] V[j]; V rows loaded once for all R rows */
+        vf o[RMAX][NC];
+        for (int r = 0; r < R; r++) for (int cc = 0; cc < NC; cc++) o[r][cc] = vload(ob[r] + 16 * cc);
+        for (int j = 0; j < n; j++) {
+            const float *vr = vp + (j0 + j) * a->svj;
+            for (int cc = 0; cc < NC; cc++) {
+                vf vv = vrow(vr, cc);
+                for (int r = 0; r < R; r++) o[r][cc] = vfma(vset1(s[r][j]), vv, o[r][cc]);
+            }
+        }
+        for (int r = 0; r < R; r++) for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, o[r][cc]);
+    }
+    for (int r = 0; r < R; r++) emit_row(a, b, hr[r], ir[r], c, mrun[r], lrun[r], ob[r], 1);
+}
+
+static void row_task(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int64_t c, int64_t ks, int64_t ke) {
+    int64_t rows = (a->H / a->Hkv) * a->Lq - rg * RMAX;
+    switch (rows >= RMAX ? RMAX : (int)rows) {
+    case 1: row_task_r(a, b, hk, rg, c, ks, ke, 1); break;
+    case 2: row_task_r(a, b, hk, rg, c, ks, ke, 2); break;
+    case 3: row_task_r(a, b, hk, rg, c, ks, ke, 3); break;
+    default: row_task_r(a, b, hk, rg, c, ks, ke, 4); break;
+    }
+}
+
+/* ---------------------------------------------------------------- drivers */
+static void combine(const attn_args *a) {
+    const int64_t nrows = a->B * a->H * a->Lq;
+#pragma omp parallel for num_threads(a->nthreads) schedule(static)
+    for (int64_t row = 0; row < nrows; row++) {
+        float M = -INFINITY, L = 0.0f, acc[HD];
+        for (int64_t c = 0; c < a->nsplit; c++) {
+            float m = a->part[(c * nrows + row) * (HD + 2)];
+            if (m > M || m != m) M = m;
+        }
+        float ms = M == -INFINITY ? 0.0f : M;
+        for (int d = 0; d < HD; d++) acc[d] = 0.0f;
+        for (int64_t c = 0; c < a->nsplit; c++) {
+            const float *p = a->part + (c * nrows + row) * (HD + 2);
+            float w = expf(p[0] - ms); /* chunk that saw only masked keys: m = -inf, w = 0 */
+            L += p[1] * w;
+            for (int d = 0; d < HD; d++) acc[d] += p[2 + d] * w;
+        }
+        int64_t h = (row / a->Lq) % a->H, b = row / (a->Lq * a->H), i = row % a->Lq;
+        float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
+        for (int d = 0; d < HD; d++) dst[d] = acc[d] / L;
+    }
+}
+
+/* vexp over n floats, for the accuracy test */
+void attn_exp(const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) vstore(y + i, vexp(vload(x + i)));
+    for (; i < n; i++) { float t[16] = {0}; t[0] = x[i]; vf e = vexp(vload(t)); vstore(t, e); y[i] = t[0]; }
+}
+
+int attn_max_threads(void) { return omp_get_max_threads(); }
+int attn_head_dim(void) { return HD; }
+int attn_block_q(void) { return BQ; }
+int attn_block_k(void) { return BK; }
+int attn_row_group(void) { return RMAX; }
+
+/* kernel: 0 block, 1 row. a->part non-NULL: split into a->nsplit chunks of a->chunk keys. */
+void attn_forward(const attn_args *a, int kernel) {
+    const int64_t ns = a->part ? a->nsplit : 1, chunk = a->part ? a->chunk : a->Lk;
+    const int64_t G = a->H / a->Hkv;
+    if (kernel == 0) {
+        const int64_t nqb = (a->Lq + BQ - 1) / BQ, ntask = a->B * a->H * nqb * ns;
+#pragma omp parallel for num_threads(a->nthreads) schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; t++) {
+            int64_t c = t % ns, u = t / ns, qb = u % nqb, bh = u / nqb;
+            int64_t ks = c * chunk, ke = ks + chunk < a->Lk ? ks + chunk : a->Lk;
+            block_task(a, bh / a->H, bh % a->H, qb, c, ks, ke);
+        }
+    } else {
+        const int64_t nrg = (G * a->Lq + RMAX - 1) / RMAX, ntask = a->B * a->Hkv * nrg * ns;
+#pragma omp parallel for num_threads(a->nthreads) schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; t++) {
+            int64_t c = t % ns, u = t / ns, rg = u % nrg, bh = u / nrg;
+            int64_t ks = c * chunk, ke = ks + chunk < a->Lk ? ks + chunk : a->Lk;
+            row_task(a, bh / a->Hkv, bh % a->Hkv, rg, c, ks, ke);
+        }
+    }
+    if (a->part) combine(a);
+}

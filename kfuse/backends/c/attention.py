@@ -1,0 +1,178 @@
+"""Fused attention on the CPU: softmax(q kᵀ·scale + mask) v in one C kernel (attention.c).
+
+The semantics are those of `kfuse.ops.reference._attention`: optional causal mask aligned to the
+bottom right (tril(Lk - Lq)), grouped-query attention (k and v have Hkv heads, each shared by
+H // Hkv consecutive query heads), an additive float or boolean keep mask broadcastable to
+[B, H, Lq, Lk]; a row whose keys are all masked gives NaN, like torch.softmax.
+
+Layout: q [B, H, Lq, D], k and v [B, Hkv, Lk, D], out [B, H, Lq, D], each with any strides as long
+as the last dim is contiguous, so the head split/merge transposes of a model ([B, L, H, D] views)
+fold into the kernel's loads and stores. Nothing is copied.
+
+Kernels (see attention.c for the loop nests):
+- block kernel, chosen when Lq > ROW_KERNEL_MAX_LQ: 64 queries in the SIMD lanes, 64-key tiles.
+  Per-thread scratch (2·D·64 + 64·64 + 128) floats: 48.5 KiB at D = 64, independent of Lq and Lk.
+  Why 64 x 64: the packed query block qt[D][64] and the accumulator ot[D][64] are reused for every
+  key tile, and the score tile st[64][64] is written and read back twice per tile; together 48 KiB
+  at D = 64 sit in the 48 KiB L1 plus the 1-2 MiB L2, while K and V tiles (16 KiB each) stream
+  through. Four query vectors x four keys (or four dims) is the register tile: 16 accumulators,
+  4 loads and 4 broadcasts per 16 FMAs, within the 32 zmm registers. A larger key tile saves
+  only the accumulator reload (1 load + 1 store per 64 FMAs at BK = 64).
+- row kernel (decoding, Lq <= 8): the head dim in the lanes, up to 4 query rows that share a kv
+  head per task, so a KV cache row is read once for all the query heads of a GQA group.
+- split-KV (fission): the keys are cut into chunks processed as separate tasks, then combined.
+  Automatic rule (`plan`): split when there are fewer than SPLIT_TASKS_PER_THREAD tasks per
+  thread and Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to that many
+  per thread, each chunk keeping at least SPLIT_MIN_CHUNK keys.
+
+Threads: KFUSE_NUM_THREADS if set, else OpenMP's default (OMP_NUM_THREADS).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .compiler import load
+
+SOURCE = (Path(__file__).with_name("attention.c")).read_text()
+
+BLOCK_Q, BLOCK_K, ROW_GROUP = 64, 64, 4
+ROW_KERNEL_MAX_LQ = 8
+SPLIT_TASKS_PER_THREAD = 4
+SPLIT_MIN_CHUNK = 512
+
+
+class _Args(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "o", "mask", "part")]
+                + [(n, ctypes.c_int64) for n in (
+                    "B", "H", "Hkv", "Lq", "Lk",
+                    "sqb", "sqh", "sqi", "skb", "skh", "skj", "svb", "svh", "svj", "sob", "soh", "soi",
+                    "smb", "smh", "smi", "smj", "mask_kind", "causal", "nthreads", "nsplit", "chunk")]
+                + [("scale", ctypes.c_double)])
+
+
+_libs: dict[int, ctypes.CDLL] = {}
+
+
+def library(head_dim: int, flags=None) -> ctypes.CDLL:
+    """The kernel compiled for one head dimension (cached in memory and on disk)."""
+    key = (head_dim, flags)
+    lib = _libs.get(key)
+    if lib is None:
+        src = f"#define HD {int(head_dim)}\n" + SOURCE
+        lib = load(src) if flags is None else load(src, flags)
+        lib.attn_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+        lib.attn_forward.restype = None
+        lib.attn_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        _libs[key] = lib
+    return lib
+
+
+def num_threads() -> int:
+    env = os.environ.get("KFUSE_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, library(64).attn_max_threads())
+
+
+def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None):
+    """(kernel, nsplit, chunk): kernel "block" or "row"; nsplit > 0 means split-KV into nsplit
+    chunks of `chunk` keys (nsplit == 0: unsplit)."""
+    Hkv = H if Hkv is None else Hkv
+    threads = num_threads() if threads is None else threads
+    if kernel is None:
+        kernel = "row" if Lq <= ROW_KERNEL_MAX_LQ else "block"
+    if kernel == "block":
+        tasks = B * H * math.ceil(Lq / BLOCK_Q)
+    else:
+        tasks = B * Hkv * math.ceil((H // Hkv) * Lq / ROW_GROUP)
+    want = math.ceil(SPLIT_TASKS_PER_THREAD * threads / tasks)
+    if split_kv is None:
+        split_kv = want > 1 and Lk >= 2 * SPLIT_MIN_CHUNK
+        nsplit = min(want, Lk // SPLIT_MIN_CHUNK)
+    else:
+        nsplit = max(2, want)
+    if not split_kv:
+        return kernel, 0, Lk
+    chunk = math.ceil(math.ceil(Lk / nsplit) / BLOCK_K) * BLOCK_K
+    return kernel, math.ceil(Lk / chunk), chunk
+
+
+def peak_extra_bytes(B, H, Lq, Lk, D, *, Hkv=None, split_kv=None, threads=None, kernel=None) -> int:
+    """Scratch memory of one call beyond q, k, v, mask and out: per-thread tiles (on the stack)
+    plus the split-KV partials. Grows with Lq (partials only), never with Lq * Lk."""
+    threads = num_threads() if threads is None else threads
+    kern, nsplit, _ = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel)
+    dp = math.ceil(D / 16) * 16
+    if kern == "block":
+        per_thread = (2 * D * BLOCK_Q + BLOCK_K * BLOCK_Q + 2 * BLOCK_Q) * 4
+    else:
+        per_thread = (ROW_GROUP * BLOCK_K + 2 * ROW_GROUP * dp) * 4
+    return threads * per_thread + nsplit * B * H * Lq * (D + 2) * 4
+
+
+def _check(name, t, ndim=4):
+    if t.dtype != torch.float32:
+        raise TypeError(f"attention: {name} must be float32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"attention: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"attention: {name} must be contiguous in its last dim (strides {t.stride()})")
+    if t.device.type != "cpu":
+        raise ValueError(f"attention: {name} must be on the CPU")
+
+
+def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None):
+    """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
+    allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
+    split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(name, t)
+    B, H, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or H % Hkv:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not fit [B,H,Lq,D], [B,Hkv,Lk,D] with H % Hkv == 0")
+    if out is None:
+        out = torch.empty(B, H, Lq, D, dtype=torch.float32)
+    else:
+        _check("out", out)
+        if tuple(out.shape) != (B, H, Lq, D):
+            raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
+    if B * H * Lq == 0:
+        return out
+    a = _Args()
+    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    a.B, a.H, a.Hkv, a.Lq, a.Lk = B, H, Hkv, Lq, Lk
+    a.sqb, a.sqh, a.sqi = q.stride()[:3]
+    a.skb, a.skh, a.skj = k.stride()[:3]
+    a.svb, a.svh, a.svj = v.stride()[:3]
+    a.sob, a.soh, a.soi = out.stride()[:3]
+    if mask is not None:
+        if mask.dtype not in (torch.float32, torch.bool):
+            mask = mask.to(torch.float32)
+        mask = mask.expand(B, H, Lq, Lk)        # a view: broadcast dims get stride 0
+        a.mask = mask.data_ptr()
+        a.smb, a.smh, a.smi, a.smj = mask.stride()
+        a.mask_kind = 2 if mask.dtype == torch.bool else 1
+    threads = num_threads()
+    kern, nsplit, chunk = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel)
+    part = None
+    if nsplit:
+        part = torch.empty(nsplit * B * H * Lq * (D + 2), dtype=torch.float32)
+        a.part, a.nsplit, a.chunk = part.data_ptr(), nsplit, chunk
+    a.causal, a.nthreads, a.scale = int(causal), threads, float(scale)
+    library(D).attn_forward(ctypes.byref(a), 0 if kern == "block" else 1)
+    return out
+
+
+def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:
+    """The kernel's vectorised exp on a contiguous float32 tensor (for the accuracy test)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    library(16, flags).attn_exp(x.data_ptr(), y.data_ptr(), x.numel())
+    return y

@@ -1,0 +1,486 @@
+"""The backend-neutral kernel IR, and the lowering of a fused group of graph nodes into it.
+
+One kernel shape covers every group of elementwise, broadcast and last-axis reduction ops:
+
+    for each row r of a loop shape [*rows, N]          (rows run in parallel)
+        pass 0: for j < N: evaluate what pass 0 needs; accumulate the reductions of level 1
+        row scalars: finish those reductions, compute what depends on them only per row
+        pass 1: for j < N: ... reductions of level 2 ...           (as many passes as levels)
+        last pass: write the outputs
+
+A value is an SSA `Value` over the loop point (r, j): a load of a kernel argument (broadcast by
+strides, stride 0 on a broadcast dim), a literal, a primitive op, or a reduction along j. Each
+value has a *phase* (how many reductions it sits behind: the pass in which it can first be
+computed) and *varies* (whether it depends on j; if not it is a per-row scalar, computed once per
+row outside the inner loop). A value computed in one pass and needed in a later one is either
+recomputed from its arguments (when that is a cheap op of loads) or stashed in a per-thread row
+buffer (`stash`): rows are short enough to stay in L1, so only pass 0 reads DRAM.
+
+A group without reductions whose loop shape collapses to one dimension is a *flat* kernel: one
+parallel SIMD loop over all elements, with no per-row work.
+
+Composite graph ops (softmax, layer_norm, gelu, ...) are expanded here into primitives, so a
+backend renders only the small primitive set in `PRIMS`.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import KfuseError
+from ..ir import Kind, Node
+
+# Primitive ops of the kernel IR, by arity. max/min propagate NaN as torch.maximum does; the
+# reductions rmax/rmin propagate NaN as torch.amax does.
+PRIMS = {
+    1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
+        "not", "cast"),
+    2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or"),
+    3: ("where",),
+}
+REDUCTIONS = ("rsum", "rmax", "rmin")
+TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt"}
+
+DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
+_WIDE = {torch.float64: "f32", torch.float16: "f32", torch.bfloat16: "f32",
+         torch.int32: "i64", torch.int16: "i64", torch.int8: "i64", torch.uint8: "i64"}  # literals only
+
+
+class NotFusable(KfuseError):
+    """The group cannot be one kernel of this IR; `reason` says why (it feeds the why-not report)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Value:
+    op: str                 # "load", "lit", a primitive of PRIMS, or a reduction of REDUCTIONS
+    args: tuple[int, ...]   # ids of argument values (indices into FusedKernel.values)
+    dtype: str              # "f32" | "i64" | "bool"
+    attr: object = None     # load: argument index; lit: the number
+
+
+@dataclass
+class FusedKernel:
+    """One kernel: loop shape, arguments with their strides, and the values computed per point.
+
+    `inputs` then `outputs` are the kernel's arguments in call order. `strides[a]` gives argument
+    a's element stride for each dim of `shape` (0 where it is broadcast). `out_values[k]` is the
+    value written to outputs[k]; a per-row output (a keepdim reduction) has stride 0 along N.
+    """
+    nodes: list[Node]
+    inputs: list[Node]
+    outputs: list[Node]
+    shape: tuple[int, ...]
+    strides: list[tuple[int, ...]]
+    values: list[Value]
+    out_values: list[int]
+    phase: list[int] = field(default_factory=list)
+    varies: list[bool] = field(default_factory=list)
+    stash: set[int] = field(default_factory=set)
+
+    @property
+    def flat(self) -> bool:
+        """No reductions and one dim: a single parallel SIMD loop over every element."""
+        return len(self.shape) == 1 and self.passes == 1
+
+    @property
+    def passes(self) -> int:
+        return 1 + max((self.phase[v] for v in self.live), default=0)
+
+    @property
+    def live(self) -> list[int]:
+        seen, stack = set(), list(self.out_values)
+        while stack:
+            v = stack.pop()
+            if v not in seen:
+                seen.add(v)
+                stack.extend(self.values[v].args)
+        return sorted(seen)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes the kernel must move at least: each input read once, each output written once."""
+        return sum(n.nbytes for n in self.inputs) + sum(n.nbytes for n in self.outputs)
+
+    def __str__(self):
+        lines = [f"kernel shape={list(self.shape)} passes={self.passes} flat={self.flat} bytes={self.bytes}"]
+        for a, (n, s) in enumerate(zip(self.inputs + self.outputs, self.strides)):
+            lines.append(f"  arg{a} {'in ' if a < len(self.inputs) else 'out'} {n} strides={list(s)}")
+        for i in self.live:
+            v = self.values[i]
+            extra = f" {v.attr!r}" if v.attr is not None else ""
+            mark = ("~" if self.varies[i] else " ") + ("S" if i in self.stash else " ")
+            lines.append(f"  v{i}{mark} p{self.phase[i]} = {v.op}({', '.join(f'v{a}' for a in v.args)}){extra} : {v.dtype}")
+        lines.append("  out " + ", ".join(f"v{v}" for v in self.out_values))
+        return "\n".join(lines)
+
+
+def lower(nodes: list[Node], outputs: list[Node]) -> FusedKernel:
+    """The kernel computing `outputs` from the group `nodes` (topological order).
+    Raises NotFusable with the reason when the group is not one kernel of this IR."""
+    return _Lowering(list(nodes), list(outputs)).run()
+
+
+def _contiguous_strides(shape):
+    strides, s = [], 1
+    for d in reversed(shape):
+        strides.append(s)
+        s *= d
+    return tuple(reversed(strides))
+
+
+def _bcast_strides(shape, domain):
+    """Strides of a contiguous tensor of `shape` read at the points of `domain` (0 = broadcast)."""
+    shape = (1,) * (len(domain) - len(shape)) + tuple(shape)
+    return tuple(0 if n == 1 else s for n, s in zip(shape, _contiguous_strides(shape)))
+
+
+def _collapse(shape, strides, keep_last):
+    """Drop size-1 dims and merge neighbours that every argument walks contiguously, so that
+    e.g. [8,12,128,128] with a [8,1,1,128] mask becomes [8,1536,128], and x + y is one dim."""
+    dims = [(n, [s[d] for s in strides]) for d, n in enumerate(shape)]
+    last = dims.pop() if keep_last else None
+    dims = [d for d in dims if d[0] != 1]
+    out = []
+    for n, st in dims:
+        if out and all(a == b * n for a, b in zip(out[-1][1], st)):
+            out[-1] = (out[-1][0] * n, st)
+        else:
+            out.append((n, st))
+    if last is not None:
+        out.append(last)
+    if not out:
+        out = [(1, [0] * len(strides))]
+    return tuple(n for n, _ in out), [tuple(st[a] for _, st in out) for a in range(len(strides))]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
+
+
+class _Lowering:
+    def __init__(self, nodes, outputs):
+        self.nodes, self.outputs = nodes, outputs
+        self.values: list[Value] = []
+        self.memo: dict = {}
+        self.env: dict[Node, int] = {}
+        self.inputs: list[Node] = []
+
+    # -- building values ------------------------------------------------------------------------
+    def emit(self, op, args, dtype, attr=None) -> int:
+        key = (op, tuple(args), dtype, repr(attr))
+        if key not in self.memo:
+            self.values.append(Value(op, tuple(args), dtype, attr))
+            self.memo[key] = len(self.values) - 1
+        return self.memo[key]
+
+    def lit(self, x, dtype="f32") -> int:
+        x = bool(x) if dtype == "bool" else int(x) if dtype == "i64" else _f32(float(x))
+        return self.emit("lit", (), dtype, x)
+
+    def cvt(self, v, dtype) -> int:
+        val = self.values[v]
+        if val.dtype == dtype:
+            return v
+        if val.op == "lit":
+            return self.lit(val.attr, dtype)
+        return self.emit("cast", (v,), dtype)
+
+    def f(self, op, *args, dtype=None) -> int:
+        """A primitive on values, computing in the first argument's dtype unless told."""
+        dt = dtype or self.values[args[0]].dtype
+        return self.emit(op, [self.cvt(a, dt) for a in args], dt)
+
+    def cmp(self, op, a, b) -> int:
+        dt = self._promote(a, b)
+        return self.emit(op, (self.cvt(a, dt), self.cvt(b, dt)), "bool")
+
+    def _promote(self, *vs) -> str:
+        dts = {self.values[v].dtype for v in vs}
+        return "f32" if "f32" in dts else "i64" if "i64" in dts else "bool"
+
+    # -- reading graph nodes ----------------------------------------------------------------------
+    def value_of(self, n: Node) -> int:
+        if n in self.env:
+            return self.env[n]
+        if n.op == "const" and n.numel == 1:          # small constants become literals
+            dt = DTYPES.get(n.dtype) or _WIDE.get(n.dtype)
+            if dt is None:
+                raise NotFusable(f"constant of dtype {n.dtype} is not supported")
+            return self.lit(n.value.reshape(()).item(), dt)
+        if n.dtype not in DTYPES:
+            raise NotFusable(f"input {n} of dtype {n.dtype} is not supported (f32, i64, bool only)")
+        self.inputs.append(n)
+        self.env[n] = self.emit("load", (), DTYPES[n.dtype], len(self.inputs) - 1)
+        return self.env[n]
+
+    # -- the group --------------------------------------------------------------------------------
+    def run(self) -> FusedKernel:
+        group = set(self.nodes)
+        if not self.nodes:
+            raise NotFusable("empty group")
+        for o in self.outputs:
+            if o not in group:
+                raise NotFusable(f"output {o} is not in the group")
+        domain_shapes = []
+        for n in self.nodes:
+            if n.kind not in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION):
+                raise NotFusable(f"{n}: op {n.op!r} of kind {n.kind.name} is not a row kernel op")
+            if n.dtype not in DTYPES:
+                raise NotFusable(f"{n}: dtype {n.dtype} is not supported (f32, i64, bool only)")
+            if not _drops_last_axis(n):
+                domain_shapes.append(n.shape)
+            if n.kind == Kind.REDUCTION:
+                domain_shapes.append(n.inputs[0].shape)
+        try:
+            self.domain = tuple(torch.broadcast_shapes(*domain_shapes))
+        except RuntimeError as e:
+            raise NotFusable(f"group shapes do not broadcast together: {e}") from None
+        if len(self.domain) == 0:
+            self.domain = (1,)
+        self.N = self.domain[-1]
+
+        for n in self.nodes:
+            for i in n.inputs:
+                if i in group and i not in self.env:
+                    raise NotFusable(f"group is not in topological order: {n} uses {i} before it")
+                if i in group and _drops_last_axis(i):
+                    raise NotFusable(f"{i}: a reduction without keepdim feeds {n} in the group "
+                                     f"(its shape no longer lines up with the row)")
+            self.env[n] = self.lower_node(n)
+
+        row_shape = self.domain[:-1] + (1,)
+        out_strides = []
+        for o in self.outputs:
+            if o.shape == self.domain or (len(self.domain) == 1 and o.shape == () and self.N == 1):
+                out_strides.append(_contiguous_strides(self.domain))
+            elif tuple(o.shape) in (row_shape, self.domain[:-1]) and _is_row(o, self.N):
+                out_strides.append(_contiguous_strides(self.domain[:-1]) + (0,))
+            else:
+                raise NotFusable(f"output {o} of shape {list(o.shape)} is neither the loop shape "
+                                 f"{list(self.domain)} nor one value per row")
+        in_strides = [_bcast_strides(n.shape, self.domain) for n in self.inputs]
+        has_red = any(v.op in REDUCTIONS for v in self.values)
+        shape, strides = _collapse(self.domain, in_strides + out_strides, keep_last=has_red)
+        k = FusedKernel(self.nodes, self.inputs, list(self.outputs), shape, strides, self.values,
+                        [self.env[o] for o in self.outputs])
+        _schedule(k)
+        return k
+
+    def lower_node(self, n: Node) -> int:
+        a = n.attrs
+        xs = [self.value_of(i) for i in n.inputs]
+        dt = DTYPES[n.dtype]
+        if n.kind == Kind.REDUCTION:
+            self._check_row_axis(n)
+        fn = getattr(self, "op_" + n.op, None)
+        if fn is not None:
+            return fn(n, xs, dt, **a)
+        if n.op in ("neg", "abs", "floor", "ceil"):
+            if dt != "f32" and n.op in ("floor", "ceil"):
+                return self.cvt(xs[0], dt)
+            return self.f(n.op, xs[0], dtype=self._arith(n, dt))
+        if n.op in ("exp", "log", "sqrt", "sin", "cos", "tanh", "erf"):
+            return self.f(n.op, xs[0], dtype="f32")
+        if n.op in ("add", "sub", "mul", "div", "maximum", "minimum"):
+            return self.f({"maximum": "max", "minimum": "min"}.get(n.op, n.op), *xs, dtype=self._arith(n, dt))
+        if n.op in ("eq", "ne", "lt", "le", "gt", "ge"):
+            return self.cmp(n.op, *xs)
+        if n.op in ("logical_and", "logical_or"):
+            return self.f(n.op[8:], *xs, dtype="bool")
+        raise NotFusable(f"{n}: op {n.op!r} has no kernel lowering")
+
+    def _arith(self, n, dt):
+        if dt == "bool":
+            raise NotFusable(f"{n}: arithmetic on bool is not supported")
+        return dt
+
+    def _check_row_axis(self, n):
+        nd = len(n.inputs[0].shape)
+        ax = n.attrs.get("axes", n.attrs.get("axis", -1))
+        if n.op in ("layer_norm",):
+            ax = -1 if n.attrs.get("ndim", 1) == 1 else None
+        if n.op == "rms_norm":
+            ax = -1
+        if isinstance(ax, (list, tuple)):
+            ax = ax[0] if len(ax) == 1 else None
+        if ax is None or nd == 0 or ax not in (-1, nd - 1):
+            raise NotFusable(f"{n}: reduces over {n.attrs}, not over the last axis alone")
+        if n.inputs[0].shape[-1] != self.N:
+            raise NotFusable(f"{n}: reduces a row of {n.inputs[0].shape[-1]}, the loop row is {self.N}")
+
+    # -- composite ops, expanded into primitives --------------------------------------------------
+    def op_rsqrt(self, n, xs, dt):
+        return self.f("div", self.lit(1.0), self.f("sqrt", xs[0], dtype="f32"))
+
+    def op_reciprocal(self, n, xs, dt):
+        return self.f("div", self.lit(1.0), xs[0], dtype="f32")
+
+    def op_sigmoid(self, n, xs, dt):
+        x = self.cvt(xs[0], "f32")
+        return self.f("div", self.lit(1.0), self.f("add", self.lit(1.0), self.f("exp", self.f("neg", x))))
+
+    def op_silu(self, n, xs, dt):
+        x = self.cvt(xs[0], "f32")   # torch: x / (1 + exp(-x))
+        return self.f("div", x, self.f("add", self.lit(1.0), self.f("exp", self.f("neg", x))))
+
+    def op_relu(self, n, xs, dt):
+        x = xs[0]                     # NaN < 0 is false: NaN passes through, as in torch
+        return self.emit("where", (self.cmp("lt", x, self.lit(0, dt)), self.lit(0, dt), x), dt)
+
+    def op_gelu(self, n, xs, dt, approximate="none"):
+        x = self.cvt(xs[0], "f32")
+        if approximate == "tanh":     # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            inner = self.f("mul", self.lit(math.sqrt(2 / math.pi)),
+                           self.f("add", x, self.f("mul", self.lit(0.044715), self.f("mul", self.f("mul", x, x), x))))
+            t = self.f("tanh", inner)
+        else:                         # x * 0.5 * (1 + erf(x / sqrt(2))), torch's order of operations
+            t = self.f("erf", self.f("mul", x, self.lit(math.sqrt(0.5))))
+        return self.f("mul", self.f("mul", x, self.lit(0.5)), self.f("add", self.lit(1.0), t))
+
+    def op_logical_not(self, n, xs, dt):
+        return self.f("not", self.cvt(xs[0], "bool"))
+
+    def op_cast(self, n, xs, dt, dtype):
+        return self.cvt(xs[0], dt)
+
+    def op_isnan(self, n, xs, dt):
+        x = xs[0]
+        return self.cmp("ne", x, x) if self.values[x].dtype == "f32" else self.lit(False, "bool")
+
+    def op_sign(self, n, xs, dt):
+        x = xs[0]                     # (x > 0) - (x < 0): 0 for NaN, as torch.sign
+        return self.f("sub", self.cvt(self.cmp("gt", x, self.lit(0, dt)), dt), self.cvt(self.cmp("lt", x, self.lit(0, dt)), dt))
+
+    def op_clamp(self, n, xs, dt, min=None, max=None):
+        x = self.cvt(xs[0], dt)
+        if min is not None:
+            x = self.emit("where", (self.cmp("lt", x, self.lit(min, dt)), self.lit(min, dt), x), dt)
+        if max is not None:
+            x = self.emit("where", (self.cmp("gt", x, self.lit(max, dt)), self.lit(max, dt), x), dt)
+        return x
+
+    def op_leaky_relu(self, n, xs, dt, alpha):
+        x = self.cvt(xs[0], "f32")
+        return self.emit("where", (self.cmp("gt", x, self.lit(0.0)), x, self.f("mul", x, self.lit(alpha))), "f32")
+
+    def op_softplus(self, n, xs, dt, beta=1.0, threshold=20.0):
+        x = self.cvt(xs[0], "f32")    # torch: x*beta > threshold ? x : log1p(exp(x*beta)) / beta
+        xb = self.f("mul", x, self.lit(beta))
+        soft = self.f("div", self.f("log1p", self.f("exp", xb)), self.lit(beta))
+        return self.emit("where", (self.cmp("gt", xb, self.lit(threshold)), x, soft), "f32")
+
+    def op_pow(self, n, xs, dt):
+        if dt != "f32":
+            raise NotFusable(f"{n}: integer pow is not supported")
+        x, e = self.cvt(xs[0], "f32"), self.values[xs[1]]
+        if e.op == "lit":             # the exponents torch itself special-cases, computed as it does
+            special = {1.0: lambda: x, 2.0: lambda: self.f("mul", x, x),
+                       3.0: lambda: self.f("mul", self.f("mul", x, x), x),
+                       0.5: lambda: self.f("sqrt", x), -1.0: lambda: self.f("div", self.lit(1.0), x),
+                       -0.5: lambda: self.f("div", self.lit(1.0), self.f("sqrt", x))}
+            if float(e.attr) in special:
+                return special[float(e.attr)]()
+        return self.f("pow", x, xs[1], dtype="f32")
+
+    def op_where(self, n, xs, dt):
+        return self.emit("where", (self.cvt(xs[0], "bool"), self.cvt(xs[1], dt), self.cvt(xs[2], dt)), dt)
+
+    # reductions along the row; the result is one value per row (keepdim or not)
+    def op_reduce_sum(self, n, xs, dt, axes, keepdim=False):
+        return self.emit("rsum", (self.cvt(xs[0], dt),), dt)
+
+    def op_reduce_mean(self, n, xs, dt, axes, keepdim=False):
+        return self.f("div", self.emit("rsum", (self.cvt(xs[0], dt),), dt), self.lit(self.N))
+
+    def op_reduce_max(self, n, xs, dt, axes, keepdim=False):
+        return self.emit("rmax", (xs[0],), dt)
+
+    def op_reduce_min(self, n, xs, dt, axes, keepdim=False):
+        return self.emit("rmin", (xs[0],), dt)
+
+    def op_reduce_var(self, n, xs, dt, axes, correction=1, keepdim=False):
+        d = self._centered(self.cvt(xs[0], "f32"))
+        return self.f("div", self.emit("rsum", (self.f("mul", d, d),), "f32"), self.lit(self.N - correction))
+
+    def _centered(self, x):
+        """x - mean(x): two passes over the row, which is in L1 by the second (exact-ish, no Welford)."""
+        return self.f("sub", x, self.f("div", self.emit("rsum", (x,), "f32"), self.lit(self.N)))
+
+    def op_softmax(self, n, xs, dt, axis):
+        x = self.cvt(xs[0], "f32")    # exp(x - max) / sum: a fully -inf row gives NaN, as in torch
+        e = self.f("exp", self.f("sub", x, self.emit("rmax", (x,), "f32")))
+        return self.f("div", e, self.emit("rsum", (e,), "f32"))
+
+    def op_log_softmax(self, n, xs, dt, axis):
+        x = self.cvt(xs[0], "f32")
+        s = self.f("sub", x, self.emit("rmax", (x,), "f32"))
+        return self.f("sub", s, self.f("log", self.emit("rsum", (self.f("exp", s),), "f32")))
+
+    def op_layer_norm(self, n, xs, dt, eps, ndim=1):
+        d = self._centered(self.cvt(xs[0], "f32"))
+        var = self.f("div", self.emit("rsum", (self.f("mul", d, d),), "f32"), self.lit(self.N))
+        rstd = self.f("div", self.lit(1.0), self.f("sqrt", self.f("add", var, self.lit(eps))))
+        y = self.f("mul", d, rstd)
+        if len(xs) > 1:
+            y = self.f("mul", y, xs[1])
+        if len(xs) > 2:
+            y = self.f("add", y, xs[2])
+        return y
+
+    def op_rms_norm(self, n, xs, dt, eps):
+        x = self.cvt(xs[0], "f32")    # x * rsqrt(mean(x^2) + eps) * w
+        ms = self.f("div", self.emit("rsum", (self.f("mul", x, x),), "f32"), self.lit(self.N))
+        r = self.f("div", self.lit(1.0), self.f("sqrt", self.f("add", ms, self.lit(eps))))
+        return self.f("mul", self.f("mul", x, r), xs[1])
+
+
+def _drops_last_axis(n: Node) -> bool:
+    return n.op.startswith("reduce_") and not n.attrs.get("keepdim", False)
+
+
+def _is_row(o: Node, N: int) -> bool:
+    """A per-row output: a reduction result, or anything whose last dim is 1 (or N is 1)."""
+    return N == 1 or o.kind == Kind.REDUCTION or (o.shape and o.shape[-1] == 1)
+
+
+def _schedule(k: FusedKernel):
+    """Phase and varies of each value, and which values to stash for later passes.
+
+    Walking consumers before producers, each varying value learns the passes that evaluate it
+    (an output's pass, a reduction's pass, or a consumer's passes). A value needed in a pass after
+    its own is stashed, unless it is a cheap op whose arguments are loads, literals or row
+    scalars: recomputing that costs no more than reading it back from the stash."""
+    for v in k.values:
+        if v.op in ("load", "lit"):
+            k.phase.append(0)
+            k.varies.append(v.op == "load" and k.strides[v.attr][-1] != 0)
+        elif v.op in REDUCTIONS:
+            k.phase.append(k.phase[v.args[0]] + 1)
+            k.varies.append(False)
+        else:
+            k.phase.append(max(k.phase[a] for a in v.args))
+            k.varies.append(any(k.varies[a] for a in v.args))
+    live = k.live
+    need: dict[int, set[int]] = {i: set() for i in live}
+    for i in k.out_values:
+        need[i].add(k.phase[i])
+    for i in reversed(live):
+        v = k.values[i]
+        if v.op in REDUCTIONS:
+            need[v.args[0]].add(k.phase[v.args[0]])
+            continue
+        if not k.varies[i] or v.op in ("load", "lit"):
+            continue
+        cheap = v.op not in TRANSCENDENTAL and all(
+            k.values[a].op in ("load", "lit") or not k.varies[a] for a in v.args)
+        if max(need[i]) > k.phase[i] and not cheap:
+            k.stash.add(i)
+        for a in v.args:
+            need[a] |= {k.phase[i]} if i in k.stash else need[i]

@@ -1,0 +1,134 @@
+"""kfuse.compile and the compiled model it returns.
+
+A compiled model holds one compiled program per input signature (shapes and dtypes): a new batch
+size or sequence length captures and compiles once more, then hits the cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import InputError, KfuseError, ModelFileError
+from .ir import DTYPE_SHORT, Graph
+from .verify import Verification, compare
+
+
+def _signature(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+def _fmt(sig) -> str:
+    return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
+
+
+class CompiledModel:
+    """The callable `kfuse.compile` returns: same outputs as the model, computed by fused kernels."""
+
+    def __init__(self, source, example_inputs, options: dict):
+        self.source = source
+        self.options = options
+        self.is_onnx = isinstance(source, (str, os.PathLike))
+        flat, self._in_spec = pytree.tree_flatten(tuple(example_inputs))
+        self._check_tensors(flat)
+        self._out_spec = None
+        self._programs: dict[tuple, object] = {}
+        self._last = self._program(flat)
+
+    # -- compiling ------------------------------------------------------------------------------------
+    def capture(self, flat_inputs) -> Graph:
+        if self.is_onnx:
+            from .capture.onnx import load_onnx
+            return load_onnx(self.source, flat_inputs)
+        from .capture.torch import export
+        graph, self._out_spec = export(self.source, pytree.tree_unflatten(flat_inputs, self._in_spec))
+        return graph
+
+    def _program(self, flat):
+        sig = _signature(flat)
+        prog = self._programs.get(sig)
+        if prog is None:
+            from .runtime import build_program
+            graph = self.capture(flat)
+            prog = build_program(graph, self.options)
+            self._programs[sig] = prog
+        return prog
+
+    def _check_tensors(self, flat):
+        for i, t in enumerate(flat):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"input {i} is a {type(t).__name__}, expected a torch.Tensor")
+
+    def _flatten(self, inputs):
+        flat, spec = pytree.tree_flatten(tuple(inputs))
+        if spec != self._in_spec:
+            expected = len(self._in_spec.children_specs) if self._in_spec.children_specs else 0
+            raise InputError(f"model was compiled for {expected} inputs structured as {self._in_spec}; "
+                             f"got {len(inputs)} structured as {spec}")
+        self._check_tensors(flat)
+        first = next(iter(self._programs))
+        for i, ((shape, dtype), t) in enumerate(zip(first, flat)):
+            if t.dtype != dtype:
+                raise InputError(f"input {i} has dtype {t.dtype}, compiled for {dtype}")
+            if t.dim() != len(shape):
+                raise InputError(f"input {i} has shape {list(t.shape)} (rank {t.dim()}), compiled for rank {len(shape)}")
+        return flat
+
+    # -- running ----------------------------------------------------------------------------------------
+    def __call__(self, *inputs):
+        flat = self._flatten(inputs)
+        self._last = self._program(flat)
+        outs = self._last(flat)
+        return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
+            outs[0] if len(outs) == 1 else tuple(outs))
+
+    def reference(self, *inputs) -> list[torch.Tensor]:
+        """Outputs of the original model (PyTorch eager, or ONNX Runtime for an ONNX file), flattened."""
+        flat = self._flatten(inputs)
+        if self.is_onnx:
+            import onnxruntime as ort
+            sess = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
+            feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
+            return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        with torch.no_grad():
+            return pytree.tree_leaves(self.source(*pytree.tree_unflatten(flat, self._in_spec)))
+
+    def verify(self, *inputs) -> Verification:
+        """Max abs and rel error of each output against the original model on `inputs`."""
+        flat = self._flatten(inputs)
+        self._last = self._program(flat)
+        got = self._last(flat)
+        names = self._last.graph.output_names or [f"output{i}" for i in range(len(got))]
+        against = "ONNX Runtime" if self.is_onnx else "PyTorch eager"
+        return compare(names, got, self.reference(*inputs), against)
+
+    def report(self):
+        """What the last compiled program fused, and why not the rest."""
+        return self._last.report
+
+    @property
+    def graph(self) -> Graph:
+        return self._last.graph
+
+    @property
+    def signatures(self) -> list[str]:
+        return [_fmt(s) for s in self._programs]
+
+
+def compile(model, example_inputs, *, backend: str = "cpu", **options) -> CompiledModel:
+    """Compile an nn.Module (captured with torch.export) or a path to an .onnx file.
+
+    `example_inputs` fix the shapes of the first compilation; other shapes compile on first use.
+    Options: `backend` ("cpu", or "reference" to run the unfused interpreter), `patterns` (False turns
+    the pattern rules off), `disable` (op types or fusion names never fused), `max_group` (ops per group).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise ModelFileError(f"{model}: no such file")
+    elif not isinstance(model, torch.nn.Module):
+        raise KfuseError(f"kfuse.compile takes an nn.Module or a path to an .onnx file, not {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    return CompiledModel(model, example_inputs, {"backend": backend, **options})

@@ -1,0 +1,77 @@
+"""What a compiled program fused, what it saved, and why it did not fuse the rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KernelInfo:
+    name: str                 # e.g. "c:add+layer_norm", "linear+gelu", "attention"
+    ops: list[str]            # IR ops inside the kernel
+    bytes_before: int         # bytes the ops would move unfused (each op reads its inputs, writes its output)
+    bytes_after: int          # bytes the kernel moves (external inputs read once, outputs written once)
+    flops: int
+    predicted_ms: float = 0.0
+    backend: str = ""         # "c", "library", "torch" (reference fallback)
+    note: str = ""            # e.g. why it fell back
+
+
+@dataclass
+class WhyNot:
+    what: str                 # the pair or pattern left unfused, e.g. "matmul -> softmax" or "attention"
+    reason: str               # the rule or cost that refused it
+    where: str = ""           # node names from the model, for the reader
+
+    def __str__(self):
+        return f"{self.what}: {self.reason}" + (f" (at {self.where})" if self.where else "")
+
+
+@dataclass
+class Report:
+    kernels: list[KernelInfo] = field(default_factory=list)
+    fusions: dict[str, int] = field(default_factory=dict)
+    why_not: list[WhyNot] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    peak_bytes: int = 0                 # planned peak of intermediate buffers
+    unplanned_bytes: int = 0            # the same without buffer reuse
+    fallbacks: list[str] = field(default_factory=list)
+
+    def fused(self, rule: str, n: int = 1):
+        self.fusions[rule] = self.fusions.get(rule, 0) + n
+
+    def refuse(self, what: str, reason: str, where: str = ""):
+        self.why_not.append(WhyNot(what, reason, where))
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(k.bytes_before for k in self.kernels)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(k.bytes_after for k in self.kernels)
+
+    def __str__(self):
+        lines = [f"{len(self.kernels)} kernels; bytes moved {_mb(self.bytes_before)} unfused -> "
+                 f"{_mb(self.bytes_after)} fused; intermediate memory {_mb(self.peak_bytes)} planned "
+                 f"(vs {_mb(self.unplanned_bytes)} without reuse)"]
+        if self.fusions:
+            lines.append("fusions:")
+            lines += [f"  {k:<24} {v:>4}" for k, v in sorted(self.fusions.items())]
+        if self.splits:
+            lines.append("splits:")
+            lines += [f"  {s}" for s in self.splits]
+        if self.fallbacks:
+            lines.append("fallbacks to the reference path:")
+            lines += [f"  {s}" for s in self.fallbacks]
+        if self.why_not:
+            lines.append(f"not fused ({len(self.why_not)}):")
+            counts: dict[str, int] = {}
+            for w in self.why_not:
+                key = f"{w.what}: {w.reason}"
+                counts[key] = counts.get(key, 0) + 1
+            lines += [f"  {k}" + (f"  (x{n})" if n > 1 else "") for k, n in counts.items()]
+        return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
