@@ -38,7 +38,7 @@ KIND: dict[str, Kind] = {
     **{op: _B for op in (
         "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
         "logical_and", "logical_or", "where")},
-    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "pad", "triu", "tril")},
+    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad", "triu", "tril")},
     **{op: _R for op in (
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
         "log_softmax", "layer_norm", "rms_norm")},

@@ -27,11 +27,11 @@ def _fmt(sig) -> str:
 class CompiledModel:
     """The callable `kfuse.compile` returns: same outputs as the model, computed by fused kernels."""
 
-    def __init__(self, source, example_inputs, options: dict):
+    def __init__(self, source, example_inputs, example_kwargs: dict, options: dict):
         self.source = source
         self.options = options
         self.is_onnx = isinstance(source, (str, os.PathLike))
-        flat, self._in_spec = pytree.tree_flatten(tuple(example_inputs))
+        flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
         self._check_tensors(flat)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}
@@ -43,7 +43,8 @@ class CompiledModel:
             from .capture.onnx import load_onnx
             return load_onnx(self.source, flat_inputs)
         from .capture.torch import export
-        graph, self._out_spec = export(self.source, pytree.tree_unflatten(flat_inputs, self._in_spec))
+        args, kwargs = pytree.tree_unflatten(flat_inputs, self._in_spec)
+        graph, self._out_spec = export(self.source, args, kwargs)
         return graph
 
     def _program(self, flat):
@@ -61,12 +62,12 @@ class CompiledModel:
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"input {i} is a {type(t).__name__}, expected a torch.Tensor")
 
-    def _flatten(self, inputs):
-        flat, spec = pytree.tree_flatten(tuple(inputs))
+    def _flatten(self, inputs, kwargs):
+        flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         if spec != self._in_spec:
-            expected = len(self._in_spec.children_specs) if self._in_spec.children_specs else 0
-            raise InputError(f"model was compiled for {expected} inputs structured as {self._in_spec}; "
-                             f"got {len(inputs)} structured as {spec}")
+            want_args, want_kwargs = pytree.tree_unflatten([0] * self._in_spec.num_leaves, self._in_spec)
+            raise InputError(f"model was compiled for {len(want_args)} positional inputs and keyword inputs "
+                             f"{sorted(want_kwargs)}; got {len(inputs)} positional and {sorted(kwargs)}")
         self._check_tensors(flat)
         first = next(iter(self._programs))
         for i, ((shape, dtype), t) in enumerate(zip(first, flat)):
@@ -77,32 +78,33 @@ class CompiledModel:
         return flat
 
     # -- running ----------------------------------------------------------------------------------------
-    def __call__(self, *inputs):
-        flat = self._flatten(inputs)
+    def __call__(self, *inputs, **kwargs):
+        flat = self._flatten(inputs, kwargs)
         self._last = self._program(flat)
         outs = self._last(flat)
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
             outs[0] if len(outs) == 1 else tuple(outs))
 
-    def reference(self, *inputs) -> list[torch.Tensor]:
+    def reference(self, *inputs, **kwargs) -> list[torch.Tensor]:
         """Outputs of the original model (PyTorch eager, or ONNX Runtime for an ONNX file), flattened."""
-        flat = self._flatten(inputs)
+        flat = self._flatten(inputs, kwargs)
         if self.is_onnx:
             import onnxruntime as ort
             sess = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
             feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
             return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        args, kwargs = pytree.tree_unflatten(flat, self._in_spec)
         with torch.no_grad():
-            return pytree.tree_leaves(self.source(*pytree.tree_unflatten(flat, self._in_spec)))
+            return pytree.tree_leaves(self.source(*args, **kwargs))
 
-    def verify(self, *inputs) -> Verification:
+    def verify(self, *inputs, **kwargs) -> Verification:
         """Max abs and rel error of each output against the original model on `inputs`."""
-        flat = self._flatten(inputs)
+        flat = self._flatten(inputs, kwargs)
         self._last = self._program(flat)
         got = self._last(flat)
         names = self._last.graph.output_names or [f"output{i}" for i in range(len(got))]
         against = "ONNX Runtime" if self.is_onnx else "PyTorch eager"
-        return compare(names, got, self.reference(*inputs), against)
+        return compare(names, got, self.reference(*inputs, **kwargs), against)
 
     def report(self):
         """What the last compiled program fused, and why not the rest."""
@@ -117,10 +119,11 @@ class CompiledModel:
         return [_fmt(s) for s in self._programs]
 
 
-def compile(model, example_inputs, *, backend: str = "cpu", **options) -> CompiledModel:
+def compile(model, example_inputs=(), example_kwargs=None, *, backend: str = "cpu", **options) -> CompiledModel:
     """Compile an nn.Module (captured with torch.export) or a path to an .onnx file.
 
-    `example_inputs` fix the shapes of the first compilation; other shapes compile on first use.
+    `example_inputs` (a tuple of positional inputs) and `example_kwargs` (a dict of keyword inputs,
+    PyTorch only) fix the shapes of the first compilation; other shapes compile on first use.
     Options: `backend` ("cpu", or "reference" to run the unfused interpreter), `patterns` (False turns
     the pattern rules off), `disable` (op types or fusion names never fused), `max_group` (ops per group).
     """
@@ -131,4 +134,4 @@ def compile(model, example_inputs, *, backend: str = "cpu", **options) -> Compil
         raise KfuseError(f"kfuse.compile takes an nn.Module or a path to an .onnx file, not {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    return CompiledModel(model, example_inputs, {"backend": backend, **options})
+    return CompiledModel(model, example_inputs, example_kwargs or {}, {"backend": backend, **options})

@@ -59,7 +59,7 @@ def load_onnx(model, example_inputs) -> Graph:
 
 
 def _read(model) -> tuple[onnx.ModelProto, str]:
-    """The ModelProto and the folder its external data lives in; every way a file can be bad
+    """The ModelProto and the folder its external data lives in. Every way a file can be bad
     (missing, not protobuf, truncated, failing the checker) is a ModelFileError naming it."""
     if isinstance(model, onnx.ModelProto):
         proto, base_dir, what = model, "", "the given ModelProto"
@@ -72,10 +72,15 @@ def _read(model) -> tuple[onnx.ModelProto, str]:
             proto = onnx.load(path)
         except (DecodeError, OSError, ValueError, RuntimeError) as e:
             raise ModelFileError(f"ONNX model file {what} cannot be read (malformed or truncated): {e}") from None
+    # Unsupported ops first: the checker would only say "no schema" for a non-standard one.
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+            full = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            raise UnsupportedOpError(full, node.name or (node.output[0] if node.output else ""), "ONNX")
     try:
-        # The checker takes a path for models over 2 GB; it is cheap next to the conversion.
-        onnx.checker.check_model(proto if isinstance(model, onnx.ModelProto) or proto.ByteSize() < 2**31
-                                 else os.fspath(model))
+        # The checker wants a path for models over 2 GB; either way it is cheap next to loading.
+        big = not isinstance(model, onnx.ModelProto) and proto.ByteSize() >= 2**31
+        onnx.checker.check_model(os.fspath(model) if big else proto)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise ModelFileError(f"ONNX model {what} fails the ONNX checker: {e}") from None
     if not proto.graph.output:
@@ -125,9 +130,6 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples):
 def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int, base_dir: str):
     name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else "")
     op_type = onnx_node.op_type
-    if onnx_node.domain not in ("", "ai.onnx") or op_type not in HANDLERS:
-        full = op_type if onnx_node.domain in ("", "ai.onnx") else f"{onnx_node.domain}.{op_type}"
-        raise UnsupportedOpError(full, name, "ONNX")
     ins = []
     for i in onnx_node.input:
         if i and i not in env:
@@ -561,12 +563,6 @@ def _layer_norm(n, x, scale, bias=None):
                  eps=float(n.attr("epsilon", 1e-5)), ndim=len(shape))
 
 
-def _simplified_layer_norm(n, x, scale):
-    if _axis(n.attr("axis", -1), len(x.shape)) != len(x.shape) - 1:
-        n.fail("only axis -1 is supported")
-    return n.add("rms_norm", x, _norm_weight(n, scale, x.shape[-1:]), eps=float(n.attr("epsilon", 1e-5)))
-
-
 def _batch_norm(n, x, scale, bias, mean, var):
     if n.n_outputs() > 1 and any(n.proto.output[1:]):
         n.fail("training-mode outputs are not supported (inference only)")
@@ -673,7 +669,7 @@ HANDLERS = {
     "ReduceSum": _reduce("reduce_sum"), "ReduceMean": _reduce("reduce_mean"),
     "ReduceMax": _reduce("reduce_max"), "ReduceMin": _reduce("reduce_min"), "ArgMax": _argmax,
     "CumSum": _cumsum, "Softmax": _softmax("softmax"), "LogSoftmax": _softmax("log_softmax"),
-    "LayerNormalization": _layer_norm, "SimplifiedLayerNormalization": _simplified_layer_norm,
+    "LayerNormalization": _layer_norm,
     "BatchNormalization": _batch_norm,
     # contractions and windows
     "MatMul": _binary("matmul"), "Gemm": _gemm, "Conv": _conv,

@@ -248,14 +248,17 @@ def _index_select(g, x, dim, idx):
     return g.add("gather", x, idx, axis=dim % len(x.shape))
 
 
+@handles(aten.gather.default)
+def _gather_elements(g, x, dim, idx, sparse_grad=False):
+    return g.add("gather_elements", x, idx, axis=dim % len(x.shape))
+
+
 @handles(aten.index.Tensor)
 def _index(g, x, indices):
-    # Only one indexed dimension (x[:, idx] style); several advanced indices broadcast together.
     used = [(d, i) for d, i in enumerate(indices) if i is not None]
-    if len(used) != 1:
-        raise KfuseError("aten.index with more than one index tensor is not supported")
-    (d, idx), = used
-    return g.add("gather", x, idx, axis=d)
+    if len(used) == 1 and used[0][1].dtype != torch.bool:
+        return g.add("gather", x, used[0][1], axis=used[0][0])
+    return g.add("index", x, *(i for _, i in used), dims=tuple(d for d, _ in used))
 
 
 @handles(aten.constant_pad_nd.default)
@@ -524,17 +527,21 @@ def _call(g, n: torch.fx.Node, env):
     return out
 
 
-def export(model: torch.nn.Module, example_inputs: tuple) -> tuple[Graph, object]:
+def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
     """torch.export + core ATen decompositions -> (Graph, output pytree spec)."""
     from torch.export.graph_signature import InputKind
     model = model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ep = torch.export.export(model, tuple(example_inputs), strict=False)
+            ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False)
         except Exception as e:
             raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
-        ep = ep.run_decompositions()
+        # SDPA stays whole: it maps onto our attention op (and its decomposition breaks on some
+        # strided inputs, e.g. transformers' GPT-2 with attn_implementation="sdpa").
+        table = torch.export.default_decompositions()
+        table.pop(aten.scaled_dot_product_attention.default, None)
+        ep = ep.run_decompositions(table)
     values, user = {}, []
     state = {**ep.state_dict, **ep.constants}
     for spec in ep.graph_signature.input_specs:

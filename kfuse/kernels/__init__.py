@@ -154,7 +154,7 @@ def _collapse(shape, strides, keep_last):
         else:
             out.append((n, st))
     if last is not None:
-        out.append(last)
+        out = (out or [(1, [0] * len(strides))]) + [last]   # a row kernel keeps a row dim
     if not out:
         out = [(1, [0] * len(strides))]
     return tuple(n for n, _ in out), [tuple(st[a] for _, st in out) for a in range(len(strides))]
@@ -234,6 +234,10 @@ class _Lowering:
                 raise NotFusable(f"{n}: op {n.op!r} of kind {n.kind.name} is not a row kernel op")
             if n.dtype not in DTYPES:
                 raise NotFusable(f"{n}: dtype {n.dtype} is not supported (f32, i64, bool only)")
+            for i in n.inputs:
+                if i in group and _drops_last_axis(i):
+                    raise NotFusable(f"{i}: a reduction without keepdim feeds {n} in the group "
+                                     f"(its shape no longer lines up with the row)")
             if not _drops_last_axis(n):
                 domain_shapes.append(n.shape)
             if n.kind == Kind.REDUCTION:
@@ -250,9 +254,6 @@ class _Lowering:
             for i in n.inputs:
                 if i in group and i not in self.env:
                     raise NotFusable(f"group is not in topological order: {n} uses {i} before it")
-                if i in group and _drops_last_axis(i):
-                    raise NotFusable(f"{i}: a reduction without keepdim feeds {n} in the group "
-                                     f"(its shape no longer lines up with the row)")
             self.env[n] = self.lower_node(n)
 
         row_shape = self.domain[:-1] + (1,)

@@ -51,6 +51,14 @@ def _gather(x, idx, *, axis):
     return flat.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
+def _index(x, *idx, dims):
+    """x[key] with advanced (tensor) indices at `dims` and full slices elsewhere, as torch does it."""
+    key = [slice(None)] * (max(dims) + 1)
+    for d, i in zip(dims, idx):
+        key[d] = i if i.dtype == torch.bool else i.long()
+    return x[tuple(key)]
+
+
 def _reduce(fn):
     return lambda x, *, axes, keepdim=False: fn(x, dim=axes, keepdim=keepdim)
 
@@ -91,6 +99,8 @@ REFERENCE = {
     "slice": _slice,
     "concat": lambda *xs, axis: torch.cat(xs, axis),
     "gather": _gather,
+    "index": _index,
+    "gather_elements": lambda x, idx, *, axis: torch.gather(x, axis, idx.long()),
     "pad": lambda x, *, pads, value=0.0: F.pad(x, pads, value=value),
     "triu": lambda x, *, diagonal=0: torch.triu(x, diagonal),
     "tril": lambda x, *, diagonal=0: torch.tril(x, diagonal),

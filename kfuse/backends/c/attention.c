@@ -168,6 +168,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
     const float *vp = a->v + b * a->svb + hk * a->svh;
     const char *mrow = a->mask_kind ? mask_base(a, b, h) : 0;
     const float scale = (float)a->scale;
+    const int64_t skj = a->skj, svj = a->svj;
 
     for (int d = 0; d < HD; d++)
         for (int i = 0; i < NV * 16; i++) qt[d * BQ + i] = i < rows ? qp[i * a->sqi + d] : 0.0f;
@@ -182,14 +183,14 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         /* S^T tile: 4 keys x NV vectors per register tile */
         int j = 0;
         for (; j + 4 <= n; j += 4) {
-            vf acc[4][NV];
+            vf acc[4][4];
             for (int r = 0; r < 4; r++) for (int v = 0; v < NV; v++) acc[r][v] = vzero();
-            const float *k0 = kp + (j0 + j) * a->skj;
+            const float *k0 = kp + (j0 + j) * skj;
             for (int d = 0; d < HD; d++) {
-                vf qv[NV];
+                vf qv[4];
                 for (int v = 0; v < NV; v++) qv[v] = vload(qt + d * BQ + 16 * v);
                 for (int r = 0; r < 4; r++) {
-                    vf kb = vset1(k0[r * a->skj + d]);
+                    vf kb = vset1(k0[r * skj + d]);
                     for (int v = 0; v < NV; v++) acc[r][v] = vfma(kb, qv[v], acc[r][v]);
                 }
             }
@@ -197,9 +198,9 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
                 for (int v = 0; v < NV; v++) vstore(st + (j + r) * BQ + 16 * v, vmul(acc[r][v], vset1(scale)));
         }
         for (; j < n; j++) {
-            vf acc[NV];
+            vf acc[4];
             for (int v = 0; v < NV; v++) acc[v] = vzero();
-            const float *k0 = kp + (j0 + j) * a->skj;
+            const float *k0 = kp + (j0 + j) * skj;
             for (int d = 0; d < HD; d++) {
                 vf kb = vset1(k0[d]);
                 for (int v = 0; v < NV; v++) acc[v] = vfma(kb, vload(qt + d * BQ + 16 * v), acc[v]);
@@ -224,7 +225,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
                     if (j0 + j > i0 + i + off) st[j * BQ + i] = -INFINITY;
         }
         /* online softmax, one query per lane */
-        vf alpha[NV];
+        vf alpha[4];
         for (int v = 0; v < NV; v++) {
             vf mold = vload(mrun + 16 * v), mx = mold;
             for (j = 0; j < n; j++) mx = vmax(mx, vload(st + j * BQ + 16 * v));
@@ -241,15 +242,15 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         /* O^T = O^T * alpha + V^T P^T: 4 dims x NV vectors per register tile */
         int d = 0;
         for (; d + 4 <= HD; d += 4) {
-            vf acc[4][NV];
+            vf acc[4][4];
             for (int r = 0; r < 4; r++)
                 for (int v = 0; v < NV; v++) acc[r][v] = vmul(vload(ot + (d + r) * BQ + 16 * v), alpha[v]);
-            const float *v0 = vp + j0 * a->svj + d;
+            const float *v0 = vp + j0 * svj + d;
             for (j = 0; j < n; j++) {
-                vf pv[NV];
+                vf pv[4];
                 for (int v = 0; v < NV; v++) pv[v] = vload(st + j * BQ + 16 * v);
                 for (int r = 0; r < 4; r++) {
-                    vf vb = vset1(v0[j * a->svj + r]);
+                    vf vb = vset1(v0[j * svj + r]);
                     for (int v = 0; v < NV; v++) acc[r][v] = vfma(vb, pv[v], acc[r][v]);
                 }
             }
@@ -257,10 +258,10 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
                 for (int v = 0; v < NV; v++) vstore(ot + (d + r) * BQ + 16 * v, acc[r][v]);
         }
         for (; d < HD; d++) {
-            vf acc[NV];
+            vf acc[4];
             for (int v = 0; v < NV; v++) acc[v] = vmul(vload(ot + d * BQ + 16 * v), alpha[v]);
             for (j = 0; j < n; j++) {
-                vf vb = vset1(vp[(j0 + j) * a->svj + d]);
+                vf vb = vset1(vp[(j0 + j) * svj + d]);
                 for (int v = 0; v < NV; v++) acc[v] = vfma(vb, vload(st + j * BQ + 16 * v), acc[v]);
             }
             for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, acc[v]);

@@ -145,6 +145,15 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
             raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
     if B * H * Lq == 0:
         return out
+    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
+    library(D).attn_forward(ctypes.byref(a), kern)
+    return out
+
+
+def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel):
+    """The C argument struct, the tensors it points into that must stay alive, the kernel id."""
+    B, H, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
     a = _Args()
     a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     a.B, a.H, a.Hkv, a.Lq, a.Lk = B, H, Hkv, Lq, Lk
@@ -166,8 +175,7 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         part = torch.empty(nsplit * B * H * Lq * (D + 2), dtype=torch.float32)
         a.part, a.nsplit, a.chunk = part.data_ptr(), nsplit, chunk
     a.causal, a.nthreads, a.scale = int(causal), threads, float(scale)
-    library(D).attn_forward(ctypes.byref(a), 0 if kern == "block" else 1)
-    return out
+    return a, (mask, part), 0 if kern == "block" else 1
 
 
 def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:

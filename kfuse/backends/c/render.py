@@ -161,13 +161,13 @@ class _Render:
                 off = " + ".join(f"{s}LL * {x}" for s, x in zip(st[:-1], idx) if s) or "0"
             self.out(f"{'const ' if a < self.n_in else ''}{CTYPE_OF(k, a)} *restrict p{a} = a{a} + {off};", d)
         row: dict = {}
-        row_out = {v: o for o, v in enumerate(k.out_values) if k.strides[self.n_in + o][-1] == 0}
+        row_out = [(o, v) for o, v in enumerate(k.out_values) if k.strides[self.n_in + o][-1] == 0]
         for p in range(k.passes):
             # row scalars of this phase (finished reductions and what depends on them)
             for i in k.live:
                 if not k.varies[i] and k.phase[i] == p and k.values[i].op not in REDUCTIONS:
                     self.ref(i, row, d, "0", None)
-            for v, o in row_out.items():
+            for o, v in row_out:
                 if k.phase[v] == p:
                     self.out(f"p{self.n_in + o}[0] = {self.ref(v, row, d, '0', None)};", d)
             self.one_pass(p, row, d, N, row_out)
@@ -182,7 +182,7 @@ class _Render:
         outs = [(o, v) for o, v in enumerate(k.out_values)
                 if k.varies[v] and k.phase[v] == p] + \
                [(o, v) for o, v in enumerate(k.out_values)
-                if not k.varies[v] and k.phase[v] == p and v not in row_out]
+                if not k.varies[v] and k.phase[v] == p and (o, v) not in row_out]
         stores = [i for i in sorted(k.stash) if k.phase[i] == p]
         if not (reds or outs or stores):
             return

@@ -1,0 +1,78 @@
+"""The public API's errors: one exception family, each naming the problem."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kfuse
+from kfuse.models import build
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model, inputs = build("gpt2", batch=2, seq=8, layers=1)
+    return kfuse.compile(model, inputs, backend="reference"), inputs
+
+
+def test_wrong_number_of_inputs(compiled):
+    cm, (ids, mask) = compiled
+    with pytest.raises(kfuse.InputError, match="2 positional"):
+        cm(ids)
+
+
+def test_wrong_dtype(compiled):
+    cm, (ids, mask) = compiled
+    with pytest.raises(kfuse.InputError, match="dtype"):
+        cm(ids.float(), mask)
+
+
+def test_wrong_rank(compiled):
+    cm, (ids, mask) = compiled
+    with pytest.raises(kfuse.InputError, match="rank"):
+        cm(ids[0], mask)
+
+
+def test_not_a_tensor(compiled):
+    cm, (ids, mask) = compiled
+    with pytest.raises(kfuse.InputError, match="torch.Tensor"):
+        cm(ids, 5)
+
+
+def test_bad_model_argument():
+    with pytest.raises(kfuse.KfuseError, match="nn.Module"):
+        kfuse.compile(42, ())
+
+
+def test_missing_onnx_file(tmp_path):
+    with pytest.raises(kfuse.ModelFileError, match="nope.onnx"):
+        kfuse.compile(str(tmp_path / "nope.onnx"), ())
+
+
+def test_export_failure_is_a_kfuse_error():
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return x.numpy()       # cannot be traced
+    with pytest.raises(kfuse.KfuseError, match="torch.export failed"):
+        kfuse.compile(Bad(), (torch.ones(2),))
+
+
+def test_cli_help():
+    for args in (["--help"], ["demo", "--help"], ["compile", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "kfuse.cli", *args], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: kfuse" in out.stdout
+
+
+def test_cli_demo_small(capsys):
+    from kfuse.cli import main
+    assert main(["demo", "--model", "gpt2", "--batch", "2", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "all outputs match" in out and "PyTorch eager" in out and "kfuse" in out
+
+
+def test_cli_compile_garbage_file(tmp_path, capsys):
+    from kfuse.cli import main
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage\xff" * 10)
+    assert main(["compile", str(bad)]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
