@@ -40,7 +40,9 @@ class Report:
         self.fusions[rule] = self.fusions.get(rule, 0) + n
 
     def refuse(self, what: str, reason: str, where: str = ""):
-        self.why_not.append(WhyNot(what, reason, where))
+        record = WhyNot(what, reason, where)
+        if record not in self.why_not:
+            self.why_not.append(record)
 
     @property
     def bytes_before(self) -> int:

@@ -1,12 +1,144 @@
 """Backends turn a fused group into a callable kernel: `make_kernel(group, report, options)`.
 
-The C backend renders fused elementwise/reduction groups; library.py runs contractions through
-oneDNN/MKL; anything else, or a group whose kernel cannot be built, runs on the reference
-functions, and the report says so.
+A kernel is called with the group's input tensors and returns a tuple of its output tensors.
+  - views (reshape, transpose, slice, expand): torch views, no copy; consumers read them in place;
+  - linear: oneDNN/MKL GEMM with the weight packed once and the activation as a post-op (library.py);
+  - attention: the fused C attention kernel, reading strided q/k/v and writing [B, L, H, D] so the
+    head merge that follows is a view;
+  - groups of elementwise ops and row reductions: a generated C kernel (backends/c);
+  - anything else, or a kernel that cannot be built: the reference functions (torch), reported.
 """
 from __future__ import annotations
+
+import torch
+
+from ..ir import Kind
+from ..ops.reference import REFERENCE
+from ..passes import cost
+from ..report import KernelInfo
+
+VIEW = {
+    "reshape": lambda x, *, shape: x.reshape(shape),
+    "transpose": lambda x, *, perm: x.permute(perm),
+    "slice": lambda x, *, axis, start, end, step: x.narrow(axis, start, end - start) if step == 1
+    else REFERENCE["slice"](x, axis=axis, start=start, end=end, step=step),
+    "expand": lambda x, *, shape: x.expand(shape),
+}
+
+
+def _single(fn, attrs):
+    return lambda *args: (fn(*args, **attrs),)
+
+
+def _linear_kernel(node):
+    from .library import pack_linear
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2].value if len(node.inputs) == 3 else None
+    lin = pack_linear(w.value, b, node.attrs["act"], batch_hint=x.numel // x.shape[-1])
+    return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
+
+
+def _attention_kernel(node):
+    from .c.attention import attention
+    q = node.inputs[0]
+    if len(q.shape) != 4 or q.dtype != torch.float32:
+        raise NotImplementedError("attention kernel takes 4-D float32 q, k, v")
+    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    b, h, lq, d = q.shape
+    dv = node.inputs[2].shape[-1]
+
+    def run(q, k, v, mask=None):
+        buf = torch.empty(b, lq, h, dv)
+        out = buf.permute(0, 2, 1, 3)
+        if mask is not None and mask.dim() < 4:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        attention(q, k, v, mask, scale=scale, causal=causal, out=out)
+        return (out,)
+    return run, "c:attention"
+
+
+def _c_kernel(group):
+    from ..kernels import lower
+    from .c import build
+    fk = lower(group.nodes, group.outputs)
+    k = build(fk)
+    shapes = [(o.shape, o.dtype) for o in fk.outputs]
+    # the kernel orders (and may drop, by inlining small constants) its arguments its own way
+    pick = [group.inputs.index(i) for i in fk.inputs]
+    back = [fk.outputs.index(o) for o in group.outputs]
+
+    def run(*inputs):
+        outs = [torch.empty(s, dtype=d) for s, d in shapes]
+        k([inputs[p].contiguous() for p in pick], outs)
+        return tuple(outs[b] for b in back)
+    return run, "c"
+
+
+def _info(group, backend: str, note: str = "") -> KernelInfo:
+    nodes = group.nodes
+    ops = [n.op for n in nodes]
+    contraction = any(n.kind == Kind.CONTRACTION for n in nodes)
+    before = sum(cost.op_bytes(n) for n in nodes)
+    after = sum(i.nbytes for i in group.inputs) + sum(o.nbytes for o in group.outputs)
+    if all(n.op in VIEW for n in nodes):
+        after = 0   # a view moves nothing
+    flops = sum(cost.flops(n) for n in nodes)
+    rows = cost.rows_of(nodes)
+    return KernelInfo(name=fusion_name(nodes) or "+".join(ops), ops=ops, bytes_before=before, bytes_after=after,
+                      flops=flops, predicted_ms=0.0 if not after else cost.predicted_ms(after, flops, contraction, rows),
+                      backend=backend, note=note)
+
+
+def fusion_name(nodes) -> str | None:
+    """The name a fused kernel is reported under, from the ops inside it (None for a lone op)."""
+    ops = {n.op for n in nodes}
+    if len(nodes) == 1:
+        n = nodes[0]
+        if n.op == "linear":
+            return f"gemm_{n.attrs['act']}" if n.attrs["act"] != "none" else ("gemm_bias" if len(n.inputs) == 3 else None)
+        if n.op == "attention":
+            return "attention"
+        return None
+    if "layer_norm" in ops:
+        return "add_layernorm" if ops & {"add", "sub"} else "layernorm_chain"
+    if "rms_norm" in ops:
+        return "add_rmsnorm" if ops & {"add", "sub"} else "rmsnorm_chain"
+    if ops & {"softmax", "log_softmax"}:
+        return "scale_mask_softmax" if ops & {"add", "mul", "div", "where"} else "softmax_chain"
+    if "mul" in ops and ops & {"silu", "sigmoid"}:
+        return "swiglu"
+    if "mul" in ops and "gelu" in ops:
+        return "geglu"
+    return "elementwise_chain" if ops <= {n.op for n in nodes if n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST)} \
+        else "reduction_chain"
 
 
 def make_kernel(group, report, options):
     from ..runtime import reference_kernel
-    return reference_kernel(group)
+    nodes = group.nodes
+    note, fn, backend = "", None, "torch"
+    try:
+        if len(nodes) == 1 and nodes[0].op in VIEW:
+            fn, backend = _single(VIEW[nodes[0].op], nodes[0].attrs), "view"
+        elif len(nodes) == 1 and nodes[0].op == "linear" and nodes[0].dtype == torch.float32:
+            fn, backend = _linear_kernel(nodes[0])
+        elif len(nodes) == 1 and nodes[0].op == "attention":
+            fn, backend = _attention_kernel(nodes[0])
+        elif all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
+            fn, backend = _c_kernel(group)
+    except Exception as e:          # any failure to build a kernel falls back, reported
+        from ..kernels import NotFusable
+        if isinstance(e, NotFusable):     # an op our kernel IR does not cover: torch runs it
+            note = f"runs on torch: {e.reason}"
+        else:
+            note = f"fell back to the reference path: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
+        fn = None
+    if fn is None:
+        fn = reference_kernel(group)
+    info = _info(group, backend, note)
+    report.kernels.append(info)
+    name = fusion_name(nodes)
+    if name:
+        report.fused(name)
+    return fn

@@ -40,15 +40,15 @@ DTYPES = {
 def load_onnx(model, example_inputs) -> Graph:
     """The kfuse Graph of an ONNX model (a path or a ModelProto), with its inputs bound to the
     static shapes and dtypes of `example_inputs` (symbolic ONNX dims take the given sizes)."""
-    proto, base_dir = _read(model)
+    proto = read_model(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     g = Graph()
     env: dict[str, Node] = {}
     for t in proto.graph.initializer:
-        env[t.name] = g.const(_tensor(t, base_dir), name=t.name)
+        env[t.name] = g.const(_tensor(t), name=t.name)
     _bind_inputs(g, env, [i for i in proto.graph.input if i.name not in env], example_inputs)
     for onnx_node in proto.graph.node:
-        _convert(g, env, onnx_node, opset, base_dir)
+        _convert(g, env, onnx_node, opset)
     for o in proto.graph.output:
         if o.name not in env:
             raise ModelFileError(f"graph output {o.name!r} is produced by no node")
@@ -58,20 +58,22 @@ def load_onnx(model, example_inputs) -> Graph:
     return g
 
 
-def _read(model) -> tuple[onnx.ModelProto, str]:
-    """The ModelProto and the folder its external data lives in. Every way a file can be bad
-    (missing, not protobuf, truncated, failing the checker) is a ModelFileError naming it."""
+def read_model(model) -> onnx.ModelProto:
+    """The checked ModelProto of a path (external data loaded from beside it) or of a ModelProto.
+    Every way a file can be bad (missing, not protobuf, truncated, failing the checker) and every
+    op with no handler is an error naming the file or the node, before any conversion."""
     if isinstance(model, onnx.ModelProto):
-        proto, base_dir, what = model, "", "the given ModelProto"
+        proto, what = model, "the given ModelProto"
     else:
         path = os.fspath(model)
-        what, base_dir = repr(path), os.path.dirname(os.path.abspath(path))
+        what = repr(path)
         if not os.path.isfile(path):
             raise ModelFileError(f"ONNX model file {what} does not exist")
         try:
             proto = onnx.load(path)
-        except (DecodeError, OSError, ValueError, RuntimeError) as e:
-            raise ModelFileError(f"ONNX model file {what} cannot be read (malformed or truncated): {e}") from None
+        except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
+            # not protobuf, truncated, or external data missing beside it
+            raise ModelFileError(f"ONNX model file {what} cannot be read: {e}") from None
     # Unsupported ops first: the checker would only say "no schema" for a non-standard one.
     for node in proto.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
@@ -85,19 +87,19 @@ def _read(model) -> tuple[onnx.ModelProto, str]:
         raise ModelFileError(f"ONNX model {what} fails the ONNX checker: {e}") from None
     if not proto.graph.output:
         raise ModelFileError(f"ONNX model {what} has no graph outputs (truncated?)")
-    return proto, base_dir
+    return proto
 
 
-def _tensor(t: onnx.TensorProto, base_dir: str) -> torch.Tensor:
+def _tensor(t: onnx.TensorProto) -> torch.Tensor:
     if t.data_type not in DTYPES:
         raise KfuseError(f"ONNX tensor {t.name!r}: element type {TensorProto.DataType.Name(t.data_type)} "
                          "is not supported")
     try:
-        a = numpy_helper.to_array(t, base_dir)
+        a = numpy_helper.to_array(t)
     except (OSError, ValueError) as e:
         raise ModelFileError(f"ONNX tensor {t.name!r}: its data cannot be read: {e}") from None
     if t.data_type == TensorProto.BFLOAT16:  # numpy has no bfloat16: go through the bits
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(a))  # np.array copies: the tensor owns writable memory
 
 
@@ -127,7 +129,7 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples):
         env[vi.name] = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
 
 
-def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int, base_dir: str):
+def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
     name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else "")
     op_type = onnx_node.op_type
     ins = []
@@ -135,7 +137,7 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int, base_di
         if i and i not in env:
             raise ModelFileError(f"ONNX node {name!r} ({op_type}) reads {i!r}, which nothing defines before it")
         ins.append(env[i] if i else None)
-    node = _Node(g, onnx_node, name, opset, base_dir)
+    node = _Node(g, onnx_node, name, opset)
     try:
         out = HANDLERS[op_type](node, *ins)
     except GraphError as e:  # an IR node the handler built did not type-check: say which ONNX node
@@ -151,8 +153,8 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int, base_di
 class _Node:
     """What a handler sees of its ONNX node: attributes, the opset, and IR builders."""
 
-    def __init__(self, g: Graph, proto: onnx.NodeProto, name: str, opset: int, base_dir: str):
-        self.g, self.proto, self.name, self.opset, self.base_dir = g, proto, name, opset, base_dir
+    def __init__(self, g: Graph, proto: onnx.NodeProto, name: str, opset: int):
+        self.g, self.proto, self.name, self.opset = g, proto, name, opset
         self.attrs = {a.name: a for a in proto.attribute}
 
     def attr(self, key, default=None):
@@ -162,7 +164,7 @@ class _Node:
         if isinstance(v, bytes):
             return v.decode()
         if isinstance(v, TensorProto):
-            return _tensor(v, self.base_dir)
+            return _tensor(v)
         return v
 
     def n_outputs(self) -> int:
@@ -220,6 +222,12 @@ def _normalize_index(n: _Node, idx: Node, dim: int) -> Node:
     return n.add("where", neg, n.add("add", idx, n.const(dim, dtype=idx.dtype)), idx)
 
 
+def _positions(shape) -> torch.Tensor:
+    """Each element's position in the row-major flattening of `shape` (torch indexing on this
+    tensor turns constant ONNX indices into flat positions, negative ones included)."""
+    return torch.arange(math.prod(shape)).reshape(shape)
+
+
 def _flat_gather(n: _Node, x: Node, flat_index: torch.Tensor) -> Node:
     """Elements of x at constant positions of its flattened form; the result has flat_index's shape."""
     return n.add("gather", _reshape(n, x, (x.numel,)), n.const(flat_index), axis=0)
@@ -259,8 +267,8 @@ def _window_args(n: _Node, x: Node, kernel, pad_value, max_pad=None):
 
 # -- handlers ---------------------------------------------------------------------------------------
 
-def _unary(op, **fixed):
-    return lambda n, x: n.add(op, x, **fixed)
+def _unary(op):
+    return lambda n, x: n.add(op, x)
 
 
 def _binary(op):
@@ -440,14 +448,11 @@ def _gather(n, x, idx):
 
 
 def _gather_elements(n, x, idx):
-    """out[i][j][k] = x[i][idx[i][j][k]][k] (axis 1): a gather from flattened x at constant positions."""
+    """out[i][j][k] = x[i][idx[i][j][k]][k] (axis 1): a gather of x's elements at constant positions."""
     axis = _axis(n.attr("axis", 0), len(x.shape))
     index = n.value(idx, "indices").long()
     index = torch.where(index < 0, index + x.shape[axis], index)
-    strides = torch.tensor(torch.empty(x.shape, device="meta").stride())
-    coords = list(torch.meshgrid(*[torch.arange(d) for d in index.shape], indexing="ij"))
-    coords[axis] = index
-    return _flat_gather(n, x, sum(c * s for c, s in zip(coords, strides.tolist())))
+    return _flat_gather(n, x, _positions(x.shape).gather(axis, index))
 
 
 def _gather_nd(n, x, idx):
@@ -456,14 +461,8 @@ def _gather_nd(n, x, idx):
         n.fail("batch_dims other than 0 are not supported")
     index = n.value(idx, "indices").long()
     k = index.shape[-1]
-    rest = x.shape[k:]
-    dims = torch.tensor(x.shape[:k])
-    index = torch.where(index < 0, index + dims, index)
-    lead = torch.zeros(index.shape[:-1], dtype=torch.int64)
-    for j in range(k):  # row-major position among the first k dims
-        lead = lead * x.shape[j] + index[..., j]
-    rows = _reshape(n, x, (math.prod(x.shape[:k]),) + rest)
-    return n.add("gather", rows, n.const(lead), axis=0)
+    rows = _reshape(n, x, (math.prod(x.shape[:k]),) + x.shape[k:])  # the first k dims as one
+    return n.add("gather", rows, n.const(_positions(x.shape[:k])[index.unbind(-1)]), axis=0)
 
 
 def _expand(n, x, shape):

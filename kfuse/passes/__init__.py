@@ -1,25 +1,25 @@
 """The pass pipeline: one ordered list of named steps, each checked in tests after it runs.
 
 run_pipeline(graph, options, report) -> (graph, groups). Each step takes and returns the graph
-(rewriting it in place is fine) and records what it did in the report.
+and records what it did in the report; `schedule` then partitions it into kernels.
 """
 from __future__ import annotations
 
 from ..ir import Graph
+from . import autofuse, fold, patterns
 
-
-def schedule(graph: Graph, options, report):
-    """Partition the graph's compute nodes into groups, one kernel each."""
-    from ..runtime import Group
-    return [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
-
-
-PIPELINE = []
+PIPELINE = [
+    ("fold", fold.run),
+    ("patterns", patterns.run),
+    ("fold_again", fold.run),
+]
 
 
 def run_pipeline(graph: Graph, options: dict, report, *, check: bool = False):
     for name, step in PIPELINE:
+        if name == "patterns" and options.get("patterns") is False:
+            continue
         graph = step(graph, options, report)
         if check:
             graph.check()
-    return graph, schedule(graph, options, report)
+    return graph, autofuse.schedule(graph, options, report)

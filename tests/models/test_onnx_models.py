@@ -10,6 +10,8 @@ from kfuse.capture.onnx import load_onnx
 from kfuse.models import build, token_inputs
 from kfuse.ops.reference import run
 
+from hf_models import hf_model
+
 ort = pytest.importorskip("onnxruntime")
 
 VOCAB = 100
@@ -37,21 +39,9 @@ class _LastHidden(torch.nn.Module):
 
 
 def _hf_model(name):
-    transformers = pytest.importorskip("transformers")
-    _, arch, attn = name.split("_")
-    torch.manual_seed(0)
-    small = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
-    if arch == "bert":
-        model = transformers.BertModel(transformers.BertConfig(hidden_size=64, intermediate_size=128, **small),
-                                       add_pooling_layer=False)
-    elif arch == "gpt2":
-        model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                               n_positions=64))
-    else:
-        model = transformers.LlamaModel(transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
-                                                                 num_key_value_heads=2, **small))
-    model.config._attn_implementation = attn  # read by the attention layers at call time
-    return _LastHidden(model).eval()
+    pytest.importorskip("transformers")
+    _, kind, attn = name.split("_")
+    return _LastHidden(hf_model(kind, attn)).eval()
 
 
 def _model(name):

@@ -368,27 +368,25 @@ static void row_task(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int6
 }
 
 /* ---------------------------------------------------------------- drivers */
-static void combine(const attn_args *a) {
+/* merge the split-KV partials of one row: M = max m_c, L = sum l_c e^(m_c - M), O = sum o_c e^(m_c - M) / L */
+static void combine_row(const attn_args *a, int64_t row) {
     const int64_t nrows = a->B * a->H * a->Lq;
-#pragma omp parallel for num_threads(a->nthreads) schedule(static)
-    for (int64_t row = 0; row < nrows; row++) {
-        float M = -INFINITY, L = 0.0f, acc[HD];
-        for (int64_t c = 0; c < a->nsplit; c++) {
-            float m = a->part[(c * nrows + row) * (HD + 2)];
-            if (m > M || m != m) M = m;
-        }
-        float ms = M == -INFINITY ? 0.0f : M;
-        for (int d = 0; d < HD; d++) acc[d] = 0.0f;
-        for (int64_t c = 0; c < a->nsplit; c++) {
-            const float *p = a->part + (c * nrows + row) * (HD + 2);
-            float w = expf(p[0] - ms); /* chunk that saw only masked keys: m = -inf, w = 0 */
-            L += p[1] * w;
-            for (int d = 0; d < HD; d++) acc[d] += p[2 + d] * w;
-        }
-        int64_t h = (row / a->Lq) % a->H, b = row / (a->Lq * a->H), i = row % a->Lq;
-        float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
-        for (int d = 0; d < HD; d++) dst[d] = acc[d] / L;
+    float M = -INFINITY, L = 0.0f, acc[HD];
+    for (int64_t c = 0; c < a->nsplit; c++) {
+        float m = a->part[(c * nrows + row) * (HD + 2)];
+        if (m > M || m != m) M = m;
     }
+    float ms = M == -INFINITY ? 0.0f : M;
+    for (int d = 0; d < HD; d++) acc[d] = 0.0f;
+    for (int64_t c = 0; c < a->nsplit; c++) {
+        const float *p = a->part + (c * nrows + row) * (HD + 2);
+        float w = expf(p[0] - ms); /* a chunk that saw only masked keys: m = -inf, w = 0 */
+        L += p[1] * w;
+        for (int d = 0; d < HD; d++) acc[d] += p[2 + d] * w;
+    }
+    int64_t h = (row / a->Lq) % a->H, b = row / (a->Lq * a->H), i = row % a->Lq;
+    float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
+    for (int d = 0; d < HD; d++) dst[d] = acc[d] / L; /* every chunk masked: 0 / 0 = NaN */
 }
 
 /* vexp over n floats, for the accuracy test */
@@ -404,26 +402,26 @@ int attn_block_q(void) { return BQ; }
 int attn_block_k(void) { return BK; }
 int attn_row_group(void) { return RMAX; }
 
-/* kernel: 0 block, 1 row. a->part non-NULL: split into a->nsplit chunks of a->chunk keys. */
+/* kernel: 0 block, 1 row. a->part non-NULL: split into a->nsplit chunks of a->chunk keys,
+ * combined in the same parallel region (one fork/join per call). */
 void attn_forward(const attn_args *a, int kernel) {
     const int64_t ns = a->part ? a->nsplit : 1, chunk = a->part ? a->chunk : a->Lk;
     const int64_t G = a->H / a->Hkv;
-    if (kernel == 0) {
-        const int64_t nqb = (a->Lq + BQ - 1) / BQ, ntask = a->B * a->H * nqb * ns;
-#pragma omp parallel for num_threads(a->nthreads) schedule(dynamic, 1)
+    const int64_t nqb = (a->Lq + BQ - 1) / BQ, nrg = (G * a->Lq + RMAX - 1) / RMAX;
+    const int64_t ntask = kernel == 0 ? a->B * a->H * nqb * ns : a->B * a->Hkv * nrg * ns;
+    const int64_t nrows = a->B * a->H * a->Lq;
+#pragma omp parallel num_threads(a->nthreads)
+    {
+#pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntask; t++) {
-            int64_t c = t % ns, u = t / ns, qb = u % nqb, bh = u / nqb;
+            int64_t c = t % ns, u = t / ns;
             int64_t ks = c * chunk, ke = ks + chunk < a->Lk ? ks + chunk : a->Lk;
-            block_task(a, bh / a->H, bh % a->H, qb, c, ks, ke);
+            if (kernel == 0) block_task(a, u / nqb / a->H, u / nqb % a->H, u % nqb, c, ks, ke);
+            else row_task(a, u / nrg / a->Hkv, u / nrg % a->Hkv, u % nrg, c, ks, ke);
         }
-    } else {
-        const int64_t nrg = (G * a->Lq + RMAX - 1) / RMAX, ntask = a->B * a->Hkv * nrg * ns;
-#pragma omp parallel for num_threads(a->nthreads) schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntask; t++) {
-            int64_t c = t % ns, u = t / ns, rg = u % nrg, bh = u / nrg;
-            int64_t ks = c * chunk, ke = ks + chunk < a->Lk ? ks + chunk : a->Lk;
-            row_task(a, bh / a->Hkv, bh % a->Hkv, rg, c, ks, ke);
+        if (a->part) {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < nrows; row++) combine_row(a, row);
         }
     }
-    if (a->part) combine(a);
 }

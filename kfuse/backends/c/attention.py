@@ -30,6 +30,7 @@ Threads: KFUSE_NUM_THREADS if set, else OpenMP's default (OMP_NUM_THREADS).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 from pathlib import Path
@@ -55,7 +56,7 @@ class _Args(ctypes.Structure):
                 + [("scale", ctypes.c_double)])
 
 
-_libs: dict[int, ctypes.CDLL] = {}
+_libs: dict[tuple, ctypes.CDLL] = {}
 
 
 def library(head_dim: int, flags=None) -> ctypes.CDLL:
@@ -76,6 +77,11 @@ def num_threads() -> int:
     env = os.environ.get("KFUSE_NUM_THREADS")
     if env:
         return max(1, int(env))
+    return _omp_threads()
+
+
+@functools.lru_cache(maxsize=None)
+def _omp_threads() -> int:
     return max(1, library(64).attn_max_threads())
 
 

@@ -3,7 +3,8 @@
 The cache key is a hash of the source, the compiler's identity and the flags, so a compiler
 upgrade or a flag change never reuses a stale library. Writes are atomic (compile to a private
 temporary name, then rename), so processes compiling the same kernel at once all succeed.
-A cached library that fails to load (truncated, corrupted) is rebuilt.
+A cached library that is truncated (its ELF section table does not end at the end of the file)
+or fails to load (corrupted) is rebuilt; a truncated file is never handed to dlopen.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,16 +44,38 @@ def compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def _cc_argv() -> list[str]:
+    """CC may carry arguments ("gcc -m64"), as make allows."""
+    return shlex.split(compiler()) or ["cc"]
+
+
 @functools.lru_cache(maxsize=None)
 def _compiler_identity(cc: str) -> str:
-    path = shutil.which(cc)
+    argv = shlex.split(cc) or ["cc"]
+    path = shutil.which(argv[0])
     if path is None:
         raise CompileError(f"C compiler {cc!r} not found (set CC to a working compiler)")
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([path, *argv[1:], "--version"], capture_output=True, text=True, timeout=30)
     except OSError as e:
         raise CompileError(f"C compiler {cc!r} cannot run: {e}") from None
-    return path + "\n" + out.stdout
+    return " ".join([path, *argv[1:]]) + "\n" + out.stdout
+
+
+def _complete_elf(path: Path) -> bool:
+    """True if the file is an ELF64 whose section header table ends exactly at the end of the file
+    (where the linker puts it): a truncated write fails this before dlopen ever sees it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+        return False
+    shoff, = struct.unpack_from("<Q", head, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+    return shoff + shentsize * shnum == size
 
 
 def library_path(source: str, flags=tuple(FLAGS)) -> Path:
@@ -68,7 +93,7 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
     lib = _loaded.get(path)
     if lib is not None:
         return lib
-    if path.exists():
+    if _complete_elf(path):
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:          # truncated or corrupted: rebuild it below
@@ -88,7 +113,7 @@ def _build(source: str, path: Path, flags):
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
         src, out = Path(tmp) / "kernel.c", Path(tmp) / path.name
         src.write_text(source)
-        cmd = [compiler(), *flags, str(src), "-o", str(out), *LIBS]
+        cmd = [*_cc_argv(), *flags, str(src), "-o", str(out), *LIBS]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except OSError as e:

@@ -1,0 +1,73 @@
+"""Decode-step attention: one query against a KV cache, split-KV vs unsplit kernel vs torch SDPA.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_decode.py
+
+Batch 1, one query, KV length 4096, 8 query heads, head dim 64, fp32, 2 threads
+(KFUSE_NUM_THREADS / OMP_NUM_THREADS / torch.set_num_threads). Rows for MHA (8 kv heads), GQA (2)
+and MQA (1): with 8 kv heads there are already 8 independent tasks for 2 threads, with 1 kv head
+there is one, and splitting the keys is what gives the second thread work.
+Timing as in bench_attention.py: blocks of calls per provider, order rotated, median per call.
+"""
+from __future__ import annotations
+
+import os
+
+THREADS = int(os.environ.get("KFUSE_NUM_THREADS", "2"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("KFUSE_NUM_THREADS", str(THREADS))
+
+import argparse
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import timeit  # noqa: E402
+
+from kfuse.backends.c.attention import attention, plan  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--kv-len", type=int, default=4096)
+    args = ap.parse_args()
+    B, H, L, D = 1, 8, args.kv_len, 64
+    print(f"# decode attention fp32, {THREADS} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, B={B} H={H} Lq=1 Lk={L} D={D}")
+    print(f"# load average before: {os.getloadavg()}; median per call over rounds, then the fastest round")
+    print(f"{'kv heads':>8s} {'split ms':>9s} {'unsplit ms':>10s} {'auto ms':>9s} {'sdpa ms':>9s} "
+          f"{'unsplit/split':>13s} {'sdpa/split':>10s} {'sdpa/auto':>9s}  auto plan (kernel, chunks, keys/chunk)")
+    for hkv in (8, 2, 1):
+        q = torch.randn(B, H, 1, D)
+        k, v = torch.randn(B, hkv, L, D), torch.randn(B, hkv, L, D)
+        out = torch.empty_like(q)
+        s = D ** -0.5
+        fns = {
+            "split": lambda: attention(q, k, v, scale=s, out=out, split_kv=True),
+            "unsplit": lambda: attention(q, k, v, scale=s, out=out, split_kv=False),
+            "auto": lambda: attention(q, k, v, scale=s, out=out),
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=s, enable_gqa=hkv != H),
+        }
+        ref = fns["sdpa"]()
+        for n in ("split", "unsplit", "auto"):
+            err = (fns[n]() - ref).abs().max().item()
+            assert err < 1e-4, f"{n} disagrees with sdpa by {err}"
+        res = timeit(fns, args.rounds, block_s=0.05, max_calls=200)
+        r = {n: t for n, (t, _, _) in res.items()}
+        best = {n: t for n, (_, t, _) in res.items()}
+        print(f"{hkv:8d} {r['split'] * 1e3:9.4f} {r['unsplit'] * 1e3:10.4f} {r['auto'] * 1e3:9.4f} "
+              f"{r['sdpa'] * 1e3:9.4f} {r['unsplit'] / r['split']:13.2f} {r['sdpa'] / r['split']:10.2f} "
+              f"{r['sdpa'] / r['auto']:9.2f}  {plan(B, H, 1, L, Hkv=hkv, threads=THREADS)}")
+        print(f"{'  best':8s} {best['split'] * 1e3:9.4f} {best['unsplit'] * 1e3:10.4f} {best['auto'] * 1e3:9.4f} "
+              f"{best['sdpa'] * 1e3:9.4f} {best['unsplit'] / best['split']:13.2f} {best['sdpa'] / best['split']:10.2f} "
+              f"{best['sdpa'] / best['auto']:9.2f}  (fastest round)")
+    print(f"# load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

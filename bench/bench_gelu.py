@@ -1,0 +1,38 @@
+"""Bias + GELU (erf) on [M,N] with bias [N]: reads x (M*N*4) and the bias, writes M*N*4 bytes.
+Rows of N (the bias is indexed by j), libmvec erff: compute-heavy, not bandwidth-bound.
+Run: python bench/bench_gelu.py
+"""
+import common  # noqa: F401
+import torch
+import torch.nn.functional as F
+
+from common import Bench, compiled, copy_bound, kfuse_provider
+from kfuse.ir import Graph
+
+
+class BiasGelu(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return F.gelu(x + self.b)
+
+
+def main(m=1024, n=1536):
+    mod = BiasGelu(n).eval()
+    x = torch.randn(m, n)
+    g = Graph()
+    gx = g.input([m, n], torch.float32)
+    g.outputs = [g.add("gelu", g.add("add", gx, g.const(mod.b.detach())))]
+    k = kfuse_provider(g, [x])
+    k()
+    with torch.no_grad():
+        torch.testing.assert_close(k.outputs[0], mod(x), rtol=1e-5, atol=1e-5)
+    Bench("bench_gelu", f"bias+gelu [{m},{n}]", k.kernel.bytes).run({
+        "eager": lambda: mod(x), "torch.compile": compiled(mod, (x,), module_with_weights=True),
+        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+
+
+if __name__ == "__main__":
+    main()

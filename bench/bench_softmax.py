@@ -1,0 +1,34 @@
+"""Scale + additive mask + softmax over the last axis of attention scores [B,H,L,L], mask [B,1,1,L].
+
+Bytes: read scores and the (small) mask, write probabilities: 2*B*H*L*L*4 + B*L*4.
+One kernel, rows of L: pass 1 max (scaled, masked values stashed in L1), pass 2 exp and sum
+(exp stashed), pass 3 divide and write.
+Run: python bench/bench_softmax.py
+"""
+import common  # noqa: F401
+import torch
+
+from common import Bench, compiled, copy_bound, kfuse_provider
+from kfuse.ir import Graph
+
+
+def scale_mask_softmax(x, mask):
+    return torch.softmax(x * 0.125 + mask, dim=-1)
+
+
+def main(b=8, h=12, l=128):
+    x = torch.randn(b, h, l, l)
+    mask = torch.where(torch.rand(b, 1, 1, l) < 0.2, float("-inf"), 0.0)
+    g = Graph()
+    gx, gm = g.input(list(x.shape), torch.float32), g.input(list(mask.shape), torch.float32)
+    g.outputs = [g.add("softmax", g.add("add", g.add("mul", gx, g.const(0.125)), gm), axis=-1)]
+    k = kfuse_provider(g, [x, mask])
+    k()
+    torch.testing.assert_close(k.outputs[0], scale_mask_softmax(x, mask), rtol=1e-5, atol=1e-6)
+    Bench("bench_softmax", f"scale+mask+softmax [{b},{h},{l},{l}]", k.kernel.bytes).run({
+        "eager": lambda: scale_mask_softmax(x, mask), "torch.compile": compiled(scale_mask_softmax, (x, mask)),
+        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The shared benchmark harness: every provider on the same inputs, side by side, in one run.
+
+Traps it avoids (measured on the project machine, see /work/shared/design.md):
+- glibc malloc handing temporaries back to the OS after a torch.compile, so eager ops page-fault on
+  every call: MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ are set before the process starts (the
+  script re-executes itself once with them), and page faults per call are printed next to each time.
+- thread pools fighting: each provider is timed in blocks of calls, never interleaved call by call,
+  and the order of providers rotates between rounds; KFUSE_NUM_THREADS and torch both use 2 threads.
+
+Use:
+    from common import Bench, compiled, copy_bound
+    b = Bench("bench_norm", "add+layernorm [1024,384]", bytes_moved=...)
+    b.run({"eager": f, "torch.compile": compiled(f, args), "kfuse": k, "copy": copy_bound(nbytes)})
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+THREADS = os.environ.get("KFUSE_BENCH_THREADS", "2")   # 1 gives numbers robust to a busy machine
+_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+        "KFUSE_NUM_THREADS": THREADS, "OMP_NUM_THREADS": THREADS}
+if any(os.environ.get(k) != v for k, v in _ENV.items()) and not os.environ.get("KFUSE_BENCH_REEXEC"):
+    os.environ.update(_ENV, KFUSE_BENCH_REEXEC="1")      # malloc reads these only at process start
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(THREADS))
+ROUNDS = int(os.environ.get("KFUSE_BENCH_ROUNDS", "11"))
+BLOCK_S = 0.02          # each timed block runs at least this long
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return f"{platform.node()} {cpu} x{os.cpu_count()}"
+
+
+def commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        c = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def copy_bound(nbytes: int):
+    """The physical bound: `out.copy_(inp)` moving the same total bytes (nbytes/2 read, nbytes/2 written)."""
+    n = max(1, nbytes // 8)
+    inp, out = torch.randn(n), torch.empty(n)
+    return lambda: out.copy_(inp)
+
+
+def compiled(fn, args, module_with_weights: bool = False):
+    """torch.compile(fullgraph=True) of fn(*args), mode default; for a module with weights also with
+    torch._inductor.config.freezing=True, keeping whichever is faster here. Returns a no-arg callable."""
+    import torch._inductor.config as cfg
+    variants = [False, True] if module_with_weights else [False]
+    best = None
+    for freezing in variants:
+        cfg.freezing = freezing
+        torch._dynamo.reset()
+        c = torch.compile(fn, fullgraph=True)
+        with torch.no_grad():
+            for _ in range(3):
+                c(*args)
+            f = (lambda c=c: c(*args))
+            ms = _time_block(f, 50)[0]
+        if best is None or ms < best[0]:
+            best = (ms, f, freezing)
+    cfg.freezing = False
+    best[1].label = "freezing" if best[2] else "default"
+    return best[1]
+
+
+def _time_block(f, n):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    t = time.perf_counter() - t0
+    return t / n * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
+
+
+class Bench:
+    def __init__(self, family: str, case: str, bytes_moved: int):
+        self.family, self.case, self.bytes = family, case, bytes_moved
+
+    def run(self, providers: dict, rounds: int = ROUNDS) -> dict:
+        """Median ms per call of each provider (no-arg callables), over `rounds` rotated rounds."""
+        names = list(providers)
+        calls = {}
+        with torch.no_grad():
+            for name, f in providers.items():            # warm up, then size a block to ~BLOCK_S
+                f()
+                ms, _ = _time_block(f, 3)
+                calls[name] = max(3, int(BLOCK_S * 1e3 / max(ms, 1e-4)))
+            samples = {n: [] for n in names}
+            faults = {n: [] for n in names}
+            for r in range(rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    providers[name]()                     # one call to bring this pool back
+                    ms, pf = _time_block(providers[name], calls[name])
+                    samples[name].append(ms)
+                    faults[name].append(pf)
+        res = {}
+        for n in names:
+            s = sorted(samples[n])
+            med = statistics.median(s)
+            res[n] = dict(ms=med, lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4],
+                          faults=statistics.median(faults[n]), gbs=self.bytes / med / 1e6)
+        self.report(res, providers)
+        return res
+
+    def report(self, res, providers):
+        base = min(res[n]["ms"] for n in res if n.startswith(("eager", "torch.compile")))
+        print(f"\n{self.family}: {self.case}   ({self.bytes / 1e6:.2f} MB moved per call, "
+              f"{torch.get_num_threads()} threads)")
+        print(f"{'provider':<22}{'median ms':>11}{'IQR ms':>17}{'GB/s':>8}{'faults/call':>13}{'vs best torch':>15}")
+        for n, r in res.items():
+            label = n + (f" ({providers[n].label})" if hasattr(providers[n], "label") else "")
+            print(f"{label:<22}{r['ms']:>11.4f}{r['lo']:>8.4f}-{r['hi']:<8.4f}{r['gbs']:>8.1f}"
+                  f"{r['faults']:>13.1f}{base / r['ms']:>14.2f}x")
+        if "kfuse" in res and "copy" in res:
+            print(f"kfuse reaches {res['copy']['ms'] / res['kfuse']['ms'] * 100:.0f}% of the copy bandwidth")
+        m, c = machine(), commit()
+        for n, r in res.items():
+            print(f"CSV,{self.family},{self.case},{n},{r['ms']:.5f},{r['lo']:.5f},{r['hi']:.5f},"
+                  f"{r['gbs']:.2f},{r['faults']:.1f},{base / r['ms']:.3f},{m},{c}")
+
+
+def kfuse_provider(graph, inputs):
+    """Lower all op nodes of `graph` into one kernel, build it, and return a no-arg callable that runs
+    it on `inputs` (graph input tensors) into preallocated outputs, as the kfuse runtime does."""
+    from kfuse.backends.c import build
+    from kfuse.kernels import lower
+    nodes = [n for n in graph.nodes if n.op not in ("input", "const")]
+    k = lower(nodes, graph.outputs)
+    fn = build(k)
+    args = [inputs[n.attrs["index"]] if n.op == "input" else n.value for n in k.inputs]
+    outs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
+    fn.check(args, outs)
+    call = lambda: fn(args, outs)
+    call.kernel, call.outputs = k, outs
+    return call

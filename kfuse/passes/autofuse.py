@@ -1,0 +1,193 @@
+"""Automatic fusion by op kinds: partition any graph into kernels and say why each cut was made.
+
+Legality is a lookup on kinds (ELEMENTWISE, BROADCAST and REDUCTION ops fuse into row kernels;
+CONTRACTION ops are library or attention kernels; INJECTIVE views cost nothing and are read in
+place by their consumers; other ops run alone), then three checks per candidate:
+  - no cycle: the node's other inputs must not depend on the group it joins;
+  - the kernel IR can express the merged group (kfuse.kernels.lower);
+  - the cost model predicts the merged kernel no slower than the two apart (a row kernel with
+    fewer rows than threads loses parallelism).
+Producer-consumer fusion runs first (greedy, in topological order, as XLA and TVM's FuseOps do),
+then horizontal fusion of independent groups that read the same input with the same loop shape.
+Every pair of adjacent kernels left apart gets a why-not record.
+"""
+from __future__ import annotations
+
+from ..ir import Graph, Kind, Node
+from . import cost
+
+FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
+VIEWS = ("reshape", "transpose", "slice", "expand")
+
+
+def fusable(n: Node) -> bool:
+    return n.kind in FUSABLE
+
+
+class Scheduler:
+    def __init__(self, graph: Graph, options: dict, report):
+        from ..kernels import NotFusable, lower
+        self.lower, self.NotFusable = lower, NotFusable
+        self.graph, self.report = graph, report
+        self.disabled = set(options.get("disable", ()))
+        self.max_group = int(options.get("max_group", 0)) or None
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.users = graph.users()
+        self.outputs = set(graph.outputs)
+        self.group_of: dict[Node, int] = {}
+        self.groups: list[list[Node]] = []
+        self.refused: dict[tuple[Node, Node], str] = {}
+        self.threads = cost.machine()["threads"]
+
+    # -- the checks ----------------------------------------------------------------------------------
+    def needed_outside(self, nodes: list[Node]) -> list[Node]:
+        inside = set(nodes)
+        return [n for n in nodes if n in self.outputs or any(u not in inside for u in self.users[n])]
+
+    def depends_on(self, n: Node, group: set[Node], floor: int) -> bool:
+        """Whether n is computed, through nodes outside `group`, from a node of `group`."""
+        stack, seen = [n], set()
+        while stack:
+            m = stack.pop()
+            if m in group:
+                return True
+            if m in seen or self.order.get(m, -1) < floor:
+                continue
+            seen.add(m)
+            stack.extend(m.inputs)
+        return False
+
+    def why_not_merge(self, a: list[Node], b: list[Node]) -> str | None:
+        """None if groups a and b (b after a) may become one kernel, else the reason."""
+        merged = a + b
+        if self.max_group and len(merged) > self.max_group:
+            return f"group size capped at {self.max_group} ops by the user"
+        inside, floor = set(a), min(self.order[n] for n in a)
+        for n in b:
+            for i in n.inputs:
+                if i not in inside and i not in b and self.depends_on(i, inside, floor):
+                    return "fusing would create a cycle"
+        merged.sort(key=self.order.__getitem__)
+        try:
+            self.lower(merged, self.needed_outside(merged))
+        except self.NotFusable as e:
+            return f"kernel IR cannot express it: {e.reason}"
+        apart = sum(self.predict(g) for g in (a, b))
+        together = self.predict(merged)
+        if together > apart:
+            return f"cost: fused {together:.3f} ms > apart {apart:.3f} ms (lost parallelism)"
+        return None
+
+    def predict(self, nodes: list[Node]) -> float:
+        inside = set(nodes)
+        ins = {i for n in nodes for i in n.inputs if i not in inside}
+        nbytes = sum(i.nbytes for i in ins) + sum(o.nbytes for o in self.needed_outside(nodes))
+        rows = cost.rows_of(nodes)
+        return cost.predicted_ms(nbytes, sum(cost.flops(n) for n in nodes), False, min(rows, self.threads))
+
+    # -- the passes ------------------------------------------------------------------------------------
+    def producer_consumer(self):
+        for n in self.graph.nodes:
+            if n.op in ("input", "const"):
+                continue
+            target = None
+            if fusable(n) and n.op not in self.disabled:
+                for i in dict.fromkeys(n.inputs):
+                    gi = self.group_of.get(i)
+                    if gi is None or not all(fusable(m) for m in self.groups[gi]) or (i, n) in self.refused:
+                        continue
+                    why = self.why_not_merge(self.groups[gi], [n])
+                    if why is None:
+                        target = gi
+                        break
+                    self.refused[(i, n)] = why
+            if target is None:
+                self.group_of[n] = len(self.groups)
+                self.groups.append([n])
+            else:
+                self.group_of[n] = target
+                self.groups[target].append(n)
+
+    def horizontal(self):
+        """Merge independent fusable groups that read the same non-constant input."""
+        readers: dict[Node, list[int]] = {}
+        for gi, nodes in enumerate(self.groups):
+            if all(fusable(n) for n in nodes):
+                inside = set(nodes)
+                for i in {i for n in nodes for i in n.inputs if i not in inside and i.op != "const"}:
+                    readers.setdefault(i, []).append(gi)
+        for gis in readers.values():
+            for a, b in zip(gis, gis[1:]):
+                ga, gb = self.groups[a], self.groups[b]
+                if not ga or not gb or a == b or len(ga) + len(gb) < 2:
+                    continue
+                first, second = (ga, gb) if self.order[ga[0]] < self.order[gb[0]] else (gb, ga)
+                if any(self.depends_on(i, set(first), self.order[first[0]]) for n in second for i in n.inputs) \
+                        or cost.rows_of(first) != cost.rows_of(second) or self.why_not_merge(first, second):
+                    continue
+                merged = sorted(first + second, key=self.order.__getitem__)
+                self.groups[a], self.groups[b] = merged, []
+                gis[gis.index(b)] = a
+                for n in merged:
+                    self.group_of[n] = a
+                self.report.fused("horizontal")
+
+    def why_not_records(self):
+        for n in self.graph.nodes:
+            if n not in self.group_of:
+                continue
+            for i in dict.fromkeys(n.inputs):
+                if i in self.group_of and self.group_of[i] != self.group_of[n]:
+                    reason = self.refused.get((i, n)) or _kind_reason(i, n, self.disabled)
+                    self.report.refuse(f"{i.op} -> {n.op}", reason, n.name)
+
+
+def _kind_reason(producer: Node, consumer: Node, disabled) -> str:
+    for n in (consumer, producer):
+        if n.op in disabled:
+            return f"{n.op} excluded from fusion by the user"
+    for n, role in ((producer, "producer"), (consumer, "consumer")):
+        if n.op in VIEWS:
+            return f"{role} {n.op} is a view: no kernel, read in place"
+        if n.kind == Kind.CONTRACTION:
+            return f"{role} {n.op} is a contraction (library/attention kernel); epilogues fuse by pattern rules only"
+        if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
+            return f"{role} {n.op} is {n.kind.name.lower()}: runs as its own kernel"
+    return "the producer was placed in a group the consumer cannot join"
+
+
+def schedule(graph: Graph, options: dict, report):
+    """Partition the graph's compute nodes into Groups (one kernel each), in topological order."""
+    from ..runtime import Group
+    s = Scheduler(graph, options, report)
+    s.producer_consumer()
+    if options.get("horizontal", True):
+        s.horizontal()
+    s.why_not_records()
+    groups = [Group(nodes, s.needed_outside(nodes)) for nodes in s.groups if nodes]
+    return _topological(groups)
+
+
+def _topological(groups):
+    """Groups in an order where each runs after the groups it reads from (Kahn's algorithm, keeping
+    the original order among ready groups)."""
+    import heapq
+    produced = {o: gi for gi, g in enumerate(groups) for o in g.nodes}
+    deps = [{produced[i] for i in g.inputs if i in produced} for g in groups]
+    readers: dict[int, list[int]] = {}
+    for gi, d in enumerate(deps):
+        for p in d:
+            readers.setdefault(p, []).append(gi)
+    waiting = [len(d) for d in deps]
+    ready = [gi for gi, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        gi = heapq.heappop(ready)
+        order.append(groups[gi])
+        for r in readers.get(gi, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    assert len(order) == len(groups), "groups form a cycle"
+    return order

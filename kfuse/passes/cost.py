@@ -1,0 +1,98 @@
+"""The cost model: bytes moved and FLOPs per op or group, and the machine's rates, measured once.
+
+predicted time = max(bytes / bandwidth, flops / rate) over the threads the kernel can use, plus a
+fixed launch cost. The rates are measured on first use (a 64 MB copy, a 512³ GEMM) and cached in
+the kernel cache directory, keyed by the machine.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from ..ir import Kind, Node
+
+LAUNCH_MS = 0.004          # Python + ctypes cost of one kernel call, measured on the runtime
+ELEMENTWISE_GFLOPS = 20.0  # per thread, for simple SIMD arithmetic; transcendentals count 10 flops
+
+
+@functools.lru_cache(maxsize=None)
+def machine() -> dict:
+    """{"bandwidth_gbs", "gemm_gflops", "threads"}, measured once per machine and cached on disk."""
+    from ..backends.c.compiler import cache_dir
+    threads = torch.get_num_threads()
+    key = f"{platform.node()}-{platform.processor()}-{os.cpu_count()}-{threads}"
+    path = cache_dir() / "machine.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            return data
+    except (OSError, ValueError):
+        pass
+    src = torch.empty(16 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    bw = 5 * 2 * src.nbytes / (time.perf_counter() - t) / 1e9
+    a = torch.randn(512, 512)
+    torch.mm(a, a)
+    t = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, a)
+    gflops = 5 * 2 * 512 ** 3 / (time.perf_counter() - t) / 1e9
+    data = {"key": key, "bandwidth_gbs": bw, "gemm_gflops": gflops, "threads": threads}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return data
+
+
+HEAVY = {"exp", "log", "erf", "tanh", "sigmoid", "gelu", "silu", "softmax", "log_softmax", "pow", "sin", "cos",
+         "rsqrt", "sqrt", "log1p", "expm1", "softplus"}
+
+
+def flops(n: Node) -> int:
+    """Floating-point operations of one node (a multiply-add counts 2)."""
+    if n.op == "linear" or n.op == "matmul":
+        k = n.inputs[0].shape[-1]
+        return 2 * n.numel * k
+    if n.op == "attention":
+        q, k = n.inputs[0], n.inputs[1]
+        return 4 * q.numel // q.shape[-1] * k.shape[-2] * q.shape[-1]
+    if n.op == "conv2d":
+        w = n.inputs[1]
+        return 2 * n.numel * w.numel // w.shape[0]
+    if n.kind in (Kind.INJECTIVE, Kind.SOURCE):
+        return 0
+    size = max([n.numel] + [i.numel for i in n.inputs])
+    return size * (10 if n.op in HEAVY else 1)
+
+
+def op_bytes(n: Node) -> int:
+    """Bytes one op moves run alone: its inputs read once, its output written once."""
+    return sum(i.nbytes for i in n.inputs) + n.nbytes
+
+
+def predicted_ms(nbytes: int, nflops: int, contraction: bool, threads_used: int | None = None) -> float:
+    m = machine()
+    share = 1.0 if threads_used is None else min(1.0, threads_used / max(1, m["threads"]))
+    rate = m["gemm_gflops"] if contraction else ELEMENTWISE_GFLOPS * m["threads"]
+    return LAUNCH_MS + max(nbytes / (m["bandwidth_gbs"] * share * 1e6), nflops / (rate * share * 1e6))
+
+
+def rows_of(nodes) -> int:
+    """Independent rows a row kernel over these nodes can spread across threads."""
+    widest = max(nodes, key=lambda n: n.numel)
+    reduces = any(n.kind == Kind.REDUCTION for n in nodes)
+    return math.prod(widest.shape[:-1]) if reduces and widest.shape else max(1, widest.numel // 1024)

@@ -1,0 +1,114 @@
+"""Folding: simplifications that change no arithmetic, so they must match the original bit for bit.
+
+Constants are already folded as the graph is built (kfuse.ir.Graph.add); eval-mode dropout never
+reaches the IR (capture maps it to identity). This pass merges chains of reshapes and transposes,
+drops identities, removes common subexpressions, and names decomposed activations.
+"""
+from __future__ import annotations
+
+from ..ir import Graph, Node
+from ..rewrite import apply, const_scalar, is_op
+
+
+def reshape_chain(g: Graph, n: Node, report=None):
+    """reshape(reshape(x)) -> reshape(x); a reshape to the same shape -> x."""
+    if is_op(n, "reshape"):
+        src = n.inputs[0]
+        if src.shape == n.shape:
+            return src
+        if is_op(src, "reshape"):
+            return g.add("reshape", src.inputs[0], shape=n.shape)
+    return None
+
+
+def transpose_chain(g: Graph, n: Node, report=None):
+    """transpose(transpose(x, p), q) -> transpose(x, p∘q); the identity permutation -> x."""
+    if is_op(n, "transpose"):
+        perm = n.attrs["perm"]
+        if perm == tuple(range(len(perm))):
+            return n.inputs[0]
+        src = n.inputs[0]
+        if is_op(src, "transpose"):
+            inner = src.attrs["perm"]
+            combined = tuple(inner[p] for p in perm)
+            x = src.inputs[0]
+            return x if combined == tuple(range(len(combined))) else g.add("transpose", x, perm=combined)
+    return None
+
+
+def same_cast(g: Graph, n: Node, report=None):
+    if is_op(n, "cast", "expand") and n.inputs[0].dtype == n.dtype and n.inputs[0].shape == n.shape:
+        return n.inputs[0]
+    return None
+
+
+def silu(g: Graph, n: Node, report=None):
+    """x * sigmoid(x) -> silu(x), as SiLU decomposes in core ATen."""
+    if is_op(n, "mul") and n.inputs[0].shape == n.inputs[1].shape:
+        a, b = n.inputs
+        for x, s in ((a, b), (b, a)):
+            if is_op(s, "sigmoid") and s.inputs[0] is x:
+                return g.add("silu", x)
+    return None
+
+
+def gelu_tanh(g: Graph, n: Node, report=None):
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh")
+    (the form transformers' GPT-2 writes out)."""
+    if not is_op(n, "mul"):
+        return None
+    for half_x, one_plus in (n.inputs, n.inputs[::-1]):
+        if not (is_op(half_x, "mul") and is_op(one_plus, "add")):
+            continue
+        x = next((i for i, c in ((half_x.inputs[0], half_x.inputs[1]), (half_x.inputs[1], half_x.inputs[0]))
+                  if const_scalar(c) == 0.5), None)
+        t = next((i for i in one_plus.inputs if is_op(i, "tanh")), None)
+        one = next((i for i in one_plus.inputs if const_scalar(i) == 1.0), None)
+        if x is None or t is None or one is None or x.shape != n.shape:
+            continue
+        inner = t.inputs[0]                       # sqrt(2/pi) * (x + 0.044715 * x^3)
+        if not is_op(inner, "mul"):
+            continue
+        k = next((const_scalar(i) for i in inner.inputs if const_scalar(i) is not None), None)
+        poly = next((i for i in inner.inputs if is_op(i, "add")), None)
+        if k is None or abs(k - 0.7978845608) > 1e-6 or poly is None or x not in poly.inputs:
+            continue
+        cube = next(i for i in poly.inputs if i is not x)
+        if is_op(cube, "mul") and any(abs((const_scalar(c) or 0) - 0.044715) < 1e-9 for c in cube.inputs) and any(
+                is_op(p, "pow") and p.inputs[0] is x and const_scalar(p.inputs[1]) == 3.0 for p in cube.inputs):
+            return g.add("gelu", x, approximate="tanh")
+    return None
+
+
+RULES = [("reshape_chain", reshape_chain), ("transpose_chain", transpose_chain), ("identity", same_cast),
+         ("silu", silu), ("gelu_tanh", gelu_tanh)]
+
+
+def _operand_key(n: Node):
+    """Small constants compare by value (each use of `2.0` in a model is its own const node)."""
+    if n.op == "const" and n.numel <= 16:
+        return ("const", n.dtype, n.shape, tuple(n.value.reshape(-1).tolist()))
+    return n.id
+
+
+def cse(g: Graph) -> int:
+    """Merge nodes that compute the same op on the same inputs with the same attributes."""
+    seen: dict[tuple, Node] = {}
+    merged = 0
+    for n in list(g.nodes):
+        if n.op in ("input", "const"):
+            continue
+        key = (n.op, tuple(_operand_key(i) for i in n.inputs), repr(sorted(n.attrs.items())))
+        if key in seen:
+            g.replace_uses(n, seen[key])
+            merged += 1
+        else:
+            seen[key] = n
+    g.prune()
+    return merged
+
+
+def run(graph: Graph, options, report) -> Graph:
+    apply(graph, RULES, report, name_in_report=False)
+    cse(graph)
+    return graph

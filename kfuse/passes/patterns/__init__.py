@@ -1,0 +1,26 @@
+"""Pattern fusions from the literature, one file per family; `run` applies them in order.
+
+Norms first (so attention and linears see their inputs plainly), then attention, then linears:
+bias before the horizontal merge of projections, activations after it (a merged GEMM carries no
+activation; its gated half is fused by the automatic fuser: SwiGLU / GeGLU).
+"""
+from __future__ import annotations
+
+from ...rewrite import apply
+from .. import fold
+from . import attention, conv, linear_act, norm
+
+
+def run(graph, options, report):
+    disabled = set(options.get("disable", ()))
+
+    def rules(family):
+        return [(name, fn) for name, fn in family if name not in disabled]
+
+    apply(graph, rules(norm.RULES) + rules(conv.RULES), report)
+    apply(graph, rules(attention.RULES), report, name_in_report=False)   # counted per kernel
+    apply(graph, rules(linear_act.RULES), report, name_in_report=False)
+    if "horizontal_gemm" not in disabled:
+        linear_act.horizontal(graph, report)
+    apply(graph, rules(linear_act.ACT_RULES) + fold.RULES, report, name_in_report=False)
+    return graph

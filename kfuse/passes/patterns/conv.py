@@ -1,0 +1,45 @@
+"""BatchNorm folded into the convolution before it: inference BatchNorm is x * scale + shift per
+channel (capture already writes it so), and both fold into the conv's weights and bias once.
+
+    conv(x, W, b) * s[c]  -> conv(x, W * s[c], b * s[c])
+    conv(x, W, b) + t[c]  -> conv(x, W, b + t[c])
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ir import Graph, Node
+from ...rewrite import is_op, uses
+
+
+def _per_channel(c: Node, conv: Node) -> torch.Tensor | None:
+    """The [C] vector of a constant that broadcasts along the output channels of `conv` only."""
+    ch = conv.shape[1]
+    if c.op != "const" or c.numel != ch or len(c.shape) > len(conv.shape):
+        return None
+    shape = (1,) * (len(conv.shape) - len(c.shape)) + c.shape
+    return c.value.reshape(ch) if shape[1] == ch and c.dtype == conv.dtype else None
+
+
+def fold_bn(g: Graph, n: Node, report=None):
+    if not is_op(n, "mul", "add"):
+        return None
+    for conv, c in (n.inputs, n.inputs[::-1]):
+        if not is_op(conv, "conv2d") or conv.inputs[1].op != "const" or uses(g, conv) != 1:
+            continue
+        if len(conv.inputs) == 3 and conv.inputs[2].op != "const":
+            continue
+        v = _per_channel(c, conv)
+        if v is None:
+            continue
+        w = conv.inputs[1].value
+        b = conv.inputs[2].value if len(conv.inputs) == 3 else torch.zeros(w.shape[0], dtype=w.dtype)
+        if n.op == "mul":
+            w, b = w * v.reshape(-1, 1, 1, 1), b * v
+        else:
+            b = b + v
+        return g.add("conv2d", conv.inputs[0], g.const(w), g.const(b), **conv.attrs)
+    return None
+
+
+RULES = [("conv_bn", fold_bn)]

@@ -1,0 +1,98 @@
+"""Linear layers: matmul by a constant weight [+ bias] [+ activation] -> one GEMM with its epilogue,
+and projections that read the same input (Q, K, V; gate and up) merged into one GEMM.
+
+    x @ W            -> linear(x, W)              (through the reshapes that flatten x to 2-D)
+    linear + b       -> linear(x, W, b)
+    act(linear)      -> linear(x, W, b, act)      act in relu, gelu (erf, tanh), silu, sigmoid, tanh
+    linear(x, W1), linear(x, W2), ...  -> linear(x, [W1 W2 ...]) sliced per projection
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ir import Graph, Node
+from ...rewrite import is_op, uses
+
+
+def _flattened(a: Node) -> Node:
+    """x when a = reshape(x, [prod(leading dims), K])."""
+    if is_op(a, "reshape") and len(a.shape) == 2 and a.inputs[0].shape[-1:] == a.shape[-1:]:
+        return a.inputs[0]
+    return a
+
+
+def _through_reshape(n: Node) -> tuple[Node, bool]:
+    """(linear, True) when n is a linear or a reshape of one that keeps the last dim."""
+    if is_op(n, "reshape") and is_op(n.inputs[0], "linear") and n.inputs[0].shape[-1] == n.shape[-1]:
+        return n.inputs[0], True
+    return n, False
+
+
+def linear(g: Graph, n: Node, report=None):
+    if is_op(n, "matmul") and n.inputs[1].op == "const" and len(n.inputs[1].shape) == 2 and len(n.inputs[0].shape) >= 2:
+        x = _flattened(n.inputs[0])
+        out = g.add("linear", x, n.inputs[1], act="none")
+        return out if out.shape == n.shape else g.add("reshape", out, shape=n.shape)
+    return None
+
+
+def bias(g: Graph, n: Node, report=None):
+    if not is_op(n, "add"):
+        return None
+    for a, b in (n.inputs, n.inputs[::-1]):
+        lin, reshaped = _through_reshape(a)
+        if (is_op(lin, "linear") and len(lin.inputs) == 2 and lin.attrs["act"] == "none" and b.op == "const"
+                and b.numel == lin.shape[-1] and b.shape[-1:] == lin.shape[-1:] and b.dtype == lin.dtype
+                and uses(g, lin) == 1 and (not reshaped or uses(g, a) == 1)):
+            out = g.add("linear", *lin.inputs, g.const(b.value.reshape(-1)), act="none")
+            return g.add("reshape", out, shape=n.shape) if reshaped else out
+    return None
+
+
+ACTS = {"relu": "relu", "silu": "silu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def activation(g: Graph, n: Node, report=None):
+    act = ACTS.get(n.op) or ({"none": "gelu", "tanh": "gelu_tanh"}.get(n.attrs.get("approximate")) if n.op == "gelu" else None)
+    if act is None:
+        return None
+    lin, reshaped = _through_reshape(n.inputs[0])
+    if not is_op(lin, "linear") or lin.attrs["act"] != "none" or uses(g, lin) != 1:
+        return None
+    if reshaped and uses(g, n.inputs[0]) != 1:
+        return None
+    out = g.add("linear", *lin.inputs, act=act)
+    return g.add("reshape", out, shape=n.shape) if reshaped else out
+
+
+def horizontal(g: Graph, report) -> int:
+    """Merge linears without activation that read the same input into one wider GEMM."""
+    by_input: dict[Node, list[Node]] = {}
+    for n in g.nodes:
+        if is_op(n, "linear") and n.attrs["act"] == "none" and n.inputs[1].op == "const":
+            by_input.setdefault(n.inputs[0], []).append(n)
+    merged = 0
+    for x, lins in by_input.items():
+        if len(lins) < 2:
+            continue
+        w = torch.cat([lin.inputs[1].value for lin in lins], dim=1)
+        has_bias = any(len(lin.inputs) == 3 for lin in lins)
+        args = [x, g.const(w)]
+        if has_bias:
+            args.append(g.const(torch.cat([lin.inputs[2].value if len(lin.inputs) == 3
+                                           else torch.zeros(lin.shape[-1], dtype=lin.dtype) for lin in lins])))
+        wide = g.add("linear", *args, act="none")
+        start = 0
+        for lin in lins:
+            width = lin.shape[-1]
+            g.replace_uses(lin, g.add("slice", wide, axis=len(wide.shape) - 1, start=start, end=start + width, step=1))
+            start += width
+        report.fused("horizontal_gemm")
+        merged += 1
+    g.toposort()
+    g.prune()
+    return merged
+
+
+RULES = [("linear", linear), ("linear_bias", bias)]
+ACT_RULES = [("linear_act", activation)]

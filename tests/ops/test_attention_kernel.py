@@ -1,0 +1,185 @@
+"""The fused C attention kernel against the reference `_attention` (the oracle), fp32.
+
+Fresh random inputs each run (no fixed seed); a failure prints the seed to reproduce it.
+"""
+import math
+
+import pytest
+import torch
+
+from kfuse.backends.c import attention as A
+from kfuse.ops.reference import _attention
+
+ATOL, RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    print(f"seed {seed}")                                  # shown by pytest when the test fails
+
+
+def close(got, want):
+    """allclose with NaN where the reference has NaN (fully masked rows), and nowhere else."""
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, equal_nan=True)
+
+
+def run(q, k, v, mask=None, *, causal=False, split_kv=None, kernel=None, out=None, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    want = _attention(q, k, v, mask, scale=scale, causal=causal)
+    if out is None:
+        out = torch.full(want.shape, float("nan"))        # poisoned: every element must be written
+    got = A.attention(q, k, v, mask, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel, out=out)
+    assert got is out
+    close(got, want)
+    return got, want
+
+
+def qkv(B, H, Hkv, Lq, Lk, D):
+    return torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+
+
+@pytest.mark.parametrize("D", [16, 32, 64, 80])
+@pytest.mark.parametrize("Lq", [1, 7, 127, 130])
+@pytest.mark.parametrize("Lk", [1, 7, 127, 130])
+def test_shapes(Lq, Lk, D):
+    """Odd shapes, both kernels, split-KV forced on and off, MHA."""
+    q, k, v = qkv(2, 3, 3, Lq, Lk, D)
+    for kernel in ("block", "row"):
+        for split in (False, True):
+            run(q, k, v, kernel=kernel, split_kv=split)
+
+
+@pytest.mark.parametrize("H,Hkv", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("Lq,Lk", [(1, 130), (7, 127), (130, 127), (127, 130)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_mqa_causal(H, Hkv, Lq, Lk, causal):
+    """Grouped-query and multi-query heads; causal with Lq != Lk (bottom-right aligned; Lq > Lk
+    leaves the first rows with no key at all: NaN like the reference)."""
+    q, k, v = qkv(2, H, Hkv, Lq, Lk, 32)
+    for kernel in ("block", "row"):
+        for split in (False, True):
+            run(q, k, v, causal=causal, kernel=kernel, split_kv=split)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+@pytest.mark.parametrize("mshape", ["B11K", "B1QK", "QK", "BHQK", "K"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks(kind, mshape, causal):
+    B, H, Lq, Lk, D = 2, 4, 33, 130, 64
+    q, k, v = qkv(B, H, 2, Lq, Lk, D)
+    shape = {"B11K": (B, 1, 1, Lk), "B1QK": (B, 1, Lq, Lk), "QK": (Lq, Lk), "BHQK": (B, H, Lq, Lk), "K": (Lk,)}[mshape]
+    if kind == "bool":
+        mask = torch.rand(shape) > 0.3
+    else:
+        mask = torch.randn(shape) + torch.where(torch.rand(shape) > 0.3, 0.0, float("-inf"))
+    for kernel in ("block", "row"):
+        for split in (False, True):
+            run(q, k, v, mask, causal=causal, kernel=kernel, split_kv=split)
+
+
+def test_padding_mask_fully_masked_rows():
+    """A batch whose every key is masked out gives NaN rows, like torch.softmax of all -inf;
+    the other batch is untouched. Also a bool mask masking a whole query row."""
+    B, H, Lq, Lk, D = 2, 4, 20, 300, 32
+    q, k, v = qkv(B, H, H, Lq, Lk, D)
+    keep = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+    keep[0] = False
+    keep[1, ..., 200:] = False
+    add = torch.zeros(B, 1, 1, Lk).masked_fill(~keep, float("-inf"))
+    row = torch.ones(B, H, Lq, Lk, dtype=torch.bool)
+    row[:, :, 3] = False
+    for mask in (keep, add, row):
+        for kernel in ("block", "row"):
+            for split in (False, True):
+                got, want = run(q, k, v, mask, kernel=kernel, split_kv=split)
+                assert got.isnan().any()
+
+
+def test_strided_views_fold_transposes():
+    """q, k, v as head-split views of [B, L, H, D] buffers and out as a view of a [B, Lq, H, D]
+    buffer (the merge transpose folds into the store); the buffer around out is left alone."""
+    B, H, Hkv, Lq, Lk, D = 2, 8, 2, 37, 130, 64
+    qb = torch.randn(B, Lq, H, D)
+    kvb = torch.randn(B, Lk, 2, Hkv, D)               # fused KV buffer: k = [..., 0, :, :]
+    q, k, v = qb.transpose(1, 2), kvb[:, :, 0].transpose(1, 2), kvb[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    for kernel in ("block", "row"):
+        for split in (False, True):
+            ob = torch.full((B, Lq, H + 1, D), float("nan"))
+            out = ob[:, :, :H].transpose(1, 2)
+            run(q, k, v, causal=True, kernel=kernel, split_kv=split, out=out)
+            assert ob[:, :, H].isnan().all()
+
+
+def test_auto_choices():
+    """The automatic plan: row kernel for decode; split-KV when tasks are few and Lk is long."""
+    assert A.plan(1, 32, 1024, 1024, threads=2)[:2] == ("block", 0)
+    assert A.plan(1, 8, 1, 4096, Hkv=1, threads=2)[0] == "row"
+    kern, nsplit, chunk = A.plan(1, 8, 1, 4096, Hkv=1, threads=2)
+    assert nsplit > 1 and chunk * nsplit >= 4096
+    assert A.plan(1, 8, 1, 100, Hkv=1, threads=2)[1] == 0          # too short to split
+    q, k, v = qkv(1, 8, 1, 1, 4096, 64)
+    run(q, k, v)
+    run(q, k, v, causal=True)
+
+
+def test_scratch_does_not_grow_with_seq_squared():
+    small = A.peak_extra_bytes(1, 8, 1024, 1024, 64)
+    big = A.peak_extra_bytes(1, 8, 4096, 4096, 64)
+    assert big <= 4 * small + 1                            # at most linear in L
+    assert big < 1 * 8 * 4096 * 4096 * 4 // 100            # vs the materialised score matrix
+    forced = A.peak_extra_bytes(1, 8, 4096, 4096, 64, split_kv=True)
+    assert forced < 8 * 4096 * 4096 * 4 // 10
+
+
+def test_exp_accuracy_and_specials():
+    """The kernel's own exp polynomial: <= 2 ulp against float64 over the softmax range, exact
+    at the specials (exp(-inf) = 0, exp(0) = 1, NaN propagates)."""
+    x = torch.cat([torch.linspace(-104, 88.5, 2_000_003), -torch.rand(100_000) * 20])
+    got = A.vexp(x).double()
+    want = torch.exp(x.double())
+    normal = want > 1.2e-38
+    err = (got - want)[normal].abs() / (want[normal] * 2.0**-23)   # in units of float32 ulp
+
+    assert err.max() <= 2.0, f"max ulp error {err.max():.2f}"
+    sp = torch.tensor([float("-inf"), 0.0, float("nan"), float("inf"), -200.0, 200.0])
+    e = A.vexp(sp)
+    assert e[0] == 0 and e[1] == 1 and e[2].isnan() and e[3] == float("inf") and e[4] == 0 and e[5] == float("inf")
+
+
+def test_nan_inputs_propagate():
+    q, k, v = qkv(1, 2, 2, 20, 70, 32)
+    q[0, 1, 5, 3] = float("nan")
+    for kernel in ("block", "row"):
+        got, want = run(q, k, v, kernel=kernel)
+        assert got[0, 1, 5].isnan().all() and not got[0, 0].isnan().any()
+
+
+def test_errors():
+    q, k, v = qkv(1, 4, 3, 8, 8, 16)
+    with pytest.raises(ValueError):
+        A.attention(q, k, v, scale=1.0)                     # 4 heads not a multiple of 3
+    q, k, v = qkv(1, 4, 4, 8, 8, 16)
+    with pytest.raises(ValueError):
+        A.attention(q.transpose(-1, -2), k, v, scale=1.0)  # last dim not contiguous
+    with pytest.raises(TypeError):
+        A.attention(q.double(), k, v, scale=1.0)
+
+
+def test_portable_fallback_without_avx512():
+    """The non-AVX-512 path (GCC vector extensions, libm exp) compiles and agrees."""
+    from kfuse.backends.c.compiler import FLAGS
+    flags = tuple(FLAGS) + ("-mno-avx512f",)
+    lib = A.library(32, flags)
+    q, k, v = qkv(1, 4, 2, 70, 130, 32)
+    want = _attention(q, k, v, scale=0.2, causal=True)
+    for kernel in (0, 1):
+        out = torch.full_like(want, float("nan"))
+        a, keep, kern = A._args(q, k, v, None, out, scale=0.2, causal=True, split_kv=True,
+                                kernel="block" if kernel == 0 else "row")
+        lib.attn_forward(A.ctypes.byref(a), kern)
+        close(out, want)
+    e = A.vexp(torch.tensor([float("-inf"), 0.0, 1.0]), flags)
+    assert e[0] == 0 and e[1] == 1 and math.isclose(e[2].item(), math.e, rel_tol=1e-6)
