@@ -2,10 +2,11 @@
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_decode.py
 
-Batch 1, one query, KV length 4096, 8 query heads, head dim 64, fp32, 2 threads
-(KFUSE_NUM_THREADS / OMP_NUM_THREADS / torch.set_num_threads). Rows for MHA (8 kv heads), GQA (2)
-and MQA (1): with 8 kv heads there are already 8 independent tasks for 2 threads, with 1 kv head
-there is one, and splitting the keys is what gives the second thread work.
+Batch 1, one query, KV length 4096, head dim 64, fp32, 2 threads (KFUSE_NUM_THREADS /
+OMP_NUM_THREADS / torch.set_num_threads). Rows H/Hkv: 8/8 (MHA), 8/2 (GQA), 8/1 (MQA), 4/1, 1/1.
+Unsplit, the row kernel has B * Hkv * ceil(H/Hkv / 4) tasks (4 query rows of one kv head per
+task): 8, 2, 2, 1, 1. Where that is below the thread count, splitting the keys is what gives the
+second thread work; at 8 tasks for 2 threads there is nothing to gain but load balance.
 Timing as in bench_attention.py: blocks of calls per provider, order rotated, median per call.
 """
 from __future__ import annotations
@@ -40,9 +41,9 @@ def main():
     print(f"# decode attention fp32, {THREADS} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, B={B} H={H} Lq=1 Lk={L} D={D}")
     print(f"# load average before: {os.getloadavg()}; median per call over rounds, then the fastest round")
-    print(f"{'kv heads':>8s} {'split ms':>9s} {'unsplit ms':>10s} {'auto ms':>9s} {'sdpa ms':>9s} "
+    print(f"{'H/Hkv':>8s} {'split ms':>9s} {'unsplit ms':>10s} {'auto ms':>9s} {'sdpa ms':>9s} "
           f"{'unsplit/split':>13s} {'sdpa/split':>10s} {'sdpa/auto':>9s}  auto plan (kernel, chunks, keys/chunk)")
-    for hkv in (8, 2, 1):
+    for H, hkv in ((8, 8), (8, 2), (8, 1), (4, 1), (1, 1)):
         q = torch.randn(B, H, 1, D)
         k, v = torch.randn(B, hkv, L, D), torch.randn(B, hkv, L, D)
         out = torch.empty_like(q)
@@ -60,7 +61,7 @@ def main():
         res = timeit(fns, args.rounds, block_s=0.05, max_calls=200)
         r = {n: t for n, (t, _, _) in res.items()}
         best = {n: t for n, (_, t, _) in res.items()}
-        print(f"{hkv:8d} {r['split'] * 1e3:9.4f} {r['unsplit'] * 1e3:10.4f} {r['auto'] * 1e3:9.4f} "
+        print(f"{f'{H}/{hkv}':>8s} {r['split'] * 1e3:9.4f} {r['unsplit'] * 1e3:10.4f} {r['auto'] * 1e3:9.4f} "
               f"{r['sdpa'] * 1e3:9.4f} {r['unsplit'] / r['split']:13.2f} {r['sdpa'] / r['split']:10.2f} "
               f"{r['sdpa'] / r['auto']:9.2f}  {plan(B, H, 1, L, Hkv=hkv, threads=THREADS)}")
         print(f"{'  best':8s} {best['split'] * 1e3:9.4f} {best['unsplit'] * 1e3:10.4f} {best['auto'] * 1e3:9.4f} "

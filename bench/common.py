@@ -90,34 +90,49 @@ def _time_block(f, n):
     return t / n * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
 
 
+def _pct(s: list, q: float):
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def measure(providers: dict, rounds: int = ROUNDS, block_s: float = BLOCK_S) -> dict:
+    """Time no-arg callables side by side: each in blocks of calls lasting about `block_s` (never
+    interleaved call by call), the order of providers rotating between rounds, one untimed call
+    before each block to bring its thread pool back. Per provider: median ms per call over rounds,
+    quartiles (lo, hi), p10, p90, and minor page faults per call (median over rounds)."""
+    names = list(providers)
+    calls = {}
+    with torch.no_grad():
+        for name, f in providers.items():                # warm up, then size a block to ~block_s
+            f()
+            ms, _ = _time_block(f, 3)
+            calls[name] = max(3, int(block_s * 1e3 / max(ms, 1e-4)))
+        samples = {n: [] for n in names}
+        faults = {n: [] for n in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                providers[name]()                         # one call to bring this pool back
+                ms, pf = _time_block(providers[name], calls[name])
+                samples[name].append(ms)
+                faults[name].append(pf)
+    res = {}
+    for n in names:
+        s = sorted(samples[n])
+        res[n] = dict(ms=statistics.median(s), lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4],
+                      p10=_pct(s, 0.1), p90=_pct(s, 0.9), faults=statistics.median(faults[n]),
+                      calls=calls[n])
+    return res
+
+
 class Bench:
     def __init__(self, family: str, case: str, bytes_moved: int):
         self.family, self.case, self.bytes = family, case, bytes_moved
 
     def run(self, providers: dict, rounds: int = ROUNDS) -> dict:
         """Median ms per call of each provider (no-arg callables), over `rounds` rotated rounds."""
-        names = list(providers)
-        calls = {}
-        with torch.no_grad():
-            for name, f in providers.items():            # warm up, then size a block to ~BLOCK_S
-                f()
-                ms, _ = _time_block(f, 3)
-                calls[name] = max(3, int(BLOCK_S * 1e3 / max(ms, 1e-4)))
-            samples = {n: [] for n in names}
-            faults = {n: [] for n in names}
-            for r in range(rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for name in order:
-                    providers[name]()                     # one call to bring this pool back
-                    ms, pf = _time_block(providers[name], calls[name])
-                    samples[name].append(ms)
-                    faults[name].append(pf)
-        res = {}
-        for n in names:
-            s = sorted(samples[n])
-            med = statistics.median(s)
-            res[n] = dict(ms=med, lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4],
-                          faults=statistics.median(faults[n]), gbs=self.bytes / med / 1e6)
+        res = measure(providers, rounds)
+        for r in res.values():
+            r["gbs"] = self.bytes / r["ms"] / 1e6
         self.report(res, providers)
         return res
 

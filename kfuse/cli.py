@@ -45,6 +45,10 @@ def cmd_demo(args) -> int:
     with step("verifying against PyTorch eager"):
         v = cm.verify(*inputs)
     print("\n" + str(v))
+    with torch.no_grad(), step("profiling each fused kernel against its ops run one by one"):
+        cm._last.profile(list(inputs))
+    from .report import fusion_table
+    print("\n" + fusion_table(cm.report()))
     with torch.no_grad(), step("timing (median of 20 calls each)"):
         t_eager = median_ms(model, inputs)
         t_kfuse = median_ms(cm, inputs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import make_kernel
+from .backends import ALIASES, WRITES_INTO, kind_of, make_kernel
 from .ir import Graph, Node
 from .ops.reference import REFERENCE, run
 from .report import Report
@@ -58,10 +58,36 @@ class Program:
     def __call__(self, inputs):
         return list(self._fn(*inputs))
 
+    def profile(self, inputs, reps: int = 5) -> list[tuple[float, float]]:
+        """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
+        stores them in report.kernels[i].measured_ms / .unfused_ms and returns the pairs."""
+        env = dict(zip(self.graph.inputs, inputs))
+        env.update({n: n.value for n in self.graph.nodes if n.op == "const"})
+        times = []
+        for group, kernel, info in zip(self.groups, self.kernels, self.report.kernels):
+            args = [env[i] for i in group.inputs]
+            fused = _median_ms(kernel, args, reps)
+            unfused = _median_ms(reference_kernel(group), args, reps) if info.fusion else fused
+            info.measured_ms, info.unfused_ms = fused, unfused
+            times.append((fused, unfused))
+            env.update(zip(group.outputs, kernel(*args)))
+        return times
 
-def generate(graph: Graph, groups: list[Group], kernels: list) -> tuple[str, object]:
+
+def _median_ms(fn, args, reps):
+    fn(*args)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -> tuple[str, object]:
     """Python source of the straight-line wrapper, and the function compiled from it. Every name in
-    the source is made here (v<number>, k<number>, c<number>); nothing from the model reaches it."""
+    the source is made here (i<n>, v<n>, k<n>, c<n>); nothing from the model reaches it. Each value
+    is dropped after its last reader, so memory is freed as early as in eager mode."""
     names: dict[Node, str] = {}
     env: dict[str, object] = {}
     for i, n in enumerate(graph.inputs):
@@ -71,12 +97,20 @@ def generate(graph: Graph, groups: list[Group], kernels: list) -> tuple[str, obj
         if n.op == "const":
             names[n] = f"c{len(env)}"
             env[names[n]] = n.value
+    keep = set(graph.outputs)
+    dies_after: dict[int, list[Node]] = {}
+    for n, gi in last_use.items():
+        if n not in keep and n.op not in ("input", "const"):
+            dies_after.setdefault(gi, []).append(n)
     for gi, (group, kernel) in enumerate(zip(groups, kernels)):
         for o in group.outputs:
             names[o] = f"v{len(names)}"
         env[f"k{gi}"] = kernel
         outs = ", ".join(names[o] for o in group.outputs) + ","
         lines.append(f"    {outs} = k{gi}({', '.join(names[i] for i in group.inputs)})")
+        dead = [names[n] for n in dies_after.get(gi, ()) if n in names]
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
     lines.append(f"    return ({', '.join(names[o] for o in graph.outputs)},)")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<kfuse program>", "exec"), env)
@@ -84,13 +118,18 @@ def generate(graph: Graph, groups: list[Group], kernels: list) -> tuple[str, obj
 
 
 def build_program(graph: Graph, options: dict) -> Program:
-    from .passes import run_pipeline
+    from .passes import memplan, run_pipeline
     report = Report()
     if options.get("backend") == "reference":
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
         kernels = [reference_kernel(g) for g in groups]
+        last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
     else:
         graph, groups = run_pipeline(graph, options, report)
-        kernels = [make_kernel(g, report, options) for g in groups]
-    source, fn = generate(graph, groups, kernels)
+        kinds = [kind_of(g) for g in groups]
+        plan = memplan.plan(groups, graph, [k in WRITES_INTO for k in kinds], [k in ALIASES for k in kinds])
+        report.peak_bytes, report.unplanned_bytes = plan.peak_bytes, plan.unplanned_bytes
+        kernels = [make_kernel(g, report, options, [plan.buffers.get(o) for o in g.outputs]) for g in groups]
+        last_use = plan.last_use
+    source, fn = generate(graph, groups, kernels, last_use)
     return Program(graph, groups, kernels, report, source, fn)

@@ -38,7 +38,7 @@ def _linear_kernel(node):
     return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
 
 
-def _attention_kernel(node):
+def _attention_kernel(node, buf):
     from .c.attention import attention
     q = node.inputs[0]
     if len(q.shape) != 4 or q.dtype != torch.float32:
@@ -48,8 +48,9 @@ def _attention_kernel(node):
     dv = node.inputs[2].shape[-1]
 
     def run(q, k, v, mask=None):
-        buf = torch.empty(b, lq, h, dv)
-        out = buf.permute(0, 2, 1, 3)
+        # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
+        store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
+        out = store.permute(0, 2, 1, 3)
         if mask is not None and mask.dim() < 4:
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         attention(q, k, v, mask, scale=scale, causal=causal, out=out)
@@ -57,7 +58,7 @@ def _attention_kernel(node):
     return run, "c:attention"
 
 
-def _c_kernel(group):
+def _c_kernel(group, buffers):
     from ..kernels import lower
     from .c import build
     fk = lower(group.nodes, group.outputs)
@@ -67,8 +68,10 @@ def _c_kernel(group):
     pick = [group.inputs.index(i) for i in fk.inputs]
     back = [fk.outputs.index(o) for o in group.outputs]
 
+    given = [buffers[group.outputs.index(o)] for o in fk.outputs]
+
     def run(*inputs):
-        outs = [torch.empty(s, dtype=d) for s, d in shapes]
+        outs = [t if t is not None else torch.empty(s, dtype=d) for t, (s, d) in zip(given, shapes)]
         k([inputs[p].contiguous() for p in pick], outs)
         return tuple(outs[b] for b in back)
     return run, "c"
@@ -84,7 +87,8 @@ def _info(group, backend: str, note: str = "") -> KernelInfo:
         after = 0   # a view moves nothing
     flops = sum(cost.flops(n) for n in nodes)
     rows = cost.rows_of(nodes)
-    return KernelInfo(name=fusion_name(nodes) or "+".join(ops), ops=ops, bytes_before=before, bytes_after=after,
+    name = fusion_name(nodes)
+    return KernelInfo(name=name or "+".join(ops), ops=ops, bytes_before=before, bytes_after=after, fusion=name is not None,
                       flops=flops, predicted_ms=0.0 if not after else cost.predicted_ms(after, flops, contraction, rows),
                       backend=backend, note=note)
 
@@ -113,19 +117,40 @@ def fusion_name(nodes) -> str | None:
         else "reduction_chain"
 
 
-def make_kernel(group, report, options):
+def kind_of(group) -> str:
+    """Which kind of kernel runs the group: view, linear, attention, c or torch."""
+    nodes = group.nodes
+    if len(nodes) == 1 and nodes[0].op in VIEW:
+        return "view"
+    if len(nodes) == 1 and nodes[0].op == "linear" and nodes[0].dtype == torch.float32:
+        return "linear"
+    if len(nodes) == 1 and nodes[0].op == "attention" and nodes[0].dtype == torch.float32:
+        return "attention"
+    if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
+        return "c"
+    return "torch"
+
+
+WRITES_INTO = ("c", "attention")     # kernels that write into buffers they are given
+ALIASES = ("view", "torch")          # kernels whose outputs may be views of their inputs
+
+
+def make_kernel(group, report, options, buffers=None):
+    """The callable for `group`; `buffers` (one per group output, or None) are where it writes."""
     from ..runtime import reference_kernel
     nodes = group.nodes
+    buffers = buffers or [None] * len(group.outputs)
+    kind = kind_of(group)
     note, fn, backend = "", None, "torch"
     try:
-        if len(nodes) == 1 and nodes[0].op in VIEW:
+        if kind == "view":
             fn, backend = _single(VIEW[nodes[0].op], nodes[0].attrs), "view"
-        elif len(nodes) == 1 and nodes[0].op == "linear" and nodes[0].dtype == torch.float32:
+        elif kind == "linear":
             fn, backend = _linear_kernel(nodes[0])
-        elif len(nodes) == 1 and nodes[0].op == "attention":
-            fn, backend = _attention_kernel(nodes[0])
-        elif all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
-            fn, backend = _c_kernel(group)
+        elif kind == "attention":
+            fn, backend = _attention_kernel(nodes[0], buffers[0])
+        elif kind == "c":
+            fn, backend = _c_kernel(group, buffers)
     except Exception as e:          # any failure to build a kernel falls back, reported
         from ..kernels import NotFusable
         if isinstance(e, NotFusable):     # an op our kernel IR does not cover: torch runs it

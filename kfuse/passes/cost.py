@@ -80,8 +80,18 @@ def flops(n: Node) -> int:
 
 
 def op_bytes(n: Node) -> int:
-    """Bytes one op moves run alone: its inputs read once, its output written once."""
-    return sum(i.nbytes for i in n.inputs) + n.nbytes
+    """Bytes one op moves run unfused: its inputs read once, its output written once; composite ops
+    made by pattern rules count the ops they replaced (each intermediate written and read back)."""
+    plain = sum(i.nbytes for i in n.inputs) + n.nbytes
+    if n.op == "linear":
+        steps = (len(n.inputs) == 3) + (n.attrs["act"] != "none")
+        return plain + 2 * n.nbytes * steps
+    if n.op == "attention":
+        q, k = n.inputs[0], n.inputs[1]
+        scores = q.nbytes // q.shape[-1] * k.shape[-2]
+        # q·kᵀ writes S; scale, mask and softmax each read and write it; ·v reads it
+        return plain + scores * (1 + 2 + 2 * (len(n.inputs) == 4) + 2 + 1)
+    return plain
 
 
 def predicted_ms(nbytes: int, nflops: int, contraction: bool, threads_used: int | None = None) -> float:

@@ -21,6 +21,10 @@ CTYPE = {"f32": "float", "i64": "int64_t", "bool": "unsigned char"}
 
 # libmvec (glibc >= 2.35) has AVX-512 variants of these; the declaration tells gcc it may call
 # _ZGVeN16v_<name> from vectorised loops (-fno-math-errno in FLAGS makes that legal).
+# Known cost: libmvec redoes in scalar code every lane outside its fast domain (expf: |x| > 87.34),
+# so softmax rows with -inf masks run ~4x slower than unmasked ones. A clamp before the call does
+# not help: gcc rewrites expf(x < lo ? lo : x) as x < lo ? expf(lo) : expf(x). The fix is an
+# inline polynomial exp (see docs/vecmath.md, "next").
 VECMATH_H = "".join(f"#pragma omp declare simd notinbranch\nfloat {f}({', '.join(['float'] * n)});\n"
                     for f, n in (("expf", 1), ("logf", 1), ("log1pf", 1), ("sinf", 1), ("cosf", 1),
                                  ("tanhf", 1), ("erff", 1), ("powf", 2)))
