@@ -74,7 +74,7 @@ def gelu_tanh(g: Graph, n: Node, report=None):
         if k is None or abs(k - 0.7978845608) > 1e-6 or poly is None or x not in poly.inputs:
             continue
         cube = next(i for i in poly.inputs if i is not x)
-        if is_op(cube, "mul") and any(abs((const_scalar(c) or 0) - 0.044715) < 1e-9 for c in cube.inputs) and any(
+        if is_op(cube, "mul") and any(abs((const_scalar(c) or 0) - 0.044715) < 1e-8 for c in cube.inputs) and any(
                 is_op(p, "pow") and p.inputs[0] is x and const_scalar(p.inputs[1]) == 3.0 for p in cube.inputs):
             return g.add("gelu", x, approximate="tanh")
     return None

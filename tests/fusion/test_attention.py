@@ -1,0 +1,85 @@
+"""Multi-head attention -> one fused attention kernel (MHA, GQA, MQA; padding and causal masks)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_check import Fn, compiled
+
+
+def mha(m, x, mask, heads=4, kv_heads=4):
+    b, s, h = x.shape
+    d = h // heads
+    q = (x @ m.wq).view(b, s, heads, d).transpose(1, 2)
+    k = (x @ m.wk).view(b, s, kv_heads, d).transpose(1, 2)
+    v = (x @ m.wv).view(b, s, kv_heads, d).transpose(1, 2)
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + mask, dim=-1)
+    return (p @ v).transpose(1, 2).reshape(b, s, h)
+
+
+def weights(h, kv):
+    return dict(wq=torch.randn(h, h) / h ** 0.5, wk=torch.randn(h, kv) / h ** 0.5, wv=torch.randn(h, kv) / h ** 0.5)
+
+
+def padding_mask(b, s):
+    mask = torch.zeros(b, 1, 1, s)
+    for i in range(1, b):
+        mask[i, ..., s - i:] = torch.finfo(torch.float32).min
+    return mask
+
+
+def causal_mask(b, s):
+    return torch.full((s, s), torch.finfo(torch.float32).min).triu(1).expand(b, 1, s, s).clone()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("mask", [padding_mask, causal_mask])
+@pytest.mark.parametrize("seq", [1, 7, 33])
+def test_attention_fires(heads, kv_heads, mask, seq):
+    h = 64
+    model = Fn(lambda m, x, msk: mha(m, x, msk, heads, kv_heads), **weights(h, h // heads * kv_heads))
+    cm, rep = compiled(model, torch.randn(3, seq, h), mask(3, seq))
+    assert rep.fusions.get("attention") == 1
+    att = cm.graph.op_counts()
+    assert att["attention"] == 1 and "softmax" not in att
+    node = next(n for n in cm.graph.nodes if n.op == "attention")
+    assert node.inputs[1].shape[1] == kv_heads         # the K/V repeat is folded into the kernel
+
+
+def test_sdpa_causal_and_gqa():
+    def fn(m, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    cm, rep = compiled(Fn(fn), torch.randn(2, 8, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    assert rep.fusions == {"attention": 1}
+
+
+def test_probabilities_used_elsewhere_is_a_near_miss():
+    def fn(m, q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+        return p @ v, p
+    cm, rep = compiled(Fn(fn), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    assert "attention" not in rep.fusions
+    assert any(w.what == "attention" and "used outside" in w.reason for w in rep.why_not)
+
+
+def test_mask_inside_the_scale_is_a_near_miss():
+    def fn(m, q, k, v, mask):
+        return torch.softmax((q @ k.transpose(-1, -2) + mask) * 0.25, dim=-1) @ v
+    args = (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.zeros(1, 1, 1, 5))
+    cm, rep = compiled(Fn(fn), *args)
+    assert "attention" not in rep.fusions
+    assert any(w.what == "attention" and "before the scaling" in w.reason for w in rep.why_not)
+
+
+def test_no_score_matrix_is_materialised():
+    """The attention kernel's planned memory holds no [B, H, L, L] buffer."""
+    s, h = 256, 64
+    model = Fn(lambda m, x, msk: mha(m, x, msk), **weights(h, h))
+    cm, rep = compiled(model, torch.randn(1, s, h), padding_mask(1, s))
+    scores = 4 * s * s * 4
+    assert all(k.bytes_after < scores for k in rep.kernels if k.name == "attention")
+    assert rep.peak_bytes < scores

@@ -1,0 +1,28 @@
+"""BatchNorm folded into the convolution before it."""
+import torch
+
+from fusion_check import compiled
+from kfuse.models import build
+
+
+def test_conv_bn_folds():
+    model, inputs = build("cnn", batch=2)
+    cm, rep = compiled(model, *inputs)
+    ops = cm.graph.op_counts()
+    assert rep.fusions["conv_bn"] == 6        # 3 BatchNorms: a scale and a shift each
+    assert ops["conv2d"] == 4 and "mul" not in ops
+
+
+def test_bn_after_shared_conv_is_not_folded():
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = conv(x)
+            return bn(y) + y        # y is needed unscaled too
+    m = M()
+    m.conv, m.bn = conv, bn
+    cm, rep = compiled(m.eval(), torch.randn(1, 3, 9, 9))
+    assert "conv_bn" not in rep.fusions
