@@ -43,7 +43,7 @@ KIND: dict[str, Kind] = {
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
         "log_softmax", "layer_norm", "rms_norm")},
     **{op: _C for op in ("matmul", "linear", "conv2d", "attention")},
-    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum")},
+    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope")},
 }
 
 DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",

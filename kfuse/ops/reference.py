@@ -41,6 +41,12 @@ def _rms_norm(x, w, *, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _rope(x, cos, sin):
+    """Rotary position embedding: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def _slice(x, *, axis, start, end, step=1):
     return x[(slice(None),) * axis + (slice(start, end, step),)]
 
@@ -121,6 +127,7 @@ REFERENCE = {
         F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
     "avg_pool2d": _avg_pool2d,
     "cumsum": lambda x, *, axis: torch.cumsum(x, axis),
+    "rope": _rope,
 }
 
 

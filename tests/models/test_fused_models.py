@@ -14,7 +14,7 @@ EXPECTED = {
     # pre-LN: every LayerNorm (2 per layer + the final one) reads a residual or embedding sum
     "gpt2": {"attention": 6, "add_layernorm": 13, "gemm_gelu_tanh": 6},
     # 8 layers; the first layer's RMSNorm has no residual in front of it
-    "llama": {"attention": 8, "add_rmsnorm": 16, "swiglu": 8, "horizontal_gemm": 16},
+    "llama": {"attention": 8, "add_rmsnorm": 16, "swiglu": 8, "horizontal_gemm": 16, "rope": 16},
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...rewrite import apply
 from .. import fold
-from . import attention, conv, linear_act, norm
+from . import attention, conv, linear_act, norm, rope
 
 
 def run(graph, options, report):
@@ -18,6 +18,7 @@ def run(graph, options, report):
         return [(name, fn) for name, fn in family if name not in disabled]
 
     apply(graph, rules(norm.RULES) + rules(conv.RULES), report)
+    apply(graph, rules(rope.RULES), report, name_in_report=False)        # counted per kernel
     apply(graph, rules(attention.RULES), report, name_in_report=False)   # counted per kernel
     apply(graph, rules(linear_act.RULES), report, name_in_report=False)
     if "horizontal_gemm" not in disabled:
