@@ -1,5 +1,5 @@
 """Bias + GELU (erf) on [M,N] with bias [N]: reads x (M*N*4) and the bias, writes M*N*4 bytes.
-Rows of N (the bias is indexed by j), libmvec erff: compute-heavy, not bandwidth-bound.
+Rows of N (the bias is indexed by j), inline polynomial erf (kf_erf): compute-bound, not bandwidth-bound.
 Run: python bench/bench_gelu.py
 """
 import common  # noqa: F401

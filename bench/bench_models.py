@@ -133,8 +133,21 @@ def optimize_in_subprocess(src: str, dst: str, opt: dict) -> str | None:
     return None
 
 
+class Positional(torch.nn.Module):
+    """The model called as f(input_ids, attention_mask) -> tuple of tensors, for the exporters (the
+    TorchScript one passes a Hugging Face model's keyword defaults twice when called directly)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return tuple(leaves(self.model(input_ids, attention_mask=attention_mask)))
+
+
 def ort_providers(model, inputs, opt: dict | None, tmp: str) -> dict:
     out = {}
+    model = Positional(model).eval()
     for exporter, dynamo in (("dynamo", True), ("legacy", False)):
         path = os.path.join(tmp, f"{exporter}.onnx")
         try:
@@ -182,11 +195,12 @@ def best(res: dict, prefix: str):
 
 
 def profile_kfuse(cm, inputs, calls: int = 20):
-    """Time every kernel of kfuse's last compiled program and print the time grouped by name/backend."""
-    from kfuse.runtime import generate
+    """Time every kernel of kfuse's last compiled program in place (each callable the generated
+    wrapper calls, k<i> in its globals, wrapped with a timer) and print the time by name/backend."""
     prog = cm._last
     infos = prog.report.kernels
     spent = [0.0] * len(prog.kernels)
+    glob = prog._fn.__globals__
 
     def timed(i, k):
         def run(*args):
@@ -195,16 +209,24 @@ def profile_kfuse(cm, inputs, calls: int = 20):
             spent[i] += time.perf_counter() - t0
             return r
         return run
-    _, fn = generate(prog.graph, prog.groups, [timed(i, k) for i, k in enumerate(prog.kernels)])
+    if any(glob.get(f"k{i}") is not k for i, k in enumerate(prog.kernels)):
+        print("  kfuse profile: the generated wrapper no longer binds kernels as k<i>; skipped")
+        return
     flat = pytree.tree_leaves(inputs)
-    with torch.no_grad():
-        for _ in range(3):
-            fn(*flat)
-        spent[:] = [0.0] * len(spent)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn(*flat)
-        wall = (time.perf_counter() - t0) / calls * 1e3
+    try:
+        for i, k in enumerate(prog.kernels):
+            glob[f"k{i}"] = timed(i, k)
+        with torch.no_grad():
+            for _ in range(3):
+                cm(*inputs)
+            spent[:] = [0.0] * len(spent)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                prog(flat)
+            wall = (time.perf_counter() - t0) / calls * 1e3
+    finally:
+        for i, k in enumerate(prog.kernels):
+            glob[f"k{i}"] = k
     by: dict[tuple, list] = {}
     for i, info in enumerate(infos):
         key = (info.name, info.backend)
@@ -250,8 +272,8 @@ def bench_model(name: str, rounds: int, profile: bool) -> dict | None:
             with torch.no_grad():
                 err = max_err(f(), ref)
             print(f"    {n:<32}{err:.2e}")
-            if not err < 1e-3:
-                print(f"    {n}: error too large, dropped")
+            if not err <= 1e-4 * max(1.0, max(r.abs().max().item() for r in ref)):
+                print(f"    {n}: error too large (computes another function), not timed")
                 del providers[n]
         except Exception as e:  # noqa: BLE001
             fail(n, e)

@@ -1,5 +1,5 @@
 """SwiGLU gating silu(a) * b on [M,N]: reads a and b, writes the product: 3*M*N*4 bytes.
-A flat kernel: one parallel SIMD loop (libmvec expf) over all elements.
+A flat kernel: one parallel SIMD loop (inline polynomial exp, kf_exp) over all elements.
 Run: python bench/bench_swiglu.py
 """
 import common  # noqa: F401

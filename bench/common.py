@@ -81,12 +81,21 @@ def compiled(fn, args, module_with_weights: bool = False):
     return best[1]
 
 
-def _time_block(f, n):
+# CPU time of the calling thread: with one thread every provider (torch intra-op, Inductor's and
+# kfuse's OpenMP) computes in the calling thread, so this excludes the time the machine's other
+# processes hold the core, the robust number on a busy machine. With 2 threads it is not collected.
+_cpu_clock = time.thread_time if THREADS == "1" else None
+
+
+def _time_block(f, n, cpu: list | None = None):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c0 = _cpu_clock() if _cpu_clock else 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         f()
     t = time.perf_counter() - t0
+    if cpu is not None and _cpu_clock:
+        cpu.append((_cpu_clock() - c0) / n * 1e3)
     return t / n * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
 
 
@@ -108,11 +117,12 @@ def measure(providers: dict, rounds: int = ROUNDS, block_s: float = BLOCK_S) -> 
             calls[name] = max(3, int(block_s * 1e3 / max(ms, 1e-4)))
         samples = {n: [] for n in names}
         faults = {n: [] for n in names}
+        cpus = {n: [] for n in names}
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 providers[name]()                         # one call to bring this pool back
-                ms, pf = _time_block(providers[name], calls[name])
+                ms, pf = _time_block(providers[name], calls[name], cpus[name])
                 samples[name].append(ms)
                 faults[name].append(pf)
     res = {}
@@ -120,7 +130,7 @@ def measure(providers: dict, rounds: int = ROUNDS, block_s: float = BLOCK_S) -> 
         s = sorted(samples[n])
         res[n] = dict(ms=statistics.median(s), lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4],
                       p10=_pct(s, 0.1), p90=_pct(s, 0.9), faults=statistics.median(faults[n]),
-                      calls=calls[n])
+                      calls=calls[n], cpu=statistics.median(cpus[n]) if cpus[n] else None)
     return res
 
 
@@ -138,15 +148,20 @@ class Bench:
 
     def report(self, res, providers):
         base = min(res[n]["ms"] for n in res if n.startswith(("eager", "torch.compile")))
+        cpu = all(r.get("cpu") for r in res.values())
+        cbase = min(res[n]["cpu"] for n in res if n.startswith(("eager", "torch.compile"))) if cpu else 0
         print(f"\n{self.family}: {self.case}   ({self.bytes / 1e6:.2f} MB moved per call, "
               f"{torch.get_num_threads()} threads)")
-        print(f"{'provider':<22}{'median ms':>11}{'IQR ms':>17}{'GB/s':>8}{'faults/call':>13}{'vs best torch':>15}")
+        print(f"{'provider':<22}{'median ms':>11}{'IQR ms':>17}{'GB/s':>8}{'faults/call':>13}{'vs best torch':>15}"
+              + (f"{'cpu ms':>10}{'cpu vs best':>13}" if cpu else ""))
         for n, r in res.items():
             label = n + (f" ({providers[n].label})" if hasattr(providers[n], "label") else "")
             print(f"{label:<22}{r['ms']:>11.4f}{r['lo']:>8.4f}-{r['hi']:<8.4f}{r['gbs']:>8.1f}"
-                  f"{r['faults']:>13.1f}{base / r['ms']:>14.2f}x")
+                  f"{r['faults']:>13.1f}{base / r['ms']:>14.2f}x"
+                  + (f"{r['cpu']:>10.4f}{cbase / r['cpu']:>12.2f}x" if cpu else ""))
         if "kfuse" in res and "copy" in res:
-            print(f"kfuse reaches {res['copy']['ms'] / res['kfuse']['ms'] * 100:.0f}% of the copy bandwidth")
+            print(f"kfuse reaches {res['copy']['ms'] / res['kfuse']['ms'] * 100:.0f}% of the copy bandwidth"
+                  + (f" ({res['copy']['cpu'] / res['kfuse']['cpu'] * 100:.0f}% in cpu time)" if cpu else ""))
         m, c = machine(), commit()
         for n, r in res.items():
             print(f"CSV,{self.family},{self.case},{n},{r['ms']:.5f},{r['lo']:.5f},{r['hi']:.5f},"

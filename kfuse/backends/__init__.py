@@ -58,10 +58,21 @@ def _attention_kernel(node, buf):
     return run, "c:attention"
 
 
+def _rope_kernel(node, buf):
+    from .c.rope import rope
+    if node.dtype != torch.float32 or len(node.shape) > 4:
+        raise NotImplementedError("rope kernel takes float32 tensors of rank <= 4")
+    return (lambda x, c, s: (rope(x, c, s, out=buf),)), "c:rope"
+
+
 def _c_kernel(group, buffers):
     from ..kernels import lower
     from .c import build
+    from ..passes.autofuse import unsafe_outputs
     fk = lower(group.nodes, group.outputs)
+    unsafe = unsafe_outputs(fk)
+    if unsafe:                          # the C loop would write past the end of an output buffer
+        raise RuntimeError(f"kernel not rendered safely: {unsafe}")
     k = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
     # the kernel orders (and may drop, by inlining small constants) its arguments its own way
@@ -100,8 +111,8 @@ def fusion_name(nodes) -> str | None:
         n = nodes[0]
         if n.op == "linear":
             return f"gemm_{n.attrs['act']}" if n.attrs["act"] != "none" else ("gemm_bias" if len(n.inputs) == 3 else None)
-        if n.op == "attention":
-            return "attention"
+        if n.op in ("attention", "rope"):
+            return n.op
         return None
     if "layer_norm" in ops:
         return "add_layernorm" if ops & {"add", "sub"} else "layernorm_chain"
@@ -124,14 +135,14 @@ def kind_of(group) -> str:
         return "view"
     if len(nodes) == 1 and nodes[0].op == "linear" and nodes[0].dtype == torch.float32:
         return "linear"
-    if len(nodes) == 1 and nodes[0].op == "attention" and nodes[0].dtype == torch.float32:
-        return "attention"
+    if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype == torch.float32:
+        return nodes[0].op
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
     return "torch"
 
 
-WRITES_INTO = ("c", "attention")     # kernels that write into buffers they are given
+WRITES_INTO = ("c", "attention", "rope")     # kernels that write into buffers they are given
 ALIASES = ("view", "torch")          # kernels whose outputs may be views of their inputs
 
 
@@ -149,6 +160,8 @@ def make_kernel(group, report, options, buffers=None):
             fn, backend = _linear_kernel(nodes[0])
         elif kind == "attention":
             fn, backend = _attention_kernel(nodes[0], buffers[0])
+        elif kind == "rope":
+            fn, backend = _rope_kernel(nodes[0], buffers[0])
         elif kind == "c":
             fn, backend = _c_kernel(group, buffers)
     except Exception as e:          # any failure to build a kernel falls back, reported

@@ -415,9 +415,10 @@ class _Lowering:
         return self.f("sub", x, self.f("div", self.emit("rsum", (x,), "f32"), self.lit(self.N)))
 
     def op_softmax(self, n, xs, dt, axis):
-        x = self.cvt(xs[0], "f32")    # exp(x - max) / sum: a fully -inf row gives NaN, as in torch
-        e = self.f("exp", self.f("sub", x, self.emit("rmax", (x,), "f32")))
-        return self.f("div", e, self.emit("rsum", (e,), "f32"))
+        x = self.cvt(xs[0], "f32")    # exp(x - max) * (1 / sum), as ATen's vectorised softmax: one
+        e = self.f("exp", self.f("sub", x, self.emit("rmax", (x,), "f32")))   # division per row, not
+        return self.f("mul", e, self.f("div", self.lit(1.0), self.emit("rsum", (e,), "f32")))  # per element;
+        # a fully -inf row gives NaN (max -inf, -inf - -inf), as in torch
 
     def op_log_softmax(self, n, xs, dt, axis):
         x = self.cvt(xs[0], "f32")

@@ -24,6 +24,23 @@ def fusable(n: Node) -> bool:
     return n.kind in FUSABLE
 
 
+def unsafe_outputs(k) -> str | None:
+    """Why the C backend would write an output of kernel k out of bounds, or None. Two layouts the
+    kernel IR accepts are rendered wrongly (tests/unit/test_fuzz.py, the xfail tests):
+      - a flat kernel writes every output at every point, even one smaller than the loop (stride 0,
+        e.g. a [1] value in a [7] loop);
+      - a row kernel writes a value that varies along the row at p[j] even where the output's row
+        stride is 0 (a softmax or norm output of shape [R] placed as "one value per row" of a
+        [R, N] loop).
+    The scheduler does not form such groups, and one that reaches the backend runs on torch."""
+    outs = k.strides[len(k.inputs):]
+    if k.flat and k.shape[0] > 1 and any(s[0] == 0 for s in outs):
+        return "a flat kernel would write a broadcast output once per element"
+    if not k.flat and k.shape[-1] > 1 and any(s[-1] == 0 and k.varies[v] for s, v in zip(outs, k.out_values)):
+        return "an output placed one value per row varies along the row"
+    return None
+
+
 class Scheduler:
     def __init__(self, graph: Graph, options: dict, report):
         from ..kernels import NotFusable, lower
@@ -44,34 +61,45 @@ class Scheduler:
         inside = set(nodes)
         return [n for n in nodes if n in self.outputs or any(u not in inside for u in self.users[n])]
 
-    def depends_on(self, n: Node, group: set[Node], floor: int) -> bool:
-        """Whether n is computed, through nodes outside `group`, from a node of `group`."""
-        stack, seen = [n], set()
+    def depends_on(self, nodes, group: set[Node]) -> bool:
+        """Whether any of `nodes` is computed, through nodes outside `group`, from a node of `group`.
+        A node already placed in a group depends on everything that group reads: the group runs as
+        one kernel, so a path may leave through one of its members and come back through another."""
+        stack, seen = list(nodes), set()
         while stack:
             m = stack.pop()
             if m in group:
                 return True
-            if m in seen or self.order.get(m, -1) < floor:
+            if m in seen:
                 continue
             seen.add(m)
             stack.extend(m.inputs)
+            gi = self.group_of.get(m)
+            if gi is not None:
+                stack.extend(self.groups[gi])
         return False
+
+    def creates_cycle(self, a: list[Node], b: list[Node]) -> bool:
+        """Whether one kernel for a and b would both feed and read another kernel: some input of
+        the merged group is computed from the merged group (either way round, at group level)."""
+        merged = set(a) | set(b)
+        return self.depends_on([i for n in merged for i in n.inputs if i not in merged], merged)
 
     def why_not_merge(self, a: list[Node], b: list[Node]) -> str | None:
         """None if groups a and b (b after a) may become one kernel, else the reason."""
         merged = a + b
         if self.max_group and len(merged) > self.max_group:
             return f"group size capped at {self.max_group} ops by the user"
-        inside, floor = set(a), min(self.order[n] for n in a)
-        for n in b:
-            for i in n.inputs:
-                if i not in inside and i not in b and self.depends_on(i, inside, floor):
-                    return "fusing would create a cycle"
+        if self.creates_cycle(a, b):
+            return "fusing would create a cycle"
         merged.sort(key=self.order.__getitem__)
         try:
-            self.lower(merged, self.needed_outside(merged))
+            k = self.lower(merged, self.needed_outside(merged))
         except self.NotFusable as e:
             return f"kernel IR cannot express it: {e.reason}"
+        unsafe = unsafe_outputs(k)
+        if unsafe:
+            return f"kernel IR cannot express it: {unsafe}"
         apart = sum(self.predict(g) for g in (a, b))
         together = self.predict(merged)
         if together > apart:
@@ -104,9 +132,26 @@ class Scheduler:
             if target is None:
                 self.group_of[n] = len(self.groups)
                 self.groups.append([n])
-            else:
-                self.group_of[n] = target
-                self.groups[target].append(n)
+                continue
+            self.group_of[n] = target
+            self.groups[target].append(n)
+            # n's other producers' groups may join too (a where fed by a mask and by the scores)
+            for i in dict.fromkeys(n.inputs):
+                gi = self.group_of.get(i)
+                if gi is None or gi == target or not all(fusable(m) for m in self.groups[gi]):
+                    continue
+                a, b = sorted((self.groups[gi], self.groups[target]), key=lambda g: self.order[g[0]])
+                why = self.why_not_merge(a, b)
+                if why is None:
+                    self.merge(gi, target)
+                else:
+                    self.refused[(i, n)] = why
+
+    def merge(self, src: int, dst: int):
+        self.groups[dst] = sorted(self.groups[dst] + self.groups[src], key=self.order.__getitem__)
+        for m in self.groups[src]:
+            self.group_of[m] = dst
+        self.groups[src] = []
 
     def horizontal(self):
         """Merge independent fusable groups that read the same non-constant input."""
@@ -122,14 +167,10 @@ class Scheduler:
                 if not ga or not gb or a == b or len(ga) + len(gb) < 2:
                     continue
                 first, second = (ga, gb) if self.order[ga[0]] < self.order[gb[0]] else (gb, ga)
-                if any(self.depends_on(i, set(first), self.order[first[0]]) for n in second for i in n.inputs) \
-                        or cost.rows_of(first) != cost.rows_of(second) or self.why_not_merge(first, second):
+                if cost.rows_of(first) != cost.rows_of(second) or self.why_not_merge(first, second):
                     continue
-                merged = sorted(first + second, key=self.order.__getitem__)
-                self.groups[a], self.groups[b] = merged, []
+                self.merge(b, a)
                 gis[gis.index(b)] = a
-                for n in merged:
-                    self.group_of[n] = a
                 self.report.fused("horizontal")
 
     def why_not_records(self):

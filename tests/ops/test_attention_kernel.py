@@ -116,13 +116,25 @@ def test_strided_views_fold_transposes():
 def test_auto_choices():
     """The automatic plan: row kernel for decode; split-KV when tasks are few and Lk is long."""
     assert A.plan(1, 32, 1024, 1024, threads=2)[:2] == ("block", 0)
-    assert A.plan(1, 8, 1, 4096, Hkv=1, threads=2)[0] == "row"
-    kern, nsplit, chunk = A.plan(1, 8, 1, 4096, Hkv=1, threads=2)
-    assert nsplit > 1 and chunk * nsplit >= 4096
-    assert A.plan(1, 8, 1, 100, Hkv=1, threads=2)[1] == 0          # too short to split
-    q, k, v = qkv(1, 8, 1, 1, 4096, 64)
+    assert A.plan(1, 8, 1, 4096, threads=2)[:2] == ("row", 0)       # 8 tasks: enough
+    assert A.plan(1, 8, 1, 4096, Hkv=1, threads=2)[:2] == ("row", 0)  # 2 row groups: enough
+    kern, nsplit, chunk = A.plan(1, 4, 1, 4096, Hkv=1, threads=2)     # 1 task for 2 threads
+    assert kern == "row" and nsplit > 1 and chunk * nsplit >= 4096
+    assert A.plan(1, 1, 64, 8192, threads=2)[1] > 1                   # block kernel splits too
+    assert A.plan(1, 4, 1, 100, Hkv=1, threads=2)[1] == 0             # too short to split
+    q, k, v = qkv(1, 4, 1, 1, 4096, 64)
     run(q, k, v)
     run(q, k, v, causal=True)
+
+
+def test_prepared_call_reuses_buffers():
+    q, k, v = qkv(1, 8, 2, 1, 300, 64)
+    out = torch.full((1, 8, 1, 64), float("nan"))
+    step = A.prepare(q, k, v, scale=0.125, out=out, split_kv=True)
+    for _ in range(2):                                      # new values in the same buffers
+        q.normal_(); k.normal_(); v.normal_()
+        assert step() is out
+        close(out, _attention(q, k, v, scale=0.125))
 
 
 def test_scratch_does_not_grow_with_seq_squared():
@@ -155,6 +167,13 @@ def test_nan_inputs_propagate():
     for kernel in ("block", "row"):
         got, want = run(q, k, v, kernel=kernel)
         assert got[0, 1, 5].isnan().all() and not got[0, 0].isnan().any()
+
+
+def test_empty():
+    q, k, v = qkv(2, 2, 2, 5, 0, 16)
+    run(q, k, v)                                            # no keys: zeros, like the reference
+    q, k, v = qkv(2, 2, 2, 0, 5, 16)
+    assert A.attention(q, k, v, scale=1.0).shape == (2, 2, 0, 16)
 
 
 def test_errors():

@@ -86,6 +86,63 @@ def test_unary_with_specials(op, attrs):
     check(g, [xv], rtol=4e-6, atol=1e-6, mask=mask)
 
 
+# exp, erf, tanh (and sigmoid, silu, gelu through exp/erf) are our inline polynomials (docs/vecmath.md):
+# their special values, overflow/underflow edges and denormals, in a vector with ordinary lanes beside
+# them (a special lane must not disturb its neighbours), against torch and against float64.
+EDGES = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-30, -1e-30,
+         1e-8, -1e-8, 88.72, 88.73, 89.0, 89.5, -87.3, -88.0, -100.0, -103.9, -104.0, -104.5, -1e4, 1e4,
+         1e30, -1e30, 3.4e38, -3.4e38, 0.625, -0.625, 0.921875, -0.921875, 3.91, 3.93, -3.93, 9.0, -9.0,
+         20.0, -20.0, 45.0, -45.0]
+EXACT = {  # op: {input: exact result}
+    "exp": {float("inf"): float("inf"), float("-inf"): 0.0, 0.0: 1.0, -0.0: 1.0, 89.0: float("inf"),
+            -104.5: 0.0, 1e30: float("inf"), -1e30: 0.0},
+    "erf": {float("inf"): 1.0, float("-inf"): -1.0, 3.93: 1.0, -3.93: -1.0, 1e30: 1.0, -1e30: -1.0},
+    "tanh": {float("inf"): 1.0, float("-inf"): -1.0, 20.0: 1.0, -20.0: -1.0, 1e30: 1.0, -1e30: -1.0},
+    "sigmoid": {float("inf"): 1.0, float("-inf"): 0.0, 0.0: 0.5, 1e30: 1.0, -1e30: 0.0},
+}
+
+
+@pytest.mark.parametrize("op", ["exp", "erf", "tanh", "sigmoid", "silu", "gelu"])
+def test_vecmath_special_values(op):
+    edges = torch.tensor(EDGES)
+    x = rand([16 * len(EDGES) + 5])                    # each edge sits in its own 16-lane vector
+    x[3::16][:len(EDGES)] = edges
+    g = Graph()
+    g.outputs = [g.add(op, g.input(list(x.shape), F32))]
+    (y,), _ = run_kernel(g, [x])
+    ref64 = reference.REFERENCE[op](x.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref64)), x[torch.isnan(y) != torch.isnan(ref64)]
+    fin, inf = torch.isfinite(ref64.float()), torch.isinf(ref64.float())
+    assert torch.equal(y[inf], ref64.float()[inf])      # +-inf where float64 overflows in float32
+    assert torch.isfinite(y[fin]).all(), x[fin][~torch.isfinite(y[fin])]   # and only there
+    # a few ULP against float64 on normal results; within one denormal step of it on tiny results
+    # (the composites as torch computes them: sigmoid(-100) = 1 / (1 + inf) = 0, not 3.7e-44; silu and
+    # gelu cancel in float32 for negative x, so their error is absolute there, as torch's is)
+    tiny = {"exp": 2**-149, "erf": 2**-149, "tanh": 2**-149, "sigmoid": 2**-126}.get(op, 1e-6)
+    torch.testing.assert_close(y[fin].double(), ref64[fin], rtol=4 * 2**-23, atol=tiny)
+    if op in ("exp", "erf", "tanh", "sigmoid"):        # torch agrees on every lane, specials included
+        torch.testing.assert_close(y, getattr(torch, op)(x), rtol=4e-6, atol=1e-38, equal_nan=True)
+    at = {(v, math.copysign(1, v)): i for i, v in enumerate(EDGES)}   # +0 and -0 apart
+    for xv, want in EXACT.get(op, {}).items():
+        got = float(y[3::16][at[xv, math.copysign(1, xv)]])
+        assert got == want, (op, xv, got, want)
+    if op in ("erf", "tanh", "silu", "gelu"):          # odd functions (and x*f(x)) keep the sign of zero
+        zeros = y[3::16][[at[0.0, 1.0], at[0.0, -1.0]]]
+        assert torch.equal(torch.signbit(zeros), torch.tensor([False, True]))
+    if op == "exp":                                     # denormal results, not flushed to zero
+        assert 0 < float(y[3::16][at[-100.0, -1.0]]) < 2**-126
+
+
+def test_generated_source_has_no_libmvec_exp_erf_tanh():
+    g = Graph()
+    x = g.input([64], F32)
+    g.outputs = [g.add("exp", x), g.add("erf", x), g.add("tanh", x), g.add("sigmoid", x)]
+    src = build(lower(g.nodes[1:], g.outputs)).source
+    assert "kf_exp(" in src and "kf_erf(" in src and "kf_tanh(" in src
+    for f in ("expf", "erff", "tanhf"):
+        assert f"float {f}(" not in src and f"{f}(" not in src.split("void kf_run")[1]
+
+
 @pytest.mark.parametrize("n", [1, 7, 127, 1000])
 def test_flat_chain_odd_sizes(n):
     g = Graph()

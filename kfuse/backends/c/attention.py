@@ -21,9 +21,11 @@ Kernels (see attention.c for the loop nests):
 - row kernel (decoding, Lq <= 8): the head dim in the lanes, up to 4 query rows that share a kv
   head per task, so a KV cache row is read once for all the query heads of a GQA group.
 - split-KV (fission): the keys are cut into chunks processed as separate tasks, then combined.
-  Automatic rule (`plan`): split when there are fewer than SPLIT_TASKS_PER_THREAD tasks per
-  thread and Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to that many
-  per thread, each chunk keeping at least SPLIT_MIN_CHUNK keys.
+  Automatic rule (`plan`): split when the unsplit kernel has fewer tasks than threads and
+  Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to SPLIT_TASKS_PER_THREAD
+  per thread (dynamic scheduling absorbs a preempted thread), each chunk keeping at least
+  SPLIT_MIN_CHUNK keys. Measured (bench/README.md, decode): with 1 task for 2 threads split was
+  1.6-1.8x faster; with 2 or 8 tasks for 2 threads it was 0.7-0.96x, so those stay unsplit.
 
 Threads: KFUSE_NUM_THREADS if set, else OpenMP's default (OMP_NUM_THREADS).
 """
@@ -98,7 +100,7 @@ def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None):
         tasks = B * Hkv * math.ceil((H // Hkv) * Lq / ROW_GROUP)
     want = math.ceil(SPLIT_TASKS_PER_THREAD * threads / tasks)
     if split_kv is None:
-        split_kv = want > 1 and Lk >= 2 * SPLIT_MIN_CHUNK
+        split_kv = tasks < threads and Lk >= 2 * SPLIT_MIN_CHUNK
         nsplit = min(want, Lk // SPLIT_MIN_CHUNK)
     else:
         nsplit = max(2, want)
@@ -149,11 +151,31 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         _check("out", out)
         if tuple(out.shape) != (B, H, Lq, D):
             raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
-    if B * H * Lq == 0:
+    if out.numel() == 0:
         return out
+    if Lk == 0:                                 # softmax over no keys times an empty v: zeros
+        return out.zero_()
     a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
     library(D).attn_forward(ctypes.byref(a), kern)
     return out
+
+
+def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kernel=None):
+    """A zero-argument callable computing attention(q, k, v, mask, ...) into `out`, with the
+    argument struct built once (for a runtime with preallocated buffers: about 1 us of Python per
+    call instead of about 15). The tensors must stay where they are while it is in use."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _check(name, t)
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
+    fn, ref = library(q.shape[-1]).attn_forward, ctypes.byref(a)
+
+    def run():
+        fn(ref, kern)
+        return out
+    run.keep = (a, keep, q, k, v, out)
+    return run
 
 
 def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel):

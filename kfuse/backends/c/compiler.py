@@ -22,7 +22,7 @@ from pathlib import Path
 from ...errors import KfuseError
 
 # -O3 and -march=native for SIMD; -fopenmp for threads; no -ffast-math, so NaN and Inf keep IEEE
-# semantics. -fno-math-errno lets gcc call libmvec's vector exp/log/erf (it cannot otherwise).
+# semantics. -fno-math-errno lets gcc call libmvec's vector log/log1p/sin/cos/pow (exp, erf, tanh are inline).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
          "-fno-trapping-math"]
 LIBS = ["-lm", "-lmvec"]

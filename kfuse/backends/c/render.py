@@ -19,26 +19,109 @@ from ...kernels import DTYPES, REDUCTIONS, FusedKernel
 CHUNK = 16384   # elements per scheduling chunk
 CTYPE = {"f32": "float", "i64": "int64_t", "bool": "unsigned char"}
 
-# libmvec (glibc >= 2.35) has AVX-512 variants of these; the declaration tells gcc it may call
-# _ZGVeN16v_<name> from vectorised loops (-fno-math-errno in FLAGS makes that legal).
-# Known cost: libmvec redoes in scalar code every lane outside its fast domain (expf: |x| > 87.34),
-# so softmax rows with -inf masks run ~4x slower than unmasked ones. A clamp before the call does
-# not help: gcc rewrites expf(x < lo ? lo : x) as x < lo ? expf(lo) : expf(x). The fix is an
-# inline polynomial exp (see docs/vecmath.md, "next").
+# exp, erf and tanh are our own branch-free inline functions (VECMATH_C below, docs/vecmath.md):
+# gcc inlines them into the `omp simd` loops and vectorises them (16 lanes, zmm), special values
+# handled by clamps and selects, so no input takes a slow path. Earlier kernels called libmvec's
+# expf, which redoes in scalar code every vector holding a lane outside |x| <= 87.3: a softmax with
+# -inf mask entries ran ~4x slower than unmasked.
+#
+# The rest (log, log1p, sin, cos, pow) still come from glibc's libmvec: the declaration tells gcc
+# it may call _ZGVeN16v_<name> from vectorised loops (-fno-math-errno in FLAGS makes that legal).
 VECMATH_H = "".join(f"#pragma omp declare simd notinbranch\nfloat {f}({', '.join(['float'] * n)});\n"
-                    for f, n in (("expf", 1), ("logf", 1), ("log1pf", 1), ("sinf", 1), ("cosf", 1),
-                                 ("tanhf", 1), ("erff", 1), ("powf", 2)))
+                    for f, n in (("logf", 1), ("log1pf", 1), ("sinf", 1), ("cosf", 1), ("powf", 2)))
+
+# Coefficients: float32 weighted-minimax fits (Lawson iterations in float64, each coefficient rounded
+# to float32 in turn and the rest refitted), errors measured by the sweep in tests/ops/test_c_kernels.py.
+VECMATH_C = """
+#define KF_INLINE static inline __attribute__((always_inline))
+typedef union { float f; uint32_t u; } kf_bits;
+KF_INLINE float kf_asfloat(uint32_t u) { kf_bits b; b.u = u; return b.f; }
+KF_INLINE uint32_t kf_asuint(float f) { kf_bits b; b.f = f; return b.u; }
+
+/* e^x. n = rint(x log2 e) (the 1.5*2^23 shifter: its low bits are n), r = x - n ln2 in two steps
+   (Cody-Waite: n*C1 is exact), e^r = 1 + r + r^2 P(r) on |r| <= ln2/2, times 2^n built in the
+   exponent field as 2^(n/2) * 2^(n - n/2), so denormal results are rounded once and overflow gives
+   inf. x is clamped to [-104, 89] first: -inf and anything below give 0, +inf and anything above
+   give inf, NaN passes through the clamps (comparisons are false) and the arithmetic. */
+KF_INLINE float kf_exp(float x) {
+    float xc = x < -104.0f ? -104.0f : x;
+    xc = xc > 89.0f ? 89.0f : xc;
+    float t = xc * 0x1.715476p+0f + 0x1.8p+23f;
+    float n = t - 0x1.8p+23f;
+    uint32_t ni = kf_asuint(t) - 0x4b400000u;
+    float r = xc - n * 0x1.63p-1f;
+    r = r - n * (-0x1.bd0106p-13f);
+    float p = 0x1.6a5196p-10f;
+    p = p * r + 0x1.12397cp-7f;
+    p = p * r + 0x1.5558acp-5f;
+    p = p * r + 0x1.555492p-3f;
+    p = p * r + 0x1.fffffcp-2f;
+    float y = 1.0f + (r + (r * r) * p);
+    uint32_t n1 = (uint32_t)((int32_t)ni >> 1), n2 = ni - n1;
+    return y * kf_asfloat((n1 + 127u) << 23) * kf_asfloat((n2 + 127u) << 23);
+}
+
+/* erf(x), computed on a = |x| with the sign of x put back last (so erf(-0) = -0).
+   a <= 0.921875: a + a Q(a^2), Q of degree 5. Above (erf in [0.8, 1): absolute error is
+   what counts): a degree-13 polynomial in |x| - 2.4, |x| clamped to 3.925, sign copied from x;
+   from |x| >= 3.92 (erfc < 2^-25, inf included) the result is exactly +-1. No exp: both branches
+   are plain FMAs, computed side by side and one selected. */
+KF_INLINE float kf_erf(float x) {
+    float a = fabsf(x), s = x * x;
+    float q = -0x1.3a48e2p-11f;
+    q = q * s + 0x1.474a0ep-8f;
+    q = q * s + (-0x1.b68e66p-6f);
+    q = q * s + 0x1.ce1ab4p-4f;
+    q = q * s + (-0x1.8126e8p-2f);
+    q = q * s + 0x1.06eba6p-3f;
+    float small = a + a * q;
+    float u = (a < 3.925f ? a : 3.925f) - 2.4f;
+    float b = -0x1.b0a22ap-21f;
+    b = b * u + (-0x1.168deap-17f);
+    b = b * u + 0x1.36404ap-15f;
+    b = b * u + 0x1.d7ed9ep-16f;
+    b = b * u + (-0x1.638962p-12f);
+    b = b * u + 0x1.2b4b7ep-11f;
+    b = b * u + 0x1.03919ep-12f;
+    b = b * u + (-0x1.991a1cp-9f);
+    b = b * u + 0x1.026fe0p-7f;
+    b = b * u + (-0x1.8c9f38p-7f);
+    b = b * u + 0x1.989a4ap-7f;
+    b = b * u + (-0x1.17af26p-7f);
+    b = b * u + 0x1.d209a2p-9f;
+    b = b * u + 0x1.ffa5c2p-1f;
+    b = a >= 3.92f ? 1.0f : b;
+    float y = a > 0.921875f ? b : small;
+    return kf_asfloat(kf_asuint(y) | (kf_asuint(x) & 0x80000000u));   /* sign of x, -0 included */
+}
+
+/* tanh(x), on a = |x| with the sign of x put back last (tanh(-0) = -0). a <= 0.625: a + a s P(s),
+   s = a^2. Above: 1 - 2 / (e^(2a) + 1); e^(2a) overflows to inf from a ~ 44.4 on, giving exactly 1. */
+KF_INLINE float kf_tanh(float x) {
+    float a = fabsf(x), s = x * x;
+    float p = 0x1.1a2e3ep-9f;
+    p = p * s + (-0x1.0c6020p-7f);
+    p = p * s + 0x1.63a57ep-6f;
+    p = p * s + (-0x1.b9f18ap-5f);
+    p = p * s + 0x1.11107ap-3f;
+    p = p * s + (-0x1.555554p-2f);
+    float small = a + (a * s) * p;
+    float big = 1.0f - 2.0f / (kf_exp(a + a) + 1.0f);
+    float y = a > 0.625f ? big : small;
+    return kf_asfloat(kf_asuint(y) | (kf_asuint(x) & 0x80000000u));
+}
+"""
 
 PRELUDE = """#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
-""" + VECMATH_H + """
+""" + VECMATH_H + VECMATH_C + """
 void kf_set_threads(int n) { omp_set_num_threads(n); }
 """
 
-_FLOAT_FN = {"abs": "fabsf", "exp": "expf", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
-             "sin": "sinf", "cos": "cosf", "tanh": "tanhf", "erf": "erff", "floor": "floorf",
+_FLOAT_FN = {"abs": "fabsf", "exp": "kf_exp", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
+             "sin": "sinf", "cos": "cosf", "tanh": "kf_tanh", "erf": "kf_erf", "floor": "floorf",
              "ceil": "ceilf", "pow": "powf"}
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<",
           "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||"}
