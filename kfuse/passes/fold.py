@@ -42,6 +42,18 @@ def same_cast(g: Graph, n: Node, report=None):
     return None
 
 
+def neutral_operand(g: Graph, n: Node, report=None):
+    """x & True, x | False, x * 1 -> x (broadcast to the result's shape): exact, and it keeps masks
+    that only vary along some dims as broadcasts (transformers builds its masks this way)."""
+    neutral = {"logical_and": True, "logical_or": False, "mul": 1.0}.get(n.op)
+    if neutral is None:
+        return None
+    for x, c in (n.inputs, n.inputs[::-1]):
+        if c.op == "const" and x.dtype == n.dtype and bool((c.value == neutral).all()):
+            return x if x.shape == n.shape else g.add("expand", x, shape=n.shape)
+    return None
+
+
 def silu(g: Graph, n: Node, report=None):
     """x * sigmoid(x) -> silu(x), as SiLU decomposes in core ATen."""
     if is_op(n, "mul") and n.inputs[0].shape == n.inputs[1].shape:
@@ -81,6 +93,7 @@ def gelu_tanh(g: Graph, n: Node, report=None):
 
 
 RULES = [("reshape_chain", reshape_chain), ("transpose_chain", transpose_chain), ("identity", same_cast),
+         ("neutral_operand", neutral_operand),
          ("silu", silu), ("gelu_tanh", gelu_tanh)]
 
 

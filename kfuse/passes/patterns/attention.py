@@ -106,10 +106,18 @@ def attention(g: Graph, n: Node, report=None):
     return out if out.shape == n.shape else g.add("reshape", out, shape=n.shape)
 
 
+def mask_broadcast(g: Graph, n: Node, report=None):
+    """attention(q, k, v, expand(m)) -> attention(q, k, v, m): the kernel broadcasts masks itself,
+    and a mask that does not vary along the queries takes its fast path."""
+    if is_op(n, "attention") and len(n.inputs) == 4 and is_op(n.inputs[3], "expand"):
+        return g.add("attention", *n.inputs[:3], n.inputs[3].inputs[0], **n.attrs)
+    return None
+
+
 def _miss(report, reason, where):
     if report is not None:
         report.refuse("attention", reason, where)
     return None
 
 
-RULES = [("attention", attention)]
+RULES = [("attention", attention), ("mask_broadcast", mask_broadcast)]
