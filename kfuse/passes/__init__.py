@@ -6,12 +6,13 @@ and records what it did in the report; `schedule` then partitions it into kernel
 from __future__ import annotations
 
 from ..ir import Graph
-from . import autofuse, fold, patterns
+from . import autofuse, fission, fold, patterns
 
 PIPELINE = [
     ("fold", fold.run),
     ("patterns", patterns.run),
     ("fold_again", fold.run),
+    ("fission", fission.run),
 ]
 
 

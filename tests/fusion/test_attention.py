@@ -83,3 +83,17 @@ def test_no_score_matrix_is_materialised():
     scores = 4 * s * s * 4
     assert all(k.bytes_after < scores for k in rep.kernels if k.name == "attention")
     assert rep.peak_bytes < scores
+
+
+def test_decode_attention_with_fewer_tasks_than_threads_is_split(monkeypatch):
+    """One query against a long KV cache with one KV head: the fission pass records split-KV."""
+    import kfuse.backends.c.attention as att
+    monkeypatch.setattr(att, "num_threads", lambda: 2)
+
+    def fn(m, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 1, 4096, 64), torch.randn(1, 1, 4096, 64)
+    cm, rep = compiled(Fn(fn), q, k, v)
+    assert len(rep.splits) == 1 and "split-KV" in rep.splits[0]
+    cm2, rep2 = compiled(Fn(fn), torch.randn(1, 4, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
+    assert rep2.splits == []

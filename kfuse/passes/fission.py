@@ -1,0 +1,26 @@
+"""Fission: where one kernel would leave threads idle, split it, and record why.
+
+Split-KV attention for decoding: with fewer (batch x head x query-block) tasks than threads, the
+keys are cut into chunks computed in parallel and combined (FlashDecoding). The decision is the
+attention kernel's own `plan` (one rule, used here to record it and by the kernel to run it).
+GEMMs are not split here: oneDNN already splits K for small M internally.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import Graph
+
+
+def run(graph: Graph, options, report) -> Graph:
+    from ..backends.c.attention import plan
+    for n in graph.nodes:
+        if n.op != "attention" or len(n.shape) != 4 or n.dtype != torch.float32:
+            continue
+        b, h, lq, _ = n.shape
+        hkv, lk = n.inputs[1].shape[1], n.inputs[1].shape[2]
+        kernel, nsplit, chunk = plan(b, h, lq, lk, Hkv=hkv)
+        if nsplit:
+            report.splits.append(f"attention [{b},{h},{lq},{lk}]: split-KV into {nsplit} chunks of {chunk} keys "
+                                 f"({kernel} kernel has fewer tasks than threads)")
+    return graph
