@@ -93,6 +93,7 @@ def _onednn_ops():
 def _probe_problem():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g)
+    x[1, 2] = float("nan")                      # NaN must propagate (oneDNN's relu post-op maps it to 0)
     w = torch.randn(5, 7, generator=g)          # [K, N]: K, N odd on purpose
     b = torch.randn(7, generator=g)
     r = torch.randn(3, 7, generator=g)
@@ -120,7 +121,7 @@ def onednn_supports(feature: str) -> bool:
     except Exception:  # a private op may fail in any way: missing kernel, changed schema, ...
         return False
     return (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == torch.float32
-            and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5))
+            and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True))
 
 
 def reset_capabilities() -> None:

@@ -256,23 +256,25 @@ class _Lowering:
                     raise NotFusable(f"group is not in topological order: {n} uses {i} before it")
             self.env[n] = self.lower_node(n)
 
-        row_shape = self.domain[:-1] + (1,)
-        out_strides = []
-        for o in self.outputs:
-            if o.shape == self.domain or (len(self.domain) == 1 and o.shape == () and self.N == 1):
-                out_strides.append(_contiguous_strides(self.domain))
-            elif tuple(o.shape) in (row_shape, self.domain[:-1]) and _is_row(o, self.N):
-                out_strides.append(_contiguous_strides(self.domain[:-1]) + (0,))
-            else:
-                raise NotFusable(f"output {o} of shape {list(o.shape)} is neither the loop shape "
-                                 f"{list(self.domain)} nor one value per row")
+        out_strides = [self._out_strides(o) for o in self.outputs]
         in_strides = [_bcast_strides(n.shape, self.domain) for n in self.inputs]
         has_red = any(v.op in REDUCTIONS for v in self.values)
         shape, strides = _collapse(self.domain, in_strides + out_strides, keep_last=has_red)
         k = FusedKernel(self.nodes, self.inputs, list(self.outputs), shape, strides, self.values,
                         [self.env[o] for o in self.outputs])
         _schedule(k)
+        _check_outputs(k)
         return k
+
+    def _out_strides(self, o: Node) -> tuple[int, ...]:
+        """Strides of output o over the loop domain, placed by broadcasting as its consumers read it:
+        a reduction without keepdim is one value per row (its shape plus a trailing 1), anything
+        else aligns with the domain from the right. _check_outputs then refuses the placements a
+        kernel cannot write (a value broadcast over rows, or varying along a row it is constant on)."""
+        shape = tuple(o.shape) + ((1,) if _drops_last_axis(o) else ())
+        if len(shape) > len(self.domain) or any(n not in (1, d) for n, d in zip(reversed(shape), reversed(self.domain))):
+            raise NotFusable(f"output {o} of shape {list(o.shape)} does not lie in the loop shape {list(self.domain)}")
+        return _bcast_strides(shape, self.domain)
 
     def lower_node(self, n: Node) -> int:
         a = n.attrs
@@ -407,12 +409,24 @@ class _Lowering:
         return self.emit("rmin", (xs[0],), dt)
 
     def op_reduce_var(self, n, xs, dt, axes, correction=1, keepdim=False):
-        d = self._centered(self.cvt(xs[0], "f32"))
-        return self.f("div", self.emit("rsum", (self.f("mul", d, d),), "f32"), self.lit(self.N - correction))
+        _, ss = self._moments(self.cvt(xs[0], "f32"))
+        return self.f("div", ss, self.lit(self.N - correction))
 
-    def _centered(self, x):
-        """x - mean(x): two passes over the row, which is in L1 by the second (exact-ish, no Welford)."""
-        return self.f("sub", x, self.f("div", self.emit("rsum", (x,), "f32"), self.lit(self.N)))
+    def _moments(self, x):
+        """The row's mean and centred sum of squares, by the corrected two-pass algorithm (Chan,
+        Golub & LeVeque): m = sum(x) / N, d = x - m, c = sum(d) / N (the error of m), then
+        mean = m + c and sum((x - mean)^2) = sum(d^2) - c sum(d), clamped at 0. Two passes over
+        the row, the second from L1. A row of N equal values gets its mean exactly (d = x - m and
+        sum(d) = N d are exact, so m + c = x) and x - mean = 0, so layer_norm returns its bias
+        exactly, as torch's Welford moments do; plain sum / N is off by an ulp that rstd, up to
+        1/sqrt(eps), amplifies (tests/unit/test_fuzz.py::test_layer_norm_of_a_constant_row)."""
+        N = self.lit(self.N)
+        m = self.f("div", self.emit("rsum", (x,), "f32"), N)
+        d = self.f("sub", x, m)
+        s = self.emit("rsum", (d,), "f32")
+        c = self.f("div", s, N)
+        ss = self.f("sub", self.emit("rsum", (self.f("mul", d, d),), "f32"), self.f("mul", c, s))
+        return self.f("sub", d, c), self.f("max", ss, self.lit(0.0))
 
     def op_softmax(self, n, xs, dt, axis):
         x = self.cvt(xs[0], "f32")    # exp(x - max) * (1 / sum), as ATen's vectorised softmax: one
@@ -426,8 +440,8 @@ class _Lowering:
         return self.f("sub", s, self.f("log", self.emit("rsum", (self.f("exp", s),), "f32")))
 
     def op_layer_norm(self, n, xs, dt, eps, ndim=1):
-        d = self._centered(self.cvt(xs[0], "f32"))
-        var = self.f("div", self.emit("rsum", (self.f("mul", d, d),), "f32"), self.lit(self.N))
+        d, ss = self._moments(self.cvt(xs[0], "f32"))
+        var = self.f("div", ss, self.lit(self.N))
         rstd = self.f("div", self.lit(1.0), self.f("sqrt", self.f("add", var, self.lit(eps))))
         y = self.f("mul", d, rstd)
         if len(xs) > 1:
@@ -447,9 +461,20 @@ def _drops_last_axis(n: Node) -> bool:
     return n.op.startswith("reduce_") and not n.attrs.get("keepdim", False)
 
 
-def _is_row(o: Node, N: int) -> bool:
-    """A per-row output: a reduction result, or anything whose last dim is 1 (or N is 1)."""
-    return N == 1 or o.kind == Kind.REDUCTION or (o.shape and o.shape[-1] == 1)
+def _check_outputs(k: FusedKernel):
+    """Refuse outputs smaller than the loop that the kernel cannot write once per element.
+
+    An output with stride 0 along a loop dim holds one value for all points along it. Along the
+    row (the last dim) that is a per-row output, written once per row: its value must not vary
+    along the row (a softmax of shape [N] in an [R, N] loop does). In a flat kernel it is written
+    once, so it must be loop-invariant. Across rows, every row would write it again: refused."""
+    for o, v, st in zip(k.outputs, k.out_values, k.strides[len(k.inputs):]):
+        if k.varies[v] and st[-1] == 0 and k.shape[-1] > 1:
+            raise NotFusable(f"output {o} of shape {list(o.shape)} is one value per "
+                             f"{'row' if not k.flat else 'kernel'} but varies along the loop's last dim")
+        if not k.flat and any(s == 0 and n > 1 for s, n in zip(st[:-1], k.shape[:-1])):
+            raise NotFusable(f"output {o} of shape {list(o.shape)} is broadcast across the rows of the "
+                             f"loop {list(k.shape)}: each row would write it again")
 
 
 def _schedule(k: FusedKernel):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kfuse.ir import Graph
+from kfuse.kernels import lower
 from kfuse.ops.reference import run as reference
 from kfuse.runtime import build_program
 from kfuse.testing.fuzz import Case, check_graph, compare, fuzz, random_graph
@@ -59,7 +60,8 @@ def test_groups_do_not_form_a_cycle():
 def test_horizontal_merge_of_scalar_and_vector_groups():
     """Seed 1030: sub(x[1], c) and maximum(y[7], x[1]) read the same input and were merged
     horizontally into a flat kernel of 7 points that wrote the [1] output 7 times: a heap
-    overflow (glibc: "free(): invalid next size"). Such groups are no longer formed."""
+    overflow (glibc: "free(): invalid next size"). The flat kernel now writes it once
+    (test_flat_kernel_with_broadcast_output)."""
     g = Graph()
     x, y = g.input((1,), torch.float32), g.input((7,), torch.float32)
     g.outputs = [g.add("sub", x, g.const([0.5])), g.add("maximum", y, x)]
@@ -80,7 +82,8 @@ def test_producer_consumer_with_scalar_output():
 def test_softmax_of_a_row_broadcast_into_a_wider_loop():
     """Seed 1340: softmax(r[13]) - y[13, 13] in one row kernel placed the softmax output, of shape
     [13], as "one value per row" of the [13, 13] loop and wrote 13 values at each row's offset:
-    wrong values and a heap overflow. Such groups are no longer formed."""
+    wrong values and a heap overflow. lower() now refuses such groups
+    (test_row_kernel_with_softmax_output_broadcast_along_rows)."""
     g = Graph()
     x, y = g.input((13, 1), torch.float32), g.input((13, 13), torch.float32)
     s = g.add("softmax", g.add("reduce_max", x, axes=(1,), keepdim=False), axis=-1)
@@ -89,13 +92,12 @@ def test_softmax_of_a_row_broadcast_into_a_wider_loop():
     _ok(g)
 
 
-# -- bugs in the kernel IR / C backend (kfuse/kernels, kfuse/backends/c): open --------------------------
+# -- bugs fixed in the kernel IR / C backend (kfuse/kernels, kfuse/backends/c) --------------------------
 
 def _guarded_run(g, nodes, outputs, inputs):
     """Run the C kernel of the ops `nodes` of graph g directly, each output followed by a guard zone; returns the outputs
     and whether any guard was overwritten."""
     from kfuse.backends.c import build
-    from kfuse.kernels import lower
     fk = lower(nodes, outputs)
     fn = build(fk)
     pad = 256
@@ -107,9 +109,9 @@ def _guarded_run(g, nodes, outputs, inputs):
     return [outs[fk.outputs.index(o)] for o in outputs], overflow
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/render: a flat kernel writes an output of stride 0 "
-                                       "(a [1] value in a [7] loop) at every point, past its end")
 def test_flat_kernel_with_broadcast_output():
+    """A flat kernel wrote an output of stride 0 (a [1] value in a [7] loop) at every point, past
+    its end. It is loop-invariant (lower() refuses it otherwise) and is now written once."""
     g = Graph()
     x, y = g.input((1,), torch.float32), g.input((7,), torch.float32)
     a = g.add("sub", x, g.const([0.5]))
@@ -120,28 +122,68 @@ def test_flat_kernel_with_broadcast_output():
     want = reference(g, xs)
     assert not overflow, "the kernel wrote past the end of an output"
     assert torch.equal(ga, want[0]) and torch.equal(gb, want[1])
+    _ok(g)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels.lower: a softmax output of shape [R] in an [R, N] loop is "
-                                       "taken as one value per row (_is_row accepts every REDUCTION-kind op)")
+def test_flat_kernel_refuses_a_varying_value_in_a_broadcast_output():
+    """The same layout, but the [1] output's value would vary along the loop: not one kernel."""
+    from kfuse.kernels import FusedKernel, NotFusable, _check_outputs
+    g = Graph()
+    x, y = g.input((1,), torch.float32), g.input((7,), torch.float32)
+    a = g.add("sub", x, g.const([0.5]))
+    b = g.add("maximum", y, x)
+    k = lower([a, b], [a, b])
+    bad = FusedKernel(k.nodes, k.inputs, [a, b], k.shape, k.strides, k.values, [k.out_values[1], k.out_values[1]],
+                      k.phase, k.varies, k.stash)
+    with pytest.raises(NotFusable, match="varies along"):
+        _check_outputs(bad)
+
+
 def test_row_kernel_with_softmax_output_broadcast_along_rows():
+    """A softmax output of shape [R] in an [R, N] loop was taken as one value per row (every
+    REDUCTION-kind op was): it is [1, N] broadcast across the rows, which each row would write
+    again, so lower() refuses it; the program runs it as two kernels."""
+    from kfuse.kernels import NotFusable
     g = Graph()
     r, y = g.input((13,), torch.float32), g.input((13, 13), torch.float32)
     s = g.add("softmax", r, axis=-1)
     d = g.add("sub", s, y)
     g.outputs = [s, d]
+    with pytest.raises(NotFusable, match="broadcast across the rows"):
+        lower([s, d], [s, d])
+    k = lower([s, d], [d])                   # s not an output: one kernel, s recomputed per row
+    assert k.shape == (13, 13)
     xs = [torch.randn(13), torch.randn(13, 13)]
-    (gs, gd), overflow = _guarded_run(g, [s, d], [s, d], xs)
+    (gd,), overflow = _guarded_run(g, [s, d], [d], xs)
+    assert not overflow and compare(gd, reference(g, xs)[1]) is None
+    _ok(g)
+    _ok(g, horizontal=False)
+
+
+def test_keepdim_reduction_and_row_outputs_are_one_value_per_row():
+    """What may be one value per row: a reduction without keepdim ([R]), with keepdim ([R, 1]),
+    and an elementwise value of shape [R, 1]; all written once per row, no guard overwritten."""
+    g = Graph()
+    x, c = g.input((6, 9), torch.float32), g.input((6, 1), torch.float32)
+    m = g.add("reduce_max", x, axes=(1,), keepdim=False)
+    s = g.add("reduce_sum", x, axes=(1,), keepdim=True)
+    e = g.add("exp", c)
+    t = g.add("sub", x, s)
+    y = g.add("sub", t, e)
+    outs = [m, s, e, y]
+    xs = [torch.randn(6, 9), torch.randn(6, 1)]
+    got, overflow = _guarded_run(g, [m, s, t, e, y], outs, xs)
+    g.outputs = outs
     want = reference(g, xs)
-    assert not overflow, "the kernel wrote past the end of an output"
-    assert compare(gs, want[0]) is None and compare(gd, want[1]) is None
+    assert not overflow
+    assert all(compare(a, b) is None for a, b in zip(got, want))
 
 
-@pytest.mark.xfail(strict=True, reason="kernels: layer_norm's mean of a constant row is not exact (plain "
-                                       "sum / N), and x - mean, amplified by rstd up to 1/sqrt(eps), errs by ~3e-4")
 def test_layer_norm_of_a_constant_row():
     """Seeds 1730, 2106: a row whose values are all equal (clamped, a where of two scalars) has
-    variance 0; torch's layer_norm returns the bias exactly, the C kernel is off by up to 7e-4."""
+    variance 0; torch's layer_norm returns the bias exactly, the C kernel was off by up to 7e-4:
+    its mean, sum / N, was not exact, and x - mean was amplified by rstd up to 1/sqrt(eps). The
+    corrected two-pass moments (kernels._moments) make the mean of equal values exact."""
     g = Graph()
     x = g.input((4, 16), torch.float32)
     g.outputs = [g.add("layer_norm", x, g.const(torch.linspace(0.5, 1.5, 16)), g.const(torch.linspace(-1, 1, 16)),
@@ -150,15 +192,25 @@ def test_layer_norm_of_a_constant_row():
     assert [k.backend for k in prog.report.kernels] == ["c"]
     for v in (0.8930304, 1.7, 3.3):
         xs = [torch.full((4, 16), v)]
-        assert compare(prog(xs)[0], reference(g, xs)[0]) is None, v
+        got = prog(xs)[0]
+        assert compare(got, reference(g, xs)[0]) is None, v
+        assert torch.equal(got, g.outputs[0].inputs[2].value.expand(4, 16)), v   # the bias, exactly
 
 
-@pytest.mark.xfail(strict=True, reason="backends/c/compiler: gcc's default -ffp-contract=fast fuses a value "
-                                       "recomputed in a later pass into an FMA, so x - mean(x) over a row of one "
-                                       "is not 0 (fixed by -ffp-contract=off)")
+def test_var_of_a_constant_row_is_zero():
+    g = Graph()
+    x = g.input((3, 11), torch.float32)
+    g.outputs = [g.add("reduce_var", x, axes=(1,), correction=1, keepdim=True)]
+    prog = build_program(g, {"backend": "cpu"})
+    assert [k.backend for k in prog.report.kernels] == ["c"]
+    for v in (0.8930304, 1.7, -3.3e5):
+        assert torch.equal(prog([torch.full((3, 11), v)])[0], torch.zeros(3, 1)), v
+
+
 def test_norm_of_a_norm_over_rows_of_one():
     """Seed 2109: rms_norm then layer_norm over rows of one element; the layer_norm must return its
-    bias exactly (x - mean is 0), but its input, recomputed as an FMA, differs from its mean."""
+    bias exactly (x - mean is 0), but its input, recomputed as an FMA (gcc's default
+    -ffp-contract=fast), differed from its mean. Kernels compile with -ffp-contract=off."""
     g = Graph()
     x = g.input((2, 1, 1), torch.float32)
     r = g.add("rms_norm", x, g.const(torch.tensor([1.3])), eps=1e-6)

@@ -5,7 +5,8 @@ Every kernel library exports two functions:
     void kf_set_threads(int n);      omp_set_num_threads for the OpenMP runtime the kernel uses
 Identifiers are made here (a<k> arguments, v<k> values, s<k> stashes); no graph name reaches C.
 
-Flat kernel:   #pragma omp parallel for simd over every element; loop-invariant values hoisted.
+Flat kernel:   #pragma omp parallel for simd over every element; loop-invariant values hoisted;
+               an output of stride 0 (one invariant value) written once, after the loop.
 Row kernel:    #pragma omp parallel { stash buffers; #pragma omp for over rows {
                    row pointers; per pass: row scalars, then an `omp simd` loop over the row with
                    its reductions held in registers (reduction clauses) } }
@@ -46,17 +47,17 @@ KF_INLINE uint32_t kf_asuint(float f) { kf_bits b; b.f = f; return b.u; }
 KF_INLINE float kf_exp(float x) {
     float xc = x < -104.0f ? -104.0f : x;
     xc = xc > 89.0f ? 89.0f : xc;
-    float t = xc * 0x1.715476p+0f + 0x1.8p+23f;
+    float t = fmaf(xc, 0x1.715476p+0f, 0x1.8p+23f);
     float n = t - 0x1.8p+23f;
     uint32_t ni = kf_asuint(t) - 0x4b400000u;
-    float r = xc - n * 0x1.63p-1f;
-    r = r - n * (-0x1.bd0106p-13f);
+    float r = fmaf(-n, 0x1.63p-1f, xc);
+    r = fmaf(-n, -0x1.bd0106p-13f, r);
     float p = 0x1.6a5196p-10f;
-    p = p * r + 0x1.12397cp-7f;
-    p = p * r + 0x1.5558acp-5f;
-    p = p * r + 0x1.555492p-3f;
-    p = p * r + 0x1.fffffcp-2f;
-    float y = 1.0f + (r + (r * r) * p);
+    p = fmaf(p, r, 0x1.12397cp-7f);
+    p = fmaf(p, r, 0x1.5558acp-5f);
+    p = fmaf(p, r, 0x1.555492p-3f);
+    p = fmaf(p, r, 0x1.fffffcp-2f);
+    float y = 1.0f + fmaf(r * r, p, r);
     uint32_t n1 = (uint32_t)((int32_t)ni >> 1), n2 = ni - n1;
     return y * kf_asfloat((n1 + 127u) << 23) * kf_asfloat((n2 + 127u) << 23);
 }
@@ -69,27 +70,27 @@ KF_INLINE float kf_exp(float x) {
 KF_INLINE float kf_erf(float x) {
     float a = fabsf(x), s = x * x;
     float q = -0x1.3a48e2p-11f;
-    q = q * s + 0x1.474a0ep-8f;
-    q = q * s + (-0x1.b68e66p-6f);
-    q = q * s + 0x1.ce1ab4p-4f;
-    q = q * s + (-0x1.8126e8p-2f);
-    q = q * s + 0x1.06eba6p-3f;
-    float small = a + a * q;
+    q = fmaf(q, s, 0x1.474a0ep-8f);
+    q = fmaf(q, s, -0x1.b68e66p-6f);
+    q = fmaf(q, s, 0x1.ce1ab4p-4f);
+    q = fmaf(q, s, -0x1.8126e8p-2f);
+    q = fmaf(q, s, 0x1.06eba6p-3f);
+    float small = fmaf(a, q, a);
     float u = (a < 3.925f ? a : 3.925f) - 2.4f;
     float b = -0x1.b0a22ap-21f;
-    b = b * u + (-0x1.168deap-17f);
-    b = b * u + 0x1.36404ap-15f;
-    b = b * u + 0x1.d7ed9ep-16f;
-    b = b * u + (-0x1.638962p-12f);
-    b = b * u + 0x1.2b4b7ep-11f;
-    b = b * u + 0x1.03919ep-12f;
-    b = b * u + (-0x1.991a1cp-9f);
-    b = b * u + 0x1.026fe0p-7f;
-    b = b * u + (-0x1.8c9f38p-7f);
-    b = b * u + 0x1.989a4ap-7f;
-    b = b * u + (-0x1.17af26p-7f);
-    b = b * u + 0x1.d209a2p-9f;
-    b = b * u + 0x1.ffa5c2p-1f;
+    b = fmaf(b, u, -0x1.168deap-17f);
+    b = fmaf(b, u, 0x1.36404ap-15f);
+    b = fmaf(b, u, 0x1.d7ed9ep-16f);
+    b = fmaf(b, u, -0x1.638962p-12f);
+    b = fmaf(b, u, 0x1.2b4b7ep-11f);
+    b = fmaf(b, u, 0x1.03919ep-12f);
+    b = fmaf(b, u, -0x1.991a1cp-9f);
+    b = fmaf(b, u, 0x1.026fe0p-7f);
+    b = fmaf(b, u, -0x1.8c9f38p-7f);
+    b = fmaf(b, u, 0x1.989a4ap-7f);
+    b = fmaf(b, u, -0x1.17af26p-7f);
+    b = fmaf(b, u, 0x1.d209a2p-9f);
+    b = fmaf(b, u, 0x1.ffa5c2p-1f);
     b = a >= 3.92f ? 1.0f : b;
     float y = a > 0.921875f ? b : small;
     return kf_asfloat(kf_asuint(y) | (kf_asuint(x) & 0x80000000u));   /* sign of x, -0 included */
@@ -100,19 +101,20 @@ KF_INLINE float kf_erf(float x) {
 KF_INLINE float kf_tanh(float x) {
     float a = fabsf(x), s = x * x;
     float p = 0x1.1a2e3ep-9f;
-    p = p * s + (-0x1.0c6020p-7f);
-    p = p * s + 0x1.63a57ep-6f;
-    p = p * s + (-0x1.b9f18ap-5f);
-    p = p * s + 0x1.11107ap-3f;
-    p = p * s + (-0x1.555554p-2f);
-    float small = a + (a * s) * p;
+    p = fmaf(p, s, -0x1.0c6020p-7f);
+    p = fmaf(p, s, 0x1.63a57ep-6f);
+    p = fmaf(p, s, -0x1.b9f18ap-5f);
+    p = fmaf(p, s, 0x1.11107ap-3f);
+    p = fmaf(p, s, -0x1.555554p-2f);
+    float small = fmaf(a * s, p, a);
     float big = 1.0f - 2.0f / (kf_exp(a + a) + 1.0f);
     float y = a > 0.625f ? big : small;
     return kf_asfloat(kf_asuint(y) | (kf_asuint(x) & 0x80000000u));
 }
 """
 
-PRELUDE = """#include <math.h>
+PRELUDE = """#define _ISOC11_SOURCE   /* aligned_alloc, which -std=gnu99 does not declare */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -221,9 +223,15 @@ class _Render:
         self.out(f"#pragma omp parallel for simd schedule(simd: dynamic, {CHUNK})", 1)
         self.out(f"for (int64_t i = 0; i < {k.shape[0]}LL; i++) {{", 1)
         local = dict(row)
+        once = [(o, v) for o, v in enumerate(k.out_values) if k.strides[self.n_in + o][0] == 0]
         for o, v in enumerate(k.out_values):
-            self.out(f"a{self.n_in + o}[i] = {self.ref(v, local, 2, 'i', 0)};", 2)
+            if (o, v) not in once:
+                self.out(f"a{self.n_in + o}[i] = {self.ref(v, local, 2, 'i', 0)};", 2)
         self.out("}", 1)
+        # an output of stride 0 (a [1] value in a [7] loop) holds one loop-invariant value (lower()
+        # refuses any other): written once, after the loop has read every input
+        for o, v in once:
+            self.out(f"a{self.n_in + o}[0] = {self.ref(v, row, 1, '0', None)};", 1)
 
     def rows(self):
         k = self.k
