@@ -79,33 +79,29 @@ class Report:
 
 
 def fusion_table(report: Report) -> str:
-    """One row per fusion: how often it fired, bytes moved and time before and after (time columns
-    need Program.profile to have run)."""
+    """One row per fusion: how often it fired, bytes moved and time before and after, and the cost
+    model's prediction (the time columns need Program.profile to have run)."""
     rows: dict[str, list] = {}
     for k in report.kernels:
-        name = fusion_name_of(k)
-        if name is None:
+        if not k.fusion:
             continue
-        r = rows.setdefault(name, [0, 0, 0, 0.0, 0.0])
+        r = rows.setdefault(k.name, [0, 0, 0, 0.0, 0.0, 0.0])
         r[0] += 1
         r[1] += k.bytes_before
         r[2] += k.bytes_after
         r[3] += k.unfused_ms or 0.0
         r[4] += k.measured_ms or 0.0
+        r[5] += k.predicted_ms
     timed = any(k.measured_ms is not None for k in report.kernels)
     head = f"{'fusion':<20} {'count':>5} {'MB before':>10} {'MB after':>9}" + (
-        f" {'ms before':>10} {'ms after':>9} {'speedup':>8}" if timed else "")
+        f" {'ms before':>10} {'ms after':>9} {'speedup':>8} {'predicted':>10}" if timed else "")
     lines = [head, "-" * len(head)]
-    for name, (n, b0, b1, t0, t1) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
+    for name, (n, b0, b1, t0, t1, p) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
         line = f"{name:<20} {n:>5} {b0 / 1e6:>10.2f} {b1 / 1e6:>9.2f}"
         if timed:
-            line += f" {t0:>10.3f} {t1:>9.3f} {t0 / t1 if t1 else float('nan'):>7.2f}x"
+            line += f" {t0:>10.3f} {t1:>9.3f} {t0 / t1 if t1 else float('nan'):>7.2f}x {p:>10.3f}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def fusion_name_of(k: KernelInfo) -> str | None:
-    return k.name if k.fusion else None
 
 
 def _mb(n: int) -> str:

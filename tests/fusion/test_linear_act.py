@@ -38,3 +38,4 @@ def test_activation_of_a_reused_linear_is_not_fused():
     model.lin = lin
     cm, rep = compiled(model, torch.randn(4, 16))
     assert "gemm_relu" not in rep.fusions
+    assert any(w.what == "linear_act" and "also read without the relu" in w.reason for w in rep.why_not)

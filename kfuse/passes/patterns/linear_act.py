@@ -57,9 +57,11 @@ def activation(g: Graph, n: Node, report=None):
     if act is None:
         return None
     lin, reshaped = _through_reshape(n.inputs[0])
-    if not is_op(lin, "linear") or lin.attrs["act"] != "none" or uses(g, lin) != 1:
+    if not is_op(lin, "linear") or lin.attrs["act"] != "none":
         return None
-    if reshaped and uses(g, n.inputs[0]) != 1:
+    if uses(g, lin) != 1 or reshaped and uses(g, n.inputs[0]) != 1:
+        if report is not None:
+            report.refuse("linear_act", f"the linear's output is also read without the {n.op}", n.name)
         return None
     out = g.add("linear", *lin.inputs, act=act)
     return g.add("reshape", out, shape=n.shape) if reshaped else out
