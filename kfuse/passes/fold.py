@@ -6,6 +6,10 @@ drops identities, removes common subexpressions, and names decomposed activation
 """
 from __future__ import annotations
 
+import hashlib
+
+import torch
+
 from ..ir import Graph, Kind, Node
 from ..rewrite import apply, const_scalar, is_op, uses
 
@@ -107,20 +111,25 @@ RULES = [("reshape_chain", reshape_chain), ("transpose_chain", transpose_chain),
 
 
 def _operand_key(n: Node):
-    """Small constants compare by value (each use of `2.0` in a model is its own const node)."""
-    if n.op == "const" and n.numel <= 16:
-        return ("const", n.dtype, n.shape, tuple(n.value.reshape(-1).tolist()))
+    """Constants compare by value: each use of `2.0` in a model is its own const node, and a weight
+    transposed at two call sites folds to two equal constants."""
+    if n.op == "const":
+        data = n.value.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if n.numel else b""
+        return ("const", n.dtype, n.shape, hashlib.sha1(data).hexdigest())
     return n.id
 
 
 def cse(g: Graph) -> int:
-    """Merge nodes that compute the same op on the same inputs with the same attributes."""
+    """Merge equal constants, then nodes that compute the same op on the same inputs with the same
+    attributes."""
     seen: dict[tuple, Node] = {}
+    const_key = {n: _operand_key(n) for n in g.nodes if n.op == "const"}   # hash each constant once
     merged = 0
     for n in list(g.nodes):
-        if n.op in ("input", "const"):
+        if n.op == "input":
             continue
-        key = (n.op, tuple(_operand_key(i) for i in n.inputs), repr(sorted(n.attrs.items())))
+        key = const_key[n] if n.op == "const" else (
+            n.op, tuple(const_key.get(i, i.id) for i in n.inputs), repr(sorted(n.attrs.items())))
         if key in seen:
             g.replace_uses(n, seen[key])
             merged += 1
