@@ -71,10 +71,16 @@ class Report:
         if self.why_not:
             lines.append(f"not fused ({len(self.why_not)}):")
             counts: dict[str, int] = {}
+            views = 0
             for w in self.why_not:
+                if "is a view: no kernel" in w.reason:   # costs nothing; listed in why_not, counted here
+                    views += 1
+                    continue
                 key = f"{w.what}: {w.reason}"
                 counts[key] = counts.get(key, 0) + 1
             lines += [f"  {k}" + (f"  (x{n})" if n > 1 else "") for k, n in counts.items()]
+            if views:
+                lines.append(f"  {views} pairs next to views (reshape, transpose, slice: no kernel, read in place)")
         return "\n".join(lines)
 
 
