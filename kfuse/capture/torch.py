@@ -137,7 +137,7 @@ def _masked_fill(g, x, mask, value):
     return g.add("where", mask, scalar(g, value, x) if not isinstance(value, Node) else g.add("cast", value, dtype=x.dtype), x)
 
 
-@handles(aten._to_copy.default, aten.to.dtype, aten._to_copy.default)
+@handles(aten._to_copy.default, aten.to.dtype)
 def _to_copy(g, x, *args, dtype=None, **_):
     if args and isinstance(args[0], torch.dtype):
         dtype = args[0]

@@ -192,7 +192,7 @@ def _kind_reason(producer: Node, consumer: Node, disabled) -> str:
         if n.op in VIEWS:
             return f"{role} {n.op} is a view: no kernel, read in place"
         if n.kind == Kind.CONTRACTION:
-            return f"{role} {n.op} is a contraction (library or attention kernel): only a bias add and an activation fuse into it"
+            return f"{role} {n.op} is a contraction (library or attention kernel); only a GEMM by a constant weight takes an epilogue (bias add, activation)"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
             return f"{role} {n.op} is {n.kind.name.lower()}: runs as its own kernel"
     return "the producer was placed in a group the consumer cannot join"
