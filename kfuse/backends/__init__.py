@@ -69,10 +69,11 @@ def _linear_kernel(nodes):
 
 
 def _attention_kernel(node, buf):
-    from .c.attention import attention
+    from .c.attention import attention, library
     q = node.inputs[0]
     if len(q.shape) != 4 or q.dtype != torch.float32:
         raise NotImplementedError("attention kernel takes 4-D float32 q, k, v")
+    library(q.shape[-1])        # compile now, so a missing compiler falls back at build time
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     b, h, lq, d = q.shape
     dv = node.inputs[2].shape[-1]
@@ -89,9 +90,10 @@ def _attention_kernel(node, buf):
 
 
 def _rope_kernel(node, buf):
-    from .c.rope import rope
+    from .c.rope import _lib, rope
     if node.dtype != torch.float32 or len(node.shape) > 4:
         raise NotImplementedError("rope kernel takes float32 tensors of rank <= 4")
+    _lib()                      # compile now, so a missing compiler falls back at build time
     return (lambda x, c, s: (rope(x, c, s, out=buf),)), "c:rope"
 
 

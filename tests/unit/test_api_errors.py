@@ -76,3 +76,23 @@ def test_cli_compile_garbage_file(tmp_path, capsys):
     bad.write_bytes(b"\x00garbage\xff" * 10)
     assert main(["compile", str(bad)]) == 2
     assert "bad.onnx" in capsys.readouterr().err
+
+
+def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):
+    """CC names a program that does not exist: every generated kernel falls back to the reference
+    path, the results stay right, and the report lists the fallbacks naming the compiler."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    import kfuse.backends.c.compiler as compiler
+    from kfuse.backends.c import attention, rope
+    monkeypatch.setattr(compiler, "_loaded", {})       # forget libraries this process already loaded
+    monkeypatch.setattr(attention, "_libs", {})
+    rope._lib.cache_clear()
+    model, inputs = build("bert", batch=2, seq=16, layers=1)
+    cm = kfuse.compile(model, inputs)
+    v = cm.verify(*inputs)
+    assert v.ok and v.max_rel <= 1e-5, v
+    rep = cm.report()
+    assert rep.fallbacks and all("no-such-cc" in f for f in rep.fallbacks)
+    assert all(k.backend in ("view", "torch") or k.backend.startswith("library") for k in rep.kernels)
+    rope._lib.cache_clear()

@@ -32,7 +32,6 @@ Threads: KFUSE_NUM_THREADS if set, else OpenMP's default (OMP_NUM_THREADS).
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import os
 from pathlib import Path
@@ -82,9 +81,10 @@ def num_threads() -> int:
     return _omp_threads()
 
 
-@functools.lru_cache(maxsize=None)
 def _omp_threads() -> int:
-    return max(1, library(64).attn_max_threads())
+    # torch and the kernels share torch's libgomp pool, so torch's count is OpenMP's; asking torch
+    # keeps planning (the fission pass) free of any compiled library.
+    return max(1, torch.get_num_threads())
 
 
 def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None):
