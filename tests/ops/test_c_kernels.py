@@ -228,7 +228,9 @@ def test_reduce_keepdim_feeds_elementwise(op, shape):
     if shape[-1] > 3:
         xv[0, ..., 2] = float("nan")                                # NaN rows propagate
         xv[-1, ..., 1] = float("-inf")
-    check(g, [xv], rtol=1e-5, atol=1e-5)
+    # a float32 sum of N unit-scale terms in another order differs by up to ~N * eps (seen: 3.4e-5
+    # at N = 1000 with fresh random inputs), so the absolute tolerance grows with the row length
+    check(g, [xv], rtol=1e-5, atol=max(1e-5, 4e-7 * shape[-1]))
 
 
 def test_reduce_int_and_var():
