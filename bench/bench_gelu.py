@@ -6,7 +6,7 @@ import common  # noqa: F401
 import torch
 import torch.nn.functional as F
 
-from common import Bench, compiled, copy_bound, kfuse_provider
+from common import kernel_vs_torch
 from kfuse.ir import Graph
 
 
@@ -25,13 +25,7 @@ def main(m=1024, n=1536):
     g = Graph()
     gx = g.input([m, n], torch.float32)
     g.outputs = [g.add("gelu", g.add("add", gx, g.const(mod.b.detach())))]
-    k = kfuse_provider(g, [x])
-    k()
-    with torch.no_grad():
-        torch.testing.assert_close(k.outputs[0], mod(x), rtol=1e-5, atol=1e-5)
-    Bench("bench_gelu", f"bias+gelu [{m},{n}]", k.kernel.bytes).run({
-        "eager": lambda: mod(x), "torch.compile": compiled(mod, (x,), module_with_weights=True),
-        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+    kernel_vs_torch("bench_gelu", f"bias+gelu [{m},{n}]", g, mod, [x], module_with_weights=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import common  # noqa: F401  (re-executes with the malloc/thread environment fir
 import torch
 import torch.nn.functional as F
 
-from common import Bench, compiled, copy_bound, kfuse_provider
+from common import kernel_vs_torch
 from kfuse.ir import Graph
 
 
@@ -38,13 +38,7 @@ def add_layer_norm(m, n):
     gx, gr = g.input([m, n], torch.float32), g.input([m, n], torch.float32)
     h = g.add("add", gx, gr)
     g.outputs = [g.add("layer_norm", h, g.const(mod.w.detach()), g.const(mod.b.detach()), eps=1e-5)]
-    k = kfuse_provider(g, [x, r])
-    k()
-    with torch.no_grad():
-        torch.testing.assert_close(k.outputs[0], mod(x, r), rtol=1e-5, atol=1e-5)
-    Bench("bench_norm", f"add+layernorm [{m},{n}]", k.kernel.bytes).run({
-        "eager": lambda: mod(x, r), "torch.compile": compiled(mod, (x, r), module_with_weights=True),
-        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+    kernel_vs_torch("bench_norm", f"add+layernorm [{m},{n}]", g, mod, [x, r], module_with_weights=True)
 
 
 def rms_norm(m, n):
@@ -53,13 +47,7 @@ def rms_norm(m, n):
     g = Graph()
     gx = g.input([m, n], torch.float32)
     g.outputs = [g.add("rms_norm", gx, g.const(mod.w.detach()), eps=1e-6)]
-    k = kfuse_provider(g, [x])
-    k()
-    with torch.no_grad():
-        torch.testing.assert_close(k.outputs[0], mod(x), rtol=1e-5, atol=1e-5)
-    Bench("bench_norm", f"rmsnorm [{m},{n}]", k.kernel.bytes).run({
-        "eager": lambda: mod(x), "torch.compile": compiled(mod, (x,), module_with_weights=True),
-        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+    kernel_vs_torch("bench_norm", f"rmsnorm [{m},{n}]", g, mod, [x], module_with_weights=True)
 
 
 if __name__ == "__main__":

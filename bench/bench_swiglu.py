@@ -6,7 +6,7 @@ import common  # noqa: F401
 import torch
 import torch.nn.functional as F
 
-from common import Bench, compiled, copy_bound, kfuse_provider
+from common import kernel_vs_torch
 from kfuse.ir import Graph
 
 
@@ -19,12 +19,7 @@ def main(m=512, n=2816):
     g = Graph()
     ga, gb = g.input([m, n], torch.float32), g.input([m, n], torch.float32)
     g.outputs = [g.add("mul", g.add("silu", ga), gb)]
-    k = kfuse_provider(g, [a, b])
-    k()
-    torch.testing.assert_close(k.outputs[0], swiglu(a, b), rtol=1e-5, atol=1e-6)
-    Bench("bench_swiglu", f"silu(a)*b [{m},{n}]", k.kernel.bytes).run({
-        "eager": lambda: swiglu(a, b), "torch.compile": compiled(swiglu, (a, b)),
-        "kfuse": k, "copy": copy_bound(k.kernel.bytes)})
+    kernel_vs_torch("bench_swiglu", f"silu(a)*b [{m},{n}]", g, swiglu, [a, b], atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,19 @@ def kfuse_provider(graph, inputs):
     call = lambda: fn(args, outs)
     call.kernel, call.outputs = k, outs
     return call
+
+
+def kernel_vs_torch(family: str, case: str, graph, fn, inputs, *, module_with_weights: bool = False,
+                    atol: float = 1e-5, extra: dict | None = None) -> dict:
+    """The kernel benches' one recipe: `graph` as one kfuse kernel on `inputs`, checked against the
+    torch function `fn(*inputs)`, then timed beside eager, torch.compile and the copy bound (plus
+    `extra` providers)."""
+    k = kfuse_provider(graph, inputs)
+    k()
+    with torch.no_grad():
+        torch.testing.assert_close(k.outputs[0], fn(*inputs), rtol=1e-5, atol=atol)
+    providers = {"eager": lambda: fn(*inputs),
+                 "torch.compile": compiled(fn, tuple(inputs), module_with_weights=module_with_weights),
+                 "kfuse": k, **(extra or {}), "copy": copy_bound(k.kernel.bytes)}
+    return Bench(family, case, k.kernel.bytes).run(providers)
+
