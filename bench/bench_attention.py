@@ -90,7 +90,6 @@ def case(shape, variant):
 def memory_child(provider, B, H, L, D):
     """Run in a subprocess: ru_maxrss growth (bytes) over one call, inputs and warm-up excluded."""
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
-    out = torch.empty_like(q)
     fn = providers(q, k, v, None, D ** -0.5, False)[provider]
     small = [t[..., :64, :] for t in (q, k, v)]                 # warm code paths and pools small
     providers(*small, None, D ** -0.5, False)[provider]()

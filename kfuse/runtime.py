@@ -9,11 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .backends import ALIASES, WRITES_INTO, kind_of, make_kernel
 from .ir import Graph, Node
-from .ops.reference import REFERENCE, run
+from .ops.reference import REFERENCE
 from .report import Report
 
 
@@ -22,8 +21,7 @@ class Group:
     """Nodes (topologically ordered) that become one kernel; `outputs` are needed outside it."""
     nodes: list[Node]
     outputs: list[Node]
-    rule: str = ""                      # the fusion that formed it, for the report
-    inputs: list[Node] = field(default_factory=list)
+    inputs: list[Node] = field(init=False, default_factory=list)   # derived: read from outside
 
     def __post_init__(self):
         inside = set(self.nodes)

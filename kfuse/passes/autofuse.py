@@ -80,7 +80,7 @@ class Scheduler:
             return "fusing would create a cycle"
         merged.sort(key=self.order.__getitem__)
         try:
-            k = self.lower(merged, self.needed_outside(merged))
+            self.lower(merged, self.needed_outside(merged))
         except self.NotFusable as e:
             return f"kernel IR cannot express it: {e.reason}"
         apart = sum(self.predict(g) for g in (a, b))

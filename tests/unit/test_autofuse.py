@@ -5,7 +5,6 @@ import torch
 import kfuse
 from kfuse.ir import Graph
 from kfuse.models import build
-from kfuse.report import Report
 from kfuse.runtime import build_program
 from kfuse.ops.reference import run
 
