@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import time
 
@@ -19,16 +18,6 @@ def step(what: str):
     t = time.perf_counter()
     yield
     print(f" {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-
-
-def median_ms(fn, args, reps: int = 20) -> float:
-    fn(*args)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def cmd_demo(args) -> int:
@@ -49,6 +38,7 @@ def cmd_demo(args) -> int:
         cm._last.profile(list(inputs))
     from .report import fusion_table
     print("\n" + fusion_table(cm.report()))
+    from .runtime import median_ms
     with torch.no_grad(), step("timing (median of 20 calls each)"):
         t_eager = median_ms(model, inputs)
         t_kfuse = median_ms(cm, inputs)

@@ -64,15 +64,16 @@ class Program:
         times = []
         for group, kernel, info in zip(self.groups, self.kernels, self.report.kernels):
             args = [env[i] for i in group.inputs]
-            fused = _median_ms(kernel, args, reps)
-            unfused = _median_ms(reference_kernel(group), args, reps) if info.fusion else fused
+            fused = median_ms(kernel, args, reps)
+            unfused = median_ms(reference_kernel(group), args, reps) if info.fusion else fused
             info.measured_ms, info.unfused_ms = fused, unfused
             times.append((fused, unfused))
             env.update(zip(group.outputs, kernel(*args)))
         return times
 
 
-def _median_ms(fn, args, reps):
+def median_ms(fn, args, reps: int = 20) -> float:
+    """Median milliseconds of `reps` calls fn(*args), after one untimed call."""
     fn(*args)
     ts = []
     for _ in range(reps):

@@ -82,8 +82,6 @@ def _attention_kernel(node, buf):
         # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
         store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
         out = store.permute(0, 2, 1, 3)
-        if mask is not None and mask.dim() < 4:
-            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         attention(q, k, v, mask, scale=scale, causal=causal, out=out)
         return (out,)
     return run, "c:attention"
