@@ -22,6 +22,11 @@ SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
             -104.0, 1e30, -1e30, 3.4e38, 1.0, -1.0, 0.5]
 
 
+# torch's vectorised float32 gelu is 1.06e-6 from the float64 truth near x = -3.5 (ours: 2.1e-7, measured
+# on a linspace of 200k points), so comparisons with it need this much absolute slack
+GELU_ATOL = 2e-6
+
+
 def rand(shape, dtype=F32, specials=False, scale=3.0):
     if dtype == torch.bool:
         return torch.rand(shape) < 0.5
@@ -83,7 +88,7 @@ def test_unary_with_specials(op, attrs):
     if op == "cast" and attrs["dtype"] == torch.int64:  # float->int of inf/NaN/huge is undefined in C and torch
         mask = xv.abs() < 1e18
     # transcendental vector math is a few ULP from torch's (see docs/vecmath.md)
-    check(g, [xv], rtol=4e-6, atol=1e-6, mask=mask)
+    check(g, [xv], rtol=4e-6, atol=GELU_ATOL if op == "gelu" else 1e-6, mask=mask)
 
 
 # exp, erf, tanh (and sigmoid, silu, gelu through exp/erf) are our inline polynomials (docs/vecmath.md):
@@ -148,7 +153,7 @@ def test_flat_chain_odd_sizes(n):
     g = Graph()
     a, b = g.input([n], F32), g.input([n], F32)
     g.outputs = [g.add("gelu", g.add("mul", g.add("add", a, b), g.const(0.5)))]
-    check(g, [rand([n]), rand([n])])
+    check(g, [rand([n]), rand([n])], atol=GELU_ATOL)
 
 
 BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge"]
