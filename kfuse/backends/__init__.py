@@ -96,20 +96,39 @@ def _rope_kernel(node, buf):
 
 
 def _c_kernel(group, buffers):
-    from ..kernels import lower
-    from .c import build
+    from ..kernels import NotFusable, lower
+    from .c import CompileError, build
     fk = lower(group.nodes, group.outputs)
     k = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
     # the kernel orders (and may drop, by inlining small constants) its arguments its own way
     pick = [group.inputs.index(i) for i in fk.inputs]
     back = [fk.outputs.index(o) for o in group.outputs]
-
     given = [buffers[group.outputs.index(o)] for o in fk.outputs]
+    # An input that arrives as a strided view (a slice of a merged GEMM's output, say) is read in
+    # place by a kernel specialised to its strides, built on first sight of them; None when the
+    # kernel cannot read them (not unit stride along the row), then the input is copied.
+    strided: dict = {}
+
+    def specialised(args):
+        key = tuple(a.stride() for a in args)
+        if key not in strided:
+            layout = {n: a.stride() for n, a in zip(fk.inputs, args) if not a.is_contiguous()}
+            try:
+                strided[key] = build(lower(group.nodes, group.outputs, layout))
+            except (NotFusable, CompileError):
+                strided[key] = None
+        return strided[key]
 
     def run(*inputs):
         outs = [t if t is not None else torch.empty(s, dtype=d) for t, (s, d) in zip(given, shapes)]
-        k([inputs[p].contiguous() for p in pick], outs)
+        args = [inputs[p] for p in pick]
+        kk = k
+        if not all(a.is_contiguous() for a in args):
+            kk = specialised(args)
+            if kk is None:
+                kk, args = k, [a.contiguous() for a in args]
+        kk(args, outs)
         return tuple(outs[b] for b in back)
     return run, "c"
 

@@ -83,6 +83,7 @@ class FusedKernel:
     phase: list[int] = field(default_factory=list)
     varies: list[bool] = field(default_factory=list)
     stash: set[int] = field(default_factory=set)
+    layout: dict = field(default_factory=dict)   # input node -> its element strides, if not contiguous
 
     @property
     def flat(self) -> bool:
@@ -121,10 +122,12 @@ class FusedKernel:
         return "\n".join(lines)
 
 
-def lower(nodes: list[Node], outputs: list[Node]) -> FusedKernel:
+def lower(nodes: list[Node], outputs: list[Node], layout: dict | None = None) -> FusedKernel:
     """The kernel computing `outputs` from the group `nodes` (topological order).
-    Raises NotFusable with the reason when the group is not one kernel of this IR."""
-    return _Lowering(list(nodes), list(outputs)).run()
+    `layout` maps an input node to the element strides it will be called with (a slice or a view
+    read in place); inputs not in it are contiguous. Each input must step by 1 (or 0) along the
+    loop's last dim. Raises NotFusable with the reason when the group is not one kernel of this IR."""
+    return _Lowering(list(nodes), list(outputs), dict(layout or {})).run()
 
 
 def _contiguous_strides(shape):
@@ -135,10 +138,12 @@ def _contiguous_strides(shape):
     return tuple(reversed(strides))
 
 
-def _bcast_strides(shape, domain):
-    """Strides of a contiguous tensor of `shape` read at the points of `domain` (0 = broadcast)."""
+def _bcast_strides(shape, domain, strides=None):
+    """Strides of a tensor of `shape` (contiguous unless `strides` are given) read at the points of
+    `domain` (0 = broadcast)."""
+    strides = (0,) * (len(domain) - len(shape)) + tuple(strides or _contiguous_strides(shape))
     shape = (1,) * (len(domain) - len(shape)) + tuple(shape)
-    return tuple(0 if n == 1 else s for n, s in zip(shape, _contiguous_strides(shape)))
+    return tuple(0 if n == 1 else s for n, s in zip(shape, strides))
 
 
 def _collapse(shape, strides, keep_last):
@@ -165,8 +170,8 @@ def _f32(x: float) -> float:
 
 
 class _Lowering:
-    def __init__(self, nodes, outputs):
-        self.nodes, self.outputs = nodes, outputs
+    def __init__(self, nodes, outputs, layout):
+        self.nodes, self.outputs, self.layout = nodes, outputs, layout
         self.values: list[Value] = []
         self.memo: dict = {}
         self.env: dict[Node, int] = {}
@@ -257,11 +262,16 @@ class _Lowering:
             self.env[n] = self.lower_node(n)
 
         out_strides = [self._out_strides(o) for o in self.outputs]
-        in_strides = [_bcast_strides(n.shape, self.domain) for n in self.inputs]
+        in_strides = [_bcast_strides(n.shape, self.domain, self.layout.get(n)) for n in self.inputs]
         has_red = any(v.op in REDUCTIONS for v in self.values)
         shape, strides = _collapse(self.domain, in_strides + out_strides, keep_last=has_red)
+        for n, st in zip(self.inputs, strides):
+            if st[-1] not in (0, 1):
+                raise NotFusable(f"input {n} steps by {st[-1]} along the loop's last dim (strides "
+                                 f"{list(self.layout.get(n, ()))}): the kernel reads rows contiguously")
         k = FusedKernel(self.nodes, self.inputs, list(self.outputs), shape, strides, self.values,
-                        [self.env[o] for o in self.outputs])
+                        [self.env[o] for o in self.outputs],
+                        layout={n: tuple(self.layout[n]) for n in self.inputs if n in self.layout})
         _schedule(k)
         _check_outputs(k)
         return k

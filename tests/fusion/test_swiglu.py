@@ -27,3 +27,23 @@ def test_projections_of_different_inputs_are_not_merged():
     assert "horizontal_gemm" not in rep.fusions
     assert cm.graph.op_counts()["linear"] == 2
     assert rep.fusions.get("gemm_silu") == 1
+
+
+def test_gating_reads_the_merged_gemm_halves_in_place(monkeypatch):
+    """The two halves of the merged gate/up output are strided views (row stride 2N): the gating
+    kernel is specialised to those strides instead of copying them."""
+    gate, up = torch.nn.Linear(64, 176, bias=False), torch.nn.Linear(64, 176, bias=False)
+    model = Fn(lambda m, x: F.silu(gate(x)) * up(x))
+    model.gate, model.up = gate, up
+    x = torch.randn(3, 7, 64)
+    cm, rep = compiled(model, x)
+    copies = []
+    real = torch.Tensor.contiguous
+
+    def counting(t, *a, **k):
+        if not t.is_contiguous():
+            copies.append(tuple(t.shape))
+        return real(t, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-4)
+    assert rep.fusions["swiglu"] == 1 and copies == []

@@ -398,3 +398,36 @@ def test_vecmath_ulp(capsys):
             assert r[2] <= max(4.0, 1.01 * r[5]), r
         else:                              # composites cancel (gelu(-9) = 0.5x(1+erf) ~ 0): see mixed error
             assert r[7] <= max(4e-7, 1.01 * r[8]), r
+
+
+# -- strided inputs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [7, 1000])
+def test_strided_inputs_are_read_in_place(n):
+    """Inputs lowered with their strides (halves of a wider tensor, a row-broadcast view) are read
+    where they lie: elementwise and row-reduction kernels, against the reference on copies."""
+    wide = rand([5, 2 * n + 3])
+    a, b = wide[:, :n], wide[:, n + 3:]                 # row stride 2n+3, offset n+3
+    c = rand([5, 1]).expand(5, n)                      # stride 0 along the row
+    g = Graph()
+    ga, gb, gc = (g.input([5, n], F32) for _ in range(3))
+    g.outputs = [g.add("mul", g.add("silu", ga), gb),
+                 g.add("softmax", g.add("add", ga, gc), axis=-1)]
+    layout = {ga: a.stride(), gb: b.stride(), gc: c.stride()}
+    k = lower([x for x in g.nodes if x.op != "input"], g.outputs, layout)
+    fn = build(k)
+    outs = [poisoned(o.shape, o.dtype) for o in k.outputs]
+    args = [dict(zip((ga, gb, gc), (a, b, c)))[i] for i in k.inputs]
+    fn.check(args, outs)
+    fn(args, outs)
+    for o, r in zip(outs, reference.run(g, [a.contiguous(), b.contiguous(), c.contiguous()])):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="strides"):   # called with other strides: refused
+        fn.check([t.contiguous() for t in args], outs)
+
+
+def test_input_not_unit_stride_along_rows_is_refused():
+    g = Graph()
+    x = g.input([4, 6], F32)
+    g.outputs = [g.add("neg", x)]
+    with pytest.raises(NotFusable, match="steps by 4"):
+        lower(g.nodes[1:], g.outputs, {x: (1, 4)})      # a transposed view

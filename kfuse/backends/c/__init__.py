@@ -1,7 +1,8 @@
 """The C backend: render a kernel-IR FusedKernel to C, compile it (cached on disk), call it.
 
     fn = build(kernel)          # raises compiler.CompileError if the C compiler is missing or fails
-    fn(inputs, outputs)         # contiguous torch tensors; outputs preallocated, written in place
+    fn(inputs, outputs)         # torch tensors: outputs contiguous, preallocated, written in place;
+                                # inputs contiguous, or strided as given to lower(layout=...)
 
 Outputs must not alias inputs (a row kernel may write an output before its last read of an input).
 Threads: KFUSE_NUM_THREADS (default os.cpu_count()), or set_threads(n) at run time.
@@ -34,7 +35,7 @@ def set_threads(n: int):
 
 
 class CKernel:
-    """A compiled kernel: call with (inputs, outputs), lists of contiguous torch tensors."""
+    """A compiled kernel: call with (inputs, outputs), lists of torch tensors laid out as `check` says."""
 
     def __init__(self, k: FusedKernel, lib: ctypes.CDLL, source: str):
         self.kernel, self.lib, self.source = k, lib, source
@@ -49,11 +50,15 @@ class CKernel:
         self._run(argv)
 
     def check(self, inputs, outputs):
-        """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging)."""
-        for t, n in zip(list(inputs) + list(outputs), self.kernel.inputs + self.kernel.outputs, strict=True):
-            if tuple(t.shape) != n.shape or t.dtype != n.dtype or not t.is_contiguous():
-                raise ValueError(f"argument for {n}: got {t.dtype}{list(t.shape)} "
-                                 f"(contiguous={t.is_contiguous()}), want {n.dtype}{list(n.shape)}")
+        """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging):
+        shapes, dtypes, and strides (contiguous, or those the kernel was lowered for)."""
+        k = self.kernel
+        for t, n in zip(list(inputs) + list(outputs), k.inputs + k.outputs, strict=True):
+            want = k.layout.get(n)
+            ok = t.stride() == want if want is not None else t.is_contiguous()
+            if tuple(t.shape) != n.shape or t.dtype != n.dtype or not ok:
+                raise ValueError(f"argument for {n}: got {t.dtype}{list(t.shape)} strides {list(t.stride())}, "
+                                 f"want {n.dtype}{list(n.shape)} strides {list(want) if want else 'contiguous'}")
 
 
 def build(k: FusedKernel) -> CKernel:
