@@ -46,22 +46,42 @@ def _lib():
     return lib
 
 
-def _as4(t: torch.Tensor, shape) -> torch.Tensor:
-    """t broadcast to `shape` (rank <= 4) and viewed as [n0, n1, n2, D] by strides."""
-    t = t.expand(shape)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+def _strides4(t: torch.Tensor, shape) -> tuple[int, ...] | None:
+    """Leading strides of t broadcast to `shape` (rank <= 4) seen as [n0, n1, n2, D]; None when
+    its last dim is not contiguous (then it is copied)."""
+    st = t.expand(shape).stride()
+    if st[-1] != 1 and shape[-1] > 1:
+        return None
+    return ((0,) * (4 - len(shape)) + tuple(st))[:3]
+
+
+_plans: dict = {}
+
+
+def _plan(x, cos, sin):
+    """ctypes arguments for one layout of x, cos, sin (the same on every call of a compiled model),
+    or None when one of them must be copied first."""
+    key = (x.shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride())
+    if key not in _plans:
+        if len(_plans) > 4096:      # many shapes seen (dynamic sequence lengths): start over
+            _plans.clear()
+        shape = tuple(x.shape)
+        st = [_strides4(t, shape) for t in (x, cos, sin)]
+        i64 = ctypes.c_int64 * 3
+        _plans[key] = None if None in st else (
+            i64(*((1,) * (4 - len(shape)) + shape)[:3]), *(i64(*s) for s in st), ctypes.c_int64(shape[-1]))
+    return _plans[key]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.dtype != torch.float32 or x.shape[-1] % 2 or x.dim() > 4:
         raise NotImplementedError("rope kernel takes float32 x of rank <= 4 with an even last dim")
-    shape = tuple(x.shape)
-    x4, c4, s4 = (_as4(t, shape) for t in (x, cos.to(x.dtype), sin.to(x.dtype)))
-    out = torch.empty(shape, dtype=x.dtype) if out is None else out
-    i64 = ctypes.c_int64 * 3
-    _lib().kf_rope(ctypes.c_void_p(x4.data_ptr()), ctypes.c_void_p(c4.data_ptr()), ctypes.c_void_p(s4.data_ptr()),
-                   ctypes.c_void_p(out.data_ptr()), i64(*x4.shape[:3]), i64(*x4.stride()[:3]),
-                   i64(*c4.stride()[:3]), i64(*s4.stride()[:3]), ctypes.c_int64(shape[-1]))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    plan = _plan(x, cos, sin)
+    if plan is None:    # a last dim that is not contiguous: copy what needs it, broadcast to x
+        x, cos, sin = (t if _strides4(t, x.shape) else t.expand(x.shape).contiguous() for t in (x, cos, sin))
+        plan = _plan(x, cos, sin)
+    out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+    _lib().kf_rope(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(cos.data_ptr()),
+                   ctypes.c_void_p(sin.data_ptr()), ctypes.c_void_p(out.data_ptr()), *plan)
     return out
