@@ -93,6 +93,21 @@ INL vf vexp(vf x) {
     p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
+/* s with lanes l < t set to -inf (the causal mask of one key across 16 queries) */
+INL vf vmask_below(vf s, int64_t t) {
+    __mmask16 k = t >= 16 ? 0xFFFF : t <= 0 ? 0 : (__mmask16)((1u << t) - 1);
+    return _mm512_mask_mov_ps(s, k, vset1(-INFINITY));
+}
+/* s plus the mask of n <= 16 consecutive queries stored contiguously at p (lanes past n: 0 added,
+   or masked out for a bool mask): kind 1 additive float, 2 bool keep */
+INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
+    __mmask16 k = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+    if (kind == 1) return vadd(s, _mm512_maskz_loadu_ps(k, p));
+    unsigned char t[16] = {0};
+    if (n < 16) { memcpy(t, p, n > 0 ? n : 0); p = (const char *)t; }     /* never read past the mask */
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_mask_mov_ps(vset1(-INFINITY), _mm512_test_epi32_mask(b, b), s);
+}
 /* out[k] = sum of the lanes of a[k], k < 16: transpose-add tree, 46 shuffles and adds */
 INL vf vreduce16(const vf *a) {
     vf t[8], u[4], w[2];
@@ -124,6 +139,14 @@ INL float vhsum(vf x) { float s = 0; for (int i = 0; i < 16; i++) s += x[i]; ret
 INL vf vsafe(vf m) { for (int i = 0; i < 16; i++) if (m[i] == -INFINITY) m[i] = 0; return m; }
 INL vf vexp(vf x) { for (int i = 0; i < 16; i++) x[i] = expf(x[i]); return x; }
 INL vf vreduce16(const vf *a) { vf r; for (int k = 0; k < 16; k++) r[k] = vhsum(a[k]); return r; }
+INL vf vmask_below(vf s, int64_t t) { for (int l = 0; l < 16 && l < t; l++) s[l] = -INFINITY; return s; }
+INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
+    for (int l = 0; l < 16; l++) {
+        if (kind == 1) s[l] += l < n ? ((const float *)p)[l] : 0.0f;
+        else s[l] = l < n && p[l] ? s[l] : -INFINITY;
+    }
+    return s;
+}
 #endif
 
 /* a head row of HD floats as NC vectors (the last one zero-filled past HD) */
@@ -209,20 +232,27 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         }
         /* mask, then causal */
         if (a->mask_kind) {
+            const size_t esz = a->mask_kind == 1 ? 4 : 1;
             for (j = 0; j < n; j++) {
                 float *s = st + j * BQ;
                 if (a->smi == 0) { /* one value per key: padding masks */
                     vf mv = vset1(mask_at(a, mrow, i0, j0 + j));
                     for (int v = 0; v < NV; v++) vstore(s + 16 * v, vadd(vload(s + 16 * v), mv));
+                } else if (a->smi == 1) { /* queries contiguous (attention.py lays masks out so) */
+                    const char *mp = mrow + (i0 + (j0 + j) * a->smj) * esz;
+                    for (int v = 0; v < NV; v++) {
+                        int left = rows - 16 * v;
+                        vstore(s + 16 * v, vmask_lanes(vload(s + 16 * v), mp + 16 * v * esz, (int)a->mask_kind, left < 16 ? left : 16));
+                    }
                 } else {
                     for (int i = 0; i < rows; i++) s[i] += mask_at(a, mrow, i0 + i, j0 + j);
                 }
             }
         }
-        if (a->causal && j0 + n - 1 > i0 + off) {
+        if (a->causal && j0 + n - 1 > i0 + off) { /* query i sees key j0 + j iff i >= j0 + j - i0 - off */
             for (j = 0; j < n; j++)
-                for (int i = 0; i < rows; i++)
-                    if (j0 + j > i0 + i + off) st[j * BQ + i] = -INFINITY;
+                for (int v = 0; v < NV; v++)
+                    vstore(st + j * BQ + 16 * v, vmask_below(vload(st + j * BQ + 16 * v), j0 + j - i0 - off - 16 * v));
         }
         /* online softmax, one query per lane */
         vf alpha[4];
