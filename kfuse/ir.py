@@ -34,16 +34,18 @@ KIND: dict[str, Kind] = {
     **{op: _E for op in (
         "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
         "erf", "relu", "gelu", "silu", "floor", "ceil", "logical_not", "cast", "clamp", "leaky_relu",
-        "isnan", "softplus", "sign", "log1p", "expm1")},
+        "isnan", "softplus", "sign", "log1p", "expm1", "elu", "round", "trunc", "erfc", "atan", "tan")},
     **{op: _B for op in (
         "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
-        "logical_and", "logical_or", "where")},
-    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad", "triu", "tril")},
+        "logical_and", "logical_or", "where", "fmod", "remainder", "atan2", "floor_div", "trunc_div")},
+    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad", "triu", "tril",
+                         "flip", "repeat")},
     **{op: _R for op in (
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
-        "log_softmax", "layer_norm", "rms_norm")},
+        "log_softmax", "layer_norm", "rms_norm", "argmin", "reduce_prod")},
     **{op: _C for op in ("matmul", "linear", "conv2d", "attention")},
-    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope")},
+    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope", "cumprod", "topk", "sort", "resize",
+                         "conv_transpose2d")},
 }
 
 DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",

@@ -84,6 +84,12 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
 }
 
+def _reduce_prod(x, *, axes, keepdim=False):
+    for a in sorted((a % x.dim() for a in axes), reverse=True):
+        x = torch.prod(x, a, keepdim=keepdim)
+    return x
+
+
 REFERENCE = {
     "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
     "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "sin": torch.sin, "cos": torch.cos,
@@ -95,10 +101,15 @@ REFERENCE = {
     "leaky_relu": lambda x, *, alpha: F.leaky_relu(x, alpha),
     "isnan": torch.isnan, "sign": torch.sign, "log1p": torch.log1p, "expm1": torch.expm1,
     "softplus": lambda x, *, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
+    "elu": lambda x, *, alpha=1.0, scale=1.0, input_scale=1.0: torch.ops.aten.elu(x, alpha, scale, input_scale),
+    "round": torch.round, "trunc": torch.trunc, "erfc": torch.erfc, "atan": torch.atan, "tan": torch.tan,
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
     "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
     "logical_and": torch.logical_and, "logical_or": torch.logical_or, "where": torch.where,
+    "fmod": torch.fmod, "remainder": torch.remainder, "atan2": torch.atan2,
+    "floor_div": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "trunc_div": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
     "reshape": lambda x, *, shape: x.reshape(shape),
     "transpose": lambda x, *, perm: x.permute(perm),
     "expand": lambda x, *, shape: x.expand(shape),
@@ -107,13 +118,18 @@ REFERENCE = {
     "gather": _gather,
     "index": _index,
     "gather_elements": lambda x, idx, *, axis: torch.gather(x, axis, idx.long()),
-    "pad": lambda x, *, pads, value=0.0: F.pad(x, pads, value=value),
+    "pad": lambda x, *, pads, value=0.0, mode="constant":
+        F.pad(x, pads, value=value) if mode == "constant" else F.pad(x, pads, mode=mode),
+    "flip": lambda x, *, dims: torch.flip(x, dims),
+    "repeat": lambda x, *, repeats: x.repeat(repeats),
     "triu": lambda x, *, diagonal=0: torch.triu(x, diagonal),
     "tril": lambda x, *, diagonal=0: torch.tril(x, diagonal),
     "reduce_sum": _reduce(torch.sum), "reduce_mean": _reduce(torch.mean),
     "reduce_max": _reduce(torch.amax), "reduce_min": _reduce(torch.amin),
     "reduce_var": lambda x, *, axes, correction=1, keepdim=False: torch.var(x, axes, correction=correction, keepdim=keepdim),
     "argmax": lambda x, *, axis, keepdim=False: torch.argmax(x, axis, keepdim),
+    "argmin": lambda x, *, axis, keepdim=False: torch.argmin(x, axis, keepdim),
+    "reduce_prod": _reduce_prod,
     "softmax": lambda x, *, axis: torch.softmax(x, axis),
     "log_softmax": lambda x, *, axis: torch.log_softmax(x, axis),
     "layer_norm": _layer_norm,
@@ -127,6 +143,15 @@ REFERENCE = {
         F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
     "avg_pool2d": _avg_pool2d,
     "cumsum": lambda x, *, axis: torch.cumsum(x, axis),
+    "cumprod": lambda x, *, axis: torch.cumprod(x, axis),
+    "topk": lambda x, *, k, axis=-1, largest=True, sorted=True, output="values":
+        torch.topk(x, k, axis, largest, sorted)[output == "indices"],
+    "sort": lambda x, *, axis=-1, descending=False, output="values":
+        torch.sort(x, dim=axis, descending=descending, stable=True)[output == "indices"],
+    "resize": lambda x, *, size, mode="nearest", align_corners=None:
+        F.interpolate(x, size=tuple(size), mode=mode, align_corners=align_corners),
+    "conv_transpose2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
+        dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
     "rope": _rope,
 }
 
