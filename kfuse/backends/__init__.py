@@ -77,8 +77,14 @@ def _attention_kernel(node, buf):
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     b, h, lq, d = q.shape
     dv = node.inputs[2].shape[-1]
+    if dv != d:
+        from ..kernels import NotFusable
+        raise NotFusable(f"attention kernel needs v's head dim ({dv}) equal to q's ({d})")
 
     def run(q, k, v, mask=None):
+        # the kernel reads rows of q, k, v in place: a last dim that is not contiguous (a k
+        # transposed back by an ONNX exporter's Transpose) is copied
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
         store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
         out = store.permute(0, 2, 1, 3)
@@ -93,6 +99,15 @@ def _rope_kernel(node, buf):
         raise NotImplementedError("rope kernel takes float32 tensors of rank <= 4")
     _lib()                      # compile now, so a missing compiler falls back at build time
     return (lambda x, c, s: (rope(x, c, s, out=buf),)), "c:rope"
+
+
+def _by_node_inputs(fn, group):
+    """fn, called with the group's inputs (each distinct input once), passed its node's inputs in
+    the node's order: attention(x, x, x) reads one tensor three times."""
+    idx = [group.inputs.index(i) for i in group.nodes[0].inputs]
+    if idx == list(range(len(group.inputs))):
+        return fn
+    return lambda *args: fn(*[args[i] for i in idx])
 
 
 def _c_kernel(group, buffers):
@@ -218,6 +233,8 @@ def make_kernel(group, report, options, buffers=None):
         fn = None
     if fn is None:
         fn = reference_kernel(group)
+    elif kind in ("view", "attention", "rope"):
+        fn = _by_node_inputs(fn, group)
     info = _info(group, backend, note)
     report.kernels.append(info)
     name = fusion_name(nodes)

@@ -101,7 +101,8 @@ def op_bytes(n: Node) -> int:
 
 def predicted_ms(nbytes: int, nflops: int, contraction: bool, threads_used: int | None = None) -> float:
     m = machine()
-    share = 1.0 if threads_used is None else min(1.0, threads_used / max(1, m["threads"]))
+    # a zero-size tensor has no rows: it still runs (and costs) as one launch on one thread
+    share = 1.0 if threads_used is None else min(1.0, max(1, threads_used) / max(1, m["threads"]))
     rate = m["gemm_gflops"] if contraction else ELEMENTWISE_GFLOPS * m["threads"]
     return LAUNCH_MS + max(nbytes / (m["bandwidth_gbs"] * share * 1e6), nflops / (rate * share * 1e6))
 

@@ -97,3 +97,34 @@ def test_decode_attention_with_fewer_tasks_than_threads_is_split(monkeypatch):
     assert len(rep.splits) == 1 and "split-KV" in rep.splits[0]
     cm2, rep2 = compiled(Fn(fn), torch.randn(1, 4, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
     assert rep2.splits == []
+
+
+def test_sdpa_of_one_tensor_and_of_k_as_v():
+    """sdpa(x, x, x) and sdpa(q, k, k, mask): the kernel gets each of its operands, not the
+    group's de-duplicated inputs in order."""
+    x, q, k, m = torch.randn(1, 2, 13, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 1, 9, 11)
+    _, rep = compiled(Fn(lambda _, x: F.scaled_dot_product_attention(x, x, x)), x)
+    assert rep.fusions["attention"] == 1
+    _, rep = compiled(Fn(lambda _, q, k, m: F.scaled_dot_product_attention(q, k, k, attn_mask=m)), q, k, m)
+    assert rep.fusions["attention"] == 1
+
+
+def test_v_head_dim_other_than_q_runs_on_torch():
+    q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 4)
+    _, rep = compiled(Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v)), q, k, v)
+    notes = [ki.note for ki in rep.kernels if ki.note]
+    assert any("head dim (4)" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_onnx_exported_sdpa_with_transposed_k(tmp_path, causal):
+    """The legacy exporter writes SDPA as Transpose(K) * sqrt(scale): the fused kernel then sees a
+    k whose last dim is strided, and copies it."""
+    import kfuse
+    q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 11 if not causal else 13, 8), torch.randn(1, 2, 11 if not causal else 13, 8)
+    model = Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    path = tmp_path / "sdpa.onnx"
+    torch.onnx.export(model, (q, k, v), str(path), dynamo=False)
+    cm = kfuse.compile(str(path), (q, k, v))
+    torch.testing.assert_close(cm(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
+    assert cm.report().fusions.get("attention") == 1

@@ -96,3 +96,9 @@ def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):
     assert rep.fallbacks and all("no-such-cc" in f for f in rep.fallbacks)
     assert all(k.backend in ("view", "torch") or k.backend.startswith("library") for k in rep.kernels)
     rope._lib.cache_clear()
+
+
+def test_zero_size_batch_compiles_and_runs():
+    ln = torch.nn.LayerNorm(5)
+    cm = kfuse.compile(ln, (torch.randn(0, 5),))
+    assert cm(torch.randn(0, 5)).shape == (0, 5)
