@@ -37,12 +37,14 @@ from ..ir import Kind, Node
 # reductions rmax/rmin propagate NaN as torch.amax does.
 PRIMS = {
     1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
-        "not", "cast"),
-    2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or"),
+        "round", "trunc", "erfc", "atan", "tan", "not", "cast"),
+    2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
+        "fmod", "atan2"),
     3: ("where",),
 }
 REDUCTIONS = ("rsum", "rmax", "rmin")
-TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt"}
+TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", "erfc", "atan",
+                  "tan", "fmod", "atan2"}
 
 DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
 _WIDE = {torch.float64: "f32", torch.float16: "f32", torch.bfloat16: "f32",
@@ -295,12 +297,14 @@ class _Lowering:
         fn = getattr(self, "op_" + n.op, None)
         if fn is not None:
             return fn(n, xs, dt, **a)
-        if n.op in ("neg", "abs", "floor", "ceil"):
-            if dt != "f32" and n.op in ("floor", "ceil"):
+        if n.op in ("neg", "abs", "floor", "ceil", "round", "trunc"):
+            if dt != "f32" and n.op in ("floor", "ceil", "round", "trunc"):
                 return self.cvt(xs[0], dt)
             return self.f(n.op, xs[0], dtype=self._arith(n, dt))
-        if n.op in ("exp", "log", "sqrt", "sin", "cos", "tanh", "erf"):
+        if n.op in ("exp", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan"):
             return self.f(n.op, xs[0], dtype="f32")
+        if n.op in ("fmod", "atan2") and dt == "f32":     # integer fmod by 0 raises in torch: left to it
+            return self.f(n.op, *xs, dtype="f32")
         if n.op in ("add", "sub", "mul", "div", "maximum", "minimum"):
             return self.f({"maximum": "max", "minimum": "min"}.get(n.op, n.op), *xs, dtype=self._arith(n, dt))
         if n.op in ("eq", "ne", "lt", "le", "gt", "ge"):
