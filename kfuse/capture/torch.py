@@ -12,11 +12,22 @@ import warnings
 import torch
 import torch.fx
 
-from ..errors import KfuseError, UnsupportedOpError
-from ..ir import Graph, Node
+from ..errors import GraphError, KfuseError, UnsupportedOpError
+from ..ir import DTYPE_SHORT, FOLD_LIMIT, Graph, Node
 
 aten = torch.ops.aten
 ATEN: dict = {}
+
+
+class Unsupported(KfuseError):
+    """A handler met a form of its op that has no IR mapping; the converter turns this into an
+    UnsupportedOpError naming the op and node, with this message as the detail."""
+
+
+def sig(*nodes) -> str:
+    """Types of handler arguments for error messages: f32[1, 3, 8, 8], ..."""
+    return ", ".join(f"{DTYPE_SHORT.get(n.dtype, n.dtype)}{list(n.shape)}" if isinstance(n, Node) else repr(n)
+                     for n in nodes)
 
 
 def handles(*overloads):
@@ -63,26 +74,29 @@ def _axes(dims, ndim):
 
 
 for name, op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("pow", "pow"),
+                 ("fmod", "fmod"), ("remainder", "remainder"), ("atan2", "atan2"), ("floor_divide", "floor_div"),
                  ("maximum", "maximum"), ("minimum", "minimum"), ("eq", "eq"), ("ne", "ne"),
                  ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
                  ("logical_and", "logical_and"), ("logical_or", "logical_or"),
                  ("bitwise_and", "logical_and"), ("bitwise_or", "logical_or")]:
     packet = getattr(aten, name)
     handles(*[getattr(packet, o) for o in packet.overloads()
-              if o in ("Tensor", "Scalar", "default", "Tensor_Scalar", "Tensor_Tensor")])(binary(op))
+              if o in ("Tensor", "Scalar", "default", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor")])(binary(op))
 
 for name, op in [("neg", "neg"), ("abs", "abs"), ("exp", "exp"), ("log", "log"), ("sqrt", "sqrt"),
                  ("rsqrt", "rsqrt"), ("reciprocal", "reciprocal"), ("sin", "sin"), ("cos", "cos"),
                  ("tanh", "tanh"), ("sigmoid", "sigmoid"), ("erf", "erf"), ("relu", "relu"),
                  ("silu", "silu"), ("floor", "floor"), ("ceil", "ceil"), ("logical_not", "logical_not"),
-                 ("isnan", "isnan"), ("sign", "sign"), ("log1p", "log1p"), ("expm1", "expm1")]:
+                 ("isnan", "isnan"), ("sign", "sign"), ("log1p", "log1p"), ("expm1", "expm1"),
+                 ("round", "round"), ("trunc", "trunc"), ("fix", "trunc"), ("erfc", "erfc"), ("atan", "atan"),
+                 ("tan", "tan")]:
     handles(getattr(aten, name).default)(unary(op))
 
 
 @handles(aten.bitwise_not.default)
 def _bitwise_not(g, x):
     if x.dtype != torch.bool:
-        raise KfuseError("bitwise_not on integers is not supported (only on bool masks)")
+        raise Unsupported(f"bitwise_not of {sig(x)}: only bool masks are supported")
     return g.add("logical_not", x)
 
 
@@ -96,14 +110,42 @@ def _pow_scalar(g, base, exp):
     return g.add("pow", scalar(g, base, exp), exp)
 
 
-@handles(aten.div.Tensor_mode)
+@handles(aten.div.Tensor_mode, aten.div.Scalar_mode)
 def _div_mode(g, a, b, rounding_mode=None):
-    q = binary("div")(g, a, b)
-    if rounding_mode == "floor":
-        return g.add("floor", q)
-    if rounding_mode == "trunc":
-        return g.add("mul", g.add("floor", g.add("abs", q)), g.add("sign", q))
-    return q
+    """torch.div with rounding: floor_div / trunc_div keep integer dtypes and are exact (a float
+    divide then floor is wrong above 2^24 and returns float)."""
+    op = {None: "div", "floor": "floor_div", "trunc": "trunc_div"}[rounding_mode]
+    return binary(op)(g, a, b)
+
+
+@handles(aten.elu.default)
+def _elu(g, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return g.add("elu", x, alpha=float(alpha), scale=float(scale), input_scale=float(input_scale))
+
+
+@handles(aten.round.decimals)
+def _round_decimals(g, x, decimals=0):
+    """round(x * 10^d) / 10^d (x / 10^-d, then times, for d < 0): the kernel's own formula."""
+    if decimals == 0:
+        return g.add("round", x)
+    if not x.dtype.is_floating_point:
+        raise Unsupported(f"round of {sig(x)} with decimals={decimals}: only floating inputs are supported")
+    ten = scalar(g, 10.0 ** abs(decimals), x)
+    if decimals > 0:
+        return g.add("div", g.add("round", g.add("mul", x, ten)), ten)
+    return g.add("mul", g.add("round", g.add("div", x, ten)), ten)
+
+
+@handles(aten.exp2.default)
+def _exp2(g, x):
+    return g.add("pow", scalar(g, 2.0, x), x)
+
+
+@handles(aten.isinf.default)
+def _isinf(g, x):
+    if not x.dtype.is_floating_point:
+        return g.add("ne", x, x)                      # all false, in x's shape
+    return g.add("eq", g.add("abs", x), scalar(g, math.inf, x))
 
 
 @handles(aten.gelu.default)
@@ -266,6 +308,27 @@ def _pad(g, x, pads, value=0.0):
     return g.add("pad", x, pads=tuple(pads), value=float(value))
 
 
+@handles(aten.pad.default)
+def _pad_mode(g, x, pads, mode="constant", value=None):
+    """F.pad kept whole (export() keeps aten.pad out of the decompositions): constant, reflect,
+    replicate and circular map onto one pad op instead of index gathers or scatters into empty."""
+    if mode == "constant":
+        return _pad(g, x, pads, 0.0 if value is None else value)
+    if mode not in ("reflect", "replicate", "circular"):
+        raise Unsupported(f"pad mode {mode!r} of {sig(x)}")
+    return g.add("pad", x, pads=tuple(pads), mode=mode)
+
+
+@handles(aten.flip.default)
+def _flip(g, x, dims):
+    return g.add("flip", x, dims=tuple(sorted(d % len(x.shape) for d in dims))) if dims else x
+
+
+@handles(aten.repeat.default)
+def _repeat(g, x, repeats):
+    return g.add("repeat", x, repeats=tuple(repeats))
+
+
 @handles(aten.triu.default)
 def _triu(g, x, diagonal=0):
     return g.add("triu", x, diagonal=diagonal)
@@ -321,10 +384,39 @@ handles(aten.mean.dim)(reduction("reduce_mean"))
 handles(aten.sum.dim_IntList)(reduction("reduce_sum"))
 handles(aten.amax.default)(reduction("reduce_max"))
 handles(aten.amin.default)(reduction("reduce_min"))
+handles(aten.prod.dim_int)(reduction("reduce_prod"))
 
 
 ATEN[aten.mean.default] = lambda g, x, dtype=None: reduction("reduce_mean")(g, x, None, False, dtype)
 ATEN[aten.sum.default] = lambda g, x, dtype=None: reduction("reduce_sum")(g, x, None, False, dtype)
+ATEN[aten.prod.default] = lambda g, x, dtype=None: reduction("reduce_prod")(g, x, None, False, dtype)
+ATEN[aten.max.default] = lambda g, x: reduction("reduce_max")(g, x)
+ATEN[aten.min.default] = lambda g, x: reduction("reduce_min")(g, x)
+
+
+@handles(aten.linalg_vector_norm.default)
+def _vector_norm(g, x, ord=2, dims=None, keepdim=False, dtype=None):
+    """torch.linalg.vector_norm from sums and maxima; half types are computed in f32 as torch does."""
+    out_dtype = dtype or x.dtype
+    if not out_dtype.is_floating_point:
+        raise Unsupported(f"vector_norm of {sig(x)} to {out_dtype}: only floating results are supported")
+    work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+    x = x if x.dtype == work else g.add("cast", x, dtype=work)
+    axes = _axes(dims, len(x.shape))
+    ord = float(ord)
+    if ord == 0:
+        nonzero = g.add("cast", g.add("ne", x, scalar(g, 0.0, x)), dtype=work)
+        y = g.add("reduce_sum", nonzero, axes=axes, keepdim=keepdim)
+    elif math.isinf(ord):
+        y = g.add("reduce_max" if ord > 0 else "reduce_min", g.add("abs", x), axes=axes, keepdim=keepdim)
+    elif ord == 1:
+        y = g.add("reduce_sum", g.add("abs", x), axes=axes, keepdim=keepdim)
+    elif ord == 2:
+        y = g.add("sqrt", g.add("reduce_sum", g.add("mul", x, x), axes=axes, keepdim=keepdim))
+    else:
+        s = g.add("reduce_sum", g.add("pow", g.add("abs", x), scalar(g, ord, x)), axes=axes, keepdim=keepdim)
+        y = g.add("pow", s, scalar(g, 1.0 / ord, s))
+    return y if y.dtype == out_dtype else g.add("cast", y, dtype=out_dtype)
 
 
 @handles(aten.any.dim, aten.any.dims, aten.any.default)
@@ -351,11 +443,36 @@ def _max_dim(g, x, dim, keepdim=False):
     return (g.add("reduce_max", x, axes=(axis,), keepdim=keepdim), g.add("argmax", x, axis=axis, keepdim=keepdim))
 
 
-@handles(aten.argmax.default)
-def _argmax(g, x, dim=None, keepdim=False):
-    if dim is None:
-        return g.add("argmax", reshape(g, x, (x.numel,)), axis=0, keepdim=False)
-    return g.add("argmax", x, axis=dim % len(x.shape), keepdim=keepdim)
+@handles(aten.min.dim)
+def _min_dim(g, x, dim, keepdim=False):
+    axis = dim % len(x.shape)
+    return (g.add("reduce_min", x, axes=(axis,), keepdim=keepdim), g.add("argmin", x, axis=axis, keepdim=keepdim))
+
+
+def _arg(op):
+    def handler(g, x, dim=None, keepdim=False):
+        if dim is None:
+            return g.add(op, reshape(g, x, (x.numel,)), axis=0, keepdim=False)
+        return g.add(op, x, axis=dim % len(x.shape), keepdim=keepdim)
+    return handler
+
+
+_argmax = handles(aten.argmax.default)(_arg("argmax"))
+handles(aten.argmin.default)(_arg("argmin"))
+
+
+@handles(aten.topk.default)
+def _topk(g, x, k, dim=-1, largest=True, sorted=True):
+    attrs = {"k": k, "axis": dim % len(x.shape), "largest": bool(largest), "sorted": bool(sorted)}
+    return g.add("topk", x, **attrs, output="values"), g.add("topk", x, **attrs, output="indices")
+
+
+@handles(aten.sort.default, aten.sort.stable)
+def _sort(g, x, dim=-1, descending=False, *, stable=None):
+    """Both overloads map onto the stable sort: without stable=True torch promises no order of
+    ties, and the stable one is what its CPU sort returns."""
+    attrs = {"axis": dim % len(x.shape), "descending": bool(descending)}
+    return g.add("sort", x, **attrs, output="values"), g.add("sort", x, **attrs, output="indices")
 
 
 @handles(aten._softmax.default, aten.softmax.int)
@@ -397,11 +514,75 @@ def _batch_norm(g, x, w, b, mean, var, momentum, eps):
     return y, mean, var
 
 
-@handles(aten.cumsum.default)
-def _cumsum(g, x, dim, dtype=None):
-    if dtype is not None and dtype != x.dtype:
-        x = g.add("cast", x, dtype=dtype)
-    return g.add("cumsum", x, axis=dim % len(x.shape))
+def _normalize_rows(g, x, eps):
+    """(x - mean) * rsqrt(var + eps) along the last axis, biased variance by two passes: the form
+    the layer_norm pattern recognises, so it runs as one row kernel. mean and rstd keep the axis."""
+    axis = (len(x.shape) - 1,)
+    mean = g.add("reduce_mean", x, axes=axis, keepdim=True)
+    d = g.add("sub", x, mean)
+    var = g.add("reduce_mean", g.add("mul", d, d), axes=axis, keepdim=True)
+    rstd = g.add("rsqrt", g.add("add", var, scalar(g, eps, var)))
+    return g.add("mul", d, rstd), mean, rstd
+
+
+def _affine(g, y, w, b, shape):
+    """y * w + b with w and b (either may be None) reshaped to `shape`."""
+    if w is not None:
+        y = g.add("mul", y, reshape(g, w, shape))
+    if b is not None:
+        y = g.add("add", y, reshape(g, b, shape))
+    return y
+
+
+@handles(aten.native_group_norm.default)
+def _group_norm(g, x, w, b, n, c, hw, groups, eps):
+    """GroupNorm as a row normalisation over [N, G, C/G * HxW]. The per-channel scale and shift are
+    applied in that layout when they fold to constants of the row shape (then norm, scale and shift
+    are one kernel), else after reshaping back (one more elementwise kernel)."""
+    rows = (n, groups, (c // groups) * hw)
+    y, mean, rstd = _normalize_rows(g, reshape(g, x, rows), eps)
+
+    def along_rows(p):        # [C] -> [G, C/G * HxW], each channel's value repeated HxW times
+        p = g.add("expand", reshape(g, p, (groups, c // groups, 1)), shape=(groups, c // groups, hw))
+        return reshape(g, p, rows[1:])
+
+    if all(p is None or p.op == "const" for p in (w, b)) and c * hw <= FOLD_LIMIT:
+        y = _affine(g, y, w and along_rows(w), b and along_rows(b), rows[1:])
+        y = reshape(g, y, x.shape)
+    else:
+        y = _affine(g, reshape(g, y, x.shape), w, b, (c,) + (1,) * (len(x.shape) - 2))
+    return y, reshape(g, mean, (n, groups)), reshape(g, rstd, (n, groups))
+
+
+@handles(aten._native_batch_norm_legit.no_stats)
+def _batch_norm_batch_stats(g, x, w, b, training=True, momentum=0.1, eps=1e-5):
+    """BatchNorm with the batch's own statistics (instance norm reaches this as a batch of one over
+    [1, N*C, H, W]): a row normalisation over [C, N*H*W], transposed there when N > 1."""
+    n, c = x.shape[:2]
+    swap = (1, 0) + tuple(range(2, len(x.shape)))          # [N, C, ...] <-> [C, N, ...]
+    y, mean, rstd = _normalize_rows(g, reshape(g, x if n == 1 else _permute(g, x, swap), (c, -1)), eps)
+    y = _affine(g, y, w, b, (c, 1))
+    y = reshape(g, y, x.shape) if n == 1 else _permute(g, reshape(g, y, (c, n) + x.shape[2:]), swap)
+    return y, reshape(g, mean, (c,)), reshape(g, rstd, (c,))
+
+
+@handles(aten._native_batch_norm_legit.default)
+def _batch_norm_legit(g, x, w, b, running_mean, running_var, training, momentum, eps):
+    if training:      # batch statistics; the running-stat update is a side effect inference drops
+        return _batch_norm_batch_stats(g, x, w, b, training, momentum, eps)
+    return _batch_norm(g, x, w, b, running_mean, running_var, momentum, eps)
+
+
+def _scan(op):
+    def handler(g, x, dim, dtype=None):
+        if dtype is not None and dtype != x.dtype:
+            x = g.add("cast", x, dtype=dtype)
+        return g.add(op, x, axis=dim % len(x.shape))
+    return handler
+
+
+_cumsum = handles(aten.cumsum.default)(_scan("cumsum"))
+handles(aten.cumprod.default)(_scan("cumprod"))
 
 
 # -- contractions ---------------------------------------------------------------------------------------------
@@ -429,10 +610,23 @@ def _linear(g, x, w, b=None):
 
 @handles(aten.convolution.default)
 def _convolution(g, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed or len(x.shape) != 4:
-        raise KfuseError("only 2-D, non-transposed convolutions are supported")
+    """2-D convolutions map onto conv2d / conv_transpose2d; 1-D ones onto the same with an inserted
+    H of 1 (the weight's reshape folds, being a constant)."""
+    nd = len(x.shape) - 2
+    if nd not in (1, 2):
+        raise Unsupported(f"{nd}-D {'transposed ' if transposed else ''}convolution of {sig(x, w)}: "
+                          "only 1-D and 2-D convolutions are supported")
+    if nd == 1:
+        x4 = reshape(g, x, x.shape[:2] + (1,) + x.shape[2:])
+        w4 = reshape(g, w, w.shape[:2] + (1,) + w.shape[2:])
+        y = _convolution(g, x4, w4, b, (1, *stride), (0, *padding), (1, *dilation), transposed,
+                         (0, *output_padding), groups)
+        return reshape(g, y, y.shape[:2] + y.shape[3:])
     args = (x, w) if b is None else (x, w, b)
-    return g.add("conv2d", *args, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+    attrs = {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation), "groups": groups}
+    if transposed:
+        return g.add("conv_transpose2d", *args, output_padding=tuple(output_padding), **attrs)
+    return g.add("conv2d", *args, **attrs)
 
 
 @handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
@@ -446,7 +640,7 @@ def _max_pool(g, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mod
 @handles(aten.avg_pool2d.default)
 def _avg_pool(g, x, kernel, stride=(), padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor=None):
     if divisor is not None:
-        raise KfuseError("avg_pool2d with divisor_override is not supported")
+        raise Unsupported(f"avg_pool2d of {sig(x)} with divisor_override={divisor}")
     kernel = tuple(kernel)
     return g.add("avg_pool2d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
                  ceil_mode=ceil_mode, count_include_pad=count_include_pad)
@@ -456,12 +650,55 @@ def _avg_pool(g, x, kernel, stride=(), padding=(0, 0), ceil_mode=False, count_in
 def _adaptive_avg_pool(g, x, size):
     h, w = x.shape[-2:]
     oh, ow = size
+    nd = len(x.shape)
     if (oh, ow) == (1, 1):
-        return g.add("reduce_mean", x, axes=(len(x.shape) - 2, len(x.shape) - 1), keepdim=True)
-    if h % oh or w % ow:
-        raise KfuseError(f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} needs uneven windows (unsupported)")
-    k = (h // oh, w // ow)
-    return g.add("avg_pool2d", x, kernel=k, stride=k, padding=(0, 0))
+        return g.add("reduce_mean", x, axes=(nd - 2, nd - 1), keepdim=True)
+    if h % oh == 0 and w % ow == 0:
+        k = (h // oh, w // ow)
+        return g.add("avg_pool2d", x, kernel=k, stride=k, padding=(0, 0))
+    if oh + ow > 64:
+        raise Unsupported(f"adaptive_avg_pool2d of {sig(x)} to {oh}x{ow}: uneven windows, and more than "
+                          "64 output rows plus columns (too many slices to write out)")
+    return _adaptive_mean(g, _adaptive_mean(g, x, nd - 2, oh), nd - 1, ow)
+
+
+def _adaptive_mean(g, x, axis, out):
+    """Adaptive average along one axis: cell i averages [floor(i*n/out), ceil((i+1)*n/out)), as
+    torch's windows do; uneven windows become one slice and mean each."""
+    n = x.shape[axis]
+    cells = [g.add("reduce_mean", _slice(g, x, axis, i * n // out, -(-(i + 1) * n // out)), axes=(axis,), keepdim=True)
+             for i in range(out)]
+    return cells[0] if out == 1 else g.add("concat", *cells, axis=axis)
+
+
+UPSAMPLE = {aten.upsample_nearest1d.vec: "nearest", aten.upsample_nearest2d.vec: "nearest",
+            aten.upsample_nearest3d.vec: "nearest", aten._upsample_nearest_exact1d.vec: "nearest-exact",
+            aten._upsample_nearest_exact2d.vec: "nearest-exact", aten._upsample_nearest_exact3d.vec: "nearest-exact",
+            aten.upsample_linear1d.vec: "linear", aten.upsample_bilinear2d.vec: "bilinear",
+            aten.upsample_trilinear3d.vec: "trilinear", aten.upsample_bicubic2d.vec: "bicubic"}
+
+
+def _upsample(op, mode):
+    def handler(g, x, size, *rest):
+        """F.interpolate -> resize with the output size. A scale factor is used by torch as the
+        coordinate scale in place of in/out; when the two differ (x1.5 of 5 is 7, and 1/1.5 != 5/7)
+        the op is written out by torch's own decomposition instead (gathers and lerps)."""
+        align, scales = (None, rest[0]) if mode.startswith("nearest") else rest
+        out = op(torch.empty(x.shape, dtype=x.dtype, device="meta"), size, *rest).shape[2:]
+        if scales is not None and not align and not all(map(_same_scale, scales, x.shape[2:], out)):
+            return _decomposed(g, op, (x, size, *rest))
+        return g.add("resize", x, size=tuple(out), mode=mode, align_corners=align)
+    return handler
+
+
+def _same_scale(scale, n_in, n_out):
+    """Whether torch's coordinate scale 1/scale equals n_in/n_out, in double and in float."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    return 1.0 / scale == n_in / n_out and bool(f32(1.0 / scale) == f32(float(n_in)) / f32(float(n_out)))
+
+
+for _op, _mode in UPSAMPLE.items():
+    ATEN[_op] = _upsample(_op, _mode)
 
 
 def _sdpa(g, q, k, v, mask=None, dropout=0.0, causal=False, *_, scale=None, enable_gqa=False, **__):
@@ -478,7 +715,23 @@ def _sdpa_flash_cpu(g, q, k, v, dropout=0.0, causal=False, *, attn_mask=None, sc
     return _sdpa(g, q, k, v, attn_mask, dropout, causal, scale=scale), None
 
 
-SKIP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+def _overloads(*names):
+    """The overloads named "op.overload" that this torch version has."""
+    found = set()
+    for name in names:
+        packet, overload = name.split(".")
+        if hasattr(aten, packet) and overload in getattr(aten, packet).overloads():
+            found.add(getattr(getattr(aten, packet), overload))
+    return found
+
+
+SKIP = _overloads("_assert_tensor_metadata.default", "_assert_scalar.default", "_assert_async.default",
+                  "_assert_async.msg", "_functional_assert_async.msg", "_functional_assert_scalar.default",
+                  "sym_constrain_range.default", "sym_constrain_range_for_size.default",
+                  "_functional_sym_constrain_range.default", "_functional_sym_constrain_range_for_size.default",
+                  "_make_dep_token.default")
+"""Runtime checks (one_hot's range asserts, export's shape asserts): they produce no value an output
+uses, and inputs of another shape recompile anyway."""
 
 
 # -- the converter --------------------------------------------------------------------------------------------
@@ -487,25 +740,34 @@ def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names:
     """Convert an ATen-level FX graph. Placeholders named in `values` become constants; the others,
     in `input_names` order, become graph inputs (their shapes come from node.meta['val'])."""
     g = Graph()
-    env: dict[torch.fx.Node, object] = {}
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    inputs = {}
     for name in input_names:
         val = placeholders[name].meta["val"]
-        env[placeholders[name]] = g.input(tuple(val.shape), val.dtype, name)
+        inputs[name] = g.input(tuple(val.shape), val.dtype, name)
+    outs = _convert(g, graph, values, inputs)
+    g.outputs = [env if isinstance(env, Node) else g.const(env) for env, _ in outs]
+    g.output_names = [name for _, name in outs]
+    g.prune()
+    return g
+
+
+def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> list[tuple[object, str]]:
+    """Add the nodes of an FX graph to g; `inputs` maps placeholder names to nodes of g, `values`
+    maps the other placeholders and attributes to tensors. Returns (value, name) per graph output."""
+    env: dict[torch.fx.Node, object] = {}
+    outs = []
     for n in graph.nodes:
         if n.op == "placeholder":
-            if n not in env:
-                env[n] = g.const(values[n.name], name=n.name)
+            env[n] = inputs[n.name] if n.name in inputs else g.const(values[n.name], name=n.name)
         elif n.op == "get_attr":
             env[n] = g.const(values[n.target], name=n.name)
         elif n.op == "call_function":
             env[n] = _call(g, n, env)
         elif n.op == "output":
-            outs = torch.utils._pytree.tree_leaves(n.args[0])
-            g.outputs = [env[o] if isinstance(o, torch.fx.Node) else g.const(o) for o in outs]
-            g.output_names = [o.name if isinstance(o, torch.fx.Node) else "const" for o in outs]
-    g.prune()
-    return g
+            outs = [(env[o], o.name) if isinstance(o, torch.fx.Node) else (o, "const")
+                    for o in torch.utils._pytree.tree_leaves(n.args[0])]
+    return outs
 
 
 def _call(g, n: torch.fx.Node, env):
@@ -520,11 +782,52 @@ def _call(g, n: torch.fx.Node, env):
     args = torch.fx.node.map_aggregate(n.args, conv)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
-    out = handler(g, *args, **kwargs)
+    try:
+        out = handler(g, *args, **kwargs)
+    except Unsupported as e:
+        err = UnsupportedOpError(str(n.target), n.name, "PyTorch")
+        err.args = (f"{err.args[0]}: {e}",)
+        raise err from None
+    except GraphError as e:
+        raise GraphError(f"{n.target} at node {n.name!r}: {e}") from e
     for node in out if isinstance(out, tuple) else (out,):
         if isinstance(node, Node) and node.op != "const" and not node.name:
             node.name = n.name
     return out
+
+
+def _decomposed(g: Graph, op, args: tuple) -> Node:
+    """op(*args) written out in ops this table maps, by exporting torch's own decomposition of it
+    (a zero tensor stands for each Node argument: the decompositions used here depend on shapes only)."""
+    from torch._decomp import decomposition_table
+    nodes = [a for a in args if isinstance(a, Node)]
+
+    class Apply(torch.nn.Module):
+        def forward(self, *ts):
+            it = iter(ts)
+            return op(*[next(it) if isinstance(a, Node) else a for a in args])
+
+    examples = tuple(torch.zeros(n.shape, dtype=n.dtype) for n in nodes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(Apply(), examples, strict=False)
+        table = torch.export.default_decompositions()
+        if op not in table:
+            table[op] = decomposition_table[op]
+        ep = ep.run_decompositions(table)
+    from torch.export.graph_signature import InputKind
+    specs = ep.graph_signature.input_specs
+    user = [s.arg.name for s in specs if s.kind == InputKind.USER_INPUT]
+    consts = {s.arg.name: ep.constants[s.target] for s in specs if s.kind != InputKind.USER_INPUT}
+    (out, _), = _convert(g, ep.graph, consts, dict(zip(user, nodes)))
+    return out
+
+
+# Composite ops kept out of the decompositions because one IR op says them whole: SDPA (its
+# decomposition also breaks on some strided inputs, e.g. transformers' GPT-2 with
+# attn_implementation="sdpa"), F.pad in every mode (reflect/replicate would become index gathers,
+# circular a scatter into aten.empty) and the upsamplings the default table would write out.
+KEEP_WHOLE = (aten.scaled_dot_product_attention.default, aten.pad.default, *UPSAMPLE)
 
 
 def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
@@ -537,10 +840,9 @@ def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict |
             ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False)
         except Exception as e:
             raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
-        # SDPA stays whole: it maps onto our attention op (and its decomposition breaks on some
-        # strided inputs, e.g. transformers' GPT-2 with attn_implementation="sdpa").
         table = torch.export.default_decompositions()
-        table.pop(aten.scaled_dot_product_attention.default, None)
+        for op in KEEP_WHOLE:
+            table.pop(op, None)
         ep = ep.run_decompositions(table)
     values, user = {}, []
     state = {**ep.state_dict, **ep.constants}

@@ -1,0 +1,263 @@
+"""ATen ops mapped onto the second round of IR ops (integer division, elu, fmod, norms, topk/sort,
+group/instance norm, resize, conv1d and transposed conv, pad modes, ...): each compiled by
+kfuse.compile and compared with eager in values and dtype on odd sizes, with NaN and inf where the
+op treats them specially. Ops written out from others are also checked for the form they take."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfuse
+from kfuse.capture.torch import export
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+def r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def special(*shape):
+    """Random values with inf, -inf, NaN, ±0 and exact halves in the first places."""
+    x = r(*shape).flatten() * 3
+    x[:9] = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 0.5, 1.5, 2.5, -2.5])
+    return x.reshape(shape)
+
+
+BIG = torch.tensor([2**40 + 3, -7, 7, -(2**53) + 1, 0, 5, -1, 2**25 + 1, -(2**25) - 1, 9, 12, -12, 1])
+DIV = torch.tensor([2, 2, -3, 3, 5, -5, 7, 2, 2, -4, 5, -5, -1])
+
+
+def compiled(model, *inputs, rtol=1e-5, atol=1e-5):
+    """kfuse.compile(model) on inputs, checked against eager output by output: dtype, shape, values
+    (exactly for integer and bool outputs, NaN where eager has NaN)."""
+    model = model if isinstance(model, nn.Module) else Fn(model)
+    cm = kfuse.compile(model, inputs)
+    got = torch.utils._pytree.tree_leaves(cm(*inputs))
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_leaves(model(*inputs))
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"output {i}"
+        exact = not b.dtype.is_floating_point
+        torch.testing.assert_close(a, b, rtol=0 if exact else rtol, atol=0 if exact else atol, equal_nan=True,
+                                   msg=lambda m, i=i: f"output {i}: {m}")
+    return cm
+
+
+def ops_of(model, *inputs):
+    graph, _ = export(model if isinstance(model, nn.Module) else Fn(model), inputs)
+    graph.check()
+    return graph.op_counts()
+
+
+# -- 1. integer division ------------------------------------------------------------------------------------
+
+INT_DIVISION = lambda i, j: (i // 2, torch.div(i, j, rounding_mode="floor"),  # noqa: E731
+                             torch.div(i, j, rounding_mode="trunc"), torch.floor_divide(i, j), -i // -3)
+
+
+def test_integer_floor_and_trunc_division_stay_integer_and_exact():
+    compiled(INT_DIVISION, BIG, DIV)                          # values above 2^24 and 2^53 - 1, signs mixed
+    compiled(INT_DIVISION, BIG.int() // 4, DIV.int())         # int32 stays int32
+    ops = ops_of(INT_DIVISION, BIG, DIV)
+    assert ops.get("floor_div") == 4 and ops.get("trunc_div") == 1
+    assert not {"cast", "floor", "div"} & set(ops)
+
+
+def test_float_floor_and_trunc_division():
+    x = special(13)
+    y = torch.tensor([2.0, -3.0, 0.0, 0.7, -0.0, 1.0, -1.0, math.inf, 0.25, 3.0, -2.0, 5.0, 0.3])
+    compiled(lambda x, y: (torch.div(x, y, rounding_mode="floor"), torch.div(x, y, rounding_mode="trunc"),
+                           x // 0.7, torch.div(x, 3, rounding_mode="trunc"), BIG[:13] // y), x, y)
+
+
+# -- 2-3. elementwise ------------------------------------------------------------------------------------------
+
+def test_elu_selu_celu():
+    compiled(lambda x: (F.elu(x), F.selu(x), F.celu(x, 0.5), nn.ELU(0.3)(x), F.elu(x, 2.0)), special(7, 13))
+    assert ops_of(lambda x: F.selu(x), r(7)) == {"input": 1, "elu": 1}
+
+
+def test_fmod_remainder_and_roll():
+    x, y = special(13) * 3, r(13) + 0.1
+    compiled(lambda x, y: (torch.fmod(x, 2.5), torch.fmod(x, y), torch.remainder(x, 2.5), x % y, 3 % y,
+                           torch.remainder(x, -1.5)), x, y)
+    i, j = BIG // 7, DIV
+    compiled(lambda i, j: (torch.fmod(i, 3), i % j, i % -3, torch.fmod(i, j), 7 % j), i, j)
+    compiled(lambda x: (torch.roll(x, 2, 1), torch.roll(x, (1, -2), (0, 1)), torch.roll(x, 3)), r(5, 7))
+
+
+def test_rounding_and_transcendental_unary():
+    x, y = special(7, 13), torch.cat([special(13)[6:], -special(13)[:6]]).expand(7, 13)
+    compiled(lambda x, y: (x.round(), x.trunc(), torch.fix(x), torch.erfc(x), x.atan(), x.tan(),
+                           torch.atan2(x, y), torch.exp2(x / 8), x.isinf(), x.isfinite(), x.isnan()), x, y)
+    compiled(lambda i: (i.round(), i.trunc(), i.isinf(), i.isfinite()), BIG)
+
+
+def test_round_with_decimals_is_the_kernels_formula():
+    x = r(1001) * 1000
+    cm = compiled(lambda x: (x.round(decimals=2), x.round(decimals=-1), x.round(decimals=3)), x)
+    for a, b in zip(cm(x), (x.round(decimals=2), x.round(decimals=-1), x.round(decimals=3))):
+        assert torch.equal(a, b)
+
+
+# -- 4. reductions -------------------------------------------------------------------------------------------
+
+def test_prod():
+    x = r(3, 7) + 1
+    compiled(lambda x, i: (x.prod(), x.prod(1), x.prod(0, keepdim=True), i.prod(1), i.int().prod(0),
+                           x.prod(1, dtype=torch.float64)), x, (BIG[:12] % 5).reshape(3, 4))
+
+
+def test_vector_norms():
+    x = r(3, 13)
+    cm = compiled(lambda x: (F.normalize(x), F.normalize(x, p=1, dim=0), torch.norm(x),
+                             torch.linalg.vector_norm(x, 1, -1, True), torch.linalg.vector_norm(x, math.inf),
+                             torch.linalg.vector_norm(x, -math.inf, 1), torch.linalg.vector_norm(x, 3, 0),
+                             torch.linalg.vector_norm(x, 0), torch.linalg.vector_norm(x, 2, 1, dtype=torch.float64)), x)
+    assert "linalg_vector_norm" not in str(cm.graph)
+    compiled(lambda x: torch.linalg.vector_norm(x, 2, 1), x.half() * 100, rtol=1e-3, atol=1e-3)  # f16, no overflow
+
+
+def test_min_max_argmin():
+    x = special(5, 13)[:, 2:]                       # NaN and infinities in the rows
+    x = torch.cat([x, torch.tensor([[1.0, 1.0, 0.0, 0.0] * 2 + [2.0] * 3])])     # ties: first index wins
+    compiled(lambda x: (*x.min(1), *x.max(0, keepdim=True), x.max(), x.min(), x.argmin(1), x.argmin(),
+                        x.argmin(0, keepdim=True)), x)
+    compiled(lambda i: (*i.min(0), i.max(), i.argmin()), BIG)
+
+
+# -- 5. topk, sort, cumprod ------------------------------------------------------------------------------------
+
+def test_topk_sort_cumprod():
+    x = torch.tensor([[3.0, 1.0, 2.0, 1.0, 5.0, 2.0, 0.0], [-1.0, 4.0, 4.0, 4.0, -2.0, 0.5, 7.0]]).repeat(2, 2)
+    compiled(lambda x: (*torch.topk(x, 3), *torch.topk(x, 2, 0, largest=False), *torch.sort(x),
+                        *torch.sort(x, descending=True, stable=True), torch.sort(x, dim=0)[1], x.argsort(1),
+                        x.cumprod(1), x.cumprod(0)), x)
+    compiled(lambda i: (torch.topk(i, 4)[1], i.sort()[0], i.cumprod(0)), BIG % 1000)
+
+
+# -- 6. flip, repeat, tile --------------------------------------------------------------------------------------
+
+def test_flip_repeat_tile():
+    compiled(lambda x: (x.flip(0, 1), x.flip(-1), x.repeat(2, 1, 3), x.tile(2), x.tile(2, 1, 1)), r(3, 7))
+
+
+# -- 7. group norm, instance norm, batch statistics ---------------------------------------------------------
+
+def _with_affine(m):
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2)
+        m.bias.uniform_(-1, 1)
+    return m
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_is_one_row_kernel(affine):
+    m = nn.GroupNorm(3, 6, eps=1e-3, affine=affine)
+    cm = compiled(_with_affine(m) if affine else m, r(2, 6, 5, 3) * 4 + 1)
+    computing = [k for k in cm.report().kernels if k.backend != "view"]
+    assert len(computing) == 1 and "layer_norm" in computing[0].ops, cm.report()
+    compiled(nn.GroupNorm(2, 4), r(3, 4, 7))            # 1-D spatial, default init
+    compiled(nn.GroupNorm(1, 5), r(2, 5))               # no spatial dims
+    if affine:                                          # C * HxW above the fold limit: scale after the reshape
+        compiled(_with_affine(nn.GroupNorm(2, 4)), r(1, 4, 129, 130))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm(affine):
+    m = nn.InstanceNorm2d(6, affine=affine, eps=1e-4)
+    cm = compiled(_with_affine(m) if affine else m, r(2, 6, 7, 3) * 2 - 1)
+    assert len([k for k in cm.report().kernels if k.backend != "view"]) == 1, cm.report()
+    compiled(lambda x: F.instance_norm(x), r(3, 4, 13))
+
+
+def test_batch_norm_with_batch_statistics():
+    w, b = r(4) + 2, r(4)
+    compiled(lambda x: F.batch_norm(x, None, None, w, b, training=True, eps=1e-3), r(3, 4, 5, 2))
+    compiled(lambda x: F.batch_norm(x, None, None, training=True), r(1, 4, 7))
+
+
+# -- 8. interpolate ------------------------------------------------------------------------------------------
+
+def test_interpolate_maps_to_resize():
+    fn = lambda x: (F.interpolate(x, scale_factor=2), F.interpolate(x, size=(7, 9), mode="bilinear"),  # noqa: E731
+                    F.interpolate(x, size=(4, 8), mode="bilinear", align_corners=True),
+                    F.interpolate(x, scale_factor=1.5, mode="bilinear", align_corners=True),
+                    F.interpolate(x, size=(7, 5), mode="nearest-exact"),
+                    F.interpolate(x, scale_factor=3, mode="bicubic"),
+                    F.interpolate(x, size=(13, 2), mode="bicubic", align_corners=True))
+    x = r(1, 2, 5, 3)
+    compiled(fn, x)
+    assert ops_of(fn, x) == {"input": 1, "resize": 7}
+    compiled(lambda x: (F.interpolate(x, scale_factor=2), F.interpolate(x, size=7, mode="linear")), r(2, 3, 5))
+
+
+def test_interpolate_with_a_scale_that_is_not_out_over_in():
+    """x1.5 of 5 is 7, and torch then maps coordinates by 1/1.5, not 5/7: written out as gathers."""
+    compiled(lambda x: (F.interpolate(x, scale_factor=1.5), F.interpolate(x, scale_factor=1.5, mode="bilinear"),
+                        F.interpolate(x, scale_factor=(1.7, 2), mode="bicubic")), r(1, 2, 5, 3))
+
+
+# -- 9. convolutions and padding modes ------------------------------------------------------------------------
+
+def test_conv1d_and_transposed_convs():
+    compiled(nn.Conv1d(3, 4, 3, padding=1, stride=2, dilation=2), r(2, 3, 13))
+    compiled(nn.Conv1d(4, 6, 5, groups=2, bias=False), r(1, 4, 13))
+    compiled(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), r(2, 3, 5, 7))
+    compiled(nn.ConvTranspose2d(4, 6, (3, 2), stride=(1, 2), groups=2, dilation=2, bias=False), r(1, 4, 7, 5))
+    compiled(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), r(2, 4, 7))
+    assert ops_of(nn.Conv1d(3, 4, 3), r(2, 3, 13)) == {"input": 1, "const": 2, "reshape": 2, "conv2d": 1}
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_conv_padding_modes(mode):
+    compiled(nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=mode), r(2, 3, 5, 7))
+    compiled(nn.Conv1d(3, 4, 3, padding=2, padding_mode=mode), r(2, 3, 7))
+
+
+def test_pad_modes():
+    fn = lambda x: (F.pad(x, (1, 2, 2, 1), mode="reflect"), F.pad(x, (1, 2, 2, 1), mode="replicate"),  # noqa: E731
+                    F.pad(x, (1, 2, 2, 1), mode="circular"), F.pad(x, (1, 2), value=3.0), F.pad(x, (-1, 2)),
+                    F.pad(x, (2, 0, 1, 0, 0, 1), mode="replicate"))
+    x = special(1, 2, 5, 7)
+    compiled(fn, x)
+    assert ops_of(fn, x) == {"input": 1, "pad": 6}
+
+
+# -- 10. runtime asserts ----------------------------------------------------------------------------------------
+
+def test_one_hot_drops_its_range_asserts():
+    compiled(lambda i: (F.one_hot(i, 5), F.one_hot(i % 3, 3).sum(1)), torch.tensor([[1, 0, 4], [2, 2, 3]]))
+
+
+# -- 11. adaptive pooling and error messages -----------------------------------------------------------------------
+
+def test_adaptive_avg_pool_with_uneven_windows():
+    compiled(lambda x: (F.adaptive_avg_pool2d(x, (3, 2)), F.adaptive_avg_pool2d(x, (4, 5)), nn.AdaptiveAvgPool2d(3)(x)),
+             special(1, 2, 7, 13))
+
+
+@pytest.mark.parametrize("model, x, words", [
+    (nn.Conv3d(2, 2, 3), r(1, 2, 5, 5, 5), ["3-D", "f32[1, 2, 5, 5, 5]", "f32[2, 2, 3, 3, 3]"]),
+    (nn.ConvTranspose3d(2, 2, 3), r(1, 2, 5, 5, 5), ["3-D transposed", "f32[1, 2, 5, 5, 5]"]),
+    (Fn(lambda x: F.adaptive_avg_pool2d(x, (50, 50))), r(1, 2, 99, 99), ["uneven", "f32[1, 2, 99, 99]", "50x50"]),
+    (Fn(lambda x: F.avg_pool2d(x, 2, divisor_override=3)), r(1, 2, 9, 9), ["divisor_override=3", "f32[1, 2, 9, 9]"]),
+])
+def test_unsupported_forms_name_op_node_and_shapes(model, x, words):
+    with pytest.raises(kfuse.UnsupportedOpError) as e:
+        export(model, (x,))
+    assert e.value.op_type.startswith("aten.") and e.value.node
+    assert f"at node {e.value.node!r}" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
