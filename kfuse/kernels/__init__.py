@@ -37,13 +37,13 @@ from ..ir import Kind, Node
 # reductions rmax/rmin propagate NaN as torch.amax does.
 PRIMS = {
     1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
-        "round", "trunc", "erfc", "atan", "tan", "not", "cast"),
+        "round", "trunc", "erfc", "atan", "tan", "expm1", "not", "cast"),
     2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
         "fmod", "atan2"),
     3: ("where",),
 }
 REDUCTIONS = ("rsum", "rmax", "rmin")
-TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", "erfc", "atan",
+TRANSCENDENTAL = {"exp", "expm1", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", "erfc", "atan",
                   "tan", "fmod", "atan2"}
 
 DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
@@ -301,7 +301,7 @@ class _Lowering:
             if dt != "f32" and n.op in ("floor", "ceil", "round", "trunc"):
                 return self.cvt(xs[0], dt)
             return self.f(n.op, xs[0], dtype=self._arith(n, dt))
-        if n.op in ("exp", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan"):
+        if n.op in ("exp", "expm1", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan"):
             return self.f(n.op, xs[0], dtype="f32")
         if n.op in ("fmod", "atan2") and dt == "f32":     # integer fmod by 0 raises in torch: left to it
             return self.f(n.op, *xs, dtype="f32")
@@ -346,6 +346,11 @@ class _Lowering:
     def op_silu(self, n, xs, dt):
         x = self.cvt(xs[0], "f32")   # torch: x / (1 + exp(-x))
         return self.f("div", x, self.f("add", self.lit(1.0), self.f("exp", self.f("neg", x))))
+
+    def op_elu(self, n, xs, dt, alpha=1.0, scale=1.0, input_scale=1.0):
+        x = self.cvt(xs[0], "f32")   # torch: x <= 0 ? expm1(x * input_scale) * (alpha * scale) : x * scale
+        neg = self.f("mul", self.f("expm1", self.f("mul", x, self.lit(input_scale))), self.lit(alpha * scale))
+        return self.emit("where", (self.cmp("le", x, self.lit(0.0)), neg, self.f("mul", x, self.lit(scale))), "f32")
 
     def op_relu(self, n, xs, dt):
         x = xs[0]                     # NaN < 0 is false: NaN passes through, as in torch

@@ -72,7 +72,9 @@ UNARY = [("neg", {}), ("abs", {}), ("exp", {}), ("log", {}), ("sqrt", {}), ("rsq
          ("ceil", {}), ("clamp", {"min": -1.5, "max": 2.0}), ("clamp", {"min": 0.25}),
          ("leaky_relu", {"alpha": 0.01}), ("isnan", {}), ("softplus", {}),
          ("softplus", {"beta": 2.0, "threshold": 5.0}), ("sign", {}), ("logical_not", {}),
-         ("round", {}), ("trunc", {}), ("erfc", {}), ("atan", {}), ("tan", {}),
+         ("round", {}), ("trunc", {}), ("erfc", {}), ("atan", {}), ("tan", {}), ("expm1", {}),
+         ("elu", {}), ("elu", {"alpha": 1.6732632423543772, "scale": 1.0507009873554805}),   # selu
+         ("elu", {"alpha": 0.5, "input_scale": 2.0}),
          ("cast", {"dtype": torch.int64}), ("cast", {"dtype": torch.bool})]
 
 
