@@ -7,6 +7,10 @@ folds away because `Graph.add` folds any node whose inputs are all constants. Ha
 need a shape-like input (Reshape's shape, Slice's starts, ...) therefore read it as a constant
 and raise a KfuseError naming the node when it is not one.
 
+An op with no handler (or a variant its handler does not map) whose inputs are all constants is
+computed at load time by ONNX's reference evaluator (`_evaluate`, size-capped); an If whose
+condition folds to a constant is replaced by the branch it takes.
+
 Each entry of HANDLERS maps one ONNX op type onto IR ops. A handler is called as
 `handler(node, *inputs)`: `node` is a `_Node` (attributes, opset, and `add`/`const` that build
 IR nodes named after the ONNX node), `inputs` the IR nodes of the ONNX inputs (None where an
@@ -74,11 +78,11 @@ def read_model(model) -> onnx.ModelProto:
         except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
             # not protobuf, truncated, or external data missing beside it
             raise ModelFileError(f"ONNX model file {what} cannot be read: {e}") from None
-    # Unsupported ops first: the checker would only say "no schema" for a non-standard one.
+    # Unsupported ops first: the checker would only say "no schema" for a non-standard one. An op
+    # with a schema but no handler may still fold (all its inputs constant): _convert decides.
     for node in proto.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
-            full = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            raise UnsupportedOpError(full, node.name or (node.output[0] if node.output else ""), "ONNX")
+        if node.domain not in ("", "ai.onnx") or (node.op_type not in HANDLERS and not onnx.defs.has(node.op_type)):
+            raise _unsupported(node)
     try:
         # The checker wants a path for models over 2 GB; either way it is cheap next to loading.
         big = not isinstance(model, onnx.ModelProto) and proto.ByteSize() >= 2**31
@@ -129,6 +133,11 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples):
         env[vi.name] = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
 
 
+def _unsupported(onnx_node: onnx.NodeProto) -> UnsupportedOpError:
+    full = onnx_node.op_type if onnx_node.domain in ("", "ai.onnx") else f"{onnx_node.domain}.{onnx_node.op_type}"
+    return UnsupportedOpError(full, onnx_node.name or (onnx_node.output[0] if onnx_node.output else ""), "ONNX")
+
+
 def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
     name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else "")
     op_type = onnx_node.op_type
@@ -137,9 +146,25 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
         if i and i not in env:
             raise ModelFileError(f"ONNX node {name!r} ({op_type}) reads {i!r}, which nothing defines before it")
         ins.append(env[i] if i else None)
-    node = _Node(g, onnx_node, name, opset)
+    node = _Node(g, onnx_node, name, opset, env)
+    constant = all(x is None or x.op == "const" for x in ins)
     try:
-        out = HANDLERS[op_type](node, *ins)
+        if onnx_node.domain not in ("", "ai.onnx"):
+            raise _unsupported(onnx_node)
+        if op_type not in HANDLERS:
+            if not constant:
+                raise _unsupported(onnx_node)
+            out = _evaluate(node, ins)
+        else:
+            try:
+                out = HANDLERS[op_type](node, *ins)
+            except UnsupportedOpError as e:  # a variant the handler does not map, on constants: fold it
+                if not constant:
+                    raise
+                try:
+                    out = _evaluate(node, ins)
+                except UnsupportedOpError:
+                    raise e from None
     except GraphError as e:  # an IR node the handler built did not type-check: say which ONNX node
         raise GraphError(f"ONNX node {name!r} ({op_type}): {e}") from None
     outs = out if isinstance(out, (list, tuple)) else [out]
@@ -153,11 +178,14 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
 class _Node:
     """What a handler sees of its ONNX node: attributes, the opset, and IR builders."""
 
-    def __init__(self, g: Graph, proto: onnx.NodeProto, name: str, opset: int):
-        self.g, self.proto, self.name, self.opset = g, proto, name, opset
+    def __init__(self, g: Graph, proto: onnx.NodeProto, name: str, opset: int, env: dict):
+        self.g, self.proto, self.name, self.opset, self.env = g, proto, name, opset, env
         self.attrs = {a.name: a for a in proto.attribute}
+        self.overrides = {}  # attribute values a handler wrapper rewrote (1-d windows lifted to 2-d)
 
     def attr(self, key, default=None):
+        if key in self.overrides:
+            return self.overrides[key]
         if key not in self.attrs:
             return default
         v = helper.get_attribute_value(self.attrs[key])
@@ -172,6 +200,12 @@ class _Node:
 
     def fail(self, why):
         raise KfuseError(f"ONNX node {self.name!r} ({self.proto.op_type}): {why}")
+
+    def unsupported(self, why):
+        """An UnsupportedOpError naming the op and node, saying which variant of the op is not mapped."""
+        e = _unsupported(self.proto)
+        e.args = (f"{e}: {why}",)
+        raise e
 
     def add(self, op, *inputs, **attrs) -> Node:
         return self.g.add(op, *inputs, name=self.name, **attrs)
@@ -190,6 +224,53 @@ class _Node:
         if attr and attr in self.attrs:
             return list(self.attr(attr))
         return None if x is None else [int(v) for v in self.value(x, what).reshape(-1).tolist()]
+
+
+# -- constant evaluation ------------------------------------------------------------------------------
+
+# A node with no handler (or a variant its handler does not map) whose inputs are all constants is
+# computed at load time by ONNX's reference evaluator, so shape arithmetic such as Mod or ReduceProd
+# over Shape in legacy exports never needs a kernel. Nodes with more elements in or out than this
+# stay unsupported, and so do random ops (their value is not fixed) and ops with subgraphs.
+EVAL_LIMIT = 1 << 20
+_RANDOM = ("Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike")
+
+
+def _evaluate(n: _Node, ins) -> list:
+    from onnx.reference import ReferenceEvaluator
+    p = n.proto
+    if p.op_type in _RANDOM or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                   for a in p.attribute):
+        n.unsupported("it is random or has subgraphs, so it is not evaluated even on constant inputs")
+    if any(x is not None and x.dtype == torch.bfloat16 for x in ins):
+        n.unsupported("its constant inputs are bfloat16, which the load-time evaluator cannot read")
+    if sum(x.numel for x in ins if x is not None) > EVAL_LIMIT:
+        n.unsupported(f"its constant inputs are over {EVAL_LIMIT} elements, too many to evaluate at load time")
+    inits = [numpy_helper.from_array(x.value.numpy(), name) for name, x in zip(p.input, ins) if name]
+    outputs = [o for o in p.output if o]
+    graph = helper.make_graph([p], "fold", [], [onnx.ValueInfoProto(name=o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", n.opset)])
+    try:  # output sizes first where inference knows them: nothing huge is computed
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output
+    except Exception:  # inference is only a guard; the evaluator reports real errors below
+        inferred = []
+    for vi in inferred:
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims) and math.prod(d.dim_value for d in dims) > EVAL_LIMIT:
+            n.unsupported(f"its output {vi.name!r} would be over {EVAL_LIMIT} elements, too many to evaluate")
+    try:
+        results = ReferenceEvaluator(model).run(None, {})
+    except Exception as e:  # the reference implementation's own error, whatever its type
+        n.unsupported(f"its inputs are constants but ONNX's reference evaluator fails on it: {type(e).__name__}: {e}")
+    values = {}
+    for o, r in zip(outputs, results):
+        a = np.asarray(r)
+        if a.dtype.kind not in "biuf" or helper.np_dtype_to_tensor_dtype(a.dtype) not in DTYPES:
+            n.unsupported(f"its output {o!r} is of type {a.dtype}, which kfuse does not support")
+        if a.size > EVAL_LIMIT:
+            n.unsupported(f"its output {o!r} is over {EVAL_LIMIT} elements, too many to keep as a constant")
+        values[o] = n.const(torch.from_numpy(np.array(a)))
+    return [values.get(o) for o in p.output]
 
 
 def _axis(axis: int, rank: int) -> int:
@@ -287,11 +368,7 @@ def _variadic(op):
 def _div(n, a, b):
     if a.dtype.is_floating_point:
         return n.add("div", a, b)
-    # Integer Div truncates in ONNX; torch's div is true division.
-    if a.op == "const" and b.op == "const":
-        return n.const(torch.div(a.value, b.value, rounding_mode="trunc"))
-    q = n.add("div", n.add("cast", a, dtype=torch.float64), n.add("cast", b, dtype=torch.float64))
-    return n.add("cast", q, dtype=a.dtype)  # the cast truncates toward zero
+    return n.add("trunc_div", a, b)  # integer Div truncates in ONNX; torch's div is true division
 
 
 def _pow(n, x, y):
@@ -412,9 +489,9 @@ def _slice_axis(n, x, axis, start, end, step):
         start, end = min(max(start, 0), dim), min(max(end, 0), dim)
     else:
         start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-    if step == 1:
-        return x if (start, end) == (0, dim) else n.add("slice", x, axis=axis, start=start, end=max(end, start))
-    if step > 1:
+    if step > 0:  # step always given: a slice that becomes a view kernel calls VIEW["slice"] with it
+        if (start, end, step) == (0, dim, 1):
+            return x
         return n.add("slice", x, axis=axis, start=start, end=max(end, start), step=step)
     # torch slices cannot step backwards: a reversed slice is a gather of constant indices
     return n.add("gather", x, n.const(torch.arange(start, end, step, dtype=torch.int64)), axis=axis)
@@ -481,6 +558,232 @@ def _tile(n, x, repeats):
     return _reshape(n, y, [r * d for r, d in zip(reps, x.shape)])
 
 
+def _depth_to_space(n, x):
+    if len(x.shape) != 4:
+        n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
+    b = n.attr("blocksize")
+    batch, c, h, w = x.shape
+    if n.attr("mode", "DCR") == "DCR":  # depth ordered (block row, block column, channel)
+        y = n.add("transpose", _reshape(n, x, (batch, b, b, c // (b * b), h, w)), perm=[0, 3, 4, 1, 5, 2])
+    else:  # CRD: (channel, block row, block column)
+        y = n.add("transpose", _reshape(n, x, (batch, c // (b * b), b, b, h, w)), perm=[0, 1, 4, 2, 5, 3])
+    return _reshape(n, y, (batch, c // (b * b), h * b, w * b))
+
+
+def _space_to_depth(n, x):
+    if len(x.shape) != 4:
+        n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
+    b = n.attr("blocksize")
+    batch, c, h, w = x.shape
+    y = n.add("transpose", _reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=[0, 3, 5, 1, 2, 4])
+    return _reshape(n, y, (batch, c * b * b, h // b, w // b))
+
+
+def _one_hot(n, indices, depth, values):
+    """where(indices[..., None] == arange(depth), on, off), the class axis placed at `axis`."""
+    d = int(n.value(depth, "depth").reshape(-1)[0].item())
+    off, on = n.value(values, "values").reshape(-1)
+    if indices.dtype.is_floating_point:  # non-integer indices are cast to int64 first
+        indices = n.add("cast", indices, dtype=torch.int64)
+    rank = len(indices.shape) + 1
+    axis = _axis(n.attr("axis", -1), rank)
+    indices = _normalize_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
+    classes = torch.arange(d, dtype=indices.dtype).reshape([d if i == axis else 1 for i in range(rank)])
+    hit = n.add("eq", _reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
+    return n.add("where", hit, n.const(on), n.const(off))
+
+
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _einsum(n, *xs):
+    """Any equation without repeated subscripts in one operand: operands contract pairwise from
+    the left, each pair as one matmul over [batch..., M, K] x [batch..., K, N] (a broadcast multiply
+    when nothing is contracted); subscripts no later operand or the output needs are summed first."""
+    equation = n.attr("equation").replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(xs):
+        n.fail(f"equation {equation!r} has {len(terms)} operands, the node {len(xs)}")
+    # the dims an ellipsis stands for get subscripts of their own, right-aligned across operands
+    ell = max((len(x.shape) - len(t.replace("...", "")) for x, t in zip(xs, terms) if "..." in t), default=0)
+    dots = "".join(chr(0x100 + i) for i in range(ell))
+
+    def expand(t, rank=None):
+        return t.replace("...", dots[ell - (rank - len(t.replace("...", ""))):] if rank is not None else dots)
+
+    subs = [expand(t, len(x.shape)) for t, x in zip(terms, xs)]
+    if arrow:
+        out = expand(rhs)
+    else:  # implicit output: the ellipsis dims, then the subscripts used once, in alphabetical order
+        counts = "".join(subs)
+        out = dots + "".join(sorted(c for c in set(counts) if counts.count(c) == 1 and c not in dots))
+    for x, sub, t in zip(xs, subs, terms):
+        if len(sub) != len(x.shape) or any(c not in _LETTERS for c in t.replace("...", "")):
+            n.fail(f"operand {t!r} of equation {equation!r} does not match a tensor of shape {list(x.shape)}")
+        if len(set(sub)) != len(sub):
+            n.unsupported(f"equation {equation!r}: a subscript repeated in one operand (a diagonal or trace)")
+    if len(set(out)) != len(out) or set(out) - set("".join(subs)):
+        n.fail(f"equation {equation!r} has an output subscript repeated or on no operand")
+    operands = list(zip(xs, subs))
+    while len(operands) > 1:
+        (a, sa), (b, sb) = operands[:2]
+        needed = set(out).union(*(s for _, s in operands[2:]))
+        operands[:2] = [_contract(n, a, sa, b, sb, needed)]
+    x, sub = _sum_out(n, *operands[0], set(out))
+    return _permute(n, x, sub, out)
+
+
+def _sum_out(n, x, sub, keep):
+    drop = [i for i, c in enumerate(sub) if c not in keep]
+    if not drop:
+        return x, sub
+    return n.add("reduce_sum", x, axes=drop, keepdim=False), "".join(c for c in sub if c in keep)
+
+
+def _permute(n, x, sub, order):
+    perm = [sub.index(c) for c in order]
+    return x if perm == sorted(perm) else n.add("transpose", x, perm=perm)
+
+
+def _contract(n, a, sa, b, sb, needed):
+    a, sa = _sum_out(n, a, sa, needed | set(sb))
+    b, sb = _sum_out(n, b, sb, needed | set(sa))
+    batch = [c for c in sa if c in sb and c in needed]
+    k = [c for c in sa if c in sb and c not in needed]
+    m, nn = [c for c in sa if c not in sb], [c for c in sb if c not in sa]
+    size = {c: d for x, s in ((b, sb), (a, sa)) for c, d in zip(s, x.shape)}
+
+    def batch_dims(x, s):
+        return tuple(x.shape[s.index(c)] for c in batch)
+
+    if not k:  # an outer product over m and n for each batch index
+        y = n.add("mul", _reshape(n, _permute(n, a, sa, batch + m), batch_dims(a, sa) + tuple(size[c] for c in m)
+                                  + (1,) * len(nn)),
+                  _reshape(n, _permute(n, b, sb, batch + nn), batch_dims(b, sb) + (1,) * len(m)
+                           + tuple(size[c] for c in nn)))
+        return y, "".join(batch + m + nn)
+    M, K, N = (math.prod(size[c] for c in group) for group in (m, k, nn))
+    y = n.add("matmul", _reshape(n, _permute(n, a, sa, batch + m + k), batch_dims(a, sa) + (M, K)),
+              _reshape(n, _permute(n, b, sb, batch + k + nn), batch_dims(b, sb) + (K, N)))
+    y = _reshape(n, y, y.shape[:len(batch)] + tuple(size[c] for c in m + nn))
+    return y, "".join(batch + m + nn)
+
+
+def _resize_source(coord, out, size, scale):
+    """Where each of `out` output positions samples the input (size `size`) along one axis, by
+    ONNX's coordinate transformation, in float32 as ONNX Runtime computes it."""
+    x, s, f32 = np.arange(out, dtype=np.float32), np.float32(scale), np.float32
+    if coord in ("half_pixel", "pytorch_half_pixel"):
+        if coord == "pytorch_half_pixel" and out == 1:
+            return np.zeros(1, np.float32)
+        return (x + f32(0.5)) / s - f32(0.5)
+    if coord == "align_corners":
+        return x * f32(size - 1) / f32(out - 1) if out > 1 else np.zeros(out, np.float32)
+    if coord == "asymmetric":
+        return x / s
+    if coord == "half_pixel_symmetric":
+        adjustment = f32(out) / (s * f32(size))
+        offset = f32(size) / f32(2) * (f32(1) - adjustment)
+        return offset + (x + f32(0.5)) / s - f32(0.5)
+    return None
+
+
+_NEAREST = {"round_prefer_floor": lambda x, s: np.ceil(x - np.float32(0.5)),
+            "round_prefer_ceil": lambda x, s: np.floor(x + np.float32(0.5)),
+            "floor": lambda x, s: np.floor(x), "ceil": lambda x, s: np.ceil(x),
+            # opset 10: ceil when downsampling, floor otherwise (ONNX Runtime's behaviour)
+            "simple": lambda x, s: np.ceil(x) if s < 1 else np.floor(x)}
+
+
+def _torch_map(size, out, mode, align_corners=None):
+    """Where torch's F.interpolate samples along one axis: it interpolates positions 0..size-1."""
+    ramp = torch.arange(size, dtype=torch.float64).reshape(1, 1, size)
+    return torch.nn.functional.interpolate(ramp, size=out, mode=mode, align_corners=align_corners).reshape(-1).numpy()
+
+
+def _resize(n, x, roi=None, scales=None, sizes=None):
+    """Resize as torch's F.interpolate mode where that samples exactly where ONNX does (checked per
+    axis at load time), else nearest as a gather per axis and linear as two gathers and weights per
+    axis (ONNX's linear is separable); cubic only where torch's bicubic matches."""
+    if n.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates
+        roi, scales = None, roi
+    rank = len(x.shape)
+    mode = n.attr("mode", "nearest")
+    coord = n.attr("coordinate_transformation_mode", "half_pixel") if n.opset >= 11 else "asymmetric"
+    nearest = n.attr("nearest_mode", "round_prefer_floor") if n.opset >= 11 else "simple"
+    described = f"mode={mode!r}, coordinate_transformation_mode={coord!r}" + (
+        f", nearest_mode={nearest!r}" if mode == "nearest" else "")
+    if n.attr("antialias", 0):
+        n.unsupported(f"antialias=1 ({described})")
+    if mode not in ("nearest", "linear", "cubic") or coord == "tf_crop_and_resize" or \
+            _resize_source(coord, 1, 1, 1.0) is None or (mode == "nearest" and nearest not in _NEAREST):
+        n.unsupported(described)
+    axes = [_axis(a, rank) for a in n.attr("axes", range(rank))]
+    out, scale = list(x.shape), [1.0] * rank
+    if sizes is not None and sizes.numel:
+        wanted = n.ints(sizes, "sizes")
+        policy = n.attr("keep_aspect_ratio_policy", "stretch")
+        if policy == "stretch":
+            for a, o in zip(axes, wanted):
+                out[a], scale[a] = o, float(np.float32(o) / np.float32(x.shape[a]))
+        else:  # one scale for all the axes, the largest (or smallest) that fits the sizes
+            r = (min if policy == "not_larger" else max)(o / x.shape[a] for a, o in zip(axes, wanted))
+            for a in axes:
+                out[a], scale[a] = int(math.floor(r * x.shape[a] + 0.5)), r
+    elif scales is not None and scales.numel:
+        for a, sc in zip(axes, n.value(scales, "scales").reshape(-1).tolist()):
+            out[a], scale[a] = int(np.float32(sc) * np.float32(x.shape[a])), sc
+    else:
+        n.fail("neither scales nor sizes is given")
+    src = {a: _resize_source(coord, out[a], x.shape[a], scale[a]) for a in range(rank)}
+    if mode == "nearest":
+        index = {a: np.clip(_NEAREST[nearest](src[a], scale[a]), 0, x.shape[a] - 1).astype(np.int64)
+                 for a in range(rank)}
+        moved = [a for a in range(rank) if out[a] != x.shape[a] or (index[a] != np.arange(out[a])).any()]
+    else:  # linear samples clamped positions; cubic only goes to torch, which checks its own way
+        pos = {a: np.clip(src[a], 0, x.shape[a] - 1) for a in range(rank)}
+        moved = [a for a in range(rank) if out[a] != x.shape[a] or np.abs(pos[a] - np.arange(out[a])).max() > 0]
+    if not moved:
+        return x
+    spatial = 3 <= rank <= 5 and moved[0] >= 2 and x.dtype.is_floating_point
+
+    def torch_resize(tmode, align_corners=None):
+        return n.add("resize", x, size=out[2:], mode=tmode, align_corners=align_corners)
+
+    if mode == "nearest":
+        if spatial:
+            for tmode in ("nearest", "nearest-exact"):
+                if all((_torch_map(x.shape[a], out[a], tmode) == index[a]).all() for a in moved):
+                    return torch_resize(tmode)
+        for a in moved:  # the exact positions, one gather per axis
+            x = n.add("gather", x, n.const(torch.from_numpy(index[a])), axis=a)
+        return x
+    if not x.dtype.is_floating_point:
+        n.unsupported(f"{described} on {x.dtype} input")
+    if mode == "cubic":
+        consistent = all(np.float32(scale[a]) == np.float32(out[a]) / np.float32(x.shape[a]) for a in moved)
+        exact = n.attr("cubic_coeff_a", -0.75) == -0.75 and not n.attr("exclude_outside", 0)
+        if spatial and rank == 4 and exact and (coord == "align_corners" or consistent and (
+                coord == "half_pixel" or coord == "pytorch_half_pixel" and min(out[2:]) > 1)):
+            return torch_resize("bicubic", coord == "align_corners")
+        n.unsupported(f"{described}, cubic_coeff_a={n.attr('cubic_coeff_a', -0.75)}, "
+                      f"exclude_outside={n.attr('exclude_outside', 0)} with scales {[scale[a] for a in moved]}")
+    if spatial:
+        tmode = {3: "linear", 4: "bilinear", 5: "trilinear"}[rank]
+        for align_corners in (False, True):
+            if all(np.abs(_torch_map(x.shape[a], out[a], "linear", align_corners) - pos[a]).max() < 1e-4
+                   for a in moved):
+                return torch_resize(tmode, align_corners)
+    for a in moved:  # x[i0] (1 - w) + x[i1] w along each axis, i0 = floor(pos), i1 = i0 + 1 (clamped)
+        i0 = np.minimum(np.floor(pos[a]), x.shape[a] - 1).astype(np.int64)
+        i1 = np.minimum(i0 + 1, x.shape[a] - 1)
+        w = torch.from_numpy(pos[a] - i0).to(x.dtype).reshape([-1] + [1] * (rank - 1 - a))
+        lo, hi = (n.add("gather", x, n.const(torch.from_numpy(i)), axis=a) for i in (i0, i1))
+        x = n.add("add", n.add("mul", lo, n.const(1 - w)), n.add("mul", hi, n.const(w)))
+    return x
+
+
 def _where(n, c, a, b):
     return n.add("where", c, a, b)
 
@@ -515,22 +818,68 @@ def _cumsum(n, x, axis):
     return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y
 
 
-def _reduce(op):
+def _reduce_axes(n, x, axes):
+    """The sorted axes a Reduce* node reduces, or None when it is a no-op (empty axes and
+    noop_with_empty_axes)."""
+    axes = n.ints(axes, "axes", "axes")
+    if not axes:  # empty or absent: all axes, unless the node asks for a no-op
+        if n.attr("noop_with_empty_axes", 0):
+            return None
+        axes = range(len(x.shape))
+    return sorted(_axis(a, len(x.shape)) for a in axes)
+
+
+def _reduce(op, pre=None, post=None):
+    """A Reduce* node as `post(op(pre(x)))`; a no-op node still applies `pre` and `post`, as ONNX's
+    reference does (ReduceSumSquare with noop_with_empty_axes squares)."""
     def handler(n, x, axes=None):
-        axes = n.ints(axes, "axes", "axes")
-        if not axes:  # empty or absent: all axes, unless the node asks for a no-op
-            if n.attr("noop_with_empty_axes", 0):
-                return x
-            axes = range(len(x.shape))
-        axes = sorted(_axis(a, len(x.shape)) for a in axes)
-        return n.add(op, x, axes=axes, keepdim=bool(n.attr("keepdims", 1)))
+        y = pre(n, x) if pre else x
+        axes = _reduce_axes(n, x, axes)
+        if axes is not None:
+            y = n.add(op, y, axes=axes, keepdim=bool(n.attr("keepdims", 1)))
+        y = post(n, y) if post else y
+        return _cast_like(n, y, x)  # ReduceL2 and ReduceLogSum of integers keep the integer type
     return handler
 
 
-def _argmax(n, x):
-    if n.attr("select_last_index", 0):
-        n.fail("select_last_index=1 is not supported")
-    return n.add("argmax", x, axis=_axis(n.attr("axis", 0), len(x.shape)), keepdim=bool(n.attr("keepdims", 1)))
+def _square(n, x):
+    return n.add("mul", x, x)
+
+
+def _reduce_log_sum_exp(n, x, axes=None):
+    """log(sum(exp(x - m))) + m with m the max over the axes, as ONNX Runtime computes it."""
+    axes = _reduce_axes(n, x, axes)
+    if axes is None:
+        return x
+    m = n.add("reduce_max", x, axes=axes, keepdim=True)
+    s = n.add("reduce_sum", n.add("exp", n.add("sub", x, m)), axes=axes, keepdim=True)
+    y = n.add("add", n.add("log", s), m)
+    return y if n.attr("keepdims", 1) else _reshape(n, y, [d for i, d in enumerate(x.shape) if i not in axes])
+
+
+def _arg(op):
+    def handler(n, x):
+        axis = _axis(n.attr("axis", 0), len(x.shape))
+        keep = bool(n.attr("keepdims", 1))
+        if not n.attr("select_last_index", 0):
+            return n.add(op, x, axis=axis, keepdim=keep)
+        # the last extreme is the first one of the flipped tensor, counted from the end
+        i = n.add(op, n.add("flip", x, dims=[axis]), axis=axis, keepdim=keep)
+        return n.add("sub", n.const(x.shape[axis] - 1, dtype=torch.int64), i)
+    return handler
+
+
+def _topk(n, x, k=None):
+    kk = int(n.attr("k")) if k is None else int(n.value(k, "k").reshape(-1)[0])  # an attribute before opset 10
+    axis = _axis(n.attr("axis", -1), len(x.shape))
+    largest = bool(n.attr("largest", 1))
+    # Values do not depend on the order of equal elements: torch's topk. Indices do: ONNX puts the
+    # lower index first among equal values, which torch.topk does not promise and a stable sort does.
+    # (sorted=0 leaves the order unspecified, so sorted order is as good as any; an output nobody
+    # reads is pruned.)
+    values = n.add("topk", x, k=kk, axis=axis, largest=largest, sorted=True)
+    order = n.add("sort", x, axis=axis, descending=largest, output="indices")
+    return [values, _slice_axis(n, order, axis, 0, kk, 1)]
 
 
 def _softmax(op):
@@ -571,6 +920,19 @@ def _batch_norm(n, x, scale, bias, mean, var):
     t = n.add("sub", bias, n.add("mul", mean, s))
     per_channel = (x.shape[1],) + (1,) * (len(x.shape) - 2)
     return n.add("add", n.add("mul", x, _reshape(n, s, per_channel)), _reshape(n, t, per_channel))
+
+
+def _instance_norm(n, x, scale, bias):
+    """Each (sample, channel) normalised over its spatial positions: a layer_norm over the flattened
+    spatial dims, then the per-channel affine."""
+    rank, (batch, channels) = len(x.shape), x.shape[:2]
+    size = math.prod(x.shape[2:])
+    flat = _reshape(n, x, (batch, channels, size))
+    y = n.add("layer_norm", flat, n.const(torch.ones(size, dtype=x.dtype)), n.const(torch.zeros(size, dtype=x.dtype)),
+              eps=float(n.attr("epsilon", 1e-5)), ndim=1)
+    per_channel = (channels,) + (1,) * (rank - 2)
+    y = n.add("mul", _reshape(n, y, x.shape), _reshape(n, scale, per_channel))
+    return n.add("add", y, _reshape(n, bias, per_channel))
 
 
 def _gemm(n, a, b, c=None):
@@ -620,9 +982,69 @@ def _global_pool(op):
     return lambda n, x: n.add(op, x, axes=list(range(2, len(x.shape))), keepdim=True)
 
 
+def _conv_transpose(n, x, w, b=None):
+    if len(x.shape) != 4:
+        n.unsupported(f"only 1-d and 2-d spatial inputs (rank 3 or 4) are supported, got shape {list(x.shape)}")
+    spatial, kernel = x.shape[2:], w.shape[2:]
+    strides, dilations = list(n.attr("strides", [1, 1])), list(n.attr("dilations", [1, 1]))
+    out_pad = list(n.attr("output_padding", [0, 0]))
+    # the output before any padding is removed ("full"), then the pads removed from its ends
+    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(spatial, strides, kernel, dilations)]
+    auto, target = n.attr("auto_pad", "NOTSET"), n.attr("output_shape")
+    if target is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        # pads follow from the output size; SAME_UPPER puts the odd one at the end, otherwise the start
+        target = list(target)[-2:] if target is not None else [i * s for i, s in zip(spatial, strides)]
+        total = [f + p - t for f, p, t in zip(full, out_pad, target)]
+        if any(t < 0 for t in total):
+            n.unsupported(f"output_shape {target} is larger than the convolution's full output {full}")
+        begins = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        ends = [t - b for t, b in zip(total, begins)]
+    elif auto == "VALID":
+        begins = ends = [0, 0]
+    else:
+        pads = list(n.attr("pads", [0, 0, 0, 0]))
+        begins, ends = pads[:2], pads[2:]
+    if any(p < 0 for p in begins + ends):
+        n.unsupported(f"negative pads {begins + ends}")
+    if any(p >= max(s, d) for p, s, d in zip(out_pad, strides, dilations)):
+        n.unsupported(f"output_padding {out_pad} not below the stride or dilation")
+    # torch pads both ends alike: remove the smaller pad there and slice off the rest
+    common = [min(b, e) for b, e in zip(begins, ends)]
+    extra = (b,) if b is not None else ()
+    y = n.add("conv_transpose2d", x, w, *extra, stride=tuple(strides), padding=tuple(common),
+              output_padding=tuple(out_pad), groups=n.attr("group", 1), dilation=tuple(dilations))
+    for i in range(2):
+        start = begins[i] - common[i]
+        y = _slice_axis(n, y, 2 + i, start, start + full[i] + out_pad[i] - begins[i] - ends[i], 1)
+    return y
+
+
+# 1-d window attributes as 2-d ones with a height of 1
+_LIFT_1D = {"kernel_shape": lambda v: [1] + v, "strides": lambda v: [1] + v, "dilations": lambda v: [1] + v,
+            "output_padding": lambda v: [0] + v, "output_shape": lambda v: [1] + v[-1:],
+            "pads": lambda v: [0, v[0], 0, v[1]]}
+
+
+def _windows_1d(handler):
+    """Conv, ConvTranspose and the pools on rank-3 inputs [N, C, L]: run as 2-d on [N, C, 1, L]."""
+    def wrapped(n, x, w=None, *rest):
+        if len(x.shape) != 3:
+            return handler(n, x, *([w] if w is not None or rest else []), *rest)
+        for key, lift in _LIFT_1D.items():
+            if key in n.attrs:
+                n.overrides[key] = lift(list(n.attr(key)))
+        x = _reshape(n, x, x.shape[:2] + (1,) + x.shape[2:])
+        if w is not None:  # the weight of a convolution: [O, I, k] -> [O, I, 1, k]
+            w = _reshape(n, w, w.shape[:2] + (1,) + w.shape[2:])
+        y = handler(n, x, *([w] if w is not None or rest else []), *rest)
+        return _reshape(n, y, y.shape[:2] + y.shape[3:])
+    return wrapped
+
+
 def _pad_h(n, x, pads=None, value=None, axes=None):
-    if n.attr("mode", "constant") != "constant":
-        n.fail(f"pad mode {n.attr('mode')!r} is not supported")
+    mode = n.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        n.unsupported(f"pad mode {mode!r}")
     pads = n.ints(pads, "pads", "pads")
     fill = n.attr("value", 0.0) if value is None else n.value(value, "constant_value").item()
     rank = len(x.shape)
@@ -630,11 +1052,106 @@ def _pad_h(n, x, pads=None, value=None, axes=None):
     begins, ends = [0] * rank, [0] * rank
     for i, a in enumerate(axes):
         begins[a], ends[a] = pads[i], pads[i + len(axes)]
-    return _pad(n, x, begins, ends, fill)
+    return _pad(n, x, begins, ends, fill) if mode == "constant" else _pad_mode(n, x, begins, ends, mode)
+
+
+_TORCH_PAD = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad_mode(n, x, begins, ends, mode):
+    """reflect / edge / wrap padding. torch pads the last 1 to 3 dims of a tensor with one or two
+    more in these modes: more dims before the first padded one are flattened into one. Pads that do
+    not fit (padding a dim further than torch wraps or reflects, more dims, negative pads) become one
+    gather per dim of the positions numpy's pad reads, which is how ONNX defines the modes."""
+    rank = len(x.shape)
+    padded = [a for a in range(rank) if begins[a] or ends[a]]
+    if not padded:
+        return x
+    first = padded[0]
+    limit = {"reflect": lambda d: d - 1, "edge": lambda d: math.inf, "wrap": lambda d: d}[mode]
+    if rank - first <= 3 and all(0 <= p <= limit(x.shape[a]) for a in padded for p in (begins[a], ends[a])):
+        y = x if first in (1, 2) else _reshape(n, x, (math.prod(x.shape[:first]),) + x.shape[first:])
+        pads = [int(p) for a in reversed(range(first, rank)) for p in (begins[a], ends[a])]
+        y = n.add("pad", y, pads=pads, mode=_TORCH_PAD[mode])
+        return _reshape(n, y, [d + b + e for d, b, e in zip(x.shape, begins, ends)])
+    for a in padded:
+        dim, b, e = x.shape[a], begins[a], ends[a]
+        keep = np.arange(max(-b, 0), dim - max(-e, 0))  # negative pads remove elements
+        index = np.pad(keep, (max(b, 0), max(e, 0)), mode={"edge": "edge"}.get(mode, mode))
+        x = n.add("gather", x, n.const(torch.from_numpy(index).long()), axis=a)
+    return x
 
 
 def _gelu(n, x):
     return n.add("gelu", x, approximate=n.attr("approximate", "none"))
+
+
+def _hard_sigmoid(n, x, alpha=0.2, beta=0.5):
+    alpha, beta = n.attr("alpha", alpha), n.attr("beta", beta)
+    y = n.add("add", n.add("mul", x, n.const(alpha, dtype=x.dtype)), n.const(beta, dtype=x.dtype))
+    return n.add("clamp", y, min=0.0, max=1.0)
+
+
+def _hard_swish(n, x):  # ONNX's function body: x * HardSigmoid(x, alpha=1/6, beta=0.5)
+    return n.add("mul", x, _hard_sigmoid(n, x, alpha=float(np.float32(1 / 6))))
+
+
+def _mish(n, x):
+    return n.add("mul", x, n.add("tanh", n.add("softplus", x)))
+
+
+def _elu(n, x):
+    return n.add("elu", x, alpha=float(n.attr("alpha", 1.0)))
+
+
+def _selu(n, x):
+    return n.add("elu", x, alpha=float(n.attr("alpha", 1.67326319217681884765625)),
+                 scale=float(n.attr("gamma", 1.05070102214813232421875)))
+
+
+def _celu(n, x):  # max(0, x) + min(0, alpha (exp(x / alpha) - 1)): torch's celu, an elu
+    alpha = float(n.attr("alpha", 1.0))
+    return n.add("elu", x, alpha=alpha, input_scale=1.0 / alpha)
+
+
+def _prelu(n, x, slope):
+    if slope.op == "const" and slope.numel == 1 and x.dtype.is_floating_point:
+        return n.add("leaky_relu", x, alpha=float(slope.value.reshape(-1)[0]))
+    # ONNX Runtime's x > 0 ? x : x * slope, with slope broadcast to x (unidirectionally)
+    return n.add("where", n.add("gt", x, n.const(0, dtype=x.dtype)), x, n.add("mul", x, slope))
+
+
+def _mod(n, a, b):
+    # fmod=0 (integers only) takes the divisor's sign like Python's %; fmod=1 the dividend's, like C
+    return n.add("fmod" if n.attr("fmod", 0) else "remainder", a, b)
+
+
+def _is_inf(n, x):
+    pos, neg = n.attr("detect_positive", 1), n.attr("detect_negative", 1)
+    if pos and neg:
+        return n.add("eq", n.add("abs", x), n.const(math.inf, dtype=x.dtype))
+    if pos or neg:
+        return n.add("eq", x, n.const(math.inf if pos else -math.inf, dtype=x.dtype))
+    return n.const(torch.zeros(x.shape, dtype=torch.bool))
+
+
+def _if(n, cond):
+    """An If whose condition folded to a constant: the branch taken, inlined. Its nodes see the
+    enclosing scope, and their names do not leak out of it."""
+    if cond.op != "const":
+        n.unsupported("its condition is computed at run time (only a constant condition is inlined)")
+    if cond.numel != 1:
+        n.fail(f"the condition has {cond.numel} elements, not one")
+    branch = n.attr("then_branch" if bool(cond.value.reshape(-1)[0]) else "else_branch")
+    scope = dict(n.env)
+    for t in branch.initializer:
+        scope[t.name] = n.g.const(_tensor(t), name=t.name)
+    for node in branch.node:
+        _convert(n.g, scope, node, n.opset)
+    missing = [o.name for o in branch.output if o.name not in scope]
+    if missing:
+        raise ModelFileError(f"ONNX node {n.name!r} (If): branch outputs {missing} are produced by no node")
+    return [scope[o.name] for o in branch.output]
 
 
 HANDLERS = {
@@ -643,9 +1160,10 @@ HANDLERS = {
         "Neg": "neg", "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
         "Sin": "sin", "Cos": "cos", "Tanh": "tanh", "Sigmoid": "sigmoid", "Erf": "erf", "Relu": "relu",
         "Floor": "floor", "Ceil": "ceil", "Not": "logical_not", "IsNaN": "isnan", "Sign": "sign",
-        "Softplus": "softplus"}.items()},
+        "Softplus": "softplus", "Round": "round", "Atan": "atan", "Tan": "tan"}.items()},
     "LeakyRelu": lambda n, x: n.add("leaky_relu", x, alpha=float(n.attr("alpha", 0.01))),
-    "Gelu": _gelu,
+    "Gelu": _gelu, "Elu": _elu, "Selu": _selu, "Celu": _celu, "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish, "Mish": _mish, "PRelu": _prelu, "IsInf": _is_inf,
     "Clip": _clip,
     "Cast": _cast, "CastLike": _cast_like,
     "Identity": _identity, "Dropout": _dropout,
@@ -654,24 +1172,32 @@ HANDLERS = {
         "Add": "add", "Sub": "sub", "Mul": "mul", "Equal": "eq", "Less": "lt", "LessOrEqual": "le",
         "Greater": "gt", "GreaterOrEqual": "ge", "And": "logical_and", "Or": "logical_or",
         "Xor": "ne"}.items()},
-    "Div": _div, "Pow": _pow, "Where": _where,
+    "Div": _div, "Pow": _pow, "Where": _where, "Mod": _mod,
     "Max": _variadic("maximum"), "Min": _variadic("minimum"), "Sum": _variadic("add"), "Mean": _mean,
     # constants and shapes (fold at load time)
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Shape": _shape, "Size": _size,
-    "Range": _range,
+    "Range": _range, "If": _if,
     # data movement
     "Reshape": _reshape_h, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Transpose": _transpose, "Concat": _concat, "Slice": _slice, "Split": _split, "Gather": _gather,
     "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile,
-    "Trilu": _trilu, "Pad": _pad_h,
+    "Trilu": _trilu, "Pad": _pad_h, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "OneHot": _one_hot, "Resize": _resize,
     # reductions and normalisations
     "ReduceSum": _reduce("reduce_sum"), "ReduceMean": _reduce("reduce_mean"),
-    "ReduceMax": _reduce("reduce_max"), "ReduceMin": _reduce("reduce_min"), "ArgMax": _argmax,
+    "ReduceMax": _reduce("reduce_max"), "ReduceMin": _reduce("reduce_min"), "ReduceProd": _reduce("reduce_prod"),
+    "ReduceL1": _reduce("reduce_sum", pre=lambda n, x: n.add("abs", x)),
+    "ReduceL2": _reduce("reduce_sum", pre=_square, post=lambda n, y: n.add("sqrt", y)),
+    "ReduceSumSquare": _reduce("reduce_sum", pre=_square),
+    "ReduceLogSum": _reduce("reduce_sum", post=lambda n, y: n.add("log", y)),
+    "ReduceLogSumExp": _reduce_log_sum_exp,
+    "ArgMax": _arg("argmax"), "ArgMin": _arg("argmin"), "TopK": _topk,
     "CumSum": _cumsum, "Softmax": _softmax("softmax"), "LogSoftmax": _softmax("log_softmax"),
     "LayerNormalization": _layer_norm,
-    "BatchNormalization": _batch_norm,
+    "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm,
     # contractions and windows
-    "MatMul": _binary("matmul"), "Gemm": _gemm, "Conv": _conv,
-    "MaxPool": _max_pool, "AveragePool": _avg_pool,
+    "MatMul": _binary("matmul"), "Gemm": _gemm, "Einsum": _einsum, "Conv": _windows_1d(_conv),
+    "ConvTranspose": _windows_1d(_conv_transpose),
+    "MaxPool": _windows_1d(_max_pool), "AveragePool": _windows_1d(_avg_pool),
     "GlobalAveragePool": _global_pool("reduce_mean"), "GlobalMaxPool": _global_pool("reduce_max"),
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kfuse.capture.onnx import HANDLERS, load_onnx, read_model
+from kfuse.capture.onnx import load_onnx, read_model
 from kfuse.errors import InputError, KfuseError, ModelFileError, UnsupportedOpError
 from kfuse.ops.reference import run
 
@@ -287,9 +287,7 @@ def test_constant_node():
         check("Constant", [], attrs, 13)
 
 
-def test_ops_in_tests_cover_the_table():
-    tested = set(UNARY) | {"Log", "Sqrt", "Not", "IsNaN", "Split", "Constant"} | {c[1] for c in CASES}
-    assert set(HANDLERS) - tested == set()
+# every handler is tested here or in test_onnx_more_ops.py: asserted there (test_ops_in_tests_cover_the_table)
 
 
 # -- static shapes: binding and folding -------------------------------------------------------------
@@ -350,7 +348,8 @@ def test_external_data(tmp_path):
     assert (tmp_path / "weights.bin").exists()
     x = torch.from_numpy(feeds["in0"])
     g = load_onnx(tmp_path / "ext.onnx", [x])
-    torch.testing.assert_close(run(g, [x])[0], torch.from_numpy(expected[0]), rtol=1e-5, atol=1e-6)
+    # a 40-term dot product summed in another order than ORT's: a few 1e-6 apart on unlucky draws
+    torch.testing.assert_close(run(g, [x])[0], torch.from_numpy(expected[0]), rtol=1e-5, atol=1e-5)
     assert read_model(tmp_path / "ext.onnx").graph.initializer[0].raw_data  # loaded from weights.bin
     (tmp_path / "weights.bin").unlink()
     with pytest.raises(ModelFileError, match="ext.onnx"):
