@@ -89,7 +89,8 @@ for name, op in [("neg", "neg"), ("abs", "abs"), ("exp", "exp"), ("log", "log"),
                  ("silu", "silu"), ("floor", "floor"), ("ceil", "ceil"), ("logical_not", "logical_not"),
                  ("isnan", "isnan"), ("sign", "sign"), ("log1p", "log1p"), ("expm1", "expm1"),
                  ("round", "round"), ("trunc", "trunc"), ("fix", "trunc"), ("erfc", "erfc"), ("atan", "atan"),
-                 ("tan", "tan")]:
+                 ("tan", "tan"), *((f, f) for f in ("asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh",
+                                                     "log2", "log10"))]:
     handles(getattr(aten, name).default)(unary(op))
 
 

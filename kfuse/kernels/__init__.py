@@ -37,14 +37,15 @@ from ..ir import Kind, Node
 # reductions rmax/rmin propagate NaN as torch.amax does.
 PRIMS = {
     1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
-        "round", "trunc", "erfc", "atan", "tan", "expm1", "not", "cast"),
+        "round", "trunc", "erfc", "atan", "tan", "expm1", "asin", "acos", "sinh", "cosh", "asinh", "acosh",
+        "atanh", "log2", "log10", "not", "cast"),
     2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
         "fmod", "atan2"),
     3: ("where",),
 }
 REDUCTIONS = ("rsum", "rmax", "rmin")
 TRANSCENDENTAL = {"exp", "expm1", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", "erfc", "atan",
-                  "tan", "fmod", "atan2"}
+                  "tan", "fmod", "atan2", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10"}
 
 DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
 _WIDE = {torch.float64: "f32", torch.float16: "f32", torch.bfloat16: "f32",
@@ -301,7 +302,8 @@ class _Lowering:
             if dt != "f32" and n.op in ("floor", "ceil", "round", "trunc"):
                 return self.cvt(xs[0], dt)
             return self.f(n.op, xs[0], dtype=self._arith(n, dt))
-        if n.op in ("exp", "expm1", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan"):
+        if n.op in ("exp", "expm1", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan", "asin",
+                    "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10"):
             return self.f(n.op, xs[0], dtype="f32")
         if n.op in ("fmod", "atan2") and dt == "f32":     # integer fmod by 0 raises in torch: left to it
             return self.f(n.op, *xs, dtype="f32")

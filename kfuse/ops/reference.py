@@ -103,6 +103,7 @@ REFERENCE = {
     "softplus": lambda x, *, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
     "elu": lambda x, *, alpha=1.0, scale=1.0, input_scale=1.0: torch.ops.aten.elu(x, alpha, scale, input_scale),
     "round": torch.round, "trunc": torch.trunc, "erfc": torch.erfc, "atan": torch.atan, "tan": torch.tan,
+    **{op: getattr(torch, op) for op in ("asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10")},
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
     "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,

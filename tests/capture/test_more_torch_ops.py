@@ -102,6 +102,9 @@ def test_rounding_and_transcendental_unary():
     compiled(lambda x, y: (x.round(), x.trunc(), torch.fix(x), torch.erfc(x), x.atan(), x.tan(),
                            torch.atan2(x, y), torch.exp2(x / 8), x.isinf(), x.isfinite(), x.isnan()), x, y)
     compiled(lambda i: (i.round(), i.trunc(), i.isinf(), i.isfinite()), BIG)
+    u = torch.rand(7, 13) * 1.98 - 0.99             # inside the domains of asin, acos, atanh
+    compiled(lambda u, x: (u.asin(), u.acos(), u.atanh(), x.sinh(), x.cosh(), x.asinh(), (x.abs() + 1).acosh(),
+                           x.abs().log2(), x.abs().log10()), u, r(7, 13))
 
 
 def test_round_with_decimals_is_the_kernels_formula():

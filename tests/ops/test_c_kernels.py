@@ -73,6 +73,8 @@ UNARY = [("neg", {}), ("abs", {}), ("exp", {}), ("log", {}), ("sqrt", {}), ("rsq
          ("leaky_relu", {"alpha": 0.01}), ("isnan", {}), ("softplus", {}),
          ("softplus", {"beta": 2.0, "threshold": 5.0}), ("sign", {}), ("logical_not", {}),
          ("round", {}), ("trunc", {}), ("erfc", {}), ("atan", {}), ("tan", {}), ("expm1", {}),
+         ("asin", {}), ("acos", {}), ("sinh", {}), ("cosh", {}), ("asinh", {}), ("acosh", {}), ("atanh", {}),
+         ("log2", {}), ("log10", {}),
          ("elu", {}), ("elu", {"alpha": 1.6732632423543772, "scale": 1.0507009873554805}),   # selu
          ("elu", {"alpha": 0.5, "input_scale": 2.0}),
          ("cast", {"dtype": torch.int64}), ("cast", {"dtype": torch.bool})]

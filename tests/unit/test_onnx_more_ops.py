@@ -120,6 +120,9 @@ CASES = [  # (id, op, inputs, attrs, opset, n_out)
     ("round", "Round", [np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, -3.7], np.float32)], {}, 20, 1),
     ("atan", "Atan", [f32(3, 5, 7) * 3], {}, 20, 1),
     ("tan", "Tan", [f32(3, 5, 7, lo=-1.2, hi=1.2)], {}, 20, 1),
+    *((op.lower(), op, [f32(3, 5, 7, lo=lo, hi=hi)], {}, 20, 1) for op, lo, hi in (
+        ("Asin", -1, 1), ("Acos", -1, 1), ("Sinh", -5, 5), ("Cosh", -5, 5), ("Asinh", -9, 9), ("Acosh", 1, 9),
+        ("Atanh", -0.99, 0.99))),
     ("is_inf", "IsInf", [SPECIAL], {}, 20, 1),
     ("is_inf_pos", "IsInf", [SPECIAL], {"detect_negative": 0}, 20, 1),
     ("is_inf_neg", "IsInf", [SPECIAL], {"detect_positive": 0}, 20, 1),

@@ -129,7 +129,8 @@ void kf_set_threads(int n) { omp_set_num_threads(n); }
 _FLOAT_FN = {"abs": "fabsf", "exp": "kf_exp", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
              "sin": "sinf", "cos": "cosf", "tanh": "kf_tanh", "erf": "kf_erf", "floor": "floorf",
              "ceil": "ceilf", "pow": "powf", "round": "nearbyintf", "trunc": "truncf", "erfc": "erfcf",
-             "atan": "atanf", "tan": "tanf", "expm1": "expm1f", "fmod": "fmodf", "atan2": "atan2f"}
+             "atan": "atanf", "tan": "tanf", "expm1": "expm1f",
+             **{f: f + "f" for f in ("asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10")}, "fmod": "fmodf", "atan2": "atan2f"}
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<",
           "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||"}
 
