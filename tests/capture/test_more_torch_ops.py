@@ -11,15 +11,7 @@ from torch import nn
 
 import kfuse
 from kfuse.capture.torch import export
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
+from test_torch_ops import Fn
 
 
 def r(*shape):

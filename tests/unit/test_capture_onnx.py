@@ -51,10 +51,15 @@ def make(op, inputs, attrs=None, opset=20, n_out=1, sym=False):
             feeds[name] = v
     outs = [f"out{k}" for k in range(n_out)]
     node = helper.make_node(op, names, outs, name=f"the_{op}_node", **(attrs or {}))
+    return typed_model([node], graph_inputs, inits, feeds, outs, opset)
 
+
+def typed_model(nodes, graph_inputs, inits, feeds, outs, opset, ir_version=9):
+    """(model, feeds, results): the graph with its outputs typed from what ONNX Runtime computes on
+    an untyped draft of it."""
     def model(out_infos):
-        g = helper.make_graph([node], "g", graph_inputs, out_infos, inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+        g = helper.make_graph(nodes, "g", graph_inputs, out_infos, inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
 
     draft = model([onnx.ValueInfoProto(name=o) for o in outs])
     results = ort.InferenceSession(draft.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)

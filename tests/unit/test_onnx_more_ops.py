@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kfuse
 from kfuse.capture.onnx import HANDLERS, load_onnx
 from kfuse.errors import UnsupportedOpError
+from test_capture_onnx import typed_model
 
 ort = pytest.importorskip("onnxruntime")
 rng = np.random.default_rng(1)
@@ -45,15 +46,7 @@ def graph_model(nodes, inputs, outputs, opset=20):
                                                               list(v.shape)))
             feeds[name] = v
 
-    def model(out_infos):
-        g = helper.make_graph(nodes, "g", graph_inputs, out_infos, inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-
-    draft = model([onnx.ValueInfoProto(name=o) for o in outputs])
-    results = ort.InferenceSession(draft.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    infos = [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))
-             for o, r in zip(outputs, results)]
-    return model(infos), feeds, results
+    return typed_model(nodes, graph_inputs, inits, feeds, outputs, opset, ir_version=8)
 
 
 def node_model(op, inputs, attrs=None, opset=20, n_out=1):
