@@ -180,6 +180,34 @@ def _masked_fill(g, x, mask, value):
     return g.add("where", mask, scalar(g, value, x) if not isinstance(value, Node) else g.add("cast", value, dtype=x.dtype), x)
 
 
+@handles(aten.copy.default)
+def _copy(g, dst, src, non_blocking=False):
+    """Functional copy (from `y[:, 0] = v` after functionalisation): src cast to dst's dtype and
+    broadcast to its shape; dst's values are not read."""
+    src = scalar(g, src, dst)
+    if src.dtype != dst.dtype:
+        src = g.add("cast", src, dtype=dst.dtype)
+    return src if src.shape == dst.shape else g.add("expand", src, shape=tuple(dst.shape))
+
+
+@handles(aten.index_put.default)
+def _index_put(g, x, indices, values, accumulate=False):
+    """x[mask] = v (or += v) with one boolean mask over x's leading dims and one value: a where.
+    Integer indices (a scatter) and per-element value lists are not supported."""
+    values = scalar(g, values, x)
+    if len(indices) != 1 or not isinstance(indices[0], Node) or indices[0].dtype != torch.bool \
+            or values.numel != 1 or tuple(x.shape[:len(indices[0].shape)]) != tuple(indices[0].shape):
+        raise Unsupported(f"index_put of {sig(x)} with indices {sig(*[i for i in indices if i is not None])} "
+                          f"and values {sig(values)}: only x[bool mask] = one value is supported")
+    mask = indices[0]
+    if len(mask.shape) < len(x.shape):
+        mask = g.add("reshape", mask, shape=tuple(mask.shape) + (1,) * (len(x.shape) - len(mask.shape)))
+    v = g.add("cast", values, dtype=x.dtype) if values.dtype != x.dtype else values
+    if len(v.shape) > len(x.shape):
+        v = g.add("reshape", v, shape=())
+    return g.add("where", mask, g.add("add", x, v) if accumulate else v, x)
+
+
 @handles(aten._to_copy.default, aten.to.dtype)
 def _to_copy(g, x, *args, dtype=None, **_):
     if args and isinstance(args[0], torch.dtype):
@@ -279,6 +307,27 @@ def _split(g, x, sizes, dim=0):
 def _cat(g, xs, dim=0):
     xs = [x for x in xs if x.numel > 0 or len(x.shape) > 1]
     return xs[0] if len(xs) == 1 else g.add("concat", *xs, axis=dim % len(xs[0].shape))
+
+
+@handles(aten.slice_scatter.default)
+def _slice_scatter(g, x, src, dim=0, start=None, end=None, step=1):
+    """x with x[start:end] along dim replaced by src (`y[:, 2:4] = v`): the kept parts and src
+    concatenated. Strided slices are not supported."""
+    dim = dim % len(x.shape)
+    start, end, step = slice(start, end, step).indices(x.shape[dim])
+    if step != 1:
+        raise Unsupported(f"slice_scatter of {sig(x)} with step {step}: only step 1 is supported")
+    src = g.add("cast", src, dtype=x.dtype) if src.dtype != x.dtype else src
+    parts = [_slice(g, x, dim, 0, start), src, _slice(g, x, dim, end, x.shape[dim])]
+    return _cat(g, [p for p in parts if p.shape[dim] > 0], dim)
+
+
+@handles(aten.select_scatter.default)
+def _select_scatter(g, x, src, dim, index):
+    """x with x.select(dim, index) replaced by src (`y[:, 0] = v` when not decomposed to a where)."""
+    dim = dim % len(x.shape)
+    index = index % x.shape[dim]
+    return _slice_scatter(g, x, _unsqueeze(g, src, dim), dim, index, index + 1)
 
 
 @handles(aten.embedding.default)

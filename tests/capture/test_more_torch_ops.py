@@ -256,3 +256,32 @@ def test_unsupported_forms_name_op_node_and_shapes(model, x, words):
     assert f"at node {e.value.node!r}" in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+# -- 12. in-place assignment, functionalised ------------------------------------------------------------
+
+def test_setitem_slices_masks_and_rows():
+    """y[:, 0] = v, y[mask] = v, y[:, 2:4] = ..., y[1] = ..., int targets: copy, index_put with one
+    boolean mask and one value, slice_scatter, select_scatter."""
+    def f(x, m3):
+        y = x.clone()
+        y[:, 0] = 0
+        y[x > 1] = 5.0
+        y[:, 2:4] = x[:, :2] * 2
+        z = x.clone()
+        z[m3] = 1.5
+        z[1] = x[0]
+        z[..., -1:] = 7
+        w = torch.zeros(3, 5, dtype=torch.int64)
+        w[x < 0] = 3
+        return y, z, w
+    compiled(f, r(3, 5), torch.tensor([True, False, True]))
+
+
+def test_setitem_with_integer_indices_is_a_clear_error():
+    def f(x, i):
+        y = x.clone()
+        y[i] = 0
+        return y
+    with pytest.raises(kfuse.errors.UnsupportedOpError, match="index_put.*one value"):
+        kfuse.compile(Fn(f), (r(3, 5), torch.tensor([0, 2])))
