@@ -35,17 +35,19 @@ from ..ir import Kind, Node
 
 # Primitive ops of the kernel IR, by arity. max/min propagate NaN as torch.maximum does; the
 # reductions rmax/rmin propagate NaN as torch.amax does.
+# Float functions a backend takes from its math library as they are (C: the name plus "f").
+LIBM_UNARY = ("erfc", "atan", "tan", "expm1", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2",
+              "log10")
+LIBM_BINARY = ("fmod", "atan2")
 PRIMS = {
     1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
-        "round", "trunc", "erfc", "atan", "tan", "expm1", "asin", "acos", "sinh", "cosh", "asinh", "acosh",
-        "atanh", "log2", "log10", "not", "cast"),
+        "round", "trunc", *LIBM_UNARY, "not", "cast"),
     2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
-        "fmod", "atan2"),
+        *LIBM_BINARY),
     3: ("where",),
 }
 REDUCTIONS = ("rsum", "rmax", "rmin")
-TRANSCENDENTAL = {"exp", "expm1", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", "erfc", "atan",
-                  "tan", "fmod", "atan2", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10"}
+TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", *LIBM_UNARY, *LIBM_BINARY}
 
 DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
 _WIDE = {torch.float64: "f32", torch.float16: "f32", torch.bfloat16: "f32",
@@ -302,10 +304,9 @@ class _Lowering:
             if dt != "f32" and n.op in ("floor", "ceil", "round", "trunc"):
                 return self.cvt(xs[0], dt)
             return self.f(n.op, xs[0], dtype=self._arith(n, dt))
-        if n.op in ("exp", "expm1", "log", "sqrt", "sin", "cos", "tanh", "erf", "erfc", "atan", "tan", "asin",
-                    "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10"):
+        if n.op in ("exp", "log", "sqrt", "sin", "cos", "tanh", "erf") + LIBM_UNARY:
             return self.f(n.op, xs[0], dtype="f32")
-        if n.op in ("fmod", "atan2") and dt == "f32":     # integer fmod by 0 raises in torch: left to it
+        if n.op in LIBM_BINARY and dt == "f32":     # integer fmod by 0 raises in torch: left to it
             return self.f(n.op, *xs, dtype="f32")
         if n.op in ("add", "sub", "mul", "div", "maximum", "minimum"):
             return self.f({"maximum": "max", "minimum": "min"}.get(n.op, n.op), *xs, dtype=self._arith(n, dt))

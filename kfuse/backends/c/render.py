@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from ...kernels import DTYPES, REDUCTIONS, FusedKernel
+from ...kernels import DTYPES, LIBM_BINARY, LIBM_UNARY, REDUCTIONS, FusedKernel
 
 # Elements per scheduling chunk (256 KB of f32). Smaller chunks interleave the threads' rows, and
 # each thread's hardware prefetcher restarts at every jump: with 16K, RMSNorm [1024,4096] ran 0.469
@@ -131,9 +131,8 @@ void kf_set_threads(int n) { omp_set_num_threads(n); }
 
 _FLOAT_FN = {"abs": "fabsf", "exp": "kf_exp", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
              "sin": "sinf", "cos": "cosf", "tanh": "kf_tanh", "erf": "kf_erf", "floor": "floorf",
-             "ceil": "ceilf", "pow": "powf", "round": "nearbyintf", "trunc": "truncf", "erfc": "erfcf",
-             "atan": "atanf", "tan": "tanf", "expm1": "expm1f",
-             **{f: f + "f" for f in ("asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10")}, "fmod": "fmodf", "atan2": "atan2f"}
+             "ceil": "ceilf", "pow": "powf", "round": "nearbyintf", "trunc": "truncf",
+             **{f: f + "f" for f in LIBM_UNARY + LIBM_BINARY}}
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<",
           "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||"}
 
@@ -324,23 +323,25 @@ class _Render:
             self.out("}", d + 1)
             self.out("}", d)
         if split < N:
-            self.loop(p, row, d, f"{split}LL", f"{N}LL", stores, outs, reds, "j",
+            self.loop(d, f"{split}LL", f"{N}LL", reds, nan, "j",
                       lambda: self.body(p, row, d + 1, stores, outs, reds, "v{}", "nan{}"))
         if split:
-            self.loop(p, row, d, "0", f"{BLOCK}", [], [], reds, "jj",
-                      lambda: [self.fold(i, f"b{i}[jj]", "v{}", "nan{}", d + 1) for i in reds] +
-                      [self.out(f"nan{i} |= bnan{i}[jj];", d + 1) for i in nan])
+            def fold_blocks():
+                for i in reds:
+                    self.fold(i, f"b{i}[jj]", "v{}", "nan{}", d + 1)
+                for i in nan:
+                    self.out(f"nan{i} |= bnan{i}[jj];", d + 1)
+            self.loop(d, "0", f"{BLOCK}", reds, nan, "jj", fold_blocks)
         for i in nan:
             self.out(f"if (nan{i}) v{i} = NAN;", d)
         for i in reds:
             row[i] = f"v{i}"
 
-    def loop(self, p, row, d, start, stop, stores, outs, reds, var, emit_body):
-        """A `omp simd` loop from start to stop reducing into the scalars v<i> (and nan<i>)."""
-        k = self.k
-        clauses = [f"reduction({_CLAUSE[k.values[i].op]}:v{i})" for i in reds]
-        clauses += [f"reduction(|:nan{i})" for i in reds
-                    if k.values[i].op != "rsum" and k.values[i].dtype == "f32"]
+    def loop(self, d, start, stop, reds, nan, var, emit_body):
+        """A `omp simd` loop from start to stop reducing into the scalars v<i> (and nan<i> for the
+        reductions in `nan`); emit_body writes its body."""
+        clauses = [f"reduction({_CLAUSE[self.k.values[i].op]}:v{i})" for i in reds]
+        clauses += [f"reduction(|:nan{i})" for i in nan]
         self.out(f"#pragma omp simd {' '.join(clauses)}".rstrip(), d)
         self.out(f"for (int64_t {var} = {start}; {var} < {stop}; {var}++) {{", d)
         emit_body()
