@@ -40,14 +40,14 @@ LIBM_UNARY = ("erfc", "atan", "tan", "expm1", "asin", "acos", "sinh", "cosh", "a
               "log10")
 LIBM_BINARY = ("fmod", "atan2")
 PRIMS = {
-    1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "floor", "ceil",
+    1: ("neg", "abs", "exp", "log", "log1p", "sqrt", "sin", "cos", "tanh", "erf", "phi", "floor", "ceil",
         "round", "trunc", *LIBM_UNARY, "not", "cast"),
     2: ("add", "sub", "mul", "div", "pow", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
         *LIBM_BINARY),
     3: ("where",),
 }
 REDUCTIONS = ("rsum", "rmax", "rmin")
-TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "pow", "div", "sqrt", *LIBM_UNARY, *LIBM_BINARY}
+TRANSCENDENTAL = {"exp", "log", "log1p", "sin", "cos", "tanh", "erf", "phi", "pow", "div", "sqrt", *LIBM_UNARY, *LIBM_BINARY}
 
 DTYPES = {torch.float32: "f32", torch.int64: "i64", torch.bool: "bool"}
 _WIDE = {torch.float64: "f32", torch.float16: "f32", torch.bfloat16: "f32",
@@ -365,9 +365,11 @@ class _Lowering:
             inner = self.f("mul", self.lit(math.sqrt(2 / math.pi)),
                            self.f("add", x, self.f("mul", self.lit(0.044715), self.f("mul", self.f("mul", x, x), x))))
             t = self.f("tanh", inner)
-        else:                         # x * 0.5 * (1 + erf(x / sqrt(2))), torch's order of operations
-            t = self.f("erf", self.f("mul", x, self.lit(math.sqrt(0.5))))
-        return self.f("mul", self.f("mul", x, self.lit(0.5)), self.f("add", self.lit(1.0), t))
+            return self.f("mul", self.f("mul", x, self.lit(0.5)), self.f("add", self.lit(1.0), t))
+        # x Phi(x), Phi(x) = 0.5 (1 + erf(x / sqrt 2)) the normal CDF: a primitive of its own, so a
+        # backend can fold the 1/sqrt(2) into its erf (torch's order, x * 0.5 * (1 + erf(..)), differs
+        # by a rounding)
+        return self.f("mul", x, self.f("phi", x, dtype="f32"))
 
     def op_logical_not(self, n, xs, dt):
         return self.f("not", self.cvt(xs[0], "bool"))
