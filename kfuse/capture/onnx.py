@@ -333,17 +333,18 @@ def _spatial_pads(n: _Node, x: Node, kernel, strides, dilations):
 def _window_args(n: _Node, x: Node, kernel, pad_value, max_pad=None):
     """Shared by Conv and the pools: strides, dilations and padding. Asymmetric padding (or more
     than torch's pools accept) becomes an explicit pad op before the window op."""
-    if len(x.shape) != 4:
-        n.fail(f"only 2-d spatial inputs (rank 4) are supported, got shape {list(x.shape)}")
-    strides = list(n.attr("strides", [1, 1]))
-    dilations = list(n.attr("dilations", [1, 1]))
+    nd = len(x.shape) - 2
+    if nd not in (2, 3):
+        n.fail(f"only 1-d, 2-d and 3-d spatial inputs (rank 3 to 5) are supported, got shape {list(x.shape)}")
+    strides = list(n.attr("strides", [1] * nd))
+    dilations = list(n.attr("dilations", [1] * nd))
     begins, ends = _spatial_pads(n, x, kernel, strides, dilations)
     symmetric = begins == ends and (max_pad is None or all(b <= m for b, m in zip(begins, max_pad)))
     if symmetric:
         return x, strides, dilations, tuple(begins)
     if pad_value is None:
         n.fail(f"asymmetric pads {begins + ends} are not supported here")
-    return _pad(n, x, [0, 0] + begins, [0, 0] + ends, pad_value), strides, dilations, (0, 0)
+    return _pad(n, x, [0, 0] + begins, [0, 0] + ends, pad_value), strides, dilations, (0,) * nd
 
 
 # -- handlers ---------------------------------------------------------------------------------------
@@ -952,7 +953,7 @@ def _gemm(n, a, b, c=None):
 def _conv(n, x, w, b=None):
     x, strides, dilations, padding = _window_args(n, x, w.shape[2:], pad_value=0.0)
     extra = (b,) if b is not None else ()
-    return n.add("conv2d", x, w, *extra, stride=tuple(strides), padding=padding,
+    return n.add(f"conv{len(strides)}d", x, w, *extra, stride=tuple(strides), padding=padding,
                  dilation=tuple(dilations), groups=n.attr("group", 1))
 
 
@@ -962,7 +963,7 @@ def _max_pool(n, x):
     kernel = n.attr("kernel_shape")
     x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=-math.inf,
                                                   max_pad=[k // 2 for k in kernel])
-    return n.add("max_pool2d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
+    return n.add(f"max_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
                  dilation=tuple(dilations), ceil_mode=bool(n.attr("ceil_mode", 0)))
 
 
@@ -972,9 +973,9 @@ def _avg_pool(n, x):
     # Explicit zero padding is only right when the padded zeros count in the average.
     x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=0.0 if include else None,
                                                   max_pad=[k // 2 for k in kernel])
-    if dilations != [1, 1]:
+    if any(d != 1 for d in dilations):
         n.fail("dilated average pooling is not supported")
-    return n.add("avg_pool2d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
+    return n.add(f"avg_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
                  ceil_mode=bool(n.attr("ceil_mode", 0)), count_include_pad=include)
 
 

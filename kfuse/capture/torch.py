@@ -663,9 +663,9 @@ def _convolution(g, x, w, b, stride, padding, dilation, transposed, output_paddi
     """2-D convolutions map onto conv2d / conv_transpose2d; 1-D ones onto the same with an inserted
     H of 1 (the weight's reshape folds, being a constant)."""
     nd = len(x.shape) - 2
-    if nd not in (1, 2):
+    if nd not in (1, 2, 3):
         raise Unsupported(f"{nd}-D {'transposed ' if transposed else ''}convolution of {sig(x, w)}: "
-                          "only 1-D and 2-D convolutions are supported")
+                          "only 1-D, 2-D and 3-D convolutions are supported")
     if nd == 1:
         x4 = reshape(g, x, x.shape[:2] + (1,) + x.shape[2:])
         w4 = reshape(g, w, w.shape[:2] + (1,) + w.shape[2:])
@@ -675,8 +675,8 @@ def _convolution(g, x, w, b, stride, padding, dilation, transposed, output_paddi
     args = (x, w) if b is None else (x, w, b)
     attrs = {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation), "groups": groups}
     if transposed:
-        return g.add("conv_transpose2d", *args, output_padding=tuple(output_padding), **attrs)
-    return g.add("conv2d", *args, **attrs)
+        return g.add(f"conv_transpose{nd}d", *args, output_padding=tuple(output_padding), **attrs)
+    return g.add(f"conv{nd}d", *args, **attrs)   # conv3d runs on torch as it is
 
 
 @handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
@@ -685,6 +685,43 @@ def _max_pool(g, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mod
     y = g.add("max_pool2d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
               dilation=tuple(dilation), ceil_mode=ceil_mode)
     return y, None
+
+
+@handles(aten.max_pool3d_with_indices.default, aten.max_pool3d.default)
+def _max_pool3d(g, x, kernel, stride=(), padding=(0, 0, 0), dilation=(1, 1, 1), ceil_mode=False):
+    kernel = tuple(kernel)
+    y = g.add("max_pool3d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
+              dilation=tuple(dilation), ceil_mode=ceil_mode)
+    return y, None
+
+
+@handles(aten.avg_pool3d.default)
+def _avg_pool3d(g, x, kernel, stride=(), padding=(0, 0, 0), ceil_mode=False, count_include_pad=True, divisor=None):
+    if divisor is not None:
+        raise Unsupported(f"avg_pool3d of {sig(x)} with divisor_override={divisor}")
+    kernel = tuple(kernel)
+    return g.add("avg_pool3d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
+                 ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+
+
+@handles(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def _adaptive_max_pool(g, x, size):
+    return g.add(f"adaptive_max_pool{len(size)}d", x, size=tuple(size)), None
+
+
+@handles(aten._adaptive_avg_pool3d.default, aten.adaptive_avg_pool3d.default)
+def _adaptive_avg_pool3d(g, x, size):
+    return g.add("adaptive_avg_pool3d", x, size=tuple(size))
+
+
+@handles(aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
+def _embedding_bag(g, w, idx, offsets, scale_grad_by_freq=False, mode=0, sparse=False, per_sample_weights=None,
+                   include_last_offset=False, padding_idx=-1):
+    """nn.EmbeddingBag: the bags' output only (offset2bag, bag_size and max_indices serve backward)."""
+    args = (w, idx, offsets) + ((per_sample_weights,) if per_sample_weights is not None else ())
+    y = g.add("embedding_bag", *args, mode=("sum", "mean", "max")[mode], include_last_offset=bool(include_last_offset),
+              padding_idx=None if padding_idx is None or padding_idx < 0 else padding_idx)
+    return y, None, None, None
 
 
 @handles(aten.avg_pool2d.default)
@@ -706,9 +743,8 @@ def _adaptive_avg_pool(g, x, size):
     if h % oh == 0 and w % ow == 0:
         k = (h // oh, w // ow)
         return g.add("avg_pool2d", x, kernel=k, stride=k, padding=(0, 0))
-    if oh + ow > 64:
-        raise Unsupported(f"adaptive_avg_pool2d of {sig(x)} to {oh}x{ow}: uneven windows, and more than "
-                          "64 output rows plus columns (too many slices to write out)")
+    if oh + ow > 64:      # too many slices to write out: torch runs it
+        return g.add("adaptive_avg_pool2d", x, size=(oh, ow))
     return _adaptive_mean(g, _adaptive_mean(g, x, nd - 2, oh), nd - 1, ow)
 
 

@@ -69,6 +69,14 @@ def _reduce(fn):
     return lambda x, *, axes, keepdim=False: fn(x, dim=axes, keepdim=keepdim)
 
 
+def _embedding_bag(weight, indices, offsets, per_sample_weights=None, *, mode, include_last_offset=False,
+                   padding_idx=None):
+    """Bags of rows of `weight` (one bag per offset) reduced by mode "sum", "mean" or "max"; an empty
+    bag gives zeros, as torch's does."""
+    return F.embedding_bag(indices, weight, offsets, mode=mode, per_sample_weights=per_sample_weights,
+                           include_last_offset=include_last_offset, padding_idx=padding_idx)
+
+
 def _avg_pool2d(x, *, kernel, stride, padding, ceil_mode=False, count_include_pad=True):
     return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
@@ -154,6 +162,20 @@ REFERENCE = {
     "conv_transpose2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
         dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
     "rope": _rope,
+    # run by torch as they are (opaque to fusion)
+    "conv3d": lambda x, w, b=None, *, stride, padding, dilation, groups=1:
+        F.conv3d(x, w, b, stride, padding, dilation, groups),
+    "conv_transpose3d": lambda x, w, b=None, *, stride, padding, output_padding, groups=1, dilation:
+        F.conv_transpose3d(x, w, b, stride, padding, output_padding, groups, dilation),
+    "max_pool3d": lambda x, *, kernel, stride, padding, dilation, ceil_mode=False:
+        F.max_pool3d(x, kernel, stride, padding, dilation, ceil_mode),
+    "avg_pool3d": lambda x, *, kernel, stride, padding, ceil_mode=False, count_include_pad=True:
+        F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad),
+    "adaptive_avg_pool2d": lambda x, *, size: F.adaptive_avg_pool2d(x, size),
+    "adaptive_max_pool2d": lambda x, *, size: F.adaptive_max_pool2d(x, size),
+    "adaptive_avg_pool3d": lambda x, *, size: F.adaptive_avg_pool3d(x, size),
+    "adaptive_max_pool3d": lambda x, *, size: F.adaptive_max_pool3d(x, size),
+    "embedding_bag": _embedding_bag,
 }
 
 

@@ -243,11 +243,31 @@ def test_adaptive_avg_pool_with_uneven_windows():
              special(1, 2, 7, 13))
 
 
+def test_3d_convolutions_and_pools_and_adaptive_pools_run_on_torch():
+    compiled(nn.Conv3d(2, 3, 3, padding=1, stride=(1, 2, 1)), r(1, 2, 5, 6, 7))
+    compiled(nn.ConvTranspose3d(2, 4, 3, stride=2, groups=2, output_padding=1), r(1, 2, 3, 4, 5))
+    compiled(lambda x: (F.max_pool3d(x, 2), F.avg_pool3d(x, 3, stride=2, padding=1, count_include_pad=False),
+                        F.adaptive_avg_pool3d(x, (2, 3, 1)), F.adaptive_max_pool3d(x, 2)), special(1, 2, 5, 6, 7))
+    compiled(lambda x: (F.adaptive_max_pool2d(x, (3, 5)), F.adaptive_avg_pool2d(x, (50, 50)),
+                        F.adaptive_max_pool1d(x[0], 4)), special(1, 2, 99, 99))
+    assert ops_of(nn.Conv3d(2, 3, 3), r(1, 2, 5, 5, 5)) == {"input": 1, "const": 2, "conv3d": 1}
+    assert ops_of(lambda x: F.adaptive_avg_pool2d(x, (50, 50)), r(1, 2, 99, 99)) == {"input": 1, "adaptive_avg_pool2d": 1}
+
+
+def test_embedding_bag():
+    idx, off = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 3, 3, 6])     # bag 1 is empty
+    for mode in ("sum", "mean", "max"):
+        compiled(nn.EmbeddingBag(10, 5, mode=mode), idx, off)
+    compiled(nn.EmbeddingBag(10, 5, mode="sum", padding_idx=2), idx, off)
+    compiled(nn.EmbeddingBag(10, 5, mode="mean", include_last_offset=True), idx, torch.tensor([0, 3, 6, 8]))
+    compiled(nn.EmbeddingBag(10, 5), idx.reshape(2, 4))                                # 2-D input: fixed bags
+    w = r(10, 5)
+    compiled(lambda i, o, s: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=s), idx, off, r(8))
+
+
 @pytest.mark.parametrize("model, x, words", [
-    (nn.Conv3d(2, 2, 3), r(1, 2, 5, 5, 5), ["3-D", "f32[1, 2, 5, 5, 5]", "f32[2, 2, 3, 3, 3]"]),
-    (nn.ConvTranspose3d(2, 2, 3), r(1, 2, 5, 5, 5), ["3-D transposed", "f32[1, 2, 5, 5, 5]"]),
-    (Fn(lambda x: F.adaptive_avg_pool2d(x, (50, 50))), r(1, 2, 99, 99), ["uneven", "f32[1, 2, 99, 99]", "50x50"]),
     (Fn(lambda x: F.avg_pool2d(x, 2, divisor_override=3)), r(1, 2, 9, 9), ["divisor_override=3", "f32[1, 2, 9, 9]"]),
+    (Fn(lambda x: F.avg_pool3d(x, 2, divisor_override=3)), r(1, 2, 4, 4, 4), ["avg_pool3d", "divisor_override=3"]),
 ])
 def test_unsupported_forms_name_op_node_and_shapes(model, x, words):
     with pytest.raises(kfuse.UnsupportedOpError) as e:

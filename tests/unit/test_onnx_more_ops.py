@@ -229,6 +229,13 @@ WINDOWS = [  # (id, op, inputs, attrs)
      {"strides": [2, 2], "output_shape": [10, 12]}),
     ("conv_transpose_1d", "ConvTranspose", [f32(2, 3, 7), C(f32(3, 5, 4)), C(f32(5))],
      {"strides": [3], "pads": [1, 2], "output_padding": [1]}),
+    ("conv3d", "Conv", [f32(1, 2, 5, 6, 7), C(f32(4, 2, 3, 2, 3)), C(f32(4))],
+     {"strides": [1, 2, 1], "pads": [1, 0, 1, 1, 0, 1], "dilations": [1, 1, 2]}),
+    ("conv3d_asym_pads_groups", "Conv", [f32(1, 4, 5, 6, 7), C(f32(4, 2, 3, 3, 3))],
+     {"group": 2, "pads": [0, 1, 2, 1, 0, 0]}),
+    ("maxpool3d", "MaxPool", [f32(2, 3, 6, 7, 5)], {"kernel_shape": [2, 3, 2], "strides": [2, 2, 1]}),
+    ("avgpool3d", "AveragePool", [f32(1, 3, 6, 7, 5)], {"kernel_shape": [3, 3, 3], "pads": [1, 1, 1, 1, 1, 1],
+                                                      "count_include_pad": 1}),
 ]
 
 
