@@ -679,28 +679,28 @@ def _convolution(g, x, w, b, stride, padding, dilation, transposed, output_paddi
     return g.add(f"conv{nd}d", *args, **attrs)   # conv3d runs on torch as it is
 
 
-@handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
-def _max_pool(g, x, kernel, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+def _per_dim(v, nd, default):
+    """A window attribute as one value per spatial dim (aten leaves defaults out)."""
+    return (default,) * nd if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,) * nd
+
+
+@handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default,
+         aten.max_pool3d_with_indices.default, aten.max_pool3d.default)
+def _max_pool(g, x, kernel, stride=(), padding=None, dilation=None, ceil_mode=False):
     kernel = tuple(kernel)
-    y = g.add("max_pool2d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
-              dilation=tuple(dilation), ceil_mode=ceil_mode)
+    nd = len(kernel)
+    y = g.add(f"max_pool{nd}d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=_per_dim(padding, nd, 0),
+              dilation=_per_dim(dilation, nd, 1), ceil_mode=ceil_mode)
     return y, None
 
 
-@handles(aten.max_pool3d_with_indices.default, aten.max_pool3d.default)
-def _max_pool3d(g, x, kernel, stride=(), padding=(0, 0, 0), dilation=(1, 1, 1), ceil_mode=False):
+@handles(aten.avg_pool2d.default, aten.avg_pool3d.default)
+def _avg_pool(g, x, kernel, stride=(), padding=None, ceil_mode=False, count_include_pad=True, divisor=None):
     kernel = tuple(kernel)
-    y = g.add("max_pool3d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
-              dilation=tuple(dilation), ceil_mode=ceil_mode)
-    return y, None
-
-
-@handles(aten.avg_pool3d.default)
-def _avg_pool3d(g, x, kernel, stride=(), padding=(0, 0, 0), ceil_mode=False, count_include_pad=True, divisor=None):
+    nd = len(kernel)
     if divisor is not None:
-        raise Unsupported(f"avg_pool3d of {sig(x)} with divisor_override={divisor}")
-    kernel = tuple(kernel)
-    return g.add("avg_pool3d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
+        raise Unsupported(f"avg_pool{nd}d of {sig(x)} with divisor_override={divisor}")
+    return g.add(f"avg_pool{nd}d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=_per_dim(padding, nd, 0),
                  ceil_mode=ceil_mode, count_include_pad=count_include_pad)
 
 
@@ -722,15 +722,6 @@ def _embedding_bag(g, w, idx, offsets, scale_grad_by_freq=False, mode=0, sparse=
     y = g.add("embedding_bag", *args, mode=("sum", "mean", "max")[mode], include_last_offset=bool(include_last_offset),
               padding_idx=None if padding_idx is None or padding_idx < 0 else padding_idx)
     return y, None, None, None
-
-
-@handles(aten.avg_pool2d.default)
-def _avg_pool(g, x, kernel, stride=(), padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor=None):
-    if divisor is not None:
-        raise Unsupported(f"avg_pool2d of {sig(x)} with divisor_override={divisor}")
-    kernel = tuple(kernel)
-    return g.add("avg_pool2d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=tuple(padding),
-                 ceil_mode=ceil_mode, count_include_pad=count_include_pad)
 
 
 @handles(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d.default)
