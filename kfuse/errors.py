@@ -8,9 +8,9 @@ class KfuseError(Exception):
 class UnsupportedOpError(KfuseError):
     """A model contains an op kfuse has no handler for; names the op type and the node."""
 
-    def __init__(self, op_type: str, node: str, source: str):
-        self.op_type, self.node, self.source = op_type, node, source
-        super().__init__(f"unsupported {source} op {op_type!r} at node {node!r}")
+    def __init__(self, op_type: str, node: str, source: str, detail: str = ""):
+        self.op_type, self.node, self.source, self.detail = op_type, node, source, detail
+        super().__init__(f"unsupported {source} op {op_type!r} at node {node!r}" + (f": {detail}" if detail else ""))
 
 
 class ModelFileError(KfuseError):

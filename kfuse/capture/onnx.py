@@ -133,9 +133,10 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples):
         env[vi.name] = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
 
 
-def _unsupported(onnx_node: onnx.NodeProto) -> UnsupportedOpError:
+def _unsupported(onnx_node: onnx.NodeProto, detail: str = "") -> UnsupportedOpError:
     full = onnx_node.op_type if onnx_node.domain in ("", "ai.onnx") else f"{onnx_node.domain}.{onnx_node.op_type}"
-    return UnsupportedOpError(full, onnx_node.name or (onnx_node.output[0] if onnx_node.output else ""), "ONNX")
+    return UnsupportedOpError(full, onnx_node.name or (onnx_node.output[0] if onnx_node.output else ""), "ONNX",
+                              detail)
 
 
 def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
@@ -203,9 +204,7 @@ class _Node:
 
     def unsupported(self, why):
         """An UnsupportedOpError naming the op and node, saying which variant of the op is not mapped."""
-        e = _unsupported(self.proto)
-        e.args = (f"{e}: {why}",)
-        raise e
+        raise _unsupported(self.proto, why)
 
     def add(self, op, *inputs, **attrs) -> Node:
         return self.g.add(op, *inputs, name=self.name, **attrs)

@@ -862,9 +862,7 @@ def _call(g, n: torch.fx.Node, env):
     try:
         out = handler(g, *args, **kwargs)
     except Unsupported as e:
-        err = UnsupportedOpError(str(n.target), n.name, "PyTorch")
-        err.args = (f"{err.args[0]}: {e}",)
-        raise err from None
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch", str(e)) from None
     except GraphError as e:
         raise GraphError(f"{n.target} at node {n.name!r}: {e}") from e
     for node in out if isinstance(out, tuple) else (out,):
