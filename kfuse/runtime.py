@@ -56,31 +56,38 @@ class Program:
     def __call__(self, inputs):
         return list(self._fn(*inputs))
 
-    def profile(self, inputs, reps: int = 5) -> list[tuple[float, float]]:
+    def profile(self, inputs, reps: int = 7) -> list[tuple[float, float]]:
         """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
-        stores them in report.kernels[i].measured_ms / .unfused_ms and returns the pairs."""
+        stores them in report.kernels[i].measured_ms / .unfused_ms and returns the pairs. The two
+        are called alternately, so a busy spell of the machine slows both alike rather than one."""
         env = dict(zip(self.graph.inputs, inputs))
         env.update({n: n.value for n in self.graph.nodes if n.op == "const"})
         times = []
         for group, kernel, info in zip(self.groups, self.kernels, self.report.kernels):
             args = [env[i] for i in group.inputs]
-            fused = median_ms(kernel, args, reps)
-            unfused = median_ms(reference_kernel(group), args, reps) if info.fusion else fused
+            fns = [kernel, reference_kernel(group)] if info.fusion else [kernel]
+            meds = median_ms(fns, args, reps)
+            fused, unfused = meds[0], meds[-1]
             info.measured_ms, info.unfused_ms = fused, unfused
             times.append((fused, unfused))
             env.update(zip(group.outputs, kernel(*args)))
         return times
 
 
-def median_ms(fn, args, reps: int = 20) -> float:
-    """Median milliseconds of `reps` calls fn(*args), after one untimed call."""
-    fn(*args)
-    ts = []
+def median_ms(fn, args, reps: int = 20):
+    """Median milliseconds of `reps` calls fn(*args), after one untimed call. Given a list of
+    functions, calls them in turn each round and returns the list of their medians."""
+    fns = fn if isinstance(fn, list) else [fn]
+    ts = [[] for _ in fns]
+    for f in fns:
+        f(*args)
     for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e3
+        for f, t_f in zip(fns, ts):
+            t = time.perf_counter()
+            f(*args)
+            t_f.append(time.perf_counter() - t)
+    med = [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
+    return med if isinstance(fn, list) else med[0]
 
 
 def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -> tuple[str, object]:
