@@ -14,6 +14,7 @@ import torch.fx
 
 from ..errors import GraphError, KfuseError, UnsupportedOpError
 from ..ir import DTYPE_SHORT, FOLD_LIMIT, Graph, Node
+from .einsum import EinsumError, einsum
 
 aten = torch.ops.aten
 ATEN: dict = {}
@@ -712,6 +713,20 @@ def _adaptive_max_pool(g, x, size):
 @handles(aten._adaptive_avg_pool3d.default, aten.adaptive_avg_pool3d.default)
 def _adaptive_avg_pool3d(g, x, size):
     return g.add("adaptive_avg_pool3d", x, size=tuple(size))
+
+
+@handles(aten._trilinear.default)
+def _trilinear(g, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
+    """sum over `sumdim` of i1 * i2 * i3, each unsqueezed at its `expand` dims (nn.Bilinear is
+    x1 W x2 this way): an einsum, lowered to two matmul-shaped contractions."""
+    rank = len(i1.shape) + len(expand1)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:rank]
+    subs = ["".join(c for d, c in enumerate(letters) if d not in e) for e in (expand1, expand2, expand3)]
+    out = "".join(c for d, c in enumerate(letters) if d not in sumdim)
+    try:
+        return einsum(g, f"{','.join(subs)}->{out}", (i1, i2, i3))
+    except EinsumError as e:
+        raise Unsupported(f"_trilinear of {sig(i1, i2, i3)}: {e}") from None
 
 
 @handles(aten._embedding_bag.default, aten._embedding_bag_forward_only.default)

@@ -254,6 +254,16 @@ def test_3d_convolutions_and_pools_and_adaptive_pools_run_on_torch():
     assert ops_of(lambda x: F.adaptive_avg_pool2d(x, (50, 50)), r(1, 2, 99, 99)) == {"input": 1, "adaptive_avg_pool2d": 1}
 
 
+def test_bilinear_is_two_contractions():
+    """nn.Bilinear exports as aten._trilinear: lowered as an einsum, x1 W then a batched matrix-vector
+    product with x2, never the [B, out, in1, in2] product."""
+    m = nn.Bilinear(6, 5, 7)
+    compiled(m, r(3, 6), r(3, 5))
+    compiled(nn.Bilinear(4, 3, 2, bias=False), r(2, 3, 4), r(2, 3, 3))     # leading dims flattened by torch
+    ops = ops_of(m, r(3, 6), r(3, 5))
+    assert ops == {"input": 2, "const": 2, "matmul": 2, "reshape": 3, "add": 1}, ops
+
+
 def test_embedding_bag():
     idx, off = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 3, 3, 6])     # bag 1 is empty
     for mode in ("sum", "mean", "max"):
