@@ -105,12 +105,14 @@ KF_INLINE float kf_tanh(float x) {
 """
 
 # erf's two polynomials, highest degree first: erf(z) = z + z Q(z^2) for |z| <= 0.921875, and B(|z| - 2.4)
-# above (erf in [0.8, 1): absolute error is what counts there, so no exp is needed).
+# above (erf in [0.8, 1): absolute error is what counts there, so no exp is needed). B is degree 12: its
+# float32 error (~1.7e-7 absolute, rounding in the evaluation) is that of the degree-13 fit it replaced,
+# and one FMA fewer made bias+GELU 0.193 -> 0.185 ms.
 ERF_Q = ("-0x1.3a48e2p-11", "0x1.474a0ep-8", "-0x1.b68e66p-6", "0x1.ce1ab4p-4", "-0x1.8126e8p-2",
          "0x1.06eba6p-3")
-ERF_B = ("-0x1.b0a22ap-21", "-0x1.168deap-17", "0x1.36404ap-15", "0x1.d7ed9ep-16", "-0x1.638962p-12",
-         "0x1.2b4b7ep-11", "0x1.03919ep-12", "-0x1.991a1cp-9", "0x1.026fe0p-7", "-0x1.8c9f38p-7",
-         "0x1.989a4ap-7", "-0x1.17af26p-7", "0x1.d209a2p-9", "0x1.ffa5c2p-1")
+ERF_B = ("-0x1.0afdccp-17", "0x1.0605e2p-15", "0x1.af4b3ap-16", "-0x1.531a3p-12", "0x1.2ea3b8p-11",
+         "0x1.dc8366p-13", "-0x1.9a1ec2p-9", "0x1.02d9fcp-7", "-0x1.8c7aep-7", "0x1.987e88p-7",
+         "-0x1.17b6f2p-7", "0x1.d211acp-9", "0x1.ffa5c4p-1")
 
 
 def f32(x: float) -> float:
