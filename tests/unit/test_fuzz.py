@@ -220,3 +220,18 @@ def test_norm_of_a_norm_over_rows_of_one():
     for _ in range(5):
         xs = [torch.randn(2, 1, 1, generator=gen)]
         assert compare(prog(xs)[0], reference(g, xs)[0]) is None
+
+
+def test_constants_that_are_strided_slices_compare_by_value():
+    """Seed 778138: a one-element constant sliced with step 2 keeps stride 2 through .contiguous(),
+    and hashing its bytes for CSE crashed the build. Equal constants still merge."""
+    g = Graph()
+    c = g.input((1,), torch.bool)
+    a = g.const(torch.tensor([1.5, 9.0, 2.5])[::2][:1])
+    b = g.const(torch.tensor([1.5]))
+    g.outputs = [g.add("where", c, a, g.const(torch.tensor([4.0, 0.0])[::2][:1])), g.add("mul", a, b)]
+    prog = build_program(g, {"backend": "cpu"})
+    for v in (True, False):
+        xs = [torch.tensor([v])]
+        for got, want in zip(prog(xs), reference(g, xs)):
+            assert compare(got, want) is None
