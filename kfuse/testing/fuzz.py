@@ -113,6 +113,13 @@ class Generator:
         self.vals.append(v)
         return v
 
+
+    def gelu(self, x: Value, bound: float, approximate: str = "none") -> Value:
+        """gelu of x; with non-finite inputs x is clamped first, as torch's own gelu(inf) is NaN on its
+        vector path and inf on its scalar one (seed 901960: a GEMM epilogue's gelu met an inf)."""
+        if self.nonfinite and approximate == "none":
+            x = self.add("clamp", x, bound=bound, min=-1e4, max=1e4)
+        return self.add("gelu", x, bound=bound, approximate=approximate)
     def const(self, value, dtype=None, bound=None) -> Value:
         t = torch.as_tensor(value, dtype=dtype)
         n = self.g.const(t)
@@ -212,9 +219,7 @@ class Generator:
         elif op in ("tanh", "sigmoid", "erf"):
             self.add(op, x, bound=1.0)
         elif op == "gelu":
-            if self.nonfinite:        # torch's own gelu(inf) is NaN on its vector path, inf on its scalar one
-                x = self.add("clamp", x, bound=b, min=-1e4, max=1e4)
-            self.add("gelu", x, bound=b)
+            self.gelu(x, b)
         elif op == "gelu_tanh":
             self.add("gelu", x, bound=b, approximate="tanh")
         elif op == "silu":
@@ -419,8 +424,8 @@ class Generator:
                 y = self.add("add", y, self.rand_const((N,)), bound=y.bound + 1)
             if self.r() < 0.3:
                 act = self.rng.choice(["relu", "silu", "sigmoid", "tanh", "gelu"])
-                y = self.add(act, y, bound=y.bound) if act != "gelu" else self.add(
-                    "gelu", y, bound=y.bound, approximate=self.rng.choice(["none", "tanh"]))
+                y = self.add(act, y, bound=y.bound) if act != "gelu" else self.gelu(
+                    y, y.bound, self.rng.choice(["none", "tanh"]))
         else:                                  # between two activations, batched over leading dims
             N = self.rng.choice([1, 2, 5, 7])
             lead = shape[:-2]
