@@ -48,7 +48,7 @@ KIND: dict[str, Kind] = {
     **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope", "cumprod", "topk", "sort", "resize",
                          "conv_transpose2d", "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
-                         "adaptive_max_pool3d", "embedding_bag")},
+                         "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put")},
 }
 
 DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",

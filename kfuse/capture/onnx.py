@@ -543,6 +543,37 @@ def _gather_nd(n, x, idx):
     return n.add("gather", rows, n.const(_positions(x.shape[:k])[index.unbind(-1)]), axis=0)
 
 
+_SCATTER_REDUCE = {"none": "none", "add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _scatter_reduction(n):
+    red = n.attr("reduction", "none")
+    if red not in _SCATTER_REDUCE:
+        n.unsupported(f"reduction {red!r}")
+    return red
+
+
+def _scatter_elements(n, x, idx, updates):
+    """ScatterElements (and the old Scatter): one scatter op along `axis`, run by torch; negative
+    indices count from the end, as ONNX allows."""
+    axis = _axis(n.attr("axis", 0), len(x.shape))
+    red = _SCATTER_REDUCE[_scatter_reduction(n)]
+    return n.add("scatter", x, _normalize_index(n, idx, x.shape[axis]), updates, axis=axis, reduce=red)
+
+
+def _scatter_nd(n, x, idx, updates):
+    """ScatterND: x[idx[..., 0], ..., idx[..., k-1]] = updates (or += / *= ... by `reduction`): an
+    index_put with one index tensor per leading dim of x; add is its accumulate, the others are not
+    mapped."""
+    red = _scatter_reduction(n)
+    if red not in ("none", "add"):
+        n.unsupported(f"reduction {red!r}: only none and add are mapped")
+    k = idx.shape[-1]
+    parts = [_normalize_index(n, _reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+                              x.shape[j]) for j in range(k)]
+    return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
+
+
 def _expand(n, x, shape):
     out = tuple(torch.broadcast_shapes(x.shape, tuple(n.ints(shape, "shape"))))
     return x if out == x.shape else n.add("expand", x, shape=out)
@@ -1112,7 +1143,8 @@ HANDLERS = {
     # data movement
     "Reshape": _reshape_h, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Transpose": _transpose, "Concat": _concat, "Slice": _slice, "Split": _split, "Gather": _gather,
-    "GatherElements": _gather_elements, "GatherND": _gather_nd, "Expand": _expand, "Tile": _tile,
+    "GatherElements": _gather_elements, "GatherND": _gather_nd, "ScatterElements": _scatter_elements,
+    "Scatter": _scatter_elements, "ScatterND": _scatter_nd, "Expand": _expand, "Tile": _tile,
     "Trilu": _trilu, "Pad": _pad_h, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
     "OneHot": _one_hot, "Resize": _resize,
     # reductions and normalisations

@@ -193,13 +193,13 @@ def _copy(g, dst, src, non_blocking=False):
 
 @handles(aten.index_put.default)
 def _index_put(g, x, indices, values, accumulate=False):
-    """x[mask] = v (or += v) with one boolean mask over x's leading dims and one value: a where.
-    Integer indices (a scatter) and per-element value lists are not supported."""
+    """x[mask] = v (or += v) with one boolean mask over x's leading dims and one value: a where, which
+    fuses. Anything else (integer indices: a scatter; value lists) is one index_put op run by torch."""
     values = scalar(g, values, x)
     if len(indices) != 1 or not isinstance(indices[0], Node) or indices[0].dtype != torch.bool \
             or values.numel != 1 or tuple(x.shape[:len(indices[0].shape)]) != tuple(indices[0].shape):
-        raise Unsupported(f"index_put of {sig(x)} with indices {sig(*[i for i in indices if i is not None])} "
-                          f"and values {sig(values)}: only x[bool mask] = one value is supported")
+        dims = [d for d, i in enumerate(indices) if i is not None]
+        return g.add("index_put", x, values, *[indices[d] for d in dims], dims=tuple(dims), accumulate=bool(accumulate))
     mask = indices[0]
     if len(mask.shape) < len(x.shape):
         mask = g.add("reshape", mask, shape=tuple(mask.shape) + (1,) * (len(x.shape) - len(mask.shape)))
@@ -207,6 +207,21 @@ def _index_put(g, x, indices, values, accumulate=False):
     if len(v.shape) > len(x.shape):
         v = g.add("reshape", v, shape=())
     return g.add("where", mask, g.add("add", x, v) if accumulate else v, x)
+
+
+@handles(aten.scatter_add.default)
+def _scatter_add(g, x, dim, index, src):
+    return _scatter(g, x, dim, index, src, "sum")
+
+
+@handles(aten.scatter.src, aten.scatter.value, aten.scatter_reduce.two)
+def _scatter(g, x, dim, index, src, reduce=None, include_self=True):
+    """torch.scatter / scatter_add / scatter_reduce: one op, run by torch (a value src is broadcast
+    to the index's shape first)."""
+    src = scalar(g, src, x)
+    if src.shape != index.shape:
+        src = g.add("expand", g.add("cast", src, dtype=x.dtype) if src.dtype != x.dtype else src, shape=tuple(index.shape))
+    return g.add("scatter", x, index, src, axis=dim % len(x.shape), reduce=reduce or "none", include_self=include_self)
 
 
 @handles(aten._to_copy.default, aten.to.dtype)

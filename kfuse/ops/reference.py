@@ -69,6 +69,23 @@ def _reduce(fn):
     return lambda x, *, axes, keepdim=False: fn(x, dim=axes, keepdim=keepdim)
 
 
+def _scatter(x, index, src, *, axis, reduce="none", include_self=True):
+    """x with src's elements written (or reduced: sum, prod, mean, amax, amin) at `index` along
+    `axis`: torch.scatter / scatter_reduce."""
+    if reduce == "none":
+        return torch.scatter(x, axis, index.long(), src)
+    return torch.scatter_reduce(x, axis, index.long(), src, reduce, include_self=include_self)
+
+
+def _index_put(x, values, *idx, dims, accumulate=False):
+    """x[key] = values (or += with accumulate), key holding the index tensors at `dims` and full
+    slices elsewhere: the functional form of torch's item assignment."""
+    key = [None] * (max(dims) + 1)
+    for d, i in zip(dims, idx):
+        key[d] = i if i.dtype == torch.bool else i.long()
+    return torch.ops.aten.index_put.default(x, key, values.to(x.dtype), accumulate)
+
+
 def _embedding_bag(weight, indices, offsets, per_sample_weights=None, *, mode, include_last_offset=False,
                    padding_idx=None):
     """Bags of rows of `weight` (one bag per offset) reduced by mode "sum", "mean" or "max"; an empty
@@ -176,6 +193,8 @@ REFERENCE = {
     "adaptive_avg_pool3d": lambda x, *, size: F.adaptive_avg_pool3d(x, size),
     "adaptive_max_pool3d": lambda x, *, size: F.adaptive_max_pool3d(x, size),
     "embedding_bag": _embedding_bag,
+    "scatter": _scatter,
+    "index_put": _index_put,
 }
 
 

@@ -308,10 +308,18 @@ def test_setitem_slices_masks_and_rows():
     compiled(f, r(3, 5), torch.tensor([True, False, True]))
 
 
-def test_setitem_with_integer_indices_is_a_clear_error():
-    def f(x, i):
-        y = x.clone()
+def test_setitem_with_integer_indices_and_scatters_run_on_torch():
+    def assign(x, i, v):
+        y, z, w = x.clone(), x.clone(), x.clone()
         y[i] = 0
-        return y
-    with pytest.raises(kfuse.errors.UnsupportedOpError, match="index_put.*one value"):
-        kfuse.compile(Fn(f), (r(3, 5), torch.tensor([0, 2])))
+        z[:, i] += v[:2]
+        w[i, i] = v[:2]
+        return y, z, w
+    x, i, v = special(3, 5), torch.tensor([0, 2]), r(3)
+    compiled(assign, x, i, v)
+    assert ops_of(assign, x, i, v).get("index_put") == 3
+    idx = torch.tensor([[0, 1, 0, 4], [2, 2, 3, 0], [1, 1, 1, 1]])
+    compiled(lambda x, ix, s: (x.scatter(1, ix, s), x.scatter_add(1, ix, s), x.scatter(1, ix, 2.5),
+                               x.scatter_reduce(1, ix, s, "amax"), x.scatter_reduce(1, ix, s, "mean", include_self=False),
+                               torch.zeros(3, 6).scatter_add(1, ix[:2], s[:2])),
+             r(3, 5), idx, r(3, 4))

@@ -151,6 +151,18 @@ CASES = [  # (id, op, inputs, attrs, opset, n_out)
     ("instance_norm", "InstanceNormalization", [f32(2, 3, 5, 7) * 3 + 1, C(f32(3)), C(f32(3))], {}, 20, 1),
     ("instance_norm_1d", "InstanceNormalization", [f32(2, 4, 9), C(f32(4)), C(f32(4))], {"epsilon": 1e-3}, 20, 1),
     ("div_int_trunc", "Div", [i64(-7, 7, -8, 9), i64(2, -2, 3, 4)], {}, 20, 1),
+    # scatters: distinct indices where the result would depend on the order of writes
+    ("scatter_elements", "ScatterElements", [f32(3, 5), np.array([[0, -1], [2, 1], [4, 3]], np.int64), f32(3, 2)],
+     {"axis": 1}, 18, 1),
+    ("scatter_elements_add", "ScatterElements", [f32(3, 5), C(np.array([[1, 1, 0], [2, 0, 0]], np.int64)), f32(2, 3)],
+     {"axis": 0, "reduction": "add"}, 18, 1),
+    ("scatter_elements_max", "ScatterElements", [f32(4, 3), C(np.array([[0, 1, 2], [0, 1, 2]], np.int64)),
+                                                  f32(2, 3)], {"axis": 1, "reduction": "max"}, 18, 1),
+    ("scatter_opset10", "Scatter", [f32(3, 5), C(np.array([[0, 4], [2, 1], [4, 3]], np.int64)), f32(3, 2)],
+     {"axis": 1}, 10, 1),
+    ("scatter_nd", "ScatterND", [f32(4, 3, 2), C(np.array([[0, 1], [3, -1]], np.int64)), f32(2, 2)], {}, 18, 1),
+    ("scatter_nd_rows_add", "ScatterND", [f32(5, 3), np.array([[1], [4], [1]], np.int64), f32(3, 3)],
+     {"reduction": "add"}, 18, 1),
 ]
 
 
