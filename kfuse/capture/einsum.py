@@ -3,7 +3,7 @@ ONNX Einsum and ATen's _trilinear (nn.Bilinear). `g` is anything with the Graph'
 **attrs)."""
 import math
 
-from ..ir import Node
+from .common import reshape
 
 
 class EinsumError(ValueError):
@@ -12,11 +12,6 @@ class EinsumError(ValueError):
     def __init__(self, message: str, unsupported: bool = False):
         super().__init__(message)
         self.unsupported = unsupported
-
-
-def _reshape(g, x: Node, shape) -> Node:
-    shape = tuple(int(d) for d in shape)
-    return x if shape == x.shape else g.add("reshape", x, shape=shape)
 
 
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -86,13 +81,13 @@ def _contract(g, a, sa, b, sb, needed):
         return tuple(x.shape[s.index(c)] for c in batch)
 
     if not k:  # an outer product over m and n for each batch index
-        y = g.add("mul", _reshape(g, _permute(g, a, sa, batch + m), batch_dims(a, sa) + tuple(size[c] for c in m)
+        y = g.add("mul", reshape(g, _permute(g, a, sa, batch + m), batch_dims(a, sa) + tuple(size[c] for c in m)
                                   + (1,) * len(nn)),
-                  _reshape(g, _permute(g, b, sb, batch + nn), batch_dims(b, sb) + (1,) * len(m)
+                  reshape(g, _permute(g, b, sb, batch + nn), batch_dims(b, sb) + (1,) * len(m)
                            + tuple(size[c] for c in nn)))
         return y, "".join(batch + m + nn)
     M, K, N = (math.prod(size[c] for c in group) for group in (m, k, nn))
-    y = g.add("matmul", _reshape(g, _permute(g, a, sa, batch + m + k), batch_dims(a, sa) + (M, K)),
-              _reshape(g, _permute(g, b, sb, batch + k + nn), batch_dims(b, sb) + (K, N)))
-    y = _reshape(g, y, y.shape[:len(batch)] + tuple(size[c] for c in m + nn))
+    y = g.add("matmul", reshape(g, _permute(g, a, sa, batch + m + k), batch_dims(a, sa) + (M, K)),
+              reshape(g, _permute(g, b, sb, batch + k + nn), batch_dims(b, sb) + (K, N)))
+    y = reshape(g, y, y.shape[:len(batch)] + tuple(size[c] for c in m + nn))
     return y, "".join(batch + m + nn)

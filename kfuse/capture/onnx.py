@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import GraphError, InputError, KfuseError, ModelFileError, UnsupportedOpError
 from ..ir import Graph, Node
+from .common import reshape
 from .einsum import EinsumError, einsum
 
 DTYPES = {
@@ -279,11 +280,6 @@ def _axis(axis: int, rank: int) -> int:
 
 # -- shared helpers -------------------------------------------------------------------------------
 
-def _reshape(n: _Node, x: Node, shape) -> Node:
-    shape = tuple(int(d) for d in shape)
-    return x if shape == x.shape else n.add("reshape", x, shape=shape)
-
-
 def _pad(n: _Node, x: Node, begins, ends, value=0.0) -> Node:
     """Constant padding; begins/ends are per dim, in ONNX order (first dim first)."""
     if not any(begins) and not any(ends):
@@ -311,7 +307,7 @@ def _positions(shape) -> torch.Tensor:
 
 def _flat_gather(n: _Node, x: Node, flat_index: torch.Tensor) -> Node:
     """Elements of x at constant positions of its flattened form; the result has flat_index's shape."""
-    return n.add("gather", _reshape(n, x, (x.numel,)), n.const(flat_index), axis=0)
+    return n.add("gather", reshape(n, x, (x.numel,)), n.const(flat_index), axis=0)
 
 
 def _spatial_pads(n: _Node, x: Node, kernel, strides, dilations):
@@ -440,15 +436,12 @@ def _reshape_h(n, x, shape):
     target = n.ints(shape, "shape")
     allowzero = n.attr("allowzero", 0)
     target = [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(target)]
-    if -1 in target:
-        known = math.prod(d for d in target if d != -1)
-        target[target.index(-1)] = x.numel // known if known else 0
-    return _reshape(n, x, target)
+    return reshape(n, x, target)   # which infers a -1
 
 
 def _flatten(n, x):
     axis = _axis(n.attr("axis", 1), len(x.shape))
-    return _reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
+    return reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
 
 
 def _squeeze(n, x, axes=None):
@@ -457,7 +450,7 @@ def _squeeze(n, x, axes=None):
     axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [_axis(a, rank) for a in axes]
     if any(x.shape[a] != 1 for a in axes):
         n.fail(f"squeezes axes {axes} of shape {list(x.shape)}, which are not all of size 1")
-    return _reshape(n, x, [d for i, d in enumerate(x.shape) if i not in axes])
+    return reshape(n, x, [d for i, d in enumerate(x.shape) if i not in axes])
 
 
 def _unsqueeze(n, x, axes=None):
@@ -466,7 +459,7 @@ def _unsqueeze(n, x, axes=None):
     shape = list(x.shape)
     for a in sorted(_axis(a, rank) for a in axes):
         shape.insert(a, 1)
-    return _reshape(n, x, shape)
+    return reshape(n, x, shape)
 
 
 def _transpose(n, x):
@@ -539,7 +532,7 @@ def _gather_nd(n, x, idx):
         n.fail("batch_dims other than 0 are not supported")
     index = n.value(idx, "indices").long()
     k = index.shape[-1]
-    rows = _reshape(n, x, (math.prod(x.shape[:k]),) + x.shape[k:])  # the first k dims as one
+    rows = reshape(n, x, (math.prod(x.shape[:k]),) + x.shape[k:])  # the first k dims as one
     return n.add("gather", rows, n.const(_positions(x.shape[:k])[index.unbind(-1)]), axis=0)
 
 
@@ -569,7 +562,7 @@ def _scatter_nd(n, x, idx, updates):
     if red not in ("none", "add"):
         n.unsupported(f"reduction {red!r}: only none and add are mapped")
     k = idx.shape[-1]
-    parts = [_normalize_index(n, _reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+    parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
                               x.shape[j]) for j in range(k)]
     return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
 
@@ -586,8 +579,8 @@ def _tile(n, x, repeats):
     # Tile repeats the whole tensor along each dim: [r0, d0, r1, d1, ...] flattened pairwise.
     inter = [v for d in x.shape for v in (1, d)]
     wide = [v for r, d in zip(reps, x.shape) for v in (r, d)]
-    y = n.add("expand", _reshape(n, x, inter), shape=tuple(wide))
-    return _reshape(n, y, [r * d for r, d in zip(reps, x.shape)])
+    y = n.add("expand", reshape(n, x, inter), shape=tuple(wide))
+    return reshape(n, y, [r * d for r, d in zip(reps, x.shape)])
 
 
 def _depth_to_space(n, x):
@@ -596,10 +589,10 @@ def _depth_to_space(n, x):
     b = n.attr("blocksize")
     batch, c, h, w = x.shape
     if n.attr("mode", "DCR") == "DCR":  # depth ordered (block row, block column, channel)
-        y = n.add("transpose", _reshape(n, x, (batch, b, b, c // (b * b), h, w)), perm=[0, 3, 4, 1, 5, 2])
+        y = n.add("transpose", reshape(n, x, (batch, b, b, c // (b * b), h, w)), perm=[0, 3, 4, 1, 5, 2])
     else:  # CRD: (channel, block row, block column)
-        y = n.add("transpose", _reshape(n, x, (batch, c // (b * b), b, b, h, w)), perm=[0, 1, 4, 2, 5, 3])
-    return _reshape(n, y, (batch, c // (b * b), h * b, w * b))
+        y = n.add("transpose", reshape(n, x, (batch, c // (b * b), b, b, h, w)), perm=[0, 1, 4, 2, 5, 3])
+    return reshape(n, y, (batch, c // (b * b), h * b, w * b))
 
 
 def _space_to_depth(n, x):
@@ -607,8 +600,8 @@ def _space_to_depth(n, x):
         n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
     b = n.attr("blocksize")
     batch, c, h, w = x.shape
-    y = n.add("transpose", _reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=[0, 3, 5, 1, 2, 4])
-    return _reshape(n, y, (batch, c * b * b, h // b, w // b))
+    y = n.add("transpose", reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=[0, 3, 5, 1, 2, 4])
+    return reshape(n, y, (batch, c * b * b, h // b, w // b))
 
 
 def _one_hot(n, indices, depth, values):
@@ -621,7 +614,7 @@ def _one_hot(n, indices, depth, values):
     axis = _axis(n.attr("axis", -1), rank)
     indices = _normalize_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
     classes = torch.arange(d, dtype=indices.dtype).reshape([d if i == axis else 1 for i in range(rank)])
-    hit = n.add("eq", _reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
+    hit = n.add("eq", reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
     return n.add("where", hit, n.const(on), n.const(off))
 
 
@@ -816,7 +809,7 @@ def _reduce_log_sum_exp(n, x, axes=None):
     m = n.add("reduce_max", x, axes=axes, keepdim=True)
     s = n.add("reduce_sum", n.add("exp", n.add("sub", x, m)), axes=axes, keepdim=True)
     y = n.add("add", n.add("log", s), m)
-    return y if n.attr("keepdims", 1) else _reshape(n, y, [d for i, d in enumerate(x.shape) if i not in axes])
+    return y if n.attr("keepdims", 1) else reshape(n, y, [d for i, d in enumerate(x.shape) if i not in axes])
 
 
 def _arg(op):
@@ -851,8 +844,8 @@ def _softmax(op):
             return n.add(op, x, axis=_axis(n.attr("axis", -1), rank))
         # Before opset 13 the input is flattened to 2-d at `axis` and normalised over the second part.
         axis = _axis(n.attr("axis", 1), rank)
-        flat = _reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
-        return _reshape(n, n.add(op, flat, axis=1), x.shape)
+        flat = reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
+        return reshape(n, n.add(op, flat, axis=1), x.shape)
     return handler
 
 
@@ -860,7 +853,7 @@ def _norm_weight(n, w, shape):
     """A norm's scale or bias as the normalised shape (ONNX allows any broadcastable one)."""
     if w.shape == shape:
         return w
-    return _reshape(n, w, shape) if w.numel == math.prod(shape) else n.add("expand", w, shape=shape)
+    return reshape(n, w, shape) if w.numel == math.prod(shape) else n.add("expand", w, shape=shape)
 
 
 def _layer_norm(n, x, scale, bias=None):
@@ -881,7 +874,7 @@ def _batch_norm(n, x, scale, bias, mean, var):
     s = n.add("mul", scale, n.add("rsqrt", n.add("add", var, n.const(n.attr("epsilon", 1e-5), dtype=var.dtype))))
     t = n.add("sub", bias, n.add("mul", mean, s))
     per_channel = (x.shape[1],) + (1,) * (len(x.shape) - 2)
-    return n.add("add", n.add("mul", x, _reshape(n, s, per_channel)), _reshape(n, t, per_channel))
+    return n.add("add", n.add("mul", x, reshape(n, s, per_channel)), reshape(n, t, per_channel))
 
 
 def _instance_norm(n, x, scale, bias):
@@ -889,12 +882,12 @@ def _instance_norm(n, x, scale, bias):
     spatial dims, then the per-channel affine."""
     rank, (batch, channels) = len(x.shape), x.shape[:2]
     size = math.prod(x.shape[2:])
-    flat = _reshape(n, x, (batch, channels, size))
+    flat = reshape(n, x, (batch, channels, size))
     y = n.add("layer_norm", flat, n.const(torch.ones(size, dtype=x.dtype)), n.const(torch.zeros(size, dtype=x.dtype)),
               eps=float(n.attr("epsilon", 1e-5)), ndim=1)
     per_channel = (channels,) + (1,) * (rank - 2)
-    y = n.add("mul", _reshape(n, y, x.shape), _reshape(n, scale, per_channel))
-    return n.add("add", y, _reshape(n, bias, per_channel))
+    y = n.add("mul", reshape(n, y, x.shape), reshape(n, scale, per_channel))
+    return n.add("add", y, reshape(n, bias, per_channel))
 
 
 def _gemm(n, a, b, c=None):
@@ -995,11 +988,11 @@ def _windows_1d(handler):
         for key, lift in _LIFT_1D.items():
             if key in n.attrs:
                 n.overrides[key] = lift(list(n.attr(key)))
-        x = _reshape(n, x, x.shape[:2] + (1,) + x.shape[2:])
+        x = reshape(n, x, x.shape[:2] + (1,) + x.shape[2:])
         if w is not None:  # the weight of a convolution: [O, I, k] -> [O, I, 1, k]
-            w = _reshape(n, w, w.shape[:2] + (1,) + w.shape[2:])
+            w = reshape(n, w, w.shape[:2] + (1,) + w.shape[2:])
         y = handler(n, x, *([w] if w is not None or rest else []), *rest)
-        return _reshape(n, y, y.shape[:2] + y.shape[3:])
+        return reshape(n, y, y.shape[:2] + y.shape[3:])
     return wrapped
 
 
@@ -1032,10 +1025,10 @@ def _pad_mode(n, x, begins, ends, mode):
     first = padded[0]
     limit = {"reflect": lambda d: d - 1, "edge": lambda d: math.inf, "wrap": lambda d: d}[mode]
     if rank - first <= 3 and all(0 <= p <= limit(x.shape[a]) for a in padded for p in (begins[a], ends[a])):
-        y = x if first in (1, 2) else _reshape(n, x, (math.prod(x.shape[:first]),) + x.shape[first:])
+        y = x if first in (1, 2) else reshape(n, x, (math.prod(x.shape[:first]),) + x.shape[first:])
         pads = [int(p) for a in reversed(range(first, rank)) for p in (begins[a], ends[a])]
         y = n.add("pad", y, pads=pads, mode=_TORCH_PAD[mode])
-        return _reshape(n, y, [d + b + e for d, b, e in zip(x.shape, begins, ends)])
+        return reshape(n, y, [d + b + e for d, b, e in zip(x.shape, begins, ends)])
     for a in padded:
         dim, b, e = x.shape[a], begins[a], ends[a]
         keep = np.arange(max(-b, 0), dim - max(-e, 0))  # negative pads remove elements

@@ -14,6 +14,7 @@ import torch.fx
 
 from ..errors import GraphError, KfuseError, UnsupportedOpError
 from ..ir import DTYPE_SHORT, FOLD_LIMIT, Graph, Node
+from .common import reshape
 from .einsum import EinsumError, einsum
 
 aten = torch.ops.aten
@@ -238,14 +239,6 @@ def _identity(g, x, *_, **__):
 
 
 # -- shapes ----------------------------------------------------------------------------------------------
-
-def reshape(g, x, shape):
-    shape = list(shape)
-    if -1 in shape:
-        known = math.prod(d for d in shape if d != -1)
-        shape[shape.index(-1)] = x.numel // known if known else 0
-    return x if tuple(shape) == x.shape else g.add("reshape", x, shape=tuple(shape))
-
 
 @handles(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 def _view(g, x, shape):
