@@ -54,6 +54,16 @@ def scalar(g: Graph, value, like: Node | None = None) -> Node:
     return g.const(value, like.dtype if floating else torch.float32)
 
 
+def cast(g: Graph, x: Node, dtype: torch.dtype) -> Node:
+    return x if x.dtype == dtype else g.add("cast", x, dtype=dtype)
+
+
+def filled(g: Graph, value, like: Node, shape) -> Node:
+    """`value` (a python number or a node) in like's dtype, broadcast to `shape`."""
+    v = cast(g, scalar(g, value, like), like.dtype)
+    return v if v.shape == tuple(shape) else g.add("expand", v, shape=tuple(shape))
+
+
 def binary(op):
     def handler(g, a, b, alpha=1, **_):
         a_node = scalar(g, a, b if isinstance(b, Node) else None)
@@ -179,17 +189,14 @@ def _where(g, c, a, b):
 
 @handles(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 def _masked_fill(g, x, mask, value):
-    return g.add("where", mask, scalar(g, value, x) if not isinstance(value, Node) else g.add("cast", value, dtype=x.dtype), x)
+    return g.add("where", mask, scalar(g, value, x) if not isinstance(value, Node) else cast(g, value, x.dtype), x)
 
 
 @handles(aten.copy.default)
 def _copy(g, dst, src, non_blocking=False):
     """Functional copy (from `y[:, 0] = v` after functionalisation): src cast to dst's dtype and
     broadcast to its shape; dst's values are not read."""
-    src = scalar(g, src, dst)
-    if src.dtype != dst.dtype:
-        src = g.add("cast", src, dtype=dst.dtype)
-    return src if src.shape == dst.shape else g.add("expand", src, shape=tuple(dst.shape))
+    return filled(g, src, dst, dst.shape)
 
 
 @handles(aten.index_put.default)
@@ -204,7 +211,7 @@ def _index_put(g, x, indices, values, accumulate=False):
     mask = indices[0]
     if len(mask.shape) < len(x.shape):
         mask = g.add("reshape", mask, shape=tuple(mask.shape) + (1,) * (len(x.shape) - len(mask.shape)))
-    v = g.add("cast", values, dtype=x.dtype) if values.dtype != x.dtype else values
+    v = cast(g, values, x.dtype)
     if len(v.shape) > len(x.shape):
         v = g.add("reshape", v, shape=())
     return g.add("where", mask, g.add("add", x, v) if accumulate else v, x)
@@ -219,9 +226,7 @@ def _scatter_add(g, x, dim, index, src):
 def _scatter(g, x, dim, index, src, reduce=None, include_self=True):
     """torch.scatter / scatter_add / scatter_reduce: one op, run by torch (a value src is broadcast
     to the index's shape first)."""
-    src = scalar(g, src, x)
-    if src.shape != index.shape:
-        src = g.add("expand", g.add("cast", src, dtype=x.dtype) if src.dtype != x.dtype else src, shape=tuple(index.shape))
+    src = filled(g, src, x, index.shape)
     return g.add("scatter", x, index, src, axis=dim % len(x.shape), reduce=reduce or "none", include_self=include_self)
 
 
@@ -229,7 +234,7 @@ def _scatter(g, x, dim, index, src, reduce=None, include_self=True):
 def _to_copy(g, x, *args, dtype=None, **_):
     if args and isinstance(args[0], torch.dtype):
         dtype = args[0]
-    return x if dtype is None or dtype == x.dtype else g.add("cast", x, dtype=dtype)
+    return x if dtype is None else cast(g, x, dtype)
 
 
 @handles(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default,
@@ -326,7 +331,7 @@ def _slice_scatter(g, x, src, dim=0, start=None, end=None, step=1):
     start, end, step = slice(start, end, step).indices(x.shape[dim])
     if step != 1:
         raise Unsupported(f"slice_scatter of {sig(x)} with step {step}: only step 1 is supported")
-    src = g.add("cast", src, dtype=x.dtype) if src.dtype != x.dtype else src
+    src = cast(g, src, x.dtype)
     parts = [_slice(g, x, dim, 0, start), src, _slice(g, x, dim, end, x.shape[dim])]
     return _cat(g, [p for p in parts if p.shape[dim] > 0], dim)
 
@@ -433,8 +438,8 @@ def _like(g, x, value=0, dtype=None, **_):
 
 def reduction(op):
     def handler(g, x, dims=None, keepdim=False, dtype=None):
-        if dtype is not None and dtype != x.dtype:
-            x = g.add("cast", x, dtype=dtype)
+        if dtype is not None:
+            x = cast(g, x, dtype)
         return g.add(op, x, axes=_axes(dims, len(x.shape)), keepdim=keepdim)
     return handler
 
@@ -460,7 +465,7 @@ def _vector_norm(g, x, ord=2, dims=None, keepdim=False, dtype=None):
     if not out_dtype.is_floating_point:
         raise Unsupported(f"vector_norm of {sig(x)} to {out_dtype}: only floating results are supported")
     work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
-    x = x if x.dtype == work else g.add("cast", x, dtype=work)
+    x = cast(g, x, work)
     axes = _axes(dims, len(x.shape))
     ord = float(ord)
     if ord == 0:
@@ -475,7 +480,7 @@ def _vector_norm(g, x, ord=2, dims=None, keepdim=False, dtype=None):
     else:
         s = g.add("reduce_sum", g.add("pow", g.add("abs", x), scalar(g, ord, x)), axes=axes, keepdim=keepdim)
         y = g.add("pow", s, scalar(g, 1.0 / ord, s))
-    return y if y.dtype == out_dtype else g.add("cast", y, dtype=out_dtype)
+    return cast(g, y, out_dtype)
 
 
 @handles(aten.any.dim, aten.any.dims, aten.any.default)
@@ -634,8 +639,8 @@ def _batch_norm_legit(g, x, w, b, running_mean, running_var, training, momentum,
 
 def _scan(op):
     def handler(g, x, dim, dtype=None):
-        if dtype is not None and dtype != x.dtype:
-            x = g.add("cast", x, dtype=dtype)
+        if dtype is not None:
+            x = cast(g, x, dtype)
         return g.add(op, x, axis=dim % len(x.shape))
     return handler
 
