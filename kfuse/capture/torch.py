@@ -225,8 +225,8 @@ def _scatter_add(g, x, dim, index, src):
 @handles(aten.scatter.src, aten.scatter.value, aten.scatter_reduce.two)
 def _scatter(g, x, dim, index, src, reduce=None, include_self=True):
     """torch.scatter / scatter_add / scatter_reduce: one op, run by torch (a value src is broadcast
-    to the index's shape first)."""
-    src = filled(g, src, x, index.shape)
+    to the index's shape first; a tensor src may be larger than the index, as torch allows)."""
+    src = cast(g, src, x.dtype) if isinstance(src, Node) else filled(g, src, x, index.shape)
     return g.add("scatter", x, index, src, axis=dim % len(x.shape), reduce=reduce or "none", include_self=include_self)
 
 

@@ -321,5 +321,6 @@ def test_setitem_with_integer_indices_and_scatters_run_on_torch():
     idx = torch.tensor([[0, 1, 0, 4], [2, 2, 3, 0], [1, 1, 1, 1]])
     compiled(lambda x, ix, s: (x.scatter(1, ix, s), x.scatter_add(1, ix, s), x.scatter(1, ix, 2.5),
                                x.scatter_reduce(1, ix, s, "amax"), x.scatter_reduce(1, ix, s, "mean", include_self=False),
-                               torch.zeros(3, 6).scatter_add(1, ix[:2], s[:2])),
+                               torch.zeros(3, 6).scatter_add(1, ix[:2], s[:2]),
+                               x.scatter(1, ix[:, :2], s)),                # src larger than the index
              r(3, 5), idx, r(3, 4))
