@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-
 from .backends import ALIASES, WRITES_INTO, kind_of, make_kernel
 from .ir import Graph, Node
 from .ops.reference import REFERENCE
@@ -74,10 +73,9 @@ class Program:
         return times
 
 
-def median_ms(fn, args, reps: int = 20):
-    """Median milliseconds of `reps` calls fn(*args), after one untimed call. Given a list of
-    functions, calls them in turn each round and returns the list of their medians."""
-    fns = fn if isinstance(fn, list) else [fn]
+def median_ms(fns: list, args, reps: int = 20) -> list[float]:
+    """Median milliseconds of `reps` calls f(*args) for each f in `fns`, after one untimed call
+    each; the functions are called in turn each round, so a busy spell slows all of them alike."""
     ts = [[] for _ in fns]
     for f in fns:
         f(*args)
@@ -86,8 +84,7 @@ def median_ms(fn, args, reps: int = 20):
             t = time.perf_counter()
             f(*args)
             t_f.append(time.perf_counter() - t)
-    med = [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
-    return med if isinstance(fn, list) else med[0]
+    return [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
 
 
 def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -> tuple[str, object]:
