@@ -114,9 +114,9 @@ def _operand_key(n: Node):
     """Constants compare by value: each use of `2.0` in a model is its own const node, and a weight
     transposed at two call sites folds to two equal constants."""
     if n.op == "const":
-        # a fresh dense copy: .contiguous() keeps a one-element slice's stride of 2, which the byte
-        # view refuses (fuzz seed 778138)
-        flat = n.value.reshape(-1).clone(memory_format=torch.contiguous_format)
+        flat = n.value.reshape(-1)
+        if flat.stride() != (1,):    # .contiguous() keeps a one-element slice's stride of 2, which
+            flat = flat.clone(memory_format=torch.contiguous_format)   # the byte view refuses (seed 778138)
         data = flat.view(torch.uint8).numpy().tobytes() if n.numel else b""
         return ("const", n.dtype, n.shape, hashlib.sha1(data).hexdigest())
     return n.id
