@@ -113,13 +113,13 @@ class Generator:
         self.vals.append(v)
         return v
 
-
     def gelu(self, x: Value, bound: float, approximate: str = "none") -> Value:
         """gelu of x; with non-finite inputs x is clamped first, as torch's own gelu(inf) is NaN on its
         vector path and inf on its scalar one (seed 901960: a GEMM epilogue's gelu met an inf)."""
         if self.nonfinite and approximate == "none":
             x = self.add("clamp", x, bound=bound, min=-1e4, max=1e4)
         return self.add("gelu", x, bound=bound, approximate=approximate)
+
     def const(self, value, dtype=None, bound=None) -> Value:
         t = torch.as_tensor(value, dtype=dtype)
         n = self.g.const(t)
@@ -221,7 +221,7 @@ class Generator:
         elif op == "gelu":
             self.gelu(x, b)
         elif op == "gelu_tanh":
-            self.add("gelu", x, bound=b, approximate="tanh")
+            self.gelu(x, b, "tanh")
         elif op == "silu":
             self.add("silu", x, bound=b)
         elif op == "clamp":
