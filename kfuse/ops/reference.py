@@ -109,6 +109,7 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
 }
 
+
 def _reduce_prod(x, *, axes, keepdim=False):
     for a in sorted((a % x.dim() for a in axes), reverse=True):
         x = torch.prod(x, a, keepdim=keepdim)
