@@ -1,0 +1,186 @@
+"""Capture from PyTorch: torch.export (core ATen after decompositions) -> kfuse IR, converted node
+by node through the ATen table (aten.py, aten_nn.py; the upsamplings, which fall back on this
+converter, are registered here). Parameters and buffers become constants, so everything computed
+from them alone folds at capture time.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx
+
+from ..errors import GraphError, KfuseError, UnsupportedOpError
+from ..ir import Graph, Node
+from . import aten_nn  # noqa: F401  (registers its builders into ATEN)
+from .aten import ATEN, Unsupported, aten
+
+# -- upsampling: builders that fall back on the converter -----------------------------------------
+
+UPSAMPLE = {aten.upsample_nearest1d.vec: "nearest", aten.upsample_nearest2d.vec: "nearest",
+            aten.upsample_nearest3d.vec: "nearest", aten._upsample_nearest_exact1d.vec: "nearest-exact",
+            aten._upsample_nearest_exact2d.vec: "nearest-exact", aten._upsample_nearest_exact3d.vec: "nearest-exact",
+            aten.upsample_linear1d.vec: "linear", aten.upsample_bilinear2d.vec: "bilinear",
+            aten.upsample_trilinear3d.vec: "trilinear", aten.upsample_bicubic2d.vec: "bicubic"}
+
+
+def _upsample(op, mode):
+    def handler(g, x, size, *rest):
+        """F.interpolate -> resize with the output size. A scale factor is used by torch as the
+        coordinate scale in place of in/out; when the two differ (x1.5 of 5 is 7, and 1/1.5 != 5/7)
+        the op is written out by torch's own decomposition instead (gathers and lerps)."""
+        align, scales = (None, rest[0]) if mode.startswith("nearest") else rest
+        out = op(torch.empty(x.shape, dtype=x.dtype, device="meta"), size, *rest).shape[2:]
+        if scales is not None and not align and not all(map(_same_scale, scales, x.shape[2:], out)):
+            return _decomposed(g, op, (x, size, *rest))
+        return g.add("resize", x, size=tuple(out), mode=mode, align_corners=align)
+    return handler
+
+
+def _same_scale(scale, n_in, n_out):
+    """Whether torch's coordinate scale 1/scale equals n_in/n_out, in double and in float."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    return 1.0 / scale == n_in / n_out and bool(f32(1.0 / scale) == f32(float(n_in)) / f32(float(n_out)))
+
+
+for _op, _mode in UPSAMPLE.items():
+    ATEN[_op] = _upsample(_op, _mode)
+
+
+def _overloads(*names):
+    """The overloads named "op.overload" that this torch version has."""
+    found = set()
+    for name in names:
+        packet, overload = name.split(".")
+        if hasattr(aten, packet) and overload in getattr(aten, packet).overloads():
+            found.add(getattr(getattr(aten, packet), overload))
+    return found
+
+
+SKIP = _overloads("_assert_tensor_metadata.default", "_assert_scalar.default", "_assert_async.default",
+                  "_assert_async.msg", "_functional_assert_async.msg", "_functional_assert_scalar.default",
+                  "sym_constrain_range.default", "sym_constrain_range_for_size.default",
+                  "_functional_sym_constrain_range.default", "_functional_sym_constrain_range_for_size.default",
+                  "_make_dep_token.default")
+"""Runtime checks (one_hot's range asserts, export's shape asserts): they produce no value an output
+uses, and inputs of another shape recompile anyway."""
+
+
+# -- the converter --------------------------------------------------------------------------------------------
+
+def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names: list[str]) -> Graph:
+    """Convert an ATen-level FX graph. Placeholders named in `values` become constants; the others,
+    in `input_names` order, become graph inputs (their shapes come from node.meta['val'])."""
+    g = Graph()
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    inputs = {}
+    for name in input_names:
+        val = placeholders[name].meta["val"]
+        inputs[name] = g.input(tuple(val.shape), val.dtype, name)
+    outs = _convert(g, graph, values, inputs)
+    g.outputs = [env if isinstance(env, Node) else g.const(env) for env, _ in outs]
+    g.output_names = [name for _, name in outs]
+    g.prune()
+    return g
+
+
+def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> list[tuple[object, str]]:
+    """Add the nodes of an FX graph to g; `inputs` maps placeholder names to nodes of g, `values`
+    maps the other placeholders and attributes to tensors. Returns (value, name) per graph output."""
+    env: dict[torch.fx.Node, object] = {}
+    outs = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            env[n] = inputs[n.name] if n.name in inputs else g.const(values[n.name], name=n.name)
+        elif n.op == "get_attr":
+            env[n] = g.const(values[n.target], name=n.name)
+        elif n.op == "call_function":
+            env[n] = _call(g, n, env)
+        elif n.op == "output":
+            outs = [(env[o], o.name) if isinstance(o, torch.fx.Node) else (o, "const")
+                    for o in torch.utils._pytree.tree_leaves(n.args[0])]
+    return outs
+
+
+def _call(g, n: torch.fx.Node, env):
+    if n.target is __import__("operator").getitem:
+        return env[n.args[0]][n.args[1]]
+    if n.target in SKIP:
+        return None
+    handler = ATEN.get(n.target)
+    if handler is None:
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch")
+    conv = lambda a: env[a] if isinstance(a, torch.fx.Node) else a
+    args = torch.fx.node.map_aggregate(n.args, conv)
+    kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
+    try:
+        out = handler(g, *args, **kwargs)
+    except Unsupported as e:
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch", str(e)) from None
+    except GraphError as e:
+        raise GraphError(f"{n.target} at node {n.name!r}: {e}") from e
+    for node in out if isinstance(out, tuple) else (out,):
+        if isinstance(node, Node) and node.op != "const" and not node.name:
+            node.name = n.name
+    return out
+
+
+def _decomposed(g: Graph, op, args: tuple) -> Node:
+    """op(*args) written out in ops this table maps, by exporting torch's own decomposition of it
+    (a zero tensor stands for each Node argument: the decompositions used here depend on shapes only)."""
+    from torch._decomp import decomposition_table
+    nodes = [a for a in args if isinstance(a, Node)]
+
+    class Apply(torch.nn.Module):
+        def forward(self, *ts):
+            it = iter(ts)
+            return op(*[next(it) if isinstance(a, Node) else a for a in args])
+
+    examples = tuple(torch.zeros(n.shape, dtype=n.dtype) for n in nodes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(Apply(), examples, strict=False)
+        table = torch.export.default_decompositions()
+        if op not in table:
+            table[op] = decomposition_table[op]
+        ep = ep.run_decompositions(table)
+    from torch.export.graph_signature import InputKind
+    specs = ep.graph_signature.input_specs
+    user = [s.arg.name for s in specs if s.kind == InputKind.USER_INPUT]
+    consts = {s.arg.name: ep.constants[s.target] for s in specs if s.kind != InputKind.USER_INPUT}
+    (out, _), = _convert(g, ep.graph, consts, dict(zip(user, nodes)))
+    return out
+
+
+# Composite ops kept out of the decompositions because one IR op says them whole: SDPA (its
+# decomposition also breaks on some strided inputs, e.g. transformers' GPT-2 with
+# attn_implementation="sdpa"), F.pad in every mode (reflect/replicate would become index gathers,
+# circular a scatter into aten.empty) and the upsamplings the default table would write out.
+KEEP_WHOLE = (aten.scaled_dot_product_attention.default, aten.pad.default, *UPSAMPLE)
+
+
+def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
+    """torch.export + core ATen decompositions -> (Graph, output pytree spec)."""
+    from torch.export.graph_signature import InputKind
+    model = model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False)
+        except Exception as e:
+            raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+        table = torch.export.default_decompositions()
+        for op in KEEP_WHOLE:
+            table.pop(op, None)
+        ep = ep.run_decompositions(table)
+    values, user = {}, []
+    state = {**ep.state_dict, **ep.constants}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            user.append(spec.arg.name)
+        elif hasattr(spec.arg, "name"):
+            values[spec.arg.name] = state[spec.target].detach()
+    for name, attr in ep.graph_module.named_buffers():
+        values.setdefault(name, attr)
+    return from_fx(ep.graph, values, user), ep.call_spec.out_spec

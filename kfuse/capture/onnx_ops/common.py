@@ -1,0 +1,225 @@
+"""What the ONNX handler modules and the loader share: the HANDLERS table and its `handler`
+decorator, the node a handler sees (`_Node`), the conversion of one ONNX node (`_convert`, with
+load-time evaluation of constant nodes) and helpers more than one handler module uses.
+
+A handler is called as `handler(node, *inputs)`: `node` is a `_Node` (attributes, opset, and
+`add`/`const` that build IR nodes named after the ONNX node), `inputs` the IR nodes of the ONNX
+inputs (None where an optional input is omitted). It returns one IR node, or a list with one entry
+per ONNX output. Names and attribute strings from the model are only displayed and compared, never
+executed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ...errors import GraphError, KfuseError, ModelFileError, UnsupportedOpError
+from ...ir import Graph, Node
+
+DTYPES = {
+    TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
+    TensorProto.INT16: torch.int16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
+    TensorProto.BOOL: torch.bool,
+}
+
+
+HANDLERS: dict = {}
+
+
+def handler(*op_types):
+    """Register the decorated function as the handler of these ONNX op types."""
+    def register(fn):
+        for op_type in op_types:
+            HANDLERS[op_type] = fn
+        return fn
+    return register
+
+
+def _tensor(t: onnx.TensorProto) -> torch.Tensor:
+    if t.data_type not in DTYPES:
+        raise KfuseError(f"ONNX tensor {t.name!r}: element type {TensorProto.DataType.Name(t.data_type)} "
+                         "is not supported")
+    try:
+        a = numpy_helper.to_array(t)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"ONNX tensor {t.name!r}: its data cannot be read: {e}") from None
+    if t.data_type == TensorProto.BFLOAT16:  # numpy has no bfloat16: go through the bits
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))  # np.array copies: the tensor owns writable memory
+
+
+def _unsupported(onnx_node: onnx.NodeProto, detail: str = "") -> UnsupportedOpError:
+    full = onnx_node.op_type if onnx_node.domain in ("", "ai.onnx") else f"{onnx_node.domain}.{onnx_node.op_type}"
+    return UnsupportedOpError(full, onnx_node.name or (onnx_node.output[0] if onnx_node.output else ""), "ONNX",
+                              detail)
+
+
+def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
+    name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else "")
+    op_type = onnx_node.op_type
+    ins = []
+    for i in onnx_node.input:
+        if i and i not in env:
+            raise ModelFileError(f"ONNX node {name!r} ({op_type}) reads {i!r}, which nothing defines before it")
+        ins.append(env[i] if i else None)
+    node = _Node(g, onnx_node, name, opset, env)
+    constant = all(x is None or x.op == "const" for x in ins)
+    try:
+        if onnx_node.domain not in ("", "ai.onnx"):
+            raise _unsupported(onnx_node)
+        if op_type not in HANDLERS:
+            if not constant:
+                raise _unsupported(onnx_node)
+            out = _evaluate(node, ins)
+        else:
+            try:
+                out = HANDLERS[op_type](node, *ins)
+            except UnsupportedOpError as e:  # a variant the handler does not map, on constants: fold it
+                if not constant:
+                    raise
+                try:
+                    out = _evaluate(node, ins)
+                except UnsupportedOpError:
+                    raise e from None
+    except GraphError as e:  # an IR node the handler built did not type-check: say which ONNX node
+        raise GraphError(f"ONNX node {name!r} ({op_type}): {e}") from None
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    for oname, value in zip(onnx_node.output, outs):
+        if oname:
+            env[oname] = value
+    if any(o for o in onnx_node.output[len(outs):]):
+        node.fail(f"output {len(outs)} and later are not supported")
+
+
+class _Node:
+    """What a handler sees of its ONNX node: attributes, the opset, and IR builders."""
+
+    def __init__(self, g: Graph, proto: onnx.NodeProto, name: str, opset: int, env: dict):
+        self.g, self.proto, self.name, self.opset, self.env = g, proto, name, opset, env
+        self.attrs = {a.name: a for a in proto.attribute}
+        self.overrides = {}  # attribute values a handler wrapper rewrote (1-d windows lifted to 2-d)
+
+    def attr(self, key, default=None):
+        if key in self.overrides:
+            return self.overrides[key]
+        if key not in self.attrs:
+            return default
+        v = helper.get_attribute_value(self.attrs[key])
+        if isinstance(v, bytes):
+            return v.decode()
+        if isinstance(v, TensorProto):
+            return _tensor(v)
+        return v
+
+    def n_outputs(self) -> int:
+        return len(self.proto.output)
+
+    def fail(self, why):
+        raise KfuseError(f"ONNX node {self.name!r} ({self.proto.op_type}): {why}")
+
+    def unsupported(self, why):
+        """An UnsupportedOpError naming the op and node, saying which variant of the op is not mapped."""
+        raise _unsupported(self.proto, why)
+
+    def add(self, op, *inputs, **attrs) -> Node:
+        return self.g.add(op, *inputs, name=self.name, **attrs)
+
+    def const(self, value, dtype=None) -> Node:
+        return self.g.const(value, dtype=dtype, name=self.name)
+
+    def value(self, x: Node, what: str) -> torch.Tensor:
+        """The value of a shape-like input, which must have folded to a constant."""
+        if x.op != "const":
+            self.fail(f"{what} must be a constant (all shapes are static), but it is computed at run time")
+        return x.value
+
+    def ints(self, x: Node | None, what: str, attr: str | None = None) -> list[int] | None:
+        """A list of ints given as an attribute (older opsets) or as a constant input (newer ones)."""
+        if attr and attr in self.attrs:
+            return list(self.attr(attr))
+        return None if x is None else [int(v) for v in self.value(x, what).reshape(-1).tolist()]
+
+
+# -- constant evaluation --------------------------------------------------------------------------
+
+# A node with no handler (or a variant its handler does not map) whose inputs are all constants is
+# computed at load time by ONNX's reference evaluator, so shape arithmetic such as Mod or ReduceProd
+# over Shape in legacy exports never needs a kernel. Nodes with more elements in or out than this
+# stay unsupported, and so do random ops (their value is not fixed) and ops with subgraphs.
+EVAL_LIMIT = 1 << 20
+_RANDOM = ("Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike")
+
+def _evaluate(n: _Node, ins) -> list:
+    from onnx.reference import ReferenceEvaluator
+    p = n.proto
+    if p.op_type in _RANDOM or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                   for a in p.attribute):
+        n.unsupported("it is random or has subgraphs, so it is not evaluated even on constant inputs")
+    if any(x is not None and x.dtype == torch.bfloat16 for x in ins):
+        n.unsupported("its constant inputs are bfloat16, which the load-time evaluator cannot read")
+    if sum(x.numel for x in ins if x is not None) > EVAL_LIMIT:
+        n.unsupported(f"its constant inputs are over {EVAL_LIMIT} elements, too many to evaluate at load time")
+    inits = [numpy_helper.from_array(x.value.numpy(), name) for name, x in zip(p.input, ins) if name]
+    outputs = [o for o in p.output if o]
+    graph = helper.make_graph([p], "fold", [], [onnx.ValueInfoProto(name=o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", n.opset)])
+    try:  # output sizes first where inference knows them: nothing huge is computed
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output
+    except Exception:  # inference is only a guard; the evaluator reports real errors below  # noqa: BLE001
+        inferred = []
+    for vi in inferred:
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims) and math.prod(d.dim_value for d in dims) > EVAL_LIMIT:
+            n.unsupported(f"its output {vi.name!r} would be over {EVAL_LIMIT} elements, too many to evaluate")
+    try:
+        results = ReferenceEvaluator(model).run(None, {})
+    except Exception as e:  # the reference implementation's own error, whatever its type  # noqa: BLE001
+        n.unsupported(f"its inputs are constants but ONNX's reference evaluator fails on it: {type(e).__name__}: {e}")
+    values = {}
+    for o, r in zip(outputs, results):
+        a = np.asarray(r)
+        if a.dtype.kind not in "biuf" or helper.np_dtype_to_tensor_dtype(a.dtype) not in DTYPES:
+            n.unsupported(f"its output {o!r} is of type {a.dtype}, which kfuse does not support")
+        if a.size > EVAL_LIMIT:
+            n.unsupported(f"its output {o!r} is over {EVAL_LIMIT} elements, too many to keep as a constant")
+        values[o] = n.const(torch.from_numpy(np.array(a)))
+    return [values.get(o) for o in p.output]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+def _pad(n: _Node, x: Node, begins, ends, value=0.0) -> Node:
+    """Constant padding; begins/ends are per dim, in ONNX order (first dim first)."""
+    if not any(begins) and not any(ends):
+        return x
+    pads = []
+    for b, e in reversed(list(zip(begins, ends))):  # F.pad wants the last dim first
+        pads += [int(b), int(e)]
+    return n.add("pad", x, pads=pads, value=float(value))
+
+def _slice_axis(n, x, axis, start, end, step):
+    """x[start:end:step] along one axis with ONNX's clamping (ends may be INT64_MAX or negative)."""
+    dim = x.shape[axis]
+    if step == 0:
+        n.fail("slice step 0")
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    else:
+        start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    if step > 0:  # step always given: a slice that becomes a view kernel calls VIEW["slice"] with it
+        if (start, end, step) == (0, dim, 1):
+            return x
+        return n.add("slice", x, axis=axis, start=start, end=max(end, start), step=step)
+    # torch slices cannot step backwards: a reversed slice is a gather of constant indices
+    return n.add("gather", x, n.const(torch.arange(start, end, step, dtype=torch.int64)), axis=axis)

@@ -1,0 +1,332 @@
+"""ONNX handlers of reductions, normalisations, contractions (MatMul, Gemm, Einsum) and window
+ops (Conv, ConvTranspose, the pools)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...ir import Node
+from ..common import reshape
+from ..einsum import EinsumError, einsum
+from .common import _axis, _Node, _pad, _slice_axis, handler
+from .elementwise import _binary, _cast_like
+
+# -- reductions -----------------------------------------------------------------------------------
+
+def _reduce_axes(n, x, axes):
+    """The sorted axes a Reduce* node reduces, or None when it is a no-op (empty axes and
+    noop_with_empty_axes)."""
+    axes = n.ints(axes, "axes", "axes")
+    if not axes:  # empty or absent: all axes, unless the node asks for a no-op
+        if n.attr("noop_with_empty_axes", 0):
+            return None
+        axes = range(len(x.shape))
+    return sorted(_axis(a, len(x.shape)) for a in axes)
+
+
+def _reduce(op, pre=None, post=None):
+    """A Reduce* node as `post(op(pre(x)))`; a no-op node still applies `pre` and `post`, as ONNX's
+    reference does (ReduceSumSquare with noop_with_empty_axes squares)."""
+    def handler(n, x, axes=None):
+        y = pre(n, x) if pre else x
+        axes = _reduce_axes(n, x, axes)
+        if axes is not None:
+            y = n.add(op, y, axes=axes, keepdim=bool(n.attr("keepdims", 1)))
+        y = post(n, y) if post else y
+        return _cast_like(n, y, x)  # ReduceL2 and ReduceLogSum of integers keep the integer type
+    return handler
+
+
+def _square(n, x):
+    return n.add("mul", x, x)
+
+
+handler("ReduceSum")(_reduce("reduce_sum"))
+handler("ReduceMean")(_reduce("reduce_mean"))
+handler("ReduceMax")(_reduce("reduce_max"))
+handler("ReduceMin")(_reduce("reduce_min"))
+handler("ReduceProd")(_reduce("reduce_prod"))
+handler("ReduceL1")(_reduce("reduce_sum", pre=lambda n, x: n.add("abs", x)))
+handler("ReduceL2")(_reduce("reduce_sum", pre=_square, post=lambda n, y: n.add("sqrt", y)))
+handler("ReduceSumSquare")(_reduce("reduce_sum", pre=_square))
+handler("ReduceLogSum")(_reduce("reduce_sum", post=lambda n, y: n.add("log", y)))
+
+
+@handler("ReduceLogSumExp")
+def _reduce_log_sum_exp(n, x, axes=None):
+    """log(sum(exp(x - m))) + m with m the max over the axes, as ONNX Runtime computes it."""
+    axes = _reduce_axes(n, x, axes)
+    if axes is None:
+        return x
+    m = n.add("reduce_max", x, axes=axes, keepdim=True)
+    s = n.add("reduce_sum", n.add("exp", n.add("sub", x, m)), axes=axes, keepdim=True)
+    y = n.add("add", n.add("log", s), m)
+    return y if n.attr("keepdims", 1) else reshape(n, y, [d for i, d in enumerate(x.shape) if i not in axes])
+
+
+def _arg(op):
+    def handler(n, x):
+        axis = _axis(n.attr("axis", 0), len(x.shape))
+        keep = bool(n.attr("keepdims", 1))
+        if not n.attr("select_last_index", 0):
+            return n.add(op, x, axis=axis, keepdim=keep)
+        # the last extreme is the first one of the flipped tensor, counted from the end
+        i = n.add(op, n.add("flip", x, dims=[axis]), axis=axis, keepdim=keep)
+        return n.add("sub", n.const(x.shape[axis] - 1, dtype=torch.int64), i)
+    return handler
+
+
+handler("ArgMax")(_arg("argmax"))
+handler("ArgMin")(_arg("argmin"))
+
+
+@handler("TopK")
+def _topk(n, x, k=None):
+    kk = int(n.attr("k")) if k is None else int(n.value(k, "k").reshape(-1)[0])  # an attribute before opset 10
+    axis = _axis(n.attr("axis", -1), len(x.shape))
+    largest = bool(n.attr("largest", 1))
+    # Values do not depend on the order of equal elements: torch's topk. Indices do: ONNX puts the
+    # lower index first among equal values, which torch.topk does not promise and a stable sort does.
+    # (sorted=0 leaves the order unspecified, so sorted order is as good as any; an output nobody
+    # reads is pruned.)
+    values = n.add("topk", x, k=kk, axis=axis, largest=largest, sorted=True)
+    order = n.add("sort", x, axis=axis, descending=largest, output="indices")
+    return [values, _slice_axis(n, order, axis, 0, kk, 1)]
+
+
+@handler("CumSum")
+def _cumsum(n, x, axis):
+    axis = _axis(int(n.value(axis, "axis").item()), len(x.shape))
+    flip = torch.arange(x.shape[axis] - 1, -1, -1)
+    if n.attr("reverse", 0):
+        x = n.add("gather", x, n.const(flip), axis=axis)
+    y = n.add("cumsum", x, axis=axis)
+    if n.attr("exclusive", 0):
+        y = n.add("sub", y, x)
+    return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y
+
+
+def _softmax(op):
+    def handler(n, x):
+        rank = len(x.shape)
+        if n.opset >= 13:
+            return n.add(op, x, axis=_axis(n.attr("axis", -1), rank))
+        # Before opset 13 the input is flattened to 2-d at `axis` and normalised over the second part.
+        axis = _axis(n.attr("axis", 1), rank)
+        flat = reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
+        return reshape(n, n.add(op, flat, axis=1), x.shape)
+    return handler
+
+
+handler("Softmax")(_softmax("softmax"))
+handler("LogSoftmax")(_softmax("log_softmax"))
+
+
+# -- normalisations -------------------------------------------------------------------------------
+
+def _norm_weight(n, w, shape):
+    """A norm's scale or bias as the normalised shape (ONNX allows any broadcastable one)."""
+    if w.shape == shape:
+        return w
+    return reshape(n, w, shape) if w.numel == math.prod(shape) else n.add("expand", w, shape=shape)
+
+
+@handler("LayerNormalization")
+def _layer_norm(n, x, scale, bias=None):
+    if n.n_outputs() > 1 and any(n.proto.output[1:]):
+        n.fail("the Mean and InvStdDev outputs are not supported")
+    axis = _axis(n.attr("axis", -1), len(x.shape))
+    shape = x.shape[axis:]
+    bias = n.const(torch.zeros(shape, dtype=x.dtype)) if bias is None else _norm_weight(n, bias, shape)
+    return n.add("layer_norm", x, _norm_weight(n, scale, shape), bias,
+                 eps=float(n.attr("epsilon", 1e-5)), ndim=len(shape))
+
+
+@handler("BatchNormalization")
+def _batch_norm(n, x, scale, bias, mean, var):
+    if n.n_outputs() > 1 and any(n.proto.output[1:]):
+        n.fail("training-mode outputs are not supported (inference only)")
+    # y = x * s + t with s = scale / sqrt(var + eps), t = bias - mean * s; with constant
+    # statistics s and t fold to constants here.
+    s = n.add("mul", scale, n.add("rsqrt", n.add("add", var, n.const(n.attr("epsilon", 1e-5), dtype=var.dtype))))
+    t = n.add("sub", bias, n.add("mul", mean, s))
+    per_channel = (x.shape[1],) + (1,) * (len(x.shape) - 2)
+    return n.add("add", n.add("mul", x, reshape(n, s, per_channel)), reshape(n, t, per_channel))
+
+
+@handler("InstanceNormalization")
+def _instance_norm(n, x, scale, bias):
+    """Each (sample, channel) normalised over its spatial positions: a layer_norm over the flattened
+    spatial dims, then the per-channel affine."""
+    rank, (batch, channels) = len(x.shape), x.shape[:2]
+    size = math.prod(x.shape[2:])
+    flat = reshape(n, x, (batch, channels, size))
+    y = n.add("layer_norm", flat, n.const(torch.ones(size, dtype=x.dtype)), n.const(torch.zeros(size, dtype=x.dtype)),
+              eps=float(n.attr("epsilon", 1e-5)), ndim=1)
+    per_channel = (channels,) + (1,) * (rank - 2)
+    y = n.add("mul", reshape(n, y, x.shape), reshape(n, scale, per_channel))
+    return n.add("add", y, reshape(n, bias, per_channel))
+
+
+# -- contractions and windows ---------------------------------------------------------------------
+
+handler("MatMul")(_binary("matmul"))
+
+
+@handler("Gemm")
+def _gemm(n, a, b, c=None):
+    if n.attr("transA", 0):
+        a = n.add("transpose", a, perm=[1, 0])
+    if n.attr("transB", 0):
+        b = n.add("transpose", b, perm=[1, 0])  # folds once for a constant weight
+    y = n.add("matmul", a, b)
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    if alpha != 1.0:
+        y = n.add("mul", y, n.const(alpha, dtype=y.dtype))
+    if c is not None and beta != 0.0:
+        y = n.add("add", y, c if beta == 1.0 else n.add("mul", c, n.const(beta, dtype=c.dtype)))
+    return y
+
+
+@handler("Einsum")
+def _einsum(n, *xs):
+    try:
+        return einsum(n, n.attr("equation"), xs)
+    except EinsumError as e:
+        n.unsupported(str(e)) if e.unsupported else n.fail(str(e))
+
+
+def _spatial_pads(n: _Node, x: Node, kernel, strides, dilations):
+    """(begins, ends) of the spatial dims, from `pads` or `auto_pad`."""
+    k = len(kernel)
+    auto = n.attr("auto_pad", "NOTSET")
+    if auto in ("NOTSET", "VALID"):
+        pads = n.attr("pads", [0] * 2 * k) if auto == "NOTSET" else [0] * 2 * k
+        return list(pads[:k]), list(pads[k:])
+    begins, ends = [], []
+    for size, kk, s, d in zip(x.shape[2:], kernel, strides, dilations):  # SAME_UPPER / SAME_LOWER
+        total = max((math.ceil(size / s) - 1) * s + (kk - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins, ends
+
+
+def _window_args(n: _Node, x: Node, kernel, pad_value, max_pad=None):
+    """Shared by Conv and the pools: strides, dilations and padding. Asymmetric padding (or more
+    than torch's pools accept) becomes an explicit pad op before the window op."""
+    nd = len(x.shape) - 2
+    if nd not in (2, 3):
+        n.fail(f"only 1-d, 2-d and 3-d spatial inputs (rank 3 to 5) are supported, got shape {list(x.shape)}")
+    strides = list(n.attr("strides", [1] * nd))
+    dilations = list(n.attr("dilations", [1] * nd))
+    begins, ends = _spatial_pads(n, x, kernel, strides, dilations)
+    symmetric = begins == ends and (max_pad is None or all(b <= m for b, m in zip(begins, max_pad)))
+    if symmetric:
+        return x, strides, dilations, tuple(begins)
+    if pad_value is None:
+        n.fail(f"asymmetric pads {begins + ends} are not supported here")
+    return _pad(n, x, [0, 0] + begins, [0, 0] + ends, pad_value), strides, dilations, (0,) * nd
+
+
+def _conv(n, x, w, b=None):
+    x, strides, dilations, padding = _window_args(n, x, w.shape[2:], pad_value=0.0)
+    extra = (b,) if b is not None else ()
+    return n.add(f"conv{len(strides)}d", x, w, *extra, stride=tuple(strides), padding=padding,
+                 dilation=tuple(dilations), groups=n.attr("group", 1))
+
+
+def _max_pool(n, x):
+    if n.n_outputs() > 1 and n.proto.output[1]:
+        n.fail("the Indices output is not supported")
+    kernel = n.attr("kernel_shape")
+    x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=-math.inf,
+                                                  max_pad=[k // 2 for k in kernel])
+    return n.add(f"max_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
+                 dilation=tuple(dilations), ceil_mode=bool(n.attr("ceil_mode", 0)))
+
+
+def _avg_pool(n, x):
+    kernel = n.attr("kernel_shape")
+    include = bool(n.attr("count_include_pad", 0))
+    # Explicit zero padding is only right when the padded zeros count in the average.
+    x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=0.0 if include else None,
+                                                  max_pad=[k // 2 for k in kernel])
+    if any(d != 1 for d in dilations):
+        n.fail("dilated average pooling is not supported")
+    return n.add(f"avg_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
+                 ceil_mode=bool(n.attr("ceil_mode", 0)), count_include_pad=include)
+
+
+def _global_pool(op):
+    return lambda n, x: n.add(op, x, axes=list(range(2, len(x.shape))), keepdim=True)
+
+
+handler("GlobalAveragePool")(_global_pool("reduce_mean"))
+handler("GlobalMaxPool")(_global_pool("reduce_max"))
+
+
+def _conv_transpose(n, x, w, b=None):
+    if len(x.shape) != 4:
+        n.unsupported(f"only 1-d and 2-d spatial inputs (rank 3 or 4) are supported, got shape {list(x.shape)}")
+    spatial, kernel = x.shape[2:], w.shape[2:]
+    strides, dilations = list(n.attr("strides", [1, 1])), list(n.attr("dilations", [1, 1]))
+    out_pad = list(n.attr("output_padding", [0, 0]))
+    # the output before any padding is removed ("full"), then the pads removed from its ends
+    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(spatial, strides, kernel, dilations)]
+    auto, target = n.attr("auto_pad", "NOTSET"), n.attr("output_shape")
+    if target is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        # pads follow from the output size; SAME_UPPER puts the odd one at the end, otherwise the start
+        target = list(target)[-2:] if target is not None else [i * s for i, s in zip(spatial, strides)]
+        total = [f + p - t for f, p, t in zip(full, out_pad, target)]
+        if any(t < 0 for t in total):
+            n.unsupported(f"output_shape {target} is larger than the convolution's full output {full}")
+        begins = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        ends = [t - b for t, b in zip(total, begins)]
+    elif auto == "VALID":
+        begins = ends = [0, 0]
+    else:
+        pads = list(n.attr("pads", [0, 0, 0, 0]))
+        begins, ends = pads[:2], pads[2:]
+    if any(p < 0 for p in begins + ends):
+        n.unsupported(f"negative pads {begins + ends}")
+    if any(p >= max(s, d) for p, s, d in zip(out_pad, strides, dilations)):
+        n.unsupported(f"output_padding {out_pad} not below the stride or dilation")
+    # torch pads both ends alike: remove the smaller pad there and slice off the rest
+    common = [min(b, e) for b, e in zip(begins, ends)]
+    extra = (b,) if b is not None else ()
+    y = n.add("conv_transpose2d", x, w, *extra, stride=tuple(strides), padding=tuple(common),
+              output_padding=tuple(out_pad), groups=n.attr("group", 1), dilation=tuple(dilations))
+    for i in range(2):
+        start = begins[i] - common[i]
+        y = _slice_axis(n, y, 2 + i, start, start + full[i] + out_pad[i] - begins[i] - ends[i], 1)
+    return y
+
+
+# 1-d window attributes as 2-d ones with a height of 1
+_LIFT_1D = {"kernel_shape": lambda v: [1] + v, "strides": lambda v: [1] + v, "dilations": lambda v: [1] + v,
+            "output_padding": lambda v: [0] + v, "output_shape": lambda v: [1] + v[-1:],
+            "pads": lambda v: [0, v[0], 0, v[1]]}
+
+
+def _windows_1d(handler):
+    """Conv, ConvTranspose and the pools on rank-3 inputs [N, C, L]: run as 2-d on [N, C, 1, L]."""
+    def wrapped(n, x, w=None, *rest):
+        if len(x.shape) != 3:
+            return handler(n, x, *([w] if w is not None or rest else []), *rest)
+        for key, lift in _LIFT_1D.items():
+            if key in n.attrs:
+                n.overrides[key] = lift(list(n.attr(key)))
+        x = reshape(n, x, x.shape[:2] + (1,) + x.shape[2:])
+        if w is not None:  # the weight of a convolution: [O, I, k] -> [O, I, 1, k]
+            w = reshape(n, w, w.shape[:2] + (1,) + w.shape[2:])
+        y = handler(n, x, *([w] if w is not None or rest else []), *rest)
+        return reshape(n, y, y.shape[:2] + y.shape[3:])
+    return wrapped
+
+
+handler("Conv")(_windows_1d(_conv))
+handler("ConvTranspose")(_windows_1d(_conv_transpose))
+handler("MaxPool")(_windows_1d(_max_pool))
+handler("AveragePool")(_windows_1d(_avg_pool))

@@ -1,0 +1,442 @@
+"""ONNX handlers of constants and shapes (folded at load time), If on a constant condition, and
+data movement: reshapes, slices, gathers and scatters, padding, tiling and Resize."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ...errors import ModelFileError
+from ...ir import Node
+from ..common import reshape
+from .common import _axis, _convert, _Node, _pad, _slice_axis, _tensor, handler
+
+# -- constants and shapes -------------------------------------------------------------------------
+
+@handler("Constant")
+def _constant(n):
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in n.attrs:
+            v = n.attr(key)
+            return n.const(v if isinstance(v, torch.Tensor) else torch.tensor(v))
+    n.fail(f"constant of kind {sorted(n.attrs)} is not supported")
+
+
+@handler("ConstantOfShape")
+def _constant_of_shape(n, shape):
+    fill = n.attr("value")
+    fill = torch.zeros(1) if fill is None else fill
+    return n.const(torch.full(n.ints(shape, "shape"), fill.reshape(-1)[0].item(), dtype=fill.dtype))
+
+
+@handler("Shape")
+def _shape(n, x):
+    rank = len(x.shape)
+    start = min(max(_axis(n.attr("start", 0), rank), 0), rank)
+    end = min(max(_axis(n.attr("end", rank), rank), 0), rank)
+    return n.const(torch.tensor(x.shape[start:end], dtype=torch.int64))
+
+
+@handler("Size")
+def _size(n, x):
+    return n.const(torch.tensor(x.numel, dtype=torch.int64))
+
+
+@handler("Range")
+def _range(n, start, limit, delta):
+    s, e, d = (n.value(v, what) for v, what in ((start, "start"), (limit, "limit"), (delta, "delta")))
+    count = max(math.ceil((e.item() - s.item()) / d.item()), 0)  # ONNX's definition of the length
+    return n.const((torch.arange(count) * d + s).to(s.dtype))
+
+
+@handler("If")
+def _if(n, cond):
+    """An If whose condition folded to a constant: the branch taken, inlined. Its nodes see the
+    enclosing scope, and their names do not leak out of it."""
+    if cond.op != "const":
+        n.unsupported("its condition is computed at run time (only a constant condition is inlined)")
+    if cond.numel != 1:
+        n.fail(f"the condition has {cond.numel} elements, not one")
+    branch = n.attr("then_branch" if bool(cond.value.reshape(-1)[0]) else "else_branch")
+    scope = dict(n.env)
+    for t in branch.initializer:
+        scope[t.name] = n.g.const(_tensor(t), name=t.name)
+    for node in branch.node:
+        _convert(n.g, scope, node, n.opset)
+    missing = [o.name for o in branch.output if o.name not in scope]
+    if missing:
+        raise ModelFileError(f"ONNX node {n.name!r} (If): branch outputs {missing} are produced by no node")
+    return [scope[o.name] for o in branch.output]
+
+
+# -- data movement --------------------------------------------------------------------------------
+
+@handler("Reshape")
+def _reshape_h(n, x, shape):
+    target = n.ints(shape, "shape")
+    allowzero = n.attr("allowzero", 0)
+    target = [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(target)]
+    return reshape(n, x, target)   # which infers a -1
+
+
+@handler("Flatten")
+def _flatten(n, x):
+    axis = _axis(n.attr("axis", 1), len(x.shape))
+    return reshape(n, x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
+
+
+@handler("Squeeze")
+def _squeeze(n, x, axes=None):
+    axes = n.ints(axes, "axes", "axes")
+    rank = len(x.shape)
+    axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [_axis(a, rank) for a in axes]
+    if any(x.shape[a] != 1 for a in axes):
+        n.fail(f"squeezes axes {axes} of shape {list(x.shape)}, which are not all of size 1")
+    return reshape(n, x, [d for i, d in enumerate(x.shape) if i not in axes])
+
+
+@handler("Unsqueeze")
+def _unsqueeze(n, x, axes=None):
+    axes = n.ints(axes, "axes", "axes")
+    rank = len(x.shape) + len(axes)
+    shape = list(x.shape)
+    for a in sorted(_axis(a, rank) for a in axes):
+        shape.insert(a, 1)
+    return reshape(n, x, shape)
+
+
+@handler("Transpose")
+def _transpose(n, x):
+    perm = list(n.attr("perm", reversed(range(len(x.shape)))))
+    return x if perm == sorted(perm) else n.add("transpose", x, perm=perm)
+
+
+@handler("Concat")
+def _concat(n, *xs):
+    xs = [x for x in xs if x is not None]
+    return xs[0] if len(xs) == 1 else n.add("concat", *xs, axis=_axis(n.attr("axis"), len(xs[0].shape)))
+
+
+@handler("Slice")
+def _slice(n, x, starts=None, ends=None, axes=None, steps=None):
+    starts, ends = n.ints(starts, "starts", "starts"), n.ints(ends, "ends", "ends")
+    axes = n.ints(axes, "axes", "axes") or list(range(len(starts)))
+    steps = n.ints(steps, "steps") or [1] * len(starts)
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        x = _slice_axis(n, x, _axis(a, len(x.shape)), s, e, st)
+    return x
+
+
+@handler("Split")
+def _split(n, x, split=None):
+    axis = _axis(n.attr("axis", 0), len(x.shape))
+    dim, count = x.shape[axis], n.n_outputs()
+    sizes = n.ints(split, "split", "split")
+    if sizes is None:  # equal parts; with num_outputs (opset 18) the last part may be smaller
+        part = math.ceil(dim / n.attr("num_outputs", count))
+        sizes = [min(part, dim - i * part) for i in range(count)]
+    if sum(sizes) != dim:
+        n.fail(f"split sizes {sizes} do not add up to dim {dim}")
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    return [_slice_axis(n, x, axis, s, s + size, 1) for s, size in zip(starts, sizes)]
+
+
+def _normalize_index(n: _Node, idx: Node, dim: int) -> Node:
+    """ONNX allows negative indices (counted from the end); the IR's gather does not."""
+    if idx.op == "const":
+        v = idx.value
+        return n.const(torch.where(v < 0, v + dim, v))
+    neg = n.add("lt", idx, n.const(0, dtype=idx.dtype))
+    return n.add("where", neg, n.add("add", idx, n.const(dim, dtype=idx.dtype)), idx)
+
+
+def _positions(shape) -> torch.Tensor:
+    """Each element's position in the row-major flattening of `shape` (torch indexing on this
+    tensor turns constant ONNX indices into flat positions, negative ones included)."""
+    return torch.arange(math.prod(shape)).reshape(shape)
+
+
+def _flat_gather(n: _Node, x: Node, flat_index: torch.Tensor) -> Node:
+    """Elements of x at constant positions of its flattened form; the result has flat_index's shape."""
+    return n.add("gather", reshape(n, x, (x.numel,)), n.const(flat_index), axis=0)
+
+
+@handler("Gather")
+def _gather(n, x, idx):
+    axis = _axis(n.attr("axis", 0), len(x.shape))
+    return n.add("gather", x, _normalize_index(n, idx, x.shape[axis]), axis=axis)
+
+
+@handler("GatherElements")
+def _gather_elements(n, x, idx):
+    """out[i][j][k] = x[i][idx[i][j][k]][k] (axis 1): a gather of x's elements at constant positions."""
+    axis = _axis(n.attr("axis", 0), len(x.shape))
+    index = n.value(idx, "indices").long()
+    index = torch.where(index < 0, index + x.shape[axis], index)
+    return _flat_gather(n, x, _positions(x.shape).gather(axis, index))
+
+
+@handler("GatherND")
+def _gather_nd(n, x, idx):
+    """x indexed by the last dim of constant `indices` (batch_dims 0): a gather at constant positions."""
+    if n.attr("batch_dims", 0):
+        n.fail("batch_dims other than 0 are not supported")
+    index = n.value(idx, "indices").long()
+    k = index.shape[-1]
+    rows = reshape(n, x, (math.prod(x.shape[:k]),) + x.shape[k:])  # the first k dims as one
+    return n.add("gather", rows, n.const(_positions(x.shape[:k])[index.unbind(-1)]), axis=0)
+
+
+_SCATTER_REDUCE = {"none": "none", "add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _scatter_reduction(n):
+    red = n.attr("reduction", "none")
+    if red not in _SCATTER_REDUCE:
+        n.unsupported(f"reduction {red!r}")
+    return red
+
+
+@handler("ScatterElements", "Scatter")
+def _scatter_elements(n, x, idx, updates):
+    """ScatterElements (and the old Scatter): one scatter op along `axis`, run by torch; negative
+    indices count from the end, as ONNX allows."""
+    axis = _axis(n.attr("axis", 0), len(x.shape))
+    red = _SCATTER_REDUCE[_scatter_reduction(n)]
+    return n.add("scatter", x, _normalize_index(n, idx, x.shape[axis]), updates, axis=axis, reduce=red)
+
+
+@handler("ScatterND")
+def _scatter_nd(n, x, idx, updates):
+    """ScatterND: x[idx[..., 0], ..., idx[..., k-1]] = updates (or += / *= ... by `reduction`): an
+    index_put with one index tensor per leading dim of x; add is its accumulate, the others are not
+    mapped."""
+    red = _scatter_reduction(n)
+    if red not in ("none", "add"):
+        n.unsupported(f"reduction {red!r}: only none and add are mapped")
+    k = idx.shape[-1]
+    parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+                              x.shape[j]) for j in range(k)]
+    return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
+
+
+@handler("Expand")
+def _expand(n, x, shape):
+    out = tuple(torch.broadcast_shapes(x.shape, tuple(n.ints(shape, "shape"))))
+    return x if out == x.shape else n.add("expand", x, shape=out)
+
+
+@handler("Tile")
+def _tile(n, x, repeats):
+    reps = n.ints(repeats, "repeats")
+    if all(r == 1 for r in reps):
+        return x
+    # Tile repeats the whole tensor along each dim: [r0, d0, r1, d1, ...] flattened pairwise.
+    inter = [v for d in x.shape for v in (1, d)]
+    wide = [v for r, d in zip(reps, x.shape) for v in (r, d)]
+    y = n.add("expand", reshape(n, x, inter), shape=tuple(wide))
+    return reshape(n, y, [r * d for r, d in zip(reps, x.shape)])
+
+
+@handler("Trilu")
+def _trilu(n, x, k=None):
+    diagonal = 0 if k is None else int(n.value(k, "k").item())
+    return n.add("triu" if n.attr("upper", 1) else "tril", x, diagonal=diagonal)
+
+
+@handler("Pad")
+def _pad_h(n, x, pads=None, value=None, axes=None):
+    mode = n.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        n.unsupported(f"pad mode {mode!r}")
+    pads = n.ints(pads, "pads", "pads")
+    fill = n.attr("value", 0.0) if value is None else n.value(value, "constant_value").item()
+    rank = len(x.shape)
+    axes = [_axis(a, rank) for a in (n.ints(axes, "axes") or range(rank))]
+    begins, ends = [0] * rank, [0] * rank
+    for i, a in enumerate(axes):
+        begins[a], ends[a] = pads[i], pads[i + len(axes)]
+    return _pad(n, x, begins, ends, fill) if mode == "constant" else _pad_mode(n, x, begins, ends, mode)
+
+
+_TORCH_PAD = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad_mode(n, x, begins, ends, mode):
+    """reflect / edge / wrap padding. torch pads the last 1 to 3 dims of a tensor with one or two
+    more in these modes: more dims before the first padded one are flattened into one. Pads that do
+    not fit (padding a dim further than torch wraps or reflects, more dims, negative pads) become one
+    gather per dim of the positions numpy's pad reads, which is how ONNX defines the modes."""
+    rank = len(x.shape)
+    padded = [a for a in range(rank) if begins[a] or ends[a]]
+    if not padded:
+        return x
+    first = padded[0]
+    limit = {"reflect": lambda d: d - 1, "edge": lambda d: math.inf, "wrap": lambda d: d}[mode]
+    if rank - first <= 3 and all(0 <= p <= limit(x.shape[a]) for a in padded for p in (begins[a], ends[a])):
+        y = x if first in (1, 2) else reshape(n, x, (math.prod(x.shape[:first]),) + x.shape[first:])
+        pads = [int(p) for a in reversed(range(first, rank)) for p in (begins[a], ends[a])]
+        y = n.add("pad", y, pads=pads, mode=_TORCH_PAD[mode])
+        return reshape(n, y, [d + b + e for d, b, e in zip(x.shape, begins, ends)])
+    for a in padded:
+        dim, b, e = x.shape[a], begins[a], ends[a]
+        keep = np.arange(max(-b, 0), dim - max(-e, 0))  # negative pads remove elements
+        index = np.pad(keep, (max(b, 0), max(e, 0)), mode={"edge": "edge"}.get(mode, mode))
+        x = n.add("gather", x, n.const(torch.from_numpy(index).long()), axis=a)
+    return x
+
+
+@handler("DepthToSpace")
+def _depth_to_space(n, x):
+    if len(x.shape) != 4:
+        n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
+    b = n.attr("blocksize")
+    batch, c, h, w = x.shape
+    if n.attr("mode", "DCR") == "DCR":  # depth ordered (block row, block column, channel)
+        y = n.add("transpose", reshape(n, x, (batch, b, b, c // (b * b), h, w)), perm=[0, 3, 4, 1, 5, 2])
+    else:  # CRD: (channel, block row, block column)
+        y = n.add("transpose", reshape(n, x, (batch, c // (b * b), b, b, h, w)), perm=[0, 1, 4, 2, 5, 3])
+    return reshape(n, y, (batch, c // (b * b), h * b, w * b))
+
+
+@handler("SpaceToDepth")
+def _space_to_depth(n, x):
+    if len(x.shape) != 4:
+        n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
+    b = n.attr("blocksize")
+    batch, c, h, w = x.shape
+    y = n.add("transpose", reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=[0, 3, 5, 1, 2, 4])
+    return reshape(n, y, (batch, c * b * b, h // b, w // b))
+
+
+@handler("OneHot")
+def _one_hot(n, indices, depth, values):
+    """where(indices[..., None] == arange(depth), on, off), the class axis placed at `axis`."""
+    d = int(n.value(depth, "depth").reshape(-1)[0].item())
+    off, on = n.value(values, "values").reshape(-1)
+    if indices.dtype.is_floating_point:  # non-integer indices are cast to int64 first
+        indices = n.add("cast", indices, dtype=torch.int64)
+    rank = len(indices.shape) + 1
+    axis = _axis(n.attr("axis", -1), rank)
+    indices = _normalize_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
+    classes = torch.arange(d, dtype=indices.dtype).reshape([d if i == axis else 1 for i in range(rank)])
+    hit = n.add("eq", reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
+    return n.add("where", hit, n.const(on), n.const(off))
+
+
+# -- Resize ---------------------------------------------------------------------------------------
+
+def _resize_source(coord, out, size, scale):
+    """Where each of `out` output positions samples the input (size `size`) along one axis, by
+    ONNX's coordinate transformation, in float32 as ONNX Runtime computes it."""
+    x, s, f32 = np.arange(out, dtype=np.float32), np.float32(scale), np.float32
+    if coord in ("half_pixel", "pytorch_half_pixel"):
+        if coord == "pytorch_half_pixel" and out == 1:
+            return np.zeros(1, np.float32)
+        return (x + f32(0.5)) / s - f32(0.5)
+    if coord == "align_corners":
+        return x * f32(size - 1) / f32(out - 1) if out > 1 else np.zeros(out, np.float32)
+    if coord == "asymmetric":
+        return x / s
+    if coord == "half_pixel_symmetric":
+        adjustment = f32(out) / (s * f32(size))
+        offset = f32(size) / f32(2) * (f32(1) - adjustment)
+        return offset + (x + f32(0.5)) / s - f32(0.5)
+    return None
+
+
+_NEAREST = {"round_prefer_floor": lambda x, s: np.ceil(x - np.float32(0.5)),
+            "round_prefer_ceil": lambda x, s: np.floor(x + np.float32(0.5)),
+            "floor": lambda x, s: np.floor(x), "ceil": lambda x, s: np.ceil(x),
+            # opset 10: ceil when downsampling, floor otherwise (ONNX Runtime's behaviour)
+            "simple": lambda x, s: np.ceil(x) if s < 1 else np.floor(x)}
+
+
+def _torch_map(size, out, mode, align_corners=None):
+    """Where torch's F.interpolate samples along one axis: it interpolates positions 0..size-1."""
+    ramp = torch.arange(size, dtype=torch.float64).reshape(1, 1, size)
+    return torch.nn.functional.interpolate(ramp, size=out, mode=mode, align_corners=align_corners).reshape(-1).numpy()
+
+
+@handler("Resize")
+def _resize(n, x, roi=None, scales=None, sizes=None):
+    """Resize as torch's F.interpolate mode where that samples exactly where ONNX does (checked per
+    axis at load time), else nearest as a gather per axis and linear as two gathers and weights per
+    axis (ONNX's linear is separable); cubic only where torch's bicubic matches."""
+    if n.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates
+        roi, scales = None, roi
+    rank = len(x.shape)
+    mode = n.attr("mode", "nearest")
+    coord = n.attr("coordinate_transformation_mode", "half_pixel") if n.opset >= 11 else "asymmetric"
+    nearest = n.attr("nearest_mode", "round_prefer_floor") if n.opset >= 11 else "simple"
+    described = f"mode={mode!r}, coordinate_transformation_mode={coord!r}" + (
+        f", nearest_mode={nearest!r}" if mode == "nearest" else "")
+    if n.attr("antialias", 0):
+        n.unsupported(f"antialias=1 ({described})")
+    if mode not in ("nearest", "linear", "cubic") or coord == "tf_crop_and_resize" or \
+            _resize_source(coord, 1, 1, 1.0) is None or (mode == "nearest" and nearest not in _NEAREST):
+        n.unsupported(described)
+    axes = [_axis(a, rank) for a in n.attr("axes", range(rank))]
+    out, scale = list(x.shape), [1.0] * rank
+    if sizes is not None and sizes.numel:
+        wanted = n.ints(sizes, "sizes")
+        policy = n.attr("keep_aspect_ratio_policy", "stretch")
+        if policy == "stretch":
+            for a, o in zip(axes, wanted):
+                out[a], scale[a] = o, float(np.float32(o) / np.float32(x.shape[a]))
+        else:  # one scale for all the axes, the largest (or smallest) that fits the sizes
+            r = (min if policy == "not_larger" else max)(o / x.shape[a] for a, o in zip(axes, wanted))
+            for a in axes:
+                out[a], scale[a] = math.floor(r * x.shape[a] + 0.5), r
+    elif scales is not None and scales.numel:
+        for a, sc in zip(axes, n.value(scales, "scales").reshape(-1).tolist()):
+            out[a], scale[a] = int(np.float32(sc) * np.float32(x.shape[a])), sc
+    else:
+        n.fail("neither scales nor sizes is given")
+    src = {a: _resize_source(coord, out[a], x.shape[a], scale[a]) for a in range(rank)}
+    if mode == "nearest":
+        index = {a: np.clip(_NEAREST[nearest](src[a], scale[a]), 0, x.shape[a] - 1).astype(np.int64)
+                 for a in range(rank)}
+        moved = [a for a in range(rank) if out[a] != x.shape[a] or (index[a] != np.arange(out[a])).any()]
+    else:  # linear samples clamped positions; cubic only goes to torch, which checks its own way
+        pos = {a: np.clip(src[a], 0, x.shape[a] - 1) for a in range(rank)}
+        moved = [a for a in range(rank) if out[a] != x.shape[a] or np.abs(pos[a] - np.arange(out[a])).max() > 0]
+    if not moved:
+        return x
+    spatial = 3 <= rank <= 5 and moved[0] >= 2 and x.dtype.is_floating_point
+
+    def torch_resize(tmode, align_corners=None):
+        return n.add("resize", x, size=out[2:], mode=tmode, align_corners=align_corners)
+
+    if mode == "nearest":
+        if spatial:
+            for tmode in ("nearest", "nearest-exact"):
+                if all((_torch_map(x.shape[a], out[a], tmode) == index[a]).all() for a in moved):
+                    return torch_resize(tmode)
+        for a in moved:  # the exact positions, one gather per axis
+            x = n.add("gather", x, n.const(torch.from_numpy(index[a])), axis=a)
+        return x
+    if not x.dtype.is_floating_point:
+        n.unsupported(f"{described} on {x.dtype} input")
+    if mode == "cubic":
+        consistent = all(np.float32(scale[a]) == np.float32(out[a]) / np.float32(x.shape[a]) for a in moved)
+        exact = n.attr("cubic_coeff_a", -0.75) == -0.75 and not n.attr("exclude_outside", 0)
+        if spatial and rank == 4 and exact and (coord == "align_corners" or consistent and (
+                coord == "half_pixel" or coord == "pytorch_half_pixel" and min(out[2:]) > 1)):
+            return torch_resize("bicubic", coord == "align_corners")
+        n.unsupported(f"{described}, cubic_coeff_a={n.attr('cubic_coeff_a', -0.75)}, "
+                      f"exclude_outside={n.attr('exclude_outside', 0)} with scales {[scale[a] for a in moved]}")
+    if spatial:
+        tmode = {3: "linear", 4: "bilinear", 5: "trilinear"}[rank]
+        for align_corners in (False, True):
+            if all(np.abs(_torch_map(x.shape[a], out[a], "linear", align_corners) - pos[a]).max() < 1e-4
+                   for a in moved):
+                return torch_resize(tmode, align_corners)
+    for a in moved:  # x[i0] (1 - w) + x[i1] w along each axis, i0 = floor(pos), i1 = i0 + 1 (clamped)
+        i0 = np.minimum(np.floor(pos[a]), x.shape[a] - 1).astype(np.int64)
+        i1 = np.minimum(i0 + 1, x.shape[a] - 1)
+        w = torch.from_numpy(pos[a] - i0).to(x.dtype).reshape([-1] + [1] * (rank - 1 - a))
+        lo, hi = (n.add("gather", x, n.const(torch.from_numpy(i)), axis=a) for i in (i0, i1))
+        x = n.add("add", n.add("mul", lo, n.const(1 - w)), n.add("mul", hi, n.const(w)))
+    return x
