@@ -1,24 +1,13 @@
 """kfuse: a kernel operator fusion compiler for neural-network inference."""
-from .errors import GraphError, InputError, KfuseError, ModelFileError, UnsupportedOpError
-from .model import CompiledModel, compile
+__version__ = "0.1.0"    # the one version string (pyproject.toml reads it)
+
+from .api import CompiledModel, compile  # noqa: E402
+from .dynamo import register as _register_dynamo_backend  # noqa: E402
+from .errors import GraphError, InputError, KfuseError, ModelFileError, UnsupportedOpError  # noqa: E402
 
 __all__ = ["compile", "CompiledModel", "KfuseError", "UnsupportedOpError", "ModelFileError", "InputError",
            "GraphError"]
-__version__ = "0.1.0"
 
-from .capture.dynamo import register as _register_dynamo_backend
-
+# torch.compile(backend="kfuse") finds the backend through the torch_dynamo_backends entry point of
+# an installed kfuse; registering here too covers a source tree on sys.path.
 _register_dynamo_backend()
-
-
-def _threads_from_env():
-    """KFUSE_NUM_THREADS sets one thread count for torch (oneDNN, MKL) and our OpenMP kernels, which
-    share torch's libgomp pool."""
-    import os
-    n = os.environ.get("KFUSE_NUM_THREADS")
-    if n:
-        import torch
-        torch.set_num_threads(int(n))
-
-
-_threads_from_env()

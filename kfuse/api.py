@@ -5,6 +5,7 @@ size or sequence length captures and compiles once more, then hits the cache.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from .errors import InputError, KfuseError, ModelFileError
 from .ir import DTYPE_SHORT, Graph
+from .runtime import build_program
 from .verify import Verification, compare
 
 
@@ -42,7 +44,7 @@ class CompiledModel:
         if self.is_onnx:
             from .capture.onnx import load_onnx
             return load_onnx(self.source, flat_inputs)
-        from .capture.torch import export
+        from .capture.fx import export
         args, kwargs = pytree.tree_unflatten(flat_inputs, self._in_spec)
         graph, self._out_spec = export(self.source, args, kwargs)
         return graph
@@ -51,7 +53,6 @@ class CompiledModel:
         sig = _signature(flat)
         prog = self._programs.get(sig)
         if prog is None:
-            from .runtime import build_program
             graph = self.capture(flat)
             prog = build_program(graph, self.options)
             self._programs[sig] = prog
@@ -89,7 +90,10 @@ class CompiledModel:
         """Outputs of the original model (PyTorch eager, or ONNX Runtime for an ONNX file), flattened."""
         flat = self._flatten(inputs, kwargs)
         if self.is_onnx:
-            import onnxruntime as ort
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise KfuseError("verifying an ONNX model runs ONNX Runtime: pip install 'kfuse[onnxruntime]'") from None
             sess = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
             feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
             return [torch.from_numpy(o) for o in sess.run(None, feeds)]
@@ -119,14 +123,43 @@ class CompiledModel:
         return [_fmt(s) for s in self._programs]
 
 
+BACKENDS = ("cpu", "reference")
+# option -> (check, what it takes)
+OPTIONS = {
+    "patterns": (lambda v: isinstance(v, bool), "True or False"),
+    "horizontal": (lambda v: isinstance(v, bool), "True or False"),
+    "disable": (lambda v: isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(x, str) for x in v),
+                "a list of op types or fusion names"),
+    "max_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no cap)"),
+}
+
+
+def check_options(backend: str, options: dict) -> dict:
+    """The options as kfuse.compile uses them; a clear KfuseError for an unknown name or a bad value."""
+    if backend not in BACKENDS:
+        raise KfuseError(f"unknown backend {backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
+    for name, value in options.items():
+        if name not in OPTIONS:
+            close = difflib.get_close_matches(name, OPTIONS, n=1)
+            raise KfuseError(f"unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f": kfuse.compile takes backend, {', '.join(OPTIONS)}")
+        ok, what = OPTIONS[name]
+        if not ok(value):
+            raise KfuseError(f"option {name}={value!r}: expected {what}")
+    return {"backend": backend, **options}
+
+
 def compile(model, example_inputs=(), example_kwargs=None, *, backend: str = "cpu", **options) -> CompiledModel:
     """Compile an nn.Module (captured with torch.export) or a path to an .onnx file.
 
     `example_inputs` (a tuple of positional inputs) and `example_kwargs` (a dict of keyword inputs,
     PyTorch only) fix the shapes of the first compilation; other shapes compile on first use.
     Options: `backend` ("cpu", or "reference" to run the unfused interpreter), `patterns` (False turns
-    the pattern rules off), `disable` (op types or fusion names never fused), `max_group` (ops per group).
+    the pattern rules off), `horizontal` (False: no horizontal merging of independent kernels),
+    `disable` (op types or fusion names never fused), `max_group` (ops per group). Anything else is
+    a KfuseError.
     """
+    options = check_options(backend, options)
     if isinstance(model, (str, os.PathLike)):
         if not Path(model).is_file():
             raise ModelFileError(f"{model}: no such file")
@@ -134,4 +167,4 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str = "cp
         raise KfuseError(f"kfuse.compile takes an nn.Module or a path to an .onnx file, not {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    return CompiledModel(model, example_inputs, example_kwargs or {}, {"backend": backend, **options})
+    return CompiledModel(model, example_inputs, example_kwargs or {}, options)

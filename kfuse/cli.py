@@ -8,7 +8,11 @@ import time
 
 import torch
 
+from .api import compile
 from .errors import KfuseError
+from .models import build
+from .report import fusion_table
+from .runtime import median_ms
 
 
 @contextlib.contextmanager
@@ -21,14 +25,12 @@ def step(what: str):
 
 
 def cmd_demo(args) -> int:
-    import kfuse
-    from .models import build
     torch.set_num_threads(args.threads) if args.threads else None
     print(f"kfuse demo: built-in {args.model} (seeded random weights), batch {args.batch} x seq {args.seq}")
     with step(f"building the {args.model} model"):
         model, inputs = build(args.model, batch=args.batch, seq=args.seq)
     with step("capturing (torch.export), fusing and compiling kernels"):
-        cm = kfuse.compile(model, inputs)
+        cm = compile(model, inputs)
     print("\ngraph:", cm.graph.summary())
     print("\n" + str(cm.report()))
     with step("verifying against PyTorch eager"):
@@ -36,9 +38,7 @@ def cmd_demo(args) -> int:
     print("\n" + str(v))
     with torch.no_grad(), step("profiling each fused kernel against its ops run one by one"):
         cm._last.profile(list(inputs))
-    from .report import fusion_table
     print("\n" + fusion_table(cm.report()))
-    from .runtime import median_ms
     with torch.no_grad(), step("timing (median of 20 calls each, the two alternating)"):
         t_eager, t_kfuse = median_ms([model, cm], inputs)
     print(f"\n  PyTorch eager  {t_eager:8.2f} ms\n  kfuse          {t_kfuse:8.2f} ms   "
@@ -67,7 +67,6 @@ def _onnx_inputs(path: str, dims: dict[str, int]):
 
 
 def cmd_compile(args) -> int:
-    import kfuse
     dims = {}
     for d in args.dim or []:
         name, _, value = d.partition("=")
@@ -77,7 +76,7 @@ def cmd_compile(args) -> int:
     inputs = _onnx_inputs(args.model, dims)
     print(f"kfuse compile {args.model}: inputs " + ", ".join(f"{list(t.shape)}" for t in inputs))
     with step("loading, fusing and compiling kernels"):
-        cm = kfuse.compile(args.model, inputs)
+        cm = compile(args.model, inputs)
     print("\ngraph:", cm.graph.summary())
     print("\n" + str(cm.report()))
     with step("verifying against ONNX Runtime"):

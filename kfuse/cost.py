@@ -1,66 +1,28 @@
-"""The cost model: bytes moved and FLOPs per op or group, and the machine's rates, measured once.
+"""The cost model: bytes moved and FLOPs per op or group, and a predicted time from a machine's rates.
 
 predicted time = max(bytes / bandwidth, flops / rate) over the threads the kernel can use, plus a
-fixed launch cost. The rates are measured on first use (a 64 MB copy, a 512³ GEMM through the same
-library path the linears use) and cached in the kernel cache directory, keyed by the machine.
+fixed launch cost. The model is pure: the rates (`Machine`) are measured by the backends
+(kfuse.backends.calibrate: a 64 MB copy, a 512³ GEMM through the library path the linears use) and
+passed in.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
-import platform
-import time
+from dataclasses import dataclass
 
-import torch
-
-from ..ir import Kind, Node
+from .ir import Kind, Node
 
 LAUNCH_MS = 0.004          # Python + ctypes cost of one kernel call, measured on the runtime
 ELEMENTWISE_GFLOPS = 20.0  # per thread, for simple SIMD arithmetic; transcendentals count 10 flops
 
 
-@functools.lru_cache(maxsize=None)
-def machine() -> dict:
-    """{"bandwidth_gbs", "gemm_gflops", "threads"}, measured once per machine and cached on disk."""
-    from ..backends.c.compiler import cache_dir
-    threads = torch.get_num_threads()
-    key = f"v2-{platform.node()}-{platform.processor()}-{os.cpu_count()}-{threads}"
-    path = cache_dir() / "machine.json"
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return data
-    except (OSError, ValueError):
-        pass
-    src = torch.empty(16 << 20)
-    dst = torch.empty_like(src)
-    bw = 2 * src.nbytes / _fastest(lambda: dst.copy_(src)) / 1e9
-    from ..backends.library import pack_linear   # the GEMM kfuse runs (oneDNN, else MKL)
-    a = torch.randn(512, 512)
-    gemm = pack_linear(a, None)
-    gflops = 2 * 512 ** 3 / _fastest(lambda: gemm(a)) / 1e9
-    data = {"key": key, "bandwidth_gbs": bw, "gemm_gflops": gflops, "threads": threads}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return data
-
-
-def _fastest(fn, reps: int = 10) -> float:
-    """Seconds of the fastest of `reps` calls: the machine's rate, not another process's share of it."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+@dataclass(frozen=True)
+class Machine:
+    """The rates the model predicts with, measured by the backend that runs the kernels
+    (kfuse.backends.calibrate): DRAM bandwidth, the GEMM library's rate, and the threads kernels use."""
+    bandwidth_gbs: float
+    gemm_gflops: float
+    threads: int
 
 
 HEAVY = {"exp", "log", "erf", "tanh", "sigmoid", "gelu", "silu", "softmax", "log_softmax", "pow", "sin", "cos",
@@ -99,12 +61,11 @@ def op_bytes(n: Node) -> int:
     return plain
 
 
-def predicted_ms(nbytes: int, nflops: int, contraction: bool, threads_used: int | None = None) -> float:
-    m = machine()
+def predicted_ms(m: Machine, nbytes: int, nflops: int, contraction: bool, threads_used: int | None = None) -> float:
     # a zero-size tensor has no rows: it still runs (and costs) as one launch on one thread
-    share = 1.0 if threads_used is None else min(1.0, max(1, threads_used) / max(1, m["threads"]))
-    rate = m["gemm_gflops"] if contraction else ELEMENTWISE_GFLOPS * m["threads"]
-    return LAUNCH_MS + max(nbytes / (m["bandwidth_gbs"] * share * 1e6), nflops / (rate * share * 1e6))
+    share = 1.0 if threads_used is None else min(1.0, max(1, threads_used) / max(1, m.threads))
+    rate = m.gemm_gflops if contraction else ELEMENTWISE_GFLOPS * m.threads
+    return LAUNCH_MS + max(nbytes / (m.bandwidth_gbs * share * 1e6), nflops / (rate * share * 1e6))
 
 
 def rows_of(nodes) -> int:

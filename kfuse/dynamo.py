@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .api import compile
+
 
 def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, **options):
-    from ..model import compile
     if not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError("kfuse backend needs static shapes: use torch.compile(..., dynamic=False)")
     cm = compile(gm, tuple(example_inputs), **options)

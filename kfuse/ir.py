@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import GraphError
+from .ops.reference import REFERENCE
 
 
 class Kind(enum.IntEnum):
@@ -39,8 +40,8 @@ KIND: dict[str, Kind] = {
     **{op: _B for op in (
         "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
         "logical_and", "logical_or", "where", "fmod", "remainder", "atan2", "floor_div", "trunc_div")},
-    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad", "triu", "tril",
-                         "flip", "repeat")},
+    **{op: _I for op in ("reshape", "transpose", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad",
+                         "triu", "tril", "flip", "repeat")},
     **{op: _R for op in (
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
         "log_softmax", "layer_norm", "rms_norm", "argmin", "reduce_prod")},
@@ -50,6 +51,10 @@ KIND: dict[str, Kind] = {
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
                          "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put")},
 }
+
+# Injective ops that need no kernel: a torch view reads the input in place (backends run them as
+# views; the scheduler never gives them a kernel of their own).
+VIEW_OPS = ("reshape", "transpose", "slice", "expand")
 
 DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}
@@ -73,6 +78,11 @@ class Node:
         return KIND[self.op]
 
     @property
+    def label(self) -> str:
+        """How reports name the node: the model's name for it, else its IR id and op."""
+        return self.name or f"%{self.id}:{self.op}"
+
+    @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -93,9 +103,25 @@ class Node:
         return f"%{self.id}:{self.op}"
 
 
+@dataclass
+class Group:
+    """Nodes (topologically ordered) that become one kernel; `outputs` are needed outside it."""
+    nodes: list[Node]
+    outputs: list[Node]
+    inputs: list[Node] = field(init=False, default_factory=list)   # derived: read from outside
+
+    def __post_init__(self):
+        inside = set(self.nodes)
+        seen = set()
+        for n in self.nodes:
+            for i in n.inputs:
+                if i not in inside and i not in seen:
+                    seen.add(i)
+                    self.inputs.append(i)
+
+
 def infer(op: str, inputs: list[Node], attrs: dict) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of `op` applied to `inputs`, by running its reference on meta tensors."""
-    from .ops.reference import REFERENCE
     if op not in KIND:
         raise GraphError(f"op {op!r} is not in the IR vocabulary")
     metas = [torch.empty(i.shape, dtype=i.dtype, device="meta") for i in inputs]
@@ -138,7 +164,6 @@ class Graph:
         return n
 
     def add(self, op: str, *inputs: Node, name: str = "", **attrs) -> Node:
-        from .ops.reference import REFERENCE
         shape, dtype = infer(op, list(inputs), attrs)
         if inputs and all(i.op == "const" for i in inputs):
             size = 1

@@ -19,33 +19,75 @@ class KernelInfo:
     unfused_ms: float | None = None    # the same ops run one by one in torch (Program.profile)
 
 
+# Why-not codes: one stable snake_case identifier per reason a fusion did not happen. Tests and
+# tools match on the code; `detail` is text for people. Documented in docs/ARCHITECTURE.md.
+WHY_NOT_CODES = {
+    # the automatic scheduler (passes/autofuse.py): a producer -> consumer pair left in two kernels
+    "user_disabled": "an op or rule was excluded by the user (disable=[...])",
+    "group_size_cap": "the group reached the user's max_group",
+    "cycle": "one kernel for both would read another kernel's output that depends on it",
+    "kernel_ir_cannot_express": "the kernel IR has no loop shape for the merged group",
+    "cost_model_slowdown": "the cost model predicts the merged kernel slower (lost parallelism)",
+    "contraction_producer": "the producer is a contraction (GEMM or attention); only a GEMM by a constant weight "
+                            "takes an epilogue (bias add, activation)",
+    "contraction_consumer": "the consumer is a contraction (GEMM, attention); contractions take no prologue",
+    "injective_producer": "the producer moves data (gather, concat, pad, ...) and runs as its own kernel",
+    "injective_consumer": "the consumer moves data (gather, concat, pad, ...) and runs as its own kernel",
+    "opaque_producer": "the producer has no fused kernel (pooling, topk, ...) and runs on torch",
+    "opaque_consumer": "the consumer has no fused kernel (pooling, topk, ...) and runs on torch",
+    "view": "one side is a view (reshape, transpose, slice, expand): no kernel, read in place",
+    "placed_elsewhere": "the producer already sits in a group the consumer cannot join",
+    # pattern rules (passes/patterns): a pattern that nearly matched
+    "shared_intermediate": "a value the pattern would absorb is also read elsewhere",
+    "pattern_order": "the ops are there but in an order the fused op does not compute",
+    "pattern_shape": "the operands' shapes do not line up for the fused op",
+}
+
+
 @dataclass
 class WhyNot:
-    what: str                 # the pair or pattern left unfused, e.g. "matmul -> softmax" or "attention"
-    reason: str               # the rule or cost that refused it
-    where: str = ""           # node names from the model, for the reader
+    code: str                 # a key of WHY_NOT_CODES
+    producer: str             # node (or rule) names, for the reader; from the model, only ever shown
+    consumer: str
+    detail: str = ""          # the specifics, as text
+
+    def __post_init__(self):
+        assert self.code in WHY_NOT_CODES, self.code
 
     def __str__(self):
-        return f"{self.what}: {self.reason}" + (f" (at {self.where})" if self.where else "")
+        return f"{self.producer} -> {self.consumer}: {self.code}" + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclass
 class Report:
     kernels: list[KernelInfo] = field(default_factory=list)
-    fusions: dict[str, int] = field(default_factory=dict)
+    fusions: dict[str, int] = field(default_factory=dict)   # fusion name -> kernels formed
+    rules: dict[str, int] = field(default_factory=dict)     # rewrite rule -> times it fired
     why_not: list[WhyNot] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     peak_bytes: int = 0                 # planned peak of intermediate buffers
     unplanned_bytes: int = 0            # the same without buffer reuse
     fallbacks: list[str] = field(default_factory=list)
 
-    def fused(self, rule: str, n: int = 1):
-        self.fusions[rule] = self.fusions.get(rule, 0) + n
+    def fused(self, name: str):
+        """A kernel holding the fusion `name` was formed."""
+        self.fusions[name] = self.fusions.get(name, 0) + 1
 
-    def refuse(self, what: str, reason: str, where: str = ""):
-        record = WhyNot(what, reason, where)
+    def fired(self, rule: str):
+        """A rewrite rule replaced a match."""
+        self.rules[rule] = self.rules.get(rule, 0) + 1
+
+    def refuse(self, code: str, producer: str, consumer: str, detail: str = ""):
+        record = WhyNot(code, producer, consumer, detail)
         if record not in self.why_not:
             self.why_not.append(record)
+
+    def why_not_counts(self) -> dict[str, int]:
+        """code -> number of records."""
+        counts: dict[str, int] = {}
+        for w in self.why_not:
+            counts[w.code] = counts.get(w.code, 0) + 1
+        return counts
 
     @property
     def bytes_before(self) -> int:
@@ -68,17 +110,17 @@ class Report:
         if self.fallbacks:
             lines.append("fallbacks to the reference path:")
             lines += [f"  {s}" for s in self.fallbacks]
+        if self.rules:
+            lines.append("rewrite rules fired:")
+            lines += [f"  {k:<24} {v:>4}" for k, v in sorted(self.rules.items())]
         if self.why_not:
-            lines.append(f"not fused ({len(self.why_not)}):")
-            counts: dict[str, int] = {}
-            views = 0
-            for w in self.why_not:
-                if "is a view: no kernel" in w.reason:   # costs nothing; listed in why_not, counted here
-                    views += 1
-                    continue
-                key = f"{w.what}: {w.reason}"
-                counts[key] = counts.get(key, 0) + 1
-            lines += [f"  {k}" + (f"  (x{n})" if n > 1 else "") for k, n in counts.items()]
+            lines.append(f"not fused ({len(self.why_not)} pairs or patterns):")
+            counts = self.why_not_counts()
+            views = counts.pop("view", 0)
+            for code, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+                example = next(w for w in self.why_not if w.code == code)
+                lines.append(f"  {code:<26} {n:>4}  e.g. {example.producer} -> {example.consumer}"
+                             + (f": {example.detail}" if example.detail else ""))
             if views:
                 lines.append(f"  {views} pairs next to views (reshape, transpose, slice: no kernel, read in place)")
         return "\n".join(lines)

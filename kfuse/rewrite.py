@@ -26,7 +26,7 @@ def uses(g: Graph, n: Node) -> int:
     return sum(i is n for m in g.nodes for i in m.inputs) + sum(o is n for o in g.outputs)
 
 
-def apply(graph: Graph, rules, report=None, *, name_in_report: bool = True) -> int:
+def apply(graph: Graph, rules, report=None) -> int:
     """Apply `rules` until none fires; returns the number of rewrites."""
     total = 0
     while True:
@@ -43,8 +43,8 @@ def apply(graph: Graph, rules, report=None, *, name_in_report: bool = True) -> i
                     graph.prune()          # so no later rule matches a node that just died
                     live = set(graph.nodes)
                     fired += 1
-                    if report is not None and name_in_report:
-                        report.fused(rule_name)
+                    if report is not None:
+                        report.fired(rule_name)
                     break
         if not fired:
             break

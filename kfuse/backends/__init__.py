@@ -1,4 +1,4 @@
-"""Backends turn a fused group into a callable kernel: `make_kernel(group, report, options)`.
+"""Backends turn a fused group into a callable kernel: `make_kernel(group, report, machine, buffers)`.
 
 A kernel is called with the group's input tensors and returns a tuple of its output tensors.
   - views (reshape, transpose, slice, expand): torch views, no copy; consumers read them in place;
@@ -10,12 +10,21 @@ A kernel is called with the group's input tensors and returns a tuple of its out
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..ir import Kind
+from .. import cost
+from ..ir import VIEW_OPS, Kind
+from ..kernels import NotFusable, lower
+from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
-from ..passes import cost
 from ..report import KernelInfo
+from .c import CompileError, build
+from .c import attention as c_attention
+from .c import rope as c_rope
+from .library import pack_linear
+from .reference import reference_kernel
 
 VIEW = {
     "reshape": lambda x, *, shape: x.reshape(shape),
@@ -30,96 +39,65 @@ def _single(fn, attrs):
     return lambda *args: (fn(*args, **attrs),)
 
 
-# IR activation -> the library's activation name (kfuse.ops.reference.ACTIVATIONS)
-LIBRARY_ACTS = {"relu": "relu", "silu": "silu", "sigmoid": "sigmoid", "tanh": "tanh"}
-
-
-def as_linear(nodes):
-    """(x, w [K, N], bias or None, act) when `nodes` compute act(x @ w + bias) with constant w and
-    bias: a `linear` op from the pattern rules, or a matmul by a constant weight followed by the
-    epilogue the automatic fuser attached (a bias add, then an activation). Else None."""
-    head = nodes[0]
-    if head.dtype != torch.float32:
-        return None
-    if head.op == "linear" and len(nodes) == 1:
-        return head.inputs[0], head.inputs[1].value, head.inputs[2].value if len(head.inputs) == 3 else None, head.attrs["act"]
-    if head.op != "matmul" or head.inputs[1].op != "const" or len(head.inputs[1].shape) != 2 or len(head.inputs[0].shape) < 2:
-        return None
-    n_out, bias, act, last = head.shape[-1], None, "none", head
-    for n in nodes[1:]:
-        if last not in n.inputs or n.shape != last.shape:
-            return None
-        other = [i for i in n.inputs if i is not last]
-        if n.op == "add" and bias is None and act == "none" and len(other) == 1 and other[0].op == "const" \
-                and other[0].numel == n_out and other[0].shape[-1:] == (n_out,) and other[0].dtype == n.dtype:
-            bias = other[0].value.reshape(n_out)
-        elif act == "none" and not other and (n.op in LIBRARY_ACTS or n.op == "gelu"):
-            act = LIBRARY_ACTS.get(n.op) or ("gelu" if n.attrs.get("approximate", "none") == "none" else "gelu_tanh")
-        else:
-            return None
-        last = n
-    return head.inputs[0], head.inputs[1].value, bias, act
+assert set(VIEW) == set(VIEW_OPS)
 
 
 def _linear_kernel(nodes):
-    from .library import pack_linear
     x, w, b, act = as_linear(nodes)
     lin = pack_linear(w, b, act, batch_hint=x.numel // x.shape[-1])
     return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
 
 
-def _attention_kernel(node, buf):
-    from .c.attention import attention, library
+def _attention_kernel(node):
     q = node.inputs[0]
     if len(q.shape) != 4 or q.dtype != torch.float32:
         raise NotImplementedError("attention kernel takes 4-D float32 q, k, v")
-    library(q.shape[-1])        # compile now, so a missing compiler falls back at build time
+    c_attention.library(q.shape[-1])   # compile now, so a missing compiler falls back at build time
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     b, h, lq, d = q.shape
     dv = node.inputs[2].shape[-1]
     if dv != d:
-        from ..kernels import NotFusable
         raise NotFusable(f"attention kernel needs v's head dim ({dv}) equal to q's ({d})")
 
-    def run(q, k, v, mask=None):
+    def run(bufs, q, k, v, mask=None):
+        buf = bufs[0]
         # the kernel reads rows of q, k, v in place: a last dim that is not contiguous (a k
         # transposed back by an ONNX exporter's Transpose) is copied
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
         store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
         out = store.permute(0, 2, 1, 3)
-        attention(q, k, v, mask, scale=scale, causal=causal, out=out)
+        c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out)
         return (out,)
     return run, "c:attention"
 
 
-def _rope_kernel(node, buf):
-    from .c.rope import _lib, rope
+def _rope_kernel(node):
     if node.dtype != torch.float32 or len(node.shape) > 4:
         raise NotImplementedError("rope kernel takes float32 tensors of rank <= 4")
-    _lib()                      # compile now, so a missing compiler falls back at build time
-    return (lambda x, c, s: (rope(x, c, s, out=buf),)), "c:rope"
+    c_rope._lib()               # compile now, so a missing compiler falls back at build time
+    return (lambda bufs, x, c, s: (c_rope.rope(x, c, s, out=bufs[0]),)), "c:rope"
 
 
-def _by_node_inputs(fn, group):
+def _by_node_inputs(fn, group, writes_into: bool):
     """fn, called with the group's inputs (each distinct input once), passed its node's inputs in
     the node's order: attention(x, x, x) reads one tensor three times."""
     idx = [group.inputs.index(i) for i in group.nodes[0].inputs]
     if idx == list(range(len(group.inputs))):
         return fn
+    if writes_into:
+        return lambda bufs, *args: fn(bufs, *[args[i] for i in idx])
     return lambda *args: fn(*[args[i] for i in idx])
 
 
-def _c_kernel(group, buffers):
-    from ..kernels import NotFusable, lower
-    from .c import CompileError, build
+def _c_kernel(group):
     fk = lower(group.nodes, group.outputs)
     k = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
     # the kernel orders (and may drop, by inlining small constants) its arguments its own way
     pick = [group.inputs.index(i) for i in fk.inputs]
     back = [fk.outputs.index(o) for o in group.outputs]
-    given = [buffers[group.outputs.index(o)] for o in fk.outputs]
+    where = [group.outputs.index(o) for o in fk.outputs]      # kernel output k -> its buffer
     # An input that arrives as a strided view (a slice of a merged GEMM's output, say) is read in
     # place by a kernel specialised to its strides, built on first sight of them; None when the
     # kernel cannot read them (not unit stride along the row), then the input is copied.
@@ -135,8 +113,8 @@ def _c_kernel(group, buffers):
                 strided[key] = None
         return strided[key]
 
-    def run(*inputs):
-        outs = [t if t is not None else torch.empty(s, dtype=d) for t, (s, d) in zip(given, shapes)]
+    def run(bufs, *inputs):
+        outs = [bufs[w] if bufs[w] is not None else torch.empty(s, dtype=d) for w, (s, d) in zip(where, shapes)]
         args = [inputs[p] for p in pick]
         kk = k
         if not all(a.is_contiguous() for a in args):
@@ -148,7 +126,7 @@ def _c_kernel(group, buffers):
     return run, "c"
 
 
-def _info(group, backend: str, note: str = "") -> KernelInfo:
+def _info(group, machine, backend: str, note: str = "") -> KernelInfo:
     nodes = group.nodes
     ops = [n.op for n in nodes]
     contraction = any(n.kind == Kind.CONTRACTION for n in nodes)
@@ -160,7 +138,7 @@ def _info(group, backend: str, note: str = "") -> KernelInfo:
     rows = cost.rows_of(nodes)
     name = fusion_name(nodes)
     return KernelInfo(name=name or "+".join(ops), ops=ops, bytes_before=before, bytes_after=after, fusion=name is not None,
-                      flops=flops, predicted_ms=0.0 if not after else cost.predicted_ms(after, flops, contraction, rows),
+                      flops=flops, predicted_ms=0.0 if not after else cost.predicted_ms(machine, after, flops, contraction, rows),
                       backend=backend, note=note)
 
 
@@ -202,14 +180,20 @@ def kind_of(group) -> str:
 
 
 WRITES_INTO = ("c", "attention", "rope")     # kernels that write into buffers they are given
-ALIASES = ("view", "torch")          # kernels whose outputs may be views of their inputs
 
 
-def make_kernel(group, report, options, buffers=None):
-    """The callable for `group`; `buffers` (one per group output, or None) are where it writes."""
-    from ..runtime import reference_kernel
+@dataclass
+class Kernel:
+    """A built kernel. fn(*inputs) -> outputs; when `writes_into`, fn(bufs, *inputs) with one buffer
+    (or None: allocate) per group output. `aliases`: its outputs may be views of its inputs."""
+    fn: object
+    writes_into: bool
+    aliases: bool
+
+
+def make_kernel(group, report, machine) -> Kernel:
+    """The kernel for `group`, priced on `machine` (kfuse.cost.Machine) for the report."""
     nodes = group.nodes
-    buffers = buffers or [None] * len(group.outputs)
     kind = kind_of(group)
     note, fn, backend = "", None, "torch"
     try:
@@ -218,26 +202,25 @@ def make_kernel(group, report, options, buffers=None):
         elif kind == "linear":
             fn, backend = _linear_kernel(nodes)
         elif kind == "attention":
-            fn, backend = _attention_kernel(nodes[0], buffers[0])
+            fn, backend = _attention_kernel(nodes[0])
         elif kind == "rope":
-            fn, backend = _rope_kernel(nodes[0], buffers[0])
+            fn, backend = _rope_kernel(nodes[0])
         elif kind == "c":
-            fn, backend = _c_kernel(group, buffers)
+            fn, backend = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
-        from ..kernels import NotFusable
         if isinstance(e, NotFusable):     # an op our kernel IR does not cover: torch runs it
             note = f"runs on torch: {e.reason}"
         else:
             note = f"fell back to the reference path: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
         fn = None
+    writes_into = fn is not None and kind in WRITES_INTO
     if fn is None:
-        fn = reference_kernel(group)
+        fn, kind = reference_kernel(group), "torch"
     elif kind in ("view", "attention", "rope"):
-        fn = _by_node_inputs(fn, group)
-    info = _info(group, backend, note)
-    report.kernels.append(info)
+        fn = _by_node_inputs(fn, group, writes_into)
+    report.kernels.append(_info(group, machine, backend, note))
     name = fusion_name(nodes)
     if name:
         report.fused(name)
-    return fn
+    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"))

@@ -19,8 +19,8 @@ is still in cache): relu, gelu (erf), gelu_tanh, silu (oneDNN "swish"), sigmoid,
 with bench/bench_linear_act.py, 2 threads: at [128,384]x[384,1536] plain oneDNN linear 0.318 ms,
 with the gelu post-op 0.334 ms (95%), oneDNN linear then our in-place gelu_ 0.344 ms; at
 [1024,384]x[384,1536] 2.404 / 2.532 / 2.585 ms (the second pass re-reads a 6 MB output that no
-longer fits in cache). So the post-op is kept: 2-3% faster, and one pass over memory fewer. A post-op whose probe fails runs as oneDNN linear + our
-in-place activation (`post_op_fused` False).
+longer fits in cache). So the post-op is kept: 2-3% faster, and one pass over memory fewer. A
+post-op whose probe fails runs as oneDNN linear + our in-place activation (`post_op_fused` False).
 
 Residual. `_linear_pointwise.binary(x, other, w, b, "add")` fuses `+ other` into the GEMM; it
 has no unary post-op, so it is used only for act == "none" and an `other` of exactly the output
@@ -41,6 +41,7 @@ import functools
 import torch
 
 from ..errors import KfuseError
+from ..ops.reference import ACTIVATIONS
 
 __all__ = ["pack_linear", "PackedLinear", "HAVE_ONEDNN", "onednn_supports", "reset_capabilities"]
 
@@ -67,15 +68,7 @@ INPLACE_ACTS = {
     "tanh": torch.tanh_,
 }
 
-_REFERENCE_ACTS = {
-    "none": lambda t: t,
-    "relu": torch.relu,
-    "gelu": lambda t: torch.nn.functional.gelu(t),
-    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-    "silu": torch.nn.functional.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
+assert set(ONEDNN_POST_OPS) == set(INPLACE_ACTS) == set(ACTIVATIONS)
 
 
 def _onednn_ops():
@@ -117,7 +110,7 @@ def onednn_supports(feature: str) -> bool:
             else:
                 attr, scalars, algorithm = ONEDNN_POST_OPS[feature]
                 got = unary(x, wp, b, attr, scalars, algorithm)
-                want = _REFERENCE_ACTS[feature](x.double() @ w.double() + b.double())
+                want = ACTIVATIONS[feature](x.double() @ w.double() + b.double())
     except Exception:  # a private op may fail in any way: missing kernel, changed schema, ...
         return False
     return (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == torch.float32

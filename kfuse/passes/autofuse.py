@@ -13,11 +13,14 @@ Every pair of adjacent kernels left apart gets a why-not record.
 """
 from __future__ import annotations
 
-from ..ir import Graph, Kind, Node
-from . import cost
+import heapq
+
+from .. import cost
+from ..ir import VIEW_OPS, Graph, Group, Kind, Node
+from ..kernels import NotFusable, lower
+from ..kernels.linear import as_linear
 
 FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
-VIEWS = ("reshape", "transpose", "slice", "expand")
 
 
 def fusable(n: Node) -> bool:
@@ -25,9 +28,7 @@ def fusable(n: Node) -> bool:
 
 
 class Scheduler:
-    def __init__(self, graph: Graph, options: dict, report):
-        from ..kernels import NotFusable, lower
-        self.lower, self.NotFusable = lower, NotFusable
+    def __init__(self, graph: Graph, options: dict, report, machine: cost.Machine):
         self.graph, self.report = graph, report
         self.disabled = set(options.get("disable", ()))
         self.max_group = int(options.get("max_group", 0)) or None
@@ -36,8 +37,8 @@ class Scheduler:
         self.outputs = set(graph.outputs)
         self.group_of: dict[Node, int] = {}
         self.groups: list[list[Node]] = []
-        self.refused: dict[tuple[Node, Node], str] = {}
-        self.threads = cost.machine()["threads"]
+        self.refused: dict[tuple[Node, Node], tuple[str, str]] = {}   # (producer, consumer) -> (code, detail)
+        self.machine = machine
 
     # -- the checks ----------------------------------------------------------------------------------
     def needed_outside(self, nodes: list[Node]) -> list[Node]:
@@ -68,25 +69,25 @@ class Scheduler:
         merged = set(a) | set(b)
         return self.depends_on([i for n in merged for i in n.inputs if i not in merged], merged)
 
-    def why_not_merge(self, a: list[Node], b: list[Node]) -> str | None:
-        """None if groups a and b (b after a) may become one kernel, else the reason."""
+    def why_not_merge(self, a: list[Node], b: list[Node]) -> tuple[str, str] | None:
+        """None if groups a and b (b after a) may become one kernel, else (why-not code, detail)."""
         merged = a + b
         banned = next((n.op for n in merged if n.op in self.disabled), None)
         if banned:
-            return f"{banned} excluded from fusion by the user"
+            return "user_disabled", f"{banned} excluded from fusion by the user"
         if self.max_group and len(merged) > self.max_group:
-            return f"group size capped at {self.max_group} ops by the user"
+            return "group_size_cap", f"group size capped at {self.max_group} ops by the user"
         if self.creates_cycle(a, b):
-            return "fusing would create a cycle"
+            return "cycle", "fusing would create a cycle"
         merged.sort(key=self.order.__getitem__)
         try:
-            self.lower(merged, self.needed_outside(merged))
-        except self.NotFusable as e:
-            return f"kernel IR cannot express it: {e.reason}"
+            lower(merged, self.needed_outside(merged))
+        except NotFusable as e:
+            return "kernel_ir_cannot_express", e.reason
         apart = sum(self.predict(g) for g in (a, b))
         together = self.predict(merged)
         if together > apart:
-            return f"cost: fused {together:.3f} ms > apart {apart:.3f} ms (lost parallelism)"
+            return "cost_model_slowdown", f"fused {together:.3f} ms > apart {apart:.3f} ms (lost parallelism)"
         return None
 
     def predict(self, nodes: list[Node]) -> float:
@@ -94,7 +95,8 @@ class Scheduler:
         ins = {i for n in nodes for i in n.inputs if i not in inside}
         nbytes = sum(i.nbytes for i in ins) + sum(o.nbytes for o in self.needed_outside(nodes))
         rows = cost.rows_of(nodes)
-        return cost.predicted_ms(nbytes, sum(cost.flops(n) for n in nodes), False, min(rows, self.threads))
+        return cost.predicted_ms(self.machine, nbytes, sum(cost.flops(n) for n in nodes), False,
+                                 min(rows, self.machine.threads))
 
     # -- the passes ------------------------------------------------------------------------------------
     def producer_consumer(self):
@@ -135,7 +137,6 @@ class Scheduler:
     def gemm_epilogue(self, n: Node) -> int | None:
         """The group of a GEMM by a constant weight that n can finish as a library epilogue (a bias
         add, then an activation: oneDNN post-ops), or None."""
-        from ..backends import as_linear
         for i in n.inputs:
             gi = self.group_of.get(i)
             if gi is None or n.op in self.disabled or self.groups[gi][-1] is not i or len(self.users[i]) != 1 \
@@ -143,7 +144,7 @@ class Scheduler:
                 continue
             if as_linear(self.groups[gi] + [n]) is not None:
                 if self.max_group and len(self.groups[gi]) + 1 > self.max_group:
-                    self.refused[(i, n)] = f"group size capped at {self.max_group} ops by the user"
+                    self.refused[(i, n)] = "group_size_cap", f"group size capped at {self.max_group} ops by the user"
                     return None
                 return gi
         return None
@@ -172,7 +173,7 @@ class Scheduler:
                     continue
                 self.merge(b, a)
                 gis[gis.index(b)] = a
-                self.report.fused("horizontal")
+                self.report.fired("horizontal")
 
     def why_not_records(self):
         for n in self.graph.nodes:
@@ -180,28 +181,27 @@ class Scheduler:
                 continue
             for i in dict.fromkeys(n.inputs):
                 if i in self.group_of and self.group_of[i] != self.group_of[n]:
-                    reason = self.refused.get((i, n)) or _kind_reason(i, n, self.disabled)
-                    self.report.refuse(f"{i.op} -> {n.op}", reason, n.name)
+                    code, detail = self.refused.get((i, n)) or _kind_reason(i, n, self.disabled)
+                    self.report.refuse(code, i.label, n.label, detail)
 
 
-def _kind_reason(producer: Node, consumer: Node, disabled) -> str:
+def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
     for n in (consumer, producer):
         if n.op in disabled:
-            return f"{n.op} excluded from fusion by the user"
+            return "user_disabled", f"{n.op} excluded from fusion by the user"
     for n, role in ((producer, "producer"), (consumer, "consumer")):
-        if n.op in VIEWS:
-            return f"{role} {n.op} is a view: no kernel, read in place"
+        if n.op in VIEW_OPS:
+            return "view", f"{role} {n.op} is a view"
         if n.kind == Kind.CONTRACTION:
-            return f"{role} {n.op} is a contraction (library or attention kernel); only a GEMM by a constant weight takes an epilogue (bias add, activation)"
+            return f"contraction_{role}", f"{role} {n.op} is a contraction"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
-            return f"{role} {n.op} is {n.kind.name.lower()}: runs as its own kernel"
-    return "the producer was placed in a group the consumer cannot join"
+            return f"{n.kind.name.lower()}_{role}", f"{role} {n.op} runs as its own kernel"
+    return "placed_elsewhere", f"{producer.op} -> {consumer.op}"
 
 
-def schedule(graph: Graph, options: dict, report):
+def schedule(graph: Graph, options: dict, report, machine: cost.Machine):
     """Partition the graph's compute nodes into Groups (one kernel each), in topological order."""
-    from ..runtime import Group
-    s = Scheduler(graph, options, report)
+    s = Scheduler(graph, options, report, machine)
     s.producer_consumer()
     if options.get("horizontal", True):
         s.horizontal()
@@ -213,7 +213,6 @@ def schedule(graph: Graph, options: dict, report):
 def _topological(groups):
     """Groups in an order where each runs after the groups it reads from (Kahn's algorithm, keeping
     the original order among ready groups)."""
-    import heapq
     produced = {o: gi for gi, g in enumerate(groups) for o in g.nodes}
     deps = [{produced[i] for i in g.inputs if i in produced} for g in groups]
     readers: dict[int, list[int]] = {}

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..ir import Graph
+from ..kernels.attention import plan
 
 
 def run(graph: Graph, options, report) -> Graph:
-    from ..backends.c.attention import plan
     for n in graph.nodes:
         if n.op != "attention" or len(n.shape) != 4 or n.dtype != torch.float32:
             continue

@@ -143,6 +143,6 @@ def cse(g: Graph) -> int:
 
 
 def run(graph: Graph, options, report) -> Graph:
-    apply(graph, RULES, report, name_in_report=False)
+    apply(graph, RULES, report)
     cse(graph)
     return graph

@@ -1,59 +1,61 @@
 """The lean runtime: a straight-line schedule of kernel launches, generated as Python source.
 
-`build_program` runs the pass pipeline, turns each fused group into a kernel (C, library or the
-torch reference as the fallback), then generates one Python function that calls the kernels in
-order with every buffer bound to a local variable: no graph is interpreted per call.
+`build_program` runs the named steps of a compilation, in order (each printable with KFUSE_DUMP):
+    fold, patterns, fold_again, fission, schedule   the pass pipeline (kfuse/passes)
+    kernels        each group built as a kernel (C, library, or the torch reference as the fallback)
+    memory_plan    arena slots by liveness for kernels that write into given buffers (memplan.py)
+    codegen        one Python function that calls the kernels in order with every value bound to a
+                   local variable: no graph is interpreted per call.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
-from .backends import ALIASES, WRITES_INTO, kind_of, make_kernel
-from .ir import Graph, Node
-from .ops.reference import REFERENCE
-from .report import Report
-
-
-@dataclass
-class Group:
-    """Nodes (topologically ordered) that become one kernel; `outputs` are needed outside it."""
-    nodes: list[Node]
-    outputs: list[Node]
-    inputs: list[Node] = field(init=False, default_factory=list)   # derived: read from outside
-
-    def __post_init__(self):
-        inside = set(self.nodes)
-        seen = set()
-        for n in self.nodes:
-            for i in n.inputs:
-                if i not in inside and i not in seen:
-                    seen.add(i)
-                    self.inputs.append(i)
-
-
-def reference_kernel(group: Group):
-    """A group run op by op with the reference functions: the fallback that is always right."""
-    nodes, ins, outs = group.nodes, group.inputs, group.outputs
-
-    def fn(*args):
-        env = dict(zip(ins, args))
-        for n in nodes:
-            env[n] = REFERENCE[n.op](*[env[i] for i in n.inputs], **n.attrs)
-        return tuple(env[o] for o in outs)
-    return fn
+from .. import config
+from ..backends import Kernel, make_kernel
+from ..backends import openmp
+from ..backends.calibrate import machine
+from ..backends.reference import reference_kernel
+from ..ir import Graph, Group, Node
+from ..passes import dump, run_pipeline
+from ..report import Report
+from . import memplan
 
 
 class Program:
-    """One compiled signature: call with a flat list of input tensors, get the flat list of outputs."""
+    """One compiled signature: call with a flat list of input tensors, get the flat list of outputs.
 
-    def __init__(self, graph: Graph, groups: list, kernels: list, report: Report, source: str, fn):
+    Reentrant: each concurrent call takes an arena of intermediate buffers from a pool (a new one
+    when all are in use), so threads never share a planned buffer; outputs never live in an arena.
+    Thread policy: a call runs its kernels with threads // (calls in flight) OpenMP threads in the
+    calling thread (kfuse.backends.openmp), so concurrent callers share the cores instead of each
+    starting a full team; `threads` is KFUSE_NUM_THREADS, else the caller's torch setting."""
+
+    def __init__(self, graph: Graph, groups: list, kernels: list, report: Report, source: str, fn, plan):
         self.graph, self.groups, self.kernels, self.report = graph, groups, kernels, report
         self.source = source       # the generated call wrapper, for reading and debugging
         self._fn = fn
+        self._plan = plan
+        self._arenas = [plan.new_arena()] if plan is not None else [[]]
+        self._in_flight = 0
 
     def __call__(self, inputs):
-        return list(self._fn(*inputs))
+        arenas = self._arenas
+        try:
+            arena = arenas.pop()         # list.pop and append are atomic under the GIL
+        except IndexError:
+            arena = self._plan.new_arena() if self._plan is not None else []
+        self._in_flight += 1
+        try:
+            before = openmp.threads()
+            want = max(1, (config.get().threads or before) // max(1, self._in_flight))
+            if want == before:
+                return list(self._fn(arena, *inputs))
+            with openmp.using(want):
+                return list(self._fn(arena, *inputs))
+        finally:
+            self._in_flight -= 1
+            arenas.append(arena)
 
     def profile(self, inputs, reps: int = 7) -> list[tuple[float, float]]:
         """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
@@ -61,15 +63,20 @@ class Program:
         are called alternately, so a busy spell of the machine slows both alike rather than one."""
         env = dict(zip(self.graph.inputs, inputs))
         env.update({n: n.value for n in self.graph.nodes if n.op == "const"})
+        buffers = dict(zip(self._plan.planned, self._plan.new_arena())) if self._plan is not None else {}
         times = []
         for group, kernel, info in zip(self.groups, self.kernels, self.report.kernels):
             args = [env[i] for i in group.inputs]
-            fns = [kernel, reference_kernel(group)] if info.fusion else [kernel]
+            fn = kernel.fn
+            if kernel.writes_into:
+                bufs = tuple(buffers.get(o) for o in group.outputs)
+                fn = lambda *a, _f=kernel.fn, _b=bufs: _f(_b, *a)   # noqa: E731
+            fns = [fn, reference_kernel(group)] if info.fusion else [fn]
             meds = median_ms(fns, args, reps)
             fused, unfused = meds[0], meds[-1]
             info.measured_ms, info.unfused_ms = fused, unfused
             times.append((fused, unfused))
-            env.update(zip(group.outputs, kernel(*args)))
+            env.update(zip(group.outputs, fn(*args)))
         return times
 
 
@@ -87,15 +94,19 @@ def median_ms(fns: list, args, reps: int = 20) -> list[float]:
     return [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
 
 
-def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -> tuple[str, object]:
+def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, planned: list) -> tuple[str, object]:
     """Python source of the straight-line wrapper, and the function compiled from it. Every name in
-    the source is made here (i<n>, v<n>, k<n>, c<n>); nothing from the model reaches it. Each value
-    is dropped after its last reader, so memory is freed as early as in eager mode."""
+    the source is made here (i<n>, v<n>, k<n>, c<n>, b<n>); nothing from the model reaches it. Each
+    value is dropped after its last reader, so memory is freed as early as in eager mode. The
+    wrapper's first argument is the caller's arena: the buffers of the `planned` values, in order."""
     names: dict[Node, str] = {}
     env: dict[str, object] = {}
     for i, n in enumerate(graph.inputs):
         names[n] = f"i{i}"
-    lines = [f"def program({', '.join(names[n] for n in graph.inputs)}):"]
+    lines = [f"def program({', '.join(['arena'] + [names[n] for n in graph.inputs])}):"]
+    buf = {n: f"b{k}" for k, n in enumerate(planned)}
+    if planned:
+        lines.append(f"    {', '.join(buf.values())}, = arena")
     for n in graph.nodes:
         if n.op == "const":
             names[n] = f"c{len(env)}"
@@ -108,9 +119,12 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -
     for gi, (group, kernel) in enumerate(zip(groups, kernels)):
         for o in group.outputs:
             names[o] = f"v{len(names)}"
-        env[f"k{gi}"] = kernel
+        env[f"k{gi}"] = kernel.fn
         outs = ", ".join(names[o] for o in group.outputs) + ","
-        lines.append(f"    {outs} = k{gi}({', '.join(names[i] for i in group.inputs)})")
+        args = [names[i] for i in group.inputs]
+        if kernel.writes_into:
+            args.insert(0, "(" + "".join(f"{buf.get(o, 'None')}, " for o in group.outputs) + ")")
+        lines.append(f"    {outs} = k{gi}({', '.join(args)})")
         dead = [names[n] for n in dies_after.get(gi, ()) if n in names]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
@@ -120,19 +134,27 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict) -
     return source, env["program"]
 
 
+def fuse(graph: Graph, options: dict, report, *, check: bool = False) -> tuple[Graph, list[Group]]:
+    """The pass pipeline on this machine: the fused graph and its groups (one kernel each)."""
+    return run_pipeline(graph, options, report, machine(), check=check)
+
+
 def build_program(graph: Graph, options: dict) -> Program:
-    from .passes import memplan, run_pipeline
     report = Report()
     if options.get("backend") == "reference":
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
-        kernels = [reference_kernel(g) for g in groups]
+        kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
+        plan = None
     else:
-        graph, groups = run_pipeline(graph, options, report)
-        kinds = [kind_of(g) for g in groups]
-        plan = memplan.plan(groups, graph, [k in WRITES_INTO for k in kinds], [k in ALIASES for k in kinds])
+        m = machine()
+        graph, groups = run_pipeline(graph, options, report, m)
+        kernels = [make_kernel(g, report, m) for g in groups]
+        dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
+        plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
+        dump("memory_plan", f"{len(plan.slot_of)} planned values in {len(plan.slot_bytes)} slots, {plan.peak_bytes} bytes")
         report.peak_bytes, report.unplanned_bytes = plan.peak_bytes, plan.unplanned_bytes
-        kernels = [make_kernel(g, report, options, [plan.buffers.get(o) for o in g.outputs]) for g in groups]
         last_use = plan.last_use
-    source, fn = generate(graph, groups, kernels, last_use)
-    return Program(graph, groups, kernels, report, source, fn)
+    source, fn = generate(graph, groups, kernels, last_use, plan.planned if plan is not None else [])
+    dump("codegen", source)
+    return Program(graph, groups, kernels, report, source, fn, plan)

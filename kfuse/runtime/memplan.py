@@ -1,9 +1,11 @@
 """Memory planning: intermediate buffers reused by liveness.
 
 Kernels that write into a buffer they are given (C kernels, attention) get one from a small set of
-arena slots, allocated once per compiled program. A slot is free again after the last kernel that
-reads the value or anything that may alias it (views, and torch-run groups, which may return views
-of their inputs). Values that reach a graph output never live in a slot: the caller keeps them.
+arena slots. An arena (one tensor per slot, each planned value a view at the start of its slot)
+is allocated per concurrent caller and reused (kfuse.runtime.Program keeps a pool of them). A slot
+is free again after the last kernel that reads the value or anything that may alias it (views, and
+torch-run groups, which may return views of their inputs). Values that reach a graph output never
+live in a slot: the caller keeps them.
 """
 from __future__ import annotations
 
@@ -14,10 +16,26 @@ import torch
 
 @dataclass
 class Plan:
-    buffers: dict            # Node -> preallocated tensor of the node's shape and dtype
+    slot_of: dict            # planned Node -> its slot
+    slot_bytes: list         # size of each slot
     peak_bytes: int          # bytes of all slots (what the planned intermediates occupy at most)
     unplanned_bytes: int     # bytes the same values would take with no reuse
     last_use: dict           # Node -> index of the last group that reads it (for freeing others early)
+
+    @property
+    def planned(self) -> list:
+        """The planned values, in the order new_arena() returns their buffers."""
+        return list(self.slot_of)
+
+    def new_arena(self) -> list:
+        """Fresh buffers for one caller: one tensor per planned value (views into shared slots)."""
+        slots = [torch.empty(size, dtype=torch.uint8) for size in self.slot_bytes]
+        return [slots[s][: o.nbytes].view(o.dtype).view(o.shape) for o, s in self.slot_of.items()]
+
+    @property
+    def buffers(self) -> dict:
+        """Node -> a buffer of one new arena (for inspection and tests)."""
+        return dict(zip(self.slot_of, self.new_arena()))
 
 
 def plan(groups, graph, writes_into: list[bool], aliases: list[bool]) -> Plan:
@@ -66,7 +84,5 @@ def plan(groups, graph, writes_into: list[bool], aliases: list[bool]) -> Plan:
             slots[fit] = max(slots[fit], size)
             slot_of[o] = fit
             dying.setdefault(last_use.get(o, gi), []).append(o)
-    arena = [torch.empty(size, dtype=torch.uint8) for size in slots]
-    buffers = {o: arena[s][: o.nbytes].view(o.dtype).view(o.shape) for o, s in slot_of.items()}
     unplanned = sum(o.nbytes for o in slot_of)
-    return Plan(buffers, sum(slots), unplanned, last_use)
+    return Plan(slot_of, slots, sum(slots), unplanned, last_use)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from kfuse import config
 from kfuse.backends.c import build, compiler
 from kfuse.ir import Graph
 from kfuse.kernels import lower
@@ -42,6 +43,7 @@ def _run(fn):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config, "_config", config.from_env())   # settings are read once: re-read them
     compiler._loaded.clear()    # forget libraries this process loaded from other cache dirs
     return tmp_path
 
@@ -73,12 +75,14 @@ def test_damaged_cached_library_is_rebuilt(cache, damage):
 
 def test_missing_compiler_raises_compile_error_naming_it(cache, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/kfuse-cc")
+    monkeypatch.setattr(config, "_config", config.from_env())
     with pytest.raises(compiler.CompileError, match="kfuse-cc"):
         build(_kernel(0.77))
 
 
 def test_compiler_error_is_reported(cache, monkeypatch):
     monkeypatch.setenv("CC", "false")   # a program that runs and fails
+    monkeypatch.setattr(config, "_config", config.from_env())
     with pytest.raises(compiler.CompileError, match="C compiler failed"):
         build(_kernel(0.78))
 

@@ -5,33 +5,18 @@
                                 # inputs contiguous, or strided as given to lower(layout=...)
 
 Outputs must not alias inputs (a row kernel may write an output before its last read of an input).
-Threads: KFUSE_NUM_THREADS (default os.cpu_count()), or set_threads(n) at run time.
+Threads: the calling thread's OpenMP count (torch.get_num_threads(); kfuse.backends.openmp.using(n)).
 """
 from __future__ import annotations
 
 import ctypes
-import os
-
-import torch
 
 from ...kernels import FusedKernel
 from . import compiler
 from .compiler import CompileError
 from .render import render
 
-__all__ = ["build", "set_threads", "CompileError", "CKernel", "render"]
-
-_threads = int(os.environ.get("KFUSE_NUM_THREADS") or os.cpu_count() or 1)
-_libs: list[ctypes.CDLL] = []
-
-
-def set_threads(n: int):
-    """Use n threads in every loaded kernel library and in torch."""
-    global _threads
-    _threads = int(n)
-    for lib in _libs:
-        lib.kf_set_threads(_threads)
-    torch.set_num_threads(_threads)
+__all__ = ["build", "CompileError", "CKernel", "render"]
 
 
 class CKernel:
@@ -64,9 +49,4 @@ class CKernel:
 def build(k: FusedKernel) -> CKernel:
     """Compile (or load from the disk cache) the C kernel for `k`."""
     source = render(k)
-    lib = compiler.load(source)
-    if lib not in _libs:
-        lib.kf_set_threads.argtypes = [ctypes.c_int]
-        lib.kf_set_threads(_threads)
-        _libs.append(lib)
-    return CKernel(k, lib, source)
+    return CKernel(k, compiler.load(source), source)

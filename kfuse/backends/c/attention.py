@@ -27,25 +27,21 @@ Kernels (see attention.c for the loop nests):
   SPLIT_MIN_CHUNK keys. Measured (bench/README.md, decode): with 1 task for 2 threads split was
   1.6-1.8x faster; with 2 or 8 tasks for 2 threads it was 0.7-0.96x, so those stay unsplit.
 
-Threads: KFUSE_NUM_THREADS if set, else OpenMP's default (OMP_NUM_THREADS).
+Threads: kfuse.config.threads() (KFUSE_NUM_THREADS, else torch's count). The tile sizes and the
+split-KV plan are in kfuse/kernels/attention.py.
 """
 from __future__ import annotations
 
 import ctypes
-import math
-import os
 from pathlib import Path
 
 import torch
 
+from ...kernels.attention import BLOCK_K, BLOCK_Q, ROW_GROUP, num_threads, peak_extra_bytes, plan  # noqa: F401
 from .compiler import load
 
 SOURCE = (Path(__file__).with_name("attention.c")).read_text()
 
-BLOCK_Q, BLOCK_K, ROW_GROUP = 64, 64, 4
-ROW_KERNEL_MAX_LQ = 8
-SPLIT_TASKS_PER_THREAD = 4
-SPLIT_MIN_CHUNK = 512
 
 
 class _Args(ctypes.Structure):
@@ -72,55 +68,6 @@ def library(head_dim: int, flags=None) -> ctypes.CDLL:
         lib.attn_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         _libs[key] = lib
     return lib
-
-
-def num_threads() -> int:
-    env = os.environ.get("KFUSE_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    return _omp_threads()
-
-
-def _omp_threads() -> int:
-    # torch and the kernels share torch's libgomp pool, so torch's count is OpenMP's; asking torch
-    # keeps planning (the fission pass) free of any compiled library.
-    return max(1, torch.get_num_threads())
-
-
-def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None):
-    """(kernel, nsplit, chunk): kernel "block" or "row"; nsplit > 0 means split-KV into nsplit
-    chunks of `chunk` keys (nsplit == 0: unsplit)."""
-    Hkv = H if Hkv is None else Hkv
-    threads = num_threads() if threads is None else threads
-    if kernel is None:
-        kernel = "row" if Lq <= ROW_KERNEL_MAX_LQ else "block"
-    if kernel == "block":
-        tasks = B * H * math.ceil(Lq / BLOCK_Q)
-    else:
-        tasks = B * Hkv * math.ceil((H // Hkv) * Lq / ROW_GROUP)
-    want = math.ceil(SPLIT_TASKS_PER_THREAD * threads / tasks)
-    if split_kv is None:
-        split_kv = tasks < threads and Lk >= 2 * SPLIT_MIN_CHUNK
-        nsplit = min(want, Lk // SPLIT_MIN_CHUNK)
-    else:
-        nsplit = max(2, want)
-    if not split_kv:
-        return kernel, 0, Lk
-    chunk = math.ceil(math.ceil(Lk / nsplit) / BLOCK_K) * BLOCK_K
-    return kernel, math.ceil(Lk / chunk), chunk
-
-
-def peak_extra_bytes(B, H, Lq, Lk, D, *, Hkv=None, split_kv=None, threads=None, kernel=None) -> int:
-    """Scratch memory of one call beyond q, k, v, mask and out: per-thread tiles (on the stack)
-    plus the split-KV partials. Grows with Lq (partials only), never with Lq * Lk."""
-    threads = num_threads() if threads is None else threads
-    kern, nsplit, _ = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel)
-    dp = math.ceil(D / 16) * 16
-    if kern == "block":
-        per_thread = (2 * D * BLOCK_Q + BLOCK_K * BLOCK_Q + 2 * BLOCK_Q) * 4
-    else:
-        per_thread = (ROW_GROUP * BLOCK_K + 2 * ROW_GROUP * dp) * 4
-    return threads * per_thread + nsplit * B * H * Lq * (D + 2) * 4
 
 
 def _check(name, t, ndim=4):

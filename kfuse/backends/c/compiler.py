@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ... import config
 from ...errors import KfuseError
 
 # -O3 and -march=native for SIMD; -fopenmp for threads; no -ffast-math, so NaN and Inf keep IEEE
@@ -38,15 +39,11 @@ class CompileError(KfuseError):
 
 
 def cache_dir() -> Path:
-    d = os.environ.get("KFUSE_CACHE_DIR")
-    if d:
-        return Path(d)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kfuse"
+    return config.get().cache_dir
 
 
 def compiler() -> str:
-    return os.environ.get("CC", "cc")
+    return config.get().cc
 
 
 def _cc_argv() -> list[str]:

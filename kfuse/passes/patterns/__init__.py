@@ -18,10 +18,10 @@ def run(graph, options, report):
         return [(name, fn) for name, fn in family if name not in disabled]
 
     apply(graph, rules(norm.RULES) + rules(conv.RULES), report)
-    apply(graph, rules(rope.RULES), report, name_in_report=False)        # counted per kernel
-    apply(graph, rules(attention.RULES), report, name_in_report=False)   # counted per kernel
-    apply(graph, rules(linear_act.RULES), report, name_in_report=False)
+    apply(graph, rules(rope.RULES), report)
+    apply(graph, rules(attention.RULES), report)
+    apply(graph, rules(linear_act.RULES), report)
     if "horizontal_gemm" not in disabled:
         linear_act.horizontal(graph, report)
-    apply(graph, rules(linear_act.ACT_RULES) + fold.RULES, report, name_in_report=False)
+    apply(graph, rules(linear_act.ACT_RULES) + fold.RULES, report)
     return graph

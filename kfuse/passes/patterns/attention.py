@@ -83,12 +83,12 @@ def attention(g: Graph, n: Node, report=None):
     sm = strip_batch_reshape(p)
     if not (is_op(sm, "softmax") and sm.attrs["axis"] == len(sm.shape) - 1):
         return None
-    where = sm.name or n.name
+    where = (sm, n)
     if uses(g, sm) != 1:
-        return _miss(report, "the softmax probabilities are used outside the attention", where)
+        return _miss(report, "shared_intermediate", "the softmax probabilities are used outside the attention", where)
     found, why = _scores(sm.inputs[0])
     if found is None:
-        return _miss(report, why, where)
+        return _miss(report, "pattern_order", why, where)
     qk, scale, mask = found
     q = strip_batch_reshape(qk.inputs[0])
     kt = strip_batch_reshape(qk.inputs[1])
@@ -97,12 +97,13 @@ def attention(g: Graph, n: Node, report=None):
     k = strip_repeat_kv(k)
     v = strip_repeat_kv(v)
     if len(q.shape) < 3 or q.shape[:-3] != k.shape[:-3] or k.shape[:-1] != v.shape[:-1] or q.shape[-3] % k.shape[-3]:
-        return _miss(report, f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not line up as heads", where)
+        return _miss(report, "pattern_shape", f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not line up as heads",
+                     where)
     try:
         args = (q, k, v) if mask is None else (q, k, v, mask)
         out = g.add("attention", *args, scale=scale, causal=False)
     except GraphError:
-        return _miss(report, f"mask {list(mask.shape)} does not broadcast to the scores", where)
+        return _miss(report, "pattern_shape", f"mask {list(mask.shape)} does not broadcast to the scores", where)
     return out if out.shape == n.shape else g.add("reshape", out, shape=n.shape)
 
 
@@ -114,9 +115,10 @@ def mask_broadcast(g: Graph, n: Node, report=None):
     return None
 
 
-def _miss(report, reason, where):
+def _miss(report, code, detail, where):
+    """Record a near miss of the attention rule between the softmax and the matmul after it."""
     if report is not None:
-        report.refuse("attention", reason, where)
+        report.refuse(code, where[0].label, where[1].label, f"attention: {detail}")
     return None
 
 

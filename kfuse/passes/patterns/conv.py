@@ -22,6 +22,7 @@ def _per_channel(c: Node, conv: Node) -> torch.Tensor | None:
 
 
 def fold_bn(g: Graph, n: Node, report=None):
+    """A BatchNorm's scale (mul) or shift (add) folded into the conv before it."""
     if not is_op(n, "mul", "add"):
         return None
     for conv, c in (n.inputs, n.inputs[::-1]):
@@ -42,4 +43,13 @@ def fold_bn(g: Graph, n: Node, report=None):
     return None
 
 
-RULES = [("conv_bn", fold_bn)]
+def fold_scale(g: Graph, n: Node, report=None):
+    return fold_bn(g, n, report) if is_op(n, "mul") else None
+
+
+def fold_shift(g: Graph, n: Node, report=None):
+    return fold_bn(g, n, report) if is_op(n, "add") else None
+
+
+# counted apart: a BatchNorm folds as one scale and one shift
+RULES = [("conv_bn_scale", fold_scale), ("conv_bn_shift", fold_shift)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...ir import Graph, Node
+from ...kernels.linear import activation_of
 from ...rewrite import is_op, uses
 
 
@@ -49,11 +50,8 @@ def bias(g: Graph, n: Node, report=None):
     return None
 
 
-ACTS = {"relu": "relu", "silu": "silu", "sigmoid": "sigmoid", "tanh": "tanh"}
-
-
 def activation(g: Graph, n: Node, report=None):
-    act = ACTS.get(n.op) or ({"none": "gelu", "tanh": "gelu_tanh"}.get(n.attrs.get("approximate")) if n.op == "gelu" else None)
+    act = activation_of(n)
     if act is None:
         return None
     lin, reshaped = _through_reshape(n.inputs[0])
@@ -61,7 +59,8 @@ def activation(g: Graph, n: Node, report=None):
         return None
     if uses(g, lin) != 1 or reshaped and uses(g, n.inputs[0]) != 1:
         if report is not None:
-            report.refuse("linear_act", f"the linear's output is also read without the {n.op}", n.name)
+            report.refuse("shared_intermediate", lin.label, n.label,
+                          f"linear_act: the linear's output is also read without the {n.op}")
         return None
     out = g.add("linear", *lin.inputs, act=act)
     return g.add("reshape", out, shape=n.shape) if reshaped else out
@@ -89,7 +88,7 @@ def horizontal(g: Graph, report) -> int:
             width = lin.shape[-1]
             g.replace_uses(lin, g.add("slice", wide, axis=len(wide.shape) - 1, start=start, end=start + width, step=1))
             start += width
-        report.fused("horizontal_gemm")
+        report.fired("horizontal_gemm")
         merged += 1
     g.toposort()
     g.prune()

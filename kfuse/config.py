@@ -1,0 +1,64 @@
+"""kfuse's settings, read from the environment once (the first time they are needed).
+
+    KFUSE_CACHE_DIR    compiled kernels and the machine calibration (default ~/.cache/kfuse, or
+                       $XDG_CACHE_HOME/kfuse)
+    KFUSE_NUM_THREADS  threads of kfuse's own OpenMP kernels (default: torch.get_num_threads() when a
+                       model is compiled); kfuse never changes torch's own setting
+    CC                 the C compiler, possibly with arguments ("gcc -m64") (default: cc)
+    KFUSE_DUMP         comma-separated pipeline step names (or "all") whose result is printed to stderr
+
+Code reads `config.get()`; a test that changes the environment installs a fresh `from_env()`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import KfuseError
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: Path
+    threads: int | None          # None: follow torch.get_num_threads()
+    cc: str
+    dump: frozenset[str]
+
+
+def from_env(env=None) -> Config:
+    env = os.environ if env is None else env
+    cache = env.get("KFUSE_CACHE_DIR")
+    if not cache:
+        base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(base, "kfuse")
+    threads = env.get("KFUSE_NUM_THREADS") or None
+    if threads is not None:
+        try:
+            threads = int(threads)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise KfuseError(f"KFUSE_NUM_THREADS={env['KFUSE_NUM_THREADS']!r}: expected a positive integer")
+    dump = frozenset(s.strip() for s in env.get("KFUSE_DUMP", "").split(",") if s.strip())
+    return Config(Path(cache), threads, env.get("CC") or "cc", dump)
+
+
+_config: Config | None = None
+
+
+def get() -> Config:
+    global _config
+    if _config is None:
+        _config = from_env()
+    return _config
+
+
+def threads() -> int:
+    """Threads for kfuse's kernels now: KFUSE_NUM_THREADS, else torch's current count."""
+    n = get().threads
+    if n is None:
+        n = torch.get_num_threads()
+    return max(1, n)

@@ -1,0 +1,100 @@
+"""Threads: compiling and calling never change torch's thread setting, and one compiled model may be
+called from many threads at once (each call has its own intermediate buffers)."""
+import threading
+
+import pytest
+import torch
+
+import kfuse
+from kfuse import config
+from kfuse.backends import openmp
+from kfuse.models import build
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_compile_and_call_keep_torchs_thread_count(one_thread):
+    model, inputs = build("bert", batch=1, seq=16, layers=1)
+    cm = kfuse.compile(model, inputs)
+    assert torch.get_num_threads() == 1
+    cm(*inputs)
+    assert torch.get_num_threads() == 1
+
+
+def test_kfuse_num_threads_applies_to_the_call_only(one_thread, monkeypatch):
+    """KFUSE_NUM_THREADS sets the kernels' threads during a call; torch's setting is back after it."""
+    monkeypatch.setenv("KFUSE_NUM_THREADS", "2")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sigmoid())
+    cm = kfuse.compile(model, (torch.randn(4, 8),))
+    cm._last.kernels.append(None)       # not a kernel: a probe run by the wrapper below
+    inner = cm._last._fn
+    cm._last._fn = lambda arena, *a: (seen.append(openmp.threads()), inner(arena, *a))[1]
+    cm(torch.randn(4, 8))
+    assert seen == [2] and torch.get_num_threads() == 1
+
+
+def test_bad_thread_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KFUSE_NUM_THREADS", "many")
+    with pytest.raises(kfuse.KfuseError, match="KFUSE_NUM_THREADS"):
+        config.from_env()
+
+
+def _hammer(fn, inputs_of, n_threads, calls):
+    """Call fn from n_threads threads at once, `calls` times each, on inputs_of(thread, call);
+    returns {(thread, call): output}."""
+    out, errors = {}, []
+    start = threading.Barrier(n_threads)
+
+    def worker(t):
+        try:
+            start.wait()
+            for c in range(calls):
+                out[(t, c)] = fn(*inputs_of(t, c))
+        except Exception as e:     # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    return out
+
+
+def _flat(out):
+    return [t.clone() for t in (out if isinstance(out, (tuple, list)) else [out])]
+
+
+def test_one_model_from_eight_threads_matches_serial_calls():
+    model, _ = build("bert", batch=1, seq=24, layers=2)
+    inputs = [build("bert", batch=1, seq=24, layers=2, seed=s)[1] for s in range(8)]
+    cm = kfuse.compile(model, inputs[0])
+    serial = [_flat(cm(*x)) for x in inputs]
+    got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 8], 8, 100)
+    for (t, c), outs in got.items():
+        for a, b in zip(outs, serial[(t + c) % 8]):
+            assert torch.equal(a, b), (t, c)
+    assert len(cm._last._arenas) > 1      # concurrent calls had their own buffers
+
+
+def test_torch_compile_backend_from_eight_threads_matches_serial_calls():
+    model, _ = build("gpt2", batch=1, seq=16, layers=1)
+    inputs = [build("gpt2", batch=1, seq=16, layers=1, seed=s)[1] for s in range(4)]
+    fn = torch.compile(model, backend="kfuse", dynamic=False)
+
+    def call(*x):
+        with torch.no_grad():           # grad mode is per thread (and Dynamo guards on it)
+            return _flat(fn(*x))
+    serial = [call(*x) for x in inputs]
+    got = _hammer(call, lambda t, c: inputs[(t * 7 + c) % 4], 8, 100)
+    for (t, c), outs in got.items():
+        for a, b in zip(outs, serial[(t * 7 + c) % 4]):
+            assert torch.equal(a, b), (t, c)
