@@ -58,7 +58,9 @@ def timeit(fns: dict, rounds: int, block_s: float = 0.25, max_calls: int = 20):
     calls = {}
     for name, f in fns.items():      # warm up, and size the blocks
         f()
-        t = time.perf_counter(); f(); t = time.perf_counter() - t
+        t = time.perf_counter()
+        f()
+        t = time.perf_counter() - t
         calls[name] = max(1, min(max_calls, int(block_s / max(t, 1e-6))))
     times = {n: [] for n in fns}
     faults = {n: [] for n in fns}

@@ -15,7 +15,8 @@ Providers, side by side in one process, same inputs, 2 threads:
 Timing: each round runs every provider for a block of calls (about --block-ms), in an order
 rotated between rounds so no provider always follows the same neighbour; the time is the median
 over rounds of the per-call mean in a block ("best": the fastest block, shown because the machine
-is shared and other jobs' load inflates medians; ratios within one run remain comparable). Minor page faults per call are printed next to it:
+is shared and other jobs' load inflates medians; ratios within one run remain comparable). Minor page faults per
+call are printed next to it:
 more than a handful means malloc is mapping fresh pages per call, and the time is not the kernel's.
 The process re-executes itself with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised, because
 glibc's default thresholds make that happen to eager code after a torch.compile (design.md).
@@ -150,7 +151,8 @@ def main():
                                  gflops=flop / t / 1e9, pct_bound=100 * bound / t, faults_per_call=pf,
                                  threads=THREADS, machine=machine, commit=commit, torch=torch.__version__))
             best_ind = min(res["inductor-static"][0], res["inductor-dyn"][0])
-            print(f"best inductor = {'inductor-dyn' if res['inductor-dyn'][0] <= res['inductor-static'][0] else 'inductor-static'}")
+            dyn_best = res['inductor-dyn'][0] <= res['inductor-static'][0]
+            print(f"best inductor = {'inductor-dyn' if dyn_best else 'inductor-static'}")
             print(f"kfuse / bound = {bound / res['kfuse'][0]:.2f}   kfuse vs best inductor = "
                   f"{best_ind / res['kfuse'][0]:.2f}x   post-op vs own gelu_ = "
                   f"{res['onednn+gelu_'][0] / res['kfuse'][0]:.2f}x")

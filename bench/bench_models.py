@@ -2,7 +2,7 @@
 
     python bench/bench_models.py [--models minilm-b1,minilm-b8,gpt2,llama] [--rounds N] [--profile]
 
-Models: the real all-MiniLM-L6-v2 (BertModel, tests/models/hf_models.minilm()) at batch 1 and batch 8
+Models: the real all-MiniLM-L6-v2 (BertModel, tests/helpers.minilm()) at batch 1 and batch 8
 x seq 128 with padding masks; the built-in GPT-2-style (hidden 384, 6 layers) and Llama-style (hidden
 512, 8 layers, GQA 8/2 heads, FFN 1408) at batch 1 x seq 128. Everyone gets the same inputs and 2
 threads (common.py re-executes the script with the malloc thresholds and thread variables set).
@@ -13,7 +13,8 @@ Competitors, each tried in every configuration listed, all timed in the same rot
     through onnxruntime.transformers' optimizer (model_type bert / gpt2) where that applies.
 A configuration that fails (export error, optimizer crash) is printed with its reason and skipped.
 The torch-based providers (kfuse, eager, Inductor) are timed in one rotation, then each ONNX Runtime
-session alone: ORT's spinning intra-op threads otherwise slow whatever runs after them. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run).
+session alone: ORT's spinning intra-op threads otherwise slow whatever runs after them. `--only inductor` or `--only ort`
+keeps one competitor family (kfuse and eager always run).
 Every provider is checked against eager (max abs error) before timing. `--profile` times every
 kernel of kfuse's compiled program and prints where the time goes, by kernel name and backend.
 """
@@ -34,7 +35,7 @@ import torch
 import torch.utils._pytree as pytree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "models"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 THREADS = torch.get_num_threads()
 
 import kfuse  # noqa: E402
@@ -46,7 +47,7 @@ MODELS = ["minilm-b1", "minilm-b8", "gpt2", "llama"]
 def make_model(name: str):
     """(eager module, example inputs, ONNX transformer-optimizer args or None)."""
     if name.startswith("minilm"):
-        from hf_models import minilm
+        from helpers import minilm
         model = minilm()[0].auto_model.eval()
         batch = int(name.split("-b")[1])
         cfg = model.config
@@ -129,7 +130,7 @@ def optimize_in_subprocess(src: str, dst: str, opt: dict) -> str | None:
             f"m.save_model_to_file({dst!r})\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if p.returncode != 0 or not os.path.exists(dst):
-        tail = [l for l in (p.stderr or p.stdout).strip().splitlines() if l.strip()]
+        tail = [line for line in (p.stderr or p.stdout).strip().splitlines() if line.strip()]
         return f"exit {p.returncode}: {tail[-1][:200] if tail else '(no message)'}"
     print("   ", p.stdout.strip().splitlines()[-1][:300])
     return None
@@ -322,7 +323,8 @@ def main():
             fail(name, e)
             traceback.print_exc()
 
-    print("\nmodel      | kfuse ms | eager ms | inductor ms (config)          | ORT ms (config)                  | kfuse / best other")
+    print("\nmodel      | kfuse ms | eager ms | inductor ms (config)          | ORT ms (config)                  "
+          "| kfuse / best other")
     rows = []
     for name, res in results.items():
         if not res:

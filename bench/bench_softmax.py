@@ -17,14 +17,14 @@ def scale_mask_softmax(x, mask):
     return torch.softmax(x * 0.125 + mask, dim=-1)
 
 
-def main(b=8, h=12, l=128):
-    x = torch.randn(b, h, l, l)
-    mask = torch.where(torch.rand(b, 1, 1, l) < 0.2, float("-inf"), 0.0)
+def main(b=8, h=12, seq=128):
+    x = torch.randn(b, h, seq, seq)
+    mask = torch.where(torch.rand(b, 1, 1, seq) < 0.2, float("-inf"), 0.0)
     g = Graph()
     gx, gm = g.input(list(x.shape), torch.float32), g.input(list(mask.shape), torch.float32)
     g.outputs = [g.add("softmax", g.add("add", g.add("mul", gx, g.const(0.125)), gm), axis=-1)]
     no_mask = kfuse_provider(g, [x, torch.zeros_like(mask)])
-    kernel_vs_torch("bench_softmax", f"scale+mask+softmax [{b},{h},{l},{l}]", g, scale_mask_softmax, [x, mask],
+    kernel_vs_torch("bench_softmax", f"scale+mask+softmax [{b},{h},{seq},{seq}]", g, scale_mask_softmax, [x, mask],
                     atol=1e-6, extra={"kfuse no-mask": no_mask})
 
 

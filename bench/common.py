@@ -38,7 +38,7 @@ BLOCK_S = 0.02          # each timed block runs at least this long
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return f"{platform.node()} {cpu} x{os.cpu_count()}"
 
 

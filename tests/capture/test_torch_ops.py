@@ -3,19 +3,11 @@ against eager on odd shapes."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMALL_TOL, assert_close, module_of
 
 import kfuse
-from kfuse.capture.torch import export
+from kfuse.capture.fx import export
 from kfuse.ops.reference import run
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
 
 
 def r(*shape):
@@ -35,13 +27,15 @@ CASES = {
     "cast": (lambda x: (x > 0).float() + x.to(torch.int64).float(), [r(5, 5) * 3]),
     "view_permute_transpose": (lambda x: x.view(2, 3, 4, 5).permute(0, 2, 1, 3).transpose(1, 3).reshape(-1, 6), [r(6, 20)]),
     "unsqueeze_squeeze_expand": (lambda x: x.unsqueeze(1).expand(3, 4, 5).squeeze(0) * 2, [r(3, 5)]),
-    "slice_select_split": (lambda x: x[:, 1:5:2].sum(-1) + x[:, -2:].sum(-1) + x[:, 3] + x[1, 2] + x.split(3, dim=1)[1].sum(), [r(4, 7)]),
+    "slice_select_split": (lambda x: x[:, 1:5:2].sum(-1) + x[:, -2:].sum(-1) + x[:, 3] + x[1, 2]
+                           + x.split(3, dim=1)[1].sum(), [r(4, 7)]),
     "cat_chunk": (lambda x: torch.cat([x.chunk(2, -1)[1], x.chunk(2, -1)[0]], -1), [r(3, 8)]),
     "embedding": (lambda idx, w: F.embedding(idx, w), [torch.tensor([[1, 0, 3]]), r(5, 4)]),
     "index_select_index": (lambda x, i: x.index_select(1, i) + x[:, i], [r(3, 6), torch.tensor([5, 0, 2])]),
     "pad": (lambda x: F.pad(x, (1, 2, 0, 1), value=0.5), [r(2, 3, 4)]),
     "triu_tril": (lambda x: x.triu(1) + x.tril(-1), [r(5, 7)]),
-    "arange_full": (lambda x: x + torch.arange(x.shape[-1]) + torch.full((x.shape[-1],), 2.0) + torch.zeros(1) + torch.ones(1), [r(3, 4)]),
+    "arange_full": (lambda x: x + torch.arange(x.shape[-1]) + torch.full((x.shape[-1],), 2.0) + torch.zeros(1)
+                    + torch.ones(1), [r(3, 4)]),
     "reductions": (lambda x: (x.mean(-1, keepdim=True) + x.sum(1, keepdim=True) + x.amax(-1, keepdim=True)
                               + x.amin(-1, keepdim=True) + x.var(-1, keepdim=True) + x.mean() + x.sum()), [r(5, 7)]),
     "var_mean_max": (lambda x: torch.var_mean(x, -1, correction=0)[0] + x.max(-1)[0] + x.argmax(-1).float(), [r(4, 9)]),
@@ -55,8 +49,10 @@ CASES = {
                   + F.adaptive_avg_pool2d(x[:, :1], 1).mean(), [r(1, 3, 17, 17), r(4, 3, 3, 3)]),
     "conv_groups_dilation": (lambda x, w: F.conv2d(x, w, padding=2, dilation=2, groups=2), [r(2, 4, 9, 9), r(4, 2, 3, 3)]),
     "batch_norm": (None, None),
-    "sdpa": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [r(2, 3, 7, 8), r(2, 3, 9, 8), r(2, 3, 9, 8), r(2, 1, 1, 9)]),
-    "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8)]),
+    "sdpa": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+             [r(2, 3, 7, 8), r(2, 3, 9, 8), r(2, 3, 9, 8), r(2, 1, 1, 9)]),
+    "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    [r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8)]),
     "div_floor": (lambda x: torch.div(x, 3, rounding_mode="floor") + torch.div(x, 3, rounding_mode="trunc"), [r(9) * 10]),
 }
 
@@ -72,19 +68,17 @@ def _bn_model():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_capture_matches_eager(name):
     fn, inputs = CASES[name]
-    model, inputs = _bn_model() if name == "batch_norm" else (Fn(fn), inputs)
+    model, inputs = _bn_model() if name == "batch_norm" else (module_of(fn), inputs)
     graph, _ = export(model, tuple(inputs))
     graph.check()
     got = run(graph, inputs)
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(model(*inputs))
-    for a, b in zip(got, want):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert_close(got, want, **SMALL_TOL)
 
 
 def test_unsupported_op_names_op_and_node():
-    model = Fn(lambda x: torch.fft.fft(x).real)
+    model = module_of(lambda x: torch.fft.fft(x).real)
     with pytest.raises(kfuse.UnsupportedOpError) as e:
         export(model, (r(8),))
     assert "fft" in str(e.value) and "node" in str(e.value)

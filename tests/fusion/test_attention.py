@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fusion_check import Fn, compiled
+from helpers import SMALL_TOL, Fn, assert_close, compiled
 
 
 def mha(m, x, mask, heads=4, kv_heads=4):
@@ -22,7 +21,7 @@ def mha(m, x, mask, heads=4, kv_heads=4):
 
 
 def weights(h, kv):
-    return dict(wq=torch.randn(h, h) / h ** 0.5, wk=torch.randn(h, kv) / h ** 0.5, wv=torch.randn(h, kv) / h ** 0.5)
+    return {"wq": torch.randn(h, h) / h ** 0.5, "wk": torch.randn(h, kv) / h ** 0.5, "wv": torch.randn(h, kv) / h ** 0.5}
 
 
 def padding_mask(b, s):
@@ -42,7 +41,8 @@ def causal_mask(b, s):
 def test_attention_fires(heads, kv_heads, mask, seq):
     h = 64
     model = Fn(lambda m, x, msk: mha(m, x, msk, heads, kv_heads), **weights(h, h // heads * kv_heads))
-    cm, rep = compiled(model, torch.randn(3, seq, h), mask(3, seq))
+    cm = compiled(model, torch.randn(3, seq, h), mask(3, seq))
+    rep = cm.report()
     assert rep.fusions.get("attention") == 1
     att = cm.graph.op_counts()
     assert att["attention"] == 1 and "softmax" not in att
@@ -53,7 +53,8 @@ def test_attention_fires(heads, kv_heads, mask, seq):
 def test_sdpa_causal_and_gqa():
     def fn(m, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    cm, rep = compiled(Fn(fn), torch.randn(2, 8, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    cm = compiled(Fn(fn), torch.randn(2, 8, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    rep = cm.report()
     assert rep.fusions == {"attention": 1}
 
 
@@ -61,25 +62,29 @@ def test_probabilities_used_elsewhere_is_a_near_miss():
     def fn(m, q, k, v):
         p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
         return p @ v, p
-    cm, rep = compiled(Fn(fn), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    cm = compiled(Fn(fn), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    rep = cm.report()
     assert "attention" not in rep.fusions
-    assert any(w.what == "attention" and "used outside" in w.reason for w in rep.why_not)
+    assert any(w.code == "shared_intermediate" and "softmax" in w.producer and "used outside" in w.detail
+               for w in rep.why_not), rep.why_not
 
 
 def test_mask_inside_the_scale_is_a_near_miss():
     def fn(m, q, k, v, mask):
         return torch.softmax((q @ k.transpose(-1, -2) + mask) * 0.25, dim=-1) @ v
     args = (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.zeros(1, 1, 1, 5))
-    cm, rep = compiled(Fn(fn), *args)
+    cm = compiled(Fn(fn), *args)
+    rep = cm.report()
     assert "attention" not in rep.fusions
-    assert any(w.what == "attention" and "before the scaling" in w.reason for w in rep.why_not)
+    assert any(w.code == "pattern_order" and "before the scaling" in w.detail for w in rep.why_not), rep.why_not
 
 
 def test_no_score_matrix_is_materialised():
     """The attention kernel's planned memory holds no [B, H, L, L] buffer."""
     s, h = 256, 64
     model = Fn(lambda m, x, msk: mha(m, x, msk), **weights(h, h))
-    cm, rep = compiled(model, torch.randn(1, s, h), padding_mask(1, s))
+    cm = compiled(model, torch.randn(1, s, h), padding_mask(1, s))
+    rep = cm.report()
     scores = 4 * s * s * 4
     assert all(k.bytes_after < scores for k in rep.kernels if k.name == "attention")
     assert rep.peak_bytes < scores
@@ -93,9 +98,11 @@ def test_decode_attention_with_fewer_tasks_than_threads_is_split(monkeypatch):
     def fn(m, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 1, 4096, 64), torch.randn(1, 1, 4096, 64)
-    cm, rep = compiled(Fn(fn), q, k, v)
+    cm = compiled(Fn(fn), q, k, v)
+    rep = cm.report()
     assert len(rep.splits) == 1 and "split-KV" in rep.splits[0]
-    cm2, rep2 = compiled(Fn(fn), torch.randn(1, 4, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
+    cm2 = compiled(Fn(fn), torch.randn(1, 4, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
+    rep2 = cm2.report()
     assert rep2.splits == []
 
 
@@ -103,15 +110,15 @@ def test_sdpa_of_one_tensor_and_of_k_as_v():
     """sdpa(x, x, x) and sdpa(q, k, k, mask): the kernel gets each of its operands, not the
     group's de-duplicated inputs in order."""
     x, q, k, m = torch.randn(1, 2, 13, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 1, 9, 11)
-    _, rep = compiled(Fn(lambda _, x: F.scaled_dot_product_attention(x, x, x)), x)
+    rep = compiled(Fn(lambda _, x: F.scaled_dot_product_attention(x, x, x)), x).report()
     assert rep.fusions["attention"] == 1
-    _, rep = compiled(Fn(lambda _, q, k, m: F.scaled_dot_product_attention(q, k, k, attn_mask=m)), q, k, m)
+    rep = compiled(Fn(lambda _, q, k, m: F.scaled_dot_product_attention(q, k, k, attn_mask=m)), q, k, m).report()
     assert rep.fusions["attention"] == 1
 
 
 def test_v_head_dim_other_than_q_runs_on_torch():
     q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 4)
-    _, rep = compiled(Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v)), q, k, v)
+    rep = compiled(Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v)), q, k, v).report()
     notes = [ki.note for ki in rep.kernels if ki.note]
     assert any("head dim (4)" in n for n in notes), notes
 
@@ -121,10 +128,11 @@ def test_onnx_exported_sdpa_with_transposed_k(tmp_path, causal):
     """The legacy exporter writes SDPA as Transpose(K) * sqrt(scale): the fused kernel then sees a
     k whose last dim is strided, and copies it."""
     import kfuse
-    q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 11 if not causal else 13, 8), torch.randn(1, 2, 11 if not causal else 13, 8)
+    lk = 11 if not causal else 13
+    q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
     model = Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
     path = tmp_path / "sdpa.onnx"
     torch.onnx.export(model, (q, k, v), str(path), dynamo=False)
     cm = kfuse.compile(str(path), (q, k, v))
-    torch.testing.assert_close(cm(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
+    assert_close(cm(q, k, v), model(q, k, v), **SMALL_TOL)
     assert cm.report().fusions.get("attention") == 1

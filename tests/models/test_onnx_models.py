@@ -10,7 +10,7 @@ from kfuse.capture.onnx import load_onnx
 from kfuse.models import build, token_inputs
 from kfuse.ops.reference import run
 
-from hf_models import hf_model
+from helpers import REFERENCE_REL, hf_model
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -24,7 +24,6 @@ BUILTIN = {
 HF = [f"hf_{arch}_{attn}" for arch in ("bert", "gpt2", "llama") for attn in ("eager", "sdpa")]
 SHAPES = [(2, 8), (3, 13)]  # (batch, seq); the export traces the first, the second is a reload
 EXPORTERS = ["dynamo", "torchscript"]
-RTOL = 1e-5
 
 
 class _LastHidden(torch.nn.Module):
@@ -93,6 +92,7 @@ def exported(tmp_path_factory):
 
 
 def _rel_err(got, expected):
+    """max |got - expected| / max |expected|: the error relative to the output's scale (Verification.max_rel)."""
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
@@ -114,5 +114,5 @@ def test_exported_model_matches(exported, name, exporter, shape):
     with torch.no_grad():
         eager = model(*xs)
     assert got.shape == eager.shape
-    assert _rel_err(got, torch.from_numpy(ort_out)) < RTOL
-    assert _rel_err(got, eager) < RTOL
+    assert _rel_err(got, torch.from_numpy(ort_out)) < REFERENCE_REL
+    assert _rel_err(got, eager) < REFERENCE_REL

@@ -1,28 +1,22 @@
 """The fused C attention kernel against the reference `_attention` (the oracle), fp32.
 
-Fresh random inputs each run (no fixed seed); a failure prints the seed to reproduce it.
+Random inputs come from the fixed per-test seed of tests/conftest.py: the same on every run.
 """
 import math
 
 import pytest
 import torch
+from helpers import SMALL_TOL, assert_close
 
 from kfuse.backends.c import attention as A
 from kfuse.ops.reference import _attention
 
-ATOL, RTOL = 1e-5, 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = torch.seed() % (2**31)
-    torch.manual_seed(seed)
-    print(f"seed {seed}")                                  # shown by pytest when the test fails
-
 
 def close(got, want):
-    """allclose with NaN where the reference has NaN (fully masked rows), and nowhere else."""
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, equal_nan=True)
+    """NaN where the reference has NaN (fully masked rows), and nowhere else; SMALL_TOL: one kernel whose
+    outputs are softmax-weighted averages of v (|out| < 4), measured worst 1.5e-6 absolute over every
+    shape, mask, kernel and split here."""
+    assert_close(got, want, **SMALL_TOL)
 
 
 def run(q, k, v, mask=None, *, causal=False, split_kv=None, kernel=None, out=None, scale=None):
@@ -91,10 +85,15 @@ def test_padding_mask_fully_masked_rows():
     row = torch.ones(B, H, Lq, Lk, dtype=torch.bool)
     row[:, :, 3] = False
     for mask in (keep, add, row):
+        nan_rows = torch.zeros(B, H, Lq, dtype=torch.bool)       # [B, H, Lq]: every key masked
+        if mask is row:
+            nan_rows[:, :, 3] = True
+        else:
+            nan_rows[0] = True
         for kernel in ("block", "row"):
             for split in (False, True):
                 got, want = run(q, k, v, mask, kernel=kernel, split_kv=split)
-                assert got.isnan().any()
+                assert torch.equal(got.isnan().all(-1), nan_rows) and torch.equal(got.isnan().any(-1), nan_rows)
 
 
 def test_strided_views_fold_transposes():
@@ -132,7 +131,8 @@ def test_prepared_call_reuses_buffers():
     out = torch.full((1, 8, 1, 64), float("nan"))
     step = A.prepare(q, k, v, scale=0.125, out=out, split_kv=True)
     for _ in range(2):                                      # new values in the same buffers
-        q.normal_(); k.normal_(); v.normal_()
+        for t in (q, k, v):
+            t.normal_()
         assert step() is out
         close(out, _attention(q, k, v, scale=0.125))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 
 from kfuse.backends import library
 from kfuse.backends.library import HAVE_ONEDNN, pack_linear
@@ -25,13 +26,7 @@ def tol(K):
 
 def check(got, want, K):
     t = tol(K)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    err = (got - want).abs()
-    bad = err > t + t * want.abs()
-    if bad.any():
-        i = int(err.argmax())
-        pytest.fail(f"{int(bad.sum())} of {got.numel()} elements off (tol {t}); worst at flat {i}: "
-                    f"got {got.flatten()[i].item()!r} want {want.flatten()[i].item()!r}")
+    assert_close(got, want, atol=t, rtol=t, msg=f"K = {K}, tol {t}")
 
 
 def problem(M, K, N, bias=True, seed=0, lead=()):

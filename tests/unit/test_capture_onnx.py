@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import KERNEL_TOL, SMALL_TOL, C, assert_close, i64, typed_model
 from onnx import TensorProto, helper, numpy_helper
 
 from kfuse.capture.onnx import load_onnx, read_model
@@ -17,19 +18,9 @@ INT64_MAX = 2**63 - 1
 rng = np.random.default_rng(0)
 
 
-class C:
-    """A node input given as an initializer (a constant), as shape-like inputs must be."""
-    def __init__(self, value):
-        self.value = np.asarray(value)
-
-
 def f32(*shape, positive=False):
     a = rng.standard_normal(shape).astype(np.float32)
     return np.abs(a) + 0.1 if positive else a
-
-
-def i64(*values):
-    return np.array(values, dtype=np.int64)
 
 
 def make(op, inputs, attrs=None, opset=20, n_out=1, sym=False):
@@ -54,20 +45,6 @@ def make(op, inputs, attrs=None, opset=20, n_out=1, sym=False):
     return typed_model([node], graph_inputs, inits, feeds, outs, opset)
 
 
-def typed_model(nodes, graph_inputs, inits, feeds, outs, opset, ir_version=9):
-    """(model, feeds, results): the graph with its outputs typed from what ONNX Runtime computes on
-    an untyped draft of it."""
-    def model(out_infos):
-        g = helper.make_graph(nodes, "g", graph_inputs, out_infos, inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
-
-    draft = model([onnx.ValueInfoProto(name=o) for o in outs])
-    results = ort.InferenceSession(draft.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    infos = [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))
-             for o, r in zip(outs, results)]
-    return model(infos), feeds, results
-
-
 def check(op, inputs, attrs=None, opset=20, n_out=1):
     """kfuse's graph of the node computes what ONNX Runtime computes (same dtype and shape)."""
     m, feeds, expected = make(op, inputs, attrs, opset, n_out)
@@ -77,9 +54,7 @@ def check(op, inputs, attrs=None, opset=20, n_out=1):
     got = run(g, examples)
     assert len(got) == len(expected)
     for y, e in zip(got, expected):
-        e = torch.from_numpy(np.array(e))
-        assert y.dtype == e.dtype and y.shape == e.shape, (y.dtype, y.shape, e.dtype, e.shape)
-        torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert_close(y, torch.from_numpy(np.array(e)), **KERNEL_TOL)
     return g
 
 
@@ -275,7 +250,7 @@ def test_same_pads_with_dilation_follow_the_spec(op, inputs, attrs):
     expected = ReferenceEvaluator(m).run(None, dict(zip(names, inputs)))[0]
     m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, list(expected.shape)))
     xs = [torch.from_numpy(v) for v in inputs]
-    torch.testing.assert_close(run(load_onnx(m, xs), xs)[0], torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+    assert_close(run(load_onnx(m, xs), xs)[0], torch.from_numpy(expected), **KERNEL_TOL)
 
 
 def test_split_input():
@@ -319,7 +294,7 @@ def test_shape_arithmetic_folds(shape):
     g = load_onnx(_view_model(), [x])
     assert g.op_counts() == {"input": 1, "reshape": 1, "relu": 1}
     assert g.input_names == ["x"] and g.output_names == ["y"]
-    torch.testing.assert_close(run(g, [x])[0], torch.relu(x.reshape(*shape[:2], 2, 4)))
+    assert_close(run(g, [x])[0], torch.relu(x.reshape(*shape[:2], 2, 4)), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("x, match", [(torch.randn(2, 8), "rank"), (torch.randn(2, 3, 5), "size 8"),
@@ -354,7 +329,7 @@ def test_external_data(tmp_path):
     x = torch.from_numpy(feeds["in0"])
     g = load_onnx(tmp_path / "ext.onnx", [x])
     # a 40-term dot product summed in another order than ORT's: a few 1e-6 apart on unlucky draws
-    torch.testing.assert_close(run(g, [x])[0], torch.from_numpy(expected[0]), rtol=1e-5, atol=1e-5)
+    assert_close(run(g, [x])[0], torch.from_numpy(expected[0]), **SMALL_TOL)
     assert read_model(tmp_path / "ext.onnx").graph.initializer[0].raw_data  # loaded from weights.bin
     (tmp_path / "weights.bin").unlink()
     with pytest.raises(ModelFileError, match="ext.onnx"):

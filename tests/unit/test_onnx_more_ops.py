@@ -7,31 +7,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import SMALL_TOL, C, assert_close, i64, typed_model
 from onnx import TensorProto, helper, numpy_helper
 
 import kfuse
 from kfuse.capture.onnx import HANDLERS, load_onnx
 from kfuse.errors import UnsupportedOpError
-from test_capture_onnx import typed_model
 
 ort = pytest.importorskip("onnxruntime")
 rng = np.random.default_rng(1)
-
-
-class C:
-    """A node input given as an initializer (a constant)."""
-    def __init__(self, value):
-        self.value = np.asarray(value)
 
 
 def f32(*shape, lo=None, hi=None):
     if lo is not None:
         return rng.uniform(lo, hi, shape).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
-
-
-def i64(*values):
-    return np.array(values, dtype=np.int64)
 
 
 def graph_model(nodes, inputs, outputs, opset=20):
@@ -67,21 +57,21 @@ def compiled(tmp_path, m, feeds):
     return (list(got) if isinstance(got, tuple) else [got]), cm
 
 
-def check_model(tmp_path, m, feeds, expected, rtol=1e-5, atol=1e-5, sort_axis=None):
+def check_model(tmp_path, m, feeds, expected, sort_axis=None):
+    """kfuse's outputs against ONNX Runtime's: dtype, shape, values (SMALL_TOL; NaN and inf alike)."""
     got, cm = compiled(tmp_path, m, feeds)
     assert len(got) == len(expected)
     for y, e in zip(got, expected):
         e = torch.from_numpy(np.array(e))
-        assert y.dtype == e.dtype and y.shape == e.shape, (y.dtype, y.shape, e.dtype, e.shape)
         if sort_axis is not None:  # an order ONNX leaves unspecified
             y, e = y.sort(sort_axis).values, e.sort(sort_axis).values
-        torch.testing.assert_close(y, e, rtol=rtol, atol=atol, equal_nan=True)
+        assert_close(y, e, **SMALL_TOL)
     return cm
 
 
-def check(tmp_path, op, inputs, attrs=None, opset=20, n_out=1, **tol):
+def check(tmp_path, op, inputs, attrs=None, opset=20, n_out=1, sort_axis=None):
     m, feeds, expected = node_model(op, inputs, attrs, opset, n_out)
-    return check_model(tmp_path, m, feeds, expected, **tol)
+    return check_model(tmp_path, m, feeds, expected, sort_axis)
 
 
 def ops_of(m, feeds):
@@ -253,7 +243,7 @@ WINDOWS = [  # (id, op, inputs, attrs)
 
 @pytest.mark.parametrize("op, inputs, attrs", [w[1:] for w in WINDOWS], ids=[w[0] for w in WINDOWS])
 def test_window(tmp_path, op, inputs, attrs):
-    check(tmp_path, op, inputs, attrs, 20, rtol=1e-4, atol=1e-4)
+    check(tmp_path, op, inputs, attrs, 20)
 
 
 def test_conv_transpose_is_one_op():
@@ -313,7 +303,7 @@ RESIZE = [  # (id, inputs after X, attrs, opset, the IR ops expected)
 @pytest.mark.parametrize("rest, attrs, opset, ops", [r[1:] for r in RESIZE], ids=[r[0] for r in RESIZE])
 def test_resize(tmp_path, rest, attrs, opset, ops):
     m, feeds, expected = node_model("Resize", [f32(1, 2, 5, 7)] + rest, attrs, opset)
-    check_model(tmp_path, m, feeds, expected, rtol=1e-4, atol=1e-5)
+    check_model(tmp_path, m, feeds, expected)
     if ops is not None:
         assert ops_of(m, feeds) == ops
 
@@ -467,8 +457,7 @@ def _compiled_vs_ort(path, args):
     got = cm(*args)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (expected,) = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
-    assert got.dtype == torch.from_numpy(expected).dtype and got.shape == expected.shape
-    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    assert_close(got, torch.from_numpy(expected), **SMALL_TOL)
     return cm
 
 
@@ -515,7 +504,7 @@ def test_legacy_exports_with_constant_shape_arithmetic(tmp_path):
     x = torch.randn(3, 4)
     path = _export(tmp_path, Tile(), (x,))
     assert "If" in {n.op_type for n in onnx.load(path).graph.node}
-    torch.testing.assert_close(kfuse.compile(str(path), (x,))(x), torch.tile(x, (2, 1, 3)), rtol=0, atol=0)
+    assert_close(kfuse.compile(str(path), (x,))(x), torch.tile(x, (2, 1, 3)), atol=0, rtol=0)
 
 
 class Blocks(torch.nn.Module):

@@ -1,0 +1,28 @@
+"""Shared by every test: tests/helpers.py importable as `helpers`, and fixed seeds.
+
+Each test runs with torch, random and numpy seeded from its own node id (the same seed on every
+run, a different one per test), and each test module is imported with its own fixed seed, so
+random data drawn at import time (parameter lists) does not depend on which modules ran before.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from helpers import seed_everything, seed_of
+
+
+def pytest_collectstart(collector):
+    if isinstance(collector, pytest.Module):
+        seed_everything(seed_of(collector.nodeid))
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed(request):
+    seed_everything(seed_of(request.node.nodeid))

@@ -1,0 +1,95 @@
+"""kfuse.verify: the one comparison policy (verify, the fuzzer and the tests use it)."""
+import math
+
+import pytest
+import torch
+from helpers import assert_close
+
+from kfuse.testing.fuzz import compare
+from kfuse.verify import F64_FACTOR, TOLERANCE, compare as verify_outputs, mismatch, tolerance
+
+INF, NAN = float("inf"), float("nan")
+
+
+def test_within_the_table_matches_and_just_beyond_does_not():
+    atol, rtol = TOLERANCE[torch.float32]
+    want = torch.tensor([0.0, 1.0, -100.0])
+    edge = want + torch.tensor([atol, atol + rtol, -(atol + 100 * rtol)]) * 0.99
+    assert mismatch(edge, want) is None
+    beyond = want.clone()
+    beyond[2] = -100.0 - (atol + 100 * rtol) * 1.5
+    why = mismatch(beyond, want)
+    assert why is not None and "1 of 3 elements" in why and "worst at [2]" in why
+
+
+def test_the_worst_element_is_named():
+    want = torch.zeros(4, 5)
+    got = want.clone()
+    got[1, 2], got[3, 4] = 1e-3, 1e-2
+    why = mismatch(got, want)
+    assert "2 of 20 elements" in why and "worst at [3, 4]" in why and "got 0.00999999978" in why
+
+
+@pytest.mark.parametrize("special", [NAN, INF, -INF])
+def test_non_finite_values_must_be_at_the_same_places(special):
+    want = torch.tensor([1.0, special, 3.0])
+    assert mismatch(want.clone(), want) is None
+    moved = torch.tensor([special, 2.0, 3.0])
+    why = mismatch(moved, want)
+    assert why is not None and "positions differ" in why
+    assert mismatch(torch.tensor([1.0, -special if not math.isnan(special) else INF, 3.0]), want) is not None
+
+
+def test_integers_and_bools_exactly_and_dtype_and_shape_must_agree():
+    assert mismatch(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3])) is None
+    assert "1 of 3 elements differ" in mismatch(torch.tensor([1, 2, 4]), torch.tensor([1, 2, 3]))
+    assert mismatch(torch.tensor([True, False]), torch.tensor([True, True])) is not None
+    assert "want torch.float32[3]" in mismatch(torch.zeros(3, dtype=torch.float64), torch.zeros(3))
+    assert mismatch(torch.zeros(3), torch.zeros(1, 3)) is not None
+
+
+def test_float64_reference_widens_by_the_float32_references_own_error():
+    """|got - want| <= atol + rtol |want| + F64_FACTOR |want - want64|: as inexact as the float32
+    reference, a few times over, and no more."""
+    atol, rtol = TOLERANCE[torch.float32]
+    want, want64 = torch.tensor([1.0]), torch.tensor([1.0 + 1e-3], dtype=torch.float64)
+    slack = atol + rtol + F64_FACTOR * 1e-3
+    assert mismatch(torch.tensor([1.0 + 0.9 * slack]), want) is not None
+    assert mismatch(torch.tensor([1.0 + 0.9 * slack]), want, want64) is None
+    assert mismatch(torch.tensor([1.0 + 1.1 * slack]), want, want64) is not None
+
+
+def test_explicit_tolerances_and_the_table():
+    assert tolerance(torch.float16) == TOLERANCE[torch.float16]
+    assert tolerance(torch.int64) == TOLERANCE[torch.float32]
+    assert mismatch(torch.tensor([1.0 + 5e-5]), torch.tensor([1.0]), rtol=1e-5, atol=0) is not None
+    assert mismatch(torch.tensor([1.0 + 5e-5]), torch.tensor([1.0])) is None
+    assert mismatch(torch.tensor([1.0]), torch.tensor([1.0]), rtol=0, atol=0) is None
+    h = torch.tensor([1.0], dtype=torch.float16)
+    assert mismatch(h + 0.0078125, h) is None                     # within float16's rtol of 1e-2
+
+
+def test_the_fuzzer_and_assert_close_use_the_same_oracle():
+    got, want = torch.tensor([0.0, 2.0]), torch.tensor([0.0, 1.0])
+    assert compare is mismatch
+    with pytest.raises(AssertionError, match="worst at \\[1\\]"):
+        assert_close(got, want)
+    assert_close([want, torch.tensor([3])], (want.clone(), torch.tensor([3])))
+
+
+def test_verification_of_outputs():
+    names = ["a", "b", "c", "d"]
+    want = [torch.tensor([1.0, NAN]), torch.tensor([1, 2]), torch.ones(2, 2), torch.tensor([100.0, 0.0])]
+    got = [torch.tensor([1.0, NAN]), torch.tensor([1, 3]), torch.ones(2), torch.tensor([100.02, 0.0])]
+    v = verify_outputs(names, got, want, "PyTorch eager")
+    assert [o.ok for o in v.outputs] == [True, False, False, False] and not v.ok
+    a, b, c, d = v.outputs
+    assert (a.max_abs, a.max_rel) == (0.0, 0.0)
+    assert b.max_abs == 1.0 and "1 of 2 elements differ" in b.detail
+    assert c.max_abs == INF and "want torch.float32[2, 2]" in c.detail
+    assert d.max_abs == pytest.approx(0.02, rel=1e-3) and d.max_rel == pytest.approx(2e-4, rel=1e-3)
+    assert "worst at [0]" in d.detail
+    assert str(v).splitlines()[0] == "verified against PyTorch eager: MISMATCH"
+    assert str(d) == "d: max abs 0.02, max rel 0.0002 MISMATCH"
+    ok = verify_outputs(names[:1], got[:1], want[:1], "ONNX Runtime")
+    assert ok.ok and str(ok) == "verified against ONNX Runtime: all outputs match\n  a: max abs 0, max rel 0 ok"
