@@ -27,7 +27,7 @@ from ...errors import KfuseError
 # -ffp-contract=off: gcc's default (fast) fuses a * b + c into an FMA wherever it sees one, so a value
 # recomputed in a later pass of a row kernel may round differently from the same value in pass 0
 # (x - mean(x) over a row of one element was not 0: tests/unit/test_fuzz.py::
-# test_norm_of_a_norm_over_rows_of_one). The vecmath polynomials in render.py call fmaf explicitly,
+# test_norm_of_a_norm_over_rows_of_one). The vecmath polynomials in vecmath.py call fmaf explicitly,
 # which still compiles to FMA instructions (bit-identical to the contracted code over all 2^32 inputs).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
          "-fno-trapping-math", "-ffp-contract=off"]
