@@ -1,11 +1,10 @@
 """kfuse: a kernel operator fusion compiler for neural-network inference."""
-__version__ = "0.1.0"    # the one version string (pyproject.toml reads it)
+from ._version import __version__
+from .api import CompiledModel, compile, load
+from .dynamo import register as _register_dynamo_backend
+from .errors import GraphError, InputError, KfuseError, ModelFileError, UnsupportedOpError
 
-from .api import CompiledModel, compile  # noqa: E402
-from .dynamo import register as _register_dynamo_backend  # noqa: E402
-from .errors import GraphError, InputError, KfuseError, ModelFileError, UnsupportedOpError  # noqa: E402
-
-__all__ = ["compile", "CompiledModel", "KfuseError", "UnsupportedOpError", "ModelFileError", "InputError",
+__all__ = ["__version__", "compile", "load", "CompiledModel", "KfuseError", "UnsupportedOpError", "ModelFileError", "InputError",
            "GraphError"]
 
 # torch.compile(backend="kfuse") finds the backend through the torch_dynamo_backends entry point of

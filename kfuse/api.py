@@ -14,6 +14,8 @@ import torch.utils._pytree as pytree
 
 from .errors import InputError, KfuseError, ModelFileError
 from .ir import DTYPE_SHORT, Graph
+from . import artifact
+from .ops.reference import run as run_reference
 from .runtime import build_program
 from .verify import Verification, compare
 
@@ -53,6 +55,9 @@ class CompiledModel:
         sig = _signature(flat)
         prog = self._programs.get(sig)
         if prog is None:
+            if self.source is None:
+                raise InputError(f"this model was loaded from an artifact compiled for {'; '.join(self.signatures)}; "
+                                 f"got {_fmt(sig)}: compile the model for this shape and save it again")
             graph = self.capture(flat)
             prog = build_program(graph, self.options)
             self._programs[sig] = prog
@@ -87,8 +92,11 @@ class CompiledModel:
             outs[0] if len(outs) == 1 else tuple(outs))
 
     def reference(self, *inputs, **kwargs) -> list[torch.Tensor]:
-        """Outputs of the original model (PyTorch eager, or ONNX Runtime for an ONNX file), flattened."""
+        """Outputs of the original model (PyTorch eager, or ONNX Runtime for an ONNX file), flattened;
+        for a model loaded from an artifact, the reference interpreter run on the saved graph."""
         flat = self._flatten(inputs, kwargs)
+        if self.source is None:
+            return run_reference(self._program(flat).graph, flat)
         if self.is_onnx:
             try:
                 import onnxruntime as ort
@@ -107,7 +115,8 @@ class CompiledModel:
         self._last = self._program(flat)
         got = self._last(flat)
         names = self._last.graph.output_names or [f"output{i}" for i in range(len(got))]
-        against = "ONNX Runtime" if self.is_onnx else "PyTorch eager"
+        against = "the saved graph's reference interpreter" if self.source is None else \
+            "ONNX Runtime" if self.is_onnx else "PyTorch eager"
         return compare(names, got, self.reference(*inputs, **kwargs), against)
 
     def report(self):
@@ -121,6 +130,38 @@ class CompiledModel:
     @property
     def signatures(self) -> list[str]:
         return [_fmt(s) for s in self._programs]
+
+    # -- artifacts --------------------------------------------------------------------------------------
+    def save(self, path):
+        """Write every compiled signature to the directory `path` (kfuse.load reads it back without
+        capture or a C compiler; see kfuse/artifact.py for what it holds)."""
+        def spec(s):
+            if s is None:
+                return None
+            try:
+                return pytree.treespec_dumps(s)
+            except Exception as e:   # noqa: BLE001 - a type pytree cannot name: say which
+                raise KfuseError(f"cannot save the model's input/output structure ({s}): {e}") from None
+        meta = {"in_spec": spec(self._in_spec), "out_spec": spec(self._out_spec), "is_onnx": self.is_onnx,
+                "options": self.options}
+        artifact.save(path, list(self._programs.items()), meta)
+
+    @classmethod
+    def _loaded(cls, meta: dict, programs: list) -> CompiledModel:
+        def spec(s):
+            if s is None:
+                return None
+            try:
+                return pytree.treespec_loads(s)
+            except Exception as e:   # noqa: BLE001 - a type not registered in this process: say which
+                raise KfuseError(f"cannot rebuild the model's input/output structure: {e} (import the "
+                                 f"module that defines the model's output type before kfuse.load)") from None
+        self = cls.__new__(cls)
+        self.source, self.options, self.is_onnx = None, dict(meta["options"]), bool(meta["is_onnx"])
+        self._in_spec, self._out_spec = spec(meta["in_spec"]), spec(meta["out_spec"])
+        self._programs = dict(programs)
+        self._last = programs[0][1]
+        return self
 
 
 BACKENDS = ("cpu", "reference")
@@ -147,6 +188,16 @@ def check_options(backend: str, options: dict) -> dict:
         if not ok(value):
             raise KfuseError(f"option {name}={value!r}: expected {what}")
     return {"backend": backend, **options}
+
+
+def load(path) -> CompiledModel:
+    """A compiled model saved by `cm.save(path)`: every file's hash checked, no capture and no C
+    compiler needed (on a CPU without the saver's ISA flags, kernels are rebuilt from the stored
+    sources). A missing, truncated or changed file is a KfuseError naming it."""
+    meta, programs = artifact.load(path)
+    if not programs:
+        raise artifact.ArtifactError(f"{path}: the artifact holds no compiled program")
+    return CompiledModel._loaded(meta, programs)
 
 
 def compile(model, example_inputs=(), example_kwargs=None, *, backend: str = "cpu", **options) -> CompiledModel:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import sys
 import time
 
 import torch
 
+from . import artifact
 from .api import compile
 from .errors import KfuseError
 from .models import build
@@ -79,6 +81,13 @@ def cmd_compile(args) -> int:
         cm = compile(args.model, inputs)
     print("\ngraph:", cm.graph.summary())
     print("\n" + str(cm.report()))
+    if args.output:
+        with step(f"saving the artifact to {args.output}"):
+            cm.save(args.output)
+        print(f"  {artifact.describe(args.output)}; load it with kfuse.load({str(args.output)!r})")
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("\nnot verified: ONNX Runtime is not installed (pip install 'kfuse[onnxruntime]')")
+        return 0
     with step("verifying against ONNX Runtime"):
         v = cm.verify(*inputs)
     print("\n" + str(v))
@@ -94,11 +103,13 @@ def main(argv=None) -> int:
     d.add_argument("--model", default="bert", choices=["bert", "gpt2", "llama", "cnn"])
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--seq", type=int, default=128)
-    d.add_argument("--threads", type=int, default=0, help="threads (default: KFUSE_NUM_THREADS or all cores)")
+    d.add_argument("--threads", type=int, default=0, help="torch's and kfuse's threads (default: torch's setting)")
     d.set_defaults(fn=cmd_demo)
-    c = sub.add_parser("compile", help="compile an ONNX file, print the summary and verification",
-                       description="Compile MODEL.onnx and verify it against ONNX Runtime.")
+    c = sub.add_parser("compile", help="compile an ONNX file, print the summary and verification, save it",
+                       description="Compile MODEL.onnx, verify it against ONNX Runtime, and with -o save the "
+                                   "compiled model as an artifact that kfuse.load reads without a C compiler.")
     c.add_argument("model", help="path to an .onnx file")
+    c.add_argument("-o", "--output", help="directory to save the compiled model to (an artifact)")
     c.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic dimension (default 1)")
     c.set_defaults(fn=cmd_compile)
     args = p.parse_args(argv)

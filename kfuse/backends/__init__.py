@@ -123,6 +123,7 @@ def _c_kernel(group):
                 kk, args = k, [a.contiguous() for a in args]
         kk(args, outs)
         return tuple(outs[b] for b in back)
+    run.sources = lambda: [k.source] + [s.source for s in list(strided.values()) if s is not None]
     return run, "c"
 
 
@@ -189,6 +190,7 @@ class Kernel:
     fn: object
     writes_into: bool
     aliases: bool
+    sources: object = list     # () -> the C sources of the libraries it has loaded so far (for artifacts)
 
 
 def make_kernel(group, report, machine) -> Kernel:
@@ -215,6 +217,11 @@ def make_kernel(group, report, machine) -> Kernel:
             report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
         fn = None
     writes_into = fn is not None and kind in WRITES_INTO
+    sources = getattr(fn, "sources", list)
+    if fn is not None and kind == "attention":
+        sources = lambda: [c_attention.source(nodes[0].inputs[0].shape[-1])]   # noqa: E731
+    elif fn is not None and kind == "rope":
+        sources = lambda: [c_rope.SOURCE]   # noqa: E731
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
     elif kind in ("view", "attention", "rope"):
@@ -223,4 +230,4 @@ def make_kernel(group, report, machine) -> Kernel:
     name = fusion_name(nodes)
     if name:
         report.fused(name)
-    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"))
+    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources)

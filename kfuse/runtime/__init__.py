@@ -31,9 +31,11 @@ class Program:
     calling thread (kfuse.backends.openmp), so concurrent callers share the cores instead of each
     starting a full team; `threads` is KFUSE_NUM_THREADS, else the caller's torch setting."""
 
-    def __init__(self, graph: Graph, groups: list, kernels: list, report: Report, source: str, fn, plan):
+    def __init__(self, graph: Graph, groups: list, kernels: list, report: Report, source: str, fn, plan,
+                 reference: bool, machine):
         self.graph, self.groups, self.kernels, self.report = graph, groups, kernels, report
         self.source = source       # the generated call wrapper, for reading and debugging
+        self.reference, self.machine = reference, machine     # how it was built (kept by artifacts)
         self._fn = fn
         self._plan = plan
         self._arenas = [plan.new_arena()] if plan is not None else [[]]
@@ -143,12 +145,20 @@ def build_program(graph: Graph, options: dict) -> Program:
     report = Report()
     if options.get("backend") == "reference":
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
+        return assemble(graph, groups, report, True, None)
+    m = machine()
+    graph, groups = run_pipeline(graph, options, report, m)
+    return assemble(graph, groups, report, False, m)
+
+
+def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m) -> Program:
+    """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
+    run by the reference functions), memory planned, the call wrapper generated."""
+    if reference:
         kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
         plan = None
     else:
-        m = machine()
-        graph, groups = run_pipeline(graph, options, report, m)
         kernels = [make_kernel(g, report, m) for g in groups]
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
@@ -157,4 +167,4 @@ def build_program(graph: Graph, options: dict) -> Program:
         last_use = plan.last_use
     source, fn = generate(graph, groups, kernels, last_use, plan.planned if plan is not None else [])
     dump("codegen", source)
-    return Program(graph, groups, kernels, report, source, fn, plan)
+    return Program(graph, groups, kernels, report, source, fn, plan, reference, m)

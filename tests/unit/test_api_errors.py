@@ -88,6 +88,7 @@ def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):
     import kfuse.backends.c.compiler as compiler
     from kfuse.backends.c import attention, rope
     monkeypatch.setattr(compiler, "_loaded", {})       # forget libraries this process already loaded
+    monkeypatch.setattr(compiler, "_provided", {})     # and those an artifact provided
     monkeypatch.setattr(attention, "_libs", {})
     rope._lib.cache_clear()
     model, inputs = build("bert", batch=2, seq=16, layers=1)

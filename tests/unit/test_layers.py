@@ -14,7 +14,7 @@ MAX_LINES = 700
 # own package (kfuse.passes.autofuse may import kfuse.passes.fold; kfuse.capture may not import
 # kfuse.kernels). Shape inference runs the reference functions, so ops sits below ir.
 LAYERS = [
-    ("kfuse.errors",),
+    ("kfuse.errors", "kfuse._version"),
     ("kfuse.config", "kfuse.report", "kfuse.verify", "kfuse.models"),
     ("kfuse.ops",),
     ("kfuse.ir",),
@@ -22,8 +22,9 @@ LAYERS = [
     ("kfuse.passes",),
     ("kfuse.backends",),
     ("kfuse.runtime",),
+    ("kfuse.artifact",),
     ("kfuse.api",),
-    ("kfuse.dynamo", "kfuse.cli", "kfuse.testing"),
+    ("kfuse.dynamo", "kfuse.cli", "kfuse.testing", "kfuse.serving"),
     ("kfuse",),
 ]
 

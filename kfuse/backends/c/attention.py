@@ -56,12 +56,17 @@ class _Args(ctypes.Structure):
 _libs: dict[tuple, ctypes.CDLL] = {}
 
 
+def source(head_dim: int) -> str:
+    """The C source of the kernel for one head dimension."""
+    return f"#define HD {int(head_dim)}\n" + SOURCE
+
+
 def library(head_dim: int, flags=None) -> ctypes.CDLL:
     """The kernel compiled for one head dimension (cached in memory and on disk)."""
     key = (head_dim, flags)
     lib = _libs.get(key)
     if lib is None:
-        src = f"#define HD {int(head_dim)}\n" + SOURCE
+        src = source(head_dim)
         lib = load(src) if flags is None else load(src, flags)
         lib.attn_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
         lib.attn_forward.restype = None

@@ -86,11 +86,42 @@ def library_path(source: str, flags=tuple(FLAGS)) -> Path:
     return cache_dir() / f"k_{key}.so"
 
 
+def identity() -> str:
+    """The C compiler's path, arguments and --version text (CompileError if it cannot run)."""
+    return _compiler_identity(compiler())
+
+
 _loaded: dict[Path, ctypes.CDLL] = {}
+_provided: dict[str, Path] = {}      # source hash -> a library built from it elsewhere (an artifact's)
+_library_of: dict[str, Path] = {}    # source hash -> the library this process loaded for it
+
+
+def _key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def provide(libraries: dict[str, Path]):
+    """Use these prebuilt libraries ({source: path}, from an artifact whose hashes were checked) for
+    their sources (default flags), instead of the cache or the compiler."""
+    _provided.update({_key(src): Path(p) for src, p in libraries.items()})
+
+
+def library_of(source: str) -> Path:
+    """The file of the library this process loaded for `source` (default flags)."""
+    return _library_of[_key(source)]
 
 
 def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
     """The shared library built from `source`, compiling it unless a sound cached copy exists."""
+    given = _provided.get(_key(source)) if tuple(flags) == tuple(FLAGS) else None
+    if given is not None:
+        try:
+            lib = _loaded.get(given) or ctypes.CDLL(str(given))
+            _loaded[given] = _loaded.get(given, lib)
+            _library_of[_key(source)] = given
+            return lib
+        except OSError:          # the artifact is gone: build or find it as usual
+            del _provided[_key(source)]
     path = library_path(source, flags)
     lib = _loaded.get(path)
     if lib is not None:
@@ -107,6 +138,8 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
         except OSError as e:
             raise CompileError(f"built {path} but cannot load it: {e}") from None
     _loaded[path] = lib
+    if tuple(flags) == tuple(FLAGS):
+        _library_of[_key(source)] = path
     return lib
 
 
