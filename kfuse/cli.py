@@ -12,7 +12,7 @@ import torch
 from . import artifact
 from .api import compile
 from .errors import KfuseError
-from .models import build
+from .models import MODELS, build
 from .report import fusion_table
 from .runtime import median_ms
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="compile a built-in model, verify it and time it against eager",
                        description="Compile a built-in model (no download), print the graph summary, the "
                                    "fusions, the verification against PyTorch eager and the time against eager.")
-    d.add_argument("--model", default="bert", choices=["bert", "gpt2", "llama", "cnn"])
+    d.add_argument("--model", default="bert", choices=sorted(MODELS))
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--seq", type=int, default=128)
     d.add_argument("--threads", type=int, default=0, help="torch's and kfuse's threads (default: torch's setting)")

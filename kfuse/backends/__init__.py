@@ -17,12 +17,14 @@ import torch
 from .. import cost
 from ..ir import VIEW_OPS, Kind
 from ..kernels import NotFusable, lower
+from ..kernels.conv import as_conv
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
 from .c import rope as c_rope
+from .conv import pack_conv
 from .library import pack_linear
 from .reference import reference_kernel
 
@@ -46,6 +48,19 @@ def _linear_kernel(nodes):
     x, w, b, act = as_linear(nodes)
     lin = pack_linear(w, b, act, batch_hint=x.numel // x.shape[-1])
     return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
+
+
+def _conv_kernel(group):
+    spec = as_conv(group.nodes)
+    conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
+    ix = group.inputs.index(spec.x)
+    if spec.residual is None:
+        fn = lambda *args: (conv(args[ix]),)   # noqa: E731
+    else:
+        ir = group.inputs.index(spec.residual)
+        fn = lambda *args: (conv(args[ix], args[ir]),)   # noqa: E731
+    fused = "+post-op" if conv.post_op_fused else ""
+    return fn, f"library:{conv.backend}{fused}" + ("+residual" if conv.residual_fused else "")
 
 
 def _attention_kernel(node):
@@ -150,6 +165,10 @@ def fusion_name(nodes) -> str | None:
     if lin is not None:
         _, _, bias, act = lin
         return f"gemm_{act}" if act != "none" else ("gemm_bias" if bias is not None else None)
+    conv = as_conv(nodes)
+    if conv is not None:
+        parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
+        return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
         return nodes[0].op if nodes[0].op in ("attention", "rope") else None
     if "layer_norm" in ops:
@@ -173,6 +192,8 @@ def kind_of(group) -> str:
         return "view"
     if as_linear(nodes) is not None:
         return "linear"
+    if as_conv(nodes) is not None:
+        return "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype == torch.float32:
         return nodes[0].op
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
@@ -203,6 +224,8 @@ def make_kernel(group, report, machine) -> Kernel:
             fn, backend = _single(VIEW[nodes[0].op], nodes[0].attrs), "view"
         elif kind == "linear":
             fn, backend = _linear_kernel(nodes)
+        elif kind == "conv":
+            fn, backend = _conv_kernel(group)
         elif kind == "attention":
             fn, backend = _attention_kernel(nodes[0])
         elif kind == "rope":

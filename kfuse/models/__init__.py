@@ -182,6 +182,48 @@ class CNN(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (with the stride), 1x1 expand, BatchNorm after each,
+    residual add, ReLU; a 1x1 conv + BN on the shortcut where the shape changes."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al. 2016, torchvision's v1.5 layout): 53 convolutions, 16 bottlenecks."""
+
+    def __init__(self, classes=1000, image=224):
+        super().__init__()
+        self.image = image
+        self.stem, self.bn = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        blocks, cin = [], 64
+        for width, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for k in range(n):
+                blocks.append(Bottleneck(cin, width, stride if k == 0 else 1))
+                cin = width * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.stem(x))), 3, 2, 1)
+        x = self.blocks(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def _randomise(model: nn.Module, seed: int):
     """Seeded weights, with BatchNorm statistics and norm scales away from their trivial values."""
     g = torch.Generator().manual_seed(seed)
@@ -210,7 +252,8 @@ def token_inputs(batch, seq, vocab=1000, seed=0, pad=True):
     return ids, mask
 
 
-MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN}
+MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50}
+IMAGE_MODELS = {"cnn": 32, "resnet50": 224}     # input side length (`image=` overrides it)
 
 
 def build(name: str, batch: int = 1, seq: int = 128, seed: int = 0, **config):
@@ -219,8 +262,9 @@ def build(name: str, batch: int = 1, seq: int = 128, seed: int = 0, **config):
         raise KeyError(f"unknown built-in model {name!r}; choose from {', '.join(MODELS)}")
     torch.manual_seed(seed)
     model = _randomise(MODELS[name](**config), seed)
-    if name == "cnn":
+    if name in IMAGE_MODELS:
+        side = getattr(model, "image", IMAGE_MODELS[name])
         g = torch.Generator().manual_seed(seed + 1)
-        return model, (torch.randn(batch, 3, 32, 32, generator=g),)
+        return model, (torch.randn(batch, 3, side, side, generator=g),)
     vocab = config.get("vocab", 1000)
     return model, token_inputs(batch, seq, vocab, seed + 1)

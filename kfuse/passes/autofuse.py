@@ -18,6 +18,7 @@ import heapq
 from .. import cost
 from ..ir import VIEW_OPS, Graph, Group, Kind, Node
 from ..kernels import NotFusable, lower
+from ..kernels.conv import as_conv
 from ..kernels.linear import as_linear
 
 FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
@@ -135,14 +136,15 @@ class Scheduler:
                     self.refused[(i, n)] = why
 
     def gemm_epilogue(self, n: Node) -> int | None:
-        """The group of a GEMM by a constant weight that n can finish as a library epilogue (a bias
-        add, then an activation: oneDNN post-ops), or None."""
+        """The group of a GEMM or convolution by a constant weight that n can finish as a library
+        epilogue (a bias add, a residual add for convolutions, an activation: oneDNN post-ops), or None."""
         for i in n.inputs:
             gi = self.group_of.get(i)
             if gi is None or n.op in self.disabled or self.groups[gi][-1] is not i or len(self.users[i]) != 1 \
-                    or i in self.outputs or self.groups[gi][0].op != "matmul":
+                    or i in self.outputs or self.groups[gi][0].op not in ("matmul", "conv2d"):
                 continue
-            if as_linear(self.groups[gi] + [n]) is not None:
+            described = as_linear if self.groups[gi][0].op == "matmul" else as_conv
+            if described(self.groups[gi] + [n]) is not None and not self.creates_cycle(self.groups[gi], [n]):
                 if self.max_group and len(self.groups[gi]) + 1 > self.max_group:
                     self.refused[(i, n)] = "group_size_cap", f"group size capped at {self.max_group} ops by the user"
                     return None

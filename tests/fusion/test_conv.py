@@ -28,3 +28,94 @@ def test_bn_after_shared_conv_is_not_folded():
     cm = compiled(m.eval(), torch.randn(1, 3, 9, 9))
     rep = cm.report()
     assert "conv_bn_scale" not in rep.rules and "conv_bn_shift" not in rep.rules
+
+
+# -- convolutions through oneDNN with their epilogues --------------------------------------------------------
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from helpers import Fn, kernels_named  # noqa: E402
+
+from kfuse.backends import conv as conv_backend  # noqa: E402
+
+ACTS = [(F.relu, "relu"), (F.silu, "silu"), (torch.sigmoid, "sigmoid"), (torch.tanh, "tanh"), (F.gelu, "gelu"),
+        (lambda y: F.leaky_relu(y, 0.1), "leaky_relu"), (F.relu6, "clamp")]
+
+
+@pytest.mark.parametrize("act,name", ACTS)
+def test_conv_bias_activation_is_one_kernel(act, name):
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1)
+    model = Fn(lambda m, x: act(conv(x)))
+    model.conv = conv
+    x = torch.randn(2, 5, 9, 11)
+    x[0, 1, 2, 3] = float("nan")            # NaN must propagate as in eager (oneDNN's relu would zero it)
+    cm = compiled(model, x)
+    rep = cm.report()
+    assert rep.fusions == {f"conv_{name}": 1}, rep.fusions
+    assert [k.ops for k in rep.kernels] == [["conv2d", name]]
+    assert rep.kernels[0].backend.startswith("library:onednn")
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((1, 6, 13, 9), dict(kernel_size=3, groups=3, padding=1)),             # grouped
+    ((1, 8, 11, 11), dict(kernel_size=3, groups=8, padding=1)),            # depthwise
+    ((2, 4, 15, 17), dict(kernel_size=3, dilation=2, padding=2)),          # dilation 2
+    ((1, 4, 16, 16), dict(kernel_size=2, stride=3)),                       # stride larger than the kernel
+    ((1, 4, 15, 15), dict(kernel_size=1, stride=2)),                       # 1x1 stride 2, odd size
+    ((3, 3, 7, 5), dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))),  # non-square
+    ((0, 3, 8, 8), dict(kernel_size=3, padding=1)),                        # batch 0
+])
+def test_odd_convolutions_match_eager(shape, kw):
+    conv = torch.nn.Conv2d(shape[1], 8 if kw.get("groups", 1) == 1 else shape[1] * 2, **kw)
+    model = Fn(lambda m, x: F.silu(conv(x)))
+    model.conv = conv
+    cm = compiled(model, torch.randn(shape))
+    assert len([k for k in cm.report().kernels if k.backend != "view"]) == 1
+
+
+def test_non_contiguous_input():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    model = Fn(lambda m, x: torch.relu(conv(x.transpose(2, 3))))
+    model.conv = conv
+    compiled(model, torch.randn(1, 4, 9, 12))
+
+
+def test_residual_add_and_relu_ride_on_the_conv():
+    c1, c2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+    model = Fn(lambda m, x: F.relu(c2(F.relu(c1(x))) + x))
+    model.c1, model.c2 = c1, c2
+    cm = compiled(model, torch.randn(2, 8, 10, 10))
+    rep = cm.report()
+    assert rep.fusions == {"conv_relu": 1, "conv_add_relu": 1}, rep.fusions
+    assert kernels_named(rep, "conv_add_relu")[0].backend.endswith("+residual")
+
+
+def test_residual_that_depends_on_the_conv_is_not_fused():
+    """y + f(y): taking the add into y's kernel would make that kernel read its own output."""
+    c = torch.nn.Conv2d(4, 4, 3, padding=1)
+    model = Fn(lambda m, x: (lambda y: y + torch.tanh(y) * 2)(c(x)))
+    model.c = c
+    cm = compiled(model, torch.randn(1, 4, 8, 8))
+    assert not any(k.name.startswith("conv_add") for k in cm.report().kernels)
+
+
+def test_without_onednn_the_fallback_computes_the_same(monkeypatch):
+    monkeypatch.setattr(conv_backend, "_ops", lambda: None)
+    conv_backend.supports.cache_clear()
+    try:
+        c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        model = Fn(lambda m, x: F.relu(c1(x) + 1.0) * 2)
+        model.c1 = c1
+        cm = compiled(model, torch.randn(2, 3, 9, 9))
+        assert cm.report().kernels[0].backend == "library:torch"
+    finally:
+        conv_backend.supports.cache_clear()
+
+
+def test_resnet50_fusion_counts():
+    model, inputs = build("resnet50", batch=1, image=64)
+    cm = compiled(model, *inputs, rtol=1e-4, atol=1e-4)   # 53 oneDNN convolutions reorder their sums
+    rep = cm.report()
+    assert rep.rules["conv_bn_scale"] == 53 and rep.rules["conv_bn_shift"] == 53    # every BatchNorm folded
+    assert cm.graph.op_counts()["conv2d"] == 53
+    assert rep.fusions == {"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, rep.fusions
+    assert not rep.fallbacks

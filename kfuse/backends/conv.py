@@ -1,0 +1,134 @@
+"""2-D convolutions with constant weights through oneDNN: the weight packed once, the activation and a
+residual add as post-ops; `F.conv2d` plus in-place epilogue ops where the probe says no.
+
+    conv = pack_conv(w, b, attrs, act=("relu", (), ""), residual=False, input_size=[1, 64, 56, 56])
+    y = conv(x)                 # act(conv2d(x, w, b)), channels-last output on the oneDNN path
+    y = conv(x, r)              # act(conv2d(x, w, b) + r)
+
+The ops are the private ones Inductor's freezing uses (torch/_inductor/fx_passes/mkldnn_fusion.py):
+`torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, input_size)` and
+`torch.ops.mkldnn._convolution_pointwise(x, W, b, padding, stride, dilation, groups, attr, scalars,
+algorithm)` (padding before stride, the reverse of aten), `.binary(x, other, W, b, padding, stride,
+dilation, groups, "add", alpha, unary_attr, unary_scalars, unary_algorithm)` for the residual.
+oneDNN computes in the channels-last layout: x is converted once if it is not, and the output is
+channels-last. The binary form needs channels-last x and groups == 1, so only then is the residual
+fused. Each post-op is probed once on a tiny odd problem (stride 1x2, so swapped arguments show,
+and a NaN, which oneDNN's relu turns into 0) and used only if it matches the reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+CL = torch.channels_last
+
+# the same activations in place, where a post-op is not available (exactly the reference's functions)
+INPLACE = {
+    "relu": lambda y, s, a: torch.relu_(y),
+    "sigmoid": lambda y, s, a: torch.sigmoid_(y),
+    "tanh": lambda y, s, a: torch.tanh_(y),
+    "swish": lambda y, s, a: torch.ops.aten.silu_(y),
+    "gelu": lambda y, s, a: torch.ops.aten.gelu_(y, approximate=a),
+    "leaky_relu": lambda y, s, a: F.leaky_relu_(y, s[0]),
+    "hardtanh": lambda y, s, a: F.hardtanh_(y, s[0], s[1]),
+}
+REFERENCE = {
+    "relu": lambda y, s, a: torch.relu(y),
+    "sigmoid": lambda y, s, a: torch.sigmoid(y),
+    "tanh": lambda y, s, a: torch.tanh(y),
+    "swish": lambda y, s, a: F.silu(y),
+    "gelu": lambda y, s, a: F.gelu(y, approximate=a),
+    "leaky_relu": lambda y, s, a: F.leaky_relu(y, s[0]),
+    "hardtanh": lambda y, s, a: F.hardtanh(y, s[0], s[1]),
+}
+
+
+def _ops():
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        cp = torch.ops.mkldnn._convolution_pointwise
+        return cp.default, cp.binary, torch.ops.mkldnn._reorder_convolution_weight.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def supports(act: tuple | None, residual: bool) -> bool:
+    """Whether oneDNN computes act(conv(x) + b [+ r]) like the reference on a tiny odd problem."""
+    ops = _ops()
+    if ops is None:
+        return False
+    unary, binary, reorder = ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 5, 7, generator=g)
+    x[0, 1, 2, 3] = float("nan")
+    w, b, r = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g), torch.randn(1, 4, 5, 4, generator=g)
+    stride, pad, dil = [1, 2], [1, 1], [1, 1]
+    want = F.conv2d(x.double(), w.double(), b.double(), stride, pad, dil) + (r.double() if residual else 0)
+    if act is not None:
+        want = REFERENCE[act[0]](want, act[1], act[2])
+    try:
+        with torch.no_grad():
+            wp = reorder(w, pad, stride, dil, 1, list(x.shape))
+            xc = x.contiguous(memory_format=CL)
+            if residual:
+                a = act or (None, (), None)
+                got = binary(xc, r.contiguous(memory_format=CL), wp, b, pad, stride, dil, 1, "add", None, a[0], list(a[1]), a[2])
+            else:
+                a = act or ("none", (), "")
+                got = unary(xc, wp, b, pad, stride, dil, 1, a[0], list(a[1]), a[2])
+    except (RuntimeError, TypeError):
+        return False
+    if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
+        return False
+    ok = ~want.isnan()
+    return bool(torch.allclose(got.double()[ok], want[ok], rtol=1e-4, atol=1e-5))
+
+
+class PackedConv:
+    """act(conv2d(x, W, b) [+ residual]) for one constant weight. Attributes: backend ("onednn" or
+    "torch"), post_op_fused, residual_fused (what runs inside the oneDNN call)."""
+
+    def __init__(self, w, b, attrs, act, residual: bool, input_size):
+        self.stride, self.padding = list(attrs["stride"]), list(attrs["padding"])
+        self.dilation, self.groups = list(attrs["dilation"]), int(attrs["groups"])
+        self.act = act
+        self._b = None if b is None else b.detach().float().contiguous().clone()
+        onednn = supports(None, False)
+        self.backend = "onednn" if onednn else "torch"
+        self.residual_fused = onednn and residual and self.groups == 1 and supports(None, True)
+        self.post_op_fused = act is not None and onednn and (
+            supports(act, True) if self.residual_fused else not residual and supports(act, False))
+        with torch.no_grad():
+            if onednn:
+                self._unary, self._binary, reorder = _ops()
+                self._w = reorder(w.detach().contiguous(), self.padding, self.stride, self.dilation, self.groups,
+                                  list(input_size))
+            else:
+                self._w = w.detach().contiguous().clone()
+
+    def __call__(self, x, residual=None):
+        act, fused_act = self.act, self.post_op_fused
+        if self.backend == "torch":
+            y = F.conv2d(x, self._w, self._b, self.stride, self.padding, self.dilation, self.groups)
+        elif residual is not None and self.residual_fused:
+            a = act if fused_act else (None, (), None)
+            y = self._binary(x.contiguous(memory_format=CL), residual.contiguous(memory_format=CL), self._w, self._b,
+                             self.padding, self.stride, self.dilation, self.groups, "add", None, a[0], list(a[1]), a[2])
+            residual = None
+        else:
+            a = act if fused_act else ("none", (), "")
+            y = self._unary(x.contiguous(memory_format=CL), self._w, self._b, self.padding, self.stride, self.dilation,
+                            self.groups, a[0], list(a[1]), a[2])
+        if residual is not None:
+            y.add_(residual)
+        if act is not None and not fused_act:
+            INPLACE[act[0]](y, act[1], act[2])
+        return y
+
+
+def pack_conv(w, b, attrs, act=None, residual=False, input_size=None) -> PackedConv:
+    return PackedConv(w, b, attrs, act, residual, input_size)

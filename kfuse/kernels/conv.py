@@ -1,0 +1,76 @@
+"""The convolution-with-epilogue kernel: act(conv2d(x, W) + b [+ residual]) with constant W and b,
+as a library (oneDNN) runs it: the activation and the residual add as post-ops of the convolution.
+
+`as_conv(nodes)` recognises a group the scheduler formed (a conv2d by a constant weight, then a
+per-channel bias add, then either a residual add of a tensor of the output's shape, an activation,
+or a residual add followed by an activation); the activations are those with a oneDNN post-op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Node
+
+
+@dataclass
+class ConvEpilogue:
+    x: Node                       # the convolution's input
+    weight: torch.Tensor          # [Cout, Cin/groups, kh, kw]
+    bias: torch.Tensor | None     # [Cout]
+    attrs: dict                   # stride, padding, dilation, groups
+    act: tuple | None             # (oneDNN attr, scalars, algorithm), e.g. ("relu", (), "")
+    residual: Node | None         # added after the bias, before the activation
+
+
+def post_op_of(n: Node) -> tuple | None:
+    """The oneDNN eltwise post-op computing node n of one input, or None."""
+    if n.op in ("relu", "sigmoid", "tanh"):
+        return (n.op, (), "")
+    if n.op == "silu":
+        return ("swish", (), "")
+    if n.op == "gelu":
+        return ("gelu", (), n.attrs.get("approximate", "none"))
+    if n.op == "leaky_relu":
+        return ("leaky_relu", (float(n.attrs["alpha"]),), "")
+    if n.op == "clamp" and n.attrs.get("min") is not None and n.attrs.get("max") is not None \
+            and math.isfinite(n.attrs["min"]) and math.isfinite(n.attrs["max"]):
+        return ("hardtanh", (float(n.attrs["min"]), float(n.attrs["max"])), "")
+    return None
+
+
+def _per_channel(c: Node, conv: Node) -> torch.Tensor | None:
+    ch = conv.shape[1]
+    if c.op != "const" or c.numel != ch or c.dtype != conv.dtype or len(c.shape) > 4:
+        return None
+    shape = (1,) * (4 - len(c.shape)) + c.shape
+    return c.value.reshape(ch) if shape[1] == ch else None
+
+
+def as_conv(nodes) -> ConvEpilogue | None:
+    """The description of `nodes` (a conv2d by a constant weight and its epilogue), or None."""
+    head = nodes[0]
+    if head.op != "conv2d" or head.dtype != torch.float32 or len(head.shape) != 4 or head.inputs[1].op != "const" \
+            or (len(head.inputs) == 3 and head.inputs[2].op != "const"):
+        return None
+    bias = head.inputs[2].value if len(head.inputs) == 3 else None
+    act, residual, last = None, None, head
+    for n in nodes[1:]:
+        if last not in n.inputs or n.shape != last.shape or act is not None:
+            return None
+        other = [i for i in n.inputs if i is not last]
+        if n.op == "add" and len(other) == 1 and residual is None and (v := _per_channel(other[0], head)) is not None:
+            if last is not head:             # a bias after a residual add is not a post-op
+                return None
+            bias = v if bias is None else bias + v
+        elif n.op == "add" and len(other) == 1 and residual is None and other[0].shape == head.shape \
+                and other[0].dtype == head.dtype and other[0].op != "const":
+            residual = other[0]
+        elif not other and post_op_of(n) is not None:
+            act = post_op_of(n)
+        else:
+            return None
+        last = n
+    return ConvEpilogue(head.inputs[0], head.inputs[1].value, bias, dict(head.attrs), act, residual)
