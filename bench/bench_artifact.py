@@ -1,0 +1,76 @@
+"""Compile vs load: the time a fresh process takes to compile a built-in model (capture, passes,
+kernels; with a cold and with a warm kernel cache) and to load the same model from an artifact
+(`kfuse.load`, with CC pointing at no compiler), each in its own process, median of a few runs.
+
+    python bench/bench_artifact.py [--model bert] [--seq 128] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from common import commit, machine
+
+COMPILE = """
+import sys, time, torch, kfuse
+from kfuse.models import build
+model, inputs = build(sys.argv[1], batch=1, seq=int(sys.argv[2]))
+t = time.perf_counter(); cm = kfuse.compile(model, inputs); t = time.perf_counter() - t
+if len(sys.argv) > 3:
+    cm.save(sys.argv[3])
+    torch.save((inputs, cm(*inputs)), sys.argv[3] + ".io.pt")
+print(t)
+"""
+
+LOAD = """
+import sys, time, torch
+t0 = time.perf_counter(); import kfuse; t_import = time.perf_counter() - t0
+t = time.perf_counter(); cm = kfuse.load(sys.argv[1]); t = time.perf_counter() - t
+inputs, want = torch.load(sys.argv[1] + ".io.pt")
+assert torch.equal(cm(*inputs), want) and not cm.report().fallbacks
+print(t, t_import)
+"""
+
+
+def run(code, args, env) -> list[float]:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return [float(x) for x in out.stdout.split()]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bert")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = {**os.environ, "PYTHONPATH": root}
+    cold, warm, load, imp = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        art = os.path.join(tmp, "art")
+        for r in range(a.runs):
+            cache = os.path.join(tmp, f"cache{r}")          # a new, empty kernel cache: a fresh machine
+            env = {**base, "KFUSE_CACHE_DIR": cache}
+            cold.append(run(COMPILE, [a.model, str(a.seq), art], env)[0])
+            warm.append(run(COMPILE, [a.model, str(a.seq)], env)[0])
+            t, ti = run(LOAD, [art], {**base, "CC": "/nonexistent/cc", "KFUSE_CACHE_DIR": os.path.join(tmp, "none")})
+            load.append(t)
+            imp.append(ti)
+    med = statistics.median
+    print(f"{machine()}, commit {commit()}; {a.model} batch 1 x seq {a.seq}; median of {a.runs} fresh processes")
+    print(f"  compile, cold kernel cache   {med(cold):8.3f} s   ({min(cold):.3f}-{max(cold):.3f})")
+    print(f"  compile, warm kernel cache   {med(warm):8.3f} s   ({min(warm):.3f}-{max(warm):.3f})")
+    print(f"  kfuse.load, no C compiler    {med(load):8.3f} s   ({min(load):.3f}-{max(load):.3f})"
+          f"   (import kfuse {med(imp):.2f} s, not counted)")
+    print(f"  load / warm compile {med(load) / med(warm):.3f}, load / cold compile {med(load) / med(cold):.3f}")
+    print(f"CSV,bench_artifact,{a.model},{a.seq},{med(cold):.4f},{med(warm):.4f},{med(load):.4f},{machine()},{commit()}")
+
+
+if __name__ == "__main__":
+    main()
