@@ -1,0 +1,72 @@
+"""Convolution + bias + activation (+ residual): kfuse's packed oneDNN kernel against eager and the bare
+oneDNN convolution, on ResNet-50's shapes (batch 1, 2 threads).
+
+    python bench/bench_conv.py [--rounds 9]
+
+Providers, side by side in one process, same inputs, rotated rounds (bench/common.py measure):
+  eager        F.relu(F.conv2d(x, w, b) [+ r])              torch's own dispatch
+All inputs are channels-last, as inside a network where the previous convolution wrote them.
+  onednn-bare  mkldnn._convolution_pointwise(x_cl, W, b, "none")    the bound: no epilogue at all
+  kfuse        the whole compiled model (kfuse.compile of the same module), called as a user does
+The kfuse ratio to onednn-bare is the target (>= 90%): the epilogue (relu in place, since oneDNN's
+relu post-op maps NaN to 0; the residual as a binary post-op) must cost little beyond the conv.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import commit, machine, measure
+
+import kfuse
+
+# (Cin, H=W, Cout, kernel, stride, residual): ResNet-50 layers
+CASES = [(64, 56, 64, 3, 1, False), (64, 56, 256, 1, 1, True), (256, 56, 64, 1, 1, False),
+         (128, 28, 128, 3, 1, False), (512, 28, 128, 1, 1, False), (256, 14, 1024, 1, 1, True),
+         (512, 7, 512, 3, 1, False)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    a = ap.parse_args()
+    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'case':<34}{'eager ms':>10}{'bare ms':>10}{'kfuse ms':>10}{'GFLOP/s':>9}{'kfuse/bare':>11}{'vs eager':>9}")
+    for cin, hw, cout, k, s, res in CASES:
+        g = torch.Generator().manual_seed(0)
+        conv = torch.nn.Conv2d(cin, cout, k, s, k // 2)
+        # channels-last inputs, as inside a network where the previous convolution wrote them
+        x = torch.randn(1, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(1, cout, hw // s, hw // s, generator=g).contiguous(memory_format=torch.channels_last) \
+            if res else None
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = conv
+
+            def forward(self, x, *rest):
+                y = self.conv(x)
+                return F.relu(y + rest[0] if rest else y)
+        m = M().eval()
+        inputs = (x, r) if res else (x,)
+        cm = kfuse.compile(m, inputs)
+        w = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), [k // 2] * 2, [s] * 2, [1, 1], 1,
+                                                          list(x.shape))
+        xc, b = x.contiguous(memory_format=torch.channels_last), conv.bias.detach()
+        bare = torch.ops.mkldnn._convolution_pointwise
+        res_ms = measure({
+            "eager": lambda: m(*inputs),
+            "onednn-bare": lambda: bare(xc, w, b, [k // 2] * 2, [s] * 2, [1, 1], 1, "none", [], ""),
+            "kfuse": lambda: cm(*inputs),
+        }, a.rounds)
+        flops = 2 * cout * cin * k * k * (hw // s) ** 2
+        e, bb, kf = (res_ms[n]["ms"] for n in ("eager", "onednn-bare", "kfuse"))
+        case = f"[{cin},{hw},{hw}] {k}x{k}/{s} -> {cout}" + (" +res" if res else "")
+        print(f"{case:<34}{e:>10.3f}{bb:>10.3f}{kf:>10.3f}{flops / kf / 1e6:>9.1f}{bb / kf * 100:>10.0f}%{e / kf:>8.2f}x")
+        print(f"CSV,bench_conv,{case},{e:.4f},{bb:.4f},{kf:.4f},{machine()},{commit()}")
+
+
+if __name__ == "__main__":
+    main()
