@@ -69,18 +69,34 @@ class CompiledModel:
                 raise InputError(f"input {i} is a {type(t).__name__}, expected a torch.Tensor")
 
     def _flatten(self, inputs, kwargs):
-        flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
-        if spec != self._in_spec:
-            want_args, want_kwargs = pytree.tree_unflatten([0] * self._in_spec.num_leaves, self._in_spec)
-            raise InputError(f"model was compiled for {len(want_args)} positional inputs and keyword inputs "
-                             f"{sorted(want_kwargs)}; got {len(inputs)} positional and {sorted(kwargs)}")
-        self._check_tensors(flat)
+        if not kwargs and len(inputs) == self._positional and all(type(t) is torch.Tensor for t in inputs):
+            flat = list(inputs)        # the common case, without pytree's walk (half the call's overhead)
+        else:
+            flat = self._flatten_tree(inputs, kwargs)
         first = next(iter(self._programs))
         for i, ((shape, dtype), t) in enumerate(zip(first, flat)):
             if t.dtype != dtype:
                 raise InputError(f"input {i} has dtype {t.dtype}, compiled for {dtype}")
             if t.dim() != len(shape):
                 raise InputError(f"input {i} has shape {list(t.shape)} (rank {t.dim()}), compiled for rank {len(shape)}")
+        return flat
+
+    @property
+    def _positional(self) -> int:
+        """n when the model takes exactly n positional tensors (no keywords, no nesting), else -1."""
+        n = self._in_spec.num_leaves
+        if getattr(self, "_positional_n", None) is None:
+            self._positional_n = n if self._in_spec == pytree.tree_flatten(((0,) * n, {}))[1] else -1
+        return self._positional_n
+
+    def _flatten_tree(self, inputs, kwargs):
+        flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
+        if spec != self._in_spec:
+            want_args, want_kwargs = pytree.tree_unflatten([0] * self._in_spec.num_leaves, self._in_spec)
+            raise InputError(f"model was compiled for {len(want_args)} positional inputs and keyword inputs "
+                             f"{sorted(want_kwargs)}; got {len(inputs)} positional "
+                             f"({', '.join(type(a).__name__ for a in inputs)}) and keyword inputs {sorted(kwargs)}")
+        self._check_tensors(flat)
         return flat
 
     # -- running ----------------------------------------------------------------------------------------
