@@ -224,6 +224,46 @@ class ResNet50(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def _conv_bn(cin, cout, k, stride=1, groups=1, act=True):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (ReLU6), 3x3 depthwise (ReLU6), 1x1 project; residual when shapes match."""
+
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers = [_conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x) if self.use_res else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018), width 1.0: depthwise-separable inverted residuals, ReLU6."""
+
+    def __init__(self, classes=1000, image=224):
+        super().__init__()
+        self.image = image
+        blocks, cin = [_conv_bn(3, 32, 3, 2)], 32
+        for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                           (6, 160, 3, 2), (6, 320, 1, 1)):
+            for k in range(n):
+                blocks.append(InvertedResidual(cin, c, s if k == 0 else 1, t))
+                cin = c
+        blocks.append(_conv_bn(cin, 1280, 1))
+        self.features = nn.Sequential(*blocks)
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
 def _randomise(model: nn.Module, seed: int):
     """Seeded weights, with BatchNorm statistics and norm scales away from their trivial values."""
     g = torch.Generator().manual_seed(seed)
@@ -252,8 +292,8 @@ def token_inputs(batch, seq, vocab=1000, seed=0, pad=True):
     return ids, mask
 
 
-MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50}
-IMAGE_MODELS = {"cnn": 32, "resnet50": 224}     # input side length (`image=` overrides it)
+MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50, "mobilenetv2": MobileNetV2}
+IMAGE_MODELS = {"cnn": 32, "resnet50": 224, "mobilenetv2": 224}     # input side length (`image=` overrides it)
 
 
 def build(name: str, batch: int = 1, seq: int = 128, seed: int = 0, **config):

@@ -119,3 +119,13 @@ def test_resnet50_fusion_counts():
     assert cm.graph.op_counts()["conv2d"] == 53
     assert rep.fusions == {"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, rep.fusions
     assert not rep.fallbacks
+
+
+def test_mobilenetv2_fusion_counts():
+    """Depthwise-separable inverted residuals: every conv takes its BatchNorm, ReLU6 (clamp) and residual."""
+    model, inputs = build("mobilenetv2", batch=1, image=64)
+    cm = compiled(model, *inputs, rtol=1e-4, atol=1e-4)
+    rep = cm.report()
+    assert rep.rules["conv_bn_scale"] == 52 and cm.graph.op_counts()["conv2d"] == 52
+    assert rep.fusions == {"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, rep.fusions
+    assert not rep.fallbacks
