@@ -60,6 +60,9 @@ def _conv_kernel(group):
         ir = group.inputs.index(spec.residual)
         fn = lambda *args: (conv(args[ix], args[ir]),)   # noqa: E731
     fused = "+post-op" if conv.post_op_fused else ""
+    if spec.act is not None and not conv.post_op_fused:
+        fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
+                  f"(for relu and hardtanh it maps NaN to 0)"
     return fn, f"library:{conv.backend}{fused}" + ("+residual" if conv.residual_fused else "")
 
 
@@ -240,6 +243,7 @@ def make_kernel(group, report, machine) -> Kernel:
             report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
         fn = None
     writes_into = fn is not None and kind in WRITES_INTO
+    note = getattr(fn, "note", note)
     sources = getattr(fn, "sources", list)
     if fn is not None and kind == "attention":
         sources = lambda: [c_attention.source(nodes[0].inputs[0].shape[-1])]   # noqa: E731
