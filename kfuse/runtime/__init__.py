@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from .. import config
@@ -39,24 +40,26 @@ class Program:
         self._fn = fn
         self._plan = plan
         self._arenas = [plan.new_arena()] if plan is not None else [[]]
-        self._in_flight = 0
+        self._n_arenas = 1               # arenas made; those not in the pool are in use by a call
+        self._grow = threading.Lock()
 
     def __call__(self, inputs):
         arenas = self._arenas
         try:
             arena = arenas.pop()         # list.pop and append are atomic under the GIL
         except IndexError:
+            with self._grow:
+                self._n_arenas += 1
             arena = self._plan.new_arena() if self._plan is not None else []
-        self._in_flight += 1
         try:
+            in_flight = max(1, self._n_arenas - len(arenas))     # never drifts: counted from the pool
             before = openmp.threads()
-            want = max(1, (config.get().threads or before) // max(1, self._in_flight))
+            want = max(1, (config.get().threads or before) // in_flight)
             if want == before:
                 return list(self._fn(arena, *inputs))
             with openmp.using(want):
                 return list(self._fn(arena, *inputs))
         finally:
-            self._in_flight -= 1
             arenas.append(arena)
 
     def profile(self, inputs, reps: int = 7) -> list[tuple[float, float]]:
