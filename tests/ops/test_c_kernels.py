@@ -451,3 +451,18 @@ def test_input_not_unit_stride_along_rows_is_refused():
     g.outputs = [g.add("neg", x)]
     with pytest.raises(NotFusable, match="steps by 4"):
         lower(g.nodes[1:], g.outputs, {x: (1, 4)})      # a transposed view
+
+
+def test_small_kernels_run_on_the_calling_thread():
+    """Below PARALLEL_MIN elements no OpenMP team is started (a descheduled member stalls the call)."""
+    from kfuse.backends.c.render import PARALLEL_MIN
+    for shape, op, attrs in (([8], "exp", {}), ([4, 64], "softmax", {"axis": -1})):
+        g = Graph()
+        g.outputs = [g.add(op, g.input(shape, F32), **attrs)]
+        assert "omp parallel" not in build(lower(g.nodes[1:], g.outputs)).source
+        check(g, [rand(shape)])
+    for shape, op, attrs in (([PARALLEL_MIN], "exp", {}), ([PARALLEL_MIN // 64, 64], "softmax", {"axis": -1})):
+        g = Graph()
+        g.outputs = [g.add(op, g.input(shape, F32), **attrs)]
+        assert "omp parallel" in build(lower(g.nodes[1:], g.outputs)).source
+        check(g, [rand(shape)])
