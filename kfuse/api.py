@@ -24,6 +24,14 @@ def _signature(tensors) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
+def _values(flat, indices) -> tuple:
+    """The exact bytes of the inputs at `indices` (NaN equals NaN), the key of a specialised program."""
+    def raw(t):
+        t = t.detach().contiguous().reshape(-1)
+        return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return tuple((i, raw(flat[i])) for i in indices)
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -38,7 +46,12 @@ class CompiledModel:
         flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
         self._check_tensors(flat)
         self._out_spec = None
-        self._programs: dict[tuple, object] = {}
+        self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
+        # An ONNX input that feeds shape-like operands (a Reshape's shape, a TopK's k, an If's
+        # condition) is specialised by its value at capture (graph.specialised): such programs are
+        # keyed by the signature and those inputs' exact bytes, and a new value compiles once more.
+        self._specialised: dict[tuple, tuple] = {}    # signature -> indices of specialised inputs
+        self._by_value: dict[tuple, object] = {}      # (signature, _values) -> program
         self._last = self._program(flat)
 
     # -- compiling ------------------------------------------------------------------------------------
@@ -53,14 +66,19 @@ class CompiledModel:
 
     def _program(self, flat):
         sig = _signature(flat)
-        prog = self._programs.get(sig)
+        spec = self._specialised.get(sig)
+        prog = self._by_value.get((sig, _values(flat, spec))) if spec else self._programs.get(sig)
         if prog is None:
             if self.source is None:
                 raise InputError(f"this model was loaded from an artifact compiled for {'; '.join(self.signatures)}; "
                                  f"got {_fmt(sig)}: compile the model for this shape and save it again")
             graph = self.capture(flat)
+            specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
             prog = build_program(graph, self.options)
-            self._programs[sig] = prog
+            if specialised:
+                self._specialised[sig] = specialised
+                self._by_value[(sig, _values(flat, specialised))] = prog
+            self._programs.setdefault(sig, prog)
         return prog
 
     def _check_tensors(self, flat):
@@ -160,7 +178,9 @@ class CompiledModel:
                 raise KfuseError(f"cannot save the model's input/output structure ({s}): {e}") from None
         meta = {"in_spec": spec(self._in_spec), "out_spec": spec(self._out_spec), "is_onnx": self.is_onnx,
                 "options": self.options}
-        artifact.save(path, list(self._programs.items()), meta)
+        programs = [(sig, None, p) for sig, p in self._programs.items() if sig not in self._specialised]
+        programs += [(sig, values, p) for (sig, values), p in self._by_value.items()]
+        artifact.save(path, programs, meta)
 
     @classmethod
     def _loaded(cls, meta: dict, programs: list) -> CompiledModel:
@@ -175,8 +195,13 @@ class CompiledModel:
         self = cls.__new__(cls)
         self.source, self.options, self.is_onnx = None, dict(meta["options"]), bool(meta["is_onnx"])
         self._in_spec, self._out_spec = spec(meta["in_spec"]), spec(meta["out_spec"])
-        self._programs = dict(programs)
-        self._last = programs[0][1]
+        self._programs, self._specialised, self._by_value = {}, {}, {}
+        for sig, values, prog in programs:
+            self._programs.setdefault(sig, prog)
+            if values is not None:
+                self._specialised[sig] = tuple(i for i, _ in values)
+                self._by_value[(sig, values)] = prog
+        self._last = programs[0][2]
         return self
 
 

@@ -128,8 +128,9 @@ def _sha(data: bytes) -> str:
 
 
 # -- save -------------------------------------------------------------------------------------------------
-def save(path, programs: list[tuple[tuple, Program]], meta: dict):
-    """Write `programs` ((signature, Program) pairs) and `meta` (JSON: specs, options) as an artifact
+def save(path, programs: list[tuple[tuple, tuple | None, Program]], meta: dict):
+    """Write `programs` ((signature, specialised input values or None, Program)) and `meta` (JSON:
+    specs, options) as an artifact
     directory at `path`, replacing it whole (written beside it, then renamed)."""
     from safetensors.torch import save_file
     path = Path(path)
@@ -140,7 +141,7 @@ def save(path, programs: list[tuple[tuple, Program]], meta: dict):
         consts: dict[int, tuple[str, torch.Tensor]] = {}
         sources: dict[str, str] = {}
         entries = []
-        for sig, prog in programs:
+        for sig, values, prog in programs:
             index = {n: k for k, n in enumerate(prog.graph.nodes)}
             for kernel in prog.kernels:
                 for src in kernel.sources():
@@ -148,6 +149,7 @@ def save(path, programs: list[tuple[tuple, Program]], meta: dict):
             rep = prog.report
             entries.append({
                 "signature": [[list(s), str(d).removeprefix("torch.")] for s, d in sig],
+                "specialised": None if values is None else [[i, v.hex()] for i, v in values],
                 "graph": _graph_json(prog.graph, consts),
                 "groups": [{"nodes": [index[n] for n in g.nodes], "outputs": [index[n] for n in g.outputs]}
                            for g in prog.groups],
@@ -218,8 +220,9 @@ def _usable_libraries(path: Path, manifest: dict) -> bool:
                         f"stored sources (set CC to a working compiler)")
 
 
-def load(path) -> tuple[dict, list[tuple[tuple, Program]]]:
-    """(meta, [(signature, Program)]) from an artifact directory, every byte checked first."""
+def load(path) -> tuple[dict, list[tuple[tuple, tuple | None, Program]]]:
+    """(meta, [(signature, specialised values or None, Program)]) from an artifact directory, every
+    byte checked first."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
@@ -239,7 +242,8 @@ def load(path) -> tuple[dict, list[tuple[tuple, Program]]]:
                             why_not=[WhyNot(**w) for w in e["report"]["why_not"]])
             machine = Machine(**e["machine"]) if e["machine"] else None
             sig = tuple((tuple(s), DTYPES[d]) for s, d in e["signature"])
-            programs.append((sig, assemble(graph, groups, report, e["reference"], machine)))
+            values = None if e["specialised"] is None else tuple((int(i), bytes.fromhex(v)) for i, v in e["specialised"])
+            programs.append((sig, values, assemble(graph, groups, report, e["reference"], machine)))
     except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
         raise ArtifactError(f"{path}: program.json or weights.safetensors is inconsistent "
                             f"({type(err).__name__}: {err})") from None

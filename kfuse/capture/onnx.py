@@ -4,13 +4,23 @@
 `load_onnx(path_or_proto, example_inputs)` binds the graph inputs to the example inputs' static
 shapes and dtypes, so every dim is known at load time: Shape yields a constant, and the shape
 arithmetic exporters emit (Shape -> Gather -> Concat -> Reshape, Range, ConstantOfShape, ...)
-folds away because `Graph.add` folds any node whose inputs are all constants. Handlers that
-need a shape-like input (Reshape's shape, Slice's starts, ...) therefore read it as a constant
-and raise a KfuseError naming the node when it is not one.
+folds away because `Graph.add` folds any node whose inputs are all constants. A declared dim that
+is a name, -1, 0 or absent is dynamic: it takes the example's size (one name, one size).
+
+Handlers that need a shape-like input (Reshape's shape, Slice's starts, ReduceSum's axes, TopK's k,
+Resize's scales, an If's condition, ...) read it as a constant. When it is computed at run time
+from graph inputs instead (a shape tensor fed as an input), it is specialised: computed from the
+example inputs at load time, like a static shape, and every input it reads is recorded in the
+returned graph's `specialised` ({input index: the example's value}; see onnx_ops/common.py
+`specialise`). The graph is right only for inputs of those values: whoever caches compiled graphs
+keys them by those values too.
 
 An op with no handler (or a variant its handler does not map) whose inputs are all constants is
 computed at load time by ONNX's reference evaluator (`_evaluate`, size-capped); an If whose
-condition folds to a constant is replaced by the branch it takes.
+condition folds to a constant (or is specialised) is replaced by the branch it takes.
+
+Graph inputs and outputs that are not tensors (sequences, optionals, maps) or whose element type
+kfuse has no dtype for are a clear KfuseError naming them, checked before the examples.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from ..errors import InputError, ModelFileError
+from ..errors import InputError, KfuseError, ModelFileError
 from ..ir import Graph, Node
 from .onnx_ops import HANDLERS
 from .onnx_ops.common import DTYPES, _convert, _tensor, _unsupported
@@ -36,12 +46,20 @@ def load_onnx(model, example_inputs) -> Graph:
     proto = read_model(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     g = Graph()
+    g.specialised = {}   # input index -> the example value the graph was specialised on
     env: dict[str, Node] = {}
     for t in proto.graph.initializer:
         env[t.name] = g.const(_tensor(t), name=t.name)
-    _bind_inputs(g, env, [i for i in proto.graph.input if i.name not in env], example_inputs)
-    for onnx_node in proto.graph.node:
-        _convert(g, env, onnx_node, opset)
+    inputs = [i for i in proto.graph.input if i.name not in env]
+    for vi, where in [(i, "input") for i in inputs] + [(o, "output") for o in proto.graph.output]:
+        _check_type(vi, where)
+    # while loading, handlers reach the examples (and the values computed from them) through the graph
+    g._examples, g._example_values = _bind_inputs(g, env, inputs, example_inputs), {}
+    try:
+        for onnx_node in proto.graph.node:
+            _convert(g, env, onnx_node, opset)
+    finally:
+        del g._examples, g._example_values
     for o in proto.graph.output:
         if o.name not in env:
             raise ModelFileError(f"graph output {o.name!r} is produced by no node")
@@ -83,11 +101,30 @@ def read_model(model) -> onnx.ModelProto:
     return proto
 
 
-def _bind_inputs(g: Graph, env: dict, inputs, examples):
+def _check_type(vi: onnx.ValueInfoProto, where: str):
+    """A clear error for a graph input or output kfuse cannot hold: not a tensor (a sequence, an
+    optional, a map), or a tensor of an element type with no kfuse dtype (strings, 2-, 4- and 8-bit
+    floats, unsigned integers wider than 8 bits). An output with no declared type passes."""
+    kind = vi.type.WhichOneof("value")
+    if kind is None:
+        return
+    if kind != "tensor_type":
+        what = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+                "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
+        raise KfuseError(f"ONNX graph {where} {vi.name!r} is {what}: kfuse takes and returns tensors only")
+    elem = vi.type.tensor_type.elem_type
+    if elem not in DTYPES and (where == "input" or elem != TensorProto.UNDEFINED):
+        raise KfuseError(f"ONNX graph {where} {vi.name!r} has element type {TensorProto.DataType.Name(elem)}, "
+                         "which kfuse does not support")
+
+
+def _bind_inputs(g: Graph, env: dict, inputs, examples) -> dict:
+    """Graph inputs for the ONNX inputs, with the examples' shapes; returns {input node: example}."""
     if len(examples) != len(inputs):
         raise InputError(f"the ONNX model takes {len(inputs)} inputs "
                          f"({', '.join(repr(i.name) for i in inputs)}), got {len(examples)} example inputs")
     sizes: dict[str, int] = {}  # symbolic dim name -> the size it took, so shared dims agree
+    bound = {}
     for vi, ex in zip(inputs, examples):
         tt = vi.type.tensor_type
         dtype = DTYPES.get(tt.elem_type)
@@ -100,10 +137,14 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples):
                 raise InputError(f"ONNX input {vi.name!r} has rank {len(dims)}, the example input "
                                  f"has shape {list(ex.shape)}")
             for axis, (d, size) in enumerate(zip(dims, ex.shape)):
-                if d.HasField("dim_value") and d.dim_value != size:
+                # a positive size is fixed; a name, -1, 0 or nothing is dynamic (the example's size)
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size:
                     raise InputError(f"ONNX input {vi.name!r} has size {d.dim_value} in dim {axis}, "
                                      f"the example input has {size}")
-                if d.HasField("dim_param") and sizes.setdefault(d.dim_param, size) != size:
+                if d.HasField("dim_param") and d.dim_param and sizes.setdefault(d.dim_param, size) != size:
                     raise InputError(f"ONNX input {vi.name!r}: dim {d.dim_param!r} is {size} here "
                                      f"but {sizes[d.dim_param]} in an earlier input")
-        env[vi.name] = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
+        node = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
+        env[vi.name] = node
+        bound[node] = ex
+    return bound

@@ -315,10 +315,13 @@ def test_input_count_and_shared_dims():
         load_onnx(m, [torch.randn(2, 3), torch.randn(4, 3)])
 
 
-def test_runtime_shape_input_is_rejected_naming_the_node():
+def test_runtime_shape_input_is_specialised_by_its_value():
+    """A Reshape's shape given as a graph input takes the example's value (docs/ONNX.md); the graph
+    records which input it specialised, so a compiled model keys its programs by that value."""
     m, _, _ = make("Reshape", [f32(2, 6), i64(3, 4)])
-    with pytest.raises(KfuseError, match="the_Reshape_node.*constant"):
-        load_onnx(m, [torch.randn(2, 6), torch.tensor([3, 4])])
+    g = load_onnx(m, [torch.randn(2, 6), torch.tensor([3, 4])])
+    assert g.outputs[0].shape == (3, 4)
+    assert list(g.specialised) == [1] and torch.equal(g.specialised[1], torch.tensor([3, 4]))
 
 
 def test_external_data(tmp_path):

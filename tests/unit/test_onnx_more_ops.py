@@ -433,13 +433,25 @@ def test_if_with_constant_condition_is_inlined(tmp_path, threshold):
     assert ops_of(m, feeds) == ({"mul": 1, "add": 1} if threshold == 1 else {"sub": 1})
 
 
-def test_if_with_runtime_condition_is_a_clear_error():
+def test_if_on_an_input_is_specialised_by_its_value(tmp_path):
+    """An If whose condition comes from a graph input takes the branch the example's value picks; a
+    call with another value compiles the other branch (the program cache is keyed by the value)."""
     nodes, inputs = _if_model(1)
     nodes[2] = helper.make_node("Greater", ["flag", "threshold"], ["cond"])
     inputs["flag"] = np.array(3, np.int64)
     m, feeds, _ = graph_model(nodes, inputs, ["y"], 17)
-    with pytest.raises(UnsupportedOpError, match="If.*the_if.*condition is computed at run time"):
-        load_onnx(m, [torch.from_numpy(v) for v in feeds.values()])
+    args = [torch.from_numpy(v) for v in feeds.values()]
+    g = load_onnx(m, args)
+    flag = list(feeds).index("flag")
+    assert list(g.specialised) == [flag] and int(g.specialised[flag]) == 3
+    assert ops_of(m, feeds) == {"mul": 1, "add": 1}
+    onnx.save(m, tmp_path / "if.onnx")
+    cm = kfuse.compile(str(tmp_path / "if.onnx"), args)
+    sess = ort.InferenceSession(str(tmp_path / "if.onnx"), providers=["CPUExecutionProvider"])
+    for value in (3, 0, 3):
+        args[flag] = torch.tensor(value)
+        (want,) = sess.run(None, {k: a.numpy() for k, a in zip(feeds, args)})
+        assert_close(cm(*args), torch.from_numpy(want))
 
 
 # -- exported torch modules ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import GraphError, KfuseError, ModelFileError, UnsupportedOpError
 from ...ir import Graph, Node
+from ...ops.reference import REFERENCE
 
 DTYPES = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
@@ -133,16 +134,68 @@ class _Node:
         return self.g.const(value, dtype=dtype, name=self.name)
 
     def value(self, x: Node, what: str) -> torch.Tensor:
-        """The value of a shape-like input, which must have folded to a constant."""
-        if x.op != "const":
-            self.fail(f"{what} must be a constant (all shapes are static), but it is computed at run time")
-        return x.value
+        """The value of a shape-like input (a shape, axes, starts, k, scales, an If's condition, ...):
+        a constant, or else computed from the example inputs, which specialises the graph on the
+        value of every input it reads (see `specialise`)."""
+        if x.op == "const":
+            return x.value
+        return specialise(self, x, what)
 
     def ints(self, x: Node | None, what: str, attr: str | None = None) -> list[int] | None:
         """A list of ints given as an attribute (older opsets) or as a constant input (newer ones)."""
         if attr and attr in self.attrs:
             return list(self.attr(attr))
         return None if x is None else [int(v) for v in self.value(x, what).reshape(-1).tolist()]
+
+
+# -- specialisation by value ------------------------------------------------------------------------
+
+# A shape-like operand computed at run time from graph inputs (a Reshape's shape or a ReduceSum's
+# axes given as an input) is computed at load time from the example inputs, like a static shape: each
+# input it reads is recorded in `graph.specialised` (input index -> the example's value), and the
+# compiled program is right only for inputs of those values. Inputs over this many elements are data,
+# not shape tensors: a shape-like operand computed from one stays an error.
+SPECIALISE_LIMIT = 1 << 12
+
+
+def specialise(n: _Node, x: Node, what: str) -> torch.Tensor:
+    """x's value on the example inputs (load_onnx's `graph._examples`), computed by the reference
+    functions of x and the nodes it depends on; records the inputs it read in `graph.specialised`."""
+    examples = getattr(n.g, "_examples", None)
+    order, seen, stack = [], set(), [(x, False)]
+    while stack:   # x's ancestors, inputs before their users
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((i, False) for i in node.inputs if i not in seen)
+    inputs = [i for i in order if i.op == "input"]
+    if examples is None or any(i not in examples for i in inputs):
+        n.fail(f"{what} is computed at run time, and there is no example input to specialise it on")
+    big = [i for i in inputs if examples[i].numel() > SPECIALISE_LIMIT]
+    if big:
+        n.fail(f"{what} is computed at run time from input {big[0].name!r} ({examples[big[0]].numel()} elements): "
+               f"only inputs of at most {SPECIALISE_LIMIT} elements are specialised by value")
+    values = n.g._example_values   # memo across handlers: node -> its value on the examples
+    for node in order:
+        if node in values:
+            continue
+        if node.op == "input":
+            values[node] = examples[node]
+        elif node.op == "const":
+            values[node] = node.value
+        else:
+            try:
+                values[node] = REFERENCE[node.op](*[values[i] for i in node.inputs], **node.attrs)
+            except Exception as e:  # noqa: BLE001 - e.g. an index out of range in the example's values
+                n.fail(f"{what} is computed at run time, and computing it from the example inputs fails "
+                       f"at {node.label}: {type(e).__name__}: {e}")
+    for i in inputs:   # a copy: the caller may reuse the example tensor for other values
+        if i.attrs["index"] not in n.g.specialised:
+            n.g.specialised[i.attrs["index"]] = examples[i].detach().clone()
+    return values[x]
 
 
 # -- constant evaluation --------------------------------------------------------------------------

@@ -76,6 +76,12 @@ def _mod(n, a, b):
 
 @handler("Where")
 def _where(n, c, a, b):
+    if c.op == "const" and c.value.numel():   # a constant condition that picks one side everywhere
+        pick = a if bool(c.value.all()) else b if not bool(c.value.any()) else None
+        if pick is not None:
+            shape = tuple(torch.broadcast_shapes(c.shape, a.shape, b.shape))
+            if pick.shape == shape and pick.dtype == torch.promote_types(a.dtype, b.dtype):
+                return pick
     return n.add("where", c, a, b)
 
 

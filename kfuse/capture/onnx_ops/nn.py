@@ -101,7 +101,7 @@ def _cumsum(n, x, axis):
     flip = torch.arange(x.shape[axis] - 1, -1, -1)
     if n.attr("reverse", 0):
         x = n.add("gather", x, n.const(flip), axis=axis)
-    y = n.add("cumsum", x, axis=axis)
+    y = _cast_like(n, n.add("cumsum", x, axis=axis), x)   # torch sums small integers as int64
     if n.attr("exclusive", 0):
         y = n.add("sub", y, x)
     return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y

@@ -1,4 +1,4 @@
-"""ONNX handlers of constants and shapes (folded at load time), If on a constant condition, and
+"""ONNX handlers of constants and shapes (folded at load time), If on a constant (or specialised) condition, and
 data movement: reshapes, slices, gathers and scatters, padding, tiling and Resize."""
 from __future__ import annotations
 
@@ -52,13 +52,12 @@ def _range(n, start, limit, delta):
 
 @handler("If")
 def _if(n, cond):
-    """An If whose condition folded to a constant: the branch taken, inlined. Its nodes see the
-    enclosing scope, and their names do not leak out of it."""
-    if cond.op != "const":
-        n.unsupported("its condition is computed at run time (only a constant condition is inlined)")
+    """The branch an If takes, inlined: its condition is a constant, or computed from inputs and
+    specialised by value (n.value). Its nodes see the enclosing scope, and their names do not leak
+    out of it."""
     if cond.numel != 1:
         n.fail(f"the condition has {cond.numel} elements, not one")
-    branch = n.attr("then_branch" if bool(cond.value.reshape(-1)[0]) else "else_branch")
+    branch = n.attr("then_branch" if bool(n.value(cond, "the condition").reshape(-1)[0]) else "else_branch")
     scope = dict(n.env)
     for t in branch.initializer:
         scope[t.name] = n.g.const(_tensor(t), name=t.name)
@@ -170,20 +169,28 @@ def _gather(n, x, idx):
 
 @handler("GatherElements")
 def _gather_elements(n, x, idx):
-    """out[i][j][k] = x[i][idx[i][j][k]][k] (axis 1): a gather of x's elements at constant positions."""
+    """out[i][j][k] = x[i][idx[i][j][k]][k] (axis 1): a gather of x's elements at constant positions,
+    or a gather_elements when the indices are computed at run time."""
     axis = _axis(n.attr("axis", 0), len(x.shape))
-    index = n.value(idx, "indices").long()
+    if idx.op != "const":   # indices are data: a gather_elements at run time
+        return n.add("gather_elements", x, _normalize_index(n, idx, x.shape[axis]), axis=axis)
+    index = idx.value.long()
     index = torch.where(index < 0, index + x.shape[axis], index)
     return _flat_gather(n, x, _positions(x.shape).gather(axis, index))
 
 
 @handler("GatherND")
 def _gather_nd(n, x, idx):
-    """x indexed by the last dim of constant `indices` (batch_dims 0): a gather at constant positions."""
+    """x indexed by the last dim of `indices` (batch_dims 0): a gather at constant positions, or an
+    index op with one index tensor per leading dim when the indices are computed at run time."""
     if n.attr("batch_dims", 0):
         n.fail("batch_dims other than 0 are not supported")
-    index = n.value(idx, "indices").long()
-    k = index.shape[-1]
+    k = idx.shape[-1]
+    if idx.op != "const":   # indices are data: x[idx[..., 0], ..., idx[..., k-1]] at run time
+        parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+                                  x.shape[j]) for j in range(k)]
+        return n.add("index", x, *parts, dims=tuple(range(k)))
+    index = idx.value.long()
     rows = reshape(n, x, (math.prod(x.shape[:k]),) + x.shape[k:])  # the first k dims as one
     return n.add("gather", rows, n.const(_positions(x.shape[:k])[index.unbind(-1)]), axis=0)
 
@@ -306,7 +313,12 @@ def _space_to_depth(n, x):
         n.fail(f"the input must be [N, C, H, W], got shape {list(x.shape)}")
     b = n.attr("blocksize")
     batch, c, h, w = x.shape
-    y = n.add("transpose", reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=[0, 3, 5, 1, 2, 4])
+    mode = n.attr("mode", "DCR")   # an attribute since opset 28; before it, always DCR
+    if mode not in ("DCR", "CRD"):
+        n.fail(f"mode {mode!r} is neither DCR nor CRD")
+    # DCR: output channels ordered (block row, block column, channel); CRD: (channel, block row, block column)
+    perm = [0, 3, 5, 1, 2, 4] if mode == "DCR" else [0, 1, 3, 5, 2, 4]
+    y = n.add("transpose", reshape(n, x, (batch, c, h // b, b, w // b, b)), perm=perm)
     return reshape(n, y, (batch, c * b * b, h // b, w // b))
 
 
@@ -314,7 +326,11 @@ def _space_to_depth(n, x):
 def _one_hot(n, indices, depth, values):
     """where(indices[..., None] == arange(depth), on, off), the class axis placed at `axis`."""
     d = int(n.value(depth, "depth").reshape(-1)[0].item())
-    off, on = n.value(values, "values").reshape(-1)
+    if values.op == "const":
+        off, on = (n.const(v) for v in values.value.reshape(-1))
+    else:   # [off, on] given at run time: data, not specialised
+        flat = reshape(n, values, (2,))
+        off, on = (n.add("gather", flat, n.const(torch.tensor(i)), axis=0) for i in (0, 1))
     if indices.dtype.is_floating_point:  # non-integer indices are cast to int64 first
         indices = n.add("cast", indices, dtype=torch.int64)
     rank = len(indices.shape) + 1
@@ -322,7 +338,7 @@ def _one_hot(n, indices, depth, values):
     indices = _normalize_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
     classes = torch.arange(d, dtype=indices.dtype).reshape([d if i == axis else 1 for i in range(rank)])
     hit = n.add("eq", reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
-    return n.add("where", hit, n.const(on), n.const(off))
+    return n.add("where", hit, on, off)
 
 
 # -- Resize ---------------------------------------------------------------------------------------
@@ -391,7 +407,13 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
                 out[a], scale[a] = math.floor(r * x.shape[a] + 0.5), r
     elif scales is not None and scales.numel:
         for a, sc in zip(axes, n.value(scales, "scales").reshape(-1).tolist()):
-            out[a], scale[a] = int(np.float32(sc) * np.float32(x.shape[a])), sc
+            width = np.float32(sc) * np.float32(x.shape[a])
+            if coord == "align_corners" and width != np.floor(width):
+                # x * (size - 1) / (width - 1): ONNX's reference takes the fractional width, ONNX
+                # Runtime (and the spec's wording) the integer output length; kfuse picks neither
+                n.unsupported(f"{described} with scale {sc} on an axis of {x.shape[a]}: the output width "
+                              f"{float(width)} is fractional, where ONNX's reference and ONNX Runtime disagree")
+            out[a], scale[a] = int(width), sc
     else:
         n.fail("neither scales nor sizes is given")
     src = {a: _resize_source(coord, out[a], x.shape[a], scale[a]) for a in range(rank)}
