@@ -204,18 +204,7 @@ class Graph:
         self.nodes = [n for n in self.nodes if n in live]
 
     def toposort(self):
-        order, seen = [], set()
-        for root in self.nodes:
-            stack = [(root, False)]
-            while stack:
-                n, done = stack.pop()
-                if done:
-                    order.append(n)
-                elif n not in seen:
-                    seen.add(n)
-                    stack.append((n, True))
-                    stack.extend((i, False) for i in reversed(n.inputs) if i not in seen)
-        self.nodes = order
+        self.nodes = postorder(self.nodes)
 
     # -- checking and printing ----------------------------------------------------------------------
     def check(self):
@@ -266,6 +255,22 @@ class Graph:
                 lines.append(f"%{n.id} = {n.op}({args}){attrs} : {ty}")
         lines.append("return " + ", ".join(f"%{o.id}" for o in self.outputs))
         return "\n".join(lines)
+
+
+def postorder(roots) -> list[Node]:
+    """`roots` and every node they depend on, each after its inputs (roots taken in their order)."""
+    order, seen = [], set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
+            elif n not in seen:
+                seen.add(n)
+                stack.append((n, True))
+                stack.extend((i, False) for i in reversed(n.inputs) if i not in seen)
+    return order
 
 
 def _fmt_attrs(attrs: dict) -> str:

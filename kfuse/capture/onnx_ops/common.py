@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import GraphError, KfuseError, ModelFileError, UnsupportedOpError
-from ...ir import Graph, Node
+from ...ir import Graph, Node, postorder
 from ...ops.reference import REFERENCE
 
 DTYPES = {
@@ -162,15 +162,7 @@ def specialise(n: _Node, x: Node, what: str) -> torch.Tensor:
     """x's value on the example inputs (load_onnx's `graph._examples`), computed by the reference
     functions of x and the nodes it depends on; records the inputs it read in `graph.specialised`."""
     examples = getattr(n.g, "_examples", None)
-    order, seen, stack = [], set(), [(x, False)]
-    while stack:   # x's ancestors, inputs before their users
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-        elif node not in seen:
-            seen.add(node)
-            stack.append((node, True))
-            stack.extend((i, False) for i in node.inputs if i not in seen)
+    order = postorder([x])   # x's ancestors, inputs before their users
     inputs = [i for i in order if i.op == "input"]
     if examples is None or any(i not in examples for i in inputs):
         n.fail(f"{what} is computed at run time, and there is no example input to specialise it on")
