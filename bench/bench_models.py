@@ -41,7 +41,7 @@ THREADS = torch.get_num_threads()
 import kfuse  # noqa: E402
 from kfuse.models import build, token_inputs  # noqa: E402
 
-MODELS = ["minilm-b1", "minilm-b8", "gpt2", "llama", "resnet50-b1"]
+MODELS = ["minilm-b1", "minilm-b8", "gpt2", "llama", "resnet50-b1", "mobilenetv2-b1"]
 
 
 def make_model(name: str):
@@ -59,8 +59,9 @@ def make_model(name: str):
     if name == "llama":
         model, inputs = build("llama", batch=1, seq=128)
         return model, inputs, None      # ORT's transformer optimizer has no Llama type
-    if name.startswith("resnet50"):     # resnet50-b1, resnet50-b8: 224x224
-        model, inputs = build("resnet50", batch=int(name.split("-b")[1]) if "-b" in name else 1)
+    if name.startswith(("resnet50", "mobilenetv2")):     # resnet50-b1, mobilenetv2-b8, ...: 224x224
+        arch, _, batch = name.partition("-b")
+        model, inputs = build(arch, batch=int(batch or 1))
         return model, inputs, None
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 

@@ -35,6 +35,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from helpers import Fn, kernels_named  # noqa: E402
 
+import kfuse  # noqa: E402
 from kfuse.backends import conv as conv_backend  # noqa: E402
 
 ACTS = [(F.relu, "relu"), (F.silu, "silu"), (torch.sigmoid, "sigmoid"), (torch.tanh, "tanh"), (F.gelu, "gelu"),
@@ -129,3 +130,19 @@ def test_mobilenetv2_fusion_counts():
     assert rep.rules["conv_bn_scale"] == 52 and cm.graph.op_counts()["conv2d"] == 52
     assert rep.fusions == {"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, rep.fusions
     assert not rep.fallbacks
+
+
+@pytest.mark.parametrize("name,fusions", [
+    ("resnet50", {"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}),
+    ("mobilenetv2", {"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}),
+])
+def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name, fusions):
+    """The ONNX path (dynamo exporter, which folds BatchNorm itself) forms the same kernels."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model, (x,) = build(name, batch=1, image=64)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
+    v = cm.verify(x)
+    assert v.ok and v.max_rel < 1e-4, v
+    assert cm.report().fusions == fusions and not cm.report().fallbacks
