@@ -154,13 +154,15 @@ class Positional(torch.nn.Module):
 
 def ort_providers(model, inputs, opt: dict | None, tmp: str) -> dict:
     out = {}
-    model = Positional(model).eval()
+    tokens = len(inputs) == 2 and not inputs[0].dtype.is_floating_point
+    model = Positional(model).eval() if tokens else model.eval()
+    names = ["input_ids", "attention_mask"] if tokens else [f"input{i}" for i in range(len(inputs))]
     for exporter, dynamo in (("dynamo", True), ("legacy", False)):
         path = os.path.join(tmp, f"{exporter}.onnx")
         try:
             t0 = time.perf_counter()
             kw = dict(dynamo=True, optimize=True) if dynamo else dict(dynamo=False, opset_version=17)
-            torch.onnx.export(model, tuple(inputs), path, input_names=["input_ids", "attention_mask"], **kw)
+            torch.onnx.export(model, tuple(inputs), path, input_names=names, **kw)
             print(f"  onnx export ({exporter}): {time.perf_counter() - t0:.1f} s")
         except Exception as e:  # noqa: BLE001
             fail(f"onnx export ({exporter})", e)
