@@ -546,8 +546,10 @@ def test_exported_blocks(tmp_path, dynamo):
     _compiled_vs_ort(_export(tmp_path, Blocks(), (x,), dynamo), (x,))
 
 
-# Op types this file tests; with test_capture_onnx.py's they cover the whole handler table.
-TESTED = {c[1] for c in CASES} | {"TopK", "Einsum", "Resize", "Pad", "If"} | {w[1] for w in WINDOWS}
+# Op types this file tests; with test_capture_onnx.py's (and the opset-23 fused ops, tested in
+# tests/onnx/test_fused_ops.py) they cover the whole handler table.
+TESTED = {c[1] for c in CASES} | {"TopK", "Einsum", "Resize", "Pad", "If"} | {w[1] for w in WINDOWS} \
+    | {"Attention", "RMSNormalization", "RotaryEmbedding"}
 
 
 def test_ops_in_tests_cover_the_table():

@@ -134,13 +134,24 @@ def _norm_weight(n, w, shape):
 
 @handler("LayerNormalization")
 def _layer_norm(n, x, scale, bias=None):
-    if n.n_outputs() > 1 and any(n.proto.output[1:]):
-        n.fail("the Mean and InvStdDev outputs are not supported")
+    """The fused layer_norm; the optional Mean and InvStdDev outputs (kept dims, in stash_type for
+    float16/bfloat16 inputs) beside it as reduce_mean and rsqrt(reduce_var + eps)."""
     axis = _axis(n.attr("axis", -1), len(x.shape))
     shape = x.shape[axis:]
+    eps = float(n.attr("epsilon", 1e-5))
     bias = n.const(torch.zeros(shape, dtype=x.dtype)) if bias is None else _norm_weight(n, bias, shape)
-    return n.add("layer_norm", x, _norm_weight(n, scale, shape), bias,
-                 eps=float(n.attr("epsilon", 1e-5)), ndim=len(shape))
+    y = n.add("layer_norm", x, _norm_weight(n, scale, shape), bias, eps=eps, ndim=len(shape))
+    if n.n_outputs() == 1 or not any(n.proto.output[1:]):
+        return y
+    stash = n.attr("stash_type", 1)
+    if stash != 1:
+        n.unsupported(f"stash_type {stash} (only 1, float32, is supported)")
+    xs = x if x.dtype not in (torch.float16, torch.bfloat16) else n.add("cast", x, dtype=torch.float32)
+    axes = list(range(axis, len(x.shape)))
+    mean = n.add("reduce_mean", xs, axes=axes, keepdim=True)
+    var = n.add("reduce_var", xs, axes=axes, correction=0, keepdim=True)
+    inv = n.add("rsqrt", n.add("add", var, n.const(eps, dtype=xs.dtype)))
+    return [y, mean, inv]
 
 
 @handler("BatchNormalization")
