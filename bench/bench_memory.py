@@ -1,4 +1,4 @@
-"""Peak memory of one inference call: kfuse against PyTorch eager on the built-in BERT.
+"""Peak memory of one inference call: kfuse against PyTorch eager on a built-in model (BERT by default).
 
 Each provider runs in a fresh subprocess with glibc's default malloc settings: build, compile (kfuse)
 and warm up once, then reset the kernel's peak-RSS mark (/proc/self/clear_refs, "5"), run one call,
@@ -8,6 +8,7 @@ compile time and stays resident, so it is added to kfuse's figure: peak = extra 
 
     python bench/bench_memory.py                    # BERT batch 8 x seq 512
     python bench/bench_memory.py --batch 1 --seq 128
+    python bench/bench_memory.py --model resnet50 --batch 1
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import json, os, sys, torch
 torch.set_num_threads(2)
 import kfuse
 from kfuse.models import build
-provider, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model, inputs = build("bert", batch=batch, seq=seq)
+provider, batch, seq, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+model, inputs = build(name, batch=batch, seq=seq)
 fn, planned = model, 0
 with torch.no_grad():
     if provider == "kfuse":
@@ -45,9 +46,9 @@ print(json.dumps({"extra": peak - before, "planned": planned, "out": out.nbytes}
 """
 
 
-def run(provider, batch, seq):
+def run(provider, batch, seq, name):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    res = subprocess.run([sys.executable, "-c", CHILD, provider, str(batch), str(seq)], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", CHILD, provider, str(batch), str(seq), name], capture_output=True,
                          text=True, env=env)
     if res.returncode:
         raise SystemExit(f"{provider} failed:\n{res.stderr[-2000:]}")
@@ -59,10 +60,11 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="bert")
     a = p.parse_args()
-    rows = {prov: [run(prov, a.batch, a.seq) for _ in range(a.repeats)] for prov in ("eager", "kfuse")}
+    rows = {prov: [run(prov, a.batch, a.seq, a.model) for _ in range(a.repeats)] for prov in ("eager", "kfuse")}
     mb = 1 / 2 ** 20
-    print(f"built-in BERT batch {a.batch} x seq {a.seq}: extra memory of one call (median of {a.repeats} processes)")
+    print(f"built-in {a.model} batch {a.batch} x seq {a.seq}: extra memory of one call (median of {a.repeats} processes)")
     med = {}
     for prov, rs in rows.items():
         peaks = sorted(r["extra"] + r["planned"] for r in rs)
