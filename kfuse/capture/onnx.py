@@ -33,7 +33,7 @@ from onnx import TensorProto
 from ..errors import InputError, KfuseError, ModelFileError
 from ..ir import Graph, Node
 from .onnx_ops import HANDLERS
-from .onnx_ops.common import DTYPES, _convert, _tensor, _unsupported
+from .onnx_ops.common import DTYPES, _convert, _tensor, _unsupported, handler_key
 
 __all__ = ["HANDLERS", "load_onnx", "read_model"]
 
@@ -88,7 +88,8 @@ def read_model(model) -> onnx.ModelProto:
     # Unsupported ops first: the checker would only say "no schema" for a non-standard one. An op
     # with a schema but no handler may still fold (all its inputs constant): _convert decides.
     for node in proto.graph.node:
-        if node.domain not in ("", "ai.onnx") or (node.op_type not in HANDLERS and not onnx.defs.has(node.op_type)):
+        key = handler_key(node)
+        if key not in HANDLERS and (key != node.op_type or not onnx.defs.has(node.op_type)):
             raise _unsupported(node)
     try:
         # The checker wants a path for models over 2 GB; either way it is cheap next to loading.

@@ -549,7 +549,12 @@ def test_exported_blocks(tmp_path, dynamo):
 # Op types this file tests; with test_capture_onnx.py's (and the opset-23 fused ops, tested in
 # tests/onnx/test_fused_ops.py) they cover the whole handler table.
 TESTED = {c[1] for c in CASES} | {"TopK", "Einsum", "Resize", "Pad", "If"} | {w[1] for w in WINDOWS} \
-    | {"Attention", "RMSNormalization", "RotaryEmbedding"}
+    | {"Attention", "RMSNormalization", "RotaryEmbedding"} \
+    | {"SimplifiedLayerNormalization"} | {("com.microsoft", op) for op in (   # tests/onnx/test_contrib.py
+        "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+        "EmbedLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "BiasAdd", "Attention",
+        "MultiHeadAttention", "RotaryEmbedding")}
+TESTED |= {"LSTM", "GRU", "RNN"}   # tested in tests/onnx/test_recurrent.py
 
 
 def test_ops_in_tests_cover_the_table():

@@ -33,7 +33,8 @@ HANDLERS: dict = {}
 
 
 def handler(*op_types):
-    """Register the decorated function as the handler of these ONNX op types."""
+    """Register the decorated function as the handler of these ONNX op types: a name is an op of the
+    default ONNX domain, a (domain, name) pair an op of another one (("com.microsoft", "Attention"))."""
     def register(fn):
         for op_type in op_types:
             HANDLERS[op_type] = fn
@@ -60,6 +61,13 @@ def _unsupported(onnx_node: onnx.NodeProto, detail: str = "") -> UnsupportedOpEr
                               detail)
 
 
+def handler_key(onnx_node: onnx.NodeProto):
+    """The HANDLERS key of a node: its op type in the default domain, else (domain, op type)."""
+    if onnx_node.domain in ("", "ai.onnx"):
+        return onnx_node.op_type
+    return (onnx_node.domain, onnx_node.op_type)
+
+
 def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
     name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else "")
     op_type = onnx_node.op_type
@@ -70,18 +78,18 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
         ins.append(env[i] if i else None)
     node = _Node(g, onnx_node, name, opset, env)
     constant = all(x is None or x.op == "const" for x in ins)
+    key = handler_key(onnx_node)
+    foldable = constant and key == op_type   # only default-domain ops fold (ONNX's reference evaluator)
     try:
-        if onnx_node.domain not in ("", "ai.onnx"):
-            raise _unsupported(onnx_node)
-        if op_type not in HANDLERS:
-            if not constant:
+        if key not in HANDLERS:
+            if not foldable:
                 raise _unsupported(onnx_node)
             out = _evaluate(node, ins)
         else:
             try:
-                out = HANDLERS[op_type](node, *ins)
+                out = HANDLERS[key](node, *ins)
             except UnsupportedOpError as e:  # a variant the handler does not map, on constants: fold it
-                if not constant:
+                if not foldable:
                     raise
                 try:
                     out = _evaluate(node, ins)

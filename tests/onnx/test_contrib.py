@@ -1,0 +1,312 @@
+"""The com.microsoft ops ONNX Runtime's transformer optimizer writes (SkipLayerNormalization,
+BiasGelu, Attention, ...): each as a one-node model compiled with kfuse.compile and compared with
+ONNX Runtime itself on the same file, and a small BERT optimized by onnxruntime.transformers
+compiled and compared with ONNX Runtime on the unoptimized export."""
+import collections
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import kfuse
+from kfuse.errors import KfuseError
+
+ort = pytest.importorskip("onnxruntime")
+rng = np.random.default_rng(13)
+MS = "com.microsoft"
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def out(name, elem=TensorProto.FLOAT, rank=3):
+    """An output of known rank and element type, its dims left symbolic."""
+    return helper.make_tensor_value_info(name, elem, [f"{name}_{i}" for i in range(rank)])
+
+
+def ms_node(op, inputs, outputs, attrs=None, inits=None):
+    """A one-node model of com.microsoft `op`: `inputs` name -> array (graph inputs; "" or None
+    values omitted), `inits` name -> array (initializers), `outputs` name -> element type, or
+    (element type, rank) for an output not 3-d."""
+    inits = inits or {}
+    names = [k for k in list(inputs) + list(inits)]
+    ins = [k if (k in inits or inputs.get(k) is not None) else "" for k in names]
+    while ins and not ins[-1]:
+        ins.pop()
+    node = helper.make_node(op, ins, list(outputs), name=f"the_{op}", domain=MS, **(attrs or {}))
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+         for k, v in inputs.items() if v is not None],
+        [out(k, *t) if isinstance(t, tuple) else out(k, t) for k, t in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
+                                                                 helper.make_opsetid(MS, 1)])
+
+
+def run(tmp_path, model, feeds):
+    """kfuse's outputs, ONNX Runtime's, and the compiled model's report."""
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    feeds = {k: v for k, v in feeds.items() if v is not None}
+    xs = [torch.from_numpy(v) for v in feeds.values()]
+    cm = kfuse.compile(str(path), xs)
+    got = cm(*xs)
+    got = [g.numpy() for g in (got if isinstance(got, (tuple, list)) else [got])]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return got, want, cm.report()
+
+
+def check(got, want, tol=1e-4):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(g, w.reshape(g.shape) if g.size == w.size else w, rtol=tol, atol=tol)
+
+
+def kernel_ops(report):
+    return [op for k in report.kernels for op in k.ops]
+
+
+F = TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("bias, beta, extra", [(True, True, False), (False, True, False),
+                                               (True, False, True), (False, True, True)])
+def test_skip_layer_normalization(tmp_path, bias, beta, extra):
+    x, skip = f32(2, 5, 16), f32(2, 5, 16)
+    inits = {"gamma": f32(16), "beta": f32(16) if beta else None, "bias": f32(16) if bias else None}
+    inits = {k: v for k, v in inits.items() if v is not None}
+    if not beta and bias:   # beta omitted, bias given: keep the position with an empty name
+        m = ms_node("SkipLayerNormalization", {"x": x, "skip": skip}, {"y": F}, {"epsilon": 1e-5},
+                    inits={"gamma": inits["gamma"], "bias": inits["bias"]})
+        node = m.graph.node[0]
+        node.input[:] = ["x", "skip", "gamma", "", "bias"]
+    else:
+        m = ms_node("SkipLayerNormalization", {"x": x, "skip": skip}, {"y": F}, {"epsilon": 1e-5}, inits=inits)
+    if extra:   # every optional output: mean, inv_std_var ([B, S, 1]), input_skip_bias_sum
+        m.graph.node[0].output[:] = ["y", "mean", "inv", "sum"]
+        m.graph.output.extend([out(k) for k in ("mean", "inv", "sum")])
+    got, want, report = run(tmp_path, m, {"x": x, "skip": skip})
+    check(got, want)
+    assert "layer_norm" in kernel_ops(report) and not report.fallbacks
+
+
+def test_skip_layer_normalization_broadcast_skip(tmp_path):
+    x, skip = f32(2, 5, 16), f32(5, 16)
+    m = ms_node("SkipLayerNormalization", {"x": x, "skip": skip}, {"y": F}, {"epsilon": 1e-12},
+                inits={"gamma": f32(16), "beta": f32(16)})
+    check(*run(tmp_path, m, {"x": x, "skip": skip})[:2])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_skip_simplified_layer_normalization(tmp_path, bias):
+    x, skip = f32(2, 5, 16), f32(2, 5, 16)
+    inits = {"gamma": f32(16), **({"bias": f32(16)} if bias else {})}
+    m = ms_node("SkipSimplifiedLayerNormalization", {"x": x, "skip": skip}, {"y": F, "": F},
+                {"epsilon": 1e-6}, inits=inits)
+    m.graph.node[0].output[:] = ["y", "", "", "sum"]
+    del m.graph.output[:]
+    m.graph.output.extend([out(k) for k in ("y", "sum")])
+    got, want, report = run(tmp_path, m, {"x": x, "skip": skip})
+    check(got, want)
+    assert "rms_norm" in kernel_ops(report) and not report.fallbacks
+
+
+def test_simplified_layer_normalization(tmp_path):
+    """ONNX Runtime has it in the default domain only (no ONNX schema: onnx's checker, and so
+    kfuse's loader, refuse such a file): kfuse's com.microsoft form against ONNX Runtime's."""
+    x = f32(2, 5, 16)
+    m = ms_node("SimplifiedLayerNormalization", {"x": x}, {"y": F}, {"epsilon": 1e-6, "axis": -1},
+                inits={"scale": f32(16)})
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    cm = kfuse.compile(str(path), [torch.from_numpy(x)])
+    got = cm(torch.from_numpy(x)).numpy()
+    m.graph.node[0].domain = ""
+    onnx.save(m, path)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert "rms_norm" in kernel_ops(cm.report())
+    with pytest.raises(KfuseError, match="checker"):
+        kfuse.compile(str(path), [torch.from_numpy(x)])
+
+
+@pytest.mark.parametrize("op, bias, attrs", [("Gelu", False, {}), ("BiasGelu", True, {}), ("FastGelu", False, {}),
+                                             ("FastGelu", True, {}), ("QuickGelu", False, {}),
+                                             ("QuickGelu", False, {"alpha": 1.5})])
+def test_activations(tmp_path, op, bias, attrs):
+    x = f32(2, 5, 16) * 2
+    m = ms_node(op, {"x": x}, {"y": F}, attrs, inits={"bias": f32(16)} if bias else {})
+    check(*run(tmp_path, m, {"x": x})[:2])
+
+
+def test_bias_add(tmp_path):
+    """ONNX Runtime has BiasAdd on CUDA only: compared with its definition, x + bias + skip."""
+    x, skip, bias = f32(2, 5, 16), f32(2, 5, 16), f32(16)
+    m = ms_node("BiasAdd", {"x": x}, {"y": F}, inits={"bias": bias, "skip": skip})
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    got = kfuse.compile(str(path), [torch.from_numpy(x)])(torch.from_numpy(x))
+    np.testing.assert_allclose(got.numpy(), x + bias + skip, rtol=1e-6, atol=1e-6)
+
+
+def test_embed_layer_normalization(tmp_path):
+    ids = rng.integers(0, 30, (2, 6)).astype(np.int32)
+    seg = rng.integers(0, 2, (2, 6)).astype(np.int32)
+    mask = np.ones((2, 6), np.int32)
+    mask[1, 4:] = 0
+    inits = {"word": f32(30, 16), "pos": f32(10, 16), "segw": f32(2, 16), "gamma": f32(16), "beta": f32(16)}
+    m = ms_node("EmbedLayerNormalization", {"ids": ids, "seg": seg}, {"y": F, "mask_index": (TensorProto.INT32, 1)},
+                {"epsilon": 1e-12}, inits=inits)
+    m.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 6]))
+    m.graph.node[0].input[:] = ["ids", "seg", "word", "pos", "segw", "gamma", "beta", "mask"]
+    got, want, _ = run(tmp_path, m, {"ids": ids, "seg": seg, "mask": mask})
+    check(got, want)
+
+
+def _attention_model(mask, attrs, b=2, s=6, hidden=16):
+    x = f32(b, s, hidden)
+    inputs = {"x": x, "mask": mask}
+    m = ms_node("Attention", inputs, {"y": F}, {"num_heads": 4, **attrs})
+    m.graph.initializer.extend([numpy_helper.from_array(f32(hidden, 3 * hidden) * 0.5, "w"),
+                                numpy_helper.from_array(f32(3 * hidden), "bias")])
+    m.graph.node[0].input[:] = ["x", "w", "bias"] + (["mask"] if mask is not None else [])
+    return m, inputs
+
+
+@pytest.mark.parametrize("form, attrs", [
+    (None, {}), ("2d", {}), ("1d", {}), ("3d", {}), (None, {"unidirectional": 1}), ("2d", {"unidirectional": 1}),
+    ("2d", {"scale": 0.3, "mask_filter_value": -1000.0})])
+def test_attention(tmp_path, form, attrs):
+    b, s = 2, 6
+    mask = {None: None,
+            "2d": np.array([[1] * 6, [1] * 4 + [0] * 2], np.int32),
+            "1d": np.array([6, 3], np.int32),
+            "3d": (rng.uniform(size=(b, s, s)) > 0.3).astype(np.int32)}[form]
+    if form == "3d":
+        mask[:, :, 0] = 1
+    m, feeds = _attention_model(mask, attrs)
+    got, want, report = run(tmp_path, m, feeds)
+    check(got, want)
+    assert report.fusions.get("attention") == 1 and not report.fallbacks
+
+
+def test_attention_unsupported_forms_are_clear_errors(tmp_path):
+    m, feeds = _attention_model(np.array([6, 3, 0, 0], np.int32), {})   # [2 * batch]: ends and starts
+    with pytest.raises(KfuseError, match="mask_index of shape"):
+        run(tmp_path, m, feeds)
+    m, feeds = _attention_model(None, {"do_rotary": 1})
+    with pytest.raises(KfuseError, match="do_rotary"):
+        run(tmp_path, m, feeds)
+
+
+@pytest.mark.parametrize("bias, mask, unidirectional", [(False, None, 0), (True, "2d", 0), (True, "1d", 0),
+                                                        (False, None, 1)])
+def test_multi_head_attention(tmp_path, bias, mask, unidirectional):
+    q, k, v = f32(2, 5, 16), f32(2, 7, 16), f32(2, 7, 16)
+    if unidirectional:
+        k, v = f32(2, 5, 16), f32(2, 5, 16)
+    lk = k.shape[1]
+    kpm = {None: None, "2d": np.array([[1] * lk, [1] * 3 + [0] * (lk - 3)], np.int32),
+           "1d": np.array([lk, 4], np.int32)}[mask]
+    inputs = {"q": q, "k": k, "v": v, "bias": f32(48) if bias else None, "kpm": kpm}
+    m = ms_node("MultiHeadAttention", inputs, {"y": F}, {"num_heads": 4, "unidirectional": unidirectional})
+    got, want, report = run(tmp_path, m, inputs)
+    check(got, want)
+    assert report.fusions.get("attention") == 1
+
+
+# -- a BERT optimized by ONNX Runtime's transformer optimizer --------------------------------------
+
+_EXPORT = textwrap.dedent("""
+    import sys, torch, transformers
+    from onnxruntime.transformers.optimizer import optimize_model
+    plain, optimized = sys.argv[1], sys.argv[2]
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"   # the attention pattern ONNX Runtime's fusion recognises
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg).eval()
+    with torch.no_grad():   # random norms and biases, so no two initializers are alike
+        for name, p in bert.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, ids, mask):
+            o = self.b(input_ids=ids, attention_mask=mask, return_dict=False)
+            return o[0], o[1]
+
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    axes = {0: "batch", 1: "seq"}
+    torch.onnx.export(Wrap(bert).eval(), (ids, mask), plain, input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state", "pooler_output"], dynamo=False, opset_version=17,
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes})
+    optimize_model(plain, model_type="bert", num_heads=4, hidden_size=64).save_model_to_file(optimized)
+""")
+
+
+@pytest.fixture(scope="module")
+def bert_files(tmp_path_factory):
+    pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("bert")
+    plain, optimized = d / "bert.onnx", d / "bert_opt.onnx"
+    r = subprocess.run([sys.executable, "-c", _EXPORT, str(plain), str(optimized)], capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 or not optimized.exists():
+        pytest.fail(f"exporting/optimizing BERT failed:\n{r.stderr[-3000:]}")
+    return plain, optimized
+
+
+def test_optimized_bert_compiles_and_matches_the_unoptimized_file(bert_files):
+    plain, optimized = bert_files
+    ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(str(optimized)).graph.node)
+    assert ops[(MS, "SkipLayerNormalization")] >= 4
+    assert ops[(MS, "Attention")] + ops[(MS, "MultiHeadAttention")] == 2
+    assert ops[(MS, "BiasGelu")] + ops[(MS, "FastGelu")] + ops[(MS, "Gelu")] == 2
+    ids = torch.from_numpy(rng.integers(0, 100, (2, 8)))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0   # right padding, the form the optimized file's mask_index expresses
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    want = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, feeds)
+    cm = kfuse.compile(str(optimized), (ids, mask))
+    got = [g.numpy() for g in cm(ids, mask)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    report = cm.report()
+    assert report.fusions.get("attention") == 2, report.fusions
+    assert not report.fallbacks
+    ops_run = kernel_ops(report)
+    assert ops_run.count("layer_norm") >= 5 and "linear" in ops_run
+    plain_cm = kfuse.compile(str(plain), (ids, mask))   # the unoptimized file compiles too, and agrees
+    for g, w in zip([g.numpy() for g in plain_cm(ids, mask)], want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank, interleaved, offset", [(3, 0, False), (4, 0, False), (3, 1, False), (3, 0, True),
+                                                      (4, 1, True)])
+def test_rotary_embedding(tmp_path, rank, interleaved, offset):
+    """Position ids [batch, seq] or one offset; 3-d (num_heads) or 4-d input; halves or pairs."""
+    b, s, heads, d = 2, 5, 2, 8
+    x = f32(b, s, heads * d) if rank == 3 else f32(b, heads, s, d)
+    pos = np.array([3], np.int64) if offset else rng.integers(0, 16, (b, s)).astype(np.int64)
+    inputs = {"x": x, "pos": pos}
+    attrs = {"interleaved": interleaved, **({"num_heads": heads} if rank == 3 else {})}
+    m = ms_node("RotaryEmbedding", inputs, {"y": (F, rank)}, attrs, inits={"cos": f32(16, d // 2), "sin": f32(16, d // 2)})
+    got, want, report = run(tmp_path, m, inputs)
+    check(got, want)
+    if not interleaved:
+        assert report.fusions.get("rope") == 1
