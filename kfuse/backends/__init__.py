@@ -215,6 +215,27 @@ class Kernel:
     writes_into: bool
     aliases: bool
     sources: object = list     # () -> the C sources of the libraries it has loaded so far (for artifacts)
+    inline: str | None = None  # a view as a method call on its input ("reshape((2, 3))"): the runtime
+                               # writes it into the generated wrapper instead of calling fn
+
+
+def _ints(values) -> str:
+    return "(" + "".join(f"{int(v)}, " for v in values) + ")"
+
+
+def inline_view(node) -> str | None:
+    """The view `node` computes as a torch method call on its input, made of numbers only (nothing
+    from the model reaches generated code), or None (a strided slice runs through its kernel)."""
+    a = node.attrs
+    if node.op == "reshape":
+        return f"reshape({_ints(a['shape'])})"
+    if node.op == "transpose":
+        return f"permute({_ints(a['perm'])})"
+    if node.op == "expand":
+        return f"expand({_ints(a['shape'])})"
+    if node.op == "slice" and a["step"] == 1:
+        return f"narrow({int(a['axis'])}, {int(a['start'])}, {int(a['end']) - int(a['start'])})"
+    return None
 
 
 def make_kernel(group, report, machine) -> Kernel:
@@ -257,4 +278,5 @@ def make_kernel(group, report, machine) -> Kernel:
     name = fusion_name(nodes)
     if name:
         report.fused(name)
-    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources)
+    inline = inline_view(nodes[0]) if kind == "view" and len(group.inputs) == 1 else None
+    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline)
