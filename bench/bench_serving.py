@@ -139,11 +139,15 @@ class Served:
         serve.run(deployment(path, num_replicas=replicas, num_cpus=1, threads=1), name="kfuse-bench", route_prefix="/")
         print(f"  Ray Serve: {replicas} replicas up in {time.perf_counter() - t0:.1f} s at {self.url}")
 
-    def post(self, body: bytes) -> bytes:
+    def post(self, body: bytes, media: str = "application/json") -> bytes:
         import urllib.request
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": media}, method="POST")
         with self.opener.open(req, timeout=120) as r:
             return r.read()
+
+    def post_binary(self, body: bytes) -> bytes:
+        from kfuse.serving import BINARY
+        return self.post(body, BINARY)
 
     def close(self):
         try:
@@ -155,6 +159,11 @@ class Served:
 def body_of(inputs) -> bytes:
     from kfuse.serving import DTYPE_NAMES
     return json.dumps({"inputs": [t.tolist() for t in inputs], "dtypes": [DTYPE_NAMES[t.dtype] for t in inputs]}).encode()
+
+
+def binary_body_of(inputs) -> bytes:
+    from safetensors.torch import save
+    return save({f"args.{i}": t.contiguous() for i, t in enumerate(inputs)})
 
 
 # -- call path ----------------------------------------------------------------------------------------------
@@ -283,11 +292,17 @@ def main():
                    for o, d, s in zip(reply["outputs"], reply["dtypes"], reply["shapes"])]
             if not same_bits(got, leaves(lm(*inputs[0]))):
                 raise AssertionError("the HTTP reply differs from kfuse.load in this process")
-            name = f"ray-serve HTTP ({a.replicas} replicas)"
-            table[name] = {}
-            for m in clients:
-                table[name][m] = run_clients(served.post, bodies, m, a.requests)
-                print(f"  M={m}: {name} {table[name][m]['p50']:.2f} ms")
+            from safetensors.torch import load as st_load
+            binary = [(binary_body_of(args),) for args in inputs]
+            got = st_load(served.post_binary(binary[0][0]))
+            if not same_bits([got[f"outputs.{i}"] for i in range(len(got))], leaves(lm(*inputs[0]))):
+                raise AssertionError("the binary HTTP reply differs from kfuse.load in this process")
+            for name, post, data in ((f"ray-serve HTTP JSON ({a.replicas} replicas)", served.post, bodies),
+                                     (f"ray-serve HTTP safetensors ({a.replicas} replicas)", served.post_binary, binary)):
+                table[name] = {}
+                for m in clients:
+                    table[name][m] = run_clients(post, data, m, a.requests)
+                    print(f"  M={m}: {name} {table[name][m]['p50']:.2f} ms")
         except Exception as e:                              # noqa: BLE001
             print(f"  HTTP: skipped, {type(e).__name__}: {e}")
             traceback.print_exc()

@@ -28,6 +28,11 @@ a value the dtype cannot hold, inputs the model was not compiled for (kfuse.Inpu
 out of range (IndexError, e.g. a token id past the vocabulary); 500
 {"error": message} for anything else the model raises. Ray is imported only by `deployment` and
 `main`: kfuse imports without it (`pip install "ray[serve]"` to serve).
+
+Binary form: with `Content-Type: application/x-safetensors` the body is a safetensors file whose
+tensors are named "args.0", "args.1", ... (positional) or "kwargs.NAME", and the reply is one with
+"outputs.0", ...: no text encoding of numbers at all (for BERT's [1, 128, 384] output, JSON costs more
+than the model). safetensors holds raw tensors and a JSON header, nothing that runs.
 """
 from __future__ import annotations
 
@@ -106,27 +111,57 @@ def decode(body) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     raise RequestError(f"{form}; 'inputs' is a JSON {type(inputs).__name__}")
 
 
-def encode(outputs) -> dict:
-    """The reply for a model's outputs: {"outputs": nested lists, "dtypes": names, "shapes": shapes}."""
+BINARY = "application/x-safetensors"
+
+
+def decode_binary(body: bytes) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(positional, keyword) inputs of a safetensors body with tensors "args.<i>" or "kwargs.<name>"."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    try:
+        tensors = load(bytes(body))
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise RequestError(f"the body is not a safetensors file: {e}") from None
+    args = {k.removeprefix("args."): t for k, t in tensors.items() if k.startswith("args.")}
+    kwargs = {k.removeprefix("kwargs."): t for k, t in tensors.items() if k.startswith("kwargs.")}
+    if len(args) + len(kwargs) != len(tensors) or sorted(args) != sorted(map(str, range(len(args)))):
+        raise RequestError(f"tensor names must be args.0, args.1, ... or kwargs.<name>; got {sorted(tensors)}")
+    return [args[str(i)] for i in range(len(args))], kwargs
+
+
+def _leaves(outputs) -> list[torch.Tensor]:
     leaves = pytree.tree_leaves(outputs)
     bad = [type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)]
     if bad:
         raise KfuseError(f"the model returned non-tensor outputs ({', '.join(bad)}); kfuse.serving sends tensors only")
+    return leaves
+
+
+def encode_binary(outputs) -> bytes:
+    from safetensors.torch import save
+    return save({f"outputs.{i}": t.contiguous() for i, t in enumerate(_leaves(outputs))})
+
+
+def encode(outputs) -> dict:
+    """The reply for a model's outputs: {"outputs": nested lists, "dtypes": names, "shapes": shapes}."""
+    leaves = _leaves(outputs)
     return {"outputs": [t.tolist() for t in leaves],
             "dtypes": [DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch.")) for t in leaves],
             "shapes": [list(t.shape) for t in leaves]}
 
 
-def handle(model, body) -> tuple[int, dict]:
-    """(HTTP status, reply object) for one request body: 200 with the outputs, 400 for a bad request,
-    500 for another error of the model. Never raises (save for KeyboardInterrupt and the like)."""
+def handle(model, body, binary: bool = False) -> tuple[int, dict | bytes]:
+    """(HTTP status, reply) for one request body: 200 with the outputs (a JSON object, or safetensors
+    bytes for a `binary` request), 400 for a bad request, 500 for another error of the model (errors
+    are JSON objects). Never raises (save for KeyboardInterrupt and the like)."""
     try:
-        args, kwargs = decode(body)
+        args, kwargs = decode_binary(body) if binary else decode(body)
     except RequestError as e:
         return 400, {"error": str(e)}
     try:
         with torch.no_grad():
-            return 200, encode(model(*args, **kwargs))
+            out = model(*args, **kwargs)
+            return 200, encode_binary(out) if binary else encode(out)
     except InputError as e:
         return 400, {"error": f"inputs do not match the model: {e}"}
     except IndexError as e:     # a token id past the embedding table, raised by torch's gather
@@ -139,10 +174,12 @@ def dumps(reply: dict) -> bytes:
     return json.dumps(reply, separators=(",", ":"), allow_nan=True).encode()
 
 
-def respond(model, body) -> tuple[int, bytes]:
-    """handle() and the reply as JSON bytes: what a replica runs off its event loop."""
-    status, reply = handle(model, body)
-    return status, dumps(reply)
+def respond(model, body, binary: bool = False) -> tuple[int, bytes, str]:
+    """handle(), and the reply as bytes with its media type: what a replica runs off its event loop."""
+    status, reply = handle(model, body, binary)
+    if isinstance(reply, bytes):
+        return status, reply, BINARY
+    return status, dumps(reply), "application/json"
 
 
 def deployment(artifact_path, *, num_replicas: int = 1, num_cpus: float = 1.0, threads: int | None = None,
@@ -175,11 +212,14 @@ def deployment(artifact_path, *, num_replicas: int = 1, num_cpus: float = 1.0, t
         async def __call__(self, request):
             import asyncio
             if request.method != "POST":
-                status, data = 405, dumps({"error": "POST a JSON body (see kfuse.serving)"})
+                status, data, media = 405, dumps({"error": "POST a JSON or safetensors body (see kfuse.serving)"}), \
+                    "application/json"
             else:
-                body = await request.body()     # decoding, the model and JSON encoding run off the event loop
-                status, data = await asyncio.get_running_loop().run_in_executor(None, respond, self.model, body)
-            return Response(data, status_code=status, media_type="application/json")
+                body = await request.body()     # decoding, the model and encoding run off the event loop
+                binary = request.headers.get("content-type", "").split(";")[0].strip() == BINARY
+                status, data, media = await asyncio.get_running_loop().run_in_executor(
+                    None, respond, self.model, body, binary)
+            return Response(data, status_code=status, media_type=media)
 
     return KfuseReplica.bind(path)
 

@@ -15,7 +15,7 @@ import torch
 
 import kfuse
 from kfuse.models import build
-from kfuse.serving import DTYPE_NAMES, decode, dumps, handle
+from kfuse.serving import BINARY, DTYPE_NAMES, decode, dumps, handle
 
 THREADS, REQUESTS, TIMEOUT_S = 4, 16, 60
 # never through a proxy from the environment: everything here stays on the loopback interface
@@ -35,13 +35,25 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.contiguous().numpy().tobytes() == b.contiguous().numpy().tobytes()
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+def post(url: str, body: bytes, media: str = "application/json") -> tuple[int, dict | bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": media}, method="POST")
     try:
         with OPENER.open(req, timeout=TIMEOUT_S) as r:
-            return r.status, json.loads(r.read())
+            data = r.read()
+            return r.status, data if r.headers.get("Content-Type", "").startswith(BINARY) else json.loads(data)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def binary_body(inputs) -> bytes:
+    from safetensors.torch import save
+    return save({f"args.{i}": t.contiguous() for i, t in enumerate(inputs)})
+
+
+def binary_outputs(data: bytes) -> list[torch.Tensor]:
+    from safetensors.torch import load
+    out = load(data)
+    return [out[f"outputs.{i}"] for i in range(len(out))]
 
 
 def free_port() -> int:
@@ -87,6 +99,18 @@ def test_handle_round_trips_and_refuses_bad_bodies(artifact):
     assert decode({"inputs": {"x": [[1.0, -0.0]]}, "dtypes": {"x": "bfloat16"}})[1]["x"].dtype == torch.bfloat16
 
 
+def test_binary_bodies_round_trip_and_bad_ones_are_refused(artifact):
+    path, example = artifact
+    model = kfuse.load(path)
+    status, reply = handle(model, binary_body(example), binary=True)
+    assert status == 200 and same_bits(binary_outputs(reply)[0], model(*example))
+    from safetensors.torch import save
+    for body, words in ((b"garbage", "not a safetensors"), (save({"x": example[0]}), "args.0"),
+                        (save({"args.1": example[0]}), "args.0"), (binary_body(example[:1]), "compiled for")):
+        status, reply = handle(model, body, binary=True)
+        assert status == 400 and words in reply["error"], (status, reply)
+
+
 def test_ray_serve_two_replicas_answer_concurrent_requests_exactly(artifact):
     ray = pytest.importorskip("ray", reason="Ray Serve test needs ray: pip install 'ray[serve]' (in the dev extra)")
     serve = pytest.importorskip("ray.serve", reason="Ray Serve test needs ray[serve]: pip install 'ray[serve]'")
@@ -121,6 +145,9 @@ def test_ray_serve_two_replicas_answer_concurrent_requests_exactly(artifact):
         assert status == 400 and "inputs[0]" in reply["error"], (status, reply)
         status, reply = post(url, body_of(cases[0]))      # the replicas still answer after a bad request
         assert status == 200 and same_bits(tensors_of(reply)[0], expected[0])
+        for case, want in zip(cases[:4], expected):       # the binary (safetensors) form
+            status, reply = post(url, binary_body(case), BINARY)
+            assert status == 200 and same_bits(binary_outputs(reply)[0], want)
         print(f"Ray + Serve + 2 replicas up in {started:.1f} s; {REQUESTS} requests in "
               f"{time.perf_counter() - t0 - started:.1f} s")
     finally:
