@@ -32,6 +32,13 @@ def _values(flat, indices) -> tuple:
     return tuple((i, raw(flat[i])) for i in indices)
 
 
+def _positional(spec) -> int:
+    """n when `spec` describes exactly n positional tensors (no keywords, no nesting), else -1: such
+    calls skip pytree's walk (half of a small model's call path)."""
+    n = spec.num_leaves
+    return n if spec == pytree.tree_flatten(((0,) * n, {}))[1] else -1
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -44,6 +51,7 @@ class CompiledModel:
         self.options = options
         self.is_onnx = isinstance(source, (str, os.PathLike))
         flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
+        self._n_positional = _positional(self._in_spec)
         self._check_tensors(flat)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
@@ -87,8 +95,8 @@ class CompiledModel:
                 raise InputError(f"input {i} is a {type(t).__name__}, expected a torch.Tensor")
 
     def _flatten(self, inputs, kwargs):
-        if not kwargs and len(inputs) == self._positional and all(type(t) is torch.Tensor for t in inputs):
-            flat = list(inputs)        # the common case, without pytree's walk (half the call's overhead)
+        if not kwargs and len(inputs) == self._n_positional and all(type(t) is torch.Tensor for t in inputs):
+            flat = list(inputs)
         else:
             flat = self._flatten_tree(inputs, kwargs)
         first = next(iter(self._programs))
@@ -98,14 +106,6 @@ class CompiledModel:
             if t.dim() != len(shape):
                 raise InputError(f"input {i} has shape {list(t.shape)} (rank {t.dim()}), compiled for rank {len(shape)}")
         return flat
-
-    @property
-    def _positional(self) -> int:
-        """n when the model takes exactly n positional tensors (no keywords, no nesting), else -1."""
-        n = self._in_spec.num_leaves
-        if getattr(self, "_positional_n", None) is None:
-            self._positional_n = n if self._in_spec == pytree.tree_flatten(((0,) * n, {}))[1] else -1
-        return self._positional_n
 
     def _flatten_tree(self, inputs, kwargs):
         flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
@@ -195,6 +195,7 @@ class CompiledModel:
         self = cls.__new__(cls)
         self.source, self.options, self.is_onnx = None, dict(meta["options"]), bool(meta["is_onnx"])
         self._in_spec, self._out_spec = spec(meta["in_spec"]), spec(meta["out_spec"])
+        self._n_positional = _positional(self._in_spec)
         self._programs, self._specialised, self._by_value = {}, {}, {}
         for sig, values, prog in programs:
             self._programs.setdefault(sig, prog)

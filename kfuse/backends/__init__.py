@@ -1,4 +1,4 @@
-"""Backends turn a fused group into a callable kernel: `make_kernel(group, report, machine, buffers)`.
+"""Backends turn a fused group into a callable kernel: `make_kernel(group, report, machine)`.
 
 A kernel is called with the group's input tensors and returns a tuple of its output tensors.
   - views (reshape, transpose, slice, expand): torch views, no copy; consumers read them in place;
@@ -28,20 +28,28 @@ from .conv import pack_conv
 from .library import pack_linear
 from .reference import reference_kernel
 
-VIEW = {
-    "reshape": lambda x, *, shape: x.reshape(shape),
-    "transpose": lambda x, *, perm: x.permute(perm),
-    "slice": lambda x, *, axis, start, end, step: x.narrow(axis, start, end - start) if step == 1
-    else REFERENCE["slice"](x, axis=axis, start=start, end=end, step=step),
-    "expand": lambda x, *, shape: x.expand(shape),
-}
+def view_call(node) -> tuple[str, tuple] | None:
+    """The torch method and its integer arguments that compute view `node` on its input without a
+    copy (`("narrow", (2, 0, 384))`), or None for a slice with a step (the reference runs it). The
+    view kernel calls it; the runtime writes the same call into the generated wrapper."""
+    a = node.attrs
+    if node.op == "reshape":
+        return "reshape", (tuple(a["shape"]),)
+    if node.op == "transpose":
+        return "permute", (tuple(a["perm"]),)
+    if node.op == "expand":
+        return "expand", (tuple(a["shape"]),)
+    if node.op == "slice" and a["step"] == 1:
+        return "narrow", (a["axis"], a["start"], a["end"] - a["start"])
+    return None
 
 
-def _single(fn, attrs):
-    return lambda *args: (fn(*args, **attrs),)
-
-
-assert set(VIEW) == set(VIEW_OPS)
+def _view_kernel(node):
+    call = view_call(node)
+    if call is None:
+        return lambda x: (REFERENCE[node.op](x, **node.attrs),)
+    method, args = call
+    return lambda x: (getattr(x, method)(*args),)
 
 
 def _linear_kernel(nodes):
@@ -87,6 +95,7 @@ def _attention_kernel(node):
         out = store.permute(0, 2, 1, 3)
         c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out)
         return (out,)
+    run.sources = lambda: [c_attention.source(d)]
     return run, "c:attention"
 
 
@@ -94,7 +103,9 @@ def _rope_kernel(node):
     if node.dtype != torch.float32 or len(node.shape) > 4:
         raise NotImplementedError("rope kernel takes float32 tensors of rank <= 4")
     c_rope._lib()               # compile now, so a missing compiler falls back at build time
-    return (lambda bufs, x, c, s: (c_rope.rope(x, c, s, out=bufs[0]),)), "c:rope"
+    run = lambda bufs, x, c, s: (c_rope.rope(x, c, s, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [c_rope.SOURCE]
+    return run, "c:rope"
 
 
 def _by_node_inputs(fn, group, writes_into: bool):
@@ -151,7 +162,7 @@ def _info(group, machine, backend: str, note: str = "") -> KernelInfo:
     contraction = any(n.kind == Kind.CONTRACTION for n in nodes)
     before = sum(cost.op_bytes(n) for n in nodes)
     after = sum(i.nbytes for i in group.inputs) + sum(o.nbytes for o in group.outputs)
-    if all(n.op in VIEW for n in nodes):
+    if all(n.op in VIEW_OPS for n in nodes):
         after = 0   # a view moves nothing
     flops = sum(cost.flops(n) for n in nodes)
     rows = cost.rows_of(nodes)
@@ -191,7 +202,7 @@ def fusion_name(nodes) -> str | None:
 def kind_of(group) -> str:
     """Which kind of kernel runs the group: view, linear, attention, c or torch."""
     nodes = group.nodes
-    if len(nodes) == 1 and nodes[0].op in VIEW:
+    if len(nodes) == 1 and nodes[0].op in VIEW_OPS:
         return "view"
     if as_linear(nodes) is not None:
         return "linear"
@@ -219,23 +230,15 @@ class Kernel:
                                # writes it into the generated wrapper instead of calling fn
 
 
-def _ints(values) -> str:
-    return "(" + "".join(f"{int(v)}, " for v in values) + ")"
-
-
 def inline_view(node) -> str | None:
-    """The view `node` computes as a torch method call on its input, made of numbers only (nothing
-    from the model reaches generated code), or None (a strided slice runs through its kernel)."""
-    a = node.attrs
-    if node.op == "reshape":
-        return f"reshape({_ints(a['shape'])})"
-    if node.op == "transpose":
-        return f"permute({_ints(a['perm'])})"
-    if node.op == "expand":
-        return f"expand({_ints(a['shape'])})"
-    if node.op == "slice" and a["step"] == 1:
-        return f"narrow({int(a['axis'])}, {int(a['start'])}, {int(a['end']) - int(a['start'])})"
-    return None
+    """view_call(node) as source text: the method name (ours) and numbers only, so nothing from the
+    model reaches generated code; None where the view runs through its kernel."""
+    call = view_call(node)
+    if call is None:
+        return None
+    method, args = call
+    lit = [f"({''.join(f'{int(v)}, ' for v in a)})" if isinstance(a, tuple) else str(int(a)) for a in args]
+    return f"{method}({', '.join(lit)})"
 
 
 def make_kernel(group, report, machine) -> Kernel:
@@ -245,7 +248,7 @@ def make_kernel(group, report, machine) -> Kernel:
     note, fn, backend = "", None, "torch"
     try:
         if kind == "view":
-            fn, backend = _single(VIEW[nodes[0].op], nodes[0].attrs), "view"
+            fn, backend = _view_kernel(nodes[0]), "view"
         elif kind == "linear":
             fn, backend = _linear_kernel(nodes)
         elif kind == "conv":
@@ -266,10 +269,6 @@ def make_kernel(group, report, machine) -> Kernel:
     writes_into = fn is not None and kind in WRITES_INTO
     note = getattr(fn, "note", note)
     sources = getattr(fn, "sources", list)
-    if fn is not None and kind == "attention":
-        sources = lambda: [c_attention.source(nodes[0].inputs[0].shape[-1])]   # noqa: E731
-    elif fn is not None and kind == "rope":
-        sources = lambda: [c_rope.SOURCE]   # noqa: E731
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
     elif kind in ("view", "attention", "rope"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kfuse.ir import Graph
+from kfuse.ir import Graph, postorder
 from kfuse.ops.reference import run
 from kfuse.passes import fold
 from kfuse.report import Report
@@ -38,30 +38,16 @@ def canonical(g: Graph) -> list[str]:
     def name(n) -> str:
         return f"%{index[n]}"
 
-    def visit(root):
-        stack = [(root, False)]
-        while stack:
-            n, done = stack.pop()
-            if n in index:
-                continue
-            if not done:
-                stack.append((n, True))
-                stack.extend((i, False) for i in reversed(n.inputs) if i not in index)
-                continue
-            index[n] = len(lines)
-            ty = f"{n.dtype}{list(n.shape)}"
-            if n.op == "input":
-                lines.append(f"%{index[n]} = input {n.attrs['index']} : {ty}")
-            elif n.op == "const":
-                lines.append(f"%{index[n]} = const {_attr(n.value)[2]} : {ty}")
-            else:
-                attrs = {k: _attr(v) for k, v in sorted(n.attrs.items())}
-                lines.append(f"%{index[n]} = {n.op}({', '.join(name(i) for i in n.inputs)}) {attrs} : {ty}")
-
-    for n in g.inputs:
-        visit(n)
-    for o in g.outputs:
-        visit(o)
+    for n in postorder([*g.inputs, *g.outputs]):   # numbered by a walk from the outputs, not by id
+        index[n] = len(lines)
+        ty = f"{n.dtype}{list(n.shape)}"
+        if n.op == "input":
+            lines.append(f"%{index[n]} = input {n.attrs['index']} : {ty}")
+        elif n.op == "const":
+            lines.append(f"%{index[n]} = const {_attr(n.value)[2]} : {ty}")
+        else:
+            attrs = {k: _attr(v) for k, v in sorted(n.attrs.items())}
+            lines.append(f"%{index[n]} = {n.op}({', '.join(name(i) for i in n.inputs)}) {attrs} : {ty}")
     lines.append("return " + ", ".join(name(o) for o in g.outputs))
     return lines
 
