@@ -41,11 +41,13 @@ def post_op_of(n: Node) -> tuple | None:
     return None
 
 
-def _per_channel(c: Node, conv: Node) -> torch.Tensor | None:
+def per_channel(c: Node, conv: Node) -> torch.Tensor | None:
+    """The [C] vector of a constant that broadcasts along the output channels of `conv` only (a
+    BatchNorm's scale or shift, a bias), else None."""
     ch = conv.shape[1]
-    if c.op != "const" or c.numel != ch or c.dtype != conv.dtype or len(c.shape) > 4:
+    if c.op != "const" or c.numel != ch or c.dtype != conv.dtype or len(c.shape) > len(conv.shape):
         return None
-    shape = (1,) * (4 - len(c.shape)) + c.shape
+    shape = (1,) * (len(conv.shape) - len(c.shape)) + c.shape
     return c.value.reshape(ch) if shape[1] == ch else None
 
 
@@ -61,7 +63,7 @@ def as_conv(nodes) -> ConvEpilogue | None:
         if last not in n.inputs or n.shape != last.shape or act is not None:
             return None
         other = [i for i in n.inputs if i is not last]
-        if n.op == "add" and len(other) == 1 and residual is None and (v := _per_channel(other[0], head)) is not None:
+        if n.op == "add" and len(other) == 1 and residual is None and (v := per_channel(other[0], head)) is not None:
             if last is not head:             # a bias after a residual add is not a post-op
                 return None
             bias = v if bias is None else bias + v

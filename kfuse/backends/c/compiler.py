@@ -113,15 +113,16 @@ def library_of(source: str) -> Path:
 
 def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
     """The shared library built from `source`, compiling it unless a sound cached copy exists."""
-    given = _provided.get(_key(source)) if tuple(flags) == tuple(FLAGS) else None
+    key = _key(source)
+    given = _provided.get(key) if tuple(flags) == tuple(FLAGS) else None
     if given is not None:
         try:
             lib = _loaded.get(given) or ctypes.CDLL(str(given))
-            _loaded[given] = _loaded.get(given, lib)
-            _library_of[_key(source)] = given
-            return lib
         except OSError:          # the artifact is gone: build or find it as usual
-            del _provided[_key(source)]
+            del _provided[key]
+        else:
+            _loaded[given], _library_of[key] = lib, given
+            return lib
     path = library_path(source, flags)
     lib = _loaded.get(path)
     if lib is not None:
@@ -139,7 +140,7 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
             raise CompileError(f"built {path} but cannot load it: {e}") from None
     _loaded[path] = lib
     if tuple(flags) == tuple(FLAGS):
-        _library_of[_key(source)] = path
+        _library_of[key] = path
     return lib
 
 

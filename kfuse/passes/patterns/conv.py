@@ -9,16 +9,8 @@ from __future__ import annotations
 import torch
 
 from ...ir import Graph, Node
+from ...kernels.conv import per_channel
 from ...rewrite import is_op, uses
-
-
-def _per_channel(c: Node, conv: Node) -> torch.Tensor | None:
-    """The [C] vector of a constant that broadcasts along the output channels of `conv` only."""
-    ch = conv.shape[1]
-    if c.op != "const" or c.numel != ch or len(c.shape) > len(conv.shape):
-        return None
-    shape = (1,) * (len(conv.shape) - len(c.shape)) + c.shape
-    return c.value.reshape(ch) if shape[1] == ch and c.dtype == conv.dtype else None
 
 
 def fold_bn(g: Graph, n: Node, report=None):
@@ -30,7 +22,7 @@ def fold_bn(g: Graph, n: Node, report=None):
             continue
         if len(conv.inputs) == 3 and conv.inputs[2].op != "const":
             continue
-        v = _per_channel(c, conv)
+        v = per_channel(c, conv)
         if v is None:
             continue
         w = conv.inputs[1].value
