@@ -2,9 +2,8 @@
 the legacy exporter (which writes ONNX LSTM/GRU/RNN nodes), compiled from the file with
 kfuse.compile and compared with ONNX Runtime; plus hand-built nodes for what torch does not export
 (peepholes, clip, GRU's linear_before_reset=0, layout 1, varying sequence_lens, input_forget);
-layout 1 against ONNX's reference evaluator, as ONNX Runtime has no kernel for it.
-`test_timing_vs_ort` prints kfuse's and ONNX Runtime's time per call (run with -s to see it)."""
-import time
+layout 1 against ONNX's reference evaluator, as ONNX Runtime has no kernel for it. Their speed
+against ONNX Runtime and eager: bench/bench_recurrent.py."""
 
 import numpy as np
 import onnx
@@ -192,34 +191,3 @@ def test_unsupported_activation_is_a_clear_error(tmp_path):
     onnx.save(model, path)
     with pytest.raises(kfuse.KfuseError, match="activation 'Softsign' is not supported"):
         kfuse.compile(str(path), [torch.from_numpy(v) for v in feeds.values()])
-
-
-def per_call(fn, warmup=10, calls=100):
-    """Milliseconds per call of fn, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e3
-
-
-def test_timing_vs_ort(tmp_path):
-    """Not asserted: kfuse's and ONNX Runtime's (2 threads) time per call of a [seq 32, batch 4,
-    input 64, hidden 128] bidirectional LSTM and GRU. kfuse is timed first: ONNX Runtime's pool
-    threads spin after each run and would slow whatever runs next on the same cores."""
-    x = torch.randn(32, 4, 64)
-    paths, compiled, times = {}, {}, {}
-    for cell in ("LSTM", "GRU"):
-        torch.manual_seed(0)
-        paths[cell] = export(tmp_path, getattr(torch.nn, cell)(64, 128, bidirectional=True).eval(), [x],
-                             f"{cell}.onnx")
-        compiled[cell] = cm = kfuse.compile(str(paths[cell]), [x])
-        times[cell, "kfuse"] = per_call(lambda: cm(x))
-    for cell in ("LSTM", "GRU"):
-        sess, want = ort_run(paths[cell], [x.numpy()], threads=2)
-        check(compiled[cell](x), want)
-        feeds = {sess.get_inputs()[0].name: x.numpy()}
-        times[cell, "ort"] = per_call(lambda: sess.run(None, feeds))
-        print(f"\n{cell} bidirectional [seq 32, batch 4, input 64] hidden 128: kfuse {times[cell, 'kfuse']:.3f} ms, "
-              f"ONNX Runtime (2 threads) {times[cell, 'ort']:.3f} ms per call")
