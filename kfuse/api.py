@@ -206,7 +206,7 @@ class CompiledModel:
         return self
 
 
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "triton", "reference")
 # option -> (check, what it takes)
 OPTIONS = {
     "patterns": (lambda v: isinstance(v, bool), "True or False"),
@@ -221,6 +221,10 @@ def check_options(backend: str, options: dict) -> dict:
     """The options as kfuse.compile uses them; a clear KfuseError for an unknown name or a bad value."""
     if backend not in BACKENDS:
         raise KfuseError(f"unknown backend {backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "triton":
+        from .backends.triton import kernel as triton_kernel
+        if triton_kernel.triton_version() is None:
+            raise KfuseError("backend='triton' needs Triton: pip install triton (or use backend='cpu')")
     for name, value in options.items():
         if name not in OPTIONS:
             close = difflib.get_close_matches(name, OPTIONS, n=1)
@@ -242,16 +246,26 @@ def load(path) -> CompiledModel:
     return CompiledModel._loaded(meta, programs)
 
 
-def compile(model, example_inputs=(), example_kwargs=None, *, backend: str = "cpu", **options) -> CompiledModel:
+def _on_cuda(example_inputs, example_kwargs) -> bool:
+    leaves = pytree.tree_leaves((tuple(example_inputs), dict(example_kwargs or {})))
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves)
+
+
+def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | None = None, **options) -> CompiledModel:
     """Compile an nn.Module (captured with torch.export) or a path to an .onnx file.
 
     `example_inputs` (a tuple of positional inputs) and `example_kwargs` (a dict of keyword inputs,
     PyTorch only) fix the shapes of the first compilation; other shapes compile on first use.
-    Options: `backend` ("cpu", or "reference" to run the unfused interpreter), `patterns` (False turns
+    Options: `backend` ("cpu"; "triton" for Triton kernels, the default when the example inputs are
+    CUDA tensors; or "reference" to run the unfused interpreter), `patterns` (False turns
     the pattern rules off), `horizontal` (False: no horizontal merging of independent kernels),
     `disable` (op types or fusion names never fused), `max_group` (ops per group). Anything else is
     a KfuseError.
     """
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    if backend is None:
+        backend = "triton" if _on_cuda(example_inputs, example_kwargs) else "cpu"
     options = check_options(backend, options)
     if isinstance(model, (str, os.PathLike)):
         if not Path(model).is_file():

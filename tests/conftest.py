@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
+# The Triton backend's tests (tests/triton) run in Triton's CPU interpreter. Set before anything
+# imports triton: importing kfuse imports torch._dynamo, which imports triton, and triton's own
+# library functions are compiled or interpreted as the variable says when they are first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))

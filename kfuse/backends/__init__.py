@@ -175,7 +175,7 @@ def _info(group, machine, backend: str, note: str = "") -> KernelInfo:
 def fusion_name(nodes) -> str | None:
     """The name a fused kernel is reported under, from the ops inside it (None for a lone op)."""
     ops = {n.op for n in nodes}
-    lin = as_linear(nodes)
+    lin = as_linear(nodes, TRITON_FLOATS)
     if lin is not None:
         _, _, bias, act = lin
         return f"gemm_{act}" if act != "none" else ("gemm_bias" if bias is not None else None)
@@ -199,16 +199,20 @@ def fusion_name(nodes) -> str | None:
         else "reduction_chain"
 
 
-def kind_of(group) -> str:
-    """Which kind of kernel runs the group: view, linear, attention, c or torch."""
+def kind_of(group, backend: str = "cpu") -> str:
+    """Which kind of kernel runs the group: view, linear, attention, c or torch. With backend
+    "triton", linear, attention and rope take float16/bfloat16 too, and conv runs on torch."""
     nodes = group.nodes
+    floats = TRITON_FLOATS if backend == "triton" else (torch.float32,)
     if len(nodes) == 1 and nodes[0].op in VIEW_OPS:
         return "view"
-    if as_linear(nodes) is not None:
+    if as_linear(nodes, floats) is not None:
         return "linear"
+    if backend == "triton" and as_conv(nodes) is not None:
+        return "torch"
     if as_conv(nodes) is not None:
         return "conv"
-    if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype == torch.float32:
+    if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
@@ -216,6 +220,8 @@ def kind_of(group) -> str:
 
 
 WRITES_INTO = ("c", "attention", "rope")     # kernels that write into buffers they are given
+BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
+TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -241,24 +247,40 @@ def inline_view(node) -> str | None:
     return f"{method}({', '.join(lit)})"
 
 
-def make_kernel(group, report, machine) -> Kernel:
-    """The kernel for `group`, priced on `machine` (kfuse.cost.Machine) for the report."""
+def _triton_kernel(kind, group):
+    """The Triton backend's builder for a kind (kfuse/backends/triton), imported on first use."""
+    from . import triton as tr
+    if kind == "linear":
+        x, w, b, act = as_linear(group.nodes, TRITON_FLOATS)
+        return tr.linear_kernel(x, w, b, act)
+    if kind == "attention":
+        return tr.attention_kernel(group.nodes[0])
+    if kind == "rope":
+        return tr.rope_kernel(group.nodes[0])
+    return tr.fused_kernel(group)
+
+
+def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
+    """The kernel for `group`, priced on `machine` (kfuse.cost.Machine) for the report. `backend`
+    ("cpu" or "triton", BACKENDS) picks the renderer of the fused kinds: C and oneDNN, or Triton."""
     nodes = group.nodes
-    kind = kind_of(group)
-    note, fn, backend = "", None, "torch"
+    kind = kind_of(group, backend)
+    note, fn, backend_name = "", None, "torch"
     try:
         if kind == "view":
-            fn, backend = _view_kernel(nodes[0]), "view"
+            fn, backend_name = _view_kernel(nodes[0]), "view"
+        elif backend == "triton" and kind in ("linear", "attention", "rope", "c"):
+            fn, backend_name = _triton_kernel(kind, group)
         elif kind == "linear":
-            fn, backend = _linear_kernel(nodes)
+            fn, backend_name = _linear_kernel(nodes)
         elif kind == "conv":
-            fn, backend = _conv_kernel(group)
+            fn, backend_name = _conv_kernel(group)
         elif kind == "attention":
-            fn, backend = _attention_kernel(nodes[0])
+            fn, backend_name = _attention_kernel(nodes[0])
         elif kind == "rope":
-            fn, backend = _rope_kernel(nodes[0])
+            fn, backend_name = _rope_kernel(nodes[0])
         elif kind == "c":
-            fn, backend = _c_kernel(group)
+            fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
         if isinstance(e, NotFusable):     # an op our kernel IR does not cover: torch runs it
             note = f"runs on torch: {e.reason}"
@@ -266,14 +288,14 @@ def make_kernel(group, report, machine) -> Kernel:
             note = f"fell back to the reference path: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
         fn = None
-    writes_into = fn is not None and kind in WRITES_INTO
+    writes_into = fn is not None and kind in WRITES_INTO and not (backend == "triton" and kind == "linear")
     note = getattr(fn, "note", note)
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
     elif kind in ("view", "attention", "rope"):
         fn = _by_node_inputs(fn, group, writes_into)
-    report.kernels.append(_info(group, machine, backend, note))
+    report.kernels.append(_info(group, machine, backend_name, note))
     name = fusion_name(nodes)
     if name:
         report.fused(name)

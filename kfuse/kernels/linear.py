@@ -23,12 +23,13 @@ def activation_of(n: Node) -> str | None:
     return act
 
 
-def as_linear(nodes):
+def as_linear(nodes, dtypes=(torch.float32,)):
     """(x, w [K, N], bias or None, act) when `nodes` compute act(x @ w + bias) with constant w and
     bias: a `linear` op from the pattern rules, or a matmul by a constant weight followed by the
-    epilogue the automatic fuser attached (a bias add, then an activation). Else None."""
+    epilogue the automatic fuser attached (a bias add, then an activation). Else None. `dtypes`: the
+    dtypes the caller's GEMM takes (the CPU library: float32 only)."""
     head = nodes[0]
-    if head.dtype != torch.float32:
+    if head.dtype not in dtypes:
         return None
     if head.op == "linear" and len(nodes) == 1:
         return head.inputs[0], head.inputs[1].value, head.inputs[2].value if len(head.inputs) == 3 else None, head.attrs["act"]

@@ -14,12 +14,18 @@ from .ir import _WIDE, DTYPES, LIBM_BINARY, LIBM_UNARY, REDUCTIONS, FusedKernel,
 from .schedule import _schedule
 
 
-def lower(nodes: list[Node], outputs: list[Node], layout: dict | None = None) -> FusedKernel:
+def lower(nodes: list[Node], outputs: list[Node], layout: dict | None = None, *, half: bool = False) -> FusedKernel:
     """The kernel computing `outputs` from the group `nodes` (topological order).
     `layout` maps an input node to the element strides it will be called with (a slice or a view
     read in place); inputs not in it are contiguous. Each input must step by 1 (or 0) along the
-    loop's last dim. Raises NotFusable with the reason when the group is not one kernel of this IR."""
-    return _Lowering(list(nodes), list(outputs), dict(layout or {})).run()
+    loop's last dim. Raises NotFusable with the reason when the group is not one kernel of this IR.
+    `half`: float16/bfloat16 tensors are f32 values of the IR (a backend that says so loads them
+    converted to f32 and rounds at the store: the Triton backend; the C backend does not)."""
+    return _Lowering(list(nodes), list(outputs), dict(layout or {}), HALF_DTYPES if half else DTYPES).run()
+
+
+# the IR dtypes with float16 and bfloat16 computed as f32 (lower(half=True))
+HALF_DTYPES = {**DTYPES, torch.float16: "f32", torch.bfloat16: "f32"}
 
 
 def _contiguous_strides(shape):
@@ -58,8 +64,9 @@ def _collapse(shape, strides, keep_last):
 
 
 class _Lowering:
-    def __init__(self, nodes, outputs, layout):
+    def __init__(self, nodes, outputs, layout, dtypes=DTYPES):
         self.nodes, self.outputs, self.layout = nodes, outputs, layout
+        self.dtypes = dtypes
         self.values: list[Value] = []
         self.memo: dict = {}
         self.env: dict[Node, int] = {}
@@ -107,10 +114,10 @@ class _Lowering:
             if dt is None:
                 raise NotFusable(f"constant of dtype {n.dtype} is not supported")
             return self.lit(n.value.reshape(()).item(), dt)
-        if n.dtype not in DTYPES:
+        if n.dtype not in self.dtypes:
             raise NotFusable(f"input {n} of dtype {n.dtype} is not supported (f32, i64, bool only)")
         self.inputs.append(n)
-        self.env[n] = self.emit("load", (), DTYPES[n.dtype], len(self.inputs) - 1)
+        self.env[n] = self.emit("load", (), self.dtypes[n.dtype], len(self.inputs) - 1)
         return self.env[n]
 
     # -- the group --------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ class _Lowering:
         for n in self.nodes:
             if n.kind not in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION):
                 raise NotFusable(f"{n}: op {n.op!r} of kind {n.kind.name} is not a row kernel op")
-            if n.dtype not in DTYPES:
+            if n.dtype not in self.dtypes:
                 raise NotFusable(f"{n}: dtype {n.dtype} is not supported (f32, i64, bool only)")
             for i in n.inputs:
                 if i in group and _drops_last_axis(i):
@@ -177,7 +184,7 @@ class _Lowering:
     def lower_node(self, n: Node) -> int:
         a = n.attrs
         xs = [self.value_of(i) for i in n.inputs]
-        dt = DTYPES[n.dtype]
+        dt = self.dtypes[n.dtype]
         if n.kind == Kind.REDUCTION:
             self._check_row_axis(n)
         fn = getattr(self, "op_" + n.op, None)

@@ -154,18 +154,19 @@ def build_program(graph: Graph, options: dict) -> Program:
         return assemble(graph, groups, report, True, None)
     m = machine()
     graph, groups = run_pipeline(graph, options, report, m)
-    return assemble(graph, groups, report, False, m)
+    return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"))
 
 
-def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m) -> Program:
+def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu") -> Program:
     """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
-    run by the reference functions), memory planned, the call wrapper generated."""
+    run by the reference functions), memory planned, the call wrapper generated. `backend`: the
+    renderer of the fused kernels, "cpu" (C and oneDNN) or "triton" (kfuse.backends.make_kernel)."""
     if reference:
         kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
         plan = None
     else:
-        kernels = [make_kernel(g, report, m) for g in groups]
+        kernels = [make_kernel(g, report, m, backend) for g in groups]
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
         dump("memory_plan", f"{len(plan.slot_of)} planned values in {len(plan.slot_bytes)} slots, {plan.peak_bytes} bytes")

@@ -1,0 +1,234 @@
+"""The Triton backend on a CUDA GPU: fused memory-bound kernels, attention and whole models.
+
+    python bench/bench_gpu.py [--quick] [--csv out.csv]
+
+Providers side by side, medians over rotated rounds (CUDA events), ratios against eager:
+  - memory-bound kernels (add+LayerNorm, RMSNorm, SwiGLU, GeGLU, bias+GELU, scale+mask+softmax,
+    rotary) in GB/s of the bytes the fused kernel must move, next to a device-to-device copy of the
+    same bytes: eager, torch.compile, Liger-Kernel (where importable), kfuse backend="triton";
+  - attention (causal and not, MHA and GQA): TFLOP/s of kfuse's Triton kernel vs SDPA;
+  - the built-in BERT and Llama end to end in bf16: eager, torch.compile, kfuse.
+Exits cleanly with a message where there is no CUDA device. Sized to finish in under 5 minutes on an
+H200 (fewer rounds with --quick). The numbers are not yet measured (bench/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROUNDS, REPS = 7, 20
+
+
+def _time_ms(fn, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def measure(providers: dict, rounds: int, reps: int) -> dict:
+    """Median ms per provider: each warmed up once, then timed in rotated order each round."""
+    live = {}
+    for name, fn in providers.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+            live[name] = fn
+        except Exception as e:       # noqa: BLE001 - a provider that cannot run this case is listed as such
+            print(f"    {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    times = {n: [] for n in live}
+    names = list(live)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(_time_ms(live[n], reps))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _compiled(fn):
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:                # noqa: BLE001
+        return None
+
+
+def _kfuse(module, inputs):
+    import kfuse
+    return kfuse.compile(module.eval(), tuple(inputs), backend="triton")
+
+
+class Fn(torch.nn.Module):
+    def __init__(self, fn, *params):
+        super().__init__()
+        self.fn = fn
+        self.params = torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in params])
+
+    def forward(self, *xs):
+        return self.fn(*xs, *self.params)
+
+
+def _liger():
+    try:
+        import liger_kernel.ops as lk   # noqa: F401
+        from liger_kernel.transformers import functional as lf
+        return lf
+    except Exception:                # noqa: BLE001
+        return None
+
+
+def memory_cases(dtype):
+    d = dict(device="cuda", dtype=dtype)
+    H = 4096
+    x, r = torch.randn(8192, H, **d), torch.randn(8192, H, **d)
+    w, b = torch.randn(H, **d), torch.randn(H, **d)
+    a, g = torch.randn(8192, 11008, **d), torch.randn(8192, 11008, **d)
+    s, mask = torch.randn(8, 16, 1024, 1024, **d), torch.zeros(8, 1, 1, 1024, **d)
+    q = torch.randn(8, 32, 1024, 128, **d)
+    cos, sin = torch.randn(1024, 128, **d), torch.randn(1024, 128, **d)
+
+    def rope(q, cos, sin):
+        q1, q2 = q[..., :64], q[..., 64:]
+        return q * cos + torch.cat((-q2, q1), -1) * sin
+    lf = _liger()
+    liger = {}
+    if lf is not None:      # only the functions this Liger-Kernel version has
+        cands = {"rmsnorm": ("liger_rms_norm", lambda f: f(x, w, 1e-6)), "swiglu": ("liger_swiglu", lambda f: f(a, g)),
+                 "geglu": ("liger_geglu", lambda f: f(a, g)),
+                 "layernorm": ("liger_layer_norm", lambda f: f(x + r, w, b, 1e-5))}
+        for key, (attr, call) in cands.items():
+            if hasattr(lf, attr):
+                liger[key] = (lambda c=call, f=getattr(lf, attr): c(f))
+    return [
+        ("add+LayerNorm [8192,4096]", lambda x, r, w, b: F.layer_norm(x + r, (H,), w, b, 1e-5), [x, r], [w, b],
+         liger.get("layernorm")),
+        ("RMSNorm [8192,4096]", lambda x, w: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * w,
+         [x], [w], liger.get("rmsnorm")),
+        ("SwiGLU [8192,11008]", lambda a, g: F.silu(a) * g, [a, g], [], liger.get("swiglu")),
+        ("GeGLU [8192,11008]", lambda a, g: F.gelu(a, approximate="tanh") * g, [a, g], [], liger.get("geglu")),
+        ("bias+GELU [8192,11008]", lambda a, b2: F.gelu(a + b2), [a], [torch.randn(11008, **d)], None),
+        ("scale+mask+softmax [8,16,1024,1024]", lambda s, m: torch.softmax(s * 0.125 + m, -1), [s, mask], [], None),
+        ("rotary [8,32,1024,128]", rope, [q, cos, sin], [], None),
+    ]
+
+
+def bench_memory(dtype, rounds, reps, rows):
+    print(f"\nfused memory-bound kernels, {dtype}: GB/s of the bytes the fused kernel moves (median ms)")
+    for name, fn, inputs, params, liger in memory_cases(dtype):
+        module = Fn(fn, *params)
+        nbytes = sum(t.numel() * t.element_size() for t in inputs + params)
+        with torch.no_grad():
+            out = module(*inputs)
+        nbytes += out.numel() * out.element_size()
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        providers = {"copy": lambda: dst.copy_(src), "eager": lambda: module(*inputs)}
+        comp = _compiled(module)
+        if comp is not None:
+            providers["torch.compile"] = lambda: comp(*inputs)
+        if liger is not None:
+            providers["liger"] = liger
+        try:
+            cm = _kfuse(module, inputs)
+            providers["kfuse"] = lambda: cm(*inputs)
+        except Exception as e:        # noqa: BLE001
+            print(f"    kfuse: failed to compile ({type(e).__name__}: {e})")
+        with torch.no_grad():
+            ms = measure(providers, rounds, reps)
+        _print_row(name, ms, nbytes, "GB/s", lambda t: nbytes / t / 1e6, rows)
+
+
+def bench_attention(rounds, reps, rows):
+    from kfuse.backends.triton.attention import attention
+    print("\nattention, bf16: TFLOP/s (median ms)")
+    for B, H, Hkv, L, D, causal in [(4, 32, 32, 4096, 128, False), (4, 32, 32, 4096, 128, True),
+                                    (4, 32, 8, 4096, 128, True), (16, 16, 16, 1024, 64, False)]:
+        d = dict(device="cuda", dtype=torch.bfloat16)
+        q, k, v = torch.randn(B, H, L, D, **d), torch.randn(B, Hkv, L, D, **d), torch.randn(B, Hkv, L, D, **d)
+        scale = D ** -0.5
+        flops = 4 * B * H * L * L * D * (0.5 if causal else 1.0)
+        rep = H // Hkv
+        kk, vv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
+        providers = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, scale=scale),
+            "kfuse": lambda: attention(q, k, v, scale=scale, causal=causal),
+        }
+        ms = measure(providers, rounds, reps)
+        name = f"attn B{B} H{H}/{Hkv} L{L} D{D}{' causal' if causal else ''}"
+        _print_row(name, ms, None, "TFLOP/s", lambda t: flops / t / 1e9, rows)
+
+
+def bench_models(rounds, reps, rows):
+    from kfuse.models import build
+    print("\nmodels end to end, bf16 (median ms)")
+    for name, kw in [("bert", dict(batch=8, seq=512)), ("llama", dict(batch=4, seq=512))]:
+        model, inputs = build(name, **kw)
+        model = model.to("cuda", torch.bfloat16).eval()
+        inputs = [t.cuda() for t in inputs]
+        inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
+        providers = {"eager": lambda: model(*inputs)}
+        comp = _compiled(model)
+        if comp is not None:
+            providers["torch.compile"] = lambda: comp(*inputs)
+        try:
+            import kfuse
+            cm = kfuse.compile(model, tuple(inputs))      # CUDA inputs: backend="triton" by default
+            providers["kfuse"] = lambda: cm(*inputs)
+            print(f"    kfuse kernels: {sorted({k.backend for k in cm.report().kernels})}")
+        except Exception as e:        # noqa: BLE001
+            print(f"    kfuse: failed to compile ({type(e).__name__}: {str(e)[:200]})")
+        with torch.no_grad():
+            ms = measure(providers, max(3, rounds // 2), max(3, reps // 4))
+        _print_row(f"{name} {kw}", ms, None, None, None, rows)
+
+
+def _print_row(name, ms, nbytes, unit, rate, rows):
+    base = ms.get("eager") or ms.get("sdpa")
+    cells = []
+    for p, t in ms.items():
+        cell = f"{p} {t:.4f} ms"
+        if rate is not None:
+            cell += f" {rate(t):.0f} {unit}"
+        if base and p not in ("eager", "sdpa", "copy"):
+            cell += f" ({base / t:.2f}x)"
+        cells.append(cell)
+        rows.append({"case": name, "provider": p, "ms": f"{t:.5f}", unit or "rate": f"{rate(t):.2f}" if rate else ""})
+    print(f"  {name:40s} " + " | ".join(cells))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds")
+    ap.add_argument("--csv", help="write one row per measurement")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device here; this benchmark measures the Triton backend on a GPU. Nothing run.")
+        return 0
+    try:
+        import triton
+    except ImportError:
+        print("bench_gpu.py: Triton is not installed (pip install triton). Nothing run.")
+        return 0
+    rounds, reps = (3, 5) if args.quick else (ROUNDS, REPS)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    rows: list[dict] = []
+    bench_memory(torch.bfloat16, rounds, reps, rows)
+    bench_attention(rounds, reps, rows)
+    bench_models(rounds, reps, rows)
+    if args.csv:
+        keys = sorted({k for r in rows for k in r})
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Triton backend: the kernel IR rendered as Triton kernels (GPU, or the CPU interpreter).
+
+    kern = build(fused_kernel)         # render, write into the cache, import; raises TritonUnavailable
+    kern(inputs, outputs)              # torch tensors on one device: outputs preallocated, contiguous
+
+Builders for `kfuse.backends.make_kernel` (each returns (fn, backend string)):
+  - `fused_kernel(group)`: elementwise chains and row reductions, fp32/fp16/bf16 ("triton");
+  - `linear_kernel(nodes, spec)`: act(x @ W + b) as torch.addmm/matmul (cuBLAS on a GPU) with the
+    activation applied in place on the GEMM's output ("library:torch+epilogue");
+  - `attention_kernel(node)`: the FlashAttention-style kernel of attention.py ("triton:attention");
+  - `rope_kernel(node)`: rotary embeddings (rope.py, "triton:rope").
+A kernel allocates its outputs on its inputs' device; a planned buffer is used when it is on that
+device (the runtime's arena lives on the CPU).
+
+Autotuning: where there is a GPU and KFUSE_TRITON_AUTOTUNE is not "0", a kernel with several
+candidate renderings (row tile and flat block sizes) times each once on its first call and keeps
+the fastest (one FusedKernel is one shape, so the choice is cached per shape). In the interpreter
+the default rendering runs alone.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ...kernels import FusedKernel, NotFusable, lower
+from ..library import INPLACE_ACTS
+from . import kernel as tk
+from .kernel import TritonUnavailable, available, interpreting
+from .render import render
+
+__all__ = ["build", "TritonKernel", "TritonUnavailable", "available", "interpreting", "fused_kernel",
+           "linear_kernel", "attention_kernel", "rope_kernel", "render"]
+
+# (max_block, tile, flat_block) candidates timed by the autotuner; the first is the default
+CANDIDATES = [(4096, 4096, 1024), (8192, 8192, 4096), (2048, 2048, 512)]
+
+
+class TritonKernel:
+    """A loaded kernel: call with (inputs, outputs), lists of torch tensors on one device."""
+
+    def __init__(self, k: FusedKernel, variants: list):
+        self.kernel = k
+        self.variants = variants          # [(rendered, jit function)], the default first
+        self.rendered, self._fn = variants[0]
+        self.source = self.rendered.source
+        self._tuned = len(variants) == 1 or not tk.autotune_enabled()
+
+    def _launch(self, rendered, fn, args):
+        if tk.interpreting():     # masked lanes compute on zeros (log 0, 0 / 0): NumPy's warnings are noise
+            with tk.quiet():
+                fn[rendered.grid](*args, num_warps=rendered.num_warps)
+        else:
+            fn[rendered.grid](*args, num_warps=rendered.num_warps)
+
+    def __call__(self, inputs, outputs):
+        args = [tk.as_arg(t) for t in inputs] + [tk.as_arg(t) for t in outputs]
+        if not self._tuned:
+            self._tune(args)
+        self._launch(self.rendered, self._fn, args)
+
+    def _tune(self, args):
+        """Time each candidate once (after a warm-up call that compiles it); keep the fastest."""
+        best = None
+        sync = torch.cuda.synchronize if args and args[0].is_cuda else (lambda: None)
+        for rendered, fn in self.variants:
+            self._launch(rendered, fn, args)
+            sync()
+            t = time.perf_counter()
+            for _ in range(5):
+                self._launch(rendered, fn, args)
+            sync()
+            dt = time.perf_counter() - t
+            if best is None or dt < best[0]:
+                best = (dt, rendered, fn)
+        _, self.rendered, self._fn = best
+        self.source = self.rendered.source
+        self._tuned = True
+
+
+def build(k: FusedKernel) -> TritonKernel:
+    """Render `k` (with its autotuning candidates where they can be timed), load the kernel files."""
+    tk.require()
+    cands = CANDIDATES if tk.autotune_enabled() else CANDIDATES[:1]
+    variants, seen = [], set()
+    for max_block, tile, flat_block in cands:
+        r = render(k, max_block=max_block, tile=tile, flat_block=flat_block)
+        if r.source in seen:
+            continue
+        seen.add(r.source)
+        variants.append((r, tk.load(r.source).kf_kernel))
+    return TritonKernel(k, variants)
+
+
+def _alloc(shape, dtype, buf, device):
+    if buf is not None and buf.device == device:
+        return buf
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def fused_kernel(group):
+    """The Triton kernel of an elementwise/row-reduction group: (fn(bufs, *inputs), "triton")."""
+    fk = lower(group.nodes, group.outputs, half=True)
+    kern = build(fk)
+    shapes = [(o.shape, o.dtype) for o in fk.outputs]
+    pick = [group.inputs.index(i) for i in fk.inputs]
+    back = [fk.outputs.index(o) for o in group.outputs]
+    where = [group.outputs.index(o) for o in fk.outputs]
+    strided: dict = {}
+
+    def specialised(args):
+        """The kernel for inputs read in place through their strides (None: copy them)."""
+        key = tuple(a.stride() for a in args)
+        if key not in strided:
+            layout = {n: a.stride() for n, a in zip(fk.inputs, args) if not a.is_contiguous()}
+            try:
+                strided[key] = build(lower(group.nodes, group.outputs, layout, half=True))
+            except NotFusable:
+                strided[key] = None
+        return strided[key]
+
+    def run(bufs, *inputs):
+        args = [inputs[p] for p in pick]
+        device = tk.device_of(args, tk.device_of(inputs))
+        outs = [_alloc(s, d, bufs[w], device) for w, (s, d) in zip(where, shapes)]
+        kk = kern
+        if not all(a.is_contiguous() for a in args):
+            kk = specialised(args)
+            if kk is None:
+                kk, args = kern, [a.contiguous() for a in args]
+        kk(args, outs)
+        return tuple(outs[b] for b in back)
+    run.sources = lambda: []
+    return run, "triton"
+
+
+def linear_kernel(x_node, w, b, act):
+    """act(x @ w + b) with constant w [K, N] through torch (cuBLAS on a GPU): addmm carries the bias
+    in the GEMM's epilogue, the activation runs in place on its output (one pass, no copy)."""
+    w = w.detach().contiguous()
+    b = None if b is None else b.detach().contiguous()
+    inplace = INPLACE_ACTS[act]
+    consts: dict = {}
+
+    def on(device):
+        if device not in consts:
+            consts[device] = (w.to(device), None if b is None else b.to(device))
+        return consts[device]
+
+    def run(x, *_):
+        wd, bd = on(x.device)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, wd) if bd is None else torch.addmm(bd, x2, wd)
+        if inplace is not None:
+            inplace(y)
+        return (y.view(*lead, y.shape[-1]),)
+    return run, "library:torch.mm" + ("+bias" if b is not None else "") + (f"+{act}" if act != "none" else "")
+
+
+def rope_kernel(node):
+    """The Triton rotary-embedding kernel for one `rope` node: (fn(bufs, x, cos, sin), "triton:rope")."""
+    from .rope import rope
+    tk.require()
+    if len(node.shape) > 4 or node.shape[-1] % 2 or node.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotFusable("Triton rope takes float x of rank <= 4 with an even last dim")
+    run = lambda bufs, x, c, s: (rope(x, c, s, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: []
+    return run, "triton:rope"
+
+
+def attention_kernel(node):
+    """The Triton attention kernel for one `attention` node: (fn(bufs, q, k, v[, mask]), backend)."""
+    from .attention import attention
+    tk.require()
+    q = node.inputs[0]
+    if len(q.shape) != 4 or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotFusable("Triton attention takes 4-D float32/float16/bfloat16 q, k, v")
+    b, h, lq, d = q.shape
+    if node.inputs[2].shape[-1] != d:
+        raise NotFusable(f"Triton attention needs v's head dim ({node.inputs[2].shape[-1]}) equal to q's ({d})")
+    scale, causal = node.attrs["scale"], node.attrs["causal"]
+
+    def run(bufs, q, k, v, mask=None):
+        buf = bufs[0]
+        # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
+        if buf is not None and buf.device == q.device:
+            store = buf.view(b, lq, h, d)
+        else:
+            store = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+        out = store.permute(0, 2, 1, 3)
+        attention(q, k, v, mask, scale=scale, causal=causal, out=out)
+        return (out,)
+    run.sources = lambda: []
+    return run, "triton:attention"

@@ -1,0 +1,116 @@
+"""Generated Triton kernels as real files: written into the kfuse cache, imported from there.
+
+`@triton.jit` reads its function's source through `inspect`, so a kernel must live in a file. The
+file is `<cache_dir>/triton/kt_<hash>.py`, the hash over the source and the Triton version; it is
+written atomically (a private temporary name, then a rename), so processes writing the same kernel
+at once all succeed, and a file whose text does not match its name is rewritten.
+
+Triton is imported here, lazily: kfuse imports without it, and `available()` says whether it can
+run (it needs a CUDA device, or the interpreter: TRITON_INTERPRET=1 with CPU tensors).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ... import config
+from ...errors import KfuseError
+
+
+class TritonUnavailable(KfuseError):
+    """Triton is not installed, or there is neither a CUDA device nor the interpreter."""
+
+
+@functools.cache
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> bool:
+    """Whether generated Triton kernels can run here: Triton installed, and CUDA or the interpreter."""
+    return triton_version() is not None and (interpreting() or torch.cuda.is_available())
+
+
+def require():
+    if triton_version() is None:
+        raise TritonUnavailable("backend='triton' needs Triton: pip install triton")
+
+
+def cache_dir() -> Path:
+    return config.get().cache_dir / "triton"
+
+
+def _key(source: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"triton {triton_version()} interpret={interpreting()}\n".encode())
+    h.update(source.encode())
+    return h.hexdigest()[:24]
+
+
+_modules: dict[str, object] = {}
+
+
+def load(source: str):
+    """The module defined by `source`, from a file in the cache (written first if absent)."""
+    require()
+    key = _key(source)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"kt_{key}.py"
+    try:
+        current = path.read_text()
+    except OSError:
+        current = None
+    if current != source:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".kt_{key}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    name = f"kfuse_triton_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod          # triton looks its functions' globals up through the module
+    spec.loader.exec_module(mod)
+    _modules[key] = mod
+    return mod
+
+
+def as_arg(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a kernel argument: bool travels as uint8 (same bytes)."""
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def device_of(tensors, default=None):
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return default or torch.device("cpu")
+
+
+def quiet():
+    """NumPy's floating-point warnings off (the interpreter computes masked lanes too)."""
+    import numpy as np
+    return np.errstate(all="ignore")
+
+
+def autotune_enabled() -> bool:
+    """KFUSE_TRITON_AUTOTUNE=0 turns timing of block sizes off (always off in the interpreter)."""
+    return os.environ.get("KFUSE_TRITON_AUTOTUNE", "1") != "0" and not interpreting()

@@ -1,0 +1,121 @@
+"""GEMMs with their epilogues (torch GEMM + epilogue), the Triton attention kernel (causal, masks,
+GQA, fp32/fp16/bf16), and the built-in BERT, GPT-2 and Llama compiled with backend="triton"."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kfuse
+from kfuse.backends.triton.attention import attention
+from kfuse.models import build
+from kfuse.ops.reference import REFERENCE
+
+from helpers import SMALL_TOL, assert_close
+from triton_helpers import check
+
+
+@pytest.mark.parametrize("act", [torch.nn.Identity, torch.nn.ReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Tanh])
+def test_linear_epilogue(act):
+    m = torch.nn.Sequential(torch.nn.Linear(24, 40), act())
+    cm = check(m, [torch.randn(2, 5, 24)], tol={"atol": 1e-5, "rtol": 1e-5})
+    (k,) = [k for k in cm.report().kernels if k.backend.startswith("library")]
+    assert k.backend.startswith("library:torch.mm+bias"), k.backend
+
+
+def _attn_inputs(B, H, Hkv, Lq, Lk, D, dtype):
+    q = torch.randn(B, H, Lq, D, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 5, 5, 16), (2, 4, 2, 70, 70, 32), (1, 4, 1, 3, 80, 24)])
+def test_attention_kernel(shape, causal):
+    q, k, v = _attn_inputs(*shape, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    attention(q, k, v, scale=0.3, causal=causal, out=out)
+    want = REFERENCE["attention"](q, k, v, scale=0.3, causal=causal)
+    assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool"])
+def test_attention_masks(kind):
+    q, k, v = _attn_inputs(2, 3, 3, 9, 67, 16, torch.float32)
+    if kind == "bool":
+        mask = torch.rand(2, 1, 9, 67) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.randn(1, 3, 1, 67)      # broadcast over batch and queries
+    out = attention(q, k, v, mask, scale=0.25)
+    assert_close(out, REFERENCE["attention"](q, k, v, mask, scale=0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_fully_masked_row_is_nan_as_torch():
+    q, k, v = _attn_inputs(1, 1, 1, 4, 6, 16, torch.float32)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[2] = False
+    out = attention(q, k, v, mask, scale=0.25)
+    want = REFERENCE["attention"](q, k, v, mask, scale=0.25)
+    assert torch.isnan(out[0, 0, 2]).all() and torch.isnan(want[0, 0, 2]).all()
+    assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_half(dtype):
+    q, k, v = _attn_inputs(1, 4, 2, 33, 40, 32, dtype)
+    out = attention(q, k, v, scale=32 ** -0.5, causal=True)
+    assert out.dtype == dtype
+    want = REFERENCE["attention"](q.float(), k.float(), v.float(), scale=32 ** -0.5, causal=True)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_attention_in_a_model_writes_head_merged_layout():
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    cm = check(Attn(), list(_attn_inputs(2, 2, 2, 7, 7, 16, torch.float32)), tol=SMALL_TOL)
+    assert "triton:attention" in {k.backend for k in cm.report().kernels}
+
+
+SMALL = {"bert": dict(layers=2, hidden=64, heads=4, ffn=128), "gpt2": dict(layers=2, hidden=64, heads=4),
+         "llama": dict(layers=2, hidden=64, heads=4)}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_builtin_model(name):
+    try:
+        model, inputs = build(name, batch=2, seq=16, **SMALL[name])
+    except TypeError:            # a model that does not take these size arguments: its own small config
+        model, inputs = build(name, batch=2, seq=16, layers=2)
+    model.eval()
+    cm = kfuse.compile(model, inputs, backend="triton")
+    with torch.no_grad():
+        want = model(*inputs)
+    assert_close(cm(*inputs), want, atol=1e-4, rtol=1e-4)
+    v = cm.verify(*inputs)
+    assert v.ok and v.max_rel <= 1e-4, v
+    backends = {k.backend for k in cm.report().kernels}
+    assert "triton" in backends and any(b.startswith("library:torch") for b in backends), backends
+    assert not cm.report().fallbacks, cm.report().fallbacks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_kernel_strided_and_broadcast(dtype):
+    from kfuse.backends.triton.rope import rope
+    base = torch.randn(2, 9, 3, 20, dtype=dtype)           # [B, S, H, D]: q as a head-split view
+    x = base.transpose(1, 2)
+    cos, sin = torch.randn(9, 20, dtype=dtype), torch.randn(9, 20, dtype=dtype)
+    out = torch.full(x.shape, float("nan"), dtype=dtype)
+    rope(x, cos, sin, out=out)
+    want = REFERENCE["rope"](x.float(), cos.float(), sin.float())
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float(), want, **tol)
+
+
+def test_triton_missing_is_a_clear_error(monkeypatch):
+    from kfuse.backends.triton import kernel as tk
+    from kfuse.errors import KfuseError
+    monkeypatch.setattr(tk, "triton_version", lambda: None)
+    with pytest.raises(KfuseError, match="needs Triton"):
+        kfuse.compile(torch.nn.ReLU(), (torch.randn(3),), backend="triton")

@@ -1,0 +1,239 @@
+"""Elementwise chains, broadcasting, strided inputs, row reductions (norms, softmax) and half
+precision through the Triton backend, in the interpreter, each against eager with outputs poisoned."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kfuse
+from kfuse.backends.triton import render as render_fk
+from kfuse.kernels import lower
+from kfuse.errors import KfuseError
+
+from helpers import KERNEL_TOL, SMALL_TOL
+from triton_helpers import check
+
+
+class Fn(torch.nn.Module):
+    def __init__(self, fn, *params):
+        super().__init__()
+        self.fn = fn
+        self.params = torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in params])
+
+    def forward(self, *xs):
+        return self.fn(*xs, *self.params)
+
+
+# -- elementwise ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 3000])
+def test_bias_gelu_flat(n):
+    check(Fn(lambda x, b: F.gelu(x + b), torch.randn(n)), [torch.randn(3, n)], tol=KERNEL_TOL, backends={"triton"})
+
+
+def test_swiglu():
+    check(Fn(lambda g, u: F.silu(g) * u), [torch.randn(5, 96), torch.randn(5, 96)], tol=KERNEL_TOL, backends={"triton"})
+
+
+def test_gelu_tanh_chain():
+    # tanh through the backend's own formula (no libdevice in the interpreter): small and large |x|
+    x = torch.cat([torch.linspace(-12, 12, 999), torch.tensor([1e-6, -1e-7, 0.0])])
+    check(Fn(lambda x: F.gelu(x * 2.0, approximate="tanh") - torch.tanh(x)), [x], tol=SMALL_TOL)
+
+
+def test_math_functions():
+    x = torch.rand(257) * 4 + 0.01
+    fn = lambda x: torch.log1p(x) + torch.expm1(x * 0.1) + torch.sigmoid(-x) + torch.sqrt(x) + torch.exp(-x) \
+        + torch.log(x) + torch.erf(x - 2) + torch.abs(x - 1) + torch.clamp(x, 0.5, 2.0) + torch.rsqrt(x)
+    check(Fn(fn), [x], tol=SMALL_TOL, backends={"triton"})
+
+
+def test_where_compare_and_int():
+    x = torch.randn(6, 33)
+    fn = lambda x: (torch.where(x > 0, x * 3.0, -x), torch.relu(x).amax(-1), (x > 0.5).sum(-1))
+    check(Fn(fn), [x], tol=KERNEL_TOL)
+
+
+# -- broadcasting and strides -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shapes", [((4, 1, 6), (1, 5, 6)), ((2, 3, 4, 5), (3, 1, 1)), ((7,), (3, 1))])
+def test_broadcast(shapes):
+    a, b = (torch.randn(s) for s in shapes)
+    check(Fn(lambda a, b: torch.tanh(a) * b + a), [a, b], tol=SMALL_TOL, backends={"triton"})
+
+
+def test_transposed_input_is_read_through_strides():
+    # a transpose feeding an elementwise chain: a strided read (or a copy), never a wrong answer
+    x = torch.randn(8, 12)
+    check(Fn(lambda x, b: F.relu(x.t() + b), torch.randn(8)), [x], tol=KERNEL_TOL)
+
+
+def test_slice_of_a_wide_tensor():
+    x = torch.randn(4, 10, 64)
+    check(Fn(lambda x: F.silu(x[..., :32]) * x[..., 32:]), [x], tol=KERNEL_TOL)
+
+
+def test_scalar_output_of_a_flat_kernel():
+    # a [1] output broadcast in a [7] loop: one invariant value, written once
+    x, s = torch.randn(7), torch.randn(1)
+    check(Fn(lambda x, s: (x * s, s * 2.0)), [x, s], tol=KERNEL_TOL)
+
+
+# -- reductions ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_add_layernorm(n):
+    ln = torch.nn.LayerNorm(n)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = ln
+
+        def forward(self, x, r):
+            return self.ln(x + r)
+    check(M(), [torch.randn(3, n), torch.randn(3, n)], tol=SMALL_TOL, backends={"triton"})
+
+
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_rmsnorm(n):
+    w = torch.randn(n)
+    fn = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    check(Fn(fn, w), [torch.randn(2, 3, n)], tol=SMALL_TOL, backends={"triton"})
+
+
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_scale_mask_softmax(n):
+    mask = torch.zeros(2, 1, 1, n)
+    mask[1, ..., n // 2 + 1:] = float("-inf")
+    fn = lambda s, m: torch.softmax(s * 0.125 + m, dim=-1)
+    check(Fn(fn), [torch.randn(2, 3, 4, n), mask], tol=SMALL_TOL, backends={"triton"})
+
+
+def test_fully_masked_row_gives_nan_as_torch():
+    m = torch.zeros(3, 9)
+    m[1] = float("-inf")
+    check(Fn(lambda s, m: torch.softmax(s + m, -1)), [torch.randn(3, 9), m], tol=KERNEL_TOL)
+
+
+def test_log_softmax_and_max_with_nan():
+    x = torch.randn(4, 50)
+    x[2, 7] = float("nan")
+    check(Fn(lambda x: (torch.log_softmax(x, -1), x.amax(-1, keepdim=True), x.amin(-1))), [x], tol=SMALL_TOL)
+
+
+def test_looped_rows_match_registers():
+    # the multi-pass looped form, forced at a small N by a small max_block, against the register form
+    from kfuse.backends.triton import kernel as tk
+    x = torch.randn(5, 300)
+    cm = kfuse.compile(Fn(lambda x: torch.softmax(x, -1) + x.var(-1, keepdim=True)).eval(), (x,), backend="triton")
+    g = cm._last.groups[[k.backend for k in cm.report().kernels].index("triton")]
+    fk = lower(g.nodes, g.outputs, half=True)
+    looped, regs = render_fk(fk, max_block=64), render_fk(fk)
+    assert "for j0 in range" in looped.source and "for j0 in range" not in regs.source
+    outs = []
+    for r in (looped, regs):
+        o = [torch.full(n.shape, float("nan"), dtype=n.dtype) for n in fk.outputs]
+        with tk.quiet():
+            tk.load(r.source).kf_kernel[r.grid](x, *o)
+        outs.append(o)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], torch.softmax(x, -1) + x.var(-1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+def test_int64_indexing_switch():
+    # offsets are int32 unless an argument spans 2^31 elements: the switch is in the rendered text
+    x = torch.randn(4, 8)
+    cm = kfuse.compile(Fn(lambda x: torch.softmax(x, -1)).eval(), (x,), backend="triton")
+    g = cm._last.groups[-1]
+    fk = lower(g.nodes, g.outputs, half=True)
+    assert ".to(tl.int64)" not in render_fk(fk).source
+    fk.shape = (2 ** 24, 256)
+    fk.strides = [(256, 1)] * len(fk.strides)
+    assert "tl.program_id(0).to(tl.int64)" in render_fk(fk).source
+
+
+# -- half precision -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_layernorm_round_trip(dtype):
+    n = 96
+    w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    x, r = torch.randn(4, n, dtype=dtype), torch.randn(4, n, dtype=dtype)
+    m = Fn(lambda x, r, w, b: F.layer_norm(x + r, (n,), w, b, 1e-5), w, b)
+    cm = kfuse.compile(m.eval(), (x, r), backend="triton")
+    assert {k.backend for k in cm.report().kernels} == {"triton"}, [k.name for k in cm.report().kernels]
+    got = cm(x, r)
+    assert got.dtype == dtype
+    # computed in fp32 from the loads, rounded once at the store
+    # (the group may round x + r to the dtype before the norm, as eager does: within 2 ulp)
+    want = F.layer_norm(x.float() + r.float(), (n,), w.float(), b.float(), 1e-5).to(dtype)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), atol=2 * eps, rtol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_elementwise_round_trip(dtype):
+    x = torch.randn(1000, dtype=dtype)
+    cm = kfuse.compile(Fn(lambda x: F.silu(x) * 2.0).eval(), (x,), backend="triton")
+    got = cm(x)
+    want = (F.silu(x.float()) * 2.0).to(dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-2)
+
+
+# -- api and report ------------------------------------------------------------------------------------
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(KfuseError, match="unknown backend 'cuda'.*'triton'"):
+        kfuse.compile(Fn(lambda x: x + 1).eval(), (torch.randn(3),), backend="cuda")
+
+
+def test_report_names_the_backend_of_each_kernel():
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32)).eval()
+    cm = check(m, [torch.randn(4, 16)], tol=SMALL_TOL)
+    backends = [k.backend for k in cm.report().kernels]
+    assert any(b.startswith("library:torch") for b in backends) and "triton" in backends, backends
+
+
+def test_generated_kernels_are_files_in_the_cache(tmp_path, monkeypatch):
+    from kfuse import config
+    from kfuse.backends.triton import kernel as tk
+    monkeypatch.setattr(config, "_config", config.from_env({"KFUSE_CACHE_DIR": str(tmp_path)}))
+    monkeypatch.setattr(tk, "_modules", {})
+    cm = kfuse.compile(Fn(lambda x: torch.relu(x) * 3.0).eval(), (torch.randn(10),), backend="triton")
+    files = list((tmp_path / "triton").glob("kt_*.py"))
+    assert len(files) == 1 and "@triton.jit" in files[0].read_text()
+    assert cm(torch.tensor([-1.0, 2.0] * 5)).tolist() == [0.0, 6.0] * 5
+
+
+def test_model_names_never_reach_generated_code():
+    class Evil(torch.nn.Module):
+        def forward(self, x):
+            return torch.exp(x) + 1
+    cm = kfuse.compile(Evil().eval(), (torch.randn(5),), backend="triton")
+    g = cm._last.groups[0]
+    src = render_fk(lower(g.nodes, g.outputs, half=True)).source
+    for n in g.nodes:
+        assert n.name not in src or n.name in ("exp", "add")
+
+
+def test_autotune_times_candidates_once_and_keeps_one(monkeypatch):
+    from kfuse.backends import triton as tr
+    from kfuse.backends.triton import kernel as tk
+    x = torch.randn(6, 300)
+    cm = kfuse.compile(Fn(lambda x: torch.softmax(x, -1)).eval(), (x,), backend="triton")
+    g = cm._last.groups[-1]
+    fk = lower(g.nodes, g.outputs, half=True)
+    monkeypatch.setattr(tk, "autotune_enabled", lambda: True)
+    kern = tr.build(fk)
+    assert len(kern.variants) > 1 and not kern._tuned
+    out = torch.full((6, 300), float("nan"))
+    kern([x], [out])
+    assert kern._tuned and kern.rendered in [r for r, _ in kern.variants]
+    torch.testing.assert_close(out, torch.softmax(x, -1))
+    monkeypatch.setenv("KFUSE_TRITON_AUTOTUNE", "0")
+    monkeypatch.undo()
+    assert len(tr.build(fk).variants) == 1      # the interpreter (or KFUSE_TRITON_AUTOTUNE=0): the default alone
