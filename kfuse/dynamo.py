@@ -1,20 +1,350 @@
-"""`torch.compile(model, backend="kfuse")`: Dynamo hands us an FX module per graph break; we compile
-it with kfuse.compile (torch.export of that module), so both entry points share one path."""
+"""`torch.compile(model, backend="kfuse")`: Dynamo hands us an FX graph per graph break, static or
+with symbolic sizes; each becomes a `DynamoGraph`, which compiles it with kfuse.compile (torch.export
+of the graph), so both entry points share one path.
+
+The model's parameters and buffers (the inputs Dynamo marks as static) are compiled in as constants,
+as torch.compile's freezing does: GEMM weights are packed once. A parameter object replaced or
+changed in place (its version counter moves) is seen at the next call and compiles again.
+
+A graph with symbolic sizes (torch.compile's automatic dynamic shapes after a size changed, or
+dynamic=True) runs by one of two strategies, chosen from the share of its work on static shapes:
+  partitioned   the graph split into runs of ops whose shapes are all static, each compiled once by
+                kfuse, and the ops that touch a symbolic size between them run by torch with the
+                sizes of the call (a decode step: every projection, norm and MLP static, only the
+                KV-cache concatenation and the attention over it symbolic);
+  specialised   one kfuse program per distinct set of sizes, compiled on first sight (a prefill whose
+                every op depends on the prompt length).
+`compilations()` lists what this process compiled and how; `DynamoGraph.summary()` says why.
+"""
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.fx
 
-from .api import compile
+from .api import check_options, compile
+from .errors import KfuseError
+
+# A partition is worth it when this share of the work (contraction flops, elementwise elements) runs
+# in static kfuse programs; below it the graph is specialised per size.
+PARTITION_MIN_STATIC = 0.5
+MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it partitions instead
+
+_COMPILED: list = []
 
 
-def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, **options):
-    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError("kfuse backend needs static shapes: use torch.compile(..., dynamic=False)")
-    cm = compile(gm, tuple(example_inputs), **options)
-    return lambda *args: cm(*args)
+def compilations() -> list:
+    """The DynamoGraphs this process compiled, in order (each: .strategy, .summary(), .programs())."""
+    return list(_COMPILED)
+
+
+def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """The backend: torch.compile(..., options={...}) passes kfuse.compile's options (checked by name)."""
+    options = {**(options or {}), **kwargs}
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    options = check_options(options.pop("backend", None) or ("triton" if cuda else "cpu"), options)
+    graph = DynamoGraph(gm, list(example_inputs), options)
+    _COMPILED.append(graph)
+    return graph
 
 
 def register():
     from torch._dynamo import list_backends, register_backend
     if "kfuse" not in list_backends(exclude_tags=()):
         register_backend(name="kfuse")(kfuse_backend)
+
+
+# -- what is static ------------------------------------------------------------------------------------------
+
+def _symbols(value) -> bool:
+    """Whether a traced value (tensor, SymInt, or a tuple of them) has a symbolic size or is one."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+    try:
+        return bool(free_symbols(value))
+    except Exception:    # noqa: BLE001 - a value free_symbols cannot walk (None, a dtype): static
+        return False
+
+
+def _val(n: torch.fx.Node):
+    return n.meta.get("example_value", n.meta.get("val"))
+
+
+def static_nodes(gm: torch.fx.GraphModule) -> dict:
+    """node -> whether it runs on static shapes: its value and every value it reads have no symbolic size."""
+    return {n: not _symbols(_val(n)) and not any(_symbols(_val(a)) for a in n.all_input_nodes)
+            for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+
+
+CONTRACTIONS = {torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.nn.functional.linear,
+                torch._C._nn.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d, "matmul", "bmm", "mm"}
+ATTENTION = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def _hint(d) -> int:
+    """A size at the example's value (a symbolic one by its hint; 64 where it has none)."""
+    if isinstance(d, int):
+        return d
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+        return int(optimization_hint(d, fallback=64))
+    except Exception:    # noqa: BLE001 - no hint for this symbol
+        return 64
+
+
+def work(n: torch.fx.Node) -> int:
+    """Rough work of a node at the example's sizes: multiply-adds for a contraction or attention, else
+    the elements it writes (only the ratio between static and symbolic work is used)."""
+    val = _val(n)
+    if not isinstance(val, torch.Tensor):
+        return 0
+    out = 1
+    for d in val.shape:
+        out *= _hint(d)
+    args = [_val(a) for a in n.all_input_nodes]
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim()]
+    if n.target in CONTRACTIONS and tensors:
+        x = tensors[1] if n.target in (torch.addmm, torch.baddbmm) and len(tensors) > 1 else tensors[0]
+        return out * _hint(x.shape[-1] if n.target not in (torch.nn.functional.conv1d, torch.nn.functional.conv2d)
+                           else x.shape[1])
+    if n.target in ATTENTION and len(tensors) >= 2:
+        return 2 * out * _hint(tensors[1].shape[-2])
+    return out
+
+
+# -- the compiled graph ---------------------------------------------------------------------------------------
+
+class _Frozen(torch.nn.Module):
+    """fn(*args) with the static inputs (parameters, buffers) held as buffers, so torch.export makes
+    them constants, and ints and scalar tensors given by value: forward takes the other tensors."""
+
+    def __init__(self, fn, args: list, frozen: set, scalars: set):
+        super().__init__()
+        self.fn = fn
+        self.layout = []    # per argument: ("b", buffer name) | ("t", scalar) | ("v", int) | ("a", position in forward)
+        n = 0
+        for i, a in enumerate(args):
+            if i in frozen:
+                self.register_buffer(f"c{i}", a.detach(), persistent=False)
+                self.layout.append(("b", f"c{i}"))
+            elif i in scalars:
+                self.layout.append(("t", a.item()))
+            elif not isinstance(a, torch.Tensor):
+                self.layout.append(("v", a))
+            else:
+                self.layout.append(("a", n))
+                n += 1
+
+    def forward(self, *live):
+        # a scalar as torch.tensor(value): export reads such a constant's value (.item(), a size)
+        return self.fn(*[getattr(self, v) if k == "b" else torch.tensor(v) if k == "t" else v if k == "v" else live[v]
+                         for k, v in self.layout])
+
+
+def _frozen_inputs(args) -> list[int]:
+    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and getattr(a, "_dynamo_static_input_type", None)]
+
+
+def _scalar_inputs(gm: torch.fx.GraphModule, names: set | None = None) -> list[int]:
+    """Positions of the inputs that Dynamo passes as 0-d tensors for Python numbers (a float module
+    attribute, a length after a graph break): compiled in by value, like a shape."""
+    out = []
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        arg = n.meta.get("grapharg")
+        if (arg is not None and getattr(arg, "pass_arg_as_tensor", False)) or (names and n.name in names):
+            out.append(i)
+    return out
+
+
+class Segment:
+    """A callable compiled by kfuse on first call: fn with its frozen inputs as constants and its
+    scalar inputs by value. Further calls check the frozen inputs are the same tensors, unchanged
+    (identity and version counter), and the scalars the same numbers; if not, it compiles again.
+    A graph kfuse cannot capture or compile runs by torch, with a warning and the reason kept."""
+
+    def __init__(self, fn, options: dict, frozen: list[int] | None = None, scalars: list[int] = ()):
+        self.fn, self.options = fn, options
+        self.frozen = frozen      # positions of frozen inputs; None: found on the first call's tensors
+        self.scalars = list(scalars)
+        self.cm = None
+        self.builds = 0
+        self.fallback = ""        # why torch runs this graph, if it does
+        self._key = None
+        self._numbers = _number_outputs(fn)
+
+    def _state(self, args):
+        return tuple((id(args[i]), args[i]._version) for i in self.frozen) + tuple(args[i].item() for i in self.scalars)
+
+    def __call__(self, *args):
+        if self.fallback:
+            return self.fn(*args)
+        if self.frozen is None:
+            self.frozen = _frozen_inputs(args)
+        state = self._state(args)
+        if self.cm is None or state != self._key:
+            fixed = set(self.frozen) | set(self.scalars)
+            try:
+                self.cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars)),
+                                  tuple(a for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)),
+                                  **self.options)
+            except KfuseError as e:
+                self.fallback = str(e).splitlines()[0][:300]
+                warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
+                return self.fn(*args)
+            self._live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
+            self._key = state
+            self.builds += 1
+        outs = self.cm(*[args[i] for i in self._live])
+        if self._numbers:        # an int the graph returns (a cache length) comes back a 0-d tensor
+            outs = list(outs)
+            for i in self._numbers:
+                outs[i] = outs[i].item()
+            outs = tuple(outs)
+        return outs
+
+
+class DynamoGraph:
+    """What kfuse_backend returns for one Dynamo graph: called with the graph's inputs (tensors, and
+    ints for its symbolic sizes)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict):
+        self.gm, self.options = gm, options
+        self.frozen, self.scalars = _frozen_inputs(example_inputs), _scalar_inputs(gm)
+        static = static_nodes(gm)
+        self.n_ops = sum(1 for n in static if n.op != "get_attr")
+        total = sum(work(n) for n in static) or 1
+        self.static_share = sum(work(n) for n, s in static.items() if s) / total
+        symbolic = not all(static.values()) or any(not isinstance(a, torch.Tensor) for a in example_inputs)
+        if not symbolic:
+            self.strategy, self.why = "static", "every size is static"
+        elif self.static_share >= PARTITION_MIN_STATIC:
+            self.strategy = "partitioned"
+            self.why = f"{self.static_share:.0%} of the work is on static shapes"
+        elif not any(n.target in CONTRACTIONS or n.target in ATTENTION for n in static):
+            # mask or position arithmetic between graph breaks: nothing for fusion to save, and its
+            # sizes change every call
+            self.strategy, self.why = "torch", "symbolic sizes and no contraction: torch runs it as traced"
+        else:
+            self.strategy = "specialised"
+            self.why = f"only {self.static_share:.0%} of the work is on static shapes: one program per size set"
+        self._specialised: dict[tuple, Segment] = {}
+        self._segments: list[Segment] = []
+        self._run = None
+        self.n_symbolic_ops = 0
+        if self.strategy == "static":
+            self._run = Segment(gm, options, self.frozen, self.scalars)
+            self._segments.append(self._run)
+        elif self.strategy == "partitioned":
+            self._run = self._partition(static)
+        elif self.strategy == "torch":
+            self._run = gm
+        self._strides = _output_strides(gm)
+
+    def __call__(self, *args):
+        outs = self._call(*args)
+        if self._strides:
+            outs = _restride(outs, self._strides)
+        return outs
+
+    def _call(self, *args):
+        if self._run is None:       # specialised: one Segment per size set
+            key = tuple(a.shape if isinstance(a, torch.Tensor) else a for a in args)
+            seg = self._specialised.get(key)
+            if seg is None:
+                if len(self._specialised) >= MAX_SPECIALISED:
+                    self.strategy = "partitioned"
+                    self.why += f"; partitioned after {MAX_SPECIALISED} size sets"
+                    self._run = self._partition(static_nodes(self.gm))
+                    return self._run(*args)
+                seg = self._specialised[key] = Segment(self.gm, self.options, self.frozen, self.scalars)
+                self._segments.append(seg)
+            return seg(*args)
+        return self._run(*args)
+
+    def _partition(self, static: dict):
+        """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
+        from torch.fx.passes.split_module import split_module
+        part, pid, prev = {}, 0, None
+        for n in self.gm.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            if prev is not None and static[n] != prev:
+                pid += 1
+            part[n], prev = pid, static[n]
+        split = split_module(self.gm, None, lambda n: part[n], keep_original_order=True)
+        kinds = {f"submod_{pid}": static[n] for n, pid in part.items()}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        scalar_names = {placeholders[i].name for i in self.scalars}
+        for n in split.graph.nodes:     # each static run's call becomes a call of its Segment
+            if n.op == "call_module" and kinds.get(n.target) and _computes(getattr(split, n.target)):
+                sub = getattr(split, n.target)
+                seg = Segment(sub, self.options, None, _scalar_inputs(sub, scalar_names))
+                seg.__name__, seg.__module__ = f"kfuse_{n.target}", __name__
+                self._segments.append(seg)
+                n.op, n.target = "call_function", seg
+        split.recompile()
+        self.n_symbolic_ops = sum(1 for n, s in static.items() if not s and n.op != "get_attr")
+        return split
+
+    def programs(self) -> int:
+        """kfuse programs compiled so far for this graph."""
+        return sum(s.builds for s in self._segments)
+
+    def reports(self) -> list:
+        return [s.cm.report() for s in self._segments if s.cm is not None]
+
+    def summary(self) -> str:
+        line = f"kfuse on a Dynamo graph of {self.n_ops} ops: {self.strategy} ({self.why}); {self.programs()} kfuse program(s)"
+        if self.strategy == "partitioned":
+            line += f", {len(self._segments)} static segment(s), {self.n_symbolic_ops} op(s) run by torch on symbolic sizes"
+        elif self.strategy == "specialised":
+            line += f" for {len(self._specialised)} size set(s)"
+        fallbacks = [s.fallback for s in self._segments if s.fallback]
+        if fallbacks:
+            line += f"; {len(fallbacks)} graph(s) run by torch: {fallbacks[0]}"
+        return line
+
+
+def _number_outputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of the outputs the graph returns as Python numbers (SymInts, ints, floats)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, (tuple, list)):
+        return []
+    return [i for i, a in enumerate(out) if isinstance(a, torch.fx.Node)
+            and isinstance(_val(a), (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(_val(a), bool)]
+
+
+def _output_strides(gm: torch.fx.GraphModule) -> dict[int, tuple]:
+    """Output position -> the strides Dynamo traced for it, where they are static numbers. Dynamo's
+    guards on the next call check them (a KV cache fed back in): kfuse's outputs must match."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    strides = {}
+    for i, a in enumerate(out.args[0]):
+        val = _val(a) if isinstance(a, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and not _symbols(val):
+            strides[i] = tuple(val.stride())
+    return strides
+
+
+def _restride(outs, strides: dict):
+    """outs with each output that kfuse laid out differently copied into the traced strides."""
+    fixed = None
+    for i, want in strides.items():
+        t = outs[i]
+        if isinstance(t, torch.Tensor) and t.stride() != want:
+            fixed = fixed or list(outs)
+            fixed[i] = torch.empty_strided(t.shape, want, dtype=t.dtype).copy_(t)
+    return outs if fixed is None else type(outs)(fixed) if isinstance(outs, tuple) else fixed
+
+
+def _computes(gm: torch.fx.GraphModule) -> bool:
+    """Whether a segment does work worth a kfuse call (not only views, getitems and size arithmetic)."""
+    cheap = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "contiguous", "size", "to",
+             "expand", "split", "chunk", "flatten", "__getitem__", "getitem", "dim", "numel"}
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if name not in cheap:
+                return True
+    return False
+

@@ -148,6 +148,9 @@ class Graph:
         self.outputs: list[Node] = []
         self.input_names: list[str] = []
         self.output_names: list[str] = []
+        # In-place writes into graph inputs (a KV cache's index_copy_): the last len(mutated) outputs
+        # are the new values of inputs mutated[k]; a call writes them back and returns the others.
+        self.mutated: list[int] = []
 
     # -- building ---------------------------------------------------------------------------------
     def input(self, shape, dtype, name="") -> Node:

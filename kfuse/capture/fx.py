@@ -183,4 +183,35 @@ def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict |
             values[spec.arg.name] = state[spec.target].detach()
     for name, attr in ep.graph_module.named_buffers():
         values.setdefault(name, attr)
-    return from_fx(ep.graph, values, user), ep.call_spec.out_spec
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate:
+        written = ", ".join(sorted(set(sig.buffers_to_mutate.values())))
+        raise KfuseError(f"{type(model).__name__} writes into its buffer(s) {written}: kfuse compiles buffers in "
+                         f"as constants; pass such a tensor as an input instead")
+    graph = from_fx(ep.graph, values, user)
+    _mutations(graph, sig, user)
+    return graph, ep.call_spec.out_spec
+
+
+def _mutations(g: Graph, sig, user: list[str]) -> None:
+    """Export lists the model's in-place writes into its inputs (a static KV cache's index_copy_)
+    as extra outputs, first. Move them last and record which input each updates (graph.mutated).
+    An index_put whose target input nothing else reads writes in place: only the new rows move,
+    not a copy of the whole cache per call."""
+    from torch.export.graph_signature import OutputKind
+    kinds = [s.kind for s in sig.output_specs]
+    if OutputKind.USER_INPUT_MUTATION not in kinds:
+        return
+    writes = [(o, user.index(s.target)) for o, s in zip(g.outputs, sig.output_specs) if s.kind == OutputKind.USER_INPUT_MUTATION]
+    keep = [k != OutputKind.USER_INPUT_MUTATION for k in kinds]
+    g.outputs = [o for o, k in zip(g.outputs, keep) if k] + [o for o, _ in writes]
+    g.output_names = [n for n, k in zip(g.output_names, keep) if k] + [f"{user[i]} (written in place)" for _, i in writes]
+    g.mutated = [i for _, i in writes]
+    readers: dict[Node, int] = {}
+    for n in g.nodes:
+        for i in set(n.inputs):
+            readers[i] = readers.get(i, 0) + 1
+    for new, i in writes:
+        x = g.inputs[i]
+        if new.op == "index_put" and new.inputs[0] is x and readers.get(x) == 1 and x not in g.outputs:
+            new.attrs["inplace"] = True

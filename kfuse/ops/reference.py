@@ -77,13 +77,15 @@ def _scatter(x, index, src, *, axis, reduce="none", include_self=True):
     return torch.scatter_reduce(x, axis, index.long(), src, reduce, include_self=include_self)
 
 
-def _index_put(x, values, *idx, dims, accumulate=False):
+def _index_put(x, values, *idx, dims, accumulate=False, inplace=False):
     """x[key] = values (or += with accumulate), key holding the index tensors at `dims` and full
-    slices elsewhere: the functional form of torch's item assignment."""
+    slices elsewhere: the functional form of torch's item assignment. `inplace` writes into x (a
+    graph input the model mutates and nothing else reads: a KV cache's new rows)."""
     key = [None] * (max(dims) + 1)
     for d, i in zip(dims, idx):
         key[d] = i if i.dtype == torch.bool else i.long()
-    return torch.ops.aten.index_put.default(x, key, values.to(x.dtype), accumulate)
+    op = torch.ops.aten.index_put_.default if inplace else torch.ops.aten.index_put.default
+    return op(x, key, values.to(x.dtype), accumulate)
 
 
 def _embedding_bag(weight, indices, offsets, per_sample_weights=None, *, mode, include_last_offset=False,
@@ -213,4 +215,10 @@ def run(graph, inputs, *, keep=None):
         else:
             env[n] = REFERENCE[n.op](*[env[i] for i in n.inputs], **n.attrs)
     outs = [env[o] for o in graph.outputs]
+    if graph.mutated:           # the model's in-place writes into its inputs
+        n = len(outs) - len(graph.mutated)
+        for i, new in zip(graph.mutated, outs[n:]):
+            if new is not inputs[i]:
+                inputs[i].copy_(new)
+        outs = outs[:n]
     return (outs, {n: env[n] for n in keep}) if keep is not None else outs

@@ -136,7 +136,10 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
         dead = [names[n] for n in dies_after.get(gi, ()) if n in names]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
-    lines.append(f"    return ({', '.join(names[o] for o in graph.outputs)},)")
+    n_user = len(graph.outputs) - len(graph.mutated)
+    for i, o in zip(graph.mutated, graph.outputs[n_user:]):     # the model's writes into its inputs
+        lines.append(f"    if {names[o]} is not i{i}: i{i}.copy_({names[o]})")
+    lines.append(f"    return ({''.join(names[o] + ', ' for o in graph.outputs[:n_user])})")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<kfuse program>", "exec"), env)
     return source, env["program"]

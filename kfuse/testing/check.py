@@ -47,6 +47,7 @@ def copy_graph(g: Graph) -> Graph:
     out.inputs = [m[n] for n in g.inputs]
     out.outputs = [m[n] for n in g.outputs]
     out.input_names, out.output_names = list(g.input_names), list(g.output_names)
+    out.mutated = list(g.mutated)
     return out
 
 

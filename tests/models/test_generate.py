@@ -1,0 +1,126 @@
+"""LLM decoding through `torch.compile(model.forward, backend="kfuse")` under torch.compile's default
+(dynamic) settings: Hugging Face generate() with its dynamic KV cache and with StaticCache gives
+eager's tokens, with a handful of compilations, not one per length."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kfuse.dynamo
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def _model(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, max_position_embeddings=64)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=8)).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _generate(model, ids, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+def test_generate_matches_eager(arch, cache):
+    model = _model(arch)
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    ids = torch.randint(1, VOCAB, (1, 7))
+    want = _generate(model, ids, 12, **kw)
+    before = len(kfuse.dynamo.compilations())
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    got = _generate(model, ids, 12, **kw)
+    assert torch.equal(got, want)
+    graphs = kfuse.dynamo.compilations()[before:]
+    assert 1 <= len(graphs) <= 4, [g.summary() for g in graphs]
+    assert all(g.strategy != "torch" or g.n_ops < 40 for g in graphs), [g.summary() for g in graphs]
+    assert not any(s.fallback for g in graphs for s in g._segments), [g.summary() for g in graphs]
+    # a second generate of the same prompt length compiles nothing more: no program per length
+    programs = sum(g.programs() for g in graphs)
+    assert torch.equal(_generate(model, ids, 12, **kw), want)
+    assert len(kfuse.dynamo.compilations()) == before + len(graphs)
+    assert sum(g.programs() for g in graphs) == programs
+
+
+def test_decode_graph_is_partitioned_and_fused():
+    """With the dynamic cache, the decode step's KV length is symbolic: the projections, norms and
+    MLP run as static kfuse programs, only the cache concatenation and attention over it by torch."""
+    model = _model("llama")
+    ids = torch.randint(1, VOCAB, (2, 5))
+    want = _generate(model, ids, 10)
+    before = len(kfuse.dynamo.compilations())
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, 10), want)
+    graphs = kfuse.dynamo.compilations()[before:]
+    decode = [g for g in graphs if g.strategy == "partitioned"]
+    assert decode, [g.summary() for g in graphs]
+    fused = {name for g in decode for r in g.reports() for name in r.fusions}
+    assert any("rmsnorm" in f for f in fused) and "swiglu" in fused, fused
+    assert decode[0].static_share > 0.8
+    assert decode[0].n_symbolic_ops < decode[0].n_ops / 4
+
+
+def test_static_cache_written_in_place():
+    """StaticCache's index_copy_ into the cache becomes an in-place index_put: the new rows are
+    written into the cache tensor (same storage), no copy of the whole cache per token."""
+    model = _model("llama")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    want = _generate(model, ids, 6, cache_implementation="static")
+    before = len(kfuse.dynamo.compilations())
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, 6, cache_implementation="static"), want)
+    graphs = kfuse.dynamo.compilations()[before:]
+    programs = [s.cm._last for g in graphs for s in g._segments if s.cm is not None]
+    inplace = [n for p in programs for n in p.graph.nodes if n.op == "index_put" and n.attrs.get("inplace")]
+    assert len(inplace) >= 4, "2 layers x (keys, values) written in place by the decode step"
+    assert any(p.graph.mutated for p in programs)
+
+
+def test_dynamic_true():
+    model = _model("gpt2")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    want = _generate(model, ids, 8)
+    model.forward = torch.compile(model.forward, backend="kfuse", dynamic=True)
+    assert torch.equal(_generate(model, ids, 8), want)
+
+
+def test_weights_are_frozen_but_changes_are_seen():
+    """Parameters compile in as constants; an in-place change (or another model's parameters
+    reaching the same compiled code) compiles again instead of using stale weights."""
+    model = _model("gpt2")
+    ids = torch.randint(1, VOCAB, (1, 5))
+    compiled = torch.compile(model, backend="kfuse")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+        model.lm_head.weight.mul_(0.5)
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+        other = _model("gpt2")
+        for p in other.parameters():
+            p.add_(0.01)
+        compiled_other = torch.compile(other, backend="kfuse")
+        torch.testing.assert_close(compiled_other(ids).logits, other(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_options_are_checked():
+    model = _model("gpt2")
+    compiled = torch.compile(model, backend="kfuse", options={"pattern": False})
+    with pytest.raises(Exception, match="unknown option 'pattern'"):
+        compiled(torch.randint(1, VOCAB, (1, 4)))
