@@ -367,6 +367,11 @@ def _adaptive_mean(g, x, axis, out):
 
 def _sdpa(g, q, k, v, mask=None, dropout=0.0, causal=False, *_, scale=None, enable_gqa=False, **__):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lq, lk = q.shape[-2], k.shape[-2]
+    if causal and lq != lk and mask is None:
+        # torch aligns is_causal top-left (query i sees keys j <= i); kfuse's attention aligns its
+        # causal frontier bottom-right (j <= i + lk - lq, a KV cache's): the mask says torch's
+        mask, causal = g.const(torch.ones(lq, lk, dtype=torch.bool).tril()), False
     args = (q, k, v) if mask is None else (q, k, v, mask)
     return g.add("attention", *args, scale=scale, causal=bool(causal))
 

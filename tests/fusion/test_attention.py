@@ -136,3 +136,12 @@ def test_onnx_exported_sdpa_with_transposed_k(tmp_path, causal):
     cm = kfuse.compile(str(path), (q, k, v))
     assert_close(cm(q, k, v), model(q, k, v), **SMALL_TOL)
     assert cm.report().fusions.get("attention") == 1
+
+
+@pytest.mark.parametrize("lq, lk", [(3, 7), (7, 3), (1, 5)])
+def test_sdpa_is_causal_with_unequal_lengths_keeps_torch_alignment(lq, lk):
+    """torch's is_causal with lq != lk masks top-left (query i sees keys j <= i); kfuse's attention
+    op aligns bottom-right (a KV cache's): the capture must say torch's meaning."""
+    q, k, v = torch.randn(1, 2, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
+    fn = Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert_close(compiled(fn, q, k, v)(q, k, v), fn(q, k, v))
