@@ -282,6 +282,8 @@ class DynamoGraph:
                 seg.__name__, seg.__module__ = f"kfuse_{n.target}", __name__
                 self._segments.append(seg)
                 n.op, n.target = "call_function", seg
+            elif n.op == "call_module" and not kinds.get(n.target):
+                _attention_by_kfuse(getattr(split, n.target))
         split.recompile()
         self.n_symbolic_ops = sum(1 for n, s in static.items() if not s and n.op != "get_attr")
         return split
@@ -303,6 +305,36 @@ class DynamoGraph:
         if fallbacks:
             line += f"; {len(fallbacks)} graph(s) run by torch: {fallbacks[0]}"
         return line
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """torch's scaled_dot_product_attention, by kfuse's attention kernel (split-KV for one query)
+    where it computes the same: float32 4-D CPU tensors, no dropout, a causal frontier only where
+    torch's top-left alignment is the kernel's bottom-right one (equal lengths). Sizes are read at
+    the call, so it serves the symbolic KV length of a decode step."""
+    from .backends.c import attention as c_attention
+    heads_ok = q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[-1] == k.shape[-1] and (
+        k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
+    if (not heads_ok or dropout_p or (is_causal and q.shape[2] != k.shape[2]) or q.device.type != "cpu"
+            or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v))
+            or (attn_mask is not None and attn_mask.dtype not in (torch.float32, torch.bool))):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                                enable_gqa=enable_gqa)
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
+    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal)
+
+
+SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:
+    """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`."""
+    hit = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in SDPA:
+            n.target, hit = sdpa, True
+    if hit:
+        gm.recompile()
 
 
 def _number_outputs(gm: torch.fx.GraphModule) -> list[int]:

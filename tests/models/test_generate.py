@@ -124,3 +124,21 @@ def test_backend_options_are_checked():
     compiled = torch.compile(model, backend="kfuse", options={"pattern": False})
     with pytest.raises(Exception, match="unknown option 'pattern'"):
         compiled(torch.randint(1, VOCAB, (1, 4)))
+
+
+def test_encoder_with_dynamic_sizes_runs_static_programs():
+    """An encoder whose every op depends on the sequence length is specialised per size set: each
+    length runs a static kfuse program (the static path's speed), and the summary says so."""
+    from kfuse.models import build
+    from helpers import assert_close
+    model, (ids, mask) = build("bert", batch=1, seq=16, layers=1)
+    before = len(kfuse.dynamo.compilations())
+    compiled = torch.compile(model, backend="kfuse", dynamic=True)
+    with torch.no_grad():
+        for seq in (16, 24, 16):
+            ids, mask = torch.randint(1, 100, (1, seq)), torch.ones(1, seq, dtype=torch.long)
+            assert_close(compiled(ids, mask), model(ids, mask))
+    graphs = kfuse.dynamo.compilations()[before:]
+    assert [g.strategy for g in graphs] == ["specialised"], [g.summary() for g in graphs]
+    assert graphs[0].programs() == 2 and "2 size set(s)" in graphs[0].summary()
+    assert any(r.fusions for r in graphs[0].reports())

@@ -1,0 +1,146 @@
+"""LLM decoding end to end: Hugging Face generate() with `model.forward = torch.compile(model.forward,
+backend=...)` under torch.compile's default settings, kfuse against eager and Inductor, each
+provider in its own process (built once, warmed up, then timed).
+
+    python bench/bench_generate.py [--models gpt2,llama,mistral] [--batch 1,4] [--prompt 128] [--new 128]
+                                   [--providers eager,inductor,kfuse] [--cache dynamic|static] [--rounds 3]
+
+Models: random weights from configs (seeded), GPT-2-style (MHA, GELU MLP), Llama-style (GQA 8/2,
+RMSNorm, SwiGLU, rotary) and Mistral-style (Llama's with a sliding window), --layers/--hidden sized.
+Prefill: median ms of generate(max_new_tokens=1). Decode: (N - 1) tokens over the median time of
+generate(N) minus that of generate(1), as tokens/s. Roofline: a decode step reads every weight once
+(batch 1 is a GEMV per linear): parameter bytes per step / step time, as a fraction of the copy
+bandwidth the same process measures (bytes read + written per second copying a 256 MB tensor).
+Every provider's tokens are compared with eager's. "inductor-max" (mode="max-autotune-no-cudagraphs")
+is available, not run by default: on this CPU it spends minutes tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import THREADS, commit, machine  # noqa: E402
+
+VOCAB = 8192
+
+
+def build(arch: str, layers: int, hidden: int, prompt: int, new: int):
+    import transformers
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=hidden // 64, vocab_size=VOCAB,
+                                      n_positions=prompt + new + 8, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    common = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                  num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), vocab_size=VOCAB,
+                  bos_token_id=0, eos_token_id=0, max_position_embeddings=prompt + new + 8)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=prompt + new // 2)).eval()
+
+
+def bandwidth_gbs() -> float:
+    """Copy bandwidth, bytes read + written per second (median of 5)."""
+    import time
+    src = torch.randn(64 << 20)          # 256 MB
+    dst = torch.empty_like(src)
+    ts = []
+    for _ in range(6):
+        t = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / sorted(ts[1:])[2] / 1e9
+
+
+def child(a):
+    import time
+    torch.set_num_threads(int(THREADS))
+    model = build(a.arch, a.layers, a.hidden, a.prompt, a.new)
+    ids = torch.randint(1, VOCAB, (a.b, a.prompt), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, **({"cache_implementation": "static"} if a.cache == "static" else {}))
+    if a.provider != "eager":
+        backend = "kfuse" if a.provider == "kfuse" else "inductor"
+        mode = "max-autotune-no-cudagraphs" if a.provider == "inductor-max" else None
+        model.forward = torch.compile(model.forward, backend=backend, mode=mode)
+
+    def gen(n):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    t = time.perf_counter()
+    tokens = gen(a.new)            # compiles (prefill and decode graphs) and warms up
+    first_s = time.perf_counter() - t
+    gen(1)
+    t1, tn = [], []
+    for _ in range(a.rounds):
+        for n, ts in ((1, t1), (a.new, tn)):
+            t = time.perf_counter()
+            gen(n)
+            ts.append(time.perf_counter() - t)
+    med = lambda v: sorted(v)[len(v) // 2]   # noqa: E731
+    step = (med(tn) - med(t1)) / (a.new - 1)
+    out = {"prefill_ms": med(t1) * 1e3, "step_ms": step * 1e3, "tok_s": a.b / step, "first_s": first_s,
+           "tokens": tokens.tolist(), "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "bandwidth_gbs": bandwidth_gbs(), "spread_ms": [(min(tn) - max(t1)) / (a.new - 1) * 1e3,
+                                                          (max(tn) - min(t1)) / (a.new - 1) * 1e3]}
+    if a.provider == "kfuse":
+        import kfuse.dynamo
+        out["kfuse"] = [g.summary() for g in kfuse.dynamo.compilations()]
+    print("RESULT " + json.dumps(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gpt2,llama,mistral")
+    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--providers", default="eager,inductor,kfuse")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", nargs=3, metavar=("ARCH", "BATCH", "PROVIDER"))
+    ap.add_argument("--verbose", action="store_true", help="print kfuse's strategy per Dynamo graph")
+    a = ap.parse_args()
+    if a.child:
+        a.arch, a.b, a.provider = a.child[0], int(a.child[1]), a.child[2]
+        return child(a)
+    providers = a.providers.split(",")
+    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, fp32; {a.layers} layers, "
+          f"hidden {a.hidden}, vocab {VOCAB}; prompt {a.prompt} -> {a.new} new tokens, {a.cache} KV cache")
+    print(f"{'model':<9}{'batch':>5}  {'provider':<13}{'prefill ms':>11}{'decode tok/s':>14}{'ms/token':>10}"
+          f"{'roofline':>10}{'1st call s':>11}  tokens")
+    for arch in a.models.split(","):
+        for b in map(int, a.batch.split(",")):
+            res = {}
+            for p in providers:
+                cmd = [sys.executable, __file__, "--child", arch, str(b), p, *sys.argv[1:]]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{arch:<9}{b:>5}  {p:<13} failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:150]}")
+                    continue
+                res[p] = json.loads(line[7:])
+            for p, r in res.items():
+                same = "=" if "eager" not in res or r["tokens"] == res["eager"]["tokens"] else "DIFFER"
+                roof = r["weight_bytes"] / (r["step_ms"] / 1e3) / (r["bandwidth_gbs"] * 1e9)
+                print(f"{arch:<9}{b:>5}  {p:<13}{r['prefill_ms']:>11.1f}{r['tok_s']:>14.1f}{r['step_ms']:>10.2f}"
+                      f"{roof:>10.0%}{r['first_s']:>11.1f}  {same}")
+                if a.verbose and "kfuse" in r:
+                    for s in r["kfuse"]:
+                        print("      " + s)
+            if "kfuse" in res:
+                k = res["kfuse"]["step_ms"]
+                ratios = ", ".join(f"{k / res[p]['step_ms']:.2f}x {p}'s" for p in res if p != "kfuse")
+                print(f"{'':<16}kfuse decode step time: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
