@@ -20,7 +20,8 @@ computed at load time by ONNX's reference evaluator (`_evaluate`, size-capped); 
 condition folds to a constant (or is specialised) is replaced by the branch it takes.
 
 Graph inputs and outputs that are not tensors (sequences, optionals, maps) or whose element type
-kfuse has no dtype for are a clear KfuseError naming them, checked before the examples.
+kfuse has no dtype for are a clear KfuseError naming them, checked before the examples. uint16/32/64
+values are carried as int64 while loading (onnx_ops/unsigned.py) and cast back at the outputs.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from onnx import TensorProto
 from ..errors import InputError, KfuseError, ModelFileError
 from ..ir import Graph, Node
 from .onnx_ops import HANDLERS
+from .onnx_ops import unsigned
 from .onnx_ops.common import DTYPES, _convert, _tensor, _unsupported, handler_key
 
 __all__ = ["HANDLERS", "load_onnx", "read_model"]
@@ -47,9 +49,10 @@ def load_onnx(model, example_inputs) -> Graph:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     g = Graph()
     g.specialised = {}   # input index -> the example value the graph was specialised on
+    g._unsigned = {}     # int64 node -> the unsigned width it carries (onnx_ops/unsigned.py), while loading
     env: dict[str, Node] = {}
     for t in proto.graph.initializer:
-        env[t.name] = g.const(_tensor(t), name=t.name)
+        env[t.name] = unsigned.const(g, t, t.name) if t.data_type in unsigned.UNSIGNED else g.const(_tensor(t), name=t.name)
     inputs = [i for i in proto.graph.input if i.name not in env]
     for vi, where in [(i, "input") for i in inputs] + [(o, "output") for o in proto.graph.output]:
         _check_type(vi, where)
@@ -58,13 +61,17 @@ def load_onnx(model, example_inputs) -> Graph:
     try:
         for onnx_node in proto.graph.node:
             _convert(g, env, onnx_node, opset)
+        for o in proto.graph.output:
+            if o.name not in env:
+                raise ModelFileError(f"graph output {o.name!r} is produced by no node")
+            elem = o.type.tensor_type.elem_type
+            out = env[o.name]
+            if elem in unsigned.UNSIGNED or unsigned.bits_of(g, out):
+                out = unsigned.to_output(g, out, elem, o.name)
+            g.outputs.append(out)
+            g.output_names.append(o.name)
     finally:
-        del g._examples, g._example_values
-    for o in proto.graph.output:
-        if o.name not in env:
-            raise ModelFileError(f"graph output {o.name!r} is produced by no node")
-        g.outputs.append(env[o.name])
-        g.output_names.append(o.name)
+        del g._examples, g._example_values, g._unsigned
     g.prune()  # drop initializers used only by folded shape arithmetic
     return g
 
@@ -105,7 +112,7 @@ def read_model(model) -> onnx.ModelProto:
 def _check_type(vi: onnx.ValueInfoProto, where: str):
     """A clear error for a graph input or output kfuse cannot hold: not a tensor (a sequence, an
     optional, a map), or a tensor of an element type with no kfuse dtype (strings, 2-, 4- and 8-bit
-    floats, unsigned integers wider than 8 bits). An output with no declared type passes."""
+    types; uint16/32/64 are carried as int64, onnx_ops/unsigned.py). An output with no declared type passes."""
     kind = vi.type.WhichOneof("value")
     if kind is None:
         return
@@ -114,7 +121,7 @@ def _check_type(vi: onnx.ValueInfoProto, where: str):
                 "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
         raise KfuseError(f"ONNX graph {where} {vi.name!r} is {what}: kfuse takes and returns tensors only")
     elem = vi.type.tensor_type.elem_type
-    if elem not in DTYPES and (where == "input" or elem != TensorProto.UNDEFINED):
+    if elem not in DTYPES and elem not in unsigned.UNSIGNED and (where == "input" or elem != TensorProto.UNDEFINED):
         raise KfuseError(f"ONNX graph {where} {vi.name!r} has element type {TensorProto.DataType.Name(elem)}, "
                          "which kfuse does not support")
 
@@ -128,7 +135,7 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples) -> dict:
     bound = {}
     for vi, ex in zip(inputs, examples):
         tt = vi.type.tensor_type
-        dtype = DTYPES.get(tt.elem_type)
+        dtype = unsigned.UNSIGNED[tt.elem_type][0] if tt.elem_type in unsigned.UNSIGNED else DTYPES.get(tt.elem_type)
         if dtype != ex.dtype:
             raise InputError(f"ONNX input {vi.name!r} is {TensorProto.DataType.Name(tt.elem_type)}, "
                              f"the example input is {ex.dtype}")
@@ -146,6 +153,6 @@ def _bind_inputs(g: Graph, env: dict, inputs, examples) -> dict:
                     raise InputError(f"ONNX input {vi.name!r}: dim {d.dim_param!r} is {size} here "
                                      f"but {sizes[d.dim_param]} in an earlier input")
         node = g.input(tuple(ex.shape), ex.dtype, name=vi.name)
-        env[vi.name] = node
+        env[vi.name] = unsigned.bind_input(g, node, tt.elem_type) if tt.elem_type in unsigned.UNSIGNED else node
         bound[node] = ex
     return bound

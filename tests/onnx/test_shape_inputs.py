@@ -166,10 +166,10 @@ def test_non_tensor_inputs_are_clear_errors(tmp_path):
     path = save(tmp_path, nodes, [seq, tensor_in("i", I64, [])], [out("y", 1)])
     with pytest.raises(KfuseError, match="'s' is a sequence"):
         kfuse.compile(path, ([torch.ones(2)], torch.tensor(0)))
-    path = save(tmp_path, [helper.make_node("Identity", ["x"], ["y"])], [tensor_in("x", TensorProto.UINT32, [2])],
-                [out("y", 1, TensorProto.UINT32)], name="u32")
-    with pytest.raises(KfuseError, match="element type UINT32"):
-        kfuse.compile(path, (torch.ones(2, dtype=torch.uint32),))
+    path = save(tmp_path, [helper.make_node("Identity", ["x"], ["y"])], [tensor_in("x", TensorProto.FLOAT8E4M3FN, [2])],
+                [out("y", 1, TensorProto.FLOAT8E4M3FN)], name="f8")
+    with pytest.raises(KfuseError, match="element type FLOAT8E4M3FN"):
+        kfuse.compile(path, (torch.ones(2).to(torch.float8_e4m3fn),))
 
 
 def test_new_value_of_a_specialised_input_compiles_again(tmp_path):

@@ -30,6 +30,9 @@ DTYPES = {
 
 
 HANDLERS: dict = {}
+# (applies(graph, onnx node, inputs), convert(node, inputs)) pairs _convert asks before HANDLERS: the
+# first that applies converts the node (unsigned.py: nodes that read or make uint16/32/64 values)
+INTERCEPT: list = []
 
 
 def handler(*op_types):
@@ -81,7 +84,10 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
     key = handler_key(onnx_node)
     foldable = constant and key == op_type   # only default-domain ops fold (ONNX's reference evaluator)
     try:
-        if key not in HANDLERS:
+        hook = next((convert for applies, convert in INTERCEPT if applies(g, onnx_node, ins)), None)
+        if hook is not None:
+            out = hook(node, ins)
+        elif key not in HANDLERS:
             if not foldable:
                 raise _unsupported(onnx_node)
             out = _evaluate(node, ins)

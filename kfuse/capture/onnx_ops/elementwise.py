@@ -185,3 +185,28 @@ def _is_inf(n, x):
     if pos or neg:
         return n.add("eq", x, n.const(math.inf if pos else -math.inf, dtype=x.dtype))
     return n.const(torch.zeros(x.shape, dtype=torch.bool))
+
+
+@handler("ThresholdedRelu")
+def _thresholded_relu(n, x):   # x where x > alpha, else 0
+    return n.add("where", n.add("gt", x, n.const(float(n.attr("alpha", 1.0)), dtype=x.dtype)), x,
+                 n.const(0.0, dtype=x.dtype))
+
+
+@handler("Shrink")
+def _shrink(n, x):   # x + bias below -lambd, x - bias above lambd, 0 between
+    lambd, bias = float(n.attr("lambd", 0.5)), float(n.attr("bias", 0.0))
+    c = lambda v: n.const(v, dtype=x.dtype)  # noqa: E731
+    high = n.add("where", n.add("gt", x, c(lambd)), n.add("sub", x, c(bias)), c(0))
+    return n.add("where", n.add("lt", x, c(-lambd)), n.add("add", x, c(bias)), high)
+
+
+@handler("Softsign")
+def _softsign(n, x):   # x / (1 + |x|)
+    return n.add("div", x, n.add("add", n.add("abs", x), n.const(1.0, dtype=x.dtype)))
+
+
+@handler("Swish")
+def _swish(n, x):   # x * sigmoid(alpha x)
+    alpha = float(n.attr("alpha", 1.0))
+    return n.add("mul", x, n.add("sigmoid", n.add("mul", x, n.const(alpha, dtype=x.dtype)) if alpha != 1.0 else x))

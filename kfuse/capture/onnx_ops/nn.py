@@ -9,7 +9,7 @@ import torch
 from ...ir import Node
 from ..common import reshape
 from ..einsum import EinsumError, einsum
-from .common import _axis, _Node, _pad, _slice_axis, handler
+from .common import HANDLERS, _axis, _Node, _pad, _slice_axis, handler
 from .elementwise import _binary, _cast_like
 
 # -- reductions -----------------------------------------------------------------------------------
@@ -31,11 +31,28 @@ def _reduce(op, pre=None, post=None):
     def handler(n, x, axes=None):
         y = pre(n, x) if pre else x
         axes = _reduce_axes(n, x, axes)
+        if axes is not None and op in _EMPTY and any(x.shape[a] == 0 for a in axes):
+            return _empty_reduction(n, x, axes, _EMPTY[op])
         if axes is not None:
             y = n.add(op, y, axes=axes, keepdim=bool(n.attr("keepdims", 1)))
         y = post(n, y) if post else y
         return _cast_like(n, y, x)  # ReduceL2 and ReduceLogSum of integers keep the integer type
     return handler
+
+
+# the value of a max or min over no elements (ONNX's reference: the identity of the reduction)
+_EMPTY = {"reduce_max": -math.inf, "reduce_min": math.inf}
+
+
+def _empty_reduction(n, x, axes, fill):
+    keep = n.attr("keepdims", 1)
+    shape = [1 if i in axes else d for i, d in enumerate(x.shape) if keep or i not in axes]
+    if x.dtype == torch.bool:
+        fill = fill > 0   # max of nothing is False, min True
+    elif not x.dtype.is_floating_point:
+        info = torch.iinfo(x.dtype)
+        fill = info.min if fill < 0 else info.max
+    return n.const(torch.full(shape, fill, dtype=x.dtype))
 
 
 def _square(n, x):
@@ -59,6 +76,8 @@ def _reduce_log_sum_exp(n, x, axes=None):
     axes = _reduce_axes(n, x, axes)
     if axes is None:
         return x
+    if any(x.shape[a] == 0 for a in axes):   # log(0)
+        return _empty_reduction(n, x, axes, -math.inf)
     m = n.add("reduce_max", x, axes=axes, keepdim=True)
     s = n.add("reduce_sum", n.add("exp", n.add("sub", x, m)), axes=axes, keepdim=True)
     y = n.add("add", n.add("log", s), m)
@@ -341,3 +360,108 @@ handler("Conv")(_windows_1d(_conv))
 handler("ConvTranspose")(_windows_1d(_conv_transpose))
 handler("MaxPool")(_windows_1d(_max_pool))
 handler("AveragePool")(_windows_1d(_avg_pool))
+
+
+@handler("CumProd")
+def _cumprod(n, x, axis):
+    """Like CumSum; exclusive shifts x by one along the axis (a 1 first) instead of dividing."""
+    axis = _axis(int(n.value(axis, "axis").item()), len(x.shape))
+    flip = torch.arange(x.shape[axis] - 1, -1, -1)
+    if n.attr("reverse", 0):
+        x = n.add("gather", x, n.const(flip), axis=axis)
+    if n.attr("exclusive", 0) and x.shape[axis]:
+        ones = n.const(torch.ones(x.shape[:axis] + (1,) + x.shape[axis + 1:], dtype=x.dtype))
+        x = n.add("concat", ones, _slice_axis(n, x, axis, 0, x.shape[axis] - 1, 1), axis=axis)
+    y = _cast_like(n, n.add("cumprod", x, axis=axis), x)
+    return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y
+
+
+@handler("Hardmax")
+def _hardmax(n, x):
+    """1 at the first maximum along the axis, 0 elsewhere (before opset 13: of x flattened to 2-d)."""
+    shape, rank = x.shape, len(x.shape)
+    axis = _axis(n.attr("axis", -1 if n.opset >= 13 else 1), rank)
+    if n.opset < 13:
+        x, axis = reshape(n, x, (math.prod(shape[:axis]), math.prod(shape[axis:]))), 1
+    i = n.add("argmax", x, axis=axis, keepdim=True)
+    iota = n.const(torch.arange(x.shape[axis]).reshape([-1] + [1] * (len(x.shape) - axis - 1)))
+    return reshape(n, n.add("cast", n.add("eq", iota, i), dtype=x.dtype), shape)
+
+
+@handler("LpNormalization")
+def _lp_normalization(n, x):
+    axis, p = _axis(n.attr("axis", -1), len(x.shape)), n.attr("p", 2)
+    if p not in (1, 2):
+        n.unsupported(f"p = {p} (ONNX allows 1 and 2)")
+    a = n.add("abs", x) if p == 1 else n.add("mul", x, x)
+    norm = n.add("reduce_sum", a, axes=[axis], keepdim=True)
+    norm = norm if p == 1 else n.add("sqrt", norm)
+    zero = n.add("eq", norm, n.const(0, dtype=x.dtype))   # a zero norm divides by 1 (ONNX's reference): 0
+    return n.add("div", x, n.add("where", zero, n.const(1, dtype=x.dtype), norm))
+
+
+@handler("MeanVarianceNormalization")
+def _mean_variance_normalization(n, x):
+    """(x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9) over `axes`, as ONNX's function body computes it."""
+    axes = sorted(_axis(a, len(x.shape)) for a in n.attr("axes", [0, 2, 3]))
+    mean = n.add("reduce_mean", x, axes=axes, keepdim=True)
+    var = n.add("sub", n.add("reduce_mean", n.add("mul", x, x), axes=axes, keepdim=True), n.add("mul", mean, mean))
+    std = n.add("add", n.add("sqrt", var), n.const(1e-9, dtype=x.dtype))
+    return n.add("div", n.add("sub", x, mean), std)
+
+
+@handler("EyeLike")
+def _eye_like(n, x):
+    from .common import DTYPES
+    dtype = DTYPES.get(n.attr("dtype"), None) if n.attr("dtype") is not None else x.dtype
+    if dtype is None or len(x.shape) != 2:
+        n.unsupported("a dtype kfuse has no tensor for, or an input that is not 2-d")
+    rows, cols = x.shape
+    k = n.attr("k", 0)
+    eye = torch.arange(rows).reshape(-1, 1) + k == torch.arange(cols).reshape(1, -1)
+    return n.const(eye.to(dtype))
+
+
+@handler("LpPool")
+def _lp_pool(n, x):
+    """(sum over the window of |x|^p)^(1/p): AveragePool of |x|^p counting the pads, times the window size."""
+    p = float(n.attr("p", 2))
+    kernel = list(n.attr("kernel_shape"))
+    n.overrides["count_include_pad"] = 1
+    y = HANDLERS["AveragePool"](n, n.add("pow", n.add("abs", x), n.const(p, dtype=x.dtype)))
+    y = n.add("mul", y, n.const(float(math.prod(kernel)), dtype=x.dtype))
+    return n.add("pow", y, n.const(1.0 / p, dtype=x.dtype))
+
+
+@handler("GroupNormalization")
+def _group_normalization(n, x, scale, bias):
+    """(x - mean) / sqrt(var + eps) over each group of channels (and all spatial positions), then a
+    per-channel scale and bias (per group before opset 21)."""
+    groups, eps = n.attr("num_groups"), float(n.attr("epsilon", 1e-5))
+    shape, c = x.shape, x.shape[1]
+    g = reshape(n, x, (shape[0], groups, -1))
+    mean = n.add("reduce_mean", g, axes=[2], keepdim=True)
+    d = n.add("sub", g, mean)
+    var = n.add("reduce_mean", n.add("mul", d, d), axes=[2], keepdim=True)
+    y = reshape(n, n.add("mul", d, n.add("rsqrt", n.add("add", var, n.const(eps, dtype=x.dtype)))), shape)
+    per_channel = [1, c] + [1] * (len(shape) - 2)
+    if scale.shape[0] != c:   # opset 18: one scale and bias per group, repeated over its channels
+        idx = n.const(torch.arange(c) // (c // groups))
+        scale, bias = n.add("gather", scale, idx, axis=0), n.add("gather", bias, idx, axis=0)
+    return n.add("add", n.add("mul", y, reshape(n, scale, per_channel)), reshape(n, bias, per_channel))
+
+
+@handler("LRN")
+def _lrn(n, x):
+    """x / (bias + alpha / size * (sum of x^2 over the `size` channels around))^beta."""
+    size = n.attr("size")
+    alpha, beta, bias = float(n.attr("alpha", 1e-4)), float(n.attr("beta", 0.75)), float(n.attr("bias", 1.0))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = _pad(n, n.add("mul", x, x), [0, before] + [0] * (len(x.shape) - 2), [0, after] + [0] * (len(x.shape) - 2))
+    c = x.shape[1]
+    total = None
+    for k in range(size):
+        part = _slice_axis(n, sq, 1, k, k + c, 1)
+        total = part if total is None else n.add("add", total, part)
+    den = n.add("add", n.add("mul", total, n.const(alpha / size, dtype=x.dtype)), n.const(bias, dtype=x.dtype))
+    return n.add("div", x, n.add("pow", den, n.const(beta, dtype=x.dtype)))

@@ -462,3 +462,68 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
         lo, hi = (n.add("gather", x, n.const(torch.from_numpy(i)), axis=a) for i in (i0, i1))
         x = n.add("add", n.add("mul", lo, n.const(1 - w)), n.add("mul", hi, n.const(w)))
     return x
+
+
+@handler("CenterCropPad")
+def _center_crop_pad(n, x, shape):
+    """Each of `axes` cropped (from (dim - size) // 2) or zero-padded ((size - dim) // 2 first) to its size."""
+    sizes = n.ints(shape, "shape")
+    axes = [_axis(a, len(x.shape)) for a in n.attr("axes", list(range(len(sizes))))]
+    for axis, size in zip(axes, sizes):
+        dim = x.shape[axis]
+        if size < dim:
+            start = (dim - size) // 2
+            x = _slice_axis(n, x, axis, start, start + size, 1)
+        elif size > dim:
+            begins, ends = [0] * len(x.shape), [0] * len(x.shape)
+            begins[axis] = (size - dim) // 2
+            ends[axis] = size - dim - begins[axis]
+            x = _pad(n, x, begins, ends)
+    return x
+
+
+def _window(fn):
+    def window(n, size):
+        from .common import DTYPES
+        count = int(n.value(size, "size").reshape(-1)[0])
+        denom = count if n.attr("periodic", 1) else count - 1
+        k = torch.arange(count, dtype=torch.float64)
+        dtype = DTYPES.get(n.attr("output_datatype", 1))
+        if dtype is None:
+            n.unsupported("its output_datatype has no kfuse dtype")
+        return n.const(fn(2 * math.pi * k / denom).to(dtype))
+    return window
+
+
+handler("HannWindow")(_window(lambda a: 0.5 - 0.5 * torch.cos(a)))
+handler("HammingWindow")(_window(lambda a: 25 / 46 - 21 / 46 * torch.cos(a)))
+handler("BlackmanWindow")(_window(lambda a: 0.42 - 0.5 * torch.cos(a) + 0.08 * torch.cos(2 * a)))
+
+
+@handler("Compress")
+def _compress(n, x, condition):
+    """The slices of x along `axis` (of x flattened without one) where the condition is true; the
+    condition is read like a shape tensor (a constant, or specialised on the example's value)."""
+    keep = n.value(condition, "Compress's condition").reshape(-1).to(torch.bool)
+    axis = n.attr("axis")
+    if axis is None:
+        x, axis = n.add("reshape", x, shape=(x.numel,)), 0
+    axis = _axis(axis, len(x.shape))
+    idx = torch.nonzero(keep[:x.shape[axis]]).reshape(-1)
+    return n.add("gather", x, n.const(idx), axis=axis)
+
+
+@handler("ReverseSequence")
+def _reverse_sequence(n, x, lens):
+    """The first lens[b] steps along time_axis of each batch entry b reversed, the rest as they are;
+    lens is read like a shape tensor (a constant, or specialised on the example's value)."""
+    lens = [int(v) for v in n.value(lens, "ReverseSequence's sequence_lens").reshape(-1).tolist()]
+    t_axis, b_axis = _axis(n.attr("time_axis", 0), len(x.shape)), _axis(n.attr("batch_axis", 1), len(x.shape))
+    steps = x.shape[t_axis]
+    idx = torch.tensor([[min(k, steps) - 1 - t if t < k else t for k in lens] for t in range(steps)])  # [time, batch]
+    if t_axis > b_axis:
+        idx = idx.T
+    view = [1] * len(x.shape)
+    view[t_axis], view[b_axis] = steps, len(lens)
+    idx = idx.reshape(view).expand(x.shape).contiguous()
+    return n.add("gather_elements", x, n.const(idx), axis=t_axis)
