@@ -321,7 +321,7 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                                                 enable_gqa=enable_gqa)
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal)
+    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True)
 
 
 SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)

@@ -79,7 +79,7 @@ def _attention_kernel(node):
     if len(q.shape) != 4 or q.dtype != torch.float32:
         raise NotImplementedError("attention kernel takes 4-D float32 q, k, v")
     c_attention.library(q.shape[-1])   # compile now, so a missing compiler falls back at build time
-    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    scale, causal, zero_masked = node.attrs["scale"], node.attrs["causal"], node.attrs.get("zero_masked", False)
     b, h, lq, d = q.shape
     dv = node.inputs[2].shape[-1]
     if dv != d:
@@ -93,7 +93,7 @@ def _attention_kernel(node):
         # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
         store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
         out = store.permute(0, 2, 1, 3)
-        c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out)
+        c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out, zero_masked=zero_masked)
         return (out,)
     run.sources = lambda: [c_attention.source(d)]
     return run, "c:attention"

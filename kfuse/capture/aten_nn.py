@@ -373,7 +373,8 @@ def _sdpa(g, q, k, v, mask=None, dropout=0.0, causal=False, *_, scale=None, enab
         # causal frontier bottom-right (j <= i + lk - lq, a KV cache's): the mask says torch's
         mask, causal = g.const(torch.ones(lq, lk, dtype=torch.bool).tril()), False
     args = (q, k, v) if mask is None else (q, k, v, mask)
-    return g.add("attention", *args, scale=scale, causal=bool(causal))
+    # torch's SDPA gives 0, not NaN, for a query whose keys are all masked (a padding row)
+    return g.add("attention", *args, scale=scale, causal=bool(causal), zero_masked=True)
 
 
 handles(aten.scaled_dot_product_attention.default)(_sdpa)

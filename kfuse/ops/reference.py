@@ -5,15 +5,19 @@ The same functions run on meta tensors to infer shapes (kfuse.ir.infer).
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import GraphError
 
 
-def _attention(q, k, v, mask=None, *, scale, causal=False):
+def _attention(q, k, v, mask=None, *, scale, causal=False, zero_masked=False):
     """softmax(q kᵀ · scale + mask) v over [..., heads, seq, dim]; k and v may have fewer heads
-    (grouped-query attention), each shared by heads // kv_heads query heads."""
+    (grouped-query attention), each shared by heads // kv_heads query heads. A query row whose keys
+    are all masked gives NaN (softmax's 0/0), or 0 with `zero_masked` (torch's SDPA since 2.5)."""
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k = k.repeat_interleave(rep, dim=-3)
@@ -25,7 +29,10 @@ def _attention(q, k, v, mask=None, *, scale, causal=False):
         lq, lk = s.shape[-2], s.shape[-1]
         keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(lk - lq)
         s = s.masked_fill(~keep, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    p = torch.softmax(s, dim=-1)
+    if zero_masked:
+        p = p.masked_fill((s == float("-inf")).all(-1, keepdim=True), 0.0)
+    return torch.matmul(p, v)
 
 
 def _linear(x, w, b=None, *, act="none"):

@@ -145,3 +145,16 @@ def test_sdpa_is_causal_with_unequal_lengths_keeps_torch_alignment(lq, lk):
     q, k, v = torch.randn(1, 2, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
     fn = Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert_close(compiled(fn, q, k, v)(q, k, v), fn(q, k, v))
+
+
+def test_sdpa_rows_with_every_key_masked_are_zero_as_torch():
+    """torch's SDPA gives 0 for a query whose keys are all masked (a left-padding row): so does the
+    compiled model, bool or -inf mask, not softmax's NaN."""
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    keep[1, ..., :2] = False                  # batch 1: two padding keys, so query rows 0 and 1 see nothing
+    for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))):
+        fn = Fn(lambda _, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+        want = fn(q, k, v, mask)
+        assert (want[1, :, :2] == 0).all()
+        assert_close(compiled(fn, q, k, v, mask)(q, k, v, mask), want)

@@ -142,3 +142,18 @@ def test_encoder_with_dynamic_sizes_runs_static_programs():
     assert [g.strategy for g in graphs] == ["specialised"], [g.summary() for g in graphs]
     assert graphs[0].programs() == 2 and "2 size set(s)" in graphs[0].summary()
     assert any(r.fusions for r in graphs[0].reports())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padded_batch_generate(arch):
+    """Left-padded prompts: the padding positions' queries see no key (torch's SDPA gives 0 there,
+    not NaN, and NaN would reach every later token through 0 * NaN)."""
+    model = _model(arch)
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    kw = dict(attention_mask=mask, pad_token_id=0)
+    want = _generate(model, ids, 8, **kw)
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, 8, **kw), want)

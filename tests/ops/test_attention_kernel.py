@@ -19,12 +19,13 @@ def close(got, want):
     assert_close(got, want, **SMALL_TOL)
 
 
-def run(q, k, v, mask=None, *, causal=False, split_kv=None, kernel=None, out=None, scale=None):
+def run(q, k, v, mask=None, *, causal=False, split_kv=None, kernel=None, out=None, scale=None, zero_masked=False):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    want = _attention(q, k, v, mask, scale=scale, causal=causal)
+    want = _attention(q, k, v, mask, scale=scale, causal=causal, zero_masked=zero_masked)
     if out is None:
         out = torch.full(want.shape, float("nan"))        # poisoned: every element must be written
-    got = A.attention(q, k, v, mask, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel, out=out)
+    got = A.attention(q, k, v, mask, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel, out=out,
+                      zero_masked=zero_masked)
     assert got is out
     close(got, want)
     return got, want
@@ -94,6 +95,12 @@ def test_padding_mask_fully_masked_rows():
             for split in (False, True):
                 got, want = run(q, k, v, mask, kernel=kernel, split_kv=split)
                 assert torch.equal(got.isnan().all(-1), nan_rows) and torch.equal(got.isnan().any(-1), nan_rows)
+                # torch's SDPA semantics: those rows are 0, and no NaN anywhere
+                got, want = run(q, k, v, mask, kernel=kernel, split_kv=split, zero_masked=True)
+                assert not got.isnan().any() and torch.equal((got == 0).all(-1), nan_rows)
+                if mask.dtype == torch.bool:
+                    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask), atol=2e-6, rtol=1e-5)
 
 
 def test_strided_views_fold_transposes():

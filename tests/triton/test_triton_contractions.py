@@ -50,7 +50,7 @@ def test_attention_masks(kind):
     assert_close(out, REFERENCE["attention"](q, k, v, mask, scale=0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_fully_masked_row_is_nan_as_torch():
+def test_attention_fully_masked_row_is_nan_as_softmax_or_zero_as_sdpa():
     q, k, v = _attn_inputs(1, 1, 1, 4, 6, 16, torch.float32)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[2] = False
@@ -58,6 +58,10 @@ def test_attention_fully_masked_row_is_nan_as_torch():
     want = REFERENCE["attention"](q, k, v, mask, scale=0.25)
     assert torch.isnan(out[0, 0, 2]).all() and torch.isnan(want[0, 0, 2]).all()
     assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out = attention(q, k, v, mask, scale=0.25, zero_masked=True)
+    assert (out[0, 0, 2] == 0).all() and not out.isnan().any()
+    assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25),
+                 atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

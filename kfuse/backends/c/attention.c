@@ -23,7 +23,8 @@
  * split-KV: the keys are cut into chunks, each task writes its partial (m, l, unnormalised o)
  *   to part_*; attn_combine merges them: M = max m_c, L = sum l_c e^(m_c-M), O = sum o_c e^(m_c-M) / L.
  *
- * A row whose keys are all masked ends with l = 0 and o = 0, so o / l = NaN, like torch.softmax.
+ * A row whose keys are all masked ends with l = 0 and o = 0, so o / l = NaN, like torch.softmax;
+ * with zero_masked it is 0, like torch's scaled_dot_product_attention.
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,6 +52,7 @@ typedef struct {
     int64_t smb, smh, smi, smj;                /* mask strides, 0 on broadcast dims */
     int64_t mask_kind;                         /* 0 none, 1 additive float, 2 bool keep */
     int64_t causal, nthreads, nsplit, chunk;   /* chunk: keys per split, multiple of BK */
+    int64_t zero_masked;                       /* a row with every key masked: 0, not NaN */
     double scale;
 } attn_args;
 
@@ -168,6 +170,7 @@ INL const char *mask_base(const attn_args *a, int64_t b, int64_t h) {
 INL void emit_row(const attn_args *a, int64_t b, int64_t h, int64_t i, int64_t c, float m, float l, const float *o, int64_t ostride) {
     if (!a->part) {
         float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
+        if (a->zero_masked && l == 0.0f) { for (int d = 0; d < HD; d++) dst[d] = 0.0f; return; }
         for (int d = 0; d < HD; d++) dst[d] = o[d * ostride] / l;
     } else {
         int64_t row = (b * a->H + h) * a->Lq + i;
@@ -416,6 +419,7 @@ static void combine_row(const attn_args *a, int64_t row) {
     }
     int64_t h = (row / a->Lq) % a->H, b = row / (a->Lq * a->H), i = row % a->Lq;
     float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
+    if (a->zero_masked && L == 0.0f) L = INFINITY;   /* every key masked: 0 / inf = 0 */
     for (int d = 0; d < HD; d++) dst[d] = acc[d] / L; /* every chunk masked: 0 / 0 = NaN */
 }
 

@@ -49,7 +49,7 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in (
                     "B", "H", "Hkv", "Lq", "Lk",
                     "sqb", "sqh", "sqi", "skb", "skh", "skj", "svb", "svh", "svj", "sob", "soh", "soi",
-                    "smb", "smh", "smi", "smj", "mask_kind", "causal", "nthreads", "nsplit", "chunk")]
+                    "smb", "smh", "smi", "smj", "mask_kind", "causal", "nthreads", "nsplit", "chunk", "zero_masked")]
                 + [("scale", ctypes.c_double)])
 
 
@@ -86,10 +86,11 @@ def _check(name, t, ndim=4):
         raise ValueError(f"attention: {name} must be on the CPU")
 
 
-def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None):
+def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False):
     """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
     allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
-    split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests)."""
+    split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests).
+    A row whose keys are all masked gives NaN, or 0 with `zero_masked` (torch's SDPA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(name, t)
     B, H, Lq, D = q.shape
@@ -108,11 +109,12 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
     if Lk == 0:                                 # softmax over no keys times an empty v: zeros
         return out.zero_()
     a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
+    a.zero_masked = int(zero_masked)
     library(D).attn_forward(ctypes.byref(a), kern)
     return out
 
 
-def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kernel=None):
+def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kernel=None, zero_masked=False):
     """A zero-argument callable computing attention(q, k, v, mask, ...) into `out`, with the
     argument struct built once (for a runtime with preallocated buffers: about 1 us of Python per
     call instead of about 15). The tensors must stay where they are while it is in use."""
@@ -121,6 +123,7 @@ def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kern
     if tuple(out.shape) != tuple(q.shape):
         raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
     a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
+    a.zero_masked = int(zero_masked)
     fn, ref = library(q.shape[-1]).attn_forward, ctypes.byref(a)
 
     def run():

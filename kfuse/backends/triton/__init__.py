@@ -179,7 +179,7 @@ def attention_kernel(node):
     b, h, lq, d = q.shape
     if node.inputs[2].shape[-1] != d:
         raise NotFusable(f"Triton attention needs v's head dim ({node.inputs[2].shape[-1]}) equal to q's ({d})")
-    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    scale, causal, zero_masked = node.attrs["scale"], node.attrs["causal"], node.attrs.get("zero_masked", False)
 
     def run(bufs, q, k, v, mask=None):
         buf = bufs[0]
@@ -189,7 +189,7 @@ def attention_kernel(node):
         else:
             store = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
         out = store.permute(0, 2, 1, 3)
-        attention(q, k, v, mask, scale=scale, causal=causal, out=out)
+        attention(q, k, v, mask, scale=scale, causal=causal, out=out, zero_masked=zero_masked)
         return (out,)
     run.sources = lambda: []
     return run, "triton:attention"

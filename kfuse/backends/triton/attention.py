@@ -4,7 +4,7 @@ Semantics as `kfuse.ops.reference._attention`: causal mask aligned to the bottom
 (tril(Lk - Lq)), grouped-query attention (k and v with Hkv heads, each shared by H // Hkv
 consecutive query heads), an additive float or boolean keep mask broadcastable to [B, H, Lq, Lk]
 (read through its strides, 0 on broadcast dims); a row whose keys are all masked gives NaN, as
-torch.softmax does.
+torch.softmax does, or 0 with zero_masked, as torch's scaled_dot_product_attention does.
 
 One program per (block of BLOCK_M queries, batch x head): the q tile stays in registers; k and v
 tiles of BLOCK_N keys stream through; the softmax is online (running max m, running sum l, the
@@ -36,7 +36,7 @@ import triton.language as tl
 def kf_attention(q, k, v, o, mask, scale, H, HPK, Lq, Lk,
                  sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi, smb, smh, smi, smj,
                  D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr):
     # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -88,6 +88,8 @@ def kf_attention(q, k, v, o, mask, scale, H, HPK, Lq, Lk,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
+    if ZERO_MASKED:     # a row with every key masked: 0 (torch's SDPA), not 0 / 0
+        l_i = tl.where(l_i == 0.0, float("inf"), l_i)
     out = acc / l_i[:, None]
     tl.store(o + b * sob + h * soh + rm[:, None] * soi + rd[None, :], out.to(o.dtype.element_ty),
              mask=(rm[:, None] < Lq) & dmask[None, :])
@@ -103,7 +105,7 @@ def _mask_strides(mask, B, H, Lq, Lk):
     return m.stride()
 
 
-def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=None):
+def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=None, zero_masked: bool = False):
     """softmax(q kᵀ·scale + mask) v; q [B, H, Lq, D], k and v [B, Hkv, Lk, D], out [B, H, Lq, D] (any
     strides with the last dim contiguous; allocated when None). Returns out."""
     fn = tk.load(SOURCE).kf_attention
@@ -121,12 +123,12 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
     BD = max(16, 1 << (D - 1).bit_length())
     grid = (math.ceil(Lq / BLOCK_M), B * H)
     with tk.quiet() if tk.interpreting() else contextlib.nullcontext():
-        _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal)
+        _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal, zero_masked)
     return out
 
 
-def _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal):
+def _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal, zero_masked=False):
     fn[grid](q, k, v, out, m, float(scale), H, H // Hkv, Lq, Lk,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
-             D=D, BD=BD, BM=BLOCK_M, BN=BLOCK_N, MASK=kind, CAUSAL=bool(causal),
+             D=D, BD=BD, BM=BLOCK_M, BN=BLOCK_N, MASK=kind, CAUSAL=bool(causal), ZERO_MASKED=bool(zero_masked),
              IEEE=q.dtype == torch.float32 or (tk.interpreting() and q.dtype == torch.bfloat16), num_warps=4 if BD <= 64 else 8)
