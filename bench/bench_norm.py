@@ -3,13 +3,16 @@
 add+LayerNorm [M,N]: reads x, r (2*M*N*4 bytes) and w, b, writes y (M*N*4): one kernel, 3 passes
 over each row (sum, centred sum of squares, write), only the first from DRAM.
 RMSNorm [M,N]: reads x, writes y: 2*M*N*4 bytes, 2 passes per row.
-Run: python bench/bench_norm.py
+Each provider runs in its own process (bench/common.py main); "kfuse" is the compiled module called
+as a user calls it (`cm(x, r)`, output allocated per call), "kfuse kernel" the bare kernel into a
+preallocated output.
+Run: python bench/bench_norm.py [case ...] [--providers eager,kfuse,...]
 """
 import common  # noqa: F401  (re-executes with the malloc/thread environment first)
 import torch
 import torch.nn.functional as F
 
-from common import kernel_vs_torch
+from common import Case, main
 from kfuse.ir import Graph
 
 
@@ -38,7 +41,7 @@ def add_layer_norm(m, n):
     gx, gr = g.input([m, n], torch.float32), g.input([m, n], torch.float32)
     h = g.add("add", gx, gr)
     g.outputs = [g.add("layer_norm", h, g.const(mod.w.detach()), g.const(mod.b.detach()), eps=1e-5)]
-    kernel_vs_torch("bench_norm", f"add+layernorm [{m},{n}]", g, mod, [x, r], module_with_weights=True)
+    return Case(mod, [x, r], g, weights=True)
 
 
 def rms_norm(m, n):
@@ -47,10 +50,12 @@ def rms_norm(m, n):
     g = Graph()
     gx = g.input([m, n], torch.float32)
     g.outputs = [g.add("rms_norm", gx, g.const(mod.w.detach()), eps=1e-6)]
-    kernel_vs_torch("bench_norm", f"rmsnorm [{m},{n}]", g, mod, [x], module_with_weights=True)
+    return Case(mod, [x], g, weights=True)
 
+
+CASES = {"add+layernorm [1024,384]": lambda: add_layer_norm(1024, 384),
+         "add+layernorm [8192,1024]": lambda: add_layer_norm(8192, 1024),
+         "rmsnorm [1024,4096]": lambda: rms_norm(1024, 4096)}
 
 if __name__ == "__main__":
-    add_layer_norm(1024, 384)
-    add_layer_norm(8192, 1024)
-    rms_norm(1024, 4096)
+    main("bench_norm", CASES)

@@ -7,10 +7,13 @@ Traps it avoids (measured on the project machine, see /work/shared/design.md):
 - thread pools fighting: each provider is timed in blocks of calls, never interleaved call by call,
   and the order of providers rotates between rounds; KFUSE_NUM_THREADS and torch both use 2 threads.
 
-Use:
+Use, in one process (providers rotated block by block):
     from common import Bench, compiled, copy_bound
-    b = Bench("bench_norm", "add+layernorm [1024,384]", bytes_moved=...)
+    b = Bench("bench_x", "case", bytes_moved=...)
     b.run({"eager": f, "torch.compile": compiled(f, args), "kfuse": k, "copy": copy_bound(nbytes)})
+or each provider in its own process (the kernel benches: bench_norm/softmax/swiglu/gelu.py):
+    CASES = {"rmsnorm [1024,4096]": lambda: Case(module, inputs, ir_graph, weights=True)}
+    main("bench_norm", CASES)      # eager, torch.compile, kfuse (cm(*inputs)), kfuse (no tune), kfuse kernel, copy
 """
 from __future__ import annotations
 
@@ -184,17 +187,94 @@ def kfuse_provider(graph, inputs):
     return call
 
 
-def kernel_vs_torch(family: str, case: str, graph, fn, inputs, *, module_with_weights: bool = False,
-                    atol: float = 1e-5, extra: dict | None = None) -> dict:
-    """The kernel benches' one recipe: `graph` as one kfuse kernel on `inputs`, checked against the
-    torch function `fn(*inputs)`, then timed beside eager, torch.compile and the copy bound (plus
-    `extra` providers)."""
-    k = kfuse_provider(graph, inputs)
-    k()
-    with torch.no_grad():
-        torch.testing.assert_close(k.outputs[0], fn(*inputs), rtol=1e-5, atol=atol)
-    providers = {"eager": lambda: fn(*inputs),
-                 "torch.compile": compiled(fn, tuple(inputs), module_with_weights=module_with_weights),
-                 "kfuse": k, **(extra or {}), "copy": copy_bound(k.kernel.bytes)}
-    return Bench(family, case, k.kernel.bytes).run(providers)
+# -- each provider in its own worker process --------------------------------------------------------------
+# A provider timed beside others in one process shares its allocator, its OpenMP pool and the caches
+# they warm; Inductor's compiled code and kfuse's kernels both load libgomp. So `main` times each
+# provider in a fresh `python <script> --worker <case> <provider>` and prints the usual table.
+# A case is a function returning Case: the module (called as a user calls it), its inputs, and the
+# kfuse IR graph of the fused kernel (for the raw-kernel provider and the bytes moved).
 
+PROVIDERS = ("eager", "torch.compile", "kfuse", "kfuse (no tune)", "kfuse kernel", "copy")
+
+
+class Case:
+    def __init__(self, module, inputs, graph, *, weights: bool = False, atol: float = 1e-5):
+        self.module, self.inputs, self.graph, self.weights, self.atol = module, inputs, graph, weights, atol
+
+    def bytes(self) -> int:
+        from kfuse.kernels import lower
+        return lower([n for n in self.graph.nodes if n.op not in ("input", "const")], self.graph.outputs).bytes
+
+
+def _provider(case: Case, name: str):
+    mod, inputs = case.module, case.inputs
+    if name == "eager":
+        return lambda: mod(*inputs)
+    if name == "torch.compile":
+        return compiled(mod, tuple(inputs), module_with_weights=case.weights)
+    if name.startswith("kfuse kernel"):
+        return kfuse_provider(case.graph, inputs)
+    if name.startswith("kfuse"):
+        import kfuse
+        cm = kfuse.compile(mod, tuple(inputs))
+        with torch.no_grad():
+            torch.testing.assert_close(cm(*inputs), mod(*inputs), rtol=1e-5, atol=case.atol)
+        f = lambda: cm(*inputs)   # noqa: E731
+        notes = [k.note for k in cm.report().kernels if k.note]
+        if notes:
+            f.label = "; ".join(notes)
+        return f
+    if name == "copy":
+        return copy_bound(case.bytes())
+    raise SystemExit(f"unknown provider {name!r}")
+
+
+def _worker(cases: dict, case: str, provider: str):
+    import json
+    torch.manual_seed(0)
+    c = cases[case]()
+    with torch.no_grad():
+        f = _provider(c, provider)
+        res = measure({provider: f})[provider]
+    res["label"] = getattr(f, "label", None)
+    res["bytes"] = c.bytes()
+    print("RESULT " + json.dumps(res))
+
+
+class _Label:
+    def __init__(self, label):
+        if label:
+            self.label = label
+
+
+def main(family: str, cases: dict, providers=PROVIDERS):
+    """`python bench_x.py [case ...] [--providers a,b]`: each (case, provider) timed in its own process;
+    `--worker case provider` is the child's entry."""
+    import argparse
+    import json
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        return _worker(cases, sys.argv[2], sys.argv[3])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases", nargs="*", default=list(cases))
+    ap.add_argument("--providers", default=",".join(providers))
+    ap.add_argument("--repeat", type=int, default=1, help="processes per provider, in turns; the median one is shown")
+    a = ap.parse_args()
+    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, each provider in its own process"
+          f" (x{a.repeat})")
+    for case in a.cases:
+        runs: dict = {p: [] for p in a.providers.split(",")}
+        for _ in range(a.repeat):        # in turns: a busy spell of the machine hits one turn, not one provider
+            for p in runs:
+                env = dict(os.environ, **({"KFUSE_AUTOTUNE": "0"} if "no tune" in p else {}))
+                out = subprocess.run([sys.executable, sys.argv[0], "--worker", case, p], capture_output=True, text=True,
+                                     env=env, timeout=1800)
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if out.returncode or line is None:
+                    raise SystemExit(f"{case} / {p} failed:\n{out.stderr[-3000:]}")
+                runs[p].append(json.loads(line[7:]))
+        res = {p: sorted(r, key=lambda x: x["ms"])[len(r) // 2] for p, r in runs.items()}
+        labels = {p: _Label(r.pop("label")) for p, r in res.items()}
+        nbytes = next(iter(res.values()))["bytes"]
+        for r in res.values():
+            r["gbs"] = nbytes / r["ms"] / 1e6
+        Bench(family, case, nbytes).report(res, labels)

@@ -6,6 +6,8 @@
                        model is compiled); kfuse never changes torch's own setting
     CC                 the C compiler, possibly with arguments ("gcc -m64") (default: cc)
     KFUSE_DUMP         comma-separated pipeline step names (or "all") whose result is printed to stderr
+    KFUSE_AUTOTUNE     "0" (or "off", "false", "no") turns off the timing of schedule variants of the C
+                       kernels at compile time (kfuse/backends/c/autotune.py); default on
 
 Code reads `config.get()`; a test that changes the environment installs a fresh `from_env()`.
 """
@@ -26,6 +28,7 @@ class Config:
     threads: int | None          # None: follow torch.get_num_threads()
     cc: str
     dump: frozenset[str]
+    autotune: bool = True        # time schedule variants of the larger C kernels, keep the fastest
 
 
 def from_env(env=None) -> Config:
@@ -43,7 +46,8 @@ def from_env(env=None) -> Config:
         if threads < 1:
             raise KfuseError(f"KFUSE_NUM_THREADS={env['KFUSE_NUM_THREADS']!r}: expected a positive integer")
     dump = frozenset(s.strip() for s in env.get("KFUSE_DUMP", "").split(",") if s.strip())
-    return Config(Path(cache), threads, env.get("CC") or "cc", dump)
+    autotune = env.get("KFUSE_AUTOTUNE", "1").strip().lower() not in ("0", "off", "false", "no")
+    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune)
 
 
 _config: Config | None = None

@@ -17,6 +17,7 @@ class KernelInfo:
     fusion: bool = False      # whether the kernel holds a fusion (its name is the fusion's)
     measured_ms: float | None = None   # filled in by Program.profile
     unfused_ms: float | None = None    # the same ops run one by one in torch (Program.profile)
+    schedule: str = ""        # a C kernel's autotuned schedule and the times it was chosen on (backends/c/autotune.py)
 
 
 # Why-not codes: one stable snake_case identifier per reason a fusion did not happen. Tests and
@@ -110,6 +111,10 @@ class Report:
         if self.fallbacks:
             lines.append("fallbacks to the reference path:")
             lines += [f"  {s}" for s in self.fallbacks]
+        tuned = [k for k in self.kernels if k.schedule]
+        if tuned:
+            lines.append("C kernel schedules (autotuned; KFUSE_AUTOTUNE=0 turns it off):")
+            lines += [f"  {k.name:<24} {k.schedule}" for k in tuned]
         if self.rules:
             lines.append("rewrite rules fired:")
             lines += [f"  {k:<24} {v:>4}" for k, v in sorted(self.rules.items())]

@@ -10,6 +10,8 @@ A kernel is called with the group's input tensors and returns a tuple of its out
 """
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -137,13 +139,37 @@ def _c_kernel(group):
         if key not in strided:
             layout = {n: a.stride() for n, a in zip(fk.inputs, args) if not a.is_contiguous()}
             try:
-                strided[key] = build(lower(group.nodes, group.outputs, layout))
+                strided[key] = build(lower(group.nodes, group.outputs, layout), tune=False)
             except (NotFusable, CompileError):
                 strided[key] = None
         return strided[key]
 
+    # Outputs the caller owns (no planned buffer) of POOL_MIN bytes or more are recycled: a fresh one of
+    # 32 MB is mmapped by malloc and page-faulted in on every call (8193 faults, ~20 ms on this VM);
+    # the previous call's tensor is reused once nothing but the pool refers to it or its storage.
+    pooled = [math.prod(s) * d.itemsize >= POOL_MIN and POOLING for s, d in shapes]
+    pools: list[list] = [[] for _ in shapes]
+
+    def new_output(i):
+        if not pooled[i]:
+            return torch.empty(shapes[i][0], dtype=shapes[i][1])
+        pool = pools[i]
+        for _ in range(len(pool)):
+            try:
+                t = pool.pop(0)           # atomic: a tensor is out of the pool while it is checked
+            except IndexError:
+                break
+            pool.append(t)
+            if _unshared(t):              # this call's own reference, the pool's and the argument's
+                return t
+        t = torch.empty(shapes[i][0], dtype=shapes[i][1])
+        pool.append(t)
+        if len(pool) > POOL_KEEP:         # y = cm(x) in a loop holds the last output during the call
+            pool.pop(0)
+        return t
+
     def run(bufs, *inputs):
-        outs = [bufs[w] if bufs[w] is not None else torch.empty(s, dtype=d) for w, (s, d) in zip(where, shapes)]
+        outs = [bufs[w] if bufs[w] is not None else new_output(i) for i, w in enumerate(where)]
         args = [inputs[p] for p in pick]
         kk = k
         if not all(a.is_contiguous() for a in args):
@@ -153,10 +179,27 @@ def _c_kernel(group):
         kk(args, outs)
         return tuple(outs[b] for b in back)
     run.sources = lambda: [k.source] + [s.source for s in list(strided.values()) if s is not None]
+    if k.choice is not None:
+        run.schedule = str(k.choice)
     return run, "c"
 
 
-def _info(group, machine, backend: str, note: str = "") -> KernelInfo:
+POOL_MIN = 1 << 20      # bytes: smaller outputs come from malloc's free lists cheaply
+POOL_KEEP = 2           # outputs kept per kernel output: the one the caller still holds, and one more
+# _unshared counts references: CPython 3.14 may borrow stack references (sys.getrefcount lower than
+# the references that exist), so the pool is used only where the count is exact
+POOLING = sys.version_info < (3, 14)
+
+
+def _unshared(t) -> bool:
+    """Nothing refers to tensor `t` but the pool and the caller's one reference (a view holds its base, an array
+    from .numpy() the tensor), no C++ owner holds its TensorImpl, and no other tensor shares its
+    storage (.detach(), .data, set_)."""
+    return sys.getrefcount(t) == 4 and t._use_count() == 1 and \
+        torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+
+def _info(group, machine, backend: str, note: str = "", schedule: str = "") -> KernelInfo:
     nodes = group.nodes
     ops = [n.op for n in nodes]
     contraction = any(n.kind == Kind.CONTRACTION for n in nodes)
@@ -169,7 +212,7 @@ def _info(group, machine, backend: str, note: str = "") -> KernelInfo:
     name = fusion_name(nodes)
     return KernelInfo(name=name or "+".join(ops), ops=ops, bytes_before=before, bytes_after=after, fusion=name is not None,
                       flops=flops, predicted_ms=0.0 if not after else cost.predicted_ms(machine, after, flops, contraction, rows),
-                      backend=backend, note=note)
+                      backend=backend, note=note, schedule=schedule)
 
 
 def fusion_name(nodes) -> str | None:
@@ -295,7 +338,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn, kind = reference_kernel(group), "torch"
     elif kind in ("view", "attention", "rope"):
         fn = _by_node_inputs(fn, group, writes_into)
-    report.kernels.append(_info(group, machine, backend_name, note))
+    report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)
     if name:
         report.fused(name)

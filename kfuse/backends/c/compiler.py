@@ -106,6 +106,11 @@ def provide(libraries: dict[str, Path]):
     _provided.update({_key(src): Path(p) for src, p in libraries.items()})
 
 
+def is_provided(source: str) -> bool:
+    """Whether an artifact's prebuilt library serves `source` (see provide)."""
+    return _key(source) in _provided
+
+
 def library_of(source: str) -> Path:
     """The file of the library this process loaded for `source` (default flags)."""
     return _library_of[_key(source)]

@@ -14,6 +14,7 @@ Row kernel:    #pragma omp parallel { stash buffers; #pragma omp for over rows {
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ...kernels import DTYPES, REDUCTIONS, FusedKernel
 from .literals import CTYPE, literal
@@ -30,6 +31,21 @@ SCHEDULE = "static"
 # costs more to start than it saves, and under load a descheduled team member stalls the call for a
 # scheduler time slice (a [1, 8] ReLU: p99 8 ms at load 5 with 2 threads, 0.2 ms with one).
 PARALLEL_MIN = 32768
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a kernel's outer loop is spread over threads: the knobs the autotuner (autotune.py) tries.
+    The default renders the same text as before there was a choice (the same libraries in the cache)."""
+    threads: str = "all"        # "all": an OpenMP team (for kernels of PARALLEL_MIN elements or more);
+                                # "one": the calling thread alone
+    omp: str = SCHEDULE         # the OpenMP schedule clause: "static", "static, 16", "dynamic, 8", "guided"
+
+    def __str__(self):
+        return "1 thread" if self.threads == "one" else self.omp.replace(" ", "")
+
+
+DEFAULT = Schedule()
 
 PRELUDE = """#define _ISOC11_SOURCE   /* aligned_alloc, which -std=gnu99 does not declare */
 #include <math.h>
@@ -64,8 +80,8 @@ def expr(op: str, a: list[str], dtype: str, arg_dtype: str) -> str:
 
 
 class _Render:
-    def __init__(self, k: FusedKernel):
-        self.k = k
+    def __init__(self, k: FusedKernel, sched: Schedule = DEFAULT):
+        self.k, self.sched = k, sched
         self.lines: list[str] = []
         self.n_in = len(k.inputs)
 
@@ -95,10 +111,11 @@ class _Render:
         local[i] = name
         return name
 
-    def render(self) -> str:
+    def render(self, name: str = "void kf_run") -> str:
+        """The kernel as one C function `name` (its declaration up to the argument list)."""
         k = self.k
         args = k.inputs + k.outputs
-        body = [PRELUDE, "void kf_run(void **args) {"]
+        body = [f"{name}(void **args) {{"]
         for a, n in enumerate(args):
             const = "const " if a < self.n_in else ""
             t = CTYPE[DTYPES[n.dtype]]
@@ -117,8 +134,8 @@ class _Render:
         for i in k.live:
             if not k.varies[i]:
                 self.ref(i, row, 1, "0", None)
-        if k.shape[0] >= PARALLEL_MIN:
-            self.out(f"#pragma omp parallel for simd schedule(simd: {SCHEDULE})", 1)
+        if k.shape[0] >= PARALLEL_MIN and self.sched.threads == "all":
+            self.out(f"#pragma omp parallel for simd schedule(simd: {self.sched.omp})", 1)
         else:
             self.out("#pragma omp simd", 1)
         self.out(f"for (int64_t i = 0; i < {k.shape[0]}LL; i++) {{", 1)
@@ -138,7 +155,7 @@ class _Render:
         N = k.shape[-1]
         lead = k.shape[:-1]
         R = math.prod(lead)
-        parallel = R > 1 and R * N >= PARALLEL_MIN
+        parallel = R > 1 and R * N >= PARALLEL_MIN and self.sched.threads == "all"
         if parallel:
             self.out("#pragma omp parallel", 1)
         self.out("{", 1)
@@ -146,7 +163,7 @@ class _Render:
             t = CTYPE[k.values[i].dtype]
             self.out(f"{t} *s{i} = ({t} *)aligned_alloc(64, ({N} * sizeof({t}) + 63) / 64 * 64);", 2)
         if parallel:
-            self.out(f"#pragma omp for schedule({SCHEDULE})", 2)
+            self.out(f"#pragma omp for schedule({self.sched.omp})", 2)
         self.out(f"for (int64_t r = 0; r < {R}LL; r++) {{", 2)
         d = 3
         # row pointers: decompose r into the leading indices (one dim after collapsing, usually)
@@ -277,6 +294,15 @@ def CTYPE_OF(k: FusedKernel, a: int) -> str:
     return CTYPE[DTYPES[(k.inputs + k.outputs)[a].dtype]]
 
 
-def render(k: FusedKernel) -> str:
+def render(k: FusedKernel, sched: Schedule = DEFAULT) -> str:
     """C source of `k`: the same kernel IR always renders to the same text (the cache key)."""
-    return _Render(k).render()
+    return PRELUDE + "\n" + _Render(k, sched).render()
+
+
+def render_variants(k: FusedKernel, scheds: list[Schedule]) -> str:
+    """C source of `k` under each schedule: one exported function kf_v<i> per schedule, and kf_run,
+    which runs the first. One library serves the autotuner's timing and whichever variant wins
+    (autotune.py), so the choice never needs another compile and the source never depends on it."""
+    names = "".join(f"/* kf_v{i}: {s} */\n" for i, s in enumerate(scheds))
+    funcs = [_Render(k, s).render(f"void kf_v{i}") for i, s in enumerate(scheds)]
+    return PRELUDE + "\n" + names + "\n".join(funcs) + "void kf_run(void **args) { kf_v0(args); }\n"

@@ -1,0 +1,195 @@
+"""Choose each C kernel's schedule by timing it on this machine, once, and remember the winner.
+
+A schedule (render.Schedule) is how a kernel's outer loop is spread over the threads: all threads
+with a static split (the default), the calling thread alone, dynamic chunks, guided. Which is fastest
+depends on the machine (a Zen 5 and a Zen 4 disagreed about static vs dynamic splits and about
+small kernels), so instead of constants measured on one of them:
+
+    scheds = variants(k)            # [DEFAULT] for a kernel with nothing to choose (small, one thread)
+    lib = compiler.load(render_variants(k, scheds))     # one library, an entry kf_v<i> per schedule
+    choice = choose(k, lib, source, scheds)             # timed now, or read from the cache
+
+`choose` calls each entry on fresh inputs in turn (a warm-up call, then rounds until about BUDGET_S),
+takes the median per variant, and keeps the default unless another is faster by more than MARGIN
+(two cores shared with other processes give 5% of noise easily). The choice is stored in
+`<cache_dir>/autotune.json` under a key of the CPU (model name, family/model, ISA flags), the C
+compiler and flags, the thread count and the kernel's source, so the next compile of the same
+kernel on this machine reads it and times nothing. KFUSE_AUTOTUNE=0 (kfuse.config) turns it off:
+every kernel renders its default schedule alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ... import config
+from .. import openmp
+from . import compiler
+from .render import DEFAULT, PARALLEL_MIN, Schedule
+
+BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
+MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
+MIN_REPS, MAX_REPS = 3, 15
+_ISA = ("avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16", "fma", "f16c",
+        "amx_tile", "sse4_2")
+
+
+@dataclass
+class Choice:
+    index: int                      # the chosen entry kf_v<index>
+    sched: Schedule
+    how: str                        # "timed", "cached", or "default" (one thread, or tuning off)
+    ms: dict = field(default_factory=dict)     # variant name -> median ms (when timed now)
+
+    def __str__(self):
+        if self.how == "default":
+            return f"{self.sched} (not tuned: one thread or KFUSE_AUTOTUNE=0)"
+        if not self.ms:
+            return f"{self.sched} (autotuned, cached)"
+        times = ", ".join(f"{n} {t:.3f}" for n, t in self.ms.items())
+        return f"{self.sched} (autotuned: {times} ms)"
+
+
+def variants(k) -> list[Schedule]:
+    """The schedules worth timing for kernel `k` ([DEFAULT] alone when it runs on one thread anyway:
+    fewer than PARALLEL_MIN elements, or one row; or for strided inputs, whose kernels are built at
+    call time, where nothing should be timed). The list depends on the kernel alone, not on the
+    thread count, so an artifact's library serves any thread count."""
+    n = math.prod(k.shape)
+    rows = n // k.shape[-1] if not k.flat else n
+    if n < PARALLEL_MIN or rows < 2 or k.layout:
+        return [DEFAULT]
+    if k.flat:      # chunks of elements (1/16 of the loop), rounded to whole 64-byte lines
+        chunk = max(4096, -(-n // 16) // 16 * 16)
+    else:           # chunks of rows
+        chunk = max(1, rows // 16)
+    return [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {chunk}"), Schedule(omp="guided")]
+
+
+@functools.lru_cache(maxsize=None)
+def machine_key() -> str:
+    """The CPU (model name, family, model, the ISA flags -march=native turns into code), the compiler
+    and its flags: what decides how a rendered kernel runs, apart from the thread count."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break           # the first processor is enough
+                name, _, value = line.partition(":")
+                info[name.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = sorted(set(info.get("flags", "").split()) & set(_ISA))
+    cpu = [info.get("model name", "?"), info.get("cpu family", "?"), info.get("model", "?"), " ".join(flags)]
+    try:
+        cc = compiler.identity()
+    except compiler.CompileError:
+        cc = "no compiler"
+    return "\n".join([*cpu, cc, " ".join(compiler.FLAGS), str(os.cpu_count())])
+
+
+def _key(source: str, threads: int) -> str:
+    return hashlib.sha256("\0".join([machine_key(), str(threads), source]).encode()).hexdigest()[:32]
+
+
+_memo: dict[str, tuple[int, str]] = {}       # key -> (index, variant name), this process's choices
+
+
+def _path():
+    return config.get().cache_dir / "autotune.json"
+
+
+def _read() -> dict:
+    try:
+        return json.loads(_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(key: str, index: int, name: str, ms: dict):
+    """Add one choice to the cache file (atomic replace; a lost race loses an entry, re-timed later)."""
+    path = _path()
+    try:
+        data = _read()
+        data[key] = {"index": index, "variant": name, "ms": ms}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass                # a read-only cache: the choice holds for this process only
+
+
+def fresh_inputs(k) -> list[torch.Tensor]:
+    """Inputs for timing `k`: constants as they are, floats uniform in [-2, 2], integers 1 (a safe
+    divisor), booleans random."""
+    out = []
+    for n in k.inputs:
+        if n.op == "const":
+            out.append(n.value.contiguous())
+        elif n.dtype.is_floating_point:
+            out.append(torch.empty(n.shape, dtype=n.dtype).uniform_(-2, 2))
+        elif n.dtype == torch.bool:
+            out.append(torch.rand(n.shape) < 0.5)
+        else:
+            out.append(torch.ones(n.shape, dtype=n.dtype))
+    return out
+
+
+def _time(fns, argv, budget_s: float = BUDGET_S) -> list[float]:
+    """Median ms per call of each entry, called in turn each round (a busy spell slows all alike)."""
+    first = []
+    for f in fns:
+        f(argv)                         # warm-up: pages of the outputs, the thread team
+        t = time.perf_counter()
+        f(argv)
+        first.append(time.perf_counter() - t)
+    reps = max(MIN_REPS, min(MAX_REPS, int(budget_s / max(sum(first), 1e-9))))
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for f, t_f in zip(fns, ts):
+            t = time.perf_counter()
+            f(argv)
+            t_f.append(time.perf_counter() - t)
+    return [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
+
+
+def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: int | None = None) -> Choice:
+    """The fastest of `scheds` for `k` (entries kf_v<i> of `lib`, built from `source`): from this
+    process's memo or the cache file when this machine has timed it, else timed now and stored."""
+    threads = threads or config.threads()
+    if threads < 2 or not config.get().autotune:      # an artifact's tuned library, used without tuning
+        return Choice(0, scheds[0], "default")
+    key = _key(source, threads)
+    hit = _memo.get(key)
+    if hit is None:
+        entry = _read().get(key)
+        if isinstance(entry, dict) and entry.get("index") in range(len(scheds)):
+            hit = (entry["index"], entry.get("variant"))
+    if hit is not None and str(scheds[hit[0]]) == hit[1]:
+        _memo[key] = hit
+        return Choice(hit[0], scheds[hit[0]], "cached")
+    inputs = fresh_inputs(k)
+    outputs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
+    argv = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[t.data_ptr() for t in inputs + outputs])
+    fns = [getattr(lib, f"kf_v{i}") for i in range(len(scheds))]
+    for f in fns:
+        f.argtypes, f.restype = [ctypes.c_void_p], None
+    with openmp.using(threads):
+        ms = _time(fns, argv)
+    best = min(range(len(ms)), key=ms.__getitem__)
+    if ms[best] > (1 - MARGIN) * ms[0]:
+        best = 0
+    times = {str(s): round(t, 4) for s, t in zip(scheds, ms)}
+    _memo[key] = (best, str(scheds[best]))
+    _write(key, best, str(scheds[best]), times)
+    return Choice(best, scheds[best], "timed", times)

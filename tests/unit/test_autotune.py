@@ -1,0 +1,178 @@
+"""The C kernels' schedule autotuner (kfuse/backends/c/autotune.py): every variant computes the same
+numbers, the choice is timed once per machine and read from the cache after, KFUSE_AUTOTUNE=0 turns
+it off, and the report shows the choice."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kfuse
+from kfuse import config
+from kfuse.backends.c import autotune, build, compiler, variant
+from kfuse.backends.c.render import DEFAULT, PARALLEL_MIN, Schedule
+from kfuse.ir import Graph
+from kfuse.kernels import lower
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache dir, 2 threads for kfuse's kernels (variants exist on any machine), autotuning on."""
+    monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KFUSE_NUM_THREADS", "2")
+    monkeypatch.delenv("KFUSE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(config, "_config", config.from_env())    # settings are read once: re-read them
+    monkeypatch.setattr(autotune, "_memo", {})
+    compiler._loaded.clear()
+    return tmp_path
+
+
+def _kernel(build_graph, *shapes):
+    g = Graph()
+    xs = [g.input(list(s), torch.float32) for s in shapes]
+    g.outputs = build_graph(g, *xs)
+    return lower([n for n in g.nodes if n.op not in ("input", "const")], g.outputs)
+
+
+W, B = torch.linspace(0.5, 2, 131), torch.linspace(-1, 1, 131)
+
+# name -> (graph builder, input shapes, torch function of the inputs); every shape is odd and above
+# PARALLEL_MIN elements, so the kernel has schedule variants
+CASES = {
+    "add+layernorm rows": (lambda g, x, r: [g.add("layer_norm", g.add("add", x, r), g.const(W), g.const(B), eps=1e-5)],
+                           [(257, 131), (257, 131)],
+                           lambda x, r: F.layer_norm(x + r, (131,), W, B, 1e-5)),
+    "rmsnorm long rows, 3-d": (lambda g, x: [g.add("rms_norm", x, g.const(torch.linspace(-1, 1, 1031)), eps=1e-6)],
+                               [(3, 13, 1031)],
+                               lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * torch.linspace(-1, 1, 1031)),
+    "softmax + row max output": (lambda g, x: [g.add("softmax", x, axis=-1), g.add("reduce_max", x, axes=[-1], keepdim=True)],
+                                 [(333, 101)],
+                                 lambda x: (torch.softmax(x, -1), x.amax(-1, keepdim=True))),
+    "swiglu flat": (lambda g, a, b: [g.add("mul", g.add("silu", a), b)], [(40009,), (40009,)],
+                    lambda a, b: F.silu(a) * b),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_variant_matches_the_reference(cache, name):
+    build_graph, shapes, ref = CASES[name]
+    k = _kernel(build_graph, *shapes)
+    scheds = autotune.variants(k)
+    assert len(scheds) >= 3 and scheds[0] == DEFAULT
+    fn = build(k)
+    assert fn.choice is not None and fn.choice.how == "timed"
+    xs = [torch.randn(s) for s in shapes]
+    xs[0][1, ...] = float("nan")          # a NaN row: every schedule propagates it the same way
+    want = ref(*xs)
+    want = list(want) if isinstance(want, tuple) else [want]
+    args = [xs[n.attrs["index"]] if n.op == "input" else n.value for n in k.inputs]
+    first = None
+    for i, s in enumerate(scheds):
+        outs = [torch.full(n.shape, 1234.5, dtype=n.dtype) for n in k.outputs]     # poisoned
+        v = variant(fn, i)
+        v.check(args, outs)
+        v(args, outs)
+        for o, w in zip(outs, want):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5, equal_nan=True, msg=lambda m: f"{s}: {m}")
+        if first is None:
+            first = outs
+        else:   # the schedule only moves rows between threads: bit for bit the same numbers
+            assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(outs, first)), s
+
+
+def test_the_second_compile_reads_the_choice_from_the_cache(cache, monkeypatch):
+    k = _kernel(CASES["add+layernorm rows"][0], (257, 131), (257, 131))
+    first = build(k)
+    assert first.choice.how == "timed" and set(first.choice.ms) == {str(s) for s in autotune.variants(k)}
+    entries = json.loads((cache / "autotune.json").read_text())
+    assert len(entries) == 1 and next(iter(entries.values()))["variant"] == str(first.choice.sched)
+
+    def no_timing(*a, **kw):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(autotune, "_time", no_timing)
+    monkeypatch.setattr(autotune, "_memo", {})        # a new process: only the file remembers
+    compiler._loaded.clear()
+    again = build(k)
+    assert again.choice.how == "cached" and again.choice.index == first.choice.index
+    assert again.source == first.source
+
+
+def test_a_faster_variant_wins_only_by_the_margin(cache, monkeypatch):
+    k = _kernel(CASES["rmsnorm long rows, 3-d"][0], (3, 13, 1031))
+    monkeypatch.setattr(autotune, "_time", lambda fns, argv: [1.0, 0.97, 0.99, 1.2])
+    assert build(k).choice.index == 0                 # 3% faster is noise: the default stays
+    monkeypatch.setattr(autotune, "_memo", {})
+    (cache / "autotune.json").unlink()
+    monkeypatch.setattr(autotune, "_time", lambda fns, argv: [1.0, 0.97, 0.5, 1.2])
+    fn = build(k)
+    assert fn.choice.index == 2 and fn.choice.sched.omp.startswith("dynamic")
+
+
+def test_a_different_thread_count_or_machine_is_another_key(cache):
+    src = "void kf_run(void **a) {}"
+    assert autotune._key(src, 2) != autotune._key(src, 4)
+    assert "model name" not in autotune.machine_key() and autotune.machine_key().count("\n") >= 5
+
+
+def test_nothing_to_choose_for_small_kernels_or_one_thread(cache):
+    small = _kernel(lambda g, x: [g.add("exp", x)], (PARALLEL_MIN - 1,))
+    assert autotune.variants(small) == [DEFAULT]
+    fn = build(small)
+    assert fn.choice is None and "kf_v0" not in fn.source
+    big = _kernel(lambda g, x: [g.add("exp", x)], (PARALLEL_MIN,))
+    assert Schedule(threads="one") in autotune.variants(big)
+    config._config = config.from_env({"KFUSE_NUM_THREADS": "1", "KFUSE_CACHE_DIR": str(cache)})
+    fn = build(big)         # one thread: the default schedule alone, nothing timed
+    assert fn.choice is None and "kf_v0" not in fn.source
+
+
+def test_an_artifacts_tuned_library_serves_an_untuned_load(cache, monkeypatch):
+    """A library saved tuned (every variant) is used by a process that would not tune (KFUSE_AUTOTUNE=0
+    or one thread): the default entry, no compiler needed."""
+    k = _kernel(CASES["add+layernorm rows"][0], (257, 131), (257, 131))
+    tuned = build(k)
+    monkeypatch.setattr(compiler, "_provided", {compiler._key(tuned.source): compiler.library_of(tuned.source)})
+    monkeypatch.setenv("KFUSE_AUTOTUNE", "0")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    fn = build(k)
+    assert fn.source == tuned.source and fn.choice.how == "default" and fn.choice.index == 0
+
+
+def test_off_switch(cache, monkeypatch):
+    monkeypatch.setenv("KFUSE_AUTOTUNE", "0")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    assert config.get().autotune is False
+    k = _kernel(CASES["add+layernorm rows"][0], (257, 131), (257, 131))
+    fn = build(k)
+    assert fn.choice is None and "kf_v0" not in fn.source
+    assert not (cache / "autotune.json").exists()
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_report_shows_the_choice(cache, monkeypatch, on):
+    if not on:
+        monkeypatch.setenv("KFUSE_AUTOTUNE", "0")
+        monkeypatch.setattr(config, "_config", config.from_env())
+    m = _RMSNorm(515).eval()
+    x = torch.randn(97, 515)
+    cm = kfuse.compile(m, (x,))
+    torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)
+    [k] = [k for k in cm.report().kernels if k.backend == "c"]
+    if on:
+        chosen = k.schedule.split(" (")[0]
+        assert chosen in ("static", "1 thread", "guided") or chosen.startswith("dynamic,"), k.schedule
+        assert "autotuned" in k.schedule and "autotuned" in str(cm.report())
+    else:
+        assert k.schedule == "" and "autotuned" not in str(cm.report())
