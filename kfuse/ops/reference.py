@@ -107,6 +107,21 @@ def _avg_pool2d(x, *, kernel, stride, padding, ceil_mode=False, count_include_pa
     return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
 
+def _col2im(cols, *, image, block, dilations, pads, strides):
+    """ONNX Col2Im: [N, C * prod(block), L] columns summed back into [N, C, *image] (any number of
+    spatial dims; pads are ONNX's begins then ends)."""
+    nd = len(image)
+    padded = [image[i] + pads[i] + pads[nd + i] for i in range(nd)]
+    counts = [(padded[i] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    n, c = cols.shape[0], cols.shape[1] // math.prod(block)
+    cols = cols.reshape(n, c, math.prod(block), *counts)
+    out = cols.new_zeros((n, c, *padded))
+    for b, offset in enumerate(itertools.product(*(range(k) for k in block))):
+        key = tuple(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, m, s in zip(offset, dilations, counts, strides))
+        out[(slice(None), slice(None)) + key] += cols[:, :, b]
+    return out[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + image[i]) for i in range(nd))]
+
+
 # Activations a linear/contraction epilogue may carry, by name.
 ACTIVATIONS = {
     "none": lambda x: x,
@@ -205,6 +220,14 @@ REFERENCE = {
     "embedding_bag": _embedding_bag,
     "scatter": _scatter,
     "index_put": _index_put,
+    "bitcast": lambda x, *, dtype: x.view(dtype),
+    "grid_sample": lambda x, grid, *, mode, padding_mode, align_corners:
+        F.grid_sample(x, grid, mode, padding_mode, align_corners),
+    "affine_grid": lambda theta, *, size, align_corners: F.affine_grid(theta, list(size), align_corners),
+    "col2im": _col2im,
+    "det": torch.linalg.det,
+    "max_pool_indices": lambda x, *, kernel, stride, padding, dilation, ceil_mode=False:
+        getattr(F, f"max_pool{len(kernel)}d")(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)[1],
 }
 
 

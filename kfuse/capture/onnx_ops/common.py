@@ -88,9 +88,10 @@ def _convert(g: Graph, env: dict, onnx_node: onnx.NodeProto, opset: int):
         if hook is not None:
             out = hook(node, ins)
         elif key not in HANDLERS:
-            if not foldable:
-                raise _unsupported(onnx_node)
-            out = _evaluate(node, ins)
+            if foldable:
+                out = _evaluate(node, ins)
+            else:   # an op ONNX defines by a function of other ops: that function, inlined
+                out = _expand_function(node, ins)
         else:
             try:
                 out = HANDLERS[key](node, *ins)
@@ -248,6 +249,81 @@ def _evaluate(n: _Node, ins) -> list:
             n.unsupported(f"its output {o!r} is over {EVAL_LIMIT} elements, too many to keep as a constant")
         values[o] = n.const(torch.from_numpy(np.array(a)))
     return [values.get(o) for o in p.output]
+
+
+def _function_of(n: _Node, ins) -> onnx.FunctionProto | None:
+    """The FunctionProto ONNX's schema defines `n`'s op by at the model's opset (a context-dependent
+    one built for the node's attributes and input types), or None."""
+    p = n.proto
+    if p.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        schema = onnx.defs.get_schema(p.op_type, n.opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    fixed = [v for v in schema.function_opset_versions if v <= n.opset]
+    if fixed:
+        return onnx.FunctionProto.FromString(schema.get_function_with_opset_version(max(fixed)))
+    dependent = [v for v in schema.context_dependent_function_opset_versions if v <= n.opset]
+    if not dependent:
+        return None
+    types = {v: k for k, v in DTYPES.items()}
+    if any(x is not None and x.dtype not in types for x in ins):
+        return None
+    protos = [(helper.make_tensor_type_proto(types[x.dtype], x.shape) if x is not None else onnx.TypeProto())
+              for x in ins]
+    try:
+        body = schema.get_context_dependent_function_with_opset_version(
+            max(dependent), p.SerializeToString(), [t.SerializeToString() for t in protos])
+        return onnx.FunctionProto.FromString(body) if body else None
+    except Exception:  # onnx cannot build the function for these attributes or types  # noqa: BLE001
+        return None
+
+
+def _expand_function(n: _Node, ins) -> list:
+    """An op with no handler that ONNX defines as a function of other ops (LinearAttention,
+    CausalConvWithState, ...): the function's nodes converted in a scope of their own, attributes
+    referenced by name taken from the node (or the schema's defaults)."""
+    fn = None if n.proto.op_type in _RANDOM else _function_of(n, ins)
+    if fn is None:
+        raise _unsupported(n.proto)
+    schema = onnx.defs.get_schema(n.proto.op_type, n.opset, "")
+    given = {}
+    for name, a in schema.attributes.items():
+        if a.default_value.type:
+            given[name] = a.default_value
+    given.update({a.name: a for a in n.proto.attribute})
+    opset = next((o.version for o in fn.opset_import if o.domain in ("", "ai.onnx")), n.opset)
+    scope = {name: x for name, x in zip(fn.input, ins)}
+    try:
+        for node in fn.node:
+            _convert(n.g, scope, _bind_attributes(node, given), opset)
+    except UnsupportedOpError as e:   # name the op of the model, and what in its function failed
+        raise _unsupported(n.proto, f"its ONNX function needs {e}") from None
+    missing = [o for o in fn.output if o not in scope]
+    if missing:
+        raise ModelFileError(f"ONNX node {n.name!r}: the function of {n.proto.op_type} does not produce {missing}")
+    return [scope[o] for o in fn.output]
+
+
+def _bind_attributes(node: onnx.NodeProto, given: dict) -> onnx.NodeProto:
+    """A function body's node with its attributes that refer to the caller's (ref_attr_name) replaced
+    by the caller's values (dropped where the caller has none)."""
+    if not any(a.ref_attr_name for a in node.attribute):
+        return node
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    del out.attribute[:]
+    for a in node.attribute:
+        if a.ref_attr_name:
+            if a.ref_attr_name in given:
+                b = onnx.AttributeProto()
+                b.CopyFrom(given[a.ref_attr_name])
+                b.name = a.name
+                out.attribute.append(b)
+        else:
+            out.attribute.append(a)
+    return out
 
 
 def _axis(axis: int, rank: int) -> int:

@@ -108,7 +108,9 @@ def _identity(n, x):
 @handler("Dropout")
 def _dropout(n, x, ratio=None, training_mode=None):
     if training_mode is not None and bool(n.value(training_mode, "training_mode").item()):
-        n.fail("training-mode dropout is not supported (inference only)")
+        # random unless the ratio is 0, when nothing is dropped (as in inference)
+        if ratio is None or float(n.value(ratio, "ratio").reshape(-1)[0]) != 0.0:
+            n.fail("training-mode dropout is not supported (inference only)")
     if n.n_outputs() > 1 and n.proto.output[1]:  # the mask: nothing is dropped in inference
         return [x, n.const(torch.ones(x.shape, dtype=torch.bool))]
     return x

@@ -175,6 +175,8 @@ def _layer_norm(n, x, scale, bias=None):
 
 @handler("BatchNormalization")
 def _batch_norm(n, x, scale, bias, mean, var):
+    if n.attr("training_mode", 0) and n.opset >= 14:
+        return _batch_norm_training(n, x, scale, bias, mean, var)
     if n.n_outputs() > 1 and any(n.proto.output[1:]):
         n.fail("training-mode outputs are not supported (inference only)")
     # y = x * s + t with s = scale / sqrt(var + eps), t = bias - mean * s; with constant
@@ -183,6 +185,23 @@ def _batch_norm(n, x, scale, bias, mean, var):
     t = n.add("sub", bias, n.add("mul", mean, s))
     per_channel = (x.shape[1],) + (1,) * (len(x.shape) - 2)
     return n.add("add", n.add("mul", x, reshape(n, s, per_channel)), reshape(n, t, per_channel))
+
+
+def _batch_norm_training(n, x, scale, bias, mean, var):
+    """Training mode (opset 14+): normalised by the batch's own mean and (biased) variance per
+    channel; the running statistics momentum-averaged with them (ONNX's reference)."""
+    axes = [0] + list(range(2, len(x.shape)))
+    per_channel = (x.shape[1],) + (1,) * (len(x.shape) - 2)
+    m = n.add("reduce_mean", x, axes=axes)
+    v = n.add("reduce_var", x, axes=axes, correction=0)
+    eps = n.const(n.attr("epsilon", 1e-5), dtype=x.dtype)
+    s = n.add("mul", scale, n.add("rsqrt", n.add("add", v, eps)))
+    y = n.add("add", n.add("mul", n.add("sub", x, reshape(n, m, per_channel)), reshape(n, s, per_channel)),
+              reshape(n, bias, per_channel))
+    momentum = n.attr("momentum", 0.9)
+    keep, new = n.const(momentum, dtype=x.dtype), n.const(1 - momentum, dtype=x.dtype)
+    running = [n.add("add", n.add("mul", old, keep), n.add("mul", cur, new)) for old, cur in ((mean, m), (var, v))]
+    return [y] + running[:n.n_outputs() - 1]
 
 
 @handler("InstanceNormalization")
@@ -221,10 +240,39 @@ def _gemm(n, a, b, c=None):
 
 @handler("Einsum")
 def _einsum(n, *xs):
+    equation = n.attr("equation").replace(" ", "")
+    if "->" in equation:
+        lhs, rhs = equation.split("->")
+        terms = lhs.split(",")
+        if len(terms) == len(xs) and any(len(set(t.replace("...", ""))) < len(t.replace("...", "")) for t in terms):
+            xs, terms = zip(*[_einsum_diagonals(n, x, t) for x, t in zip(xs, terms)])
+            equation = ",".join(terms) + "->" + rhs
     try:
-        return einsum(n, n.attr("equation"), xs)
+        return einsum(n, equation, xs)
     except EinsumError as e:
         n.unsupported(str(e)) if e.unsupported else n.fail(str(e))
+
+
+def _einsum_diagonals(n, x, term):
+    """An operand whose subscripts repeat a letter ('...ii'), with that diagonal taken: the letter
+    kept once, where it first appears."""
+    ell = term.find("...")
+    letters = list(term.replace("...", ""))
+    dims = list(range(len(x.shape) - len(letters), len(x.shape))) if ell >= 0 else list(range(len(letters)))
+    if ell > 0 and ell < len(term) - 3:
+        return x, term   # an ellipsis between subscripts: left to einsum (which reports it)
+    while len(set(letters)) < len(letters):
+        j = next(j for j in range(len(letters)) if letters[j] in letters[:j])
+        i = letters.index(letters[j])
+        p, q = dims[i], dims[j]
+        perm = [d for d in range(len(x.shape)) if d != q]
+        perm.insert(perm.index(p) + 1, q)   # the repeated axis just after the first one
+        x = n.add("transpose", x, perm=perm)
+        ar = n.const(torch.arange(x.shape[p]))
+        x = n.add("index", x, ar, ar, dims=(p, p + 1))   # adjacent indices: the diagonal stays at p
+        del letters[j]
+        dims = [d if d < q else d - 1 for k, d in enumerate(dims) if k != j]
+    return x, ("..." if ell == 0 else "") + "".join(letters) + ("..." if ell > 0 else "")
 
 
 def _spatial_pads(n: _Node, x: Node, kernel, strides, dilations):
@@ -268,25 +316,88 @@ def _conv(n, x, w, b=None):
 
 
 def _max_pool(n, x):
-    if n.n_outputs() > 1 and n.proto.output[1]:
-        n.fail("the Indices output is not supported")
     kernel = n.attr("kernel_shape")
+    src = x
     x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=-math.inf,
                                                   max_pad=[k // 2 for k in kernel])
+    if n.n_outputs() > 1 and n.proto.output[1]:
+        if x is not src:
+            n.fail("the Indices output with asymmetric or large pads is not supported")
+        return [_max_pool(_NoIndices(n), src), _max_pool_indices(n, x, kernel, strides, padding, dilations)]
     return n.add(f"max_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
                  dilation=tuple(dilations), ceil_mode=bool(n.attr("ceil_mode", 0)))
+
+
+class _NoIndices:
+    """The node as a MaxPool with only its values output."""
+    def __init__(self, n):
+        self._n = n
+
+    def __getattr__(self, key):
+        return getattr(self._n, key)
+
+    def n_outputs(self):
+        return 1
+
+
+def _max_pool_indices(n, x, kernel, strides, padding, dilations):
+    """MaxPool's Indices: flat positions in the whole input (batch and channel included), in row-major
+    order, or column-major over the spatial dims with storage_order 1 (2-d)."""
+    i = n.add("max_pool_indices", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
+              dilation=tuple(dilations), ceil_mode=bool(n.attr("ceil_mode", 0)))
+    spatial = x.shape[2:]
+    plane = math.prod(spatial)
+    if n.attr("storage_order", 0):
+        if len(spatial) != 2:
+            n.fail("storage_order 1 of a pool that is not 2-d")
+        h, w = spatial
+        i = n.add("add", n.add("mul", n.add("remainder", i, n.const(w)), n.const(h)), n.add("floor_div", i, n.const(w)))
+    base = torch.arange(x.shape[0] * x.shape[1], dtype=torch.int64).reshape(x.shape[:2] + (1,) * len(spatial)) * plane
+    return n.add("add", i, n.const(base))
 
 
 def _avg_pool(n, x):
     kernel = n.attr("kernel_shape")
     include = bool(n.attr("count_include_pad", 0))
+    nd = len(kernel)
+    strides, dilations = list(n.attr("strides", [1] * nd)), list(n.attr("dilations", [1] * nd))
+    begins, ends = _spatial_pads(n, x, kernel, strides, dilations)
+    if any(d != 1 for d in dilations) or (not include and (begins != ends or any(b > k // 2 for b, k in zip(begins, kernel)))):
+        return _avg_pool_by_conv(n, x, kernel, strides, dilations, begins, ends, include)
     # Explicit zero padding is only right when the padded zeros count in the average.
     x, strides, dilations, padding = _window_args(n, x, kernel, pad_value=0.0 if include else None,
                                                   max_pad=[k // 2 for k in kernel])
-    if any(d != 1 for d in dilations):
-        n.fail("dilated average pooling is not supported")
     return n.add(f"avg_pool{len(kernel)}d", x, kernel=tuple(kernel), stride=tuple(strides), padding=padding,
                  ceil_mode=bool(n.attr("ceil_mode", 0)), count_include_pad=include)
+
+
+def _avg_pool_by_conv(n, x, kernel, strides, dilations, begins, ends, include):
+    """AveragePool with dilations or pads torch's pools lack: the window sums (a depthwise
+    convolution by ones) over the window counts (the same convolution of the mask of the cells that
+    count: the input, and the pads with count_include_pad), a constant. ceil_mode extends the end so
+    the last window starts inside the input or its begin pad, as ONNX's reference does."""
+    nd, c = len(kernel), x.shape[1]
+    spatial = x.shape[2:]
+    ceil = bool(n.attr("ceil_mode", 0))
+    extra = []
+    for size, k, s, d, b, e in zip(spatial, kernel, strides, dilations, begins, ends):
+        span = size + b + e - (k - 1) * d - 1
+        out = -(-span // s) + 1 if ceil else span // s + 1
+        if ceil and (out - 1) * s >= size + b:
+            out -= 1
+        extra.append(max((out - 1) * s + (k - 1) * d + 1 - (size + b + e), 0))
+    ends_all = [e + x_ for e, x_ in zip(ends, extra)]
+    mask = torch.ones((1, 1) + tuple(spatial), dtype=x.dtype)
+    mask = torch.nn.functional.pad(mask, [p for b, e in zip(begins[::-1], ends[::-1]) for p in (b, e)],
+                                   value=1.0 if include else 0.0)
+    mask = torch.nn.functional.pad(mask, [p for x_ in extra[::-1] for p in (0, x_)], value=0.0)
+    ones = torch.ones((1, 1) + tuple(kernel), dtype=x.dtype)
+    conv = getattr(torch.nn.functional, f"conv{nd}d")
+    count = conv(mask, ones, stride=strides, dilation=dilations)
+    padded = _pad(n, x, [0, 0] + begins, [0, 0] + ends_all)
+    sums = n.add(f"conv{nd}d", padded, n.const(torch.ones((c, 1) + tuple(kernel), dtype=x.dtype)), stride=tuple(strides),
+                 padding=(0,) * nd, dilation=tuple(dilations), groups=c)
+    return n.add("div", sums, n.const(count))
 
 
 def _global_pool(op):
@@ -298,39 +409,45 @@ handler("GlobalMaxPool")(_global_pool("reduce_max"))
 
 
 def _conv_transpose(n, x, w, b=None):
-    if len(x.shape) != 4:
-        n.unsupported(f"only 1-d and 2-d spatial inputs (rank 3 or 4) are supported, got shape {list(x.shape)}")
+    nd = len(x.shape) - 2
+    if nd not in (2, 3):
+        n.unsupported(f"only 1-d, 2-d and 3-d spatial inputs are supported, got shape {list(x.shape)}")
     spatial, kernel = x.shape[2:], w.shape[2:]
-    strides, dilations = list(n.attr("strides", [1, 1])), list(n.attr("dilations", [1, 1]))
-    out_pad = list(n.attr("output_padding", [0, 0]))
+    strides, dilations = list(n.attr("strides", [1] * nd)), list(n.attr("dilations", [1] * nd))
+    out_pad = list(n.attr("output_padding", [0] * nd))
     # the output before any padding is removed ("full"), then the pads removed from its ends
     full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(spatial, strides, kernel, dilations)]
     auto, target = n.attr("auto_pad", "NOTSET"), n.attr("output_shape")
     if target is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-        # pads follow from the output size; SAME_UPPER puts the odd one at the end, otherwise the start
-        target = list(target)[-2:] if target is not None else [i * s for i, s in zip(spatial, strides)]
+        # pads follow from the output size; SAME_UPPER puts the odd one at the end, otherwise the start;
+        # an output_shape beyond the full output gives negative pads: zeros (and the bias) there
+        target = list(target)[-nd:] if target is not None else [i * s for i, s in zip(spatial, strides)]
         total = [f + p - t for f, p, t in zip(full, out_pad, target)]
-        if any(t < 0 for t in total):
-            n.unsupported(f"output_shape {target} is larger than the convolution's full output {full}")
         begins = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
         ends = [t - b for t, b in zip(total, begins)]
     elif auto == "VALID":
-        begins = ends = [0, 0]
+        begins = ends = [0] * nd
     else:
-        pads = list(n.attr("pads", [0, 0, 0, 0]))
-        begins, ends = pads[:2], pads[2:]
-    if any(p < 0 for p in begins + ends):
+        pads = list(n.attr("pads", [0] * 2 * nd))
+        begins, ends = pads[:nd], pads[nd:]
+    if any(p < 0 for p in begins + ends) and target is None:
         n.unsupported(f"negative pads {begins + ends}")
     if any(p >= max(s, d) for p, s, d in zip(out_pad, strides, dilations)):
         n.unsupported(f"output_padding {out_pad} not below the stride or dilation")
+    grow = any(p < 0 for p in begins + ends)
+    cut_b, cut_e = [max(p, 0) for p in begins], [max(p, 0) for p in ends]
     # torch pads both ends alike: remove the smaller pad there and slice off the rest
-    common = [min(b, e) for b, e in zip(begins, ends)]
-    extra = (b,) if b is not None else ()
-    y = n.add("conv_transpose2d", x, w, *extra, stride=tuple(strides), padding=tuple(common),
+    common = [min(bb, e) for bb, e in zip(cut_b, cut_e)]
+    extra = (b,) if b is not None and not grow else ()
+    y = n.add(f"conv_transpose{nd}d", x, w, *extra, stride=tuple(strides), padding=tuple(common),
               output_padding=tuple(out_pad), groups=n.attr("group", 1), dilation=tuple(dilations))
-    for i in range(2):
-        start = begins[i] - common[i]
-        y = _slice_axis(n, y, 2 + i, start, start + full[i] + out_pad[i] - begins[i] - ends[i], 1)
+    for i in range(nd):
+        start = cut_b[i] - common[i]
+        y = _slice_axis(n, y, 2 + i, start, start + full[i] + out_pad[i] - cut_b[i] - cut_e[i], 1)
+    if grow:
+        y = _pad(n, y, [0, 0] + [max(-p, 0) for p in begins], [0, 0] + [max(-p, 0) for p in ends])
+        if b is not None:
+            y = n.add("add", y, reshape(n, b, (b.shape[0],) + (1,) * nd))
     return y
 
 
@@ -352,6 +469,8 @@ def _windows_1d(handler):
         if w is not None:  # the weight of a convolution: [O, I, k] -> [O, I, 1, k]
             w = reshape(n, w, w.shape[:2] + (1,) + w.shape[2:])
         y = handler(n, x, *([w] if w is not None or rest else []), *rest)
+        if isinstance(y, list):   # MaxPool's values and Indices (flat positions: the same in 1-d)
+            return [reshape(n, v, v.shape[:2] + v.shape[3:]) for v in y]
         return reshape(n, y, y.shape[:2] + y.shape[3:])
     return wrapped
 

@@ -11,6 +11,7 @@ from ...errors import ModelFileError
 from ...ir import Node
 from ..common import reshape
 from .common import _axis, _convert, _Node, _pad, _slice_axis, _tensor, handler
+from .sampling import resize_by_matrices
 
 # -- constants and shapes -------------------------------------------------------------------------
 
@@ -181,11 +182,17 @@ def _gather_elements(n, x, idx):
 
 @handler("GatherND")
 def _gather_nd(n, x, idx):
-    """x indexed by the last dim of `indices` (batch_dims 0): a gather at constant positions, or an
+    """x indexed by the last dim of `indices` (per batch entry with batch_dims): a gather at constant positions, or an
     index op with one index tensor per leading dim when the indices are computed at run time."""
-    if n.attr("batch_dims", 0):
-        n.fail("batch_dims other than 0 are not supported")
-    k = idx.shape[-1]
+    b, k = n.attr("batch_dims", 0), idx.shape[-1]
+    if b:   # the batch dims as one, indexed by an arange beside the k index tensors
+        nb, m = math.prod(x.shape[:b]), math.prod(idx.shape[b:-1])
+        xb, ib = reshape(n, x, (nb,) + x.shape[b:]), reshape(n, idx, (nb, m, k))
+        parts = [_normalize_index(n, reshape(n, _slice_axis(n, ib, 2, j, j + 1, 1), (nb, m)), x.shape[b + j])
+                 for j in range(k)]
+        rows = n.const(torch.arange(nb, dtype=torch.int64).reshape(nb, 1))
+        y = n.add("index", xb, rows, *parts, dims=tuple(range(k + 1)))
+        return reshape(n, y, idx.shape[:-1] + x.shape[b + k:])
     if idx.op != "const":   # indices are data: x[idx[..., 0], ..., idx[..., k-1]] at run time
         parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
                                   x.shape[j]) for j in range(k)]
@@ -220,12 +227,23 @@ def _scatter_nd(n, x, idx, updates):
     index_put with one index tensor per leading dim of x; add is its accumulate, the others are not
     mapped."""
     red = _scatter_reduction(n)
-    if red not in ("none", "add"):
-        n.unsupported(f"reduction {red!r}: only none and add are mapped")
     k = idx.shape[-1]
     parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
                               x.shape[j]) for j in range(k)]
-    return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
+    if red in ("none", "add"):
+        return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
+    # mul, max, min: a scatter_reduce along the first axis of x viewed [prod(x.shape[:k]), rest], at
+    # the row numbers the k indices name
+    rows, rest = math.prod(x.shape[:k]), math.prod(x.shape[k:])
+    flat = None
+    for j, p in enumerate(parts):
+        term = n.add("mul", p, n.const(math.prod(x.shape[j + 1:k]), dtype=p.dtype)) if j < k - 1 else p
+        flat = term if flat is None else n.add("add", flat, term)
+    m = math.prod(idx.shape[:-1])
+    index = n.add("expand", reshape(n, n.add("cast", flat, dtype=torch.int64), (m, 1)), shape=(m, rest))
+    y = n.add("scatter", reshape(n, x, (rows, rest)), index, reshape(n, updates, (m, rest)), axis=0,
+              reduce=_SCATTER_REDUCE[red])
+    return reshape(n, y, x.shape)
 
 
 @handler("Expand")
@@ -388,11 +406,12 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
     nearest = n.attr("nearest_mode", "round_prefer_floor") if n.opset >= 11 else "simple"
     described = f"mode={mode!r}, coordinate_transformation_mode={coord!r}" + (
         f", nearest_mode={nearest!r}" if mode == "nearest" else "")
-    if n.attr("antialias", 0):
-        n.unsupported(f"antialias=1 ({described})")
-    if mode not in ("nearest", "linear", "cubic") or coord == "tf_crop_and_resize" or \
-            _resize_source(coord, 1, 1, 1.0) is None or (mode == "nearest" and nearest not in _NEAREST):
+    by_matrices = bool(n.attr("antialias", 0)) or coord == "tf_crop_and_resize"
+    if mode not in ("nearest", "linear", "cubic") or (_resize_source(coord, 1, 1, 1.0) is None and not by_matrices) \
+            or (mode == "nearest" and nearest not in _NEAREST):
         n.unsupported(described)
+    if by_matrices and (mode == "nearest" or not x.dtype.is_floating_point):
+        n.unsupported(f"{described}, antialias={n.attr('antialias', 0)} on {x.dtype} input")
     axes = [_axis(a, rank) for a in n.attr("axes", range(rank))]
     out, scale = list(x.shape), [1.0] * rank
     if sizes is not None and sizes.numel:
@@ -409,13 +428,17 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
         for a, sc in zip(axes, n.value(scales, "scales").reshape(-1).tolist()):
             width = np.float32(sc) * np.float32(x.shape[a])
             if coord == "align_corners" and width != np.floor(width):
-                # x * (size - 1) / (width - 1): ONNX's reference takes the fractional width, ONNX
-                # Runtime (and the spec's wording) the integer output length; kfuse picks neither
-                n.unsupported(f"{described} with scale {sc} on an axis of {x.shape[a]}: the output width "
-                              f"{float(width)} is fractional, where ONNX's reference and ONNX Runtime disagree")
+                # x * (size - 1) / (width - 1) with the fractional width, as ONNX's reference computes
+                # it (ONNX Runtime and the spec's wording take the integer output length)
+                if mode == "nearest" or not x.dtype.is_floating_point:
+                    n.unsupported(f"{described} with scale {sc} on an axis of {x.shape[a]}: the output width "
+                                  f"{float(width)} is fractional, where ONNX's reference and ONNX Runtime disagree")
+                by_matrices = True   # ONNX's reference per axis
             out[a], scale[a] = int(width), sc
     else:
         n.fail("neither scales nor sizes is given")
+    if by_matrices:   # antialias, tf_crop_and_resize: ONNX's reference per axis, as a weight matrix
+        return resize_by_matrices(n, x, roi, out, scale, sizes is not None and sizes.numel > 0)
     src = {a: _resize_source(coord, out[a], x.shape[a], scale[a]) for a in range(rank)}
     if mode == "nearest":
         index = {a: np.clip(_NEAREST[nearest](src[a], scale[a]), 0, x.shape[a] - 1).astype(np.int64)
@@ -447,6 +470,8 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
         if spatial and rank == 4 and exact and (coord == "align_corners" or consistent and (
                 coord == "half_pixel" or coord == "pytorch_half_pixel" and min(out[2:]) > 1)):
             return torch_resize("bicubic", coord == "align_corners")
+        if n.attr("keep_aspect_ratio_policy", "stretch") == "stretch":   # ONNX's reference per axis
+            return resize_by_matrices(n, x, roi, out, scale, sizes is not None and sizes.numel > 0)
         n.unsupported(f"{described}, cubic_coeff_a={n.attr('cubic_coeff_a', -0.75)}, "
                       f"exclude_outside={n.attr('exclude_outside', 0)} with scales {[scale[a] for a in moved]}")
     if spatial:

@@ -296,7 +296,8 @@ def _bit_shift(n, x, y):
 
 @handler("BitCast")
 def _bit_cast(n, x):
-    """Between integer types of one width (the low bits are the same); floats are not supported."""
+    """Between types of one width: integers (the low bits are the same), and floats or bools to and
+    from signed integers (the `bitcast` op, torch's Tensor.view(dtype))."""
     to = n.attr("to")
     src_bits, _ = _width(n, x) if not x.dtype.is_floating_point else (0, False)
     if to in UNSIGNED:
@@ -305,6 +306,15 @@ def _bit_cast(n, x):
         dst, dst_bits = DTYPES[to], torch.iinfo(DTYPES[to]).bits
     else:
         dst, dst_bits = None, 0
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if (x.dtype in floats or x.dtype == torch.bool) and to in DTYPES and DTYPES[to] != torch.bool:
+        # the same bits read as another type of the same width (float32 -> int32, bool -> uint8, ...)
+        if DTYPES[to].itemsize != x.dtype.itemsize:
+            n.fail(f"BitCast to {TensorProto.DataType.Name(to)} from {x.dtype}: the widths differ")
+        return x if DTYPES[to] == x.dtype else n.add("bitcast", x, dtype=DTYPES[to])
+    if to in DTYPES and DTYPES[to] in floats and not x.dtype.is_floating_point \
+            and x.dtype.itemsize == DTYPES[to].itemsize and src_bits == 8 * x.dtype.itemsize:
+        return n.add("bitcast", x, dtype=DTYPES[to])   # a signed integer's bits read as a float
     if dst is None or x.dtype.is_floating_point or src_bits != dst_bits:
         n.fail(f"BitCast to {TensorProto.DataType.Name(to)} from {x.dtype} is not supported (integers of one width only)")
     if to in UNSIGNED:
