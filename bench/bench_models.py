@@ -1,6 +1,7 @@
 """End-to-end models: kfuse vs PyTorch eager, torch.compile (Inductor) and ONNX Runtime, side by side.
 
     python bench/bench_models.py [--models minilm-b1,minilm-b8,gpt2,llama] [--rounds N] [--profile]
+    python bench/bench_models.py --models mobilenetv3-b1,efficientnet_b0-b1,convnext_tiny-b1,regnety_1_6gf-b1,unet-b1
 
 Models: the real all-MiniLM-L6-v2 (BertModel, tests/helpers.minilm()) at batch 1 and batch 8
 x seq 128 with padding masks; the built-in GPT-2-style (hidden 384, 6 layers) and Llama-style (hidden
@@ -39,9 +40,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 THREADS = torch.get_num_threads()
 
 import kfuse  # noqa: E402
-from kfuse.models import build, token_inputs  # noqa: E402
+from kfuse.models import CNN_MODELS, build, token_inputs  # noqa: E402
 
 MODELS = ["minilm-b1", "minilm-b8", "gpt2", "llama", "resnet50-b1", "mobilenetv2-b1"]
+# every built-in CNN, as NAME-bBATCH (not run by default): resnet50, mobilenetv2, mobilenetv3, efficientnet_b0,
+# convnext_tiny, regnety_1_6gf (224x224) and unet (64x64)
+CNNS = [f"{name}-b1" for name in CNN_MODELS]
 
 
 def make_model(name: str):
@@ -59,11 +63,11 @@ def make_model(name: str):
     if name == "llama":
         model, inputs = build("llama", batch=1, seq=128)
         return model, inputs, None      # ORT's transformer optimizer has no Llama type
-    if name.startswith(("resnet50", "mobilenetv2")):     # resnet50-b1, mobilenetv2-b8, ...: 224x224
-        arch, _, batch = name.partition("-b")
+    arch, _, batch = name.partition("-b")
+    if arch in CNN_MODELS:     # resnet50-b1, mobilenetv2-b8, ...: at the model's own size (IMAGE_MODELS)
         model, inputs = build(arch, batch=int(batch or 1))
         return model, inputs, None
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS + CNNS[2:])}")
 
 
 def leaves(out) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from . import artifact
 from .api import compile
 from .errors import KfuseError
-from .models import MODELS, build
+from .models import IMAGE_MODELS, MODELS, build
 from .report import fusion_table
 from .runtime import median_ms
 
@@ -28,9 +28,10 @@ def step(what: str):
 
 def cmd_demo(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
-    print(f"kfuse demo: built-in {args.model} (seeded random weights), batch {args.batch} x seq {args.seq}")
     with step(f"building the {args.model} model"):
         model, inputs = build(args.model, batch=args.batch, seq=args.seq)
+    size = f"{inputs[0].shape[-2]}x{inputs[0].shape[-1]} images" if args.model in IMAGE_MODELS else f"seq {args.seq}"
+    print(f"kfuse demo: built-in {args.model} (seeded random weights), batch {args.batch} x {size}")
     with step("capturing (torch.export), fusing and compiling kernels"):
         cm = compile(model, inputs)
     print("\ngraph:", cm.graph.summary())

@@ -340,6 +340,46 @@ def _select_scatter(g, x, src, dim, index):
     return _slice_scatter(g, x, _unsqueeze(g, src, dim), dim, index, index + 1)
 
 
+@handles(aten.as_strided.default, aten.as_strided_copy.default)
+def _as_strided(g, x, size, stride, storage_offset=None, *, storage=None):
+    """x.as_strided(size, stride, offset): a read of x's memory, whose layout the converter passes as
+    `storage` = (x's strides, its storage offset), traced by export. x must be dense (one block of
+    memory, its elements in stride order); the read is then an index table into that block, matched
+    against a reshape + transpose of it (an adaptive pool's channels-last restride of [N, C, 1, 1] is
+    one), else a gather by the table (overlapping windows, a strided subset). A read outside the block
+    (into a larger base x is a view of) or of gapped memory is an error, as is an input traced in other
+    than contiguous strides (compiled code reads inputs by index, whatever their strides)."""
+    size, stride = tuple(size), tuple(stride)
+    what = f"as_strided of {sig(x)} to size {list(size)}, stride {list(stride)}, offset {storage_offset}"
+    if storage is None:
+        raise Unsupported(f"{what}: the input's memory layout is unknown")
+    if math.prod(size) == 0:
+        return g.const(torch.zeros(size, dtype=x.dtype))
+    x_stride, x_offset = storage
+    n = x.numel
+    dims = sorted((d for d in range(len(x.shape)) if x.shape[d] != 1), key=lambda d: -x_stride[d])
+    if n == 0 or any(x_stride[d] != math.prod(x.shape[e] for e in dims[i + 1:]) for i, d in enumerate(dims)):
+        raise Unsupported(f"{what}: the input's strides {list(x_stride)} are not one dense block of memory")
+    if x.op == "input" and dims != sorted(dims):
+        raise Unsupported(f"{what}: a model input traced in strides {list(x_stride)}; as_strided of an input "
+                          "is supported for contiguous examples only")
+    if math.prod(size) > 1 << 24:
+        raise Unsupported(f"{what}: a gather of {math.prod(size)} elements (the limit is {1 << 24})")
+    index = torch.full(size, (x_offset if storage_offset is None else storage_offset) - x_offset, dtype=torch.int64)
+    for d, (k, st) in enumerate(zip(size, stride)):
+        index = index + (torch.arange(k) * st).reshape((k,) + (1,) * (len(size) - d - 1))
+    if int(index.min()) < 0 or int(index.max()) >= n:
+        raise Unsupported(f"{what}: reads outside the input's {n} elements (at storage offset {x_offset})")
+    rest = [d for d in range(len(x.shape)) if x.shape[d] == 1]
+    flat = reshape(g, _permute(g, x, rest + dims), (n,))         # x's elements in memory order
+    if index.numel() == n:
+        order = sorted(range(len(size)), key=lambda d: -stride[d])
+        back = [order.index(d) for d in range(len(size))]
+        if torch.equal(torch.arange(n).reshape([size[d] for d in order]).permute(back), index):
+            return _permute(g, reshape(g, flat, [size[d] for d in order]), back)
+    return g.add("gather", flat, g.const(index), axis=0)
+
+
 @handles(aten.embedding.default)
 def _embedding(g, w, idx, *_):
     return g.add("gather", w, idx, axis=0)

@@ -64,6 +64,7 @@ SKIP = _overloads("_assert_tensor_metadata.default", "_assert_scalar.default", "
                   "_make_dep_token.default")
 """Runtime checks (one_hot's range asserts, export's shape asserts): they produce no value an output
 uses, and inputs of another shape recompile anyway."""
+READS_STORAGE = _overloads("as_strided.default", "as_strided_copy.default")
 
 
 # -- the converter --------------------------------------------------------------------------------------------
@@ -114,6 +115,9 @@ def _call(g, n: torch.fx.Node, env):
     args = torch.fx.node.map_aggregate(n.args, conv)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
+    if n.target in READS_STORAGE:       # as_strided's meaning depends on its input's traced memory layout
+        val = n.args[0].meta.get("val")
+        kwargs["storage"] = None if val is None else (tuple(val.stride()), val.storage_offset())
     try:
         out = handler(g, *args, **kwargs)
     except Unsupported as e:

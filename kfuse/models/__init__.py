@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cnn import ConvNeXtTiny, EfficientNetB0, MobileNetV3, RegNetY16GF, UNet
+
 
 class BertLayer(nn.Module):
     def __init__(self, hidden, heads, ffn, eps=1e-12):
@@ -292,8 +294,12 @@ def token_inputs(batch, seq, vocab=1000, seed=0, pad=True):
     return ids, mask
 
 
-MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50, "mobilenetv2": MobileNetV2}
-IMAGE_MODELS = {"cnn": 32, "resnet50": 224, "mobilenetv2": 224}     # input side length (`image=` overrides it)
+MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50, "mobilenetv2": MobileNetV2,
+          "mobilenetv3": MobileNetV3, "efficientnet_b0": EfficientNetB0, "convnext_tiny": ConvNeXtTiny,
+          "regnety_1_6gf": RegNetY16GF, "unet": UNet}
+IMAGE_MODELS = {"cnn": 32, "resnet50": 224, "mobilenetv2": 224, "mobilenetv3": 224, "efficientnet_b0": 224,
+                "convnext_tiny": 224, "regnety_1_6gf": 224, "unet": 64}   # input side length (`image=` overrides it)
+CNN_MODELS = ("resnet50", "mobilenetv2", "mobilenetv3", "efficientnet_b0", "convnext_tiny", "regnety_1_6gf", "unet")
 
 
 def build(name: str, batch: int = 1, seq: int = 128, seed: int = 0, **config):

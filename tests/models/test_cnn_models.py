@@ -1,0 +1,83 @@
+"""The built-in CNN families (kfuse/models/cnn.py) at 64x64, batch 1: through torch.export against
+eager, and through the ONNX path (dynamo exporter) against ONNX Runtime, with their fusion counts.
+ResNet-50 and MobileNetV2 are tested in tests/fusion/test_conv.py."""
+import pytest
+import torch
+from helpers import assert_verified, compiled
+
+import kfuse
+from kfuse.cli import main
+from kfuse.models import CNN_MODELS, build
+
+# A whole CNN through oneDNN convolutions (sums reordered, dozens of layers): the verify table's
+# float32 tolerance, as tests/fusion/test_conv.py holds ResNet-50 and MobileNetV2
+MODEL_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+EXPECTED = {
+    # 62 convs: 46 with a BatchNorm, 16 in 8 SE blocks. ReLU convs (11 in the blocks, 8 SE squeezes) take
+    # their ReLU; hardswish (20 convs, the head) and the SE's hardsigmoid gate (8) are captured as
+    # add/clamp/div/mul and run as an elementwise kernel after the conv: 29 of them
+    "mobilenetv3": dict(convs=62, bn=46, fusions={"conv_relu": 19, "conv_add": 10, "elementwise_chain": 29,
+                                                   "gemm_bias": 2}),
+    # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks; every SiLU (33 + 16 SE squeezes) and sigmoid gate
+    # rides on its conv, 9 residual adds too
+    "efficientnet_b0": dict(convs=81, bn=49, fusions={"conv_silu": 49, "conv_sigmoid": 16, "conv_add": 9,
+                                                       "gemm_bias": 1}),
+    # 22 convs (stem, 18 depthwise 7x7, 3 downsamples), no BatchNorm; 23 LayerNorms as row kernels;
+    # each block's MLP is a GEMM + GELU and a GEMM + bias (the 19th: the classifier)
+    "convnext_tiny": dict(convs=22, bn=0, layer_norms=23, fusions={"gemm_gelu": 18, "gemm_bias": 19}),
+    # 140 convs: 86 with a BatchNorm, 54 in 27 SE blocks; 27 residual adds + ReLU ride on the last conv
+    "regnety_1_6gf": dict(convs=140, bn=86, fusions={"conv_relu": 82, "conv_sigmoid": 27, "conv_add_relu": 27,
+                                                      "gemm_bias": 1}),
+    # 14 convs, 9 GroupNorms (row kernels; their scale, shift and SiLU one kernel after each, reported
+    # under the generic name "swiglu"), 4 residual adds on the convs
+    "unet": dict(convs=14, bn=0, layer_norms=9, fusions={"swiglu": 8, "add_layernorm": 1, "conv_add": 4}),
+}
+
+NEW = list(EXPECTED)
+
+
+def test_every_cnn_is_registered():
+    assert set(NEW) <= set(CNN_MODELS)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_cnn_matches_eager_with_its_fusions(name):
+    model, inputs = build(name, batch=1, image=64)
+    cm = compiled(model, *inputs, **MODEL_TOL)
+    assert_verified(cm.verify(*inputs), 1e-4)
+    rep, ops, want = cm.report(), cm.graph.op_counts(), EXPECTED[name]
+    assert ops["conv2d"] == want["convs"], ops
+    assert rep.rules.get("conv_bn_scale", 0) == rep.rules.get("conv_bn_shift", 0) == want["bn"], rep.rules
+    assert "batch_norm" not in ops and not rep.fallbacks, rep.fallbacks
+    if "layer_norms" in want:
+        assert ops["layer_norm"] == want["layer_norms"], ops
+    assert rep.fusions == want["fusions"], rep.fusions
+
+
+# The ONNX path: the exporter folds BatchNorm itself; the GroupNorm of the UNet arrives as
+# GroupNormalization and forms one more norm + affine kernel than the torch path does
+ONNX_FUSIONS = {
+    "efficientnet_b0": EXPECTED["efficientnet_b0"]["fusions"],
+    "convnext_tiny": EXPECTED["convnext_tiny"]["fusions"],
+    "unet": {"add_layernorm": 9, "swiglu": 9, "conv_add": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(ONNX_FUSIONS))
+def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model, (x,) = build(name, batch=1, image=64)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
+    assert_verified(cm.verify(x), 1e-4)
+    assert cm.graph.op_counts()["conv2d"] == EXPECTED[name]["convs"]
+    assert cm.report().fusions == ONNX_FUSIONS[name] and not cm.report().fallbacks
+
+
+def test_demo_choices_include_the_cnns(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in CNN_MODELS)
