@@ -310,3 +310,131 @@ def test_rotary_embedding(tmp_path, rank, interleaved, offset):
     check(got, want)
     if not interleaved:
         assert report.fusions.get("rope") == 1
+
+
+# -- GroupQueryAttention ----------------------------------------------------------------------------
+
+_GQA_INPUTS = ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total", "cos", "sin", "position_ids",
+               "attention_bias", "head_sink"]
+_GQA_OUT = {"y": F, "present_key": (F, 4), "present_value": (F, 4)}
+
+
+def _gqa(tmp_path, feeds, attrs, valid=None):
+    """Compile a one-node GroupQueryAttention model and compare with ONNX Runtime; `valid` ([batch]
+    query rows per batch entry) leaves out the padded query rows ONNX Runtime leaves unspecified."""
+    inputs = {name: feeds.get(name) for name in _GQA_INPUTS}
+    m = ms_node("GroupQueryAttention", inputs, _GQA_OUT, attrs)
+    got, want, report = run(tmp_path, m, inputs)
+    if valid is not None:
+        for i, rows in enumerate(valid):
+            got[0][i, rows:] = want[0][i, rows:]
+    check(got, want)
+    return report
+
+
+def _gqa_feeds(b, s, heads, kv_heads, d, past, lengths, packed=False, rotary=False):
+    """Feeds for a step of `s` new tokens over a BNSH cache of `past` rows (0: no past); lengths:
+    the total length per batch entry after the step (seqlens_k + 1)."""
+    feeds = {"seqlens_k": np.array(lengths, np.int32) - 1,
+             "total": np.array(max(max(lengths), s if past == 0 else 0), np.int32)}
+    if packed:
+        feeds["q"] = f32(b, s, (heads + 2 * kv_heads) * d)
+    else:
+        feeds.update(q=f32(b, s, heads * d), k=f32(b, s, kv_heads * d), v=f32(b, s, kv_heads * d))
+    if past:
+        feeds.update(past_key=f32(b, kv_heads, past, d), past_value=f32(b, kv_heads, past, d))
+    if rotary:
+        feeds.update(cos=f32(64, d // 2), sin=f32(64, d // 2))
+    return feeds
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("rotary, interleaved", [(False, 0), (True, 0), (True, 1)])
+@pytest.mark.parametrize("step", ["prompt", "decode"])
+def test_group_query_attention(tmp_path, heads, kv_heads, packed, rotary, interleaved, step):
+    """A prompt (no past) and one decoding step over a past of 6 (present = past + 1), batch 2."""
+    past, s = (0, 5) if step == "prompt" else (6, 1)
+    feeds = _gqa_feeds(2, s, heads, kv_heads, 16, past, [past + s] * 2, packed, rotary)
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": int(rotary), "rotary_interleaved": interleaved}
+    report = _gqa(tmp_path, feeds, attrs)
+    assert report.fusions.get("attention") == 1 and not report.fallbacks
+    if rotary and not interleaved:
+        assert report.fusions.get("rope") == 2
+
+
+@pytest.mark.parametrize("case", ["padded prompt", "ragged decode", "static cache", "chunk", "chunk static",
+                                  "window prompt", "window decode", "non-causal", "attention_bias", "position_ids",
+                                  "position_ids prompt", "scale"])
+def test_group_query_attention_forms(tmp_path, case):
+    """Batch entries of different lengths (seqlens_k), a fixed-size past buffer (present rows
+    written at seqlens_k, zeros after), several new tokens over a past, local windows, ..."""
+    h, kvh, d = 4, 2, 16
+    attrs = {"num_heads": h, "kv_num_heads": kvh, "do_rotary": 1}
+    valid = None
+    if case == "padded prompt":
+        feeds, valid = _gqa_feeds(2, 5, h, kvh, d, 0, [5, 3], rotary=True), [5, 3]
+    elif case == "ragged decode":
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 6, [7, 4], rotary=True)
+    elif case == "static cache":
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 10, [7, 4], rotary=True)
+    elif case == "chunk":
+        feeds = _gqa_feeds(1, 3, h, kvh, d, 4, [7], rotary=True)
+    elif case == "chunk static":
+        feeds = _gqa_feeds(1, 3, h, kvh, d, 10, [7], rotary=True)
+    elif case == "window prompt":
+        feeds, valid = _gqa_feeds(2, 6, h, kvh, d, 0, [6, 4]), [6, 4]
+        attrs.update(do_rotary=0, local_window_size=2)
+    elif case == "window decode":
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 10, [9, 6], rotary=True)
+        attrs.update(local_window_size=3)
+    elif case == "non-causal":
+        feeds, valid = _gqa_feeds(2, 5, h, kvh, d, 0, [5, 3]), [5, 3]
+        attrs.update(do_rotary=0, causal=0)
+    elif case == "attention_bias":
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 10, [7, 4])
+        feeds["attention_bias"] = f32(2, 1, 1, 7)
+        attrs.update(do_rotary=0)
+    elif case == "position_ids":
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 6, [7, 7], rotary=True)
+        feeds["position_ids"] = np.array([[9], [2]], np.int64)
+    elif case == "position_ids prompt":   # the first prompt reads only position_ids[0, 0]
+        feeds = _gqa_feeds(2, 5, h, kvh, d, 0, [5, 5], rotary=True)
+        feeds["position_ids"] = np.array([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]], np.int64)
+    else:
+        feeds = _gqa_feeds(2, 1, h, kvh, d, 6, [7, 7])
+        attrs.update(do_rotary=0, scale=0.3)
+    _gqa(tmp_path, feeds, attrs, valid)
+
+
+@pytest.mark.parametrize("attrs, extra, match", [
+    ({"smooth_softmax": 1}, {}, "smooth_softmax"),
+    ({"softcap": 30.0}, {}, "softcap"),
+    ({"qk_output": 1}, {}, "qk_output"),
+    ({}, {"head_sink": f32(4)}, "head_sink"),
+])
+def test_group_query_attention_unsupported_forms_are_clear_errors(tmp_path, attrs, extra, match):
+    feeds = {**_gqa_feeds(2, 5, 4, 2, 16, 0, [5, 5]), **extra}
+    inputs = {name: feeds.get(name) for name in _GQA_INPUTS}
+    m = ms_node("GroupQueryAttention", inputs, _GQA_OUT, {"num_heads": 4, "kv_num_heads": 2, **attrs})
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    with pytest.raises(KfuseError, match=match):
+        kfuse.compile(str(path), [torch.from_numpy(v) for v in inputs.values() if v is not None])
+
+
+def test_group_query_attention_seqlens_k_is_read_at_run_time(tmp_path):
+    """A fixed-size cache decoded at other lengths: seqlens_k is not specialised, so one compiled
+    model serves every step (total_sequence_length, which sets no shape here, is)."""
+    feeds = _gqa_feeds(2, 1, 4, 2, 16, 10, [7, 4], rotary=True)
+    inputs = {name: feeds.get(name) for name in _GQA_INPUTS}
+    m = ms_node("GroupQueryAttention", inputs, _GQA_OUT, {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1})
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    given = {k: v for k, v in inputs.items() if v is not None}
+    cm = kfuse.compile(str(path), [torch.from_numpy(v) for v in given.values()])
+    assert list(cm.graph.specialised) == [list(given).index("total")]
+    given["seqlens_k"] = np.array([2, 6], np.int32)
+    got = [g.numpy() for g in cm(*[torch.from_numpy(v) for v in given.values()])]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, given)
+    check(got, want)

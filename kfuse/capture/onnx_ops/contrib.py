@@ -1,8 +1,9 @@
 """ONNX handlers of the com.microsoft operators that ONNX Runtime's transformer optimizer writes into
-optimized files (SkipLayerNormalization, BiasGelu, Attention, ...), mapped onto kfuse's fused IR
-ops (`layer_norm`, `rms_norm`, `gelu`, `linear`, `attention`) and elementwise ops. The meaning is
-ONNX Runtime's (its contrib op docs and CPU kernels); a variant not mapped (past/present state,
-rotary inside Attention, packed or Megatron masks, ...) is a clear error naming it."""
+optimized files (SkipLayerNormalization, BiasGelu, Attention, GroupQueryAttention, ...), mapped onto
+kfuse's fused IR ops (`layer_norm`, `rms_norm`, `gelu`, `linear`, `attention`, `rope`) and elementwise
+ops. The meaning is ONNX Runtime's (its contrib op docs and CPU kernels); a variant not mapped
+(past/present state of Attention, rotary inside Attention, packed or Megatron masks, softcap of
+GroupQueryAttention, ...) is a clear error naming it."""
 from __future__ import annotations
 
 import math
@@ -316,3 +317,155 @@ def _ms_rotary_embedding(n, x, position_ids, cos, sin):
     if cos.shape[0] != x.shape[0]:
         cos, sin = (n.add("expand", c, shape=(x.shape[0],) + tuple(c.shape[1:])) for c in (cos, sin))
     return _rotary_embedding(n, x, cos, sin)
+
+
+# -- GroupQueryAttention --------------------------------------------------------------------------
+
+# GroupQueryAttention's inputs past the ones mapped, and attributes that must keep their defaults
+_GQA_INPUTS = ["head_sink", "k_scale", "v_scale", "q_norm_weight", "k_norm_weight", "query_seqlens"]
+_GQA_ATTRS = {"smooth_softmax": 0, "qk_output": 0, "sliding_window_cache": 0, "softcap": 0.0,
+              "k_quant_type": "NONE", "v_quant_type": "NONE"}
+
+
+def _gqa_rotary(n, x, pos, cos, sin):
+    """x [B, heads, S, D] rotated at positions pos [B, S] by caches [max_positions, rotary_dim / 2]
+    (the first rotary_dim features; halves or interleaved pairs): ONNX's RotaryEmbedding helper."""
+    c, s = (n.add("gather", t, pos, axis=0) for t in (cos, sin))
+    n.overrides.update(interleaved=int(n.attr("rotary_interleaved", 0)), rotary_embedding_dim=2 * cos.shape[1])
+    try:
+        return _rotary_embedding(n, x, c, s)
+    finally:
+        del n.overrides["interleaved"], n.overrides["rotary_embedding_dim"]
+
+
+def _gqa_place(n, past, new, start, length):
+    """The present cache [B, Hkv, length, D] ONNX Runtime's CPU kernel writes: past's rows below
+    start[b], the new rows at start[b].., zeros after them. start is a [B, 1, 1, 1] int64 node, or
+    0 (every row starts at 0, a static placement)."""
+    b, h, s, d = new.shape
+    if isinstance(start, int):
+        return new if length == s else n.add("concat", new, n.const(torch.zeros(b, h, length - s, d, dtype=new.dtype)),
+                                             axis=2)
+    lp = past.shape[2]
+    base = past if lp == length else n.add("concat", past, n.const(torch.zeros(b, h, length - lp, d, dtype=past.dtype)),
+                                           axis=2)
+    j = n.const(torch.arange(length).reshape(1, 1, length, 1))
+    rel = n.add("sub", j, start)                                      # [B, 1, L, 1]: row j holds new row j - start
+    idx = n.add("minimum", n.add("maximum", rel, n.const(0, dtype=torch.int64)), n.const(s - 1, dtype=torch.int64))
+    placed = n.add("gather_elements", new, n.add("expand", idx, shape=(b, h, length, d)), axis=2)
+    zero = n.const(0.0, dtype=new.dtype)
+    placed = n.add("where", n.add("lt", rel, n.const(s, dtype=torch.int64)), placed, zero)
+    return n.add("where", n.add("lt", j, start), base, placed)
+
+
+@handler((MS, "GroupQueryAttention"))
+def _ms_group_query_attention(n, q, k=None, v=None, past_key=None, past_value=None, seqlens_k=None, total=None,
+                              cos=None, sin=None, position_ids=None, attention_bias=None, *rest):
+    """ONNX Runtime's GroupQueryAttention as its CPU kernel computes it (float32): query [B, S, H*D]
+    with key/value [B, S, Hkv*D] (or packed [B, S, (H + 2 Hkv) * D]), rotary on Q and K with
+    do_rotary, the new K/V written into the BNSH cache at row P[b] (0 for the first prompt, when
+    S == total_sequence_length; else seqlens_k[b] + 1 - S), and kfuse's fused `attention` over the
+    present cache with a keep mask computed at run time from seqlens_k: key j < seqlens_k[b] + 1,
+    causal j <= P[b] + i, local window j > P[b] + i - local_window_size. total_sequence_length
+    sets the cache length (max(total, past length)) and is specialised by value."""
+    _only_inputs(n, _GQA_INPUTS, list(rest) + [None] * (len(_GQA_INPUTS) - len(rest)))
+    _only_outputs(n, 3, ["output_qk"])
+    for attr, default in _GQA_ATTRS.items():
+        if n.attr(attr, default) != default:
+            n.unsupported(f"attribute {attr}={n.attr(attr)}")
+    heads, kv_heads = int(n.attr("num_heads", 0)), int(n.attr("kv_num_heads", 0))
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        n.fail(f"num_heads {heads} is not a positive multiple of kv_num_heads {kv_heads}")
+    if seqlens_k is None or total is None:
+        n.fail("seqlens_k and total_sequence_length are required")
+    if (k is None) != (v is None) or (past_key is None) != (past_value is None) or (cos is None) != (sin is None):
+        n.fail("key/value, past_key/past_value and cos_cache/sin_cache must each be given together")
+    if len(q.shape) != 3:
+        n.unsupported(f"query of shape {list(q.shape)} (only 3-d [batch, seq, hidden] is supported)")
+    b, s, hidden = q.shape
+    dtype = q.dtype
+    if k is None:   # packed QKV: [B, S, (H + 2 Hkv) * D]
+        if hidden % (heads + 2 * kv_heads):
+            n.fail(f"packed QKV of hidden size {hidden} does not split into {heads} + 2 * {kv_heads} heads")
+        d = hidden // (heads + 2 * kv_heads)
+        q, k, v = (n.add("slice", q, axis=2, start=a * d, end=e * d, step=1)
+                   for a, e in ((0, heads), (heads, heads + kv_heads), (heads + kv_heads, heads + 2 * kv_heads)))
+    elif len(k.shape) != 3 or k.shape[:2] != (b, s) or v.shape != k.shape:
+        n.unsupported(f"key/value of shapes {list(k.shape)}/{list(v.shape)} (only [batch, {s}, kv_hidden] is supported)")
+    qh = _split_heads(n, q, heads)
+    kh, vh = (_split_heads(n, _cast(n, t, dtype), kv_heads) for t in (k, v))
+    d = qh.shape[3]
+    if kh.shape[3] != d or vh.shape[3] != d:
+        n.fail(f"query head size {d} differs from the key/value head size {kh.shape[3]}")
+    lp = 0
+    if past_key is not None:
+        if len(past_key.shape) != 4 or past_key.shape[:2] != (b, kv_heads) or past_key.shape[3] != d \
+                or past_value.shape != past_key.shape:
+            n.fail(f"past_key/past_value of shapes {list(past_key.shape)}/{list(past_value.shape)} are not "
+                   f"BNSH [{b}, {kv_heads}, past, {d}]")
+        lp = past_key.shape[2]
+    total = int(n.value(total, "total_sequence_length").reshape(-1)[0])
+    first = s == total
+    if not first and s > 1 and b != 1:
+        n.fail("batch_size must be 1 when sequence_length > 1 and past context is given")
+    if not first and s != 1 and total != lp + s and total > lp:
+        n.fail(f"total_sequence_length {total} is neither past {lp} + new {s} nor at most the past length")
+    length = max(total, lp)
+    if seqlens_k.shape != (b,):
+        n.fail(f"seqlens_k of shape {list(seqlens_k.shape)} is not [{b}]")
+    t = reshape(n, n.add("add", _cast(n, seqlens_k, torch.int64), n.const(1, dtype=torch.int64)), (b, 1, 1, 1))
+    start = 0 if first else n.add("sub", t, n.const(s, dtype=torch.int64))   # P[b], [B, 1, 1, 1]
+
+    if int(n.attr("do_rotary", 0)):
+        if cos is None:
+            n.fail("do_rotary=1 needs cos_cache and sin_cache")
+        if len(cos.shape) != 2 or cos.shape != sin.shape or 2 * cos.shape[1] > d:
+            n.fail(f"cos/sin caches of shapes {list(cos.shape)}/{list(sin.shape)} are not [max_positions, <= {d // 2}]")
+        cos, sin = _cast(n, cos, dtype), _cast(n, sin, dtype)
+        steps = torch.arange(s).reshape(1, s)
+        if position_ids is not None:   # the first prompt reads only its first element, as ONNX Runtime does
+            pos = _cast(n, position_ids, torch.int64)
+            if first:
+                pos = n.add("add", reshape(n, n.add("slice", reshape(n, pos, (pos.numel,)), axis=0, start=0, end=1, step=1),
+                                           (1, 1)), n.const(steps))
+            if tuple(pos.shape) != (b, s):
+                pos = n.add("expand", pos, shape=(b, s))
+        elif first:
+            pos = n.const(steps.expand(b, s).contiguous())
+        else:
+            pos = n.add("add", reshape(n, start, (b, 1)), n.const(steps))
+        qh, kh = _gqa_rotary(n, qh, pos, cos, sin), _gqa_rotary(n, kh, pos, cos, sin)
+    elif cos is not None:
+        n.fail("cos_cache/sin_cache are given without do_rotary=1")
+
+    pk = None if past_key is None else _cast(n, past_key, dtype)
+    pv = None if past_value is None else _cast(n, past_value, dtype)
+    present_k, present_v = _gqa_place(n, pk, kh, start, length), _gqa_place(n, pv, vh, start, length)
+
+    # the keep mask [B, 1, S, L]: key j below T[b], causal and in the local window of query i at P[b] + i
+    j = n.const(torch.arange(length).reshape(1, 1, 1, length))
+    keep = n.add("lt", j, t)
+    causal = int(n.attr("causal", 1))
+    window = int(n.attr("local_window_size", -1))
+    if causal or window > 0:
+        if not causal:
+            n.fail("local_window_size needs causal=1")
+        pos_i = n.const(torch.arange(s).reshape(1, 1, s, 1))
+        pos_i = pos_i if isinstance(start, int) else n.add("add", pos_i, start)
+        diff = n.add("sub", pos_i, j)                                  # P[b] + i - j
+        keep = n.add("logical_and", keep, n.add("ge", diff, n.const(0, dtype=torch.int64)))
+        if window > 0:
+            keep = n.add("logical_and", keep, n.add("lt", diff, n.const(window, dtype=torch.int64)))
+    mask = keep
+    if attention_bias is not None:   # [B or 1, H or 1, S, total]: indexed by absolute key position
+        ab = _cast(n, attention_bias, dtype)
+        if len(ab.shape) != 4 or ab.shape[2] != s or ab.shape[3] != total or ab.shape[0] not in (1, b) \
+                or ab.shape[1] not in (1, heads):
+            n.fail(f"attention_bias of shape {list(ab.shape)} is not [batch or 1, num_heads or 1, {s}, {total}]")
+        if length > total:
+            ab = n.add("pad", ab, pads=[0, length - total], value=0.0)
+        mask = n.add("where", keep, ab, n.const(-math.inf, dtype=dtype))
+    scale = n.attr("scale")
+    scale = 1.0 / math.sqrt(d) if not scale else float(scale)
+    y = n.add("attention", qh, present_k, present_v, mask, scale=scale, causal=False, zero_masked=True)
+    return [_merge_heads(n, y), present_k, present_v]
