@@ -2,6 +2,7 @@
 provider in its own process (ONNX Runtime's spinning pool threads slow whatever shares the cores).
 
     python bench/bench_recurrent.py [--seq 32] [--batch 4] [--input 64] [--hidden 128] [--rounds 7]
+    KFUSE_BENCH_THREADS=1 python bench/bench_recurrent.py    # one thread each: steadier on a busy machine
 
 Each child builds its provider once, warms it up, then times rounds of 20 calls: the median and the
 spread of the per-call means over rounds. The outputs are compared with ONNX Runtime's.

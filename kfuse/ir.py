@@ -46,7 +46,7 @@ KIND: dict[str, Kind] = {
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
         "log_softmax", "layer_norm", "rms_norm", "argmin", "reduce_prod")},
     **{op: _C for op in ("matmul", "linear", "conv2d", "attention")},
-    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope", "cumprod", "topk", "sort", "resize",
+    **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope", "recurrent", "cumprod", "topk", "sort", "resize",
                          "conv_transpose2d", "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
                          "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put", "bitcast", "grid_sample",

@@ -25,6 +25,7 @@ from ..ops.reference import REFERENCE
 from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
+from .c import recurrent as c_recurrent
 from .c import rope as c_rope
 from .conv import pack_conv
 from .library import pack_linear
@@ -227,7 +228,7 @@ def fusion_name(nodes) -> str | None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
-        return nodes[0].op if nodes[0].op in ("attention", "rope") else None
+        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent") else None
     if "layer_norm" in ops:
         return "add_layernorm" if ops & {"add", "sub"} else "layernorm_chain"
     if "rms_norm" in ops:
@@ -257,12 +258,14 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
+    if len(nodes) == 1 and nodes[0].op == "recurrent" and nodes[0].dtype == torch.float32 and backend == "cpu":
+        return "recurrent"
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
     return "torch"
 
 
-WRITES_INTO = ("c", "attention", "rope")     # kernels that write into buffers they are given
+WRITES_INTO = ("c", "attention", "rope", "recurrent")     # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -322,6 +325,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = _attention_kernel(nodes[0])
         elif kind == "rope":
             fn, backend_name = _rope_kernel(nodes[0])
+        elif kind == "recurrent":
+            fn, backend_name = c_recurrent.kernel(nodes[0])
         elif kind == "c":
             fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
@@ -336,7 +341,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
-    elif kind in ("view", "attention", "rope"):
+    elif kind in ("view", "attention", "rope", "recurrent"):
         fn = _by_node_inputs(fn, group, writes_into)
     report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)

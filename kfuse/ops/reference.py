@@ -54,6 +54,69 @@ def _rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _recurrent(xw, r, *extra, cell, direction, acts, clip=None, lbr=False, input_forget=False, lens=None,
+               optional=()):
+    """ONNX's LSTM, GRU or RNN over a whole sequence (onnx/reference/ops/op_lstm.py, op_gru.py,
+    op_rnn.py), its input projection already done: xw [seq, batch, dirs*G*H] is x W^T plus the
+    biases (GRU with linear_before_reset: W's bias alone). r [dirs, G*H, H] is ONNX's R (gates i o f c,
+    z r h, or one). `optional` names the extra inputs in order: "rb" (R's bias, [dirs, G*H], added to
+    h R^T), "h0", "c0" ([dirs, batch, H]), "p" (peepholes i o f, [dirs, 3H]). acts: per direction the
+    activation names (f, g, h). lens: per batch entry its length, an entry past it keeps its state
+    and writes zeros. Returns [seq + 1 (+1 for LSTM), dirs, batch, H]: Y, then Y_h, then Y_c."""
+    seq, batch, _ = xw.shape
+    dirs, gh, hid = r.shape
+    rows = seq + (2 if cell == "lstm" else 1)
+    if xw.device.type == "meta":
+        return xw.new_empty(rows, dirs, batch, hid)
+    opt = dict(zip(optional, extra))
+    fns = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+    out = xw.new_zeros(rows, dirs, batch, hid)
+    live = None if lens is None else \
+        torch.arange(seq, device=xw.device).reshape(seq, 1, 1) < torch.tensor(lens, device=xw.device).reshape(1, batch, 1)
+
+    def cl(v):
+        return v if clip is None else v.clamp(-clip, clip)
+
+    for d in range(dirs):
+        f, g, h_act = ([fns[a] for a in acts[d]] + [None, None])[:3]
+        x = xw[:, :, d * gh:(d + 1) * gh]
+        w = r[d]
+        rb = opt["rb"][d] if "rb" in opt else xw.new_zeros(gh)
+        h = opt["h0"][d] if "h0" in opt else xw.new_zeros(batch, hid)
+        c = opt["c0"][d] if "c0" in opt else xw.new_zeros(batch, hid)
+        steps = range(seq - 1, -1, -1) if direction == "reverse" or d == 1 else range(seq)
+        for t in steps:
+            xs = x[t].split(hid, -1)
+            if cell == "lstm":
+                gi, go, gf, gc = (h @ w.T + rb + x[t]).split(hid, -1)
+                if "p" in opt:
+                    p_i, p_o, p_f = opt["p"][d].split(hid)
+                    gi, gf = gi + p_i * c, gf + p_f * c
+                i = f(cl(gi))
+                fg = 1 - i if input_forget else f(cl(gf))
+                c_new = fg * c + i * g(cl(gc))
+                if "p" in opt:
+                    go = go + p_o * c_new
+                h_new = f(cl(go)) * h_act(c_new)
+            elif cell == "gru":
+                wz, wr, wh = w.split(hid)
+                bz, br, bh = rb.split(hid)
+                z = f(cl(xs[0] + h @ wz.T + bz))
+                rr = f(cl(xs[1] + h @ wr.T + br))
+                hh = g(cl(xs[2] + (rr * (h @ wh.T + bh) if lbr else (rr * h) @ wh.T + bh)))
+                h_new, c_new = (1 - z) * hh + z * h, c
+            else:
+                h_new, c_new = f(cl(xs[0] + h @ w.T + rb)), c
+            if live is not None:
+                h_new, c_new = torch.where(live[t], h_new, h), torch.where(live[t], c_new, c)
+            out[t, d] = h_new if live is None else torch.where(live[t], h_new, 0.0)
+            h, c = h_new, c_new
+        out[seq, d] = h
+        if cell == "lstm":
+            out[seq + 1, d] = c
+    return out
+
+
 def _slice(x, *, axis, start, end, step=1):
     return x[(slice(None),) * axis + (slice(start, end, step),)]
 
@@ -204,6 +267,7 @@ REFERENCE = {
     "conv_transpose2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
         dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
     "rope": _rope,
+    "recurrent": _recurrent,
     # run by torch as they are (opaque to fusion)
     "conv3d": lambda x, w, b=None, *, stride, padding, dilation, groups=1:
         F.conv3d(x, w, b, stride, padding, dilation, groups),

@@ -2,7 +2,9 @@
 the legacy exporter (which writes ONNX LSTM/GRU/RNN nodes), compiled from the file with
 kfuse.compile and compared with ONNX Runtime; plus hand-built nodes for what torch does not export
 (peepholes, clip, GRU's linear_before_reset=0, layout 1, varying sequence_lens, input_forget);
-layout 1 against ONNX's reference evaluator, as ONNX Runtime has no kernel for it. Their speed
+layout 1 against ONNX's reference evaluator, as ONNX Runtime has no kernel for it. The `recurrent`
+op's C kernel (kfuse/backends/c/recurrent.py) against its reference over odd sizes and every option,
+into NaN-filled outputs; the unrolled form (dtypes other than float32) still checked. Their speed
 against ONNX Runtime and eager: bench/bench_recurrent.py."""
 
 import numpy as np
@@ -191,3 +193,124 @@ def test_unsupported_activation_is_a_clear_error(tmp_path):
     onnx.save(model, path)
     with pytest.raises(kfuse.KfuseError, match="activation 'Softsign' is not supported"):
         kfuse.compile(str(path), [torch.from_numpy(v) for v in feeds.values()])
+
+
+# -- the `recurrent` op's C kernel (kfuse/backends/c/recurrent.py) against its reference ------------
+GATE_COUNT = {"lstm": 4, "gru": 3, "rnn": 1}
+DEFAULT_ACTS = {"lstm": ("sigmoid", "tanh", "tanh"), "gru": ("sigmoid", "tanh"), "rnn": ("tanh",)}
+
+
+def recurrent_case(cell, dirs, seq, batch, hid, direction=None, lens=None, clip=None, lbr=True, states=True,
+                   rb=False, peep=False, input_forget=False, acts=None):
+    """A graph of one `recurrent` node (R a constant, the rest inputs), its input tensors, and the
+    reference output."""
+    from kfuse.ir import Graph
+    from kfuse.ops.reference import REFERENCE
+    gen = torch.Generator().manual_seed(hid * 1000 + batch * 10 + seq)
+    g_ = GATE_COUNT[cell]
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+    xw, r = rand(seq, batch, dirs * g_ * hid), rand(dirs, g_ * hid, hid, scale=hid ** -0.5)   # torch.nn's scale
+    extra = {"rb": rand(dirs, g_ * hid) if rb else None,
+             "h0": rand(dirs, batch, hid) if states else None,
+             "c0": rand(dirs, batch, hid) if states and cell == "lstm" else None,
+             "p": rand(dirs, 3 * hid) if peep and cell == "lstm" else None}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    attrs = dict(cell=cell, direction=direction or ("bidirectional" if dirs == 2 else "forward"),
+                 acts=((acts or DEFAULT_ACTS[cell]),) * dirs, clip=clip, lbr=lbr, input_forget=input_forget,
+                 lens=lens, optional=tuple(extra))
+    g = Graph()
+    x_in = g.input(xw.shape, torch.float32, "xw")
+    ins = [g.input(v.shape, torch.float32, k) for k, v in extra.items()]
+    node = g.add("recurrent", x_in, g.const(r), *ins, **attrs)
+    return node, [xw, r, *extra.values()], REFERENCE["recurrent"](xw, r, *extra.values(), **attrs)
+
+
+def run_kernel(node, args, threads=None):
+    from kfuse.backends import openmp
+    from kfuse.backends.c import recurrent as c_recurrent
+    fn, backend = c_recurrent.kernel(node)
+    assert backend == "c:recurrent"
+    out = torch.full(node.shape, float("nan"))     # every element must be written
+    if threads is None:
+        got, = fn([out], *args)
+    else:
+        with openmp.using(threads):
+            got, = fn([out], *args)
+    assert got is out
+    return got
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("hid", [1, 3, 17, 100])
+@pytest.mark.parametrize("batch,seq", [(1, 1), (5, 7), (1, 7), (5, 1)])
+@pytest.mark.parametrize("dirs", [1, 2])
+def test_kernel_odd_sizes(cell, hid, batch, seq, dirs):
+    node, args, want = recurrent_case(cell, dirs, seq, batch, hid)
+    torch.testing.assert_close(run_kernel(node, args), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("variant", ["lens", "clip", "lens_clip_rb", "gru_lbr0", "peep", "peep_forget_relu"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_variants(cell, direction, variant, threads):
+    dirs = 2 if direction == "bidirectional" else 1
+    kw = {}
+    if "lens" in variant:
+        kw["lens"] = (7, 3, 0, 5, 1)
+    if "clip" in variant:
+        kw["clip"] = 0.6
+    if "rb" in variant:
+        kw["rb"] = True
+    if variant == "gru_lbr0":
+        kw.update(lbr=False, rb=True, lens=(2, 7, 4, 0, 6))
+    if variant.startswith("peep"):
+        kw["peep"] = True
+    if variant == "peep_forget_relu":
+        kw.update(input_forget=True, acts={"lstm": ("sigmoid", "tanh", "relu"), "gru": ("sigmoid", "relu"),
+                                           "rnn": ("relu",)}[cell])
+    node, args, want = recurrent_case(cell, dirs, 7, 5, 40, direction, **kw)
+    torch.testing.assert_close(run_kernel(node, args, threads), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_split_across_threads():
+    """One direction with a step big enough to be split over the threads (a barrier every step)."""
+    from kfuse.backends.c import recurrent as c_recurrent
+    for cell, lbr in (("lstm", True), ("gru", False)):
+        node, args, want = recurrent_case(cell, 1, 5, 6, 200, lens=(5, 2, 5, 0, 4, 5), lbr=lbr, rb=True)
+        assert 6 * GATE_COUNT[cell] * 200 * 200 >= c_recurrent.SPLIT_MIN_MACS
+        torch.testing.assert_close(run_kernel(node, args, threads=2), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("hid,batch,seq", [(1, 1, 1), (3, 5, 7), (17, 1, 7), (100, 5, 3)])
+def test_node_odd_sizes(tmp_path, op, hid, batch, seq):
+    """End to end against ONNX Runtime: bidirectional, states given, lengths shorter than seq, clip."""
+    lens = [max(1, seq - 2 * i) for i in range(batch)]
+    feeds, names = inputs(op, 2, seq=seq, batch=batch, size=4, hid=hid, lens=lens, h0=True, c0=True)
+    outs = ["Y", "Y_h", "Y_c"] if op == "LSTM" else ["Y", "Y_h"]
+    model = one_node(op, names, feeds, outs, {"hidden_size": hid, "direction": "bidirectional", "clip": 2.5})
+    got, want = run_node(tmp_path, model, list(feeds.values()))
+    check(got, want)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_fused_and_unrolled_forms(tmp_path, op, monkeypatch):
+    """float32 runs the time loop as one `recurrent` kernel; the unrolled form (other dtypes) still
+    matches ONNX Runtime."""
+    from kfuse.capture.onnx_ops import recurrent
+    feeds, names = inputs(op, 2, lens=[5, 2, 4], h0=True)
+    model = one_node(op, names, feeds, ["Y", "Y_h"], {"hidden_size": 6, "direction": "bidirectional"})
+    path = tmp_path / "node.onnx"
+    onnx.save(model, path)
+    xs = [torch.from_numpy(v) for v in feeds.values()]
+    _, want = ort_run(path, list(feeds.values()))
+    cm = kfuse.compile(str(path), xs)
+    assert [k.backend for k in cm.report().kernels if k.name == "recurrent"] == ["c:recurrent"]
+    check(cm(*xs), want)
+    monkeypatch.setattr(recurrent, "FUSED_DTYPES", ())
+    cm = kfuse.compile(str(path), xs)
+    assert not any(k.name == "recurrent" for k in cm.report().kernels)
+    check(cm(*xs), want)

@@ -1,10 +1,12 @@
-"""ONNX handlers of the recurrent ops LSTM, GRU and RNN, unrolled over time (shapes are static, so
-the sequence length is known at compile time).
+"""ONNX handlers of the recurrent ops LSTM, GRU and RNN.
 
 The input projection of every step and both directions is one matmul ([seq*batch, input] x W^T,
-plus the bias); each step then multiplies h_{t-1} by the constant R^T and does the gate math with
-elementwise IR ops, which the fuser turns into one kernel per step. The formulas are those of ONNX's
-reference (onnx/reference/ops/op_lstm.py, op_gru.py, op_rnn.py), with `clip` applied to the gate
+plus the bias). The time loop is then one `recurrent` IR op (float32, the common case): its C kernel
+(kfuse/backends/c/recurrent.py) runs every step of both directions in one call. Other dtypes are
+unrolled over time (shapes are static, so the sequence length is known at compile time): each step
+multiplies h_{t-1} by the constant R^T and does the gate math with elementwise IR ops, which the
+fuser turns into one kernel per step. The formulas are those of ONNX's reference
+(onnx/reference/ops/op_lstm.py, op_gru.py, op_rnn.py), with `clip` applied to the gate
 pre-activations and `sequence_lens` as ONNX Runtime reads them: a batch entry past its length keeps
 its state and writes zeros to Y (reverse: its steps start at its own last element).
 """
@@ -20,6 +22,9 @@ from .common import _slice_axis, handler
 _ACTIVATIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu"}
 _DEFAULTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# the time loop as one `recurrent` op for these dtypes (its C kernel is float32); tests set it to ()
+# to check the unrolled form
+FUSED_DTYPES = (torch.float32,)
 
 
 def _activations(n, kind, dirs):
@@ -66,7 +71,7 @@ def _recurrent(kind, n, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None
     seq, batch, size = x.shape
 
     # sequence_lens: a constant, or specialised on the example's value
-    masks = None
+    masks, lens = None, None
     if seq_lens is not None:
         lens = [int(v) for v in n.value(seq_lens, "sequence_lens").reshape(-1).tolist()]
         if len(lens) != batch or any(v < 0 or v > seq for v in lens):
@@ -88,6 +93,19 @@ def _recurrent(kind, n, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None
             bias = n.add("add", wb, rb)
         xw = n.add("add", xw, reshape(n, bias, [dirs * gh]))
     xw = reshape(n, xw, [seq, batch, dirs * gh])
+
+    if dtype in FUSED_DTYPES:
+        extra = {"rb": None if rec_bias is None else reshape(n, rec_bias, [dirs, gh]), "h0": h0, "c0": c0,
+                 "p": None if p is None else reshape(n, p, [dirs, 3 * hid])}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        out = n.add("recurrent", xw, r, *extra.values(), cell=kind.lower(), direction=direction,
+                    acts=tuple(tuple(a) for a in acts), clip=None if clip is None else float(clip), lbr=bool(lbr),
+                    input_forget=bool(input_forget), lens=None if masks is None else tuple(lens),
+                    optional=tuple(extra))   # [seq + 1 (+1), dirs, batch, H]: Y, Y_h (, Y_c)
+        y = _slice_axis(n, out, 0, 0, seq, 1)
+        states = [reshape(n, _slice_axis(n, out, 0, seq + i, seq + i + 1, 1), [dirs, batch, hid])
+                  for i in range(2 if kind == "LSTM" else 1)]
+        return _outputs(n, kind, layout, y, *states)
 
     def zeros():
         return n.const(torch.zeros(1, batch, hid), dtype=dtype)
@@ -177,6 +195,11 @@ def _recurrent(kind, n, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None
     y_c = None
     if kind == "LSTM":
         y_c = cs[0] if dirs == 1 else n.add("concat", *cs, axis=0)
+    return _outputs(n, kind, layout, y, y_h, y_c)
+
+
+def _outputs(n, kind, layout, y, y_h, y_c=None):
+    """Y [seq, dirs, batch, H], Y_h and Y_c [dirs, batch, H] in the node's layout."""
     if layout == 1:
         y = n.add("transpose", y, perm=[2, 0, 1, 3])
         y_h = n.add("transpose", y_h, perm=[1, 0, 2])
