@@ -28,6 +28,7 @@ from .c import attention as c_attention
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
 from .conv import pack_conv
+from .launch import group_runner
 from .library import pack_linear
 from .reference import reference_kernel
 
@@ -124,26 +125,15 @@ def _by_node_inputs(fn, group, writes_into: bool):
 
 def _c_kernel(group):
     fk = lower(group.nodes, group.outputs)
-    k = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
-    # the kernel orders (and may drop, by inlining small constants) its arguments its own way
-    pick = [group.inputs.index(i) for i in fk.inputs]
-    back = [fk.outputs.index(o) for o in group.outputs]
-    where = [group.outputs.index(o) for o in fk.outputs]      # kernel output k -> its buffer
-    # An input that arrives as a strided view (a slice of a merged GEMM's output, say) is read in
-    # place by a kernel specialised to its strides, built on first sight of them; None when the
-    # kernel cannot read them (not unit stride along the row), then the input is copied.
-    strided: dict = {}
 
-    def specialised(args):
-        key = tuple(a.stride() for a in args)
-        if key not in strided:
-            layout = {n: a.stride() for n, a in zip(fk.inputs, args) if not a.is_contiguous()}
-            try:
-                strided[key] = build(lower(group.nodes, group.outputs, layout), tune=False)
-            except (NotFusable, CompileError):
-                strided[key] = None
-        return strided[key]
+    def build_for(layout):
+        if not layout:
+            return build(fk)
+        try:                 # strided inputs: a kernel of their strides, built untuned on first sight
+            return build(lower(group.nodes, group.outputs, layout), tune=False)
+        except (NotFusable, CompileError):
+            return None
 
     # Outputs the caller owns (no planned buffer) of POOL_MIN bytes or more are recycled: a fresh one of
     # 32 MB is mmapped by malloc and page-faulted in on every call (8193 faults, ~20 ms on this VM);
@@ -151,7 +141,9 @@ def _c_kernel(group):
     pooled = [math.prod(s) * d.itemsize >= POOL_MIN and POOLING for s, d in shapes]
     pools: list[list] = [[] for _ in shapes]
 
-    def new_output(i):
+    def new_output(i, buf, args):
+        if buf is not None:
+            return buf
         if not pooled[i]:
             return torch.empty(shapes[i][0], dtype=shapes[i][1])
         pool = pools[i]
@@ -169,17 +161,9 @@ def _c_kernel(group):
             pool.pop(0)
         return t
 
-    def run(bufs, *inputs):
-        outs = [bufs[w] if bufs[w] is not None else new_output(i) for i, w in enumerate(where)]
-        args = [inputs[p] for p in pick]
-        kk = k
-        if not all(a.is_contiguous() for a in args):
-            kk = specialised(args)
-            if kk is None:
-                kk, args = k, [a.contiguous() for a in args]
-        kk(args, outs)
-        return tuple(outs[b] for b in back)
-    run.sources = lambda: [k.source] + [s.source for s in list(strided.values()) if s is not None]
+    run = group_runner(group, fk, build_for, new_output)
+    k = run.kernel
+    run.sources = lambda: [k.source] + [s.source for s in list(run.strided.values()) if s is not None]
     if k.choice is not None:
         run.schedule = str(k.choice)
     return run, "c"

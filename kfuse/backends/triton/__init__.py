@@ -24,6 +24,7 @@ import time
 import torch
 
 from ...kernels import FusedKernel, NotFusable, lower
+from ..launch import group_runner
 from ..library import INPLACE_ACTS
 from . import kernel as tk
 from .kernel import TritonUnavailable, available, interpreting
@@ -101,35 +102,20 @@ def _alloc(shape, dtype, buf, device):
 def fused_kernel(group):
     """The Triton kernel of an elementwise/row-reduction group: (fn(bufs, *inputs), "triton")."""
     fk = lower(group.nodes, group.outputs, half=True)
-    kern = build(fk)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
-    pick = [group.inputs.index(i) for i in fk.inputs]
-    back = [fk.outputs.index(o) for o in group.outputs]
-    where = [group.outputs.index(o) for o in fk.outputs]
-    strided: dict = {}
 
-    def specialised(args):
-        """The kernel for inputs read in place through their strides (None: copy them)."""
-        key = tuple(a.stride() for a in args)
-        if key not in strided:
-            layout = {n: a.stride() for n, a in zip(fk.inputs, args) if not a.is_contiguous()}
-            try:
-                strided[key] = build(lower(group.nodes, group.outputs, layout, half=True))
-            except NotFusable:
-                strided[key] = None
-        return strided[key]
+    def build_for(layout):
+        if not layout:
+            return build(fk)
+        try:                 # strided inputs read in place, or None: copied
+            return build(lower(group.nodes, group.outputs, layout, half=True))
+        except NotFusable:
+            return None
 
-    def run(bufs, *inputs):
-        args = [inputs[p] for p in pick]
-        device = tk.device_of(args, tk.device_of(inputs))
-        outs = [_alloc(s, d, bufs[w], device) for w, (s, d) in zip(where, shapes)]
-        kk = kern
-        if not all(a.is_contiguous() for a in args):
-            kk = specialised(args)
-            if kk is None:
-                kk, args = kern, [a.contiguous() for a in args]
-        kk(args, outs)
-        return tuple(outs[b] for b in back)
+    def alloc(k, buf, args):
+        return _alloc(*shapes[k], buf, tk.device_of(args))
+
+    run = group_runner(group, fk, build_for, alloc)
     run.sources = lambda: []
     return run, "triton"
 
