@@ -74,7 +74,7 @@ def _conv_kernel(group):
     fused = "+post-op" if conv.post_op_fused else ""
     if spec.act is not None and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
-                  f"(for relu and hardtanh it maps NaN to 0)"
+                  f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
     return fn, f"library:{conv.backend}{fused}" + ("+residual" if conv.residual_fused else "")
 
 
@@ -146,14 +146,14 @@ def _c_kernel(group):
             return buf
         if not pooled[i]:
             return torch.empty(shapes[i][0], dtype=shapes[i][1])
-        pool = pools[i]
+        pool, probe = pools[i], _PROBE[0]
         for _ in range(len(pool)):
             try:
                 t = pool.pop(0)           # atomic: a tensor is out of the pool while it is checked
             except IndexError:
                 break
             pool.append(t)
-            if _unshared(t):              # this call's own reference, the pool's and the argument's
+            if _unshared(t, probe):       # held as the probe is: by a list and this frame only
                 return t
         t = torch.empty(shapes[i][0], dtype=shapes[i][1])
         pool.append(t)
@@ -176,11 +176,16 @@ POOL_KEEP = 2           # outputs kept per kernel output: the one the caller sti
 POOLING = sys.version_info < (3, 14)
 
 
-def _unshared(t) -> bool:
-    """Nothing refers to tensor `t` but the pool and the caller's one reference (a view holds its base, an array
-    from .numpy() the tensor), no C++ owner holds its TensorImpl, and no other tensor shares its
-    storage (.detach(), .data, set_)."""
-    return sys.getrefcount(t) == 4 and t._use_count() == 1 and \
+_PROBE = [torch.empty(0)]    # held like a pooled tensor: by one list and the caller's local
+
+
+def _unshared(t, probe) -> bool:
+    """Nothing refers to tensor `t` but the pool and the caller's one reference (a view holds its base,
+    an array from .numpy() the tensor), no C++ owner holds its TensorImpl, and no other tensor shares
+    its storage (.detach(), .data, set_). The count is compared with the probe's, held the same way,
+    not with a constant: the interpreter's own references to a frame's locals are not the same in
+    every process state (one more after transformers' generate() under torch.compile ran)."""
+    return sys.getrefcount(t) == sys.getrefcount(probe) and t._use_count() == 1 and \
         torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
 
 
@@ -213,16 +218,23 @@ def fusion_name(nodes) -> str | None:
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
         return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent") else None
-    if "layer_norm" in ops:
-        return "add_layernorm" if ops & {"add", "sub"} else "layernorm_chain"
+    inside = set(nodes)
+    if "layer_norm" in ops:     # a residual add into the norm; else the norm, its affine and a SiLU (GroupNorm)
+        if any(i in inside and i.op in ("add", "sub") for n in nodes if n.op == "layer_norm" for i in n.inputs):
+            return "add_layernorm"
+        return "norm_silu" if "silu" in ops else "layernorm_chain"
     if "rms_norm" in ops:
         return "add_rmsnorm" if ops & {"add", "sub"} else "rmsnorm_chain"
     if ops & {"softmax", "log_softmax"}:
         return "scale_mask_softmax" if ops & {"add", "mul", "div", "where"} else "softmax_chain"
-    if "mul" in ops and ops & {"silu", "sigmoid"}:
+    # a gate: a product with an activation's output (silu(a) * b); not a scale and shift before a SiLU
+    gated = {i.op for n in nodes if n.op == "mul" for i in n.inputs if i in inside}
+    if gated & {"silu", "sigmoid"}:
         return "swiglu"
-    if "mul" in ops and "gelu" in ops:
+    if "gelu" in gated:
         return "geglu"
+    if "silu" in ops and ops <= {"mul", "add", "sub", "silu"}:
+        return "affine_silu"    # x * scale + shift, then SiLU (GroupNorm's affine when the norm is a kernel of its own)
     return "elementwise_chain" if ops <= {n.op for n in nodes if n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST)} \
         else "reduction_chain"
 

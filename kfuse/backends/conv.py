@@ -13,7 +13,8 @@ dilation, groups, "add", alpha, unary_attr, unary_scalars, unary_algorithm)` for
 oneDNN computes in the channels-last layout: x is converted once if it is not, and the output is
 channels-last. The binary form needs channels-last x and groups == 1, so only then is the residual
 fused. Each post-op is probed once on a tiny odd problem (stride 1x2, so swapped arguments show,
-and a NaN, which oneDNN's relu turns into 0) and used only if it matches the reference.
+and a NaN, which oneDNN's relu, hardtanh and hardsigmoid turn into a number) and used only if it matches
+the reference; hardswish passes (oneDNN computes x * min(max(x / 6 + 1/2, 0), 1), within an ulp or two).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ INPLACE = {
     "gelu": lambda y, s, a: torch.ops.aten.gelu_(y, approximate=a),
     "leaky_relu": lambda y, s, a: F.leaky_relu_(y, s[0]),
     "hardtanh": lambda y, s, a: F.hardtanh_(y, s[0], s[1]),
+    "hardswish": lambda y, s, a: F.hardswish(y, inplace=True),
+    "hardsigmoid": lambda y, s, a: F.hardsigmoid(y, inplace=True),
 }
 REFERENCE = {
     "relu": lambda y, s, a: torch.relu(y),
@@ -42,6 +45,8 @@ REFERENCE = {
     "gelu": lambda y, s, a: F.gelu(y, approximate=a),
     "leaky_relu": lambda y, s, a: F.leaky_relu(y, s[0]),
     "hardtanh": lambda y, s, a: F.hardtanh(y, s[0], s[1]),
+    "hardswish": lambda y, s, a: F.hardswish(y),
+    "hardsigmoid": lambda y, s, a: F.hardsigmoid(y),
 }
 
 

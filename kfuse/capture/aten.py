@@ -98,7 +98,7 @@ for name, op in [("neg", "neg"), ("abs", "abs"), ("exp", "exp"), ("log", "log"),
                  ("isnan", "isnan"), ("sign", "sign"), ("log1p", "log1p"), ("expm1", "expm1"),
                  ("round", "round"), ("trunc", "trunc"), ("fix", "trunc"), ("erfc", "erfc"), ("atan", "atan"),
                  ("tan", "tan"), *((f, f) for f in ("asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh",
-                                                     "log2", "log10"))]:
+                                                     "log2", "log10", "hardswish", "hardsigmoid"))]:
     handles(getattr(aten, name).default)(unary(op))
 
 

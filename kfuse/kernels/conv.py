@@ -27,7 +27,7 @@ class ConvEpilogue:
 
 def post_op_of(n: Node) -> tuple | None:
     """The oneDNN eltwise post-op computing node n of one input, or None."""
-    if n.op in ("relu", "sigmoid", "tanh"):
+    if n.op in ("relu", "sigmoid", "tanh", "hardswish", "hardsigmoid"):
         return (n.op, (), "")
     if n.op == "silu":
         return ("swish", (), "")

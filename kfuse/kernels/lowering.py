@@ -287,6 +287,15 @@ class _Lowering:
         x = self.cvt(xs[0], "f32")
         return self.emit("where", (self.cmp("gt", x, self.lit(0.0)), x, self.f("mul", x, self.lit(alpha))), "f32")
 
+    def op_hardsigmoid(self, n, xs, dt):
+        x = self.cvt(xs[0], "f32")    # torch: min(max(x + 3, 0), 6) / 6; NaN passes through both compares
+        return self.f("div", self.op_clamp(n, [self.f("add", x, self.lit(3.0))], "f32", 0.0, 6.0), self.lit(6.0))
+
+    def op_hardswish(self, n, xs, dt):
+        x = self.cvt(xs[0], "f32")    # torch: x * min(max(x + 3, 0), 6) / 6, in that order
+        gate = self.op_clamp(n, [self.f("add", x, self.lit(3.0))], "f32", 0.0, 6.0)
+        return self.f("div", self.f("mul", x, gate), self.lit(6.0))
+
     def op_softplus(self, n, xs, dt, beta=1.0, threshold=20.0):
         x = self.cvt(xs[0], "f32")    # torch: x*beta > threshold ? x : log1p(exp(x*beta)) / beta
         xb = self.f("mul", x, self.lit(beta))

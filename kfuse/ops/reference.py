@@ -212,6 +212,7 @@ REFERENCE = {
     "cast": lambda x, *, dtype: x.to(dtype),
     "clamp": lambda x, *, min=None, max=None: torch.clamp(x, min, max),
     "leaky_relu": lambda x, *, alpha: F.leaky_relu(x, alpha),
+    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
     "isnan": torch.isnan, "sign": torch.sign, "log1p": torch.log1p, "expm1": torch.expm1,
     "softplus": lambda x, *, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold),
     "elu": lambda x, *, alpha=1.0, scale=1.0, input_scale=1.0: torch.ops.aten.elu(x, alpha, scale, input_scale),

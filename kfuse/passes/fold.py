@@ -77,6 +77,41 @@ def silu(g: Graph, n: Node, report=None):
     return None
 
 
+def _relu6_of_x_plus_3(c: Node) -> Node | None:
+    """x for clamp(x + 3, 0, 6), written as one clamp or as clamp_min then clamp_max, else None."""
+    bounds = {}
+    while is_op(c, "clamp") and len(bounds) < 2:
+        for k in ("min", "max"):
+            if c.attrs.get(k) is not None:
+                if k in bounds:
+                    return None
+                bounds[k] = c.attrs[k]
+        c = c.inputs[0]
+    if bounds != {"min": 0, "max": 6} or not is_op(c, "add"):
+        return None
+    a, b = c.inputs
+    x = a if const_scalar(b) == 3.0 else b if const_scalar(a) == 3.0 else None
+    return x if x is not None and x.shape == c.shape and x.dtype == c.dtype else None
+
+
+def hard_activations(g: Graph, n: Node, report=None):
+    """x * clamp(x + 3, 0, 6) / 6 -> hardswish(x) and clamp(x + 3, 0, 6) / 6 -> hardsigmoid(x), as
+    core ATen decomposes them (the same operations in the same order as torch's float32 kernels; in
+    half precision torch's kernels round once, the decomposition after every op, so those stay)."""
+    if not (is_op(n, "div") and const_scalar(n.inputs[1]) == 6.0 and n.dtype == torch.float32):
+        return None
+    top = n.inputs[0]
+    x = _relu6_of_x_plus_3(top)
+    if x is not None and x.shape == n.shape:
+        return g.add("hardsigmoid", x)
+    if is_op(top, "mul") and top.inputs[0].shape == top.inputs[1].shape == n.shape:
+        a, b = top.inputs
+        for x, c in ((a, b), (b, a)):
+            if _relu6_of_x_plus_3(c) is x:
+                return g.add("hardswish", x)
+    return None
+
+
 def gelu_tanh(g: Graph, n: Node, report=None):
     """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh")
     (the form transformers' GPT-2 writes out)."""
@@ -107,7 +142,7 @@ def gelu_tanh(g: Graph, n: Node, report=None):
 
 RULES = [("reshape_chain", reshape_chain), ("transpose_chain", transpose_chain), ("identity", same_cast),
          ("neutral_operand", neutral_operand), ("sink_reshape", sink_reshape),
-         ("silu", silu), ("gelu_tanh", gelu_tanh)]
+         ("silu", silu), ("gelu_tanh", gelu_tanh), ("hard_activations", hard_activations)]
 
 
 def _operand_key(n: Node):

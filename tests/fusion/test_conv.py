@@ -146,3 +146,58 @@ def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name, fusions):
     v = cm.verify(x)
     assert v.ok and v.max_rel < 1e-4, v
     assert cm.report().fusions == fusions and not cm.report().fallbacks
+
+
+# -- hardswish / hardsigmoid (MobileNetV3): captured as add, clamp, div, mul, named by a fold rule --------------
+
+def _with_infinities(x, conv):
+    """x with +inf and -inf at two pixels far apart in channel 0, whose weights are made positive: the
+    conv's outputs there are +inf and -inf (hardswish(-inf) is NaN in eager: -inf * 0), and a NaN."""
+    with torch.no_grad():
+        conv.weight[:, 0] = conv.weight[:, 0].abs() + 0.1
+    x = x.clone()
+    x[0, 0, 0, 0], x[0, 0, -1, -1] = float("inf"), -float("inf")
+    x[-1, -1, x.shape[2] // 2, 1] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("act,name", [(F.hardswish, "hardswish"), (F.hardsigmoid, "hardsigmoid")])
+@pytest.mark.parametrize("shape,kw", [
+    ((2, 5, 9, 11), dict(kernel_size=3, padding=1)),
+    ((1, 8, 13, 7), dict(kernel_size=5, groups=8, padding=2, stride=2)),  # depthwise 5x5 stride 2
+    ((3, 6, 7, 9), dict(kernel_size=1, bias=False)),
+])
+def test_conv_hard_activation_is_one_kernel(act, name, shape, kw):
+    """BN folded, then hardswish as oneDNN's post-op (it passes the NaN probe); hardsigmoid's post-op turns
+    NaN into a number, so it runs in place after the oneDNN call, in the same kernel, with a note."""
+    conv = torch.nn.Conv2d(shape[1], shape[1] * 2 if kw.get("groups") else 7, **kw)
+    bn = torch.nn.BatchNorm2d(conv.out_channels).eval()
+    model = Fn(lambda m, x: act(bn(conv(x))))
+    model.conv, model.bn = conv, bn
+    x = _with_infinities(torch.randn(shape) * 4, conv)
+    cm = compiled(model, x)                 # NaN and inf where eager has them, the rest by the verify table
+    rep = cm.report()
+    assert rep.rules["hard_activations"] == 1 and rep.fusions == {f"conv_{name}": 1}, (rep.rules, rep.fusions)
+    (k,) = rep.kernels
+    assert k.ops == ["conv2d", name] and k.backend.startswith("library:onednn")
+    assert k.backend.endswith("+post-op") == conv_backend.supports((name, (), ""), False)
+    assert ("runs in place" in k.note) == (not k.backend.endswith("+post-op"))
+
+
+def test_conv_residual_then_hardswish_and_a_hand_written_hardsigmoid():
+    """x * (x + 3).clamp(0, 6) / 6 written out is hardswish too; with a residual add the binary post-op
+    carries the add and hardswish runs in place."""
+    c1, c2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+    model = Fn(lambda m, x: (lambda y: y * (y + 3).clamp(0, 6) / 6)(c2(torch.clamp(c1(x) + 3, 0, 6) / 6) + x))
+    model.c1, model.c2 = c1, c2
+    cm = compiled(model, torch.randn(2, 8, 10, 10) * 3)
+    rep = cm.report()
+    assert rep.fusions == {"conv_hardsigmoid": 1, "conv_add_hardswish": 1}, rep.fusions
+    assert kernels_named(rep, "conv_add_hardswish")[0].backend.endswith("+residual")
+
+
+def test_hardswish_not_after_a_conv_is_a_c_kernel_bit_for_bit():
+    x = torch.randn(3, 37, 41) * 5
+    x[0, 0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -3.0, 3.0, 0.0])
+    cm = compiled(Fn(lambda m, x: F.hardswish(x * 1.5) + F.hardsigmoid(x - 1)), x, atol=0, rtol=0)
+    assert [k.ops for k in cm.report().kernels] == [["mul", "sub", "hardswish", "hardsigmoid", "add"]]

@@ -15,10 +15,10 @@ MODEL_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 EXPECTED = {
     # 62 convs: 46 with a BatchNorm, 16 in 8 SE blocks. ReLU convs (11 in the blocks, 8 SE squeezes) take
-    # their ReLU; hardswish (20 convs, the head) and the SE's hardsigmoid gate (8) are captured as
-    # add/clamp/div/mul and run as an elementwise kernel after the conv: 29 of them
-    "mobilenetv3": dict(convs=62, bn=46, fusions={"conv_relu": 19, "conv_add": 10, "elementwise_chain": 29,
-                                                   "gemm_bias": 2}),
+    # their ReLU; hardswish and hardsigmoid, captured as add/clamp/div/mul, are named again by a fold rule
+    # (29: 20 on convs, 8 SE gates, 1 after the classifier's first linear) and ride on their conv
+    "mobilenetv3": dict(convs=62, bn=46, hard=29, fusions={"conv_relu": 19, "conv_add": 10, "conv_hardswish": 20,
+                                                            "conv_hardsigmoid": 8, "gemm_bias": 2}),
     # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks; every SiLU (33 + 16 SE squeezes) and sigmoid gate
     # rides on its conv, 9 residual adds too
     "efficientnet_b0": dict(convs=81, bn=49, fusions={"conv_silu": 49, "conv_sigmoid": 16, "conv_add": 9,
@@ -29,9 +29,9 @@ EXPECTED = {
     # 140 convs: 86 with a BatchNorm, 54 in 27 SE blocks; 27 residual adds + ReLU ride on the last conv
     "regnety_1_6gf": dict(convs=140, bn=86, fusions={"conv_relu": 82, "conv_sigmoid": 27, "conv_add_relu": 27,
                                                       "gemm_bias": 1}),
-    # 14 convs, 9 GroupNorms (row kernels; their scale, shift and SiLU one kernel after each, reported
-    # under the generic name "swiglu"), 4 residual adds on the convs
-    "unet": dict(convs=14, bn=0, layer_norms=9, fusions={"swiglu": 8, "add_layernorm": 1, "conv_add": 4}),
+    # 14 convs, 9 GroupNorms: 8 as a row kernel, then their scale, shift and SiLU as one kernel after each
+    # ("affine_silu"); one with all of it in the norm's kernel ("norm_silu"); 4 residual adds on the convs
+    "unet": dict(convs=14, bn=0, layer_norms=9, fusions={"affine_silu": 8, "norm_silu": 1, "conv_add": 4}),
 }
 
 NEW = list(EXPECTED)
@@ -50,6 +50,7 @@ def test_cnn_matches_eager_with_its_fusions(name):
     assert ops["conv2d"] == want["convs"], ops
     assert rep.rules.get("conv_bn_scale", 0) == rep.rules.get("conv_bn_shift", 0) == want["bn"], rep.rules
     assert "batch_norm" not in ops and not rep.fallbacks, rep.fallbacks
+    assert rep.rules.get("hard_activations", 0) == want.get("hard", 0), rep.rules
     if "layer_norms" in want:
         assert ops["layer_norm"] == want["layer_norms"], ops
     assert rep.fusions == want["fusions"], rep.fusions
@@ -60,7 +61,7 @@ def test_cnn_matches_eager_with_its_fusions(name):
 ONNX_FUSIONS = {
     "efficientnet_b0": EXPECTED["efficientnet_b0"]["fusions"],
     "convnext_tiny": EXPECTED["convnext_tiny"]["fusions"],
-    "unet": {"add_layernorm": 9, "swiglu": 9, "conv_add": 4},
+    "unet": {"layernorm_chain": 9, "affine_silu": 9, "conv_add": 4},
 }
 
 

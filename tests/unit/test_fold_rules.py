@@ -3,7 +3,8 @@ built by hand goes through `fold.run`, and the result must be, node for node, th
 built by hand (ops, attributes, operands, shapes, dtypes, constants by value). Then both run through
 the reference interpreter on random inputs: the rewrites that only move data (chains, identities,
 neutral operands, CSE, reshape sinking) must give the same bits; naming a decomposed activation
-(silu, gelu-tanh) swaps the decomposition for torch's fused function, within the verify table."""
+(silu, gelu-tanh) swaps the decomposition for torch's fused function, within the verify table
+(hardswish and hardsigmoid: bit for bit, torch's kernels compute their decompositions' operations)."""
 from __future__ import annotations
 
 import math
@@ -205,6 +206,39 @@ def test_gelu_tanh_written_out_is_named():
 def test_gelu_tanh_with_another_constant_is_left_alone():
     check_fold(lambda g, x: [_gelu_tanh_decomposed(g, x, k=0.8)],
                lambda g, x: [_gelu_tanh_decomposed(g, x, k=0.8)], X)
+
+
+def _relu6_x_plus_3(g, x, split=True, three=3.0):
+    y = g.add("add", x, g.const(three))
+    if split:       # core ATen: clamp_min then clamp_max
+        return g.add("clamp", g.add("clamp", y, min=0, max=None), min=None, max=6)
+    return g.add("clamp", y, min=0.0, max=6.0)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_hardswish_and_hardsigmoid_written_out_are_named(split):
+    """x * clamp(x + 3, 0, 6) / 6 (either operand order of the product) and clamp(x + 3, 0, 6) / 6:
+    torch's kernels compute the same operations in the same order, so the names change no bits."""
+    six = lambda g: g.const(torch.tensor(6))    # noqa: E731  (ATen's decomposition divides by an int 6)
+    check_fold(lambda g, x: [g.add("div", g.add("mul", x, _relu6_x_plus_3(g, x, split)), six(g)),
+                             g.add("div", g.add("mul", _relu6_x_plus_3(g, x, split), x), six(g)),
+                             g.add("div", _relu6_x_plus_3(g, x, split), six(g))],
+               lambda g, x: (lambda h: [h, h, g.add("hardsigmoid", x)])(g.add("hardswish", x)), X)
+
+
+def test_hard_activations_with_other_arithmetic_are_left_alone():
+    """Multiplying by 1/6 rounds differently; another offset or another operand is another function."""
+    def build(g, x, y):
+        r, six = _relu6_x_plus_3(g, x), g.const(6.0)
+        return [g.add("mul", g.add("mul", x, r), g.const(1 / 6)),
+                g.add("div", _relu6_x_plus_3(g, x, three=2.0), six), g.add("div", g.add("mul", y, r), six)]
+    check_fold(build, build, X * 2)
+
+
+def test_hardswish_written_out_in_half_precision_stays():
+    """torch's half kernel rounds once; the decomposition rounds after every op."""
+    build = lambda g, x: [g.add("div", g.add("mul", x, _relu6_x_plus_3(g, x)), g.const(torch.tensor(6)))]  # noqa: E731
+    check_fold(build, build, [((2, 3, 4), torch.float16)])
 
 
 def test_activation_of_a_reshape_sinks_below_it():
