@@ -173,6 +173,23 @@ class _Node:
 SPECIALISE_LIMIT = 1 << 12
 
 
+
+def inline_graph(n, graph, values=()) -> list:
+    """The outputs of subgraph `graph` (an If's branch, a Loop's or Scan's body) with its inputs bound
+    to `values` (IR nodes), converted into the enclosing graph: its nodes see the enclosing scope,
+    and their names do not leak out of it."""
+    scope = dict(n.env)
+    for t in graph.initializer:
+        scope[t.name] = n.g.const(_tensor(t), name=t.name)
+    for vi, v in zip(graph.input, values):
+        scope[vi.name] = v
+    for node in graph.node:
+        _convert(n.g, scope, node, n.opset)
+    missing = [o.name for o in graph.output if o.name not in scope]
+    if missing:
+        raise ModelFileError(f"ONNX node {n.name!r} ({n.proto.op_type}): subgraph outputs {missing} are produced by no node")
+    return [scope[o.name] for o in graph.output]
+
 def specialise(n: _Node, x: Node, what: str) -> torch.Tensor:
     """x's value on the example inputs (load_onnx's `graph._examples`), computed by the reference
     functions of x and the nodes it depends on; records the inputs it read in `graph.specialised`."""

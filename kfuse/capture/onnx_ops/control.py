@@ -6,28 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import ModelFileError
 from ..common import reshape
-from .common import _axis, _convert, _slice_axis, _tensor, handler
+from .common import _axis, _slice_axis, handler, inline_graph
 
 # A loop unrolled over more iterations than this is a clear error (each iteration is a copy of the body).
 MAX_UNROLL = 4096
-
-
-def _body(n, graph, values):
-    """The outputs of subgraph `graph` with its inputs bound to `values` (IR nodes), converted into
-    the enclosing graph."""
-    scope = dict(n.env)
-    for t in graph.initializer:
-        scope[t.name] = n.g.const(_tensor(t), name=t.name)
-    for vi, v in zip(graph.input, values):
-        scope[vi.name] = v
-    for node in graph.node:
-        _convert(n.g, scope, node, n.opset)
-    missing = [o.name for o in graph.output if o.name not in scope]
-    if missing:
-        raise ModelFileError(f"ONNX node {n.name!r} ({n.proto.op_type}): body outputs {missing} are produced by no node")
-    return [scope[o.name] for o in graph.output]
 
 
 def _take(n, x, axis, t):
@@ -53,7 +36,7 @@ def _scan_steps(n, body, states, scans, in_axes, in_dirs, out_axes, out_dirs):
     outs = None
     for t in range(steps):
         slices = [_take(n, x, a, steps - 1 - t if d else t) for x, a, d in zip(scans, in_axes, in_dirs)]
-        result = _body(n, body, list(states) + slices)
+        result = inline_graph(n, body, list(states) + slices)
         states, step_outs = result[:len(states)], result[len(states):]
         outs = [[o] for o in step_outs] if outs is None else [acc + [o] for acc, o in zip(outs, step_outs)]
     stacked = []
@@ -98,7 +81,7 @@ def _loop(n, trip_count, cond, *carried):
         if i == MAX_UNROLL:
             n.unsupported(f"a loop of over {MAX_UNROLL} iterations")
         cond_in = n.const(True) if cond is None else n.const(go)
-        result = _body(n, body, [n.const(torch.tensor(i, dtype=torch.int64)), cond_in] + carried)
+        result = inline_graph(n, body, [n.const(torch.tensor(i, dtype=torch.int64)), cond_in] + carried)
         go = bool(n.value(result[0], "the condition").reshape(-1)[0])
         carried, step_outs = result[1:1 + len(carried)], result[1 + len(carried):]
         outs = [[o] for o in step_outs] if outs is None else [acc + [o] for acc, o in zip(outs, step_outs)]

@@ -7,10 +7,9 @@ import math
 import numpy as np
 import torch
 
-from ...errors import ModelFileError
 from ...ir import Node
 from ..common import reshape
-from .common import _axis, _convert, _Node, _pad, _slice_axis, _tensor, handler
+from .common import _axis, _Node, _pad, _slice_axis, handler, inline_graph
 from .sampling import resize_by_matrices
 
 # -- constants and shapes -------------------------------------------------------------------------
@@ -59,15 +58,7 @@ def _if(n, cond):
     if cond.numel != 1:
         n.fail(f"the condition has {cond.numel} elements, not one")
     branch = n.attr("then_branch" if bool(n.value(cond, "the condition").reshape(-1)[0]) else "else_branch")
-    scope = dict(n.env)
-    for t in branch.initializer:
-        scope[t.name] = n.g.const(_tensor(t), name=t.name)
-    for node in branch.node:
-        _convert(n.g, scope, node, n.opset)
-    missing = [o.name for o in branch.output if o.name not in scope]
-    if missing:
-        raise ModelFileError(f"ONNX node {n.name!r} (If): branch outputs {missing} are produced by no node")
-    return [scope[o.name] for o in branch.output]
+    return inline_graph(n, branch)
 
 
 # -- data movement --------------------------------------------------------------------------------
