@@ -7,18 +7,20 @@ as torch.compile's freezing does: GEMM weights are packed once. A parameter obje
 changed in place (its version counter moves) is seen at the next call and compiles again.
 
 A graph with symbolic sizes (torch.compile's automatic dynamic shapes after a size changed, or
-dynamic=True) runs by one of two strategies, chosen from the share of its work on static shapes:
+dynamic=True) runs by one of three strategies, chosen from the share of its work on static shapes:
   partitioned   the graph split into runs of ops whose shapes are all static, each compiled once by
                 kfuse, and the ops that touch a symbolic size between them run by torch with the
                 sizes of the call (a decode step: every projection, norm and MLP static, only the
                 KV-cache concatenation and the attention over it symbolic);
   specialised   one kfuse program per distinct set of sizes, compiled on first sight (a prefill whose
-                every op depends on the prompt length).
-`compilations()` lists what this process compiled and how; `DynamoGraph.summary()` says why.
+                every op depends on the prompt length);
+  torch         no contraction at all (mask arithmetic between graph breaks): run as traced.
+`compilations()` lists the graphs in use and how each runs; `DynamoGraph.summary()` says why.
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.fx
@@ -31,12 +33,23 @@ from .errors import KfuseError
 PARTITION_MIN_STATIC = 0.5
 MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it partitions instead
 
-_COMPILED: list = []
+_COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torch._dynamo.reset frees them)
 
 
-def compilations() -> list:
-    """The DynamoGraphs this process compiled, in order (each: .strategy, .summary(), .programs())."""
-    return list(_COMPILED)
+def compilations(since: int = 0) -> list:
+    """The DynamoGraphs still in use, in the order they were compiled, numbered from `since` on (each:
+    .number, .strategy, .summary(), .programs(), .reports())."""
+    live = [g for g in (r() for r in _COMPILED) if g is not None]
+    _COMPILED[:] = [weakref.ref(g) for g in live]
+    return [g for g in live if g.number >= since]
+
+
+def compiled_count() -> int:
+    """How many Dynamo graphs this process has compiled (the next graph's .number)."""
+    return _next_number[0]
+
+
+_next_number = [0]
 
 
 def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
@@ -45,7 +58,8 @@ def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     options = check_options(options.pop("backend", None) or ("triton" if cuda else "cpu"), options)
     graph = DynamoGraph(gm, list(example_inputs), options)
-    _COMPILED.append(graph)
+    graph.number, _next_number[0] = _next_number[0], _next_number[0] + 1
+    _COMPILED.append(weakref.ref(graph))
     return graph
 
 

@@ -3,6 +3,8 @@
 eager's tokens, with a handful of compilations, not one per length."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -45,18 +47,18 @@ def test_generate_matches_eager(arch, cache):
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     ids = torch.randint(1, VOCAB, (1, 7))
     want = _generate(model, ids, 12, **kw)
-    before = len(kfuse.dynamo.compilations())
+    before = kfuse.dynamo.compiled_count()
     model.forward = torch.compile(model.forward, backend="kfuse")
     got = _generate(model, ids, 12, **kw)
     assert torch.equal(got, want)
-    graphs = kfuse.dynamo.compilations()[before:]
+    graphs = kfuse.dynamo.compilations(since=before)
     assert 1 <= len(graphs) <= 4, [g.summary() for g in graphs]
     assert all(g.strategy != "torch" or g.n_ops < 40 for g in graphs), [g.summary() for g in graphs]
     assert not any(s.fallback for g in graphs for s in g._segments), [g.summary() for g in graphs]
     # a second generate of the same prompt length compiles nothing more: no program per length
     programs = sum(g.programs() for g in graphs)
     assert torch.equal(_generate(model, ids, 12, **kw), want)
-    assert len(kfuse.dynamo.compilations()) == before + len(graphs)
+    assert kfuse.dynamo.compiled_count() == before + len(graphs)
     assert sum(g.programs() for g in graphs) == programs
 
 
@@ -66,10 +68,10 @@ def test_decode_graph_is_partitioned_and_fused():
     model = _model("llama")
     ids = torch.randint(1, VOCAB, (2, 5))
     want = _generate(model, ids, 10)
-    before = len(kfuse.dynamo.compilations())
+    before = kfuse.dynamo.compiled_count()
     model.forward = torch.compile(model.forward, backend="kfuse")
     assert torch.equal(_generate(model, ids, 10), want)
-    graphs = kfuse.dynamo.compilations()[before:]
+    graphs = kfuse.dynamo.compilations(since=before)
     decode = [g for g in graphs if g.strategy == "partitioned"]
     assert decode, [g.summary() for g in graphs]
     fused = {name for g in decode for r in g.reports() for name in r.fusions}
@@ -84,10 +86,10 @@ def test_static_cache_written_in_place():
     model = _model("llama")
     ids = torch.randint(1, VOCAB, (1, 6))
     want = _generate(model, ids, 6, cache_implementation="static")
-    before = len(kfuse.dynamo.compilations())
+    before = kfuse.dynamo.compiled_count()
     model.forward = torch.compile(model.forward, backend="kfuse")
     assert torch.equal(_generate(model, ids, 6, cache_implementation="static"), want)
-    graphs = kfuse.dynamo.compilations()[before:]
+    graphs = kfuse.dynamo.compilations(since=before)
     programs = [s.cm._last for g in graphs for s in g._segments if s.cm is not None]
     inplace = [n for p in programs for n in p.graph.nodes if n.op == "index_put" and n.attrs.get("inplace")]
     assert len(inplace) >= 4, "2 layers x (keys, values) written in place by the decode step"
@@ -98,8 +100,14 @@ def test_dynamic_true():
     model = _model("gpt2")
     ids = torch.randint(1, VOCAB, (1, 6))
     want = _generate(model, ids, 8)
+    before = kfuse.dynamo.compiled_count()
     model.forward = torch.compile(model.forward, backend="kfuse", dynamic=True)
     assert torch.equal(_generate(model, ids, 8), want)
+    assert kfuse.dynamo.compilations(since=before)
+    # kfuse keeps no compiled graph (nor its weights) alive once Dynamo lets go of it
+    torch._dynamo.reset()
+    gc.collect()
+    assert kfuse.dynamo.compilations(since=before) == []
 
 
 def test_weights_are_frozen_but_changes_are_seen():
@@ -132,13 +140,13 @@ def test_encoder_with_dynamic_sizes_runs_static_programs():
     from kfuse.models import build
     from helpers import assert_close
     model, (ids, mask) = build("bert", batch=1, seq=16, layers=1)
-    before = len(kfuse.dynamo.compilations())
+    before = kfuse.dynamo.compiled_count()
     compiled = torch.compile(model, backend="kfuse", dynamic=True)
     with torch.no_grad():
         for seq in (16, 24, 16):
             ids, mask = torch.randint(1, 100, (1, seq)), torch.ones(1, seq, dtype=torch.long)
             assert_close(compiled(ids, mask), model(ids, mask))
-    graphs = kfuse.dynamo.compilations()[before:]
+    graphs = kfuse.dynamo.compilations(since=before)
     assert [g.strategy for g in graphs] == ["specialised"], [g.summary() for g in graphs]
     assert graphs[0].programs() == 2 and "2 size set(s)" in graphs[0].summary()
     assert any(r.fusions for r in graphs[0].reports())
