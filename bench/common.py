@@ -150,9 +150,11 @@ class Bench:
         return res
 
     def report(self, res, providers):
-        base = min(res[n]["ms"] for n in res if n.startswith(("eager", "torch.compile")))
+        torch_names = [n for n in res if n.startswith(("eager", "torch.compile"))]
+        # ratios against the faster torch provider; against the first provider when none ran (--providers)
+        base = min(res[n]["ms"] for n in torch_names or list(res)[:1])
         cpu = all(r.get("cpu") for r in res.values())
-        cbase = min(res[n]["cpu"] for n in res if n.startswith(("eager", "torch.compile"))) if cpu else 0
+        cbase = min(res[n]["cpu"] for n in torch_names or list(res)[:1]) if cpu else 0
         print(f"\n{self.family}: {self.case}   ({self.bytes / 1e6:.2f} MB moved per call, "
               f"{torch.get_num_threads()} threads)")
         print(f"{'provider':<22}{'median ms':>11}{'IQR ms':>17}{'GB/s':>8}{'faults/call':>13}{'vs best torch':>15}"

@@ -29,8 +29,10 @@ from ...errors import KfuseError
 # (x - mean(x) over a row of one element was not 0: tests/unit/test_fuzz.py::
 # test_norm_of_a_norm_over_rows_of_one). The vecmath polynomials in vecmath.py call fmaf explicitly,
 # which still compiles to FMA instructions (bit-identical to the contracted code over all 2^32 inputs).
+# -fwrapv: int64 arithmetic wraps (ONNX's uint64 carried as int64 relies on it; torch's int64 ops wrap
+# too); bench_norm/softmax/swiglu/gelu timed the same with it.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
-         "-fno-trapping-math", "-ffp-contract=off"]
+         "-fno-trapping-math", "-ffp-contract=off", "-fwrapv"]
 LIBS = ["-lm", "-lmvec"]
 
 

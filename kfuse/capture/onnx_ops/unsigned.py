@@ -13,7 +13,8 @@ reads a carrier as a signed int64 by mistake:
   and their result is a carrier of the same type;
 - Add, Sub, Mul and Sum wrap as ONNX's unsigned arithmetic does: modulo 2^k (a remainder) for
   uint16/uint32, multiplied in 16-bit halves so no int64 product overflows; uint64 as two's
-  complement int64 arithmetic, which wraps with the same bits;
+  complement int64 arithmetic, which wraps with the same bits (torch's int64 ops wrap, and the C
+  kernels are compiled with -fwrapv, so signed overflow is defined there too);
 - comparisons, Max/Min, Div and Mod: the int64 ops are exact for uint16/uint32 (non-negative values);
   uint64 compares by sign first (a <u b is a < b when the signs agree, else a >= 0) and divides with
   one halving step (`_divmod_u64`);
