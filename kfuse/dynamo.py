@@ -338,38 +338,35 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True)
 
 
-SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-
-
 def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:
     """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`."""
     hit = False
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in SDPA:
+        if n.op == "call_function" and n.target in ATTENTION:
             n.target, hit = sdpa, True
     if hit:
         gm.recompile()
 
 
-def _number_outputs(gm: torch.fx.GraphModule) -> list[int]:
-    """Positions of the outputs the graph returns as Python numbers (SymInts, ints, floats)."""
+def _traced_outputs(gm: torch.fx.GraphModule) -> list:
+    """The value Dynamo traced for each output of the graph (None for a literal), in order."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if not isinstance(out, (tuple, list)):
         return []
-    return [i for i, a in enumerate(out) if isinstance(a, torch.fx.Node)
-            and isinstance(_val(a), (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(_val(a), bool)]
+    return [_val(a) if isinstance(a, torch.fx.Node) else None for a in out]
+
+
+def _number_outputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of the outputs the graph returns as Python numbers (SymInts, ints, floats)."""
+    return [i for i, v in enumerate(_traced_outputs(gm))
+            if isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)]
 
 
 def _output_strides(gm: torch.fx.GraphModule) -> dict[int, tuple]:
     """Output position -> the strides Dynamo traced for it, where they are static numbers. Dynamo's
     guards on the next call check them (a KV cache fed back in): kfuse's outputs must match."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    strides = {}
-    for i, a in enumerate(out.args[0]):
-        val = _val(a) if isinstance(a, torch.fx.Node) else None
-        if isinstance(val, torch.Tensor) and not _symbols(val):
-            strides[i] = tuple(val.stride())
-    return strides
+    return {i: tuple(v.stride()) for i, v in enumerate(_traced_outputs(gm))
+            if isinstance(v, torch.Tensor) and not _symbols(v)}
 
 
 def _restride(outs, strides: dict):
@@ -379,7 +376,7 @@ def _restride(outs, strides: dict):
         t = outs[i]
         if isinstance(t, torch.Tensor) and t.stride() != want:
             fixed = fixed or list(outs)
-            fixed[i] = torch.empty_strided(t.shape, want, dtype=t.dtype).copy_(t)
+            fixed[i] = torch.empty_strided(t.shape, want, dtype=t.dtype, device=t.device).copy_(t)
     return outs if fixed is None else type(outs)(fixed) if isinstance(outs, tuple) else fixed
 
 

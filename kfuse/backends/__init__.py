@@ -332,7 +332,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             note = f"fell back to the reference path: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             report.fallbacks.append(f"{'+'.join(n.op for n in nodes)}: {note}")
         fn = None
-    writes_into = fn is not None and kind in WRITES_INTO and not (backend == "triton" and kind == "linear")
+    writes_into = fn is not None and kind in WRITES_INTO
     note = getattr(fn, "note", note)
     sources = getattr(fn, "sources", list)
     if fn is None:

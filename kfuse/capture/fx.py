@@ -211,11 +211,8 @@ def _mutations(g: Graph, sig, user: list[str]) -> None:
     g.outputs = [o for o, k in zip(g.outputs, keep) if k] + [o for o, _ in writes]
     g.output_names = [n for n, k in zip(g.output_names, keep) if k] + [f"{user[i]} (written in place)" for _, i in writes]
     g.mutated = [i for _, i in writes]
-    readers: dict[Node, int] = {}
-    for n in g.nodes:
-        for i in set(n.inputs):
-            readers[i] = readers.get(i, 0) + 1
+    users = g.users()
     for new, i in writes:
         x = g.inputs[i]
-        if new.op == "index_put" and new.inputs[0] is x and readers.get(x) == 1 and x not in g.outputs:
+        if new.op == "index_put" and new.inputs[0] is x and set(users[x]) == {new} and x not in g.outputs:
             new.attrs["inplace"] = True

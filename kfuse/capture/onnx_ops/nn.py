@@ -114,16 +114,27 @@ def _topk(n, x, k=None):
     return [values, _slice_axis(n, order, axis, 0, kk, 1)]
 
 
-@handler("CumSum")
-def _cumsum(n, x, axis):
-    axis = _axis(int(n.value(axis, "axis").item()), len(x.shape))
-    flip = torch.arange(x.shape[axis] - 1, -1, -1)
-    if n.attr("reverse", 0):
-        x = n.add("gather", x, n.const(flip), axis=axis)
-    y = _cast_like(n, n.add("cumsum", x, axis=axis), x)   # torch sums small integers as int64
-    if n.attr("exclusive", 0):
-        y = n.add("sub", y, x)
-    return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y
+def _cumulative(op):
+    """CumSum / CumProd: `reverse` scans the axis flipped (a gather before and after); `exclusive`
+    subtracts x from the sum, and for the product shifts x by one along the axis (a 1 first)."""
+    def handler(n, x, axis):
+        axis = _axis(int(n.value(axis, "axis").item()), len(x.shape))
+        flip = torch.arange(x.shape[axis] - 1, -1, -1)
+        reverse, exclusive = n.attr("reverse", 0), n.attr("exclusive", 0)
+        if reverse:
+            x = n.add("gather", x, n.const(flip), axis=axis)
+        if exclusive and op == "cumprod" and x.shape[axis]:
+            ones = n.const(torch.ones(x.shape[:axis] + (1,) + x.shape[axis + 1:], dtype=x.dtype))
+            x = n.add("concat", ones, _slice_axis(n, x, axis, 0, x.shape[axis] - 1, 1), axis=axis)
+        y = _cast_like(n, n.add(op, x, axis=axis), x)   # torch sums small integers as int64
+        if exclusive and op == "cumsum":
+            y = n.add("sub", y, x)
+        return n.add("gather", y, n.const(flip), axis=axis) if reverse else y
+    return handler
+
+
+handler("CumSum")(_cumulative("cumsum"))
+handler("CumProd")(_cumulative("cumprod"))
 
 
 def _softmax(op):
@@ -479,20 +490,6 @@ handler("Conv")(_windows_1d(_conv))
 handler("ConvTranspose")(_windows_1d(_conv_transpose))
 handler("MaxPool")(_windows_1d(_max_pool))
 handler("AveragePool")(_windows_1d(_avg_pool))
-
-
-@handler("CumProd")
-def _cumprod(n, x, axis):
-    """Like CumSum; exclusive shifts x by one along the axis (a 1 first) instead of dividing."""
-    axis = _axis(int(n.value(axis, "axis").item()), len(x.shape))
-    flip = torch.arange(x.shape[axis] - 1, -1, -1)
-    if n.attr("reverse", 0):
-        x = n.add("gather", x, n.const(flip), axis=axis)
-    if n.attr("exclusive", 0) and x.shape[axis]:
-        ones = n.const(torch.ones(x.shape[:axis] + (1,) + x.shape[axis + 1:], dtype=x.dtype))
-        x = n.add("concat", ones, _slice_axis(n, x, axis, 0, x.shape[axis] - 1, 1), axis=axis)
-    y = _cast_like(n, n.add("cumprod", x, axis=axis), x)
-    return n.add("gather", y, n.const(flip), axis=axis) if n.attr("reverse", 0) else y
 
 
 @handler("Hardmax")
