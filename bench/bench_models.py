@@ -1,28 +1,35 @@
 """End-to-end models: kfuse vs PyTorch eager, torch.compile (Inductor) and ONNX Runtime, side by side.
 
-    python bench/bench_models.py [--models minilm-b1,minilm-b8,gpt2,llama] [--rounds N] [--profile]
-    python bench/bench_models.py --models mobilenetv3-b1,efficientnet_b0-b1,convnext_tiny-b1,regnety_1_6gf-b1,unet-b1
+    python bench/bench_models.py [--models minilm-b1,minilm-b8,gpt2,llama] [--rounds N] [--repeat K] [--profile]
+    python bench/bench_models.py --models cnn        # every built-in CNN at batch 1 and 8 (cnn-b1, cnn-b8: one)
+    python bench/bench_models.py --models mobilenetv3-b1,unet-b8 --only ort
 
 Models: the real all-MiniLM-L6-v2 (BertModel, tests/helpers.minilm()) at batch 1 and batch 8
 x seq 128 with padding masks; the built-in GPT-2-style (hidden 384, 6 layers) and Llama-style (hidden
-512, 8 layers, GQA 8/2 heads, FFN 1408) at batch 1 x seq 128. Everyone gets the same inputs and 2
-threads (common.py re-executes the script with the malloc thresholds and thread variables set).
-Competitors, each tried in every configuration listed, all timed in the same rotation:
-  - torch.compile: default; freezing + dynamic=False; freezing + dynamic=True, each compiled in a
-    fresh (never compiled) copy of the model;
+512, 8 layers, GQA 8/2 heads, FFN 1408) at batch 1 x seq 128; the built-in CNNs as NAME-bBATCH
+(resnet50, mobilenetv2, mobilenetv3, efficientnet_b0, convnext_tiny, regnety_1_6gf at 224x224, unet at 64x64).
+Competitors, each tried in every configuration listed:
+  - torch.compile: default; freezing + dynamic=False; freezing + dynamic=True;
   - ONNX Runtime (ORT_ENABLE_ALL): the dynamo and the TorchScript (legacy) exports, and each passed
     through onnxruntime.transformers' optimizer (model_type bert / gpt2) where that applies.
-A configuration that fails (export error, optimizer crash) is printed with its reason and skipped.
-The torch-based providers (kfuse, eager, Inductor) are timed in one rotation, then each ONNX Runtime
-session alone: ORT's spinning intra-op threads otherwise slow whatever runs after them. `--only inductor` or `--only ort`
-keeps one competitor family (kfuse and eager always run).
-Every provider is checked against eager (max abs error) before timing. `--profile` times every
-kernel of kfuse's compiled program and prints where the time goes, by kernel name and backend.
+Each provider (each configuration) is built, checked and timed in its own process (`--worker MODEL
+PROVIDER`, spawned by this script): ONNX Runtime's spinning intra-op threads slow torch's OpenMP pool
+and each other, and Inductor's compile leaves state behind. The worker builds the model (seeded: the
+same weights in every process), checks the provider's output against an eager run of it (max abs
+error) and times it with common.measure. The parent exports the ONNX files once into a temp dir; the
+ONNX Runtime workers load them. With `--repeat K` the whole set of processes runs K times in rotated
+order and the run with the median time is reported per provider. Every child inherits this process's
+env (common.py re-executes the script with the malloc thresholds and thread variables set: 2 threads).
+A configuration that fails (export error, optimizer crash, wrong numbers) is printed with its reason and
+skipped. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run).
+`--profile` times every kernel of kfuse's compiled program (in the kfuse worker) and prints where the
+time goes, by kernel name and backend.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +37,7 @@ import tempfile
 import time
 import traceback
 
-from common import ROUNDS, commit, machine, measure  # re-executes with the malloc/thread env first
+from common import ROUNDS, commit, machine, measure, median_run, run_worker  # re-executes with the malloc/thread env
 
 import torch
 import torch.utils._pytree as pytree
@@ -39,13 +46,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 THREADS = torch.get_num_threads()
 
-import kfuse  # noqa: E402
 from kfuse.models import CNN_MODELS, build, token_inputs  # noqa: E402
 
 MODELS = ["minilm-b1", "minilm-b8", "gpt2", "llama", "resnet50-b1", "mobilenetv2-b1"]
-# every built-in CNN, as NAME-bBATCH (not run by default): resnet50, mobilenetv2, mobilenetv3, efficientnet_b0,
-# convnext_tiny, regnety_1_6gf (224x224) and unet (64x64)
-CNNS = [f"{name}-b1" for name in CNN_MODELS]
+# every built-in CNN at batch 1 and 8, as NAME-bBATCH (not run by default): `--models cnn`, `cnn-b1`, `cnn-b8`
+CNN_BATCHES = (1, 8)
+SHORTHANDS = {"cnn": [f"{n}-b{b}" for n in CNN_MODELS for b in CNN_BATCHES],
+              **{f"cnn-b{b}": [f"{n}-b{b}" for n in CNN_MODELS] for b in CNN_BATCHES}}
+
+
+def model_names(spec: str) -> list[str]:
+    """--models: comma-separated names and shorthands (cnn, cnn-b1, cnn-b8), duplicates dropped."""
+    out = []
+    for name in filter(None, spec.split(",")):
+        for n in SHORTHANDS.get(name, [name]):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def known(name: str) -> bool:
+    arch, _, batch = name.partition("-b")
+    if name.startswith("minilm"):
+        return batch.isdigit()
+    return name in ("gpt2", "llama") or (arch in CNN_MODELS and (not batch or batch.isdigit()))
 
 
 def make_model(name: str):
@@ -67,16 +91,18 @@ def make_model(name: str):
     if arch in CNN_MODELS:     # resnet50-b1, mobilenetv2-b8, ...: at the model's own size (IMAGE_MODELS)
         model, inputs = build(arch, batch=int(batch or 1))
         return model, inputs, None
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS + CNNS[2:])}")
+    raise ValueError(f"unknown model {name!r}")
 
 
 def leaves(out) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def fail(what: str, e: BaseException):
-    msg = str(e).strip().splitlines()
-    print(f"  {what}: FAILED, {type(e).__name__}: {msg[0][:200] if msg else ''}")
+def fail(what: str, e: BaseException | str):
+    if isinstance(e, BaseException):
+        msg = str(e).strip().splitlines()
+        e = f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+    print(f"  {what}: FAILED, {e}", flush=True)
 
 
 # -- competitors ------------------------------------------------------------------------------------
@@ -88,29 +114,21 @@ INDUCTOR = {  # name: (freezing, dynamic)
 }
 
 
-def inductor_providers(fresh_copies: dict, inputs) -> dict:
-    """torch.compile of a fresh copy per configuration; compiled (first calls) under its own config."""
+def inductor_provider(model, inputs, cfgname: str):
+    """torch.compile of a fresh (never compiled) model under one INDUCTOR configuration, first calls made."""
     import torch._inductor.config as icfg
-    torch._dynamo.reset()            # the previous model's compiled frames are no longer used
     for limit in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
-    out = {}
-    for cfgname, (freezing, dynamic) in INDUCTOR.items():
-        icfg.freezing = freezing
-        try:
-            t0 = time.perf_counter()
-            c = torch.compile(fresh_copies[cfgname], dynamic=dynamic)
-            with torch.no_grad():
-                for _ in range(3):
-                    c(*inputs)
-            print(f"  inductor {cfgname}: compiled in {time.perf_counter() - t0:.1f} s")
-            out[f"inductor:{cfgname}"] = (lambda c=c: c(*inputs))
-        except Exception as e:  # noqa: BLE001 - report and move on
-            fail(f"inductor {cfgname}", e)
-        finally:
-            icfg.freezing = False
-    return out
+    freezing, dynamic = INDUCTOR[cfgname]
+    icfg.freezing = freezing
+    t0 = time.perf_counter()
+    c = torch.compile(model, dynamic=dynamic)
+    with torch.no_grad():
+        for _ in range(3):
+            c(*inputs)
+    print(f"inductor {cfgname}: compiled in {time.perf_counter() - t0:.1f} s")
+    return lambda: c(*inputs)
 
 
 def ort_session(path: str):
@@ -156,7 +174,9 @@ class Positional(torch.nn.Module):
         return tuple(leaves(self.model(input_ids, attention_mask=attention_mask)))
 
 
-def ort_providers(model, inputs, opt: dict | None, tmp: str) -> dict:
+def onnx_exports(model, inputs, opt: dict | None, tmp: str) -> dict:
+    """{"ort:<config>": path}: the dynamo and legacy exports into tmp, each also through the transformer
+    optimizer where `opt` names a model type. Failures are printed and left out."""
     out = {}
     tokens = len(inputs) == 2 and not inputs[0].dtype.is_floating_point
     model = Positional(model).eval() if tokens else model.eval()
@@ -167,26 +187,18 @@ def ort_providers(model, inputs, opt: dict | None, tmp: str) -> dict:
             t0 = time.perf_counter()
             kw = dict(dynamo=True, optimize=True) if dynamo else dict(dynamo=False, opset_version=17)
             torch.onnx.export(model, tuple(inputs), path, input_names=names, **kw)
-            print(f"  onnx export ({exporter}): {time.perf_counter() - t0:.1f} s")
+            print(f"  onnx export ({exporter}): {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # noqa: BLE001
             fail(f"onnx export ({exporter})", e)
             continue
-        variants = [(f"ort:{exporter}", path)]
+        out[f"ort:{exporter}"] = path
         if opt is not None:
             dst = os.path.join(tmp, f"{exporter}_opt.onnx")
             why = optimize_in_subprocess(path, dst, opt)
             if why:
                 print(f"  ORT transformer optimizer ({opt['model_type']}) on the {exporter} export: FAILED, {why}")
             else:
-                variants.append((f"ort:{exporter}+opt({opt['model_type']})", dst))
-        for name, p in variants:
-            try:
-                sess = ort_session(p)
-                feeds = ort_feeds(sess, inputs)
-                sess.run(None, feeds)
-                out[name] = (lambda s=sess, f=feeds: s.run(None, f))
-            except Exception as e:  # noqa: BLE001
-                fail(name, e)
+                out[f"ort:{exporter}+opt({opt['model_type']})"] = dst
     return out
 
 
@@ -257,84 +269,151 @@ def profile_kfuse(cm, inputs, calls: int = 20):
         print(f"  {name[:29]:<30}{backend[:25]:<26}{n:>6}{ms:>9.3f}{ms / total * 100:>6.1f}{gf}")
 
 
-def bench_model(name: str, rounds: int, profile: bool, only: tuple = ()) -> dict | None:
-    print(f"\n=== {name} ===")
-    model, inputs, opt = make_model(name)
-    # fresh, never-compiled copies for every compiler, made before anything is compiled
-    copies = {k: copy.deepcopy(model) for k in ["kfuse", *INDUCTOR]}
+# -- the worker: one provider of one model in this process --------------------------------------------------
+
+def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profile: bool) -> dict:
+    """Build the model and the provider, check it against eager, time it: the result for the parent."""
+    model, inputs, _ = make_model(model_name)
+    # a fresh, never-run copy for a compiler, made before the eager reference call
+    fresh = copy.deepcopy(model) if provider == "kfuse" or provider.startswith("inductor:") else None
     with torch.no_grad():
         ref = leaves(model(*inputs))
-    providers = {}
-    t0 = time.perf_counter()
-    try:
-        cm = kfuse.compile(copies["kfuse"], tuple(inputs))
+    cm = None
+    if provider == "kfuse":
+        import kfuse
+        t0 = time.perf_counter()
+        cm = kfuse.compile(fresh, tuple(inputs))
         cm(*inputs)
-        print(f"  kfuse: compiled in {time.perf_counter() - t0:.1f} s, {len(cm.report().kernels)} kernels")
-        providers["kfuse"] = lambda: cm(*inputs)
-    except Exception as e:  # noqa: BLE001
-        fail("kfuse", e)
-        traceback.print_exc()
-        cm = None
-    providers["eager"] = lambda: model(*inputs)
-    if not only or "inductor" in only:
-        providers.update(inductor_providers(copies, inputs))
-    with tempfile.TemporaryDirectory() as tmp:
-        if not only or "ort" in only:
-            providers.update(ort_providers(model, inputs, opt, tmp))
-
-    print("  max abs error against eager:")
-    for n, f in list(providers.items()):
-        try:
-            with torch.no_grad():
-                err = max_err(f(), ref)
-            print(f"    {n:<32}{err:.2e}")
-            if not err <= 1e-4 * max(1.0, max(r.abs().max().item() for r in ref)):
-                print(f"    {n}: error too large (computes another function), not timed")
-                del providers[n]
-        except Exception as e:  # noqa: BLE001
-            fail(n, e)
-            del providers[n]
-
-    # ONNX Runtime's intra-op threads keep spinning after its calls and slow whatever torch-based
-    # provider runs next in the process (measured on MiniLM b1: kfuse 7.6 ms alone or beside Inductor,
-    # 10.3 ms median when rotated with three ORT sessions; Inductor 8.8 -> 9.1-10.0). So the torch
-    # family (kfuse, eager, Inductor) and the ORT family are each timed in their own rotation.
-    # For the same reason each ORT session is timed alone: rotated together, each session's spinning
-    # threads slowed the next one (GPT-2, dynamo export: p10 7.95 ms, median 9.43 ms).
-    torch_family = {n: f for n, f in providers.items() if not n.startswith("ort:")}
-    res = measure(torch_family, rounds, block_s=0.1)
-    for n, f in providers.items():
-        if n.startswith("ort:"):
-            res.update(measure({n: f}, rounds, block_s=0.1))
-    print(f"\n  {name}: median over {rounds} rounds, {THREADS} threads")
-    print(f"  {'provider':<32}{'median ms':>10}{'p10-p90 ms':>18}{'calls/block':>12}{'faults/call':>12}")
-    for n, r in sorted(res.items(), key=lambda kv: kv[1]["ms"]):
-        print(f"  {n:<32}{r['ms']:>10.3f}{r['p10']:>9.3f}-{r['p90']:<8.3f}{r['calls']:>12}{r['faults']:>12.1f}")
+        print(f"kfuse: compiled in {time.perf_counter() - t0:.1f} s, {len(cm.report().kernels)} kernels")
+        f = lambda: cm(*inputs)
+    elif provider == "eager":
+        f = lambda: model(*inputs)
+    elif provider.startswith("inductor:"):
+        f = inductor_provider(fresh, inputs, provider[len("inductor:"):])
+    elif provider.startswith("ort:"):
+        del model                      # only the reference was needed
+        sess = ort_session(onnx)
+        feeds = ort_feeds(sess, inputs)
+        sess.run(None, feeds)
+        f = lambda: sess.run(None, feeds)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    with torch.no_grad():
+        err = max_err(f(), ref)
+    scale = max(1.0, max(r.abs().max().item() for r in ref))
+    if not err <= 1e-4 * scale:
+        return {"error": f"max abs error {err:.2e} against eager (computes another function), not timed"}
+    res = measure({provider: f}, rounds, block_s=0.1)[provider]
+    res["err"] = err
     if profile and cm is not None:
         profile_kfuse(cm, inputs)
     return res
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS))
+def worker_main(argv: list[str]):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "PROVIDER"))
     ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--onnx")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        res = worker(*a.worker, a.rounds, a.onnx, a.profile)
+    except Exception as e:  # noqa: BLE001 - the parent prints the reason and moves on
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()
+        res = {"error": f"{type(e).__name__}: {msg[0][:200] if msg else ''}"}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# -- the parent: processes per model and provider, tables ----------------------------------------------------
+
+def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat: int = 1) -> dict | None:
+    print(f"\n=== {name} ===", flush=True)
+    names = ["kfuse", "eager"]
+    if not only or "inductor" in only:
+        names += [f"inductor:{c}" for c in INDUCTOR]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = {}
+        if not only or "ort" in only:
+            try:
+                model, inputs, opt = make_model(name)
+                onnx = onnx_exports(model, inputs, opt, tmp)
+                del model
+            except Exception as e:  # noqa: BLE001 - the torch providers still run
+                fail("onnx export", e)
+        names += list(onnx)
+        runs: dict = {n: [] for n in names}
+        failed = set()
+        for turn in range(repeat):          # in turns, rotated: a busy spell of the machine hits one turn
+            order = names[turn % len(names):] + names[:turn % len(names)]
+            if repeat > 1:
+                print(f"  -- turn {turn + 1}/{repeat}: {', '.join(n for n in order if n not in failed)}", flush=True)
+            for n in order:
+                if n in failed:
+                    continue
+                if turn == 0:
+                    print(f"  {n}: building in its own process", flush=True)
+                argv = [os.path.abspath(__file__), "--worker", name, n, "--rounds", str(rounds)]
+                if n in onnx:
+                    argv += ["--onnx", onnx[n]]
+                if profile and n == "kfuse" and turn == 0:
+                    argv.append("--profile")
+                r = run_worker(argv, echo="    " if turn == 0 else None)
+                if "error" in r:
+                    fail(n, r["error"])
+                    failed.add(n)
+                    continue
+                runs[n].append(r)
+                print(f"    {n}: {r['ms']:.3f} ms, max abs err {r['err']:.2e}", flush=True)
+    res = {n: median_run(r) for n, r in runs.items() if r and n not in failed}
+    if not res:
+        return None
+    turns = f", median of {repeat} processes each" if repeat > 1 else ""
+    print(f"\n  {name}: median over {rounds} rounds, {THREADS} threads, each provider in its own process{turns}")
+    cpu = all(r.get("cpu") for r in res.values())     # KFUSE_BENCH_THREADS=1: cpu ms of the calling thread
+    print(f"  {'provider':<32}{'median ms':>10}{'p10-p90 ms':>18}{'calls/block':>12}{'faults/call':>12}"
+          f"{'max abs err':>13}" + (f"{'cpu ms':>10}" if cpu else ""))
+    for n, r in sorted(res.items(), key=lambda kv: kv[1]["ms"]):
+        print(f"  {n:<32}{r['ms']:>10.3f}{r['p10']:>9.3f}-{r['p90']:<8.3f}{r['calls']:>12}{r['faults']:>12.1f}"
+              f"{r['err']:>13.2e}" + (f"{r['cpu']:>10.3f}" if cpu else ""))
+    return res
+
+
+def main():
+    if "--worker" in sys.argv[1:]:
+        return worker_main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated: minilm-bB, gpt2, llama, CNN-bB, and cnn / cnn-b1 / cnn-b8 "
+                    "(every built-in CNN)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every provider's process K times, in rotated turns; the median one is reported")
     ap.add_argument("--profile", action="store_true", help="time each kfuse kernel and print the top 15")
     ap.add_argument("--only", default="", help="comma-separated competitor families to include besides "
                     "kfuse and eager: inductor, ort (default: all)")
     a = ap.parse_args()
+    models = model_names(a.models)
+    unknown = [m for m in models if not known(m)]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS[:4])}, "
+                 f"NAME-bBATCH for NAME in {', '.join(CNN_MODELS)}, or {', '.join(SHORTHANDS)}")
     mach, com = machine(), commit()
     print(f"{mach}, commit {com}, torch {torch.__version__}, {THREADS} threads, "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, each provider in its own process"
+          f" (x{a.repeat})", flush=True)
     results = {}
-    for name in a.models.split(","):
+    only = tuple(filter(None, a.only.split(",")))
+    for name in models:
         try:
-            results[name] = bench_model(name, a.rounds, a.profile, tuple(filter(None, a.only.split(","))))
+            results[name] = bench_model(name, a.rounds, a.profile, only, a.repeat)
         except Exception as e:  # noqa: BLE001 - one model failing never ends the run
             fail(name, e)
             traceback.print_exc()
 
-    print("\nmodel      | kfuse ms | eager ms | inductor ms (config)          | ORT ms (config)                  "
+    w = max([11, *(len(n) + 1 for n in results)])
+    print(f"\n{'model':<{w}}| kfuse ms | eager ms | inductor ms (config)          | ORT ms (config)                  "
           "| kfuse / best other")
     rows = []
     for name, res in results.items():
@@ -342,10 +421,11 @@ def main():
             continue
         ind, ort = best(res, "inductor:"), best(res, "ort:")
         others = [r["ms"] for n, r in res.items() if n != "kfuse"]
-        k = res.get("kfuse")
-        cell = lambda b, p: f"{b[1]['ms']:6.2f} ({b[0][len(p):]})" if b else "failed"
+        k, e = res.get("kfuse"), res.get("eager")
+        ran = lambda fam: not only or fam in only
+        cell = lambda b, p: f"{b[1]['ms']:6.2f} ({b[0][len(p):]})" if b else "failed" if ran(p[:-1]) else "not run"
         ratio = f"{k['ms'] / min(others):.2f}x" if k and others else "-"
-        print(f"{name:<11}| {k['ms'] if k else float('nan'):8.2f} | {res['eager']['ms']:8.2f} | "
+        print(f"{name:<{w}}| {k['ms'] if k else float('nan'):8.2f} | {e['ms'] if e else float('nan'):8.2f} | "
               f"{cell(ind, 'inductor:'):<30}| {cell(ort, 'ort:'):<33}| {ratio}")
         rows += [(name, n, r) for n, r in res.items()]
     print("\nCSV,machine,commit,model,provider,median_ms,p10,p90")

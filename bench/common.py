@@ -280,3 +280,41 @@ def main(family: str, cases: dict, providers=PROVIDERS):
         for r in res.values():
             r["gbs"] = nbytes / r["ms"] / 1e6
         Bench(family, case, nbytes).report(res, labels)
+
+
+# -- helpers for scripts that run their own workers (bench_models.py) ------------------------------------------
+
+def run_worker(argv: list, env: dict | None = None, timeout: float = 1800, echo: str | None = "    ") -> dict:
+    """Run `python <argv...>` as a child (it inherits this process's malloc/thread env) and return the
+    JSON after its `RESULT ` line. The child's other stdout lines are printed as they come, prefixed
+    with `echo` (None: not printed). A child that dies or prints no result gives {"error": reason}."""
+    import json
+    import tempfile
+    import threading
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        result = None
+        try:
+            for line in p.stdout:
+                if line.startswith("RESULT "):
+                    result = json.loads(line[7:])
+                elif echo is not None and line.strip():
+                    print(echo + line.rstrip(), flush=True)
+            rc = p.wait()
+        finally:
+            timer.cancel()
+        if result is not None:
+            return result
+        err.seek(0)
+        tail = [x for x in err.read().strip().splitlines() if x.strip()]
+        why = f"killed after {timeout:.0f} s" if rc == -9 else f"exit {rc}"
+        return {"error": f"{why}: {tail[-1][:200] if tail else '(no message)'}"}
+
+
+def median_run(runs: list) -> dict:
+    """Of several processes' results for one provider, the one with the median `ms` (the upper one of
+    an even count), as `main` reports with --repeat."""
+    return sorted(runs, key=lambda r: r["ms"])[len(runs) // 2]
