@@ -214,6 +214,7 @@ OPTIONS = {
     "disable": (lambda v: isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(x, str) for x in v),
                 "a list of op types or fusion names"),
     "max_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no cap)"),
+    "layout": (lambda v: v in ("auto", "nchw"), "'auto' (channels-last around convolutions) or 'nchw'"),
 }
 
 
@@ -259,8 +260,8 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | Non
     Options: `backend` ("cpu"; "triton" for Triton kernels, the default when the example inputs are
     CUDA tensors; or "reference" to run the unfused interpreter), `patterns` (False turns
     the pattern rules off), `horizontal` (False: no horizontal merging of independent kernels),
-    `disable` (op types or fusion names never fused), `max_group` (ops per group). Anything else is
-    a KfuseError.
+    `disable` (op types or fusion names never fused), `max_group` (ops per group), `layout` ("auto":
+    convolutional regions run channels-last, NHWC; "nchw": as captured). Anything else is a KfuseError.
     """
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)

@@ -74,9 +74,9 @@ class Report:
         """A kernel holding the fusion `name` was formed."""
         self.fusions[name] = self.fusions.get(name, 0) + 1
 
-    def fired(self, rule: str):
-        """A rewrite rule replaced a match."""
-        self.rules[rule] = self.rules.get(rule, 0) + 1
+    def fired(self, rule: str, times: int = 1):
+        """A rewrite rule replaced a match (`times` matches)."""
+        self.rules[rule] = self.rules.get(rule, 0) + times
 
     def refuse(self, code: str, producer: str, consumer: str, detail: str = ""):
         record = WhyNot(code, producer, consumer, detail)

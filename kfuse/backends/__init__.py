@@ -25,9 +25,12 @@ from ..ops.reference import REFERENCE
 from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
+from .c import depthwise as c_depthwise
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
-from .conv import pack_conv
+from .c import squeeze_excite as c_squeeze_excite
+from .c.autotune import pick
+from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from .launch import group_runner
 from .library import pack_linear
 from .reference import reference_kernel
@@ -65,17 +68,54 @@ def _linear_kernel(nodes):
 def _conv_kernel(group):
     spec = as_conv(group.nodes)
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
+    backend = f"library:{conv.backend}" + ("+post-op" if conv.post_op_fused else "") \
+        + ("+residual" if conv.residual_fused else "")
+    # Where another kernel computes the same function, whichever runs this shape faster here: our
+    # depthwise kernel, or a 1x1 convolution as oneDNN's GEMM on the [N*H*W, C] view
+    others, a = {}, spec.attrs
+    if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
+            spec.weight.shape, a["groups"], spec.x.shape[3]):
+        try:
+            others["c:depthwise"] = c_depthwise.DepthwiseConv(spec.weight, spec.bias, a["stride"], a["padding"],
+                                                              a["dilation"], spec.act)
+        except NotImplementedError:
+            pass
+    if conv.backend == "onednn" and pointwise(a, spec.weight) and linear_supports(None, False):
+        pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
+        others["library:onednn-linear" + ("+post-op" if pw.post_op_fused else "")
+               + ("+residual" if pw.residual_fused else "")] = pw
+    schedule = ""
+    if others:
+        x = torch.randn(spec.x.shape)
+        r = None if spec.residual is None else torch.randn(spec.residual.shape)
+        cands = others | {backend: conv}        # the first is the choice when timing is off
+        problem = f"conv {tuple(spec.weight.shape)} {spec.x.shape} {sorted(a.items())} {spec.act} {r is not None}"
+        best, schedule = pick(problem, {n: (lambda x, k=k: k(x) if r is None else k(x, r)) for n, k in cands.items()}, x)
+        conv, backend = cands[best], best
     ix = group.inputs.index(spec.x)
     if spec.residual is None:
         fn = lambda *args: (conv(args[ix]),)   # noqa: E731
     else:
         ir = group.inputs.index(spec.residual)
         fn = lambda *args: (conv(args[ix], args[ir]),)   # noqa: E731
-    fused = "+post-op" if conv.post_op_fused else ""
-    if spec.act is not None and not conv.post_op_fused:
+    if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
-    return fn, f"library:{conv.backend}{fused}" + ("+residual" if conv.residual_fused else "")
+    if schedule:
+        fn.schedule = schedule
+    if backend == "c:depthwise":
+        fn.sources = lambda: [c_depthwise.source(conv.kh, conv.kw, conv.stride, conv.dilation, conv.act_code)]
+    return fn, backend
+
+
+def _squeeze_excite_kernel(node):
+    a = node.attrs
+    w1, b1, w2, b2 = (i.value for i in node.inputs[1:])
+    act1 = (a["act1"], (a["slope"],) if a["act1"] == "leaky_relu" else ())
+    se = c_squeeze_excite.SqueezeExcite(w1, b1, act1, w2, b2, (a["act2"], ()))
+    run = lambda bufs, x, *_: (se(x, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [c_squeeze_excite.SOURCE]
+    return run, "c:squeeze_excite"
 
 
 def _attention_kernel(node):
@@ -217,7 +257,7 @@ def fusion_name(nodes) -> str | None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
-        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent") else None
+        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent", "squeeze_excite") else None
     inside = set(nodes)
     if "layer_norm" in ops:     # a residual add into the norm; else the norm, its affine and a SiLU (GroupNorm)
         if any(i in inside and i.op in ("add", "sub") for n in nodes if n.op == "layer_norm" for i in n.inputs):
@@ -254,14 +294,15 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
-    if len(nodes) == 1 and nodes[0].op == "recurrent" and nodes[0].dtype == torch.float32 and backend == "cpu":
-        return "recurrent"
+    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite") and nodes[0].dtype == torch.float32 \
+            and backend == "cpu":
+        return nodes[0].op
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
     return "torch"
 
 
-WRITES_INTO = ("c", "attention", "rope", "recurrent")     # kernels that write into buffers they are given
+WRITES_INTO = ("c", "attention", "rope", "recurrent", "squeeze_excite")     # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -323,6 +364,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = _rope_kernel(nodes[0])
         elif kind == "recurrent":
             fn, backend_name = c_recurrent.kernel(nodes[0])
+        elif kind == "squeeze_excite":
+            fn, backend_name = _squeeze_excite_kernel(nodes[0])
         elif kind == "c":
             fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
@@ -337,7 +380,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
-    elif kind in ("view", "attention", "rope", "recurrent"):
+    elif kind in ("view", "attention", "rope", "recurrent", "squeeze_excite"):
         fn = _by_node_inputs(fn, group, writes_into)
     report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)

@@ -20,7 +20,7 @@ class ConvEpilogue:
     x: Node                       # the convolution's input
     weight: torch.Tensor          # [Cout, Cin/groups, kh, kw]
     bias: torch.Tensor | None     # [Cout]
-    attrs: dict                   # stride, padding, dilation, groups
+    attrs: dict                   # stride, padding, dilation, groups, layout ("nhwc": x and output [N, H, W, C])
     act: tuple | None             # (oneDNN attr, scalars, algorithm), e.g. ("relu", (), "")
     residual: Node | None         # added after the bias, before the activation
 
@@ -44,11 +44,12 @@ def post_op_of(n: Node) -> tuple | None:
 def per_channel(c: Node, conv: Node) -> torch.Tensor | None:
     """The [C] vector of a constant that broadcasts along the output channels of `conv` only (a
     BatchNorm's scale or shift, a bias), else None."""
-    ch = conv.shape[1]
+    axis = 3 if conv.attrs.get("layout") == "nhwc" else 1
+    ch = conv.shape[axis]
     if c.op != "const" or c.numel != ch or c.dtype != conv.dtype or len(c.shape) > len(conv.shape):
         return None
     shape = (1,) * (len(conv.shape) - len(c.shape)) + c.shape
-    return c.value.reshape(ch) if shape[1] == ch else None
+    return c.value.reshape(ch) if shape[axis] == ch else None
 
 
 def as_conv(nodes) -> ConvEpilogue | None:

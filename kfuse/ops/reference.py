@@ -170,6 +170,17 @@ def _avg_pool2d(x, *, kernel, stride, padding, ceil_mode=False, count_include_pa
     return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
 
+def _nhwc(fn):
+    """fn on NCHW tensors, also taking attr layout="nhwc": then x and the result are [N, H, W, C]
+    (the channels-last pass, kfuse/passes/layout.py). torch runs it on the channels-last view of x,
+    so the result's permute back is contiguous."""
+    def run(x, *args, layout="nchw", **attrs):
+        if layout == "nchw":
+            return fn(x, *args, **attrs)
+        return fn(x.permute(0, 3, 1, 2), *args, **attrs).permute(0, 2, 3, 1)
+    return run
+
+
 def _col2im(cols, *, image, block, dilations, pads, strides):
     """ONNX Col2Im: [N, C * prod(block), L] columns summed back into [N, C, *image] (any number of
     spatial dims; pads are ONNX's begins then ends)."""
@@ -195,6 +206,17 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
 }
+
+
+SE_ACTIVATIONS = {**ACTIVATIONS, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+
+
+def _squeeze_excite(x, w1, b1, w2, b2, *, act1, act2, slope=0.0):
+    """A squeeze-excitation block (MobileNetV3, EfficientNet, RegNetY) on channels-last x [N, H, W, C]:
+    x * act2(W2 act1(W1 mean_hw(x) + b1) + b2), w1 [R, C], w2 [C, R]; act1 "leaky_relu" takes `slope`."""
+    h = F.linear(x.mean((1, 2)), w1, b1)
+    h = F.leaky_relu(h, slope) if act1 == "leaky_relu" else SE_ACTIVATIONS[act1](h)
+    return x * SE_ACTIVATIONS[act2](F.linear(h, w2, b2))[:, None, None, :]
 
 
 def _reduce_prod(x, *, axes, keepdim=False):
@@ -251,12 +273,12 @@ REFERENCE = {
     "rms_norm": _rms_norm,
     "matmul": torch.matmul,
     "linear": _linear,
-    "conv2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1:
-        F.conv2d(x, w, b, stride, padding, dilation, groups),
+    "conv2d": _nhwc(lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1:
+                    F.conv2d(x, w, b, stride, padding, dilation, groups)),
     "attention": _attention,
-    "max_pool2d": lambda x, *, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False:
-        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
-    "avg_pool2d": _avg_pool2d,
+    "max_pool2d": _nhwc(lambda x, *, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False:
+                        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)),
+    "avg_pool2d": _nhwc(_avg_pool2d),
     "cumsum": lambda x, *, axis: torch.cumsum(x, axis),
     "cumprod": lambda x, *, axis: torch.cumprod(x, axis),
     "topk": lambda x, *, k, axis=-1, largest=True, sorted=True, output="values":
@@ -269,6 +291,7 @@ REFERENCE = {
         dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
     "rope": _rope,
     "recurrent": _recurrent,
+    "squeeze_excite": _squeeze_excite,
     # run by torch as they are (opaque to fusion)
     "conv3d": lambda x, w, b=None, *, stride, padding, dilation, groups=1:
         F.conv3d(x, w, b, stride, padding, dilation, groups),
@@ -278,8 +301,8 @@ REFERENCE = {
         F.max_pool3d(x, kernel, stride, padding, dilation, ceil_mode),
     "avg_pool3d": lambda x, *, kernel, stride, padding, ceil_mode=False, count_include_pad=True:
         F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad),
-    "adaptive_avg_pool2d": lambda x, *, size: F.adaptive_avg_pool2d(x, size),
-    "adaptive_max_pool2d": lambda x, *, size: F.adaptive_max_pool2d(x, size),
+    "adaptive_avg_pool2d": _nhwc(lambda x, *, size: F.adaptive_avg_pool2d(x, size)),
+    "adaptive_max_pool2d": _nhwc(lambda x, *, size: F.adaptive_max_pool2d(x, size)),
     "adaptive_avg_pool3d": lambda x, *, size: F.adaptive_avg_pool3d(x, size),
     "adaptive_max_pool3d": lambda x, *, size: F.adaptive_max_pool3d(x, size),
     "embedding_bag": _embedding_bag,

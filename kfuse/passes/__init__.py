@@ -11,12 +11,13 @@ import sys
 
 from .. import config
 from ..ir import Graph
-from . import autofuse, fission, fold, patterns
+from . import autofuse, fission, fold, layout, patterns
 
 PIPELINE = [
     ("fold", fold.run),
     ("patterns", patterns.run),
     ("fold_again", fold.run),
+    ("layout", layout.run),
     ("fission", fission.run),
 ]
 

@@ -52,8 +52,9 @@ def test_conv_bias_activation_is_one_kernel(act, name):
     cm = compiled(model, x)
     rep = cm.report()
     assert rep.fusions == {f"conv_{name}": 1}, rep.fusions
-    assert [k.ops for k in rep.kernels] == [["conv2d", name]]
-    assert rep.kernels[0].backend.startswith("library:onednn")
+    kernels = [k for k in rep.kernels if k.backend != "view"]    # the channels-last views at the edges
+    assert [k.ops for k in kernels] == [["conv2d", name]]
+    assert kernels[0].backend.startswith("library:onednn")
 
 
 @pytest.mark.parametrize("shape,kw", [
@@ -107,7 +108,7 @@ def test_without_onednn_the_fallback_computes_the_same(monkeypatch):
         model = Fn(lambda m, x: F.relu(c1(x) + 1.0) * 2)
         model.c1 = c1
         cm = compiled(model, torch.randn(2, 3, 9, 9))
-        assert cm.report().kernels[0].backend == "library:torch"
+        assert [k.backend for k in cm.report().kernels if k.backend != "view"][0] == "library:torch"
     finally:
         conv_backend.supports.cache_clear()
 
@@ -178,7 +179,7 @@ def test_conv_hard_activation_is_one_kernel(act, name, shape, kw):
     cm = compiled(model, x)                 # NaN and inf where eager has them, the rest by the verify table
     rep = cm.report()
     assert rep.rules["hard_activations"] == 1 and rep.fusions == {f"conv_{name}": 1}, (rep.rules, rep.fusions)
-    (k,) = rep.kernels
+    (k,) = [k for k in rep.kernels if k.backend != "view"]
     assert k.ops == ["conv2d", name] and k.backend.startswith("library:onednn")
     assert k.backend.endswith("+post-op") == conv_backend.supports((name, (), ""), False)
     assert ("runs in place" in k.note) == (not k.backend.endswith("+post-op"))

@@ -193,3 +193,29 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     _memo[key] = (best, str(scheds[best]))
     _write(key, best, str(scheds[best]), times)
     return Choice(best, scheds[best], "timed", times)
+
+
+def pick(problem: str, candidates: dict, arg, threads: int | None = None) -> tuple[str, str]:
+    """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
+    kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and
+    attributes), timed on `arg` like the schedule variants and cached per machine the same way. With
+    KFUSE_AUTOTUNE=0 the first candidate, untimed."""
+    names = list(candidates)
+    if not config.get().autotune:
+        return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
+    threads = threads or config.threads()
+    key = _key("\0".join([problem, *names]), threads)
+    hit = _memo.get(key)
+    if hit is None:
+        entry = _read().get(key)
+        if isinstance(entry, dict) and entry.get("index") in range(len(names)):
+            hit = (entry["index"], entry.get("variant"))
+    if hit is not None and names[hit[0]] == hit[1]:
+        _memo[key] = hit
+        return hit[1], f"{hit[1]} (measured, cached)"
+    with openmp.using(threads), torch.no_grad():
+        ms = _time([candidates[n] for n in names], arg)
+    best = min(range(len(ms)), key=ms.__getitem__)
+    _memo[key] = (best, names[best])
+    _write(key, best, names[best], {n: round(t, 4) for n, t in zip(names, ms)})
+    return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"

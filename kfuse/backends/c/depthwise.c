@@ -1,0 +1,269 @@
+/* NHWC depthwise convolution (channel multiplier 1) + bias + activation: one template, rendered by
+   depthwise.py with the tap geometry and the activation as numeric constants, so the KH x KW taps unroll.
+   x [N, H, W, C], w [KH, KW, C] (channel innermost), b [C], out [N, OH, OW, C]; every loop over C is
+   `omp simd` (16-float vectors). The taps accumulate by explicit fmaf (the build has -ffp-contract=off):
+   half the vector ops of a multiply and an add. */
+#include <math.h>
+#include <stdint.h>
+
+/*VECMATH*/
+
+#define KH %(kh)d
+#define KW %(kw)d
+#define SH %(sh)d
+#define SW %(sw)d
+#define DH %(dh)d
+#define DW %(dw)d
+#define ACT %(act)d
+#define TW %(tw)d                  /* output columns per register tile */
+
+/* the activation, one of depthwise.py's ACTS; clamps are comparisons, so NaN passes through */
+KF_INLINE float act(float v, float p0, float p1) {
+    (void)p0; (void)p1;
+#if ACT == 1                                   /* relu */
+    return v < 0.0f ? 0.0f : v;
+#elif ACT == 2                                 /* sigmoid */
+    return 1.0f / (1.0f + kf_exp(-v));
+#elif ACT == 3                                 /* tanh */
+    return kf_tanh(v);
+#elif ACT == 4                                 /* swish (SiLU) */
+    return v / (1.0f + kf_exp(-v));
+#elif ACT == 5                                 /* gelu, erf */
+    return v * kf_phi(v);
+#elif ACT == 6                                 /* gelu, tanh approximation */
+    float inner = 0x1.988454p-1f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + kf_tanh(inner));
+#elif ACT == 7                                 /* leaky_relu(p0) */
+    return v > 0.0f ? v : v * p0;
+#elif ACT == 8                                 /* hardtanh(p0, p1) */
+    return v < p0 ? p0 : (v > p1 ? p1 : v);
+#elif ACT == 9                                 /* hardswish */
+    float t = v + 3.0f;
+    t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t);
+    return v * t / 6.0f;
+#elif ACT == 10                                /* hardsigmoid */
+    float t = v + 3.0f;
+    t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t);
+    return t / 6.0f;
+#else
+    return v;
+#endif
+}
+
+/* An output pixel whose taps all lie inside the input: xp is its top-left tap, rs the row stride (W C). */
+KF_INLINE void pixel_inner(const float *restrict xp, const float *restrict w, const float *restrict b,
+                           float *restrict op, int64_t c0, int64_t c1, int64_t rs, int64_t C, float p0, float p1) {
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        float acc = b[c];
+        #pragma GCC unroll 16
+        for (int i = 0; i < KH; i++) {
+            #pragma GCC unroll 16
+            for (int j = 0; j < KW; j++)
+                acc = fmaf(xp[i * DH * rs + j * DW * C + c], w[(i * KW + j) * C + c], acc);
+        }
+        op[c] = act(acc, p0, p1);
+    }
+}
+
+/* TW adjacent output pixels of one row, all taps inside the input: each input vector is loaded once
+   for every output it feeds (gcc merges the equal addresses of the unrolled taps), weights once per tile. */
+KF_INLINE void tile_inner(const float *restrict xp, const float *restrict w, const float *restrict b,
+                          float *restrict op, int64_t c0, int64_t c1, int64_t rs, int64_t C, float p0, float p1) {
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        float acc[TW];
+        #pragma GCC unroll 16
+        for (int t = 0; t < TW; t++)
+            acc[t] = b[c];
+        #pragma GCC unroll 16
+        for (int i = 0; i < KH; i++) {
+            #pragma GCC unroll 16
+            for (int j = 0; j < KW; j++) {
+                float wv = w[(i * KW + j) * C + c];
+                #pragma GCC unroll 16
+                for (int t = 0; t < TW; t++)
+                    acc[t] = fmaf(xp[i * DH * rs + (t * SW + j * DW) * C + c], wv, acc[t]);
+            }
+        }
+        #pragma GCC unroll 16
+        for (int t = 0; t < TW; t++)
+            op[t * C + c] = act(acc[t], p0, p1);
+    }
+}
+
+/* A pixel near a border: taps outside the input read `zero` (C zeros), as zero padding means. */
+static void pixel_border(const float *restrict x, const float *restrict w, const float *restrict b,
+                         const float *restrict zero, float *restrict op, int64_t ih0, int64_t iw0,
+                         int64_t H, int64_t W, int64_t C, int64_t c0, int64_t c1, float p0, float p1) {
+    const float *tap[KH * KW];
+    for (int i = 0; i < KH; i++)
+        for (int j = 0; j < KW; j++) {
+            int64_t ih = ih0 + i * DH, iw = iw0 + j * DW;
+            tap[i * KW + j] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + (ih * W + iw) * C : zero;
+        }
+    #pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        float acc = b[c];
+        #pragma GCC unroll 128
+        for (int t = 0; t < KH * KW; t++)
+            acc = fmaf(tap[t][c], w[t * C + c], acc);
+        op[c] = act(acc, p0, p1);
+    }
+}
+
+/* Channels [c0, c1) of output row oh (any count): per pixel, `omp simd` over the channels. */
+static void row_simd(const float *restrict xn, const float *restrict w, const float *restrict b,
+                     const float *restrict zero, float *restrict orow, int64_t ih0, int64_t c0, int64_t c1,
+                     int64_t H, int64_t W, int64_t C, int64_t OW, int64_t PW, int64_t lo, int64_t hi,
+                     float p0, float p1) {
+    for (int64_t ow = 0; ow < lo; ow++)
+        pixel_border(xn, w, b, zero, orow + ow * C, ih0, ow * SW - PW, H, W, C, c0, c1, p0, p1);
+    int64_t ow = lo;
+    if (hi > lo) {
+        const float *xr = xn + ih0 * W * C;
+        for (; ow + TW <= hi; ow += TW)
+            tile_inner(xr + (ow * SW - PW) * C, w, b, orow + ow * C, c0, c1, W * C, C, p0, p1);
+        for (; ow < hi; ow++)
+            pixel_inner(xr + (ow * SW - PW) * C, w, b, orow + ow * C, c0, c1, W * C, C, p0, p1);
+    }
+    for (; ow < OW; ow++)
+        pixel_border(xn, w, b, zero, orow + ow * C, ih0, ow * SW - PW, H, W, C, c0, c1, p0, p1);
+}
+
+#ifdef __AVX512F__
+/* 16 channels [c, c+16) of a whole output row in zmm registers: the KH x KW weight vectors are loaded
+   once per row and stay in registers (25 of the 32 for 5x5; 7x7 and up spill some to L1), each tile of
+   TW pixels loads every input vector it needs once. Per 16 outputs of a 3x3 stride-1 row: 9 FMAs and
+   (TW + 2) * 3 / TW loads, against 18 loads for the per-pixel `omp simd` form. */
+#include <immintrin.h>
+
+KF_INLINE void store_act(float *restrict op, __m512 v, float p0, float p1) {
+    float tmp[16] __attribute__((aligned(64)));
+    _mm512_store_ps(tmp, v);
+    #pragma omp simd
+    for (int l = 0; l < 16; l++)
+        op[l] = act(tmp[l], p0, p1);
+}
+
+KF_INLINE void pixel16_border(const float *restrict xn, const __m512 *wr, __m512 bv, float *restrict op,
+                              int64_t ih0, int64_t iw0, int64_t H, int64_t W, int64_t C, float p0, float p1) {
+    __m512 acc = bv;
+    #pragma GCC unroll 16
+    for (int i = 0; i < KH; i++) {
+        int64_t ih = ih0 + i * DH;
+        if (ih < 0 || ih >= H)
+            continue;
+        #pragma GCC unroll 16
+        for (int j = 0; j < KW; j++) {
+            int64_t iw = iw0 + j * DW;
+            if (iw >= 0 && iw < W)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(xn + (ih * W + iw) * C), wr[i * KW + j], acc);
+        }
+    }
+    store_act(op, acc, p0, p1);
+}
+
+/* T pixels starting at xp (their first tap; all taps inside the input) */
+#define TILE16(T)                                                                                   \
+    do {                                                                                            \
+        __m512 acc[T];                                                                              \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) acc[t] = bv;                           \
+        _Pragma("GCC unroll 16") for (int i = 0; i < KH; i++)                                       \
+            _Pragma("GCC unroll 16") for (int j = 0; j < KW; j++)                                   \
+                _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                                \
+                    acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + i * DH * rs + (t * SW + j * DW) * C), \
+                                             wr[i * KW + j], acc[t]);                               \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) store_act(op + t * C, acc[t], p0, p1); \
+    } while (0)
+
+static void row16(const float *restrict xn, const float *restrict w, const float *restrict b,
+                  float *restrict orow, int64_t ih0, int64_t H, int64_t W, int64_t C, int64_t OW, int64_t PW,
+                  int64_t lo, int64_t hi, float p0, float p1) {
+    __m512 wr[KH * KW];
+    for (int t = 0; t < KH * KW; t++)
+        wr[t] = _mm512_loadu_ps(w + t * C);
+    __m512 bv = _mm512_loadu_ps(b);
+    for (int64_t ow = 0; ow < lo; ow++)
+        pixel16_border(xn, wr, bv, orow + ow * C, ih0, ow * SW - PW, H, W, C, p0, p1);
+    int64_t ow = lo;
+    if (hi > lo) {
+        const int64_t rs = W * C;
+        const float *xr = xn + ih0 * rs;
+        for (; ow + TW <= hi; ow += TW) {
+            const float *xp = xr + (ow * SW - PW) * C;
+            float *op = orow + ow * C;
+            TILE16(TW);
+        }
+        for (; ow < hi; ow++) {
+            const float *xp = xr + (ow * SW - PW) * C;
+            float *op = orow + ow * C;
+            TILE16(1);
+        }
+    }
+    for (; ow < OW; ow++)
+        pixel16_border(xn, wr, bv, orow + ow * C, ih0, ow * SW - PW, H, W, C, p0, p1);
+}
+#endif
+
+/* dims: N H W C OH OW PH PW, nck (channel chunks per row: more work items when rows are few), ck
+   (channels per chunk, a multiple of 16), block_major (AVX-512 only: items are (image, 16-channel block));
+   prm: the activation's scalars. */
+void kf_depthwise(const float *restrict x, const float *restrict w, const float *restrict b,
+                  const float *restrict zero, float *restrict out, const int64_t *dims, const float *prm,
+                  int nthreads) {
+    const int64_t N = dims[0], H = dims[1], W = dims[2], C = dims[3], OH = dims[4], OW = dims[5];
+    const int64_t PH = dims[6], PW = dims[7], nck = dims[8], ck = dims[9];
+    const float p0 = prm[0], p1 = prm[1];
+    /* interior columns [ow_lo, ow_hi): every tap's column inside the input */
+    int64_t ow_lo = (PW + SW - 1) / SW, ow_hi = (W - 1 - (KW - 1) * DW + PW) / SW + 1;
+    if (W - 1 - (KW - 1) * DW + PW < 0) ow_hi = 0;
+    if (ow_hi > OW) ow_hi = OW;
+    if (ow_lo > ow_hi) ow_lo = ow_hi;
+#ifdef __AVX512F__
+    if (dims[10]) {
+        /* block-major: a work item is one 16-channel block of one image, its rows in order, so the
+           kh input rows a row reads (kh W 64 bytes) are still in L1 from the rows before */
+        const int64_t nb = C / 16;
+        #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t k = 0; k < nb; k++) {
+                const int64_t c = k * 16;
+                for (int64_t oh = 0; oh < OH; oh++) {
+                    int64_t ih0 = oh * SH - PH;
+                    int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
+                    row16(x + n * H * W * C + c, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, OW,
+                          PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
+                }
+            }
+        if (nb * 16 < C) {
+            #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t oh = 0; oh < OH; oh++) {
+                    int64_t ih0 = oh * SH - PH;
+                    int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
+                    row_simd(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, ih0, nb * 16, C, H, W, C,
+                             OW, PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
+                }
+        }
+        return;
+    }
+#endif
+    #pragma omp parallel for collapse(3) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oh = 0; oh < OH; oh++)
+            for (int64_t k = 0; k < nck; k++) {
+                int64_t c = k * ck, c1 = c + ck < C ? c + ck : C;
+                const float *xn = x + n * H * W * C;
+                float *orow = out + (n * OH + oh) * OW * C;
+                int64_t ih0 = oh * SH - PH;
+                int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
+                int64_t lo = full ? ow_lo : OW, hi = full ? ow_hi : OW;
+#ifdef __AVX512F__
+                for (; c + 16 <= c1; c += 16)
+                    row16(xn + c, w + c, b + c, orow + c, ih0, H, W, C, OW, PW, lo, hi, p0, p1);
+#endif
+                if (c < c1)
+                    row_simd(xn, w, b, zero, orow, ih0, c, c1, H, W, C, OW, PW, lo, hi, p0, p1);
+            }
+}

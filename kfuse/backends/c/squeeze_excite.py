@@ -1,0 +1,92 @@
+"""Squeeze-and-excitation over an NHWC tensor in one C kernel (squeeze_excite.c):
+
+    m = x.mean(dim=(1, 2)); h = act1(m @ w1.T + b1); s = act2(h @ w2.T + b2); y = x * s[:, None, None, :]
+
+x is physical [N, H, W, C] float32. One OpenMP region: per-thread partial sums of the H*W rows, the
+means, the two GEMVs (R outputs, then C outputs, split across threads) and y = x * s over the same
+rows each thread summed. Weights are packed once: w1 stays [R, C] (dot products along contiguous C),
+w2 is stored transposed [R, C] (each output block accumulates contiguous rows, so small R still
+vectorises). Bytes per call: x read twice (the second time from cache when it fits), y written once,
+the weights read once. Sizes are runtime arguments: one compiled library serves every shape.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import openmp
+from .compiler import load
+from .vecmath import VECMATH_C
+
+SOURCE = Path(__file__).with_name("squeeze_excite.c").read_text().replace("/*VECMATH*/", VECMATH_C)
+
+ACT1 = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "hardswish": 4, "leaky_relu": 5}
+ACT2 = {"sigmoid": 6, "hardsigmoid": 7}
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    lib = load(SOURCE)
+    fn = lib.kf_squeeze_excite
+    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64])
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _act(spec, table: dict[str, int], which: str) -> tuple[int, float]:
+    """(code, slope) of an IR activation spec ("name", params); a bare name is taken as ("name", ())."""
+    name, params = (spec, ()) if isinstance(spec, str) else spec
+    params = tuple(params)
+    if name not in table:
+        raise NotImplementedError(f"squeeze_excite: {which} {name!r} not in {sorted(table)}")
+    if name == "leaky_relu":
+        return table[name], float(params[0]) if params else 0.01
+    if name == "gelu" and params and params[0] not in ("none", None):
+        raise NotImplementedError(f"squeeze_excite: gelu approximate={params[0]!r}")
+    return table[name], 0.0
+
+
+def _weight(t) -> torch.Tensor:
+    return torch.as_tensor(t).detach().to(torch.float32).contiguous().clone()
+
+
+class SqueezeExcite:
+    """y = x * act2(act1(mean_hw(x) @ w1.T + b1) @ w2.T + b2) for x [N, H, W, C] (float32, NHWC)."""
+
+    def __init__(self, w1, b1, act1, w2, b2, act2):
+        self.w1 = _weight(w1)                              # [R, C]
+        r, c = self.w1.shape
+        w2 = _weight(w2)
+        if tuple(w2.shape) != (c, r):
+            raise ValueError(f"squeeze_excite: w1 {tuple(self.w1.shape)} and w2 {tuple(w2.shape)} do not match")
+        self.w2t = w2.t().contiguous()                     # [R, C]
+        self.b1 = None if b1 is None else _weight(b1).reshape(r)
+        self.b2 = None if b2 is None else _weight(b2).reshape(c)
+        self.r, self.c = r, c
+        self.act1, self.slope = _act(act1, ACT1, "act1")
+        self.act2, _ = _act(act2, ACT2, "act2")
+        self._fn = _lib().kf_squeeze_excite               # compile now: a missing compiler shows at build time
+        self._ptrs = (self.w1.data_ptr(), None if self.b1 is None else self.b1.data_ptr(), self.w2t.data_ptr(),
+                      None if self.b2 is None else self.b2.data_ptr())
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[3] != self.c or x.dtype != torch.float32:
+            raise ValueError(f"squeeze_excite: x must be float32 [N, H, W, {self.c}], got {x.dtype} {tuple(x.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        n, hh, ww, c = x.shape
+        if out is None:
+            out = torch.empty(x.shape, dtype=torch.float32)
+        elif tuple(out.shape) != tuple(x.shape) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"squeeze_excite: out must be contiguous float32 {tuple(x.shape)}")
+        if out.numel() == 0:  # N, H*W or C is 0: nothing to write
+            return out
+        w1, b1, w2t, b2 = self._ptrs
+        rc = self._fn(x.data_ptr(), out.data_ptr(), w1, b1, w2t, b2, n, hh * ww, c, self.r,
+                      self.act1, self.act2, self.slope, openmp.threads())
+        if rc != 0:
+            raise MemoryError("squeeze_excite: cannot allocate the scratch buffer")
+        return out

@@ -1,0 +1,117 @@
+"""Channels-last (NHWC) for the convolutional part of a graph.
+
+oneDNN convolutions compute in NHWC, and a depthwise or squeeze-excitation kernel wants the channel
+innermost too. Captured graphs are NCHW, so without this pass every elementwise kernel between two
+convolutions read a channels-last tensor through strides and wrote NCHW, which the next convolution
+converted back. Here each 4-D tensor of the region gets a physical node holding it as
+[N, H, W, C] (`p = x.permute(0, 2, 3, 1)`), and the region's ops are rewritten to work on those:
+
+  conv2d, max/avg pooling   the same op with attr layout="nhwc" (x and the output are NHWC)
+  elementwise / broadcast   the same op on NHWC operands; constants permuted once, other operands viewed
+  reduce_* over axes        the axes renumbered (a global average pool is a mean over axes 1, 2)
+  concat                    the axis renumbered
+  transpose                 x.permute(0, 2, 3, 1) of a region tensor is its physical node (ConvNeXt's
+                            permute before a LayerNorm over channels disappears), and a permute(0, 3, 1, 2)
+                            of a plain 4-D tensor joins the region as it is
+
+Squeeze-excitation blocks are then matched on the NHWC tensors (patterns/squeeze_excite.py).
+
+Every other consumer reads the logical tensor as a transpose of the physical one: a view, no copy
+(kernels read it through its strides). Those views at the region's edges, and the views into it for
+4-D inputs that come from outside, are the layout conversions the report counts.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import Graph, Kind, Node
+from ..rewrite import apply
+from . import fold
+from .patterns import squeeze_excite
+
+CL = (0, 2, 3, 1)        # physical = logical.permute(CL)
+BACK = (0, 3, 1, 2)      # logical = physical.permute(BACK)
+POOLS = ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d")
+REDUCE = ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min")
+
+
+def _conv_ok(n: Node) -> bool:
+    return n.op == "conv2d" and len(n.shape) == 4 and n.dtype == torch.float32 and n.inputs[1].op == "const"
+
+
+class _Region:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.phys: dict[Node, Node] = {}       # logical node -> its NHWC node
+        self.views: dict[Node, Node] = {}      # plain 4-D node -> its NHWC view
+        self.plain: dict[Node, Node] = {}      # logical node -> the plain node now computing it
+        self.into = 0                          # views into the region made for plain 4-D inputs
+
+    def physical(self, x: Node) -> Node:
+        """x as NHWC: its physical node, a permuted constant, or a view of a plain tensor."""
+        if x in self.phys:
+            return self.phys[x]
+        x = self.plain.get(x, x)
+        if x.op == "const":
+            v = x.value.reshape((1,) * (4 - x.value.dim()) + tuple(x.value.shape))
+            return self.g.const(v.permute(CL).contiguous())
+        if x not in self.views:
+            y = x if len(x.shape) == 4 else self.g.add("reshape", x, shape=(1,) * (4 - len(x.shape)) + x.shape)
+            self.views[x] = self.g.add("transpose", y, perm=CL)
+            self.into += 1
+        return self.views[x]
+
+    def rewrite(self, n: Node):
+        """Put n in the region (self.phys) or give its plain replacement (self.plain), or leave it."""
+        g, ins = self.g, n.inputs
+        inside = [i in self.phys for i in ins]
+        if _conv_ok(n):
+            self.phys[n] = g.add("conv2d", self.physical(ins[0]), *ins[1:], **n.attrs, layout="nhwc")
+        elif not any(inside):
+            if n.op == "transpose" and n.attrs["perm"] == BACK and len(n.shape) == 4:
+                self.phys[n] = self.plain.get(ins[0], ins[0])     # a plain NHWC tensor seen as NCHW
+        elif n.op in POOLS and inside[0]:
+            self.phys[n] = g.add(n.op, self.phys[ins[0]], **n.attrs, layout="nhwc")
+        elif n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST) and len(n.shape) == 4 and all(len(i.shape) <= 4 for i in ins):
+            self.phys[n] = g.add(n.op, *[self.physical(i) for i in ins], **n.attrs)
+        elif n.op == "concat" and len(n.shape) == 4:
+            axis = BACK[n.attrs["axis"] % 4]
+            self.phys[n] = g.add("concat", *[self.physical(i) for i in ins], axis=axis)
+        elif n.op in REDUCE and len(ins) == 1:
+            axes = sorted(BACK[a % 4] for a in n.attrs["axes"])
+            keep = n.attrs.get("keepdim", False)
+            rest = [CL[d] for d in range(4) if d not in axes]       # logical dims in physical order
+            if keep or rest == sorted(rest):
+                new = g.add(n.op, self.phys[ins[0]], **{**n.attrs, "axes": tuple(axes)})
+                (self.phys if keep else self.plain)[n] = new
+        elif n.op == "transpose" and n.attrs["perm"] == CL:
+            self.plain[n] = self.phys[ins[0]]
+
+
+def run(graph: Graph, options: dict, report) -> Graph:
+    if options.get("layout", "auto") != "auto" or options.get("backend", "cpu") != "cpu" \
+            or not any(_conv_ok(n) for n in graph.nodes):
+        return graph
+    r = _Region(graph)
+    for n in list(graph.nodes):
+        if n.op not in ("input", "const"):
+            r.rewrite(n)
+    if not r.phys:
+        return graph
+    for n, p in r.plain.items():
+        graph.replace_uses(n, p)
+    for n, p in r.phys.items():
+        graph.replace_uses(n, graph.add("transpose", p, perm=BACK))
+    graph.toposort()
+    graph.prune()
+    # the edge views meet the model's own transposes (ConvNeXt's permutes cancel out)
+    apply(graph, [("transpose_chain", fold.transpose_chain), ("reshape_chain", fold.reshape_chain)])
+    if "squeeze_excite" not in options.get("disable", ()):
+        apply(graph, squeeze_excite.RULES, report)
+    live = set(graph.nodes)
+    region = {p for p in r.phys.values() if p in live and p.op not in ("input", "const")}
+    edges = [m for m in graph.nodes if m.op == "transpose" and len(m.shape) == 4 and m.attrs["perm"] in (CL, BACK)]
+    report.fired("nhwc_layout", len(region))
+    if edges:
+        report.fired("layout_conversion", len(edges))
+    return graph

@@ -1,0 +1,179 @@
+"""The channels-last pass (kfuse/passes/layout.py) and the squeeze-excitation op it enables."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Fn, compiled
+
+from kfuse import config
+
+
+def nonview(rep):
+    return [k for k in rep.kernels if k.backend != "view"]
+
+
+def convs(*shapes, **kw):
+    """Conv2d modules (cin, cout, k) with seeded weights."""
+    return [torch.nn.Conv2d(cin, cout, k, padding=k // 2, **kw) for cin, cout, k in shapes]
+
+
+def test_conv_chain_runs_channels_last_with_conversions_at_the_edges():
+    c1, c2 = convs((3, 8, 3), (8, 5, 1))
+    scale = torch.randn(1, 8, 1, 1)
+    m = Fn(lambda m, x: c2(F.relu(c1(x)) * m.scale + 1.0), scale=scale)
+    m.c1, m.c2 = c1, c2
+    x = torch.randn(2, 3, 9, 11)
+    cm = compiled(m, x)
+    rep = cm.report()
+    assert rep.rules["nhwc_layout"] >= 3 and rep.rules["layout_conversion"] == 2, rep.rules
+    # the scale and shift read and write NHWC buffers: one flat C kernel between the two convolutions
+    # (the 1x1 one on oneDNN as a convolution or as the GEMM it is, whichever was measured faster)
+    assert [(k.ops, k.backend) for k in nonview(rep)][:2] == [(["conv2d", "relu"], "library:onednn"), (["mul", "add"], "c")]
+    assert nonview(rep)[2].backend in ("library:onednn", "library:onednn-linear"), nonview(rep)[2]
+    nchw = compiled(m, x, layout="nchw").report()
+    assert "nhwc_layout" not in nchw.rules
+
+
+def test_layout_option_is_checked():
+    import kfuse
+    with pytest.raises(kfuse.KfuseError, match="layout"):
+        kfuse.compile(Fn(lambda m, x: x + 1), (torch.randn(2),), layout="nhwc")
+
+
+def test_pools_reductions_and_concat_in_the_region():
+    c1, c2, c3 = convs((4, 6, 3), (4, 5, 1), (11, 7, 3))
+
+    def f(m, x, w):
+        a, b = F.relu(c1(x)), c2(x)
+        y = c3(torch.cat([a, b], 1))                         # a UNet's skip concat, over channels
+        p = F.max_pool2d(y, 3, 2, 1) + F.avg_pool2d(y, 2)[..., :5, :5].mean()
+        q = F.adaptive_avg_pool2d(p, 1).flatten(1)           # global pool -> classifier input
+        return q, p.mean(1), p.sum((2, 3)), p.amax(1, keepdim=True), y + w   # w: a [W] input broadcast
+    m = Fn(f)
+    m.c1, m.c2, m.c3 = c1, c2, c3
+    x, w = torch.randn(2, 4, 10, 10), torch.randn(10)
+    x[1, 2, 3, 4] = float("nan")
+    cm = compiled(m, x, w)
+    assert cm.report().rules["nhwc_layout"] >= 6
+
+
+def test_convnext_permutes_cancel():
+    """conv -> permute to NHWC -> LayerNorm -> linear -> permute back -> residual add: in the region the
+    model's own permutes meet the layout's views and vanish; layer scale and residual are one kernel."""
+    dw = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    ln, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+    gamma = torch.rand(16)
+
+    def f(m, x):
+        y = ln(dw(x).permute(0, 2, 3, 1))
+        return x + (fc(y) * m.gamma).permute(0, 3, 1, 2)
+    m = Fn(f, gamma=gamma)
+    m.dw, m.ln, m.fc = dw, ln, fc
+    cm = compiled(m, torch.randn(2, 16, 9, 9))
+    rep = cm.report()
+    assert not any(k.ops == ["transpose"] and k.backend != "view" for k in rep.kernels)
+    assert rep.fusions.get("elementwise_chain") == 1, rep.fusions      # mul and add in one kernel
+    assert rep.rules["layout_conversion"] <= 2
+
+
+class SE(torch.nn.Module):
+    """torchvision's SqueezeExcitation (1x1 convs) or a linear form, after a conv."""
+
+    def __init__(self, c, r, act=torch.nn.ReLU(), gate=torch.nn.Sigmoid(), linear=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.linear = linear
+        if linear:
+            self.fc1, self.fc2 = torch.nn.Linear(c, r), torch.nn.Linear(r, c)
+        else:
+            self.fc1, self.fc2 = torch.nn.Conv2d(c, r, 1), torch.nn.Conv2d(r, c, 1)
+        self.act, self.gate = act, gate
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.linear:
+            s = x.mean((2, 3))
+            s = self.gate(self.fc2(self.act(self.fc1(s))))[:, :, None, None]
+        else:
+            s = self.gate(self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return x * s
+
+
+@pytest.mark.parametrize("act,gate,linear", [
+    (torch.nn.ReLU(), torch.nn.Hardsigmoid(), False),       # MobileNetV3
+    (torch.nn.SiLU(), torch.nn.Sigmoid(), False),           # EfficientNet
+    (torch.nn.ReLU(), torch.nn.Sigmoid(), True),            # the linear form
+    (torch.nn.GELU(), torch.nn.Sigmoid(), True),
+    (torch.nn.LeakyReLU(0.2), torch.nn.Hardsigmoid(), False),
+    (torch.nn.Hardswish(), torch.nn.Sigmoid(), False),
+])
+def test_squeeze_excitation_is_one_kernel(act, gate, linear):
+    m = SE(20, 6, act, gate, linear).eval()
+    x = torch.randn(3, 20, 7, 5)
+    cm = compiled(m, x)
+    rep = cm.report()
+    assert rep.fusions.get("squeeze_excite") == 1 and rep.rules["squeeze_excite"] == 1, (rep.fusions, rep.rules)
+    se = [k for k in rep.kernels if k.name == "squeeze_excite"]
+    assert se[0].backend == "c:squeeze_excite"
+    assert not any(k.ops in (["reduce_mean"], ["mul"]) for k in rep.kernels)
+
+
+def test_squeeze_excitation_nan_input_and_batch_sizes():
+    m = SE(12, 4).eval()
+    x = torch.randn(2, 12, 6, 6)
+    x[1, 3, 2, 2] = float("nan")          # image 1's channel 3 mean is NaN: every gate of image 1 is NaN
+    cm = compiled(m, x)
+    out = cm(x)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    compiled(m, torch.randn(1, 12, 1, 1))
+
+
+def test_squeeze_excitation_with_a_shared_intermediate_is_left_alone():
+    m = SE(8, 2).eval()
+
+    def f(_, x):
+        y = m.conv(x)
+        s = torch.sigmoid(m.fc2(torch.relu(m.fc1(y.mean((2, 3), keepdim=True)))))
+        return y * s, s          # the gate is an output too
+    cm = compiled(Fn(f), torch.randn(2, 8, 5, 5))
+    assert "squeeze_excite" not in cm.report().fusions
+
+
+@pytest.mark.parametrize("k,stride,dil,act", [(3, 1, 1, F.relu6), (5, 2, 1, F.hardswish), (3, 2, 2, F.silu),
+                                              (7, 1, 1, None), (3, 3, 1, F.relu)])
+def test_depthwise_conv_runs_our_kernel_or_onednn_and_says_which(monkeypatch, k, stride, dil, act):
+    untimed(monkeypatch)                 # untimed: our kernel, the first candidate
+    conv = torch.nn.Conv2d(19, 19, k, stride, padding=dil * (k // 2), dilation=dil, groups=19)
+    m = Fn(lambda m, x: act(conv(x)) if act else conv(x))
+    m.conv = conv
+    x = torch.randn(2, 19, 11, 13)
+    x[0, 4, 5, 6], x[1, 7, 0, 0] = float("nan"), float("inf")
+    cm = compiled(m, x)
+    (k,) = nonview(cm.report())
+    assert k.backend == "c:depthwise" and "KFUSE_AUTOTUNE=0" in k.schedule, (k.backend, k.schedule)
+
+
+def untimed(monkeypatch):
+    monkeypatch.setenv("KFUSE_AUTOTUNE", "0")
+    monkeypatch.setattr(config, "_config", config.from_env())
+
+
+@pytest.mark.parametrize("act,residual", [(None, False), (F.relu, False), (F.hardswish, False), (F.relu6, False),
+                                          (None, True), (F.relu, True)])
+def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual):
+    """A 1x1 stride-1 conv on NHWC tensors can run as oneDNN's linear op on the [N*H*W, C] view (cheaper to
+    call); with timing off it does, and computes what eager does, NaN included."""
+    untimed(monkeypatch)
+    c1, c2 = convs((6, 9, 3), (9, 9, 1))
+
+    def f(m, x):
+        y = c1(x)
+        z = c2(y) + y if residual else c2(y)
+        return act(z) if act else z
+    m = Fn(f)
+    m.c1, m.c2 = c1, c2
+    x = torch.randn(2, 6, 7, 5)
+    x[1, 2, 3, 4] = float("nan")
+    cm = compiled(m, x)
+    k = nonview(cm.report())[-1]
+    assert k.backend.startswith("library:onednn-linear") and k.ops[0] == "conv2d", (k.backend, k.ops)
+    assert ("+residual" in k.backend) == residual
