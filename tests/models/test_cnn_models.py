@@ -14,24 +14,26 @@ from kfuse.models import CNN_MODELS, build
 MODEL_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 EXPECTED = {
-    # 62 convs: 46 with a BatchNorm, 16 in 8 SE blocks. ReLU convs (11 in the blocks, 8 SE squeezes) take
-    # their ReLU; hardswish and hardsigmoid, captured as add/clamp/div/mul, are named again by a fold rule
-    # (29: 20 on convs, 8 SE gates, 1 after the classifier's first linear) and ride on their conv
-    "mobilenetv3": dict(convs=62, bn=46, hard=29, fusions={"conv_relu": 19, "conv_add": 10, "conv_hardswish": 20,
-                                                            "conv_hardsigmoid": 8, "gemm_bias": 2}),
-    # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks; every SiLU (33 + 16 SE squeezes) and sigmoid gate
-    # rides on its conv, 9 residual adds too
-    "efficientnet_b0": dict(convs=81, bn=49, fusions={"conv_silu": 49, "conv_sigmoid": 16, "conv_add": 9,
-                                                       "gemm_bias": 1}),
+    # 62 convs: 46 with a BatchNorm, 16 in 8 SE blocks, each block one squeeze_excite op (its mean, two
+    # 1x1 convs, ReLU, hardsigmoid gate and scale); the 11 ReLU convs of the blocks take their ReLU;
+    # hardswish and hardsigmoid, captured as add/clamp/div/mul, are named again by a fold rule (29: 20 on
+    # convs, 8 SE gates, 1 after the classifier's first linear)
+    "mobilenetv3": dict(convs=46, bn=46, hard=29, se=8, fusions={
+        "conv_relu": 11, "conv_add": 10, "conv_hardswish": 20, "squeeze_excite": 8, "gemm_bias": 2}),
+    # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks (16 squeeze_excite ops); every other SiLU rides on
+    # its conv, 9 residual adds too
+    "efficientnet_b0": dict(convs=49, bn=49, se=16, fusions={"conv_silu": 33, "squeeze_excite": 16, "conv_add": 9,
+                                                              "gemm_bias": 1}),
     # 22 convs (stem, 18 depthwise 7x7, 3 downsamples), no BatchNorm; 23 LayerNorms as row kernels;
     # each block's MLP is a GEMM + GELU and a GEMM + bias (the 19th: the classifier), then its layer
     # scale and residual add in one kernel (channels-last: no transpose between them), or, before a
     # downsample, in the next LayerNorm's kernel
     "convnext_tiny": dict(convs=22, bn=0, layer_norms=23, fusions={"gemm_gelu": 18, "gemm_bias": 19,
                                                                    "elementwise_chain": 15, "add_layernorm": 3}),
-    # 140 convs: 86 with a BatchNorm, 54 in 27 SE blocks; 27 residual adds + ReLU ride on the last conv
-    "regnety_1_6gf": dict(convs=140, bn=86, fusions={"conv_relu": 82, "conv_sigmoid": 27, "conv_add_relu": 27,
-                                                      "gemm_bias": 1}),
+    # 140 convs: 86 with a BatchNorm, 54 in 27 SE blocks (27 squeeze_excite ops); 27 residual adds + ReLU
+    # ride on the last conv of their block
+    "regnety_1_6gf": dict(convs=86, bn=86, se=27, fusions={"conv_relu": 55, "squeeze_excite": 27,
+                                                            "conv_add_relu": 27, "gemm_bias": 1}),
     # 14 convs, 9 GroupNorms: 8 as a row kernel, then their scale, shift and SiLU as one kernel after each
     # ("affine_silu"); one with all of it in the norm's kernel ("norm_silu"); 4 residual adds on the convs
     "unet": dict(convs=14, bn=0, layer_norms=9, fusions={"affine_silu": 8, "norm_silu": 1, "conv_add": 4}),
@@ -50,7 +52,7 @@ def test_cnn_matches_eager_with_its_fusions(name):
     cm = compiled(model, *inputs, **MODEL_TOL)
     assert_verified(cm.verify(*inputs), 1e-4)
     rep, ops, want = cm.report(), cm.graph.op_counts(), EXPECTED[name]
-    assert ops["conv2d"] == want["convs"], ops
+    assert ops["conv2d"] == want["convs"] and ops.get("squeeze_excite", 0) == want.get("se", 0), ops
     assert rep.rules.get("conv_bn_scale", 0) == rep.rules.get("conv_bn_shift", 0) == want["bn"], rep.rules
     assert "batch_norm" not in ops and not rep.fallbacks, rep.fallbacks
     assert rep.rules.get("hard_activations", 0) == want.get("hard", 0), rep.rules
