@@ -19,6 +19,7 @@ dynamic=True) runs by one of three strategies, chosen from the share of its work
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 
@@ -183,8 +184,23 @@ class Segment:
         self.cm = None
         self.builds = 0
         self.fallback = ""        # why torch runs this graph, if it does
-        self._key = None
+        self._built = None        # (state, compiled model, positions of the tensors it takes), swapped whole
+        self._lock = threading.Lock()    # two threads making the first call compile once
         self._numbers = _number_outputs(fn)
+
+    def _build(self, args, state):
+        fixed = set(self.frozen) | set(self.scalars)
+        try:
+            cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars)),
+                         tuple(a for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)),
+                         **self.options)
+        except KfuseError as e:
+            self.fallback = str(e).splitlines()[0][:300]
+            warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
+            return None
+        self.cm, self.builds = cm, self.builds + 1
+        self._built = (state, cm, [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)])
+        return self._built
 
     def _state(self, args):
         return tuple((id(args[i]), args[i]._version) for i in self.frozen) + tuple(args[i].item() for i in self.scalars)
@@ -195,20 +211,16 @@ class Segment:
         if self.frozen is None:
             self.frozen = _frozen_inputs(args)
         state = self._state(args)
-        if self.cm is None or state != self._key:
-            fixed = set(self.frozen) | set(self.scalars)
-            try:
-                self.cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars)),
-                                  tuple(a for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)),
-                                  **self.options)
-            except KfuseError as e:
-                self.fallback = str(e).splitlines()[0][:300]
-                warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
-                return self.fn(*args)
-            self._live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
-            self._key = state
-            self.builds += 1
-        outs = self.cm(*[args[i] for i in self._live])
+        built = self._built
+        if built is None or built[0] != state:
+            with self._lock:
+                built = self._built
+                if built is None or built[0] != state:
+                    built = self._build(args, state)
+                    if built is None:
+                        return self.fn(*args)
+        _, cm, live = built
+        outs = cm(*[args[i] for i in live])
         if self._numbers:        # an int the graph returns (a cache length) comes back a 0-d tensor
             outs = list(outs)
             for i in self._numbers:

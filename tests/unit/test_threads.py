@@ -98,3 +98,22 @@ def test_torch_compile_backend_from_eight_threads_matches_serial_calls():
     for (t, c), outs in got.items():
         for a, b in zip(outs, serial[(t * 7 + c) % 4]):
             assert torch.equal(a, b), (t, c)
+
+
+def test_first_calls_of_a_dynamo_graph_from_eight_threads_compile_it_once():
+    """Eight threads making the first call of a graph Dynamo handed to kfuse, at once: one compilation,
+    every answer right (the others wait for it, rather than compile again or read a half-built one)."""
+    from kfuse.dynamo import Segment
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    seg = Segment(torch.fx.symbolic_trace(model), {"backend": "cpu"}, frozen=[])
+    x = torch.randn(4, 16)
+    start = threading.Barrier(8)
+
+    def call(x):
+        start.wait(timeout=60)
+        return _flat(seg(x))
+    got = _hammer(call, lambda t, c: (x,), 8, 1)
+    assert seg.builds == 1
+    for outs in got.values():
+        torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-5)
