@@ -28,6 +28,7 @@ from .c import attention as c_attention
 from .c import depthwise as c_depthwise
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
+from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
 from .c.autotune import pick
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
@@ -116,6 +117,15 @@ def _squeeze_excite_kernel(node):
     run = lambda bufs, x, *_: (se(x, out=bufs[0]),)   # noqa: E731
     run.sources = lambda: [c_squeeze_excite.SOURCE]
     return run, "c:squeeze_excite"
+
+
+def _group_norm_kernel(node):
+    a = node.attrs
+    w, b = (i.value for i in node.inputs[1:])
+    gn = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a.get("silu", False))
+    run = lambda bufs, x, *_: (gn(x, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [c_group_norm.SOURCE]
+    return run, "c:group_norm"
 
 
 def _attention_kernel(node):
@@ -257,7 +267,8 @@ def fusion_name(nodes) -> str | None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
-        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent", "squeeze_excite") else None
+        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent", "squeeze_excite", "group_norm") \
+            else None
     inside = set(nodes)
     if "layer_norm" in ops:     # a residual add into the norm; else the norm, its affine and a SiLU (GroupNorm)
         if any(i in inside and i.op in ("add", "sub") for n in nodes if n.op == "layer_norm" for i in n.inputs):
@@ -294,15 +305,16 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
-    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite") and nodes[0].dtype == torch.float32 \
-            and backend == "cpu":
+    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm") \
+            and nodes[0].dtype == torch.float32 and backend == "cpu" and nodes[0].attrs.get("layout", "nhwc") == "nhwc":
         return nodes[0].op
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
     return "torch"
 
 
-WRITES_INTO = ("c", "attention", "rope", "recurrent", "squeeze_excite")     # kernels that write into buffers they are given
+# kernels that write into buffers they are given
+WRITES_INTO = ("c", "attention", "rope", "recurrent", "squeeze_excite", "group_norm")
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -366,6 +378,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = c_recurrent.kernel(nodes[0])
         elif kind == "squeeze_excite":
             fn, backend_name = _squeeze_excite_kernel(nodes[0])
+        elif kind == "group_norm":
+            fn, backend_name = _group_norm_kernel(nodes[0])
         elif kind == "c":
             fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
@@ -380,7 +394,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
-    elif kind in ("view", "attention", "rope", "recurrent", "squeeze_excite"):
+    elif kind in ("view", "attention", "rope", "recurrent", "squeeze_excite", "group_norm"):
         fn = _by_node_inputs(fn, group, writes_into)
     report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)

@@ -208,6 +208,12 @@ ACTIVATIONS = {
 }
 
 
+def _group_norm(x, w=None, b=None, *, groups, eps, silu=False):
+    """GroupNorm (+ SiLU) on NCHW x; w, b [C] or absent."""
+    y = F.group_norm(x, groups, w, b, eps)
+    return F.silu(y) if silu else y
+
+
 SE_ACTIVATIONS = {**ACTIVATIONS, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
 
 
@@ -292,6 +298,7 @@ REFERENCE = {
     "rope": _rope,
     "recurrent": _recurrent,
     "squeeze_excite": _squeeze_excite,
+    "group_norm": _nhwc(_group_norm),
     # run by torch as they are (opaque to fusion)
     "conv3d": lambda x, w, b=None, *, stride, padding, dilation, groups=1:
         F.conv3d(x, w, b, stride, padding, dilation, groups),

@@ -187,6 +187,15 @@ class Scheduler:
                     self.report.refuse(code, i.label, n.label, detail)
 
 
+def _depthwise_pointwise(producer: Node, consumer: Node) -> bool:
+    """producer ends a depthwise convolution's kernel (the conv, then elementwise ops) and consumer is a
+    1x1 convolution."""
+    while producer.kind == Kind.ELEMENTWISE and len(producer.inputs) == 1:
+        producer = producer.inputs[0]
+    return producer.op == consumer.op == "conv2d" and producer.attrs["groups"] > 1 \
+        and producer.attrs["groups"] == producer.inputs[1].shape[0] and consumer.inputs[1].shape[2:] == (1, 1)
+
+
 def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
     for n in (consumer, producer):
         if n.op in disabled:
@@ -195,6 +204,10 @@ def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
         if n.op in VIEW_OPS:
             return "view", f"{role} {n.op} is a view"
         if n.kind == Kind.CONTRACTION:
+            if _depthwise_pointwise(producer, consumer):
+                return "contraction_consumer", ("depthwise -> pointwise convolution: not built (the 1x1 GEMM would "
+                                                "take the depthwise output tile while it is in cache); each runs "
+                                                "as its own kernel, the faster of two measured per shape")
             return f"contraction_{role}", f"{role} {n.op} is a contraction"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
             return f"{n.kind.name.lower()}_{role}", f"{role} {n.op} runs as its own kernel"

@@ -46,6 +46,7 @@ class _Region:
         self.views: dict[Node, Node] = {}      # plain 4-D node -> its NHWC view
         self.plain: dict[Node, Node] = {}      # logical node -> the plain node now computing it
         self.into = 0                          # views into the region made for plain 4-D inputs
+        self.users = g.users()                 # of the captured nodes (new ones never read them)
 
     def physical(self, x: Node) -> Node:
         """x as NHWC: its physical node, a permuted constant, or a view of a plain tensor."""
@@ -67,6 +68,8 @@ class _Region:
         inside = [i in self.phys for i in ins]
         if _conv_ok(n):
             self.phys[n] = g.add("conv2d", self.physical(ins[0]), *ins[1:], **n.attrs, layout="nhwc")
+        elif n.op == "reshape" and len(n.shape) == 4 and (gn := self.group_norm(n)) is not None:
+            self.phys[n] = gn
         elif not any(inside):
             if n.op == "transpose" and n.attrs["perm"] == BACK and len(n.shape) == 4:
                 self.phys[n] = self.plain.get(ins[0], ins[0])     # a plain NHWC tensor seen as NCHW
@@ -86,6 +89,52 @@ class _Region:
                 (self.phys if keep else self.plain)[n] = new
         elif n.op == "transpose" and n.attrs["perm"] == CL:
             self.plain[n] = self.phys[ins[0]]
+
+
+    def group_norm(self, n: Node) -> Node | None:
+        """GroupNorm of a region tensor x as captured (kfuse/capture/aten_nn.py): reshape(x, [N, G, K]),
+        a row layer_norm, a scale and shift of the row shape, SiLU, reshape back to x's shape (n),
+        as one NHWC group_norm op: the rows of a group are not contiguous in NHWC, so as captured
+        the norm read the region through a copy back to NCHW and the next convolution copied again."""
+        def single(m):
+            return len(self.users[m]) == 1 and m not in self.g.outputs
+
+        silu, affine = False, {}
+        m = n.inputs[0]
+        if m.op == "silu" and single(m):
+            silu, m = True, m.inputs[0]
+        for op in ("add", "mul"):
+            consts = [i for i in m.inputs if i.op == "const"] if m.op == op and single(m) else []
+            if len(consts) == 1 and len(m.inputs) == 2:
+                affine[op] = consts[0]
+                m = next(i for i in m.inputs if i is not consts[0])
+        if m.op != "layer_norm" or m.attrs.get("ndim", 1) != 1 or not single(m) or len(m.inputs) != 3:
+            return None
+        rows = m.inputs[0]
+        if rows.op != "reshape" or not single(rows) or rows.inputs[0] not in self.phys:
+            return None
+        x, (ln_w, ln_b) = rows.inputs[0], m.inputs[1:]
+        nb, c, h, w = x.shape
+        if x.shape != n.shape or len(rows.shape) != 3 or rows.shape[0] != nb or c % rows.shape[1] \
+                or ln_w.op != "const" or ln_b.op != "const":
+            return None
+        groups = rows.shape[1]
+
+        def per_channel(p, shape, neutral):   # a constant broadcast to `shape` -> [C], if constant over H*W
+            if p is None:
+                return torch.full((c,), float(neutral))
+            v = p.value.float().expand(shape).reshape(-1, h * w)
+            v = v[:, 0].contiguous() if bool((v == v[:, :1]).all()) else None
+            return v if v is None or v.numel() == c else v.repeat(c // v.numel())
+        # the row norm's own scale and shift (per position in a group's row: the same for every group),
+        # then the scale and shift of the row shape; folding may have merged them either way
+        lw, lb = per_channel(ln_w, (rows.shape[2],), 1), per_channel(ln_b, (rows.shape[2],), 0)
+        mw, ab = per_channel(affine.get("mul"), rows.shape[1:], 1), per_channel(affine.get("add"), rows.shape[1:], 0)
+        if any(v is None for v in (lw, lb, mw, ab)):
+            return None
+        wc, bc = lw * mw, lb * mw + ab
+        return self.g.add("group_norm", self.phys[x], self.g.const(wc), self.g.const(bc), groups=groups,
+                          eps=float(m.attrs["eps"]), silu=silu, layout="nhwc")
 
 
 def run(graph: Graph, options: dict, report) -> Graph:

@@ -1,7 +1,7 @@
 """The lean runtime: a straight-line schedule of kernel launches, generated as Python source.
 
 `build_program` runs the named steps of a compilation, in order (each printable with KFUSE_DUMP):
-    fold, patterns, fold_again, fission, schedule   the pass pipeline (kfuse/passes)
+    fold, patterns, fold_again, layout, fission, schedule   the pass pipeline (kfuse/passes)
     kernels        each group built as a kernel (C, library, or the torch reference as the fallback)
     memory_plan    arena slots by liveness for kernels that write into given buffers (memplan.py)
     codegen        one Python function that calls the kernels in order with every value bound to a

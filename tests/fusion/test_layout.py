@@ -177,3 +177,34 @@ def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual):
     k = nonview(cm.report())[-1]
     assert k.backend.startswith("library:onednn-linear") and k.ops[0] == "conv2d", (k.backend, k.ops)
     assert ("+residual" in k.backend) == residual
+
+
+def test_depthwise_then_pointwise_says_why_it_is_two_kernels():
+    dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    pw = torch.nn.Conv2d(8, 12, 1)
+    m = Fn(lambda m, x: pw(F.relu6(dw(x))))
+    m.dw, m.pw = dw, pw
+    rep = compiled(m, torch.randn(1, 8, 9, 9)).report()
+    (w,) = [w for w in rep.why_not if "depthwise -> pointwise" in w.detail]
+    assert w.code == "contraction_consumer"
+
+
+@pytest.mark.parametrize("silu,affine,groups", [(True, True, 4), (False, True, 1), (True, False, 8)])
+def test_group_norm_runs_channels_last(silu, affine, groups):
+    """conv -> GroupNorm (+ SiLU) -> conv, as a diffusion UNet block: the norm is one NHWC op, so the
+    region has no edge around it (captured, its rows [N, G, C/G*H*W] are not contiguous in NHWC)."""
+    c1, c2 = convs((3, 8, 3), (8, 6, 3))
+    gn = torch.nn.GroupNorm(groups, 8, affine=affine)
+    if affine:
+        with torch.no_grad():
+            gn.weight.uniform_(0.5, 2), gn.bias.uniform_(-1, 1)
+    m = Fn(lambda m, x: c2(F.silu(gn(c1(x))) if silu else gn(c1(x))))
+    m.c1, m.c2, m.gn = c1, c2, gn
+    x = torch.randn(2, 3, 9, 7)
+    x[1, 0, 4, 4] = float("nan")              # image 1's groups go NaN downstream, image 0's do not
+    cm = compiled(m, x)
+    rep = cm.report()
+    assert cm.graph.op_counts().get("group_norm") == 1, cm.graph.op_counts()
+    assert rep.rules["layout_conversion"] == 2, rep.rules
+    (k,) = [k for k in rep.kernels if k.ops == ["group_norm"]]
+    assert k.backend == "c:group_norm"

@@ -24,7 +24,7 @@ def test_dump_all(monkeypatch, capsys):
     _use_env(monkeypatch, KFUSE_DUMP="all")
     kfuse.compile(torch.nn.ReLU(), (torch.randn(3),))
     err = capsys.readouterr().err
-    for step in ("fold", "patterns", "fold_again", "fission", "schedule", "kernels", "memory_plan", "codegen"):
+    for step in ("fold", "patterns", "fold_again", "layout", "fission", "schedule", "kernels", "memory_plan", "codegen"):
         assert f"after {step} ---" in err, step
 
 
