@@ -50,14 +50,40 @@ REFERENCE = {
 }
 
 
-def _ops():
+def _private(op: str, reorder: str):
+    """(unary, binary, reorder) overloads of a private oneDNN op Inductor's freezing uses, or None where
+    this torch build lacks them."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        cp = torch.ops.mkldnn._convolution_pointwise
-        return cp.default, cp.binary, torch.ops.mkldnn._reorder_convolution_weight.default
+        pointwise = getattr(torch.ops.mkldnn, op)
+        return pointwise.default, pointwise.binary, getattr(torch.ops.mkldnn, reorder).default
     except (AttributeError, RuntimeError):
         return None
+
+
+def _ops():
+    return _private("_convolution_pointwise", "_reorder_convolution_weight")
+
+
+def _linear_ops():
+    return _private("_linear_pointwise", "_reorder_linear_weight")
+
+
+def _agrees(call, want: torch.Tensor, act) -> bool:
+    """Whether call() (a oneDNN op on the probe problem) equals act(want) (float64): the same NaNs, the
+    rest within float32 reordering."""
+    if act is not None:
+        want = REFERENCE[act[0]](want, act[1], act[2])
+    try:
+        with torch.no_grad():
+            got = call()
+    except (RuntimeError, TypeError):
+        return False
+    if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
+        return False
+    ok = ~want.isnan()
+    return bool(torch.allclose(got.double()[ok], want[ok], rtol=1e-4, atol=1e-5))
 
 
 @functools.cache
@@ -73,24 +99,17 @@ def supports(act: tuple | None, residual: bool) -> bool:
     w, b, r = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g), torch.randn(1, 4, 5, 4, generator=g)
     stride, pad, dil = [1, 2], [1, 1], [1, 1]
     want = F.conv2d(x.double(), w.double(), b.double(), stride, pad, dil) + (r.double() if residual else 0)
-    if act is not None:
-        want = REFERENCE[act[0]](want, act[1], act[2])
-    try:
-        with torch.no_grad():
-            wp = reorder(w, pad, stride, dil, 1, list(x.shape))
-            xc = x.contiguous(memory_format=CL)
-            if residual:
-                a = act or (None, (), None)
-                got = binary(xc, r.contiguous(memory_format=CL), wp, b, pad, stride, dil, 1, "add", None, a[0], list(a[1]), a[2])
-            else:
-                a = act or ("none", (), "")
-                got = unary(xc, wp, b, pad, stride, dil, 1, a[0], list(a[1]), a[2])
-    except (RuntimeError, TypeError):
-        return False
-    if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
-        return False
-    ok = ~want.isnan()
-    return bool(torch.allclose(got.double()[ok], want[ok], rtol=1e-4, atol=1e-5))
+
+    def call():
+        wp = reorder(w, pad, stride, dil, 1, list(x.shape))
+        xc = x.contiguous(memory_format=CL)
+        if residual:
+            a = act or (None, (), None)
+            return binary(xc, r.contiguous(memory_format=CL), wp, b, pad, stride, dil, 1, "add", None, a[0], list(a[1]),
+                          a[2])
+        a = act or ("none", (), "")
+        return unary(xc, wp, b, pad, stride, dil, 1, a[0], list(a[1]), a[2])
+    return _agrees(call, want, act)
 
 
 class PackedConv:
@@ -146,19 +165,11 @@ class PackedConv:
         return y
 
 
-def _linear_ops():
-    try:
-        lp = torch.ops.mkldnn._linear_pointwise
-        return lp.default, lp.binary, torch.ops.mkldnn._reorder_linear_weight.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
 @functools.cache
 def linear_supports(act: tuple | None, residual: bool) -> bool:
     """Whether oneDNN's linear op computes act(x W^T + b [+ r]) like the reference (the conv's post-op
     spelling, which the linear op shares), probed once on a tiny odd problem with a NaN."""
-    ops = _linear_ops() if torch.backends.mkldnn.is_available() else None
+    ops = _linear_ops()
     if ops is None or residual and act is not None:
         return False
     unary, binary, reorder = ops
@@ -167,19 +178,9 @@ def linear_supports(act: tuple | None, residual: bool) -> bool:
                   torch.randn(3, 7, generator=g))
     x[1, 2] = float("nan")
     want = x.double() @ w.double().t() + b.double() + (r.double() if residual else 0)
-    if act is not None:
-        want = REFERENCE[act[0]](want, act[1], act[2])
-    try:
-        with torch.no_grad():
-            wp = reorder(w, 3)
-            a = act or ("none", (), "")
-            got = binary(x, r, wp, b, "add") if residual else unary(x, wp, b, a[0], list(a[1]), a[2])
-    except (RuntimeError, TypeError):
-        return False
-    if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
-        return False
-    ok = ~want.isnan()
-    return bool(torch.allclose(got.double()[ok], want[ok], rtol=1e-4, atol=1e-5))
+    a = act or ("none", (), "")
+    return _agrees(lambda: binary(x, r, reorder(w, 3), b, "add") if residual
+                   else unary(x, reorder(w, 3), b, a[0], list(a[1]), a[2]), want, act)
 
 
 def pointwise(attrs, w) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from .. import openmp
 from .compiler import load
+from .nhwc import same_shape_io
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("squeeze_excite.c").read_text().replace("/*VECMATH*/", VECMATH_C)
@@ -73,15 +74,8 @@ class SqueezeExcite:
                       None if self.b2 is None else self.b2.data_ptr())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[3] != self.c or x.dtype != torch.float32:
-            raise ValueError(f"squeeze_excite: x must be float32 [N, H, W, {self.c}], got {x.dtype} {tuple(x.shape)}")
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x, out = same_shape_io(x, out, self.c, "squeeze_excite")
         n, hh, ww, c = x.shape
-        if out is None:
-            out = torch.empty(x.shape, dtype=torch.float32)
-        elif tuple(out.shape) != tuple(x.shape) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"squeeze_excite: out must be contiguous float32 {tuple(x.shape)}")
         if out.numel() == 0:  # N, H*W or C is 0: nothing to write
             return out
         w1, b1, w2t, b2 = self._ptrs
