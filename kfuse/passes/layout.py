@@ -137,6 +137,25 @@ class _Region:
                           eps=float(m.attrs["eps"]), silu=silu, layout="nhwc")
 
 
+def group_norm_epilogue(g: Graph, n: Node, report=None):
+    """A per-channel scale or shift, or a SiLU, after an NHWC group_norm op, taken into it (the capture
+    applies GroupNorm's affine after the reshape back when it is too big to fold into the row form)."""
+    gn = next((i for i in n.inputs if i.op == "group_norm"), None)
+    if gn is None or gn.attrs.get("silu") or len(g.users()[gn]) != 1 or gn in g.outputs:
+        return None
+    x, w, b = gn.inputs
+    c = gn.shape[3]
+    if n.op == "silu":
+        return g.add("group_norm", x, w, b, **{**gn.attrs, "silu": True})
+    other = next((i for i in n.inputs if i is not gn), None)
+    if n.op not in ("mul", "add") or other is None or other.op != "const" or other.numel != c \
+            or other.shape[-1:] != (c,) or n.shape != gn.shape:
+        return None
+    v = other.value.float().reshape(c)
+    w, b = (w.value * v, b.value * v) if n.op == "mul" else (w.value, b.value + v)
+    return g.add("group_norm", x, g.const(w), g.const(b), **gn.attrs)
+
+
 def run(graph: Graph, options: dict, report) -> Graph:
     if options.get("layout", "auto") != "auto" or options.get("backend", "cpu") != "cpu" \
             or not any(_conv_ok(n) for n in graph.nodes):
@@ -157,6 +176,7 @@ def run(graph: Graph, options: dict, report) -> Graph:
     apply(graph, [("transpose_chain", fold.transpose_chain), ("reshape_chain", fold.reshape_chain)])
     if "squeeze_excite" not in options.get("disable", ()):
         apply(graph, squeeze_excite.RULES, report)
+    apply(graph, [("group_norm_epilogue", group_norm_epilogue)], report)
     live = set(graph.nodes)
     region = {p for p in r.phys.values() if p in live and p.op not in ("input", "const")}
     edges = [m for m in graph.nodes if m.op == "transpose" and len(m.shape) == 4 and m.attrs["perm"] in (CL, BACK)]

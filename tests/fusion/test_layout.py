@@ -189,8 +189,9 @@ def test_depthwise_then_pointwise_says_why_it_is_two_kernels():
     assert w.code == "contraction_consumer"
 
 
-@pytest.mark.parametrize("silu,affine,groups", [(True, True, 4), (False, True, 1), (True, False, 8)])
-def test_group_norm_runs_channels_last(silu, affine, groups):
+@pytest.mark.parametrize("silu,affine,groups,size", [(True, True, 4, 9), (False, True, 1, 9), (True, False, 8, 9),
+                                                     (True, True, 4, 96)])   # 8x96x96 > the fold limit
+def test_group_norm_runs_channels_last(silu, affine, groups, size):
     """conv -> GroupNorm (+ SiLU) -> conv, as a diffusion UNet block: the norm is one NHWC op, so the
     region has no edge around it (captured, its rows [N, G, C/G*H*W] are not contiguous in NHWC)."""
     c1, c2 = convs((3, 8, 3), (8, 6, 3))
@@ -200,11 +201,14 @@ def test_group_norm_runs_channels_last(silu, affine, groups):
             gn.weight.uniform_(0.5, 2), gn.bias.uniform_(-1, 1)
     m = Fn(lambda m, x: c2(F.silu(gn(c1(x))) if silu else gn(c1(x))))
     m.c1, m.c2, m.gn = c1, c2, gn
-    x = torch.randn(2, 3, 9, 7)
+    x = torch.randn(2, 3, size, size - 2)
     x[1, 0, 4, 4] = float("nan")              # image 1's groups go NaN downstream, image 0's do not
     cm = compiled(m, x)
     rep = cm.report()
     assert cm.graph.op_counts().get("group_norm") == 1, cm.graph.op_counts()
+    assert [k.ops for k in nonview(rep)] == [["conv2d"], ["group_norm"], ["conv2d"]], [k.ops for k in nonview(rep)]
+    # a big tensor's affine is applied after the reshape back by the capture, then taken into the op
+    assert ("group_norm_epilogue" in rep.rules) == (size > 9 and affine), rep.rules
     assert rep.rules["layout_conversion"] == 2, rep.rules
     (k,) = [k for k in rep.kernels if k.ops == ["group_norm"]]
     assert k.backend == "c:group_norm"
