@@ -90,7 +90,6 @@ class _Region:
         elif n.op == "transpose" and n.attrs["perm"] == CL:
             self.plain[n] = self.phys[ins[0]]
 
-
     def group_norm(self, n: Node) -> Node | None:
         """GroupNorm of a region tensor x as captured (kfuse/capture/aten_nn.py): reshape(x, [N, G, K]),
         a row layer_norm, a scale and shift of the row shape, SiLU, reshape back to x's shape (n),
