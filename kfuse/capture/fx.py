@@ -30,7 +30,8 @@ def _upsample(op, mode):
         coordinate scale in place of in/out; when the two differ (x1.5 of 5 is 7, and 1/1.5 != 5/7)
         the op is written out by torch's own decomposition instead (gathers and lerps)."""
         align, scales = (None, rest[0]) if mode.startswith("nearest") else rest
-        out = op(torch.empty(x.shape, dtype=x.dtype, device="meta"), size, *rest).shape[2:]
+        # the output size does not depend on N or C; torch's meta kernel rejects an empty tensor
+        out = op(torch.empty((1, 1, *x.shape[2:]), dtype=x.dtype, device="meta"), size, *rest).shape[2:]
         if scales is not None and not align and not all(map(_same_scale, scales, x.shape[2:], out)):
             return _decomposed(g, op, (x, size, *rest))
         return g.add("resize", x, size=tuple(out), mode=mode, align_corners=align)

@@ -208,6 +208,12 @@ ACTIVATIONS = {
 }
 
 
+def _resize(x, *, size, mode="nearest", align_corners=None):
+    if x.numel() == 0:          # torch's meta kernels reject an empty batch; the result is empty anyway
+        return x.new_empty((*x.shape[:2], *size))
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=align_corners)
+
+
 def _group_norm(x, w=None, b=None, *, groups, eps, silu=False):
     """GroupNorm (+ SiLU) on NCHW x; w, b [C] or absent."""
     y = F.group_norm(x, groups, w, b, eps)
@@ -291,8 +297,7 @@ REFERENCE = {
         torch.topk(x, k, axis, largest, sorted)[output == "indices"],
     "sort": lambda x, *, axis=-1, descending=False, output="values":
         torch.sort(x, dim=axis, descending=descending, stable=True)[output == "indices"],
-    "resize": lambda x, *, size, mode="nearest", align_corners=None:
-        F.interpolate(x, size=tuple(size), mode=mode, align_corners=align_corners),
+    "resize": _resize,
     "conv_transpose2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
         dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
     "rope": _rope,

@@ -90,3 +90,13 @@ def test_demo_choices_include_the_cnns(capsys):
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in CNN_MODELS)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3", "efficientnet_b0", "unet"])
+def test_cnn_on_an_empty_batch(name):
+    """Batch 0 through the squeeze-excitation, depthwise, GroupNorm and resize kernels: an empty output of
+    eager's shape (torch's meta kernels reject an empty upsample; the resize reference answers itself)."""
+    model, (x,) = build(name, batch=1, image=32)
+    cm = kfuse.compile(model, (x[:0],))
+    with torch.no_grad():
+        assert cm(x[:0]).shape == model(x[:0]).shape
