@@ -181,7 +181,6 @@ class Segment:
         self.fn, self.options = fn, options
         self.frozen = frozen      # positions of frozen inputs; None: found on the first call's tensors
         self.scalars = list(scalars)
-        self.cm = None
         self.builds = 0
         self.fallback = ""        # why torch runs this graph, if it does
         self._built = None        # (state, compiled model, positions of the tensors it takes), swapped whole
@@ -190,17 +189,22 @@ class Segment:
 
     def _build(self, args, state):
         fixed = set(self.frozen) | set(self.scalars)
+        live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
         try:
             cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars)),
-                         tuple(a for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)),
-                         **self.options)
+                         tuple(args[i] for i in live), **self.options)
         except KfuseError as e:
             self.fallback = str(e).splitlines()[0][:300]
             warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
             return None
-        self.cm, self.builds = cm, self.builds + 1
-        self._built = (state, cm, [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)])
+        self.builds += 1
+        self._built = (state, cm, live)
         return self._built
+
+    @property
+    def cm(self):
+        """The compiled model of the latest build, or None."""
+        return None if self._built is None else self._built[1]
 
     def _state(self, args):
         return tuple((id(args[i]), args[i]._version) for i in self.frozen) + tuple(args[i].item() for i in self.scalars)

@@ -66,11 +66,15 @@ def _linear_kernel(nodes):
     return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
 
 
+def _library_name(k) -> str:
+    """The report's backend for a library convolution: what runs inside the one call."""
+    return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
+
+
 def _conv_kernel(group):
     spec = as_conv(group.nodes)
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
-    backend = f"library:{conv.backend}" + ("+post-op" if conv.post_op_fused else "") \
-        + ("+residual" if conv.residual_fused else "")
+    backend = _library_name(conv)
     # Where another kernel computes the same function, whichever runs this shape faster here: our
     # depthwise kernel, or a 1x1 convolution as oneDNN's GEMM on the [N*H*W, C] view
     others, a = {}, spec.attrs
@@ -83,15 +87,14 @@ def _conv_kernel(group):
             pass
     if conv.backend == "onednn" and pointwise(a, spec.weight) and linear_supports(None, False):
         pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
-        others["library:onednn-linear" + ("+post-op" if pw.post_op_fused else "")
-               + ("+residual" if pw.residual_fused else "")] = pw
+        others[_library_name(pw)] = pw
     schedule = ""
     if others:
-        x = torch.randn(spec.x.shape)
-        r = None if spec.residual is None else torch.randn(spec.residual.shape)
         cands = others | {backend: conv}        # the first is the choice when timing is off
-        problem = f"conv {tuple(spec.weight.shape)} {spec.x.shape} {sorted(a.items())} {spec.act} {r is not None}"
-        best, schedule = pick(problem, {n: (lambda x, k=k: k(x) if r is None else k(x, r)) for n, k in cands.items()}, x)
+        residual = spec.residual is not None
+        problem = f"conv {tuple(spec.weight.shape)} {spec.x.shape} {sorted(a.items())} {spec.act} {residual}"
+        inputs = lambda: [torch.randn(spec.x.shape)] + ([torch.randn(spec.residual.shape)] if residual else [])  # noqa: E731
+        best, schedule = pick(problem, {n: (lambda args, k=k: k(*args)) for n, k in cands.items()}, inputs)
         conv, backend = cands[best], best
     ix = group.inputs.index(spec.x)
     if spec.residual is None:
@@ -109,23 +112,19 @@ def _conv_kernel(group):
     return fn, backend
 
 
-def _squeeze_excite_kernel(node):
+def _nhwc_kernel(node):
+    """A squeeze_excite or group_norm node as its C kernel, writing into its planned buffer."""
     a = node.attrs
-    w1, b1, w2, b2 = (i.value for i in node.inputs[1:])
-    act1 = (a["act1"], (a["slope"],) if a["act1"] == "leaky_relu" else ())
-    se = c_squeeze_excite.SqueezeExcite(w1, b1, act1, w2, b2, (a["act2"], ()))
-    run = lambda bufs, x, *_: (se(x, out=bufs[0]),)   # noqa: E731
-    run.sources = lambda: [c_squeeze_excite.SOURCE]
-    return run, "c:squeeze_excite"
-
-
-def _group_norm_kernel(node):
-    a = node.attrs
-    w, b = (i.value for i in node.inputs[1:])
-    gn = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a.get("silu", False))
-    run = lambda bufs, x, *_: (gn(x, out=bufs[0]),)   # noqa: E731
-    run.sources = lambda: [c_group_norm.SOURCE]
-    return run, "c:group_norm"
+    if node.op == "squeeze_excite":
+        w1, b1, w2, b2 = (i.value for i in node.inputs[1:])
+        act1 = (a["act1"], (a["slope"],) if a["act1"] == "leaky_relu" else ())
+        k, lib = c_squeeze_excite.SqueezeExcite(w1, b1, act1, w2, b2, (a["act2"], ())), c_squeeze_excite
+    else:
+        w, b = (i.value for i in node.inputs[1:])
+        k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
+    run = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [lib.SOURCE]
+    return run, f"c:{node.op}"
 
 
 def _attention_kernel(node):
@@ -267,8 +266,7 @@ def fusion_name(nodes) -> str | None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
-        return nodes[0].op if nodes[0].op in ("attention", "rope", "recurrent", "squeeze_excite", "group_norm") \
-            else None
+        return nodes[0].op if nodes[0].op in NODE_KERNELS else None
     inside = set(nodes)
     if "layer_norm" in ops:     # a residual add into the norm; else the norm, its affine and a SiLU (GroupNorm)
         if any(i in inside and i.op in ("add", "sub") for n in nodes if n.op == "layer_norm" for i in n.inputs):
@@ -313,8 +311,9 @@ def kind_of(group, backend: str = "cpu") -> str:
     return "torch"
 
 
-# kernels that write into buffers they are given
-WRITES_INTO = ("c", "attention", "rope", "recurrent", "squeeze_excite", "group_norm")
+# kernels of one node (a composite op) that run its inputs in the node's order
+NODE_KERNELS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")
+WRITES_INTO = ("c", *NODE_KERNELS)      # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -376,10 +375,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = _rope_kernel(nodes[0])
         elif kind == "recurrent":
             fn, backend_name = c_recurrent.kernel(nodes[0])
-        elif kind == "squeeze_excite":
-            fn, backend_name = _squeeze_excite_kernel(nodes[0])
-        elif kind == "group_norm":
-            fn, backend_name = _group_norm_kernel(nodes[0])
+        elif kind in ("squeeze_excite", "group_norm"):
+            fn, backend_name = _nhwc_kernel(nodes[0])
         elif kind == "c":
             fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
@@ -394,7 +391,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
-    elif kind in ("view", "attention", "rope", "recurrent", "squeeze_excite", "group_norm"):
+    elif kind == "view" or kind in NODE_KERNELS:
         fn = _by_node_inputs(fn, group, writes_into)
     report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)

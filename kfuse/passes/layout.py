@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import Graph, Kind, Node
-from ..rewrite import apply
+from ..rewrite import apply, uses
 from . import fold
 from .patterns import squeeze_excite
 
@@ -140,7 +140,7 @@ def group_norm_epilogue(g: Graph, n: Node, report=None):
     """A per-channel scale or shift, or a SiLU, after an NHWC group_norm op, taken into it (the capture
     applies GroupNorm's affine after the reshape back when it is too big to fold into the row form)."""
     gn = next((i for i in n.inputs if i.op == "group_norm"), None)
-    if gn is None or gn.attrs.get("silu") or len(g.users()[gn]) != 1 or gn in g.outputs:
+    if gn is None or gn.attrs.get("silu") or uses(g, gn) != 1:
         return None
     x, w, b = gn.inputs
     c = gn.shape[3]

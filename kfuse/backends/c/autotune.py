@@ -163,6 +163,28 @@ def _time(fns, argv, budget_s: float = BUDGET_S) -> list[float]:
     return [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
 
 
+def _cached(key: str, names: list[str]) -> int | None:
+    """The index of this machine's earlier choice for `key` (this process's memo, else the cache file),
+    if it still names names[index]; else None."""
+    hit = _memo.get(key)
+    if hit is None:
+        entry = _read().get(key)
+        if isinstance(entry, dict) and entry.get("index") in range(len(names)):
+            hit = (entry["index"], entry.get("variant"))
+    if hit is None or names[hit[0]] != hit[1]:
+        return None
+    _memo[key] = hit
+    return hit[0]
+
+
+def _remember(key: str, best: int, names: list[str], ms: list[float]) -> dict:
+    """Store choice `best` of `names` (timed at `ms`) in the memo and the cache file; the times by name."""
+    times = {n: round(t, 4) for n, t in zip(names, ms)}
+    _memo[key] = (best, names[best])
+    _write(key, best, names[best], times)
+    return times
+
+
 def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: int | None = None) -> Choice:
     """The fastest of `scheds` for `k` (entries kf_v<i> of `lib`, built from `source`): from this
     process's memo or the cache file when this machine has timed it, else timed now and stored."""
@@ -170,14 +192,9 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     if threads < 2 or not config.get().autotune:      # an artifact's tuned library, used without tuning
         return Choice(0, scheds[0], "default")
     key = _key(source, threads)
-    hit = _memo.get(key)
-    if hit is None:
-        entry = _read().get(key)
-        if isinstance(entry, dict) and entry.get("index") in range(len(scheds)):
-            hit = (entry["index"], entry.get("variant"))
-    if hit is not None and str(scheds[hit[0]]) == hit[1]:
-        _memo[key] = hit
-        return Choice(hit[0], scheds[hit[0]], "cached")
+    hit = _cached(key, [str(s) for s in scheds])
+    if hit is not None:
+        return Choice(hit, scheds[hit], "cached")
     inputs = fresh_inputs(k)
     outputs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
     argv = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[t.data_ptr() for t in inputs + outputs])
@@ -189,33 +206,26 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     best = min(range(len(ms)), key=ms.__getitem__)
     if ms[best] > (1 - MARGIN) * ms[0]:
         best = 0
-    times = {str(s): round(t, 4) for s, t in zip(scheds, ms)}
-    _memo[key] = (best, str(scheds[best]))
-    _write(key, best, str(scheds[best]), times)
+    times = _remember(key, best, [str(s) for s in scheds], ms)
     return Choice(best, scheds[best], "timed", times)
 
 
-def pick(problem: str, candidates: dict, arg, threads: int | None = None) -> tuple[str, str]:
+def pick(problem: str, candidates: dict, inputs, threads: int | None = None) -> tuple[str, str]:
     """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
     kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and
-    attributes), timed on `arg` like the schedule variants and cached per machine the same way. With
-    KFUSE_AUTOTUNE=0 the first candidate, untimed."""
+    attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
+    schedule variants and cached per machine the same way. With KFUSE_AUTOTUNE=0 the first candidate,
+    untimed."""
     names = list(candidates)
     if not config.get().autotune:
         return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
     threads = threads or config.threads()
     key = _key("\0".join([problem, *names]), threads)
-    hit = _memo.get(key)
-    if hit is None:
-        entry = _read().get(key)
-        if isinstance(entry, dict) and entry.get("index") in range(len(names)):
-            hit = (entry["index"], entry.get("variant"))
-    if hit is not None and names[hit[0]] == hit[1]:
-        _memo[key] = hit
-        return hit[1], f"{hit[1]} (measured, cached)"
+    hit = _cached(key, names)
+    if hit is not None:
+        return names[hit], f"{names[hit]} (measured, cached)"
     with openmp.using(threads), torch.no_grad():
-        ms = _time([candidates[n] for n in names], arg)
+        ms = _time([candidates[n] for n in names], inputs())
     best = min(range(len(ms)), key=ms.__getitem__)
-    _memo[key] = (best, names[best])
-    _write(key, best, names[best], {n: round(t, 4) for n, t in zip(names, ms)})
+    _remember(key, best, names, ms)
     return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"
