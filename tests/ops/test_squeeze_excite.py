@@ -143,6 +143,20 @@ def test_thread_counts(threads):
     check(y, reference(x, w1, b1, "gelu", w2, b2, "sigmoid"), x)
 
 
+@pytest.mark.parametrize("shape", [(1, 13, 11, 72), (2, 9, 7, 100), (3, 5, 5, 40)])
+def test_result_does_not_depend_on_the_thread_count(shape):
+    """The runtime gives concurrent calls fewer threads; their outputs must equal a lone call's bit for
+    bit, so each channel's sum has one order whatever the team size."""
+    from kfuse.backends import openmp
+    x = torch.randn(shape)
+    se = se_of(*weights(shape[3], 8), "relu", "sigmoid", True)
+    outs = []
+    for threads in (1, 2, 3):
+        with openmp.using(threads):
+            outs.append(se(x))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 def test_rejects_bad_arguments():
     w1, b1, w2, b2 = weights(16, 4)
     with pytest.raises(ValueError):

@@ -117,3 +117,19 @@ def test_first_calls_of_a_dynamo_graph_from_eight_threads_compile_it_once():
     assert seg.builds == 1
     for outs in got.values():
         torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3", "unet"])
+def test_cnn_kernels_from_four_threads_match_serial_calls(name):
+    """The channels-last CNN kernels (depthwise, squeeze-excitation, GroupNorm, 1x1 as GEMM) called from
+    four threads at once, on two input sizes (the second compiles on first use): serial answers."""
+    model, _ = build(name, batch=1, image=32)
+    inputs = [build(name, batch=b, image=32, seed=s)[1] for s, b in ((0, 1), (1, 2), (2, 1), (3, 2))]
+    cm = kfuse.compile(model, inputs[0])
+    serial = [_flat(cm(*x)) for x in inputs]
+    got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 4], 4, 10)
+    for (t, c), outs in got.items():
+        for a, b in zip(outs, serial[(t + c) % 4]):
+            assert torch.equal(a, b), (t, c)
+    with torch.no_grad():
+        torch.testing.assert_close(serial[1][0], model(*inputs[1]), rtol=1e-4, atol=1e-4)

@@ -6,15 +6,15 @@
  *   y = x * s[n]                    [N, HW, C]
  *
  * Phases, separated by barriers:
- *   1. the N*HW rows of C floats are cut into one contiguous range per thread; each thread sums its
- *      rows (4 at a time) into its own partial sums part[t][n][C];
- *   2. m[n][c] = sum_t part[t][n][c] / HW, (n, c) split across threads;
+ *   1. m[n][c]: the channels split across threads in blocks of 16, each thread summing its channels
+ *      over all HW rows of every image (4 rows at a time, in double): each sum has one order whatever
+ *      the team size, so the result does not depend on the thread count (the runtime gives calls made
+ *      concurrently fewer threads, and their outputs equal a lone call's bit for bit);
  *   3. h: the R outputs split across threads, 8 dot products over C at a time for every n (the 8 w1
  *      rows are read once for all n);
  *   4. s: the C outputs split across threads in blocks of CB, each block accumulated over the R rows
  *      of w2t for every n;
- *   5. y = x * s over the same row ranges as phase 1, so each thread rereads the rows it summed (still
- *      in its own L2 when x fits).
+ *   5. y = x * s, the N*HW rows split across threads.
  * Bytes: x read twice (the second time from cache when it fits), y written once, w1 and w2 read once.
  * y may be x itself: every row of x is read in phase 1 before any y is written, and phase 5 writes
  * y[i] from x[i] only.
@@ -24,7 +24,7 @@
  * torch's own float32 path, which fails a 1e-5 test against float64; in double they cost a convert per
  * weight, hidden behind the weight traffic (w1 and w2 are 1.8 MB at C = 960, R = 240).
  *
- * Scratch (malloc'd per call): double part[T][N][C], m[N][C]; float h[N][R], s[N][C].
+ * Scratch (malloc'd per call): double m[N][C]; float h[N][R], s[N][C].
  * NaN and Inf follow the torch formula: the activations are written so that NaN compares false and
  * passes through, and (+inf) + (-inf) in the sums gives NaN whatever the order of the additions.
  */
@@ -93,10 +93,10 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
                       int64_t act1, int64_t act2, float slope, int64_t nthreads)
 {
     if (nthreads < 1) nthreads = 1;
-    size_t doubles = (size_t)(nthreads * N * C + N * C), floats = (size_t)(N * R + N * C);
+    size_t doubles = (size_t)(N * C), floats = (size_t)(N * R + N * C);
     double *scratch = malloc(doubles * sizeof(double) + floats * sizeof(float));
     if (!scratch) return -1;
-    double *part = scratch, *m = part + nthreads * N * C;
+    double *m = scratch;
     float *h = (float *)(m + N * C), *s = h + N * R;
     const int64_t rows = N * HW;
     const double hw = (double)HW;
@@ -106,36 +106,29 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t r0, r1, lo, hi;
 
-        /* 1. partial sums of this thread's rows */
-        double *mine = part + (int64_t)t * N * C;
-        memset(mine, 0, (size_t)(N * C) * sizeof(double));
-        share(rows, 1, t, nt, &r0, &r1);
-        for (int64_t i = r0; i < r1;) {
-            const int64_t n = i / HW, end = (n + 1) * HW < r1 ? (n + 1) * HW : r1;
-            double *acc = mine + n * C;
-            for (; i + 4 <= end; i += 4) {
-                const float *a = x + i * C;
+        /* 1. the means, channels split in blocks of 16: each channel is summed by one thread, in one
+              order whatever the team size, so a call's result does not depend on its thread count
+              (the runtime gives concurrent calls fewer threads) */
+        share(C, 16, t, nt, &lo, &hi);
+        for (int64_t n = 0; n < N && hi > lo; n++) {
+            double *acc = m + n * C;
+            const float *xn = x + n * HW * C;
+            for (int64_t c = lo; c < hi; c++) acc[c] = 0.0;
+            int64_t i = 0;
+            for (; i + 4 <= HW; i += 4) {
+                const float *a = xn + i * C;
                 #pragma omp simd
-                for (int64_t c = 0; c < C; c++)
+                for (int64_t c = lo; c < hi; c++)
                     acc[c] += (a[c] + a[C + c]) + (a[2 * C + c] + a[3 * C + c]);
             }
-            for (; i < end; i++) {
-                const float *a = x + i * C;
+            for (; i < HW; i++) {
+                const float *a = xn + i * C;
                 #pragma omp simd
-                for (int64_t c = 0; c < C; c++) acc[c] += a[c];
+                for (int64_t c = lo; c < hi; c++) acc[c] += a[c];
             }
-        }
-        #pragma omp barrier
-
-        /* 2. the means */
-        share(N * C, 16, t, nt, &lo, &hi);
-        for (int64_t k = 1; k < nt; k++) {
-            const double *p = part + k * N * C;
             #pragma omp simd
-            for (int64_t j = lo; j < hi; j++) part[j] += p[j];
+            for (int64_t c = lo; c < hi; c++) acc[c] /= hw;
         }
-        #pragma omp simd
-        for (int64_t j = lo; j < hi; j++) m[j] = part[j] / hw;
         #pragma omp barrier
 
         /* 3. h = act1(m w1^T + b1), R outputs split; 8 rows of w1 at a time give 8 independent
@@ -210,7 +203,8 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
         }
         #pragma omp barrier
 
-        /* 5. y = x * s, the rows of phase 1 */
+        /* 5. y = x * s, rows split */
+        share(rows, 1, t, nt, &r0, &r1);
         for (int64_t i = r0; i < r1;) {
             const int64_t n = i / HW, end = (n + 1) * HW < r1 ? (n + 1) * HW : r1;
             const float *sn = s + n * C;

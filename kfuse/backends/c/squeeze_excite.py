@@ -2,9 +2,9 @@
 
     m = x.mean(dim=(1, 2)); h = act1(m @ w1.T + b1); s = act2(h @ w2.T + b2); y = x * s[:, None, None, :]
 
-x is physical [N, H, W, C] float32. One OpenMP region: per-thread partial sums of the H*W rows, the
-means, the two GEMVs (R outputs, then C outputs, split across threads) and y = x * s over the same
-rows each thread summed. Weights are packed once: w1 stays [R, C] (dot products along contiguous C),
+x is physical [N, H, W, C] float32. One OpenMP region: the means (channels split across threads, so
+each sum has one order whatever the thread count), the two GEMVs (R outputs, then C outputs, split
+across threads) and y = x * s (rows split). Weights are packed once: w1 stays [R, C] (dot products along contiguous C),
 w2 is stored transposed [R, C] (each output block accumulates contiguous rows, so small R still
 vectorises). Bytes per call: x read twice (the second time from cache when it fits), y written once,
 the weights read once. Sizes are runtime arguments: one compiled library serves every shape.
