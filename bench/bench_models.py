@@ -21,7 +21,8 @@ ONNX Runtime workers load them. With `--repeat K` the whole set of processes run
 order and the run with the median time is reported per provider. Every child inherits this process's
 env (common.py re-executes the script with the malloc thresholds and thread variables set: 2 threads).
 A configuration that fails (export error, optimizer crash, wrong numbers) is printed with its reason and
-skipped. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run).
+skipped. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run);
+`--only layout` adds kfuse with the channels-last pass off (`kfuse:nchw`, kfuse.compile(..., layout="nchw")).
 `--profile` times every kernel of kfuse's compiled program (in the kfuse worker) and prints where the
 time goes, by kernel name and backend.
 """
@@ -275,14 +276,14 @@ def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profil
     """Build the model and the provider, check it against eager, time it: the result for the parent."""
     model, inputs, _ = make_model(model_name)
     # a fresh, never-run copy for a compiler, made before the eager reference call
-    fresh = copy.deepcopy(model) if provider == "kfuse" or provider.startswith("inductor:") else None
+    fresh = copy.deepcopy(model) if provider.startswith(("kfuse", "inductor:")) else None
     with torch.no_grad():
         ref = leaves(model(*inputs))
     cm = None
-    if provider == "kfuse":
+    if provider.startswith("kfuse"):           # "kfuse", or "kfuse:nchw": the layout pass off
         import kfuse
         t0 = time.perf_counter()
-        cm = kfuse.compile(fresh, tuple(inputs))
+        cm = kfuse.compile(fresh, tuple(inputs), **({"layout": "nchw"} if provider == "kfuse:nchw" else {}))
         cm(*inputs)
         print(f"kfuse: compiled in {time.perf_counter() - t0:.1f} s, {len(cm.report().kernels)} kernels")
         f = lambda: cm(*inputs)
@@ -330,7 +331,7 @@ def worker_main(argv: list[str]):
 
 def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat: int = 1) -> dict | None:
     print(f"\n=== {name} ===", flush=True)
-    names = ["kfuse", "eager"]
+    names = ["kfuse", "eager"] + (["kfuse:nchw"] if "layout" in only else [])
     if not only or "inductor" in only:
         names += [f"inductor:{c}" for c in INDUCTOR]
     with tempfile.TemporaryDirectory() as tmp:
@@ -392,7 +393,7 @@ def main():
                     help="run every provider's process K times, in rotated turns; the median one is reported")
     ap.add_argument("--profile", action="store_true", help="time each kfuse kernel and print the top 15")
     ap.add_argument("--only", default="", help="comma-separated competitor families to include besides "
-                    "kfuse and eager: inductor, ort (default: all)")
+                    "kfuse and eager: inductor, ort, layout (kfuse with layout=\"nchw\"; not in the default)")
     a = ap.parse_args()
     models = model_names(a.models)
     unknown = [m for m in models if not known(m)]
@@ -420,7 +421,7 @@ def main():
         if not res:
             continue
         ind, ort = best(res, "inductor:"), best(res, "ort:")
-        others = [r["ms"] for n, r in res.items() if n != "kfuse"]
+        others = [r["ms"] for n, r in res.items() if not n.startswith("kfuse")]
         k, e = res.get("kfuse"), res.get("eager")
         ran = lambda fam: not only or fam in only
         cell = lambda b, p: f"{b[1]['ms']:6.2f} ({b[0][len(p):]})" if b else "failed" if ran(p[:-1]) else "not run"
