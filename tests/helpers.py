@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 import kfuse
@@ -29,6 +30,23 @@ SMALL_TOL = {"atol": 1e-5, "rtol": 1e-5}
 # scale (Verification.max_rel) is held to 1e-5 rather than the table's 1e-4
 REFERENCE_REL = 1e-5
 
+
+# the convolution post-ops kfuse's C kernels take (oneDNN's (name, scalars, algorithm)), by a test name,
+# with torch's function
+CONV_ACTS = {
+    "none": (None, lambda y: y),
+    "relu": (("relu", (), ""), torch.relu),
+    "sigmoid": (("sigmoid", (), ""), torch.sigmoid),
+    "tanh": (("tanh", (), ""), torch.tanh),
+    "silu": (("swish", (), ""), F.silu),
+    "gelu": (("gelu", (), "none"), F.gelu),
+    "gelu_tanh": (("gelu", (), "tanh"), lambda y: F.gelu(y, approximate="tanh")),
+    "leaky_relu": (("leaky_relu", (0.1,), ""), lambda y: F.leaky_relu(y, 0.1)),
+    "relu6": (("hardtanh", (0.0, 6.0), ""), lambda y: F.hardtanh(y, 0.0, 6.0)),
+    "clamp": (("hardtanh", (-1.5, 0.75), ""), lambda y: torch.clamp(y, -1.5, 0.75)),
+    "hardswish": (("hardswish", (), ""), F.hardswish),
+    "hardsigmoid": (("hardsigmoid", (), ""), F.hardsigmoid),
+}
 
 def assert_close(got, want, *, atol: float | None = None, rtol: float | None = None, want64=None, msg: str = ""):
     """Raise AssertionError, naming the worst element, unless `got` matches `want` by

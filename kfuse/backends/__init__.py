@@ -26,6 +26,7 @@ from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
 from .c import depthwise as c_depthwise
+from .c import pointwise as c_pointwise
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
 from .c import group_norm as c_group_norm
@@ -60,10 +61,34 @@ def _view_kernel(node):
     return lambda x: (getattr(x, method)(*args),)
 
 
+# a linear's activation as the convolution post-op our C GEMM takes
+_LINEAR_POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none"),
+                    "gelu_tanh": ("gelu", (), "tanh"), "silu": ("swish", (), ""), "sigmoid": ("sigmoid", (), ""),
+                    "tanh": ("tanh", (), "")}
+
+
 def _linear_kernel(nodes):
     x, w, b, act = as_linear(nodes)
     lin = pack_linear(w, b, act, batch_hint=x.numel // x.shape[-1])
-    return (lambda x, *_: (lin(x),)), f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else "")
+    cands = {f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else ""): lin}
+    schedule = ""
+    if act in _LINEAR_POST_OPS:     # our C GEMM: no library call to pay, where the GEMM is small
+        try:
+            cands["c:pointwise"] = c_pointwise.PointwiseC(w.t(), b, _LINEAR_POST_OPS[act], False)
+        except CompileError:        # no C compiler: the library alone
+            pass
+    if len(cands) > 1:
+        problem = f"linear {tuple(w.shape)} {x.shape} {act} {b is not None}"
+        best, schedule = pick(problem, {n: (lambda args, k=k: k(*args)) for n, k in cands.items()},
+                              lambda: [torch.randn(x.shape)])
+        cands = {best: cands[best]}
+    (backend, k), = cands.items()
+    fn = lambda x, *_: (k(x),)   # noqa: E731
+    if schedule:
+        fn.schedule = schedule
+    if backend == "c:pointwise":
+        fn.sources = lambda: [c_pointwise.source(k.act_code, False)]
+    return fn, backend
 
 
 def _library_name(k) -> str:
@@ -76,18 +101,23 @@ def _conv_kernel(group):
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     # Where another kernel computes the same function, whichever runs this shape faster here: our
-    # depthwise kernel, or a 1x1 convolution as oneDNN's GEMM on the [N*H*W, C] view
+    # depthwise kernel; for a 1x1 convolution our GEMM or oneDNN's on the [N*H*W, C] view
     others, a = {}, spec.attrs
     if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
             spec.weight.shape, a["groups"], spec.x.shape[3]):
         try:
             others["c:depthwise"] = c_depthwise.DepthwiseConv(spec.weight, spec.bias, a["stride"], a["padding"],
                                                               a["dilation"], spec.act)
-        except NotImplementedError:
+        except (NotImplementedError, CompileError):
             pass
-    if conv.backend == "onednn" and pointwise(a, spec.weight) and linear_supports(None, False):
-        pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
-        others[_library_name(pw)] = pw
+    if pointwise(a, spec.weight):
+        try:
+            others["c:pointwise"] = c_pointwise.PointwiseC(spec.weight, spec.bias, spec.act, spec.residual is not None)
+        except (NotImplementedError, CompileError):
+            pass
+        if conv.backend == "onednn" and linear_supports(None, False):
+            pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
+            others[_library_name(pw)] = pw
     schedule = ""
     if others:
         cands = others | {backend: conv}        # the first is the choice when timing is off
@@ -109,6 +139,8 @@ def _conv_kernel(group):
         fn.schedule = schedule
     if backend == "c:depthwise":
         fn.sources = lambda: [c_depthwise.source(conv.kh, conv.kw, conv.stride, conv.dilation, conv.act_code)]
+    elif backend == "c:pointwise":
+        fn.sources = lambda: [c_pointwise.source(conv.act_code, conv.residual)]
     return fn, backend
 
 

@@ -81,6 +81,11 @@ def test_non_contiguous_input():
     compiled(model, torch.randn(1, 4, 9, 12))
 
 
+def fuses_residual(backend: str) -> bool:
+    """the 1x1 convolution's kernel adds the residual itself: our GEMM, or oneDNN's binary post-op"""
+    return backend == "c:pointwise" or backend.endswith("+residual")
+
+
 def test_residual_add_and_relu_ride_on_the_conv():
     c1, c2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
     model = Fn(lambda m, x: F.relu(c2(F.relu(c1(x))) + x))
@@ -88,7 +93,7 @@ def test_residual_add_and_relu_ride_on_the_conv():
     cm = compiled(model, torch.randn(2, 8, 10, 10))
     rep = cm.report()
     assert rep.fusions == {"conv_relu": 1, "conv_add_relu": 1}, rep.fusions
-    assert kernels_named(rep, "conv_add_relu")[0].backend.endswith("+residual")
+    assert fuses_residual(kernels_named(rep, "conv_add_relu")[0].backend)
 
 
 def test_residual_that_depends_on_the_conv_is_not_fused():
@@ -180,7 +185,10 @@ def test_conv_hard_activation_is_one_kernel(act, name, shape, kw):
     rep = cm.report()
     assert rep.rules["hard_activations"] == 1 and rep.fusions == {f"conv_{name}": 1}, (rep.rules, rep.fusions)
     (k,) = [k for k in rep.kernels if k.backend != "view"]
-    assert k.ops == ["conv2d", name] and k.backend.startswith("library:onednn")
+    assert k.ops == ["conv2d", name]
+    if k.backend == "c:pointwise":          # the 1x1 case, where our GEMM measured faster: act in registers
+        return
+    assert k.backend.startswith("library:onednn")
     assert k.backend.endswith("+post-op") == conv_backend.supports((name, (), ""), False)
     assert ("runs in place" in k.note) == (not k.backend.endswith("+post-op"))
 
@@ -194,7 +202,7 @@ def test_conv_residual_then_hardswish_and_a_hand_written_hardsigmoid():
     cm = compiled(model, torch.randn(2, 8, 10, 10) * 3)
     rep = cm.report()
     assert rep.fusions == {"conv_hardsigmoid": 1, "conv_add_hardswish": 1}, rep.fusions
-    assert kernels_named(rep, "conv_add_hardswish")[0].backend.endswith("+residual")
+    assert fuses_residual(kernels_named(rep, "conv_add_hardswish")[0].backend)
 
 
 def test_hardswish_not_after_a_conv_is_a_c_kernel_bit_for_bit():

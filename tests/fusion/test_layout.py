@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from helpers import Fn, compiled
 
 from kfuse import config
+from kfuse.backends.c import pointwise as c_pointwise
 
 
 def nonview(rep):
@@ -26,9 +27,9 @@ def test_conv_chain_runs_channels_last_with_conversions_at_the_edges():
     rep = cm.report()
     assert rep.rules["nhwc_layout"] >= 3 and rep.rules["layout_conversion"] == 2, rep.rules
     # the scale and shift read and write NHWC buffers: one flat C kernel between the two convolutions
-    # (the 1x1 one on oneDNN as a convolution or as the GEMM it is, whichever was measured faster)
+    # (the 1x1 one on oneDNN as a convolution or as the GEMM it is, or our GEMM: whichever was measured faster)
     assert [(k.ops, k.backend) for k in nonview(rep)][:2] == [(["conv2d", "relu"], "library:onednn"), (["mul", "add"], "c")]
-    assert nonview(rep)[2].backend in ("library:onednn", "library:onednn-linear"), nonview(rep)[2]
+    assert nonview(rep)[2].backend in ("library:onednn", "library:onednn-linear", "c:pointwise"), nonview(rep)[2]
     nchw = compiled(m, x, layout="nchw").report()
     assert "nhwc_layout" not in nchw.rules
 
@@ -157,12 +158,18 @@ def untimed(monkeypatch):
     monkeypatch.setattr(config, "_config", config.from_env())
 
 
+@pytest.mark.parametrize("kernel", ["c:pointwise", "library:onednn-linear"])
 @pytest.mark.parametrize("act,residual", [(None, False), (F.relu, False), (F.hardswish, False), (F.relu6, False),
                                           (None, True), (F.relu, True)])
-def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual):
-    """A 1x1 stride-1 conv on NHWC tensors can run as oneDNN's linear op on the [N*H*W, C] view (cheaper to
-    call); with timing off it does, and computes what eager does, NaN included."""
+def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual, kernel):
+    """A 1x1 stride-1 conv on NHWC tensors runs as a GEMM on the [N*H*W, C] view: with timing off our C
+    GEMM, the first candidate; without it oneDNN's linear op (cheaper to call than its convolution).
+    Either computes what eager does, NaN included, with the epilogue inside the call where it can."""
     untimed(monkeypatch)
+    if kernel != "c:pointwise":
+        def unavailable(*a, **k):
+            raise NotImplementedError("pointwise kernel: off for this test")
+        monkeypatch.setattr(c_pointwise, "PointwiseC", unavailable)
     c1, c2 = convs((6, 9, 3), (9, 9, 1))
 
     def f(m, x):
@@ -175,8 +182,9 @@ def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual):
     x[1, 2, 3, 4] = float("nan")
     cm = compiled(m, x)
     k = nonview(cm.report())[-1]
-    assert k.backend.startswith("library:onednn-linear") and k.ops[0] == "conv2d", (k.backend, k.ops)
-    assert ("+residual" in k.backend) == residual
+    assert k.backend.startswith(kernel) and k.ops[0] == "conv2d", (k.backend, k.ops)
+    if kernel != "c:pointwise":
+        assert ("+residual" in k.backend) == residual
 
 
 def test_depthwise_then_pointwise_says_why_it_is_two_kernels():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CONV_ACTS as ACTS
 from helpers import assert_close
 
 from kfuse.backends import openmp
@@ -17,20 +18,6 @@ from kfuse.backends.c.depthwise import DepthwiseConv, supported
 # that cancel to about 0 (the largest absolute error measured over GEOMETRY without activation: 5.7e-6)
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
-ACTS = {
-    "none": (None, lambda y: y),
-    "relu": (("relu", (), ""), torch.relu),
-    "sigmoid": (("sigmoid", (), ""), torch.sigmoid),
-    "tanh": (("tanh", (), ""), torch.tanh),
-    "silu": (("swish", (), ""), F.silu),
-    "gelu": (("gelu", (), "none"), F.gelu),
-    "gelu_tanh": (("gelu", (), "tanh"), lambda y: F.gelu(y, approximate="tanh")),
-    "leaky_relu": (("leaky_relu", (0.1,), ""), lambda y: F.leaky_relu(y, 0.1)),
-    "relu6": (("hardtanh", (0.0, 6.0), ""), lambda y: F.hardtanh(y, 0.0, 6.0)),
-    "clamp": (("hardtanh", (-1.5, 0.75), ""), lambda y: torch.clamp(y, -1.5, 0.75)),
-    "hardswish": (("hardswish", (), ""), F.hardswish),
-    "hardsigmoid": (("hardsigmoid", (), ""), F.hardsigmoid),
-}
 
 
 def reference(x, w, b, stride, padding, dilation, act):

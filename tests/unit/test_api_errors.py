@@ -86,11 +86,12 @@ def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(kfuse.config, "_config", kfuse.config.from_env())   # settings are read once
     import kfuse.backends.c.compiler as compiler
-    from kfuse.backends.c import attention, rope
+    from kfuse.backends.c import attention, depthwise, pointwise, rope
     monkeypatch.setattr(compiler, "_loaded", {})       # forget libraries this process already loaded
     monkeypatch.setattr(compiler, "_provided", {})     # and those an artifact provided
     monkeypatch.setattr(attention, "_libs", {})
-    rope._lib.cache_clear()
+    for lib in (rope._lib, pointwise._fn, depthwise._fn):
+        lib.cache_clear()
     model, inputs = build("bert", batch=2, seq=16, layers=1)
     cm = kfuse.compile(model, inputs)
     assert_verified(cm.verify(*inputs), max_rel=REFERENCE_REL)      # every kernel on the torch path

@@ -32,14 +32,10 @@ import torch
 
 from .. import openmp
 from .compiler import load
-from .vecmath import VECMATH_C
+from .conv_act import act_code, template
 
-TEMPLATE = Path(__file__).with_name("depthwise.c").read_text().replace("/*VECMATH*/", VECMATH_C)
+TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
-# activation code in depthwise.c, keyed by the oneDNN post-op (name, algorithm) of kfuse.kernels.conv.post_op_of
-ACTS = {None: 0, ("relu", ""): 1, ("sigmoid", ""): 2, ("tanh", ""): 3, ("swish", ""): 4, ("gelu", "none"): 5,
-        ("gelu", "erf"): 5, ("gelu", "tanh"): 6, ("leaky_relu", ""): 7, ("hardtanh", ""): 8, ("hardswish", ""): 9,
-        ("hardsigmoid", ""): 10}
 # Output pixels per register tile (row16), by column stride: stride 1, where neighbours share input
 # vectors, 2, 4 and 6 timed alike on the bench shapes (1 thread); stride 2 gains little from sharing and
 # the tile's addresses cost registers: [8,14,14,672] 5x5/2, CPU ms: TW 1 0.214, 2 0.244, 3 0.254, 4 0.283.
@@ -97,13 +93,7 @@ class DepthwiseConv:
         self.weight = weight.detach().float().reshape(c, kh, kw).permute(1, 2, 0).contiguous()   # [kh, kw, C]
         self.bias = (torch.zeros(c) if bias is None else bias.detach().float().reshape(c)).contiguous()
         self.zero = torch.zeros(c)
-        name, scalars, alg = act if act is not None else (None, (), "")
-        key = None if act is None else (name, alg or "")
-        if key not in ACTS:
-            raise NotImplementedError(f"depthwise kernel: activation {act!r}")
-        prm = [float(s) for s in scalars][:2] + [0.0, 0.0]
-        self.params = (ctypes.c_float * 2)(*prm[:2])
-        self.act_code = ACTS[key]
+        self.act_code, self.params = act_code(act, "depthwise")
         self.fn = _fn(kh, kw, self.stride, self.dilation, self.act_code)
         self._dims: dict = {}
 

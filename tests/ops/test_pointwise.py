@@ -1,0 +1,136 @@
+"""The C GEMM for 1x1 convolutions and small linears (kfuse/backends/c/pointwise.py) against torch in
+float64: output channels around the 16-column panels and the 32-column tile (1, 15, 16, 17, 31, 32, 33,
+72), input channels around the KC pass (1, 3, 511, 512, 513, 1100), rows around the 8-row tile, every
+activation, with and without a residual, NaN and +-Inf inputs, a poisoned `out`, thread counts 1-3,
+batch 0, non-contiguous inputs, and the source a machine without AVX-512 builds."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CONV_ACTS as ACTS
+from helpers import assert_close
+
+from kfuse.backends import openmp
+from kfuse.backends.c import pointwise
+from kfuse.backends.c.pointwise import PointwiseC
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def reference(x, w, b, r, act):
+    y = F.conv2d(x.permute(0, 3, 1, 2).double(), w.double(), None if b is None else b.double()).permute(0, 2, 3, 1)
+    if r is not None:
+        y = y + r.double()
+    return ACTS[act][1](y).float()
+
+
+def check(n, h, w_, cin, cout, act="none", residual=False, bias=True, scale=1.0, generic=False):
+    x = torch.randn(n, h, w_, cin) * scale
+    w, b = torch.randn(cout, cin, 1, 1) / cin ** 0.5, (torch.randn(cout) if bias else None)
+    r = torch.randn(n, h, w_, cout) if residual else None
+    k = PointwiseC(w, b, ACTS[act][0], residual, generic=generic)
+    got, want = k(x, r), reference(x, w, b, r, act)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert_close(got, want, **TOL)
+    return k, x, r, want
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("cout", [1, 15, 16, 17, 31, 32, 33, 72])
+@pytest.mark.parametrize("rows", [(1, 1, 1), (1, 3, 3), (2, 3, 5), (1, 7, 7)])
+def test_shapes(rows, cout, generic):
+    check(*rows, 24, cout, act="relu6", residual=cout % 2 == 1, generic=generic)
+
+
+@pytest.mark.parametrize("cin", [1, 3, 511, 512, 513, 1100])
+def test_input_channels(cin):
+    """past KC (512) products a tile's partial sums go through `out` and the epilogue runs on the last pass"""
+    check(1, 5, 5, cin, 40, act="hardswish", residual=True)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("residual", [False, True])
+def test_activation(act, residual):
+    check(1, 5, 7, 19, 33, act=act, residual=residual, scale=3.0)     # scale 3: both sides of every clamp
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts(threads):
+    with openmp.using(threads):
+        check(1, 14, 14, 112, 72, act="relu")
+        check(2, 7, 7, 600, 160, act="none", residual=True)
+
+
+def test_no_bias():
+    check(1, 5, 5, 33, 17, act="silu", bias=False)
+
+
+def test_empty_batch():
+    k = PointwiseC(torch.randn(17, 8, 1, 1), None, None, False)
+    assert k(torch.randn(0, 7, 9, 8)).shape == (0, 7, 9, 17)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_nan_inf_propagate(act):
+    """NaN and +-Inf inputs reach every output of their row, as in torch (relu and relu6 keep the NaN,
+    which oneDNN's post-ops do not)"""
+    cin, cout = 20, 33
+    x = torch.randn(2, 3, 5, cin)
+    x[0, 0, 0, 3] = float("nan")
+    x[0, 1, 2, 5] = float("inf")
+    x[1, 2, 4, 7] = float("-inf")
+    w = torch.randn(cout, cin, 1, 1)
+    w[:, 5] = w[:, 5].abs() + 0.1                    # positive weights for the +Inf channel: +Inf stays
+    b = torch.randn(cout)
+    r = torch.randn(2, 3, 5, cout)
+    r[1, 0, 0, :4] = float("nan")
+    k = PointwiseC(w, b, ACTS[act][0], True)
+    got, want = k(x, r), reference(x, w, b, r, act)
+    assert torch.isnan(want).any()
+    assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("cout", [16, 17])
+def test_out_poisoned(cout):
+    k, x, r, want = check(3, 7, 9, 40, cout, act="hardswish", residual=True)
+    out = torch.full(want.shape, float("nan"))
+    got = k(x, r, out=out)
+    assert got is out
+    assert_close(out, want, **TOL)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 33, 5, 6).permute(0, 2, 3, 1)           # NHWC view of NCHW memory
+    r = torch.randn(2, 17, 5, 6).permute(0, 2, 3, 1)
+    w, b = torch.randn(17, 33, 1, 1), torch.randn(17)
+    k = PointwiseC(w, b, ("relu", (), ""), True)
+    assert_close(k(x, r), reference(x, w, b, r, "relu"), **TOL)
+
+
+def test_linear_form():
+    """a [Cout, Cin] weight on any leading dims: act(x @ w.T + b), a linear layer"""
+    x, w, b = torch.randn(3, 4, 50), torch.randn(70, 50), torch.randn(70)
+    k = PointwiseC(w, b, ("gelu", (), "tanh"), False)
+    assert_close(k(x), F.gelu(x.double() @ w.double().T + b.double(), approximate="tanh").float(), **TOL)
+    assert_close(k(x[0, 0]), F.gelu(x[0, 0].double() @ w.double().T + b.double(), approximate="tanh").float(), **TOL)
+
+
+def test_errors():
+    k = PointwiseC(torch.randn(16, 8, 1, 1), None, None, False)
+    with pytest.raises(ValueError, match="want float32"):
+        k(torch.randn(1, 2, 2, 9))
+    with pytest.raises(ValueError, match="without a residual"):
+        k(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 16))
+    kr = PointwiseC(torch.randn(16, 8, 1, 1), None, None, True)
+    with pytest.raises(ValueError, match="residual"):
+        kr(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 3, 16))
+    with pytest.raises(NotImplementedError, match="1x1"):
+        PointwiseC(torch.randn(16, 8, 3, 3), None, None, False)
+    with pytest.raises(NotImplementedError, match="activation"):
+        PointwiseC(torch.randn(16, 8, 1, 1), None, ("elu", (1.0,), ""), False)
+
+
+def test_generic_source_differs():
+    assert "#undef __AVX512F__" in pointwise.source(0, False, generic=True)
+    assert "#undef __AVX512F__" not in pointwise.source(0, False)
