@@ -26,7 +26,7 @@ from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
 from .c import depthwise as c_depthwise
-from .c import pointwise as c_pointwise
+from .c import gemm as c_gemm
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
 from .c import group_norm as c_group_norm
@@ -74,7 +74,7 @@ def _linear_kernel(nodes):
     schedule = ""
     if act in _LINEAR_POST_OPS:     # our C GEMM: no library call to pay, where the GEMM is small
         try:
-            cands["c:pointwise"] = c_pointwise.PointwiseC(w.t(), b, _LINEAR_POST_OPS[act], False)
+            cands["c:gemm"] = c_gemm.GemmConv(w.t(), b, _LINEAR_POST_OPS[act], False)
         except CompileError:        # no C compiler: the library alone
             pass
     if len(cands) > 1:
@@ -86,8 +86,8 @@ def _linear_kernel(nodes):
     fn = lambda x, *_: (k(x),)   # noqa: E731
     if schedule:
         fn.schedule = schedule
-    if backend == "c:pointwise":
-        fn.sources = lambda: [c_pointwise.source(k.act_code, False)]
+    if backend == "c:gemm":
+        fn.sources = lambda: [c_gemm.source(k.act_code, False)]
     return fn, backend
 
 
@@ -101,7 +101,7 @@ def _conv_kernel(group):
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     # Where another kernel computes the same function, whichever runs this shape faster here: our
-    # depthwise kernel; for a 1x1 convolution our GEMM or oneDNN's on the [N*H*W, C] view
+    # depthwise kernel, our implicit GEMM (one group), oneDNN's GEMM on the [N*H*W, C] view of a 1x1
     others, a = {}, spec.attrs
     if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
             spec.weight.shape, a["groups"], spec.x.shape[3]):
@@ -110,11 +110,13 @@ def _conv_kernel(group):
                                                               a["dilation"], spec.act)
         except (NotImplementedError, CompileError):
             pass
-    if pointwise(a, spec.weight):
+    if a.get("layout") == "nhwc" and int(a["groups"]) == 1:
         try:
-            others["c:pointwise"] = c_pointwise.PointwiseC(spec.weight, spec.bias, spec.act, spec.residual is not None)
+            others["c:gemm"] = c_gemm.GemmConv(spec.weight, spec.bias, spec.act, spec.residual is not None,
+                                               a["stride"], a["padding"], a["dilation"])
         except (NotImplementedError, CompileError):
             pass
+    if pointwise(a, spec.weight):
         if conv.backend == "onednn" and linear_supports(None, False):
             pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
             others[_library_name(pw)] = pw
@@ -139,8 +141,8 @@ def _conv_kernel(group):
         fn.schedule = schedule
     if backend == "c:depthwise":
         fn.sources = lambda: [c_depthwise.source(conv.kh, conv.kw, conv.stride, conv.dilation, conv.act_code)]
-    elif backend == "c:pointwise":
-        fn.sources = lambda: [c_pointwise.source(conv.act_code, conv.residual)]
+    elif backend == "c:gemm":
+        fn.sources = lambda: [c_gemm.source(conv.act_code, conv.residual)]
     return fn, backend
 
 

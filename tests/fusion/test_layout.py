@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from helpers import Fn, compiled
 
 from kfuse import config
-from kfuse.backends.c import pointwise as c_pointwise
+from kfuse.backends.c import gemm as c_gemm
 
 
 def nonview(rep):
@@ -28,8 +28,9 @@ def test_conv_chain_runs_channels_last_with_conversions_at_the_edges():
     assert rep.rules["nhwc_layout"] >= 3 and rep.rules["layout_conversion"] == 2, rep.rules
     # the scale and shift read and write NHWC buffers: one flat C kernel between the two convolutions
     # (the 1x1 one on oneDNN as a convolution or as the GEMM it is, or our GEMM: whichever was measured faster)
-    assert [(k.ops, k.backend) for k in nonview(rep)][:2] == [(["conv2d", "relu"], "library:onednn"), (["mul", "add"], "c")]
-    assert nonview(rep)[2].backend in ("library:onednn", "library:onednn-linear", "c:pointwise"), nonview(rep)[2]
+    assert [k.ops for k in nonview(rep)][:2] == [["conv2d", "relu"], ["mul", "add"]]
+    assert nonview(rep)[0].backend in ("library:onednn", "c:gemm") and nonview(rep)[1].backend == "c"
+    assert nonview(rep)[2].backend in ("library:onednn", "library:onednn-linear", "c:gemm"), nonview(rep)[2]
     nchw = compiled(m, x, layout="nchw").report()
     assert "nhwc_layout" not in nchw.rules
 
@@ -158,7 +159,7 @@ def untimed(monkeypatch):
     monkeypatch.setattr(config, "_config", config.from_env())
 
 
-@pytest.mark.parametrize("kernel", ["c:pointwise", "library:onednn-linear"])
+@pytest.mark.parametrize("kernel", ["c:gemm", "library:onednn-linear"])
 @pytest.mark.parametrize("act,residual", [(None, False), (F.relu, False), (F.hardswish, False), (F.relu6, False),
                                           (None, True), (F.relu, True)])
 def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual, kernel):
@@ -166,10 +167,10 @@ def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual, kernel):
     GEMM, the first candidate; without it oneDNN's linear op (cheaper to call than its convolution).
     Either computes what eager does, NaN included, with the epilogue inside the call where it can."""
     untimed(monkeypatch)
-    if kernel != "c:pointwise":
+    if kernel != "c:gemm":
         def unavailable(*a, **k):
-            raise NotImplementedError("pointwise kernel: off for this test")
-        monkeypatch.setattr(c_pointwise, "PointwiseC", unavailable)
+            raise NotImplementedError("gemm kernel: off for this test")
+        monkeypatch.setattr(c_gemm, "GemmConv", unavailable)
     c1, c2 = convs((6, 9, 3), (9, 9, 1))
 
     def f(m, x):
@@ -183,7 +184,7 @@ def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual, kernel):
     cm = compiled(m, x)
     k = nonview(cm.report())[-1]
     assert k.backend.startswith(kernel) and k.ops[0] == "conv2d", (k.backend, k.ops)
-    if kernel != "c:pointwise":
+    if kernel != "c:gemm":
         assert ("+residual" in k.backend) == residual
 
 

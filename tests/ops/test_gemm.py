@@ -1,8 +1,9 @@
-"""The C GEMM for 1x1 convolutions and small linears (kfuse/backends/c/pointwise.py) against torch in
+"""The C implicit GEMM for convolutions and small linears (kfuse/backends/c/gemm.py) against torch in
 float64: output channels around the 16-column panels and the 32-column tile (1, 15, 16, 17, 31, 32, 33,
-72), input channels around the KC pass (1, 3, 511, 512, 513, 1100), rows around the 8-row tile, every
-activation, with and without a residual, NaN and +-Inf inputs, a poisoned `out`, thread counts 1-3,
-batch 0, non-contiguous inputs, and the source a machine without AVX-512 builds."""
+72), input channels 1 to 1100, rows around the 8-row tile, kernels 1x1 to 7x7 with strides, paddings
+and dilations (taps in the padding), every activation, with and without a residual, NaN and +-Inf
+inputs, a poisoned `out`, thread counts 1-3, batch 0, non-contiguous inputs, and the source a machine
+without AVX-512 builds."""
 from __future__ import annotations
 
 import pytest
@@ -12,25 +13,28 @@ from helpers import CONV_ACTS as ACTS
 from helpers import assert_close
 
 from kfuse.backends import openmp
-from kfuse.backends.c import pointwise
-from kfuse.backends.c.pointwise import PointwiseC
+from kfuse.backends.c import gemm
+from kfuse.backends.c.gemm import GemmConv
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def reference(x, w, b, r, act):
-    y = F.conv2d(x.permute(0, 3, 1, 2).double(), w.double(), None if b is None else b.double()).permute(0, 2, 3, 1)
+def reference(x, w, b, r, act, stride=1, padding=0, dilation=1):
+    y = F.conv2d(x.permute(0, 3, 1, 2).double(), w.double(), None if b is None else b.double(), stride, padding,
+                 dilation).permute(0, 2, 3, 1)
     if r is not None:
         y = y + r.double()
     return ACTS[act][1](y).float()
 
 
-def check(n, h, w_, cin, cout, act="none", residual=False, bias=True, scale=1.0, generic=False):
+def check(n, h, w_, cin, cout, act="none", residual=False, bias=True, scale=1.0, generic=False, k=(1, 1),
+          stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     x = torch.randn(n, h, w_, cin) * scale
-    w, b = torch.randn(cout, cin, 1, 1) / cin ** 0.5, (torch.randn(cout) if bias else None)
-    r = torch.randn(n, h, w_, cout) if residual else None
-    k = PointwiseC(w, b, ACTS[act][0], residual, generic=generic)
-    got, want = k(x, r), reference(x, w, b, r, act)
+    w, b = torch.randn(cout, cin, *k) / (cin * k[0] * k[1]) ** 0.5, (torch.randn(cout) if bias else None)
+    y = F.conv2d(torch.zeros(1, cin, h, w_), w, None, stride, padding, dilation)     # the output size
+    r = torch.randn(n, y.shape[2], y.shape[3], cout) if residual else None
+    k = GemmConv(w, b, ACTS[act][0], residual, stride, padding, dilation, generic=generic)
+    got, want = k(x, r), reference(x, w, b, r, act, stride, padding, dilation)
     assert got.shape == want.shape and got.is_contiguous()
     assert_close(got, want, **TOL)
     return k, x, r, want
@@ -45,8 +49,37 @@ def test_shapes(rows, cout, generic):
 
 @pytest.mark.parametrize("cin", [1, 3, 511, 512, 513, 1100])
 def test_input_channels(cin):
-    """past KC (512) products a tile's partial sums go through `out` and the epilogue runs on the last pass"""
     check(1, 5, 5, cin, 40, act="hardswish", residual=True)
+
+
+# (N, H, W, Cin, Cout, (kh, kw), stride, padding, dilation)
+GEOMETRY = [
+    (1, 15, 15, 3, 16, (3, 3), (2, 2), (1, 1), (1, 1)),      # a MobileNet stem
+    (2, 17, 13, 3, 20, (7, 7), (2, 2), (3, 3), (1, 1)),      # a ResNet stem, odd sizes
+    (1, 16, 16, 3, 24, (4, 4), (4, 4), (0, 0), (1, 1)),      # a ConvNeXt patchify
+    (1, 9, 11, 17, 33, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 9, 11, 17, 33, (3, 3), (1, 1), (2, 2), (2, 2)),      # dilation 2
+    (1, 9, 11, 8, 16, (3, 3), (4, 4), (1, 1), (1, 1)),       # stride larger than the kernel
+    (3, 7, 9, 5, 7, (1, 1), (2, 2), (0, 0), (1, 1)),         # 1x1 stride 2
+    (1, 7, 9, 5, 7, (1, 1), (1, 1), (1, 1), (1, 1)),         # 1x1 with padding: border pixels are the bias
+    (1, 5, 6, 4, 9, (3, 5), (2, 1), (1, 2), (1, 1)),
+    (1, 2, 3, 6, 17, (3, 3), (1, 1), (1, 1), (1, 1)),        # more padding than input
+    (1, 1, 1, 6, 17, (5, 5), (1, 1), (2, 2), (1, 1)),        # every tap but the centre in the padding
+    (2, 12, 12, 64, 48, (3, 3), (1, 1), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,padding,dilation", GEOMETRY)
+def test_geometry(n, h, w, cin, cout, k, stride, padding, dilation, generic):
+    check(n, h, w, cin, cout, act="relu6", residual=cout % 2 == 1, k=k, stride=stride, padding=padding,
+          dilation=dilation, generic=generic)
+
+
+def test_kernel_larger_than_padded_input():
+    k = GemmConv(torch.randn(4, 3, 3, 3), None, None, False)
+    with pytest.raises(ValueError, match="does not fit"):
+        k(torch.randn(1, 2, 5, 3))
 
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -60,6 +93,7 @@ def test_thread_counts(threads):
     with openmp.using(threads):
         check(1, 14, 14, 112, 72, act="relu")
         check(2, 7, 7, 600, 160, act="none", residual=True)
+        check(1, 13, 11, 3, 40, act="silu", k=(3, 3), stride=(2, 2), padding=(1, 1))
 
 
 def test_no_bias():
@@ -67,7 +101,7 @@ def test_no_bias():
 
 
 def test_empty_batch():
-    k = PointwiseC(torch.randn(17, 8, 1, 1), None, None, False)
+    k = GemmConv(torch.randn(17, 8, 1, 1), None, None, False)
     assert k(torch.randn(0, 7, 9, 8)).shape == (0, 7, 9, 17)
 
 
@@ -85,7 +119,7 @@ def test_nan_inf_propagate(act):
     b = torch.randn(cout)
     r = torch.randn(2, 3, 5, cout)
     r[1, 0, 0, :4] = float("nan")
-    k = PointwiseC(w, b, ACTS[act][0], True)
+    k = GemmConv(w, b, ACTS[act][0], True)
     got, want = k(x, r), reference(x, w, b, r, act)
     assert torch.isnan(want).any()
     assert_close(got, want, **TOL)
@@ -104,33 +138,35 @@ def test_non_contiguous_input():
     x = torch.randn(2, 33, 5, 6).permute(0, 2, 3, 1)           # NHWC view of NCHW memory
     r = torch.randn(2, 17, 5, 6).permute(0, 2, 3, 1)
     w, b = torch.randn(17, 33, 1, 1), torch.randn(17)
-    k = PointwiseC(w, b, ("relu", (), ""), True)
+    k = GemmConv(w, b, ("relu", (), ""), True)
     assert_close(k(x, r), reference(x, w, b, r, "relu"), **TOL)
 
 
 def test_linear_form():
     """a [Cout, Cin] weight on any leading dims: act(x @ w.T + b), a linear layer"""
     x, w, b = torch.randn(3, 4, 50), torch.randn(70, 50), torch.randn(70)
-    k = PointwiseC(w, b, ("gelu", (), "tanh"), False)
+    k = GemmConv(w, b, ("gelu", (), "tanh"), False)
     assert_close(k(x), F.gelu(x.double() @ w.double().T + b.double(), approximate="tanh").float(), **TOL)
     assert_close(k(x[0, 0]), F.gelu(x[0, 0].double() @ w.double().T + b.double(), approximate="tanh").float(), **TOL)
 
 
 def test_errors():
-    k = PointwiseC(torch.randn(16, 8, 1, 1), None, None, False)
+    k = GemmConv(torch.randn(16, 8, 1, 1), None, None, False)
     with pytest.raises(ValueError, match="want float32"):
         k(torch.randn(1, 2, 2, 9))
     with pytest.raises(ValueError, match="without a residual"):
         k(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 16))
-    kr = PointwiseC(torch.randn(16, 8, 1, 1), None, None, True)
+    kr = GemmConv(torch.randn(16, 8, 1, 1), None, None, True)
     with pytest.raises(ValueError, match="residual"):
         kr(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 3, 16))
-    with pytest.raises(NotImplementedError, match="1x1"):
-        PointwiseC(torch.randn(16, 8, 3, 3), None, None, False)
+    with pytest.raises(NotImplementedError, match="kernel positions"):
+        GemmConv(torch.randn(16, 8, 12, 11), None, None, False)
+    with pytest.raises(ValueError, match="NHWC"):
+        GemmConv(torch.randn(16, 8, 3, 3), None, None, False)(torch.randn(5, 8))
     with pytest.raises(NotImplementedError, match="activation"):
-        PointwiseC(torch.randn(16, 8, 1, 1), None, ("elu", (1.0,), ""), False)
+        GemmConv(torch.randn(16, 8, 1, 1), None, ("elu", (1.0,), ""), False)
 
 
 def test_generic_source_differs():
-    assert "#undef __AVX512F__" in pointwise.source(0, False, generic=True)
-    assert "#undef __AVX512F__" not in pointwise.source(0, False)
+    assert "#undef __AVX512F__" in gemm.source(0, False, generic=True)
+    assert "#undef __AVX512F__" not in gemm.source(0, False)

@@ -1,0 +1,166 @@
+/* NHWC convolution (one group, any kernel size, stride, padding, dilation) as an implicit GEMM with its
+   epilogue in registers: out[m, n] = act(b[n] + sum_{tap, c} x[pixel(m, tap), c] w[n, tap, c] (+ r[m, n])),
+   m over the N*OH*OW output pixels, tap over the KH*KW kernel positions, c over the input channels, n
+   over the output channels; a tap outside the input reads `zero` (C zeros). A 1x1 convolution with stride
+   1 and a linear layer are the case KH = KW = 1, where row m reads x[m, :]. Rendered by gemm.py with the
+   activation and the residual as constants; the geometry comes at the call.
+   x [N, H, W, C], w packed [P][KH*KW*C][16] (16-column panels, zero past Cout), b [Cout], r and out
+   [M, Cout]. The products accumulate by explicit FMAs (the build has -ffp-contract=off). */
+#include <math.h>
+#include <stdint.h>
+
+/*VECMATH*/
+
+#define ACT %(act)d
+#define RES %(res)d                /* 1: a residual r is added before the activation */
+#define MR 8                       /* rows per register tile */
+#define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
+
+/*CONV_ACT*/
+
+/* cols outputs of one row from their sums: bias, residual, activation */
+KF_INLINE void epilogue(float *restrict op, const float *restrict sum, const float *restrict b,
+                        const float *restrict rp, int cols, float p0, float p1) {
+    (void)rp;
+    #pragma omp simd
+    for (int l = 0; l < cols; l++) {
+        float v = sum[l] + b[l];
+#if RES
+        v += rp[l];
+#endif
+        op[l] = act(v, p0, p1);
+    }
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* A tile of mr rows by nv 16-column panels (at most 2): for each of the ntaps taps, row i reads cin
+   inputs from ap[t * MR + i], the panels their rows t*cin.. from bp (second panel at bp + ps).
+   cols: valid columns of the tile. */
+KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntaps, int64_t cin,
+                    const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
+                    const float *restrict b, const float *restrict r, float p0, float p1) {
+    __m512 acc[MR][2];
+    #pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int t = 0; t < ntaps; t++) {
+        const float *a[MR];
+        #pragma GCC unroll 8
+        for (int i = 0; i < mr; i++)
+            a[i] = ap[t * MR + i];
+        const float *restrict bt = bp + 16 * t * cin;
+        for (int64_t k = 0; k < cin; k++) {
+            __m512 b0 = _mm512_loadu_ps(bt + 16 * k);
+            __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * k) : b0;
+            #pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                __m512 ai = _mm512_set1_ps(a[i][k]);
+                acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+                if (nv > 1)
+                    acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            }
+        }
+    }
+    #pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+        #pragma GCC unroll 2
+        for (int v = 0; v < nv; v++) {
+            float sum[16] __attribute__((aligned(64)));
+            _mm512_store_ps(sum, acc[i][v]);
+            int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
+            epilogue(c + i * ldc + 16 * v, sum, b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
+        }
+}
+
+#define TILE(MRC, NVC) tile(MRC, NVC, ap, ntaps, cin, bp, ps, c, ldc, cols, b, r, p0, p1)
+#define ROWS(NVC)                                                                                   \
+    switch (mr) {                                                                                   \
+    case 8: TILE(8, NVC); break;  case 7: TILE(7, NVC); break;  case 6: TILE(6, NVC); break;        \
+    case 5: TILE(5, NVC); break;  case 4: TILE(4, NVC); break;  case 3: TILE(3, NVC); break;        \
+    case 2: TILE(2, NVC); break;  default: TILE(1, NVC); break;                                     \
+    }
+
+/* every shape of tile compiled with its row and panel counts as constants */
+static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
+                     int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
+                     const float *restrict r, float p0, float p1) {
+    if (nv > 1) {
+        ROWS(2)
+    } else {
+        ROWS(1)
+    }
+}
+#else
+/* without AVX-512: per row, the 16 columns of each panel as an `omp simd` vector */
+static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
+                     int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
+                     const float *restrict r, float p0, float p1) {
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++) {
+            float sum[16] = {0};
+            for (int t = 0; t < ntaps; t++) {
+                const float *a = ap[t * MR + i], *pb = bp + v * ps + 16 * t * cin;
+                for (int64_t k = 0; k < cin; k++) {
+                    float ak = a[k];
+                    #pragma omp simd
+                    for (int l = 0; l < 16; l++)
+                        sum[l] = fmaf(ak, pb[16 * k + l], sum[l]);
+                }
+            }
+            int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
+            epilogue(c + i * ldc + 16 * v, sum, b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
+        }
+}
+#endif
+
+/* dims: M Cout MB (rows per work item, a multiple of MR), then the geometry N H W C OH OW KH KW SH SW PH
+   PW DH DW. A work item is MB rows by one pair of panels; items are numbered panel pair first, so a
+   thread's contiguous range shares its panels (or its rows). */
+void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
+                  const float *restrict r, const float *restrict zero, float *restrict out, const int64_t *dims,
+                  const float *prm, int nthreads) {
+    const int64_t M = dims[0], N = dims[1], MB = dims[2];
+    const int64_t H = dims[4], W = dims[5], C = dims[6], OH = dims[7], OW = dims[8];
+    const int KH = (int)dims[9], KW = (int)dims[10];
+    const int64_t SH = dims[11], SW = dims[12], PH = dims[13], PW = dims[14], DH = dims[15], DW = dims[16];
+    const int ntaps = KH * KW;
+    const int64_t P = (N + 15) / 16, NP2 = (P + 1) / 2, nmb = (M + MB - 1) / MB, ps = 16 * ntaps * C;
+    const float p0 = prm[0], p1 = prm[1];
+    /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
+    const int direct = ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < NP2 * nmb; t++) {
+        const int64_t pp = t / nmb, m0 = (t %% nmb) * MB, m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
+        const int nv = 2 * pp + 1 < P ? 2 : 1;
+        const int cols = N - n0 < 32 ? (int)(N - n0) : 32;
+        const float *ap[MAX_TAPS * MR];
+        /* the pixel (n, oh, ow) of row m0, then stepped row by row: no division per row */
+        int64_t n = m0 / (OH * OW), oh = m0 / OW %% OH, ow = m0 %% OW;
+        for (int64_t m = m0; m < m1; m += MR) {
+            const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
+            for (int i = 0; i < mr; i++) {
+                if (direct) {
+                    ap[i] = x + (m + i) * C;
+                    continue;
+                }
+                for (int ki = 0; ki < KH; ki++)
+                    for (int kj = 0; kj < KW; kj++) {
+                        const int64_t ih = oh * SH - PH + ki * DH, iw = ow * SW - PW + kj * DW;
+                        ap[(ki * KW + kj) * MR + i] =
+                            ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
+                    }
+                if (++ow == OW) {
+                    ow = 0;
+                    if (++oh == OH) {
+                        oh = 0;
+                        n++;
+                    }
+                }
+            }
+            tile_any(mr, nv, ap, ntaps, C, wp + 2 * pp * ps, ps, out + m * N + n0, N, cols, b + n0,
+                     RES ? r + m * N + n0 : 0, p0, p1);
+        }
+    }
+}

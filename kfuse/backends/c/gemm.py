@@ -1,0 +1,137 @@
+"""NHWC convolution (one group, kernel up to 11x11, any stride, padding, dilation) and linear layer as
+one C implicit GEMM with bias, residual add and activation in registers (gemm.c).
+
+The same function as oneDNN's convolution (backends.conv.PackedConv) or its linear op on the [N*H*W, C]
+view of a 1x1 convolution (PointwiseConv) and of a linear layer (library.PackedLinear), for the small
+GEMMs of a batch-1 CNN and of a decode step, where a oneDNN call costs ~12 us before any arithmetic (a
+[1,8] x [8,8] linear: 11.8 us on the project machine): this kernel is called from the generated wrapper
+like every C kernel, and its activations keep the reference's NaN semantics (oneDNN's relu and hardtanh
+do not). `backends._conv_kernel` and `_linear_kernel` time it against oneDNN per shape and run the faster.
+
+The weight is packed once to [ceil(Cout/16), KH*KW*Cin, 16] (16-column panels, zero-padded, taps
+outermost), so a tile's k-th step loads one vector per panel and broadcasts one input per row: 8 rows x
+2 panels is 16 accumulators, one FMA per load pair. A tile's rows gather their taps through pointers
+(a tap in the padding points at a row of zeros): no im2col buffer. Bytes moved: x read once per pair of
+panels (from cache after the first), the packed weight once per row block, out written once. FLOPs:
+2 M KH KW Cin Cout.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+from .. import openmp
+from .compiler import load
+from .conv_act import act_code, template
+
+TEMPLATE = template(Path(__file__).with_name("gemm.c"))
+MR = 8                   # rows per register tile (gemm.c)
+MAX_TAPS = 121           # kernel positions, 11 x 11 (gemm.c)
+SERIAL_FMAS = 1 << 17    # below this many multiply-adds the call runs on one thread (no team start)
+
+
+def source(act: int, residual: bool, generic: bool = False) -> str:
+    """gemm.c with its constants filled in; `generic`: without the AVX-512 tiles (for tests)."""
+    return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {"act": int(act), "res": int(bool(residual))}
+
+
+@functools.lru_cache(maxsize=None)
+def _fn(act: int, residual: bool, generic: bool = False):
+    f = load(source(act, residual, generic)).kf_gemm_conv
+    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+    f.restype = None
+    return f
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class GemmConv:
+    """act(conv2d(x, w, b, stride, padding, dilation) [+ residual]) for a weight [Cout, Cin, KH, KW] on NHWC
+    x [N, H, W, Cin]; with a [Cout, Cin] weight, act(x @ w.T + b) on x [..., Cin] (a linear layer)."""
+
+    backend = "c:gemm"
+    post_op_fused = residual_fused = True
+
+    def __init__(self, w, b, act, residual: bool, stride=1, padding=0, dilation=1, generic: bool = False):
+        if w.dim() == 2:
+            w = w.reshape(*w.shape, 1, 1)
+        cout, cin, kh, kw = w.shape
+        if not 1 <= kh * kw <= MAX_TAPS:
+            raise NotImplementedError(f"gemm kernel: weight {tuple(w.shape)}: at most {MAX_TAPS} kernel positions")
+        self.cin, self.cout, self.kh, self.kw, self.act, self.residual = cin, cout, kh, kw, act, residual
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
+        self.act_code, self.params = act_code(act, "gemm")
+        panels = _cdiv(cout, 16)
+        wp = torch.zeros(panels * 16, kh * kw * cin)
+        wp[:cout] = w.detach().float().permute(0, 2, 3, 1).reshape(cout, -1)       # k = (tap, channel)
+        self.weight = wp.reshape(panels, 16, -1).transpose(1, 2).contiguous()      # [P, KH*KW*Cin, 16]
+        self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
+        self.zero = torch.zeros(cin)
+        self.fn = _fn(self.act_code, residual, generic)
+        self._dims: dict = {}
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"gemm kernel: a {self.kh}x{self.kw} kernel (dilation {self.dilation}) does not fit "
+                             f"the {h}x{w} input padded by {self.padding}")
+        return oh, ow
+
+    def _plan(self, geometry, threads: int):
+        key = (geometry, threads)
+        if key not in self._dims:
+            n, h, w, oh, ow = geometry
+            m = n * oh * ow
+            pairs = _cdiv(_cdiv(self.cout, 16), 2)
+            # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
+            mb = _cdiv(_cdiv(m, max(1, _cdiv(4 * threads, pairs))), MR) * MR
+            self._dims[key] = (ctypes.c_int64 * 17)(m, self.cout, max(MR, min(mb, 256)), n, h, w, self.cin, oh, ow,
+                                                    self.kh, self.kw, *self.stride, *self.padding, *self.dilation)
+        return self._dims[key]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """x NHWC [N, H, W, Cin] -> [N, OH, OW, Cout]; for a 1x1 stride-1 unpadded kernel x may be any
+        [..., Cin] (rows of a linear layer) -> [..., Cout]."""
+        if x.dtype != torch.float32 or x.dim() < 1 or x.shape[-1] != self.cin:
+            raise ValueError(f"gemm kernel: x {x.dtype} {tuple(x.shape)}, want float32 [..., {self.cin}]")
+        rows = (self.kh, self.kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))
+        if rows:                                       # each output row reads one input row
+            geometry = (math.prod(x.shape[:-1]), 1, 1, 1, 1)
+            shape = (*x.shape[:-1], self.cout)
+        elif x.dim() == 4:
+            oh, ow = self._out_hw(x.shape[1], x.shape[2])
+            geometry = (x.shape[0], x.shape[1], x.shape[2], oh, ow)
+            shape = (x.shape[0], oh, ow, self.cout)
+        else:
+            raise ValueError(f"gemm kernel: x {tuple(x.shape)}, want NHWC [N, H, W, {self.cin}]")
+        if (residual is not None) != self.residual:
+            raise ValueError(f"gemm kernel: built {'with' if self.residual else 'without'} a residual")
+        if residual is not None:
+            if tuple(residual.shape) != shape or residual.dtype != torch.float32:
+                raise ValueError(f"gemm kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {shape}")
+            residual = residual.contiguous()
+        x = x.contiguous()
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+        m = math.prod(shape[:-1])
+        if m == 0:
+            return out
+        threads = 1 if m * self.cin * self.kh * self.kw * self.cout < SERIAL_FMAS else openmp.threads()
+        self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
+                self._plan(geometry, threads), self.params, threads)
+        return out
