@@ -14,6 +14,13 @@ import sys
 # library functions are compiled or interpreted as the variable says when they are first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests keep their own kfuse cache (kernels and autotuner choices) beside the user's: kernel
+# choices timed while a parallel test run loads every core would otherwise be what the user's
+# models (and the benchmarks) run later on this machine.
+if not os.environ.get("KFUSE_CACHE_DIR"):
+    _base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ["KFUSE_CACHE_DIR"] = os.path.join(_base, "kfuse", "tests")
+
 import pytest
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))

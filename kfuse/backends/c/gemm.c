@@ -5,7 +5,7 @@
    1 and a linear layer are the case KH = KW = 1, where row m reads x[m, :]. Rendered by gemm.py with the
    activation and the residual as constants; the geometry comes at the call.
    x [N, H, W, C], w packed [P][KH*KW*C][16] (16-column panels, zero past Cout), b [Cout], r and out
-   [M, Cout]. The products accumulate by explicit FMAs (the build has -ffp-contract=off). */
+   [M, Cout]; zero: KW C zeros. The products accumulate by explicit FMAs (the build has -ffp-contract=off). */
 #include <math.h>
 #include <stdint.h>
 
@@ -35,8 +35,8 @@ KF_INLINE void epilogue(float *restrict op, const float *restrict sum, const flo
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* A tile of mr rows by nv 16-column panels (at most 2): for each of the ntaps taps, row i reads cin
-   inputs from ap[t * MR + i], the panels their rows t*cin.. from bp (second panel at bp + ps).
+/* A tile of mr rows by nv 16-column panels (at most 2): for each of the ntaps segments, row i reads cin
+   adjacent inputs from ap[t * MR + i], the panels their rows t*cin.. from bp (second panel at bp + ps).
    cols: valid columns of the tile. */
 KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntaps, int64_t cin,
                     const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
@@ -130,6 +130,7 @@ void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float
     const float p0 = prm[0], p1 = prm[1];
     /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
     const int direct = ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
+    const int merge = KW > 1 && DW == 1 && C < 64;      /* kernel rows as segments (below) */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < NP2 * nmb; t++) {
         const int64_t pp = t / nmb, m0 = (t %% nmb) * MB, m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
@@ -140,17 +141,39 @@ void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float
         int64_t n = m0 / (OH * OW), oh = m0 / OW %% OH, ow = m0 %% OW;
         for (int64_t m = m0; m < m1; m += MR) {
             const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
-            for (int i = 0; i < mr; i++) {
-                if (direct) {
-                    ap[i] = x + (m + i) * C;
-                    continue;
+            /* Segments: one per tap (C inputs each), or, where every row of the tile has its kernel's
+               columns inside the input and DW == 1, one per kernel row (its KW taps are KW C adjacent
+               inputs, and their weights adjacent too): few input channels (a stem) then make long
+               inner loops. A tap or kernel row in the padding reads zeros. */
+            int nseg = ntaps, rows_merged = 0;
+            int64_t seglen = C;
+            if (merge) {
+                int64_t o = ow;
+                int inside = 1;
+                for (int i = 0; i < mr && inside; i++, o = o + 1 == OW ? 0 : o + 1)
+                    inside = o * SW - PW >= 0 && o * SW - PW + KW - 1 < W;
+                if (inside) {
+                    nseg = KH;
+                    seglen = KW * C;
+                    rows_merged = 1;
                 }
-                for (int ki = 0; ki < KH; ki++)
-                    for (int kj = 0; kj < KW; kj++) {
-                        const int64_t ih = oh * SH - PH + ki * DH, iw = ow * SW - PW + kj * DW;
-                        ap[(ki * KW + kj) * MR + i] =
-                            ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
+            }
+            for (int i = 0; i < mr; i++) {
+                const int64_t ih0 = oh * SH - PH, iw0 = ow * SW - PW;
+                if (direct)
+                    ap[i] = x + (m + i) * C;
+                else if (rows_merged)
+                    for (int ki = 0; ki < KH; ki++) {
+                        const int64_t ih = ih0 + ki * DH;
+                        ap[ki * MR + i] = ih >= 0 && ih < H ? x + ((n * H + ih) * W + iw0) * C : zero;
                     }
+                else
+                    for (int ki = 0; ki < KH; ki++)
+                        for (int kj = 0; kj < KW; kj++) {
+                            const int64_t ih = ih0 + ki * DH, iw = iw0 + kj * DW;
+                            ap[(ki * KW + kj) * MR + i] =
+                                ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
+                        }
                 if (++ow == OW) {
                     ow = 0;
                     if (++oh == OH) {
@@ -159,7 +182,7 @@ void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float
                     }
                 }
             }
-            tile_any(mr, nv, ap, ntaps, C, wp + 2 * pp * ps, ps, out + m * N + n0, N, cols, b + n0,
+            tile_any(mr, nv, ap, nseg, seglen, wp + 2 * pp * ps, ps, out + m * N + n0, N, cols, b + n0,
                      RES ? r + m * N + n0 : 0, p0, p1);
         }
     }

@@ -78,7 +78,7 @@ class GemmConv:
         wp[:cout] = w.detach().float().permute(0, 2, 3, 1).reshape(cout, -1)       # k = (tap, channel)
         self.weight = wp.reshape(panels, 16, -1).transpose(1, 2).contiguous()      # [P, KH*KW*Cin, 16]
         self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
-        self.zero = torch.zeros(cin)
+        self.zero = torch.zeros(kw * cin)     # a tap, or a kernel row, in the padding
         self.fn = _fn(self.act_code, residual, generic)
         self._dims: dict = {}
 
