@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__ as KFUSE_VERSION
-from .backends.c import compiler
+from .backends.c import autotune, compiler
 from .cost import Machine
 from .errors import KfuseError
 from .ir import KIND, Graph, Group, Node
@@ -164,7 +164,7 @@ def save(path, programs: list[tuple[tuple, tuple | None, Program]], meta: dict):
             shutil.copyfile(compiler.library_of(src), tmp / "kernels" / f"{h}.so")
         # cloned: safetensors refuses tensors that share storage (a weight and a slice of it)
         save_file({key: t.detach().clone().contiguous() for key, t in consts.values()}, str(tmp / "weights.safetensors"))
-        (tmp / "program.json").write_text(json.dumps({**meta, "programs": entries}))
+        (tmp / "program.json").write_text(json.dumps({**meta, "programs": entries, "choices": autotune.choices()}))
         files = {str(f.relative_to(tmp)): _sha(f.read_bytes()) for f in sorted(tmp.rglob("*")) if f.is_file()}
         body = json.dumps({"format": FORMAT, "kfuse": KFUSE_VERSION, "torch": torch.__version__,
                            "python": platform.python_version(), "compiler": _compiler_identity(),
@@ -235,6 +235,7 @@ def load(path) -> tuple[dict, list[tuple[tuple, tuple | None, Program]]]:
     try:
         consts = load_file(str(path / "weights.safetensors"))
         doc = json.loads((path / "program.json").read_text())
+        autotune.adopt(doc.pop("choices", {}))      # the kernels and schedules chosen at compile time
         programs = []
         for e in doc.pop("programs"):
             graph, nodes = _graph_from_json(e["graph"], consts)

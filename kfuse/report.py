@@ -29,6 +29,7 @@ WHY_NOT_CODES = {
     "cycle": "one kernel for both would read another kernel's output that depends on it",
     "kernel_ir_cannot_express": "the kernel IR has no loop shape for the merged group",
     "cost_model_slowdown": "the cost model predicts the merged kernel slower (lost parallelism)",
+    "measured_slower": "the fused kernel was built and timed on this machine: the separate kernels ran faster",
     "contraction_producer": "the producer is a contraction (GEMM or attention); only a GEMM by a constant weight "
                             "takes an epilogue (bias add, activation)",
     "contraction_consumer": "the consumer is a contraction (GEMM, attention); contractions take no prologue",

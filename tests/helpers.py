@@ -184,3 +184,13 @@ def typed_model(nodes, graph_inputs, inits, feeds, outs, opset, ir_version=9):
     infos = [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(r.dtype), list(r.shape))
              for o, r in zip(outs, results)]
     return model(infos), feeds, results
+
+
+def dw_pw_pairs(report) -> tuple[dict, int]:
+    """(the report's fusions without the depthwise -> pointwise groups, how many such groups): each such
+    group runs as one fused kernel or, where that measured slower on this machine, as two kernels with
+    a `measured_slower` record, so the counts of each form depend on the machine and the sum does not."""
+    fusions = dict(report.fusions)
+    fused = fusions.pop("dwconv_pwconv", 0) + fusions.pop("dwconv_pwconv_add", 0)
+    return fusions, fused + sum(w.code == "measured_slower" for w in report.why_not)
+

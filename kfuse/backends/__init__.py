@@ -10,22 +10,24 @@ A kernel is called with the group's input tensors and returns a tuple of its out
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import cost
 from ..ir import VIEW_OPS, Kind
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv
+from ..kernels.conv import as_conv, as_depthwise_pointwise
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
 from .c import CompileError, build
 from .c import attention as c_attention
 from .c import depthwise as c_depthwise
+from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
 from .c import recurrent as c_recurrent
 from .c import rope as c_rope
@@ -78,7 +80,7 @@ def _linear_kernel(nodes):
         except CompileError:        # no C compiler: the library alone
             pass
     if len(cands) > 1:
-        problem = f"linear {tuple(w.shape)} {x.shape} {act} {b is not None}"
+        problem = _problem("linear", tuple(w.shape), x.shape, act, b is not None)
         best, schedule = pick(problem, {n: (lambda args, k=k: k(*args)) for n, k in cands.items()},
                               lambda: [torch.randn(x.shape)])
         cands = {best: cands[best]}
@@ -96,12 +98,12 @@ def _library_name(k) -> str:
     return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
 
 
-def _conv_kernel(group):
-    spec = as_conv(group.nodes)
+def _best_conv(spec):
+    """(kernel, backend name, schedule text) of the fastest here of the kernels that compute `spec` (a
+    kernels.conv.ConvEpilogue): oneDNN's convolution; our depthwise kernel; our implicit GEMM (one
+    group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1. kernel(x[, residual]) -> output."""
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
-    # Where another kernel computes the same function, whichever runs this shape faster here: our
-    # depthwise kernel, our implicit GEMM (one group), oneDNN's GEMM on the [N*H*W, C] view of a 1x1
     others, a = {}, spec.attrs
     if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
             spec.weight.shape, a["groups"], spec.x.shape[3]):
@@ -120,29 +122,93 @@ def _conv_kernel(group):
         if conv.backend == "onednn" and linear_supports(None, False):
             pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
             others[_library_name(pw)] = pw
-    schedule = ""
-    if others:
-        cands = others | {backend: conv}        # the first is the choice when timing is off
-        residual = spec.residual is not None
-        problem = f"conv {tuple(spec.weight.shape)} {spec.x.shape} {sorted(a.items())} {spec.act} {residual}"
-        inputs = lambda: [torch.randn(spec.x.shape)] + ([torch.randn(spec.residual.shape)] if residual else [])  # noqa: E731
-        best, schedule = pick(problem, {n: (lambda args, k=k: k(*args)) for n, k in cands.items()}, inputs)
-        conv, backend = cands[best], best
+    if not others:
+        return conv, backend, ""
+    cands = others | {backend: conv}        # the first is the choice when timing is off
+    residual = spec.residual is not None
+    problem = _problem("conv", tuple(spec.weight.shape), spec.x.shape, a, spec.act, residual)
+    best, schedule = pick(problem, _timed(cands), _conv_inputs(spec.x.shape, spec.residual))
+    return cands[best], best, schedule
+
+
+def _problem(*parts) -> str:
+    """The text naming a timed choice (autotune.pick's cache key): JSON, so a shape or attribute read back
+    from an artifact as a list names the same problem as the tuple it was compiled from."""
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _timed(cands):
+    return {n: (lambda args, k=k: k(*args)) for n, k in cands.items()}
+
+
+def _conv_inputs(x_shape, residual):
+    return lambda: [torch.randn(x_shape)] + ([torch.randn(residual.shape)] if residual is not None else [])
+
+
+def _conv_sources(k) -> list[str]:
+    """The C sources of a convolution kernel of ours (for artifacts); none for a library's."""
+    if isinstance(k, c_depthwise.DepthwiseConv):
+        return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
+    if isinstance(k, c_gemm.GemmConv):
+        return [c_gemm.source(k.act_code, k.residual)]
+    if isinstance(k, c_dwpw.DepthwisePointwise):
+        return [k.source()]
+    return []
+
+
+def _conv_call(group, spec, conv):
+    """fn(*group inputs) -> (conv(x[, residual]),)"""
     ix = group.inputs.index(spec.x)
     if spec.residual is None:
-        fn = lambda *args: (conv(args[ix]),)   # noqa: E731
-    else:
-        ir = group.inputs.index(spec.residual)
-        fn = lambda *args: (conv(args[ix], args[ir]),)   # noqa: E731
+        return lambda *args: (conv(args[ix]),)
+    ir = group.inputs.index(spec.residual)
+    return lambda *args: (conv(args[ix], args[ir]),)
+
+
+def _conv_kernel(group):
+    pair = as_depthwise_pointwise(group.nodes)
+    if pair is not None:
+        return _depthwise_pointwise_kernel(group, *pair)
+    spec = as_conv(group.nodes)
+    conv, backend, schedule = _best_conv(spec)
+    fn = _conv_call(group, spec, conv)
     if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
-    if schedule:
-        fn.schedule = schedule
-    if backend == "c:depthwise":
-        fn.sources = lambda: [c_depthwise.source(conv.kh, conv.kw, conv.stride, conv.dilation, conv.act_code)]
-    elif backend == "c:gemm":
-        fn.sources = lambda: [c_gemm.source(conv.act_code, conv.residual)]
+    fn.schedule = schedule
+    fn.sources = lambda: _conv_sources(conv)
+    return fn, backend
+
+
+def _depthwise_pointwise_kernel(group, dw, pw):
+    """A depthwise convolution and the 1x1 one reading it (one group, passes/autofuse): our fused kernel,
+    or the best kernel of each one after the other, whichever measured faster here; the second way is
+    also a why-not record."""
+    kd, bd, _ = _best_conv(dw)
+    kp, bp, _ = _best_conv(pw)
+    two = f"{bd} -> {bp}"
+    cands = {}
+    try:
+        a = dw.attrs
+        cands["c:depthwise+gemm"] = c_dwpw.DepthwisePointwise(
+            c_depthwise.DepthwiseConv(dw.weight, dw.bias, a["stride"], a["padding"], a["dilation"], dw.act),
+            c_gemm.GemmConv(pw.weight, pw.bias, pw.act, pw.residual is not None))
+    except (NotImplementedError, CompileError):
+        pass
+    cands[two] = lambda x, *r: kp(kd(x), *r)
+    schedule = ""
+    if len(cands) > 1:
+        problem = _problem("dw+pw", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape, dw.attrs, dw.act,
+                           pw.act, pw.residual is not None)
+        best, schedule = pick(problem, _timed(cands), _conv_inputs(dw.x.shape, pw.residual))
+        cands = {best: cands[best]}
+    (backend, k), = cands.items()
+    fn = _conv_call(group, replace(pw, x=dw.x), k)
+    fn.schedule = schedule
+    fn.sources = lambda: [s for c in ((k,) if backend != two else (kd, kp)) for s in _conv_sources(c)]
+    if backend == two:
+        fn.refused = ("measured_slower", "depthwise -> pointwise: the fused kernel (c:depthwise+gemm) measured "
+                      f"slower here than {two}; {schedule}")
     return fn, backend
 
 
@@ -295,6 +361,9 @@ def fusion_name(nodes) -> str | None:
     if lin is not None:
         _, _, bias, act = lin
         return f"gemm_{act}" if act != "none" else ("gemm_bias" if bias is not None else None)
+    pair = as_depthwise_pointwise(nodes)
+    if pair is not None:
+        return "dwconv_pwconv" + ("_add" if pair[1].residual is not None else "")
     conv = as_conv(nodes)
     if conv is not None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
@@ -331,9 +400,9 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "view"
     if as_linear(nodes, floats) is not None:
         return "linear"
-    if backend == "triton" and as_conv(nodes) is not None:
+    if backend == "triton" and (as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None):
         return "torch"
-    if as_conv(nodes) is not None:
+    if as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None:
         return "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
@@ -422,6 +491,10 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn = None
     writes_into = fn is not None and kind in WRITES_INTO
     note = getattr(fn, "note", note)
+    refused = getattr(fn, "refused", None)       # built as one kernel, measured slower: run as two
+    if refused:
+        code, detail = refused
+        report.refuse(code, nodes[0].label, next(n for n in nodes[1:] if n.op == nodes[0].op).label, detail)
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
@@ -429,7 +502,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn = _by_node_inputs(fn, group, writes_into)
     report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
     name = fusion_name(nodes)
-    if name:
+    if name and not refused:
         report.fused(name)
     inline = inline_view(nodes[0]) if kind == "view" and len(group.inputs) == 1 else None
     return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline)

@@ -77,3 +77,24 @@ def as_conv(nodes) -> ConvEpilogue | None:
             return None
         last = n
     return ConvEpilogue(head.inputs[0], head.inputs[1].value, bias, dict(head.attrs), act, residual)
+
+
+def as_depthwise_pointwise(nodes) -> tuple[ConvEpilogue, ConvEpilogue] | None:
+    """(depthwise, pointwise) when `nodes` are a depthwise convolution's kernel (multiplier 1, its bias
+    and activation, no residual) followed by the kernel of a 1x1 stride-1 unpadded convolution of one
+    group that reads it (with its own epilogue), both channels-last; else None."""
+    heads = [i for i, n in enumerate(nodes) if n.op == "conv2d"]
+    if len(heads) != 2 or heads[0] != 0:
+        return None
+    dw, pw = as_conv(nodes[:heads[1]]), as_conv(nodes[heads[1]:])
+    if dw is None or pw is None or pw.x is not nodes[heads[1] - 1] or dw.residual is not None:
+        return None
+    c = dw.weight.shape[0]
+    a, b = dw.attrs, pw.attrs
+    if a.get("layout") != "nhwc" or b.get("layout") != "nhwc" or int(a["groups"]) != c or dw.weight.shape[1] != 1 \
+            or dw.x.shape[3] != c:
+        return None
+    if tuple(pw.weight.shape[1:]) != (c, 1, 1) or int(b["groups"]) != 1 or tuple(b["stride"]) != (1, 1) \
+            or tuple(b["padding"]) != (0, 0):
+        return None
+    return dw, pw

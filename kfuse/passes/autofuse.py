@@ -18,7 +18,7 @@ import heapq
 from .. import cost
 from ..ir import VIEW_OPS, Graph, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv
+from ..kernels.conv import as_conv, as_depthwise_pointwise
 from ..kernels.linear import as_linear
 
 FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
@@ -177,6 +177,23 @@ class Scheduler:
                 gis[gis.index(b)] = a
                 self.report.fired("horizontal")
 
+    def depthwise_pointwise(self):
+        """One group for a depthwise convolution's kernel and the 1x1 convolution's kernel that alone reads
+        it (kernels.conv.as_depthwise_pointwise): its kernel computes both, or, where that measures
+        slower, runs them one after the other (backends, with a why-not record)."""
+        for gb, b in enumerate(self.groups):
+            if not b or b[0].op != "conv2d" or b[0].inputs[0] not in self.group_of:
+                continue
+            ga = self.group_of[b[0].inputs[0]]
+            a = self.groups[ga]
+            if ga == gb or a[-1] is not b[0].inputs[0] or self.needed_outside(a) != [a[-1]] or a[-1] in self.outputs \
+                    or self.users[a[-1]] != [b[0]] or as_depthwise_pointwise(a + b) is None \
+                    or self.creates_cycle(a, b) or "depthwise_pointwise" in self.disabled:
+                continue
+            for n in a:
+                self.group_of[n] = gb
+            self.groups[gb], self.groups[ga] = a + b, []
+
     def why_not_records(self):
         for n in self.graph.nodes:
             if n not in self.group_of:
@@ -205,9 +222,9 @@ def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
             return "view", f"{role} {n.op} is a view"
         if n.kind == Kind.CONTRACTION:
             if _depthwise_pointwise(producer, consumer):
-                return "contraction_consumer", ("depthwise -> pointwise convolution: not built (the 1x1 GEMM would "
-                                                "take the depthwise output tile while it is in cache); each runs "
-                                                "as its own kernel, the faster of two measured per shape")
+                return "contraction_consumer", ("depthwise -> pointwise convolution: the depthwise output is read "
+                                                "elsewhere too, or the pair is not a form the fused kernel takes "
+                                                "(multiplier 1, a 1x1 stride-1 unpadded conv, channels-last)")
             return f"contraction_{role}", f"{role} {n.op} is a contraction"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
             return f"{n.kind.name.lower()}_{role}", f"{role} {n.op} runs as its own kernel"
@@ -220,6 +237,7 @@ def schedule(graph: Graph, options: dict, report, machine: cost.Machine):
     s.producer_consumer()
     if options.get("horizontal", True):
         s.horizontal()
+    s.depthwise_pointwise()
     s.why_not_records()
     groups = [Group(nodes, s.needed_outside(nodes)) for nodes in s.groups if nodes]
     return _topological(groups)

@@ -188,14 +188,54 @@ def test_pointwise_conv_as_a_gemm(monkeypatch, act, residual, kernel):
         assert ("+residual" in k.backend) == residual
 
 
-def test_depthwise_then_pointwise_says_why_it_is_two_kernels():
+@pytest.mark.parametrize("residual", [False, True])
+def test_depthwise_then_pointwise_is_one_group(monkeypatch, residual):
+    """dw -> ReLU6 -> 1x1 (+ residual) is one group; with timing off its kernel is the fused C kernel (the
+    first candidate), which computes what eager does, NaN included."""
+    untimed(monkeypatch)
     dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
-    pw = torch.nn.Conv2d(8, 12, 1)
-    m = Fn(lambda m, x: pw(F.relu6(dw(x))))
+    pw = torch.nn.Conv2d(8, 8, 1)
+    m = Fn(lambda m, x: m.pw(F.relu6(m.dw(x))) + (x if residual else 0))
+    m.dw, m.pw = dw, pw
+    x = torch.randn(2, 8, 9, 7)
+    x[1, 3, 4, 5] = float("nan")
+    rep = compiled(m, x).report()
+    (k,) = [k for k in rep.kernels if k.ops[0] == "conv2d"]
+    assert k.name == ("dwconv_pwconv_add" if residual else "dwconv_pwconv") and k.backend == "c:depthwise+gemm"
+    assert not [w for w in rep.why_not if "depthwise" in w.detail]
+
+
+def test_depthwise_then_pointwise_measured_slower_runs_as_two_kernels(monkeypatch):
+    """where the fused kernel times slower, the group runs the two kernels one after the other, the pair
+    is not counted as a fusion, and a `measured_slower` record names both convolutions and the times"""
+    from kfuse import backends
+    real = backends.pick
+
+    def fused_loses(problem, cands, inputs, threads=None):
+        names = list(cands)
+        if "c:depthwise+gemm" in names:
+            other = next(n for n in names if n != "c:depthwise+gemm")
+            return other, f"{other} (measured: c:depthwise+gemm 2.000 ms, {other} 1.000 ms)"
+        return real(problem, cands, inputs, threads)
+    monkeypatch.setattr(backends, "pick", fused_loses)
+    m = Fn(lambda m, x: m.pw(F.relu6(m.dw(x))))
+    m.dw, m.pw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 12, 1)
+    rep = compiled(m, torch.randn(1, 8, 9, 9)).report()
+    (w,) = [w for w in rep.why_not if w.code == "measured_slower"]
+    assert "c:depthwise+gemm 2.000 ms" in w.detail and w.producer != w.consumer
+    assert not rep.fusions, rep.fusions
+    (k,) = [k for k in rep.kernels if k.ops[0] == "conv2d"]
+    assert " -> " in k.backend
+
+
+def test_depthwise_output_read_twice_says_why_it_is_two_kernels():
+    dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    pw = torch.nn.Conv2d(8, 8, 1)
+    m = Fn(lambda m, x: (lambda y: m.pw(y) * y)(F.relu6(m.dw(x))))
     m.dw, m.pw = dw, pw
     rep = compiled(m, torch.randn(1, 8, 9, 9)).report()
     (w,) = [w for w in rep.why_not if "depthwise -> pointwise" in w.detail]
-    assert w.code == "contraction_consumer"
+    assert w.code == "contraction_consumer" and "read elsewhere" in w.detail
 
 
 @pytest.mark.parametrize("silu,affine,groups,size", [(True, True, 4, 9), (False, True, 1, 9), (True, False, 8, 9),

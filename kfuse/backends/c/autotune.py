@@ -104,6 +104,19 @@ def _key(source: str, threads: int) -> str:
 _memo: dict[str, tuple[int, str]] = {}       # key -> (index, variant name), this process's choices
 
 
+def choices() -> dict:
+    """This process's choices ({key: [index, name]}), for an artifact to carry: loaded elsewhere on this
+    machine, its kernels are the ones chosen when it was compiled, whatever that machine's cache holds."""
+    return {k: list(v) for k, v in _memo.items()}
+
+
+def adopt(saved: dict):
+    """Take the choices an artifact carries (choices()); a key names its machine and thread count, so
+    another machine's entries are never hit."""
+    for key, (index, name) in saved.items():
+        _memo[str(key)] = (int(index), str(name))
+
+
 def _path():
     return config.get().cache_dir / "autotune.json"
 

@@ -175,6 +175,33 @@ static void row16(const float *restrict xn, const float *restrict w, const float
 }
 #endif
 
+/* the interior output columns [*lo, *hi): every tap's column inside the input */
+static void interior_cols(int64_t W, int64_t OW, int64_t PW, int64_t *lo, int64_t *hi) {
+    int64_t ow_lo = (PW + SW - 1) / SW, ow_hi = (W - 1 - (KW - 1) * DW + PW) / SW + 1;
+    if (W - 1 - (KW - 1) * DW + PW < 0) ow_hi = 0;
+    if (ow_hi > OW) ow_hi = OW;
+    if (ow_lo > ow_hi) ow_lo = ow_hi;
+    *lo = ow_lo;
+    *hi = ow_hi;
+}
+
+/* channels [c, c1) of output row oh of image xn: 16-channel blocks in registers (AVX-512), the rest
+   per pixel */
+static void dw_row(const float *restrict xn, const float *restrict w, const float *restrict b,
+                   const float *restrict zero, float *restrict orow, int64_t oh, int64_t c, int64_t c1, int64_t H,
+                   int64_t W, int64_t C, int64_t OW, int64_t PH, int64_t PW, int64_t ow_lo, int64_t ow_hi,
+                   float p0, float p1) {
+    int64_t ih0 = oh * SH - PH;
+    int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
+    int64_t lo = full ? ow_lo : OW, hi = full ? ow_hi : OW;
+#ifdef __AVX512F__
+    for (; c + 16 <= c1; c += 16)
+        row16(xn + c, w + c, b + c, orow + c, ih0, H, W, C, OW, PW, lo, hi, p0, p1);
+#endif
+    if (c < c1)
+        row_simd(xn, w, b, zero, orow, ih0, c, c1, H, W, C, OW, PW, lo, hi, p0, p1);
+}
+
 /* dims: N H W C OH OW PH PW, nck (channel chunks per row: more work items when rows are few), ck
    (channels per chunk, a multiple of 16), block_major (AVX-512 only: items are (image, 16-channel block));
    prm: the activation's scalars. */
@@ -184,11 +211,8 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
     const int64_t N = dims[0], H = dims[1], W = dims[2], C = dims[3], OH = dims[4], OW = dims[5];
     const int64_t PH = dims[6], PW = dims[7], nck = dims[8], ck = dims[9];
     const float p0 = prm[0], p1 = prm[1];
-    /* interior columns [ow_lo, ow_hi): every tap's column inside the input */
-    int64_t ow_lo = (PW + SW - 1) / SW, ow_hi = (W - 1 - (KW - 1) * DW + PW) / SW + 1;
-    if (W - 1 - (KW - 1) * DW + PW < 0) ow_hi = 0;
-    if (ow_hi > OW) ow_hi = OW;
-    if (ow_lo > ow_hi) ow_lo = ow_hi;
+    int64_t ow_lo, ow_hi;
+    interior_cols(W, OW, PW, &ow_lo, &ow_hi);
 #ifdef __AVX512F__
     if (dims[10]) {
         /* block-major: a work item is one 16-channel block of one image, its rows in order, so the
@@ -223,16 +247,7 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
         for (int64_t oh = 0; oh < OH; oh++)
             for (int64_t k = 0; k < nck; k++) {
                 int64_t c = k * ck, c1 = c + ck < C ? c + ck : C;
-                const float *xn = x + n * H * W * C;
-                float *orow = out + (n * OH + oh) * OW * C;
-                int64_t ih0 = oh * SH - PH;
-                int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
-                int64_t lo = full ? ow_lo : OW, hi = full ? ow_hi : OW;
-#ifdef __AVX512F__
-                for (; c + 16 <= c1; c += 16)
-                    row16(xn + c, w + c, b + c, orow + c, ih0, H, W, C, OW, PW, lo, hi, p0, p1);
-#endif
-                if (c < c1)
-                    row_simd(xn, w, b, zero, orow, ih0, c, c1, H, W, C, OW, PW, lo, hi, p0, p1);
+                dw_row(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, oh, c, c1, H, W, C, OW, PH, PW,
+                       ow_lo, ow_hi, p0, p1);
             }
 }

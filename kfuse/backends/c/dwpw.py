@@ -1,0 +1,95 @@
+"""A depthwise convolution and the 1x1 convolution that reads it, in one C kernel (dwpw.c): a block of
+the depthwise output's rows is computed into a per-thread buffer that stays in L2 and the 1x1 GEMM's
+register tiles read it there, so the depthwise output (MobileNet's widest tensors) never goes to memory.
+
+The source is gemm.c, then depthwise.c (without a second copy of the vector math), each with its
+activation function renamed, then the driver: the row and tile functions are those of the two
+separate kernels, so the fused kernel computes the same sums in the same order as they do, bit for
+bit. Whether it is faster than the two kernels depends on the shape (the 1x1 weight is read once per
+block of rows, not once per row block of the whole map): backends._conv_kernel times both.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import openmp
+from . import depthwise, gemm
+from .compiler import load
+from .vecmath import VECMATH_C
+
+DRIVER = Path(__file__).with_name("dwpw.c").read_text()
+BUFFER_FLOATS = 16384        # depthwise output per thread buffer: 64 KB, well inside a 1 MB L2
+
+
+def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -> str:
+    """The fused kernel's C: dw_args are depthwise.source's (kh, kw, stride, dilation, act)."""
+    pw = gemm.source(pw_act, residual)
+    dw = depthwise.source(*dw_args).replace(VECMATH_C, "")
+    return (("#undef __AVX512F__\n" if generic else "") + "#define act pw_act\n" + pw
+            + "\n#undef act\n#undef ACT\n#define act dw_act\n" + dw + "\n#undef act\n" + DRIVER)
+
+
+@functools.lru_cache(maxsize=None)
+def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False):
+    f = load(source(dw_args, pw_act, residual, generic)).kf_dwpw
+    f.argtypes = [ctypes.c_void_p] * 9 + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+    f.restype = None
+    return f
+
+
+class DepthwisePointwise:
+    """pw(dw(x)) [+ residual] on NHWC x: dw a depthwise.DepthwiseConv, pw a 1x1 stride-1 gemm.GemmConv."""
+
+    backend = "c:depthwise+gemm"
+
+    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool = False):
+        if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)) or pw.cin != dw.c:
+            raise NotImplementedError("depthwise + pointwise kernel: the second convolution is not a 1x1 on the first")
+        self.dw, self.pw = dw, pw
+        self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
+        self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic)
+        self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
+        self._plans: dict = {}
+
+    def _plan(self, n, h, w, threads):
+        key = (n, h, w, threads)
+        if key not in self._plans:
+            _, oh, ow, c = self.dw.out_shape(n, h, w)
+            rb = max(1, min(oh, BUFFER_FLOATS // (ow * c)))
+            while rb > 1 and n * -(-oh // rb) < 2 * threads:      # work items for every thread
+                rb //= 2
+            dims = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
+            self._plans[key] = (dims, torch.empty(threads * rb * ow * c))
+        return self._plans[key]
+
+    def source(self) -> str:
+        return source(self.dw_args, self.pw.act_code, self.pw.residual)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.dw.c:
+            raise ValueError(f"depthwise + pointwise kernel: x {x.dtype} {tuple(x.shape)}, want float32 "
+                             f"[N, H, W, {self.dw.c}]")
+        n, h, w, _ = x.shape
+        _, oh, ow, _ = self.dw.out_shape(n, h, w)
+        shape = (n, oh, ow, self.pw.cout)
+        if (residual is not None) != self.pw.residual:
+            raise ValueError(f"depthwise + pointwise kernel: built {'with' if self.pw.residual else 'without'} a residual")
+        if residual is not None:
+            if tuple(residual.shape) != shape or residual.dtype != torch.float32:
+                raise ValueError(f"depthwise + pointwise kernel: residual {residual.dtype} {tuple(residual.shape)}, "
+                                 f"want float32 {shape}")
+            residual = residual.contiguous()
+        x = x.contiguous()
+        out = torch.empty(shape)
+        if out.numel() == 0:
+            return out
+        threads = openmp.threads()
+        dims, scratch = self._plan(n, h, w, threads)
+        self.fn(x.data_ptr(), self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
+                self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                out.data_ptr(), scratch.data_ptr(), dims, self.params, threads)
+        return out

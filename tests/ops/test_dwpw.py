@@ -1,0 +1,84 @@
+"""The fused depthwise -> 1x1 convolution kernel (kfuse/backends/c/dwpw.py): bit for bit the two kernels it
+fuses (depthwise.DepthwiseConv, then gemm.GemmConv; the same row and tile functions, the same sums in the
+same order), which tests/ops/test_depthwise.py and test_gemm.py check against torch; and against torch
+here too. Channels off the 16-float vector, kernels 3x3 to 7x7, strides 1 and 2, maps of one row to many
+row blocks, batches 0 to 3, residual or not, NaN inputs, thread counts 1-3, the source without AVX-512."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CONV_ACTS as ACTS
+from helpers import assert_close
+
+from kfuse.backends import openmp
+from kfuse.backends.c.depthwise import DepthwiseConv
+from kfuse.backends.c.dwpw import DepthwisePointwise
+from kfuse.backends.c.gemm import GemmConv
+
+
+def make(c, cout, k, stride, act1, act2, residual, generic=False):
+    wd, bd = torch.randn(c, 1, k, k), torch.randn(c)
+    wp, bp = torch.randn(cout, c, 1, 1) / c ** 0.5, torch.randn(cout)
+    dw = DepthwiseConv(wd, bd, stride, k // 2, 1, ACTS[act1][0])
+    pw = GemmConv(wp, bp, ACTS[act2][0], residual)
+    return dw, pw, DepthwisePointwise(dw, pw, generic=generic), (wd, bd, wp, bp)
+
+
+def check(n, h, w, c, cout, k=3, stride=1, act1="relu6", act2="none", residual=False, generic=False):
+    dw, pw, fused, (wd, bd, wp, bp) = make(c, cout, k, stride, act1, act2, residual, generic)
+    x = torch.randn(n, h, w, c)
+    y = dw(x)
+    r = torch.randn(*y.shape[:3], cout) if residual else None
+    got = fused(x, r)
+    assert got.shape == (*y.shape[:3], cout)
+    assert torch.equal(got, pw(y, r))                 # the two kernels, bit for bit
+    t = ACTS[act1][1](F.conv2d(x.permute(0, 3, 1, 2).double(), wd.double(), bd.double(), stride, k // 2, 1, c))
+    t = F.conv2d(t, wp.double(), bp.double()).permute(0, 2, 3, 1)
+    want = ACTS[act2][1](t + r.double() if residual else t).float()
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return fused, x, r
+
+
+SHAPES = [  # n, h, w, c, cout, k, stride
+    (1, 14, 14, 32, 16, 3, 1), (1, 15, 13, 33, 17, 3, 2), (2, 9, 11, 17, 40, 5, 1), (1, 1, 1, 16, 8, 3, 1),
+    (3, 7, 7, 48, 72, 7, 1), (1, 64, 40, 24, 24, 3, 1),      # many row blocks
+]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("n,h,w,c,cout,k,stride", SHAPES)
+def test_matches_the_two_kernels_and_torch(n, h, w, c, cout, k, stride, residual, generic):
+    check(n, h, w, c, cout, k, stride, residual=residual, generic=generic)
+
+
+@pytest.mark.parametrize("act1,act2", [("hardswish", "none"), ("silu", "relu"), ("relu", "gelu")])
+def test_activations(act1, act2):
+    check(1, 9, 9, 24, 20, act1=act1, act2=act2, residual=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts(threads):
+    with openmp.using(threads):
+        check(2, 17, 9, 40, 24, residual=True)
+        check(1, 7, 7, 96, 32, stride=2)
+
+
+def test_nan_propagates():
+    dw, pw, fused, _ = make(16, 8, 3, 1, "relu6", "none", False)
+    x = torch.randn(1, 6, 6, 16)
+    x[0, 2, 3, 5] = float("nan")
+    got = fused(x)
+    assert torch.equal(got.isnan(), pw(dw(x)).isnan()) and got.isnan().any()
+
+
+def test_empty_batch_and_errors():
+    dw, pw, fused, _ = make(16, 8, 3, 1, "relu6", "none", False)
+    assert fused(torch.randn(0, 5, 5, 16)).shape == (0, 5, 5, 8)
+    with pytest.raises(ValueError, match="want float32"):
+        fused(torch.randn(1, 5, 5, 15))
+    with pytest.raises(ValueError, match="without a residual"):
+        fused(torch.randn(1, 5, 5, 16), torch.randn(1, 5, 5, 8))
+    with pytest.raises(NotImplementedError, match="1x1"):
+        DepthwisePointwise(dw, GemmConv(torch.randn(8, 16, 3, 3), None, None, False))
