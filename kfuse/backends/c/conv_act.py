@@ -1,13 +1,14 @@
-"""The activation after a convolution, shared by the C convolution kernels (depthwise.c, pointwise.c):
-conv_act.c defines `act(v, p0, p1)` for the code ACT that the including template sets.
-
-ACTS maps a oneDNN post-op (name, algorithm), as kfuse.kernels.conv.post_op_of gives it, to that code.
+"""What the C convolution kernels (depthwise, gemm, dwpw) share: the activation after a convolution
+(conv_act.c defines `act(v, p0, p1)` for the code ACT that the including template sets; ACTS maps a
+oneDNN post-op (name, algorithm), as kfuse.kernels.conv.post_op_of gives it, to that code), the output
+size, and the loading of an entry point.
 """
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
 
+from .compiler import load
 from .vecmath import VECMATH_C
 
 C_SOURCE = Path(__file__).with_name("conv_act.c").read_text()
@@ -30,3 +31,33 @@ def act_code(act, kernel: str) -> tuple[int, ctypes.Array]:
         raise NotImplementedError(f"{kernel} kernel: activation {act!r}")
     prm = [float(s) for s in scalars][:2] + [0.0, 0.0]
     return ACTS[key], (ctypes.c_float * 2)(*prm[:2])
+
+
+def entry(source: str, name: str, pointers: int):
+    """The C function `name` of `source`, taking `pointers` tensor pointers, then int64 dims, float
+    scalars and the thread count (every convolution kernel's signature)."""
+    f = getattr(load(source), name)
+    f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
+                                                 ctypes.c_int]
+    f.restype = None
+    return f
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def out_hw(h: int, w: int, k: tuple[int, int], stride, padding, dilation, kernel: str) -> tuple[int, int]:
+    """The output height and width of a convolution; ValueError naming `kernel` where it does not fit."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{kernel} kernel: a {kh}x{kw} kernel (dilation {tuple(dilation)}) does not fit the {h}x{w} "
+                         f"input padded by {tuple(padding)}")
+    return oh, ow
+

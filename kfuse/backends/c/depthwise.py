@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .compiler import load
-from .conv_act import act_code, template
+from .conv_act import act_code, cdiv, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
@@ -64,19 +63,7 @@ def source(kh: int, kw: int, stride, dilation, act: int, generic: bool = False) 
 
 @functools.lru_cache(maxsize=None)
 def _fn(kh: int, kw: int, stride, dilation, act: int, generic: bool = False):
-    lib = load(source(kh, kw, stride, dilation, act, generic))
-    f = lib.kf_depthwise
-    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
-    f.restype = None
-    return f
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    return entry(source(kh, kw, stride, dilation, act, generic), "kf_depthwise", 5)
 
 
 class DepthwiseConv:
@@ -87,7 +74,7 @@ class DepthwiseConv:
         if not supported(weight.shape, c, c):
             raise NotImplementedError(f"depthwise kernel: weight {tuple(weight.shape)} is not [C, 1, k<=11, k<=11]")
         self.c, self.kh, self.kw = c, kh, kw
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
         self.weight = weight.detach().float().reshape(c, kh, kw).permute(1, 2, 0).contiguous()   # [kh, kw, C]
@@ -98,13 +85,7 @@ class DepthwiseConv:
         self._dims: dict = {}
 
     def out_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            raise ValueError(f"depthwise kernel: a {self.kh}x{self.kw} kernel (dilation {self.dilation}) does not fit "
-                             f"the {h}x{w} input padded by {self.padding}")
-        return n, oh, ow, self.c
+        return (n, *out_hw(h, w, (self.kh, self.kw), self.stride, self.padding, self.dilation, "depthwise"), self.c)
 
     def _plan(self, n, h, w, threads):
         key = (n, h, w, threads)
@@ -112,9 +93,9 @@ class DepthwiseConv:
             _, oh, ow, c = self.out_shape(n, h, w)
             nck = 1
             if n * oh < ROWS_PER_THREAD * threads:
-                nck = min(_cdiv(c, VL), _cdiv(ROWS_PER_THREAD * threads, max(1, n * oh)))
-            ck = _cdiv(_cdiv(c, nck), VL) * VL          # channels per chunk, whole vectors
-            nck = _cdiv(c, ck)
+                nck = min(cdiv(c, VL), cdiv(ROWS_PER_THREAD * threads, max(1, n * oh)))
+            ck = cdiv(cdiv(c, nck), VL) * VL          # channels per chunk, whole vectors
+            nck = cdiv(c, ck)
             blocks = n * (c // VL)      # block-major items (AVX-512 path): when they balance over the threads
             block_major = blocks >= 1 and (blocks % threads == 0 or blocks >= 8 * threads)
             self._dims[key] = (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, block_major)

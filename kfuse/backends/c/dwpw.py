@@ -18,7 +18,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .compiler import load
+from .conv_act import entry
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -35,10 +35,7 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
 
 @functools.lru_cache(maxsize=None)
 def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False):
-    f = load(source(dw_args, pw_act, residual, generic)).kf_dwpw
-    f.argtypes = [ctypes.c_void_p] * 9 + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
-    f.restype = None
-    return f
+    return entry(source(dw_args, pw_act, residual, generic), "kf_dwpw", 9)
 
 
 class DepthwisePointwise:

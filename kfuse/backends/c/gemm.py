@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .compiler import load
-from .conv_act import act_code, template
+from .conv_act import act_code, cdiv, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
@@ -41,18 +40,7 @@ def source(act: int, residual: bool, generic: bool = False) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fn(act: int, residual: bool, generic: bool = False):
-    f = load(source(act, residual, generic)).kf_gemm_conv
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
-    f.restype = None
-    return f
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    return entry(source(act, residual, generic), "kf_gemm_conv", 6)
 
 
 class GemmConv:
@@ -69,11 +57,11 @@ class GemmConv:
         if not 1 <= kh * kw <= MAX_TAPS:
             raise NotImplementedError(f"gemm kernel: weight {tuple(w.shape)}: at most {MAX_TAPS} kernel positions")
         self.cin, self.cout, self.kh, self.kw, self.act, self.residual = cin, cout, kh, kw, act, residual
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
         self.act_code, self.params = act_code(act, "gemm")
-        panels = _cdiv(cout, 16)
+        panels = cdiv(cout, 16)
         wp = torch.zeros(panels * 16, kh * kw * cin)
         wp[:cout] = w.detach().float().permute(0, 2, 3, 1).reshape(cout, -1)       # k = (tap, channel)
         self.weight = wp.reshape(panels, 16, -1).transpose(1, 2).contiguous()      # [P, KH*KW*Cin, 16]
@@ -82,23 +70,14 @@ class GemmConv:
         self.fn = _fn(self.act_code, residual, generic)
         self._dims: dict = {}
 
-    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        oh = (h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            raise ValueError(f"gemm kernel: a {self.kh}x{self.kw} kernel (dilation {self.dilation}) does not fit "
-                             f"the {h}x{w} input padded by {self.padding}")
-        return oh, ow
-
     def _plan(self, geometry, threads: int):
         key = (geometry, threads)
         if key not in self._dims:
             n, h, w, oh, ow = geometry
             m = n * oh * ow
-            pairs = _cdiv(_cdiv(self.cout, 16), 2)
+            pairs = cdiv(cdiv(self.cout, 16), 2)
             # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
-            mb = _cdiv(_cdiv(m, max(1, _cdiv(4 * threads, pairs))), MR) * MR
+            mb = cdiv(cdiv(m, max(1, cdiv(4 * threads, pairs))), MR) * MR
             self._dims[key] = (ctypes.c_int64 * 17)(m, self.cout, max(MR, min(mb, 256)), n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation)
         return self._dims[key]
@@ -113,7 +92,7 @@ class GemmConv:
             geometry = (math.prod(x.shape[:-1]), 1, 1, 1, 1)
             shape = (*x.shape[:-1], self.cout)
         elif x.dim() == 4:
-            oh, ow = self._out_hw(x.shape[1], x.shape[2])
+            oh, ow = out_hw(x.shape[1], x.shape[2], (self.kh, self.kw), self.stride, self.padding, self.dilation, "gemm")
             geometry = (x.shape[0], x.shape[1], x.shape[2], oh, ow)
             shape = (x.shape[0], oh, ow, self.cout)
         else:
