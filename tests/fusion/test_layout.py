@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Fn, compiled
+from helpers import Fn, assert_close, compiled
 
 from kfuse import config
 from kfuse.backends.c import gemm as c_gemm
@@ -261,3 +261,23 @@ def test_group_norm_runs_channels_last(silu, affine, groups, size):
     assert rep.rules["layout_conversion"] == 2, rep.rules
     (k,) = [k for k in rep.kernels if k.ops == ["group_norm"]]
     assert k.backend == "c:group_norm"
+
+
+def test_our_conv_kernels_write_into_planned_buffers(monkeypatch):
+    """c:gemm, c:depthwise and the fused pair write their outputs into the arena (a fresh output of tens
+    of MB per call was page-faulted in on every call); arenas handed out full of NaN change nothing."""
+    untimed(monkeypatch)
+    c1, c2, c3 = convs((3, 16, 3), (16, 16, 1), (16, 8, 3))
+    dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    m = Fn(lambda m, x: m.c3(m.dw(F.relu(m.c2(F.relu(m.c1(x)))))))
+    m.c1, m.c2, m.c3, m.dw = c1, c2, c3, dw
+    x = torch.randn(2, 3, 11, 9)
+    cm = compiled(m, x)
+    (prog,) = cm._programs.values()
+    ours = [k for k, info in zip(prog.kernels, prog.report.kernels) if info.backend.startswith("c:")]
+    assert ours and all(k.writes_into for k in ours)
+    assert prog._plan is not None and len(prog._plan.planned) >= 2
+    for arena in prog._arenas:
+        for b in arena:
+            b.fill_(float("nan"))
+    assert_close(cm(x), m(x), atol=1e-4, rtol=1e-4)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import torch
+
 from .compiler import load
 from .vecmath import VECMATH_C
 
@@ -60,4 +62,13 @@ def out_hw(h: int, w: int, k: tuple[int, int], stride, padding, dilation, kernel
         raise ValueError(f"{kernel} kernel: a {kh}x{kw} kernel (dilation {tuple(dilation)}) does not fit the {h}x{w} "
                          f"input padded by {tuple(padding)}")
     return oh, ow
+
+
+def check_out(out, shape, kernel: str):
+    """`out` if it is a contiguous float32 tensor of `shape`, a new one if None; else ValueError."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if tuple(out.shape) != tuple(shape) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"{kernel} kernel: out {out.dtype} {tuple(out.shape)}, want contiguous float32 {tuple(shape)}")
+    return out
 

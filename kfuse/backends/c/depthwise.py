@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .conv_act import act_code, cdiv, entry, out_hw, pair, template
+from .conv_act import act_code, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
@@ -108,10 +108,7 @@ class DepthwiseConv:
             x = x.contiguous()
         n, h, w, _ = x.shape
         shape = self.out_shape(n, h, w)
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32)
-        elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"depthwise kernel: out {out.dtype} {tuple(out.shape)}, want contiguous float32 {shape}")
+        out = check_out(out, shape, "depthwise")
         if out.numel() == 0:
             return out
         threads = openmp.threads()

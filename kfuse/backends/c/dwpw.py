@@ -18,7 +18,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .conv_act import entry
+from .conv_act import check_out, entry
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -66,7 +66,7 @@ class DepthwisePointwise:
     def source(self) -> str:
         return source(self.dw_args, self.pw.act_code, self.pw.residual)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.dw.c:
             raise ValueError(f"depthwise + pointwise kernel: x {x.dtype} {tuple(x.shape)}, want float32 "
                              f"[N, H, W, {self.dw.c}]")
@@ -81,7 +81,7 @@ class DepthwisePointwise:
                                  f"want float32 {shape}")
             residual = residual.contiguous()
         x = x.contiguous()
-        out = torch.empty(shape)
+        out = check_out(out, shape, "depthwise + pointwise")
         if out.numel() == 0:
             return out
         threads = openmp.threads()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .conv_act import act_code, cdiv, entry, out_hw, pair, template
+from .conv_act import act_code, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
@@ -104,8 +104,7 @@ class GemmConv:
                 raise ValueError(f"gemm kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {shape}")
             residual = residual.contiguous()
         x = x.contiguous()
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32)
+        out = check_out(out, shape, "gemm")
         m = math.prod(shape[:-1])
         if m == 0:
             return out
