@@ -533,7 +533,12 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn, kind = reference_kernel(group), "torch"
     elif kind == "view" or kind in NODE_KERNELS:
         fn = _by_node_inputs(fn, group, writes_into)
-    report.kernels.append(_info(group, machine, backend_name, note, getattr(fn, "schedule", "")))
+    info = _info(group, machine, backend_name, note, getattr(fn, "schedule", ""))
+    if refused:          # two kernels: the first one's output is written and read back, no fusion
+        second = next(i for i, n in enumerate(nodes) if i and n.op == nodes[0].op)
+        info.name, info.fusion = "dwconv, pwconv", False
+        info.bytes_after += 2 * nodes[second - 1].nbytes
+    report.kernels.append(info)
     name = fusion_name(nodes)
     if name and not refused:
         report.fused(name)

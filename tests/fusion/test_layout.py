@@ -225,7 +225,7 @@ def test_depthwise_then_pointwise_measured_slower_runs_as_two_kernels(monkeypatc
     assert "c:depthwise+gemm 2.000 ms" in w.detail and w.producer != w.consumer
     assert not rep.fusions, rep.fusions
     (k,) = [k for k in rep.kernels if k.ops[0] == "conv2d"]
-    assert " -> " in k.backend
+    assert " -> " in k.backend and not k.fusion and k.name == "dwconv, pwconv"
 
 
 def test_depthwise_output_read_twice_says_why_it_is_two_kernels():
