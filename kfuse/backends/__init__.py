@@ -81,19 +81,16 @@ def _linear_kernel(nodes):
             pass
     if len(cands) > 1:
         problem = _problem("linear", tuple(w.shape), x.shape, act, b is not None)
-        best, schedule = pick(problem, {n: (lambda args, k=k: k(*args)) for n, k in cands.items()},
-                              lambda: [torch.randn(x.shape)])
+        best, schedule = pick(problem, _timed(cands), lambda: [torch.randn(x.shape)])
         cands = {best: cands[best]}
     (backend, k), = cands.items()
-    if backend == "c:gemm":      # into the planned buffer (_conv_call says why)
+    if _takes_out(k):      # into the planned buffer (_conv_call says why)
         fn = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
         fn.writes_into = True
     else:
         fn = lambda x, *_: (k(x),)   # noqa: E731
-    if schedule:
-        fn.schedule = schedule
-    if backend == "c:gemm":
-        fn.sources = lambda: [c_gemm.source(k.act_code, False)]
+    fn.schedule = schedule
+    fn.sources = lambda: _conv_sources(k)
     return fn, backend
 
 
@@ -154,8 +151,7 @@ def _timed(cands):
                 held.append(k(*args))
             return k(*args, out=held[0])
         return f
-    return {n: into(k) if isinstance(k, _OURS) or getattr(k, "takes_out", False) else (lambda args, k=k: k(*args))
-            for n, k in cands.items()}
+    return {n: into(k) if _takes_out(k) else (lambda args, k=k: k(*args)) for n, k in cands.items()}
 
 
 def _conv_inputs(x_shape, residual):
@@ -173,17 +169,23 @@ def _conv_sources(k) -> list[str]:
     return []
 
 
-_OURS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise)
+_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise)
 
 
-def _conv_call(group, spec, conv, into: bool):
-    """fn(*group inputs) -> (conv(x[, residual]),); with `into` (our C kernels take `out`), fn(bufs,
-    *inputs) writing into the planned buffer (or a new tensor where none is planned): a fresh output
-    of a few MB per call is page-faulted in each time once glibc serves it by mmap (MobileNetV2 b8:
-    9,409 faults a call, 20.7 -> 30.3 ms)."""
+def _takes_out(k) -> bool:
+    """Whether kernel k writes into an `out` it is given: our C kernels (and a pair of kernels ending in
+    one); a library's allocate their outputs."""
+    return isinstance(k, _OUR_CONVS) or getattr(k, "takes_out", False)
+
+
+def _conv_call(group, spec, conv):
+    """fn(*group inputs) -> (conv(x[, residual]),); where conv takes `out`, fn(bufs, *inputs) writing
+    into the planned buffer (or a new tensor where none is planned): a fresh output of a few MB per call
+    is page-faulted in each time once glibc serves it by mmap (MobileNetV2 b8: 9,409 faults a call,
+    20.7 -> 30.3 ms)."""
     ix = group.inputs.index(spec.x)
     ir = None if spec.residual is None else group.inputs.index(spec.residual)
-    if not into:
+    if not _takes_out(conv):
         return (lambda *args: (conv(args[ix]),)) if ir is None else (lambda *args: (conv(args[ix], args[ir]),))
     if ir is None:
         fn = lambda bufs, *args: (conv(args[ix], out=bufs[0]),)   # noqa: E731
@@ -199,7 +201,7 @@ def _conv_kernel(group):
         return _depthwise_pointwise_kernel(group, *pair)
     spec = as_conv(group.nodes)
     conv, backend, schedule = _best_conv(spec)
-    fn = _conv_call(group, spec, conv, isinstance(conv, _OURS))
+    fn = _conv_call(group, spec, conv)
     if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
@@ -223,8 +225,7 @@ def _depthwise_pointwise_kernel(group, dw, pw):
             c_gemm.GemmConv(pw.weight, pw.bias, pw.act, pw.residual is not None))
     except (NotImplementedError, CompileError):
         pass
-    second_ours = isinstance(kp, _OURS)
-    if second_ours:
+    if _takes_out(kp):
         cands[two] = lambda x, *r, out=None: kp(kd(x), *r, out=out)
         cands[two].takes_out = True
     else:
@@ -236,7 +237,7 @@ def _depthwise_pointwise_kernel(group, dw, pw):
         best, schedule = pick(problem, _timed(cands), _conv_inputs(dw.x.shape, pw.residual))
         cands = {best: cands[best]}
     (backend, k), = cands.items()
-    fn = _conv_call(group, replace(pw, x=dw.x), k, backend != two or second_ours)
+    fn = _conv_call(group, replace(pw, x=dw.x), k)
     fn.schedule = schedule
     fn.sources = lambda: [s for c in ((k,) if backend != two else (kd, kp)) for s in _conv_sources(c)]
     if backend == two:
@@ -526,8 +527,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
     note = getattr(fn, "note", note)
     refused = getattr(fn, "refused", None)       # built as one kernel, measured slower: run as two
     if refused:
-        code, detail = refused
-        report.refuse(code, nodes[0].label, next(n for n in nodes[1:] if n.op == nodes[0].op).label, detail)
+        second = next(i for i, n in enumerate(nodes) if i and n.op == nodes[0].op)
+        report.refuse(refused[0], nodes[0].label, nodes[second].label, refused[1])
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
@@ -535,7 +536,6 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn = _by_node_inputs(fn, group, writes_into)
     info = _info(group, machine, backend_name, note, getattr(fn, "schedule", ""))
     if refused:          # two kernels: the first one's output is written and read back, no fusion
-        second = next(i for i, n in enumerate(nodes) if i and n.op == nodes[0].op)
         info.name, info.fusion = "dwconv, pwconv", False
         info.bytes_after += 2 * nodes[second - 1].nbytes
     report.kernels.append(info)

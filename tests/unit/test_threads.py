@@ -73,15 +73,21 @@ def _flat(out):
     return [t.clone() for t in (out if isinstance(out, (tuple, list)) else [out])]
 
 
+def _assert_serial(got, serial, which):
+    """every concurrent call's outputs (got[(thread, call)]) equal, bit for bit, the serial call on the
+    same input, serial[which(thread, call)]"""
+    for (t, c), outs in got.items():
+        for a, b in zip(outs, serial[which(t, c)]):
+            assert torch.equal(a, b), (t, c)
+
+
 def test_one_model_from_eight_threads_matches_serial_calls():
     model, _ = build("bert", batch=1, seq=24, layers=2)
     inputs = [build("bert", batch=1, seq=24, layers=2, seed=s)[1] for s in range(8)]
     cm = kfuse.compile(model, inputs[0])
     serial = [_flat(cm(*x)) for x in inputs]
     got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 8], 8, 100)
-    for (t, c), outs in got.items():
-        for a, b in zip(outs, serial[(t + c) % 8]):
-            assert torch.equal(a, b), (t, c)
+    _assert_serial(got, serial, lambda t, c: (t + c) % 8)
     assert len(cm._last._arenas) > 1      # concurrent calls had their own buffers
 
 
@@ -95,9 +101,7 @@ def test_torch_compile_backend_from_eight_threads_matches_serial_calls():
             return _flat(fn(*x))
     serial = [call(*x) for x in inputs]
     got = _hammer(call, lambda t, c: inputs[(t * 7 + c) % 4], 8, 100)
-    for (t, c), outs in got.items():
-        for a, b in zip(outs, serial[(t * 7 + c) % 4]):
-            assert torch.equal(a, b), (t, c)
+    _assert_serial(got, serial, lambda t, c: (t * 7 + c) % 4)
 
 
 def test_first_calls_of_a_dynamo_graph_from_eight_threads_compile_it_once():
@@ -121,15 +125,14 @@ def test_first_calls_of_a_dynamo_graph_from_eight_threads_compile_it_once():
 
 @pytest.mark.parametrize("name", ["mobilenetv3", "unet"])
 def test_cnn_kernels_from_four_threads_match_serial_calls(name):
-    """The channels-last CNN kernels (depthwise, squeeze-excitation, GroupNorm, 1x1 as GEMM) called from
-    four threads at once, on two input sizes (the second compiles on first use): serial answers."""
+    """The channels-last CNN kernels (depthwise, our GEMM, the fused depthwise + 1x1, squeeze-excitation,
+    GroupNorm) called from four threads at once, on two input sizes (the second compiles on first use):
+    serial answers."""
     model, _ = build(name, batch=1, image=32)
     inputs = [build(name, batch=b, image=32, seed=s)[1] for s, b in ((0, 1), (1, 2), (2, 1), (3, 2))]
     cm = kfuse.compile(model, inputs[0])
     serial = [_flat(cm(*x)) for x in inputs]
     got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 4], 4, 10)
-    for (t, c), outs in got.items():
-        for a, b in zip(outs, serial[(t + c) % 4]):
-            assert torch.equal(a, b), (t, c)
+    _assert_serial(got, serial, lambda t, c: (t + c) % 4)
     with torch.no_grad():
         torch.testing.assert_close(serial[1][0], model(*inputs[1]), rtol=1e-4, atol=1e-4)

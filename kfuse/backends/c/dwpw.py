@@ -41,8 +41,6 @@ def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False):
 class DepthwisePointwise:
     """pw(dw(x)) [+ residual] on NHWC x: dw a depthwise.DepthwiseConv, pw a 1x1 stride-1 gemm.GemmConv."""
 
-    backend = "c:depthwise+gemm"
-
     def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool = False):
         if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)) or pw.cin != dw.c:
             raise NotImplementedError("depthwise + pointwise kernel: the second convolution is not a 1x1 on the first")

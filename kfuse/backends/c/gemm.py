@@ -47,9 +47,6 @@ class GemmConv:
     """act(conv2d(x, w, b, stride, padding, dilation) [+ residual]) for a weight [Cout, Cin, KH, KW] on NHWC
     x [N, H, W, Cin]; with a [Cout, Cin] weight, act(x @ w.T + b) on x [..., Cin] (a linear layer)."""
 
-    backend = "c:gemm"
-    post_op_fused = residual_fused = True
-
     def __init__(self, w, b, act, residual: bool, stride=1, padding=0, dilation=1, generic: bool = False):
         if w.dim() == 2:
             w = w.reshape(*w.shape, 1, 1)
