@@ -82,3 +82,25 @@ def test_empty_batch_and_errors():
         fused(torch.randn(1, 5, 5, 16), torch.randn(1, 5, 5, 8))
     with pytest.raises(NotImplementedError, match="1x1"):
         DepthwisePointwise(dw, GemmConv(torch.randn(8, 16, 3, 3), None, None, False))
+
+
+def test_concurrent_calls_have_their_own_row_buffers():
+    """One kernel called from four threads at once on four inputs of one shape: each call's answer is the
+    serial one (the per-thread row buffers once lived in a cache shared by every call of that shape)."""
+    import threading
+    _, _, fused, _ = make(48, 24, 3, 1, "relu6", "none", False)
+    xs = [torch.randn(1, 20, 20, 48) for _ in range(4)]
+    want = [fused(x) for x in xs]
+    bad, start = [], threading.Barrier(4)
+
+    def worker(t):
+        start.wait()
+        for c in range(40):
+            if not torch.equal(fused(xs[(t + c) % 4]), want[(t + c) % 4]):
+                bad.append((t, c))
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not bad

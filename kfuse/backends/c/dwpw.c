@@ -2,43 +2,58 @@
    output's rows goes to a per-thread buffer (sized by dwpw.py to stay in L2), and the 1x1 GEMM's tiles
    read it from there; the depthwise output never goes to memory. Appended by dwpw.py to gemm.c (its
    act renamed pw_act) and depthwise.c (act renamed dw_act), whose constants KH..DW, ACT (depthwise)
-   and RES (1x1) it uses. x [N, H, W, C], out and r [N, OH, OW, Cout]; scratch: nthreads RB OW C floats. */
+   and RES (1x1) it uses. x [N, H, W, C], out and r [N, OH, OW, Cout]. Each thread mallocs its own RB OW C
+   floats per call (64 KB: from the heap, not fresh pages), so concurrent calls never share a buffer.
+   Returns 0, or -1 when a buffer cannot be allocated. */
 #include <omp.h>
+#include <stdlib.h>
 
 /* dims: N H W C OH OW PH PW Cout RB (depthwise output rows per work item); prm: the depthwise
    activation's two scalars, then the 1x1's */
-void kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *restrict dw_b,
-             const float *restrict zero, const float *restrict pw_w, const float *restrict pw_b,
-             const float *restrict r, float *restrict out, float *restrict scratch, const int64_t *dims,
-             const float *prm, int nthreads) {
+int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *restrict dw_b,
+            const float *restrict zero, const float *restrict pw_w, const float *restrict pw_b,
+            const float *restrict r, float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t N = dims[0], H = dims[1], W = dims[2], C = dims[3], OH = dims[4], OW = dims[5];
     const int64_t PH = dims[6], PW = dims[7], CO = dims[8], RB = dims[9];
     const int64_t nrb = (OH + RB - 1) / RB, P = (CO + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * C;
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
+    int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        float *buf = scratch + (int64_t)omp_get_thread_num() * RB * OW * C;
+        float *buf = malloc(RB * OW * C * sizeof(float));
         const float *ap[MR];
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < N * nrb; t++) {
-            const int64_t n = t / nrb, oh0 = (t % nrb) * RB, oh1 = oh0 + RB < OH ? oh0 + RB : OH;
-            for (int64_t oh = oh0; oh < oh1; oh++)
-                dw_row(x + n * H * W * C, dw_w, dw_b, zero, buf + (oh - oh0) * OW * C, oh, 0, C, H, W, C, OW, PH,
-                       PW, ow_lo, ow_hi, prm[0], prm[1]);
-            const int64_t rows = (oh1 - oh0) * OW, base = (n * OH + oh0) * OW;
-            for (int64_t pp = 0; pp < NP2; pp++) {
-                const int64_t n0 = 32 * pp;
-                const int nv = 2 * pp + 1 < P ? 2 : 1;
-                const int cols = CO - n0 < 32 ? (int)(CO - n0) : 32;
-                for (int64_t m = 0; m < rows; m += MR) {
-                    const int mr = rows - m < MR ? (int)(rows - m) : MR;
-                    for (int i = 0; i < mr; i++)
-                        ap[i] = buf + (m + i) * C;
-                    tile_any(mr, nv, ap, 1, C, pw_w + 2 * pp * ps, ps, out + (base + m) * CO + n0, CO, cols,
-                             pw_b + n0, RES ? r + (base + m) * CO + n0 : 0, prm[2], prm[3]);
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        int bad;
+        #pragma omp atomic read
+        bad = failed;
+        if (!bad) {
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < N * nrb; t++) {
+                const int64_t n = t / nrb, oh0 = (t % nrb) * RB, oh1 = oh0 + RB < OH ? oh0 + RB : OH;
+                for (int64_t oh = oh0; oh < oh1; oh++)
+                    dw_row(x + n * H * W * C, dw_w, dw_b, zero, buf + (oh - oh0) * OW * C, oh, 0, C, H, W, C, OW,
+                           PH, PW, ow_lo, ow_hi, prm[0], prm[1]);
+                const int64_t rows = (oh1 - oh0) * OW, base = (n * OH + oh0) * OW;
+                for (int64_t pp = 0; pp < NP2; pp++) {
+                    const int64_t n0 = 32 * pp;
+                    const int nv = 2 * pp + 1 < P ? 2 : 1;
+                    const int cols = CO - n0 < 32 ? (int)(CO - n0) : 32;
+                    for (int64_t m = 0; m < rows; m += MR) {
+                        const int mr = rows - m < MR ? (int)(rows - m) : MR;
+                        for (int i = 0; i < mr; i++)
+                            ap[i] = buf + (m + i) * C;
+                        tile_any(mr, nv, ap, 1, C, pw_w + 2 * pp * ps, ps, out + (base + m) * CO + n0, CO, cols,
+                                 pw_b + n0, RES ? r + (base + m) * CO + n0 : 0, prm[2], prm[3]);
+                    }
                 }
             }
         }
+        free(buf);
     }
+    return failed ? -1 : 0;
 }

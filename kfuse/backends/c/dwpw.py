@@ -35,7 +35,9 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
 
 @functools.lru_cache(maxsize=None)
 def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False):
-    return entry(source(dw_args, pw_act, residual, generic), "kf_dwpw", 9)
+    f = entry(source(dw_args, pw_act, residual, generic), "kf_dwpw", 8)
+    f.restype = ctypes.c_int
+    return f
 
 
 class DepthwisePointwise:
@@ -48,18 +50,18 @@ class DepthwisePointwise:
         self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
         self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic)
         self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
-        self._plans: dict = {}
+        self._dims: dict = {}
 
     def _plan(self, n, h, w, threads):
+        """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call)"""
         key = (n, h, w, threads)
-        if key not in self._plans:
+        if key not in self._dims:
             _, oh, ow, c = self.dw.out_shape(n, h, w)
             rb = max(1, min(oh, BUFFER_FLOATS // (ow * c)))
             while rb > 1 and n * -(-oh // rb) < 2 * threads:      # work items for every thread
                 rb //= 2
-            dims = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
-            self._plans[key] = (dims, torch.empty(threads * rb * ow * c))
-        return self._plans[key]
+            self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
+        return self._dims[key]
 
     def source(self) -> str:
         return source(self.dw_args, self.pw.act_code, self.pw.residual)
@@ -83,8 +85,8 @@ class DepthwisePointwise:
         if out.numel() == 0:
             return out
         threads = openmp.threads()
-        dims, scratch = self._plan(n, h, w, threads)
-        self.fn(x.data_ptr(), self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
-                self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                out.data_ptr(), scratch.data_ptr(), dims, self.params, threads)
+        if self.fn(x.data_ptr(), self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
+                   self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                   out.data_ptr(), self._plan(n, h, w, threads), self.params, threads):
+            raise MemoryError("depthwise + pointwise kernel: cannot allocate its row buffers")
         return out
