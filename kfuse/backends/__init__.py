@@ -30,6 +30,7 @@ from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
 from .c import recurrent as c_recurrent
+from .c import reduce_mid as c_reduce_mid
 from .c import rope as c_rope
 from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
@@ -295,6 +296,22 @@ def _rope_kernel(node):
     return run, "c:rope"
 
 
+def _mid_reduction(nodes) -> bool:
+    """A lone float32 sum/mean/max/min over consecutive axes before the last (an NHWC global average
+    pool): the row kernels cannot express it, reduce_mid.c can."""
+    n = nodes[0]
+    return (len(nodes) == 1 and n.op in c_reduce_mid.OPS and n.dtype == torch.float32
+            and n.inputs[0].dtype == torch.float32
+            and c_reduce_mid.middle_block(n.inputs[0].shape, n.attrs["axes"]) is not None)
+
+
+def _reduce_mid_kernel(node):
+    k = c_reduce_mid.ReduceMiddle(node.op, node.attrs["axes"], node.attrs.get("keepdim", False))
+    run = lambda bufs, x: (k(x, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [c_reduce_mid.SOURCE]
+    return run, "c:reduce_mid"
+
+
 def _by_node_inputs(fn, group, writes_into: bool):
     """fn, called with the group's inputs (each distinct input once), passed its node's inputs in
     the node's order: attention(x, x, x) reads one tensor three times."""
@@ -443,6 +460,8 @@ def kind_of(group, backend: str = "cpu") -> str:
     if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm") \
             and nodes[0].dtype == torch.float32 and backend == "cpu" and nodes[0].attrs.get("layout", "nhwc") == "nhwc":
         return nodes[0].op
+    if backend == "cpu" and _mid_reduction(nodes):
+        return "reduce_mid"
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
         return "c"
     return "torch"
@@ -450,7 +469,7 @@ def kind_of(group, backend: str = "cpu") -> str:
 
 # kernels of one node (a composite op) that run its inputs in the node's order
 NODE_KERNELS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")
-WRITES_INTO = ("c", *NODE_KERNELS)      # kernels that write into buffers they are given
+WRITES_INTO = ("c", "reduce_mid", *NODE_KERNELS)      # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -514,6 +533,8 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = c_recurrent.kernel(nodes[0])
         elif kind in ("squeeze_excite", "group_norm"):
             fn, backend_name = _nhwc_kernel(nodes[0])
+        elif kind == "reduce_mid":
+            fn, backend_name = _reduce_mid_kernel(nodes[0])
         elif kind == "c":
             fn, backend_name = _c_kernel(group)
     except Exception as e:          # any failure to build a kernel falls back, reported
