@@ -86,7 +86,8 @@ def _linear_kernel(nodes):
         cands = {best: cands[best]}
     (backend, k), = cands.items()
     if _takes_out(k):      # into the planned buffer (_conv_call says why)
-        fn = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
+        run = k.bound(tuple(x.shape)) if hasattr(k, "bound") else k
+        fn = lambda bufs, x, *_: (run(x, out=bufs[0]),)   # noqa: E731
         fn.writes_into = True
     else:
         fn = lambda x, *_: (k(x),)   # noqa: E731
@@ -188,6 +189,8 @@ def _conv_call(group, spec, conv):
     ir = None if spec.residual is None else group.inputs.index(spec.residual)
     if not _takes_out(conv):
         return (lambda *args: (conv(args[ix]),)) if ir is None else (lambda *args: (conv(args[ix], args[ir]),))
+    if hasattr(conv, "bound"):          # our kernels: the checks done once, for the shape the program has
+        conv = conv.bound(tuple(spec.x.shape))
     if ir is None:
         fn = lambda bufs, *args: (conv(args[ix], out=bufs[0]),)   # noqa: E731
     else:

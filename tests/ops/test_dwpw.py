@@ -104,3 +104,24 @@ def test_concurrent_calls_have_their_own_row_buffers():
     for th in threads:
         th.join()
     assert not bad
+
+
+def test_bound_calls_equal_checked_calls():
+    """kernel.bound(shape), the call a compiled program makes (checks done once): the same bits as the
+    checked call into the same `out`; another shape, a strided input or no `out` take the checked path."""
+    dw, pw, fused, _ = make(24, 40, 3, 2, "relu6", "none", True)
+    x = torch.randn(2, 9, 7, 24)
+    y = dw(x)
+    r = torch.randn(*y.shape[:3], 40)
+    cases = [(dw, x, ()), (pw, y, (r,)), (fused, x, (r,))]
+    for k, inp, rest in cases:
+        call = k.bound(tuple(inp.shape))
+        want = k(inp, *rest)
+        out = torch.full_like(want, float("nan"))
+        assert call(inp, *rest, out=out) is out and torch.equal(out, want)
+        assert torch.equal(call(inp, *rest), want)                                   # no out: allocates
+        strided = inp.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        assert torch.equal(call(strided, *rest, out=torch.empty_like(want)), want)
+        other = inp[:1]
+        rest1 = tuple(t[:1] for t in rest)
+        assert torch.equal(call(other, *rest1, out=torch.empty_like(want[:1])), k(other, *rest1))

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .conv_act import act_code, cdiv, check_out, entry, out_hw, pair, template
+from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
@@ -100,6 +100,15 @@ class DepthwiseConv:
             block_major = blocks >= 1 and (blocks % threads == 0 or blocks >= 8 * threads)
             self._dims[key] = (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, block_major)
         return self._dims[key]
+
+    def bound(self, x_shape):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+        n, h, w, c = x_shape
+        if c != self.c or 0 in self.out_shape(n, h, w):
+            return self
+        return bind(self, torch.Size(x_shape), self.fn,
+                    [None, self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), None], (0, None, 4),
+                    lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.c:

@@ -18,7 +18,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .conv_act import check_out, entry
+from .conv_act import bind, check_out, entry
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -65,6 +65,16 @@ class DepthwisePointwise:
 
     def source(self) -> str:
         return source(self.dw_args, self.pw.act_code, self.pw.residual)
+
+    def bound(self, x_shape):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+        n, h, w, c = x_shape
+        if c != self.dw.c or 0 in self.dw.out_shape(n, h, w):
+            return self
+        return bind(self, torch.Size(x_shape), self.fn,
+                    [None, self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
+                     self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), None, None], (0, 6, 7),
+                    lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.dw.c:

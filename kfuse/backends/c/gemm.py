@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .conv_act import act_code, cdiv, check_out, entry, out_hw, pair, template
+from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
@@ -79,21 +79,40 @@ class GemmConv:
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation)
         return self._dims[key]
 
+    def _geometry(self, x_shape) -> tuple[tuple, tuple]:
+        """(geometry for _plan, output shape) of an input of x_shape; ValueError where it does not fit."""
+        if len(x_shape) < 1 or x_shape[-1] != self.cin:
+            raise ValueError(f"gemm kernel: x {tuple(x_shape)}, want float32 [..., {self.cin}]")
+        if (self.kh, self.kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0)):   # a row reads one row
+            return (math.prod(x_shape[:-1]), 1, 1, 1, 1), (*x_shape[:-1], self.cout)
+        if len(x_shape) != 4:
+            raise ValueError(f"gemm kernel: x {tuple(x_shape)}, want NHWC [N, H, W, {self.cin}]")
+        n, h, w, _ = x_shape
+        oh, ow = out_hw(h, w, (self.kh, self.kw), self.stride, self.padding, self.dilation, "gemm")
+        return (n, h, w, oh, ow), (n, oh, ow, self.cout)
+
+    def _threads(self, rows: int):
+        """() -> the thread count for `rows` output rows: one below SERIAL_FMAS (no team start)"""
+        if rows * self.cin * self.kh * self.kw * self.cout < SERIAL_FMAS:
+            return lambda: 1
+        return openmp.threads
+
+    def bound(self, x_shape):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+        geometry, shape = self._geometry(x_shape)
+        rows = math.prod(shape[:-1])
+        if rows == 0:
+            return self
+        return bind(self, torch.Size(x_shape), self.fn,
+                    [None, self.weight.data_ptr(), self.bias.data_ptr(), None, self.zero.data_ptr(), None], (0, 3, 5),
+                    lambda t: self._plan(geometry, t), self._threads(rows), self.params)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
         """x NHWC [N, H, W, Cin] -> [N, OH, OW, Cout]; for a 1x1 stride-1 unpadded kernel x may be any
         [..., Cin] (rows of a linear layer) -> [..., Cout]."""
-        if x.dtype != torch.float32 or x.dim() < 1 or x.shape[-1] != self.cin:
+        if x.dtype != torch.float32:
             raise ValueError(f"gemm kernel: x {x.dtype} {tuple(x.shape)}, want float32 [..., {self.cin}]")
-        rows = (self.kh, self.kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))
-        if rows:                                       # each output row reads one input row
-            geometry = (math.prod(x.shape[:-1]), 1, 1, 1, 1)
-            shape = (*x.shape[:-1], self.cout)
-        elif x.dim() == 4:
-            oh, ow = out_hw(x.shape[1], x.shape[2], (self.kh, self.kw), self.stride, self.padding, self.dilation, "gemm")
-            geometry = (x.shape[0], x.shape[1], x.shape[2], oh, ow)
-            shape = (x.shape[0], oh, ow, self.cout)
-        else:
-            raise ValueError(f"gemm kernel: x {tuple(x.shape)}, want NHWC [N, H, W, {self.cin}]")
+        geometry, shape = self._geometry(tuple(x.shape))
         if (residual is not None) != self.residual:
             raise ValueError(f"gemm kernel: built {'with' if self.residual else 'without'} a residual")
         if residual is not None:
@@ -105,7 +124,7 @@ class GemmConv:
         m = math.prod(shape[:-1])
         if m == 0:
             return out
-        threads = 1 if m * self.cin * self.kh * self.kw * self.cout < SERIAL_FMAS else openmp.threads()
+        threads = self._threads(m)()
         self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
                 0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
                 self._plan(geometry, threads), self.params, threads)
