@@ -170,3 +170,41 @@ def test_errors():
 def test_generic_source_differs():
     assert "#undef __AVX512F__" in gemm.source(0, False, generic=True)
     assert "#undef __AVX512F__" not in gemm.source(0, False)
+
+
+# (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation): inputs read in place from NCHW memory
+NCHW = [
+    (1, 3, 15, 15, 16, (3, 3), (2, 2), (1, 1), (1, 1)),     # a MobileNet stem
+    (2, 3, 17, 13, 20, (7, 7), (2, 2), (3, 3), (1, 1)),     # a ResNet stem, odd sizes
+    (1, 3, 16, 16, 24, (4, 4), (4, 4), (0, 0), (1, 1)),     # a ConvNeXt patchify
+    (1, 2, 9, 11, 33, (3, 3), (1, 1), (2, 2), (2, 2)),      # dilation 2 (taps one by one)
+    (3, 4, 7, 9, 7, (3, 5), (2, 1), (1, 2), (1, 1)),
+    (1, 8, 5, 6, 40, (5, 5), (3, 3), (4, 4), (1, 1)),       # more padding than the kernel reaches
+    (1, 2, 1, 2, 17, (3, 3), (1, 1), (1, 1), (1, 1)),       # a one-row input: most taps in the padding
+]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("n,cin,h,w,cout,k,stride,padding,dilation", NCHW)
+def test_nchw_view_read_in_place(n, cin, h, w, cout, k, stride, padding, dilation, generic):
+    """An NHWC view of NCHW memory (a network's input after the layout pass) is read through bands, not
+    copied first: the same bits as the contiguous input, through the checked and the bound call."""
+    xc = torch.randn(n, cin, h, w)
+    x = xc.permute(0, 2, 3, 1)
+    wt, b = torch.randn(cout, cin, *k), torch.randn(cout)
+    kern = GemmConv(wt, b, ACTS["relu6"][0], False, stride, padding, dilation, generic=generic)
+    assert kern._reads_nchw(x)
+    want = kern(x.contiguous())
+    out = torch.full_like(want, float("nan"))
+    assert torch.equal(kern(x, out=out), want)
+    assert torch.equal(kern.bound(tuple(x.shape))(x, out=torch.empty_like(want)), want)
+    assert_close(want, reference(x, wt, b, None, "relu6", stride, padding, dilation), **TOL)
+    with openmp.using(3):
+        assert torch.equal(kern(x), want)
+
+
+def test_nchw_view_of_many_channels_is_copied():
+    kern = GemmConv(torch.randn(8, 16, 3, 3), None, None, False, 1, 1)
+    x = torch.randn(1, 16, 6, 6).permute(0, 2, 3, 1)
+    assert not kern._reads_nchw(x)
+    assert torch.equal(kern(x), kern(x.contiguous()))

@@ -7,7 +7,9 @@
    x [N, H, W, C], w packed [P][KH*KW*C][16] (16-column panels, zero past Cout), b [Cout], r and out
    [M, Cout]; zero: KW C zeros. The products accumulate by explicit FMAs (the build has -ffp-contract=off). */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /*VECMATH*/
 
@@ -15,6 +17,7 @@
 #define RES %(res)d                /* 1: a residual r is added before the activation */
 #define MR 8                       /* rows per register tile */
 #define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
+#define MAX_RING 64                /* input rows an NCHW band holds, (KH - 1) DH + 1 (gemm.py checks) */
 
 /*CONV_ACT*/
 
@@ -115,42 +118,99 @@ static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t 
 }
 #endif
 
+/* The KH input rows that output row oh of image n reads, from NCHW x as NHWC rows of WB columns (column
+   bc is input column bc - PW; zeros in the padding): rowp[ki] is that row, or 0 for one in the padding.
+   The band is a ring of RING = (KH - 1) DH + 1 rows, slot ih %% RING, have[slot] the (n, ih) it holds
+   (n H + ih): the next output row fills only the SH rows it does not share with this one. */
+static void fill_band(const float *restrict x, float *restrict band, int64_t *have, const float **rowp, int64_t n,
+                      int64_t oh, int64_t C, int64_t H, int64_t W, int64_t WB, int KH, int64_t SH, int64_t PH,
+                      int64_t PW, int64_t DH) {
+    const int64_t ring = (KH - 1) * DH + 1;
+    for (int ki = 0; ki < KH; ki++) {
+        const int64_t ih = oh * SH - PH + ki * DH, slot = ((ih %% ring) + ring) %% ring;
+        float *row = band + slot * WB * C;
+        rowp[ki] = ih >= 0 && ih < H ? row : 0;
+        if (!rowp[ki] || have[slot] == n * H + ih)
+            continue;
+        have[slot] = n * H + ih;
+        const int64_t lo = PW < WB ? PW : WB, hi = PW + W < WB ? PW + W : WB;
+        for (int64_t j = 0; j < lo * C; j++)
+            row[j] = 0.0f;
+        for (int64_t j = hi * C; j < WB * C; j++)
+            row[j] = 0.0f;
+        const float *xp = x + (n * C * H + ih) * W - PW;     /* channel c, band column bc: xp[c H W + bc] */
+        if (C == 3) {        /* RGB: the three planes in one pass, the stores contiguous */
+            const float *x0 = xp, *x1 = xp + H * W, *x2 = xp + 2 * H * W;
+            for (int64_t bc = lo; bc < hi; bc++) {
+                row[3 * bc] = x0[bc];
+                row[3 * bc + 1] = x1[bc];
+                row[3 * bc + 2] = x2[bc];
+            }
+        } else
+            for (int64_t bc = lo; bc < hi; bc++)
+                for (int64_t c = 0; c < C; c++)
+                    row[bc * C + c] = xp[c * H * W + bc];
+    }
+}
+
 /* dims: M Cout MB (rows per work item, a multiple of MR), then the geometry N H W C OH OW KH KW SH SW PH
-   PW DH DW. A work item is MB rows by one pair of panels; items are numbered panel pair first, so a
-   thread's contiguous range shares its panels (or its rows). */
-void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
-                  const float *restrict r, const float *restrict zero, float *restrict out, const int64_t *dims,
-                  const float *prm, int nthreads) {
+   PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read through per-thread bands
+   (fill_band: the KH rows an output row reads, transposed; tiles then stop at row ends), so the layout
+   change costs no pass over memory of its own. A work item is MB rows by one pair of panels; items are
+   numbered panel pair first, so a thread's contiguous range shares its panels (or its rows). Returns 0,
+   or -1 when the bands cannot be allocated. */
+int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
+                 const float *restrict r, const float *restrict zero, float *restrict out, const int64_t *dims,
+                 const float *prm, int nthreads) {
     const int64_t M = dims[0], N = dims[1], MB = dims[2];
     const int64_t H = dims[4], W = dims[5], C = dims[6], OH = dims[7], OW = dims[8];
     const int KH = (int)dims[9], KW = (int)dims[10];
     const int64_t SH = dims[11], SW = dims[12], PH = dims[13], PW = dims[14], DH = dims[15], DW = dims[16];
+    const int nchw = (int)dims[17];
     const int ntaps = KH * KW;
     const int64_t P = (N + 15) / 16, NP2 = (P + 1) / 2, nmb = (M + MB - 1) / MB, ps = 16 * ntaps * C;
     const float p0 = prm[0], p1 = prm[1];
     /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
-    const int direct = ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
+    const int direct = !nchw && ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
     const int merge = KW > 1 && DW == 1 && C < 64;      /* kernel rows as segments (below) */
+    const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
+    float *bands = nchw ? malloc(nthreads * band_floats * sizeof(float)) : 0;
+    if (nchw && !bands)
+        return -1;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < NP2 * nmb; t++) {
         const int64_t pp = t / nmb, m0 = (t %% nmb) * MB, m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
         const int nv = 2 * pp + 1 < P ? 2 : 1;
         const int cols = N - n0 < 32 ? (int)(N - n0) : 32;
         const float *ap[MAX_TAPS * MR];
+        float *band = nchw ? bands + omp_get_thread_num() * band_floats : 0;
+        const float *rowp[MAX_TAPS];
+        int64_t have[MAX_RING];          /* the band's rows (fill_band) */
+        for (int i = 0; i < MAX_RING; i++)
+            have[i] = -1;
+        int64_t band_row = -1;           /* the (n, oh) rowp points at, as n * OH + oh */
         /* the pixel (n, oh, ow) of row m0, then stepped row by row: no division per row */
         int64_t n = m0 / (OH * OW), oh = m0 / OW %% OH, ow = m0 %% OW;
-        for (int64_t m = m0; m < m1; m += MR) {
-            const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
+        for (int64_t m = m0; m < m1; ) {
+            int mr = m1 - m < MR ? (int)(m1 - m) : MR;
+            if (nchw) {
+                if (mr > OW - ow)
+                    mr = (int)(OW - ow);
+                if (band_row != n * OH + oh) {
+                    fill_band(x, band, have, rowp, n, oh, C, H, W, WB, KH, SH, PH, PW, DH);
+                    band_row = n * OH + oh;
+                }
+            }
             /* Segments: one per tap (C inputs each), or, where every row of the tile has its kernel's
-               columns inside the input and DW == 1, one per kernel row (its KW taps are KW C adjacent
-               inputs, and their weights adjacent too): few input channels (a stem) then make long
-               inner loops. A tap or kernel row in the padding reads zeros. */
+               columns inside the input (or in a band, padding and all) and DW == 1, one per kernel row
+               (its KW taps are KW C adjacent inputs, and their weights adjacent too): few input channels
+               (a stem) then make long inner loops. A tap or kernel row in the padding reads zeros. */
             int nseg = ntaps, rows_merged = 0;
             int64_t seglen = C;
             if (merge) {
                 int64_t o = ow;
                 int inside = 1;
-                for (int i = 0; i < mr && inside; i++, o = o + 1 == OW ? 0 : o + 1)
+                for (int i = 0; i < mr && inside && !nchw; i++, o = o + 1 == OW ? 0 : o + 1)
                     inside = o * SW - PW >= 0 && o * SW - PW + KW - 1 < W;
                 if (inside) {
                     nseg = KH;
@@ -162,6 +222,11 @@ void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float
                 const int64_t ih0 = oh * SH - PH, iw0 = ow * SW - PW;
                 if (direct)
                     ap[i] = x + (m + i) * C;
+                else if (nchw)          /* band column ow SW is input column iw0 */
+                    for (int ki = 0; ki < KH; ki++)
+                        for (int kj = 0; kj < (rows_merged ? 1 : KW); kj++)
+                            ap[(ki * (rows_merged ? 1 : KW) + kj) * MR + i] =
+                                rowp[ki] ? rowp[ki] + (ow * SW + kj * DW) * C : zero;
                 else if (rows_merged)
                     for (int ki = 0; ki < KH; ki++) {
                         const int64_t ih = ih0 + ki * DH;
@@ -184,6 +249,9 @@ void kf_gemm_conv(const float *restrict x, const float *restrict wp, const float
             }
             tile_any(mr, nv, ap, nseg, seglen, wp + 2 * pp * ps, ps, out + m * N + n0, N, cols, b + n0,
                      RES ? r + m * N + n0 : 0, p0, p1);
+            m += mr;
         }
     }
+    free(bands);
+    return 0;
 }

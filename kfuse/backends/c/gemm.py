@@ -31,6 +31,8 @@ TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
 MAX_TAPS = 121           # kernel positions, 11 x 11 (gemm.c)
 SERIAL_FMAS = 1 << 17    # below this many multiply-adds the call runs on one thread (no team start)
+NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in place, through bands
+MAX_RING = 64            # input rows a band holds, (KH - 1) DH + 1 (gemm.c)
 
 
 def source(act: int, residual: bool, generic: bool = False) -> str:
@@ -40,7 +42,9 @@ def source(act: int, residual: bool, generic: bool = False) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fn(act: int, residual: bool, generic: bool = False):
-    return entry(source(act, residual, generic), "kf_gemm_conv", 6)
+    f = entry(source(act, residual, generic), "kf_gemm_conv", 6)
+    f.restype = ctypes.c_int
+    return f
 
 
 class GemmConv:
@@ -65,25 +69,27 @@ class GemmConv:
         self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
         self.zero = torch.zeros(kw * cin)     # a tap, or a kernel row, in the padding
         self.fn = _fn(self.act_code, residual, generic)
+        self._rows = (kh, kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))    # out row m reads x row m
         self._dims: dict = {}
 
-    def _plan(self, geometry, threads: int):
-        key = (geometry, threads)
+    def _plan(self, geometry, threads: int, nchw: bool = False):
+        key = (geometry, threads, nchw)
         if key not in self._dims:
             n, h, w, oh, ow = geometry
             m = n * oh * ow
             pairs = cdiv(cdiv(self.cout, 16), 2)
             # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
             mb = cdiv(cdiv(m, max(1, cdiv(4 * threads, pairs))), MR) * MR
-            self._dims[key] = (ctypes.c_int64 * 17)(m, self.cout, max(MR, min(mb, 256)), n, h, w, self.cin, oh, ow,
-                                                    self.kh, self.kw, *self.stride, *self.padding, *self.dilation)
+            self._dims[key] = (ctypes.c_int64 * 18)(m, self.cout, max(MR, min(mb, 256)), n, h, w, self.cin, oh, ow,
+                                                    self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
+                                                    int(nchw))
         return self._dims[key]
 
     def _geometry(self, x_shape) -> tuple[tuple, tuple]:
         """(geometry for _plan, output shape) of an input of x_shape; ValueError where it does not fit."""
         if len(x_shape) < 1 or x_shape[-1] != self.cin:
             raise ValueError(f"gemm kernel: x {tuple(x_shape)}, want float32 [..., {self.cin}]")
-        if (self.kh, self.kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0)):   # a row reads one row
+        if self._rows:                                 # a row reads one row
             return (math.prod(x_shape[:-1]), 1, 1, 1, 1), (*x_shape[:-1], self.cout)
         if len(x_shape) != 4:
             raise ValueError(f"gemm kernel: x {tuple(x_shape)}, want NHWC [N, H, W, {self.cin}]")
@@ -119,13 +125,23 @@ class GemmConv:
             if tuple(residual.shape) != shape or residual.dtype != torch.float32:
                 raise ValueError(f"gemm kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {shape}")
             residual = residual.contiguous()
-        x = x.contiguous()
+        nchw = self._reads_nchw(x)
+        x = x if nchw else x.contiguous()
         out = check_out(out, shape, "gemm")
         m = math.prod(shape[:-1])
         if m == 0:
             return out
         threads = self._threads(m)()
-        self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
-                self._plan(geometry, threads), self.params, threads)
+        if self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                   0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
+                   self._plan(geometry, threads, nchw), self.params, threads):
+            raise MemoryError("gemm kernel: cannot allocate its input bands")
         return out
+
+    def _reads_nchw(self, x: torch.Tensor) -> bool:
+        """Whether x, an NHWC view of NCHW memory with few channels (a network's input after the layout
+        pass), is read in place: each output row's input rows transposed into a small band (gemm.c)
+        instead of a copy of the whole tensor first."""
+        return (x.dim() == 4 and self.cin <= NCHW_MAX_C and not self._rows
+                and (self.kh - 1) * self.dilation[0] + 1 <= MAX_RING
+                and not x.is_contiguous() and x.permute(0, 3, 1, 2).is_contiguous())
