@@ -6,10 +6,11 @@
  *   y = x * s[n]                    [N, HW, C]
  *
  * Phases, separated by barriers:
- *   1. m[n][c]: the channels split across threads in blocks of 16, each thread summing its channels
- *      over all HW rows of every image (4 rows at a time, in double): each sum has one order whatever
- *      the team size, so the result does not depend on the thread count (the runtime gives calls made
- *      concurrently fewer threads, and their outputs equal a lone call's bit for bit);
+ *   1. m[n][c]: each image's rows in chunks of CHUNK, the chunks shared across threads and summed over
+ *      all channels (4 rows at a time, in double), then the chunk sums added in chunk order: each sum
+ *      has one order whatever the team size, so the result does not depend on the thread count (the
+ *      runtime gives calls made concurrently fewer threads, and their outputs equal a lone call's bit
+ *      for bit);
  *   3. h: the R outputs split across threads, 8 dot products over C at a time for every n (the 8 w1
  *      rows are read once for all n);
  *   4. s: the C outputs split across threads in blocks of CB, each block accumulated over the R rows
@@ -24,7 +25,7 @@
  * torch's own float32 path, which fails a 1e-5 test against float64; in double they cost a convert per
  * weight, hidden behind the weight traffic (w1 and w2 are 1.8 MB at C = 960, R = 240).
  *
- * Scratch (malloc'd per call): double m[N][C]; float h[N][R], s[N][C].
+ * Scratch (malloc'd per call): double m[N][C], part[N][chunks][C]; float h[N][R], s[N][C].
  * NaN and Inf follow the torch formula: the activations are written so that NaN compares false and
  * passes through, and (+inf) + (-inf) in the sums gives NaN whatever the order of the additions.
  */
@@ -38,6 +39,7 @@
 
 enum { A_NONE = 0, A_RELU, A_SILU, A_GELU, A_HARDSWISH, A_LEAKY, A_SIGMOID, A_HARDSIGMOID };
 #define CB 64            /* channels of one GEMV2 block: 8 vectors of double accumulators per n */
+#define CHUNK 32         /* rows of one partial mean (phase 1): its zeroing and combining cost ~3 rows */
 
 KF_INLINE float clamp06(float t) { t = t < 0.0f ? 0.0f : t; return t > 6.0f ? 6.0f : t; }
 
@@ -93,11 +95,13 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
                       int64_t act1, int64_t act2, float slope, int64_t nthreads)
 {
     if (nthreads < 1) nthreads = 1;
-    size_t doubles = (size_t)(N * C), floats = (size_t)(N * R + N * C);
+    const int64_t nch = (HW + CHUNK - 1) / CHUNK;
+    size_t doubles = (size_t)(N * C + N * nch * C), floats = (size_t)(N * R + N * C);
     double *scratch = malloc(doubles * sizeof(double) + floats * sizeof(float));
     if (!scratch) return -1;
     double *m = scratch;
-    float *h = (float *)(m + N * C), *s = h + N * R;
+    double *part = m + N * C;
+    float *h = (float *)(part + N * nch * C), *s = h + N * R;
     const int64_t rows = N * HW;
     const double hw = (double)HW;
 
@@ -106,28 +110,38 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t r0, r1, lo, hi;
 
-        /* 1. the means, channels split in blocks of 16: each channel is summed by one thread, in one
-              order whatever the team size, so a call's result does not depend on its thread count
-              (the runtime gives concurrent calls fewer threads) */
-        share(C, 16, t, nt, &lo, &hi);
-        for (int64_t n = 0; n < N && hi > lo; n++) {
-            double *acc = m + n * C;
+        /* 1. the means: each image's rows cut in chunks of CHUNK rows,
+              the chunks shared across threads, each summed over all C channels (contiguous rows, 4 at a
+              time, in double) into part[n][k]; then m[n][c] = the chunks' sums added in chunk order.
+              Every sum has one order whatever the team size, so the result does not depend on the
+              thread count (the runtime gives calls made concurrently fewer threads, and their outputs
+              equal a lone call's bit for bit) */
+        share(N * nch, 1, t, nt, &lo, &hi);
+        for (int64_t it = lo; it < hi; it++) {
+            const int64_t n = it / nch, k = it % nch, i0 = k * CHUNK, i1 = i0 + CHUNK < HW ? i0 + CHUNK : HW;
+            double *acc = part + it * C;
             const float *xn = x + n * HW * C;
-            for (int64_t c = lo; c < hi; c++) acc[c] = 0.0;
-            int64_t i = 0;
-            for (; i + 4 <= HW; i += 4) {
+            for (int64_t c = 0; c < C; c++) acc[c] = 0.0;
+            int64_t i = i0;
+            for (; i + 4 <= i1; i += 4) {
                 const float *a = xn + i * C;
                 #pragma omp simd
-                for (int64_t c = lo; c < hi; c++)
+                for (int64_t c = 0; c < C; c++)
                     acc[c] += (a[c] + a[C + c]) + (a[2 * C + c] + a[3 * C + c]);
             }
-            for (; i < HW; i++) {
+            for (; i < i1; i++) {
                 const float *a = xn + i * C;
                 #pragma omp simd
-                for (int64_t c = lo; c < hi; c++) acc[c] += a[c];
+                for (int64_t c = 0; c < C; c++) acc[c] += a[c];
             }
-            #pragma omp simd
-            for (int64_t c = lo; c < hi; c++) acc[c] /= hw;
+        }
+        #pragma omp barrier
+        share(N * C, 16, t, nt, &lo, &hi);
+        for (int64_t j = lo; j < hi; j++) {
+            const int64_t n = j / C, c = j % C;
+            double v = 0.0;
+            for (int64_t k = 0; k < nch; k++) v += part[(n * nch + k) * C + c];
+            m[j] = v / hw;
         }
         #pragma omp barrier
 
