@@ -459,8 +459,9 @@ def fusion_name(nodes) -> str | None:
 
 
 def kind_of(group, backend: str = "cpu") -> str:
-    """Which kind of kernel runs the group: view, linear, attention, c or torch. With backend
-    "triton", linear, attention and rope take float16/bfloat16 too, and conv runs on torch."""
+    """Which kind of kernel runs the group: view, linear, conv, attention, rope, a one-node C kernel
+    (recurrent, squeeze_excite, group_norm, reduce_mid), c or torch. With backend "triton", linear,
+    attention and rope take float16/bfloat16 too, and conv runs on torch."""
     nodes = group.nodes
     floats = TRITON_FLOATS if backend == "triton" else (torch.float32,)
     if len(nodes) == 1 and nodes[0].op in VIEW_OPS:
