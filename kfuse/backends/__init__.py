@@ -101,10 +101,10 @@ def _library_name(k) -> str:
     return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
 
 
-def _best_conv(spec):
-    """(kernel, backend name, schedule text) of the fastest here of the kernels that compute `spec` (a
-    kernels.conv.ConvEpilogue): oneDNN's convolution; our depthwise kernel; our implicit GEMM (one
-    group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1. kernel(x[, residual]) -> output."""
+def _conv_candidates(spec) -> dict:
+    """{backend name: kernel} of the kernels that compute `spec` (a kernels.conv.ConvEpilogue): our
+    depthwise kernel; our implicit GEMM (one group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1;
+    oneDNN's convolution, last. kernel(x[, residual]) -> output."""
     conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     others, a = {}, spec.attrs
@@ -125,11 +125,17 @@ def _best_conv(spec):
         if conv.backend == "onednn" and linear_supports(None, False):
             pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
             others[_library_name(pw)] = pw
-    if not others:
+    return others | {backend: conv}        # the first is the choice when timing is off
+
+
+def _best_conv(spec, cands: dict | None = None):
+    """(kernel, backend name, schedule text) of the fastest here of `cands` (default: all the kernels that
+    compute `spec`, _conv_candidates)."""
+    cands = _conv_candidates(spec) if cands is None else cands
+    if len(cands) == 1:
+        (backend, conv), = cands.items()
         return conv, backend, ""
-    cands = others | {backend: conv}        # the first is the choice when timing is off
-    residual = spec.residual is not None
-    problem = _problem("conv", tuple(spec.weight.shape), spec.x.shape, a, spec.act, residual,
+    problem = _problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act, spec.residual is not None,
                        *(["nchw-view"] if _nchw_view(spec.x) else []))
     best, schedule = pick(problem, _timed(cands), _conv_inputs(spec.x, spec.residual))
     return cands[best], best, schedule
@@ -231,17 +237,16 @@ def _depthwise_pointwise_kernel(group, dw, pw):
     """A depthwise convolution and the 1x1 one reading it (one group, passes/autofuse): our fused kernel,
     or the best kernel of each one after the other, whichever measured faster here; the second way is
     also a why-not record."""
-    kd, bd, _ = _best_conv(dw)
-    kp, bp, _ = _best_conv(pw)
+    cd, cp = _conv_candidates(dw), _conv_candidates(pw)
+    kd, bd, _ = _best_conv(dw, cd)
+    kp, bp, _ = _best_conv(pw, cp)
     two = f"{bd} -> {bp}"
     cands = {}
-    try:
-        a = dw.attrs
-        cands["c:depthwise+gemm"] = c_dwpw.DepthwisePointwise(
-            c_depthwise.DepthwiseConv(dw.weight, dw.bias, a["stride"], a["padding"], a["dilation"], dw.act),
-            c_gemm.GemmConv(pw.weight, pw.bias, pw.act, pw.residual is not None))
-    except (NotImplementedError, CompileError):
-        pass
+    if "c:depthwise" in cd and "c:gemm" in cp:      # the fused kernel from the two built for the choices above
+        try:
+            cands["c:depthwise+gemm"] = c_dwpw.DepthwisePointwise(cd["c:depthwise"], cp["c:gemm"])
+        except (NotImplementedError, CompileError):
+            pass
     if _takes_out(kp):
         cands[two] = lambda x, *r, out=None: kp(kd(x), *r, out=out)
         cands[two].takes_out = True
