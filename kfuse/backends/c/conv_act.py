@@ -1,7 +1,7 @@
 """What the C convolution kernels (depthwise, gemm, dwpw) share: the activation after a convolution
 (conv_act.c defines `act(v, p0, p1)` for the code ACT that the including template sets; ACTS maps a
 oneDNN post-op (name, algorithm), as kfuse.kernels.conv.post_op_of gives it, to that code), the output
-size, and the loading of an entry point.
+size, the check of a given output (reduce_mid's too), the loading of an entry point, and the bound call.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import openmp
 from .compiler import load
+from .conv_act import check_out
 
 SOURCE = Path(__file__).with_name("reduce_mid.c").read_text()
 OPS = {"reduce_sum": 0, "reduce_mean": 1, "reduce_max": 2, "reduce_min": 3}
@@ -64,10 +65,7 @@ class ReduceMiddle:
         if r == 0 and self.op in ("reduce_max", "reduce_min"):
             raise ValueError(f"{self.op} over axes {self.axes}: x {tuple(x.shape)} has none of them to reduce")
         shape = self.out_shape(tuple(x.shape))
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32)
-        elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"{self.op}: out must be contiguous float32 {shape}, got {out.dtype} {tuple(out.shape)}")
+        out = check_out(out, shape, self.op)
         if out.numel() == 0:
             return out
         x = x.contiguous()
