@@ -50,6 +50,9 @@ class CompiledModel:
         self.source = source
         self.options = options
         self.is_onnx = isinstance(source, (str, os.PathLike))
+        if not self.is_onnx:
+            from .capture.fx import register_cache_types
+            register_cache_types(source)      # a KV cache among the inputs flattens into its tensors
         flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
         self._n_positional = _positional(self._in_spec)
         self._check_tensors(flat)
@@ -113,7 +116,9 @@ class CompiledModel:
             want_args, want_kwargs = pytree.tree_unflatten([0] * self._in_spec.num_leaves, self._in_spec)
             raise InputError(f"model was compiled for {len(want_args)} positional inputs and keyword inputs "
                              f"{sorted(want_kwargs)}; got {len(inputs)} positional "
-                             f"({', '.join(type(a).__name__ for a in inputs)}) and keyword inputs {sorted(kwargs)}")
+                             f"({', '.join(type(a).__name__ for a in inputs)}) and keyword inputs {sorted(kwargs)} (calls with "
+                             f"other inputs need a kfuse.compile of their own; for generate(), use "
+                             f"torch.compile(model.forward, backend='kfuse'))")
         self._check_tensors(flat)
         return flat
 

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import KfuseError
 from ..ir import DTYPE_SHORT, Graph, Node
-from .common import reshape
+from .common import reshape, wrap_index
 
 aten = torch.ops.aten
 ATEN: dict = {}
@@ -399,7 +399,8 @@ def _gather_elements(g, x, dim, idx, sparse_grad=False):
 def _index(g, x, indices):
     used = [(d, i) for d, i in enumerate(indices) if i is not None]
     if len(used) == 1 and used[0][1].dtype != torch.bool:
-        return g.add("gather", x, used[0][1], axis=used[0][0])
+        d, i = used[0]
+        return g.add("gather", x, wrap_index(g, i, x.shape[d]), axis=d)
     return g.add("index", x, *(i for _, i in used), dims=tuple(d for d, _ in used))
 
 
@@ -463,6 +464,13 @@ def _filled(fill):
 
 
 ATEN[aten.zeros.default], ATEN[aten.ones.default] = _filled(0), _filled(1)
+
+
+@handles(aten.empty.memory_format, aten.empty_permuted.default, aten.empty_strided.default)
+def _empty(g, size, _order_or_strides=None, dtype=None, **_):
+    """An uninitialised tensor (written into after, e.g. an inverse permutation by index_put): zeros,
+    one of the values it may hold, so runs are deterministic."""
+    return _filled(0)(g, size, dtype)
 
 
 @handles(aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default)

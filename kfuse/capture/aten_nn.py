@@ -228,9 +228,8 @@ def _batch_norm_legit(g, x, w, b, running_mean, running_var, training, momentum,
 
 def _scan(op):
     def handler(g, x, dim, dtype=None):
-        if dtype is not None:
-            x = cast(g, x, dtype)
-        return g.add(op, x, axis=dim % len(x.shape))
+        y = g.add(op, x if dtype is None else cast(g, x, dtype), axis=dim % len(x.shape))
+        return y if dtype is None else cast(g, y, dtype)    # the IR's scan of int32 gives int64, as torch's
     return handler
 
 
@@ -339,6 +338,20 @@ def _embedding_bag(g, w, idx, offsets, scale_grad_by_freq=False, mode=0, sparse=
     y = g.add("embedding_bag", *args, mode=("sum", "mean", "max")[mode], include_last_offset=bool(include_last_offset),
               padding_idx=None if padding_idx is None or padding_idx < 0 else padding_idx)
     return y, None, None, None
+
+
+@handles(aten.histc.default)
+def _histc(g, x, bins=100, min=0, max=0):
+    return g.add("histc", x, bins=int(bins), min=float(min), max=float(max))
+
+
+@handles(aten._grouped_mm.default)
+def _grouped_mm(g, a, b, offs=None, bias=None, out_dtype=None):
+    """Mixture-of-experts GEMMs (transformers' grouped_mm experts): rows of `a` in groups ending at
+    `offs`, each times its own matrix of `b`; torch runs it."""
+    if offs is None or bias is not None or out_dtype not in (None, a.dtype):
+        raise Unsupported(f"_grouped_mm without offsets, with a bias or an out_dtype: {sig(a)}")
+    return g.add("grouped_mm", a, b, offs)
 
 
 @handles(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d.default)

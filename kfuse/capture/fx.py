@@ -110,6 +110,8 @@ def _call(g, n: torch.fx.Node, env):
     if n.target in SKIP:
         return None
     handler = ATEN.get(n.target)
+    if handler is None and _is_custom(n.target):
+        handler = _custom_op(n.target)
     if handler is None:
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch")
     conv = lambda a: env[a] if isinstance(a, torch.fx.Node) else a
@@ -129,6 +131,34 @@ def _call(g, n: torch.fx.Node, env):
         if isinstance(node, Node) and node.op != "const" and not node.name:
             node.name = n.name
     return out
+
+
+def _is_custom(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims", "prim")
+
+
+def _custom_op(target):
+    """An op registered by another library (torch.library: transformers' mixture-of-experts fallback,
+    a user's op) runs as torch runs it: one opaque node whose attributes hold the op's name and its
+    non-tensor arguments (a fake/meta implementation, which export needed too, infers the shape)."""
+    def handler(g, *args, **kwargs):
+        returns = target._schema.returns
+        if len(returns) != 1 or str(returns[0].type) != "Tensor":
+            raise Unsupported(f"custom op returning {', '.join(str(r.type) for r in returns) or 'nothing'}: "
+                              "only ops returning one tensor run as opaque nodes")
+        tensors = []
+
+        def slot(a):
+            if isinstance(a, Node):
+                tensors.append(a)
+                return ...          # the placeholder: no op's schema takes an Ellipsis
+            if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a):
+                raise Unsupported("custom op taking a list of tensors")
+            return tuple(a) if isinstance(a, list) else a
+        template = tuple(slot(a) for a in args)
+        named = tuple((k, slot(v)) for k, v in kwargs.items())
+        return g.add("torch_op", *tensors, target=target.name(), args=template, kwargs=named)
+    return handler
 
 
 def _decomposed(g: Graph, op, args: tuple) -> Node:
@@ -165,10 +195,28 @@ def _decomposed(g: Graph, op, args: tuple) -> Node:
 KEEP_WHOLE = (aten.scaled_dot_product_attention.default, aten.pad.default, *UPSAMPLE)
 
 
+def register_cache_types(model):
+    """Hugging Face models return (and take) their KV cache as a Cache object, which torch.export
+    can flatten only once transformers has registered it as a pytree node; transformers does so for
+    its own exporters, so kfuse asks it to, with whichever of its helpers this version has."""
+    if not type(model).__module__.startswith("transformers."):
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+        register_cache_pytrees_for_model(model)
+    except ImportError:
+        try:
+            from transformers.integrations.executorch import register_dynamic_cache_export_support
+            register_dynamic_cache_export_support()
+        except ImportError:
+            pass        # an older transformers: export names the type it cannot flatten
+
+
 def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
     """torch.export + core ATen decompositions -> (Graph, output pytree spec)."""
     from torch.export.graph_signature import InputKind
     model = model.eval()
+    register_cache_types(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

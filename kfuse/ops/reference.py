@@ -135,6 +135,17 @@ def _index(x, *idx, dims):
     return x[tuple(key)]
 
 
+def _torch_op(*tensors, target, args, kwargs):
+    """A registered op of another namespace ("ns::name.overload") called with `tensors` in the
+    argument slots marked ... (capture/fx.py, _custom_op)."""
+    name, _, overload = target.partition(".")
+    ns, op = name.split("::")
+    fn = getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+    it = iter(tensors)
+    fill = lambda a: next(it) if a is ... else a
+    return fn(*[fill(a) for a in args], **{k: fill(v) for k, v in kwargs})
+
+
 def _reduce(fn):
     return lambda x, *, axes, keepdim=False: fn(x, dim=axes, keepdim=keepdim)
 
@@ -326,6 +337,9 @@ REFERENCE = {
     "affine_grid": lambda theta, *, size, align_corners: F.affine_grid(theta, list(size), align_corners),
     "col2im": _col2im,
     "det": torch.linalg.det,
+    "torch_op": _torch_op,
+    "histc": lambda x, *, bins, min, max: torch.histc(x, bins, min, max),
+    "grouped_mm": lambda a, b, offs: torch._grouped_mm(a, b, offs=offs),
     "max_pool_indices": lambda x, *, kernel, stride, padding, dilation, ceil_mode=False:
         getattr(F, f"max_pool{len(kernel)}d")(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)[1],
 }

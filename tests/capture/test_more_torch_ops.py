@@ -315,3 +315,62 @@ def test_setitem_with_integer_indices_and_scatters_run_on_torch():
                                torch.zeros(3, 6).scatter_add(1, ix[:2], s[:2]),
                                x.scatter(1, ix[:, :2], s)),                # src larger than the index
              r(3, 5), idx, r(3, 4))
+
+
+# -- 13. forms found in Hugging Face models (sweep of transformers' architectures) ---------------------------
+
+def test_advanced_index_counted_from_the_end():
+    """Falcon's fused QKV split: x[..., [-2], :] (torch wraps negative tensor indices, the IR's gather
+    does not); constant and run-time indices."""
+    x = r(2, 5, 6, 4)
+    compiled(lambda x: (x[..., :-2, :], x[..., [-2], :], x[..., [-1], :], x[:, [0, -1, -3]]), x)
+    compiled(lambda x, i: x[:, i], x, torch.tensor([-1, 2, -5, 0]))
+
+
+def test_histc_grouped_mm_and_empty_run_on_torch():
+    """Mixture-of-experts routing as transformers writes it under export: a histogram of expert ids,
+    offsets by cumsum, grouped GEMMs and the inverse permutation through an uninitialised tensor."""
+    w = r(3, 8, 8).bfloat16()          # export's meta for _grouped_mm takes bfloat16 only
+
+    def moe(x, ids):
+        order, perm = torch.sort(ids)
+        counts = torch.histc(order.float(), bins=3, min=0, max=2)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        y = torch._grouped_mm(x[perm].bfloat16(), w, offs=offs).float()
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return y[inv], counts
+    ids = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1])
+    compiled(moe, r(8, 8), ids)
+    assert {"histc", "grouped_mm"} <= set(ops_of(moe, r(8, 8), ids))
+
+
+@torch.library.custom_op("kfuse_test::scaled_shift", mutates_args=())
+def _scaled_shift(x: torch.Tensor, y: torch.Tensor, k: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.roll(x, k, 0) * scale + y
+
+
+@_scaled_shift.register_fake
+def _(x, y, k, scale=1.0):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kfuse_test::split2", mutates_args=())
+def _split2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[:1].clone(), x[1:].clone()
+
+
+@_split2.register_fake
+def _(x):
+    return x[:1].clone(), x[1:].clone()
+
+
+def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops():
+    """A torch.library op (transformers registers some) is called as traced, with its non-tensor
+    arguments kept; its neighbours still fuse. An op returning several tensors is a clear error."""
+    f = lambda x, y: torch.ops.kfuse_test.scaled_shift(torch.relu(x), y * 2, 2, scale=0.5).sigmoid()
+    x, y = r(5, 3), r(5, 3)
+    compiled(f, x, y)
+    assert ops_of(f, x, y).get("torch_op") == 1
+    with pytest.raises(kfuse.UnsupportedOpError, match="kfuse_test.split2.*only ops returning one tensor"):
+        export(module_of(lambda x: torch.ops.kfuse_test.split2(x)[0] + 1), (x,))

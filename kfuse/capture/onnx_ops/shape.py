@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...ir import Node
-from ..common import reshape
+from ..common import reshape, wrap_index
 from .common import _axis, _Node, _pad, _slice_axis, handler, inline_graph
 from .sampling import resize_by_matrices
 
@@ -133,15 +133,6 @@ def _split(n, x, split=None):
     return [_slice_axis(n, x, axis, s, s + size, 1) for s, size in zip(starts, sizes)]
 
 
-def _normalize_index(n: _Node, idx: Node, dim: int) -> Node:
-    """ONNX allows negative indices (counted from the end); the IR's gather does not."""
-    if idx.op == "const":
-        v = idx.value
-        return n.const(torch.where(v < 0, v + dim, v))
-    neg = n.add("lt", idx, n.const(0, dtype=idx.dtype))
-    return n.add("where", neg, n.add("add", idx, n.const(dim, dtype=idx.dtype)), idx)
-
-
 def _positions(shape) -> torch.Tensor:
     """Each element's position in the row-major flattening of `shape` (torch indexing on this
     tensor turns constant ONNX indices into flat positions, negative ones included)."""
@@ -156,7 +147,7 @@ def _flat_gather(n: _Node, x: Node, flat_index: torch.Tensor) -> Node:
 @handler("Gather")
 def _gather(n, x, idx):
     axis = _axis(n.attr("axis", 0), len(x.shape))
-    return n.add("gather", x, _normalize_index(n, idx, x.shape[axis]), axis=axis)
+    return n.add("gather", x, wrap_index(n, idx, x.shape[axis]), axis=axis)
 
 
 @handler("GatherElements")
@@ -165,7 +156,7 @@ def _gather_elements(n, x, idx):
     or a gather_elements when the indices are computed at run time."""
     axis = _axis(n.attr("axis", 0), len(x.shape))
     if idx.op != "const":   # indices are data: a gather_elements at run time
-        return n.add("gather_elements", x, _normalize_index(n, idx, x.shape[axis]), axis=axis)
+        return n.add("gather_elements", x, wrap_index(n, idx, x.shape[axis]), axis=axis)
     index = idx.value.long()
     index = torch.where(index < 0, index + x.shape[axis], index)
     return _flat_gather(n, x, _positions(x.shape).gather(axis, index))
@@ -179,13 +170,13 @@ def _gather_nd(n, x, idx):
     if b:   # the batch dims as one, indexed by an arange beside the k index tensors
         nb, m = math.prod(x.shape[:b]), math.prod(idx.shape[b:-1])
         xb, ib = reshape(n, x, (nb,) + x.shape[b:]), reshape(n, idx, (nb, m, k))
-        parts = [_normalize_index(n, reshape(n, _slice_axis(n, ib, 2, j, j + 1, 1), (nb, m)), x.shape[b + j])
+        parts = [wrap_index(n, reshape(n, _slice_axis(n, ib, 2, j, j + 1, 1), (nb, m)), x.shape[b + j])
                  for j in range(k)]
         rows = n.const(torch.arange(nb, dtype=torch.int64).reshape(nb, 1))
         y = n.add("index", xb, rows, *parts, dims=tuple(range(k + 1)))
         return reshape(n, y, idx.shape[:-1] + x.shape[b + k:])
     if idx.op != "const":   # indices are data: x[idx[..., 0], ..., idx[..., k-1]] at run time
-        parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+        parts = [wrap_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
                                   x.shape[j]) for j in range(k)]
         return n.add("index", x, *parts, dims=tuple(range(k)))
     index = idx.value.long()
@@ -209,7 +200,7 @@ def _scatter_elements(n, x, idx, updates):
     indices count from the end, as ONNX allows."""
     axis = _axis(n.attr("axis", 0), len(x.shape))
     red = _SCATTER_REDUCE[_scatter_reduction(n)]
-    return n.add("scatter", x, _normalize_index(n, idx, x.shape[axis]), updates, axis=axis, reduce=red)
+    return n.add("scatter", x, wrap_index(n, idx, x.shape[axis]), updates, axis=axis, reduce=red)
 
 
 @handler("ScatterND")
@@ -219,7 +210,7 @@ def _scatter_nd(n, x, idx, updates):
     mapped."""
     red = _scatter_reduction(n)
     k = idx.shape[-1]
-    parts = [_normalize_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
+    parts = [wrap_index(n, reshape(n, _slice_axis(n, idx, len(idx.shape) - 1, j, j + 1, 1), idx.shape[:-1]),
                               x.shape[j]) for j in range(k)]
     if red in ("none", "add"):
         return n.add("index_put", x, updates, *parts, dims=tuple(range(k)), accumulate=red == "add")
@@ -344,7 +335,7 @@ def _one_hot(n, indices, depth, values):
         indices = n.add("cast", indices, dtype=torch.int64)
     rank = len(indices.shape) + 1
     axis = _axis(n.attr("axis", -1), rank)
-    indices = _normalize_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
+    indices = wrap_index(n, indices, d)  # -depth..-1 count from the end; others match nothing
     classes = torch.arange(d, dtype=indices.dtype).reshape([d if i == axis else 1 for i in range(rank)])
     hit = n.add("eq", reshape(n, indices, indices.shape[:axis] + (1,) + indices.shape[axis:]), n.const(classes))
     return n.add("where", hit, on, off)
