@@ -28,6 +28,7 @@ import torch.fx
 
 from .api import check_options, compile
 from .errors import KfuseError
+from .runtime import kvcache
 
 # A partition is worth it when this share of the work (contraction flops, elementwise elements) runs
 # in static kfuse programs; below it the graph is specialised per size.
@@ -257,6 +258,9 @@ class DynamoGraph:
         else:
             self.strategy = "specialised"
             self.why = f"only {self.static_share:.0%} of the work is on static shapes: one program per size set"
+        # KV-cache concatenations the graph returns: handed out as views of growable buffers
+        # (runtime/kvcache.py); where torch runs them (symbolic sizes) they append in place
+        self._appends = _cache_appends(gm)
         self._specialised: dict[tuple, Segment] = {}
         self._segments: list[Segment] = []
         self._run = None
@@ -268,10 +272,12 @@ class DynamoGraph:
             self._run = self._partition(static)
         elif self.strategy == "torch":
             self._run = gm
-        self._strides = _output_strides(gm)
+        self._strides = {i: st for i, st in _output_strides(gm).items() if i not in self._appends}
 
     def __call__(self, *args):
         outs = self._call(*args)
+        if self._appends:
+            outs = _adopt(outs, self._appends)
         if self._strides:
             outs = _restride(outs, self._strides)
         return outs
@@ -294,6 +300,10 @@ class DynamoGraph:
     def _partition(self, static: dict):
         """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
         from torch.fx.passes.split_module import split_module
+        for node, _ in self._appends.values():
+            if not static[node] and node.all_input_nodes[0].op == "placeholder":
+                node.target, node.kwargs = kvcache.append, {"dim": node.kwargs.get("dim", 0)}
+        self.gm.recompile()
         part, pid, prev = {}, 0, None
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
@@ -394,6 +404,36 @@ def _restride(outs, strides: dict):
             fixed = fixed or list(outs)
             fixed[i] = torch.empty_strided(t.shape, want, dtype=t.dtype, device=t.device).copy_(t)
     return outs if fixed is None else type(outs)(fixed) if isinstance(outs, tuple) else fixed
+
+
+def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int]]:
+    """Output position -> (node, axis) of each output that is a KV-cache concatenation as Hugging
+    Face's DynamicCache writes it: torch.cat([past, new], dim=-2) of a rank >= 3 floating tensor,
+    past a graph input or the empty tensor of a lazily initialised cache."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    found = {}
+    for i, n in enumerate(out if isinstance(out, (tuple, list)) else ()):
+        if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in (torch.cat, torch.concat)):
+            continue
+        parts, dim = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        val = _val(n)
+        if (len(n.args) > 2 or set(n.kwargs) - {"dim"} or not isinstance(parts, (list, tuple)) or len(parts) != 2
+                or not isinstance(dim, int) or not isinstance(val, torch.Tensor) or val.dim() < 3
+                or not val.is_floating_point() or dim % val.dim() != val.dim() - 2):
+            continue
+        past = _val(parts[0]) if isinstance(parts[0], torch.fx.Node) else None
+        if isinstance(past, torch.Tensor) and (parts[0].op == "placeholder" or
+                                               (past.dim() == 1 and not _symbols(past) and past.numel() == 0)):
+            found[i] = (n, val.dim() - 2)
+    return found
+
+
+def _adopt(outs, appends: dict):
+    """outs with each cache concatenation made the latest view of a growable buffer."""
+    fixed = list(outs)
+    for i, (_, dim) in appends.items():
+        fixed[i] = kvcache.adopt(fixed[i], dim)
+    return tuple(fixed) if isinstance(outs, tuple) else fixed
 
 
 def _computes(gm: torch.fx.GraphModule) -> bool:

@@ -165,3 +165,38 @@ def test_padded_batch_generate(arch):
     want = _generate(model, ids, 8, **kw)
     model.forward = torch.compile(model.forward, backend="kfuse")
     assert torch.equal(_generate(model, ids, 8, **kw), want)
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_dynamic_cache_grows_in_place(dynamic):
+    """DynamicCache's torch.cat([past, new], -2) per layer comes back as a view of a buffer with spare
+    rows, and from the second decode step on each step writes only the new row into it: the cache
+    tensors keep their memory, the values are eager's, and the compilations are as many as before."""
+    model = _model("gpt2")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    with torch.no_grad():
+        want = model(ids, use_cache=True)
+        wants = [want]
+        for i in range(5):
+            wants.append(model(ids[:, i:i + 1], past_key_values=wants[-1].past_key_values, use_cache=True))
+    eager_cache = _cache_tensors(wants[-1].past_key_values)
+    before = kfuse.dynamo.compiled_count()
+    forward = torch.compile(model.forward, backend="kfuse", dynamic=dynamic)
+    with torch.no_grad():
+        out = forward(ids, use_cache=True)
+        addresses = []
+        for i in range(5):
+            out = forward(ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+            torch.testing.assert_close(out.logits, wants[i + 1].logits, rtol=1e-4, atol=1e-5)
+            addresses.append([t.data_ptr() for t in _cache_tensors(out.past_key_values)])
+    cache = _cache_tensors(out.past_key_values)
+    for got, ref in zip(cache, eager_cache):
+        assert got.shape == ref.shape == (1, 4, 11, 16)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        assert got.untyped_storage().nbytes() > got.numel() * 4          # spare rows behind the view
+    assert addresses[1] == addresses[2] == addresses[3] == addresses[4]
+    assert len(kfuse.dynamo.compilations(since=before)) <= 3

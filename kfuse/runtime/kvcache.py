@@ -1,0 +1,89 @@
+"""Growable KV caches for decoding under torch.compile.
+
+Hugging Face's DynamicCache grows by `torch.cat([past, new], dim=-2)` every token: each step copies
+the whole cache of every layer to add one row. A Dynamo graph whose output is such a concatenation
+(kfuse/dynamo.py finds them) hands the result out as a view of a larger buffer instead; the next
+step's concatenation, given that view back, writes only the new rows into the buffer's spare rows and
+returns a view one row longer. The values are the concatenation's, bit for bit.
+
+A view is appended to in place only when it is the buffer's latest (its length is the buffer's fill):
+a cache cropped, reordered for beam search, or grown from an older view gets a buffer of its own, so
+no tensor anyone holds ever changes. The buffer rides on the view as an attribute, so nothing global
+keeps it alive and no address is trusted.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_lock = threading.Lock()     # a check-and-fill is one step, for caches shared across threads
+ALIGN = 64                   # capacity granularity, in rows
+
+
+class _Buffer:
+    __slots__ = ("data", "dim", "fill")
+
+    def __init__(self, data: torch.Tensor, dim: int, fill: int):
+        self.data, self.dim, self.fill = data, dim, fill
+
+
+def capacity(rows: int) -> int:
+    """Rows to allocate for `rows`: half as many again, at least 256 spare (a generation of a few
+    hundred tokens never regrows), rounded up to ALIGN; growth by 1.5x keeps regrowth amortised O(1)."""
+    want = rows + max(rows // 2, 256)
+    return -(-want // ALIGN) * ALIGN
+
+
+def _latest(t: torch.Tensor, dim: int) -> _Buffer | None:
+    """The buffer `t` is the latest view of, if it is one."""
+    b = getattr(t, "_kfuse_kv", None)
+    if (b is None or b.dim != dim or b.fill != t.shape[dim] or t.data_ptr() != b.data.data_ptr()
+            or t.stride() != b.data.stride() or t.dtype != b.data.dtype):
+        return None
+    return b
+
+
+def _view(b: _Buffer) -> torch.Tensor:
+    v = b.data.narrow(b.dim, 0, b.fill)
+    v._kfuse_kv = b
+    return v
+
+
+def _fresh(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """A new buffer holding the concatenation of `parts` along `dim`, and its view."""
+    rows = sum(p.shape[dim] for p in parts)
+    shape = list(parts[-1].shape)
+    shape[dim] = capacity(rows)
+    dtype = parts[0].dtype if len(parts) == 1 else torch.promote_types(parts[0].dtype, parts[1].dtype)
+    data = torch.empty(shape, dtype=dtype, device=parts[-1].device)
+    b = _Buffer(data, dim, rows)
+    torch.cat(parts, dim=dim, out=data.narrow(dim, 0, rows))
+    return _view(b)
+
+
+def append(tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat([past, new], dim) for a cache: in place into past's buffer when past is its latest
+    view and the rows fit, else into a new buffer with spare rows."""
+    past, new = tensors
+    dim = dim % new.dim()
+    if past.dim() == new.dim() and past.dtype == new.dtype and past.device == new.device:
+        with _lock:
+            b = _latest(past, dim)
+            rows = new.shape[dim]
+            if (b is not None and b.fill + rows <= b.data.shape[dim]
+                    and all(past.shape[d] == new.shape[d] for d in range(new.dim()) if d != dim)):
+                b.data.narrow(dim, b.fill, rows).copy_(new)
+                b.fill += rows
+                return _view(b)
+    if past.numel() == 0 and past.dim() == 1:     # a lazily initialised cache: torch.cat skips it
+        return _fresh([new], dim)
+    return _fresh([past, new], dim)
+
+
+def adopt(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` (a cache a graph computed) as the latest view of a buffer with spare rows: itself when it
+    already is one, else copied into a new buffer."""
+    if _latest(t, dim % t.dim()) is not None:
+        return t
+    return _fresh([t], dim % t.dim())

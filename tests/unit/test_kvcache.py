@@ -1,0 +1,70 @@
+"""Growable KV-cache buffers (runtime/kvcache.py): append is torch.cat in value, writes in place only
+into the latest view of a buffer with room, and never changes a tensor anyone holds."""
+import threading
+
+import pytest
+import torch
+
+from kfuse.runtime import kvcache
+
+
+def r(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_append_is_cat_and_writes_in_place_into_the_latest_view():
+    past, rows = kvcache.adopt(r(2, 3, 5, 4), -2), []
+    first = past.data_ptr()
+    want = past.clone()
+    for i in range(7):
+        new = r(2, 3, 1 + i % 2, 4, seed=i + 1)
+        want = torch.cat([want, new], -2)
+        past = kvcache.append([past, new], dim=-2)
+        rows.append(past.shape[-2])
+        assert torch.equal(past, want)
+        assert past.data_ptr() == first                       # no copy of the cache
+    assert past.untyped_storage().nbytes() == 2 * 3 * kvcache.capacity(5) * 4 * 4
+
+
+def test_older_views_never_change_and_branches_get_their_own_buffer():
+    base = kvcache.adopt(r(1, 2, 4, 8), 2)
+    a = kvcache.append([base, r(1, 2, 1, 8, seed=1)], 2)        # in place: base's buffer
+    snapshot_base, snapshot_a = base.clone(), a.clone()
+    b = kvcache.append([base, r(1, 2, 1, 8, seed=2)], 2)        # base is no longer the latest: a copy
+    assert b.data_ptr() != a.data_ptr()
+    assert torch.equal(a, snapshot_a) and torch.equal(base, snapshot_base)
+    assert torch.equal(b, torch.cat([snapshot_base, r(1, 2, 1, 8, seed=2)], 2))
+    cropped = a[:, :, :3]                                       # DynamicCache.crop
+    c = kvcache.append([cropped, r(1, 2, 1, 8, seed=3)], 2)
+    assert c.data_ptr() != a.data_ptr() and torch.equal(a, snapshot_a)
+
+
+def test_full_buffer_regrows_and_other_inputs_fall_back_to_a_new_buffer():
+    past = kvcache.adopt(r(1, 1, 3, 2), -2)
+    cap = kvcache.capacity(3)
+    big = r(1, 1, cap - 3 + 1, 2, seed=4)                         # one row more than fits
+    grown = kvcache.append([past, big], -2)
+    assert grown.data_ptr() != past.data_ptr() and torch.equal(grown, torch.cat([past, big], -2))
+    plain = r(1, 1, 3, 2)                                         # not ours (e.g. beam search's reorder)
+    assert torch.equal(kvcache.append([plain, big], -2), torch.cat([plain, big], -2))
+    empty = torch.tensor([])                                      # a lazily initialised cache
+    assert torch.equal(kvcache.append([empty, plain], -2), plain)
+    with pytest.raises(RuntimeError):                             # shapes that torch.cat refuses
+        kvcache.append([past, r(1, 2, 1, 2)], -2)
+
+
+def test_concurrent_appends_to_one_view_copy_all_but_one():
+    base = kvcache.adopt(r(1, 2, 16, 8), 2)
+    news = [r(1, 2, 1, 8, seed=10 + i) for i in range(8)]
+    outs = [None] * 8
+
+    def run(i):
+        outs[i] = kvcache.append([base, news[i]], 2)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o, n in zip(outs, news):
+        assert torch.equal(o, torch.cat([base, n], 2))
+    assert sum(o.data_ptr() == base.data_ptr() for o in outs) == 1
