@@ -11,7 +11,8 @@ dynamic=True) runs by one of three strategies, chosen from the share of its work
   partitioned   the graph split into runs of ops whose shapes are all static, each compiled once by
                 kfuse, and the ops that touch a symbolic size between them run by torch with the
                 sizes of the call (a decode step: every projection, norm and MLP static, only the
-                KV-cache concatenation and the attention over it symbolic);
+                KV-cache concatenation and the attention over it symbolic; the concatenation
+                appends in place into a growable buffer, runtime/kvcache.py);
   specialised   one kfuse program per distinct set of sizes, compiled on first sight (a prefill whose
                 every op depends on the prompt length);
   torch         no contraction at all (mask arithmetic between graph breaks): run as traced.

@@ -18,6 +18,8 @@ class KernelInfo:
     measured_ms: float | None = None   # filled in by Program.profile
     unfused_ms: float | None = None    # the same ops run one by one in torch (Program.profile)
     schedule: str = ""        # a C kernel's autotuned schedule and the times it was chosen on (backends/c/autotune.py)
+    parts: tuple = ()         # a fused pair (dwconv_pwconv, se_pwconv): the fusions of its two halves, as they
+                              # are named where the pair measured slower and runs as two kernels
 
 
 # Why-not codes: one stable snake_case identifier per reason a fusion did not happen. Tests and

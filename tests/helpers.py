@@ -187,10 +187,19 @@ def typed_model(nodes, graph_inputs, inits, feeds, outs, opset, ir_version=9):
 
 
 def dw_pw_pairs(report) -> tuple[dict, int]:
-    """(the report's fusions without the depthwise -> pointwise groups, how many such groups): each such
-    group runs as one fused kernel or, where that measured slower on this machine, as two kernels with
-    a `measured_slower` record, so the counts of each form depend on the machine and the sum does not."""
+    """(the report's fusions with each fused pair kernel counted as its two halves, how many depthwise ->
+    pointwise pairs there are): a pair (a depthwise convolution's kernel or a squeeze-excitation, and the
+    1x1 convolution reading it) runs as one fused kernel or, where that measured slower on this machine,
+    as two kernels with a `measured_slower` record, so the counts of each form depend on the machine and
+    these do not."""
     fusions = dict(report.fusions)
-    fused = fusions.pop("dwconv_pwconv", 0) + fusions.pop("dwconv_pwconv_add", 0)
-    return fusions, fused + sum(w.code == "measured_slower" for w in report.why_not)
+    for k in report.kernels:
+        if k.parts:
+            fusions[k.name] -= 1
+            for p in k.parts:
+                if p:
+                    fusions[p] = fusions.get(p, 0) + 1
+    fused = sum(k.name.startswith("dwconv_pwconv") for k in report.kernels)
+    split = sum(w.code == "measured_slower" and w.detail.startswith("depthwise") for w in report.why_not)
+    return {k: v for k, v in fusions.items() if v}, fused + split
 

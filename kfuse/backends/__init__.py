@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import cost
-from ..ir import VIEW_OPS, Kind
+from ..ir import VIEW_OPS, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv, as_depthwise_pointwise
+from ..kernels.conv import as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
@@ -145,7 +145,7 @@ def _problem(*parts) -> str:
     """The text naming a timed choice (autotune.pick's cache key): JSON, so a shape or attribute read back
     from an artifact as a list names the same problem as the tuple it was compiled from. The "into"
     mark: choices timed with our kernels writing into a buffer (earlier ones allocated, page faults and
-    all, and are not reused)."""
+    all, and are not reused); "first-into" likewise for a pair's first kernel (split_pairs)."""
     return json.dumps(["into", *parts], sort_keys=True, default=str)
 
 
@@ -187,10 +187,15 @@ def _conv_sources(k) -> list[str]:
         return [c_gemm.source(k.act_code, k.residual)]
     if isinstance(k, c_dwpw.DepthwisePointwise):
         return [k.source()]
+    if isinstance(k, c_squeeze_excite.SqueezeExcite):
+        return [c_squeeze_excite.SOURCE]
+    if isinstance(k, c_squeeze_excite.SqueezeExcitePointwise):
+        return [c_squeeze_excite.SOURCE, *_conv_sources(k.pw)]
     return []
 
 
-_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise)
+_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise,
+              c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
 
 
 def _takes_out(k) -> bool:
@@ -219,9 +224,9 @@ def _conv_call(group, spec, conv):
 
 
 def _conv_kernel(group):
-    pair = as_depthwise_pointwise(group.nodes)
+    pair = getattr(group, "pair", None) or _pair(group)
     if pair is not None:
-        return _depthwise_pointwise_kernel(group, *pair)
+        return _pair_kernel(group, pair)
     spec = as_conv(group.nodes)
     conv, backend, schedule = _best_conv(spec)
     fn = _conv_call(group, spec, conv)
@@ -233,48 +238,116 @@ def _conv_kernel(group):
     return fn, backend
 
 
-def _depthwise_pointwise_kernel(group, dw, pw):
-    """A depthwise convolution and the 1x1 one reading it (one group, passes/autofuse): our fused kernel,
-    or the best kernel of each one after the other, whichever measured faster here; the second way is
-    also a why-not record."""
-    cd, cp = _conv_candidates(dw), _conv_candidates(pw)
-    kd, bd, _ = _best_conv(dw, cd)
-    kp, bp, _ = _best_conv(pw, cp)
-    two = f"{bd} -> {bp}"
-    cands = {}
-    if "c:depthwise" in cd and "c:gemm" in cp:      # the fused kernel from the two built for the choices above
-        try:
-            cands["c:depthwise+gemm"] = c_dwpw.DepthwisePointwise(cd["c:depthwise"], cp["c:gemm"])
-        except (NotImplementedError, CompileError):
-            pass
-    if _takes_out(kp):
-        cands[two] = lambda x, *r, out=None: kp(kd(x), *r, out=out)
-        cands[two].takes_out = True
-    else:
-        cands[two] = lambda x, *r: kp(kd(x), *r)
-    schedule = ""
-    if len(cands) > 1:
-        problem = _problem("dw+pw", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape, dw.attrs, dw.act,
+def _pair(group):
+    """(index of the 1x1 convolution's first node, first kernel, pw spec, fused kernel or None, names, problem,
+    x node) of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or a
+    squeeze-excitation, and the 1x1 convolution that alone reads it), else None."""
+    pair = as_depthwise_pointwise(group.nodes)
+    if pair is not None:
+        dw, pw = pair
+        cd, cp = _conv_candidates(dw), _conv_candidates(pw)
+        first, name1, _ = _best_conv(dw, cd)
+        fused = None
+        if "c:depthwise" in cd and "c:gemm" in cp:      # the fused kernel from the two built for the choices above
+            try:
+                fused = c_dwpw.DepthwisePointwise(cd["c:depthwise"], cp["c:gemm"])
+            except (NotImplementedError, CompileError):
+                pass
+        problem = _problem("dw+pw", "first-into", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape, dw.attrs, dw.act,
                            pw.act, pw.residual is not None)
-        best, schedule = pick(problem, _timed(cands), _conv_inputs(dw.x, pw.residual))
-        cands = {best: cands[best]}
-    (backend, k), = cands.items()
-    fn = _conv_call(group, replace(pw, x=dw.x), k)
-    fn.schedule = schedule
-    fn.sources = lambda: [s for c in ((k,) if backend != two else (kd, kp)) for s in _conv_sources(c)]
-    if backend == two:
-        fn.refused = ("measured_slower", "depthwise -> pointwise: the fused kernel (c:depthwise+gemm) measured "
-                      f"slower here than {two}; {schedule}")
-    return fn, backend
+        return _Pair(group.nodes.index(pw.x) + 1, first, name1, pw, cp, fused, "c:depthwise+gemm", problem, dw.x,
+                     "depthwise -> pointwise")
+    pair = as_squeeze_excite_pointwise(group.nodes)
+    if pair is not None:
+        node, pw = pair
+        se, cp = _squeeze_excite(node), _conv_candidates(pw)
+        fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
+        problem = _problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape, node.attrs,
+                           pw.act, pw.residual is not None)
+        return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
+                     "squeeze-excitation -> pointwise")
+    return None
+
+
+@dataclass
+class _Pair:
+    split: int              # group.nodes[split:] are the 1x1 convolution's kernel
+    first: object           # the first kernel (of group.nodes[:split]) and its backend name
+    first_name: str
+    pw: object              # kernels.conv.ConvEpilogue of the 1x1 convolution, and its candidates
+    pw_cands: dict
+    fused: object           # the kernel computing both, or None, and its backend name
+    fused_name: str
+    problem: str            # the timed choice's name (autotune.pick)
+    x: Node                 # the group's input
+    what: str
+
+
+def split_pairs(groups: list, report) -> list:
+    """`groups` with each pair group whose fused kernel measured slower here than its two kernels one
+    after the other (the first writing into a buffer, as a group of its own does), or that has no
+    fused kernel, split in two: the value between them then gets a planned buffer like any other, and
+    a why-not record says why."""
+    out = []
+    for g in groups:
+        pair = _pair(g) if kind_of(g) == "conv" else None
+        why = None if pair is None else _pair_loses(pair)
+        if why is None:
+            if pair is not None:
+                g.pair = pair        # its kernels, built: make_kernel takes the fused one
+            out.append(g)
+            continue
+        i = pair.split
+        out += [Group(g.nodes[:i], [g.nodes[i - 1]]), Group(g.nodes[i:], g.outputs)]
+        report.refuse(why[0], g.nodes[0].label, g.nodes[i].label, why[1])
+    return out
+
+
+def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
+    """(why-not code, detail) where the pair runs better as two groups; None where the fused kernel wins."""
+    kp, bp, _ = _best_conv(pair.pw, pair.pw_cands)
+    two = f"{pair.first_name} -> {bp}"
+    if pair.fused is None:
+        return "kernel_ir_cannot_express", f"{pair.what}: no fused kernel for this pair ({pair.fused_name})"
+
+    class Two:             # the first kernel into a held buffer, as into its planned one
+        takes_out, mid = True, []
+
+        def __call__(self, x, *r, out=None):
+            if not self.mid or not _takes_out(pair.first):
+                self.mid[:] = [pair.first(x)]
+                return kp(self.mid[0], *r, out=out) if _takes_out(kp) else kp(self.mid[0], *r)
+            y = pair.first(x, out=self.mid[0])
+            return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
+    best, schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: Two()}),
+                          _conv_inputs(pair.x, pair.pw.residual))
+    if best == pair.fused_name:
+        return None
+    return "measured_slower", f"{pair.what}: the fused kernel ({pair.fused_name}) measured slower here than {two}; " \
+                              f"{schedule}"
+
+
+def _pair_kernel(group, pair: _Pair):
+    """The fused kernel of a pair group that split_pairs kept whole."""
+    fn = _conv_call(group, replace(pair.pw, x=pair.x), pair.fused)
+    fn.sources = lambda: _conv_sources(pair.fused)
+    fn.split = pair.split
+    return fn, pair.fused_name
+
+
+def _squeeze_excite(node):
+    """The C kernel of a squeeze_excite node."""
+    a = node.attrs
+    w1, b1, w2, b2 = (i.value for i in node.inputs[1:])
+    act1 = (a["act1"], (a["slope"],) if a["act1"] == "leaky_relu" else ())
+    return c_squeeze_excite.SqueezeExcite(w1, b1, act1, w2, b2, (a["act2"], ()))
 
 
 def _nhwc_kernel(node):
     """A squeeze_excite or group_norm node as its C kernel, writing into its planned buffer."""
     a = node.attrs
     if node.op == "squeeze_excite":
-        w1, b1, w2, b2 = (i.value for i in node.inputs[1:])
-        act1 = (a["act1"], (a["slope"],) if a["act1"] == "leaky_relu" else ())
-        k, lib = c_squeeze_excite.SqueezeExcite(w1, b1, act1, w2, b2, (a["act2"], ())), c_squeeze_excite
+        k, lib = _squeeze_excite(node), c_squeeze_excite
     else:
         w, b = (i.value for i in node.inputs[1:])
         k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
@@ -436,6 +509,9 @@ def fusion_name(nodes) -> str | None:
     pair = as_depthwise_pointwise(nodes)
     if pair is not None:
         return "dwconv_pwconv" + ("_add" if pair[1].residual is not None else "")
+    pair = as_squeeze_excite_pointwise(nodes)
+    if pair is not None:
+        return "se_pwconv" + ("_add" if pair[1].residual is not None else "")
     conv = as_conv(nodes)
     if conv is not None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
@@ -473,10 +549,10 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "view"
     if as_linear(nodes, floats) is not None:
         return "linear"
-    if backend == "triton" and (as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None):
-        return "torch"
-    if as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None:
-        return "conv"
+    conv = as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None \
+        or as_squeeze_excite_pointwise(nodes) is not None
+    if conv:
+        return "torch" if backend == "triton" else "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
     if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm") \
@@ -568,22 +644,17 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         fn = None
     writes_into = fn is not None and (kind in WRITES_INTO or getattr(fn, "writes_into", False))
     note = getattr(fn, "note", note)
-    refused = getattr(fn, "refused", None)       # built as one kernel, measured slower: run as two
-    if refused:
-        second = next(i for i, n in enumerate(nodes) if i and n.op == nodes[0].op)
-        report.refuse(refused[0], nodes[0].label, nodes[second].label, refused[1])
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
     elif kind == "view" or kind in NODE_KERNELS:
         fn = _by_node_inputs(fn, group, writes_into)
     info = _info(group, machine, backend_name, note, getattr(fn, "schedule", ""))
-    if refused:          # two kernels: the first one's output is written and read back, no fusion
-        info.name, info.fusion = "dwconv, pwconv", False
-        info.bytes_after += 2 * nodes[second - 1].nbytes
+    if getattr(fn, "split", None):
+        info.parts = tuple(fusion_name(h) for h in (nodes[:fn.split], nodes[fn.split:]))
     report.kernels.append(info)
     name = fusion_name(nodes)
-    if name and not refused:
+    if name:
         report.fused(name)
     inline = inline_view(nodes[0]) if kind == "view" and len(group.inputs) == 1 else None
     return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline)

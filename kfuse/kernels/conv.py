@@ -90,11 +90,29 @@ def as_depthwise_pointwise(nodes) -> tuple[ConvEpilogue, ConvEpilogue] | None:
     if dw is None or pw is None or pw.x is not nodes[heads[1] - 1] or dw.residual is not None:
         return None
     c = dw.weight.shape[0]
-    a, b = dw.attrs, pw.attrs
-    if a.get("layout") != "nhwc" or b.get("layout") != "nhwc" or int(a["groups"]) != c or dw.weight.shape[1] != 1 \
-            or dw.x.shape[3] != c:
-        return None
-    if tuple(pw.weight.shape[1:]) != (c, 1, 1) or int(b["groups"]) != 1 or tuple(b["stride"]) != (1, 1) \
-            or tuple(b["padding"]) != (0, 0):
+    a = dw.attrs
+    if a.get("layout") != "nhwc" or int(a["groups"]) != c or dw.weight.shape[1] != 1 or dw.x.shape[3] != c \
+            or not _pointwise_nhwc(pw, c):
         return None
     return dw, pw
+
+
+def as_squeeze_excite_pointwise(nodes) -> tuple[Node, ConvEpilogue] | None:
+    """(squeeze_excite node, pointwise) when `nodes` are a channels-last float32 squeeze-excitation and
+    the kernel of a 1x1 stride-1 unpadded convolution of one group that reads it (with its own
+    epilogue): the gate can then scale the convolution's inputs as it reads them; else None."""
+    se = nodes[0] if nodes else None
+    if se is None or se.op != "squeeze_excite" or len(nodes) < 2 or se.dtype != torch.float32 \
+            or len(se.shape) != 4 or se.attrs.get("layout", "nhwc") != "nhwc":
+        return None
+    pw = as_conv(nodes[1:])
+    if pw is None or pw.x is not se or not _pointwise_nhwc(pw, se.shape[3]):
+        return None
+    return se, pw
+
+
+def _pointwise_nhwc(pw: ConvEpilogue, c: int) -> bool:
+    """Whether pw is a channels-last 1x1 stride-1 unpadded convolution of one group over c channels."""
+    b = pw.attrs
+    return b.get("layout") == "nhwc" and tuple(pw.weight.shape[1:]) == (c, 1, 1) and int(b["groups"]) == 1 \
+        and tuple(b["stride"]) == (1, 1) and tuple(b["padding"]) == (0, 0)

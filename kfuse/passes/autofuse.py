@@ -18,7 +18,7 @@ import heapq
 from .. import cost
 from ..ir import VIEW_OPS, Graph, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv, as_depthwise_pointwise
+from ..kernels.conv import as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
 from ..kernels.linear import as_linear
 
 FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
@@ -177,18 +177,23 @@ class Scheduler:
                 gis[gis.index(b)] = a
                 self.report.fired("horizontal")
 
-    def depthwise_pointwise(self):
-        """One group for a depthwise convolution's kernel and the 1x1 convolution's kernel that alone reads
-        it (kernels.conv.as_depthwise_pointwise): its kernel computes both, or, where that measures
-        slower, runs them one after the other (backends, with a why-not record)."""
+    def pointwise_pairs(self):
+        """One group for a kernel and the 1x1 convolution's kernel that alone reads it, where one kernel can
+        compute both (kernels.conv): a depthwise convolution's (its output tile consumed while in cache)
+        or a squeeze-excitation (its gate scaling the convolution's inputs as they are read). The group's
+        kernel computes both, or, where that measures slower, runs them one after the other (backends,
+        with a why-not record). disable=["depthwise_pointwise"] / ["squeeze_excite_pointwise"] keeps
+        such pairs apart."""
+        pairs = [m for name, m in (("depthwise_pointwise", as_depthwise_pointwise),
+                                   ("squeeze_excite_pointwise", as_squeeze_excite_pointwise)) if name not in self.disabled]
         for gb, b in enumerate(self.groups):
             if not b or b[0].op != "conv2d" or b[0].inputs[0] not in self.group_of:
                 continue
             ga = self.group_of[b[0].inputs[0]]
             a = self.groups[ga]
             if ga == gb or a[-1] is not b[0].inputs[0] or self.needed_outside(a) != [a[-1]] or a[-1] in self.outputs \
-                    or self.users[a[-1]] != [b[0]] or as_depthwise_pointwise(a + b) is None \
-                    or self.creates_cycle(a, b) or "depthwise_pointwise" in self.disabled:
+                    or self.users[a[-1]] != [b[0]] or all(m(a + b) is None for m in pairs) \
+                    or self.creates_cycle(a, b):
                 continue
             for n in a:
                 self.group_of[n] = gb
@@ -237,7 +242,7 @@ def schedule(graph: Graph, options: dict, report, machine: cost.Machine):
     s.producer_consumer()
     if options.get("horizontal", True):
         s.horizontal()
-    s.depthwise_pointwise()
+    s.pointwise_pairs()
     s.why_not_records()
     groups = [Group(nodes, s.needed_outside(nodes)) for nodes in s.groups if nodes]
     return _topological(groups)

@@ -13,7 +13,7 @@ import threading
 import time
 
 from .. import config
-from ..backends import Kernel, make_kernel
+from ..backends import Kernel, make_kernel, split_pairs
 from ..backends import openmp
 from ..backends.calibrate import machine
 from ..backends.reference import reference_kernel
@@ -169,6 +169,8 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
         plan = None
     else:
+        if backend == "cpu":
+            groups = split_pairs(groups, report)
         kernels = [make_kernel(g, report, m, backend) for g in groups]
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])

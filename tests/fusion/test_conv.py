@@ -136,18 +136,19 @@ def test_resnet50_fusion_counts():
 
 def test_mobilenetv2_fusion_counts():
     """Depthwise-separable inverted residuals: every conv takes its BatchNorm, ReLU6 (clamp) and residual;
-    each of the 17 depthwise convs is one group with the 1x1 projection after it (10 with the residual)."""
+    each of the 17 depthwise convs is one group with the 1x1 projection after it (10 with the residual;
+    counted as their halves: 17 more conv_clamp and 10 conv_add)."""
     model, inputs = build("mobilenetv2", batch=1, image=64)
     cm = compiled(model, *inputs, rtol=1e-4, atol=1e-4)
     rep = cm.report()
     assert rep.rules["conv_bn_scale"] == 52 and cm.graph.op_counts()["conv2d"] == 52
-    assert dw_pw_pairs(rep) == ({"conv_clamp": 18, "gemm_bias": 1}, 17), rep.fusions
+    assert dw_pw_pairs(rep) == ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, 17), rep.fusions
     assert not rep.fallbacks
 
 
 @pytest.mark.parametrize("name,fusions", [
     ("resnet50", ({"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, 0)),
-    ("mobilenetv2", ({"conv_clamp": 18, "gemm_bias": 1}, 17)),
+    ("mobilenetv2", ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, 17)),
 ])
 def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name, fusions):
     """The ONNX path (dynamo exporter, which folds BatchNorm itself) forms the same kernels."""

@@ -205,27 +205,69 @@ def test_depthwise_then_pointwise_is_one_group(monkeypatch, residual):
     assert not [w for w in rep.why_not if "depthwise" in w.detail]
 
 
-def test_depthwise_then_pointwise_measured_slower_runs_as_two_kernels(monkeypatch):
-    """where the fused kernel times slower, the group runs the two kernels one after the other, the pair
-    is not counted as a fusion, and a `measured_slower` record names both convolutions and the times"""
+def _fused_loses(monkeypatch, fused_name):
+    """pick() answering that the fused kernel `fused_name` is slower than the two kernels in turn."""
     from kfuse import backends
     real = backends.pick
 
-    def fused_loses(problem, cands, inputs, threads=None):
+    def pick(problem, cands, inputs, threads=None):
         names = list(cands)
-        if "c:depthwise+gemm" in names:
-            other = next(n for n in names if n != "c:depthwise+gemm")
-            return other, f"{other} (measured: c:depthwise+gemm 2.000 ms, {other} 1.000 ms)"
+        if fused_name in names:
+            other = next(n for n in names if n != fused_name)
+            return other, f"{other} (measured: {fused_name} 2.000 ms, {other} 1.000 ms)"
         return real(problem, cands, inputs, threads)
-    monkeypatch.setattr(backends, "pick", fused_loses)
+    monkeypatch.setattr(backends, "pick", pick)
+
+
+def test_depthwise_then_pointwise_measured_slower_runs_as_two_kernels(monkeypatch):
+    """where the fused kernel times slower, the pair becomes two groups again (the depthwise output gets a
+    planned buffer, no allocation per call), each its own fusion, and a `measured_slower` record names
+    both convolutions and the times"""
+    _fused_loses(monkeypatch, "c:depthwise+gemm")
     m = Fn(lambda m, x: m.pw(F.relu6(m.dw(x))))
     m.dw, m.pw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 12, 1)
-    rep = compiled(m, torch.randn(1, 8, 9, 9)).report()
+    cm = compiled(m, torch.randn(1, 8, 9, 9))
+    rep = cm.report()
     (w,) = [w for w in rep.why_not if w.code == "measured_slower"]
     assert "c:depthwise+gemm 2.000 ms" in w.detail and w.producer != w.consumer
-    assert not rep.fusions, rep.fusions
-    (k,) = [k for k in rep.kernels if k.ops[0] == "conv2d"]
-    assert " -> " in k.backend and not k.fusion and k.name == "dwconv, pwconv"
+    assert rep.fusions == {"conv_clamp": 1}, rep.fusions
+    dw, pw = [k for k in rep.kernels if k.ops[0] == "conv2d"]
+    assert dw.name == "conv_clamp" and pw.ops == ["conv2d"] and "+" not in dw.backend + pw.backend
+    planned = cm._last._plan.planned
+    assert any(n.op == "clamp" for n in planned), planned      # the depthwise output: an arena buffer
+
+
+def _se_block(residual: bool):
+    """a depthwise 3x3 conv, a squeeze-excitation (ReLU, hardsigmoid gate) of its 6 channels, then a 1x1
+    projection to 10 channels (to 6 with the residual of the block's input)."""
+    def block(m, x):
+        h = F.silu(m.dw(x))
+        return m.pw(h * F.hardsigmoid(m.fc2(F.relu(m.fc1(h.mean((2, 3), keepdim=True)))))) + (x if residual else 0)
+    m = Fn(block)
+    m.dw, m.fc1, m.fc2 = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6), torch.nn.Conv2d(6, 3, 1), torch.nn.Conv2d(3, 6, 1)
+    m.pw = torch.nn.Conv2d(6, 6 if residual else 10, 1)
+    return m
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_squeeze_excitation_gate_scales_the_pointwise_conv_inputs(monkeypatch, residual):
+    """a squeeze-excitation and the 1x1 convolution reading it are one group: the gate alone, then our GEMM
+    scaling its inputs by it as it reads them (x * s never written); values as eager, NaN included"""
+    untimed(monkeypatch)
+    x = torch.randn(3, 6, 7, 5)
+    x[2, 1, 3, 4] = float("nan")
+    rep = compiled(_se_block(residual), x).report()
+    (k,) = [k for k in rep.kernels if k.ops[0] == "squeeze_excite"]
+    assert k.name == ("se_pwconv_add" if residual else "se_pwconv") and k.backend == "c:squeeze_excite+gemm"
+    assert k.parts == ("squeeze_excite", "conv_add" if residual else None)
+
+
+def test_squeeze_excitation_pair_measured_slower_runs_as_two_kernels(monkeypatch):
+    _fused_loses(monkeypatch, "c:squeeze_excite+gemm")
+    rep = compiled(_se_block(True), torch.randn(2, 6, 9, 9)).report()
+    (w,) = [w for w in rep.why_not if w.code == "measured_slower"]
+    assert w.detail.startswith("squeeze-excitation -> pointwise") and "2.000 ms" in w.detail
+    assert rep.fusions == {"conv_silu": 1, "squeeze_excite": 1, "conv_add": 1}, rep.fusions
 
 
 def test_depthwise_output_read_twice_says_why_it_is_two_kernels():

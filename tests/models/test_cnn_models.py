@@ -18,9 +18,10 @@ EXPECTED = {
     # 1x1 convs, ReLU, hardsigmoid gate and scale); the 11 ReLU convs of the blocks take their ReLU;
     # hardswish and hardsigmoid, captured as add/clamp/div/mul, are named again by a fold rule (29: 20 on
     # convs, 8 SE gates, 1 after the classifier's first linear); the 7 blocks without SE pair their
-    # depthwise conv (3 ReLU, 4 hardswish) with the 1x1 projection (5 with the residual)
+    # depthwise conv (3 ReLU, 4 hardswish) with the 1x1 projection (5 with the residual), the 8 with SE
+    # their squeeze_excite op with it (counted as their halves: tests/helpers.dw_pw_pairs)
     "mobilenetv3": dict(convs=46, bn=46, hard=29, se=8, dw_pw=7, fusions={
-        "conv_relu": 8, "conv_add": 5, "conv_hardswish": 16, "squeeze_excite": 8, "gemm_bias": 2}),
+        "conv_relu": 11, "conv_add": 10, "conv_hardswish": 20, "squeeze_excite": 8, "gemm_bias": 2}),
     # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks (16 squeeze_excite ops); every other SiLU rides on
     # its conv, 9 residual adds too
     "efficientnet_b0": dict(convs=49, bn=49, se=16, fusions={"conv_silu": 33, "squeeze_excite": 16, "conv_add": 9,

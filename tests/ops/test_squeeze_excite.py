@@ -170,3 +170,49 @@ def test_rejects_bad_arguments():
         se(torch.randn(1, 2, 2, 15))
     with pytest.raises(ValueError):
         se(torch.randn(1, 2, 2, 16), out=torch.empty(1, 2, 2, 16).transpose(1, 2))
+
+
+# -- the gate alone, folded into the 1x1 convolution after it (SqueezeExcitePointwise) -------------------
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,hw,c,cout,act,residual", [
+    (1, (7, 5), 24, 40, None, False), (3, (4, 4), 144, 24, ("relu", (), ""), True), (2, (9, 11), 33, 17, None, True),
+    (1, (1, 1), 7, 5, ("swish", (), ""), False), (2, (13, 9), 100, 70, None, False)])
+def test_gate_folded_into_the_pointwise_conv_is_bit_exact(n, hw, c, cout, act, residual, threads):
+    """The gate alone, then our GEMM scaling each input row by its image's gate as it reads it: the
+    product is rounded as y = x * s is, so the result equals pw(se(x)) bit for bit; NaN in one image
+    stays in that image; rows of several images share register tiles and row blocks."""
+    from kfuse.backends import openmp
+    from kfuse.backends.c.gemm import GemmConv
+    from kfuse.backends.c.squeeze_excite import SqueezeExcitePointwise
+    x = torch.randn(n, *hw, c)
+    if n > 1:
+        x[1, 0, 0, 2] = float("nan")
+    se = se_of(*weights(c, max(1, c // 4)), "silu", "sigmoid", True)
+    pw = GemmConv(torch.randn(cout, c, 1, 1) / c ** 0.5, torch.randn(cout), act, residual)
+    r = (torch.randn(n, *hw, cout),) if residual else ()
+    with openmp.using(threads):
+        s = se.gate(x)
+        assert s.shape == (n, c) and same(x * s[:, None, None, :], se(x))
+        want = pw(se(x), *r)
+        out = torch.full((n, *hw, cout), float("nan"))
+        got = SqueezeExcitePointwise(se, pw)(x, *r, out=out)
+    assert got.data_ptr() == out.data_ptr() and same(got, want)
+    if n > 1:
+        assert got[1].isnan().all() and not got[0].isnan().any()
+
+
+def same(a, b) -> bool:
+    """equal bit for bit, NaN where NaN"""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_gemm_scale_needs_a_pointwise_kernel_and_an_image_gate():
+    from kfuse.backends.c.gemm import GemmConv
+    x, s = torch.randn(2, 5, 5, 8), torch.rand(2, 8)
+    with pytest.raises(ValueError, match="1x1 stride-1"):
+        GemmConv(torch.randn(4, 8, 3, 3), None, None, False, padding=1)(x, scale=s)
+    with pytest.raises(ValueError, match="1x1 stride-1"):
+        GemmConv(torch.randn(4, 8), None, None, False)(x.reshape(50, 8), scale=s)      # a linear's rows
+    with pytest.raises(ValueError, match="scale"):
+        GemmConv(torch.randn(4, 8, 1, 1), None, None, False)(x, scale=torch.rand(1, 8))

@@ -156,12 +156,15 @@ static void fill_band(const float *restrict x, float *restrict band, int64_t *ha
 /* dims: M Cout MB (rows per work item, a multiple of MR), then the geometry N H W C OH OW KH KW SH SW PH
    PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read through per-thread bands
    (fill_band: the KH rows an output row reads, transposed; tiles then stop at row ends), so the layout
-   change costs no pass over memory of its own. A work item is MB rows by one pair of panels; items are
-   numbered panel pair first, so a thread's contiguous range shares its panels (or its rows). Returns 0,
-   or -1 when the bands cannot be allocated. */
+   change costs no pass over memory of its own; then HWS: with `scale` (a direct kernel only), row m's
+   inputs are x[m, c] * scale[m / HWS][c] (a squeeze-excitation's gate, folded into the 1x1 convolution
+   after it: a row block is scaled into a per-thread buffer once for all its panel pairs, the product
+   rounded as y = x * s would be, so the result is that of the convolution of y, never written). A work item is MB rows by
+   one pair of panels; items are numbered panel pair first, so a thread's contiguous range shares its
+   panels (or its rows). Returns 0, or -1 when the bands or buffers cannot be allocated. */
 int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
-                 const float *restrict r, const float *restrict zero, float *restrict out, const int64_t *dims,
-                 const float *prm, int nthreads) {
+                 const float *restrict r, const float *restrict zero, float *restrict out,
+                 const float *restrict scale, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t M = dims[0], N = dims[1], MB = dims[2];
     const int64_t H = dims[4], W = dims[5], C = dims[6], OH = dims[7], OW = dims[8];
     const int KH = (int)dims[9], KW = (int)dims[10];
@@ -174,12 +177,39 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     const int direct = !nchw && ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
     const int merge = KW > 1 && DW == 1 && C < 64;      /* kernel rows as segments (below) */
     const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
+    const int64_t HWS = dims[18];
+    if (scale && (!direct || HWS < 1))
+        return -1;
     float *bands = nchw ? malloc(nthreads * band_floats * sizeof(float)) : 0;
     if (nchw && !bands)
         return -1;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+    float *scaled = scale ? malloc(MB * C * sizeof(float)) : 0;     /* a row block's rows times the gate */
+    int64_t scaled_m0 = -1;                                          /* the row block it holds */
+    if (scale && !scaled) {
+        #pragma omp atomic write
+        failed = 1;
+    }
+    #pragma omp for schedule(static)
     for (int64_t t = 0; t < NP2 * nmb; t++) {
-        const int64_t pp = t / nmb, m0 = (t %% nmb) * MB, m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
+        if (scale && !scaled)
+            continue;
+        /* with a scale, items are numbered row block first: a thread's consecutive items share the
+           row block, scaled once into its buffer for all the panel pairs */
+        const int64_t pp = scale ? t %% NP2 : t / nmb, m0 = (scale ? t / NP2 : t %% nmb) * MB;
+        const int64_t m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
+        if (scale && scaled_m0 != m0) {
+            for (int64_t m = m0; m < m1; m++) {
+                const float *xr = x + m * C, *sr = scale + m / HWS * C;
+                float *d = scaled + (m - m0) * C;
+                #pragma omp simd
+                for (int64_t k = 0; k < C; k++)
+                    d[k] = xr[k] * sr[k];
+            }
+            scaled_m0 = m0;
+        }
         const int nv = 2 * pp + 1 < P ? 2 : 1;
         const int cols = N - n0 < 32 ? (int)(N - n0) : 32;
         const float *ap[MAX_TAPS * MR];
@@ -220,7 +250,9 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
             }
             for (int i = 0; i < mr; i++) {
                 const int64_t ih0 = oh * SH - PH, iw0 = ow * SW - PW;
-                if (direct)
+                if (scaled)
+                    ap[i] = scaled + (m + i - m0) * C;
+                else if (direct)
                     ap[i] = x + (m + i) * C;
                 else if (nchw)          /* band column ow SW is input column iw0 */
                     for (int ki = 0; ki < KH; ki++)
@@ -252,6 +284,8 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
             m += mr;
         }
     }
+    free(scaled);
+    }
     free(bands);
-    return 0;
+    return failed ? -1 : 0;
 }

@@ -42,7 +42,7 @@ def source(act: int, residual: bool, generic: bool = False) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fn(act: int, residual: bool, generic: bool = False):
-    f = entry(source(act, residual, generic), "kf_gemm_conv", 6)
+    f = entry(source(act, residual, generic), "kf_gemm_conv", 7)
     f.restype = ctypes.c_int
     return f
 
@@ -72,17 +72,19 @@ class GemmConv:
         self._rows = (kh, kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))    # out row m reads x row m
         self._dims: dict = {}
 
-    def _plan(self, geometry, threads: int, nchw: bool = False):
-        key = (geometry, threads, nchw)
+    def _plan(self, geometry, threads: int, nchw: bool = False, rows_per_scale: int = 0):
+        key = (geometry, threads, nchw, rows_per_scale)
         if key not in self._dims:
             n, h, w, oh, ow = geometry
             m = n * oh * ow
             pairs = cdiv(cdiv(self.cout, 16), 2)
             # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
+            # (with a scale, at most 64: the block's scaled rows stay in a per-thread buffer in cache)
             mb = cdiv(cdiv(m, max(1, cdiv(4 * threads, pairs))), MR) * MR
-            self._dims[key] = (ctypes.c_int64 * 18)(m, self.cout, max(MR, min(mb, 256)), n, h, w, self.cin, oh, ow,
+            mb = max(MR, min(mb, 64 if rows_per_scale else 256))
+            self._dims[key] = (ctypes.c_int64 * 19)(m, self.cout, mb, n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
-                                                    int(nchw))
+                                                    int(nchw), rows_per_scale)
         return self._dims[key]
 
     def _geometry(self, x_shape) -> tuple[tuple, tuple]:
@@ -110,15 +112,26 @@ class GemmConv:
         if rows == 0:
             return self
         return bind(self, torch.Size(x_shape), self.fn,
-                    [None, self.weight.data_ptr(), self.bias.data_ptr(), None, self.zero.data_ptr(), None], (0, 3, 5),
+                    [None, self.weight.data_ptr(), self.bias.data_ptr(), None, self.zero.data_ptr(), None, None],
+                    (0, 3, 5),
                     lambda t: self._plan(geometry, t), self._threads(rows), self.params)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None):
         """x NHWC [N, H, W, Cin] -> [N, OH, OW, Cout]; for a 1x1 stride-1 unpadded kernel x may be any
-        [..., Cin] (rows of a linear layer) -> [..., Cout]."""
+        [..., Cin] (rows of a linear layer) -> [..., Cout]. scale [N, Cin] (a 1x1 stride-1 unpadded kernel
+        on NHWC x only): the convolution of x * scale[:, None, None, :], that product never stored."""
         if x.dtype != torch.float32:
             raise ValueError(f"gemm kernel: x {x.dtype} {tuple(x.shape)}, want float32 [..., {self.cin}]")
         geometry, shape = self._geometry(tuple(x.shape))
+        rows_per_scale = 0
+        if scale is not None:
+            if not self._rows or x.dim() != 4:
+                raise ValueError("gemm kernel: a scale needs a 1x1 stride-1 unpadded kernel on NHWC x")
+            if tuple(scale.shape) != (x.shape[0], self.cin) or scale.dtype != torch.float32:
+                raise ValueError(f"gemm kernel: scale {scale.dtype} {tuple(scale.shape)}, want float32 "
+                                 f"{(x.shape[0], self.cin)}")
+            scale, rows_per_scale = scale.contiguous(), x.shape[1] * x.shape[2]
         if (residual is not None) != self.residual:
             raise ValueError(f"gemm kernel: built {'with' if self.residual else 'without'} a residual")
         if residual is not None:
@@ -134,8 +147,9 @@ class GemmConv:
         threads = self._threads(m)()
         if self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
                    0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
-                   self._plan(geometry, threads, nchw), self.params, threads):
-            raise MemoryError("gemm kernel: cannot allocate its input bands")
+                   None if scale is None else scale.data_ptr(), self._plan(geometry, threads, nchw, rows_per_scale),
+                   self.params, threads):
+            raise MemoryError("gemm kernel: cannot allocate its input bands or buffers")
         return out
 
     def _reads_nchw(self, x: torch.Tensor) -> bool:

@@ -25,7 +25,8 @@
  * torch's own float32 path, which fails a 1e-5 test against float64; in double they cost a convert per
  * weight, hidden behind the weight traffic (w1 and w2 are 1.8 MB at C = 960, R = 240).
  *
- * Scratch (malloc'd per call): double m[N][C], part[N][chunks][C]; float h[N][R], s[N][C].
+ * Scratch (malloc'd per call): double m[N][C], part[N][chunks][C]; float h[N][R], s[N][C] (or the
+ * caller's gate, which then receives s).
  * NaN and Inf follow the torch formula: the activations are written so that NaN compares false and
  * passes through, and (+inf) + (-inf) in the sums gives NaN whatever the order of the additions.
  */
@@ -90,7 +91,7 @@ static void share(int64_t n, int64_t align, int t, int nt, int64_t *lo, int64_t 
 }
 
 /* Returns 0, or -1 when the scratch cannot be allocated. */
-int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1, const float *w2t,
+int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, const float *b1, const float *w2t,
                       const float *b2, int64_t N, int64_t HW, int64_t C, int64_t R,
                       int64_t act1, int64_t act2, float slope, int64_t nthreads)
 {
@@ -101,7 +102,7 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
     if (!scratch) return -1;
     double *m = scratch;
     double *part = m + N * C;
-    float *h = (float *)(part + N * nch * C), *s = h + N * R;
+    float *h = (float *)(part + N * nch * C), *s = gate ? gate : h + N * R;
     const int64_t rows = N * HW;
     const double hw = (double)HW;
 
@@ -217,8 +218,9 @@ int kf_squeeze_excite(const float *x, float *y, const float *w1, const float *b1
         }
         #pragma omp barrier
 
-        /* 5. y = x * s, rows split */
-        share(rows, 1, t, nt, &r0, &r1);
+        /* 5. y = x * s, rows split (skipped when y is NULL: the gate s alone was asked for, the
+              caller folds it into the 1x1 convolution that reads y) */
+        share(y ? rows : 0, 1, t, nt, &r0, &r1);
         for (int64_t i = r0; i < r1;) {
             const int64_t n = i / HW, end = (n + 1) * HW < r1 ? (n + 1) * HW : r1;
             const float *sn = s + n * C;

@@ -19,7 +19,7 @@ import torch
 
 from .. import openmp
 from .compiler import load
-from .nhwc import same_shape_io
+from .nhwc import nhwc_input, same_shape_io
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("squeeze_excite.c").read_text().replace("/*VECMATH*/", VECMATH_C)
@@ -32,7 +32,7 @@ ACT2 = {"sigmoid": 6, "hardsigmoid": 7}
 def _lib():
     lib = load(SOURCE)
     fn = lib.kf_squeeze_excite
-    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64])
+    fn.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64])
     fn.restype = ctypes.c_int
     return lib
 
@@ -75,12 +75,35 @@ class SqueezeExcite:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x, out = same_shape_io(x, out, self.c, "squeeze_excite")
+        if out.numel():       # N, H*W or C is 0: nothing to write
+            self._run(x, out, None)
+        return out
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate s [N, C] alone (y = x * s[:, None, None, :] is then left to the 1x1 convolution
+        that reads y: gemm.GemmConv's `scale`)."""
+        x = nhwc_input(x, self.c, "squeeze_excite")
+        s = torch.empty(x.shape[0], self.c)
+        if s.numel():
+            self._run(x, None, s)
+        return s
+
+    def _run(self, x, out, gate):
         n, hh, ww, c = x.shape
-        if out.numel() == 0:  # N, H*W or C is 0: nothing to write
-            return out
         w1, b1, w2t, b2 = self._ptrs
-        rc = self._fn(x.data_ptr(), out.data_ptr(), w1, b1, w2t, b2, n, hh * ww, c, self.r,
-                      self.act1, self.act2, self.slope, openmp.threads())
+        rc = self._fn(x.data_ptr(), None if out is None else out.data_ptr(), None if gate is None else gate.data_ptr(),
+                      w1, b1, w2t, b2, n, hh * ww, c, self.r, self.act1, self.act2, self.slope, openmp.threads())
         if rc != 0:
             raise MemoryError("squeeze_excite: cannot allocate the scratch buffer")
-        return out
+
+
+class SqueezeExcitePointwise:
+    """pw(se(x)) [+ residual] for a squeeze-excitation `se` and a 1x1 stride-1 gemm.GemmConv `pw`: the gate
+    alone (se.gate), then pw scaling its inputs by it as it reads them, so y = x * s is never written
+    (its rounding is the same: the result equals pw(se(x)) bit for bit)."""
+
+    def __init__(self, se: SqueezeExcite, pw):
+        self.se, self.pw = se, pw
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        return self.pw(x, residual, out=out, scale=self.se.gate(x))
