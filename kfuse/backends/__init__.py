@@ -238,10 +238,9 @@ def _conv_kernel(group):
     return fn, backend
 
 
-def _pair(group):
-    """(index of the 1x1 convolution's first node, first kernel, pw spec, fused kernel or None, names, problem,
-    x node) of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or a
-    squeeze-excitation, and the 1x1 convolution that alone reads it), else None."""
+def _pair(group) -> _Pair | None:
+    """The kernels of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or
+    a squeeze-excitation, and the 1x1 convolution that alone reads it), built; None for other groups."""
     pair = as_depthwise_pointwise(group.nodes)
     if pair is not None:
         dw, pw = pair

@@ -1,0 +1,63 @@
+"""Pairs with a 1x1 convolution (depthwise -> pointwise, squeeze-excitation -> pointwise) measured through
+the call a user makes, side by side in one process (the providers rotated block by block, common.measure):
+
+    python bench/bench_pairs.py [--models efficientnet_b0,mobilenetv3,regnety_1_6gf] [--batch 1]
+                                [--disable squeeze_excite_pointwise]
+
+Per model:
+  kfuse            the program as compiled (each pair fused where its fused kernel measured faster)
+  kfuse:disabled   the same model compiled with disable=[--disable]: those pairs stay two kernels
+  eager            the module in torch
+Both kfuse programs must agree with each other within float32 rounding (the pair kernels are bit-exact
+to their halves; other kernels may choose differently between the two compiles). ONNX Runtime is timed
+by bench_models.py, in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import commit, machine, measure  # noqa: E402  (re-executes with the malloc/thread env)
+
+import torch  # noqa: E402
+
+import kfuse  # noqa: E402
+from kfuse.models import build  # noqa: E402
+
+PAIRS = ("dwconv_pwconv", "se_pwconv")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="efficientnet_b0,mobilenetv3,regnety_1_6gf")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--disable", default="squeeze_excite_pointwise")
+    args = ap.parse_args()
+    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"kfuse:disabled = disable=[{args.disable!r}]")
+    rows = []
+    for name in args.models.split(","):
+        model, inputs = build(name, batch=args.batch)
+        cm, off = kfuse.compile(model, inputs), kfuse.compile(model, inputs, disable=[args.disable])
+        with torch.no_grad():
+            torch.testing.assert_close(off(*inputs), cm(*inputs), rtol=1e-4, atol=1e-5)
+        pairs = {p: sum(k.name.startswith(p) for k in cm.report().kernels) for p in PAIRS}
+        split = sum(w.code == "measured_slower" for w in cm.report().why_not)
+        res = measure({"kfuse": lambda: cm(*inputs), "kfuse:disabled": lambda: off(*inputs),
+                       "eager": lambda: model(*inputs)})
+        print(f"\n{name} b{args.batch}: fused pairs {pairs}, pairs split by measurement {split}; "
+              f"median ms (p10-p90), faults/call")
+        for n, r in res.items():
+            print(f"  {n:<16}{r['ms']:>9.3f} ({r['p10']:.3f}-{r['p90']:.3f}) {r['faults']:>8.1f}")
+        ratio = res["kfuse"]["ms"] / res["kfuse:disabled"]["ms"]
+        print(f"  kfuse / kfuse:disabled {ratio:.3f}x, kfuse / eager {res['kfuse']['ms'] / res['eager']['ms']:.3f}x")
+        rows.append((name, res))
+    for name, res in rows:
+        for n, r in res.items():
+            print(f"CSV,{machine()},{commit()},{name},b{args.batch},{n},{r['ms']:.4f},{r['p10']:.4f},{r['p90']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
