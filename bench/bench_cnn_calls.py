@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import commit, machine, measure  # noqa: E402  (re-executes with the malloc/thread env)
+from common import commit, machine, measure, print_csv, print_side_by_side  # noqa: E402  (re-executes with the malloc/thread env)
 
 import torch  # noqa: E402
 
@@ -57,15 +57,8 @@ def main():
             assert torch.equal(checked(*inputs), want), f"{name}: the checked calls differ"
         res = measure({"kfuse": lambda: cm(*inputs), "kfuse:checked": lambda: checked(*inputs),
                        "eager": lambda: model(*inputs)})
-        print(f"\n{name} b{args.batch}: median ms (p10-p90), faults/call")
-        for n, r in res.items():
-            print(f"  {n:<16}{r['ms']:>9.3f} ({r['p10']:.3f}-{r['p90']:.3f}) {r['faults']:>8.1f}")
-        ratio = res["kfuse"]["ms"] / res["kfuse:checked"]["ms"]
-        print(f"  kfuse / kfuse:checked {ratio:.3f}x, kfuse / eager {res['kfuse']['ms'] / res['eager']['ms']:.3f}x")
-        rows.append((name, res))
-    for name, res in rows:
-        for n, r in res.items():
-            print(f"CSV,{machine()},{commit()},{name},b{args.batch},{n},{r['ms']:.4f},{r['p10']:.4f},{r['p90']:.4f}")
+        print_side_by_side(f"{name},b{args.batch}", f"{name} b{args.batch}", res, "kfuse:checked", rows)
+    print_csv(rows)
 
 
 if __name__ == "__main__":

@@ -318,3 +318,20 @@ def median_run(runs: list) -> dict:
     """Of several processes' results for one provider, the one with the median `ms` (the upper one of
     an even count), as `main` reports with --repeat."""
     return sorted(runs, key=lambda r: r["ms"])[len(runs) // 2]
+
+
+def print_side_by_side(key: str, title: str, res: dict, base: str, rows: list) -> None:
+    """One model's table of common.measure results (median ms, p10-p90, faults/call) and the ratios of
+    "kfuse" to `base` and to "eager"; appends (key, res) to rows for print_csv (key: "model,bB")."""
+    print(f"\n{title}; median ms (p10-p90), faults/call")
+    for n, r in res.items():
+        print(f"  {n:<16}{r['ms']:>9.3f} ({r['p10']:.3f}-{r['p90']:.3f}) {r['faults']:>8.1f}")
+    k = res["kfuse"]["ms"]
+    print(f"  kfuse / {base} {k / res[base]['ms']:.3f}x, kfuse / eager {k / res['eager']['ms']:.3f}x")
+    rows.append((key, res))
+
+
+def print_csv(rows: list) -> None:
+    for name, res in rows:
+        for n, r in res.items():
+            print(f"CSV,{machine()},{commit()},{name},{n},{r['ms']:.4f},{r['p10']:.4f},{r['p90']:.4f}")
