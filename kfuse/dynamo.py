@@ -278,7 +278,7 @@ class DynamoGraph:
     def __call__(self, *args):
         outs = self._call(*args)
         if self._appends:
-            outs = _adopt(outs, self._appends)
+            outs = _adopt(outs, self._appends, args)
         if self._strides:
             outs = _restride(outs, self._strides)
         return outs
@@ -301,7 +301,7 @@ class DynamoGraph:
     def _partition(self, static: dict):
         """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
         from torch.fx.passes.split_module import split_module
-        for node, _ in self._appends.values():
+        for node, _, _ in self._appends.values():
             if not static[node] and node.all_input_nodes[0].op == "placeholder":
                 node.target, node.kwargs = kvcache.append, {"dim": node.kwargs.get("dim", 0)}
         self.gm.recompile()
@@ -407,11 +407,13 @@ def _restride(outs, strides: dict):
     return outs if fixed is None else type(outs)(fixed) if isinstance(outs, tuple) else fixed
 
 
-def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int]]:
-    """Output position -> (node, axis) of each output that is a KV-cache concatenation as Hugging
-    Face's DynamicCache writes it: torch.cat([past, new], dim=-2) of a rank >= 3 floating tensor,
-    past a graph input or the empty tensor of a lazily initialised cache."""
+def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int, int | None]]:
+    """Output position -> (node, axis, position of past among the graph's inputs or None) of each output
+    that is a KV-cache concatenation as Hugging Face's DynamicCache writes it: torch.cat([past, new],
+    dim=-2) of a rank >= 3 floating tensor, past a graph input or the empty tensor of a lazily
+    initialised cache (None)."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = {}
     for i, n in enumerate(out if isinstance(out, (tuple, list)) else ()):
         if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in (torch.cat, torch.concat)):
@@ -423,17 +425,21 @@ def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, i
                 or not val.is_floating_point() or dim % val.dim() != val.dim() - 2):
             continue
         past = _val(parts[0]) if isinstance(parts[0], torch.fx.Node) else None
-        if isinstance(past, torch.Tensor) and (parts[0].op == "placeholder" or
-                                               (past.dim() == 1 and not _symbols(past) and past.numel() == 0)):
-            found[i] = (n, val.dim() - 2)
+        if isinstance(past, torch.Tensor) and parts[0].op == "placeholder":
+            found[i] = (n, val.dim() - 2, inputs.index(parts[0]))
+        elif isinstance(past, torch.Tensor) and past.dim() == 1 and not _symbols(past) and past.numel() == 0:
+            found[i] = (n, val.dim() - 2, None)
     return found
 
 
-def _adopt(outs, appends: dict):
-    """outs with each cache concatenation made the latest view of a growable buffer."""
+def _adopt(outs, appends: dict, args):
+    """outs with each cache concatenation that continues a growable cache (its past one of ours, or the
+    empty tensor a cache starts from) made the latest view of a growable buffer; other concatenations
+    of an input are left as computed (spare rows only where a cache grows)."""
     fixed = list(outs)
-    for i, (_, dim) in appends.items():
-        fixed[i] = kvcache.adopt(fixed[i], dim)
+    for i, (_, dim, past) in appends.items():
+        if past is None or kvcache.growable(args[past]):
+            fixed[i] = kvcache.adopt(fixed[i], dim)
     return tuple(fixed) if isinstance(outs, tuple) else fixed
 
 

@@ -7,9 +7,11 @@ step's concatenation, given that view back, writes only the new rows into the bu
 returns a view one row longer. The values are the concatenation's, bit for bit.
 
 A view is appended to in place only when it is the buffer's latest (its length is the buffer's fill):
-a cache cropped, reordered for beam search, or grown from an older view gets a buffer of its own, so
-no tensor anyone holds ever changes. The buffer rides on the view as an attribute, so nothing global
-keeps it alive and no address is trusted.
+one grown from an older view gets a buffer of its own, so no tensor anyone holds ever changes. The
+buffer rides on the view as an attribute, so nothing global keeps it alive and no address is trusted.
+Only caches that started empty (a lazily initialised DynamicCache layer) grow this way: a concatenation
+of any other tensor stays torch.cat (no spare rows for tensors that are not caches), and so does a
+cache cropped or reordered for beam search (new tensors, not views of ours).
 """
 from __future__ import annotations
 
@@ -62,10 +64,20 @@ def _fresh(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return _view(b)
 
 
+def growable(t: torch.Tensor) -> bool:
+    """Whether t is a cache that grows into buffers with spare rows: a view of one (the latest or not),
+    or the empty 1-D tensor a lazily initialised cache starts from. Other tensors concatenated the same
+    way are not caches kfuse started, and get no spare rows."""
+    return hasattr(t, "_kfuse_kv") or (t.dim() == 1 and t.numel() == 0)
+
+
 def append(tensors, dim: int = 0) -> torch.Tensor:
     """torch.cat([past, new], dim) for a cache: in place into past's buffer when past is its latest
-    view and the rows fit, else into a new buffer with spare rows."""
+    view and the rows fit, else into a new buffer with spare rows; torch.cat itself where past is not
+    a growable cache."""
     past, new = tensors
+    if not growable(past):
+        return torch.cat(tensors, dim)
     dim = dim % new.dim()
     if past.dim() == new.dim() and past.dtype == new.dtype and past.device == new.device:
         with _lock:

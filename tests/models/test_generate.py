@@ -200,3 +200,14 @@ def test_dynamic_cache_grows_in_place(dynamic):
         assert got.untyped_storage().nbytes() > got.numel() * 4          # spare rows behind the view
     assert addresses[1] == addresses[2] == addresses[3] == addresses[4]
     assert len(kfuse.dynamo.compilations(since=before)) <= 3
+
+
+def test_other_concatenations_of_an_input_get_no_spare_rows():
+    """A graph returning torch.cat([input, y], -2) that is not a cache kfuse started keeps torch.cat's
+    result: no buffer with spare rows for tensors that are not caches."""
+    f = torch.compile(lambda x, y: (torch.cat([x, y * 2], dim=-2),), backend="kfuse")
+    for n in (3, 4, 5):              # static, then symbolic sizes (partitioned or torch)
+        x, y = torch.randn(2, 3, n, 8), torch.randn(2, 3, 1, 8)
+        (out,) = f(x, y)
+        torch.testing.assert_close(out, torch.cat([x, y * 2], -2))
+        assert out.untyped_storage().nbytes() == out.numel() * 4

@@ -46,7 +46,10 @@ def test_full_buffer_regrows_and_other_inputs_fall_back_to_a_new_buffer():
     grown = kvcache.append([past, big], -2)
     assert grown.data_ptr() != past.data_ptr() and torch.equal(grown, torch.cat([past, big], -2))
     plain = r(1, 1, 3, 2)                                         # not ours (e.g. beam search's reorder)
-    assert torch.equal(kvcache.append([plain, big], -2), torch.cat([plain, big], -2))
+    out = kvcache.append([plain, big], -2)
+    assert torch.equal(out, torch.cat([plain, big], -2))
+    assert out.untyped_storage().nbytes() == out.numel() * 4     # torch.cat's: no spare rows
+    assert not kvcache.growable(out) and kvcache.growable(grown)
     empty = torch.tensor([])                                      # a lazily initialised cache
     assert torch.equal(kvcache.append([empty, plain], -2), plain)
     with pytest.raises(RuntimeError):                             # shapes that torch.cat refuses
