@@ -252,8 +252,8 @@ def _pair(group) -> _Pair | None:
                 fused = c_dwpw.DepthwisePointwise(cd["c:depthwise"], cp["c:gemm"])
             except (NotImplementedError, CompileError):
                 pass
-        problem = _problem("dw+pw", "first-into", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape, dw.attrs, dw.act,
-                           pw.act, pw.residual is not None)
+        problem = _problem("dw+pw", "first-into", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape,
+                           dw.attrs, dw.act, pw.act, pw.residual is not None)
         return _Pair(group.nodes.index(pw.x) + 1, first, name1, pw, cp, fused, "c:depthwise+gemm", problem, dw.x,
                      "depthwise -> pointwise")
     pair = as_squeeze_excite_pointwise(group.nodes)
@@ -261,8 +261,8 @@ def _pair(group) -> _Pair | None:
         node, pw = pair
         se, cp = _squeeze_excite(node), _conv_candidates(pw)
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
-        problem = _problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape, node.attrs,
-                           pw.act, pw.residual is not None)
+        problem = _problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape,
+                           node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      "squeeze-excitation -> pointwise")
     return None
@@ -309,16 +309,18 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
     if pair.fused is None:
         return "kernel_ir_cannot_express", f"{pair.what}: no fused kernel for this pair ({pair.fused_name})"
 
-    class Two:             # the first kernel into a held buffer, as into its planned one
-        takes_out, mid = True, []
+    held = []
 
-        def __call__(self, x, *r, out=None):
-            if not self.mid or not _takes_out(pair.first):
-                self.mid[:] = [pair.first(x)]
-                return kp(self.mid[0], *r, out=out) if _takes_out(kp) else kp(self.mid[0], *r)
-            y = pair.first(x, out=self.mid[0])
-            return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
-    best, schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: Two()}),
+    def two_kernels(x, *r, out=None):
+        """the first kernel writing into a held buffer, as into its planned one, then the 1x1 convolution"""
+        if held and _takes_out(pair.first):
+            y = pair.first(x, out=held[0])
+        else:
+            y = pair.first(x)
+            held[:] = [y]
+        return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
+    two_kernels.takes_out = True
+    best, schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: two_kernels}),
                           _conv_inputs(pair.x, pair.pw.residual))
     if best == pair.fused_name:
         return None
