@@ -273,14 +273,16 @@ class DynamoGraph:
             self._run = self._partition(static)
         elif self.strategy == "torch":
             self._run = gm
-        self._strides = {i: st for i, st in _output_strides(gm).items() if i not in self._appends}
+        self._strides = _output_strides(gm)
 
     def __call__(self, *args):
         outs = self._call(*args)
+        strides = self._strides
         if self._appends:
-            outs = _adopt(outs, self._appends, args)
-        if self._strides:
-            outs = _restride(outs, self._strides)
+            outs, adopted = _adopt(outs, self._appends, args)
+            strides = {i: st for i, st in strides.items() if i not in adopted}    # a growable cache's view
+        if strides:
+            outs = _restride(outs, strides)
         return outs
 
     def _call(self, *args):
@@ -432,15 +434,16 @@ def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, i
     return found
 
 
-def _adopt(outs, appends: dict, args):
-    """outs with each cache concatenation that continues a growable cache (its past one of ours, or the
-    empty tensor a cache starts from) made the latest view of a growable buffer; other concatenations
-    of an input are left as computed (spare rows only where a cache grows)."""
-    fixed = list(outs)
+def _adopt(outs, appends: dict, args) -> tuple[object, set]:
+    """(outs with each cache concatenation that continues a growable cache (its past one of ours, or the
+    empty tensor a cache starts from) made the latest view of a growable buffer, their positions);
+    other concatenations of an input are left as computed (spare rows only where a cache grows)."""
+    fixed, adopted = list(outs), set()
     for i, (_, dim, past) in appends.items():
         if past is None or kvcache.growable(args[past]):
             fixed[i] = kvcache.adopt(fixed[i], dim)
-    return tuple(fixed) if isinstance(outs, tuple) else fixed
+            adopted.add(i)
+    return (tuple(fixed) if isinstance(outs, tuple) else fixed), adopted
 
 
 def _computes(gm: torch.fx.GraphModule) -> bool:
