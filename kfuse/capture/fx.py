@@ -146,18 +146,16 @@ def _custom_op(target):
         if len(returns) != 1 or str(returns[0].type) != "Tensor":
             raise Unsupported(f"custom op returning {', '.join(str(r.type) for r in returns) or 'nothing'}: "
                               "only ops returning one tensor run as opaque nodes")
-        tensors = []
-
-        def slot(a):
-            if isinstance(a, Node):
-                tensors.append(a)
-                return ...          # the placeholder: no op's schema takes an Ellipsis
+        def value(a):
             if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a):
                 raise Unsupported("custom op taking a list of tensors")
-            return tuple(a) if isinstance(a, list) else a
-        template = tuple(slot(a) for a in args)
-        named = tuple((k, slot(v)) for k, v in kwargs.items())
-        return g.add("torch_op", *tensors, target=target.name(), args=template, kwargs=named)
+            return None if isinstance(a, Node) else tuple(a) if isinstance(a, list) else a
+        # the tensor arguments become the node's inputs, positional ones first; `tensors` names their slots
+        slots = tuple(i for i, a in enumerate(args) if isinstance(a, Node))
+        names = tuple(k for k, v in kwargs.items() if isinstance(v, Node))
+        inputs = [args[i] for i in slots] + [kwargs[k] for k in names]
+        return g.add("torch_op", *inputs, target=target.name(), args=tuple(value(a) for a in args),
+                     kwargs=tuple((k, value(v)) for k, v in kwargs.items()), tensors=(slots, names))
     return handler
 
 

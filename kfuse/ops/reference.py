@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import GraphError
+from ..errors import GraphError, KfuseError
 
 
 def _attention(q, k, v, mask=None, *, scale, causal=False, zero_masked=False):
@@ -135,15 +135,23 @@ def _index(x, *idx, dims):
     return x[tuple(key)]
 
 
-def _torch_op(*tensors, target, args, kwargs):
-    """A registered op of another namespace ("ns::name.overload") called with `tensors` in the
-    argument slots marked ... (capture/fx.py, _custom_op)."""
+def _torch_op(*inputs, target, args, kwargs, tensors):
+    """A registered op of another namespace ("ns::name.overload") called with its non-tensor `args`
+    and `kwargs` and `inputs` in the tensor slots: tensors = (positions in args, names in kwargs), in
+    the order of inputs (capture/fx.py, _custom_op)."""
     name, _, overload = target.partition(".")
     ns, op = name.split("::")
-    fn = getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
-    it = iter(tensors)
-    fill = lambda a: next(it) if a is ... else a
-    return fn(*[fill(a) for a in args], **{k: fill(v) for k, v in kwargs})
+    try:
+        fn = getattr(getattr(getattr(torch.ops, ns), op), overload or "default")
+    except (AttributeError, RuntimeError):
+        raise KfuseError(f"custom op {target} is not registered in this process: import the library that "
+                         f"defines it") from None
+    slots, names = tensors
+    args, kwargs = list(args), dict(kwargs)
+    for i, t in zip(slots, inputs):
+        args[i] = t
+    kwargs.update(zip(names, inputs[len(slots):]))
+    return fn(*args, **kwargs)
 
 
 def _reduce(fn):

@@ -365,12 +365,17 @@ def _(x):
     return x[:1].clone(), x[1:].clone()
 
 
-def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops():
+def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops(tmp_path):
     """A torch.library op (transformers registers some) is called as traced, with its non-tensor
-    arguments kept; its neighbours still fuse. An op returning several tensors is a clear error."""
+    arguments kept, tensors passed by position or keyword; its neighbours still fuse; the node is saved
+    in an artifact and loads back. An op returning several tensors is a clear error."""
     f = lambda x, y: torch.ops.kfuse_test.scaled_shift(torch.relu(x), y * 2, 2, scale=0.5).sigmoid()
+    g = lambda x, y: torch.ops.kfuse_test.scaled_shift(x, y=y.exp(), k=-1) * 3
     x, y = r(5, 3), r(5, 3)
     compiled(f, x, y)
+    cm = compiled(g, x, y)
     assert ops_of(f, x, y).get("torch_op") == 1
+    cm.save(tmp_path / "g")
+    torch.testing.assert_close(kfuse.load(tmp_path / "g")(x, y), g(x, y))
     with pytest.raises(kfuse.UnsupportedOpError, match="kfuse_test.split2.*only ops returning one tensor"):
         export(module_of(lambda x: torch.ops.kfuse_test.split2(x)[0] + 1), (x,))
