@@ -209,27 +209,40 @@ class Scheduler:
                     self.report.refuse(code, i.label, n.label, detail)
 
 
-def _depthwise_pointwise(producer: Node, consumer: Node) -> bool:
-    """producer ends a depthwise convolution's kernel (the conv, then elementwise ops) and consumer is a
-    1x1 convolution."""
+PAIR_NAMES = {"depthwise_pointwise": "depthwise -> pointwise", "squeeze_excite_pointwise": "squeeze-excitation -> pointwise"}
+
+
+def _pointwise_pair(producer: Node, consumer: Node) -> str | None:
+    """The pair rule (pointwise_pairs) whose form producer -> consumer has, if any: consumer is a 1x1
+    convolution and producer ends a depthwise convolution's kernel (the conv, then elementwise ops) or
+    is a squeeze-excitation."""
+    if consumer.op != "conv2d" or consumer.inputs[1].shape[2:] != (1, 1):
+        return None
+    if producer.op == "squeeze_excite":
+        return "squeeze_excite_pointwise"
     while producer.kind == Kind.ELEMENTWISE and len(producer.inputs) == 1:
         producer = producer.inputs[0]
-    return producer.op == consumer.op == "conv2d" and producer.attrs["groups"] > 1 \
-        and producer.attrs["groups"] == producer.inputs[1].shape[0] and consumer.inputs[1].shape[2:] == (1, 1)
+    if producer.op == "conv2d" and producer.attrs["groups"] > 1 and producer.attrs["groups"] == producer.inputs[1].shape[0]:
+        return "depthwise_pointwise"
+    return None
 
 
 def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
+    pair = _pointwise_pair(producer, consumer)
     for n in (consumer, producer):
         if n.op in disabled:
             return "user_disabled", f"{n.op} excluded from fusion by the user"
+    if pair in disabled:
+        return "user_disabled", f"{pair} pairs kept apart by the user"
+    if pair is not None:
+        return f"{consumer.kind.name.lower()}_consumer", (
+            f"{PAIR_NAMES[pair]}: the first kernel's output is read elsewhere too, or "
+            f"the pair is not a form the fused kernel takes (a depthwise multiplier of 1, a 1x1 stride-1 unpadded "
+            f"conv of one group, channels-last)")
     for n, role in ((producer, "producer"), (consumer, "consumer")):
         if n.op in VIEW_OPS:
             return "view", f"{role} {n.op} is a view"
         if n.kind == Kind.CONTRACTION:
-            if _depthwise_pointwise(producer, consumer):
-                return "contraction_consumer", ("depthwise -> pointwise convolution: the depthwise output is read "
-                                                "elsewhere too, or the pair is not a form the fused kernel takes "
-                                                "(multiplier 1, a 1x1 stride-1 unpadded conv, channels-last)")
             return f"contraction_{role}", f"{role} {n.op} is a contraction"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
             return f"{n.kind.name.lower()}_{role}", f"{role} {n.op} runs as its own kernel"

@@ -270,6 +270,13 @@ def test_squeeze_excitation_pair_measured_slower_runs_as_two_kernels(monkeypatch
     assert rep.fusions == {"conv_silu": 1, "squeeze_excite": 1, "conv_add": 1}, rep.fusions
 
 
+def test_pairs_kept_apart_by_the_user_say_so():
+    rep = compiled(_se_block(False), torch.randn(1, 6, 9, 9), disable=["squeeze_excite_pointwise"]).report()
+    (w,) = [w for w in rep.why_not if w.consumer.endswith("conv2d") and "squeeze_excite" in w.producer]
+    assert w.code == "user_disabled" and "squeeze_excite_pointwise" in w.detail
+    assert "se_pwconv" not in rep.fusions
+
+
 def test_depthwise_output_read_twice_says_why_it_is_two_kernels():
     dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
     pw = torch.nn.Conv2d(8, 8, 1)
