@@ -280,6 +280,7 @@ class _Pair:
     problem: str            # the timed choice's name (autotune.pick)
     x: Node                 # the group's input
     what: str
+    schedule: str = ""      # the timed choice, for the report
 
 
 def split_pairs(groups: list, report) -> list:
@@ -320,19 +321,19 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
             held[:] = [y]
         return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
     two_kernels.takes_out = True
-    best, schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: two_kernels}),
-                          _conv_inputs(pair.x, pair.pw.residual))
+    best, pair.schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: two_kernels}),
+                               _conv_inputs(pair.x, pair.pw.residual))
     if best == pair.fused_name:
         return None
     return "measured_slower", f"{pair.what}: the fused kernel ({pair.fused_name}) measured slower here than {two}; " \
-                              f"{schedule}"
+                              f"{pair.schedule}"
 
 
 def _pair_kernel(group, pair: _Pair):
     """The fused kernel of a pair group that split_pairs kept whole."""
     fn = _conv_call(group, replace(pair.pw, x=pair.x), pair.fused)
     fn.sources = lambda: _conv_sources(pair.fused)
-    fn.split = pair.split
+    fn.split, fn.schedule = pair.split, pair.schedule
     return fn, pair.fused_name
 
 
