@@ -50,8 +50,8 @@ KIND: dict[str, Kind] = {
                          "conv_transpose2d", "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
                          "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put", "bitcast", "grid_sample",
-                         "affine_grid", "col2im", "det", "histc", "grouped_mm", "torch_op", "max_pool_indices", "squeeze_excite",
-                         "group_norm")},
+                         "affine_grid", "col2im", "det", "histc", "grouped_mm", "torch_op", "max_pool_indices",
+                         "squeeze_excite", "group_norm")},
 }
 
 # Injective ops that need no kernel: a torch view reads the input in place (backends run them as

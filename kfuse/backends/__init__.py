@@ -20,7 +20,7 @@ import torch
 from .. import cost
 from ..ir import VIEW_OPS, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
+from ..kernels.conv import POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
@@ -255,7 +255,7 @@ def _pair(group) -> _Pair | None:
         problem = _problem("dw+pw", "first-into", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape,
                            dw.attrs, dw.act, pw.act, pw.residual is not None)
         return _Pair(group.nodes.index(pw.x) + 1, first, name1, pw, cp, fused, "c:depthwise+gemm", problem, dw.x,
-                     "depthwise -> pointwise")
+                     POINTWISE_PAIRS["depthwise_pointwise"][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
     if pair is not None:
         node, pw = pair
@@ -264,7 +264,7 @@ def _pair(group) -> _Pair | None:
         problem = _problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape,
                            node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
-                     "squeeze-excitation -> pointwise")
+                     POINTWISE_PAIRS["squeeze_excite_pointwise"][1])
     return None
 
 
@@ -305,10 +305,10 @@ def split_pairs(groups: list, report) -> list:
 
 def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
     """(why-not code, detail) where the pair runs better as two groups; None where the fused kernel wins."""
-    kp, bp, _ = _best_conv(pair.pw, pair.pw_cands)
-    two = f"{pair.first_name} -> {bp}"
     if pair.fused is None:
         return "kernel_ir_cannot_express", f"{pair.what}: no fused kernel for this pair ({pair.fused_name})"
+    kp, bp, _ = _best_conv(pair.pw, pair.pw_cands)
+    two = f"{pair.first_name} -> {bp}"
 
     held = []
 

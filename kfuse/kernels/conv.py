@@ -116,3 +116,9 @@ def _pointwise_nhwc(pw: ConvEpilogue, c: int) -> bool:
     b = pw.attrs
     return b.get("layout") == "nhwc" and tuple(pw.weight.shape[1:]) == (c, 1, 1) and int(b["groups"]) == 1 \
         and tuple(b["stride"]) == (1, 1) and tuple(b["padding"]) == (0, 0)
+
+
+# The pairs with a 1x1 convolution that one kernel computes (passes/autofuse.Scheduler.pointwise_pairs,
+# backends.split_pairs): the rule's name (for disable=[...]), its matcher and how reports name it.
+POINTWISE_PAIRS = {"depthwise_pointwise": (as_depthwise_pointwise, "depthwise -> pointwise"),
+                   "squeeze_excite_pointwise": (as_squeeze_excite_pointwise, "squeeze-excitation -> pointwise")}

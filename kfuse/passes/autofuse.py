@@ -18,7 +18,7 @@ import heapq
 from .. import cost
 from ..ir import VIEW_OPS, Graph, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
+from ..kernels.conv import POINTWISE_PAIRS, as_conv
 from ..kernels.linear import as_linear
 
 FUSABLE = (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION)
@@ -184,8 +184,7 @@ class Scheduler:
         kernel computes both, or, where that measures slower, runs them one after the other (backends,
         with a why-not record). disable=["depthwise_pointwise"] / ["squeeze_excite_pointwise"] keeps
         such pairs apart."""
-        pairs = [m for name, m in (("depthwise_pointwise", as_depthwise_pointwise),
-                                   ("squeeze_excite_pointwise", as_squeeze_excite_pointwise)) if name not in self.disabled]
+        pairs = [match for name, (match, _) in POINTWISE_PAIRS.items() if name not in self.disabled]
         for gb, b in enumerate(self.groups):
             if not b or b[0].op != "conv2d" or b[0].inputs[0] not in self.group_of:
                 continue
@@ -209,9 +208,6 @@ class Scheduler:
                     self.report.refuse(code, i.label, n.label, detail)
 
 
-PAIR_NAMES = {"depthwise_pointwise": "depthwise -> pointwise", "squeeze_excite_pointwise": "squeeze-excitation -> pointwise"}
-
-
 def _pointwise_pair(producer: Node, consumer: Node) -> str | None:
     """The pair rule (pointwise_pairs) whose form producer -> consumer has, if any: consumer is a 1x1
     convolution and producer ends a depthwise convolution's kernel (the conv, then elementwise ops) or
@@ -228,15 +224,15 @@ def _pointwise_pair(producer: Node, consumer: Node) -> str | None:
 
 
 def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
-    pair = _pointwise_pair(producer, consumer)
     for n in (consumer, producer):
         if n.op in disabled:
             return "user_disabled", f"{n.op} excluded from fusion by the user"
+    pair = _pointwise_pair(producer, consumer)
     if pair in disabled:
         return "user_disabled", f"{pair} pairs kept apart by the user"
     if pair is not None:
-        return f"{consumer.kind.name.lower()}_consumer", (
-            f"{PAIR_NAMES[pair]}: the first kernel's output is read elsewhere too, or "
+        return "contraction_consumer", (
+            f"{POINTWISE_PAIRS[pair][1]}: the first kernel's output is read elsewhere too, or "
             f"the pair is not a form the fused kernel takes (a depthwise multiplier of 1, a 1x1 stride-1 unpadded "
             f"conv of one group, channels-last)")
     for n, role in ((producer, "producer"), (consumer, "consumer")):
