@@ -123,14 +123,20 @@ def test_first_calls_of_a_dynamo_graph_from_eight_threads_compile_it_once():
         torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3", "unet"])
-def test_cnn_kernels_from_four_threads_match_serial_calls(name):
+@pytest.mark.parametrize("name", ["mobilenetv3", "unet", "efficientnet_b0"])
+def test_cnn_kernels_from_four_threads_match_serial_calls(name, monkeypatch):
     """The channels-last CNN kernels (depthwise, our GEMM, the fused depthwise + 1x1, squeeze-excitation,
-    GroupNorm) called from four threads at once, on two input sizes (the second compiles on first use):
-    serial answers."""
+    its gate folded into the 1x1 conv, GroupNorm) called from four threads at once, on two input sizes
+    (the second compiles on first use): serial answers. EfficientNet untimed, so every squeeze-excitation
+    pair takes its fused kernel."""
+    if name == "efficientnet_b0":
+        monkeypatch.setenv("KFUSE_AUTOTUNE", "0")
+        monkeypatch.setattr(config, "_config", config.from_env())
     model, _ = build(name, batch=1, image=32)
     inputs = [build(name, batch=b, image=32, seed=s)[1] for s, b in ((0, 1), (1, 2), (2, 1), (3, 2))]
     cm = kfuse.compile(model, inputs[0])
+    if name == "efficientnet_b0":
+        assert sum(k.name.startswith("se_pwconv") for k in cm.report().kernels) == 16
     serial = [_flat(cm(*x)) for x in inputs]
     got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 4], 4, 10)
     _assert_serial(got, serial, lambda t, c: (t + c) % 4)
