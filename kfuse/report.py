@@ -18,7 +18,7 @@ class KernelInfo:
     measured_ms: float | None = None   # filled in by Program.profile
     unfused_ms: float | None = None    # the same ops run one by one in torch (Program.profile)
     schedule: str = ""        # a C kernel's autotuned schedule and the times it was chosen on (backends/c/autotune.py)
-    parts: tuple = ()         # a fused pair (dwconv_pwconv, se_pwconv): the fusions of its two halves, as they
+    parts: tuple = ()         # a fused pair (dwconv_pwconv, pwconv_dwconv, se_pwconv): the fusions of its halves, as they
                               # are named where the pair measured slower and runs as two kernels
 
 

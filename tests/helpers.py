@@ -186,12 +186,12 @@ def typed_model(nodes, graph_inputs, inits, feeds, outs, opset, ir_version=9):
     return model(infos), feeds, results
 
 
-def dw_pw_pairs(report) -> tuple[dict, int]:
-    """(the report's fusions with each fused pair kernel counted as its two halves, how many depthwise ->
-    pointwise pairs there are): a pair (a depthwise convolution's kernel or a squeeze-excitation, and the
-    1x1 convolution reading it) runs as one fused kernel or, where that measured slower on this machine,
-    as two kernels with a `measured_slower` record, so the counts of each form depend on the machine and
-    these do not."""
+def conv_pairs(report) -> tuple[dict, dict]:
+    """(the report's fusions with each fused pair kernel counted as its two halves, how many pairs of each
+    order, {"dw_pw": n, "pw_dw": m}, there are): a pair (a depthwise convolution's kernel or a
+    squeeze-excitation, and the 1x1 convolution reading it; a 1x1's kernel and the depthwise convolution
+    reading it) runs as one fused kernel or, where that measured slower on this machine, as two kernels
+    with a `measured_slower` record, so the counts of each form depend on the machine and these do not."""
     fusions = dict(report.fusions)
     for k in report.kernels:
         if k.parts:
@@ -199,7 +199,8 @@ def dw_pw_pairs(report) -> tuple[dict, int]:
             for p in k.parts:
                 if p:
                     fusions[p] = fusions.get(p, 0) + 1
-    fused = sum(k.name.startswith("dwconv_pwconv") for k in report.kernels)
-    split = sum(w.code == "measured_slower" and w.detail.startswith("depthwise") for w in report.why_not)
-    return {k: v for k, v in fusions.items() if v}, fused + split
-
+    pairs = {}
+    for key, fusion, what in (("dw_pw", "dwconv_pwconv", "depthwise ->"), ("pw_dw", "pwconv_dwconv", "pointwise ->")):
+        pairs[key] = sum(k.name.startswith(fusion) for k in report.kernels) + sum(
+            w.code == "measured_slower" and w.detail.startswith(what) for w in report.why_not)
+    return {k: v for k, v in fusions.items() if v}, pairs

@@ -20,7 +20,8 @@ import torch
 from .. import cost
 from ..ir import VIEW_OPS, Group, Kind, Node
 from ..kernels import NotFusable, lower
-from ..kernels.conv import POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as_squeeze_excite_pointwise
+from ..kernels.conv import (POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as_pointwise_depthwise,
+                            as_squeeze_excite_pointwise)
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
@@ -185,7 +186,7 @@ def _conv_sources(k) -> list[str]:
         return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
     if isinstance(k, c_gemm.GemmConv):
         return [c_gemm.source(k.act_code, k.residual)]
-    if isinstance(k, c_dwpw.DepthwisePointwise):
+    if isinstance(k, (c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise)):
         return [k.source()]
     if isinstance(k, c_squeeze_excite.SqueezeExcite):
         return [c_squeeze_excite.SOURCE]
@@ -194,7 +195,7 @@ def _conv_sources(k) -> list[str]:
     return []
 
 
-_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise,
+_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise,
               c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
 
 
@@ -240,7 +241,8 @@ def _conv_kernel(group):
 
 def _pair(group) -> _Pair | None:
     """The kernels of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or
-    a squeeze-excitation, and the 1x1 convolution that alone reads it), built; None for other groups."""
+    a squeeze-excitation, and the 1x1 convolution that alone reads it; a 1x1's kernel and the depthwise
+    convolution that alone reads it), built; None for other groups."""
     pair = as_depthwise_pointwise(group.nodes)
     if pair is not None:
         dw, pw = pair
@@ -256,6 +258,21 @@ def _pair(group) -> _Pair | None:
                            dw.attrs, dw.act, pw.act, pw.residual is not None)
         return _Pair(group.nodes.index(pw.x) + 1, first, name1, pw, cp, fused, "c:depthwise+gemm", problem, dw.x,
                      POINTWISE_PAIRS["depthwise_pointwise"][1])
+    pair = as_pointwise_depthwise(group.nodes)
+    if pair is not None:
+        pw, dw = pair
+        cp, cd = _conv_candidates(pw), _conv_candidates(dw)
+        first, name1, _ = _best_conv(pw, cp)
+        fused = None
+        if "c:gemm" in cp and "c:depthwise" in cd:
+            try:
+                fused = c_dwpw.PointwiseDepthwise(cp["c:gemm"], cd["c:depthwise"])
+            except (NotImplementedError, CompileError):
+                pass
+        problem = _problem("pw+dw", "first-into", tuple(pw.weight.shape), tuple(dw.weight.shape), pw.x.shape,
+                           dw.attrs, pw.act, dw.act)
+        return _Pair(group.nodes.index(dw.x) + 1, first, name1, dw, cd, fused, "c:gemm+depthwise", problem, pw.x,
+                     POINTWISE_PAIRS["pointwise_depthwise"][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
     if pair is not None:
         node, pw = pair
@@ -270,11 +287,11 @@ def _pair(group) -> _Pair | None:
 
 @dataclass
 class _Pair:
-    split: int              # group.nodes[split:] are the 1x1 convolution's kernel
+    split: int              # group.nodes[split:] are the second convolution's kernel
     first: object           # the first kernel (of group.nodes[:split]) and its backend name
     first_name: str
-    pw: object              # kernels.conv.ConvEpilogue of the 1x1 convolution, and its candidates
-    pw_cands: dict
+    second: object          # kernels.conv.ConvEpilogue of the second convolution, and its candidates
+    second_cands: dict
     fused: object           # the kernel computing both, or None, and its backend name
     fused_name: str
     problem: str            # the timed choice's name (autotune.pick)
@@ -307,13 +324,13 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
     """(why-not code, detail) where the pair runs better as two groups; None where the fused kernel wins."""
     if pair.fused is None:
         return "kernel_ir_cannot_express", f"{pair.what}: no fused kernel for this pair ({pair.fused_name})"
-    kp, bp, _ = _best_conv(pair.pw, pair.pw_cands)
+    kp, bp, _ = _best_conv(pair.second, pair.second_cands)
     two = f"{pair.first_name} -> {bp}"
 
     held = []
 
     def two_kernels(x, *r, out=None):
-        """the first kernel writing into a held buffer, as into its planned one, then the 1x1 convolution"""
+        """the first kernel writing into a held buffer, as into its planned one, then the second"""
         if held and _takes_out(pair.first):
             y = pair.first(x, out=held[0])
         else:
@@ -322,7 +339,7 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
         return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
     two_kernels.takes_out = True
     best, pair.schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: two_kernels}),
-                               _conv_inputs(pair.x, pair.pw.residual))
+                               _conv_inputs(pair.x, pair.second.residual))
     if best == pair.fused_name:
         return None
     return "measured_slower", f"{pair.what}: the fused kernel ({pair.fused_name}) measured slower here than {two}; " \
@@ -331,7 +348,7 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
 
 def _pair_kernel(group, pair: _Pair):
     """The fused kernel of a pair group that split_pairs kept whole."""
-    fn = _conv_call(group, replace(pair.pw, x=pair.x), pair.fused)
+    fn = _conv_call(group, replace(pair.second, x=pair.x), pair.fused)
     fn.sources = lambda: _conv_sources(pair.fused)
     fn.split, fn.schedule = pair.split, pair.schedule
     return fn, pair.fused_name
@@ -511,6 +528,8 @@ def fusion_name(nodes) -> str | None:
     pair = as_depthwise_pointwise(nodes)
     if pair is not None:
         return "dwconv_pwconv" + ("_add" if pair[1].residual is not None else "")
+    if as_pointwise_depthwise(nodes) is not None:
+        return "pwconv_dwconv"
     pair = as_squeeze_excite_pointwise(nodes)
     if pair is not None:
         return "se_pwconv" + ("_add" if pair[1].residual is not None else "")
@@ -551,8 +570,7 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "view"
     if as_linear(nodes, floats) is not None:
         return "linear"
-    conv = as_conv(nodes) is not None or as_depthwise_pointwise(nodes) is not None \
-        or as_squeeze_excite_pointwise(nodes) is not None
+    conv = as_conv(nodes) is not None or any(match(nodes) is not None for match, _ in POINTWISE_PAIRS.values())
     if conv:
         return "torch" if backend == "triton" else "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:

@@ -97,6 +97,23 @@ def as_depthwise_pointwise(nodes) -> tuple[ConvEpilogue, ConvEpilogue] | None:
     return dw, pw
 
 
+def as_pointwise_depthwise(nodes) -> tuple[ConvEpilogue, ConvEpilogue] | None:
+    """(pointwise, depthwise) when `nodes` are the kernel of a 1x1 stride-1 unpadded convolution of one
+    group (its bias and activation, no residual) followed by the kernel of a depthwise convolution
+    (multiplier 1, no residual) that reads it, both channels-last float32; else None."""
+    heads = [i for i, n in enumerate(nodes) if n.op == "conv2d"]
+    if len(heads) != 2 or heads[0] != 0:
+        return None
+    pw, dw = as_conv(nodes[:heads[1]]), as_conv(nodes[heads[1]:])
+    if pw is None or dw is None or dw.x is not nodes[heads[1] - 1] or pw.residual is not None \
+            or dw.residual is not None or not _pointwise_nhwc(pw, pw.x.shape[-1]):
+        return None
+    c, a = dw.weight.shape[0], dw.attrs
+    if a.get("layout") != "nhwc" or int(a["groups"]) != c or dw.weight.shape[1] != 1 or pw.weight.shape[0] != c:
+        return None
+    return pw, dw
+
+
 def as_squeeze_excite_pointwise(nodes) -> tuple[Node, ConvEpilogue] | None:
     """(squeeze_excite node, pointwise) when `nodes` are a channels-last float32 squeeze-excitation and
     the kernel of a 1x1 stride-1 unpadded convolution of one group that reads it (with its own
@@ -121,4 +138,5 @@ def _pointwise_nhwc(pw: ConvEpilogue, c: int) -> bool:
 # The pairs with a 1x1 convolution that one kernel computes (passes/autofuse.Scheduler.pointwise_pairs,
 # backends.split_pairs): the rule's name (for disable=[...]), its matcher and how reports name it.
 POINTWISE_PAIRS = {"depthwise_pointwise": (as_depthwise_pointwise, "depthwise -> pointwise"),
+                   "pointwise_depthwise": (as_pointwise_depthwise, "pointwise -> depthwise"),
                    "squeeze_excite_pointwise": (as_squeeze_excite_pointwise, "squeeze-excitation -> pointwise")}

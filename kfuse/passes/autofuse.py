@@ -178,18 +178,27 @@ class Scheduler:
                 self.report.fired("horizontal")
 
     def pointwise_pairs(self):
-        """One group for a kernel and the 1x1 convolution's kernel that alone reads it, where one kernel can
-        compute both (kernels.conv): a depthwise convolution's (its output tile consumed while in cache)
-        or a squeeze-excitation (its gate scaling the convolution's inputs as they are read). The group's
-        kernel computes both, or, where that measures slower, runs them one after the other (backends,
-        with a why-not record). disable=["depthwise_pointwise"] / ["squeeze_excite_pointwise"] keeps
-        such pairs apart."""
+        """One group for a kernel and the convolution's kernel that alone reads it, where one kernel can
+        compute both (kernels.conv.POINTWISE_PAIRS): a depthwise convolution's then a 1x1 (the depthwise
+        output tile consumed while in cache), a 1x1's then a depthwise (the expanded rows computed into a
+        buffer the depthwise reads), or a squeeze-excitation then a 1x1 (its gate scaling the
+        convolution's inputs as they are read). The group's kernel computes both, or, where that
+        measures slower, the pair is split in two (backends.split_pairs, with a why-not record).
+        Groups are visited in order, so in an inverted residual block (1x1, depthwise, 1x1) the first
+        1x1 pairs with the depthwise: its tensor is the larger where the depthwise has a stride.
+        disable=["depthwise_pointwise"] (etc.) keeps such pairs apart."""
         pairs = [match for name, (match, _) in POINTWISE_PAIRS.items() if name not in self.disabled]
         for gb, b in enumerate(self.groups):
             if not b or b[0].op != "conv2d" or b[0].inputs[0] not in self.group_of:
                 continue
             ga = self.group_of[b[0].inputs[0]]
             a = self.groups[ga]
+            rule = _pointwise_pair(a[-1], b[0]) if a and a[-1] is b[0].inputs[0] else None
+            if rule is not None and any(m(a) is not None for m, _ in POINTWISE_PAIRS.values()):
+                self.refused[(a[-1], b[0])] = "contraction_consumer", (
+                    f"{POINTWISE_PAIRS[rule][1]}: the first convolution is already in a pair with the one before "
+                    f"it (a kernel computes two convolutions at most)")
+                continue
             if ga == gb or a[-1] is not b[0].inputs[0] or self.needed_outside(a) != [a[-1]] or a[-1] in self.outputs \
                     or self.users[a[-1]] != [b[0]] or all(m(a + b) is None for m in pairs) \
                     or self.creates_cycle(a, b):
@@ -211,16 +220,28 @@ class Scheduler:
 def _pointwise_pair(producer: Node, consumer: Node) -> str | None:
     """The pair rule (pointwise_pairs) whose form producer -> consumer has, if any: consumer is a 1x1
     convolution and producer ends a depthwise convolution's kernel (the conv, then elementwise ops) or
-    is a squeeze-excitation."""
-    if consumer.op != "conv2d" or consumer.inputs[1].shape[2:] != (1, 1):
+    is a squeeze-excitation; or consumer is a depthwise convolution and producer ends a 1x1's kernel."""
+    if consumer.op != "conv2d":
         return None
     if producer.op == "squeeze_excite":
-        return "squeeze_excite_pointwise"
+        return "squeeze_excite_pointwise" if _is_pointwise(consumer) else None
     while producer.kind == Kind.ELEMENTWISE and len(producer.inputs) == 1:
         producer = producer.inputs[0]
-    if producer.op == "conv2d" and producer.attrs["groups"] > 1 and producer.attrs["groups"] == producer.inputs[1].shape[0]:
+    if producer.op != "conv2d":
+        return None
+    if _is_depthwise(producer) and _is_pointwise(consumer):
         return "depthwise_pointwise"
+    if _is_pointwise(producer) and _is_depthwise(consumer):
+        return "pointwise_depthwise"
     return None
+
+
+def _is_pointwise(conv: Node) -> bool:
+    return conv.inputs[1].shape[2:] == (1, 1) and conv.attrs["groups"] == 1
+
+
+def _is_depthwise(conv: Node) -> bool:
+    return conv.attrs["groups"] > 1 and conv.attrs["groups"] == conv.inputs[1].shape[0]
 
 
 def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:

@@ -33,7 +33,7 @@ def test_bn_after_shared_conv_is_not_folded():
 # -- convolutions through oneDNN with their epilogues --------------------------------------------------------
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from helpers import Fn, dw_pw_pairs, kernels_named  # noqa: E402
+from helpers import Fn, conv_pairs, kernels_named  # noqa: E402
 
 import kfuse  # noqa: E402
 from kfuse.backends import conv as conv_backend  # noqa: E402
@@ -134,21 +134,24 @@ def test_resnet50_fusion_counts():
     assert not rep.fallbacks
 
 
+MOBILENETV2_PAIRS = {"dw_pw": 1, "pw_dw": 16}
+
+
 def test_mobilenetv2_fusion_counts():
     """Depthwise-separable inverted residuals: every conv takes its BatchNorm, ReLU6 (clamp) and residual;
-    each of the 17 depthwise convs is one group with the 1x1 projection after it (10 with the residual;
-    counted as their halves: 17 more conv_clamp and 10 conv_add)."""
+    each of the 16 depthwise convs after an expand 1x1 is one group with it, the first block's (no expand)
+    with the 1x1 projection after it (counted as their halves: the same conv_clamp and conv_add kernels)."""
     model, inputs = build("mobilenetv2", batch=1, image=64)
     cm = compiled(model, *inputs, rtol=1e-4, atol=1e-4)
     rep = cm.report()
     assert rep.rules["conv_bn_scale"] == 52 and cm.graph.op_counts()["conv2d"] == 52
-    assert dw_pw_pairs(rep) == ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, 17), rep.fusions
+    assert conv_pairs(rep) == ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, MOBILENETV2_PAIRS), rep.fusions
     assert not rep.fallbacks
 
 
 @pytest.mark.parametrize("name,fusions", [
-    ("resnet50", ({"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, 0)),
-    ("mobilenetv2", ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, 17)),
+    ("resnet50", ({"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, {"dw_pw": 0, "pw_dw": 0})),
+    ("mobilenetv2", ({"conv_clamp": 35, "conv_add": 10, "gemm_bias": 1}, MOBILENETV2_PAIRS)),
 ])
 def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name, fusions):
     """The ONNX path (dynamo exporter, which folds BatchNorm itself) forms the same kernels."""
@@ -159,7 +162,7 @@ def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name, fusions):
     cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
     v = cm.verify(x)
     assert v.ok and v.max_rel < 1e-4, v
-    assert dw_pw_pairs(cm.report()) == fusions and not cm.report().fallbacks
+    assert conv_pairs(cm.report()) == fusions and not cm.report().fallbacks
 
 
 # -- hardswish / hardsigmoid (MobileNetV3): captured as add, clamp, div, mul, named by a fold rule --------------

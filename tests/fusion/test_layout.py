@@ -237,6 +237,50 @@ def test_depthwise_then_pointwise_measured_slower_runs_as_two_kernels(monkeypatc
     assert any(n.op == "clamp" for n in planned), planned      # the depthwise output: an arena buffer
 
 
+def _inverted_residual(residual: bool, stride: int = 1):
+    """MobileNetV2's block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 projection (+ the input)"""
+    m = Fn(lambda m, x: m.project(F.relu6(m.dw(F.relu6(m.expand(x))))) + (x if residual else 0))
+    m.expand, m.dw = torch.nn.Conv2d(6, 24, 1), torch.nn.Conv2d(24, 24, 3, stride=stride, padding=1, groups=24)
+    m.project = torch.nn.Conv2d(24, 6, 1)
+    return m
+
+
+@pytest.mark.parametrize("residual,stride", [(False, 2), (True, 1)])
+def test_expand_then_depthwise_is_one_group(monkeypatch, residual, stride):
+    """In an inverted residual block the expand 1x1 and the depthwise conv after it are one group (the
+    expanded tensor, the block's widest, never written); with timing off its kernel is the fused one. The
+    projection after the depthwise conv stays its own kernel, and the report says why."""
+    untimed(monkeypatch)
+    x = torch.randn(2, 6, 9, 7)
+    x[1, 3, 4, 5] = float("nan")
+    rep = compiled(_inverted_residual(residual, stride), x).report()
+    pair, proj = [k for k in rep.kernels if k.ops[0] == "conv2d"]
+    assert pair.name == "pwconv_dwconv" and pair.backend == "c:gemm+depthwise"
+    assert pair.parts == ("conv_clamp", "conv_clamp") and proj.name == ("conv_add" if residual else "conv2d")
+    (w,) = [w for w in rep.why_not if "depthwise -> pointwise" in w.detail]
+    assert w.code == "contraction_consumer" and "already" in w.detail
+
+
+def test_expand_then_depthwise_measured_slower_runs_as_two_kernels(monkeypatch):
+    _fused_loses(monkeypatch, "c:gemm+depthwise")
+    cm = compiled(_inverted_residual(True), torch.randn(1, 6, 9, 9))
+    rep = cm.report()
+    (w,) = [w for w in rep.why_not if w.code == "measured_slower"]
+    assert w.detail.startswith("pointwise -> depthwise") and "2.000 ms" in w.detail
+    assert rep.fusions == {"conv_clamp": 2, "conv_add": 1}, rep.fusions
+    assert any(n.op == "clamp" and n.inputs[0].inputs[1].shape[1] == 6 for n in cm._last._plan.planned)
+
+
+def test_expand_then_depthwise_kept_apart_by_the_user():
+    """disable=["pointwise_depthwise"] keeps the pair apart (the depthwise conv then pairs with the
+    projection after it, as before this pair existed)"""
+    rep = compiled(_inverted_residual(False), torch.randn(1, 6, 9, 9), disable=["pointwise_depthwise"]).report()
+    (w,) = [w for w in rep.why_not if "pointwise_depthwise" in w.detail]
+    assert w.code == "user_disabled"
+    assert "pwconv_dwconv" not in rep.fusions and sum(k.name.startswith("dwconv_pwconv") for k in rep.kernels) \
+        + sum(w.detail.startswith("depthwise ->") for w in rep.why_not if w.code == "measured_slower") == 1
+
+
 def _se_block(residual: bool):
     """a depthwise 3x3 conv, a squeeze-excitation (ReLU, hardsigmoid gate) of its 6 channels, then a 1x1
     projection to 10 channels (to 6 with the residual of the block's input)."""

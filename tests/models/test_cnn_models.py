@@ -3,7 +3,7 @@ eager, and through the ONNX path (dynamo exporter) against ONNX Runtime, with th
 ResNet-50 and MobileNetV2 are tested in tests/fusion/test_conv.py."""
 import pytest
 import torch
-from helpers import assert_verified, compiled, dw_pw_pairs
+from helpers import assert_verified, compiled, conv_pairs
 
 import kfuse
 from kfuse.cli import main
@@ -17,15 +17,15 @@ EXPECTED = {
     # 62 convs: 46 with a BatchNorm, 16 in 8 SE blocks, each block one squeeze_excite op (its mean, two
     # 1x1 convs, ReLU, hardsigmoid gate and scale); the 11 ReLU convs of the blocks take their ReLU;
     # hardswish and hardsigmoid, captured as add/clamp/div/mul, are named again by a fold rule (29: 20 on
-    # convs, 8 SE gates, 1 after the classifier's first linear); the 7 blocks without SE pair their
-    # depthwise conv (3 ReLU, 4 hardswish) with the 1x1 projection (5 with the residual), the 8 with SE
-    # their squeeze_excite op with it (counted as their halves: tests/helpers.dw_pw_pairs)
-    "mobilenetv3": dict(convs=46, bn=46, hard=29, se=8, dw_pw=7, fusions={
+    # convs, 8 SE gates, 1 after the classifier's first linear); the 14 blocks with an expand 1x1 pair it
+    # with their depthwise conv, the first block (none) its depthwise conv with the 1x1 projection, the 8
+    # with SE their squeeze_excite op with the projection (counted as their halves: tests/helpers.conv_pairs)
+    "mobilenetv3": dict(convs=46, bn=46, hard=29, se=8, pairs={"dw_pw": 1, "pw_dw": 14}, fusions={
         "conv_relu": 11, "conv_add": 10, "conv_hardswish": 20, "squeeze_excite": 8, "gemm_bias": 2}),
     # 81 convs: 49 with a BatchNorm, 32 in 16 SE blocks (16 squeeze_excite ops); every other SiLU rides on
-    # its conv, 9 residual adds too
-    "efficientnet_b0": dict(convs=49, bn=49, se=16, fusions={"conv_silu": 33, "squeeze_excite": 16, "conv_add": 9,
-                                                              "gemm_bias": 1}),
+    # its conv, 9 residual adds too; the 15 expand 1x1 convs pair with their depthwise conv
+    "efficientnet_b0": dict(convs=49, bn=49, se=16, pairs={"dw_pw": 0, "pw_dw": 15},
+                            fusions={"conv_silu": 33, "squeeze_excite": 16, "conv_add": 9, "gemm_bias": 1}),
     # 22 convs (stem, 18 depthwise 7x7, 3 downsamples), no BatchNorm; 23 LayerNorms as row kernels;
     # each block's MLP is a GEMM + GELU and a GEMM + bias (the 19th: the classifier), then its layer
     # scale and residual add in one kernel (channels-last: no transpose between them), or, before a
@@ -43,6 +43,7 @@ EXPECTED = {
 }
 
 NEW = list(EXPECTED)
+NO_PAIRS = {"dw_pw": 0, "pw_dw": 0}
 
 
 def test_every_cnn_is_registered():
@@ -62,7 +63,7 @@ def test_cnn_matches_eager_with_its_fusions(name):
     if "layer_norms" in want:
         assert ops["layer_norm"] == want["layer_norms"], ops
     assert ops.get("group_norm", 0) == want.get("group_norms", 0), ops
-    assert dw_pw_pairs(rep) == (want["fusions"], want.get("dw_pw", 0)), rep.fusions
+    assert conv_pairs(rep) == (want["fusions"], want.get("pairs", NO_PAIRS)), rep.fusions
 
 
 # The ONNX path: the exporter folds BatchNorm itself; the GroupNorm of the UNet arrives as
@@ -84,7 +85,8 @@ def test_cnn_through_onnx_matches_onnx_runtime(tmp_path, name):
     cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
     assert_verified(cm.verify(x), 1e-4)
     assert cm.graph.op_counts()["conv2d"] == EXPECTED[name]["convs"]
-    assert dw_pw_pairs(cm.report()) == (ONNX_FUSIONS[name], EXPECTED[name].get("dw_pw", 0)) and not cm.report().fallbacks
+    assert conv_pairs(cm.report()) == (ONNX_FUSIONS[name], EXPECTED[name].get("pairs", NO_PAIRS)) \
+        and not cm.report().fallbacks
 
 
 def test_demo_choices_include_the_cnns(capsys):

@@ -1,8 +1,10 @@
-"""The fused depthwise -> 1x1 convolution kernel (kfuse/backends/c/dwpw.py): bit for bit the two kernels it
-fuses (depthwise.DepthwiseConv, then gemm.GemmConv; the same row and tile functions, the same sums in the
-same order), which tests/ops/test_depthwise.py and test_gemm.py check against torch; and against torch
-here too. Channels off the 16-float vector, kernels 3x3 to 7x7, strides 1 and 2, maps of one row to many
-row blocks, batches 0 to 3, residual or not, NaN inputs, thread counts 1-3, the source without AVX-512."""
+"""The fused depthwise -> 1x1 and 1x1 -> depthwise convolution kernels (kfuse/backends/c/dwpw.py): bit for
+bit the two kernels each fuses (depthwise.DepthwiseConv and gemm.GemmConv; the same row and tile
+functions, the same sums in the same order), which tests/ops/test_depthwise.py and test_gemm.py check
+against torch; and against torch here too. Channels off the 16-float vector, kernels 1x1 to 7x7, strides
+1 to 3, dilation 2, padding smaller and larger than the kernel's half, maps of one row to many row
+blocks (the 1x1 -> depthwise kernel's sliding row buffer moving many times), batches 0 to 3, residual or
+not, NaN inputs, thread counts 1-3, the source without AVX-512."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +15,7 @@ from helpers import assert_close
 
 from kfuse.backends import openmp
 from kfuse.backends.c.depthwise import DepthwiseConv
-from kfuse.backends.c.dwpw import DepthwisePointwise
+from kfuse.backends.c.dwpw import DepthwisePointwise, PointwiseDepthwise
 from kfuse.backends.c.gemm import GemmConv
 
 
@@ -125,3 +127,100 @@ def test_bound_calls_equal_checked_calls():
         other = inp[:1]
         rest1 = tuple(t[:1] for t in rest)
         assert torch.equal(call(other, *rest1, out=torch.empty_like(want[:1])), k(other, *rest1))
+
+
+# 1x1 -> depthwise (an inverted residual block's expand convolution, then its depthwise one)
+
+def make_pwdw(cin, c, k, stride, padding, dilation, act1, act2, generic=False):
+    wp, bp = torch.randn(c, cin, 1, 1) / cin ** 0.5, torch.randn(c)
+    wd, bd = torch.randn(c, 1, k, k), torch.randn(c)
+    pw = GemmConv(wp, bp, ACTS[act1][0], False)
+    dw = DepthwiseConv(wd, bd, stride, padding, dilation, ACTS[act2][0])
+    return pw, dw, PointwiseDepthwise(pw, dw, generic=generic), (wp, bp, wd, bd)
+
+
+def check_pwdw(n, h, w, cin, c, k=3, stride=1, padding=None, dilation=1, act1="relu6", act2="relu6",
+               generic=False):
+    padding = k // 2 if padding is None else padding
+    pw, dw, fused, (wp, bp, wd, bd) = make_pwdw(cin, c, k, stride, padding, dilation, act1, act2, generic)
+    x = torch.randn(n, h, w, cin)
+    want_two = dw(pw(x))
+    got = torch.full_like(want_two, float("nan"))
+    assert fused(x, out=got) is got
+    assert torch.equal(got, want_two)                  # the two kernels, bit for bit
+    t = ACTS[act1][1](F.conv2d(x.permute(0, 3, 1, 2).double(), wp.double(), bp.double()))
+    t = F.conv2d(t, wd.double(), bd.double(), stride, padding, dilation, c)
+    assert_close(got, ACTS[act2][1](t).permute(0, 2, 3, 1).float(), atol=1e-5, rtol=1e-5)
+    return fused, x
+
+
+PWDW_SHAPES = [  # n, h, w, cin, c, k, stride, padding, dilation
+    (1, 14, 14, 16, 96, 3, 1, 1, 1), (1, 15, 13, 5, 37, 3, 2, 1, 1), (2, 9, 11, 24, 40, 5, 1, 2, 1),
+    (1, 1, 1, 16, 8, 3, 1, 1, 1), (3, 7, 7, 8, 48, 7, 1, 3, 1), (1, 8, 6, 3, 20, 3, 2, 0, 2),
+    (1, 17, 19, 8, 33, 3, 3, 4, 1), (2, 6, 5, 2, 16, 1, 1, 0, 1), (1, 9, 9, 8, 24, 3, 1, 2, 2),
+    (1, 90, 40, 16, 96, 3, 1, 1, 1), (2, 71, 33, 8, 144, 5, 2, 2, 1),      # the row buffer slides many times
+]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("n,h,w,cin,c,k,stride,padding,dilation", PWDW_SHAPES)
+def test_pointwise_depthwise_matches_the_two_kernels_and_torch(n, h, w, cin, c, k, stride, padding, dilation,
+                                                               generic):
+    check_pwdw(n, h, w, cin, c, k, stride, padding, dilation, generic=generic)
+
+
+@pytest.mark.parametrize("act1,act2", [("silu", "silu"), ("hardswish", "none"), ("none", "relu"), ("gelu", "sigmoid")])
+def test_pointwise_depthwise_activations(act1, act2):
+    check_pwdw(1, 11, 10, 12, 40, act1=act1, act2=act2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pointwise_depthwise_thread_counts(threads):
+    """each thread's first rows of the expanded map are its own (computed again where two threads' rows meet)"""
+    with openmp.using(threads):
+        check_pwdw(2, 17, 9, 24, 40)
+        check_pwdw(1, 7, 7, 32, 96, stride=2)
+        check_pwdw(1, 5, 4, 8, 16)         # fewer rows than threads have items
+
+
+def test_pointwise_depthwise_nan_empty_and_errors():
+    pw, dw, fused, _ = make_pwdw(16, 32, 3, 1, 1, 1, "relu6", "none")
+    x = torch.randn(1, 6, 6, 16)
+    x[0, 2, 3, 5] = float("nan")
+    got = fused(x)
+    assert torch.equal(got.isnan(), dw(pw(x)).isnan()) and got.isnan().any()
+    assert fused(torch.randn(0, 5, 5, 16)).shape == (0, 5, 5, 32)
+    with pytest.raises(ValueError, match="want float32"):
+        fused(torch.randn(1, 5, 5, 15))
+    with pytest.raises(ValueError, match="want contiguous float32"):
+        fused(torch.randn(1, 5, 5, 16), out=torch.empty(1, 5, 5, 31))
+    with pytest.raises(NotImplementedError, match="1x1"):
+        PointwiseDepthwise(GemmConv(torch.randn(32, 16, 3, 3), None, None, False), dw)
+    with pytest.raises(NotImplementedError, match="1x1"):
+        PointwiseDepthwise(GemmConv(torch.randn(32, 16, 1, 1), None, None, True), dw)     # a residual
+
+
+def test_pointwise_depthwise_bound_and_concurrent_calls():
+    """the bound call (checks done once) gives the checked call's bits; four threads calling one kernel at
+    once each get the serial answer (each call has its own row buffers)"""
+    import threading
+    _, _, fused, _ = make_pwdw(24, 48, 3, 1, 1, 1, "relu6", "relu6")
+    xs = [torch.randn(1, 20, 20, 24) for _ in range(4)]
+    want = [fused(x) for x in xs]
+    call = fused.bound(tuple(xs[0].shape))
+    out = torch.full_like(want[0], float("nan"))
+    assert call(xs[0], out=out) is out and torch.equal(out, want[0])
+    assert torch.equal(call(xs[1][:, :, :19].contiguous(), out=torch.empty(1, 20, 19, 48)), fused(xs[1][:, :, :19]))
+    bad, start = [], threading.Barrier(4)
+
+    def worker(t):
+        start.wait()
+        for c in range(40):
+            if not torch.equal(call(xs[(t + c) % 4], out=torch.empty_like(want[0])), want[(t + c) % 4]):
+                bad.append((t, c))
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not bad

@@ -1,4 +1,5 @@
-/* Depthwise convolution, then the 1x1 convolution that reads it, in one kernel: a block of the depthwise
+/* A depthwise and a 1x1 convolution in one kernel, in either order (kf_dwpw, kf_pwdw below).
+   Depthwise, then the 1x1 convolution that reads it: a block of the depthwise
    output's rows goes to a per-thread buffer (sized by dwpw.py to stay in L2), and the 1x1 GEMM's tiles
    read it from there; the depthwise output never goes to memory. Appended by dwpw.py to gemm.c (its
    act renamed pw_act) and depthwise.c (act renamed dw_act), whose constants KH..DW, ACT (depthwise)
@@ -7,6 +8,7 @@
    Returns 0, or -1 when a buffer cannot be allocated. */
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* dims: N H W C OH OW PH PW Cout RB (depthwise output rows per work item); prm: the depthwise
    activation's two scalars, then the 1x1's */
@@ -52,6 +54,71 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
                     }
                 }
             }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The other order: a 1x1 convolution (expand), then the depthwise convolution that reads it. Each thread
+   runs a contiguous range of output rows in order, computing each expanded input row once into a
+   per-thread buffer of RB rows (W C floats each) that slides down the image: when the next output row's
+   window would run past the buffer's end, the rows it still needs move to the front (a few rows every
+   RB - window rows). The depthwise row then reads the buffer as the image (its row pointer offset by the
+   buffer's first row), so the expanded tensor never goes to memory. x [N, H, W, CI], out [N, OH, OW, C].
+   dims: N H W CI C OH OW PH PW RB; prm: the depthwise activation's two scalars, then the 1x1's. */
+static void expand_row(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
+                       float *restrict row, int64_t W, int64_t CI, int64_t C, float p0, float p1) {
+    const int64_t P = (C + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * CI;
+    const float *ap[MR];
+    for (int64_t pp = 0; pp < NP2; pp++) {
+        const int64_t n0 = 32 * pp;
+        const int nv = 2 * pp + 1 < P ? 2 : 1;
+        const int cols = C - n0 < 32 ? (int)(C - n0) : 32;
+        for (int64_t m = 0; m < W; m += MR) {
+            const int mr = W - m < MR ? (int)(W - m) : MR;
+            for (int i = 0; i < mr; i++)
+                ap[i] = xr + (m + i) * CI;
+            tile_any(mr, nv, ap, 1, CI, pw_w + 2 * pp * ps, ps, row + m * C + n0, C, cols, pw_b + n0, 0, p0, p1);
+        }
+    }
+}
+
+int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *restrict pw_b,
+            const float *restrict dw_w, const float *restrict dw_b, const float *restrict zero,
+            float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
+    const int64_t N = dims[0], H = dims[1], W = dims[2], CI = dims[3], C = dims[4], OH = dims[5], OW = dims[6];
+    const int64_t PH = dims[7], PW = dims[8], RB = dims[9], rs = W * C;
+    int64_t ow_lo, ow_hi;
+    interior_cols(W, OW, PW, &ow_lo, &ow_hi);
+    if (RB < ((KH - 1) * DH + 1 < H ? (KH - 1) * DH + 1 : H))     /* a window's rows must fit */
+        return -1;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = malloc(RB * rs * sizeof(float));
+        int64_t cur = -1, base = 0, end = 0;     /* the image and its rows [base, end) the buffer holds */
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < N * OH; t++) {
+            if (!buf)
+                continue;
+            const int64_t n = t / OH, oh = t % OH, ih0 = oh * SH - PH;
+            const int64_t lo = ih0 > 0 ? ih0 : 0, hi = ih0 + (KH - 1) * DH + 1 < H ? ih0 + (KH - 1) * DH + 1 : H;
+            if (n != cur || lo >= end) {
+                cur = n;
+                base = end = lo;
+            } else if (hi - base > RB) {
+                memmove(buf, buf + (lo - base) * rs, (end - lo) * rs * sizeof(float));
+                base = lo;
+            }
+            for (; end < hi; end++)
+                expand_row(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, W, CI, C, prm[2], prm[3]);
+            dw_row(buf - base * rs, dw_w, dw_b, zero, out + t * OW * C, oh, 0, C, H, W, C, OW, PH, PW, ow_lo, ow_hi,
+                   prm[0], prm[1]);
         }
         free(buf);
     }

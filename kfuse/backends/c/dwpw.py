@@ -1,12 +1,17 @@
-"""A depthwise convolution and the 1x1 convolution that reads it, in one C kernel (dwpw.c): a block of
-the depthwise output's rows is computed into a per-thread buffer that stays in L2 and the 1x1 GEMM's
-register tiles read it there, so the depthwise output (MobileNet's widest tensors) never goes to memory.
+"""A depthwise and a 1x1 convolution, one reading the other, in one C kernel (dwpw.c), in either order:
+- DepthwisePointwise: a block of the depthwise output's rows is computed into a per-thread buffer that
+  stays in L2 and the 1x1 GEMM's register tiles read it there;
+- PointwiseDepthwise (an inverted residual block's expand 1x1, then its depthwise): each expanded input
+  row is computed once into a per-thread buffer of rows sliding down the image, and the depthwise rows
+  read it there;
+so the tensor between them (MobileNet's widest, six times the block's channels) never goes to memory.
 
 The source is gemm.c, then depthwise.c (without a second copy of the vector math), each with its
 activation function renamed, then the driver: the row and tile functions are those of the two
 separate kernels, so the fused kernel computes the same sums in the same order as they do, bit for
 bit. Whether it is faster than the two kernels depends on the shape (the 1x1 weight is read once per
-block of rows, not once per row block of the whole map): backends._conv_kernel times both.
+block of rows, not once per row block of the whole map; a thread's first rows of the expanded map are
+computed twice, by it and by the thread before): backends.split_pairs times both.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
 BUFFER_FLOATS = 16384        # depthwise output per thread buffer: 64 KB, well inside a 1 MB L2
+EXPAND_FLOATS = 65536        # expanded rows per thread buffer (at least a depthwise window): 256 KB
 
 
 def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -> str:
@@ -34,8 +40,8 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
 
 
 @functools.lru_cache(maxsize=None)
-def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False):
-    f = entry(source(dw_args, pw_act, residual, generic), "kf_dwpw", 8)
+def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False, name: str = "kf_dwpw"):
+    f = entry(source(dw_args, pw_act, residual, generic), name, 8 if name == "kf_dwpw" else 7)
     f.restype = ctypes.c_int
     return f
 
@@ -99,4 +105,59 @@ class DepthwisePointwise:
                    self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
                    out.data_ptr(), self._plan(n, h, w, threads), self.params, threads):
             raise MemoryError("depthwise + pointwise kernel: cannot allocate its row buffers")
+        return out
+
+
+class PointwiseDepthwise:
+    """dw(pw(x)) on NHWC x: pw a 1x1 stride-1 gemm.GemmConv without a residual, dw a depthwise.DepthwiseConv
+    over its output channels."""
+
+    def __init__(self, pw: gemm.GemmConv, dw: depthwise.DepthwiseConv, generic: bool = False):
+        if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)) or pw.residual or pw.cout != dw.c:
+            raise NotImplementedError("pointwise + depthwise kernel: the first convolution is not a 1x1 feeding the second")
+        self.pw, self.dw = pw, dw
+        self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
+        self.fn = _fn(self.dw_args, pw.act_code, False, generic, "kf_pwdw")
+        self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
+        self._dims: dict = {}
+
+    def _plan(self, n, h, w, threads):
+        key = (n, h, w, threads)
+        if key not in self._dims:
+            _, oh, ow, c = self.dw.out_shape(n, h, w)
+            window = (self.dw.kh - 1) * self.dw.dilation[0] + 1
+            rb = max(min(window, h), min(h, EXPAND_FLOATS // (w * c)))
+            self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb)
+        return self._dims[key]
+
+    def source(self) -> str:
+        return source(self.dw_args, self.pw.act_code, False)
+
+    def out_shape(self, n, h, w):
+        return self.dw.out_shape(n, h, w)
+
+    def bound(self, x_shape):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+        n, h, w, c = x_shape
+        if c != self.pw.cin or 0 in self.dw.out_shape(n, h, w):
+            return self
+        return bind(self, torch.Size(x_shape), self.fn,
+                    [None, self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), self.dw.weight.data_ptr(),
+                     self.dw.bias.data_ptr(), self.dw.zero.data_ptr(), None], (0, None, 6),
+                    lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None):
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.pw.cin:
+            raise ValueError(f"pointwise + depthwise kernel: x {x.dtype} {tuple(x.shape)}, want float32 "
+                             f"[N, H, W, {self.pw.cin}]")
+        n, h, w, _ = x.shape
+        x = x.contiguous()
+        out = check_out(out, self.dw.out_shape(n, h, w), "pointwise + depthwise")
+        if out.numel() == 0:
+            return out
+        threads = openmp.threads()
+        if self.fn(x.data_ptr(), self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), self.dw.weight.data_ptr(),
+                   self.dw.bias.data_ptr(), self.dw.zero.data_ptr(), out.data_ptr(), self._plan(n, h, w, threads),
+                   self.params, threads):
+            raise MemoryError("pointwise + depthwise kernel: cannot allocate its row buffers")
         return out
