@@ -1,8 +1,10 @@
-"""Pairs with a 1x1 convolution (depthwise -> pointwise, squeeze-excitation -> pointwise) measured through
-the call a user makes, side by side in one process (the providers rotated block by block, common.measure):
+"""Pairs with a 1x1 convolution (depthwise -> pointwise, pointwise -> depthwise, squeeze-excitation ->
+pointwise) measured through the call a user makes, side by side in one process (the providers rotated
+block by block, common.measure):
 
     python bench/bench_pairs.py [--models efficientnet_b0,mobilenetv3,regnety_1_6gf] [--batch 1]
                                 [--disable squeeze_excite_pointwise]
+    python bench/bench_pairs.py --models mobilenetv2,mobilenetv3,efficientnet_b0 --disable pointwise_depthwise
 
 Per model:
   kfuse            the program as compiled (each pair fused where its fused kernel measured faster)
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 import kfuse  # noqa: E402
 from kfuse.models import build  # noqa: E402
 
-PAIRS = ("dwconv_pwconv", "se_pwconv")
+PAIRS = ("dwconv_pwconv", "pwconv_dwconv", "se_pwconv")
 
 
 def main():

@@ -60,18 +60,22 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
     return failed ? -1 : 0;
 }
 
-/* The other order: a 1x1 convolution (expand), then the depthwise convolution that reads it. Each thread
-   runs a contiguous range of output rows in order, computing each expanded input row once into a
-   per-thread buffer of RB rows (W C floats each) that slides down the image: when the next output row's
-   window would run past the buffer's end, the rows it still needs move to the front (a few rows every
-   RB - window rows). The depthwise row then reads the buffer as the image (its row pointer offset by the
-   buffer's first row), so the expanded tensor never goes to memory. x [N, H, W, CI], out [N, OH, OW, C].
-   dims: N H W CI C OH OW PH PW RB; prm: the depthwise activation's two scalars, then the 1x1's. */
+/* The other order: a 1x1 convolution (expand), then the depthwise convolution that reads it. A work item
+   is one output row of one chunk of channels (the two convolutions' channels are independent: the 1x1's
+   output columns are the depthwise's channels); each thread runs a contiguous range of items in order,
+   computing each expanded input row's chunk once into a per-thread buffer of RB rows (W C floats each)
+   that slides down the image: when the next output row's window would run past the buffer's end, the
+   rows it still needs move to the front (a few rows every RB - window rows). The depthwise row then reads
+   the buffer as the image (its row pointer offset by the buffer's first row), so the expanded tensor
+   never goes to memory. x [N, H, W, CI], out [N, OH, OW, C]. dims: N H W CI C OH OW PH PW RB, nck (channel
+   chunks: more items where rows are few), ck (channels per chunk, a multiple of 32); prm: the depthwise
+   activation's two scalars, then the 1x1's. */
 static void expand_row(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
-                       float *restrict row, int64_t W, int64_t CI, int64_t C, float p0, float p1) {
-    const int64_t P = (C + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * CI;
+                       float *restrict row, int64_t W, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
+                       float p1) {
+    const int64_t P = (C + 15) / 16, ps = 16 * CI;
     const float *ap[MR];
-    for (int64_t pp = 0; pp < NP2; pp++) {
+    for (int64_t pp = c0 / 32; pp < (c1 + 31) / 32; pp++) {
         const int64_t n0 = 32 * pp;
         const int nv = 2 * pp + 1 < P ? 2 : 1;
         const int cols = C - n0 < 32 ? (int)(C - n0) : 32;
@@ -88,37 +92,39 @@ int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *re
             const float *restrict dw_w, const float *restrict dw_b, const float *restrict zero,
             float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t N = dims[0], H = dims[1], W = dims[2], CI = dims[3], C = dims[4], OH = dims[5], OW = dims[6];
-    const int64_t PH = dims[7], PW = dims[8], RB = dims[9], rs = W * C;
+    const int64_t PH = dims[7], PW = dims[8], RB = dims[9], nck = dims[10], ck = dims[11], rs = W * C;
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
-    if (RB < ((KH - 1) * DH + 1 < H ? (KH - 1) * DH + 1 : H))     /* a window's rows must fit */
+    if (RB < ((KH - 1) * DH + 1 < H ? (KH - 1) * DH + 1 : H) || ck % 32)     /* a window fits; whole panel pairs */
         return -1;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
         float *buf = malloc(RB * rs * sizeof(float));
-        int64_t cur = -1, base = 0, end = 0;     /* the image and its rows [base, end) the buffer holds */
+        int64_t cur = -1, base = 0, end = 0;     /* the (image, chunk) and its rows [base, end) the buffer holds */
         if (!buf) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static)
-        for (int64_t t = 0; t < N * OH; t++) {
+        for (int64_t t = 0; t < N * nck * OH; t++) {
             if (!buf)
                 continue;
-            const int64_t n = t / OH, oh = t % OH, ih0 = oh * SH - PH;
+            const int64_t item = t / OH, n = item / nck, c0 = item % nck * ck, c1 = c0 + ck < C ? c0 + ck : C;
+            const int64_t oh = t % OH, ih0 = oh * SH - PH;
             const int64_t lo = ih0 > 0 ? ih0 : 0, hi = ih0 + (KH - 1) * DH + 1 < H ? ih0 + (KH - 1) * DH + 1 : H;
-            if (n != cur || lo >= end) {
-                cur = n;
+            if (item != cur || lo >= end) {
+                cur = item;
                 base = end = lo;
             } else if (hi - base > RB) {
                 memmove(buf, buf + (lo - base) * rs, (end - lo) * rs * sizeof(float));
                 base = lo;
             }
             for (; end < hi; end++)
-                expand_row(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, W, CI, C, prm[2], prm[3]);
-            dw_row(buf - base * rs, dw_w, dw_b, zero, out + t * OW * C, oh, 0, C, H, W, C, OW, PH, PW, ow_lo, ow_hi,
-                   prm[0], prm[1]);
+                expand_row(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, W, CI, C, c0, c1, prm[2],
+                           prm[3]);
+            dw_row(buf - base * rs, dw_w, dw_b, zero, out + (n * OH + oh) * OW * C, oh, c0, c1, H, W, C, OW, PH, PW,
+                   ow_lo, ow_hi, prm[0], prm[1]);
         }
         free(buf);
     }

@@ -23,7 +23,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .conv_act import bind, check_out, entry
+from .conv_act import bind, cdiv, check_out, entry
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -127,7 +127,12 @@ class PointwiseDepthwise:
             _, oh, ow, c = self.dw.out_shape(n, h, w)
             window = (self.dw.kh - 1) * self.dw.dilation[0] + 1
             rb = max(min(window, h), min(h, EXPAND_FLOATS // (w * c)))
-            self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb)
+            nck = 1        # rows fewer than 8 a thread (7x7 maps): channel chunks too, in whole panel pairs
+            if n * oh < depthwise.ROWS_PER_THREAD * threads:
+                nck = min(cdiv(c, 32), cdiv(depthwise.ROWS_PER_THREAD * threads, max(1, n * oh)))
+            ck = cdiv(cdiv(c, nck), 32) * 32
+            self._dims[key] = (ctypes.c_int64 * 12)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
+                                                    cdiv(c, ck), ck)
         return self._dims[key]
 
     def source(self) -> str:
