@@ -60,29 +60,55 @@ def plan(groups, graph, writes_into: list[bool], aliases: list[bool]) -> Plan:
             for r in roots.get(i, ()):
                 last_use[r] = max(last_use.get(r, gi), gi)
 
-    slots: list[int] = []          # slot sizes in bytes
-    free: list[int] = []
-    slot_of: dict = {}
-    by_group: dict[int, list] = {}
-    for gi, o in candidates:
-        if o not in escaped:
-            by_group.setdefault(gi, []).append(o)
-    dying: dict[int, list] = {}
-    for gi, outs in sorted(by_group.items()):
-        for d in [d for d in dying if d < gi]:      # values whose last reader ran already
-            free.extend(slot_of[o] for o in dying.pop(d))
-        for o in outs:
-            size = max(o.nbytes, 1)
-            fit = min((s for s in free if slots[s] >= size), key=lambda s: slots[s], default=None)
-            if fit is None and free:                 # grow the largest free slot rather than add one
-                fit = max(free, key=lambda s: slots[s])
-            if fit is None:
-                slots.append(0)
-                fit = len(slots) - 1
-            else:
-                free.remove(fit)
-            slots[fit] = max(slots[fit], size)
-            slot_of[o] = fit
-            dying.setdefault(last_use.get(o, gi), []).append(o)
+    life = {o: (gi, last_use.get(o, gi)) for gi, o in candidates if o not in escaped}   # writer to last reader
+    # Neither way of filling the slots wins on every model, so the smaller arena is kept. Built-in
+    # models (2026-11-30), MiB in order / by size: ResNet-50 b8 49.0 / 42.9, BERT b1 x 128 1.31 / 0.94,
+    # UNet b1 6.0 / 6.5, EfficientNet-B0 b1 3.76 / 4.14.
+    slot = min(_in_order(life), _by_size(life), key=lambda slot: sum(_sizes(slot)))
+    slot_of = {o: slot[o] for o in life}         # in schedule order, as the wrapper names the buffers
     unplanned = sum(o.nbytes for o in slot_of)
+    slots = _sizes(slot_of)
     return Plan(slot_of, slots, sum(slots), unplanned, last_use)
+
+
+def _in_order(life: dict) -> dict:
+    """Values as they are written (life: value -> (first, last) group, in schedule order), each into the
+    smallest free slot that fits, else the largest free one, grown, else a new one."""
+    size, end, slot = [], [], {}      # per slot: bytes, and the last group of the value in it now
+    for o, (first, last) in life.items():
+        free = [s for s in range(len(size)) if end[s] < first]
+        fit = min((s for s in free if size[s] >= o.nbytes), key=lambda s: size[s], default=None)
+        if fit is None and free:
+            fit = max(free, key=lambda s: size[s])
+        if fit is None:
+            size.append(0)
+            end.append(0)
+            fit = len(size) - 1
+        size[fit], end[fit], slot[o] = max(size[fit], o.nbytes), last, fit
+    return slot
+
+
+def _by_size(life: dict) -> dict:
+    """Largest value first, each into the first slot holding nothing live at the same time, else a new
+    one (greedy by size: Pisarchyk & Lee 2020, as TFLite plans shared objects). In order, a small
+    long-lived value (a residual) can take a freed big slot, so that the next big value grows another:
+    ConvNeXt-Tiny b8 had three 37 MiB slots, 110 MiB with 55 live at once."""
+    spans: list[list] = []            # per slot: the lives of its values
+    slot = {}
+    for o in sorted(life, key=lambda o: -o.nbytes):       # stable: equal sizes in schedule order
+        first, last = life[o]
+        fit = next((s for s, taken in enumerate(spans) if all(e < first or last < b for b, e in taken)), None)
+        if fit is None:
+            spans.append([])
+            fit = len(spans) - 1
+        spans[fit].append((first, last))
+        slot[o] = fit
+    return slot
+
+
+def _sizes(slot: dict) -> list[int]:
+    """Bytes of each slot: its largest value (at least 1)."""
+    size = [1] * (max(slot.values(), default=-1) + 1)
+    for o, s in slot.items():
+        size[s] = max(size[s], o.nbytes)
+    return size
