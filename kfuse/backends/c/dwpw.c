@@ -70,9 +70,9 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
    never goes to memory. x [N, H, W, CI], out [N, OH, OW, C]. dims: N H W CI C OH OW PH PW RB, nck (channel
    chunks: more items where rows are few), ck (channels per chunk, a multiple of 32); prm: the depthwise
    activation's two scalars, then the 1x1's. */
-static void expand_row(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
-                       float *restrict row, int64_t W, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
-                       float p1) {
+static void expand_rows(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
+                        float *restrict row, int64_t W, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
+                        float p1) {
     const int64_t P = (C + 15) / 16, ps = 16 * CI;
     const float *ap[MR];
     for (int64_t pp = c0 / 32; pp < (c1 + 31) / 32; pp++) {
@@ -93,26 +93,28 @@ int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *re
             float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t N = dims[0], H = dims[1], W = dims[2], CI = dims[3], C = dims[4], OH = dims[5], OW = dims[6];
     const int64_t PH = dims[7], PW = dims[8], RB = dims[9], nck = dims[10], ck = dims[11], rs = W * C;
+    const int64_t span = (KH - 1) * DH + 1;
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
-    if (RB < ((KH - 1) * DH + 1 < H ? (KH - 1) * DH + 1 : H) || ck % 32)     /* a window fits; whole panel pairs */
+    if (RB < (span < H ? span : H) || ck % 32)     /* a window fits; whole panel pairs */
         return -1;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        float *buf = malloc(RB * rs * sizeof(float));
+        /* a static contiguous range of items per thread, as `omp for schedule(static)` gives, computed here
+           so a thread knows the last row of each (image, chunk) it runs */
+        const int64_t T = N * nck * OH, nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t t0 = T * id / nt, t1 = T * (id + 1) / nt;
+        float *buf = t1 > t0 ? malloc(RB * rs * sizeof(float)) : 0;
         int64_t cur = -1, base = 0, end = 0;     /* the (image, chunk) and its rows [base, end) the buffer holds */
-        if (!buf) {
+        if (t1 > t0 && !buf) {
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < N * nck * OH; t++) {
-            if (!buf)
-                continue;
+        for (int64_t t = t0; buf && t < t1; t++) {
             const int64_t item = t / OH, n = item / nck, c0 = item % nck * ck, c1 = c0 + ck < C ? c0 + ck : C;
             const int64_t oh = t % OH, ih0 = oh * SH - PH;
-            const int64_t lo = ih0 > 0 ? ih0 : 0, hi = ih0 + (KH - 1) * DH + 1 < H ? ih0 + (KH - 1) * DH + 1 : H;
+            const int64_t lo = ih0 > 0 ? ih0 : 0, hi = ih0 + span < H ? ih0 + span : H;
             if (item != cur || lo >= end) {
                 cur = item;
                 base = end = lo;
@@ -120,9 +122,17 @@ int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *re
                 memmove(buf, buf + (lo - base) * rs, (end - lo) * rs * sizeof(float));
                 base = lo;
             }
-            for (; end < hi; end++)
-                expand_row(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, W, CI, C, c0, c1, prm[2],
-                           prm[3]);
+            if (end < hi) {
+                /* the rows this and the thread's later rows of the item read, as far as the buffer holds:
+                   one GEMM over all of them, its tiles running across row ends */
+                const int64_t last = (item + 1) * OH - 1 < t1 - 1 ? OH - 1 : (t1 - 1) % OH;
+                int64_t to = last * SH - PH + span < H ? last * SH - PH + span : H;
+                if (to > base + RB)
+                    to = base + RB;
+                expand_rows(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, (to - end) * W, CI, C, c0,
+                            c1, prm[2], prm[3]);
+                end = to;
+            }
             dw_row(buf - base * rs, dw_w, dw_b, zero, out + (n * OH + oh) * OW * C, oh, c0, c1, H, W, C, OW, PH, PW,
                    ow_lo, ow_hi, prm[0], prm[1]);
         }
