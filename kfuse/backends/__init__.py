@@ -239,40 +239,35 @@ def _conv_kernel(group):
     return fn, backend
 
 
+# the pairs of two convolutions one kernel computes: rule (kernels.conv.POINTWISE_PAIRS), the fused kernel
+# (built from the first's and the second's kernels of ours), the timed choice's tag, the backend's name
+_CONV_PAIRS = (("depthwise_pointwise", c_dwpw.DepthwisePointwise, "dw+pw", "c:depthwise+gemm"),
+               ("pointwise_depthwise", c_dwpw.PointwiseDepthwise, "pw+dw", "c:gemm+depthwise"))
+
+
 def _pair(group) -> _Pair | None:
     """The kernels of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or
     a squeeze-excitation, and the 1x1 convolution that alone reads it; a 1x1's kernel and the depthwise
     convolution that alone reads it), built; None for other groups."""
-    pair = as_depthwise_pointwise(group.nodes)
-    if pair is not None:
-        dw, pw = pair
-        cd, cp = _conv_candidates(dw), _conv_candidates(pw)
-        first, name1, _ = _best_conv(dw, cd)
+    for rule, kernel, tag, name in _CONV_PAIRS:
+        pair = POINTWISE_PAIRS[rule][0](group.nodes)
+        if pair is None:
+            continue
+        a, b = pair                          # the first convolution's kernel, then the second's
+        dw = a if tag == "dw+pw" else b
+        ca, cb = _conv_candidates(a), _conv_candidates(b)
+        first, name1, _ = _best_conv(a, ca)
+        ours = [c.get("c:depthwise" if spec is dw else "c:gemm") for spec, c in ((a, ca), (b, cb))]
         fused = None
-        if "c:depthwise" in cd and "c:gemm" in cp:      # the fused kernel from the two built for the choices above
+        if None not in ours:          # the fused kernel from the two built for the choices above
             try:
-                fused = c_dwpw.DepthwisePointwise(cd["c:depthwise"], cp["c:gemm"])
+                fused = kernel(*ours)
             except (NotImplementedError, CompileError):
                 pass
-        problem = _problem("dw+pw", "first-into", tuple(dw.weight.shape), tuple(pw.weight.shape), dw.x.shape,
-                           dw.attrs, dw.act, pw.act, pw.residual is not None)
-        return _Pair(group.nodes.index(pw.x) + 1, first, name1, pw, cp, fused, "c:depthwise+gemm", problem, dw.x,
-                     POINTWISE_PAIRS["depthwise_pointwise"][1])
-    pair = as_pointwise_depthwise(group.nodes)
-    if pair is not None:
-        pw, dw = pair
-        cp, cd = _conv_candidates(pw), _conv_candidates(dw)
-        first, name1, _ = _best_conv(pw, cp)
-        fused = None
-        if "c:gemm" in cp and "c:depthwise" in cd:
-            try:
-                fused = c_dwpw.PointwiseDepthwise(cp["c:gemm"], cd["c:depthwise"])
-            except (NotImplementedError, CompileError):
-                pass
-        problem = _problem("pw+dw", "first-into", tuple(pw.weight.shape), tuple(dw.weight.shape), pw.x.shape,
-                           dw.attrs, pw.act, dw.act)
-        return _Pair(group.nodes.index(dw.x) + 1, first, name1, dw, cd, fused, "c:gemm+depthwise", problem, pw.x,
-                     POINTWISE_PAIRS["pointwise_depthwise"][1])
+        problem = _problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape, dw.attrs,
+                           a.act, b.act, b.residual is not None)
+        return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
+                     POINTWISE_PAIRS[rule][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
     if pair is not None:
         node, pw = pair

@@ -46,17 +46,31 @@ def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False, name
     return f
 
 
-class DepthwisePointwise:
-    """pw(dw(x)) [+ residual] on NHWC x: dw a depthwise.DepthwiseConv, pw a 1x1 stride-1 gemm.GemmConv."""
+class _Pair:
+    """What both kernels hold: the depthwise and 1x1 kernels they are made of, the C entry `name` and the
+    activations' scalars (the depthwise's, then the 1x1's)."""
 
-    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool = False):
-        if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)) or pw.cin != dw.c:
-            raise NotImplementedError("depthwise + pointwise kernel: the second convolution is not a 1x1 on the first")
+    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool, name: str):
+        if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)):
+            raise NotImplementedError(f"{self.what} kernel: the pointwise convolution is not a 1x1 stride-1 unpadded one")
         self.dw, self.pw = dw, pw
         self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
-        self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic)
+        self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic, name)
         self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
         self._dims: dict = {}
+
+    def source(self) -> str:
+        return source(self.dw_args, self.pw.act_code, self.pw.residual)
+
+
+class DepthwisePointwise(_Pair):
+    """pw(dw(x)) [+ residual] on NHWC x: dw a depthwise.DepthwiseConv, pw a 1x1 stride-1 gemm.GemmConv."""
+    what = "depthwise + pointwise"
+
+    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool = False):
+        if pw.cin != dw.c:
+            raise NotImplementedError("depthwise + pointwise kernel: the 1x1 does not read the depthwise output")
+        super().__init__(dw, pw, generic, "kf_dwpw")
 
     def _plan(self, n, h, w, threads):
         """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call)"""
@@ -68,9 +82,6 @@ class DepthwisePointwise:
                 rb //= 2
             self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
         return self._dims[key]
-
-    def source(self) -> str:
-        return source(self.dw_args, self.pw.act_code, self.pw.residual)
 
     def bound(self, x_shape):
         """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
@@ -108,18 +119,15 @@ class DepthwisePointwise:
         return out
 
 
-class PointwiseDepthwise:
+class PointwiseDepthwise(_Pair):
     """dw(pw(x)) on NHWC x: pw a 1x1 stride-1 gemm.GemmConv without a residual, dw a depthwise.DepthwiseConv
     over its output channels."""
+    what = "pointwise + depthwise"
 
     def __init__(self, pw: gemm.GemmConv, dw: depthwise.DepthwiseConv, generic: bool = False):
-        if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)) or pw.residual or pw.cout != dw.c:
-            raise NotImplementedError("pointwise + depthwise kernel: the first convolution is not a 1x1 feeding the second")
-        self.pw, self.dw = pw, dw
-        self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
-        self.fn = _fn(self.dw_args, pw.act_code, False, generic, "kf_pwdw")
-        self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
-        self._dims: dict = {}
+        if pw.residual or pw.cout != dw.c:
+            raise NotImplementedError("pointwise + depthwise kernel: the depthwise does not read the 1x1 output alone")
+        super().__init__(dw, pw, generic, "kf_pwdw")
 
     def _plan(self, n, h, w, threads):
         key = (n, h, w, threads)
@@ -134,12 +142,6 @@ class PointwiseDepthwise:
             self._dims[key] = (ctypes.c_int64 * 12)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
                                                     cdiv(c, ck), ck)
         return self._dims[key]
-
-    def source(self) -> str:
-        return source(self.dw_args, self.pw.act_code, False)
-
-    def out_shape(self, n, h, w):
-        return self.dw.out_shape(n, h, w)
 
     def bound(self, x_shape):
         """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
