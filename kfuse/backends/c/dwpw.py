@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -135,9 +136,15 @@ class PointwiseDepthwise(_Pair):
             _, oh, ow, c = self.dw.out_shape(n, h, w)
             window = (self.dw.kh - 1) * self.dw.dilation[0] + 1
             rb = max(min(window, h), min(h, EXPAND_FLOATS // (w * c)))
-            nck = 1        # rows fewer than 8 a thread (7x7 maps): channel chunks too, in whole panel pairs
-            if n * oh < depthwise.ROWS_PER_THREAD * threads:
-                nck = min(cdiv(c, 32), cdiv(depthwise.ROWS_PER_THREAD * threads, max(1, n * oh)))
+            nck, pairs = 1, cdiv(c, 32)      # channel chunks are whole panel pairs
+            if n * oh < depthwise.ROWS_PER_THREAD * threads:     # rows fewer than 8 a thread (7x7 maps)
+                nck = min(pairs, cdiv(depthwise.ROWS_PER_THREAD * threads, max(1, n * oh)))
+            else:
+                # threads' ranges of rows meeting inside an image compute the rows there twice: where the
+                # panel pairs divide evenly, chunks that make each range whole images instead
+                whole = threads // math.gcd(n, threads)
+                if whole > 1 and pairs % whole == 0:
+                    nck = whole
             ck = cdiv(cdiv(c, nck), 32) * 32
             self._dims[key] = (ctypes.c_int64 * 12)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
                                                     cdiv(c, ck), ck)
