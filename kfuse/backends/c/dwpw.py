@@ -139,12 +139,12 @@ class PointwiseDepthwise(_Pair):
             nck, pairs = 1, cdiv(c, 32)      # channel chunks are whole panel pairs
             if n * oh < depthwise.ROWS_PER_THREAD * threads:     # rows fewer than 8 a thread (7x7 maps)
                 nck = min(pairs, cdiv(depthwise.ROWS_PER_THREAD * threads, max(1, n * oh)))
-            else:
-                # threads' ranges of rows meeting inside an image compute the rows there twice: where the
-                # panel pairs divide evenly, chunks that make each range whole images instead
-                whole = threads // math.gcd(n, threads)
-                if whole > 1 and pairs % whole == 0:
-                    nck = whole
+            # threads' ranges meeting inside an (image, chunk) compute the rows there twice: where the
+            # panel pairs divide evenly, as many chunks as make every range whole (image, chunk) items
+            whole = threads // math.gcd(n, threads)
+            k = cdiv(nck, whole) * whole
+            if 1 < k <= pairs and pairs % k == 0:
+                nck = k
             ck = cdiv(cdiv(c, nck), 32) * 32
             self._dims[key] = (ctypes.c_int64 * 12)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
                                                     cdiv(c, ck), ck)
