@@ -164,7 +164,8 @@ def save(path, programs: list[tuple[tuple, tuple | None, Program]], meta: dict):
             shutil.copyfile(compiler.library_of(src), tmp / "kernels" / f"{h}.so")
         # cloned: safetensors refuses tensors that share storage (a weight and a slice of it)
         save_file({key: t.detach().clone().contiguous() for key, t in consts.values()}, str(tmp / "weights.safetensors"))
-        (tmp / "program.json").write_text(json.dumps({**meta, "programs": entries, "choices": autotune.choices()}))
+        (tmp / "program.json").write_text(json.dumps({**meta, "programs": entries, "choices": autotune.choices(),
+                                                          "machine_key": autotune.machine_key()}))
         files = {str(f.relative_to(tmp)): _sha(f.read_bytes()) for f in sorted(tmp.rglob("*")) if f.is_file()}
         body = json.dumps({"format": FORMAT, "kfuse": KFUSE_VERSION, "torch": torch.__version__,
                            "python": platform.python_version(), "compiler": _compiler_identity(),
@@ -237,15 +238,17 @@ def load(path) -> tuple[dict, list[tuple[tuple, tuple | None, Program]]]:
         doc = json.loads((path / "program.json").read_text())
         autotune.adopt(doc.pop("choices", {}))      # the kernels and schedules chosen at compile time
         programs = []
-        for e in doc.pop("programs"):
-            graph, nodes = _graph_from_json(e["graph"], consts)
-            groups = [Group([nodes[i] for i in g["nodes"]], [nodes[i] for i in g["outputs"]]) for g in e["groups"]]
-            report = Report(rules=dict(e["report"]["rules"]), splits=list(e["report"]["splits"]),
-                            why_not=[WhyNot(**w) for w in e["report"]["why_not"]])
-            machine = Machine(**e["machine"]) if e["machine"] else None
-            sig = tuple((tuple(s), DTYPES[d]) for s, d in e["signature"])
-            values = None if e["specialised"] is None else tuple((int(i), bytes.fromhex(v)) for i, v in e["specialised"])
-            programs.append((sig, values, assemble(graph, groups, report, e["reference"], machine)))
+        with autotune.compiled_on(doc.pop("machine_key", None)):    # the choices hit without a compiler too
+            for e in doc.pop("programs"):
+                graph, nodes = _graph_from_json(e["graph"], consts)
+                groups = [Group([nodes[i] for i in g["nodes"]], [nodes[i] for i in g["outputs"]]) for g in e["groups"]]
+                report = Report(rules=dict(e["report"]["rules"]), splits=list(e["report"]["splits"]),
+                                why_not=[WhyNot(**w) for w in e["report"]["why_not"]])
+                machine = Machine(**e["machine"]) if e["machine"] else None
+                sig = tuple((tuple(s), DTYPES[d]) for s, d in e["signature"])
+                values = None if e["specialised"] is None else tuple((int(i), bytes.fromhex(v))
+                                                                     for i, v in e["specialised"])
+                programs.append((sig, values, assemble(graph, groups, report, e["reference"], machine)))
     except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
         raise ArtifactError(f"{path}: program.json or weights.safetensors is inconsistent "
                             f"({type(err).__name__}: {err})") from None

@@ -19,12 +19,14 @@ every kernel renders its default schedule alone.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -97,8 +99,30 @@ def machine_key() -> str:
     return "\n".join([*cpu, cc, " ".join(compiler.FLAGS), str(os.cpu_count())])
 
 
+_loading = threading.local()      # .key: the machine key of an artifact being loaded (compiled_on)
+
+
 def _key(source: str, threads: int) -> str:
-    return hashlib.sha256("\0".join([machine_key(), str(threads), source]).encode()).hexdigest()[:32]
+    machine = getattr(_loading, "key", None) or machine_key()
+    return hashlib.sha256("\0".join([machine, str(threads), source]).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def compiled_on(key: str | None):
+    """Within it, choices are looked up under `key`, the machine key an artifact was compiled under, where
+    it names this machine but for the compiler (a process without one, or with another): the artifact's
+    kernels are that compiler's libraries, so the choices it carries (adopt) are the ones that hold, and
+    are hit instead of timed again (which under load could pick another kernel and other bits). On
+    another CPU the key is not used: that machine times its own choices."""
+    mine = machine_key().split("\n")
+    theirs = key.split("\n") if isinstance(key, str) else []
+    # the CPU's four lines first, the flags and CPU count last; the compiler's identity (lines) between
+    same_cpu = len(theirs) >= 6 and theirs[:4] == mine[:4] and theirs[-2:] == mine[-2:]
+    _loading.key = key if same_cpu else None
+    try:
+        yield
+    finally:
+        _loading.key = None
 
 
 _memo: dict[str, tuple[int, str]] = {}       # key -> (index, variant name), this process's choices
