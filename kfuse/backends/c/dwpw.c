@@ -70,8 +70,10 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
    never goes to memory. x [N, H, W, CI], out [N, OH, OW, C]. dims: N H W CI C OH OW PH PW RB, nck (channel
    chunks: more items where rows are few), ck (channels per chunk, a multiple of 32); prm: the depthwise
    activation's two scalars, then the 1x1's. */
+/* Channels [c0, c1) of the 1x1 convolution of M consecutive pixels xr (CI channels each) into row (C
+   channels each): the panel pairs covering the chunk, each over all M pixels (tiles run across row ends). */
 static void expand_rows(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
-                        float *restrict row, int64_t W, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
+                        float *restrict row, int64_t M, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
                         float p1) {
     const int64_t P = (C + 15) / 16, ps = 16 * CI;
     const float *ap[MR];
@@ -79,8 +81,8 @@ static void expand_rows(const float *restrict xr, const float *restrict pw_w, co
         const int64_t n0 = 32 * pp;
         const int nv = 2 * pp + 1 < P ? 2 : 1;
         const int cols = C - n0 < 32 ? (int)(C - n0) : 32;
-        for (int64_t m = 0; m < W; m += MR) {
-            const int mr = W - m < MR ? (int)(W - m) : MR;
+        for (int64_t m = 0; m < M; m += MR) {
+            const int mr = M - m < MR ? (int)(M - m) : MR;
             for (int i = 0; i < mr; i++)
                 ap[i] = xr + (m + i) * CI;
             tile_any(mr, nv, ap, 1, CI, pw_w + 2 * pp * ps, ps, row + m * C + n0, C, cols, pw_b + n0, 0, p0, p1);

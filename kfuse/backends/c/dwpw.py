@@ -41,27 +41,56 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
 
 
 @functools.lru_cache(maxsize=None)
-def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False, name: str = "kf_dwpw"):
-    f = entry(source(dw_args, pw_act, residual, generic), name, 8 if name == "kf_dwpw" else 7)
+def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool, name: str, pointers: int):
+    f = entry(source(dw_args, pw_act, residual, generic), name, pointers)
     f.restype = ctypes.c_int
     return f
 
 
 class _Pair:
-    """What both kernels hold: the depthwise and 1x1 kernels they are made of, the C entry `name` and the
-    activations' scalars (the depthwise's, then the 1x1's)."""
+    """What both kernels share: the depthwise and 1x1 kernels they are made of, the activations' scalars
+    (the depthwise's, then the 1x1's), and the C entry `name` called with `args`, its pointer arguments:
+    weights filled in, None at `slots` (x, residual or None, out), as conv_act.bind takes them."""
 
-    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool, name: str):
+    def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool, name: str, cin: int,
+                 args: list, slots: tuple):
         if (pw.kh, pw.kw, pw.stride, pw.padding) != (1, 1, (1, 1), (0, 0)):
             raise NotImplementedError(f"{self.what} kernel: the pointwise convolution is not a 1x1 stride-1 unpadded one")
-        self.dw, self.pw = dw, pw
+        self.dw, self.pw, self.cin, self.args, self.slots = dw, pw, cin, args, slots
         self.dw_args = (dw.kh, dw.kw, dw.stride, dw.dilation, dw.act_code)
-        self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic, name)
+        self.fn = _fn(self.dw_args, pw.act_code, pw.residual, generic, name, len(args))
         self.params = (ctypes.c_float * 4)(*dw.params, *pw.params)
         self._dims: dict = {}
 
     def source(self) -> str:
         return source(self.dw_args, self.pw.act_code, self.pw.residual)
+
+    def bound(self, x_shape):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+        n, h, w, c = x_shape
+        if c != self.cin or 0 in self.dw.out_shape(n, h, w):
+            return self
+        return bind(self, torch.Size(x_shape), self.fn, self.args, self.slots, lambda t: self._plan(n, h, w, t),
+                    openmp.threads, self.params)
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.cin:
+            raise ValueError(f"{self.what} kernel: x {x.dtype} {tuple(x.shape)}, want float32 [N, H, W, {self.cin}]")
+        return x.contiguous()
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """The C call on checked, contiguous tensors."""
+        if out.numel() == 0:
+            return out
+        ix, ir, io = self.slots
+        a = list(self.args)
+        a[ix], a[io] = x.data_ptr(), out.data_ptr()
+        if ir is not None:
+            a[ir] = 0 if residual is None else residual.data_ptr()
+        threads = openmp.threads()
+        if self.fn(*a, self._plan(*x.shape[:3], threads), self.params, threads):
+            raise MemoryError(f"{self.what} kernel: cannot allocate its row buffers")
+        return out
 
 
 class DepthwisePointwise(_Pair):
@@ -71,7 +100,9 @@ class DepthwisePointwise(_Pair):
     def __init__(self, dw: depthwise.DepthwiseConv, pw: gemm.GemmConv, generic: bool = False):
         if pw.cin != dw.c:
             raise NotImplementedError("depthwise + pointwise kernel: the 1x1 does not read the depthwise output")
-        super().__init__(dw, pw, generic, "kf_dwpw")
+        super().__init__(dw, pw, generic, "kf_dwpw", dw.c,
+                         [None, dw.weight.data_ptr(), dw.bias.data_ptr(), dw.zero.data_ptr(), pw.weight.data_ptr(),
+                          pw.bias.data_ptr(), None, None], (0, 6, 7))
 
     def _plan(self, n, h, w, threads):
         """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call)"""
@@ -84,20 +115,8 @@ class DepthwisePointwise(_Pair):
             self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
         return self._dims[key]
 
-    def bound(self, x_shape):
-        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
-        n, h, w, c = x_shape
-        if c != self.dw.c or 0 in self.dw.out_shape(n, h, w):
-            return self
-        return bind(self, torch.Size(x_shape), self.fn,
-                    [None, self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
-                     self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), None, None], (0, 6, 7),
-                    lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
-
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
-        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.dw.c:
-            raise ValueError(f"depthwise + pointwise kernel: x {x.dtype} {tuple(x.shape)}, want float32 "
-                             f"[N, H, W, {self.dw.c}]")
+        x = self._check_x(x)
         n, h, w, _ = x.shape
         _, oh, ow, _ = self.dw.out_shape(n, h, w)
         shape = (n, oh, ow, self.pw.cout)
@@ -108,16 +127,7 @@ class DepthwisePointwise(_Pair):
                 raise ValueError(f"depthwise + pointwise kernel: residual {residual.dtype} {tuple(residual.shape)}, "
                                  f"want float32 {shape}")
             residual = residual.contiguous()
-        x = x.contiguous()
-        out = check_out(out, shape, "depthwise + pointwise")
-        if out.numel() == 0:
-            return out
-        threads = openmp.threads()
-        if self.fn(x.data_ptr(), self.dw.weight.data_ptr(), self.dw.bias.data_ptr(), self.dw.zero.data_ptr(),
-                   self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                   out.data_ptr(), self._plan(n, h, w, threads), self.params, threads):
-            raise MemoryError("depthwise + pointwise kernel: cannot allocate its row buffers")
-        return out
+        return self._run(x, residual, check_out(out, shape, self.what))
 
 
 class PointwiseDepthwise(_Pair):
@@ -128,9 +138,12 @@ class PointwiseDepthwise(_Pair):
     def __init__(self, pw: gemm.GemmConv, dw: depthwise.DepthwiseConv, generic: bool = False):
         if pw.residual or pw.cout != dw.c:
             raise NotImplementedError("pointwise + depthwise kernel: the depthwise does not read the 1x1 output alone")
-        super().__init__(dw, pw, generic, "kf_pwdw")
+        super().__init__(dw, pw, generic, "kf_pwdw", pw.cin,
+                         [None, pw.weight.data_ptr(), pw.bias.data_ptr(), dw.weight.data_ptr(), dw.bias.data_ptr(),
+                          dw.zero.data_ptr(), None], (0, None, 6))
 
     def _plan(self, n, h, w, threads):
+        """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call)"""
         key = (n, h, w, threads)
         if key not in self._dims:
             _, oh, ow, c = self.dw.out_shape(n, h, w)
@@ -150,28 +163,6 @@ class PointwiseDepthwise(_Pair):
                                                     cdiv(c, ck), ck)
         return self._dims[key]
 
-    def bound(self, x_shape):
-        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
-        n, h, w, c = x_shape
-        if c != self.pw.cin or 0 in self.dw.out_shape(n, h, w):
-            return self
-        return bind(self, torch.Size(x_shape), self.fn,
-                    [None, self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), self.dw.weight.data_ptr(),
-                     self.dw.bias.data_ptr(), self.dw.zero.data_ptr(), None], (0, None, 6),
-                    lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
-
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None):
-        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[3] != self.pw.cin:
-            raise ValueError(f"pointwise + depthwise kernel: x {x.dtype} {tuple(x.shape)}, want float32 "
-                             f"[N, H, W, {self.pw.cin}]")
-        n, h, w, _ = x.shape
-        x = x.contiguous()
-        out = check_out(out, self.dw.out_shape(n, h, w), "pointwise + depthwise")
-        if out.numel() == 0:
-            return out
-        threads = openmp.threads()
-        if self.fn(x.data_ptr(), self.pw.weight.data_ptr(), self.pw.bias.data_ptr(), self.dw.weight.data_ptr(),
-                   self.dw.bias.data_ptr(), self.dw.zero.data_ptr(), out.data_ptr(), self._plan(n, h, w, threads),
-                   self.params, threads):
-            raise MemoryError("pointwise + depthwise kernel: cannot allocate its row buffers")
-        return out
+        x = self._check_x(x)
+        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what))
