@@ -261,6 +261,17 @@ def test_expand_then_depthwise_is_one_group(monkeypatch, residual, stride):
     assert w.code == "contraction_consumer" and "already" in w.detail
 
 
+def test_expanded_tensor_read_twice_keeps_the_pair_apart():
+    """the expand 1x1's output also read by an add: the pair is not formed (the expanded tensor must be
+    written), values as eager, and the why-not says so"""
+    m = Fn(lambda m, x: (lambda e: m.dw(e) + e)(F.relu6(m.expand(x))))
+    m.expand, m.dw = torch.nn.Conv2d(6, 24, 1), torch.nn.Conv2d(24, 24, 3, padding=1, groups=24)
+    rep = compiled(m, torch.randn(1, 6, 9, 9)).report()
+    assert "pwconv_dwconv" not in rep.fusions
+    (w,) = [w for w in rep.why_not if "pointwise -> depthwise" in w.detail]
+    assert w.code == "contraction_consumer" and "read elsewhere" in w.detail
+
+
 def test_expand_then_depthwise_measured_slower_runs_as_two_kernels(monkeypatch):
     _fused_loses(monkeypatch, "c:gemm+depthwise")
     cm = compiled(_inverted_residual(True), torch.randn(1, 6, 9, 9))
