@@ -1,6 +1,11 @@
 """Fused attention (kfuse C kernel) vs torch SDPA vs eager matmul-softmax-matmul, fp32, side by side.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_attention.py
+    python bench/bench_attention.py --baseline HEAD~3 --no-memory   # also the kernel of an older commit
+
+--baseline REV adds the provider "kfuse@REV": attention.c as it was at git revision REV, compiled and
+called through today's argument struct (its layout must be unchanged), with the mask handed over as
+that kernel expected it (a float mask copied queries-fastest on each call, as its Python did).
 
 Threads: 2 for everyone (torch.set_num_threads and OMP_NUM_THREADS), or KFUSE_NUM_THREADS.
 Each provider is timed in blocks of calls (never interleaved call by call), the order of the
@@ -29,7 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kfuse.backends.c import attention as c_attention
 from kfuse.backends.c.attention import attention, peak_extra_bytes
+from kfuse.backends.c.compiler import load
 
 torch.set_num_threads(THREADS)
 
@@ -44,13 +51,35 @@ def eager(q, k, v, mask, scale, causal):
     return torch.matmul(torch.softmax(s, -1), v)
 
 
-def providers(q, k, v, mask, scale, causal):
+def providers(q, k, v, mask, scale, causal, baseline=None):
     out = torch.empty_like(q)
-    return {
+    fns = {
         "kfuse": lambda: attention(q, k, v, mask, scale=scale, causal=causal, out=out),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale),
         "eager": lambda: eager(q, k, v, mask, scale, causal),
     }
+    if baseline:
+        fns[f"kfuse@{baseline}"] = old_kernel(baseline, q, k, v, mask, scale, causal)
+    return fns
+
+
+def old_kernel(rev, q, k, v, mask, scale, causal):
+    """attention.c of git revision `rev` on these inputs, through today's argument struct"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{rev}:kfuse/backends/c/attention.c"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    fn = load(f"#define HD {q.shape[-1]}\n" + src).attn_forward
+    fn.argtypes, fn.restype = [c_attention.ctypes.POINTER(c_attention._Args), c_attention.ctypes.c_int], None
+    out = torch.empty_like(q)
+
+    def run():
+        m = mask
+        if m is not None and m.dim() >= 2 and m.shape[-2] > 1 and m.stride(-2) != 1:
+            m = m.transpose(-1, -2).contiguous().transpose(-1, -2)
+        a, keep, kern = c_attention._args(q, k, v, m, out, scale=scale, causal=causal, split_kv=None, kernel=None)
+        fn(c_attention.ctypes.byref(a), kern)
+        return out
+    return run
 
 
 def timeit(fns: dict, rounds: int, block_s: float = 0.25, max_calls: int = 20):
@@ -78,9 +107,14 @@ def timeit(fns: dict, rounds: int, block_s: float = 0.25, max_calls: int = 20):
 
 
 def case(shape, variant):
+    """q, k, v, mask, scale, causal. Variants: none; padding (a [B,1,1,L] -inf mask); causal (the kernel's
+    flag); mask (causal as a model builds it: a float [1,1,L,L] mask of 0 and finfo.min, keys fastest)."""
     B, H, L, D = shape
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     mask = None
+    if variant == "mask":
+        keep = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+        mask = torch.zeros(1, 1, L, L).masked_fill(~keep, torch.finfo(torch.float32).min)
     if variant == "padding":
         keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
         for b in range(B):
@@ -120,16 +154,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--baseline", metavar="REV", help="also time attention.c as of this git revision")
     args = ap.parse_args()
     print(f"# load average before: {os.getloadavg()}")
     print(f"# attention fp32, {THREADS} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
     print(f"{'shape [B,H,L,D]':18s} {'variant':8s} {'kfuse ms':>9s} {'sdpa ms':>9s} {'eager ms':>9s} "
           f"{'sdpa/kf':>8s} {'eager/kf':>8s} {'GFLOP/s kf':>10s}  best-round ms kf,sdpa,eager (sdpa/kf)  faults/call")
-    for shape in ((8, 12, 128, 32), (1, 32, 1024, 64)):
-        for variant in ("none", "padding", "causal"):
+    base = f"kfuse@{args.baseline}" if args.baseline else None
+    for shape in ((8, 12, 128, 32), (1, 8, 128, 64), (1, 32, 1024, 64)):
+        for variant in ("none", "padding", "causal", "mask"):
             q, k, v, mask, scale, causal = case(shape, variant)
-            fns = providers(q, k, v, mask, scale, causal)
+            fns = providers(q, k, v, mask, scale, causal, args.baseline)
             ref = fns["eager"]()
             got = fns["kfuse"]()
             err = (got - ref).abs().max().item()
@@ -141,7 +177,8 @@ def main():
             print(f"{str(list(shape)):18s} {variant:8s} {kf * 1e3:9.3f} {sd * 1e3:9.3f} {ea * 1e3:9.3f} "
                   f"{sd / kf:8.2f} {ea / kf:8.2f} {flops / kf / 1e9:10.1f}  "
                   f"{r['kfuse'][1] * 1e3:.3f},{r['sdpa'][1] * 1e3:.3f},{r['eager'][1] * 1e3:.3f} "
-                  f"({r['sdpa'][1] / r['kfuse'][1]:.2f})  {r['kfuse'][2]:.0f},{r['sdpa'][2]:.0f},{r['eager'][2]:.0f}")
+                  f"({r['sdpa'][1] / r['kfuse'][1]:.2f})  {r['kfuse'][2]:.0f},{r['sdpa'][2]:.0f},{r['eager'][2]:.0f}"
+                  + (f"  {base} {r[base][0] * 1e3:.3f} ms (kfuse/{base} {kf / r[base][0]:.3f})" if base else ""))
     print(f"# load average after: {os.getloadavg()}")
     if not args.no_memory:
         memory_table()

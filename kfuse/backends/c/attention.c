@@ -60,11 +60,16 @@ typedef struct {
 #ifdef __AVX512F__
 #include <immintrin.h>
 typedef __m512 vf;
+/* x held in a register from here: GCC otherwise folds a vector used by four FMAs into each of them as a
+   memory operand, four 64-byte loads where one does; the score tile then ran 3.5x slower than the
+   same FMA count in the PV tile (this machine loads one zmm a cycle) */
+#define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
 INL vf vzero(void) { return _mm512_setzero_ps(); }
 INL vf vset1(float x) { return _mm512_set1_ps(x); }
 INL vf vload(const float *p) { return _mm512_loadu_ps(p); }
 INL vf vloadn(const float *p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
 INL void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+INL vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 INL vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 INL vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 INL vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -110,6 +115,35 @@ INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm512_mask_mov_ps(vset1(-INFINITY), _mm512_test_epi32_mask(b, b), s);
 }
+/* dst[c * ds + r] = src[r * ss + c] (with acc: dst[c * ds + r] += ...) over a 16 x 16 block: source rows
+   r < nr and columns c < nc are read (the rest as 0), destination rows c < nc written, each in its columns
+   r < nw. Unpacks, then two rounds of 128-bit lane shuffles: 64 shuffles, where 256 strided gathers had
+   been slower than the FMAs they fed. */
+INL void vtranspose16(const float *src, int64_t ss, int nr, int nc, float *dst, int64_t ds, int nw, int acc) {
+    const __mmask16 lm = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1), wm = nw >= 16 ? 0xFFFF : (__mmask16)((1u << nw) - 1);
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = i < nr ? _mm512_maskz_loadu_ps(lm, src + i * ss) : vzero();
+    for (int i = 0; i < 8; i++) {     /* lane L of t[2i]: r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]; t[2i+1]: 4L+2, 4L+3 */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++)        /* lane L of r[4g + k]: rows 4g..4g+3 of column 4L + k */
+        for (int k = 0; k < 4; k++) {
+            __m512d a = _mm512_castps_pd(t[4 * g + (k >> 1)]), b = _mm512_castps_pd(t[4 * g + 2 + (k >> 1)]);
+            r[4 * g + k] = _mm512_castpd_ps(k & 1 ? _mm512_unpackhi_pd(a, b) : _mm512_unpacklo_pd(a, b));
+        }
+    for (int k = 0; k < 4; k++) {
+        __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), v3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+        __m512 col[4] = {_mm512_shuffle_f32x4(v0, v2, 0x88), _mm512_shuffle_f32x4(v1, v3, 0x88),
+                         _mm512_shuffle_f32x4(v0, v2, 0xDD), _mm512_shuffle_f32x4(v1, v3, 0xDD)};
+        for (int L = 0; L < 4; L++)
+            if (4 * L + k < nc) {
+                float *d = dst + (4 * L + k) * ds;
+                _mm512_mask_storeu_ps(d, wm, acc ? vadd(_mm512_maskz_loadu_ps(wm, d), col[L]) : col[L]);
+            }
+    }
+}
 /* out[k] = sum of the lanes of a[k], k < 16: transpose-add tree, 46 shuffles and adds */
 INL vf vreduce16(const vf *a) {
     vf t[8], u[4], w[2];
@@ -126,11 +160,13 @@ INL vf vreduce16(const vf *a) {
 }
 #else /* portable fallback: GCC vector extensions, scalar libm where there is no operator */
 typedef float vf __attribute__((vector_size(64)));
+#define KEEP_IN_REGISTER(x) ((void)0)
 INL vf vzero(void) { vf z = {0}; return z; }
 INL vf vset1(float x) { return vzero() + x; }
 INL vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
 INL vf vloadn(const float *p, int n) { vf x = vzero(); for (int i = 0; i < n; i++) x[i] = p[i]; return x; }
 INL void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+INL vf vdiv(vf a, vf b) { return a / b; }
 INL vf vadd(vf a, vf b) { return a + b; }
 INL vf vsub(vf a, vf b) { return a - b; }
 INL vf vmul(vf a, vf b) { return a * b; }
@@ -141,6 +177,10 @@ INL float vhsum(vf x) { float s = 0; for (int i = 0; i < 16; i++) s += x[i]; ret
 INL vf vsafe(vf m) { for (int i = 0; i < 16; i++) if (m[i] == -INFINITY) m[i] = 0; return m; }
 INL vf vexp(vf x) { for (int i = 0; i < 16; i++) x[i] = expf(x[i]); return x; }
 INL vf vreduce16(const vf *a) { vf r; for (int k = 0; k < 16; k++) r[k] = vhsum(a[k]); return r; }
+INL void vtranspose16(const float *src, int64_t ss, int nr, int nc, float *dst, int64_t ds, int nw, int acc) {
+    for (int c = 0; c < nc && c < 16; c++)
+        for (int r = 0; r < nw && r < 16; r++) dst[c * ds + r] = (acc ? dst[c * ds + r] : 0.0f) + (r < nr ? src[r * ss + c] : 0.0f);
+}
 INL vf vmask_below(vf s, int64_t t) { for (int l = 0; l < 16 && l < t; l++) s[l] = -INFINITY; return s; }
 INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
     for (int l = 0; l < 16; l++) {
@@ -196,8 +236,9 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
     const float scale = (float)a->scale;
     const int64_t skj = a->skj, svj = a->svj;
 
-    for (int d = 0; d < HD; d++)
-        for (int i = 0; i < NV * 16; i++) qt[d * BQ + i] = i < rows ? qp[i * a->sqi + d] : 0.0f;
+    for (int v = 0; v < NV; v++)         /* qt[d][i] = q[i][d], lanes past the rows 0 */
+        for (int cc = 0; cc < NC; cc++)
+            vtranspose16(qp + 16 * v * a->sqi + 16 * cc, a->sqi, rows - 16 * v, HD - 16 * cc, qt + 16 * cc * BQ + 16 * v, BQ, 16, 0);
     for (int i = 0; i < NV * 16; i++) { mrun[i] = -INFINITY; lrun[i] = 0.0f; }
     for (int d = 0; d < HD; d++)
         for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, vzero());
@@ -214,7 +255,10 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
             const float *k0 = kp + (j0 + j) * skj;
             for (int d = 0; d < HD; d++) {
                 vf qv[4];
-                for (int v = 0; v < NV; v++) qv[v] = vload(qt + d * BQ + 16 * v);
+                for (int v = 0; v < NV; v++) {
+                    qv[v] = vload(qt + d * BQ + 16 * v);
+                    KEEP_IN_REGISTER(qv[v]);
+                }
                 for (int r = 0; r < 4; r++) {
                     vf kb = vset1(k0[r * skj + d]);
                     for (int v = 0; v < NV; v++) acc[r][v] = vfma(kb, qv[v], acc[r][v]);
@@ -234,7 +278,14 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
             for (int v = 0; v < NV; v++) vstore(st + j * BQ + 16 * v, vmul(acc[v], vset1(scale)));
         }
         /* mask, then causal */
-        if (a->mask_kind) {
+        if (a->mask_kind == 1 && a->smi > 1 && a->smj == 1) {
+            /* a float mask stored keys fastest (as a model builds it): added 16 x 16 blocks at a time,
+               transposed on the way, so the caller makes no query-major copy of it */
+            const float *mp = (const float *)mrow + i0 * a->smi + j0;
+            for (int v = 0; v < NV; v++)
+                for (j = 0; j < n; j += 16)
+                    vtranspose16(mp + 16 * v * a->smi + j, a->smi, rows - 16 * v, n - j, st + j * BQ + 16 * v, BQ, 16, 1);
+        } else if (a->mask_kind) {
             const size_t esz = a->mask_kind == 1 ? 4 : 1;
             for (j = 0; j < n; j++) {
                 float *s = st + j * BQ;
@@ -300,7 +351,21 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
             for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, acc[v]);
         }
     }
-    for (int i = 0; i < rows; i++) emit_row(a, b, h, i0 + i, c, mrun[i], lrun[i], ot + i, BQ);
+    if (a->part) {
+        for (int i = 0; i < rows; i++) emit_row(a, b, h, i0 + i, c, mrun[i], lrun[i], ot + i, BQ);
+        return;
+    }
+    /* o / l, 16 queries a vector, then each query's row out of the transposed block */
+    for (int v = 0; v < NV; v++) {
+        if (a->zero_masked) /* every key masked: 0 / inf = 0 */
+            for (int i = 0; i < 16; i++) lrun[16 * v + i] = lrun[16 * v + i] == 0.0f ? INFINITY : lrun[16 * v + i];
+        vf l = vload(lrun + 16 * v);
+        for (int d = 0; d < HD; d++) vstore(ot + d * BQ + 16 * v, vdiv(vload(ot + d * BQ + 16 * v), l));
+    }
+    float *op = a->o + b * a->sob + h * a->soh + i0 * a->soi;
+    for (int v = 0; v < NV; v++)
+        for (int cc = 0; cc < NC; cc++)
+            vtranspose16(ot + 16 * cc * BQ + 16 * v, BQ, HD - 16 * cc, rows - 16 * v, op + 16 * v * a->soi + 16 * cc, a->soi, HD - 16 * cc, 0);
 }
 
 static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke) {

@@ -86,30 +86,34 @@ def _check(name, t, ndim=4):
         raise ValueError(f"attention: {name} must be on the CPU")
 
 
-def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False):
+def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False,
+              check=True):
     """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
     allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
     split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests).
-    A row whose keys are all masked gives NaN, or 0 with `zero_masked` (torch's SDPA)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(name, t)
+    A row whose keys are all masked gives NaN, or 0 with `zero_masked` (torch's SDPA).
+    check=False: the caller (a compiled program, its shapes checked at compile time) vouches for the
+    dtypes, shapes and last-dim strides (the checks cost ~4 us of Python a call)."""
     B, H, Lq, D = q.shape
-    _, Hkv, Lk, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or H % Hkv:
-        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "do not fit [B,H,Lq,D], [B,Hkv,Lk,D] with H % Hkv == 0")
+    Lk = k.shape[2]
+    if check:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check(name, t)
+        if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or H % k.shape[1]:
+            raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                             "do not fit [B,H,Lq,D], [B,Hkv,Lk,D] with H % Hkv == 0")
+        if out is not None:
+            _check("out", out)
+            if tuple(out.shape) != (B, H, Lq, D):
+                raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
     if out is None:
         out = torch.empty(B, H, Lq, D, dtype=torch.float32)
-    else:
-        _check("out", out)
-        if tuple(out.shape) != (B, H, Lq, D):
-            raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
     if out.numel() == 0:
         return out
     if Lk == 0:                                 # softmax over no keys times an empty v: zeros
         return out.zero_()
-    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
-    a.zero_masked = int(zero_masked)
+    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel,
+                          zero_masked=zero_masked)
     library(D).attn_forward(ctypes.byref(a), kern)
     return out
 
@@ -122,8 +126,8 @@ def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kern
         _check(name, t)
     if tuple(out.shape) != tuple(q.shape):
         raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
-    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel)
-    a.zero_masked = int(zero_masked)
+    a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel,
+                          zero_masked=zero_masked)
     fn, ref = library(q.shape[-1]).attn_forward, ctypes.byref(a)
 
     def run():
@@ -133,37 +137,71 @@ def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kern
     return run
 
 
-def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel):
-    """The C argument struct, the tensors it points into that must stay alive, the kernel id."""
+_TEMPLATES: dict[tuple, tuple] = {}
+_TEMPLATES_MAX = 256
+
+
+def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=False):
+    """The C argument struct, the tensors it points into that must stay alive, the kernel id. Everything
+    but the pointers depends on shapes, strides and options only: built once per such key (a template,
+    copied per call so concurrent calls never share one), which took ~10 us of Python per call."""
+    if mask is not None and mask.dtype not in (torch.float32, torch.bool):
+        mask = mask.to(torch.float32)
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(),
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype),
+           scale, causal, split_kv, kernel, zero_masked, num_threads())
+    tpl = _TEMPLATES.get(key)
+    if tpl is None:
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        tpl = _TEMPLATES[key] = _template(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv,
+                                          kernel=kernel, zero_masked=zero_masked, threads=key[-1])
+    raw, copy_mask, part_numel, kern = tpl
+    a = _Args.from_buffer_copy(raw)
+    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    if mask is not None:
+        if copy_mask:
+            mask = _query_major(mask)
+        a.mask = mask.data_ptr()                # the expanded view the template's strides describe
+    part = None
+    if part_numel:
+        part = torch.empty(part_numel, dtype=torch.float32)
+        a.part = part.data_ptr()
+    return a, (mask, part), kern
+
+
+def _query_major(mask):
+    """mask's values stored queries fastest (broadcast dims kept)"""
+    return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _template(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked, threads):
+    """(struct bytes without pointers, whether the mask is copied query-major, split-KV partials' size, kernel id)"""
     B, H, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
     a = _Args()
-    a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     a.B, a.H, a.Hkv, a.Lq, a.Lk = B, H, Hkv, Lq, Lk
     a.sqb, a.sqh, a.sqi = q.stride()[:3]
     a.skb, a.skh, a.skj = k.stride()[:3]
     a.svb, a.svh, a.svj = v.stride()[:3]
     a.sob, a.soh, a.soi = out.stride()[:3]
-    threads = num_threads()
     kern, nsplit, chunk = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel)
+    copy_mask = False
     if mask is not None:
-        if mask.dtype not in (torch.float32, torch.bool):
-            mask = mask.to(torch.float32)
-        if kern == "block" and mask.dim() >= 2 and mask.shape[-2] > 1 and mask.stride(-2) != 1:
-            # the block kernel holds 16 queries in a vector: with the mask stored query-fastest it
-            # adds them with one load (a copy of the mask, broadcast dims kept, about 1% of the
-            # attention's own time), instead of 16 strided scalar reads
-            mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
-        mask = mask.expand(B, H, Lq, Lk)        # a view: broadcast dims get stride 0
-        a.mask = mask.data_ptr()
-        a.smb, a.smh, a.smi, a.smj = mask.stride()
+        # the block kernel holds 16 queries in a vector: a mask stored query-fastest adds them with one
+        # load; a float mask stored keys-fastest is transposed 16 x 16 in the kernel; any other (a bool
+        # mask, a strided one) is copied query-fastest (broadcast dims kept) rather than read as 16
+        # strided scalars
+        copy_mask = (kern == "block" and mask.dim() >= 2 and mask.shape[-2] > 1 and mask.stride(-2) != 1
+                     and not (mask.dtype == torch.float32 and mask.stride(-1) == 1))
+        if copy_mask:
+            mask = _query_major(mask)
+        a.smb, a.smh, a.smi, a.smj = mask.expand(B, H, Lq, Lk).stride()
         a.mask_kind = 2 if mask.dtype == torch.bool else 1
-    part = None
     if nsplit:
-        part = torch.empty(nsplit * B * H * Lq * (D + 2), dtype=torch.float32)
-        a.part, a.nsplit, a.chunk = part.data_ptr(), nsplit, chunk
-    a.causal, a.nthreads, a.scale = int(causal), threads, float(scale)
-    return a, (mask, part), 0 if kern == "block" else 1
+        a.nsplit, a.chunk = nsplit, chunk
+    a.causal, a.nthreads, a.scale, a.zero_masked = int(causal), threads, float(scale), int(zero_masked)
+    return bytes(a), copy_mask, nsplit * B * H * Lq * (D + 2), 0 if kern == "block" else 1
 
 
 def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:
