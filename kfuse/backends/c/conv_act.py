@@ -19,6 +19,11 @@ ACTS = {None: 0, ("relu", ""): 1, ("sigmoid", ""): 2, ("tanh", ""): 3, ("swish",
         ("hardsigmoid", ""): 10}
 
 
+# the bounds conv_act.c reads from p0, p1 where the activation has no scalars of its own (a clamp to a
+# variable compiles to one vmaxps or vminps)
+CLAMP_BOUNDS = {"relu": (0.0, 0.0), "hardswish": (0.0, 6.0), "hardsigmoid": (0.0, 6.0)}
+
+
 def template(path: Path) -> str:
     """The C template at `path` with the vector math and the activation filled in."""
     return path.read_text().replace("/*VECMATH*/", VECMATH_C).replace("/*CONV_ACT*/", C_SOURCE)
@@ -31,7 +36,7 @@ def act_code(act, kernel: str) -> tuple[int, ctypes.Array]:
     key = None if act is None else (name, alg or "")
     if key not in ACTS:
         raise NotImplementedError(f"{kernel} kernel: activation {act!r}")
-    prm = [float(s) for s in scalars][:2] + [0.0, 0.0]
+    prm = [float(s) for s in scalars][:2] + list(CLAMP_BOUNDS.get(name, (0.0, 0.0)))[len(scalars):]
     return ACTS[key], (ctypes.c_float * 2)(*prm[:2])
 
 
