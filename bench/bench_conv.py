@@ -3,6 +3,10 @@ oneDNN convolution, on ResNet-50's shapes (batch 1, 2 threads).
 
     python bench/bench_conv.py [--rounds 9]
 
+Then ResNet-50's stem max pool (3x3, stride 2, padding 1, channels-last) at batch 1 and 8: our C kernel
+into a held output (as the program runs it, in its arena), torch's F.max_pool2d on the channels-last
+tensor (allocating its output), and a copy of the bytes the pool must move (its input once, its output once).
+
 Providers, side by side in one process, same inputs, rotated rounds (bench/common.py measure):
   eager        F.relu(F.conv2d(x, w, b) [+ r])              torch's own dispatch
 All inputs are channels-last, as inside a network where the previous convolution wrote them.
@@ -17,9 +21,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import commit, machine, measure
+from common import commit, copy_bound, machine, measure
 
 import kfuse
+from kfuse.backends.c.pool import MaxPoolNHWC
 
 # (Cin, H=W, Cout, kernel, stride, residual): ResNet-50 layers
 CASES = [(64, 56, 64, 3, 1, False), (64, 56, 256, 1, 1, True), (256, 56, 64, 1, 1, False),
@@ -66,6 +71,23 @@ def main():
         case = f"[{cin},{hw},{hw}] {k}x{k}/{s} -> {cout}" + (" +res" if res else "")
         print(f"{case:<34}{e:>10.3f}{bb:>10.3f}{kf:>10.3f}{flops / kf / 1e6:>9.1f}{bb / kf * 100:>10.0f}%{e / kf:>8.2f}x")
         print(f"CSV,bench_conv,{case},{e:.4f},{bb:.4f},{kf:.4f},{machine()},{commit()}")
+    pools(a.rounds)
+
+
+def pools(rounds: int):
+    print(f"\n{'max pool 3x3/2 pad 1':<34}{'torch ms':>10}{'kfuse ms':>10}{'copy ms':>10}{'vs torch':>9}{'% of copy':>10}")
+    for n in (1, 8):
+        x = torch.randn(n, 64, 112, 112).contiguous(memory_format=torch.channels_last)
+        xh = x.permute(0, 2, 3, 1)                                  # the same memory as NHWC
+        pool = MaxPoolNHWC(3, 2, 1)
+        out = torch.empty(pool.out_shape(*xh.shape))
+        assert torch.equal(pool(xh, out=out), F.max_pool2d(x, 3, 2, 1).permute(0, 2, 3, 1))
+        res = measure({"torch": lambda: F.max_pool2d(x, 3, 2, 1), "kfuse": lambda: pool(xh, out=out),
+                       "copy": copy_bound(4 * (x.numel() + out.numel()))}, rounds)
+        t, kf, cp = (res[k]["ms"] for k in ("torch", "kfuse", "copy"))
+        case = f"[{n},112,112,64] -> [{n},56,56,64]"
+        print(f"{case:<34}{t:>10.3f}{kf:>10.3f}{cp:>10.3f}{t / kf:>8.2f}x{cp / kf * 100:>9.0f}%")
+        print(f"CSV,bench_conv_pool,{case},{t:.4f},{kf:.4f},{cp:.4f},{machine()},{commit()}")
 
 
 if __name__ == "__main__":

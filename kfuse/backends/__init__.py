@@ -30,6 +30,7 @@ from .c import attention as c_attention
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
+from .c import pool as c_pool
 from .c import recurrent as c_recurrent
 from .c import reduce_mid as c_reduce_mid
 from .c import rope as c_rope
@@ -358,10 +359,12 @@ def _squeeze_excite(node):
 
 
 def _nhwc_kernel(node):
-    """A squeeze_excite or group_norm node as its C kernel, writing into its planned buffer."""
+    """A squeeze_excite, group_norm or max_pool2d node as its C kernel, writing into its planned buffer."""
     a = node.attrs
     if node.op == "squeeze_excite":
         k, lib = _squeeze_excite(node), c_squeeze_excite
+    elif node.op == "max_pool2d":
+        k, lib = c_pool.MaxPoolNHWC(a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), c_pool
     else:
         w, b = (i.value for i in node.inputs[1:])
         k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
@@ -534,7 +537,7 @@ def fusion_name(nodes) -> str | None:
         parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
         return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
-        return nodes[0].op if nodes[0].op in NODE_KERNELS else None
+        return nodes[0].op if nodes[0].op in COMPOSITE_OPS else None
     inside = set(nodes)
     if "layer_norm" in ops:     # a residual add into the norm; else the norm, its affine and a SiLU (GroupNorm)
         if any(i in inside and i.op in ("add", "sub") for n in nodes if n.op == "layer_norm" for i in n.inputs):
@@ -571,8 +574,10 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "torch" if backend == "triton" else "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
-    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm") \
-            and nodes[0].dtype == torch.float32 and backend == "cpu" and nodes[0].attrs.get("layout", "nhwc") == "nhwc":
+    # (max_pool2d's default layout is NCHW, the others' NHWC)
+    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm", "max_pool2d") \
+            and nodes[0].dtype == torch.float32 and backend == "cpu" \
+            and nodes[0].attrs.get("layout", "nchw" if nodes[0].op == "max_pool2d" else "nhwc") == "nhwc":
         return nodes[0].op
     if backend == "cpu" and _mid_reduction(nodes):
         return "reduce_mid"
@@ -582,7 +587,8 @@ def kind_of(group, backend: str = "cpu") -> str:
 
 
 # kernels of one node (a composite op) that run its inputs in the node's order
-NODE_KERNELS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")
+COMPOSITE_OPS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")   # one op, a fusion's work
+NODE_KERNELS = (*COMPOSITE_OPS, "max_pool2d")
 WRITES_INTO = ("c", "reduce_mid", *NODE_KERNELS)      # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -645,7 +651,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
             fn, backend_name = _rope_kernel(nodes[0])
         elif kind == "recurrent":
             fn, backend_name = c_recurrent.kernel(nodes[0])
-        elif kind in ("squeeze_excite", "group_norm"):
+        elif kind in ("squeeze_excite", "group_norm", "max_pool2d"):
             fn, backend_name = _nhwc_kernel(nodes[0])
         elif kind == "reduce_mid":
             fn, backend_name = _reduce_mid_kernel(nodes[0])

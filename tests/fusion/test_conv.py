@@ -132,6 +132,8 @@ def test_resnet50_fusion_counts():
     assert cm.graph.op_counts()["conv2d"] == 53
     assert rep.fusions == {"conv_relu": 33, "conv_add_relu": 16, "gemm_bias": 1}, rep.fusions
     assert not rep.fallbacks
+    # the stem's max pool, channels-last, is our kernel writing into the arena (not torch's, with indices)
+    assert [k.backend for k in rep.kernels if "max_pool2d" in k.ops] == ["c:max_pool2d"]
 
 
 MOBILENETV2_PAIRS = {"dw_pw": 1, "pw_dw": 16}
