@@ -210,12 +210,12 @@ def _fused_loses(monkeypatch, fused_name):
     from kfuse import backends
     real = backends.pick
 
-    def pick(problem, cands, inputs, threads=None):
+    def pick(problem, cands, inputs, threads=None, **kw):
         names = list(cands)
         if fused_name in names:
             other = next(n for n in names if n != fused_name)
             return other, f"{other} (measured: {fused_name} 2.000 ms, {other} 1.000 ms)"
-        return real(problem, cands, inputs, threads)
+        return real(problem, cands, inputs, threads, **kw)
     monkeypatch.setattr(backends, "pick", pick)
 
 

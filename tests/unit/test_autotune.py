@@ -176,3 +176,50 @@ def test_the_report_shows_the_choice(cache, monkeypatch, on):
         assert "autotuned" in k.schedule and "autotuned" in str(cm.report())
     else:
         assert k.schedule == "" and "autotuned" not in str(cm.report())
+
+
+def _candidates(calls: list, times: dict):
+    """pick() candidates that record their calls and sleep the seconds `times[name]` gives per call (a
+    list: one entry per call, in turn)."""
+    import time
+
+    def make(name):
+        def f(arg):
+            seq = times[name]
+            calls.append(name)
+            time.sleep(seq[(calls.count(name) - 1) % len(seq)])
+        return f
+    return {n: make(n) for n in times}
+
+
+def test_pick_takes_each_kernels_fastest_call(cache):
+    """A kernel preempted on most of its calls (a loaded machine: 8 ms slices) still wins on its fastest
+    one; the medians would have picked the other."""
+    calls = []
+    best, text = autotune.pick("p", _candidates(calls, {"a": [0.004, 0.004, 0.0002], "b": [0.001]}), lambda: None)
+    assert best == "a" and "measured" in text, text
+
+
+def test_pick_timed_again_when_a_kernel_source_changes(cache, monkeypatch):
+    calls = []
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.001]})
+    assert autotune.pick("p", cands, lambda: None)[1].endswith("ms)")
+    assert autotune.pick("p", cands, lambda: None)[1] == "a (measured, cached)"
+    monkeypatch.setattr(autotune, "kernels_fingerprint", lambda: "another build")
+    assert "cached" not in autotune.pick("p", cands, lambda: None)[1]
+
+
+def test_cold_pick_overwrites_the_caches_before_each_call_and_is_its_own_choice(cache, monkeypatch):
+    calls = []
+
+    class Buffer:
+        def add_(self, v):
+            calls.append("evict")
+    monkeypatch.setattr(autotune, "_evict_buffer", lambda: Buffer())
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.0003]})
+    autotune.pick("p", cands, lambda: None)
+    assert "evict" not in calls
+    assert "cached" not in autotune.pick("p", cands, lambda: None, cold=True)[1]      # not the warm choice
+    timed = calls[calls.index("evict"):]
+    # after each call's warm-up (the first of each), every call is preceded by an eviction
+    assert all(timed[i - 1] == "evict" for i, c in enumerate(timed) if c != "evict" and i > 2), timed
