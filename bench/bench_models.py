@@ -24,11 +24,16 @@ A configuration that fails (export error, optimizer crash, wrong numbers) is pri
 skipped. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run);
 `--only layout` adds kfuse with the channels-last pass off (`kfuse:nchw`, kfuse.compile(..., layout="nchw")).
 `--profile` times every kernel of kfuse's compiled program (in the kfuse worker) and prints where the
-time goes, by kernel name and backend.
+time goes, by kernel name and backend. `--baseline REV` adds `kfuse@REV`: kfuse as of git revision REV,
+imported from a temporary worktree in its own process (the A/B of a change, both versions timed alike;
+it is not one of the "others" the ratio is taken against, and is printed beside it):
+
+    python bench/bench_models.py --models mobilenetv3-b1,resnet50-b1 --only ort --baseline ce107a6 --repeat 3
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -280,8 +285,10 @@ def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profil
     with torch.no_grad():
         ref = leaves(model(*inputs))
     cm = None
-    if provider.startswith("kfuse"):           # "kfuse", or "kfuse:nchw": the layout pass off
+    if provider.startswith("kfuse"):           # "kfuse", "kfuse:nchw" (the layout pass off), "kfuse@REV"
         import kfuse
+        if "@" in provider:
+            print(f"kfuse of {provider.split('@', 1)[1]}: {os.path.dirname(kfuse.__file__)}")
         t0 = time.perf_counter()
         cm = kfuse.compile(fresh, tuple(inputs), **({"layout": "nchw"} if provider == "kfuse:nchw" else {}))
         cm(*inputs)
@@ -329,9 +336,13 @@ def worker_main(argv: list[str]):
 
 # -- the parent: processes per model and provider, tables ----------------------------------------------------
 
-def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat: int = 1) -> dict | None:
+def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat: int = 1,
+                baseline: tuple | None = None) -> dict | None:
+    """baseline: (revision, path of its worktree): also the provider kfuse@revision, that kfuse imported
+    from the worktree (its own Python and C sources) in its own process."""
     print(f"\n=== {name} ===", flush=True)
     names = ["kfuse", "eager"] + (["kfuse:nchw"] if "layout" in only else [])
+    names += [f"kfuse@{baseline[0]}"] if baseline else []
     if not only or "inductor" in only:
         names += [f"inductor:{c}" for c in INDUCTOR]
     with tempfile.TemporaryDirectory() as tmp:
@@ -360,7 +371,11 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
                     argv += ["--onnx", onnx[n]]
                 if profile and n == "kfuse" and turn == 0:
                     argv.append("--profile")
-                r = run_worker(argv, echo="    " if turn == 0 else None)
+                env = None
+                if baseline and n == f"kfuse@{baseline[0]}":
+                    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (baseline[1],
+                                                                                   os.environ.get("PYTHONPATH")))))
+                r = run_worker(argv, env=env, echo="    " if turn == 0 else None)
                 if "error" in r:
                     fail(n, r["error"])
                     failed.add(n)
@@ -381,6 +396,23 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
     return res
 
 
+@contextlib.contextmanager
+def baseline_worktree(rev: str | None):
+    """(rev, path) of a temporary git worktree of revision `rev` of this repository, removed after; None
+    without a revision."""
+    if not rev:
+        yield None
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tempfile.mkdtemp(prefix="kfuse-baseline-")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "--force", path, rev], check=True,
+                   capture_output=True)
+    try:
+        yield rev, path
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], capture_output=True)
+
+
 def main():
     if "--worker" in sys.argv[1:]:
         return worker_main(sys.argv[1:])
@@ -394,6 +426,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="time each kfuse kernel and print the top 15")
     ap.add_argument("--only", default="", help="comma-separated competitor families to include besides "
                     "kfuse and eager: inductor, ort, layout (kfuse with layout=\"nchw\"; not in the default)")
+    ap.add_argument("--baseline", metavar="REV", help="also kfuse as of git revision REV (a temporary worktree), "
+                    "in its own process: the A/B of a change; not counted among the others")
     a = ap.parse_args()
     models = model_names(a.models)
     unknown = [m for m in models if not known(m)]
@@ -406,12 +440,13 @@ def main():
           f" (x{a.repeat})", flush=True)
     results = {}
     only = tuple(filter(None, a.only.split(",")))
-    for name in models:
-        try:
-            results[name] = bench_model(name, a.rounds, a.profile, only, a.repeat)
-        except Exception as e:  # noqa: BLE001 - one model failing never ends the run
-            fail(name, e)
-            traceback.print_exc()
+    with baseline_worktree(a.baseline) as baseline:
+        for name in models:
+            try:
+                results[name] = bench_model(name, a.rounds, a.profile, only, a.repeat, baseline)
+            except Exception as e:  # noqa: BLE001 - one model failing never ends the run
+                fail(name, e)
+                traceback.print_exc()
 
     w = max([11, *(len(n) + 1 for n in results)])
     print(f"\n{'model':<{w}}| kfuse ms | eager ms | inductor ms (config)          | ORT ms (config)                  "
@@ -426,8 +461,11 @@ def main():
         ran = lambda fam: not only or fam in only
         cell = lambda b, p: f"{b[1]['ms']:6.2f} ({b[0][len(p):]})" if b else "failed" if ran(p[:-1]) else "not run"
         ratio = f"{k['ms'] / min(others):.2f}x" if k and others else "-"
+        base = res.get(f"kfuse@{a.baseline}") if a.baseline else None
         print(f"{name:<{w}}| {k['ms'] if k else float('nan'):8.2f} | {e['ms'] if e else float('nan'):8.2f} | "
-              f"{cell(ind, 'inductor:'):<30}| {cell(ort, 'ort:'):<33}| {ratio}")
+              f"{cell(ind, 'inductor:'):<30}| {cell(ort, 'ort:'):<33}| {ratio}"
+              + (f"  (kfuse@{a.baseline} {base['ms']:.2f} ms: kfuse / it {k['ms'] / base['ms']:.3f}x)"
+                 if base and k else ""))
         rows += [(name, n, r) for n, r in res.items()]
     print("\nCSV,machine,commit,model,provider,median_ms,p10,p90")
     for name, n, r in rows:
