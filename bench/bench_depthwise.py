@@ -11,7 +11,10 @@ Providers, side by side in one process, same inputs, rotated rounds (bench/commo
   onednn-bare    mkldnn._convolution_pointwise(x_cl, W, b, "none"): the convolution alone, no activation
   eager          F.hardtanh(F.conv2d(x_cl, w, b, groups=C), 0, 6) on channels-last x
   copy           out.copy_(inp) over the bytes the kernel must move: x once, out once, w and b
-The target: kfuse (out) at >= 85% of the copy, and faster than onednn-bare and eager.
+The target: kfuse (out) at >= 85% of the copy, and faster than onednn-bare and eager. A KxK depthwise
+convolution also does K*K FMAs per output: where those take longer than the copy at this machine's FMA
+peak (fma_peak_gflops, measured here), the copy's speed is out of reach; each case's line gives that
+bound too: "bound ms" = max(copy, FMAs at the peak), and kfuse (out)'s share of it.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import commit, copy_bound, machine, measure
+from common import commit, copy_bound, fma_peak_gflops, machine, measure
 
 from kfuse.backends.c.depthwise import DepthwiseConv
 
@@ -32,7 +35,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     a = ap.parse_args()
-    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = fma_peak_gflops()
+    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 FMA peak {peak:.0f} GFLOP/s")
     names = ("kfuse (out)", "kfuse", "onednn-bare", "eager", "copy")
     # with KFUSE_BENCH_THREADS=1 common.measure also takes the calling thread's CPU time, which a busy
     # machine's other processes do not inflate: printed as "cpu ms" with its own ratios
@@ -59,6 +64,11 @@ def main():
             "copy": copy_bound(nbytes),
         }, a.rounds)
         case = f"[{n},{hw},{hw},{c}] {k}x{k}/{s}"
+        flop_ms = 2 * k * k * out.numel() / peak / 1e6 if peak else 0.0
+        bound = max(res["copy"]["ms"], flop_ms)
+        print(f"{case:<28}bound {bound:.4f} ms ({'FMAs' if flop_ms > res['copy']['ms'] else 'copy'}: copy "
+              f"{res['copy']['ms']:.4f}, FMAs at peak {flop_ms:.4f}); kfuse (out) at "
+              f"{bound / res['kfuse (out)']['ms'] * 100:.0f}% of it, {res['copy']['ms'] / res['kfuse (out)']['ms'] * 100:.0f}% of the copy")
         for name in names:
             ms = res[name]["ms"]
             cpu, ccopy, cdnn = res[name]["cpu"], res["copy"]["cpu"], res["onednn-bare"]["cpu"]
