@@ -66,6 +66,10 @@ GEOMETRY = [
     (3, 2, 3, 100, (7, 7), (1, 1), (3, 3), (1, 1)),
     (1, 15, 15, 100, (3, 3), (1, 1), (0, 0), (1, 1)),      # no padding: all interior
     (1, 40, 36, 48, (3, 3), (1, 1), (1, 1), (1, 1)),       # rows enough for one chunk per row
+    # 16-channel blocks of a small padded image are copied into a zero-bordered buffer (PAD_BYTES): the
+    # cases above; a larger one keeps its border pixels' tap tests
+    (1, 48, 50, 32, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 7, 7, 64, (5, 5), (1, 1), (2, 2), (1, 1)),
 ]
 
 
