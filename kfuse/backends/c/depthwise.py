@@ -10,13 +10,14 @@ dilation, activation) as numeric constants, so the taps unroll. Two paths in dep
 - the rest (channels past the last whole 16, or every channel on a machine without AVX-512): per pixel,
   `omp simd` over the channels (row_simd).
 Border pixels test each tap (row16) or read a row of C zeros for taps outside the input (row_simd);
-interior pixels address the input directly. In the block-major order below, a small padded image's
+interior pixels address the input directly. In the block-major order (next), a small padded image's
 16-channel block (up to PAD_BYTES padded) is first copied into a zero-bordered per-thread buffer, so every
 pixel is an interior one: at 7x7 outputs half the pixels are border pixels, and their tap tests had made
-[1,14,14,672] 5x5/2 take 24 us against 3 us of FMAs (16 us with the copy). Threads split (image, 16-channel block), each item running
-its rows in order so the kh input rows a row reads are still in L1 (block-major: 1 thread, [1,112,112,96]
-3x3/2 0.081 -> 0.067 ms CPU), when those items balance over the threads; else (n, output row), and a
-row's channels too, in whole vectors, when rows are fewer than 8 per thread (7x7 maps).
+[1,14,14,672] 5x5/2 take 24 us against 3 us of FMAs (16 us with the copy).
+Threads split (image, 16-channel block), each item running its rows in order so the kh input rows a row
+reads are still in L1 (block-major: 1 thread, [1,112,112,96] 3x3/2 0.081 -> 0.067 ms CPU), when those
+items balance over the threads; else (n, output row), and a row's channels too, in whole vectors, when
+rows are fewer than 8 per thread (7x7 maps).
 
 The taps are FMAs, so 3x3 and 5x5 run near the FMA throughput (one zmm FMA a cycle on Zen 4): 1 thread,
 [1,28,28,240] 5x5: 0.092 ms of CPU for 294k vector FMAs (0.080 ms at 3.7 GHz); the per-pixel `omp simd`
