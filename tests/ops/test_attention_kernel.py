@@ -211,3 +211,19 @@ def test_portable_fallback_without_avx512():
             close(out, want)
     e = A.vexp(torch.tensor([float("-inf"), 0.0, 1.0]), flags)
     assert e[0] == 0 and e[1] == 1 and math.isclose(e[2].item(), math.e, rel_tol=1e-6)
+
+
+def test_float_mask_keys_fastest_read_in_place():
+    """A float mask stored keys-fastest with a row stride wider than Lk (a slice of a bigger buffer) is
+    added by the block kernel's 16x16 transposes, not copied: values, a fully masked query row (NaN, or 0
+    with zero_masked) and partial 16-query and 16-key blocks."""
+    B, H, Lq, Lk, D = 1, 3, 37, 70, 32
+    q, k, v = qkv(B, H, H, Lq, Lk, D)
+    wide = torch.randn(B, 1, Lq, Lk + 9)
+    mask = wide[..., 3:3 + Lk]                       # strides (.., Lk + 9, 1)
+    mask[0, 0, 5] = float("-inf")
+    assert mask.stride(-1) == 1 and mask.stride(-2) == Lk + 9
+    got, _ = run(q, k, v, mask, kernel="block", split_kv=False)
+    assert got[0, :, 5].isnan().all() and not got[0, :, 4].isnan().any()
+    got, _ = run(q, k, v, mask, kernel="block", split_kv=False, zero_masked=True)
+    assert (got[0, :, 5] == 0).all()
