@@ -74,8 +74,8 @@ def old_kernel(rev, q, k, v, mask, scale, causal):
 
     def run():
         m = mask
-        if m is not None and m.dim() >= 2 and m.shape[-2] > 1 and m.stride(-2) != 1:
-            m = m.transpose(-1, -2).contiguous().transpose(-1, -2)
+        if m is not None and m.dim() >= 2 and m.shape[-2] > 1 and m.stride(-2) != 1:     # its Python's rule
+            m = c_attention._query_major(m)
         a, keep, kern = c_attention._args(q, k, v, m, out, scale=scale, causal=causal, split_kv=None, kernel=None)
         fn(c_attention.ctypes.byref(a), kern)
         return out

@@ -223,8 +223,8 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
         const int64_t nb = C / 16, HP = H + 2 * PH, WP = W + 2 * PW;
         /* a small padded image: each block is first copied into a zero-bordered per-thread buffer
            [HP][WP][16], so every output pixel takes the unrolled interior tile; at 7x7 outputs half the
-           pixels are border pixels, whose per-tap tests had made [1,14,14,672] 5x5/2 5x slower than its
-           FMAs. Larger images have few border pixels and go straight through. */
+           pixels are border pixels, whose per-tap tests had made [1,14,14,672] 5x5/2 take 24 us against 3 us
+           of FMAs (16 us with the copy). Larger images have few border pixels and go straight through. */
         const int padded = PH + PW > 0 && HP * WP * 16 * (int64_t)sizeof(float) <= PAD_BYTES;
         #pragma omp parallel num_threads(nthreads)
         {
