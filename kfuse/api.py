@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,9 +47,13 @@ def _fmt(sig) -> str:
 class CompiledModel:
     """The callable `kfuse.compile` returns: same outputs as the model, computed by fused kernels."""
 
-    def __init__(self, source, example_inputs, example_kwargs: dict, options: dict):
+    def __init__(self, source, example_inputs, example_kwargs: dict, options: dict, dynamic_shapes=None):
         self.source = source
         self.options = options
+        # torch.export's dynamic_shapes: the model is exported once with those sizes symbolic and each
+        # new size set is converted from that export (no trace per size set); `_symbolic` is that
+        # export, None before the first call, False where it failed (`symbolic_why` says why)
+        self._dynamic, self._symbolic, self.symbolic_why = dynamic_shapes, None, ""
         self.is_onnx = isinstance(source, (str, os.PathLike))
         if not self.is_onnx:
             from .capture.fx import register_cache_types
@@ -72,7 +77,35 @@ class CompiledModel:
             return load_onnx(self.source, flat_inputs)
         from .capture.fx import export
         args, kwargs = pytree.tree_unflatten(flat_inputs, self._in_spec)
+        if self._dynamic is not None:
+            graph = self._from_symbolic(flat_inputs, args, kwargs)
+            if graph is not None:
+                return graph
         graph, self._out_spec = export(self.source, args, kwargs)
+        if self._dynamic is not None:
+            graph.capture_note = f"torch.export for this size set ({self.symbolic_why})"
+        return graph
+
+    def _from_symbolic(self, flat_inputs, args, kwargs) -> Graph | None:
+        """The graph for these inputs converted from the one export with symbolic sizes (made on the
+        first call), or None where that export failed or does not admit these sizes."""
+        from .capture.fx import SizeMismatch, exported, symbolic_inputs, to_graph
+        if self._symbolic is None:
+            try:
+                self._symbolic = exported(self.source, args, kwargs, self._dynamic)
+            except KfuseError as e:
+                self._symbolic, self.symbolic_why = False, f"no export with symbolic sizes: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"kfuse: {self.symbolic_why}; each size set is traced on its own")
+        if self._symbolic is False:
+            return None
+        try:
+            graph, self._out_spec = to_graph(self._symbolic, [tuple(t.shape) for t in flat_inputs])
+        except SizeMismatch as e:
+            self.symbolic_why = f"not the export with symbolic sizes: {e}"
+            return None
+        dims = symbolic_inputs(self._symbolic)
+        graph.capture_note = ("one torch.export with symbolic sizes (" + ", ".join(
+            f"input {i} dim {'/'.join(map(str, d))}" for i, d in dims.items()) + "), converted for this size set")
         return graph
 
     def _program(self, flat):
@@ -85,7 +118,9 @@ class CompiledModel:
                                  f"got {_fmt(sig)}: compile the model for this shape and save it again")
             graph = self.capture(flat)
             specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
+            note = getattr(graph, "capture_note", "")
             prog = build_program(graph, self.options)
+            prog.report.capture = note
             if specialised:
                 self._specialised[sig] = specialised
                 self._by_value[(sig, _values(flat, specialised))] = prog
@@ -257,7 +292,8 @@ def _on_cuda(example_inputs, example_kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves)
 
 
-def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | None = None, **options) -> CompiledModel:
+def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | None = None, dynamic_shapes=None,
+            **options) -> CompiledModel:
     """Compile an nn.Module (captured with torch.export) or a path to an .onnx file.
 
     `example_inputs` (a tuple of positional inputs) and `example_kwargs` (a dict of keyword inputs,
@@ -267,6 +303,9 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | Non
     the pattern rules off), `horizontal` (False: no horizontal merging of independent kernels),
     `disable` (op types or fusion names never fused), `max_group` (ops per group), `layout` ("auto":
     convolutional regions run channels-last, NHWC; "nchw": as captured). Anything else is a KfuseError.
+    `dynamic_shapes` (PyTorch only; torch.export's argument, e.g. `{"ids": {1: Dim.AUTO}}`): export the
+    model once with those sizes symbolic; each new size set then compiles a static program converted
+    from that export, without tracing the model again (the report's `capture` line says which).
     """
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
@@ -280,4 +319,7 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | Non
         raise KfuseError(f"kfuse.compile takes an nn.Module or a path to an .onnx file, not {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    return CompiledModel(model, example_inputs, example_kwargs or {}, options)
+    if dynamic_shapes is not None and isinstance(model, (str, os.PathLike)):
+        raise KfuseError("dynamic_shapes is torch.export's argument: an ONNX file's symbolic dims (dim_param) "
+                         "need no such argument")
+    return CompiledModel(model, example_inputs, example_kwargs or {}, options, dynamic_shapes)

@@ -133,15 +133,25 @@ def work(n: torch.fx.Node) -> int:
 
 class _Frozen(torch.nn.Module):
     """fn(*args) with the static inputs (parameters, buffers) held as buffers, so torch.export makes
-    them constants, and ints and scalar tensors given by value: forward takes the other tensors."""
+    them constants, and ints and scalar tensors given by value: forward takes the other tensors.
+    `sizes` maps an int argument to (tensor argument, dim) where it is that tensor's size: forward
+    reads it there, so an export with symbolic sizes keeps it symbolic."""
 
-    def __init__(self, fn, args: list, frozen: set, scalars: set):
+    def __init__(self, fn, args: list, frozen: set, scalars: set, sizes: dict | None = None):
         super().__init__()
         self.fn = fn
         self.layout = []    # per argument: ("b", buffer name) | ("t", scalar) | ("v", int) | ("a", position in forward)
+        #                     | ("s", (position in forward, dim))
+        forward_pos = {}
+        for i, a in enumerate(args):
+            if i not in frozen and i not in scalars and isinstance(a, torch.Tensor):
+                forward_pos[i] = len(forward_pos)
         n = 0
         for i, a in enumerate(args):
-            if i in frozen:
+            if sizes and i in sizes:
+                t, d = sizes[i]
+                self.layout.append(("s", (forward_pos[t], d)))
+            elif i in frozen:
                 self.register_buffer(f"c{i}", a.detach(), persistent=False)
                 self.layout.append(("b", f"c{i}"))
             elif i in scalars:
@@ -154,8 +164,8 @@ class _Frozen(torch.nn.Module):
 
     def forward(self, *live):
         # a scalar as torch.tensor(value): export reads such a constant's value (.item(), a size)
-        return self.fn(*[getattr(self, v) if k == "b" else torch.tensor(v) if k == "t" else v if k == "v" else live[v]
-                         for k, v in self.layout])
+        return self.fn(*[getattr(self, v) if k == "b" else torch.tensor(v) if k == "t" else v if k == "v"
+                         else live[v[0]].shape[v[1]] if k == "s" else live[v] for k, v in self.layout])
 
 
 def _frozen_inputs(args) -> list[int]:
@@ -179,11 +189,17 @@ class Segment:
     (identity and version counter), and the scalars the same numbers; if not, it compiles again.
     A graph kfuse cannot capture or compile runs by torch, with a warning and the reason kept."""
 
-    def __init__(self, fn, options: dict, frozen: list[int] | None = None, scalars: list[int] = ()):
+    def __init__(self, fn, options: dict, frozen: list[int] | None = None, scalars: list[int] = (),
+                 symbolic: tuple[dict, dict] | None = None):
         self.fn, self.options = fn, options
         self.frozen = frozen      # positions of frozen inputs; None: found on the first call's tensors
         self.scalars = list(scalars)
+        # (tensor argument -> its symbolic dims, int argument -> (tensor argument, dim)): compile with
+        # one export keeping those sizes symbolic, each size set converted from it (kfuse.compile's
+        # dynamic_shapes); None: the sizes of the first call
+        self.symbolic = symbolic
         self.builds = 0
+        self._past_programs = 0   # programs of the compiled models this one replaced
         self.fallback = ""        # why torch runs this graph, if it does
         self._built = None        # (state, compiled model, positions of the tensors it takes), swapped whole
         self._lock = threading.Lock()    # two threads making the first call compile once
@@ -192,16 +208,27 @@ class Segment:
     def _build(self, args, state):
         fixed = set(self.frozen) | set(self.scalars)
         live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
+        dims, sizes = self.symbolic or ({}, None)
+        dynamic = None
+        if self.symbolic:
+            from torch.export import Dim
+            dynamic = (tuple({d: Dim.AUTO for d in dims.get(i, ())} for i in live),)
         try:
-            cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars)),
-                         tuple(args[i] for i in live), **self.options)
+            cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes),
+                         tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
         except KfuseError as e:
             self.fallback = str(e).splitlines()[0][:300]
             warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
             return None
         self.builds += 1
+        self._past_programs = self.programs
         self._built = (state, cm, live)
         return self._built
+
+    @property
+    def programs(self) -> int:
+        """kfuse programs compiled by this segment (one per size set where it has symbolic sizes)."""
+        return self._past_programs + (len(self.cm.signatures) if self.cm is not None else 0)
 
     @property
     def cm(self):
@@ -265,6 +292,15 @@ class DynamoGraph:
         self._specialised: dict[tuple, Segment] = {}
         self._segments: list[Segment] = []
         self._run = None
+        # specialised: one segment for every size set, exported once with symbolic sizes, where
+        # every int input is a tensor's size (else a segment, and an export, per size set)
+        self._shared = None
+        if self.strategy == "specialised":
+            symbolic = _symbolic_inputs(gm, self.frozen)
+            if symbolic is not None:
+                self._shared = Segment(gm, options, self.frozen, self.scalars, symbolic)
+            else:
+                self.why += "; traced per size set (an int input is not the size of a tensor input)"
         self.n_symbolic_ops = 0
         if self.strategy == "static":
             self._run = Segment(gm, options, self.frozen, self.scalars)
@@ -295,8 +331,9 @@ class DynamoGraph:
                     self.why += f"; partitioned after {MAX_SPECIALISED} size sets"
                     self._run = self._partition(static_nodes(self.gm))
                     return self._run(*args)
-                seg = self._specialised[key] = Segment(self.gm, self.options, self.frozen, self.scalars)
-                self._segments.append(seg)
+                seg = self._specialised[key] = self._shared or Segment(self.gm, self.options, self.frozen, self.scalars)
+                if seg not in self._segments:
+                    self._segments.append(seg)
             return seg(*args)
         return self._run(*args)
 
@@ -333,7 +370,7 @@ class DynamoGraph:
 
     def programs(self) -> int:
         """kfuse programs compiled so far for this graph."""
-        return sum(s.builds for s in self._segments)
+        return sum(s.programs for s in self._segments)
 
     def reports(self) -> list:
         return [s.cm.report() for s in self._segments if s.cm is not None]
@@ -344,6 +381,10 @@ class DynamoGraph:
             line += f", {len(self._segments)} static segment(s), {self.n_symbolic_ops} op(s) run by torch on symbolic sizes"
         elif self.strategy == "specialised":
             line += f" for {len(self._specialised)} size set(s)"
+            cm = self._shared.cm if self._shared is not None else None
+            if cm is not None:
+                line += ("; each converted from one export with symbolic sizes" if not cm.symbolic_why
+                         else f"; traced per size set where needed: {cm.symbolic_why}")
         fallbacks = [s.fallback for s in self._segments if s.fallback]
         if fallbacks:
             line += f"; {len(fallbacks)} graph(s) run by torch: {fallbacks[0]}"
@@ -365,6 +406,29 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
                                                                 enable_gqa=enable_gqa)
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
     return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True)
+
+
+def _symbolic_inputs(gm: torch.fx.GraphModule, frozen: list[int]) -> tuple[dict, dict] | None:
+    """(tensor input -> its symbolic dims, int input -> (tensor input, dim) holding that size) from
+    Dynamo's example values, or None where an int input is a size no tensor input has as a dim (a
+    sum of sizes, a position): such a graph is traced per size set."""
+    values = [_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    dims, where = {}, {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and i not in frozen:
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt):
+                    dims.setdefault(i, []).append(d)
+                    where.setdefault(size.node.expr, (i, d))
+    sizes = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.SymInt):
+            if v.node.expr not in where:
+                return None
+            sizes[i] = where[v.node.expr]
+        elif isinstance(v, torch.SymFloat):
+            return None
+    return dims, sizes
 
 
 def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:

@@ -72,6 +72,7 @@ class Report:
     peak_bytes: int = 0                 # planned peak of intermediate buffers
     unplanned_bytes: int = 0            # the same without buffer reuse
     fallbacks: list[str] = field(default_factory=list)
+    capture: str = ""                   # how the graph was captured, where it is worth saying
 
     def fused(self, name: str):
         """A kernel holding the fusion `name` was formed."""
@@ -105,6 +106,8 @@ class Report:
         lines = [f"{len(self.kernels)} kernels; bytes moved {_mb(self.bytes_before)} unfused -> "
                  f"{_mb(self.bytes_after)} fused; intermediate memory {_mb(self.peak_bytes)} planned "
                  f"(vs {_mb(self.unplanned_bytes)} without reuse)"]
+        if self.capture:
+            lines.append(f"captured by {self.capture}")
         if self.fusions:
             lines.append("fusions:")
             lines += [f"  {k:<24} {v:>4}" for k, v in sorted(self.fusions.items())]

@@ -5,8 +5,10 @@ from them alone folds at capture time.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 
+import sympy
 import torch
 import torch.fx
 
@@ -64,21 +66,38 @@ SKIP = _overloads("_assert_tensor_metadata.default", "_assert_scalar.default", "
                   "_functional_sym_constrain_range.default", "_functional_sym_constrain_range_for_size.default",
                   "_make_dep_token.default")
 """Runtime checks (one_hot's range asserts, export's shape asserts): they produce no value an output
-uses, and inputs of another shape recompile anyway."""
+uses, and inputs of another shape recompile anyway. A check of sizes only, in a graph exported with
+symbolic sizes, is evaluated instead (see `SizeMismatch`)."""
+ASSERT_SCALAR = _overloads("_assert_scalar.default")
 READS_STORAGE = _overloads("as_strided.default", "as_strided_copy.default")
 
 
 # -- the converter --------------------------------------------------------------------------------------------
 
-def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names: list[str]) -> Graph:
+class SizeMismatch(KfuseError):
+    """Sizes a graph exported with symbolic sizes was not exported for (outside a symbol's range, a
+    failed size check, two dims that must be equal and are not): it must be exported for them anew."""
+
+
+# Arithmetic on sizes in a graph exported with symbolic sizes (a view's target computed from a
+# sym_size): evaluated on the call's ints at conversion, so the IR stays static.
+SIZE_OPS = {getattr(operator, n) for n in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "eq",
+                                           "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")} | {
+    getattr(torch, n) for n in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_ite") if hasattr(torch, n)}
+SIZE_OF = {aten.sym_size.int: lambda x, d: x.shape[d], aten.sym_numel.default: lambda x: x.numel}
+
+
+def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names: list[str],
+            shapes: list[tuple[int, ...]] | None = None) -> Graph:
     """Convert an ATen-level FX graph. Placeholders named in `values` become constants; the others,
-    in `input_names` order, become graph inputs (their shapes come from node.meta['val'])."""
+    in `input_names` order, become graph inputs, of `shapes` where given (a graph exported with
+    symbolic sizes, converted for one size set), else of their traced node.meta['val'] shapes."""
     g = Graph()
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     inputs = {}
-    for name in input_names:
+    for i, name in enumerate(input_names):
         val = placeholders[name].meta["val"]
-        inputs[name] = g.input(tuple(val.shape), val.dtype, name)
+        inputs[name] = g.input(tuple(val.shape) if shapes is None else tuple(shapes[i]), val.dtype, name)
     outs = _convert(g, graph, values, inputs)
     g.outputs = [env if isinstance(env, Node) else g.const(env) for env, _ in outs]
     g.output_names = [name for _, name in outs]
@@ -105,8 +124,11 @@ def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> lis
 
 
 def _call(g, n: torch.fx.Node, env):
-    if n.target is __import__("operator").getitem:
+    if n.target is operator.getitem:
         return env[n.args[0]][n.args[1]]
+    conv = lambda a: env[a] if isinstance(a, torch.fx.Node) else a
+    if n.target in SIZE_OF or n.target in SIZE_OPS or n.target in ASSERT_SCALAR:
+        return _size_arithmetic(n, torch.fx.node.map_aggregate(n.args, conv))
     if n.target in SKIP:
         return None
     handler = ATEN.get(n.target)
@@ -114,12 +136,13 @@ def _call(g, n: torch.fx.Node, env):
         handler = _custom_op(n.target)
     if handler is None:
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch")
-    conv = lambda a: env[a] if isinstance(a, torch.fx.Node) else a
     args = torch.fx.node.map_aggregate(n.args, conv)
     kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
     if n.target in READS_STORAGE:       # as_strided's meaning depends on its input's traced memory layout
         val = n.args[0].meta.get("val")
+        if val is not None and any(isinstance(d, torch.SymInt) for d in (*val.stride(), val.storage_offset())):
+            raise SizeMismatch(f"{n.target} at node {n.name!r} reads memory laid out by symbolic sizes")
         kwargs["storage"] = None if val is None else (tuple(val.stride()), val.storage_offset())
     try:
         out = handler(g, *args, **kwargs)
@@ -130,6 +153,19 @@ def _call(g, n: torch.fx.Node, env):
     for node in out if isinstance(out, tuple) else (out,):
         if isinstance(node, Node) and node.op != "const" and not node.name:
             node.name = n.name
+    return out
+
+
+def _size_arithmetic(n: torch.fx.Node, args: tuple):
+    """A size (sym_size of a node of g), arithmetic on sizes, or a check of sizes, on the call's ints.
+    A size read from data (`item()`) is a node of g, not a number: its checks are skipped as SKIP's are."""
+    if any(isinstance(a, Node) for a in args) and n.target not in SIZE_OF:
+        if n.target in ASSERT_SCALAR:
+            return None
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch", "arithmetic on a value read from a tensor")
+    out = SIZE_OF[n.target](*args) if n.target in SIZE_OF else None if n.target in ASSERT_SCALAR else n.target(*args)
+    if n.target in ASSERT_SCALAR and not args[0]:
+        raise SizeMismatch(f"the sizes of this call fail the exported graph's check {args[1] if len(args) > 1 else n.name!r}")
     return out
 
 
@@ -212,19 +248,39 @@ def register_cache_types(model):
 
 def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
     """torch.export + core ATen decompositions -> (Graph, output pytree spec)."""
-    from torch.export.graph_signature import InputKind
+    return to_graph(exported(model, example_inputs, example_kwargs))
+
+
+def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+             dynamic_shapes=None):
+    """The model as torch.export traces it, after the core ATen decompositions. `dynamic_shapes`
+    (torch.export's argument) marks sizes to keep symbolic: one export then serves every size set
+    it admits (`to_graph(ep, shapes)`), where a re-export costs about a second per size set."""
     model = model.eval()
     register_cache_types(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False)
+            ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False,
+                                     dynamic_shapes=dynamic_shapes)
         except Exception as e:
             raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
         table = torch.export.default_decompositions()
         for op in KEEP_WHOLE:
             table.pop(op, None)
         ep = ep.run_decompositions(table)
+    if ep.graph_signature.buffers_to_mutate:
+        written = ", ".join(sorted(set(ep.graph_signature.buffers_to_mutate.values())))
+        raise KfuseError(f"{type(model).__name__} writes into its buffer(s) {written}: kfuse compiles buffers in "
+                         f"as constants; pass such a tensor as an input instead")
+    return ep
+
+
+def to_graph(ep, shapes: list[tuple[int, ...]] | None = None) -> tuple[Graph, object]:
+    """An exported program as a kfuse Graph and its output pytree spec; with `shapes` (one per user
+    input), a program exported with symbolic sizes converted for those sizes (SizeMismatch if it
+    was not exported for them)."""
+    from torch.export.graph_signature import InputKind
     values, user = {}, []
     state = {**ep.state_dict, **ep.constants}
     for spec in ep.graph_signature.input_specs:
@@ -235,13 +291,49 @@ def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict |
     for name, attr in ep.graph_module.named_buffers():
         values.setdefault(name, attr)
     sig = ep.graph_signature
-    if sig.buffers_to_mutate:
-        written = ", ".join(sorted(set(sig.buffers_to_mutate.values())))
-        raise KfuseError(f"{type(model).__name__} writes into its buffer(s) {written}: kfuse compiles buffers in "
-                         f"as constants; pass such a tensor as an input instead")
-    graph = from_fx(ep.graph, values, user)
+    if shapes is not None:
+        _check_sizes(ep, user, shapes)
+    graph = from_fx(ep.graph, values, user, shapes)
     _mutations(graph, sig, user)
     return graph, ep.call_spec.out_spec
+
+
+def symbolic_inputs(ep) -> dict[int, list[int]]:
+    """User input position -> its dims that the exported program keeps symbolic."""
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    from torch.export.graph_signature import InputKind
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    out = {}
+    for i, name in enumerate(user):
+        val = nodes[name].meta.get("val")
+        dims = [d for d, n in enumerate(getattr(val, "shape", ())) if isinstance(n, torch.SymInt)]
+        if dims:
+            out[i] = dims
+    return out
+
+
+def _check_sizes(ep, user: list[str], shapes) -> None:
+    """SizeMismatch unless `shapes` is a size set `ep` was exported for: every static dim as traced,
+    each symbol one value within its range, every symbolic dim equal to its expression."""
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    traced = [tuple(nodes[name].meta["val"].shape) for name in user]
+    if len(shapes) != len(traced) or any(len(s) != len(t) for s, t in zip(shapes, traced)):
+        raise SizeMismatch("the call's inputs differ in number or rank from the exported graph's")
+    bound = {}
+    for shape, want in zip(shapes, traced):     # plain symbols first: they give the values
+        for got, d in zip(shape, want):
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                if bound.setdefault(d.node.expr, got) != got:
+                    raise SizeMismatch(f"dims exported as one size {d.node.expr} differ: {bound[d.node.expr]} and {got}")
+    for shape, want in zip(shapes, traced):
+        for got, d in zip(shape, want):
+            expr = d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d)
+            value = expr.xreplace({k: sympy.Integer(v) for k, v in bound.items()})
+            if not value.is_number or int(value) != got:
+                raise SizeMismatch(f"a dim exported as {expr} is {got} in this call")
+    for sym, r in ep.range_constraints.items():
+        if sym in bound and bound[sym] not in r:
+            raise SizeMismatch(f"size {bound[sym]} is outside the exported range {r.lower}..{r.upper} of {sym}")
 
 
 def _mutations(g: Graph, sig, user: list[str]) -> None:

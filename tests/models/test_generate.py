@@ -134,22 +134,53 @@ def test_backend_options_are_checked():
         compiled(torch.randint(1, VOCAB, (1, 4)))
 
 
-def test_encoder_with_dynamic_sizes_runs_static_programs():
+@pytest.fixture
+def exports(monkeypatch):
+    """The dynamic_shapes of each torch.export kfuse makes."""
+    calls, real = [], torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(k.get("dynamic_shapes")) or real(*a, **k))
+    return calls
+
+
+def test_encoder_with_dynamic_sizes_runs_static_programs(exports):
     """An encoder whose every op depends on the sequence length is specialised per size set: each
-    length runs a static kfuse program (the static path's speed), and the summary says so."""
+    length runs a static kfuse program (the static path's speed), converted from one export with
+    the length symbolic (no trace per length), and the summary says so."""
     from kfuse.models import build
     from helpers import assert_close
     model, (ids, mask) = build("bert", batch=1, seq=16, layers=1)
     before = kfuse.dynamo.compiled_count()
     compiled = torch.compile(model, backend="kfuse", dynamic=True)
     with torch.no_grad():
-        for seq in (16, 24, 16):
+        for seq in (16, 24, 16, 37):
             ids, mask = torch.randint(1, 100, (1, seq)), torch.ones(1, seq, dtype=torch.long)
             assert_close(compiled(ids, mask), model(ids, mask))
     graphs = kfuse.dynamo.compilations(since=before)
     assert [g.strategy for g in graphs] == ["specialised"], [g.summary() for g in graphs]
-    assert graphs[0].programs() == 2 and "2 size set(s)" in graphs[0].summary()
+    assert graphs[0].programs() == 3 and "3 size set(s)" in graphs[0].summary()
+    assert "each converted from one export with symbolic sizes" in graphs[0].summary()
+    assert len(exports) == 1 and exports[0] is not None, exports
     assert any(r.fusions for r in graphs[0].reports())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompts_of_new_lengths_trace_nothing(arch, exports):
+    """generate() over prompts of several lengths: eager's tokens, and a prompt of a new length
+    converts the one symbolic export of the prefill graph instead of tracing the model again."""
+    model = _model(arch)
+    prompts = [torch.randint(1, VOCAB, (1, n)) for n in (7, 11, 5, 19)]
+    want = [_generate(model, p, 4) for p in prompts]
+    before = kfuse.dynamo.compiled_count()
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    got = [_generate(model, p, 4) for p in prompts[:2]]
+    graphs = kfuse.dynamo.compilations(since=before)
+    n_exports = len(exports)
+    got += [_generate(model, p, 4) for p in prompts[2:]]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(exports) == n_exports, "prompts of new lengths traced the model again"
+    prefill = [g for g in kfuse.dynamo.compilations(since=before) if g.strategy == "specialised"]
+    assert len(prefill) == 1 and prefill[0].programs() == 3, [g.summary() for g in graphs]
+    assert len(kfuse.dynamo.compilations(since=before)) <= 4
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
