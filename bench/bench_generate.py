@@ -11,8 +11,12 @@ Prefill: median ms of generate(max_new_tokens=1). Decode: (N - 1) tokens over th
 generate(N) minus that of generate(1), as tokens/s. Roofline: a decode step reads every weight once
 (batch 1 is a GEMV per linear): parameter bytes per step / step time, as a fraction of the copy
 bandwidth the same process measures (bytes read + written per second copying a 256 MB tensor).
+RSS MB: the process's resident memory after those runs (model, compiled programs, caches).
 Every provider's tokens are compared with eager's. "inductor-max" (mode="max-autotune-no-cudagraphs")
 is available, not run by default: on this CPU it spends minutes tuning.
+`--lengths 100,77,...` also times prompts of lengths not seen before (after the run above): the
+first generate(1) of each (what a new prompt length costs: compiling, then the prefill), the
+median over those lengths, the steady prefill at those lengths, and the resident memory they added.
 """
 from __future__ import annotations
 
@@ -84,11 +88,22 @@ def child(a):
             gen(n)
             ts.append(time.perf_counter() - t)
     med = lambda v: sorted(v)[len(v) // 2]   # noqa: E731
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # noqa: E731
     step = (med(tn) - med(t1)) / (a.new - 1)
     out = {"prefill_ms": med(t1) * 1e3, "step_ms": step * 1e3, "tok_s": a.b / step, "first_s": first_s,
-           "tokens": tokens.tolist(), "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "rss_mb": rss(), "tokens": tokens.tolist(),
+           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
            "bandwidth_gbs": bandwidth_gbs(), "spread_ms": [(min(tn) - max(t1)) / (a.new - 1) * 1e3,
                                                           (max(tn) - min(t1)) / (a.new - 1) * 1e3]}
+    if a.lengths:
+        before, first, steady = rss(), [], []
+        for n in map(int, a.lengths.split(",")):
+            ids = torch.randint(1, VOCAB, (a.b, n), generator=torch.Generator().manual_seed(n))
+            for ts in (first, steady):
+                t = time.perf_counter()
+                gen(1)
+                ts.append(time.perf_counter() - t)
+        out["new_length"] = {"first_s": med(first), "prefill_ms": med(steady) * 1e3, "rss_mb": rss() - before}
     if a.provider == "kfuse":
         import kfuse.dynamo
         out["kfuse"] = [g.summary() for g in kfuse.dynamo.compilations()]
@@ -106,6 +121,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--lengths", default="", help="prompt lengths not seen before, timed after the run")
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "BATCH", "PROVIDER"))
     ap.add_argument("--verbose", action="store_true", help="print kfuse's strategy per Dynamo graph")
     a = ap.parse_args()
@@ -116,7 +132,7 @@ def main():
     print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, fp32; {a.layers} layers, "
           f"hidden {a.hidden}, vocab {VOCAB}; prompt {a.prompt} -> {a.new} new tokens, {a.cache} KV cache")
     print(f"{'model':<9}{'batch':>5}  {'provider':<13}{'prefill ms':>11}{'decode tok/s':>14}{'ms/token':>10}"
-          f"{'roofline':>10}{'1st call s':>11}  tokens")
+          f"{'roofline':>10}{'1st call s':>11}{'RSS MB':>8}  tokens")
     for arch in a.models.split(","):
         for b in map(int, a.batch.split(",")):
             res = {}
@@ -132,7 +148,11 @@ def main():
                 same = "=" if "eager" not in res or r["tokens"] == res["eager"]["tokens"] else "DIFFER"
                 roof = r["weight_bytes"] / (r["step_ms"] / 1e3) / (r["bandwidth_gbs"] * 1e9)
                 print(f"{arch:<9}{b:>5}  {p:<13}{r['prefill_ms']:>11.1f}{r['tok_s']:>14.1f}{r['step_ms']:>10.2f}"
-                      f"{roof:>10.0%}{r['first_s']:>11.1f}  {same}")
+                      f"{roof:>10.0%}{r['first_s']:>11.1f}{r['rss_mb']:>8.0f}  {same}")
+                if "new_length" in r:
+                    nl = r["new_length"]
+                    print(f"{'':<16}new prompt lengths {a.lengths}: first call {nl['first_s']:.2f} s (median), then "
+                          f"prefill {nl['prefill_ms']:.1f} ms; resident memory +{nl['rss_mb']:.0f} MB")
                 if a.verbose and "kfuse" in r:
                     for s in r["kfuse"]:
                         print("      " + s)

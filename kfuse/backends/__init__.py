@@ -39,6 +39,7 @@ from .c import squeeze_excite as c_squeeze_excite
 from .c.autotune import pick
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from .launch import group_runner
+from .constants import shared
 from .library import pack_linear
 from .reference import reference_kernel
 
@@ -74,12 +75,14 @@ _LINEAR_POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (),
 
 def _linear_kernel(nodes):
     x, w, b, act = as_linear(nodes)
-    lin = pack_linear(w, b, act, batch_hint=x.numel // x.shape[-1])
+    # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
+    # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
+    lin = shared(pack_linear, w, b, act, batch_hint=1 if x.numel == x.shape[-1] else None)
     cands = {f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else ""): lin}
     schedule = ""
     if act in _LINEAR_POST_OPS:     # our C GEMM: no library call to pay, where the GEMM is small
         try:
-            cands["c:gemm"] = c_gemm.GemmConv(w.t(), b, _LINEAR_POST_OPS[act], False)
+            cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, _LINEAR_POST_OPS[act], False)
         except CompileError:        # no C compiler: the library alone
             pass
     if len(cands) > 1:
@@ -107,25 +110,25 @@ def _conv_candidates(spec) -> dict:
     """{backend name: kernel} of the kernels that compute `spec` (a kernels.conv.ConvEpilogue): our
     depthwise kernel; our implicit GEMM (one group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1;
     oneDNN's convolution, last. kernel(x[, residual]) -> output."""
-    conv = pack_conv(spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
+    conv = shared(pack_conv, spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     others, a = {}, spec.attrs
     if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
             spec.weight.shape, a["groups"], spec.x.shape[3]):
         try:
-            others["c:depthwise"] = c_depthwise.DepthwiseConv(spec.weight, spec.bias, a["stride"], a["padding"],
+            others["c:depthwise"] = shared(c_depthwise.DepthwiseConv, spec.weight, spec.bias, a["stride"], a["padding"],
                                                               a["dilation"], spec.act)
         except (NotImplementedError, CompileError):
             pass
     if a.get("layout") == "nhwc" and int(a["groups"]) == 1:
         try:
-            others["c:gemm"] = c_gemm.GemmConv(spec.weight, spec.bias, spec.act, spec.residual is not None,
+            others["c:gemm"] = shared(c_gemm.GemmConv, spec.weight, spec.bias, spec.act, spec.residual is not None,
                                                a["stride"], a["padding"], a["dilation"])
         except (NotImplementedError, CompileError):
             pass
     if pointwise(a, spec.weight):
         if conv.backend == "onednn" and linear_supports(None, False):
-            pw = PointwiseConv(spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
+            pw = shared(PointwiseConv, spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
             others[_library_name(pw)] = pw
     return others | {backend: conv}        # the first is the choice when timing is off
 

@@ -142,7 +142,7 @@ class PackedLinear:
     """
 
     __slots__ = ("backend", "act", "post_op_fused", "residual_fused", "in_features", "out_features",
-                 "_w", "_b", "_unary", "_binary", "_attr", "_inplace_act")
+                 "_w", "_b", "_unary", "_binary", "_attr", "_inplace_act", "__weakref__")
 
     def __init__(self, w_kn, bias, act, batch_hint, prefer):
         if act not in ONEDNN_POST_OPS:

@@ -16,6 +16,7 @@ from .. import config
 from ..backends import Kernel, make_kernel, split_pairs
 from ..backends import openmp
 from ..backends.calibrate import machine
+from ..backends.constants import intern
 from ..backends.reference import reference_kernel
 from ..ir import Graph, Group, Node
 from ..passes import dump, run_pipeline
@@ -169,6 +170,9 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
         plan = None
     else:
+        for n in graph.nodes:       # weights other programs hold already: one copy, packed once
+            if n.op == "const":
+                n.attrs["value"] = intern(n.attrs["value"])
         if backend == "cpu":
             groups = split_pairs(groups, report)
         kernels = [make_kernel(g, report, m, backend) for g in groups]

@@ -1,0 +1,100 @@
+"""Constants shared between programs: one copy of a weight, packed once.
+
+Each program of a model (a prompt length's prefill, the decode step, every Dynamo graph of one
+model) captures the same weights as its own constants, and each of its kernels packed its own copy
+(oneDNN's blocked layout, our GEMM's 16-column panels): a Llama-style model of 96 MB took ~165 MB more
+per prefill length. `intern` maps a constant to the first live tensor of equal content, and `shared`
+builds a packed form once per (canonical tensors, arguments), kept weakly on the first tensor: a
+weight used by several programs is stored and packed once, and freed with the last program using it.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+MIN_NUMEL = 4096        # smaller constants are not worth the lookup
+_lock = threading.RLock()     # reentrant: a weak reference's callback may run inside a locked section (GC)
+_canonical: dict[tuple, list] = {}      # fingerprint -> weak references to tensors of that content
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Cheap: dtype, shape, strides and the bits of 61 elements spread over the tensor."""
+    flat = _bits(t).reshape(-1)
+    step = max(1, flat.numel() // 61)
+    return (t.dtype, tuple(t.shape), tuple(t.stride()), tuple(flat[::step].tolist()))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as integers of the same width: equal bits, not equal values (0.0 is not -0.0,
+    a NaN equals the same NaN)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def _forget(key: tuple, ref) -> None:
+    with _lock:
+        refs = _canonical.get(key)
+        if refs is not None:
+            refs[:] = [r for r in refs if r is not ref]
+            if not refs:
+                del _canonical[key]
+
+
+def intern(t: torch.Tensor) -> torch.Tensor:
+    """The first live tensor with t's dtype, shape, strides and bits, else t."""
+    if (not isinstance(t, torch.Tensor) or t.numel() < MIN_NUMEL or t.layout != torch.strided or t.requires_grad
+            or t.element_size() not in _INT_OF_SIZE or t.is_complex()):
+        return t
+    key = _fingerprint(t)
+    with _lock:
+        refs = _canonical.setdefault(key, [])
+        for r in refs:
+            c = r()
+            if c is not None and c.device == t.device and torch.equal(_bits(c), _bits(t)):
+                return c
+        refs.append(weakref.ref(t, lambda r: _forget(key, r)))
+    return t
+
+
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
+def _key(a):
+    """An argument as a key: a tensor by its owner's identity and version and its view of it (one
+    too small to intern, by its bits)."""
+    if isinstance(a, torch.Tensor) and a.numel() < MIN_NUMEL and a.element_size() in _INT_OF_SIZE:
+        return ("small", a.dtype, str(a.device), tuple(a.shape), tuple(_bits(a).reshape(-1).tolist()))
+    if isinstance(a, torch.Tensor):
+        o = _owner(a)
+        return ("tensor", id(o), o._version, a.dtype, tuple(a.shape), tuple(a.stride()), a.storage_offset())
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *map(_key, a))
+    if isinstance(a, dict):
+        return ("dict", *((k, _key(v)) for k, v in a.items()))
+    return ("value", type(a).__name__, repr(a))
+
+
+def shared(build, first: torch.Tensor, *args, **kwargs):
+    """build(first, *args, **kwargs), or the object an earlier identical call built while it is still
+    alive. Identical: the same owner tensors (by identity, unchanged since: their version counters)
+    viewed the same way, and equal other arguments. Kept weakly, on `first`'s owner."""
+    owner = _owner(first)
+    key = (build.__module__, build.__qualname__, _key(first), _key(args), _key(kwargs))
+    others = [_owner(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel() >= MIN_NUMEL]
+    with _lock:
+        memo = getattr(owner, "_kfuse_packed", None)
+        if memo is None:
+            memo = owner._kfuse_packed = {}
+        hit = memo.get(key)
+        obj = hit[1]() if hit is not None else None
+    if obj is not None:
+        return obj
+    obj = build(first, *args, **kwargs)
+    with _lock:
+        memo[key] = (others, weakref.ref(obj))    # `others` held: their ids in the key stay theirs
+    return obj
