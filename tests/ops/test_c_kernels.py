@@ -466,3 +466,26 @@ def test_small_kernels_run_on_the_calling_thread():
         g.outputs = [g.add(op, g.input(shape, F32), **attrs)]
         assert "omp parallel" in build(lower(g.nodes[1:], g.outputs)).source
         check(g, [rand(shape)])
+
+
+@pytest.mark.parametrize("counts", [[(64, 512), (100, 512), (77, 512)], [(1, 384), (1, 384)], [(40000,), (65537,)],
+                                    [(7,), (1000,)]])
+def test_one_library_serves_every_loop_count(counts):
+    """The loop count (rows, or elements of a flat kernel) is an argument, not part of the source: kernels
+    differing only in it, within one size class (a team or the calling thread alone), render to one
+    source (one library: a prefill at a new length compiles nothing), and each computes its own count."""
+    sources = set()
+    for shape in counts:
+        g = Graph()
+        x, r = g.input(shape, F32), g.input(shape, F32)
+        h = g.add("add", x, r)
+        if len(shape) == 2:
+            g.outputs = [h, g.add("rms_norm", h, g.const(torch.randn(shape[-1])), eps=1e-6)]
+        else:
+            g.outputs = [g.add("gelu", h)]
+        nodes = [n for n in g.nodes if n.op not in ("input", "const")]
+        fn = build(lower(nodes, g.outputs))
+        sources.add(fn.source)
+        check(g, [rand(shape), rand(shape)], atol=GELU_ATOL)
+        assert str(math.prod(shape[:-1]) if len(shape) == 2 else shape[0]) + "LL" not in fn.source
+    assert len(sources) == 1

@@ -18,7 +18,7 @@ from ... import config
 from ...kernels import FusedKernel
 from . import autotune, compiler
 from .compiler import CompileError
-from .render import render, render_variants
+from .render import loop_count, render, render_variants
 
 __all__ = ["build", "CompileError", "CKernel", "render", "variant"]
 
@@ -33,10 +33,12 @@ class CKernel:
         self._run = getattr(lib, entry)
         self._run.argtypes = [ctypes.c_void_p]
         self._run.restype = None
-        self._argv = ctypes.c_void_p * self.n_args
+        self._argv = ctypes.c_void_p * (self.n_args + 1)
+        self._count = ctypes.c_int64(loop_count(k))       # the loop count, the last argument
+        self._count_ptr = ctypes.addressof(self._count)
 
     def __call__(self, inputs, outputs):
-        argv = self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs])
+        argv = self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs], self._count_ptr)
         self._run(argv)
 
     def check(self, inputs, outputs):

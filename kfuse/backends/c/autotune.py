@@ -36,7 +36,7 @@ import torch
 from ... import config
 from .. import openmp
 from . import compiler
-from .render import DEFAULT, PARALLEL_MIN, Schedule
+from .render import CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
 
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
@@ -70,11 +70,8 @@ def variants(k) -> list[Schedule]:
     rows = n // k.shape[-1] if not k.flat else n
     if n < PARALLEL_MIN or rows < 2 or k.layout:
         return [DEFAULT]
-    if k.flat:      # chunks of elements (1/16 of the loop), rounded to whole 64-byte lines
-        chunk = max(4096, -(-n // 16) // 16 * 16)
-    else:           # chunks of rows
-        chunk = max(1, rows // 16)
-    return [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {chunk}"), Schedule(omp="guided")]
+    # chunks of 1/16 of the loop (elements, in whole 64-byte lines, or rows), sized at the call
+    return [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {CHUNK}"), Schedule(omp="guided")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,13 +252,16 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     threads = threads or config.threads()
     if threads < 2 or not config.get().autotune:      # an artifact's tuned library, used without tuning
         return Choice(0, scheds[0], "default")
-    key = _key(source, threads)
+    count = loop_count(k)     # one source serves many counts: the choice is per count
+    key = _key(f"{source}\0{count}", threads)
     hit = _cached(key, [str(s) for s in scheds])
     if hit is not None:
         return Choice(hit, scheds[hit], "cached")
     inputs = fresh_inputs(k)
     outputs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
-    argv = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[t.data_ptr() for t in inputs + outputs])
+    n = ctypes.c_int64(count)
+    argv = (ctypes.c_void_p * (len(inputs) + len(outputs) + 1))(*[t.data_ptr() for t in inputs + outputs],
+                                                                ctypes.addressof(n))
     fns = [getattr(lib, f"kf_v{i}") for i in range(len(scheds))]
     for f in fns:
         f.argtypes, f.restype = [ctypes.c_void_p], None

@@ -1,7 +1,11 @@
 """Render a kernel-IR `FusedKernel` as C99 + OpenMP source.
 
 Every kernel library exports one function:
-    void kf_run(void **args);        args: the inputs' then the outputs' data pointers
+    void kf_run(void **args);        args: the inputs' then the outputs' data pointers, then a
+                                     pointer to the loop count (int64: elements, or rows)
+The loop count is read at the call, not written into the source: a kernel over [rows, N] renders to
+the same text for every row count of its size class (whether it runs on a team), so a prefill at a
+new prompt length finds its libraries in the disk cache instead of compiling them.
 Its parallel regions use the calling thread's OpenMP thread count (kfuse/backends/openmp.py).
 Identifiers are made here (a<k> arguments, v<k> values, s<k> stashes); no graph name reaches C.
 
@@ -39,10 +43,19 @@ class Schedule:
     The default renders the same text as before there was a choice (the same libraries in the cache)."""
     threads: str = "all"        # "all": an OpenMP team (for kernels of PARALLEL_MIN elements or more);
                                 # "one": the calling thread alone
-    omp: str = SCHEDULE         # the OpenMP schedule clause: "static", "static, 16", "dynamic, 8", "guided"
+    omp: str = SCHEDULE         # the OpenMP schedule clause: "static", "dynamic, 8", "guided"; CHUNK
+                                # stands for 1/16 of the loop count (at least 4096 elements, 1 row)
 
     def __str__(self):
-        return "1 thread" if self.threads == "one" else self.omp.replace(" ", "")
+        return "1 thread" if self.threads == "one" else self.omp.replace(" ", "").replace(CHUNK, "n/16")
+
+
+CHUNK = "{chunk}"
+
+
+def loop_count(k: FusedKernel) -> int:
+    """The count a kernel's loop runs over, passed at the call: its elements (flat) or rows."""
+    return k.shape[0] if k.flat else math.prod(k.shape[:-1])
 
 
 DEFAULT = Schedule()
@@ -120,6 +133,7 @@ class _Render:
             const = "const " if a < self.n_in else ""
             t = CTYPE[DTYPES[n.dtype]]
             body.append(f"    {const}{t} *restrict a{a} = ({const}{t} *)args[{a}];")
+        body.append(f"    const int64_t n = *(const int64_t *)args[{len(args)}];")
         self.lines = []
         if k.flat:
             self.flat()
@@ -135,10 +149,11 @@ class _Render:
             if not k.varies[i]:
                 self.ref(i, row, 1, "0", None)
         if k.shape[0] >= PARALLEL_MIN and self.sched.threads == "all":
-            self.out(f"#pragma omp parallel for simd schedule(simd: {self.sched.omp})", 1)
+            chunk = "(n / 256 + 1) * 16 > 4096 ? (n / 256 + 1) * 16 : 4096"
+            self.out(f"#pragma omp parallel for simd schedule(simd: {self.sched.omp.replace(CHUNK, chunk)})", 1)
         else:
             self.out("#pragma omp simd", 1)
-        self.out(f"for (int64_t i = 0; i < {k.shape[0]}LL; i++) {{", 1)
+        self.out("for (int64_t i = 0; i < n; i++) {", 1)
         local = dict(row)
         once = [(o, v) for o, v in enumerate(k.out_values) if k.strides[self.n_in + o][0] == 0]
         for o, v in enumerate(k.out_values):
@@ -163,8 +178,8 @@ class _Render:
             t = CTYPE[k.values[i].dtype]
             self.out(f"{t} *s{i} = ({t} *)aligned_alloc(64, ({N} * sizeof({t}) + 63) / 64 * 64);", 2)
         if parallel:
-            self.out(f"#pragma omp for schedule({self.sched.omp})", 2)
-        self.out(f"for (int64_t r = 0; r < {R}LL; r++) {{", 2)
+            self.out(f"#pragma omp for schedule({self.sched.omp.replace(CHUNK, 'n / 16 > 1 ? n / 16 : 1')})", 2)
+        self.out("for (int64_t r = 0; r < n; r++) {", 2)
         d = 3
         # row pointers: decompose r into the leading indices (one dim after collapsing, usually)
         if len(lead) > 1:
