@@ -20,6 +20,7 @@ dynamic=True) runs by one of three strategies, chosen from the share of its work
 """
 from __future__ import annotations
 
+import operator
 import threading
 import warnings
 import weakref
@@ -391,21 +392,44 @@ class DynamoGraph:
         return line
 
 
-def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, new=None):
     """torch's scaled_dot_product_attention, by kfuse's attention kernel (split-KV for one query)
     where it computes the same: float32 4-D CPU tensors, no dropout, a causal frontier only where
     torch's top-left alignment is the kernel's bottom-right one (equal lengths). Sizes are read at
-    the call, so it serves the symbolic KV length of a decode step."""
+    the call, so it serves the symbolic KV length of a decode step. `new`: (k_new, v_new), rows to
+    write into the last rows of k and v first (by the kernel where it runs, else copied)."""
     from .backends.c import attention as c_attention
     heads_ok = q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[-1] == k.shape[-1] and (
-        k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
+        q.shape[0] == k.shape[0]) and (k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
+    if new is not None and any(t.dtype != torch.float32 or t.dim() != 4 or t.stride(-1) != 1 for t in new):
+        for dst, t in zip((k, v), new):
+            dst.narrow(-2, dst.shape[-2] - t.shape[-2], t.shape[-2]).copy_(t)
+        new = None
     if (not heads_ok or dropout_p or (is_causal and q.shape[2] != k.shape[2]) or q.device.type != "cpu"
             or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v))
             or (attn_mask is not None and attn_mask.dtype not in (torch.float32, torch.bool))):
+        for dst, t in zip((k, v), new or ()):
+            dst.narrow(-2, dst.shape[-2] - t.shape[-2], t.shape[-2]).copy_(t)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                                                 enable_gqa=enable_gqa)
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True)
+    # checked above (dtypes, ranks, last-dim strides, heads), and `new` holds rows of k and v (kvcache.reserve)
+    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True, new=new,
+                                 check=False)
+
+
+def sdpa_appending(q, keys, values, *args, dim: int, **kwargs):
+    """(sdpa(q, k, v, ...), k, v) for k, v = kvcache.append(keys, dim), kvcache.append(values, dim): where
+    both caches grow in place, their new rows are written by the attention kernel as it starts instead
+    of copied by torch before it (a decode step's cache update, inside the kernel)."""
+    k, k_pending = kvcache.reserve(keys, dim)
+    v, v_pending = kvcache.reserve(values, dim)
+    if k_pending and v_pending and keys[1].shape == values[1].shape:
+        return sdpa(q, k, v, *args, new=(keys[1], values[1]), **kwargs), k, v
+    for out, pending, t in ((k, k_pending, keys[1]), (v, v_pending, values[1])):
+        if pending:
+            out.narrow(dim, out.shape[dim] - t.shape[dim], t.shape[dim]).copy_(t)
+    return sdpa(q, k, v, *args, **kwargs), k, v
 
 
 def _symbolic_inputs(gm: torch.fx.GraphModule, frozen: list[int]) -> tuple[dict, dict] | None:
@@ -432,13 +456,30 @@ def _symbolic_inputs(gm: torch.fx.GraphModule, frozen: list[int]) -> tuple[dict,
 
 
 def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:
-    """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`."""
+    """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`; one whose
+    keys and values are KV-cache appends (along the sequence axis, read by nothing else but the graph's
+    outputs) a call of `sdpa_appending`, which writes the new rows inside the attention kernel."""
     hit = False
-    for n in gm.graph.nodes:
+    for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target in ATTENTION:
             n.target, hit = sdpa, True
+            k, v = (n.args[1:3] if len(n.args) >= 3 else (None, None))
+            if not all(isinstance(a, torch.fx.Node) and a.target is kvcache.append and len(a.args) == 1
+                       and a.kwargs.get("dim") in (-2, 2) and set(a.users) <= {n, *_outputs(gm)} for a in (k, v)):
+                continue
+            with gm.graph.inserting_before(n):
+                fused = gm.graph.call_function(sdpa_appending, (n.args[0], k.args[0], v.args[0], *n.args[3:]),
+                                               {**n.kwargs, "dim": -2})
+                parts = [gm.graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+            for old, new in zip((n, k, v), parts):
+                old.replace_all_uses_with(new)
+                gm.graph.erase_node(old)
     if hit:
         gm.recompile()
+
+
+def _outputs(gm: torch.fx.GraphModule) -> list:
+    return [n for n in gm.graph.nodes if n.op == "output"]
 
 
 def _traced_outputs(gm: torch.fx.GraphModule) -> list:

@@ -75,9 +75,20 @@ def append(tensors, dim: int = 0) -> torch.Tensor:
     """torch.cat([past, new], dim) for a cache: in place into past's buffer when past is its latest
     view and the rows fit, else into a new buffer with spare rows; torch.cat itself where past is not
     a growable cache."""
+    out, pending = reserve(tensors, dim)
+    if pending:
+        new = tensors[1]
+        out.narrow(dim, out.shape[dim] - new.shape[dim], new.shape[dim]).copy_(new)
+    return out
+
+
+def reserve(tensors, dim: int = 0) -> tuple[torch.Tensor, bool]:
+    """(append(tensors, dim), False), or (the view one append longer, True) where the new rows go into
+    past's buffer in place and are left for the caller to write (its last rows along dim): the decode
+    step's attention kernel writes them as it starts (kfuse/dynamo.py, sdpa_appending)."""
     past, new = tensors
     if not growable(past):
-        return torch.cat(tensors, dim)
+        return torch.cat(tensors, dim), False
     dim = dim % new.dim()
     if past.dim() == new.dim() and past.dtype == new.dtype and past.device == new.device:
         with _lock:
@@ -85,12 +96,11 @@ def append(tensors, dim: int = 0) -> torch.Tensor:
             rows = new.shape[dim]
             if (b is not None and b.fill + rows <= b.data.shape[dim]
                     and all(past.shape[d] == new.shape[d] for d in range(new.dim()) if d != dim)):
-                b.data.narrow(dim, b.fill, rows).copy_(new)
                 b.fill += rows
-                return _view(b)
+                return _view(b), True
     if past.numel() == 0 and past.dim() == 1:     # a lazily initialised cache: torch.cat skips it
-        return _fresh([new], dim)
-    return _fresh([past, new], dim)
+        return _fresh([new], dim), False
+    return _fresh([past, new], dim), False
 
 
 def adopt(t: torch.Tensor, dim: int) -> torch.Tensor:

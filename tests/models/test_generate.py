@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kfuse.dynamo
+import kfuse.runtime.kvcache
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,6 +79,10 @@ def test_decode_graph_is_partitioned_and_fused():
     assert any("rmsnorm" in f for f in fused) and "swiglu" in fused, fused
     assert decode[0].static_share > 0.8
     assert decode[0].n_symbolic_ops < decode[0].n_ops / 4
+    # each layer's cache update and attention: one call, the new rows written by the attention kernel
+    torch_parts = [m for m in decode[0]._run.children() if isinstance(m, torch.fx.GraphModule)]
+    calls = [n.target for m in torch_parts for n in m.graph.nodes if n.op == "call_function"]
+    assert calls.count(kfuse.dynamo.sdpa_appending) == 2 and kfuse.runtime.kvcache.append not in calls, calls
 
 
 def test_static_cache_written_in_place():
@@ -242,3 +247,26 @@ def test_other_concatenations_of_an_input_get_no_spare_rows():
         (out,) = f(x, y)
         torch.testing.assert_close(out, torch.cat([x, y * 2], -2))
         assert out.untyped_storage().nbytes() == out.numel() * 4
+
+
+def test_sdpa_of_a_decode_step_matches_torch():
+    """kfuse.dynamo.sdpa (the decode step's attention over a symbolic KV length) and sdpa_appending
+    (the cache appends inside it) equal torch's SDPA over torch.cat, for GQA, masks, strided rows, and
+    inputs the kernel does not take (a batch that only broadcasts, float64: torch runs them)."""
+    from kfuse.dynamo import sdpa, sdpa_appending
+    F = torch.nn.functional
+    q, past = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 9, 16)
+    new = torch.randn(2, 1, 2, 16).transpose(1, 2)
+    mask = torch.randn(2, 1, 1, 10)
+    for m in (None, mask, mask > 0):
+        want = F.scaled_dot_product_attention(q, torch.cat([past, new], -2), torch.cat([past, new], -2), m,
+                                              enable_gqa=True)
+        cache_k, cache_v = kfuse.runtime.kvcache.adopt(past, -2), kfuse.runtime.kvcache.adopt(past.clone(), -2)
+        got, k, v = sdpa_appending(q, [cache_k, new], [cache_v, new], m, enable_gqa=True, dim=-2)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(k, torch.cat([past, new], -2)) and torch.equal(v, k) and k.data_ptr() == cache_k.data_ptr()
+    k1 = torch.randn(1, 2, 9, 16)
+    torch.testing.assert_close(sdpa(q, k1, k1, enable_gqa=True), F.scaled_dot_product_attention(q, k1, k1, enable_gqa=True))
+    q64, k64 = q.double(), past.double()
+    torch.testing.assert_close(sdpa(q64, k64, k64, enable_gqa=True),
+                               F.scaled_dot_product_attention(q64, k64, k64, enable_gqa=True))

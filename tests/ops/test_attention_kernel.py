@@ -227,3 +227,35 @@ def test_float_mask_keys_fastest_read_in_place():
     assert got[0, :, 5].isnan().all() and not got[0, :, 4].isnan().any()
     got, _ = run(q, k, v, mask, kernel="block", split_kv=False, zero_masked=True)
     assert (got[0, :, 5] == 0).all()
+
+
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lnew,Lk", [(1, 8, 2, 1, 1, 37), (2, 4, 4, 1, 1, 300), (3, 6, 3, 5, 5, 12),
+                                              (2, 8, 1, 1, 3, 3)])
+def test_new_rows_written_into_the_cache_first(B, H, Hkv, Lq, Lnew, Lk):
+    """new=(k_new, v_new): the kernel writes them into the last Lnew rows of k and v (views into a larger
+    buffer, as a growable KV cache hands them out), then attends over the whole; other rows untouched.
+    The new rows come strided (the transposed output of a projection)."""
+    D = 32
+    buf_k, buf_v = torch.randn(B, Hkv, Lk + 9, D), torch.randn(B, Hkv, Lk + 9, D)
+    k, v = buf_k[:, :, :Lk], buf_v[:, :, :Lk]
+    k_new = torch.randn(B, Lnew, Hkv, D).transpose(1, 2)
+    v_new = torch.randn(B, Lnew, Hkv, D).transpose(1, 2)
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, Lk - Lnew:], want_v[:, :, Lk - Lnew:] = k_new, v_new
+    spare = buf_k[:, :, Lk:].clone()
+    q = torch.randn(B, H, Lq, D)
+    for kernel in ("block", "row"):
+        k[:, :, Lk - Lnew:] = float("nan")      # poisoned: the kernel must write them before reading
+        v[:, :, Lk - Lnew:] = float("nan")
+        got = A.attention(q, k, v, scale=0.125, kernel=kernel, new=(k_new, v_new))
+        assert torch.equal(k, want_k) and torch.equal(v, want_v) and torch.equal(buf_k[:, :, Lk:], spare)
+        close(got, _attention(q, want_k, want_v, None, scale=0.125, causal=False))
+
+
+def test_new_rows_without_a_kernel_call_and_errors():
+    k, v = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
+    new = (torch.ones(1, 2, 1, 16), torch.full((1, 2, 1, 16), 2.0))
+    A.attention(torch.randn(1, 2, 0, 16), k, v, scale=1.0, new=new)       # no query: the rows still land
+    assert k[0, :, 3].eq(1).all() and v[0, :, 3].eq(2).all() and k[0, :, :3].eq(0).all()
+    with pytest.raises(ValueError, match="not rows of k"):
+        A.attention(torch.randn(1, 2, 1, 16), k, v, scale=1.0, new=(torch.ones(1, 2, 5, 16),) * 2)

@@ -71,3 +71,19 @@ def test_concurrent_appends_to_one_view_copy_all_but_one():
     for o, n in zip(outs, news):
         assert torch.equal(o, torch.cat([base, n], 2))
     assert sum(o.data_ptr() == base.data_ptr() for o in outs) == 1
+
+
+def test_reserve_leaves_only_in_place_rows_to_the_caller():
+    """reserve: where the rows go into the buffer in place, the view one append longer and True (the
+    caller writes its last rows: the decode step's attention kernel); anywhere else append's result."""
+    past = kvcache.adopt(r(1, 2, 4, 8), -2)
+    new = r(1, 2, 1, 8, seed=1)
+    view, pending = kvcache.reserve([past, new], dim=-2)
+    assert pending and view.shape[-2] == 5 and view.data_ptr() == past.data_ptr()
+    assert torch.equal(view[:, :, :4], past)
+    view[:, :, 4:] = new
+    assert torch.equal(kvcache.append([view, new], -2), torch.cat([past, new, new], -2))
+    older, pending = kvcache.reserve([past, new], dim=-2)     # not the latest view: a new buffer, written
+    assert not pending and torch.equal(older, torch.cat([past, new], -2))
+    plain, pending = kvcache.reserve([r(1, 2, 4, 8), new], dim=-2)   # not a cache: torch.cat
+    assert not pending and plain.shape[-2] == 5

@@ -54,6 +54,8 @@ typedef struct {
     int64_t causal, nthreads, nsplit, chunk;   /* chunk: keys per split, multiple of BK */
     int64_t zero_masked;                       /* a row with every key masked: 0, not NaN */
     double scale;
+    const float *knew, *vnew;                  /* NULL, or rows written into k and v's last Lnew rows */
+    int64_t Lnew, snkb, snkh, snkj, snvb, snvh, snvj;     /* (a decode step's append to its KV cache) */
 } attn_args;
 
 /* ---------------------------------------------------------------- vector layer, 16 lanes */
@@ -509,6 +511,16 @@ void attn_forward(const attn_args *a, int kernel) {
     const int64_t nqb = (a->Lq + BQ - 1) / BQ, nrg = (G * a->Lq + RMAX - 1) / RMAX;
     const int64_t ntask = kernel == 0 ? a->B * a->H * nqb * ns : a->B * a->Hkv * nrg * ns;
     const int64_t nrows = a->B * a->H * a->Lq;
+    if (a->knew)        /* a few rows per call (one per head in a decode step): not worth a team */
+        for (int64_t b = 0; b < a->B; b++)
+            for (int64_t h = 0; h < a->Hkv; h++)
+                for (int64_t j = 0; j < a->Lnew; j++) {
+                    const int64_t row = a->Lk - a->Lnew + j;
+                    memcpy((float *)a->k + b * a->skb + h * a->skh + row * a->skj,
+                           a->knew + b * a->snkb + h * a->snkh + j * a->snkj, HD * sizeof(float));
+                    memcpy((float *)a->v + b * a->svb + h * a->svh + row * a->svj,
+                           a->vnew + b * a->snvb + h * a->snvh + j * a->snvj, HD * sizeof(float));
+                }
 #pragma omp parallel num_threads(a->nthreads)
     {
 #pragma omp for schedule(dynamic, 1)

@@ -50,7 +50,8 @@ class _Args(ctypes.Structure):
                     "B", "H", "Hkv", "Lq", "Lk",
                     "sqb", "sqh", "sqi", "skb", "skh", "skj", "svb", "svh", "svj", "sob", "soh", "soi",
                     "smb", "smh", "smi", "smj", "mask_kind", "causal", "nthreads", "nsplit", "chunk", "zero_masked")]
-                + [("scale", ctypes.c_double)])
+                + [("scale", ctypes.c_double), ("knew", ctypes.c_void_p), ("vnew", ctypes.c_void_p)]
+                + [(n, ctypes.c_int64) for n in ("Lnew", "snkb", "snkh", "snkj", "snvb", "snvh", "snvj")])
 
 
 _libs: dict[tuple, ctypes.CDLL] = {}
@@ -87,15 +88,27 @@ def _check(name, t, ndim=4):
 
 
 def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False,
-              check=True):
+              check=True, new=None):
     """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
     allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
     split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests).
     A row whose keys are all masked gives NaN, or 0 with `zero_masked` (torch's SDPA).
     check=False: the caller (a compiled program, its shapes checked at compile time) vouches for the
-    dtypes, shapes and last-dim strides (the checks cost ~4 us of Python a call)."""
+    dtypes, shapes and last-dim strides (the checks cost ~4 us of Python a call).
+    new=(k_new, v_new), each [B,Hkv,Lnew,D] float32 with a contiguous last dim: the kernel first writes
+    them into the last Lnew rows of k and v (a decode step appending to its KV cache: no separate copy)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    if new is not None:
+        for name, t in (("k_new", new[0]), ("v_new", new[1])) if check else ():
+            _check(name, t)
+            if t.shape[:2] != k.shape[:2] or t.shape[3] != D or not 0 < t.shape[2] <= Lk or t.shape != new[0].shape:
+                raise ValueError(f"attention: {name} has shape {tuple(t.shape)}: not rows of k {tuple(k.shape)}")
+        if out is not None and out.numel() == 0 or B * H * Lq * D == 0:     # no kernel call: the rows by torch
+            rows = new[0].shape[2]
+            k.narrow(2, Lk - rows, rows).copy_(new[0])
+            v.narrow(2, Lk - rows, rows).copy_(new[1])
+            new = None
     if check:
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check(name, t)
@@ -114,6 +127,10 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         return out.zero_()
     a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel,
                           zero_masked=zero_masked)
+    if new is not None:
+        a.knew, a.vnew, a.Lnew = new[0].data_ptr(), new[1].data_ptr(), new[0].shape[2]
+        a.snkb, a.snkh, a.snkj = new[0].stride()[:3]
+        a.snvb, a.snvh, a.snvj = new[1].stride()[:3]
     library(D).attn_forward(ctypes.byref(a), kern)
     return out
 
