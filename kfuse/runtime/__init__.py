@@ -15,6 +15,7 @@ import time
 from .. import config
 from ..backends import Kernel, make_kernel, split_pairs
 from ..backends import openmp
+from ..backends.c import autotune
 from ..backends.calibrate import machine
 from ..backends.constants import intern
 from ..backends.reference import reference_kernel
@@ -176,6 +177,7 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         if backend == "cpu":
             groups = split_pairs(groups, report)
         kernels = [make_kernel(g, report, m, backend) for g in groups]
+        autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
         dump("memory_plan", f"{len(plan.slot_of)} planned values in {len(plan.slot_bytes)} slots, {plan.peak_bytes} bytes")

@@ -19,6 +19,7 @@ every kernel renders its default schedule alone.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -153,25 +154,61 @@ def _path():
     return config.get().cache_dir / "autotune.json"
 
 
+_file: dict = {"stamp": None, "data": {}}     # the cache file as this process last read or wrote it
+_pending: dict = {}                            # cache file path -> choices made since the last flush
+_flush_lock = threading.Lock()
+
+
 def _read() -> dict:
+    """The cache file's entries, parsed again only when the file changed (it holds every kernel ever
+    tuned on this machine: parsing it per lookup cost more than the lookups saved)."""
+    path = _path()
     try:
-        return json.loads(_path().read_text())
-    except (OSError, ValueError):
+        st = path.stat()
+    except OSError:
         return {}
+    stamp = (str(path), st.st_mtime_ns, st.st_size)
+    if _file["stamp"] != stamp:
+        _file.update(stamp=stamp, data=_read_file(path))
+    return _file["data"]
 
 
 def _write(key: str, index: int, name: str, ms: dict):
-    """Add one choice to the cache file (atomic replace; a lost race loses an entry, re-timed later)."""
-    path = _path()
+    """Queue one choice for the cache file (`flush` writes it: after a program's kernels are built, and
+    at exit; a rewrite of the whole file per choice took 0.1 s each once it had grown)."""
+    _pending.setdefault(str(_path()), {})[key] = {"index": index, "variant": name, "ms": ms}
+
+
+def flush():
+    """Write the queued choices into the cache file, merged with what is there (atomic replace; a lost
+    race with another process loses entries, which are timed again later)."""
+    with _flush_lock:
+        queued = dict(_pending)
+        _pending.clear()
+        for where, entries in queued.items():
+            path = Path(where)
+            try:
+                data = {**(_read() if path == _path() else _read_file(path)), **entries}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
+                if path == _path():
+                    st = path.stat()
+                    _file.update(stamp=(str(path), st.st_mtime_ns, st.st_size), data=data)
+            except OSError:
+                pass            # a read-only cache: the choices hold for this process only
+
+
+def _read_file(path: Path) -> dict:
     try:
-        data = _read()
-        data[key] = {"index": index, "variant": name, "ms": ms}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass                # a read-only cache: the choice holds for this process only
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+atexit.register(flush)
 
 
 def fresh_inputs(k) -> list[torch.Tensor]:
