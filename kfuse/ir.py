@@ -58,6 +58,23 @@ KIND: dict[str, Kind] = {
 # views; the scheduler never gives them a kernel of their own).
 VIEW_OPS = ("reshape", "transpose", "slice", "expand")
 
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as integers of the same width (floats; other dtypes as they are): equal bits, not
+    equal values (0.0 is not -0.0, a NaN equals the same NaN). Constants compare this way."""
+    return t.view(INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    """Cheap, for finding candidates equal in bits: dtype, shape, strides and the bits of 61 elements
+    spread over the tensor (all of them when it has no more)."""
+    flat = bits(t).reshape(-1)
+    step = max(1, flat.numel() // 61)
+    return (t.dtype, tuple(t.shape), tuple(t.stride()), tuple(flat[::step].tolist()))
+
+
 DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}
 

@@ -14,25 +14,11 @@ import weakref
 
 import torch
 
+from ..ir import INT_OF_SIZE, bits, fingerprint
+
 MIN_NUMEL = 4096        # smaller constants are not worth the lookup
 _lock = threading.RLock()     # reentrant: a weak reference's callback may run inside a locked section (GC)
 _canonical: dict[tuple, list] = {}      # fingerprint -> weak references to tensors of that content
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """Cheap: dtype, shape, strides and the bits of 61 elements spread over the tensor."""
-    flat = _bits(t).reshape(-1)
-    step = max(1, flat.numel() // 61)
-    return (t.dtype, tuple(t.shape), tuple(t.stride()), tuple(flat[::step].tolist()))
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """t's elements as integers of the same width: equal bits, not equal values (0.0 is not -0.0,
-    a NaN equals the same NaN)."""
-    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
 
 
 def _forget(key: tuple, ref) -> None:
@@ -47,14 +33,14 @@ def _forget(key: tuple, ref) -> None:
 def intern(t: torch.Tensor) -> torch.Tensor:
     """The first live tensor with t's dtype, shape, strides and bits, else t."""
     if (not isinstance(t, torch.Tensor) or t.numel() < MIN_NUMEL or t.layout != torch.strided or t.requires_grad
-            or t.element_size() not in _INT_OF_SIZE or t.is_complex()):
+            or t.element_size() not in INT_OF_SIZE or t.is_complex()):
         return t
-    key = _fingerprint(t)
+    key = fingerprint(t)
     with _lock:
         refs = _canonical.setdefault(key, [])
         for r in refs:
             c = r()
-            if c is not None and c.device == t.device and torch.equal(_bits(c), _bits(t)):
+            if c is not None and c.device == t.device and torch.equal(bits(c), bits(t)):
                 return c
         refs.append(weakref.ref(t, lambda r: _forget(key, r)))
     return t
@@ -67,8 +53,8 @@ def _owner(t: torch.Tensor) -> torch.Tensor:
 def _key(a):
     """An argument as a key: a tensor by its owner's identity and version and its view of it (one
     too small to intern, by its bits)."""
-    if isinstance(a, torch.Tensor) and a.numel() < MIN_NUMEL and a.element_size() in _INT_OF_SIZE:
-        return ("small", a.dtype, str(a.device), tuple(a.shape), tuple(_bits(a).reshape(-1).tolist()))
+    if isinstance(a, torch.Tensor) and a.numel() < MIN_NUMEL and a.element_size() in INT_OF_SIZE:
+        return ("small", a.dtype, str(a.device), tuple(a.shape), tuple(bits(a).reshape(-1).tolist()))
     if isinstance(a, torch.Tensor):
         o = _owner(a)
         return ("tensor", id(o), o._version, a.dtype, tuple(a.shape), tuple(a.stride()), a.storage_offset())

@@ -170,6 +170,24 @@ def test_cse_merges_equal_ops_and_equal_constants_by_value():
     assert after.op_counts() == {"input": 1, "exp": 1, "mul": 2, "add": 1, "const": 2}
 
 
+def test_cse_compares_large_constants_by_every_bit():
+    """Big constants equal in the sampled elements but one bit apart elsewhere stay two; equal ones
+    (a weight built twice) are one; 0.0 and -0.0 are different constants."""
+    from kfuse.ir import Graph
+    from kfuse.passes.fold import cse
+    w = torch.randn(64, 96)
+    near = w.clone()
+    near[63, 95] = torch.nextafter(near[63, 95], torch.tensor(9.0))
+    g = Graph()
+    x = g.input((5, 64), torch.float32)
+    outs = [g.add("matmul", x, g.const(t)) for t in (w, w.clone(), near)]
+    z, nz = g.const(torch.zeros(3)), g.const(-torch.zeros(3))
+    g.outputs = outs + [g.add("add", z, z), g.add("add", nz, nz)]
+    cse(g)
+    assert g.outputs[0] is g.outputs[1] and g.outputs[2] is not g.outputs[0]
+    assert g.outputs[3] is not g.outputs[4]
+
+
 def test_cse_keeps_ops_whose_attributes_differ():
     check_fold(lambda g, x: [g.add("reduce_sum", x, axes=(1,), keepdim=True), g.add("reduce_sum", x, axes=(2,), keepdim=True)],
                lambda g, x: [g.add("reduce_sum", x, axes=(1,), keepdim=True), g.add("reduce_sum", x, axes=(2,), keepdim=True)],
