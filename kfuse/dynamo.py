@@ -401,15 +401,15 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     from .backends.c import attention as c_attention
     heads_ok = q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[-1] == k.shape[-1] and (
         q.shape[0] == k.shape[0]) and (k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
-    if new is not None and any(t.dtype != torch.float32 or t.dim() != 4 or t.stride(-1) != 1 for t in new):
+    kernel = (heads_ok and not dropout_p and not (is_causal and q.shape[2] != k.shape[2]) and q.device.type == "cpu"
+              and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
+              and (attn_mask is None or attn_mask.dtype in (torch.float32, torch.bool)))
+    if new is not None and not (kernel and all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1
+                                               for t in new)):
         for dst, t in zip((k, v), new):
-            dst.narrow(-2, dst.shape[-2] - t.shape[-2], t.shape[-2]).copy_(t)
+            kvcache.write_rows(dst, t, -2)
         new = None
-    if (not heads_ok or dropout_p or (is_causal and q.shape[2] != k.shape[2]) or q.device.type != "cpu"
-            or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v))
-            or (attn_mask is not None and attn_mask.dtype not in (torch.float32, torch.bool))):
-        for dst, t in zip((k, v), new or ()):
-            dst.narrow(-2, dst.shape[-2] - t.shape[-2], t.shape[-2]).copy_(t)
+    if not kernel:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                                                 enable_gqa=enable_gqa)
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
@@ -428,7 +428,7 @@ def sdpa_appending(q, keys, values, *args, dim: int, **kwargs):
         return sdpa(q, k, v, *args, new=(keys[1], values[1]), **kwargs), k, v
     for out, pending, t in ((k, k_pending, keys[1]), (v, v_pending, values[1])):
         if pending:
-            out.narrow(dim, out.shape[dim] - t.shape[dim], t.shape[dim]).copy_(t)
+            kvcache.write_rows(out, t, dim)
     return sdpa(q, k, v, *args, **kwargs), k, v
 
 

@@ -61,6 +61,11 @@ VIEW_OPS = ("reshape", "transpose", "slice", "expand")
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def has_bits(t: torch.Tensor) -> bool:
+    """Whether `bits` can view t: a strided tensor of 1, 2, 4 or 8-byte real elements."""
+    return t.layout == torch.strided and not t.is_complex() and t.element_size() in INT_OF_SIZE
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """t's elements as integers of the same width (floats; other dtypes as they are): equal bits, not
     equal values (0.0 is not -0.0, a NaN equals the same NaN). Constants compare this way."""

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..ir import INT_OF_SIZE, bits, fingerprint
+from ..ir import bits, fingerprint, has_bits
 
 MIN_NUMEL = 4096        # smaller constants are not worth the lookup
 _lock = threading.RLock()     # reentrant: a weak reference's callback may run inside a locked section (GC)
@@ -32,8 +32,7 @@ def _forget(key: tuple, ref) -> None:
 
 def intern(t: torch.Tensor) -> torch.Tensor:
     """The first live tensor with t's dtype, shape, strides and bits, else t."""
-    if (not isinstance(t, torch.Tensor) or t.numel() < MIN_NUMEL or t.layout != torch.strided or t.requires_grad
-            or t.element_size() not in INT_OF_SIZE or t.is_complex()):
+    if not isinstance(t, torch.Tensor) or t.numel() < MIN_NUMEL or t.requires_grad or not has_bits(t):
         return t
     key = fingerprint(t)
     with _lock:
@@ -53,7 +52,7 @@ def _owner(t: torch.Tensor) -> torch.Tensor:
 def _key(a):
     """An argument as a key: a tensor by its owner's identity and version and its view of it (one
     too small to intern, by its bits)."""
-    if isinstance(a, torch.Tensor) and a.numel() < MIN_NUMEL and a.element_size() in INT_OF_SIZE:
+    if isinstance(a, torch.Tensor) and a.numel() < MIN_NUMEL and has_bits(a):
         return ("small", a.dtype, str(a.device), tuple(a.shape), tuple(bits(a).reshape(-1).tolist()))
     if isinstance(a, torch.Tensor):
         o = _owner(a)

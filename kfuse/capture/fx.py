@@ -159,14 +159,17 @@ def _call(g, n: torch.fx.Node, env):
 def _size_arithmetic(n: torch.fx.Node, args: tuple):
     """A size (sym_size of a node of g), arithmetic on sizes, or a check of sizes, on the call's ints.
     A size read from data (`item()`) is a node of g, not a number: its checks are skipped as SKIP's are."""
-    if any(isinstance(a, Node) for a in args) and n.target not in SIZE_OF:
-        if n.target in ASSERT_SCALAR:
-            return None
+    if n.target in SIZE_OF:
+        return SIZE_OF[n.target](*args)
+    from_data = any(isinstance(a, Node) for a in args)
+    if n.target in ASSERT_SCALAR:
+        if not from_data and not args[0]:
+            raise SizeMismatch(f"the sizes of this call fail the exported graph's check "
+                               f"{args[1] if len(args) > 1 else n.name!r}")
+        return None
+    if from_data:
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch", "arithmetic on a value read from a tensor")
-    out = SIZE_OF[n.target](*args) if n.target in SIZE_OF else None if n.target in ASSERT_SCALAR else n.target(*args)
-    if n.target in ASSERT_SCALAR and not args[0]:
-        raise SizeMismatch(f"the sizes of this call fail the exported graph's check {args[1] if len(args) > 1 else n.name!r}")
-    return out
+    return n.target(*args)
 
 
 def _is_custom(target) -> bool:
@@ -281,42 +284,43 @@ def to_graph(ep, shapes: list[tuple[int, ...]] | None = None) -> tuple[Graph, ob
     input), a program exported with symbolic sizes converted for those sizes (SizeMismatch if it
     was not exported for them)."""
     from torch.export.graph_signature import InputKind
-    values, user = {}, []
+    values = {}
     state = {**ep.state_dict, **ep.constants}
     for spec in ep.graph_signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            user.append(spec.arg.name)
-        elif hasattr(spec.arg, "name"):
+        if spec.kind != InputKind.USER_INPUT and hasattr(spec.arg, "name"):
             values[spec.arg.name] = state[spec.target].detach()
+    user = [n.name for n in _user_inputs(ep)]
     for name, attr in ep.graph_module.named_buffers():
         values.setdefault(name, attr)
     sig = ep.graph_signature
     if shapes is not None:
-        _check_sizes(ep, user, shapes)
+        _check_sizes(ep, shapes)
     graph = from_fx(ep.graph, values, user, shapes)
     _mutations(graph, sig, user)
     return graph, ep.call_spec.out_spec
 
 
+def _user_inputs(ep) -> list[torch.fx.Node]:
+    """The placeholders of an exported program's user inputs, in their order."""
+    from torch.export.graph_signature import InputKind
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [nodes[s.arg.name] for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+
+
 def symbolic_inputs(ep) -> dict[int, list[int]]:
     """User input position -> its dims that the exported program keeps symbolic."""
-    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    from torch.export.graph_signature import InputKind
-    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     out = {}
-    for i, name in enumerate(user):
-        val = nodes[name].meta.get("val")
-        dims = [d for d, n in enumerate(getattr(val, "shape", ())) if isinstance(n, torch.SymInt)]
+    for i, node in enumerate(_user_inputs(ep)):
+        dims = [d for d, n in enumerate(getattr(node.meta.get("val"), "shape", ())) if isinstance(n, torch.SymInt)]
         if dims:
             out[i] = dims
     return out
 
 
-def _check_sizes(ep, user: list[str], shapes) -> None:
+def _check_sizes(ep, shapes) -> None:
     """SizeMismatch unless `shapes` is a size set `ep` was exported for: every static dim as traced,
     each symbol one value within its range, every symbolic dim equal to its expression."""
-    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    traced = [tuple(nodes[name].meta["val"].shape) for name in user]
+    traced = [tuple(node.meta["val"].shape) for node in _user_inputs(ep)]
     if len(shapes) != len(traced) or any(len(s) != len(t) for s, t in zip(shapes, traced)):
         raise SizeMismatch("the call's inputs differ in number or rank from the exported graph's")
     bound = {}

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from ..ir import INT_OF_SIZE, Graph, Kind, Node, bits, fingerprint
+from ..ir import Graph, Kind, Node, bits, fingerprint, has_bits
 from ..rewrite import apply, const_scalar, is_op, uses
 
 
@@ -152,18 +152,19 @@ def _const_keys(consts: list[Node]) -> dict[Node, object]:
     keys, groups = {}, {}
     for n in consts:
         t = n.value
-        if t.is_complex() or t.element_size() not in INT_OF_SIZE or t.layout != torch.strided:
+        if not has_bits(t):
             flat = t.clone(memory_format=torch.contiguous_format).reshape(-1)   # (a one-element slice keeps
             data = flat.view(torch.uint8).numpy().tobytes() if n.numel else b""  # stride 2: no byte view)
             keys[n] = ("bytes", n.dtype, n.shape, hashlib.sha1(data).hexdigest())
             continue
-        fp = fingerprint(t.contiguous())
+        t = t.contiguous()
+        fp = fingerprint(t)             # the dtype in it: an int and a float of equal bits stay apart
         group = groups.setdefault(fp, [])
-        same = next((m for m in group if torch.equal(bits(m.value.contiguous()), bits(t.contiguous()))), None)
-        if same is None:
-            group.append(n)
-            same = n
-        keys[n] = ("const", fp, group.index(same))
+        i = next((i for i, m in enumerate(group) if torch.equal(bits(m), bits(t))), None)
+        if i is None:
+            i = len(group)
+            group.append(t)
+        keys[n] = ("const", fp, i)
     return keys
 
 

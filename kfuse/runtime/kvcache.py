@@ -77,9 +77,13 @@ def append(tensors, dim: int = 0) -> torch.Tensor:
     a growable cache."""
     out, pending = reserve(tensors, dim)
     if pending:
-        new = tensors[1]
-        out.narrow(dim, out.shape[dim] - new.shape[dim], new.shape[dim]).copy_(new)
+        write_rows(out, tensors[1], dim)
     return out
+
+
+def write_rows(view: torch.Tensor, new: torch.Tensor, dim: int) -> None:
+    """The rows `reserve` left pending: `new` into the last new.shape[dim] rows of `view` along dim."""
+    view.narrow(dim, view.shape[dim] - new.shape[dim], new.shape[dim]).copy_(new)
 
 
 def reserve(tensors, dim: int = 0) -> tuple[torch.Tensor, bool]:

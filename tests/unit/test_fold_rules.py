@@ -172,7 +172,8 @@ def test_cse_merges_equal_ops_and_equal_constants_by_value():
 
 def test_cse_compares_large_constants_by_every_bit():
     """Big constants equal in the sampled elements but one bit apart elsewhere stay two; equal ones
-    (a weight built twice) are one; 0.0 and -0.0 are different constants."""
+    (a weight built twice) are one; 0.0 and -0.0 are different constants, and so are a float and an
+    int tensor of the same bits."""
     from kfuse.ir import Graph
     from kfuse.passes.fold import cse
     w = torch.randn(64, 96)
@@ -182,10 +183,12 @@ def test_cse_compares_large_constants_by_every_bit():
     x = g.input((5, 64), torch.float32)
     outs = [g.add("matmul", x, g.const(t)) for t in (w, w.clone(), near)]
     z, nz = g.const(torch.zeros(3)), g.const(-torch.zeros(3))
-    g.outputs = outs + [g.add("add", z, z), g.add("add", nz, nz)]
+    f, i = g.const(torch.ones(5000)), g.const(torch.ones(5000).view(torch.int32).clone())   # equal bits
+    g.outputs = outs + [g.add("add", z, z), g.add("add", nz, nz), f, i]
     cse(g)
     assert g.outputs[0] is g.outputs[1] and g.outputs[2] is not g.outputs[0]
     assert g.outputs[3] is not g.outputs[4]
+    assert g.outputs[5] is not g.outputs[6] and g.outputs[6].dtype == torch.int32
 
 
 def test_cse_keeps_ops_whose_attributes_differ():

@@ -37,9 +37,12 @@ class CKernel:
         self._count = ctypes.c_int64(loop_count(k))       # the loop count, the last argument
         self._count_ptr = ctypes.addressof(self._count)
 
+    def argv(self, inputs, outputs):
+        """The argument array render.py's kernels take: the tensors' data pointers, then the loop count's."""
+        return self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs], self._count_ptr)
+
     def __call__(self, inputs, outputs):
-        argv = self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs], self._count_ptr)
-        self._run(argv)
+        self._run(self.argv(inputs, outputs))
 
     def check(self, inputs, outputs):
         """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging):

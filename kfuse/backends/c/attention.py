@@ -104,10 +104,9 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
             _check(name, t)
             if t.shape[:2] != k.shape[:2] or t.shape[3] != D or not 0 < t.shape[2] <= Lk or t.shape != new[0].shape:
                 raise ValueError(f"attention: {name} has shape {tuple(t.shape)}: not rows of k {tuple(k.shape)}")
-        if out is not None and out.numel() == 0 or B * H * Lq * D == 0:     # no kernel call: the rows by torch
-            rows = new[0].shape[2]
-            k.narrow(2, Lk - rows, rows).copy_(new[0])
-            v.narrow(2, Lk - rows, rows).copy_(new[1])
+        if B * H * Lq * D == 0:             # no kernel call below: the rows by torch
+            for dst, t in zip((k, v), new):
+                dst.narrow(2, Lk - t.shape[2], t.shape[2]).copy_(t)
             new = None
     if check:
         for name, t in (("q", q), ("k", k), ("v", v)):

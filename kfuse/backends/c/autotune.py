@@ -154,23 +154,33 @@ def _path():
     return config.get().cache_dir / "autotune.json"
 
 
-_file: dict = {"stamp": None, "data": {}}     # the cache file as this process last read or wrote it
-_pending: dict = {}                            # cache file path -> choices made since the last flush
+_file: tuple = (None, {})      # (stamp, entries) of the cache file as this process last read or wrote it
+_pending: dict = {}             # cache file path -> choices made since the last flush
 _flush_lock = threading.Lock()
 
 
-def _read() -> dict:
-    """The cache file's entries, parsed again only when the file changed (it holds every kernel ever
-    tuned on this machine: parsing it per lookup cost more than the lookups saved)."""
-    path = _path()
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+def _read(path: Path | None = None) -> dict:
+    """The cache file's entries (default: this configuration's file), parsed again only when the file
+    changed (it holds every kernel ever tuned on this machine: parsing it per lookup cost more than the
+    lookups saved)."""
+    global _file
+    path = path or _path()
     try:
-        st = path.stat()
+        stamp = _stamp(path)
     except OSError:
         return {}
-    stamp = (str(path), st.st_mtime_ns, st.st_size)
-    if _file["stamp"] != stamp:
-        _file.update(stamp=stamp, data=_read_file(path))
-    return _file["data"]
+    if _file[0] != stamp:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        _file = (stamp, data if isinstance(data, dict) else {})
+    return _file[1]
 
 
 def _write(key: str, index: int, name: str, ms: dict):
@@ -182,30 +192,21 @@ def _write(key: str, index: int, name: str, ms: dict):
 def flush():
     """Write the queued choices into the cache file, merged with what is there (atomic replace; a lost
     race with another process loses entries, which are timed again later)."""
+    global _file
     with _flush_lock:
         queued = dict(_pending)
         _pending.clear()
         for where, entries in queued.items():
             path = Path(where)
             try:
-                data = {**(_read() if path == _path() else _read_file(path)), **entries}
+                data = {**_read(path), **entries}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(data))
                 os.replace(tmp, path)
-                if path == _path():
-                    st = path.stat()
-                    _file.update(stamp=(str(path), st.st_mtime_ns, st.st_size), data=data)
+                _file = (_stamp(path), data)
             except OSError:
                 pass            # a read-only cache: the choices hold for this process only
-
-
-def _read_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 atexit.register(flush)
@@ -294,11 +295,11 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     hit = _cached(key, [str(s) for s in scheds])
     if hit is not None:
         return Choice(hit, scheds[hit], "cached")
+    from . import CKernel          # (the package imports this module)
     inputs = fresh_inputs(k)
     outputs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
-    n = ctypes.c_int64(count)
-    argv = (ctypes.c_void_p * (len(inputs) + len(outputs) + 1))(*[t.data_ptr() for t in inputs + outputs],
-                                                                ctypes.addressof(n))
+    kernel = CKernel(k, lib, source)      # held while argv points at its loop count
+    argv = kernel.argv(inputs, outputs)
     fns = [getattr(lib, f"kf_v{i}") for i in range(len(scheds))]
     for f in fns:
         f.argtypes, f.restype = [ctypes.c_void_p], None
