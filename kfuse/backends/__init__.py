@@ -36,6 +36,7 @@ from .c import reduce_mid as c_reduce_mid
 from .c import rope as c_rope
 from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
+from .c import winograd as c_winograd
 from .c.autotune import pick
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from .launch import group_runner
@@ -126,6 +127,12 @@ def _conv_candidates(spec) -> dict:
                                                a["stride"], a["padding"], a["dilation"])
         except (NotImplementedError, CompileError):
             pass
+        if c_winograd.supported(spec.weight.shape, a["groups"], a["stride"], a["dilation"]):
+            try:
+                others["c:winograd"] = shared(c_winograd.WinogradConv, spec.weight, spec.bias, spec.act,
+                                              spec.residual is not None, a["stride"], a["padding"], a["dilation"])
+            except (NotImplementedError, CompileError):
+                pass
     if pointwise(a, spec.weight):
         if conv.backend == "onednn" and linear_supports(None, False):
             pw = shared(PointwiseConv, spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
@@ -194,6 +201,8 @@ def _conv_sources(k) -> list[str]:
         return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
     if isinstance(k, c_gemm.GemmConv):
         return [c_gemm.source(k.act_code, k.residual)]
+    if isinstance(k, c_winograd.WinogradConv):
+        return [c_winograd.source(k.act_code, k.residual)]
     if isinstance(k, (c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise)):
         return [k.source()]
     if isinstance(k, c_squeeze_excite.SqueezeExcite):
@@ -203,8 +212,8 @@ def _conv_sources(k) -> list[str]:
     return []
 
 
-_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise,
-              c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
+_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_winograd.WinogradConv, c_dwpw.DepthwisePointwise,
+              c_dwpw.PointwiseDepthwise, c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
 
 
 def _takes_out(k) -> bool:

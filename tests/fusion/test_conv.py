@@ -38,6 +38,9 @@ from helpers import Fn, conv_pairs, kernels_named  # noqa: E402
 import kfuse  # noqa: E402
 from kfuse.backends import conv as conv_backend  # noqa: E402
 from kfuse.backends.c import gemm as c_gemm  # noqa: E402
+from kfuse.backends.c import winograd as c_winograd  # noqa: E402
+
+OURS = ("c:gemm", "c:winograd")     # our convolution kernels with the activation (and residual) in registers
 
 ACTS = [(F.relu, "relu"), (F.silu, "silu"), (torch.sigmoid, "sigmoid"), (torch.tanh, "tanh"), (F.gelu, "gelu"),
         (lambda y: F.leaky_relu(y, 0.1), "leaky_relu"), (F.relu6, "clamp")]
@@ -55,7 +58,7 @@ def test_conv_bias_activation_is_one_kernel(act, name):
     assert rep.fusions == {f"conv_{name}": 1}, rep.fusions
     kernels = [k for k in rep.kernels if k.backend != "view"]    # the channels-last views at the edges
     assert [k.ops for k in kernels] == [["conv2d", name]]
-    assert kernels[0].backend.startswith("library:onednn") or kernels[0].backend == "c:gemm", kernels[0].backend
+    assert kernels[0].backend.startswith("library:onednn") or kernels[0].backend in OURS, kernels[0].backend
 
 
 @pytest.mark.parametrize("shape,kw", [
@@ -84,7 +87,7 @@ def test_non_contiguous_input():
 
 def fuses_residual(backend: str) -> bool:
     """the 1x1 convolution's kernel adds the residual itself: our GEMM, or oneDNN's binary post-op"""
-    return backend == "c:gemm" or backend.endswith("+residual")
+    return backend in OURS or backend.endswith("+residual")
 
 
 def test_residual_add_and_relu_ride_on_the_conv():
@@ -112,7 +115,8 @@ def _unavailable(*args, **kw):
 
 def test_without_onednn_the_fallback_computes_the_same(monkeypatch):
     monkeypatch.setattr(conv_backend, "_ops", lambda: None)
-    monkeypatch.setattr(c_gemm, "GemmConv", _unavailable)        # and no C GEMM: torch's conv2d
+    monkeypatch.setattr(c_gemm, "GemmConv", _unavailable)        # and no C kernels: torch's conv2d
+    monkeypatch.setattr(c_winograd, "WinogradConv", _unavailable)
     conv_backend.supports.cache_clear()
     try:
         c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
@@ -199,7 +203,7 @@ def test_conv_hard_activation_is_one_kernel(act, name, shape, kw):
     assert rep.rules["hard_activations"] == 1 and rep.fusions == {f"conv_{name}": 1}, (rep.rules, rep.fusions)
     (k,) = [k for k in rep.kernels if k.backend != "view"]
     assert k.ops == ["conv2d", name]
-    if k.backend == "c:gemm":          # the 1x1 case, where our GEMM measured faster: act in registers
+    if k.backend in OURS:              # where our kernel measured faster: act in registers
         return
     assert k.backend.startswith("library:onednn")
     assert k.backend.endswith("+post-op") == conv_backend.supports((name, (), ""), False)

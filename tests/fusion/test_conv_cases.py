@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import Fn, compiled
 
 import kfuse
+from kfuse.backends.c import winograd
 from kfuse.errors import KfuseError
 
 # oneDNN reorders each output's sums (channels-last, blocked weights): a few float32 ulp of the output
@@ -71,6 +72,7 @@ def test_conv_form_matches_eager(case):
         ours = {"depthwise": {"c:depthwise"}, "1x1": {"library:onednn-linear+post-op"}}
         allowed = {"library:onednn+post-op"}.union(*(v for k, v in ours.items() if k in case and "stride" not in case))
         allowed |= {"c:gemm"} if conv.groups == 1 else set()
+        allowed |= {"c:winograd"} if winograd.supported(conv.weight.shape, conv.groups, conv.stride, conv.dilation) else set()
         assert kernels[-1][1] in allowed, kernels
 
 
