@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
 from .. import config
 from ..backends import Kernel, make_kernel, split_pairs
 from ..backends import openmp
@@ -162,6 +164,18 @@ def build_program(graph: Graph, options: dict) -> Program:
     return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"))
 
 
+LOOKUPS = ("gather", "index", "gather_elements", "embedding_bag")     # ops that read a few rows of a table
+
+
+def _weight_bytes(graph: Graph) -> int:
+    """Bytes of the constants a call reads whole: every tensor constant but tables only looked up (an
+    embedding's rows are gathered a few at a time)."""
+    users = graph.users()
+    return sum(n.attrs["value"].numel() * n.attrs["value"].element_size() for n in graph.nodes
+               if n.op == "const" and isinstance(n.attrs.get("value"), torch.Tensor)
+               and not all(u.op in LOOKUPS for u in users.get(n, ())))
+
+
 def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu") -> Program:
     """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
     run by the reference functions), memory planned, the call wrapper generated. `backend`: the
@@ -174,9 +188,10 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         for n in graph.nodes:       # weights other programs hold already: one copy, packed once
             if n.op == "const":
                 n.attrs["value"] = intern(n.attrs["value"])
-        if backend == "cpu":
-            groups = split_pairs(groups, report)
-        kernels = [make_kernel(g, report, m, backend) for g in groups]
+        with autotune.weights_from_memory(_weight_bytes(graph) > autotune.cache_bytes()):
+            if backend == "cpu":
+                groups = split_pairs(groups, report)
+            kernels = [make_kernel(g, report, m, backend) for g in groups]
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])

@@ -225,3 +225,53 @@ def test_cold_pick_overwrites_the_caches_before_each_call_and_is_its_own_choice(
     timed = calls[calls.index("evict"):]
     # after each call's warm-up (the first of each), every call is preceded by an eviction
     assert all(timed[i - 1] == "evict" for i, c in enumerate(timed) if c != "evict" and i > 2), timed
+
+
+def test_weights_from_memory_evicts_then_reads_the_inputs_again(cache, monkeypatch):
+    """inside weights_from_memory(True) each timed call finds its weights cold and its inputs warm (read
+    again after the eviction, as the kernel before leaves them), and the choice is keyed apart"""
+    calls = []
+
+    class Buffer:
+        def add_(self, v):
+            calls.append("evict")
+
+    class Input(torch.Tensor):
+        def sum(self, *a, **kw):
+            calls.append("read")
+            return super().sum(*a, **kw)
+    monkeypatch.setattr(autotune, "_evict_buffer", lambda: Buffer())
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.0003]})
+    inputs = lambda: [torch.randn(4).as_subclass(Input)]      # noqa: E731
+    autotune.pick("p", cands, inputs)
+    assert "evict" not in calls and "read" not in calls
+    with autotune.weights_from_memory(True):
+        assert "cached" not in autotune.pick("p", cands, inputs)[1]      # not the warm choice
+    timed = calls[calls.index("evict"):]
+    # after each candidate's warm-up (b's is the fourth), every call comes after an eviction and a read
+    assert all(timed[i - 2:i] == ["evict", "read"] for i, c in enumerate(timed) if c in "ab" and i != 3), timed
+    with autotune.weights_from_memory(False):
+        assert autotune.pick("p", cands, inputs)[1] == "a (measured, cached)"
+
+
+@pytest.mark.parametrize("cache_bytes,cold", [(1 << 10, True), (1 << 40, False)])
+def test_a_program_whose_weights_exceed_the_cache_times_its_choices_with_them_cold(cache, monkeypatch, cache_bytes,
+                                                                                    cold):
+    modes = []
+    real = autotune._time
+    monkeypatch.setattr(autotune, "_time", lambda *a, **kw: modes.append(kw.get("cold", "")) or real(*a, **kw))
+    monkeypatch.setattr(autotune, "cache_bytes", lambda: cache_bytes)
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1))
+    kfuse.compile(convs, torch.randn(1, 3, 12, 12))
+    # the first convolution reads the network's input, timed with every cache cold; the second's input
+    # comes from the first
+    assert modes[0] == "all" and set(modes[1:]) == {"weights" if cold else ""}, modes
+
+
+def test_tables_only_looked_up_are_not_weights_a_call_reads():
+    from kfuse.runtime import _weight_bytes
+    g = Graph()
+    ids = g.input([1, 5], torch.int64)
+    table, w = g.const(torch.randn(1000, 64)), g.const(torch.randn(64, 32))
+    g.outputs = [g.add("matmul", g.add("gather", table, ids, axis=0), w)]
+    assert _weight_bytes(g) == 64 * 32 * 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -230,22 +231,58 @@ def fresh_inputs(k) -> list[torch.Tensor]:
 
 EVICT_BYTES = 64 << 20  # written before each call of a cold timing: twice the L3 of the project machine
 
+# whether the program being built reads its weights from memory (autotune.weights_from_memory)
+_weights_cold = contextvars.ContextVar("kfuse_weights_cold", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_memory(cold: bool):
+    """Within it, with `cold`, `pick` times each candidate with the caches overwritten and then its inputs
+    read again: a program whose weights exceed the last-level cache reads each kernel's weight from
+    memory on every call, its activations from cache (ResNet-50 at batch 1, 102 MB of weights: Winograd's
+    16/9 larger weight won every warm timing and ran slower in the program)."""
+    token = _weights_cold.set(bool(cold))
+    try:
+        yield
+    finally:
+        _weights_cold.reset(token)
+
+
+@functools.lru_cache(maxsize=1)
+def cache_bytes() -> int:
+    """The last-level cache's size (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
 
 @functools.lru_cache(maxsize=1)
 def _evict_buffer() -> torch.Tensor:
     return torch.zeros(EVICT_BYTES // 4)
 
 
-def _time(fns, argv, budget_s: float = BUDGET_S, cold: bool = False, stat=None) -> list[float]:
+def _time(fns, argv, budget_s: float = BUDGET_S, cold: str = "", stat=None) -> list[float]:
     """Median ms per call of each entry (or `stat` of its times, sorted), called in turn each round (a busy
-    spell slows all alike). cold: the caches are overwritten before each call (not timed), as a program's
-    input arrives for its first kernel, after the previous call's work has passed through them."""
-    evict = _evict_buffer().add_ if cold else None
+    spell slows all alike). cold "all": the caches are overwritten before each call (not timed), as a
+    program's input arrives for its first kernel, after the previous call's work has passed through them;
+    "weights": then the inputs (tensors in argv) are read again, as from the kernel before."""
+    def evict(_):
+        _evict_buffer().add_(1.0)
+        if cold == "weights":
+            for a in argv:
+                if isinstance(a, torch.Tensor):
+                    a.sum()
+    evict = evict if cold else None
     first = []
     for f in fns:
         f(argv)                         # warm-up: pages of the outputs, the thread team
         if evict:
-            evict(1.0)
+            evict(argv)
         t = time.perf_counter()
         f(argv)
         first.append(time.perf_counter() - t)
@@ -254,7 +291,7 @@ def _time(fns, argv, budget_s: float = BUDGET_S, cold: bool = False, stat=None) 
     for _ in range(reps):
         for f, t_f in zip(fns, ts):
             if evict:
-                evict(1.0)
+                evict(argv)
             t = time.perf_counter()
             f(argv)
             t_f.append(time.perf_counter() - t)
@@ -317,12 +354,15 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and
     attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
     schedule variants and cached per machine the same way; `cold`: with the caches overwritten before
-    each call (_time). With KFUSE_AUTOTUNE=0 the first candidate, untimed."""
+    each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. With
+    KFUSE_AUTOTUNE=0 the first candidate, untimed."""
     names = list(candidates)
     if not config.get().autotune:
         return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
     threads = threads or config.threads()
-    key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {EVICT_BYTES}"] if cold else [])]), threads)
+    mode = "all" if cold else "weights" if _weights_cold.get() else ""
+    key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])]),
+               threads)
     hit = _cached(key, names)
     if hit is not None:
         return names[hit], f"{names[hit]} (measured, cached)"
@@ -330,7 +370,7 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
         # the fastest call of each, not the median: whole kernels are compared here, and on a loaded machine
         # most calls of a 0.1 ms kernel can take an 8 ms scheduler slice (cached choices were seen made on
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
-        ms = _time([candidates[n] for n in names], inputs(), cold=cold, stat=lambda t: t[0])
+        ms = _time([candidates[n] for n in names], inputs(), cold=mode, stat=lambda t: t[0])
     best = min(range(len(ms)), key=ms.__getitem__)
     _remember(key, best, names, ms)
     return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"
