@@ -1,13 +1,13 @@
 """A 3x3 stride-1 NHWC convolution (one group, dilation 1) by Winograd's F(2x2, 3x3) (winograd.c), with
-bias, residual add and activation: 16 GEMMs over the 4x4 transform domain instead of the 9-tap sum,
-2.25x fewer multiply-adds, for the 3x3 convolutions of ResNets and UNets.
+bias, residual add and activation: 16 GEMMs over the 4x4 transform domain instead of the 9-tap sum, 2.25x
+fewer multiply-adds, for the 3x3 convolutions of ResNets and UNets.
 
 The same function as the direct convolution to within a few ulps of the sums (the transforms' coefficients
 are 0, ±1 and 1/2; U is computed in float64), with non-finite outputs recomputed by the direct sum so that
 an Inf or NaN input reaches only the outputs that read it. `backends._conv_candidates` offers it beside our
 implicit GEMM and oneDNN, and the fastest call on this machine runs: it pays in extra weight bytes (16/9)
 and the transforms' passes, so it wins on large maps and loses where the weight dominates (a 7x7 map of a
-batch of one).
+batch of one, its weight read from memory).
 
 Bytes moved: x read once (each pixel by up to four tiles, from cache), the transformed weight [16, Cin,
 Cout] once per block of tiles, out written once. FLOPs: 2 * 16 * tiles * Cin * Cout for the GEMMs.
@@ -29,8 +29,9 @@ DRIVER = Path(__file__).with_name("winograd.c").read_text()
 BUFFER_FLOATS = 131072    # V and M of a block of tiles per thread: 512 KB, inside a 1 MB L2
 MR = gemm.MR
 
-# F(2x2, 3x3): U = G g Gᵀ (4x4 from 3x3)
-G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+# U = G g Gᵀ (4x4 from 3x3), the weight transform of F(2x2, 3x3) (winograd.c has Bᵀ and Aᵀ)
+G = torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64)
+TILE = 2                  # outputs per tile side (winograd.c's WM)
 
 
 def source(act: int, residual: bool, generic: bool = False) -> str:
@@ -82,7 +83,7 @@ class WinogradConv:
     def _plan(self, n, h, w, oh, ow, threads):
         key = (n, h, w, threads)
         if key not in self._dims:
-            tiles = n * cdiv(oh, 2) * cdiv(ow, 2)
+            tiles = n * cdiv(oh, TILE) * cdiv(ow, TILE)
             # tiles per block: V and M within BUFFER_FLOATS, at least two blocks a thread where there are tiles
             tb = max(MR, BUFFER_FLOATS // (16 * (self.cin + self.cout)) // MR * MR)
             tb = min(tb, max(MR, cdiv(cdiv(tiles, 2 * threads), MR) * MR))
