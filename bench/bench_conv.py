@@ -7,6 +7,11 @@ Then ResNet-50's stem max pool (3x3, stride 2, padding 1, channels-last) at batc
 into a held output (as the program runs it, in its arena), torch's F.max_pool2d on the channels-last
 tensor (allocating its output), and a copy of the bytes the pool must move (its input once, its output once).
 
+Then the 3x3 stride-1 convolutions of ResNet-50 at batch 1 and 8 (+ bias + relu, NHWC): our Winograd
+F(2x2, 3x3) kernel, our implicit GEMM and oneDNN's convolution (the three a program chooses between), each
+called directly into a held output (oneDNN allocating its own), with the effective GFLOP/s of the direct
+algorithm (2 Cin Cout 9 per output pixel) and Winograd's time over the faster direct one.
+
 Providers, side by side in one process, same inputs, rotated rounds (bench/common.py measure):
   eager        F.relu(F.conv2d(x, w, b) [+ r])              torch's own dispatch
 All inputs are channels-last, as inside a network where the previous convolution wrote them.
@@ -24,7 +29,10 @@ import torch.nn.functional as F
 from common import commit, copy_bound, machine, measure
 
 import kfuse
+from kfuse.backends.c.gemm import GemmConv
 from kfuse.backends.c.pool import MaxPoolNHWC
+from kfuse.backends.c.winograd import WinogradConv
+from kfuse.backends.conv import pack_conv
 
 # (Cin, H=W, Cout, kernel, stride, residual): ResNet-50 layers
 CASES = [(64, 56, 64, 3, 1, False), (64, 56, 256, 1, 1, True), (256, 56, 64, 1, 1, False),
@@ -72,6 +80,31 @@ def main():
         print(f"{case:<34}{e:>10.3f}{bb:>10.3f}{kf:>10.3f}{flops / kf / 1e6:>9.1f}{bb / kf * 100:>10.0f}%{e / kf:>8.2f}x")
         print(f"CSV,bench_conv,{case},{e:.4f},{bb:.4f},{kf:.4f},{machine()},{commit()}")
     pools(a.rounds)
+    winograd(a.rounds)
+
+
+def winograd(rounds: int):
+    relu = ("relu", (), "")
+    print(f"\n{'3x3/1 + relu, NHWC':<30}{'winograd ms':>12}{'gemm ms':>10}{'onednn ms':>10}{'wino GF/s':>10}"
+          f"{'wino/best':>10}")
+    for n in (1, 8):
+        for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(n, hw, hw, c, generator=g)
+            w, b = torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5, torch.randn(c, generator=g)
+            out = torch.empty(n, hw, hw, c)
+            wino, gemm = (k(w, b, relu, False, 1, 1, 1).bound(tuple(x.shape)) for k in (WinogradConv, GemmConv))
+            dnn = pack_conv(w, b, {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1,
+                                   "layout": "nhwc"}, relu, False, list(x.shape))
+            want = dnn(x)
+            assert (wino(x, out=out) - want).abs().max() <= 1e-4 * want.abs().max()
+            res = measure({"winograd": lambda: wino(x, out=out), "gemm": lambda: gemm(x, out=out),
+                           "onednn": lambda: dnn(x)}, rounds)
+            wi, ge, dn = (res[k]["ms"] for k in ("winograd", "gemm", "onednn"))
+            case = f"[{n},{hw},{hw},{c}] -> {c}"
+            print(f"{case:<30}{wi:>12.3f}{ge:>10.3f}{dn:>10.3f}{2 * 9 * c * c * n * hw * hw / wi / 1e6:>10.0f}"
+                  f"{wi / min(ge, dn):>10.2f}")
+            print(f"CSV,bench_conv_winograd,{case},{wi:.4f},{ge:.4f},{dn:.4f},{machine()},{commit()}")
 
 
 def pools(rounds: int):
