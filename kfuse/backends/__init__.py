@@ -109,8 +109,9 @@ def _library_name(k) -> str:
 
 def _conv_candidates(spec) -> dict:
     """{backend name: kernel} of the kernels that compute `spec` (a kernels.conv.ConvEpilogue): our
-    depthwise kernel; our implicit GEMM (one group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1;
-    oneDNN's convolution, last. kernel(x[, residual]) -> output."""
+    depthwise kernel; our implicit GEMM (any groups but depthwise); our Winograd kernel (3x3 stride 1, one
+    group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1; oneDNN's convolution, last. kernel(x[, residual])
+    -> output."""
     conv = shared(pack_conv, spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     others, a = {}, spec.attrs
@@ -121,10 +122,10 @@ def _conv_candidates(spec) -> dict:
                                                               a["dilation"], spec.act)
         except (NotImplementedError, CompileError):
             pass
-    if a.get("layout") == "nhwc" and int(a["groups"]) == 1:
+    if a.get("layout") == "nhwc" and (int(a["groups"]) == 1 or spec.weight.shape[1] > 1):   # not depthwise
         try:
             others["c:gemm"] = shared(c_gemm.GemmConv, spec.weight, spec.bias, spec.act, spec.residual is not None,
-                                               a["stride"], a["padding"], a["dilation"])
+                                      a["stride"], a["padding"], a["dilation"], int(a["groups"]))
         except (NotImplementedError, CompileError):
             pass
         if c_winograd.supported(spec.weight.shape, a["groups"], a["stride"], a["dilation"]):

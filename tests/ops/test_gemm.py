@@ -76,6 +76,40 @@ def test_geometry(n, h, w, cin, cout, k, stride, padding, dilation, generic):
           dilation=dilation, generic=generic)
 
 
+# (N, H, W, Cin, Cout, k, stride, padding, dilation, groups): channels per group around the 16-lane panel
+# (2, 3, 12, 24, 40), a group's outputs not a whole panel, 1x1 grouped, strided, dilated
+GROUPED = [
+    (1, 7, 9, 12, 18, (3, 3), (1, 1), (1, 1), (1, 1), 3),
+    (2, 8, 8, 48, 48, (3, 3), (2, 2), (1, 1), (1, 1), 2),
+    (1, 14, 14, 336, 336, (3, 3), (1, 1), (1, 1), (1, 1), 14),      # RegNetY: groups of 24
+    (1, 9, 9, 10, 20, (1, 1), (1, 1), (0, 0), (1, 1), 5),
+    (1, 9, 9, 20, 40, (3, 3), (1, 1), (2, 2), (2, 2), 4),
+    (1, 5, 6, 6, 9, (3, 3), (1, 1), (1, 1), (1, 1), 3),
+    (3, 6, 5, 80, 120, (5, 5), (2, 1), (2, 2), (1, 1), 2),          # 40 -> 60 per group: panels past a pair
+]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,padding,dilation,groups", GROUPED)
+def test_groups(n, h, w, cin, cout, k, stride, padding, dilation, groups, generic):
+    x = torch.randn(n, h, w, cin)
+    wt, b = torch.randn(cout, cin // groups, *k) / (cin // groups * k[0] * k[1]) ** 0.5, torch.randn(cout)
+    want = F.conv2d(x.permute(0, 3, 1, 2).double(), wt.double(), b.double(), stride, padding, dilation, groups)
+    r = torch.randn(want.permute(0, 2, 3, 1).shape) if cout % 2 == 0 else None
+    want = want.permute(0, 2, 3, 1) + (0 if r is None else r.double())
+    kern = GemmConv(wt, b, ACTS["relu6"][0], r is not None, stride, padding, dilation, groups, generic=generic)
+    out = torch.full(want.shape, float("nan"))
+    assert_close(kern(x, r, out=out), ACTS["relu6"][1](want).float(), **TOL)
+
+
+def test_groups_errors():
+    with pytest.raises(ValueError, match="do not split into 4 groups"):
+        GemmConv(torch.randn(18, 3, 3, 3), None, None, False, groups=4)
+    k = GemmConv(torch.randn(16, 4, 1, 1), None, None, False, groups=2)
+    with pytest.raises(ValueError, match="one group"):
+        k(torch.randn(1, 2, 2, 8), scale=torch.randn(1, 8))
+
+
 def test_kernel_larger_than_padded_input():
     k = GemmConv(torch.randn(4, 3, 3, 3), None, None, False)
     with pytest.raises(ValueError, match="does not fit"):

@@ -167,8 +167,11 @@ static void fill_band(const float *restrict x, float *restrict band, int64_t *ha
    change costs no pass over memory of its own; then HWS: with `scale` (a direct kernel only), row m's
    inputs are x[m, c] * scale[m / HWS][c] (a squeeze-excitation's gate, folded into the 1x1 convolution
    after it: a row block is scaled into a per-thread buffer once for all its panel pairs, the product
-   rounded as y = x * s would be, so the result is that of the convolution of y, never written). A work item is MB rows by
-   one pair of panels; items are numbered panel pair first, so a thread's contiguous range shares its
+   rounded as y = x * s would be, so the result is that of the convolution of y, never written); then G:
+   groups (the input and output channels in G equal blocks, block g of the output reading block g of the
+   input; the weight packed per group, [G][P][KH*KW*C/G][16], P panels of the group's N/G columns; with
+   G > 1 no NCHW bands, scale or merged kernel rows). A work item is MB rows by one pair of a group's
+   panels; items are numbered group, then panel pair first, so a thread's contiguous range shares its
    panels (or its rows). Returns 0, or -1 when the bands or buffers cannot be allocated. */
 int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
@@ -179,14 +182,15 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     const int64_t SH = dims[11], SW = dims[12], PH = dims[13], PW = dims[14], DH = dims[15], DW = dims[16];
     const int nchw = (int)dims[17];
     const int ntaps = KH * KW;
-    const int64_t P = (N + 15) / 16, NP2 = (P + 1) / 2, nmb = (M + MB - 1) / MB, ps = 16 * ntaps * C;
+    const int64_t G = dims[19], CG = C / G, NG = N / G;             /* channels of a group, in and out */
+    const int64_t P = (NG + 15) / 16, NP2 = (P + 1) / 2, nmb = (M + MB - 1) / MB, ps = 16 * ntaps * CG;
     const float p0 = prm[0], p1 = prm[1];
     /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
     const int direct = !nchw && ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
-    const int merge = KW > 1 && DW == 1 && C < 64;      /* kernel rows as segments (below) */
+    const int merge = KW > 1 && DW == 1 && C < 64 && G == 1;      /* kernel rows as segments (below) */
     const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
     const int64_t HWS = dims[18];
-    if (scale && (!direct || HWS < 1))
+    if ((scale && (!direct || HWS < 1)) || G < 1 || C %% G || N %% G || (G > 1 && (scale || nchw)))
         return -1;
     float *bands = nchw ? malloc(nthreads * band_floats * sizeof(float)) : 0;
     if (nchw && !bands)
@@ -201,13 +205,14 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
         failed = 1;
     }
     #pragma omp for schedule(static)
-    for (int64_t t = 0; t < NP2 * nmb; t++) {
+    for (int64_t t = 0; t < G * NP2 * nmb; t++) {
         if (scale && !scaled)
             continue;
         /* with a scale, items are numbered row block first: a thread's consecutive items share the
            row block, scaled once into its buffer for all the panel pairs */
-        const int64_t pp = scale ? t %% NP2 : t / nmb, m0 = (scale ? t / NP2 : t %% nmb) * MB;
-        const int64_t m1 = m0 + MB < M ? m0 + MB : M, n0 = 32 * pp;
+        const int64_t g = t / (NP2 * nmb), tg = t %% (NP2 * nmb);
+        const int64_t pp = scale ? tg %% NP2 : tg / nmb, m0 = (scale ? tg / NP2 : tg %% nmb) * MB;
+        const int64_t m1 = m0 + MB < M ? m0 + MB : M, n0 = g * NG + 32 * pp, c0 = g * CG;
         if (scale && scaled_m0 != m0) {
             for (int64_t m = m0; m < m1; m++) {
                 const float *xr = x + m * C, *sr = scale + m / HWS * C;
@@ -219,7 +224,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
             scaled_m0 = m0;
         }
         const int nv = 2 * pp + 1 < P ? 2 : 1;
-        const int cols = N - n0 < 32 ? (int)(N - n0) : 32;
+        const int cols = NG - 32 * pp < 32 ? (int)(NG - 32 * pp) : 32;
         const float *ap[MAX_TAPS * MR];
         float *band = nchw ? bands + omp_get_thread_num() * band_floats : 0;
         const float *rowp[MAX_TAPS];
@@ -244,7 +249,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                (its KW taps are KW C adjacent inputs, and their weights adjacent too): few input channels
                (a stem) then make long inner loops. A tap or kernel row in the padding reads zeros. */
             int nseg = ntaps, rows_merged = 0;
-            int64_t seglen = C;
+            int64_t seglen = CG;
             if (merge) {
                 int64_t o = ow;
                 int inside = 1;
@@ -261,7 +266,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                 if (scaled)
                     ap[i] = scaled + (m + i - m0) * C;
                 else if (direct)
-                    ap[i] = x + (m + i) * C;
+                    ap[i] = x + (m + i) * C + c0;
                 else if (nchw)          /* band column ow SW is input column iw0 */
                     for (int ki = 0; ki < KH; ki++)
                         for (int kj = 0; kj < (rows_merged ? 1 : KW); kj++)
@@ -277,7 +282,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                         for (int kj = 0; kj < KW; kj++) {
                             const int64_t ih = ih0 + ki * DH, iw = iw0 + kj * DW;
                             ap[(ki * KW + kj) * MR + i] =
-                                ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
+                                ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C + c0 : zero;
                         }
                 if (++ow == OW) {
                     ow = 0;
@@ -287,7 +292,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                     }
                 }
             }
-            tile_any(mr, nv, ap, nseg, seglen, wp + 2 * pp * ps, ps, out + m * N + n0, N, cols, b + n0,
+            tile_any(mr, nv, ap, nseg, seglen, wp + (g * P + 2 * pp) * ps, ps, out + m * N + n0, N, cols, b + n0,
                      RES ? r + m * N + n0 : 0, p0, p1);
             m += mr;
         }

@@ -48,24 +48,31 @@ def _fn(act: int, residual: bool, generic: bool = False):
 
 
 class GemmConv:
-    """act(conv2d(x, w, b, stride, padding, dilation) [+ residual]) for a weight [Cout, Cin, KH, KW] on NHWC
-    x [N, H, W, Cin]; with a [Cout, Cin] weight, act(x @ w.T + b) on x [..., Cin] (a linear layer)."""
+    """act(conv2d(x, w, b, stride, padding, dilation, groups) [+ residual]) for a weight [Cout, Cin / groups,
+    KH, KW] on NHWC x [N, H, W, Cin]; with a [Cout, Cin] weight, act(x @ w.T + b) on x [..., Cin] (a linear
+    layer)."""
 
-    def __init__(self, w, b, act, residual: bool, stride=1, padding=0, dilation=1, generic: bool = False):
+    def __init__(self, w, b, act, residual: bool, stride=1, padding=0, dilation=1, groups: int = 1,
+                 generic: bool = False):
         if w.dim() == 2:
             w = w.reshape(*w.shape, 1, 1)
-        cout, cin, kh, kw = w.shape
+        cout, cin_g, kh, kw = w.shape
+        groups = int(groups)
         if not 1 <= kh * kw <= MAX_TAPS:
             raise NotImplementedError(f"gemm kernel: weight {tuple(w.shape)}: at most {MAX_TAPS} kernel positions")
+        if groups < 1 or cout % groups:
+            raise ValueError(f"gemm kernel: {cout} output channels do not split into {groups} groups")
+        cin = cin_g * groups
         self.cin, self.cout, self.kh, self.kw, self.act, self.residual = cin, cout, kh, kw, act, residual
+        self.groups = groups
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
         self.act_code, self.params = act_code(act, "gemm")
-        panels = cdiv(cout, 16)
-        wp = torch.zeros(panels * 16, kh * kw * cin)
-        wp[:cout] = w.detach().float().permute(0, 2, 3, 1).reshape(cout, -1)       # k = (tap, channel)
-        self.weight = wp.reshape(panels, 16, -1).transpose(1, 2).contiguous()      # [P, KH*KW*Cin, 16]
+        ng, panels = cout // groups, cdiv(cout // groups, 16)       # a group's output channels, its panels
+        wp = torch.zeros(groups, panels * 16, kh * kw * cin_g)
+        wp[:, :ng] = w.detach().float().permute(0, 2, 3, 1).reshape(groups, ng, -1)      # k = (tap, channel)
+        self.weight = wp.reshape(groups * panels, 16, -1).transpose(1, 2).contiguous()  # [G*P, KH*KW*Cin/G, 16]
         self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
         self.zero = torch.zeros(kw * cin)     # a tap, or a kernel row, in the padding
         self.fn = _fn(self.act_code, residual, generic)
@@ -77,14 +84,14 @@ class GemmConv:
         if key not in self._dims:
             n, h, w, oh, ow = geometry
             m = n * oh * ow
-            pairs = cdiv(cdiv(self.cout, 16), 2)
+            pairs = self.groups * cdiv(cdiv(self.cout // self.groups, 16), 2)
             # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
             # (with a scale, at most 64: the block's scaled rows stay in a per-thread buffer in cache)
             mb = cdiv(cdiv(m, max(1, cdiv(4 * threads, pairs))), MR) * MR
             mb = max(MR, min(mb, 64 if rows_per_scale else 256))
-            self._dims[key] = (ctypes.c_int64 * 19)(m, self.cout, mb, n, h, w, self.cin, oh, ow,
+            self._dims[key] = (ctypes.c_int64 * 20)(m, self.cout, mb, n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
-                                                    int(nchw), rows_per_scale)
+                                                    int(nchw), rows_per_scale, self.groups)
         return self._dims[key]
 
     def _geometry(self, x_shape) -> tuple[tuple, tuple]:
@@ -126,8 +133,8 @@ class GemmConv:
         geometry, shape = self._geometry(tuple(x.shape))
         rows_per_scale = 0
         if scale is not None:
-            if not self._rows or x.dim() != 4:
-                raise ValueError("gemm kernel: a scale needs a 1x1 stride-1 unpadded kernel on NHWC x")
+            if not self._rows or x.dim() != 4 or self.groups > 1:
+                raise ValueError("gemm kernel: a scale needs a 1x1 stride-1 unpadded kernel of one group on NHWC x")
             if tuple(scale.shape) != (x.shape[0], self.cin) or scale.dtype != torch.float32:
                 raise ValueError(f"gemm kernel: scale {scale.dtype} {tuple(scale.shape)}, want float32 "
                                  f"{(x.shape[0], self.cin)}")
@@ -156,6 +163,6 @@ class GemmConv:
         """Whether x, an NHWC view of NCHW memory with few channels (a network's input after the layout
         pass), is read in place: each output row's input rows transposed into a small band (gemm.c)
         instead of a copy of the whole tensor first."""
-        return (x.dim() == 4 and self.cin <= NCHW_MAX_C and not self._rows
+        return (x.dim() == 4 and self.cin <= NCHW_MAX_C and not self._rows and self.groups == 1
                 and (self.kh - 1) * self.dilation[0] + 1 <= MAX_RING
                 and not x.is_contiguous() and x.permute(0, 3, 1, 2).is_contiguous())
