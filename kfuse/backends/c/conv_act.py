@@ -78,6 +78,18 @@ def check_out(out, shape, kernel: str):
     return out
 
 
+def check_residual(residual, built_with: bool, shape, kernel: str):
+    """`residual` contiguous, or None; ValueError naming `kernel` where it is given to a kernel built without
+    one (or missing from one built with it), or is not float32 of the output's `shape`."""
+    if (residual is not None) != built_with:
+        raise ValueError(f"{kernel} kernel: built {'with' if built_with else 'without'} a residual")
+    if residual is None:
+        return None
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != torch.float32:
+        raise ValueError(f"{kernel} kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {tuple(shape)}")
+    return residual.contiguous()
+
+
 def bind(full, shape, fn, args: list, slots: tuple, plan, threads, params):
     """call(x, residual=None, out=None): kernel `full` for inputs of one shape (a compiled program's) with
     its argument checks and plan lookup done here, once. At the call only the pointers of x, the residual

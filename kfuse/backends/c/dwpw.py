@@ -24,7 +24,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .conv_act import bind, cdiv, check_out, entry
+from .conv_act import bind, cdiv, check_out, check_residual, entry
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -120,13 +120,7 @@ class DepthwisePointwise(_Pair):
         n, h, w, _ = x.shape
         _, oh, ow, _ = self.dw.out_shape(n, h, w)
         shape = (n, oh, ow, self.pw.cout)
-        if (residual is not None) != self.pw.residual:
-            raise ValueError(f"depthwise + pointwise kernel: built {'with' if self.pw.residual else 'without'} a residual")
-        if residual is not None:
-            if tuple(residual.shape) != shape or residual.dtype != torch.float32:
-                raise ValueError(f"depthwise + pointwise kernel: residual {residual.dtype} {tuple(residual.shape)}, "
-                                 f"want float32 {shape}")
-            residual = residual.contiguous()
+        residual = check_residual(residual, self.pw.residual, shape, self.what)
         return self._run(x, residual, check_out(out, shape, self.what))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
+from .conv_act import act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
@@ -139,12 +139,7 @@ class GemmConv:
                 raise ValueError(f"gemm kernel: scale {scale.dtype} {tuple(scale.shape)}, want float32 "
                                  f"{(x.shape[0], self.cin)}")
             scale, rows_per_scale = scale.contiguous(), x.shape[1] * x.shape[2]
-        if (residual is not None) != self.residual:
-            raise ValueError(f"gemm kernel: built {'with' if self.residual else 'without'} a residual")
-        if residual is not None:
-            if tuple(residual.shape) != shape or residual.dtype != torch.float32:
-                raise ValueError(f"gemm kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {shape}")
-            residual = residual.contiguous()
+        residual = check_residual(residual, self.residual, shape, "gemm")
         nchw = self._reads_nchw(x)
         x = x if nchw else x.contiguous()
         out = check_out(out, shape, "gemm")

@@ -23,7 +23,7 @@ import torch
 
 from .. import openmp
 from . import gemm
-from .conv_act import C_SOURCE, act_code, bind, cdiv, check_out, entry, out_hw, pair
+from .conv_act import C_SOURCE, act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair
 
 DRIVER = Path(__file__).with_name("winograd.c").read_text()
 BUFFER_FLOATS = 131072    # V and M of a block of tiles per thread: 512 KB, inside a 1 MB L2
@@ -112,12 +112,7 @@ class WinogradConv:
             raise ValueError(f"winograd kernel: x {x.dtype} {tuple(x.shape)}, want float32 [N, H, W, {self.cin}]")
         n, h, w, oh, ow = self._shape(tuple(x.shape))
         shape = (n, oh, ow, self.cout)
-        if (residual is not None) != self.residual:
-            raise ValueError(f"winograd kernel: built {'with' if self.residual else 'without'} a residual")
-        if residual is not None:
-            if tuple(residual.shape) != shape or residual.dtype != torch.float32:
-                raise ValueError(f"winograd kernel: residual {residual.dtype} {tuple(residual.shape)}, want float32 {shape}")
-            residual = residual.contiguous()
+        residual = check_residual(residual, self.residual, shape, "winograd")
         x = x.contiguous()
         out = check_out(out, shape, "winograd")
         if math.prod(shape) == 0:
