@@ -1,10 +1,10 @@
-/* NHWC convolution (one group, any kernel size, stride, padding, dilation) as an implicit GEMM with its
+/* NHWC convolution (any groups, kernel size, stride, padding, dilation) as an implicit GEMM with its
    epilogue in registers: out[m, n] = act(b[n] + sum_{tap, c} x[pixel(m, tap), c] w[n, tap, c] (+ r[m, n])),
-   m over the N*OH*OW output pixels, tap over the KH*KW kernel positions, c over the input channels, n
-   over the output channels; a tap outside the input reads `zero` (C zeros). A 1x1 convolution with stride
+   m over the N*OH*OW output pixels, tap over the KH*KW kernel positions, c over the input channels (of
+   n's group), n over the output channels; a tap outside the input reads `zero` (C zeros). A 1x1 convolution with stride
    1 and a linear layer are the case KH = KW = 1, where row m reads x[m, :]. Rendered by gemm.py with the
    activation and the residual as constants; the geometry comes at the call.
-   x [N, H, W, C], w packed [P][KH*KW*C][16] (16-column panels, zero past Cout), b [Cout], r and out
+   x [N, H, W, C], w packed [G][P][KH*KW*C/G][16] (16-column panels of a group's Cout/G, zero past them), b [Cout], r and out
    [M, Cout]; zero: KW C zeros. The products accumulate by explicit FMAs (the build has -ffp-contract=off). */
 #include <math.h>
 #include <omp.h>

@@ -1,4 +1,4 @@
-"""NHWC convolution (one group, kernel up to 11x11, any stride, padding, dilation) and linear layer as
+"""NHWC convolution (any groups, kernel up to 11x11, any stride, padding, dilation) and linear layer as
 one C implicit GEMM with bias, residual add and activation in registers (gemm.c).
 
 The same function as oneDNN's convolution (backends.conv.PackedConv) or its linear op on the [N*H*W, C]
