@@ -40,6 +40,21 @@ def source(act: int, residual: bool, generic: bool = False) -> str:
     return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {"act": int(act), "res": int(bool(residual))}
 
 
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """Weight rows [..., Cout, K] as gemm.c's 16-column panels [..., ceil(Cout / 16), K, 16], float32, zero
+    past Cout: a tile's k-th step loads one vector per panel."""
+    *lead, cout, k = w.shape
+    p = cdiv(cout, 16)
+    wp = torch.zeros(*lead, p * 16, k)
+    wp[..., :cout, :] = w.detach().float()
+    return wp.reshape(*lead, p, 16, k).transpose(-1, -2).contiguous()
+
+
+def bias_of(b, cout: int) -> torch.Tensor:
+    """The bias as the kernels read it: float32 [cout], zeros where there is none."""
+    return (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _fn(act: int, residual: bool, generic: bool = False):
     f = entry(source(act, residual, generic), "kf_gemm_conv", 7)
@@ -69,11 +84,9 @@ class GemmConv:
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
         self.act_code, self.params = act_code(act, "gemm")
-        ng, panels = cout // groups, cdiv(cout // groups, 16)       # a group's output channels, its panels
-        wp = torch.zeros(groups, panels * 16, kh * kw * cin_g)
-        wp[:, :ng] = w.detach().float().permute(0, 2, 3, 1).reshape(groups, ng, -1)      # k = (tap, channel)
-        self.weight = wp.reshape(groups * panels, 16, -1).transpose(1, 2).contiguous()  # [G*P, KH*KW*Cin/G, 16]
-        self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
+        rows = w.detach().permute(0, 2, 3, 1).reshape(groups, cout // groups, -1)      # k = (tap, channel)
+        self.weight = panels(rows).flatten(0, 1)                                       # [G*P, KH*KW*Cin/G, 16]
+        self.bias = bias_of(b, cout)
         self.zero = torch.zeros(kw * cin)     # a tap, or a kernel row, in the padding
         self.fn = _fn(self.act_code, residual, generic)
         self._rows = (kh, kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))    # out row m reads x row m

@@ -57,14 +57,14 @@ KF_INLINE void in_1d(const vf *d, vf *t) {
 }
 
 /* Bᵀ d B of WA x WA patch pointers p[WA a + b] (row a, column b of the patch; a pixel in the padding
-   points at zeros) for nc <= 16 channels, into v[xi * vs] */
-KF_INLINE void input_transform(const float *const *p, float *restrict v, int64_t vs, int nc) {
+   points at zeros) for nc <= 16 channels from c0, into v[xi * vs] */
+KF_INLINE void input_transform(const float *const *p, int64_t c0, float *restrict v, int64_t vs, int nc) {
     vf t[WA][WA], d[WA], u[WA];
     #pragma GCC unroll 4
     for (int j = 0; j < WA; j++) {               /* columns: Bᵀ d */
         #pragma GCC unroll 4
         for (int a = 0; a < WA; a++)
-            d[a] = load_n(p[WA * a + j], nc);
+            d[a] = load_n(p[WA * a + j] + c0, nc);
         in_1d(d, u);
         #pragma GCC unroll 4
         for (int i = 0; i < WA; i++)
@@ -102,10 +102,10 @@ static float direct(const float *restrict x, const float *restrict wd, int64_t n
 }
 
 /* The WM x WM outputs of one tile, nc channels from c0: Aᵀ m A from m[xi * ms], then bias, residual and
-   the activation; o[k], r[k]: output (and residual) row of position k = WM a + b, or 0 past the output's
+   the activation; o[k], r[k]: output (and residual) pixel of position k = WM a + b, or 0 past the output's
    edge. Returns whether any came out NaN or infinite. */
 KF_INLINE int output_transform(const float *restrict m, int64_t ms, const float *restrict b, float *const *o,
-                               const float *const *r, int nc, float p0, float p1) {
+                               const float *const *r, int64_t c0, int nc, float p0, float p1) {
     int bad = 0;
     #pragma omp simd reduction(|:bad)
     for (int l = 0; l < nc; l++) {
@@ -126,15 +126,15 @@ KF_INLINE int output_transform(const float *restrict m, int64_t ms, const float 
             #pragma GCC unroll 4
             for (int j = 0; j < WM; j++) {
                 const int k = WM * i + j;
-                float v = y[j] + b[l];
+                float v = y[j] + b[c0 + l];
 #if RES
                 if (r[k])
-                    v += r[k][l];
+                    v += r[k][c0 + l];
 #endif
                 v = act(v, p0, p1);
                 bad |= !isfinite(v) && o[k];
                 if (o[k])
-                    o[k][l] = v;
+                    o[k][c0 + l] = v;
             }
         }
     }
@@ -175,12 +175,8 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
                     const int64_t ih = WM * th - PH + a, iw = WM * tw - PW + c;
                     p[WA * a + c] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C : zero;
                 }
-            for (int64_t c0 = 0; c0 < C; c0 += 16) {
-                const float *pc[W_TILE_POS];
-                for (int k = 0; k < W_TILE_POS; k++)
-                    pc[k] = p[k] + c0;
-                input_transform(pc, v + i * C + c0, VS, C - c0 < 16 ? (int)(C - c0) : 16);
-            }
+            for (int64_t c0 = 0; c0 < C; c0 += 16)
+                input_transform(p, c0, v + i * C + c0, VS, C - c0 < 16 ? (int)(C - c0) : 16);
         }
         for (int xi = 0; xi < W_TILE_POS; xi++)                  /* M[xi] = V[xi] U[xi] */
             for (int64_t pp = 0; pp < NP2; pp++) {
@@ -207,22 +203,16 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
             }
             for (int64_t c0 = 0; c0 < CO; c0 += 16) {
                 const int nc = CO - c0 < 16 ? (int)(CO - c0) : 16;
-                float *oc[WM * WM];
-                const float *rc[WM * WM];
-                for (int k = 0; k < WM * WM; k++) {
-                    oc[k] = o[k] ? o[k] + c0 : 0;
-                    rc[k] = rr[k] ? rr[k] + c0 : 0;
-                }
-                if (!output_transform(mb + i * CO + c0, MS, b + c0, oc, rc, nc, p0, p1))
+                if (!output_transform(mb + i * CO + c0, MS, b, o, rr, c0, nc, p0, p1))
                     continue;
                 for (int k = 0; k < WM * WM; k++)                /* non-finite: the direct sum */
-                    for (int l = 0; o[k] && l < nc; l++) {
+                    for (int64_t c = c0; o[k] && c < c0 + nc; c++) {
                         const int64_t oh = WM * th + k / WM, ow = WM * tw + k % WM;
-                        float s = direct(x, wd, n, oh, ow, c0 + l, H, W, C, PH, PW) + b[c0 + l];
+                        float s = direct(x, wd, n, oh, ow, c, H, W, C, PH, PW) + b[c];
 #if RES
-                        s += rc[k][l];
+                        s += rr[k][c];
 #endif
-                        oc[k][l] = act(s, p0, p1);
+                        o[k][c] = act(s, p0, p1);
                     }
             }
         }

@@ -70,12 +70,9 @@ class WinogradConv:
         self.act_code, self.params = act_code(act, "winograd")
         w = w.detach()
         u = torch.einsum("ak,ockl,bl->aboc", G, w.double(), G).float()        # [4, 4, Cout, Cin]
-        panels = cdiv(cout, 16)
-        up = torch.zeros(16, panels * 16, cin)
-        up[:, :cout] = u.reshape(16, cout, cin)
-        self.weight = up.reshape(16, panels, 16, cin).transpose(2, 3).contiguous()      # [16, P, Cin, 16]
-        self.direct_weight = w.float().permute(0, 2, 3, 1).contiguous()                # [Cout, 3, 3, Cin]
-        self.bias = (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
+        self.weight = gemm.panels(u.reshape(16, cout, cin))                     # [16, P, Cin, 16]
+        self.direct_weight = w.float().permute(0, 2, 3, 1).contiguous()        # [Cout, 3, 3, Cin]
+        self.bias = gemm.bias_of(b, cout)
         self.zero = torch.zeros(max(cin, cout) + 16)
         self.fn = _fn(self.act_code, residual, generic)
         self._dims: dict = {}
