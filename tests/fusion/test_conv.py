@@ -227,3 +227,29 @@ def test_hardswish_not_after_a_conv_is_a_c_kernel_bit_for_bit():
     x[0, 0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -3.0, 3.0, 0.0])
     cm = compiled(Fn(lambda m, x: F.hardswish(x * 1.5) + F.hardsigmoid(x - 1)), x, atol=0, rtol=0)
     assert [k.ops for k in cm.report().kernels] == [["mul", "sub", "hardswish", "hardsigmoid", "add"]]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,dilation,groups,winograd,gemm", [
+    (16, 24, 3, 1, 1, 1, True, True),          # 3x3 stride 1: Winograd beside the direct kernels
+    (16, 24, 3, 2, 1, 1, False, True),         # strided
+    (16, 24, 3, 1, 2, 1, False, True),         # dilated
+    (16, 24, 5, 1, 1, 1, False, True),         # 5x5
+    (48, 48, 3, 1, 1, 2, False, True),         # grouped: our GEMM per group
+    (16, 16, 3, 1, 1, 16, False, False),       # depthwise: its own kernel, not the GEMM
+])
+def test_convolution_candidates(cin, cout, k, stride, dilation, groups, winograd, gemm):
+    """which of our kernels are built and timed for a convolution (backends._conv_candidates)"""
+    from kfuse.backends import _conv_candidates
+    from kfuse.ir import Graph
+    from kfuse.kernels.conv import ConvEpilogue
+    x = Graph().input([1, 12, 12, cin], torch.float32)
+    attrs = {"stride": [stride] * 2, "padding": [dilation] * 2, "dilation": [dilation] * 2, "groups": groups,
+             "layout": "nhwc"}
+    spec = ConvEpilogue(x, torch.randn(cout, cin // groups, k, k), torch.randn(cout), attrs, ("relu", (), ""), None)
+    cands = _conv_candidates(spec)
+    assert ("c:winograd" in cands) == winograd and ("c:gemm" in cands) == gemm, list(cands)
+    assert ("c:depthwise" in cands) == (groups == cin == cout)
+    xs = torch.randn(1, 12, 12, cin)
+    want = F.relu(F.conv2d(xs.permute(0, 3, 1, 2), spec.weight, spec.bias, stride, dilation, dilation, groups))
+    for name, kern in cands.items():            # every candidate computes the same function
+        torch.testing.assert_close(kern(xs).permute(0, 3, 1, 2), want, rtol=1e-4, atol=1e-4, msg=name)
