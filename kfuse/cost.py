@@ -31,9 +31,9 @@ HEAVY = {"exp", "log", "erf", "tanh", "sigmoid", "gelu", "silu", "softmax", "log
 
 def flops(n: Node) -> int:
     """Floating-point operations of one node (a multiply-add counts 2)."""
-    if n.op == "linear" or n.op == "matmul":
+    if n.op in ("linear", "matmul", "gated_linear"):
         k = n.inputs[0].shape[-1]
-        return 2 * n.numel * k
+        return 2 * n.numel * k * (2 if n.op == "gated_linear" else 1)
     if n.op == "attention":
         q, k = n.inputs[0], n.inputs[1]
         return 4 * q.numel // q.shape[-1] * k.shape[-2] * q.shape[-1]
@@ -53,6 +53,10 @@ def op_bytes(n: Node) -> int:
     if n.op == "linear":
         steps = (len(n.inputs) == 3) + (n.attrs["act"] != "none")
         return plain + 2 * n.nbytes * steps
+    if n.op == "gated_linear":
+        # the GEMM writes both halves; a bias add reads and writes them; the activation reads and
+        # writes the gate; the product reads the activated gate and the up half
+        return plain + n.nbytes * (2 + 4 * (len(n.inputs) == 3) + 2 + 2)
     if n.op == "attention":
         q, k = n.inputs[0], n.inputs[1]
         scores = q.nbytes // q.shape[-1] * k.shape[-2]

@@ -10,7 +10,6 @@ A kernel is called with the group's input tensors and returns a tuple of its out
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -39,9 +38,9 @@ from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
 from .c.autotune import pick
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
+from . import choice, linear
 from .launch import group_runner
 from .constants import shared
-from .library import pack_linear
 from .reference import reference_kernel
 
 def view_call(node) -> tuple[str, tuple] | None:
@@ -69,39 +68,6 @@ def _view_kernel(node):
 
 
 # a linear's activation as the convolution post-op our C GEMM takes
-_LINEAR_POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none"),
-                    "gelu_tanh": ("gelu", (), "tanh"), "silu": ("swish", (), ""), "sigmoid": ("sigmoid", (), ""),
-                    "tanh": ("tanh", (), "")}
-
-
-def _linear_kernel(nodes):
-    x, w, b, act = as_linear(nodes)
-    # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
-    # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
-    lin = shared(pack_linear, w, b, act, batch_hint=1 if x.numel == x.shape[-1] else None)
-    cands = {f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else ""): lin}
-    schedule = ""
-    if act in _LINEAR_POST_OPS:     # our C GEMM: no library call to pay, where the GEMM is small
-        try:
-            cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, _LINEAR_POST_OPS[act], False)
-        except CompileError:        # no C compiler: the library alone
-            pass
-    if len(cands) > 1:
-        problem = _problem("linear", tuple(w.shape), x.shape, act, b is not None)
-        best, schedule = pick(problem, _timed(cands), lambda: [torch.randn(x.shape)])
-        cands = {best: cands[best]}
-    (backend, k), = cands.items()
-    if _takes_out(k):      # into the planned buffer (_conv_call says why)
-        run = k.bound(tuple(x.shape)) if hasattr(k, "bound") else k
-        fn = lambda bufs, x, *_: (run(x, out=bufs[0]),)   # noqa: E731
-        fn.writes_into = True
-    else:
-        fn = lambda x, *_: (k(x),)   # noqa: E731
-    fn.schedule = schedule
-    fn.sources = lambda: _conv_sources(k)
-    return fn, backend
-
-
 def _library_name(k) -> str:
     """The report's backend for a library convolution: what runs inside the one call."""
     return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
@@ -152,32 +118,10 @@ def _best_conv(spec, cands: dict | None = None):
     # previous kernel left it: timed warm, oneDNN won MobileNetV3's stem by 6% at compile time and then took
     # twice as long in the program as in the timing
     cold = _nchw_view(spec.x)
-    problem = _problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act, spec.residual is not None,
+    problem = choice.problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act, spec.residual is not None,
                        *(["nchw-view"] if cold else []))
-    best, schedule = pick(problem, _timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
+    best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
     return cands[best], best, schedule
-
-
-def _problem(*parts) -> str:
-    """The text naming a timed choice (autotune.pick's cache key): JSON, so a shape or attribute read back
-    from an artifact as a list names the same problem as the tuple it was compiled from. The "into"
-    mark: choices timed with our kernels writing into a buffer (earlier ones allocated, page faults and
-    all, and are not reused); "first-into" likewise for a pair's first kernel (split_pairs)."""
-    return json.dumps(["into", *parts], sort_keys=True, default=str)
-
-
-def _timed(cands):
-    """Timing closures, each candidate called as it will run: ours (which take `out`) write into one
-    buffer, as into their planned one; a library's allocate its output, as they do."""
-    def into(k):
-        held = []
-
-        def f(args):
-            if not held:
-                held.append(k(*args))
-            return k(*args, out=held[0])
-        return f
-    return {n: into(k) if _takes_out(k) else (lambda args, k=k: k(*args)) for n, k in cands.items()}
 
 
 def _nchw_view(x) -> bool:
@@ -196,33 +140,6 @@ def _conv_inputs(x, residual):
     return make
 
 
-def _conv_sources(k) -> list[str]:
-    """The C sources of a convolution kernel of ours (for artifacts); none for a library's."""
-    if isinstance(k, c_depthwise.DepthwiseConv):
-        return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
-    if isinstance(k, c_gemm.GemmConv):
-        return [c_gemm.source(k.act_code, k.residual)]
-    if isinstance(k, c_winograd.WinogradConv):
-        return [c_winograd.source(k.act_code, k.residual)]
-    if isinstance(k, (c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise)):
-        return [k.source()]
-    if isinstance(k, c_squeeze_excite.SqueezeExcite):
-        return [c_squeeze_excite.SOURCE]
-    if isinstance(k, c_squeeze_excite.SqueezeExcitePointwise):
-        return [c_squeeze_excite.SOURCE, *_conv_sources(k.pw)]
-    return []
-
-
-_OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_winograd.WinogradConv, c_dwpw.DepthwisePointwise,
-              c_dwpw.PointwiseDepthwise, c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
-
-
-def _takes_out(k) -> bool:
-    """Whether kernel k writes into an `out` it is given: our C kernels (and a pair of kernels ending in
-    one); a library's allocate their outputs."""
-    return isinstance(k, _OUR_CONVS) or getattr(k, "takes_out", False)
-
-
 def _conv_call(group, spec, conv):
     """fn(*group inputs) -> (conv(x[, residual]),); where conv takes `out`, fn(bufs, *inputs) writing
     into the planned buffer (or a new tensor where none is planned): a fresh output of a few MB per call
@@ -230,7 +147,7 @@ def _conv_call(group, spec, conv):
     20.7 -> 30.3 ms)."""
     ix = group.inputs.index(spec.x)
     ir = None if spec.residual is None else group.inputs.index(spec.residual)
-    if not _takes_out(conv):
+    if not choice.takes_out(conv):
         return (lambda *args: (conv(args[ix]),)) if ir is None else (lambda *args: (conv(args[ix], args[ir]),))
     if hasattr(conv, "bound"):          # our kernels: the checks done once, for the shape the program has
         conv = conv.bound(tuple(spec.x.shape))
@@ -253,7 +170,7 @@ def _conv_kernel(group):
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
     fn.schedule = schedule
-    fn.sources = lambda: _conv_sources(conv)
+    fn.sources = lambda: choice.conv_sources(conv)
     return fn, backend
 
 
@@ -282,7 +199,7 @@ def _pair(group) -> _Pair | None:
                 fused = kernel(*ours)
             except (NotImplementedError, CompileError):
                 pass
-        problem = _problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape, dw.attrs,
+        problem = choice.problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape, dw.attrs,
                            a.act, b.act, b.residual is not None)
         return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
                      POINTWISE_PAIRS[rule][1])
@@ -291,7 +208,7 @@ def _pair(group) -> _Pair | None:
         node, pw = pair
         se, cp = _squeeze_excite(node), _conv_candidates(pw)
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
-        problem = _problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape,
+        problem = choice.problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape,
                            node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      POINTWISE_PAIRS["squeeze_excite_pointwise"][1])
@@ -344,14 +261,14 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
 
     def two_kernels(x, *r, out=None):
         """the first kernel writing into a held buffer, as into its planned one, then the second"""
-        if held and _takes_out(pair.first):
+        if held and choice.takes_out(pair.first):
             y = pair.first(x, out=held[0])
         else:
             y = pair.first(x)
             held[:] = [y]
-        return kp(y, *r, out=out) if _takes_out(kp) else kp(y, *r)
+        return kp(y, *r, out=out) if choice.takes_out(kp) else kp(y, *r)
     two_kernels.takes_out = True
-    best, pair.schedule = pick(pair.problem, _timed({pair.fused_name: pair.fused, two: two_kernels}),
+    best, pair.schedule = pick(pair.problem, choice.timed({pair.fused_name: pair.fused, two: two_kernels}),
                                _conv_inputs(pair.x, pair.second.residual))
     if best == pair.fused_name:
         return None
@@ -362,7 +279,7 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
 def _pair_kernel(group, pair: _Pair):
     """The fused kernel of a pair group that split_pairs kept whole."""
     fn = _conv_call(group, replace(pair.second, x=pair.x), pair.fused)
-    fn.sources = lambda: _conv_sources(pair.fused)
+    fn.sources = lambda: choice.conv_sources(pair.fused)
     fn.split, fn.schedule = pair.split, pair.schedule
     return fn, pair.fused_name
 
@@ -541,6 +458,8 @@ def fusion_name(nodes) -> str | None:
     if lin is not None:
         _, _, bias, act = lin
         return f"gemm_{act}" if act != "none" else ("gemm_bias" if bias is not None else None)
+    if len(nodes) == 1 and nodes[0].op == "gated_linear":
+        return "gemm_" + GATED_NAMES.get(nodes[0].attrs["act"], nodes[0].attrs["act"] + "_glu")
     pair = as_depthwise_pointwise(nodes)
     if pair is not None:
         return "dwconv_pwconv" + ("_add" if pair[1].residual is not None else "")
@@ -586,6 +505,8 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "view"
     if as_linear(nodes, floats) is not None:
         return "linear"
+    if len(nodes) == 1 and nodes[0].op == "gated_linear" and nodes[0].dtype == torch.float32 and backend == "cpu":
+        return "gated_linear"
     conv = as_conv(nodes) is not None or any(match(nodes) is not None for match, _ in POINTWISE_PAIRS.values())
     if conv:
         return "torch" if backend == "triton" else "conv"
@@ -602,6 +523,10 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "c"
     return "torch"
 
+
+# a gated linear's report name by its activation (gemm_swiglu, ...)
+GATED_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu", "sigmoid": "glu",
+               "none": "bilinear"}
 
 # kernels of one node (a composite op) that run its inputs in the node's order
 COMPOSITE_OPS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")   # one op, a fusion's work
@@ -659,7 +584,9 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         elif backend == "triton" and kind in ("linear", "attention", "rope", "c"):
             fn, backend_name = _triton_kernel(kind, group)
         elif kind == "linear":
-            fn, backend_name = _linear_kernel(nodes)
+            fn, backend_name = linear.linear_kernel(nodes)
+        elif kind == "gated_linear":
+            fn, backend_name = linear.gatedlinear.linear_kernel(nodes[0])
         elif kind == "conv":
             fn, backend_name = _conv_kernel(group)
         elif kind == "attention":

@@ -40,6 +40,12 @@ def _linear(x, w, b=None, *, act="none"):
     return ACTIVATIONS[act](torch.matmul(x, w) if b is None else torch.matmul(x, w) + b)
 
 
+def _gated_linear(x, w, b=None, *, act="none"):
+    """act(gate) * up for [gate | up] = x @ w + b, w stored [K, 2F] (SwiGLU, GeGLU): -> [..., F]."""
+    gate, up = _linear(x, w, b).chunk(2, dim=-1)
+    return ACTIVATIONS[act](gate) * up
+
+
 def _layer_norm(x, w, b, *, eps, ndim=1):
     return F.layer_norm(x, x.shape[-ndim:], w, b, eps)
 
@@ -304,6 +310,7 @@ REFERENCE = {
     "rms_norm": _rms_norm,
     "matmul": torch.matmul,
     "linear": _linear,
+    "gated_linear": _gated_linear,
     "conv2d": _nhwc(lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1:
                     F.conv2d(x, w, b, stride, padding, dilation, groups)),
     "attention": _attention,

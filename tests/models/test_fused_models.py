@@ -15,7 +15,7 @@ EXPECTED = {
     # pre-LN: every LayerNorm (2 per layer + the final one) reads a residual or embedding sum
     "gpt2": {"attention": 6, "add_layernorm": 13, "gemm_gelu_tanh": 6},
     # 8 layers; the first layer's RMSNorm has no residual in front of it
-    "llama": {"attention": 8, "add_rmsnorm": 16, "swiglu": 8, "rope": 16},
+    "llama": {"attention": 8, "add_rmsnorm": 16, "gemm_swiglu": 8, "rope": 16},
 }
 
 HORIZONTAL = {"bert": 6, "gpt2": 0, "llama": 16}
@@ -44,7 +44,7 @@ def test_cnn_fused_matches():
 @pytest.mark.parametrize("kind,layers,rules", [
     ("bert", 2, {"attention": 2, "gemm_gelu": 2}),
     ("gpt2", 2, {"attention": 2, "gemm_gelu_tanh": 2}),
-    ("llama", 2, {"attention": 2, "swiglu": 2}),
+    ("llama", 2, {"attention": 2, "gemm_swiglu": 2}),
 ])
 def test_transformers_fused(kind, layers, rules, attn):
     model = hf_model(kind, attn)

@@ -184,6 +184,46 @@ def test_linear_form():
     assert_close(k(x[0, 0]), F.gelu(x[0, 0].double() @ w.double().T + b.double(), approximate="tanh").float(), **TOL)
 
 
+def gated_reference(x, w, b, act):
+    h = x.double() @ w.double().T + (0 if b is None else b.double())
+    gate, up = h.chunk(2, dim=-1)
+    return (ACTS[act][1](gate) * up).float()
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("f", [1, 5, 15, 16, 17, 33, 176])
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 130])
+def test_gated(rows, f, generic):
+    """act(x Wgᵀ + bg) * (x Wuᵀ + bu) with the gate and up panels side by side: outputs around the
+    16-column panel, rows around the 8-row tile, into a poisoned out"""
+    x, w, b = torch.randn(rows, 37), torch.randn(2 * f, 37) / 37 ** 0.5, torch.randn(2 * f)
+    k = GemmConv(w, b, ACTS["silu"][0], False, glu=True, generic=generic)
+    out = torch.full((rows, f), float("nan"))
+    assert k(x, out=out) is out
+    assert_close(out, gated_reference(x, w, b, "silu"), **TOL)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "sigmoid", "gelu", "gelu_tanh", "silu"])
+def test_gated_activations_nan_inf_threads(act):
+    x, w, b = torch.randn(3, 5, 70) * 3, torch.randn(96, 70) / 70 ** 0.5, torch.randn(96)
+    x[0, 1, 3], x[2, 4, 9], x[1, 0, 0] = float("nan"), float("inf"), float("-inf")
+    want = gated_reference(x, w, b, act)
+    assert torch.isnan(want).any()
+    for threads in (1, 3):
+        with openmp.using(threads):
+            assert_close(GemmConv(w, b, ACTS[act][0], False, glu=True)(x), want, **TOL)
+    assert_close(GemmConv(w, None, ACTS[act][0], False, glu=True)(x), gated_reference(x, w, None, act), **TOL)
+
+
+def test_gated_errors():
+    with pytest.raises(ValueError, match="gated linear"):
+        GemmConv(torch.randn(33, 8), None, None, False, glu=True)          # an odd number of columns
+    with pytest.raises(ValueError, match="gated linear"):
+        GemmConv(torch.randn(32, 8), None, None, True, glu=True)           # a residual
+    with pytest.raises(ValueError, match="gated linear"):
+        GemmConv(torch.randn(32, 8, 3, 3), None, None, False, glu=True)    # not 1x1
+
+
 def test_errors():
     k = GemmConv(torch.randn(16, 8, 1, 1), None, None, False)
     with pytest.raises(ValueError, match="want float32"):

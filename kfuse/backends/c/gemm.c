@@ -15,6 +15,8 @@
 
 #define ACT %(act)d
 #define RES %(res)d                /* 1: a residual r is added before the activation */
+#define GLU %(glu)d                /* 1: gated (SwiGLU, GeGLU): a pair's panels are gate and up columns,
+                                      out = act(gate + b) * (up + b'), 16 outputs per pair */
 #define MR 8                       /* rows per register tile */
 #define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
 #define MAX_RING 64                /* input rows an NCHW band holds, (KH - 1) DH + 1 (gemm.py checks) */
@@ -33,6 +35,14 @@ KF_INLINE void epilogue(float *restrict op, const float *restrict sum, const flo
 #endif
         op[l] = act(v, p0, p1);
     }
+}
+
+/* cols gated outputs of one row: act(gate + bg) * (up + bu) */
+KF_INLINE void gated(float *restrict op, const float *restrict g, const float *restrict u, const float *restrict bg,
+                     const float *restrict bu, int cols, float p0, float p1) {
+    #pragma omp simd
+    for (int l = 0; l < cols; l++)
+        op[l] = act(g[l] + bg[l], p0, p1) * (u[l] + bu[l]);
 }
 
 #ifdef __AVX512F__
@@ -74,6 +84,15 @@ KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntap
             }
         }
     }
+#if GLU
+    #pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        float g[16] __attribute__((aligned(64))), u[16] __attribute__((aligned(64)));
+        _mm512_store_ps(g, acc[i][0]);
+        _mm512_store_ps(u, acc[i][1]);
+        gated(c + i * ldc, g, u, b, b + 16, cols, p0, p1);
+    }
+#else
     #pragma GCC unroll 8
     for (int i = 0; i < mr; i++)
         #pragma GCC unroll 2
@@ -83,6 +102,7 @@ KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntap
             int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
             epilogue(c + i * ldc + 16 * v, sum, b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
         }
+#endif
 }
 
 #define TILE(MRC, NVC) tile(MRC, NVC, ap, ntaps, cin, bp, ps, c, ldc, cols, b, r, p0, p1)
@@ -108,21 +128,27 @@ static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t 
 static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
-    for (int i = 0; i < mr; i++)
-        for (int v = 0; v < nv; v++) {
-            float sum[16] = {0};
+    for (int i = 0; i < mr; i++) {
+        float sum[2][16] = {{0}};
+        for (int v = 0; v < nv; v++)
             for (int t = 0; t < ntaps; t++) {
                 const float *a = ap[t * MR + i], *pb = bp + v * ps + 16 * t * cin;
                 for (int64_t k = 0; k < cin; k++) {
                     float ak = a[k];
                     #pragma omp simd
                     for (int l = 0; l < 16; l++)
-                        sum[l] = fmaf(ak, pb[16 * k + l], sum[l]);
+                        sum[v][l] = fmaf(ak, pb[16 * k + l], sum[v][l]);
                 }
             }
+#if GLU
+        gated(c + i * ldc, sum[0], sum[1], b, b + 16, cols, p0, p1);
+#else
+        for (int v = 0; v < nv; v++) {
             int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
-            epilogue(c + i * ldc + 16 * v, sum, b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
+            epilogue(c + i * ldc + 16 * v, sum[v], b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
         }
+#endif
+    }
 }
 #endif
 
@@ -161,8 +187,8 @@ static void fill_band(const float *restrict x, float *restrict band, int64_t *ha
     }
 }
 
-/* dims: M Cout MB (rows per work item, a multiple of MR), then the geometry N H W C OH OW KH KW SH SW PH
-   PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read through per-thread bands
+/* dims: M Cout (the weight's columns) MB (rows per work item, a multiple of MR), then the geometry N H W
+   C OH OW KH KW SH SW PH PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read through per-thread bands
    (fill_band: the KH rows an output row reads, transposed; tiles then stop at row ends), so the layout
    change costs no pass over memory of its own; then HWS: with `scale` (a direct kernel only), row m's
    inputs are x[m, c] * scale[m / HWS][c] (a squeeze-excitation's gate, folded into the 1x1 convolution
@@ -170,7 +196,9 @@ static void fill_band(const float *restrict x, float *restrict band, int64_t *ha
    rounded as y = x * s would be, so the result is that of the convolution of y, never written); then G:
    groups (the input and output channels in G equal blocks, block g of the output reading block g of the
    input; the weight packed per group, [G][P][KH*KW*C/G][16], P panels of the group's N/G columns; with
-   G > 1 no NCHW bands, scale or merged kernel rows). A work item is MB rows by one pair of a group's
+   G > 1 no NCHW bands, scale or merged kernel rows); then F: out's columns, N, or with GLU (one group, no
+   residual) the gated outputs, the weight's N columns then being ceil(F / 16) pairs of a gate panel and
+   the matching up panel, and b likewise. A work item is MB rows by one pair of a group's
    panels; items are numbered group, then panel pair first, so a thread's contiguous range shares its
    panels (or its rows). Returns 0, or -1 when the bands or buffers cannot be allocated. */
 int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
@@ -190,7 +218,9 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     const int merge = KW > 1 && DW == 1 && C < 64 && G == 1;      /* kernel rows as segments (below) */
     const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
     const int64_t HWS = dims[18];
-    if ((scale && (!direct || HWS < 1)) || G < 1 || C %% G || N %% G || (G > 1 && (scale || nchw)))
+    const int64_t F = dims[20];      /* output columns: N, or with GLU the gated outputs (N / 2 padded to 16s) */
+    if ((scale && (!direct || HWS < 1)) || G < 1 || C %% G || N %% G || (G > 1 && (scale || nchw))
+        || (GLU && (G > 1 || RES || N %% 32 || F > N / 2 || F <= N / 2 - 16)) || (!GLU && F != N))
         return -1;
     float *bands = nchw ? malloc(nthreads * band_floats * sizeof(float)) : 0;
     if (nchw && !bands)
@@ -224,7 +254,8 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
             scaled_m0 = m0;
         }
         const int nv = 2 * pp + 1 < P ? 2 : 1;
-        const int cols = NG - 32 * pp < 32 ? (int)(NG - 32 * pp) : 32;
+        /* a pair's valid output columns; with GLU its 16 gated outputs start at column 16 pp */
+        const int cols = GLU ? (F - 16 * pp < 16 ? (int)(F - 16 * pp) : 16) : (NG - 32 * pp < 32 ? (int)(NG - 32 * pp) : 32);
         const float *ap[MAX_TAPS * MR];
         float *band = nchw ? bands + omp_get_thread_num() * band_floats : 0;
         const float *rowp[MAX_TAPS];
@@ -292,7 +323,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                     }
                 }
             }
-            tile_any(mr, nv, ap, nseg, seglen, wp + (g * P + 2 * pp) * ps, ps, out + m * N + n0, N, cols, b + n0,
+            tile_any(mr, nv, ap, nseg, seglen, wp + (g * P + 2 * pp) * ps, ps, out + m * F + (GLU ? n0 / 2 : n0), F, cols, b + n0,
                      RES ? r + m * N + n0 : 0, p0, p1);
             m += mr;
         }

@@ -6,7 +6,7 @@ view of a 1x1 convolution (PointwiseConv) and of a linear layer (library.PackedL
 GEMMs of a batch-1 CNN and of a decode step, where a oneDNN call costs ~12 us before any arithmetic (a
 [1,8] x [8,8] linear: 11.8 us on the project machine): this kernel is called from the generated wrapper
 like every C kernel, and its activations keep the reference's NaN semantics (oneDNN's relu and hardtanh
-do not). `backends._conv_kernel` and `_linear_kernel` time it against oneDNN per shape and run the faster.
+do not). `backends._conv_kernel` and `backends.linear` time it against oneDNN per shape and run the faster.
 
 The weight is packed once to [ceil(Cout/16), KH*KW*Cin, 16] (16-column panels, zero-padded, taps
 outermost), so a tile's k-th step loads one vector per panel and broadcasts one input per row: 8 rows x
@@ -35,9 +35,10 @@ NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in p
 MAX_RING = 64            # input rows a band holds, (KH - 1) DH + 1 (gemm.c)
 
 
-def source(act: int, residual: bool, generic: bool = False) -> str:
+def source(act: int, residual: bool, generic: bool = False, glu: bool = False) -> str:
     """gemm.c with its constants filled in; `generic`: without the AVX-512 tiles (for tests)."""
-    return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {"act": int(act), "res": int(bool(residual))}
+    return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {"act": int(act), "res": int(bool(residual)),
+                                                                    "glu": int(glu)}
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,8 @@ def bias_of(b, cout: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _fn(act: int, residual: bool, generic: bool = False):
-    f = entry(source(act, residual, generic), "kf_gemm_conv", 7)
+def _fn(act: int, residual: bool, generic: bool = False, glu: bool = False):
+    f = entry(source(act, residual, generic, glu), "kf_gemm_conv", 7)
     f.restype = ctypes.c_int
     return f
 
@@ -65,30 +66,47 @@ def _fn(act: int, residual: bool, generic: bool = False):
 class GemmConv:
     """act(conv2d(x, w, b, stride, padding, dilation, groups) [+ residual]) for a weight [Cout, Cin / groups,
     KH, KW] on NHWC x [N, H, W, Cin]; with a [Cout, Cin] weight, act(x @ w.T + b) on x [..., Cin] (a linear
-    layer)."""
+    layer). With `glu`, a gated linear (SwiGLU, GeGLU): w [2F, Cin] and b [2F] hold the gate's rows then
+    the up projection's, and the output is act(x @ w[:F].T + b[:F]) * (x @ w[F:].T + b[F:]), [..., F]: each
+    16-column gate panel is packed beside its up panel, so one register tile holds both and the gated
+    half is never written."""
 
     def __init__(self, w, b, act, residual: bool, stride=1, padding=0, dilation=1, groups: int = 1,
-                 generic: bool = False):
+                 generic: bool = False, glu: bool = False):
         if w.dim() == 2:
             w = w.reshape(*w.shape, 1, 1)
-        cout, cin_g, kh, kw = w.shape
+        cols, cin_g, kh, kw = w.shape          # the weight's output columns
+        cout = cols // 2 if glu else cols      # the kernel's
         groups = int(groups)
+        if glu and (w.shape[2:] != (1, 1) or cols % 2 or groups != 1 or residual):
+            raise ValueError(f"gemm kernel: a gated linear takes a [2F, Cin] weight, no groups or residual, "
+                             f"not {tuple(w.shape)}")
         if not 1 <= kh * kw <= MAX_TAPS:
             raise NotImplementedError(f"gemm kernel: weight {tuple(w.shape)}: at most {MAX_TAPS} kernel positions")
         if groups < 1 or cout % groups:
             raise ValueError(f"gemm kernel: {cout} output channels do not split into {groups} groups")
         cin = cin_g * groups
         self.cin, self.cout, self.kh, self.kw, self.act, self.residual = cin, cout, kh, kw, act, residual
-        self.groups = groups
+        self.groups, self.glu = groups, glu
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"stride {self.stride}, dilation {self.dilation}, padding {self.padding}")
         self.act_code, self.params = act_code(act, "gemm")
-        rows = w.detach().permute(0, 2, 3, 1).reshape(groups, cout // groups, -1)      # k = (tap, channel)
-        self.weight = panels(rows).flatten(0, 1)                                       # [G*P, KH*KW*Cin/G, 16]
-        self.bias = bias_of(b, cout)
+        rows = w.detach().permute(0, 2, 3, 1).reshape(groups, cols // groups, -1)      # k = (tap, channel)
+        bias = bias_of(b, cols)
+        if glu:         # gate panel p beside up panel p; the bias likewise, padded to 16s
+            p = cdiv(cout, 16)
+            rows = rows.reshape(2, cout, -1)
+            self.weight = panels(rows).transpose(0, 1).flatten(0, 1)                 # [2P, Cin, 16]
+            self.bias = torch.zeros(2, p * 16)
+            self.bias[:, :cout] = bias.reshape(2, cout)
+            self.bias = self.bias.reshape(2, p, 16).transpose(0, 1).contiguous().reshape(-1)
+        else:
+            self.weight = panels(rows).flatten(0, 1)                                   # [G*P, KH*KW*Cin/G, 16]
+            self.bias = bias
+        self.wcols = self.weight.shape[0] * 16 if glu else cols     # gemm.c's Cout
         self.zero = torch.zeros(kw * cin)     # a tap, or a kernel row, in the padding
-        self.fn = _fn(self.act_code, residual, generic)
+        self.fn = _fn(self.act_code, residual, generic, glu)
         self._rows = (kh, kw, self.stride, self.padding) == (1, 1, (1, 1), (0, 0))    # out row m reads x row m
         self._dims: dict = {}
 
@@ -97,14 +115,14 @@ class GemmConv:
         if key not in self._dims:
             n, h, w, oh, ow = geometry
             m = n * oh * ow
-            pairs = self.groups * cdiv(cdiv(self.cout // self.groups, 16), 2)
+            pairs = self.groups * cdiv(cdiv(self.wcols // self.groups, 16), 2)
             # enough row blocks for ~4 items a thread, at most 256 rows each, whole register tiles
             # (with a scale, at most 64: the block's scaled rows stay in a per-thread buffer in cache)
             mb = cdiv(cdiv(m, max(1, cdiv(4 * threads, pairs))), MR) * MR
             mb = max(MR, min(mb, 64 if rows_per_scale else 256))
-            self._dims[key] = (ctypes.c_int64 * 20)(m, self.cout, mb, n, h, w, self.cin, oh, ow,
+            self._dims[key] = (ctypes.c_int64 * 21)(m, self.wcols, mb, n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
-                                                    int(nchw), rows_per_scale, self.groups)
+                                                    int(nchw), rows_per_scale, self.groups, self.cout)
         return self._dims[key]
 
     def _geometry(self, x_shape) -> tuple[tuple, tuple]:
@@ -121,7 +139,7 @@ class GemmConv:
 
     def _threads(self, rows: int):
         """() -> the thread count for `rows` output rows: one below SERIAL_FMAS (no team start)"""
-        if rows * self.cin * self.kh * self.kw * self.cout < SERIAL_FMAS:
+        if rows * self.cin * self.kh * self.kw * self.wcols < SERIAL_FMAS:
             return lambda: 1
         return openmp.threads
 

@@ -2,7 +2,8 @@
 
 Norms first (so attention and linears see their inputs plainly), then attention, then linears:
 bias before the horizontal merge of projections, activations after it (a merged GEMM carries no
-activation; its gated half is fused by the automatic fuser: SwiGLU / GeGLU).
+activation; on the CPU backend a merged gate/up GEMM whose halves feed act(gate) * up becomes one
+gated_linear, the gating in the GEMM's epilogue; elsewhere the automatic fuser fuses the gating).
 """
 from __future__ import annotations
 
@@ -23,5 +24,6 @@ def run(graph, options, report):
     apply(graph, rules(linear_act.RULES), report)
     if "horizontal_gemm" not in disabled:
         linear_act.horizontal(graph, report)
-    apply(graph, rules(linear_act.ACT_RULES) + fold.RULES, report)
+    gated = rules(linear_act.GATED_RULES) if options.get("backend", "cpu") == "cpu" else []
+    apply(graph, gated + rules(linear_act.ACT_RULES) + fold.RULES, report)
     return graph

@@ -5,6 +5,8 @@ and projections that read the same input (Q, K, V; gate and up) merged into one 
     linear + b       -> linear(x, W, b)
     act(linear)      -> linear(x, W, b, act)      act in relu, gelu (erf, tanh), silu, sigmoid, tanh
     linear(x, W1), linear(x, W2), ...  -> linear(x, [W1 W2 ...]) sliced per projection
+    act(slice(wide)) * slice(wide)     -> gated_linear(x, [Wg Wu], act)   (SwiGLU, GeGLU: the merged
+                                          gate/up GEMM with the gating in its epilogue, CPU backend)
 """
 from __future__ import annotations
 
@@ -95,5 +97,48 @@ def horizontal(g: Graph, report) -> int:
     return merged
 
 
+def _half(n: Node) -> tuple[Node, bool] | None:
+    """(linear, reshaped) when n is a unit-step slice of the last dim of a linear's output (or of a
+    reshape of it that keeps the last dim), read once."""
+    if not (is_op(n, "slice") and n.attrs["axis"] % len(n.shape) == len(n.shape) - 1 and n.attrs["step"] == 1):
+        return None
+    lin, reshaped = _through_reshape(n.inputs[0])
+    if not (is_op(lin, "linear") and lin.attrs["act"] == "none" and lin.inputs[1].op == "const"):
+        return None
+    return lin, reshaped
+
+
+def _columns(t: torch.Tensor, s: Node) -> torch.Tensor:
+    """The last-dim columns of t (a weight [K, N] or bias [N]) that slice s takes from the linear's output."""
+    return t[..., s.attrs["start"]:s.attrs["end"]]
+
+
+def gated(g: Graph, n: Node, report=None):
+    """mul(act(gate), up) with gate and up two slices of one linear's output, read by nothing else:
+    one gated_linear whose weight holds the gate's columns, then the up projection's."""
+    if not is_op(n, "mul") or n.inputs[0] is n.inputs[1]:
+        return None
+    for a, up in (n.inputs, n.inputs[::-1]):
+        act = activation_of(a)
+        if act is None or a.inputs[0].shape != up.shape or up.shape != n.shape:
+            continue
+        gate = a.inputs[0]
+        halves = _half(gate), _half(up)
+        if None in halves or halves[0][0] is not halves[1][0] or gate.inputs[0] is not up.inputs[0]:
+            continue
+        (lin, reshaped), src = halves[0], gate.inputs[0]
+        if uses(g, a) != 1 or uses(g, gate) != 1 or uses(g, up) != 1 or uses(g, src) != 2 \
+                or reshaped and uses(g, lin) != 1:
+            continue
+        w = torch.cat([_columns(lin.inputs[1].value, s) for s in (gate, up)], dim=-1)
+        args = [lin.inputs[0], g.const(w)]
+        if len(lin.inputs) == 3:
+            args.append(g.const(torch.cat([_columns(lin.inputs[2].value, s) for s in (gate, up)])))
+        out = g.add("gated_linear", *args, act=act)
+        return out if out.shape == n.shape else g.add("reshape", out, shape=n.shape)
+    return None
+
+
 RULES = [("linear", linear), ("linear_bias", bias)]
 ACT_RULES = [("linear_act", activation)]
+GATED_RULES = [("gated_linear", gated)]     # the CPU backend's (its C GEMM has the gated epilogue)

@@ -1,0 +1,60 @@
+"""Timed choices among kernels that compute one function (ours and a library's): the names of the
+problems autotune.pick caches, the timing closures, and what our kernels need to run and be saved."""
+from __future__ import annotations
+
+import json
+
+from .c import depthwise as c_depthwise
+from .c import dwpw as c_dwpw
+from .c import gemm as c_gemm
+from .c import squeeze_excite as c_squeeze_excite
+from .c import winograd as c_winograd
+
+
+def problem(*parts) -> str:
+    """The text naming a timed choice (autotune.pick's cache key): JSON, so a shape or attribute read back
+    from an artifact as a list names the same problem as the tuple it was compiled from. The "into"
+    mark: choices timed with our kernels writing into a buffer (earlier ones allocated, page faults and
+    all, and are not reused); "first-into" likewise for a pair's first kernel (split_pairs)."""
+    return json.dumps(["into", *parts], sort_keys=True, default=str)
+
+
+def timed(cands):
+    """Timing closures, each candidate called as it will run: ours (which take `out`) write into one
+    buffer, as into their planned one; a library's allocate its output, as they do."""
+    def into(k):
+        held = []
+
+        def f(args):
+            if not held:
+                held.append(k(*args))
+            return k(*args, out=held[0])
+        return f
+    return {n: into(k) if takes_out(k) else (lambda args, k=k: k(*args)) for n, k in cands.items()}
+
+
+def conv_sources(k) -> list[str]:
+    """The C sources of a convolution kernel of ours (for artifacts); none for a library's."""
+    if isinstance(k, c_depthwise.DepthwiseConv):
+        return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
+    if isinstance(k, c_gemm.GemmConv):
+        return [c_gemm.source(k.act_code, k.residual, glu=k.glu)]
+    if isinstance(k, c_winograd.WinogradConv):
+        return [c_winograd.source(k.act_code, k.residual)]
+    if isinstance(k, (c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise)):
+        return [k.source()]
+    if isinstance(k, c_squeeze_excite.SqueezeExcite):
+        return [c_squeeze_excite.SOURCE]
+    if isinstance(k, c_squeeze_excite.SqueezeExcitePointwise):
+        return [c_squeeze_excite.SOURCE, *conv_sources(k.pw)]
+    return []
+
+
+OUR_CONVS = (c_depthwise.DepthwiseConv, c_gemm.GemmConv, c_winograd.WinogradConv, c_dwpw.DepthwisePointwise,
+              c_dwpw.PointwiseDepthwise, c_squeeze_excite.SqueezeExcite, c_squeeze_excite.SqueezeExcitePointwise)
+
+
+def takes_out(k) -> bool:
+    """Whether kernel k writes into an `out` it is given: our C kernels (and a pair of kernels ending in
+    one); a library's allocate their outputs."""
+    return isinstance(k, OUR_CONVS) or getattr(k, "takes_out", False)
