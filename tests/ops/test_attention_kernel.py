@@ -104,6 +104,35 @@ def test_padding_mask_fully_masked_rows():
                         q, k, v, attn_mask=mask), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fill", ["min", "-inf", "bool"])
+@pytest.mark.parametrize("L", [64, 65, 130, 200])
+def test_hard_masked_tiles_are_skipped_exactly(L, fill):
+    """A causal + padding mask as models build it (finfo.min or -inf where masked, or a bool keep): the block
+    kernel drops the trailing key tiles every row of a query block has masked. Right padding, left padding
+    (rows masked everywhere: finfo.min makes them a uniform average over all keys, -inf NaN, which the kernel
+    must reproduce rather than average over the keys it kept), a batch masked everywhere, and a padded tail
+    that ends a block's keys exactly."""
+    B, H, D = 4, 2, 32
+    q, k, v = qkv(B, H, H, L, L, D)
+    pad = torch.ones(B, L, dtype=torch.bool)
+    pad[0, L - L // 3:] = False             # right padding
+    pad[1, :L // 2] = False                 # left padding: rows 0 .. L/2 - 1 see no key
+    pad[2] = False                          # everything masked
+    pad[3, 64:] = False                     # the padding starts at a tile boundary
+    keep = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    if fill == "bool":
+        mask = keep
+    else:
+        value = torch.finfo(torch.float32).min if fill == "min" else float("-inf")
+        mask = torch.zeros(keep.shape).masked_fill(~keep, value)
+    for split in (False, True):
+        got, want = run(q, k, v, mask, kernel="block", split_kv=split)
+    if fill == "min":       # the uniform rows: the mean of every value row, masked ones included
+        assert_close(got[2], v[2].mean(-2, keepdim=True).expand(H, L, D), **SMALL_TOL)
+    else:
+        assert got[2].isnan().all() and not got[0].isnan().any()
+
+
 def test_strided_views_fold_transposes():
     """q, k, v as head-split views of [B, L, H, D] buffers and out as a view of a [B, Lq, H, D]
     buffer (the merge transpose folds into the store); the buffer around out is left alone."""

@@ -222,6 +222,43 @@ INL void emit_row(const attn_args *a, int64_t b, int64_t h, int64_t i, int64_t c
     }
 }
 
+/* Whether the mask of queries i0 .. i0 + nr - 1 is hard over keys [j0, j1): a bool mask false, a float one
+ * <= -1e30 (finfo.min, -inf). */
+static int hard_masked(const attn_args *a, const char *mrow, int64_t i0, int nr, int64_t j0, int64_t j1) {
+    for (int i = 0; i < nr; i++)
+        for (int64_t j = j0; j < j1; j++) {
+            const int64_t at = (i0 + i) * a->smi + j * a->smj;
+            if (a->mask_kind == 2 ? ((const uint8_t *)mrow)[at] != 0 : !(((const float *)mrow)[at] <= -1e30f))
+                return 0;
+        }
+    return 1;
+}
+
+/* The end of the keys [ks, ke) a block of query rows visits: trailing BK-key tiles whose mask is hard for
+ * every row are dropped, when that changes nothing. A bool mask's masked key adds exp(-inf) = 0. A float
+ * mask value <= -1e30 adds exp(s + mask - m) = 0 once the row's max m comes from a key not so masked
+ * (for scores |s| < 1e20), so a float mask's tiles are dropped only if every row keeps such a key: a row
+ * masked everywhere, which finfo.min turns into a uniform average over all keys, is computed in full.
+ * Causal + padding masks built by the model skip the tiles past the diagonal, right-padded batches their
+ * padding. A NaN or Inf score at a dropped key is not spread over the row (as with bool and causal
+ * masks, which replace the score). Checked before the tile loop: a test inside it cost the loop 8-30%. */
+static int64_t masked_tail(const attn_args *a, const char *mrow, int64_t i0, int rows, int64_t ks, int64_t ke) {
+    const int nr = a->smi ? rows : 1;         /* a mask constant along the queries: one row tells */
+    int64_t end = ke;
+    while (end > ks) {
+        const int64_t j0 = ks + (end - ks - 1) / BK * BK;
+        if (!hard_masked(a, mrow, i0, nr, j0, end))
+            break;
+        end = j0;
+    }
+    if (end == ke || a->mask_kind == 2)
+        return end;
+    for (int i = 0; i < nr; i++)
+        if (hard_masked(a, mrow, i0 + i, 1, ks, end))
+            return ke;
+    return end;
+}
+
 /* ---------------------------------------------------------------- block kernel */
 INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke, const int NV) {
     float qt[HD * BQ] __attribute__((aligned(64)));
@@ -247,6 +284,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
 
     int64_t jend = ke;
     if (a->causal && i0 + rows + off < jend) jend = i0 + rows + off; /* last row's last key + 1 */
+    if (a->mask_kind) jend = masked_tail(a, mrow, i0, rows, ks, jend);
     for (int64_t j0 = ks; j0 < jend; j0 += BK) {
         const int n = (int)(jend - j0 < BK ? jend - j0 : BK);
         /* S^T tile: 4 keys x NV vectors per register tile */
