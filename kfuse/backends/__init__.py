@@ -586,7 +586,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         elif kind == "linear":
             fn, backend_name = linear.linear_kernel(nodes)
         elif kind == "gated_linear":
-            fn, backend_name = linear.gatedlinear.linear_kernel(nodes[0])
+            fn, backend_name = linear.gated_linear_kernel(nodes[0])
         elif kind == "conv":
             fn, backend_name = _conv_kernel(group)
         elif kind == "attention":

@@ -21,7 +21,8 @@ def test_gated_mlp_in_one_gemm(act, name):
     cm = compiled(gated_mlp(act), torch.randn(2, 9, 64))
     rep = cm.report()
     assert rep.rules["horizontal_gemm"] == 1 and rep.rules["gated_linear"] == 1
-    assert rep.fusions[name] == 1
+    assert rep.fusions[name] == 1 and not rep.fallbacks
+    assert all(k.backend == "c:gemm" or k.backend.startswith("library:") for k in rep.kernels if k.name == name)
     assert cm.graph.op_counts()["gated_linear"] == 1 and cm.graph.op_counts()["linear"] == 1
     assert "mul" not in cm.graph.op_counts()
 
