@@ -129,6 +129,9 @@ def gated(g: Graph, n: Node, report=None):
         (lin, reshaped), src = halves[0], gate.inputs[0]
         if uses(g, a) != 1 or uses(g, gate) != 1 or uses(g, up) != 1 or uses(g, src) != 2 \
                 or reshaped and uses(g, lin) != 1:
+            if report is not None:
+                report.refuse("shared_intermediate", lin.label, n.label,
+                              "gated_linear: a half of the gate/up GEMM (or its gating) is also read elsewhere")
             continue
         w = torch.cat([_columns(lin.inputs[1].value, s) for s in (gate, up)], dim=-1)
         args = [lin.inputs[0], g.const(w)]
