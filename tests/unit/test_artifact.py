@@ -35,6 +35,16 @@ def test_load_gives_the_same_bits_and_the_same_report(bert_artifact):
     assert cm2.verify(*inputs).ok
 
 
+def test_gated_linears_round_trip(tmp_path):
+    """SwiGLU's gated GEMM (its own library source, glu=True) is saved and loaded like the others"""
+    model, inputs = build("llama", batch=1, seq=16, layers=2)
+    cm = kfuse.compile(model, inputs)
+    cm.save(tmp_path / "llama")
+    cm2 = kfuse.load(tmp_path / "llama")
+    assert torch.equal(cm(*inputs), cm2(*inputs))
+    assert cm2.report().fusions["gemm_swiglu"] == 2 and not cm2.report().fallbacks
+
+
 def test_fresh_process_without_a_compiler_uses_the_stored_libraries(bert_artifact, tmp_path):
     cm, inputs, path = bert_artifact
     torch.save(inputs, tmp_path / "inputs.pt")
