@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import zlib
 
 import numpy as np
@@ -204,3 +205,23 @@ def conv_pairs(report) -> tuple[dict, dict]:
         pairs[key] = sum(k.name.startswith(fusion) for k in report.kernels) + sum(
             w.code == "measured_slower" and w.detail.startswith(what) for w in report.why_not)
     return {k: v for k, v in fusions.items() if v}, pairs
+
+
+def in_threads(n: int, work) -> None:
+    """work(i) for i in range(n), each in a thread of its own, released together by a barrier; the first
+    exception any of them raised (an assertion included) is raised here once all have ended."""
+    start, errors = threading.Barrier(n), []
+
+    def run(i):
+        try:
+            start.wait()
+            work(i)
+        except BaseException as e:     # noqa: BLE001 - raised below, in the test's thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

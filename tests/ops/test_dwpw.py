@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import CONV_ACTS as ACTS
 from helpers import assert_close
+from helpers import in_threads
 
 from kfuse.backends import openmp
 from kfuse.backends.c.depthwise import DepthwiseConv
@@ -89,20 +90,14 @@ def test_empty_batch_and_errors():
 def concurrent_mismatches(call, xs) -> list:
     """(thread, call) pairs where `call` from four threads at once on the inputs xs did not give its serial
     answer"""
-    import threading
     want = [call(x) for x in xs]
-    bad, start = [], threading.Barrier(4)
+    bad = []
 
     def worker(t):
-        start.wait()
         for c in range(40):
             if not torch.equal(call(xs[(t + c) % len(xs)]), want[(t + c) % len(xs)]):
                 bad.append((t, c))
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads(4, worker)
     return bad
 
 

@@ -6,11 +6,11 @@ four calling threads; errors named. ResNet-50's stem pool on this kernel: tests/
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import in_threads
 
 from kfuse.backends import openmp
 from kfuse.backends.c.pool import MaxPoolNHWC
@@ -78,18 +78,11 @@ def test_four_threads_at_once_with_two_shapes():
     pool = MaxPoolNHWC(3, 2, 1)
     xs = [torch.randn(2, 15, 15, 24), torch.randn(1, 30, 22, 40)]
     refs = [want(x, (3, 3), (2, 2), (1, 1), (1, 1), False) for x in xs]
-    bad = []
 
     def work(i):
         for _ in range(30):
-            if not torch.equal(pool(xs[i % 2]), refs[i % 2]):
-                bad.append(i)
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not bad
+            assert torch.equal(pool(xs[i % 2]), refs[i % 2])
+    in_threads(4, work)
 
 
 def test_errors_name_the_problem():

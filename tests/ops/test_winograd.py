@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import CONV_ACTS as ACTS
 from helpers import assert_close
+from helpers import in_threads
 from test_gemm import reference
 
 from kfuse.backends import openmp
@@ -172,26 +173,17 @@ def test_generic_source_differs():
 def test_calls_from_four_threads_at_once():
     """one kernel (its bound call and its checked call, as a compiled model shared by threads has them) on
     four threads, each its own input and output: the serial answers (the tile buffers are per call)"""
-    import threading
     w, b = torch.randn(40, 24, 3, 3) / 15, torch.randn(40)
     k = WinogradConv(w, b, ("relu", (), ""), False, padding=1)
     xs = [torch.randn(2, 13, 11, 24) for _ in range(4)]
     bound = k.bound(tuple(xs[0].shape))
     want = [k(x) for x in xs]
-    got, errors = [[] for _ in xs], []
+    got = [[] for _ in xs]
 
     def run(i):
-        try:
-            for _ in range(20):
-                out = torch.full_like(want[i], float("nan"))
-                got[i].append(bound(xs[i], out=out) if i % 2 else k(xs[i]))
-        except Exception as e:          # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+        for _ in range(20):
+            out = torch.full_like(want[i], float("nan"))
+            got[i].append(bound(xs[i], out=out) if i % 2 else k(xs[i]))
+    in_threads(4, run)
     for i, outs in enumerate(got):
         assert all(torch.equal(o, want[i]) for o in outs)

@@ -1,9 +1,9 @@
 """Growable KV-cache buffers (runtime/kvcache.py): append is torch.cat in value, writes in place only
 into the latest view of a buffer with room, and never changes a tensor anyone holds."""
-import threading
 
 import pytest
 import torch
+from helpers import in_threads
 
 from kfuse.runtime import kvcache
 
@@ -63,11 +63,7 @@ def test_concurrent_appends_to_one_view_copy_all_but_one():
 
     def run(i):
         outs[i] = kvcache.append([base, news[i]], 2)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(8, run)
     for o, n in zip(outs, news):
         assert torch.equal(o, torch.cat([base, n], 2))
     assert sum(o.data_ptr() == base.data_ptr() for o in outs) == 1

@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from helpers import in_threads
 
 import kfuse
 from kfuse import config
@@ -50,22 +51,12 @@ def test_bad_thread_setting_is_a_clear_error(monkeypatch):
 def _hammer(fn, inputs_of, n_threads, calls):
     """Call fn from n_threads threads at once, `calls` times each, on inputs_of(thread, call);
     returns {(thread, call): output}."""
-    out, errors = {}, []
-    start = threading.Barrier(n_threads)
+    out = {}
 
     def worker(t):
-        try:
-            start.wait()
-            for c in range(calls):
-                out[(t, c)] = fn(*inputs_of(t, c))
-        except Exception as e:     # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+        for c in range(calls):
+            out[(t, c)] = fn(*inputs_of(t, c))
+    in_threads(n_threads, worker)
     return out
 
 
