@@ -67,7 +67,6 @@ def _view_kernel(node):
     return lambda x: (getattr(x, method)(*args),)
 
 
-# a linear's activation as the convolution post-op our C GEMM takes
 def _library_name(k) -> str:
     """The report's backend for a library convolution: what runs inside the one call."""
     return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
@@ -118,8 +117,8 @@ def _best_conv(spec, cands: dict | None = None):
     # previous kernel left it: timed warm, oneDNN won MobileNetV3's stem by 6% at compile time and then took
     # twice as long in the program as in the timing
     cold = _nchw_view(spec.x)
-    problem = choice.problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act, spec.residual is not None,
-                       *(["nchw-view"] if cold else []))
+    problem = choice.problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act,
+                             spec.residual is not None, *(["nchw-view"] if cold else []))
     best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
     return cands[best], best, schedule
 
@@ -199,8 +198,8 @@ def _pair(group) -> _Pair | None:
                 fused = kernel(*ours)
             except (NotImplementedError, CompileError):
                 pass
-        problem = choice.problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape, dw.attrs,
-                           a.act, b.act, b.residual is not None)
+        problem = choice.problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape,
+                                 dw.attrs, a.act, b.act, b.residual is not None)
         return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
                      POINTWISE_PAIRS[rule][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
@@ -208,8 +207,8 @@ def _pair(group) -> _Pair | None:
         node, pw = pair
         se, cp = _squeeze_excite(node), _conv_candidates(pw)
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
-        problem = choice.problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape), node.shape,
-                           node.attrs, pw.act, pw.residual is not None)
+        problem = choice.problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape),
+                                 node.shape, node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      POINTWISE_PAIRS["squeeze_excite_pointwise"][1])
     return None

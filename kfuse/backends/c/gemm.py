@@ -94,13 +94,9 @@ class GemmConv:
         self.act_code, self.params = act_code(act, "gemm")
         rows = w.detach().permute(0, 2, 3, 1).reshape(groups, cols // groups, -1)      # k = (tap, channel)
         bias = bias_of(b, cols)
-        if glu:         # gate panel p beside up panel p; the bias likewise, padded to 16s
-            p = cdiv(cout, 16)
-            rows = rows.reshape(2, cout, -1)
-            self.weight = panels(rows).transpose(0, 1).flatten(0, 1)                 # [2P, Cin, 16]
-            self.bias = torch.zeros(2, p * 16)
-            self.bias[:, :cout] = bias.reshape(2, cout)
-            self.bias = self.bias.reshape(2, p, 16).transpose(0, 1).contiguous().reshape(-1)
+        if glu:         # gate panel p beside up panel p; the bias likewise, as panels of one row
+            self.weight = panels(rows.reshape(2, cout, -1)).transpose(0, 1).flatten(0, 1)     # [2P, Cin, 16]
+            self.bias = panels(bias.reshape(2, cout, 1)).transpose(0, 1).reshape(-1)         # [P, 2, 1, 16]
         else:
             self.weight = panels(rows).flatten(0, 1)                                   # [G*P, KH*KW*Cin/G, 16]
             self.bias = bias

@@ -98,8 +98,8 @@ def horizontal(g: Graph, report) -> int:
 
 
 def _half(n: Node) -> tuple[Node, bool] | None:
-    """(linear, reshaped) when n is a unit-step slice of the last dim of a linear's output (or of a
-    reshape of it that keeps the last dim), read once."""
+    """(linear, reshaped) when n is a unit-step slice of the last dim of a linear's output without an
+    activation (or of a reshape of it that keeps the last dim)."""
     if not (is_op(n, "slice") and n.attrs["axis"] % len(n.shape) == len(n.shape) - 1 and n.attrs["step"] == 1):
         return None
     lin, reshaped = _through_reshape(n.inputs[0])
@@ -124,7 +124,7 @@ def gated(g: Graph, n: Node, report=None):
             continue
         gate = a.inputs[0]
         halves = _half(gate), _half(up)
-        if None in halves or halves[0][0] is not halves[1][0] or gate.inputs[0] is not up.inputs[0]:
+        if None in halves or gate.inputs[0] is not up.inputs[0]:     # two slices of one tensor
             continue
         (lin, reshaped), src = halves[0], gate.inputs[0]
         if uses(g, a) != 1 or uses(g, gate) != 1 or uses(g, up) != 1 or uses(g, src) != 2 \
