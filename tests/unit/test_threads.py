@@ -82,6 +82,18 @@ def test_one_model_from_eight_threads_matches_serial_calls():
     assert len(cm._last._arenas) > 1      # concurrent calls had their own buffers
 
 
+def test_decoder_with_gated_gemms_from_four_threads_on_two_lengths():
+    """The Llama-style decoder (SwiGLU in one GEMM, causal + padding masks whose hidden key tiles the
+    attention kernel skips) from four threads at once, on prompts of two lengths: serial answers."""
+    model, _ = build("llama", batch=2, seq=24, layers=2)
+    inputs = [build("llama", batch=2, seq=24 if s % 2 else 17, layers=2, seed=s)[1] for s in range(4)]
+    cm = kfuse.compile(model, inputs[0])
+    serial = [_flat(cm(*x)) for x in inputs]
+    assert cm.report().fusions["gemm_swiglu"] == 2
+    got = _hammer(lambda *x: _flat(cm(*x)), lambda t, c: inputs[(t + c) % 4], 4, 30)
+    _assert_serial(got, serial, lambda t, c: (t + c) % 4)
+
+
 def test_torch_compile_backend_from_eight_threads_matches_serial_calls():
     model, _ = build("gpt2", batch=1, seq=16, layers=1)
     inputs = [build("gpt2", batch=1, seq=16, layers=1, seed=s)[1] for s in range(4)]
