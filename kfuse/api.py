@@ -40,6 +40,15 @@ def _positional(spec) -> int:
     return n if spec == pytree.tree_flatten(((0,) * n, {}))[1] else -1
 
 
+def _input_name(spec, i: int) -> str:
+    """Where leaf i of a call flattened as (args, kwargs) by `spec` came from: "keyword input 'mask'",
+    "positional input 1", with any path below it ("keyword input 'cache'[0]")."""
+    paths = [p for p, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]]
+    where, key, *below = paths[i]
+    head = f"positional input {key.idx}" if where.idx == 0 else f"keyword input {key.key!r}"
+    return head + pytree.keystr(below)
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -130,7 +139,9 @@ class CompiledModel:
     def _check_tensors(self, flat):
         for i, t in enumerate(flat):
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {i} is a {type(t).__name__}, expected a torch.Tensor")
+                raise InputError(f"input {i} ({_input_name(self._in_spec, i)}) is a {type(t).__name__}, expected a "
+                                 f"torch.Tensor: a setting that is not a tensor belongs in the model (for Hugging "
+                                 f"Face models, its config)")
 
     def _flatten(self, inputs, kwargs):
         if not kwargs and len(inputs) == self._n_positional and all(type(t) is torch.Tensor for t in inputs):

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import KfuseError
 from ..ir import DTYPE_SHORT, Graph, Node
-from .common import reshape, wrap_index
+from .common import nibble_op, reshape, wrap_index
 
 aten = torch.ops.aten
 ATEN: dict = {}
@@ -60,8 +60,28 @@ def filled(g: Graph, value, like: Node, shape) -> Node:
     return v if v.shape == tuple(shape) else g.add("expand", v, shape=tuple(shape))
 
 
+# Eager (on CPU) multiplies and divides a float16/bfloat16 tensor by a python float in float32, the
+# float unrounded, and rounds the product once; its other ops round the float to the tensor's dtype
+# first, as scalar() does.
+UNROUNDED_SCALAR = ("mul", "div", "floor_div", "trunc_div")
+
+
+def _reduced_float(a, b) -> torch.dtype | None:
+    """The float16/bfloat16 dtype of the tensor among a and b when the other is a python float that
+    dtype cannot hold exactly (rounding it would change the result), else None."""
+    x, s = (a, b) if isinstance(a, Node) else (b, a)
+    if (isinstance(x, Node) and isinstance(s, float) and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.tensor(s, dtype=x.dtype).item() != s):
+        return x.dtype
+    return None
+
+
 def binary(op):
     def handler(g, a, b, alpha=1, **_):
+        half = _reduced_float(a, b) if op in UNROUNDED_SCALAR else None
+        if half:
+            up = lambda v: cast(g, v, torch.float32) if isinstance(v, Node) else v
+            return cast(g, handler(g, up(a), up(b), alpha), half)
         a_node = scalar(g, a, b if isinstance(b, Node) else None)
         b_node = scalar(g, b, a_node)
         if alpha != 1:
@@ -85,8 +105,7 @@ for name, op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"),
                  ("fmod", "fmod"), ("remainder", "remainder"), ("atan2", "atan2"), ("floor_divide", "floor_div"),
                  ("maximum", "maximum"), ("minimum", "minimum"), ("eq", "eq"), ("ne", "ne"),
                  ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
-                 ("logical_and", "logical_and"), ("logical_or", "logical_or"),
-                 ("bitwise_and", "logical_and"), ("bitwise_or", "logical_or")]:
+                 ("logical_and", "logical_and"), ("logical_or", "logical_or")]:
     packet = getattr(aten, name)
     handles(*[getattr(packet, o) for o in packet.overloads()
               if o in ("Tensor", "Scalar", "default", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor")])(binary(op))
@@ -102,11 +121,34 @@ for name, op in [("neg", "neg"), ("abs", "abs"), ("exp", "exp"), ("log", "log"),
     handles(getattr(aten, name).default)(unary(op))
 
 
+def bitwise(logical, fn):
+    """Bools: the logical op. Integers: fn on the bits, in the dtype torch promotes to (the IR's
+    logical ops would give a bool of "both nonzero")."""
+    def handler(g, a, b):
+        a = scalar(g, a, b if isinstance(b, Node) else None)
+        b = scalar(g, b, a)
+        if a.dtype == b.dtype == torch.bool:
+            return g.add(logical, a, b)
+        meta = lambda n: torch.empty(n.shape, dtype=n.dtype, device="meta")
+        dtype = torch.result_type(meta(a), meta(b))
+        i64 = torch.int64
+        return cast(g, nibble_op(g, cast(g, a, i64), cast(g, b, i64), fn, torch.iinfo(dtype).bits), dtype)
+    return handler
+
+
+for name, logical, fn in [("bitwise_and", "logical_and", lambda x, y: x & y),
+                          ("bitwise_or", "logical_or", lambda x, y: x | y),
+                          ("bitwise_xor", "ne", lambda x, y: x ^ y)]:
+    packet = getattr(aten, name)
+    handles(*[getattr(packet, o) for o in ("Tensor", "Scalar", "Scalar_Tensor")])(bitwise(logical, fn))
+
+
 @handles(aten.bitwise_not.default)
 def _bitwise_not(g, x):
-    if x.dtype != torch.bool:
-        raise Unsupported(f"bitwise_not of {sig(x)}: only bool masks are supported")
-    return g.add("logical_not", x)
+    if x.dtype == torch.bool:
+        return g.add("logical_not", x)
+    ones = -1 if x.dtype.is_signed else torch.iinfo(x.dtype).max
+    return g.add("sub", g.const(ones, x.dtype), x)       # all ones minus x flips every bit, never overflows
 
 
 @handles(aten.rsub.Scalar, aten.rsub.Tensor)

@@ -289,11 +289,13 @@ def _per_dim(v, nd, default):
 @handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default,
          aten.max_pool3d_with_indices.default, aten.max_pool3d.default)
 def _max_pool(g, x, kernel, stride=(), padding=None, dilation=None, ceil_mode=False):
+    """The values and torch's indices (flat positions within each plane, run on torch); capture
+    prunes the indices when only the values are used."""
     kernel = tuple(kernel)
     nd = len(kernel)
-    y = g.add(f"max_pool{nd}d", x, kernel=kernel, stride=tuple(stride) or kernel, padding=_per_dim(padding, nd, 0),
-              dilation=_per_dim(dilation, nd, 1), ceil_mode=ceil_mode)
-    return y, None
+    attrs = dict(kernel=kernel, stride=tuple(stride) or kernel, padding=_per_dim(padding, nd, 0),
+                 dilation=_per_dim(dilation, nd, 1), ceil_mode=ceil_mode)
+    return g.add(f"max_pool{nd}d", x, **attrs), g.add("max_pool_indices", x, **attrs)
 
 
 @handles(aten.avg_pool2d.default, aten.avg_pool3d.default)

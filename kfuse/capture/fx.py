@@ -11,6 +11,7 @@ import warnings
 import sympy
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..errors import GraphError, KfuseError, UnsupportedOpError
 from ..ir import Graph, Node
@@ -125,12 +126,21 @@ def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> lis
 
 def _call(g, n: torch.fx.Node, env):
     if n.target is operator.getitem:
-        return env[n.args[0]][n.args[1]]
+        out = env[n.args[0]][n.args[1]]
+        if out is None and n.users:     # an output its handler does not map (adaptive max-pool indices)
+            src = n.args[0]
+            raise UnsupportedOpError(str(src.target), src.name, "PyTorch", f"its output {n.args[1]} is not supported")
+        return out
     conv = lambda a: env[a] if isinstance(a, torch.fx.Node) else a
     if n.target in SIZE_OF or n.target in SIZE_OPS or n.target in ASSERT_SCALAR:
         return _size_arithmetic(n, torch.fx.node.map_aggregate(n.args, conv))
     if n.target in SKIP:
         return None
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor) and free_unbacked_symbols(val.shape):
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch",
+                                 f"its output size {list(val.shape)} depends on the values of its inputs (as with "
+                                 f"boolean-mask indexing x[mask], nonzero or masked_select); kfuse compiles fixed sizes only")
     handler = ATEN.get(n.target)
     if handler is None and _is_custom(n.target):
         handler = _custom_op(n.target)
@@ -272,10 +282,16 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
         for op in KEEP_WHOLE:
             table.pop(op, None)
         ep = ep.run_decompositions(table)
-    if ep.graph_signature.buffers_to_mutate:
-        written = ", ".join(sorted(set(ep.graph_signature.buffers_to_mutate.values())))
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate:
+        written = ", ".join(sorted(set(sig.buffers_to_mutate.values())))
         raise KfuseError(f"{type(model).__name__} writes into its buffer(s) {written}: kfuse compiles buffers in "
                          f"as constants; pass such a tensor as an input instead")
+    if sig.parameters_to_mutate:
+        written = ", ".join(sorted(set(sig.parameters_to_mutate.values())))
+        raise KfuseError(f"{type(model).__name__} writes into its parameter(s) {written} in forward: kfuse compiles "
+                         f"parameters in as constants. If it does so once (rescaling its weights on the first call, "
+                         f"as Hugging Face's RWKV does), call the model once in eager before compiling it")
     return ep
 
 

@@ -96,6 +96,40 @@ def test_round_with_decimals_is_the_kernels_formula():
         assert torch.equal(a, b)
 
 
+def test_integer_bitwise_ops_keep_their_bits():
+    """&, |, ^ and ~ on integers are bitwise in the promoted dtype (not logical: 6 & 3 is 2, not True);
+    on bools they stay the logical ops."""
+    a, b = BIG, DIV * 37
+    compiled(lambda a, b, a8, u8, m: (a & b, a | b, a ^ b, a & 1, 4 | a, 6 ^ a, ~a, a8 & a8.flip(0), ~a8, ~u8,
+                                      u8 ^ 77, u8 | a8, a.int() & b.int(), m & (a > 0), m ^ (a > 0), ~m, m | 2),
+             a, b, a.to(torch.int8), a.to(torch.uint8), b > 0)
+    ops = ops_of(lambda m, n: (m & n, m | n, m ^ n, ~m), b > 0, a > 0)
+    assert {"logical_and", "logical_or", "ne", "logical_not"} <= set(ops) and "gather" not in ops
+
+
+HALF_SCALARS = (1.003, 1e5, 3.0, 0.1, 1 / 3, 0.0883883, 1e-3)
+
+
+def half_scalar_ops(x, i):
+    """A tensor op a python float, every way round; x float16/bfloat16 (or float32), i integer."""
+    return [y for s in HALF_SCALARS for y in (
+        x * s, s * x, x / s, s / x, x + s, x - s, s - x, torch.add(x, s, alpha=2), x // s, x > s,
+        torch.div(x, s, rounding_mode="trunc"), i * s, i / s, i + s)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_tensor_and_python_float_round_as_eager(dtype):
+    """Eager multiplies and divides a float16/bfloat16 tensor by a python float in float32 with the
+    float unrounded (x * 1e5 in float16 is finite, bf16 x * 1.003 is not x) and rounds once; it adds
+    and compares with the float rounded to the tensor's dtype. Equal bits, not within a tolerance."""
+    x, i = (r(2000) * 4).to(dtype), BIG.repeat(20)[:2000]
+    cm = kfuse.compile(module_of(half_scalar_ops), (x, i))
+    for k, (got, want) in enumerate(zip(cm(x, i), half_scalar_ops(x, i))):
+        assert got.dtype == want.dtype and torch.equal(got, want), f"output {k}"
+    assert ops_of(lambda x: x * 0.125 + 1.003, x).get("cast") is None      # exact in the dtype: no float32 detour
+    assert ops_of(lambda x: x * 1.003 + 1.003, x.float()).get("cast") is None
+
+
 # -- 4. reductions -------------------------------------------------------------------------------------------
 
 def test_prod():
@@ -266,9 +300,25 @@ def test_embedding_bag():
     compiled(lambda i, o, s: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=s), idx, off, r(8))
 
 
+def test_max_pool_indices_are_torchs():
+    """return_indices=True: flat positions within each plane, with padding, dilation and ceil_mode, fed
+    to max_unpool; unused (nn.MaxPool2d's usual form), they leave no op behind."""
+    x = special(2, 3, 11, 10)
+    compiled(lambda x: (F.max_pool2d(x, 3, 2, 1, 2, True, return_indices=True),
+                        F.max_pool2d(x, (3, 2), (1, 2), (1, 0), return_indices=True),
+                        F.max_pool1d(x[0], 3, 2, 1, return_indices=True), F.max_pool3d(x[None], 2, return_indices=True),
+                        F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2) * 2), x)
+    assert ops_of(lambda x: F.max_pool2d(x, 2, return_indices=True)[0] * 2, x) == {"input": 1, "max_pool2d": 1,
+                                                                                 "const": 1, "mul": 1}
+
+
 @pytest.mark.parametrize("model, x, words", [
     (module_of(lambda x: F.avg_pool2d(x, 2, divisor_override=3)), r(1, 2, 9, 9), ["divisor_override=3", "f32[1, 2, 9, 9]"]),
     (module_of(lambda x: F.avg_pool3d(x, 2, divisor_override=3)), r(1, 2, 4, 4, 4), ["avg_pool3d", "divisor_override=3"]),
+    (module_of(lambda x: x[x.sum(1) > 0].sum()), r(4, 9), ["index", "output size [u0, 9] depends on the values", "x[mask]"]),
+    (module_of(lambda x: x.nonzero().sum()), r(4, 9), ["nonzero", "depends on the values"]),
+    (module_of(lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True)[1]), r(1, 2, 9, 9),
+     ["adaptive_max_pool2d", "output 1 is not supported"]),
 ])
 def test_unsupported_forms_name_op_node_and_shapes(model, x, words):
     with pytest.raises(kfuse.UnsupportedOpError) as e:

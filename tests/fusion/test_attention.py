@@ -50,6 +50,20 @@ def test_attention_fires(heads, kv_heads, mask, seq):
     assert node.inputs[1].shape[1] == kv_heads         # the K/V repeat is folded into the kernel
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_scores_scaled_by_an_inexact_float_fire(dtype):
+    """1/sqrt(80) is not a float16/bfloat16 number: capture scales such scores in float32 (as eager
+    does) and casts back, and the pattern reads the scale through the casts."""
+    def fn(m, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 80 ** -0.5, dim=-1) @ v, \
+            torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(80), dim=-1) @ v
+    q, k, v = (torch.randn(1, 2, 16, 80).to(dtype) for _ in range(3))
+    cm = compiled(Fn(fn), q, k, v)
+    assert cm.report().fusions.get("attention") == 2
+    f32 = lambda v: torch.tensor(v).item()        # the scale in float32, not rounded to the dtype
+    assert [n.attrs["scale"] for n in cm.graph.nodes if n.op == "attention"] == [f32(80 ** -0.5), 1 / f32(math.sqrt(80))]
+
+
 def test_sdpa_causal_and_gqa():
     def fn(m, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

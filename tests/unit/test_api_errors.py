@@ -40,6 +40,16 @@ def test_not_a_tensor(compiled):
         cm(ids, 5)
 
 
+def test_non_tensor_input_is_named_by_keyword():
+    class Flagged(torch.nn.Module):
+        def forward(self, x, output_attentions=False, extra=None):
+            return x * 2
+    with pytest.raises(kfuse.InputError, match=r"input 1 \(keyword input 'output_attentions'\) is a bool"):
+        kfuse.compile(Flagged(), (torch.ones(2),), {"output_attentions": True})
+    with pytest.raises(kfuse.InputError, match=r"input 2 \(keyword input 'extra'\[1\]\) is a str"):
+        kfuse.compile(Flagged(), (torch.ones(2),), {"extra": [torch.ones(1), "no"]})
+
+
 def test_bad_model_argument():
     with pytest.raises(kfuse.KfuseError, match="nn.Module"):
         kfuse.compile(42, ())

@@ -79,3 +79,20 @@ def test_buffer_write_is_a_clear_error():
 
     with pytest.raises(KfuseError, match="writes into its buffer"):
         kfuse.compile(Counter(), (torch.randn(3),))
+
+
+def test_parameter_write_is_a_clear_error():
+    """Hugging Face's RWKV rescales its weights in place on its first call: export lists the write as
+    a parameter mutation, which kfuse names (it was an extra output that failed to unflatten)."""
+    class Rescale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.lin.weight.div_(2)
+            return self.lin(x)
+
+    with pytest.raises(KfuseError, match=r"writes into its parameter\(s\) lin.weight.*call the model once in eager"):
+        kfuse.compile(Rescale(), (torch.randn(2, 4),))

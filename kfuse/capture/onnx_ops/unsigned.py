@@ -22,7 +22,7 @@ reads a carrier as a signed int64 by mistake:
 - anything else is a clear KfuseError naming the op and type: never a result read with the wrong sign.
 
 The bitwise ops (BitwiseAnd/Or/Xor/Not, BitShift, integer BitCast) have no IR op: they are computed
-4 bits at a time, a gather from a 256-entry table per nibble (`_nibble_op`), on any integer type.
+4 bits at a time, a gather from a 256-entry table per nibble (`common.nibble_op`), on any integer type.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, numpy_helper
 
+from ..common import nibble_op
 from .common import DTYPES, HANDLERS, INTERCEPT, handler
 
 UNSIGNED = {TensorProto.UINT16: (torch.uint16, 16), TensorProto.UINT32: (torch.uint32, 32),
@@ -231,31 +232,10 @@ def _back(n, y, like):
     return n.add("cast", y, dtype=like.dtype)   # a narrowing cast keeps the low bits
 
 
-def _nibble_op(n, a, b, fn, bits):
-    """fn applied bitwise to the low `bits` bits of int64 a and b (b None: unary), 4 bits at a time;
-    the result's bits above `bits` are those of a sign-extended 64-bit value when bits == 64."""
-    table = n.const(torch.tensor([fn(i >> 4, i & 15) & 15 for i in range(256)], dtype=I64))
-    sixteen = n.const(16, dtype=I64)
-    out = None
-    steps = (bits + 3) // 4
-    for i in range(steps):
-        na, nb = n.add("remainder", a, sixteen), n.add("remainder", b, sixteen) if b is not None else None
-        idx = n.add("mul", na, sixteen) if nb is None else n.add("add", n.add("mul", na, sixteen), nb)
-        r = n.add("gather", table, idx, axis=0)
-        if i == 15:   # the top nibble of a 64-bit value holds the sign: -8..7 times 2^60
-            r = n.add("sub", r, n.add("mul", n.add("cast", n.add("ge", r, n.const(8, dtype=I64)), dtype=I64), sixteen))
-        r = n.add("mul", r, n.const(1 << (4 * i), dtype=I64)) if i else r
-        out = r if out is None else n.add("add", out, r)
-        if i + 1 < steps:
-            a = n.add("floor_div", a, sixteen)
-            b = n.add("floor_div", b, sixteen) if b is not None else None
-    return out
-
-
 def _bitwise(fn):
     def convert(n, a, b=None):
         bits = _width(n, a)[0]
-        y = _nibble_op(n, n.add("cast", a, dtype=I64), None if b is None else n.add("cast", b, dtype=I64), fn, bits)
+        y = nibble_op(n, n.add("cast", a, dtype=I64), None if b is None else n.add("cast", b, dtype=I64), fn, bits)
         return _back(n, y, a)
     return convert
 

@@ -2,10 +2,13 @@
 never materialises the score matrix (online softmax over key tiles, as FlashAttention does).
 
 Matched through the reshapes that merge batch and head dims around batched matmuls, the transpose
-of K, the repeat of K/V heads in grouped-query attention, any constant scale (mul or div) and one
-additive mask added after the scaling. What breaks a near match is recorded as a why-not.
+of K, the repeat of K/V heads in grouped-query attention, any constant scale (mul or div, in float32
+for float16/bfloat16 scores) and one additive mask added after the scaling. What breaks a near match
+is recorded as a why-not.
 """
 from __future__ import annotations
+
+import torch
 
 from ...ir import Graph, Node
 from ...errors import GraphError
@@ -46,6 +49,9 @@ def _scores(s: Node):
             return None, "the add before softmax has no mask operand independent of the scores"
     while True:
         s = strip_batch_reshape(s)
+        down = s if _scaled_in_float32(s) else None
+        if down:
+            s = s.inputs[0]
         if is_op(s, "mul", "div"):
             c = const_scalar(s.inputs[1]) if s.inputs[1].numel == 1 else None
             if c is None and s.op == "mul" and s.inputs[0].numel == 1:
@@ -56,12 +62,25 @@ def _scores(s: Node):
                 return None, f"scores scaled by a non-constant in {s.op}"
             scale = scale * c if s.op == "mul" else scale / c
             s = s_in
+            if down:
+                s = strip_batch_reshape(s)
+                if not (is_op(s, "cast") and s.inputs[0].dtype == down.dtype):
+                    return None, f"scores scaled in float32 and cast to {down.dtype} were not {down.dtype} before"
+                s = s.inputs[0]
         elif is_op(s, "matmul"):
             return (s, scale, mask), ""
         elif is_op(s, "add"):
             return None, "the mask is added before the scaling"
         else:
             return None, f"the scores come from {s.op}, not a matmul"
+
+
+def _scaled_in_float32(s: Node) -> bool:
+    """Whether s is a float32 mul or div cast down to float16/bfloat16: how capture writes such scores
+    times a python float, cast(cast(x, float32) * c, x's dtype) (capture/aten.py, UNROUNDED_SCALAR).
+    The attention kernel scales in float32 too."""
+    return (is_op(s, "cast") and s.dtype in (torch.float16, torch.bfloat16) and is_op(s.inputs[0], "mul", "div")
+            and s.inputs[0].dtype == torch.float32)
 
 
 def _depends_on_qk(n: Node, depth: int = 12) -> bool:
