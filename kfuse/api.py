@@ -70,6 +70,7 @@ class CompiledModel:
         flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
         self._n_positional = _positional(self._in_spec)
         self._check_tensors(flat)
+        self._devices = tuple(t.device.type for t in flat)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
         # An ONNX input that feeds shape-like operands (a Reshape's shape, a TopK's k, an If's
@@ -149,12 +150,21 @@ class CompiledModel:
         else:
             flat = self._flatten_tree(inputs, kwargs)
         first = next(iter(self._programs))
-        for i, ((shape, dtype), t) in enumerate(zip(first, flat)):
+        for i, ((shape, dtype), t, device) in enumerate(zip(first, flat, self._devices)):
             if t.dtype != dtype:
-                raise InputError(f"input {i} has dtype {t.dtype}, compiled for {dtype}")
+                raise InputError(f"{self._where(i)} has dtype {t.dtype}, compiled for {dtype}")
             if t.dim() != len(shape):
-                raise InputError(f"input {i} has shape {list(t.shape)} (rank {t.dim()}), compiled for rank {len(shape)}")
+                raise InputError(f"{self._where(i)} has shape {list(t.shape)} (rank {t.dim()}), compiled for rank {len(shape)}")
+            if device is not None and t.device.type != device:    # kernels would read another device's pointer
+                raise InputError(f"{self._where(i)} is on device {t.device}, compiled for {device}")
         return flat
+
+    def _where(self, i: int) -> str:
+        """Input i as a message names it: "input 0 (keyword input 'mask')", "input 1 ('pixel_values')"."""
+        if self.is_onnx:
+            names = self._last.graph.input_names
+            return f"input {i} ({names[i]!r})" if i < len(names) and names[i] else f"input {i}"
+        return f"input {i} ({_input_name(self._in_spec, i)})"
 
     def _flatten_tree(self, inputs, kwargs):
         flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
@@ -189,7 +199,11 @@ class CompiledModel:
                 raise KfuseError("verifying an ONNX model runs ONNX Runtime: pip install 'kfuse[onnxruntime]'") from None
             sess = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
             feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
-            return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+            try:
+                return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+            except Exception as e:   # noqa: BLE001 - ONNX Runtime's own error types: say it was the reference that failed
+                raise KfuseError(f"ONNX Runtime, the reference, failed on inputs {_fmt(_signature(flat))}: "
+                                 f"{str(e).splitlines()[0][:300]}") from None
         args, kwargs = pytree.tree_unflatten(flat, self._in_spec)
         with torch.no_grad():
             return pytree.tree_leaves(self.source(*args, **kwargs))
@@ -228,7 +242,7 @@ class CompiledModel:
             except Exception as e:   # noqa: BLE001 - a type pytree cannot name: say which
                 raise KfuseError(f"cannot save the model's input/output structure ({s}): {e}") from None
         meta = {"in_spec": spec(self._in_spec), "out_spec": spec(self._out_spec), "is_onnx": self.is_onnx,
-                "options": self.options}
+                "options": self.options, "devices": list(self._devices)}
         programs = [(sig, None, p) for sig, p in self._programs.items() if sig not in self._specialised]
         programs += [(sig, values, p) for (sig, values), p in self._by_value.items()]
         artifact.save(path, programs, meta)
@@ -247,6 +261,7 @@ class CompiledModel:
         self.source, self.options, self.is_onnx = None, dict(meta["options"]), bool(meta["is_onnx"])
         self._in_spec, self._out_spec = spec(meta["in_spec"]), spec(meta["out_spec"])
         self._n_positional = _positional(self._in_spec)
+        self._devices = tuple(meta.get("devices") or [None] * self._in_spec.num_leaves)   # None: saved before devices were
         self._programs, self._specialised, self._by_value = {}, {}, {}
         for sig, values, prog in programs:
             self._programs.setdefault(sig, prog)

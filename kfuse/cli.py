@@ -30,6 +30,9 @@ def cmd_demo(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     with step(f"building the {args.model} model"):
         model, inputs = build(args.model, batch=args.batch, seq=args.seq)
+    positions = getattr(model, "pos", None) or getattr(model, "wpe", None)    # a learned position table
+    if args.model not in IMAGE_MODELS and positions is not None and args.seq > positions.num_embeddings:
+        raise KfuseError(f"--seq {args.seq}: the built-in {args.model} has {positions.num_embeddings} positions")
     size = f"{inputs[0].shape[-2]}x{inputs[0].shape[-1]} images" if args.model in IMAGE_MODELS else f"seq {args.seq}"
     print(f"kfuse demo: built-in {args.model} (seeded random weights), batch {args.batch} x {size}")
     with step("capturing (torch.export), fusing and compiling kernels"):
@@ -69,6 +72,12 @@ def _onnx_inputs(path: str, dims: dict[str, int]):
     return out
 
 
+def _symbolic_dims(path: str) -> set[str]:
+    from .capture.onnx import read_model
+    return {d.dim_param for i in read_model(path).graph.input for d in i.type.tensor_type.shape.dim
+            if d.HasField("dim_param")}
+
+
 def cmd_compile(args) -> int:
     dims = {}
     for d in args.dim or []:
@@ -76,6 +85,10 @@ def cmd_compile(args) -> int:
         if not value.isdigit():
             raise KfuseError(f"--dim takes NAME=SIZE, got {d!r}")
         dims[name] = int(value)
+    unknown = sorted(set(dims) - _symbolic_dims(args.model))
+    if unknown:
+        raise KfuseError(f"--dim {unknown[0]}: {args.model} has no such symbolic dimension (it has: "
+                         f"{', '.join(sorted(_symbolic_dims(args.model))) or 'none'})")
     inputs = _onnx_inputs(args.model, dims)
     print(f"kfuse compile {args.model}: inputs " + ", ".join(f"{list(t.shape)}" for t in inputs))
     with step("loading, fusing and compiling kernels"):
@@ -95,6 +108,17 @@ def cmd_compile(args) -> int:
     return 0 if v.ok else 1
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (argparse turns the ValueError into a usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"integer >= {low}"     # argparse names the type in its message
+    return parse
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kfuse", description="kfuse: kernel operator fusion compiler for inference")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -102,9 +126,9 @@ def main(argv=None) -> int:
                        description="Compile a built-in model (no download), print the graph summary, the "
                                    "fusions, the verification against PyTorch eager and the time against eager.")
     d.add_argument("--model", default="bert", choices=sorted(MODELS))
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--seq", type=int, default=128)
-    d.add_argument("--threads", type=int, default=0, help="torch's and kfuse's threads (default: torch's setting)")
+    d.add_argument("--batch", type=_at_least(1), default=1)
+    d.add_argument("--seq", type=_at_least(1), default=128)
+    d.add_argument("--threads", type=_at_least(0), default=0, help="torch's and kfuse's threads (default: torch's setting)")
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("compile", help="compile an ONNX file, print the summary and verification, save it",
                        description="Compile MODEL.onnx, verify it against ONNX Runtime, and with -o save the "

@@ -125,9 +125,12 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
     for n, gi in last_use.items():
         if n not in keep and n.op not in ("input", "const"):
             dies_after.setdefault(gi, []).append(n)
+    const_views = {n for n in graph.nodes if n.op == "const"}     # values that may share a constant's storage
     for gi, (group, kernel) in enumerate(zip(groups, kernels)):
         for o in group.outputs:
             names[o] = f"v{len(names)}"
+        if (kernel.aliases or kernel.inline is not None) and const_views.intersection(group.inputs):
+            const_views.update(group.outputs)
         outs = ", ".join(names[o] for o in group.outputs) + ","
         args = [names[i] for i in group.inputs]
         if kernel.inline is not None:     # a view: a method call in place of a kernel call (~1 us less)
@@ -143,7 +146,15 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
     n_user = len(graph.outputs) - len(graph.mutated)
     for i, o in zip(graph.mutated, graph.outputs[n_user:]):     # the model's writes into its inputs
         lines.append(f"    if {names[o]} is not i{i}: i{i}.copy_({names[o]})")
-    lines.append(f"    return ({''.join(names[o] + ', ' for o in graph.outputs[:n_user])})")
+    # Copied: an output that is (a view of) a constant, so that a caller writing into it does not change
+    # later calls; an input returned as an output, or a value returned twice (a clone folded away: `x.clone()`,
+    # `y, y.clone()`), so that writing into one output changes neither the caller's input nor another output.
+    seen = set(graph.inputs)
+    returned = []
+    for o in graph.outputs[:n_user]:
+        returned.append(names[o] + (".clone()" if o in const_views or o in seen else ""))
+        seen.add(o)
+    lines.append(f"    return ({''.join(r + ', ' for r in returned)})")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<kfuse program>", "exec"), env)
     return source, env["program"]

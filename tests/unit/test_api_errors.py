@@ -40,6 +40,19 @@ def test_not_a_tensor(compiled):
         cm(ids, 5)
 
 
+def test_an_input_on_another_device_is_named(tmp_path):
+    """C kernels given a meta (or other device's) tensor read a pointer they cannot (it crashed the
+    process); the compiled model, and one loaded from its artifact, say which input is where."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(4, 8)
+    cm = kfuse.compile(model, (x,))
+    cm.save(tmp_path / "m.kfuse")
+    for c in (cm, kfuse.load(tmp_path / "m.kfuse")):
+        with pytest.raises(kfuse.InputError, match=r"input 0 \(positional input 0\) is on device meta, compiled for cpu"):
+            c(torch.empty(4, 8, device="meta"))
+        torch.testing.assert_close(c(x), model(x))
+
+
 def test_non_tensor_input_is_named_by_keyword():
     class Flagged(torch.nn.Module):
         def forward(self, x, output_attentions=False, extra=None):
@@ -87,6 +100,42 @@ def test_cli_compile_garbage_file(tmp_path, capsys):
     bad.write_bytes(b"\x00garbage\xff" * 10)
     assert main(["compile", str(bad)]) == 2
     assert "bad.onnx" in capsys.readouterr().err
+
+
+def _dynamic_onnx(path):
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+    torch.onnx.export(Twice(), (torch.randn(2, 3),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    return path
+
+
+def test_cli_bad_sizes_and_dims_are_one_line_errors(tmp_path, capsys):
+    """Sizes below 1, more positions than the model has and a --dim the file does not name were a
+    traceback (or silently ignored: --dim), each is now a one-line error."""
+    from kfuse.cli import main
+    for argv in (["demo", "--batch", "0"], ["demo", "--seq", "-1"], ["demo", "--threads", "-2"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "invalid integer >=" in capsys.readouterr().err
+    assert main(["demo", "--seq", "600"]) == 2
+    assert "--seq 600: the built-in bert has 512 positions" in capsys.readouterr().err
+    path = _dynamic_onnx(tmp_path / "twice.onnx")
+    assert main(["compile", str(path), "--dim", "sequence=4"]) == 2
+    assert "twice.onnx has no such symbolic dimension (it has: batch, seq)" in capsys.readouterr().err
+
+
+def test_onnx_runtime_failing_is_a_kfuse_error(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    path = _dynamic_onnx(tmp_path / "twice.onnx")
+    cm = kfuse.compile(path, (torch.randn(2, 3),))
+
+    def fail(self, *a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Reshape\nsecond line")
+    monkeypatch.setattr(ort.InferenceSession, "run", fail)
+    with pytest.raises(kfuse.KfuseError, match=r"ONNX Runtime, the reference, failed on inputs f32\[2, 3\]: .*Reshape$"):
+        cm.verify(torch.randn(2, 3))
 
 
 def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):

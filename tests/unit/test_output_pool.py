@@ -54,3 +54,40 @@ def test_small_outputs_are_not_pooled():
     del ys
     assert x.nbytes < backends.POOL_MIN
     torch.testing.assert_close(cm(x), _Gelu()(x))
+
+
+class _ConstantOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("b", torch.ones(4))
+
+    def forward(self, x):
+        return x * 2, torch.arange(4.0) * 2, self.b * 3, (self.b * 5).view(2, 2)
+
+
+def test_an_output_folded_to_a_constant_is_the_callers_to_write():
+    """Outputs that fold to constants (or views of one) are copies: writing into one does not change
+    the next call's results (it once returned the program's constant itself)."""
+    m, x = _ConstantOutputs(), torch.randn(3)
+    cm = kfuse.compile(m, (x,))
+    for out in cm(x):
+        out.add_(100)
+    for got, want in zip(cm(x), m(x)):
+        assert torch.equal(got, want)
+
+
+class _Clones(torch.nn.Module):
+    def forward(self, x):
+        y = torch.relu(x * 3)
+        return y, y.clone(), x.clone()
+
+
+def test_a_folded_clone_is_a_separate_output():
+    """`y, y.clone()` and `x.clone()` once returned y twice and the caller's own x: writing into one
+    output changed another output, or the caller's input."""
+    x = torch.randn(4, 5)
+    keep = x.clone()
+    y, y2, x2 = kfuse.compile(_Clones(), (x,))(x)
+    y2.add_(1)
+    x2.add_(1)
+    assert torch.equal(y, torch.relu(keep * 3)) and torch.equal(x, keep)
