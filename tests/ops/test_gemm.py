@@ -130,6 +130,26 @@ def test_thread_counts(threads):
         check(1, 13, 11, 3, 40, act="silu", k=(3, 3), stride=(2, 2), padding=(1, 1))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_work_item_orders(threads, monkeypatch):
+    """Row blocks first (the packed weight within half the L2) and panel pairs first (over it) give the
+    same bits and the reference's numbers: several row blocks, pairs and a half pair, a residual, a 3x3
+    kernel, uneven thread ranges."""
+    for n, h, w_, cin, cout, k, pad, residual in [(2, 23, 21, 24, 80, (1, 1), (0, 0), True),
+                                                  (1, 30, 30, 16, 40, (3, 3), (1, 1), False)]:
+        x, wt, b = torch.randn(n, h, w_, cin), torch.randn(cout, cin, *k) / (cin * k[0] * k[1]) ** 0.5, torch.randn(cout)
+        r = torch.randn(n, h, w_, cout) if residual else None
+        got = {}
+        for l2 in (0, 1 << 30):
+            monkeypatch.setattr(gemm.autotune, "cache_bytes", lambda level=None, l2=l2: l2)
+            kern = GemmConv(wt, b, ACTS["relu"][0], residual, padding=pad)
+            with openmp.using(threads):
+                got[l2] = kern(x, r)
+            assert kern._plan((n, h, w_, h, w_), threads)[21] == (l2 > 0)
+        assert torch.equal(got[0], got[1 << 30])
+        assert_close(got[0], reference(x, wt, b, r, "relu", padding=pad), **TOL)
+
+
 def test_no_bias():
     check(1, 5, 5, 33, 17, act="silu", bias=False)
 

@@ -249,16 +249,23 @@ def weights_from_memory(cold: bool):
 
 
 @functools.lru_cache(maxsize=1)
-def cache_bytes() -> int:
-    """The last-level cache's size (Linux sysfs), or 32 MiB where it cannot be read."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+@functools.lru_cache(maxsize=None)
+def cache_bytes(level: int | None = None) -> int:
+    """The size of CPU 0's cache of `level` (a data or unified one), or of its last level (Linux sysfs);
+    where it cannot be read, 32 MiB for the last level, 1 MiB for level 2, 32 KiB for level 1."""
+    sizes = {}
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            text = f.read_text().strip().upper()
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-        except (OSError, ValueError):
+            if (d / "type").read_text().strip() == "Instruction":
+                continue
+            text = (d / "size").read_text().strip().upper()
+            size = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+            sizes[int((d / "level").read_text())] = size
+        except (OSError, ValueError, KeyError):
             continue
-    return max(sizes, default=32 << 20)
+    if level is None:
+        return sizes[max(sizes)] if sizes else 32 << 20
+    return sizes.get(level, {1: 32 << 10, 2: 1 << 20}.get(level, 32 << 20))
 
 
 @functools.lru_cache(maxsize=1)
