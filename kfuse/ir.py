@@ -36,7 +36,8 @@ KIND: dict[str, Kind] = {
         "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "sigmoid",
         "erf", "relu", "gelu", "silu", "floor", "ceil", "logical_not", "cast", "clamp", "leaky_relu",
         "isnan", "softplus", "sign", "log1p", "expm1", "elu", "round", "trunc", "erfc", "atan", "tan",
-        "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10", "hardswish", "hardsigmoid")},
+        "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "log2", "log10", "hardswish", "hardsigmoid",
+        "copy")},
     **{op: _B for op in (
         "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
         "logical_and", "logical_or", "where", "fmod", "remainder", "atan2", "floor_div", "trunc_div")},

@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..errors import KfuseError
-from ..ir import DTYPE_SHORT, Graph, Node
+from ..ir import DTYPE_SHORT, VIEW_OPS, Graph, Node
 from .common import nibble_op, reshape, wrap_index
 
 aten = torch.ops.aten
@@ -275,10 +275,20 @@ def _to_copy(g, x, *args, dtype=None, **_):
     return x if dtype is None else cast(g, x, dtype)
 
 
-@handles(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default,
-         aten.contiguous.default, aten.dropout.default)
+@handles(aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default, aten.contiguous.default,
+         aten.dropout.default)
 def _identity(g, x, *_, **__):
     return x
+
+
+@handles(aten.clone.default)
+def _clone(g, x, *_, **__):
+    """A clone of a graph input, or of a view of one, is a copy (returned, it must not share the caller's
+    memory: `x.reshape(-1).clone()`); of any other value, nothing (a kernel's output is fresh anyway)."""
+    v = x
+    while v.op in VIEW_OPS:
+        v = v.inputs[0]
+    return g.add("copy", x) if v.op == "input" else x
 
 
 # -- shapes ----------------------------------------------------------------------------------------------

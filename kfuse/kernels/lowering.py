@@ -267,6 +267,9 @@ class _Lowering:
     def op_cast(self, n, xs, dt, dtype):
         return self.cvt(xs[0], dt)
 
+    def op_copy(self, n, xs, dt):
+        return xs[0]
+
     def op_isnan(self, n, xs, dt):
         x = xs[0]
         return self.cmp("ne", x, x) if self.values[x].dtype == "f32" else self.lit(False, "bool")

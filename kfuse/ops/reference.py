@@ -263,7 +263,7 @@ def _reduce_prod(x, *, axes, keepdim=False):
 
 
 REFERENCE = {
-    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "copy": torch.clone, "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
     "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "sin": torch.sin, "cos": torch.cos,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "relu": torch.relu,
     "gelu": lambda x, *, approximate="none": F.gelu(x, approximate=approximate),

@@ -170,12 +170,12 @@ def _const_keys(consts: list[Node]) -> dict[Node, object]:
 
 def cse(g: Graph) -> int:
     """Merge equal constants, then nodes that compute the same op on the same inputs with the same
-    attributes."""
+    attributes. Copies stay apart: each is a tensor of its own (a model's clones of an input)."""
     seen: dict[tuple, Node] = {}
     const_key = _const_keys([n for n in g.nodes if n.op == "const"])
     merged = 0
     for n in list(g.nodes):
-        if n.op == "input":
+        if n.op in ("input", "copy"):
             continue
         key = const_key[n] if n.op == "const" else (
             n.op, tuple(const_key.get(i, i.id) for i in n.inputs), repr(sorted(n.attrs.items())))

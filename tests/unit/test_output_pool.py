@@ -91,3 +91,25 @@ def test_a_folded_clone_is_a_separate_output():
     y2.add_(1)
     x2.add_(1)
     assert torch.equal(y, torch.relu(keep * 3)) and torch.equal(x, keep)
+
+
+class _InputClones(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(-1).clone(), x.clone(), x.t().clone(), x.clone() * 2
+
+
+def test_clones_of_an_input_and_its_views_are_copies():
+    """A clone of the input, or of a view of it, is a tensor of its own (captured as a copy, never merged
+    with another): writing into one output changes neither the caller's input nor another output."""
+    x = torch.randn(4, 5)
+    keep = x.clone()
+    cm = kfuse.compile(_InputClones(), (x,))
+    outs = cm(x)
+    for o, want in zip(outs, (keep.reshape(-1), keep, keep.t(), keep * 2)):
+        assert torch.equal(o, want)
+    ptrs = {o.untyped_storage().data_ptr() for o in outs} | {x.untyped_storage().data_ptr()}
+    assert len(ptrs) == 5
+    for o in outs:
+        o.add_(1)
+    assert torch.equal(x, keep) and torch.equal(outs[1], keep + 1) and torch.equal(outs[0], keep.reshape(-1) + 1)
+    assert sum(n.op == "copy" for n in cm._last.graph.nodes) == 4      # not merged into one
