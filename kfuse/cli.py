@@ -53,11 +53,17 @@ def cmd_demo(args) -> int:
 
 
 def _onnx_inputs(path: str, dims: dict[str, int]):
-    """Example inputs for an ONNX file: symbolic dims from --dim (default 1); integer inputs are ones
+    """Example inputs for an ONNX file: symbolic dims from --dim (default 1; a name the file does not
+    have is an error); integer inputs are ones
     (valid token ids and an all-ones mask), float inputs seeded normal."""
     import onnx
     from .capture.onnx import read_model
     model = read_model(path)
+    named = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    unknown = sorted(set(dims) - named)
+    if unknown:
+        raise KfuseError(f"--dim {unknown[0]}: {path} has no such symbolic dimension (it has: "
+                         f"{', '.join(sorted(named)) or 'none'})")
     inits = {i.name for i in model.graph.initializer}
     g = torch.Generator().manual_seed(0)
     out = []
@@ -72,12 +78,6 @@ def _onnx_inputs(path: str, dims: dict[str, int]):
     return out
 
 
-def _symbolic_dims(path: str) -> set[str]:
-    from .capture.onnx import read_model
-    return {d.dim_param for i in read_model(path).graph.input for d in i.type.tensor_type.shape.dim
-            if d.HasField("dim_param")}
-
-
 def cmd_compile(args) -> int:
     dims = {}
     for d in args.dim or []:
@@ -85,10 +85,6 @@ def cmd_compile(args) -> int:
         if not value.isdigit():
             raise KfuseError(f"--dim takes NAME=SIZE, got {d!r}")
         dims[name] = int(value)
-    unknown = sorted(set(dims) - _symbolic_dims(args.model))
-    if unknown:
-        raise KfuseError(f"--dim {unknown[0]}: {args.model} has no such symbolic dimension (it has: "
-                         f"{', '.join(sorted(_symbolic_dims(args.model))) or 'none'})")
     inputs = _onnx_inputs(args.model, dims)
     print(f"kfuse compile {args.model}: inputs " + ", ".join(f"{list(t.shape)}" for t in inputs))
     with step("loading, fusing and compiling kernels"):

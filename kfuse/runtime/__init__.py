@@ -147,8 +147,10 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
     for i, o in zip(graph.mutated, graph.outputs[n_user:]):     # the model's writes into its inputs
         lines.append(f"    if {names[o]} is not i{i}: i{i}.copy_({names[o]})")
     # Copied: an output that is (a view of) a constant, so that a caller writing into it does not change
-    # later calls; an input returned as an output, or a value returned twice (a clone folded away: `x.clone()`,
-    # `y, y.clone()`), so that writing into one output changes neither the caller's input nor another output.
+    # later calls; an input returned as an output (through an identity: ONNX's Identity, `x.detach()`), or
+    # a value returned twice (a clone of a computed value folds away: `y, y.clone()`), so that writing into
+    # one output changes neither the caller's input nor another output. (A clone of an input is captured
+    # as a `copy` op.)
     seen = set(graph.inputs)
     returned = []
     for o in graph.outputs[:n_user]:

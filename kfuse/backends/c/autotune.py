@@ -248,7 +248,6 @@ def weights_from_memory(cold: bool):
         _weights_cold.reset(token)
 
 
-@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=None)
 def cache_bytes(level: int | None = None) -> int:
     """The size of CPU 0's cache of `level` (a data or unified one), or of its last level (Linux sysfs);

@@ -200,8 +200,8 @@ static void fill_band(const float *restrict x, float *restrict band, int64_t *ha
    residual) the gated outputs, the weight's N columns then being ceil(F / 16) pairs of a gate panel and
    the matching up panel, and b likewise; then rows_first. A work item is MB rows by one pair of a
    group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
-   shares its panels, or with rows_first (or a scale) row block first, so it shares its rows (gemm.py
-   chooses). Returns 0, or -1 when the bands or buffers cannot be allocated. */
+   shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
+   shares its rows. Returns 0, or -1 when the bands or buffers cannot be allocated. */
 int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
                  const float *restrict scale, const int64_t *dims, const float *prm, int nthreads) {
@@ -220,7 +220,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
     const int64_t HWS = dims[18];
     const int64_t F = dims[20];      /* output columns: N, or with GLU the gated outputs (N / 2 padded to 16s) */
-    const int rows_first = scale || dims[21];
+    const int rows_first = (int)dims[21];
     if ((scale && (!direct || HWS < 1)) || G < 1 || C %% G || N %% G || (G > 1 && (scale || nchw))
         || (GLU && (G > 1 || RES || N %% 32 || F > N / 2 || F <= N / 2 - 16)) || (!GLU && F != N))
         return -1;
@@ -240,8 +240,8 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     for (int64_t t = 0; t < G * NP2 * nmb; t++) {
         if (scale && !scaled)
             continue;
-        /* row block first (always with a scale: the block is scaled once into the buffer for all
-           the panel pairs) */
+        /* row block first (gemm.py's choice, always with a scale: the block is scaled once into the
+           buffer for all the panel pairs) */
         const int64_t g = t / (NP2 * nmb), tg = t %% (NP2 * nmb);
         const int64_t pp = rows_first ? tg %% NP2 : tg / nmb, m0 = (rows_first ? tg / NP2 : tg %% nmb) * MB;
         const int64_t m1 = m0 + MB < M ? m0 + MB : M, n0 = g * NG + 32 * pp, c0 = g * CG;

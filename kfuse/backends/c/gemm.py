@@ -122,8 +122,9 @@ class GemmConv:
             # its inputs read once, where panel pairs first wrote each output row in 32-column pieces, one
             # pass over the output (and residual) per pair. [8,56,56,64] -> 256 1x1 + residual + ReLU 45 ->
             # 62 GFLOP/s on one thread. A larger weight keeps pairs first: every thread would read all of it.
-            rows_first = self.weight.numel() * 4 <= autotune.cache_bytes(2) // 2
-            if rows_first or rows_per_scale:    # threads then take whole blocks: equal ones (784 rows as 4 x
+            # With a scale, always: a block is scaled once for all its pairs.
+            rows_first = bool(rows_per_scale) or self.weight.numel() * 4 <= autotune.cache_bytes(2) // 2
+            if rows_first:    # threads then take whole blocks: equal ones (784 rows as 4 x
                 mb = cdiv(cdiv(m, cdiv(m, mb)), MR) * MR     # 200, not 3 x 256 + 16: 0.83x at 2 threads)
             self._dims[key] = (ctypes.c_int64 * 22)(m, self.wcols, mb, n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
