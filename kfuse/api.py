@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError, KfuseError, ModelFileError
-from .ir import DTYPE_SHORT, Graph
+from .ir import DTYPE_SHORT, Graph, on_device
 from . import artifact
 from .ops.reference import run as run_reference
 from .runtime import build_program
@@ -126,10 +126,12 @@ class CompiledModel:
             if self.source is None:
                 raise InputError(f"this model was loaded from an artifact compiled for {'; '.join(self.signatures)}; "
                                  f"got {_fmt(sig)}: compile the model for this shape and save it again")
-            graph = self.capture(flat)
-            specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
-            note = getattr(graph, "capture_note", "")
-            prog = build_program(graph, self.options)
+            device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
+            with on_device(device):
+                graph = self.capture(flat)
+                specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
+                note = getattr(graph, "capture_note", "")
+                prog = build_program(graph, {**self.options, "device": device})
             prog.report.capture = note
             if specialised:
                 self._specialised[sig] = specialised
@@ -281,6 +283,7 @@ OPTIONS = {
                 "a list of op types or fusion names"),
     "max_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no cap)"),
     "layout": (lambda v: v in ("auto", "nchw"), "'auto' (channels-last around convolutions) or 'nchw'"),
+    "cuda_graphs": (lambda v: v == "auto" or isinstance(v, bool), "'auto', True or False"),
 }
 
 
@@ -328,7 +331,10 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | Non
     CUDA tensors; or "reference" to run the unfused interpreter), `patterns` (False turns
     the pattern rules off), `horizontal` (False: no horizontal merging of independent kernels),
     `disable` (op types or fusion names never fused), `max_group` (ops per group), `layout` ("auto":
-    convolutional regions run channels-last, NHWC; "nchw": as captured). Anything else is a KfuseError.
+    convolutional regions run channels-last, NHWC; "nchw": as captured), `cuda_graphs` (backend "triton"
+    on a GPU: "auto", the default, replays each program as one CUDA graph where that measures faster than
+    launching its kernels one by one; True: replay wherever it can be captured; False: never).
+    Anything else is a KfuseError.
     `dynamic_shapes` (PyTorch only; torch.export's argument, e.g. `{"ids": {1: Dim.AUTO}}`): export the
     model once with those sizes symbolic; each new size set then compiles a static program converted
     from that export, without tracing the model again (the report's `capture` line says which).

@@ -6,6 +6,8 @@ disagree. Fusion legality looks at `KIND[op]`, never at op names.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -164,10 +166,27 @@ def infer(op: str, inputs: list[Node], attrs: dict) -> tuple[tuple[int, ...], to
 FOLD_LIMIT = 1 << 16
 
 
+# The device constants live on: None (where made, the CPU) unless a compilation for GPU inputs sets
+# it (`on_device`), so capture's factory results (arange, zeros) and the passes' new constants fold
+# and run beside the model's weights on the GPU
+_DEVICE: contextvars.ContextVar = contextvars.ContextVar("kfuse_graph_device", default=None)
+
+
+@contextlib.contextmanager
+def on_device(device):
+    """Graphs made inside keep their constants on `device` (None: as made)."""
+    token = _DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
 class Graph:
     """Nodes in topological order, graph inputs and outputs."""
 
     def __init__(self):
+        self.device = _DEVICE.get()
         self.nodes: list[Node] = []
         self.inputs: list[Node] = []
         self.outputs: list[Node] = []
@@ -187,6 +206,8 @@ class Graph:
 
     def const(self, value, dtype=None, name="") -> Node:
         t = torch.as_tensor(value, dtype=dtype).detach().contiguous()
+        if self.device is not None and t.device != self.device:
+            t = t.to(self.device)
         n = Node("const", [], {"value": t}, tuple(t.shape), t.dtype, name)
         self.nodes.append(n)
         return n

@@ -73,6 +73,7 @@ class Report:
     unplanned_bytes: int = 0            # the same without buffer reuse
     fallbacks: list[str] = field(default_factory=list)
     capture: str = ""                   # how the graph was captured, where it is worth saying
+    launch: str = ""                    # on a GPU: CUDA graph replay or kernel by kernel, and the times
 
     def fused(self, name: str):
         """A kernel holding the fusion `name` was formed."""
@@ -108,6 +109,8 @@ class Report:
                  f"(vs {_mb(self.unplanned_bytes)} without reuse)"]
         if self.capture:
             lines.append(f"captured by {self.capture}")
+        if self.launch:
+            lines.append(f"launch: {self.launch}")
         if self.fusions:
             lines.append("fusions:")
             lines += [f"  {k:<24} {v:>4}" for k, v in sorted(self.fusions.items())]

@@ -94,7 +94,7 @@ class GPT2(nn.Module):
         x = self.wte(input_ids) + self.wpe(torch.arange(s, device=input_ids.device))[None]
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         keep = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.ln_f(x)
@@ -155,12 +155,12 @@ class Llama(nn.Module):
     def forward(self, input_ids, attention_mask):
         s = input_ids.shape[1]
         x = self.embed(input_ids)
-        freqs = torch.arange(s, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        freqs = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        cos, sin = emb.cos().to(x.dtype)[None, None], emb.sin().to(x.dtype)[None, None]   # bfloat16 models: as HF's
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         keep = causal[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
@@ -267,31 +267,35 @@ class MobileNetV2(nn.Module):
 
 
 def _randomise(model: nn.Module, seed: int):
-    """Seeded weights, with BatchNorm statistics and norm scales away from their trivial values."""
+    """Seeded weights, with BatchNorm statistics and norm scales away from their trivial values (drawn
+    on the CPU, whatever torch's default device: the same weights everywhere)."""
     g = torch.Generator().manual_seed(seed)
+    cpu = {"generator": g, "device": "cpu"}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))  # fan-in scaling
+                p.copy_(torch.randn(p.shape, **cpu) / math.sqrt(p[0].numel()))  # fan-in scaling
             else:
                 base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(base + 0.1 * torch.randn(p.shape, **cpu))
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, **cpu))
+                m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, **cpu))
     return model.eval()
 
 
 def token_inputs(batch, seq, vocab=1000, seed=0, pad=True):
-    """Token ids and a padding mask: with `pad`, row i (i > 0) ends in i*3 padding positions."""
+    """Token ids and a padding mask: with `pad`, row i (i > 0) ends in i*3 padding positions. Drawn on
+    the CPU, returned on torch's default device."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g, device="cpu")
+    mask = torch.ones(batch, seq, dtype=torch.int64, device="cpu")
     if pad:
         for i in range(1, batch):
             mask[i, max(1, seq - 3 * i):] = 0
-    return ids, mask
+    device = torch.get_default_device()
+    return ids.to(device), mask.to(device)
 
 
 MODELS = {"bert": Bert, "gpt2": GPT2, "llama": Llama, "cnn": CNN, "resnet50": ResNet50, "mobilenetv2": MobileNetV2,
@@ -311,6 +315,6 @@ def build(name: str, batch: int = 1, seq: int = 128, seed: int = 0, **config):
     if name in IMAGE_MODELS:
         side = getattr(model, "image", IMAGE_MODELS[name])
         g = torch.Generator().manual_seed(seed + 1)
-        return model, (torch.randn(batch, 3, side, side, generator=g),)
+        return model, (torch.randn(batch, 3, side, side, generator=g, device="cpu").to(torch.get_default_device()),)
     vocab = config.get("vocab", 1000)
     return model, token_inputs(batch, seq, vocab, seed + 1)

@@ -40,6 +40,8 @@ class Scheduler:
         self.groups: list[list[Node]] = []
         self.refused: dict[tuple[Node, Node], tuple[str, str]] = {}   # (producer, consumer) -> (code, detail)
         self.machine = machine
+        # the Triton backend computes float16/bfloat16 values in f32 (rounded at a kernel's outputs)
+        self.half = options.get("backend") == "triton"
 
     # -- the checks ----------------------------------------------------------------------------------
     def needed_outside(self, nodes: list[Node]) -> list[Node]:
@@ -82,7 +84,7 @@ class Scheduler:
             return "cycle", "fusing would create a cycle"
         merged.sort(key=self.order.__getitem__)
         try:
-            lower(merged, self.needed_outside(merged))
+            lower(merged, self.needed_outside(merged), half=self.half)
         except NotFusable as e:
             return "kernel_ir_cannot_express", e.reason
         apart = sum(self.predict(g) for g in (a, b))

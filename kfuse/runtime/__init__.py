@@ -37,24 +37,41 @@ class Program:
     starting a full team; `threads` is KFUSE_NUM_THREADS, else the caller's torch setting."""
 
     def __init__(self, graph: Graph, groups: list, kernels: list, report: Report, source: str, fn, plan,
-                 reference: bool, machine):
+                 reference: bool, machine, backend: str = "cpu", cuda_graphs="auto"):
         self.graph, self.groups, self.kernels, self.report = graph, groups, kernels, report
         self.source = source       # the generated call wrapper, for reading and debugging
         self.reference, self.machine = reference, machine     # how it was built (kept by artifacts)
         self._fn = fn
         self._plan = plan
-        self._arenas = [plan.new_arena()] if plan is not None else [[]]
-        self._n_arenas = 1               # arenas made; those not in the pool are in use by a call
+        # Triton kernels write into arena buffers on their inputs' device: made at the first call
+        self._on_input_device = backend == "triton"
+        self._arenas = [] if self._on_input_device else [plan.new_arena() if plan is not None else []]
+        self._n_arenas = len(self._arenas)   # arenas made; those not in the pool are in use by a call
         self._grow = threading.Lock()
+        self._graphed = None
+        if backend == "triton" and cuda_graphs and torch.cuda.is_available():
+            from .cudagraph import Graphed
+            self._graphed = Graphed(self._launch, report, always=cuda_graphs is True)
 
     def __call__(self, inputs):
+        if self._graphed is not None:
+            return self._graphed(inputs)
+        return self._launch(inputs)
+
+    def _new_arena(self, inputs) -> list:
+        if self._plan is None:
+            return []
+        device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None) if self._on_input_device else None
+        return self._plan.new_arena(device)
+
+    def _launch(self, inputs):
         arenas = self._arenas
         try:
             arena = arenas.pop()         # list.pop and append are atomic under the GIL
         except IndexError:
             with self._grow:
                 self._n_arenas += 1
-            arena = self._plan.new_arena() if self._plan is not None else []
+            arena = self._new_arena(inputs)
         try:
             in_flight = max(1, self._n_arenas - len(arenas))     # never drifts: counted from the pool
             before = openmp.threads()
@@ -168,13 +185,28 @@ def fuse(graph: Graph, options: dict, report, *, check: bool = False) -> tuple[G
 
 
 def build_program(graph: Graph, options: dict) -> Program:
+    """`options`: kfuse.compile's, and "device": the inputs' GPU. Constants made through `Graph.const`
+    inside `ir.on_device` are on it already; any a pass set directly is moved after the passes (a
+    kernel reads one device)."""
     report = Report()
+    device = options.get("device")
     if options.get("backend") == "reference":
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
         return assemble(graph, groups, report, True, None)
     m = machine()
     graph, groups = run_pipeline(graph, options, report, m)
-    return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"))
+    _constants_to(graph, device)
+    return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"),
+                    cuda_graphs=options.get("cuda_graphs", "auto"))
+
+
+def _constants_to(graph: Graph, device) -> None:
+    if device is None:
+        return
+    for n in graph.nodes:
+        v = n.attrs.get("value") if n.op == "const" else None
+        if isinstance(v, torch.Tensor) and v.device != device:
+            n.attrs["value"] = v.to(device)
 
 
 LOOKUPS = ("gather", "index", "gather_elements", "embedding_bag")     # ops that read a few rows of a table
@@ -189,10 +221,12 @@ def _weight_bytes(graph: Graph) -> int:
                and not all(u.op in LOOKUPS for u in users.get(n, ())))
 
 
-def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu") -> Program:
+def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu",
+             cuda_graphs="auto") -> Program:
     """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
     run by the reference functions), memory planned, the call wrapper generated. `backend`: the
-    renderer of the fused kernels, "cpu" (C and oneDNN) or "triton" (kfuse.backends.make_kernel)."""
+    renderer of the fused kernels, "cpu" (C and oneDNN) or "triton" (kfuse.backends.make_kernel);
+    `cuda_graphs`: a Triton program on a GPU may replay as a CUDA graph (runtime/cudagraph.py)."""
     if reference:
         kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
@@ -213,4 +247,4 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         last_use = plan.last_use
     source, fn = generate(graph, groups, kernels, last_use, plan.planned if plan is not None else [])
     dump("codegen", source)
-    return Program(graph, groups, kernels, report, source, fn, plan, reference, m)
+    return Program(graph, groups, kernels, report, source, fn, plan, reference, m, backend, cuda_graphs)

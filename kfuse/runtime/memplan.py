@@ -27,9 +27,9 @@ class Plan:
         """The planned values, in the order new_arena() returns their buffers."""
         return list(self.slot_of)
 
-    def new_arena(self) -> list:
+    def new_arena(self, device=None) -> list:
         """Fresh buffers for one caller: one tensor per planned value (views into shared slots)."""
-        slots = [torch.empty(size, dtype=torch.uint8) for size in self.slot_bytes]
+        slots = [torch.empty(size, dtype=torch.uint8, device=device) for size in self.slot_bytes]
         return [slots[s][: o.nbytes].view(o.dtype).view(o.shape) for o, s in self.slot_of.items()]
 
     @property

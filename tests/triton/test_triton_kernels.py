@@ -234,6 +234,6 @@ def test_autotune_times_candidates_once_and_keeps_one(monkeypatch):
     kern([x], [out])
     assert kern._tuned and kern.rendered in [r for r, _ in kern.variants]
     torch.testing.assert_close(out, torch.softmax(x, -1))
-    monkeypatch.setenv("KFUSE_TRITON_AUTOTUNE", "0")
     monkeypatch.undo()
+    monkeypatch.setenv("KFUSE_TRITON_AUTOTUNE", "0")
     assert len(tr.build(fk).variants) == 1      # the interpreter (or KFUSE_TRITON_AUTOTUNE=0): the default alone
