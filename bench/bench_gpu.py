@@ -1,22 +1,25 @@
 """The Triton backend on a CUDA GPU: fused memory-bound kernels, attention and whole models.
 
-    python bench/bench_gpu.py [--quick] [--csv out.csv]
+    python bench/bench_gpu.py [--quick] [--csv out.csv] [--only memory,attention,models]
 
 Providers side by side, medians over rotated rounds (CUDA events), ratios against eager:
   - memory-bound kernels (add+LayerNorm, RMSNorm, SwiGLU, GeGLU, bias+GELU, scale+mask+softmax,
     rotary) in GB/s of the bytes the fused kernel must move, next to a device-to-device copy of the
     same bytes: eager, torch.compile, Liger-Kernel (where importable), kfuse backend="triton";
   - attention (causal and not, MHA and GQA): TFLOP/s of kfuse's Triton kernel vs SDPA;
-  - the built-in BERT and Llama end to end in bf16: eager, torch.compile, kfuse.
+  - the built-in BERT and Llama end to end in bf16: eager, torch.compile (default, and reduce-overhead:
+    CUDA graphs), kfuse (CUDA graph replay where it measures faster).
 Exits cleanly with a message where there is no CUDA device. Sized to finish in under 5 minutes on an
 H200 (fewer rounds with --quick). The numbers are not yet measured (bench/README.md).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +42,25 @@ def measure(providers: dict, rounds: int, reps: int) -> dict:
     live = {}
     for name, fn in providers.items():
         try:
-            fn()
+            for _ in range(3):          # kfuse: the first call tunes, the second captures a CUDA graph (Inductor: the third)
+                fn()
             torch.cuda.synchronize()
             live[name] = fn
         except Exception as e:       # noqa: BLE001 - a provider that cannot run this case is listed as such
             print(f"    {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
     times = {n: [] for n in live}
     names = list(live)
+    if not names:
+        return {}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(_time_ms(live[n], reps))
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _compiled(fn):
+def _compiled(fn, **kw):
     try:
-        return torch.compile(fn, dynamic=False)
+        return torch.compile(fn, dynamic=False, **kw)
     except Exception:                # noqa: BLE001
         return None
 
@@ -129,7 +135,7 @@ def bench_memory(dtype, rounds, reps, rows):
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         providers = {"copy": lambda: dst.copy_(src), "eager": lambda: module(*inputs)}
-        comp = _compiled(module)
+        comp = _compiled(lambda *xs, _f=fn, _p=tuple(params): _f(*xs, *_p))   # (a module holding a lambda fails in Dynamo)
         if comp is not None:
             providers["torch.compile"] = lambda: comp(*inputs)
         if liger is not None:
@@ -138,10 +144,13 @@ def bench_memory(dtype, rounds, reps, rows):
             cm = _kfuse(module, inputs)
             providers["kfuse"] = lambda: cm(*inputs)
         except Exception as e:        # noqa: BLE001
+            cm = None
             print(f"    kfuse: failed to compile ({type(e).__name__}: {e})")
         with torch.no_grad():
             ms = measure(providers, rounds, reps)
         _print_row(name, ms, nbytes, "GB/s", lambda t: nbytes / t / 1e6, rows)
+        if cm is not None:
+            _print_kfuse(cm, module, inputs)
 
 
 def bench_attention(rounds, reps, rows):
@@ -176,16 +185,37 @@ def bench_models(rounds, reps, rows):
         comp = _compiled(model)
         if comp is not None:
             providers["torch.compile"] = lambda: comp(*inputs)
+        graphs = _compiled(model, mode="reduce-overhead")      # Inductor with CUDA graphs
+        if graphs is not None:
+            providers["torch.compile reduce-overhead"] = lambda: graphs(*inputs)
+        cm = None
         try:
             import kfuse
+            t = time.perf_counter()
             cm = kfuse.compile(model, tuple(inputs))      # CUDA inputs: backend="triton" by default
+            backends = collections.Counter(k.backend for k in cm.report().kernels)
+            print(f"    kfuse compiled in {time.perf_counter() - t:.1f} s; kernels: {dict(backends)}; "
+                  f"fusions: {cm.report().fusions}")
             providers["kfuse"] = lambda: cm(*inputs)
-            print(f"    kfuse kernels: {sorted({k.backend for k in cm.report().kernels})}")
         except Exception as e:        # noqa: BLE001
             print(f"    kfuse: failed to compile ({type(e).__name__}: {str(e)[:200]})")
         with torch.no_grad():
             ms = measure(providers, max(3, rounds // 2), max(3, reps // 4))
         _print_row(f"{name} {kw}", ms, None, None, None, rows)
+        if cm is not None:
+            _print_kfuse(cm, model, inputs)
+
+
+def _print_kfuse(cm, module, inputs):
+    """kfuse's largest error against eager (relative to each output's scale) and how it launched."""
+    with torch.no_grad():
+        want = module(*inputs)
+        got = cm(*inputs)
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    rel = max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item()
+              for g, w in zip(got, want))
+    print(f"    kfuse vs eager: max error {rel:.2e} of the output's scale; launch: {cm.report().launch or '-'}")
 
 
 def _print_row(name, ms, nbytes, unit, rate, rows):
@@ -206,6 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     ap.add_argument("--csv", help="write one row per measurement")
+    ap.add_argument("--only", default="memory,attention,models", help="sections to run (comma-separated)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device here; this benchmark measures the Triton backend on a GPU. Nothing run.")
@@ -218,9 +249,10 @@ def main(argv=None) -> int:
     rounds, reps = (3, 5) if args.quick else (ROUNDS, REPS)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows: list[dict] = []
-    bench_memory(torch.bfloat16, rounds, reps, rows)
-    bench_attention(rounds, reps, rows)
-    bench_models(rounds, reps, rows)
+    sections = {"memory": lambda: bench_memory(torch.bfloat16, rounds, reps, rows),
+                "attention": lambda: bench_attention(rounds, reps, rows), "models": lambda: bench_models(rounds, reps, rows)}
+    for name in args.only.split(","):
+        sections[name]()
     if args.csv:
         keys = sorted({k for r in rows for k in r})
         with open(args.csv, "w", newline="") as f:

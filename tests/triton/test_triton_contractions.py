@@ -29,7 +29,10 @@ def _attn_inputs(B, H, Hkv, Lq, Lk, D, dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(1, 2, 2, 5, 5, 16), (2, 4, 2, 70, 70, 32), (1, 4, 1, 3, 80, 24)])
+# odd sizes (every block at an edge) and sizes that are whole blocks (the unmasked loop: whole key blocks
+# seen by every query, then the causal diagonal; Lk > Lq shifts the diagonal)
+@pytest.mark.parametrize("shape", [(1, 2, 2, 5, 5, 16), (2, 4, 2, 70, 70, 32), (1, 4, 1, 3, 80, 24),
+                                   (1, 2, 1, 128, 192, 32), (2, 2, 2, 64, 64, 64)])
 def test_attention_kernel(shape, causal):
     q, k, v = _attn_inputs(*shape, torch.float32)
     out = torch.full_like(q, float("nan"))
@@ -38,14 +41,15 @@ def test_attention_kernel(shape, causal):
     assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lq, lk", [(9, 67), (64, 128)])
 @pytest.mark.parametrize("kind", ["additive", "bool"])
-def test_attention_masks(kind):
-    q, k, v = _attn_inputs(2, 3, 3, 9, 67, 16, torch.float32)
+def test_attention_masks(kind, lq, lk):
+    q, k, v = _attn_inputs(2, 3, 3, lq, lk, 16, torch.float32)
     if kind == "bool":
-        mask = torch.rand(2, 1, 9, 67) > 0.3
+        mask = torch.rand(2, 1, lq, lk) > 0.3
         mask[..., 0] = True
     else:
-        mask = torch.randn(1, 3, 1, 67)      # broadcast over batch and queries
+        mask = torch.randn(1, 3, 1, lk)      # broadcast over batch and queries
     out = attention(q, k, v, mask, scale=0.25)
     assert_close(out, REFERENCE["attention"](q, k, v, mask, scale=0.25), atol=1e-5, rtol=1e-5)
 

@@ -19,8 +19,6 @@ the default rendering runs alone.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ...kernels import FusedKernel, NotFusable, lower
@@ -33,8 +31,10 @@ from .render import render
 __all__ = ["build", "TritonKernel", "TritonUnavailable", "available", "interpreting", "fused_kernel",
            "linear_kernel", "attention_kernel", "rope_kernel", "render"]
 
-# (max_block, tile, flat_block) candidates timed by the autotuner; the first is the default
-CANDIDATES = [(4096, 4096, 1024), (8192, 8192, 4096), (2048, 2048, 512)]
+# (max_block, tile, flat_block, num_warps or None: by block size) candidates timed by the autotuner;
+# the first is the default
+CANDIDATES = [(4096, 4096, 1024, None), (8192, 8192, 4096, None), (2048, 2048, 512, None),
+              (4096, 16384, 2048, None), (4096, 4096, 4096, 16)]
 
 
 class TritonKernel:
@@ -61,20 +61,8 @@ class TritonKernel:
         self._launch(self.rendered, self._fn, args)
 
     def _tune(self, args):
-        """Time each candidate once (after a warm-up call that compiles it); keep the fastest."""
-        best = None
-        sync = torch.cuda.synchronize if args and args[0].is_cuda else (lambda: None)
-        for rendered, fn in self.variants:
-            self._launch(rendered, fn, args)
-            sync()
-            t = time.perf_counter()
-            for _ in range(5):
-                self._launch(rendered, fn, args)
-            sync()
-            dt = time.perf_counter() - t
-            if best is None or dt < best[0]:
-                best = (dt, rendered, fn)
-        _, self.rendered, self._fn = best
+        """Keep the fastest candidate rendering (timed on these arguments)."""
+        self.rendered, self._fn = tk.fastest(self.variants, lambda v: self._launch(v[0], v[1], args))
         self.source = self.rendered.source
         self._tuned = True
 
@@ -84,11 +72,11 @@ def build(k: FusedKernel) -> TritonKernel:
     tk.require()
     cands = CANDIDATES if tk.autotune_enabled() else CANDIDATES[:1]
     variants, seen = [], set()
-    for max_block, tile, flat_block in cands:
-        r = render(k, max_block=max_block, tile=tile, flat_block=flat_block)
-        if r.source in seen:
+    for max_block, tile, flat_block, warps in cands:
+        r = render(k, max_block=max_block, tile=tile, flat_block=flat_block, warps=warps)
+        if (r.source, r.num_warps) in seen:
             continue
-        seen.add(r.source)
+        seen.add((r.source, r.num_warps))
         variants.append((r, tk.load(r.source).kf_kernel))
     return TritonKernel(k, variants)
 

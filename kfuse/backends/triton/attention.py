@@ -19,25 +19,83 @@ split/merge transposes of a model fold into the loads and stores.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from . import kernel as tk
 
-BLOCK_M, BLOCK_N = 64, 64
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) timed on a GPU for each new
+# problem; the first is the default (and the interpreter's). fp32 (IEEE products) keeps small tiles:
+# its tiles are twice the bytes. A config that does not compile on this GPU is skipped.
+CONFIGS = {"half": [(128, 64, 8, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 4, False),
+                    (64, 128, 4, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)],
+           "f32": [(64, 64, 4, 2, False), (64, 32, 4, 2, False), (32, 64, 4, 2, False)]}
+LOG2E = 1.4426950408889634
 
 SOURCE = '''import triton
 import triton.language as tl
 
 
 @triton.jit
-def kf_attention(q, k, v, o, mask, scale, H, HPK, Lq, Lk,
+def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+          D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+          IEEE: tl.constexpr, EDGE: tl.constexpr):
+    # one block of BN keys; EDGE: it may hold keys past Lk or, causal, keys some of the queries do not see
+    rn = n0 + tl.arange(0, BN)
+    koff = rn[:, None] * skj + rd[None, :]
+    voff = rn[:, None] * svj + rd[None, :]
+    if EDGE or D != BD:
+        kvm = (rn[:, None] < Lk) & (rd[None, :] < D)
+        kt = tl.load(kp + koff, mask=kvm, other=0)
+    else:
+        kt = tl.load(kp + koff)
+    if IEEE:
+        s = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(qt, tl.trans(kt))
+    s = s * qk_scale
+    if MASK != 0:
+        mv = tl.load(mp + rm[:, None] * smi + rn[None, :] * smj, mask=(rm[:, None] < Lq) & (rn[None, :] < Lk), other=0)
+        if MASK == 1:
+            s = s + mv.to(tl.float32)
+        else:
+            s = tl.where(mv != 0, s, float("-inf"))
+    if EDGE:
+        keep = rn[None, :] < Lk
+        if CAUSAL:
+            keep = keep & (rn[None, :] <= rm[:, None] + shift)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASK != 0 or CAUSAL:     # a row may have seen no key yet: exp(-inf - -inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    if MASK == 1:       # natural base: a mask of finfo.min times log2(e) would overflow to -inf
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+    else:               # log2 base: qk_scale carries log2(e)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EDGE or D != BD:
+        vt = tl.load(vp + voff, mask=kvm, other=0)
+    else:
+        vt = tl.load(vp + voff)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
                  sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi, smb, smh, smi, smj,
                  D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr):
-    # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8)
+                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr,
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr):
+    # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8). EVEN_M / EVEN_N: Lq % BM == 0 / Lk % BN == 0
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -45,54 +103,41 @@ def kf_attention(q, k, v, o, mask, scale, H, HPK, Lq, Lk,
     hk = h // HPK
     rm = pid_m * BM + tl.arange(0, BM)
     rd = tl.arange(0, BD)
-    rn0 = tl.arange(0, BN)
-    dmask = rd < D
-    qt = tl.load(q + b * sqb + h * sqh + rm[:, None] * sqi + rd[None, :],
-                 mask=(rm[:, None] < Lq) & dmask[None, :], other=0)
+    qoff = b * sqb + h * sqh + rm[:, None] * sqi + rd[None, :]
+    if EVEN_M and D == BD:
+        qt = tl.load(q + qoff)
+    else:
+        qt = tl.load(q + qoff, mask=(rm[:, None] < Lq) & (rd[None, :] < D), other=0)
+    kp = k + b * skb + hk * skh
+    vp = v + b * svb + hk * svh
+    mp = mask + b * smb + h * smh
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    hi = Lk
+    shift = Lk - Lq
+    # keys [0, full) are seen by every query of this program (no bounds or causal test); [full, hi) are tested
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BM + Lk - Lq)
-        hi = tl.maximum(hi, 0)
-    for n0 in range(0, hi, BN):
-        rn = n0 + rn0
-        nmask = rn < Lk
-        kt = tl.load(k + b * skb + hk * skh + rn[:, None] * skj + rd[None, :],
-                     mask=nmask[:, None] & dmask[None, :], other=0)
-        if IEEE:
-            s = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(qt, tl.trans(kt))
-        s = s * scale
-        keep = nmask[None, :] & (rm[:, None] < Lq)
-        if MASK == 1:
-            mv = tl.load(mask + b * smb + h * smh + rm[:, None] * smi + rn[None, :] * smj, mask=keep, other=0)
-            s = s + mv.to(tl.float32)
-        if MASK == 2:
-            mv = tl.load(mask + b * smb + h * smh + rm[:, None] * smi + rn[None, :] * smj, mask=keep, other=0)
-            keep = keep & (mv != 0)
-        if CAUSAL:
-            keep = keep & (rn[None, :] <= rm[:, None] + (Lk - Lq))
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v + b * svb + hk * svh + rn[:, None] * svj + rd[None, :],
-                     mask=nmask[:, None] & dmask[None, :], other=0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        hi = tl.maximum(tl.minimum(Lk, (pid_m + 1) * BM + shift), 0)
+        full = tl.minimum(tl.maximum(pid_m * BM + shift + 1, 0) // BN * BN, hi)
+    else:
+        hi = Lk
+        full = Lk
+    if not EVEN_N:
+        full = tl.minimum(full, Lk // BN * BN)
+    for n0 in tl.range(0, full, BN, warp_specialize=WS):
+        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+                              D, BD, BN, MASK, CAUSAL, IEEE, False)
+    for n0 in range(full, hi, BN):
+        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+                              D, BD, BN, MASK, CAUSAL, IEEE, True)
     if ZERO_MASKED:     # a row with every key masked: 0 (torch's SDPA), not 0 / 0
         l_i = tl.where(l_i == 0.0, float("inf"), l_i)
     out = acc / l_i[:, None]
-    tl.store(o + b * sob + h * soh + rm[:, None] * soi + rd[None, :], out.to(o.dtype.element_ty),
-             mask=(rm[:, None] < Lq) & dmask[None, :])
+    ooff = b * sob + h * soh + rm[:, None] * soi + rd[None, :]
+    if EVEN_M and D == BD:
+        tl.store(o + ooff, out.to(o.dtype.element_ty))
+    else:
+        tl.store(o + ooff, out.to(o.dtype.element_ty), mask=(rm[:, None] < Lq) & (rd[None, :] < D))
 '''
 
 
@@ -120,15 +165,30 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
         kind = 2 if mask.dtype == torch.bool else 1
         ms = _mask_strides(mask, B, H, Lq, Lk)
         m = tk.as_arg(mask)
-    BD = max(16, 1 << (D - 1).bit_length())
-    grid = (math.ceil(Lq / BLOCK_M), B * H)
-    with tk.quiet() if tk.interpreting() else contextlib.nullcontext():
-        _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal, zero_masked)
+    ieee = q.dtype == torch.float32 or (tk.interpreting() and q.dtype == torch.bfloat16)
+    args = (q, k, v, out, m, float(scale) * (1.0 if kind == 1 else LOG2E), H, H // Hkv, Lq, Lk,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms)
+    flags = dict(D=D, BD=max(16, 1 << (D - 1).bit_length()), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
+                 ZERO_MASKED=bool(zero_masked))
+    configs = CONFIGS["f32" if q.dtype == torch.float32 else "half"]
+    if tk.interpreting():
+        with tk.quiet():
+            _launch(fn, configs[0], args, flags, B * H)
+        return out
+    key = (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items())))
+    best = _CHOSEN.get(key)
+    if best is None:
+        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(fn, c, args, flags, B * H), reps=3) \
+            if tk.autotune_enabled() else configs[0]
+    _launch(fn, best, args, flags, B * H)
     return out
 
 
-def _launch(fn, grid, q, k, v, out, m, scale, H, Hkv, Lq, Lk, ms, D, BD, kind, causal, zero_masked=False):
-    fn[grid](q, k, v, out, m, float(scale), H, H // Hkv, Lq, Lk,
-             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
-             D=D, BD=BD, BM=BLOCK_M, BN=BLOCK_N, MASK=kind, CAUSAL=bool(causal), ZERO_MASKED=bool(zero_masked),
-             IEEE=q.dtype == torch.float32 or (tk.interpreting() and q.dtype == torch.bfloat16), num_warps=4 if BD <= 64 else 8)
+_CHOSEN: dict = {}      # problem -> the config timed fastest (once per process)
+
+
+def _launch(fn, config, args, flags, bh):
+    bm, bn, warps, stages, ws = config
+    Lq, Lk = args[8], args[9]
+    fn[(math.ceil(Lq / bm), bh)](*args, BM=bm, BN=bn, EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, **flags,
+                                 num_warps=warps, num_stages=stages)

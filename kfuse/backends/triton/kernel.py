@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -114,3 +115,25 @@ def quiet():
 def autotune_enabled() -> bool:
     """KFUSE_TRITON_AUTOTUNE=0 turns timing of block sizes off (always off in the interpreter)."""
     return os.environ.get("KFUSE_TRITON_AUTOTUNE", "1") != "0" and not interpreting()
+
+
+def fastest(candidates: list, launch, reps: int = 5):
+    """The candidate whose `launch(candidate)` runs fastest on the GPU: each compiled and warmed by one
+    call, then timed over `reps`; one that fails to compile for this GPU (shared memory, registers)
+    is skipped. The first candidate where none runs, or where there is nothing to time."""
+    best = None
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)    # (the interpreter: none)
+    for c in candidates:
+        try:
+            launch(c)
+        except Exception:           # noqa: BLE001 - triton's OutOfResources, a compile error: not this one
+            continue
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            launch(c)
+        sync()
+        dt = time.perf_counter() - t
+        if best is None or dt < best[0]:
+            best = (dt, c)
+    return best[1] if best else candidates[0]

@@ -384,11 +384,12 @@ class Rendered:
         self.source, self.grid, self.num_warps = source, grid, num_warps
 
 
-def render(k: FusedKernel, max_block: int = MAX_BLOCK, tile: int = TILE, flat_block: int = FLAT_BLOCK) -> Rendered:
+def render(k: FusedKernel, max_block: int = MAX_BLOCK, tile: int = TILE, flat_block: int = FLAT_BLOCK,
+           warps: int | None = None) -> Rendered:
     """The Triton source of `k` (the same kernel IR always renders to the same text: the cache key).
     max_block: the longest row held in registers; tile: elements per program of a row kernel;
-    flat_block: elements per program of a flat kernel."""
+    flat_block: elements per program of a flat kernel; warps: num_warps (None: by the block's size)."""
     r = _Render(k, max_block, tile, flat_block)
     body = r.render()
     source = "import triton\nimport triton.language as tl\n\n" + HELPERS + "\n\n" + body
-    return Rendered(source, r.grid(), r.num_warps())
+    return Rendered(source, r.grid(), warps or r.num_warps())

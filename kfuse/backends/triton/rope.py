@@ -9,8 +9,6 @@ fp16/bf16 computed in fp32, rounded at the store.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import kernel as tk
@@ -69,9 +67,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     D = shape[-1]
     R = full[0] * full[1] * full[2]
     BH = max(1, 1 << (D // 2 - 1).bit_length())
-    RB = max(1, min(1 << max(0, (R - 1).bit_length()), 4096 // (2 * BH)))
-    grid = ((R + RB - 1) // RB,)
-    with tk.quiet() if tk.interpreting() else contextlib.nullcontext():
-        fn[grid](x, cos, sin, out, full[1], full[2], R, *st[0], *st[1], *st[2], D=D, BH=BH, RB=RB,
-                 num_warps=4)
+    args = (x, cos, sin, out, full[1], full[2], R, *st[0], *st[1], *st[2])
+
+    def launch(config):
+        elems, warps = config
+        RB = max(1, min(1 << max(0, (R - 1).bit_length()), elems // (2 * BH)))
+        fn[((R + RB - 1) // RB,)](*args, D=D, BH=BH, RB=RB, num_warps=warps)
+    if tk.interpreting():
+        with tk.quiet():
+            launch(CONFIGS[0])
+        return out
+    key = (x.dtype, shape, tuple(st))
+    if key not in _CHOSEN:
+        _CHOSEN[key] = tk.fastest(CONFIGS, launch) if tk.autotune_enabled() else CONFIGS[0]
+    launch(_CHOSEN[key])
     return out
+
+
+# (elements per program, num_warps) timed on a GPU for each new problem; the first is the default
+CONFIGS = [(4096, 4), (8192, 8), (16384, 8), (2048, 4)]
+_CHOSEN: dict = {}
