@@ -171,6 +171,8 @@ def bench_attention(rounds, reps, rows):
         ms = measure(providers, rounds, reps)
         name = f"attn B{B} H{H}/{Hkv} L{L} D{D}{' causal' if causal else ''}"
         _print_row(name, ms, None, "TFLOP/s", lambda t: flops / t / 1e9, rows)
+        from kfuse.backends.triton import attention as ta
+        print(f"    kfuse config (BLOCK_M, BLOCK_N, warps, stages, warp-specialised): {list(ta._CHOSEN.values())[-1]}")
 
 
 def bench_models(rounds, reps, rows):

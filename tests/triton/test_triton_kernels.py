@@ -25,7 +25,7 @@ class Fn(torch.nn.Module):
 
 # -- elementwise ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 7, 1000, 3000])
+@pytest.mark.parametrize("n", [1, 7, 1000, 3000, 9000])     # 9000: longer than a row in registers
 def test_bias_gelu_flat(n):
     check(Fn(lambda x, b: F.gelu(x + b), torch.randn(n)), [torch.randn(3, n)], tol=KERNEL_TOL, backends={"triton"})
 
