@@ -63,6 +63,14 @@ def test_non_tensor_input_is_named_by_keyword():
         kfuse.compile(Flagged(), (torch.ones(2),), {"extra": [torch.ones(1), "no"]})
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_cuda_graphs_option_takes_auto_or_a_bool(value):
+    with pytest.raises(kfuse.KfuseError, match=r"option cuda_graphs=.*expected 'auto', True or False"):
+        kfuse.compile(torch.nn.ReLU(), (torch.randn(3),), cuda_graphs=value)
+    for ok in ("auto", True, False):     # accepted (on the CPU backend there is nothing to capture)
+        assert torch.equal(kfuse.compile(torch.nn.ReLU(), (torch.randn(3),), cuda_graphs=ok)(torch.ones(3)), torch.ones(3))
+
+
 def test_bad_model_argument():
     with pytest.raises(kfuse.KfuseError, match="nn.Module"):
         kfuse.compile(42, ())

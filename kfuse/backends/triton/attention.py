@@ -8,11 +8,16 @@ torch.softmax does, or 0 with zero_masked, as torch's scaled_dot_product_attenti
 
 One program per (block of BLOCK_M queries, batch x head): the q tile stays in registers; k and v
 tiles of BLOCK_N keys stream through; the softmax is online (running max m, running sum l, the
-accumulator rescaled by exp(m_old - m_new) when the max grows). A causal program stops at the last
-key any of its queries sees. Scores and the accumulator are fp32; fp16/bf16 p is rounded to v's
-dtype for the second product (as FlashAttention does). fp32 products use input_precision="ieee"
-(no TF32), so fp32 results match the reference to ~1e-6. (In the interpreter, bfloat16 products
-run in fp32 too: its NumPy dot does not take bfloat16.)
+accumulator rescaled by exp(m_old - m_new) when the max grows). Key blocks that every query of the
+program sees whole run first, with no bounds or causal test; the blocks at the causal diagonal or past
+Lk follow, tested. A causal program stops at the last key any of its queries sees. Exponentials are
+exp2 with log2(e) folded into the scale, except under an additive mask (finfo.min * log2(e) would
+overflow to -inf, and a fully masked row would no longer be uniform as in eager). Tile sizes, warps,
+stages and a warp-specialised key loop are timed per problem on a GPU (CONFIGS).
+Scores and the accumulator are fp32; fp16/bf16 p is rounded to v's dtype for the second product
+(as FlashAttention does). fp32 products use input_precision="ieee" (no TF32), so fp32 results match
+the reference to ~1e-6. (In the interpreter, bfloat16 products run in fp32 too: its NumPy dot does
+not take bfloat16.)
 Bytes: q, k, v and out once per program's tiles: k and v are read ceil(Lq / BLOCK_M) times.
 q, k, v and out are read/written through their strides (the last dim contiguous), so the head
 split/merge transposes of a model fold into the loads and stores.
