@@ -220,20 +220,38 @@ def test_model_names_never_reach_generated_code():
         assert n.name not in src or n.name in ("exp", "add")
 
 
-def test_autotune_times_candidates_once_and_keeps_one(monkeypatch):
+def test_autotune_times_candidates_once_and_keeps_one(monkeypatch, tmp_path):
+    from kfuse import config
     from kfuse.backends import triton as tr
+    from kfuse.backends.c import autotune
     from kfuse.backends.triton import kernel as tk
     x = torch.randn(6, 300)
     cm = kfuse.compile(Fn(lambda x: torch.softmax(x, -1)).eval(), (x,), backend="triton")
     g = cm._last.groups[-1]
     fk = lower(g.nodes, g.outputs, half=True)
     monkeypatch.setattr(tk, "autotune_enabled", lambda: True)
-    kern = tr.build(fk)
+    monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path))     # a cache of its own: nothing chosen yet
+    monkeypatch.setattr(config, "_config", config.from_env())
+    monkeypatch.setattr(autotune, "_memo", {})
+    launches = []
+
+    def counting(kern):
+        real = kern._launch
+        kern._launch = lambda *a: (launches.append(a[0]), real(*a))
+        return kern
+    kern = counting(tr.build(fk))
     assert len(kern.variants) > 1 and not kern._tuned
     out = torch.full((6, 300), float("nan"))
     kern([x], [out])
-    assert kern._tuned and kern.rendered in [r for r, _ in kern.variants]
+    assert kern._tuned and kern.rendered in [r for _, r, _ in kern.variants]
+    assert len(launches) == 6 * len(kern.variants) + 1      # each timed (a warm-up and 5), then the call
     torch.testing.assert_close(out, torch.softmax(x, -1))
+    autotune.flush()
+    monkeypatch.setattr(autotune, "_memo", {})              # as a new process: the choice from the file
+    launches.clear()
+    again = counting(tr.build(fk))
+    again([x], [torch.empty(6, 300)])
+    assert launches == [again.rendered] and again.rendered.source == kern.rendered.source
     monkeypatch.undo()
     monkeypatch.setenv("KFUSE_TRITON_AUTOTUNE", "0")
     assert len(tr.build(fk).variants) == 1      # the interpreter (or KFUSE_TRITON_AUTOTUNE=0): the default alone

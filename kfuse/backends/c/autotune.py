@@ -305,7 +305,7 @@ def _time(fns, argv, budget_s: float = BUDGET_S, cold: str = "", stat=None) -> l
     return [stat(sorted(t_f)) * 1e3 for t_f in ts]
 
 
-def _cached(key: str, names: list[str]) -> int | None:
+def cached(key: str, names: list[str]) -> int | None:
     """The index of this machine's earlier choice for `key` (this process's memo, else the cache file),
     if it still names names[index]; else None."""
     hit = _memo.get(key)
@@ -319,7 +319,7 @@ def _cached(key: str, names: list[str]) -> int | None:
     return hit[0]
 
 
-def _remember(key: str, best: int, names: list[str], ms: list[float]) -> dict:
+def remember(key: str, best: int, names: list[str], ms: list[float]) -> dict:
     """Store choice `best` of `names` (timed at `ms`) in the memo and the cache file; the times by name."""
     times = {n: round(t, 4) for n, t in zip(names, ms)}
     _memo[key] = (best, names[best])
@@ -335,7 +335,7 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
         return Choice(0, scheds[0], "default")
     count = loop_count(k)     # one source serves many counts: the choice is per count
     key = _key(f"{source}\0{count}", threads)
-    hit = _cached(key, [str(s) for s in scheds])
+    hit = cached(key, [str(s) for s in scheds])
     if hit is not None:
         return Choice(hit, scheds[hit], "cached")
     from . import CKernel          # (the package imports this module)
@@ -351,7 +351,7 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     best = min(range(len(ms)), key=ms.__getitem__)
     if ms[best] > (1 - MARGIN) * ms[0]:
         best = 0
-    times = _remember(key, best, [str(s) for s in scheds], ms)
+    times = remember(key, best, [str(s) for s in scheds], ms)
     return Choice(best, scheds[best], "timed", times)
 
 
@@ -369,7 +369,7 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     mode = "all" if cold else "weights" if _weights_cold.get() else ""
     key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])]),
                threads)
-    hit = _cached(key, names)
+    hit = cached(key, names)
     if hit is not None:
         return names[hit], f"{names[hit]} (measured, cached)"
     with openmp.using(threads), torch.no_grad():
@@ -378,5 +378,5 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
         ms = _time([candidates[n] for n in names], inputs(), cold=mode, stat=lambda t: t[0])
     best = min(range(len(ms)), key=ms.__getitem__)
-    _remember(key, best, names, ms)
+    remember(key, best, names, ms)
     return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"

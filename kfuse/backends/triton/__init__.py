@@ -13,9 +13,9 @@ A kernel allocates its outputs on its inputs' device; a planned buffer is used w
 device (the runtime's arena lives on the CPU).
 
 Autotuning: where there is a GPU and KFUSE_TRITON_AUTOTUNE is not "0", a kernel with several
-candidate renderings (row tile and flat block sizes) times each once on its first call and keeps
-the fastest (one FusedKernel is one shape, so the choice is cached per shape). In the interpreter
-the default rendering runs alone.
+candidate renderings (row tile, flat block sizes, warps) times each once on its first call and keeps
+the fastest (one FusedKernel is one shape, so the choice is per shape), remembered in the kfuse cache
+for later processes (kernel.fastest). In the interpreter the default rendering runs alone.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class TritonKernel:
 
     def __init__(self, k: FusedKernel, variants: list):
         self.kernel = k
-        self.variants = variants          # [(rendered, jit function)], the default first
-        self.rendered, self._fn = variants[0]
+        self.variants = variants          # [(candidate, rendered, jit function)], the default first
+        _, self.rendered, self._fn = variants[0]
         self.source = self.rendered.source
         self._tuned = len(variants) == 1 or not tk.autotune_enabled()
 
@@ -61,8 +61,10 @@ class TritonKernel:
         self._launch(self.rendered, self._fn, args)
 
     def _tune(self, args):
-        """Keep the fastest candidate rendering (timed on these arguments)."""
-        self.rendered, self._fn = tk.fastest(self.variants, lambda v: self._launch(v[0], v[1], args))
+        """Keep the fastest candidate rendering (timed on these arguments, or cached)."""
+        by = {c: (r, fn) for c, r, fn in self.variants}
+        best = tk.fastest(list(by), lambda c: self._launch(*by[c], args), problem=self.variants[0][1].source)
+        self.rendered, self._fn = by[best]
         self.source = self.rendered.source
         self._tuned = True
 
@@ -72,12 +74,13 @@ def build(k: FusedKernel) -> TritonKernel:
     tk.require()
     cands = CANDIDATES if tk.autotune_enabled() else CANDIDATES[:1]
     variants, seen = [], set()
-    for max_block, tile, flat_block, warps in cands:
+    for cand in cands:
+        max_block, tile, flat_block, warps = cand
         r = render(k, max_block=max_block, tile=tile, flat_block=flat_block, warps=warps)
         if (r.source, r.num_warps) in seen:
             continue
         seen.add((r.source, r.num_warps))
-        variants.append((r, tk.load(r.source).kf_kernel))
+        variants.append((cand, r, tk.load(r.source).kf_kernel))
     return TritonKernel(k, variants)
 
 

@@ -183,7 +183,8 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
     key = (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items())))
     best = _CHOSEN.get(key)
     if best is None:
-        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(fn, c, args, flags, B * H), reps=3) \
+        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(fn, c, args, flags, B * H),
+                                         problem=f"attention {tk.source_key(SOURCE)} {key}", reps=3) \
             if tk.autotune_enabled() else configs[0]
     _launch(fn, best, args, flags, B * H)
     return out

@@ -56,7 +56,7 @@ def cache_dir() -> Path:
     return config.get().cache_dir / "triton"
 
 
-def _key(source: str) -> str:
+def source_key(source: str) -> str:
     h = hashlib.sha256()
     h.update(f"triton {triton_version()} interpret={interpreting()}\n".encode())
     h.update(source.encode())
@@ -69,7 +69,7 @@ _modules: dict[str, object] = {}
 def load(source: str):
     """The module defined by `source`, from a file in the cache (written first if absent)."""
     require()
-    key = _key(source)
+    key = source_key(source)
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -117,23 +117,34 @@ def autotune_enabled() -> bool:
     return os.environ.get("KFUSE_TRITON_AUTOTUNE", "1") != "0" and not interpreting()
 
 
-def fastest(candidates: list, launch, reps: int = 5):
+def fastest(candidates: list, launch, problem: str, reps: int = 5):
     """The candidate whose `launch(candidate)` runs fastest on the GPU: each compiled and warmed by one
     call, then timed over `reps`; one that fails to compile for this GPU (shared memory, registers)
-    is skipped. The first candidate where none runs, or where there is nothing to time."""
-    best = None
+    is skipped. The choice is kept in the kfuse cache's autotune file under the GPU's name, the Triton
+    version and `problem` (a text naming the kernel and its shapes), so a later process times nothing.
+    The first candidate where none runs."""
+    from ..c import autotune
+    names = [str(c) for c in candidates]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "interpreter"
+    key = "triton " + hashlib.sha256("\0".join([gpu, str(triton_version()), problem, *names]).encode()).hexdigest()[:32]
+    hit = autotune.cached(key, names)
+    if hit is not None:
+        return candidates[hit]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)    # (the interpreter: none)
+    ms = []
     for c in candidates:
         try:
             launch(c)
         except Exception:           # noqa: BLE001 - triton's OutOfResources, a compile error: not this one
+            ms.append(float("inf"))
             continue
         sync()
         t = time.perf_counter()
         for _ in range(reps):
             launch(c)
         sync()
-        dt = time.perf_counter() - t
-        if best is None or dt < best[0]:
-            best = (dt, c)
-    return best[1] if best else candidates[0]
+        ms.append((time.perf_counter() - t) / reps * 1e3)
+    best = min(range(len(ms)), key=ms.__getitem__)
+    if ms[best] != float("inf"):
+        autotune.remember(key, best, names, ms)
+    return candidates[best]

@@ -79,7 +79,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
         return out
     key = (x.dtype, shape, tuple(st))
     if key not in _CHOSEN:
-        _CHOSEN[key] = tk.fastest(CONFIGS, launch) if tk.autotune_enabled() else CONFIGS[0]
+        _CHOSEN[key] = tk.fastest(CONFIGS, launch, problem=f"rope {tk.source_key(SOURCE)} {key}") \
+            if tk.autotune_enabled() else CONFIGS[0]
     launch(_CHOSEN[key])
     return out
 
