@@ -284,6 +284,7 @@ OPTIONS = {
     "max_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: no cap)"),
     "layout": (lambda v: v in ("auto", "nchw"), "'auto' (channels-last around convolutions) or 'nchw'"),
     "cuda_graphs": (lambda v: v == "auto" or isinstance(v, bool), "'auto', True or False"),
+    "rounding": (lambda v: v in ("outputs", "eager"), "'outputs' or 'eager'"),
 }
 
 
@@ -333,7 +334,10 @@ def compile(model, example_inputs=(), example_kwargs=None, *, backend: str | Non
     `disable` (op types or fusion names never fused), `max_group` (ops per group), `layout` ("auto":
     convolutional regions run channels-last, NHWC; "nchw": as captured), `cuda_graphs` (backend "triton"
     on a GPU: "auto", the default, replays each program as one CUDA graph where that measures faster than
-    launching its kernels one by one; True: replay wherever it can be captured; False: never).
+    launching its kernels one by one; True: replay wherever it can be captured; False: never),
+    `rounding` (backend "triton": float16/bfloat16 values are computed in fp32 and rounded at each
+    kernel's outputs, "outputs", the default; "eager" rounds after every op as PyTorch eager does, for
+    eager's bits at some speed).
     Anything else is a KfuseError.
     `dynamic_shapes` (PyTorch only; torch.export's argument, e.g. `{"ids": {1: Dim.AUTO}}`): export the
     model once with those sizes symbolic; each new size set then compiles a static program converted

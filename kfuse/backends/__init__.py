@@ -558,7 +558,7 @@ def inline_view(node) -> str | None:
     return f"{method}({', '.join(lit)})"
 
 
-def _triton_kernel(kind, group):
+def _triton_kernel(kind, group, rounding: str):
     """The Triton backend's builder for a kind (kfuse/backends/triton), imported on first use."""
     from . import triton as tr
     if kind == "linear":
@@ -568,12 +568,13 @@ def _triton_kernel(kind, group):
         return tr.attention_kernel(group.nodes[0])
     if kind == "rope":
         return tr.rope_kernel(group.nodes[0])
-    return tr.fused_kernel(group)
+    return tr.fused_kernel(group, rounding)
 
 
-def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
+def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "outputs") -> Kernel:
     """The kernel for `group`, priced on `machine` (kfuse.cost.Machine) for the report. `backend`
-    ("cpu" or "triton", BACKENDS) picks the renderer of the fused kinds: C and oneDNN, or Triton."""
+    ("cpu" or "triton", BACKENDS) picks the renderer of the fused kinds: C and oneDNN, or Triton;
+    `rounding`: where a Triton kernel rounds float16/bfloat16 values ("outputs" or "eager": every op)."""
     nodes = group.nodes
     kind = kind_of(group, backend)
     note, fn, backend_name = "", None, "torch"
@@ -581,7 +582,7 @@ def make_kernel(group, report, machine, backend: str = "cpu") -> Kernel:
         if kind == "view":
             fn, backend_name = _view_kernel(nodes[0]), "view"
         elif backend == "triton" and kind in ("linear", "attention", "rope", "c"):
-            fn, backend_name = _triton_kernel(kind, group)
+            fn, backend_name = _triton_kernel(kind, group, rounding)
         elif kind == "linear":
             fn, backend_name = linear.linear_kernel(nodes)
         elif kind == "gated_linear":

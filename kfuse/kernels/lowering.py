@@ -14,14 +14,21 @@ from .ir import _WIDE, DTYPES, LIBM_BINARY, LIBM_UNARY, REDUCTIONS, FusedKernel,
 from .schedule import _schedule
 
 
-def lower(nodes: list[Node], outputs: list[Node], layout: dict | None = None, *, half: bool = False) -> FusedKernel:
+def lower(nodes: list[Node], outputs: list[Node], layout: dict | None = None, *, half: bool = False,
+          round_each: bool = False) -> FusedKernel:
     """The kernel computing `outputs` from the group `nodes` (topological order).
     `layout` maps an input node to the element strides it will be called with (a slice or a view
     read in place); inputs not in it are contiguous. Each input must step by 1 (or 0) along the
     loop's last dim. Raises NotFusable with the reason when the group is not one kernel of this IR.
     `half`: float16/bfloat16 tensors are f32 values of the IR (a backend that says so loads them
-    converted to f32 and rounds at the store: the Triton backend; the C backend does not)."""
-    return _Lowering(list(nodes), list(outputs), dict(layout or {}), HALF_DTYPES if half else DTYPES).run()
+    converted to f32 and rounds at the store: the Triton backend; the C backend does not).
+    `round_each` (with half): every float16/bfloat16 node's value is rounded to its dtype where it is
+    computed (a "round_f16"/"round_bf16" primitive), as eager rounds each op's result."""
+    return _Lowering(list(nodes), list(outputs), dict(layout or {}), HALF_DTYPES if half else DTYPES,
+                     half and round_each).run()
+
+
+ROUND = {torch.float16: "round_f16", torch.bfloat16: "round_bf16"}    # f32 -> nearest half value, as f32
 
 
 # the IR dtypes with float16 and bfloat16 computed as f32 (lower(half=True))
@@ -64,9 +71,9 @@ def _collapse(shape, strides, keep_last):
 
 
 class _Lowering:
-    def __init__(self, nodes, outputs, layout, dtypes=DTYPES):
+    def __init__(self, nodes, outputs, layout, dtypes=DTYPES, round_each=False):
         self.nodes, self.outputs, self.layout = nodes, outputs, layout
-        self.dtypes = dtypes
+        self.dtypes, self.round_each = dtypes, round_each
         self.values: list[Value] = []
         self.memo: dict = {}
         self.env: dict[Node, int] = {}
@@ -154,7 +161,10 @@ class _Lowering:
             for i in n.inputs:
                 if i in group and i not in self.env:
                     raise NotFusable(f"group is not in topological order: {n} uses {i} before it")
-            self.env[n] = self.lower_node(n)
+            v = self.lower_node(n)
+            if self.round_each and n.dtype in ROUND:
+                v = self.emit(ROUND[n.dtype], (v,), "f32")
+            self.env[n] = v
 
         out_strides = [self._out_strides(o) for o in self.outputs]
         in_strides = [_bcast_strides(n.shape, self.domain, self.layout.get(n)) for n in self.inputs]

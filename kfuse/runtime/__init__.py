@@ -197,7 +197,7 @@ def build_program(graph: Graph, options: dict) -> Program:
     graph, groups = run_pipeline(graph, options, report, m)
     _constants_to(graph, device)
     return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"),
-                    cuda_graphs=options.get("cuda_graphs", "auto"))
+                    cuda_graphs=options.get("cuda_graphs", "auto"), rounding=options.get("rounding", "outputs"))
 
 
 def _constants_to(graph: Graph, device) -> None:
@@ -222,11 +222,12 @@ def _weight_bytes(graph: Graph) -> int:
 
 
 def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu",
-             cuda_graphs="auto") -> Program:
+             cuda_graphs="auto", rounding: str = "outputs") -> Program:
     """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
     run by the reference functions), memory planned, the call wrapper generated. `backend`: the
     renderer of the fused kernels, "cpu" (C and oneDNN) or "triton" (kfuse.backends.make_kernel);
-    `cuda_graphs`: a Triton program on a GPU may replay as a CUDA graph (runtime/cudagraph.py)."""
+    `cuda_graphs`: a Triton program on a GPU may replay as a CUDA graph (runtime/cudagraph.py);
+    `rounding`: where Triton kernels round float16/bfloat16 values (kfuse.compile's option)."""
     if reference:
         kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
         last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
@@ -238,7 +239,7 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         with autotune.weights_from_memory(_weight_bytes(graph) > autotune.cache_bytes()):
             if backend == "cpu":
                 groups = split_pairs(groups, report)
-            kernels = [make_kernel(g, report, m, backend) for g in groups]
+            kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])

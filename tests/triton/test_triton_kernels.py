@@ -184,6 +184,26 @@ def test_half_elementwise_round_trip(dtype):
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-2)
 
 
+def test_half_rounding_eager_gives_eagers_bits():
+    # float16 only: the interpreter converts fp32 to bfloat16 by truncation (a GPU rounds to nearest),
+    # so bfloat16 bits can only be compared on a GPU
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 300, dtype=torch.float16) for _ in range(3)]
+    m = Fn(lambda a, b, c: (((a * b + c) / (a - 1.5)) * c - b, F.layer_norm(a + c, (300,))))
+    want = m(*xs)
+    eager = kfuse.compile(m.eval(), xs, backend="triton", rounding="eager")
+    assert {k.backend for k in eager.report().kernels} == {"triton"}       # fused as without it
+    assert len(eager.report().kernels) == len(kfuse.compile(m.eval(), xs, backend="triton").report().kernels)
+    for got, w in zip(eager(*xs), want):
+        assert torch.equal(got, w)           # each op rounded to float16 as eager rounds it
+    outputs = kfuse.compile(m.eval(), xs, backend="triton")                # rounded at the outputs only
+    chain, _ = outputs(*xs)
+    assert not torch.equal(chain, want[0])
+    torch.testing.assert_close(chain, want[0], atol=1e-2, rtol=1e-2)
+    with pytest.raises(KfuseError, match="option rounding='each'"):
+        kfuse.compile(m.eval(), xs, backend="triton", rounding="each")
+
+
 # -- api and report ------------------------------------------------------------------------------------
 
 def test_unknown_backend_is_a_clear_error():

@@ -90,16 +90,19 @@ def _alloc(shape, dtype, buf, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def fused_kernel(group):
-    """The Triton kernel of an elementwise/row-reduction group: (fn(bufs, *inputs), "triton")."""
-    fk = lower(group.nodes, group.outputs, half=True)
+def fused_kernel(group, rounding: str = "outputs"):
+    """The Triton kernel of an elementwise/row-reduction group: (fn(bufs, *inputs), "triton").
+    float16/bfloat16 values are computed in fp32 and rounded at the kernel's outputs, or with
+    rounding="eager" after every op, as PyTorch eager rounds them."""
+    eager = rounding == "eager"
+    fk = lower(group.nodes, group.outputs, half=True, round_each=eager)
     shapes = [(o.shape, o.dtype) for o in fk.outputs]
 
     def build_for(layout):
         if not layout:
             return build(fk)
         try:                 # strided inputs read in place, or None: copied
-            return build(lower(group.nodes, group.outputs, layout, half=True))
+            return build(lower(group.nodes, group.outputs, layout, half=True, round_each=eager))
         except NotFusable:
             return None
 

@@ -61,6 +61,8 @@ def expr(op: str, a: list[str], dtype: str, arg_dtype: str, attr_lit=None) -> st
     f32 = arg_dtype == "f32"
     if op == "cast":
         return f"({a[0]} != 0)" if dtype == "bool" else f"{a[0]}.to({_TL[dtype]})"
+    if op in ("round_f16", "round_bf16"):       # rounding="eager": the half value, computed on in fp32
+        return f"{a[0]}.to({'tl.float16' if op == 'round_f16' else 'tl.bfloat16'}).to(tl.float32)"
     if op == "neg":
         return f"(-{a[0]})"
     if op == "not":
