@@ -18,6 +18,9 @@ Scores and the accumulator are fp32; fp16/bf16 p is rounded to v's dtype for the
 (as FlashAttention does). fp32 products use input_precision="ieee" (no TF32), so fp32 results match
 the reference to ~1e-6. (In the interpreter, bfloat16 products run in fp32 too: its NumPy dot does
 not take bfloat16.)
+Decoding (a few queries): the keys are split over programs too (SPLIT), each writing its partial
+softmax (running max, sum, unnormalised accumulator, fp32); kf_combine rescales them to their common
+max and sums them, one program per query row.
 Bytes: q, k, v and out once per program's tiles: k and v are read ceil(Lq / BLOCK_M) times.
 q, k, v and out are read/written through their strides (the last dim contiguous), so the head
 split/merge transposes of a model fold into the loads and stores.
@@ -30,12 +33,18 @@ import torch
 
 from . import kernel as tk
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) timed on a GPU for each new
-# problem; the first is the default (and the interpreter's). fp32 (IEEE products) keeps small tiles:
-# its tiles are twice the bytes. A config that does not compile on this GPU is skipped.
-CONFIGS = {"half": [(128, 64, 8, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 4, False),
-                    (64, 128, 4, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)],
-           "f32": [(64, 64, 4, 2, False), (64, 32, 4, 2, False), (32, 64, 4, 2, False)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop, key splits) timed on a GPU for
+# each new problem; the first is the default (and the interpreter's). fp32 (IEEE products) keeps small
+# tiles: its tiles are twice the bytes. A config that does not compile on this GPU is skipped. A few
+# queries (decoding: DECODE_LQ or fewer) take 16-row blocks and split the keys over programs, each
+# writing a partial softmax that kf_combine merges: B x H programs alone leave most of a GPU idle.
+CONFIGS = {"half": [(128, 64, 8, 3, False, 1), (128, 128, 8, 3, False, 1), (64, 64, 4, 3, False, 1),
+                    (128, 64, 4, 4, False, 1), (64, 128, 4, 3, False, 1), (128, 128, 8, 3, True, 1),
+                    (128, 64, 8, 3, True, 1)],
+           "f32": [(64, 64, 4, 2, False, 1), (64, 32, 4, 2, False, 1), (32, 64, 4, 2, False, 1)],
+           "decode": [(16, 64, 4, 2, False, 1), (16, 64, 4, 2, False, 8), (16, 128, 4, 2, False, 16),
+                      (16, 64, 4, 2, False, 32), (16, 128, 4, 3, False, 64)]}
+DECODE_LQ = 16
 LOG2E = 1.4426950408889634
 
 SOURCE = '''import triton
@@ -96,11 +105,13 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
 
 @triton.jit
 def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
-                 sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi, smb, smh, smi, smj,
+                 sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi, smb, smh, smi, smj, pacc, pm, pl, NS,
                  D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr):
     # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8). EVEN_M / EVEN_N: Lq % BM == 0 / Lk % BN == 0
+    # SPLIT: this program takes key chunk program_id(2) of NS and writes its partial softmax (running max
+    # pm, sum pl, unnormalised accumulator pacc, fp32) for kf_combine
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -129,12 +140,24 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
         full = Lk
     if not EVEN_N:
         full = tl.minimum(full, Lk // BN * BN)
-    for n0 in tl.range(0, full, BN, warp_specialize=WS):
+    lo = 0
+    if SPLIT:       # this program's chunk of keys, whole blocks of BN
+        chunk = tl.cdiv(tl.cdiv(hi, NS), BN) * BN
+        lo = tl.program_id(2) * chunk
+        hi = tl.minimum(hi, lo + chunk)
+        full = tl.maximum(tl.minimum(full, hi), lo)
+    for n0 in tl.range(lo, full, BN, warp_specialize=WS):
         acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
                               D, BD, BN, MASK, CAUSAL, IEEE, False)
     for n0 in range(full, hi, BN):
         acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
                               D, BD, BN, MASK, CAUSAL, IEEE, True)
+    if SPLIT:
+        prow = (bh.to(tl.int64) * NS + tl.program_id(2)) * Lq + rm
+        tl.store(pm + prow, m_i, mask=rm < Lq)
+        tl.store(pl + prow, l_i, mask=rm < Lq)
+        tl.store(pacc + prow[:, None] * BD + rd[None, :], acc, mask=(rm < Lq)[:, None])
+        return
     if ZERO_MASKED:     # a row with every key masked: 0 (torch's SDPA), not 0 / 0
         l_i = tl.where(l_i == 0.0, float("inf"), l_i)
     out = acc / l_i[:, None]
@@ -143,6 +166,34 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
         tl.store(o + ooff, out.to(o.dtype.element_ty))
     else:
         tl.store(o + ooff, out.to(o.dtype.element_ty), mask=(rm[:, None] < Lq) & (rd[None, :] < D))
+
+
+@triton.jit
+def kf_combine(pacc, pm, pl, o, H, Lq, NS, sob, soh, soi,
+               D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, MASK: tl.constexpr, ZERO_MASKED: tl.constexpr):
+    # one query row of one (batch, head): the NS partial softmaxes rescaled to their common max and summed
+    bh = tl.program_id(0)
+    i = tl.program_id(1)
+    rs = tl.arange(0, BS)
+    rd = tl.arange(0, BD)
+    row = (bh.to(tl.int64) * NS + rs) * Lq + i
+    sm = rs < NS
+    m = tl.load(pm + row, mask=sm, other=float("-inf"))
+    l = tl.load(pl + row, mask=sm, other=0.0)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    if MASK == 1:
+        w = tl.exp(m - top)
+    else:
+        w = tl.math.exp2(m - top)
+    total = tl.sum(l * w, axis=0)
+    acc = tl.load(pacc + row[:, None] * BD + rd[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0)
+    if ZERO_MASKED:
+        total = tl.where(total == 0.0, float("inf"), total)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    tl.store(o + b * sob + h * soh + i * soi + rd, (out / total).to(o.dtype.element_ty), mask=rd < D)
 '''
 
 
@@ -155,10 +206,12 @@ def _mask_strides(mask, B, H, Lq, Lk):
     return m.stride()
 
 
-def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=None, zero_masked: bool = False):
+def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=None, zero_masked: bool = False,
+              splits: int | None = None):
     """softmax(q kᵀ·scale + mask) v; q [B, H, Lq, D], k and v [B, Hkv, Lk, D], out [B, H, Lq, D] (any
-    strides with the last dim contiguous; allocated when None). Returns out."""
-    fn = tk.load(SOURCE).kf_attention
+    strides with the last dim contiguous; allocated when None). Returns out. `splits`: split the keys
+    over that many programs per query block (None: the tuned or default config's)."""
+    mod = tk.load(SOURCE)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -175,26 +228,39 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms)
     flags = dict(D=D, BD=max(16, 1 << (D - 1).bit_length()), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
                  ZERO_MASKED=bool(zero_masked))
-    configs = CONFIGS["f32" if q.dtype == torch.float32 else "half"]
+    configs = CONFIGS["decode" if Lq <= DECODE_LQ else "f32" if q.dtype == torch.float32 else "half"]
+    if splits is not None:
+        configs = [(*configs[0][:5], splits)]
     if tk.interpreting():
         with tk.quiet():
-            _launch(fn, configs[0], args, flags, B * H)
+            _launch(mod, configs[0], args, flags, B * H)
         return out
     key = (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items())))
     best = _CHOSEN.get(key)
     if best is None:
-        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(fn, c, args, flags, B * H),
+        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(mod, c, args, flags, B * H),
                                          problem=f"attention {tk.source_key(SOURCE)} {key}", reps=3) \
             if tk.autotune_enabled() else configs[0]
-    _launch(fn, best, args, flags, B * H)
+    _launch(mod, best, args, flags, B * H)
     return out
 
 
 _CHOSEN: dict = {}      # problem -> the config timed fastest (once per process)
 
 
-def _launch(fn, config, args, flags, bh):
-    bm, bn, warps, stages, ws = config
-    Lq, Lk = args[8], args[9]
-    fn[(math.ceil(Lq / bm), bh)](*args, BM=bm, BN=bn, EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, **flags,
-                                 num_warps=warps, num_stages=stages)
+def _launch(mod, config, args, flags, bh):
+    bm, bn, warps, stages, ws, ns = config
+    q, out, H, Lq, Lk = args[0], args[3], args[6], args[8], args[9]
+    ns = max(1, min(ns, math.ceil(Lk / bn)))        # no split without a key block of its own
+    grid = (math.ceil(Lq / bm), bh, ns)
+    kw = dict(BM=bm, BN=bn, EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, **flags, num_warps=warps, num_stages=stages)
+    if ns == 1:
+        mod.kf_attention[grid](*args, q, q, q, 1, SPLIT=False, **kw)
+        return
+    BD = flags["BD"]
+    pacc = torch.empty(bh * ns * Lq * BD, dtype=torch.float32, device=q.device)
+    pm = torch.empty(bh * ns * Lq, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    mod.kf_attention[grid](*args, pacc, pm, pl, ns, SPLIT=True, **kw)
+    mod.kf_combine[(bh, Lq)](pacc, pm, pl, out, H, Lq, ns, *out.stride()[:3], D=flags["D"], BD=BD,
+                             BS=max(2, 1 << (ns - 1).bit_length()), MASK=flags["MASK"], ZERO_MASKED=flags["ZERO_MASKED"])
