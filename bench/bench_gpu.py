@@ -6,7 +6,8 @@ Providers side by side, medians over rotated rounds (CUDA events), ratios agains
   - memory-bound kernels (add+LayerNorm, RMSNorm, SwiGLU, GeGLU, bias+GELU, scale+mask+softmax,
     rotary) in GB/s of the bytes the fused kernel must move, next to a device-to-device copy of the
     same bytes: eager, torch.compile, Liger-Kernel (where importable), kfuse backend="triton";
-  - attention (causal and not, MHA and GQA): TFLOP/s of kfuse's Triton kernel vs SDPA;
+  - attention (causal and not, MHA and GQA): TFLOP/s of kfuse's Triton kernel vs SDPA; decode
+    attention (one query, GQA and MHA): GB/s of the keys and values read, vs SDPA;
   - the built-in BERT and Llama end to end in bf16: eager, torch.compile (default, and reduce-overhead:
     CUDA graphs), kfuse (CUDA graph replay where it measures faster).
 Exits cleanly with a message where there is no CUDA device. Sized to finish in under 5 minutes on an
@@ -171,8 +172,24 @@ def bench_attention(rounds, reps, rows):
         ms = measure(providers, rounds, reps)
         name = f"attn B{B} H{H}/{Hkv} L{L} D{D}{' causal' if causal else ''}"
         _print_row(name, ms, None, "TFLOP/s", lambda t: flops / t / 1e9, rows)
-        from kfuse.backends.triton import attention as ta
-        print(f"    kfuse config (BLOCK_M, BLOCK_N, warps, stages, warp-specialised): {list(ta._CHOSEN.values())[-1]}")
+        _print_config()
+    print("\ndecode attention, bf16: GB/s of the keys and values read (median ms)")
+    for B, H, Hkv, L in [(1, 32, 8, 8192), (4, 32, 8, 4096), (1, 32, 32, 4096)]:
+        d = dict(device="cuda", dtype=torch.bfloat16)
+        q, k, v = torch.randn(B, H, 1, 128, **d), torch.randn(B, Hkv, L, 128, **d), torch.randn(B, Hkv, L, 128, **d)
+        rep = H // Hkv
+        kk, vv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
+        nbytes = 2 * k.numel() * k.element_size()
+        providers = {"sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, scale=128 ** -0.5),
+                     "kfuse": lambda: attention(q, k, v, scale=128 ** -0.5)}
+        ms = measure(providers, rounds, reps)
+        _print_row(f"decode B{B} H{H}/{Hkv} L{L} D128", ms, nbytes, "GB/s", lambda t: nbytes / t / 1e6, rows)
+        _print_config()
+
+
+def _print_config():
+    from kfuse.backends.triton import attention as ta
+    print(f"    kfuse config (BLOCK_M, BLOCK_N, warps, stages, warp-specialised, key splits): {list(ta._CHOSEN.values())[-1]}")
 
 
 def bench_models(rounds, reps, rows):
