@@ -50,8 +50,11 @@ class Program:
         self._grow = threading.Lock()
         self._graphed = None
         if backend == "triton" and cuda_graphs and torch.cuda.is_available():
-            from .cudagraph import Graphed
-            self._graphed = Graphed(self._launch, report, always=cuda_graphs is True)
+            if graph.mutated:       # replay reads and writes static copies of the inputs, not the caller's
+                report.launch = "one launch per kernel (the model writes into its inputs: no CUDA graph)"
+            else:
+                from .cudagraph import Graphed
+                self._graphed = Graphed(self._launch, report, always=cuda_graphs is True)
 
     def __call__(self, inputs):
         if self._graphed is not None:

@@ -64,3 +64,23 @@ def test_torch_compile_backend_on_cuda(cpu_default):
     compiled = torch.compile(model, backend="kfuse")
     with torch.no_grad():
         assert_close(compiled(*inputs), model(*inputs), atol=1e-4, rtol=1e-4)
+
+
+class CacheStep(torch.nn.Module):
+    def forward(self, x, cache, pos):
+        cache.index_copy_(2, pos, x)
+        return torch.softmax(cache.sum(-1) * 2, dim=-1)
+
+
+def test_a_model_writing_its_inputs_is_not_replayed(cpu_default):
+    # a CUDA graph would write into its static copies of the inputs, not into the caller's cache
+    x, cache = torch.randn(2, 3, 1, 5, device="cuda"), torch.randn(2, 3, 9, 5, device="cuda")
+    cm = kfuse.compile(CacheStep(), (x, cache.clone(), torch.tensor([4], device="cuda")), cuda_graphs=True)
+    for p in (4, 0, 8, 2):
+        pos = torch.tensor([p], device="cuda")
+        mine, theirs = cache.clone(), cache.clone()
+        got = cm(x, mine, pos)
+        want = CacheStep()(x, theirs, pos)
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+        assert torch.equal(mine, theirs)
+    assert "writes into its inputs" in cm.report().launch
