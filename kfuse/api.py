@@ -49,6 +49,14 @@ def _input_name(spec, i: int) -> str:
     return head + pytree.keystr(below)
 
 
+def _with_literals(tensors: list, literals: dict) -> list:
+    """The flat outputs: the program's tensors with the graph's Python-value outputs put back in place."""
+    if not literals:
+        return tensors
+    it = iter(tensors)
+    return [literals[k] if k in literals else next(it) for k in range(len(tensors) + len(literals))]
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -184,7 +192,7 @@ class CompiledModel:
     def __call__(self, *inputs, **kwargs):
         flat = self._flatten(inputs, kwargs)
         self._last = self._program(flat)
-        outs = self._last(flat)
+        outs = _with_literals(self._last(flat), self._last.graph.literals)
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
             outs[0] if len(outs) == 1 else tuple(outs))
 
@@ -193,7 +201,8 @@ class CompiledModel:
         for a model loaded from an artifact, the reference interpreter run on the saved graph."""
         flat = self._flatten(inputs, kwargs)
         if self.source is None:
-            return run_reference(self._program(flat).graph, flat)
+            graph = self._program(flat).graph
+            return _with_literals(run_reference(graph, flat), graph.literals)
         if self.is_onnx:
             try:
                 import onnxruntime as ort
@@ -218,7 +227,9 @@ class CompiledModel:
         names = self._last.graph.output_names or [f"output{i}" for i in range(len(got))]
         against = "the saved graph's reference interpreter" if self.source is None else \
             "ONNX Runtime" if self.is_onnx else "PyTorch eager"
-        return compare(names, got, self.reference(*inputs, **kwargs), against)
+        literals = self._last.graph.literals        # Python values among the outputs: not compared
+        want = [w for k, w in enumerate(self.reference(*inputs, **kwargs)) if k not in literals]
+        return compare(names, got, want, against)
 
     def report(self):
         """What the last compiled program fused, and why not the rest."""

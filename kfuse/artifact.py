@@ -83,7 +83,8 @@ def _graph_json(g: Graph, consts: dict) -> dict:
         nodes.append({"op": n.op, "inputs": [index[i] for i in n.inputs], "attrs": attrs, "value": value,
                       "shape": list(n.shape), "dtype": str(n.dtype).removeprefix("torch."), "name": n.name})
     return {"nodes": nodes, "inputs": [index[n] for n in g.inputs], "outputs": [index[n] for n in g.outputs],
-            "input_names": g.input_names, "output_names": g.output_names, "mutated": g.mutated}
+            "input_names": g.input_names, "output_names": g.output_names, "mutated": g.mutated,
+            "literals": {str(k): v for k, v in g.literals.items()}}
 
 
 def _graph_from_json(d: dict, consts: dict) -> tuple[Graph, list[Node]]:
@@ -102,6 +103,7 @@ def _graph_from_json(d: dict, consts: dict) -> tuple[Graph, list[Node]]:
     g.outputs = [nodes[i] for i in d["outputs"]]
     g.input_names, g.output_names = list(d["input_names"]), list(d["output_names"])
     g.mutated = [int(i) for i in d.get("mutated", ())]
+    g.literals = {int(k): v for k, v in d.get("literals", {}).items() if v is None or isinstance(v, (bool, int, float))}
     g.check()
     return g, nodes
 

@@ -195,6 +195,9 @@ class Graph:
         # In-place writes into graph inputs (a KV cache's index_copy_): the last len(mutated) outputs
         # are the new values of inputs mutated[k]; a call writes them back and returns the others.
         self.mutated: list[int] = []
+        # Outputs that are Python values, not tensors (None, a size as an int): flat output position
+        # -> the value, returned as is among the tensors of `outputs`
+        self.literals: dict[int, object] = {}
 
     # -- building ---------------------------------------------------------------------------------
     def input(self, shape, dtype, name="") -> Node:

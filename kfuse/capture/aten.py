@@ -11,7 +11,7 @@ import torch
 
 from ..errors import KfuseError
 from ..ir import DTYPE_SHORT, VIEW_OPS, Graph, Node
-from .common import nibble_op, reshape, wrap_index
+from .common import dim_axis, nibble_op, reshape, wrap_index
 
 aten = torch.ops.aten
 ATEN: dict = {}
@@ -98,7 +98,7 @@ def _axes(dims, ndim):
     if dims is None or dims == []:
         return tuple(range(ndim))
     dims = [dims] if isinstance(dims, int) else dims
-    return tuple(sorted(d % ndim for d in dims))
+    return tuple(sorted(d % max(ndim, 1) for d in dims))
 
 
 for name, op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("pow", "pow"),
@@ -265,7 +265,7 @@ def _scatter(g, x, dim, index, src, reduce=None, include_self=True):
     """torch.scatter / scatter_add / scatter_reduce: one op, run by torch (a value src is broadcast
     to the index's shape first; a tensor src may be larger than the index, as torch allows)."""
     src = cast(g, src, x.dtype) if isinstance(src, Node) else filled(g, src, x, index.shape)
-    return g.add("scatter", x, index, src, axis=dim % len(x.shape), reduce=reduce or "none", include_self=include_self)
+    return g.add("scatter", x, index, src, axis=dim_axis(dim, x), reduce=reduce or "none", include_self=include_self)
 
 
 @handles(aten._to_copy.default, aten.to.dtype)
@@ -300,7 +300,7 @@ def _view(g, x, shape):
 
 @handles(aten.permute.default)
 def _permute(g, x, dims):
-    perm = tuple(d % len(x.shape) for d in dims)
+    perm = tuple(dim_axis(d, x) for d in dims)
     return x if perm == tuple(range(len(perm))) else g.add("transpose", x, perm=perm)
 
 
@@ -336,17 +336,17 @@ def _expand(g, x, shape, implicit=False):
 
 @handles(aten.slice.Tensor)
 def _slice(g, x, dim=0, start=None, end=None, step=1):
-    n = x.shape[dim % len(x.shape)]
+    n = x.shape[dim_axis(dim, x)]
     start, end, _ = slice(start, end, step).indices(n)
     end = max(end, start)
     if (start, end, step) == (0, n, 1):
         return x
-    return g.add("slice", x, axis=dim % len(x.shape), start=start, end=end, step=step)
+    return g.add("slice", x, axis=dim_axis(dim, x), start=start, end=end, step=step)
 
 
 @handles(aten.select.int)
 def _select(g, x, dim, index):
-    dim = dim % len(x.shape)
+    dim = dim_axis(dim, x)
     index = index % x.shape[dim]
     s = g.add("slice", x, axis=dim, start=index, end=index + 1, step=1)
     return reshape(g, s, x.shape[:dim] + x.shape[dim + 1:])
@@ -354,7 +354,7 @@ def _select(g, x, dim, index):
 
 @handles(aten.split_with_sizes.default, aten.split.Tensor)
 def _split(g, x, sizes, dim=0):
-    dim = dim % len(x.shape)
+    dim = dim_axis(dim, x)
     n = x.shape[dim]
     if isinstance(sizes, int):
         sizes = [min(sizes, n - s) for s in range(0, n, sizes)]
@@ -368,14 +368,14 @@ def _split(g, x, sizes, dim=0):
 @handles(aten.cat.default)
 def _cat(g, xs, dim=0):
     xs = [x for x in xs if x.numel > 0 or len(x.shape) > 1]
-    return xs[0] if len(xs) == 1 else g.add("concat", *xs, axis=dim % len(xs[0].shape))
+    return xs[0] if len(xs) == 1 else g.add("concat", *xs, axis=dim_axis(dim, xs[0]))
 
 
 @handles(aten.slice_scatter.default)
 def _slice_scatter(g, x, src, dim=0, start=None, end=None, step=1):
     """x with x[start:end] along dim replaced by src (`y[:, 2:4] = v`): the kept parts and src
     concatenated. Strided slices are not supported."""
-    dim = dim % len(x.shape)
+    dim = dim_axis(dim, x)
     start, end, step = slice(start, end, step).indices(x.shape[dim])
     if step != 1:
         raise Unsupported(f"slice_scatter of {sig(x)} with step {step}: only step 1 is supported")
@@ -387,7 +387,7 @@ def _slice_scatter(g, x, src, dim=0, start=None, end=None, step=1):
 @handles(aten.select_scatter.default)
 def _select_scatter(g, x, src, dim, index):
     """x with x.select(dim, index) replaced by src (`y[:, 0] = v` when not decomposed to a where)."""
-    dim = dim % len(x.shape)
+    dim = dim_axis(dim, x)
     index = index % x.shape[dim]
     return _slice_scatter(g, x, _unsqueeze(g, src, dim), dim, index, index + 1)
 
@@ -439,12 +439,12 @@ def _embedding(g, w, idx, *_):
 
 @handles(aten.index_select.default)
 def _index_select(g, x, dim, idx):
-    return g.add("gather", x, idx, axis=dim % len(x.shape))
+    return g.add("gather", x, idx, axis=dim_axis(dim, x))
 
 
 @handles(aten.gather.default)
 def _gather_elements(g, x, dim, idx, sparse_grad=False):
-    return g.add("gather_elements", x, idx, axis=dim % len(x.shape))
+    return g.add("gather_elements", x, idx, axis=dim_axis(dim, x))
 
 
 @handles(aten.index.Tensor)
@@ -474,7 +474,7 @@ def _pad_mode(g, x, pads, mode="constant", value=None):
 
 @handles(aten.flip.default)
 def _flip(g, x, dims):
-    return g.add("flip", x, dims=tuple(sorted(d % len(x.shape) for d in dims))) if dims else x
+    return g.add("flip", x, dims=tuple(sorted(dim_axis(d, x) for d in dims))) if dims else x
 
 
 @handles(aten.repeat.default)

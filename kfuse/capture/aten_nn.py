@@ -20,7 +20,7 @@ from .aten import (
     scalar,
     sig,
 )
-from .common import reshape
+from .common import dim_axis, reshape
 from .einsum import EinsumError, einsum
 
 # -- reductions and normalisation --------------------------------------------------------------------------
@@ -29,7 +29,9 @@ def reduction(op):
     def handler(g, x, dims=None, keepdim=False, dtype=None):
         if dtype is not None:
             x = cast(g, x, dtype)
-        return g.add(op, x, axes=_axes(dims, len(x.shape)), keepdim=keepdim)
+        y = g.add(op, x, axes=_axes(dims, len(x.shape)), keepdim=keepdim)
+        # an integer sum or product is int64 unless `dtype` says otherwise (int32: wrapped as torch wraps)
+        return y if dtype is None or y.dtype == dtype else cast(g, y, dtype)
     return handler
 
 
@@ -74,8 +76,11 @@ def _vector_norm(g, x, ord=2, dims=None, keepdim=False, dtype=None):
 
 @handles(aten.any.dim, aten.any.dims, aten.any.default)
 def _any(g, x, dims=None, keepdim=False):
-    m = reduction("reduce_max")(g, g.add("cast", x, dtype=torch.float32), dims, keepdim)
-    return g.add("ne", m, scalar(g, 0.0, m))
+    # a count of nonzero elements: exact for any dtype (a float32 cast made 1e-300 zero), and 0 (False)
+    # over an empty dim, where a max has no identity
+    nonzero = g.add("cast", g.add("ne", x, scalar(g, 0, x)), dtype=torch.int64)
+    n = reduction("reduce_sum")(g, nonzero, dims, keepdim)
+    return g.add("ne", n, scalar(g, 0, n))
 
 
 @handles(aten.var.correction)
@@ -92,21 +97,28 @@ def _var_mean(g, x, dims=None, correction=None, keepdim=False):
 
 @handles(aten.max.dim)
 def _max_dim(g, x, dim, keepdim=False):
-    axis = dim % len(x.shape)
-    return (g.add("reduce_max", x, axes=(axis,), keepdim=keepdim), g.add("argmax", x, axis=axis, keepdim=keepdim))
+    axis = dim_axis(dim, x)
+    return (g.add("reduce_max", x, axes=(axis,), keepdim=keepdim),
+            g.add("argmax", _ordered(g, x), axis=axis, keepdim=keepdim))
+
+
+def _ordered(g, x):
+    """x as argmax/argmin take it: bool as uint8 (same order; torch's argmax refuses bool)."""
+    return g.add("cast", x, dtype=torch.uint8) if x.dtype == torch.bool else x
 
 
 @handles(aten.min.dim)
 def _min_dim(g, x, dim, keepdim=False):
-    axis = dim % len(x.shape)
-    return (g.add("reduce_min", x, axes=(axis,), keepdim=keepdim), g.add("argmin", x, axis=axis, keepdim=keepdim))
+    axis = dim_axis(dim, x)
+    return (g.add("reduce_min", x, axes=(axis,), keepdim=keepdim),
+            g.add("argmin", _ordered(g, x), axis=axis, keepdim=keepdim))
 
 
 def _arg(op):
     def handler(g, x, dim=None, keepdim=False):
         if dim is None:
             return g.add(op, reshape(g, x, (x.numel,)), axis=0, keepdim=False)
-        return g.add(op, x, axis=dim % len(x.shape), keepdim=keepdim)
+        return g.add(op, x, axis=dim_axis(dim, x), keepdim=keepdim)
     return handler
 
 
@@ -116,7 +128,7 @@ handles(aten.argmin.default)(_arg("argmin"))
 
 @handles(aten.topk.default)
 def _topk(g, x, k, dim=-1, largest=True, sorted=True):
-    attrs = {"k": k, "axis": dim % len(x.shape), "largest": bool(largest), "sorted": bool(sorted)}
+    attrs = {"k": k, "axis": dim_axis(dim, x), "largest": bool(largest), "sorted": bool(sorted)}
     return g.add("topk", x, **attrs, output="values"), g.add("topk", x, **attrs, output="indices")
 
 
@@ -124,18 +136,18 @@ def _topk(g, x, k, dim=-1, largest=True, sorted=True):
 def _sort(g, x, dim=-1, descending=False, *, stable=None):
     """Both overloads map onto the stable sort: without stable=True torch promises no order of
     ties, and the stable one is what its CPU sort returns."""
-    attrs = {"axis": dim % len(x.shape), "descending": bool(descending)}
+    attrs = {"axis": dim_axis(dim, x), "descending": bool(descending)}
     return g.add("sort", x, **attrs, output="values"), g.add("sort", x, **attrs, output="indices")
 
 
 @handles(aten._softmax.default, aten.softmax.int)
 def _softmax(g, x, dim, *_):
-    return g.add("softmax", x, axis=dim % len(x.shape))
+    return g.add("softmax", x, axis=dim_axis(dim, x))
 
 
 @handles(aten._log_softmax.default, aten.log_softmax.int)
 def _log_softmax(g, x, dim, *_):
-    return g.add("log_softmax", x, axis=dim % len(x.shape))
+    return g.add("log_softmax", x, axis=dim_axis(dim, x))
 
 
 @handles(aten.native_layer_norm.default)
@@ -228,7 +240,7 @@ def _batch_norm_legit(g, x, w, b, running_mean, running_var, training, momentum,
 
 def _scan(op):
     def handler(g, x, dim, dtype=None):
-        y = g.add(op, x if dtype is None else cast(g, x, dtype), axis=dim % len(x.shape))
+        y = g.add(op, x if dtype is None else cast(g, x, dtype), axis=dim_axis(dim, x))
         return y if dtype is None else cast(g, y, dtype)    # the IR's scan of int32 gives int64, as torch's
     return handler
 
@@ -246,9 +258,14 @@ def _mm(g, a, b):
 
 @handles(aten.addmm.default)
 def _addmm(g, bias, a, b, beta=1, alpha=1):
+    # torch ignores the product when alpha is 0 and the bias when beta is 0: their NaN and Inf too
     y = g.add("matmul", a, b)
-    if alpha != 1:
+    if alpha == 0:
+        y = g.add("where", g.const(False), y, scalar(g, 0, y))
+    elif alpha != 1:
         y = g.add("mul", y, scalar(g, alpha, y))
+    if beta == 0:
+        return y
     if beta != 1:
         bias = g.add("mul", bias, scalar(g, beta, bias))
     return g.add("add", y, bias)

@@ -19,6 +19,12 @@ def reshape(g, x: Node, shape) -> Node:
     return x if tuple(shape) == x.shape else g.add("reshape", x, shape=tuple(shape))
 
 
+def dim_axis(dim: int, x) -> int:
+    """torch's `dim` argument as a non-negative axis of x; a 0-d x takes dim 0 or -1 as torch does
+    (softmax, sum, cumsum, topk, gather... of a scalar)."""
+    return dim % max(len(x.shape), 1)
+
+
 def wrap_index(g, idx: Node, dim: int) -> Node:
     """Indices counted from the end (negative: ONNX's Gather, torch's x[..., [-2]]) made positive;
     the IR's gather and scatter take indices in [0, dim) only."""

@@ -100,8 +100,12 @@ def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names:
         val = placeholders[name].meta["val"]
         inputs[name] = g.input(tuple(val.shape) if shapes is None else tuple(shapes[i]), val.dtype, name)
     outs = _convert(g, graph, values, inputs)
-    g.outputs = [env if isinstance(env, Node) else g.const(env) for env, _ in outs]
-    g.output_names = [name for _, name in outs]
+    for k, (env, name) in enumerate(outs):
+        if env is None or isinstance(env, (bool, int, float)):     # returned as the model returns it
+            g.literals[k] = env
+        else:
+            g.outputs.append(env if isinstance(env, Node) else g.const(env))
+            g.output_names.append(name)
     g.prune()
     return g
 

@@ -429,3 +429,44 @@ def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops(tmp_path):
     torch.testing.assert_close(kfuse.load(tmp_path / "g")(x, y), g(x, y))
     with pytest.raises(kfuse.UnsupportedOpError, match="kfuse_test.split2.*only ops returning one tensor"):
         export(module_of(lambda x: torch.ops.kfuse_test.split2(x)[0] + 1), (x,))
+
+
+@pytest.mark.parametrize("fn", [lambda a: torch.softmax(a, 0), lambda a: torch.log_softmax(a, -1), lambda a: a.sum(0),
+                                lambda a: a.amax(-1, keepdim=True), lambda a: torch.logsumexp(a, 0), lambda a: a.cumsum(0),
+                                lambda a: a.topk(1, 0), lambda a: a.sort(0, descending=True), lambda a: a.flip(0),
+                                lambda a: a.max(0), lambda a: a.var(0, correction=0), lambda a: a.gather(0, torch.tensor(0))])
+def test_dim_arguments_of_a_scalar(fn):
+    # torch takes dim 0 or -1 of a 0-d tensor (a found crash: dim % 0)
+    compiled(fn, torch.tensor(1.5))
+
+
+def test_edge_semantics_found_by_a_sweep():
+    nan, inf = math.nan, math.inf
+    # addmm ignores the product when alpha is 0 and the bias when beta is 0, their NaN and inf too
+    compiled(lambda c, a, b: torch.addmm(c, a, b, beta=0), torch.full((2, 2), nan), r(2, 3), r(3, 2))
+    compiled(lambda c, a, b: torch.addmm(c, a, b, alpha=0), r(2, 2), torch.full((2, 3), inf), r(3, 2))
+    # any/all: exact for tiny float64 values, and over an empty dim (no identity for a max)
+    compiled(lambda a: (a.any(), a.any(-1), a.all()), torch.tensor([[1e-300, 0.0]], dtype=torch.float64))
+    empty = torch.zeros(3, 0, dtype=torch.bool)
+    compiled(lambda a: (a.any(1), a.all(1)), empty)
+    # max/min over a dim of bools (torch's argmax refuses bool: indices of the uint8 values)
+    compiled(lambda a: (a.max(-1), a.min(0)), torch.tensor([[False, True, True], [True, False, True]]))
+    # an integer dtype= keeps that dtype, wrapping as torch does
+    compiled(lambda a: (a.sum(-1, dtype=torch.int32), a.prod(-1, dtype=torch.int32)),
+             torch.tensor([[2**30, 2**30, 3]], dtype=torch.int32))
+    compiled(lambda a: a.sum(dtype=torch.int16), torch.tensor([True, True, False]))
+
+
+def test_python_values_among_the_outputs_are_returned_as_they_are(tmp_path):
+    class M(nn.Module):
+        def forward(self, a):
+            return a * 2, None, a.shape[0], {"half": 0.5, "y": a + 1}
+    x = r(3, 2)
+    cm = kfuse.compile(M(), (x,))
+    y, none, n, d = cm(x)
+    assert none is None and n == 3 and type(n) is int and d["half"] == 0.5
+    assert torch.equal(y, x * 2) and torch.equal(d["y"], x + 1)
+    assert cm.verify(x).ok
+    cm.save(tmp_path / "art")
+    again = kfuse.load(tmp_path / "art")(x)
+    assert again[1] is None and again[2] == 3 and again[3]["half"] == 0.5 and torch.equal(again[3]["y"], x + 1)
