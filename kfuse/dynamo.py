@@ -255,10 +255,11 @@ class Segment:
                         return self.fn(*args)
         _, cm, live = built
         outs = cm(*[args[i] for i in live])
-        if self._numbers:        # an int the graph returns (a cache length) comes back a 0-d tensor
+        if self._numbers:        # an int the graph returns (a cache length): a 0-d tensor where computed
             outs = list(outs)
             for i in self._numbers:
-                outs[i] = outs[i].item()
+                if isinstance(outs[i], torch.Tensor):
+                    outs[i] = outs[i].item()
             outs = tuple(outs)
         return outs
 
