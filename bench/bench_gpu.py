@@ -188,8 +188,9 @@ def bench_attention(rounds, reps, rows):
 
 
 def _print_config():
-    from kfuse.backends.triton import attention as ta
-    print(f"    kfuse config (BLOCK_M, BLOCK_N, warps, stages, warp-specialised, key splits): {list(ta._CHOSEN.values())[-1]}")
+    from kfuse.backends.triton import kernel as tk
+    last = [c for (kernel, _), c in tk._chosen.items() if kernel == "attention"][-1]
+    print(f"    kfuse config (BLOCK_M, BLOCK_N, warps, stages, warp-specialised, key splits): {last}")
 
 
 def bench_models(rounds, reps, rows):

@@ -139,7 +139,7 @@ class CompiledModel:
                 graph = self.capture(flat)
                 specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
                 note = getattr(graph, "capture_note", "")
-                prog = build_program(graph, {**self.options, "device": device})
+                prog = build_program(graph, self.options)
             prog.report.capture = note
             if specialised:
                 self._specialised[sig] = specialised

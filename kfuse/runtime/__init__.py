@@ -188,28 +188,27 @@ def fuse(graph: Graph, options: dict, report, *, check: bool = False) -> tuple[G
 
 
 def build_program(graph: Graph, options: dict) -> Program:
-    """`options`: kfuse.compile's, and "device": the inputs' GPU. Constants made through `Graph.const`
-    inside `ir.on_device` are on it already; any a pass set directly is moved after the passes (a
-    kernel reads one device)."""
+    """`options`: kfuse.compile's. A graph made inside `ir.on_device` (compiling for GPU inputs) has its
+    constants on `graph.device` through `Graph.const`; any a pass set directly is moved there after the
+    passes (a kernel reads one device)."""
     report = Report()
-    device = options.get("device")
     if options.get("backend") == "reference":
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
         return assemble(graph, groups, report, True, None)
     m = machine()
     graph, groups = run_pipeline(graph, options, report, m)
-    _constants_to(graph, device)
+    _constants_to(graph)
     return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"),
                     cuda_graphs=options.get("cuda_graphs", "auto"), rounding=options.get("rounding", "outputs"))
 
 
-def _constants_to(graph: Graph, device) -> None:
-    if device is None:
+def _constants_to(graph: Graph) -> None:
+    if graph.device is None:
         return
     for n in graph.nodes:
         v = n.attrs.get("value") if n.op == "const" else None
-        if isinstance(v, torch.Tensor) and v.device != device:
-            n.attrs["value"] = v.to(device)
+        if isinstance(v, torch.Tensor) and v.device != graph.device:
+            n.attrs["value"] = v.to(graph.device)
 
 
 LOOKUPS = ("gather", "index", "gather_elements", "embedding_bag")     # ops that read a few rows of a table

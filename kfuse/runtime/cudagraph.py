@@ -12,18 +12,10 @@ Calls are serialised while a graph is in use: its static buffers are one set.
 from __future__ import annotations
 
 import threading
-import time
 
 import torch
 
-
-def _time(fn, reps: int = 5) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+from ..backends.triton.kernel import seconds
 
 
 class Graphed:
@@ -76,8 +68,8 @@ class Graphed:
         if self.always:
             self.report.launch = "CUDA graph replay (cuda_graphs=True)"
             return True
-        replay = _time(lambda: self._replay(inputs))
-        plain = _time(lambda: self.run(inputs))
+        replay = seconds(lambda: self._replay(inputs))
+        plain = seconds(lambda: self.run(inputs))
         if plain <= replay:
             self.graph, self._inputs, self._outputs = False, None, None
             self.report.launch = f"one launch per kernel ({plain * 1e3:.3f} ms; CUDA graph replay {replay * 1e3:.3f} ms)"

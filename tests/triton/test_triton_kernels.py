@@ -204,6 +204,34 @@ def test_half_rounding_eager_gives_eagers_bits():
         kfuse.compile(m.eval(), xs, backend="triton", rounding="each")
 
 
+def test_tuned_choice_is_timed_once_per_process_and_kept_on_disk(monkeypatch, tmp_path):
+    # the attention and rope kernels' configs go through kernel.choice (the interpreter itself never tunes)
+    from kfuse import config
+    from kfuse.backends.c import autotune
+    from kfuse.backends.triton import kernel as tk
+    monkeypatch.setattr(tk, "autotune_enabled", lambda: True)
+    monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config, "_config", config.from_env())
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(tk, "_chosen", {})
+    calls = []
+    slow = {"fast": 0, "slow": 2000, "broken": None}
+
+    def launch(c):
+        calls.append(c)
+        if slow[c] is None:
+            raise RuntimeError("out of shared memory")      # a config this GPU cannot compile: skipped
+        sum(range(slow[c]))
+    assert tk.choice("k", "src", (1, 2), ["slow", "broken", "fast"], launch) == "fast"
+    timed = len(calls)
+    assert tk.choice("k", "src", (1, 2), ["slow", "broken", "fast"], launch) == "fast" and len(calls) == timed
+    autotune.flush()
+    monkeypatch.setattr(autotune, "_memo", {})              # a new process: read from the file, nothing timed
+    monkeypatch.setattr(tk, "_chosen", {})
+    assert tk.choice("k", "src", (1, 2), ["slow", "broken", "fast"], launch) == "fast" and len(calls) == timed
+    assert tk.choice("k", "src", (3,), ["slow", "fast"], launch) and len(calls) > timed     # another problem: timed
+
+
 # -- api and report ------------------------------------------------------------------------------------
 
 def test_unknown_backend_is_a_clear_error():

@@ -235,17 +235,10 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
         with tk.quiet():
             _launch(mod, configs[0], args, flags, B * H)
         return out
-    key = (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items())))
-    best = _CHOSEN.get(key)
-    if best is None:
-        best = _CHOSEN[key] = tk.fastest(configs, lambda c: _launch(mod, c, args, flags, B * H),
-                                         problem=f"attention {tk.source_key(SOURCE)} {key}", reps=3) \
-            if tk.autotune_enabled() else configs[0]
-    _launch(mod, best, args, flags, B * H)
+    launch = lambda c: _launch(mod, c, args, flags, B * H)   # noqa: E731
+    launch(tk.choice("attention", SOURCE, (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items()))), configs, launch,
+                     reps=3))
     return out
-
-
-_CHOSEN: dict = {}      # problem -> the config timed fastest (once per process)
 
 
 def _launch(mod, config, args, flags, bh):

@@ -130,7 +130,6 @@ def fastest(candidates: list, launch, problem: str, reps: int = 5):
     hit = autotune.cached(key, names)
     if hit is not None:
         return candidates[hit]
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)    # (the interpreter: none)
     ms = []
     for c in candidates:
         try:
@@ -138,13 +137,33 @@ def fastest(candidates: list, launch, problem: str, reps: int = 5):
         except Exception:           # noqa: BLE001 - triton's OutOfResources, a compile error: not this one
             ms.append(float("inf"))
             continue
-        sync()
-        t = time.perf_counter()
-        for _ in range(reps):
-            launch(c)
-        sync()
-        ms.append((time.perf_counter() - t) / reps * 1e3)
+        ms.append(seconds(lambda: launch(c), reps) * 1e3)
     best = min(range(len(ms)), key=ms.__getitem__)
     if ms[best] != float("inf"):
         autotune.remember(key, best, names, ms)
     return candidates[best]
+
+
+def seconds(fn, reps: int = 5) -> float:
+    """Seconds per call of `fn` over `reps` calls, the GPU synchronised before and after (no GPU in the
+    interpreter: nothing to wait for)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+_chosen: dict = {}      # (kernel, problem) -> the candidate chosen, once per process
+
+
+def choice(kernel: str, source: str, problem: tuple, candidates: list, launch, reps: int = 5):
+    """The candidate to launch for `problem` of the kernel in `source`: the first where tuning is off,
+    else the `fastest`, remembered for the process (a call looks it up without hashing the source)."""
+    memo = (kernel, problem)
+    if memo not in _chosen:
+        _chosen[memo] = fastest(candidates, launch, f"{kernel} {source_key(source)} {problem}", reps) \
+            if autotune_enabled() else candidates[0]
+    return _chosen[memo]

@@ -77,14 +77,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
         with tk.quiet():
             launch(CONFIGS[0])
         return out
-    key = (x.dtype, shape, tuple(st))
-    if key not in _CHOSEN:
-        _CHOSEN[key] = tk.fastest(CONFIGS, launch, problem=f"rope {tk.source_key(SOURCE)} {key}") \
-            if tk.autotune_enabled() else CONFIGS[0]
-    launch(_CHOSEN[key])
+    launch(tk.choice("rope", SOURCE, (x.dtype, shape, tuple(st)), CONFIGS, launch))
     return out
 
 
 # (elements per program, num_warps) timed on a GPU for each new problem; the first is the default
 CONFIGS = [(4096, 4), (8192, 8), (16384, 8), (2048, 4)]
-_CHOSEN: dict = {}
