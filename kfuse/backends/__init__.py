@@ -38,7 +38,7 @@ from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
 from .c.autotune import pick
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
-from . import choice, linear
+from . import choice, linear, openmp
 from .launch import group_runner
 from .constants import shared
 from .reference import reference_kernel
@@ -168,7 +168,8 @@ def _conv_kernel(group):
     if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
-    fn.schedule = schedule
+    order = getattr(conv, "order_text", {}).get((*spec.x.shape[:3], openmp.threads()))
+    fn.schedule = schedule + (f"; work order {order}" if order else "")
     fn.sources = lambda: choice.conv_sources(conv)
     return fn, backend
 

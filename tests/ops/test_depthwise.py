@@ -4,6 +4,8 @@ and the torch activation, computed in float64, over channel counts around the 16
 batch 0, 1, 3, every activation, NaN and +-Inf inputs, a poisoned `out` and a non-contiguous input."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,36 @@ def test_thread_counts(threads, c):
     with openmp.using(threads):
         check(1, 15, 13, c, (3, 3), (1, 1), (1, 1), act="relu6")
         check(1, 7, 7, c, (5, 5), (2, 2), (2, 2), act="relu6")      # few rows: channel chunks
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("c", [16, 33, 100])
+def test_both_work_orders(monkeypatch, threads, c):
+    """The work order is timed per shape and thread count (DepthwiseConv._order): each order it can pick
+    gives torch's numbers, and with AVX-512 both are candidates on more than one thread."""
+    orders = DepthwiseConv._orders(1, c, threads)
+    assert orders[0] == ("blocks" if c // 16 % threads == 0 or c // 16 >= 8 * threads else "rows")
+    if depthwise.cpu_has("avx512f"):
+        assert sorted(orders) == ["blocks", "rows"]
+    for order in orders:
+        monkeypatch.setattr(DepthwiseConv, "_order", lambda self, cands, nhw, t, o=order: o)
+        with openmp.using(threads):
+            dw, _, _ = check(1, 15, 13, c, (3, 3), (1, 1), (1, 1), act="relu6")
+            assert dw._plan(1, 15, 13, threads)[10] == (order == "blocks")
+            check(2, 7, 7, c, (5, 5), (2, 2), (2, 2), act="relu6")
+
+
+def test_work_order_timed_and_reported():
+    """The order is chosen at compile time and the report's schedule line says which and on what times."""
+    import kfuse
+    m = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.ReLU6()).eval()
+    with openmp.using(2):
+        cm = kfuse.compile(m, (torch.randn(1, 32, 20, 20),))
+    x = torch.randn(1, 32, 20, 20)
+    assert_close(cm(x), m(x), atol=1e-5, rtol=1e-5)
+    k = [k for k in cm.report().kernels if k.backend == "c:depthwise"]
+    if depthwise.cpu_has("avx512f") and k:
+        assert re.search(r"work order (blocks|rows) \(measured", k[0].schedule), k[0].schedule
 
 
 @pytest.mark.parametrize("act", ["none", "relu6"])

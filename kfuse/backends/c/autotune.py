@@ -77,9 +77,8 @@ def variants(k) -> list[Schedule]:
 
 
 @functools.lru_cache(maxsize=None)
-def machine_key() -> str:
-    """The CPU (model name, family, model, the ISA flags -march=native turns into code), the compiler
-    and its flags: what decides how a rendered kernel runs, apart from the thread count."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where it cannot be read)."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -90,6 +89,19 @@ def machine_key() -> str:
                 info[name.strip()] = value.strip()
     except OSError:
         pass
+    return info
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether this CPU has ISA extension `flag` ("avx512f"): the code -march=native builds uses it."""
+    return flag in _cpuinfo().get("flags", "").split()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_key() -> str:
+    """The CPU (model name, family, model, the ISA flags -march=native turns into code), the compiler
+    and its flags: what decides how a rendered kernel runs, apart from the thread count."""
+    info = _cpuinfo()
     flags = sorted(set(info.get("flags", "").split()) & set(_ISA))
     cpu = [info.get("model name", "?"), info.get("cpu family", "?"), info.get("model", "?"), " ".join(flags)]
     try:

@@ -15,9 +15,10 @@ interior pixels address the input directly. In the block-major order (next), a s
 pixel is an interior one: at 7x7 outputs half the pixels are border pixels, and their tap tests had made
 [1,14,14,672] 5x5/2 take 24 us against 3 us of FMAs (16 us with the copy).
 Threads split (image, 16-channel block), each item running its rows in order so the kh input rows a row
-reads are still in L1 (block-major: 1 thread, [1,112,112,96] 3x3/2 0.081 -> 0.067 ms CPU), when those
-items balance over the threads; else (n, output row), and a row's channels too, in whole vectors, when
-rows are fewer than 8 per thread (7x7 maps).
+reads are still in L1 (block-major: 1 thread, [1,112,112,96] 3x3/2 0.081 -> 0.067 ms CPU), or (n, output
+row), and a row's channels too, in whole vectors, when rows are fewer than 8 per thread (7x7 maps). Which
+is faster is timed per shape and thread count at compile time (_order; autotune.pick caches it); untimed,
+block-major where its items balance over the threads.
 
 The taps are FMAs, so 3x3 and 5x5 run near the FMA throughput (one zmm FMA a cycle on Zen 4): 1 thread,
 [1,28,28,240] 5x5: 0.092 ms of CPU for 294k vector FMAs (0.080 ms at 3.7 GHz); the per-pixel `omp simd`
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
+from .autotune import cpu_has, pick
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
@@ -87,6 +89,7 @@ class DepthwiseConv:
         self.act_code, self.params = act_code(act, "depthwise")
         self.fn = _fn(kh, kw, self.stride, self.dilation, self.act_code)
         self._dims: dict = {}
+        self.order_text: dict = {}      # (n, h, w, threads) -> the timed order choice, for the report
 
     def out_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
         return (n, *out_hw(h, w, (self.kh, self.kw), self.stride, self.padding, self.dilation, "depthwise"), self.c)
@@ -100,16 +103,43 @@ class DepthwiseConv:
                 nck = min(cdiv(c, VL), cdiv(ROWS_PER_THREAD * threads, max(1, n * oh)))
             ck = cdiv(cdiv(c, nck), VL) * VL          # channels per chunk, whole vectors
             nck = cdiv(c, ck)
-            blocks = n * (c // VL)      # block-major items (AVX-512 path): when they balance over the threads
-            block_major = blocks >= 1 and (blocks % threads == 0 or blocks >= 8 * threads)
-            self._dims[key] = (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, block_major)
+            orders = {o: (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, o == "blocks")
+                      for o in self._orders(n, c, threads)}
+            self._dims[key] = orders[self._order(orders, (n, h, w), threads)]
         return self._dims[key]
+
+    @staticmethod
+    def _orders(n: int, c: int, threads: int) -> list[str]:
+        """The work orders worth timing, the one expected faster first (the choice untimed): block-major
+        (AVX-512 only; items (image, 16-channel block)) where those items balance over the threads, else
+        rows; both where there is a whole block and more than one thread. The rule alone misjudged this
+        machine: [1,112,112,32] 3x3 on 2 threads (two blocks, so block-major) took 0.080 ms, by rows 0.048."""
+        blocks = n * (c // VL)
+        if blocks < 1 or not cpu_has("avx512f"):
+            return ["rows"]
+        first = ["blocks", "rows"] if blocks % threads == 0 or blocks >= 8 * threads else ["rows", "blocks"]
+        return first if threads > 1 else first[:1]
+
+    def _order(self, orders: dict, nhw, threads: int) -> str:
+        """The faster of `orders` ({name: dims}) on this machine (autotune.pick: timed once, cached)."""
+        names = list(orders)
+        if len(names) == 1:
+            return names[0]
+        from ..choice import problem as choice_problem      # (choice imports this module)
+        x, out = torch.randn(*nhw, self.c), torch.empty(self.out_shape(*nhw))
+        args = (self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), out.data_ptr())
+        cands = {o: (lambda a, d=orders[o]: self.fn(a[0].data_ptr(), *args, d, self.params, threads)) for o in names}
+        problem = choice_problem("depthwise order", self.kh, self.kw, self.stride, self.dilation, self.padding,
+                                 (*nhw, self.c), self.act_code)
+        best, self.order_text[(*nhw, threads)] = pick(problem, cands, lambda: [x], threads)
+        return best
 
     def bound(self, x_shape):
         """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
         n, h, w, c = x_shape
         if c != self.c or 0 in self.out_shape(n, h, w):
             return self
+        self._plan(n, h, w, openmp.threads())       # the work order timed now, at compile time
         return bind(self, torch.Size(x_shape), self.fn,
                     [None, self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), None], (0, None, 4),
                     lambda t: self._plan(n, h, w, t), openmp.threads, self.params)
