@@ -52,7 +52,17 @@ CASES = {
                                  lambda x: (torch.softmax(x, -1), x.amax(-1, keepdim=True))),
     "swiglu flat": (lambda g, a, b: [g.add("mul", g.add("silu", a), b)], [(40009,), (40009,)],
                     lambda a, b: F.silu(a) * b),
+    # outputs of 8 MB and more: a streaming-stores variant too, its rows 64-byte aligned (blocks streamed,
+    # no tail) or not (4099 floats: plain stores for the misaligned blocks, a tail of 3)
+    "rmsnorm big, rows misaligned": (lambda g, x: [g.add("rms_norm", x, g.const(torch.linspace(-1, 1, 4099)), eps=1e-6)],
+                                     [(513, 4099)],
+                                     lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+                                     * torch.linspace(-1, 1, 4099)),
+    "softmax big + row max output": (lambda g, x: [g.add("softmax", x, axis=-1), g.add("reduce_max", x, axes=[-1], keepdim=True)],
+                                     [(1025, 2048)],
+                                     lambda x: (torch.softmax(x, -1), x.amax(-1, keepdim=True))),
 }
+STREAMED = ("rmsnorm big, rows misaligned", "softmax big + row max output")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -61,6 +71,7 @@ def test_every_variant_matches_the_reference(cache, name):
     k = _kernel(build_graph, *shapes)
     scheds = autotune.variants(k)
     assert len(scheds) >= 3 and scheds[0] == DEFAULT
+    assert (Schedule(stream=True) in scheds) == (name in STREAMED)
     fn = build(k)
     assert fn.choice is not None and fn.choice.how == "timed"
     xs = [torch.randn(s) for s in shapes]

@@ -1,7 +1,8 @@
 """Choose each C kernel's schedule by timing it on this machine, once, and remember the winner.
 
 A schedule (render.Schedule) is how a kernel's outer loop is spread over the threads: all threads
-with a static split (the default), the calling thread alone, dynamic chunks, guided. Which is fastest
+with a static split (the default), the calling thread alone, dynamic chunks, guided; and, for row
+kernels writing STREAM_MIN_BYTES or more, whether they write by streaming stores. Which is fastest
 depends on the machine (a Zen 5 and a Zen 4 disagreed about static vs dynamic splits and about
 small kernels), so instead of constants measured on one of them:
 
@@ -43,6 +44,10 @@ from .render import CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
 MIN_REPS, MAX_REPS = 3, 15
+# A row kernel writing this many bytes or more also times its streaming-store form (render.Schedule.stream):
+# outputs that, with their inputs, crowd a last-level cache of tens of MB. A size of the kernel's, not of
+# the machine's caches, so the variants (and an artifact's library) do not depend on the machine.
+STREAM_MIN_BYTES = 8 << 20
 _ISA = ("avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16", "fma", "f16c",
         "amx_tile", "sse4_2")
 
@@ -73,7 +78,10 @@ def variants(k) -> list[Schedule]:
     if n < PARALLEL_MIN or rows < 2 or k.layout:
         return [DEFAULT]
     # chunks of 1/16 of the loop (elements, in whole 64-byte lines, or rows), sized at the call
-    return [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {CHUNK}"), Schedule(omp="guided")]
+    scheds = [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {CHUNK}"), Schedule(omp="guided")]
+    if not k.flat and sum(math.prod(o.shape) * o.dtype.itemsize for o in k.outputs) >= STREAM_MIN_BYTES:
+        scheds.append(Schedule(stream=True))
+    return scheds
 
 
 @functools.lru_cache(maxsize=None)

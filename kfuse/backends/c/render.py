@@ -45,9 +45,12 @@ class Schedule:
                                 # "one": the calling thread alone
     omp: str = SCHEDULE         # the OpenMP schedule clause: "static", "dynamic, 8", "guided"; CHUNK
                                 # stands for 1/16 of the loop count (at least 4096 elements, 1 row)
+    stream: bool = False        # a row kernel's float outputs written by streaming (non-temporal) stores,
+                                # past the caches: for outputs larger than the last-level cache can hold
 
     def __str__(self):
-        return "1 thread" if self.threads == "one" else self.omp.replace(" ", "").replace(CHUNK, "n/16")
+        text = "1 thread" if self.threads == "one" else self.omp.replace(" ", "").replace(CHUNK, "n/16")
+        return text + (", streaming stores" if self.stream else "")
 
 
 CHUNK = "{chunk}"
@@ -64,8 +67,33 @@ PRELUDE = """#define _ISOC11_SOURCE   /* aligned_alloc, which -std=gnu99 does no
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 """ + VECMATH_H + VECMATH_C
+
+# Streaming stores (Schedule.stream): a block of BLOCK floats, computed into an aligned local array,
+# leaves by non-temporal stores where its destination is 64-byte aligned (else plain stores). They skip
+# the read of each destination line a store first makes and leave the caches to the inputs. gcc
+# ignores `omp simd nontemporal`, hence the intrinsics.
+STREAM_C = """#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+KF_INLINE void kf_stream_block(float *restrict p, const float *restrict v) {
+#ifdef __AVX512F__
+    if (((uintptr_t)p & 63) == 0) {
+        for (int i = 0; i < %(block)d; i += 16)
+            _mm512_stream_ps(p + i, _mm512_load_ps(v + i));
+        return;
+    }
+#endif
+    memcpy(p, v, %(block)d * sizeof(float));
+}
+KF_INLINE void kf_stream_fence(void) {
+#ifdef __AVX512F__
+    _mm_sfence();      /* the streamed lines reach memory before the team's closing barrier */
+#endif
+}
+"""
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<",
           "le": "<=", "gt": ">", "ge": ">=", "and": "&&", "or": "||"}
@@ -206,6 +234,8 @@ class _Render:
                     self.out(f"p{self.n_in + o}[0] = {self.ref(v, row, d, '0', None)};", d)
             self.one_pass(p, row, d, N, row_out)
         self.out("}", 2)
+        if self.sched.stream:
+            self.out("kf_stream_fence();", 2)
         for i in sorted(k.stash):
             self.out(f"free(s{i});", 2)
         self.out("}", 1)
@@ -219,6 +249,10 @@ class _Render:
                 if not k.varies[v] and k.phase[v] == p and (o, v) not in row_out]
         stores = [i for i in sorted(k.stash) if k.phase[i] == p]
         if not (reds or outs or stores):
+            return
+        streamed = [(o, v) for o, v in outs if self.streams(o, v)] if not reds and N >= BLOCK else []
+        if streamed:
+            self.streamed_pass(p, row, d, N, stores, outs, streamed)
             return
         nan = [i for i in reds if k.values[i].op != "rsum" and k.values[i].dtype == "f32"]
         for i in reds:
@@ -264,6 +298,33 @@ class _Render:
         for i in reds:
             row[i] = f"v{i}"
 
+    def streams(self, o, v) -> bool:
+        """Whether output o (value v) of this row kernel leaves by streaming stores: under Schedule.stream,
+        a float output that varies along the row, its elements contiguous."""
+        k = self.k
+        return self.sched.stream and k.varies[v] and k.strides[self.n_in + o][-1] == 1 and \
+            DTYPES[k.outputs[o].dtype] == "f32"
+
+    def streamed_pass(self, p, row, d, N, stores, outs, streamed):
+        """A pass without reductions whose `streamed` outputs are computed BLOCK elements at a time into
+        aligned local arrays t<o>, each block then streamed out (kf_stream_block); the rest of the row, past
+        the last whole block, by plain stores."""
+        split = N // BLOCK * BLOCK
+        dest = {o: f"t{o}[jj]" for o, _ in streamed}
+        self.out(f"for (int64_t j0 = 0; j0 < {split}LL; j0 += {BLOCK}) {{", d)
+        for o, _ in streamed:
+            self.out(f"float t{o}[{BLOCK}] __attribute__((aligned(64)));", d + 1)
+        self.out("#pragma omp simd", d + 1)
+        self.out(f"for (int jj = 0; jj < {BLOCK}; jj++) {{", d + 1)
+        self.out("int64_t j = j0 + jj;", d + 2)
+        self.body(p, row, d + 2, stores, outs, [], "", "", dest)
+        self.out("}", d + 1)
+        for o, _ in streamed:
+            self.out(f"kf_stream_block(p{self.n_in + o} + j0, t{o});", d + 1)
+        self.out("}", d)
+        if split < N:
+            self.loop(d, f"{split}LL", f"{N}LL", [], [], "j", lambda: self.body(p, row, d + 1, stores, outs, [], "", ""))
+
     def loop(self, d, start, stop, reds, nan, var, emit_body):
         """A `omp simd` loop from start to stop reducing into the scalars v<i> (and nan<i> for the
         reductions in `nan`); emit_body writes its body."""
@@ -274,14 +335,16 @@ class _Render:
         emit_body()
         self.out("}", d)
 
-    def body(self, p, row, d, stores, outs, reds, acc, nanacc):
-        """One element j of pass p: its stash stores, outputs and reduction updates."""
+    def body(self, p, row, d, stores, outs, reds, acc, nanacc, dest=None):
+        """One element j of pass p: its stash stores, outputs (into dest[o] where given, else the output
+        row) and reduction updates."""
         k = self.k
         local = dict(row)
         for i in stores:
             self.out(f"s{i}[j] = {self.ref(i, local, d, 'j', p)};", d)
         for o, v in outs:
-            self.out(f"p{self.n_in + o}[j] = {self.ref(v, local, d, 'j', p)};", d)
+            target = (dest or {}).get(o, f"p{self.n_in + o}[j]")
+            self.out(f"{target} = {self.ref(v, local, d, 'j', p)};", d)
         for i in reds:
             self.fold(i, self.ref(k.values[i].args[0], local, d, "j", p), acc, nanacc, d)
 
@@ -309,9 +372,13 @@ def CTYPE_OF(k: FusedKernel, a: int) -> str:
     return CTYPE[DTYPES[(k.inputs + k.outputs)[a].dtype]]
 
 
+def _prelude(scheds) -> str:
+    return PRELUDE + (STREAM_C % {"block": BLOCK} if any(s.stream for s in scheds) else "")
+
+
 def render(k: FusedKernel, sched: Schedule = DEFAULT) -> str:
     """C source of `k`: the same kernel IR always renders to the same text (the cache key)."""
-    return PRELUDE + "\n" + _Render(k, sched).render()
+    return _prelude([sched]) + "\n" + _Render(k, sched).render()
 
 
 def render_variants(k: FusedKernel, scheds: list[Schedule]) -> str:
@@ -320,4 +387,4 @@ def render_variants(k: FusedKernel, scheds: list[Schedule]) -> str:
     (autotune.py), so the choice never needs another compile and the source never depends on it."""
     names = "".join(f"/* kf_v{i}: {s} */\n" for i, s in enumerate(scheds))
     funcs = [_Render(k, s).render(f"void kf_v{i}") for i, s in enumerate(scheds)]
-    return PRELUDE + "\n" + names + "\n".join(funcs) + "void kf_run(void **args) { kf_v0(args); }\n"
+    return _prelude(scheds) + "\n" + names + "\n".join(funcs) + "void kf_run(void **args) { kf_v0(args); }\n"
