@@ -298,6 +298,9 @@ def main(family: str, cases: dict, providers=PROVIDERS):
     ap.add_argument("--providers", default=",".join(providers))
     ap.add_argument("--repeat", type=int, default=1, help="processes per provider, in turns; the median one is shown")
     a = ap.parse_args()
+    unknown = [c for c in a.cases if c not in cases]
+    if unknown:
+        ap.error(f"unknown case {unknown[0]!r}; the cases: " + ", ".join(repr(c) for c in cases))
     print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, each provider in its own process"
           f" (x{a.repeat})")
     for case in a.cases:
