@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from . import artifact
 from .ops.reference import run as run_reference
 from .runtime import build_program
 from .verify import Verification, compare
+
+# One compilation at a time in the process: torch.export keeps process-wide state (its mode stack, the
+# patcher, module keys), and two threads exporting at once (a model called concurrently with two new
+# shapes) failed with "Trying to pop empty mode stack" and similar.
+_COMPILING = threading.RLock()
 
 
 def _signature(tensors) -> tuple:
@@ -128,23 +134,33 @@ class CompiledModel:
 
     def _program(self, flat):
         sig = _signature(flat)
+        prog = self._compiled(sig, flat)
+        if prog is not None:
+            return prog
+        if self.source is None:
+            raise InputError(f"this model was loaded from an artifact compiled for {'; '.join(self.signatures)}; "
+                             f"got {_fmt(sig)}: compile the model for this shape and save it again")
+        with _COMPILING:
+            return self._compiled(sig, flat) or self._compile(sig, flat)    # another thread may have just built it
+
+    def _compiled(self, sig, flat):
+        """The program built for these inputs' signature (and values, where it specialised on them), or None."""
         spec = self._specialised.get(sig)
-        prog = self._by_value.get((sig, _values(flat, spec))) if spec else self._programs.get(sig)
-        if prog is None:
-            if self.source is None:
-                raise InputError(f"this model was loaded from an artifact compiled for {'; '.join(self.signatures)}; "
-                                 f"got {_fmt(sig)}: compile the model for this shape and save it again")
-            device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
-            with on_device(device):
-                graph = self.capture(flat)
-                specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
-                note = getattr(graph, "capture_note", "")
-                prog = build_program(graph, self.options)
-            prog.report.capture = note
-            if specialised:
-                self._specialised[sig] = specialised
-                self._by_value[(sig, _values(flat, specialised))] = prog
-            self._programs.setdefault(sig, prog)
+        return self._by_value.get((sig, _values(flat, spec))) if spec else self._programs.get(sig)
+
+    def _compile(self, sig, flat):
+        """Capture and build the program for these inputs (under _COMPILING)."""
+        device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
+        with on_device(device):
+            graph = self.capture(flat)
+            specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
+            note = getattr(graph, "capture_note", "")
+            prog = build_program(graph, self.options)
+        prog.report.capture = note
+        if specialised:
+            self._specialised[sig] = specialised
+            self._by_value[(sig, _values(flat, specialised))] = prog
+        self._programs.setdefault(sig, prog)
         return prog
 
     def _check_tensors(self, flat):
@@ -191,8 +207,8 @@ class CompiledModel:
     # -- running ----------------------------------------------------------------------------------------
     def __call__(self, *inputs, **kwargs):
         flat = self._flatten(inputs, kwargs)
-        self._last = self._program(flat)
-        outs = _with_literals(self._last(flat), self._last.graph.literals)
+        self._last = prog = self._program(flat)    # prog, not self._last: another thread may set that meanwhile
+        outs = _with_literals(prog(flat), prog.graph.literals)
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
             outs[0] if len(outs) == 1 else tuple(outs))
 
@@ -222,12 +238,12 @@ class CompiledModel:
     def verify(self, *inputs, **kwargs) -> Verification:
         """Max abs and rel error of each output against the original model on `inputs`."""
         flat = self._flatten(inputs, kwargs)
-        self._last = self._program(flat)
-        got = self._last(flat)
-        names = self._last.graph.output_names or [f"output{i}" for i in range(len(got))]
+        self._last = prog = self._program(flat)
+        got = prog(flat)
+        names = prog.graph.output_names or [f"output{i}" for i in range(len(got))]
         against = "the saved graph's reference interpreter" if self.source is None else \
             "ONNX Runtime" if self.is_onnx else "PyTorch eager"
-        literals = self._last.graph.literals        # Python values among the outputs: not compared
+        literals = prog.graph.literals        # Python values among the outputs: not compared
         want = [w for k, w in enumerate(self.reference(*inputs, **kwargs)) if k not in literals]
         return compare(names, got, want, against)
 

@@ -145,3 +145,20 @@ def test_cnn_kernels_from_four_threads_match_serial_calls(name, monkeypatch):
     _assert_serial(got, serial, lambda t, c: (t + c) % 4)
     with torch.no_grad():
         torch.testing.assert_close(serial[1][0], model(*inputs[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_new_shapes_from_two_threads_compile_one_at_a_time():
+    """Two threads calling one model with batch sizes it has not seen: each new shape compiles once more,
+    one at a time (torch.export keeps process-wide state: two exports at once had failed with "Trying to
+    pop empty mode stack"), and every call gets its own shape's program, not the one another thread made
+    last."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 4, 1)).eval()
+    cm = kfuse.compile(m, (torch.randn(2, 3, 12, 12),))
+    inputs = [torch.randn(b, 3, 12, 12) for b in (3, 4, 5, 6)]
+    got = _hammer(lambda x: _flat(cm(x)), lambda t, c: (inputs[(t + c) % 4],), 2, 6)
+    with torch.no_grad():
+        for (t, c), outs in got.items():
+            torch.testing.assert_close(outs[0], m(inputs[(t + c) % 4]), rtol=1e-4, atol=1e-5)
+    assert len(cm._programs) == 5
