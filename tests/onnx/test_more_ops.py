@@ -2,7 +2,8 @@
 does not reach, against ONNX's reference evaluator (the semantics kfuse follows): GridSample, Resize
 by weight matrices (cubic coefficients, antialias, tf_crop_and_resize), Scan and Loop unrolled, the
 quantization ops, DeformConv, AveragePool by convolution, ScatterND reductions, MaxPool's Indices,
-TfIdfVectorizer, BitCast, and ops whose output shape depends on values (compiled again per value)."""
+TfIdfVectorizer, BitCast, and ops whose output shape depends on values (compiled again per value); Resize with
+align_corners and a fractional output width against ONNX Runtime (which kfuse follows there)."""
 import numpy as np
 import onnx
 import pytest
@@ -77,6 +78,31 @@ def test_resize_by_weight_matrices(tmp_path, attrs, scales, roi):
     inits = {"scales": np.array(scales, np.float32), "roi": np.array(roi or [], np.float32)}
     node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], **attrs)
     check(tmp_path, model([node], {"x": x}, {"y": TensorProto.FLOAT}, inits, opset=19), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic", "nearest"])
+@pytest.mark.parametrize("scales", [[1, 1, 1.5, 1.5], [1, 1, 0.6, 1.3]])
+def test_resize_align_corners_fractional_width_follows_onnx_runtime(tmp_path, mode, scales):
+    """align_corners with scales whose output width is fractional (a PyTorch export of
+    interpolate(scale_factor=1.5, align_corners=True) on a 7x5 map): ONNX Runtime and PyTorch map by the
+    integer output length, ONNX's reference by the fractional width; kfuse follows ONNX Runtime (it had
+    followed the reference: 30% off the PyTorch model the file came from)."""
+    x = f32(1, 2, 7, 5)
+    inits = {"scales": np.array(scales, np.float32), "roi": np.array([], np.float32)}
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], mode=mode,
+                            coordinate_transformation_mode="align_corners")
+    out = [1, 2] + [int(np.float32(s) * np.float32(n)) for s, n in zip(scales[2:], (7, 5))]
+    check(tmp_path, model([node], {"x": x}, {"y": TensorProto.FLOAT}, inits, opset=19, shapes={"y": out}),
+          atol=1e-5, oracle="ort")
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic", "nearest"])
+def test_resize_of_an_empty_batch(tmp_path, mode):
+    """batch 0: an empty output of the resized shape, as ONNX Runtime gives (it had crashed in numpy)."""
+    inits = {"scales": np.array([1, 1, 2, 2], np.float32), "roi": np.array([], np.float32)}
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], mode=mode)
+    check(tmp_path, model([node], {"x": f32(0, 3, 5, 4)}, {"y": TensorProto.FLOAT}, inits, opset=19,
+                          shapes={"y": [0, 3, 10, 8]}), oracle="ort")
 
 
 def test_scan_reverse_and_output_axis(tmp_path):

@@ -409,13 +409,9 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
     elif scales is not None and scales.numel:
         for a, sc in zip(axes, n.value(scales, "scales").reshape(-1).tolist()):
             width = np.float32(sc) * np.float32(x.shape[a])
-            if coord == "align_corners" and width != np.floor(width):
-                # x * (size - 1) / (width - 1) with the fractional width, as ONNX's reference computes
-                # it (ONNX Runtime and the spec's wording take the integer output length)
-                if mode == "nearest" or not x.dtype.is_floating_point:
-                    n.unsupported(f"{described} with scale {sc} on an axis of {x.shape[a]}: the output width "
-                                  f"{float(width)} is fractional, where ONNX's reference and ONNX Runtime disagree")
-                by_matrices = True   # ONNX's reference per axis
+            # align_corners maps x to x * (size - 1) / (out - 1) with the integer output length `out`, as
+            # ONNX Runtime, PyTorch (whose exports carry such scales) and the spec's wording have it;
+            # ONNX's reference takes the fractional width there (docs/ONNX.md)
             out[a], scale[a] = int(width), sc
     else:
         n.fail("neither scales nor sizes is given")
@@ -428,7 +424,7 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
         moved = [a for a in range(rank) if out[a] != x.shape[a] or (index[a] != np.arange(out[a])).any()]
     else:  # linear samples clamped positions; cubic only goes to torch, which checks its own way
         pos = {a: np.clip(src[a], 0, x.shape[a] - 1) for a in range(rank)}
-        moved = [a for a in range(rank) if out[a] != x.shape[a] or np.abs(pos[a] - np.arange(out[a])).max() > 0]
+        moved = [a for a in range(rank) if out[a] != x.shape[a] or np.abs(pos[a] - np.arange(out[a])).max(initial=0) > 0]
     if not moved:
         return x
     spatial = 3 <= rank <= 5 and moved[0] >= 2 and x.dtype.is_floating_point
@@ -459,7 +455,7 @@ def _resize(n, x, roi=None, scales=None, sizes=None):
     if spatial:
         tmode = {3: "linear", 4: "bilinear", 5: "trilinear"}[rank]
         for align_corners in (False, True):
-            if all(np.abs(_torch_map(x.shape[a], out[a], "linear", align_corners) - pos[a]).max() < 1e-4
+            if all(np.abs(_torch_map(x.shape[a], out[a], "linear", align_corners) - pos[a]).max(initial=0) < 1e-4
                    for a in moved):
                 return torch_resize(tmode, align_corners)
     for a in moved:  # x[i0] (1 - w) + x[i1] w along each axis, i0 = floor(pos), i1 = i0 + 1 (clamped)
