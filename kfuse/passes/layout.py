@@ -115,7 +115,7 @@ class _Region:
         x, (ln_w, ln_b) = rows.inputs[0], m.inputs[1:]
         nb, c, h, w = x.shape
         if x.shape != n.shape or len(rows.shape) != 3 or rows.shape[0] != nb or c % rows.shape[1] \
-                or ln_w.op != "const" or ln_b.op != "const":
+                or 0 in rows.shape or ln_w.op != "const" or ln_b.op != "const":
             return None
         groups = rows.shape[1]
 

@@ -385,3 +385,19 @@ def test_our_conv_kernels_write_into_planned_buffers(monkeypatch):
         for b in arena:
             b.fill_(float("nan"))
     assert_close(cm(x), m(x), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_group_norm_of_an_empty_batch(tmp_path):
+    """GroupNorm as ONNX exports it (reshape to [N, groups, -1], a row norm, reshape back) compiled at batch 0:
+    the empty output, unfused (the NHWC group_norm rule had divided by the empty rows' length)."""
+    import kfuse
+    m = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.GroupNorm(8, 32), torch.nn.SiLU()).eval()
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(m, (torch.randn(2, 8, 12, 12),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    x = torch.randn(0, 8, 12, 12)
+    assert kfuse.compile(str(path), (x,))(x).shape == (0, 32, 12, 12)
+    x = torch.randn(2, 8, 12, 12)
+    cm = kfuse.compile(str(path), (x,))
+    assert_close(cm(x), m(x), atol=1e-4, rtol=1e-4)
+    assert cm.report().fusions.get("group_norm") == 1        # at batch 2 the rule fires
