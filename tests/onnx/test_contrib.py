@@ -438,3 +438,63 @@ def test_group_query_attention_seqlens_k_is_read_at_run_time(tmp_path):
     got = [g.numpy() for g in cm(*[torch.from_numpy(v) for v in given.values()])]
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, given)
     check(got, want)
+
+
+@pytest.mark.parametrize("activation, params", [("", []), ("Relu", []), ("Sigmoid", []), ("Tanh", []),
+                                                ("LeakyRelu", [0.2]), ("Clip", [-0.5, 0.7]),
+                                                ("HardSigmoid", [0.3, 0.4])])
+@pytest.mark.parametrize("z", [False, True])
+def test_fused_conv(tmp_path, activation, params, z):
+    """ONNX Runtime's FusedConv: activation(Conv(x, w, b) + z), Conv's attributes (groups, pads, strides)."""
+    attrs = dict(kernel_shape=[3, 3], pads=[1, 0, 1, 2], strides=[2, 1], group=2, activation=activation,
+                 activation_params=params)
+    if not activation:
+        del attrs["activation"]
+    if not params:
+        del attrs["activation_params"]
+    x, w, b = f32(2, 4, 9, 7), f32(6, 2, 3, 3), f32(6)
+    zin = {"z": f32(2, 6, 5, 7)} if z else {}
+    model = ms_node("FusedConv", {"x": x, **zin}, {"y": (F, 4)}, attrs, inits={"w": w, "b": b})
+    # Z is FusedConv's fourth input: put it after the initializers
+    node = model.graph.node[0]
+    if z:
+        node.input[:] = ["x", "w", "b", "z"]
+    got, want, _ = run(tmp_path, model, {"x": x, **zin})
+    check(got, want)
+
+
+@pytest.mark.parametrize("activation, attrs", [("Relu", {}), ("LeakyRelu", {"activation_alpha": 0.3}),
+                                               ("HardSigmoid", {"activation_alpha": 0.25, "activation_beta": 0.6})])
+def test_fused_gemm(tmp_path, activation, attrs):
+    a, b, c = f32(5, 7), f32(3, 7), f32(3)
+    model = ms_node("FusedGemm", {"a": a}, {"y": (F, 2)}, dict(transB=1, alpha=0.5, beta=2.0, activation=activation,
+                                                                  **attrs), inits={"b": b, "c": c})
+    got, want, _ = run(tmp_path, model, {"a": a})
+    check(got, want)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_fused_matmul(tmp_path, trans_a, trans_b):
+    a = f32(2, 3, 5, 4) if trans_a else f32(2, 3, 4, 5)
+    b = f32(3, 6, 5) if trans_b else f32(3, 5, 6)
+    model = ms_node("FusedMatMul", {"a": a, "b": b}, {"y": (F, 4)}, dict(alpha=0.7, transA=trans_a, transB=trans_b))
+    got, want, _ = run(tmp_path, model, {"a": a, "b": b})
+    check(got, want)
+
+
+def test_extended_optimized_cnn_file(tmp_path):
+    """A CNN file as ONNX Runtime's EXTENDED optimizations save it (FusedConv with its activation and the
+    residual add): kfuse compiles it and matches the unoptimized file."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Hardtanh(0.0, 6.0),
+                            torch.nn.Conv2d(8, 4, 1), torch.nn.Sigmoid()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    plain, opt = tmp_path / "plain.onnx", tmp_path / "opt.onnx"
+    torch.onnx.export(m, (x,), str(plain), dynamo=False, input_names=["x"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(plain), so, providers=["CPUExecutionProvider"])
+    assert "FusedConv" in {n.op_type for n in onnx.load(str(opt)).graph.node}
+    got = kfuse.compile(str(opt), (x,))(x)
+    np.testing.assert_allclose(got.numpy(), m(x).detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -1,9 +1,10 @@
 """ONNX handlers of the com.microsoft operators that ONNX Runtime's transformer optimizer writes into
-optimized files (SkipLayerNormalization, BiasGelu, Attention, GroupQueryAttention, ...), mapped onto
-kfuse's fused IR ops (`layer_norm`, `rms_norm`, `gelu`, `linear`, `attention`, `rope`) and elementwise
-ops. The meaning is ONNX Runtime's (its contrib op docs and CPU kernels); a variant not mapped
-(past/present state of Attention, rotary inside Attention, packed or Megatron masks, softcap of
-GroupQueryAttention, ...) is a clear error naming it."""
+optimized files (SkipLayerNormalization, BiasGelu, Attention, GroupQueryAttention, ...) and its graph
+optimizer (FusedConv, FusedGemm, FusedMatMul), mapped onto kfuse's fused IR ops (`layer_norm`,
+`rms_norm`, `gelu`, `linear`, `attention`, `rope`) and elementwise ops. The meaning is ONNX Runtime's
+(its contrib op docs and CPU kernels); a variant not mapped (past/present state of Attention, rotary
+inside Attention, packed or Megatron masks, softcap of GroupQueryAttention, ...) is a clear error
+naming it."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import math
 import torch
 
 from ..common import reshape
-from .common import _axis, handler
+from .common import HANDLERS, _axis, handler
 from .fused import _rotary_embedding
 from .nn import _norm_weight
 
@@ -469,3 +470,63 @@ def _ms_group_query_attention(n, q, k=None, v=None, past_key=None, past_value=No
     scale = 1.0 / math.sqrt(d) if not scale else float(scale)
     y = n.add("attention", qh, present_k, present_v, mask, scale=scale, causal=False, zero_masked=True)
     return [_merge_heads(n, y), present_k, present_v]
+
+
+# -- ONNX Runtime's graph optimizer (EXTENDED level): a convolution or GEMM with its activation ---------
+
+def _activation(n, y, name: str, params: list):
+    """y through the activation ONNX Runtime fused into a FusedConv/FusedGemm (its MLAS activations),
+    `params` its alpha, beta (or Clip's min, max)."""
+    def p(i, default):
+        return float(params[i]) if len(params) > i else default
+    if not name:
+        return y
+    if name in ("Relu", "Sigmoid", "Tanh"):
+        return n.add(name.lower(), y)
+    if name == "LeakyRelu":
+        return n.add("leaky_relu", y, alpha=p(0, 0.01))
+    if name == "Clip":
+        return n.add("clamp", y, min=p(0, -math.inf), max=p(1, math.inf))
+    if name == "HardSigmoid":
+        scaled = n.add("add", n.add("mul", y, n.const(p(0, 0.2), dtype=y.dtype)), n.const(p(1, 0.5), dtype=y.dtype))
+        return n.add("clamp", scaled, min=0.0, max=1.0)
+    n.unsupported(f"activation {name!r}")
+
+
+@handler((MS, "FusedConv"))
+def _fused_conv(n, x, w, b=None, z=None):
+    """activation(Conv(x, w, b) + z): Conv's attributes, `activation` and `activation_params`."""
+    y = HANDLERS["Conv"](n, x, w, b)
+    if z is not None:
+        y = n.add("add", y, z)
+    return _activation(n, y, n.attr("activation", ""), list(n.attr("activation_params", [])))
+
+
+@handler((MS, "FusedGemm"))
+def _fused_gemm(n, a, b, c=None):
+    """activation(Gemm(a, b, c)): Gemm's attributes, `activation`, `activation_alpha` and `_beta`."""
+    y = HANDLERS["Gemm"](n, a, b, c)
+    name = n.attr("activation", "")
+    params = [n.attr("activation_alpha", 0.01 if name == "LeakyRelu" else 0.2)] if name in ("LeakyRelu", "HardSigmoid") \
+        else []
+    if name == "HardSigmoid":
+        params.append(n.attr("activation_beta", 0.5))
+    return _activation(n, y, name, params)
+
+
+@handler((MS, "FusedMatMul"))
+def _fused_matmul(n, a, b):
+    """alpha * op(a) @ op(b), op a transpose of the last two dims where transA / transB say so."""
+    if n.attr("transBatchA", 0) or n.attr("transBatchB", 0):
+        n.unsupported("transBatchA/transBatchB")
+    for name, t in (("transA", a), ("transB", b)):
+        if n.attr(name, 0):
+            if len(t.shape) < 2:
+                n.fail(f"{name} on a rank-{len(t.shape)} input")
+            perm = list(range(len(t.shape)))
+            perm[-2:] = perm[-1], perm[-2]
+            t = n.add("transpose", t, perm=perm)
+            a, b = (t, b) if name == "transA" else (a, t)
+    y = HANDLERS["MatMul"](n, a, b)
+    alpha = float(n.attr("alpha", 1.0))
+    return y if alpha == 1.0 else n.add("mul", y, n.const(alpha, dtype=y.dtype))
