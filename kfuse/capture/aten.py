@@ -204,9 +204,26 @@ def _gelu(g, x, approximate="none"):
     return g.add("gelu", x, approximate=approximate)
 
 
-@handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.hardtanh.default)
+@handles(aten.clamp.default, aten.hardtanh.default)
 def _clamp(g, x, lo=None, hi=None):
     return g.add("clamp", x, min=lo, max=hi)
+
+
+handles(aten.clamp_min.default)(lambda g, x, lo: g.add("clamp", x, min=lo))
+handles(aten.clamp_max.default)(lambda g, x, hi: g.add("clamp", x, max=hi))
+
+
+@handles(aten.clamp.Tensor)
+def _clamp_tensor(g, x, lo=None, hi=None):
+    """Tensor bounds (broadcast, promoted): max(x, lo) then min(., hi), NaN-propagating as torch's;
+    where lo > hi that gives hi, as torch does."""
+    if lo is not None:
+        x = g.add("maximum", x, lo)
+    return x if hi is None else g.add("minimum", x, hi)
+
+
+handles(aten.clamp_min.Tensor)(lambda g, x, lo: g.add("maximum", x, lo))
+handles(aten.clamp_max.Tensor)(lambda g, x, hi: g.add("minimum", x, hi))
 
 
 @handles(aten.leaky_relu.default)

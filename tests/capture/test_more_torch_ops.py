@@ -470,3 +470,14 @@ def test_python_values_among_the_outputs_are_returned_as_they_are(tmp_path):
     cm.save(tmp_path / "art")
     again = kfuse.load(tmp_path / "art")(x)
     assert again[1] is None and again[2] == 3 and again[3]["half"] == 0.5 and torch.equal(again[3]["y"], x + 1)
+
+
+def test_clamp_with_tensor_bounds():
+    """clamp with tensor bounds (broadcast; a NaN bound, lo > hi somewhere, an integer x promoted) and the
+    one-sided forms: eager's values and dtypes."""
+    x, lo, hi = special(4, 5), r(5) - 1, r(4, 1) + 1
+    lo[1] = math.nan
+    lo[2] = 3.0                 # above every hi: hi wins
+    compiled(lambda x, lo, hi: (torch.clamp(x, lo, hi), torch.clamp(x, min=lo), torch.clamp(x, max=hi),
+                                torch.clamp_min(x, lo), torch.clamp_max(x, hi), torch.clamp(x.int(), lo, hi),
+                                torch.clamp_max(x, 0.3) + torch.clamp_min(x, -0.2)), x, lo, hi)
