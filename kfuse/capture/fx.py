@@ -369,10 +369,16 @@ def _mutations(g: Graph, sig, user: list[str]) -> None:
     kinds = [s.kind for s in sig.output_specs]
     if OutputKind.USER_INPUT_MUTATION not in kinds:
         return
-    writes = [(o, user.index(s.target)) for o, s in zip(g.outputs, sig.output_specs) if s.kind == OutputKind.USER_INPUT_MUTATION]
-    keep = [k != OutputKind.USER_INPUT_MUTATION for k in kinds]
-    g.outputs = [o for o, k in zip(g.outputs, keep) if k] + [o for o, _ in writes]
-    g.output_names = [n for n, k in zip(g.output_names, keep) if k] + [f"{user[i]} (written in place)" for _, i in writes]
+    # every output of the export in its order: a tensor (node, name) or a Python value (graph.literals,
+    # numbered among all of them until now: among the user's outputs after this)
+    tensors = iter(zip(g.outputs, g.output_names))
+    full = [(None, g.literals[k]) if k in g.literals else next(tensors) for k in range(len(kinds))]
+    writes = [(full[k][0], user.index(s.target)) for k, s in enumerate(sig.output_specs)
+              if s.kind == OutputKind.USER_INPUT_MUTATION]
+    kept = [out for out, kind in zip(full, kinds) if kind != OutputKind.USER_INPUT_MUTATION]
+    g.literals = {k: v for k, (o, v) in enumerate(kept) if o is None}
+    g.outputs = [o for o, _ in kept if o is not None] + [o for o, _ in writes]
+    g.output_names = [n for o, n in kept if o is not None] + [f"{user[i]} (written in place)" for _, i in writes]
     g.mutated = [i for _, i in writes]
     users = g.users()
     for new, i in writes:

@@ -270,3 +270,14 @@ def test_sdpa_of_a_decode_step_matches_torch():
     q64, k64 = q.double(), past.double()
     torch.testing.assert_close(sdpa(q64, k64, k64, enable_gqa=True),
                                F.scaled_dot_product_attention(q64, k64, k64, enable_gqa=True))
+
+
+def test_static_cache_prompts_either_side_of_the_sliding_window():
+    """Mistral with a static cache: a prompt longer than the window, then a shorter one (its graph returns
+    the cache lengths as Python ints beside the cache writes: they had been put one output off)."""
+    model = _model("mistral")
+    long, short = torch.randint(1, VOCAB, (1, 12)), torch.randint(1, VOCAB, (1, 5))
+    want = [_generate(model, ids, 6, cache_implementation="static") for ids in (long, short)]
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    got = [_generate(model, ids, 6, cache_implementation="static") for ids in (long, short)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -39,6 +39,27 @@ def test_writes_into_inputs_in_place():
     assert len(puts) == 1 and puts[0].attrs.get("inplace"), "the cache rows are written in place, not copied"
 
 
+class CacheStepWithLengths(torch.nn.Module):
+    """Python ints among the outputs, before and between tensors (a static cache's lengths)."""
+    def forward(self, x, cache, pos):
+        cache.index_copy_(2, pos, x)
+        return cache.shape[2], cache.sum(-1), 5, x * 2
+
+
+def test_python_values_among_the_outputs_of_a_model_writing_its_inputs():
+    """The export lists the writes into inputs first, then the outputs: the Python values keep their
+    places among the model's outputs (they had been placed by the export's numbering, one output off
+    per write: a Mistral generate() with StaticCache failed on a second prompt length)."""
+    x, cache, pos, _ = _inputs()
+    cm = kfuse.compile(CacheStepWithLengths(), (x, cache.clone(), pos))
+    mine, theirs = cache.clone(), cache.clone()
+    got, want = cm(x, mine, pos), CacheStepWithLengths()(x, theirs, pos)
+    assert got[0] == want[0] == 9 and got[2] == 5
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[3], want[3])
+    assert torch.equal(mine, theirs) and cm.graph.mutated == [1]
+
+
 def test_input_read_after_write_is_not_in_place():
     """When the model also reads the input's old value, the write cannot happen in place first."""
     class ReadOld(torch.nn.Module):
