@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch._dynamo.convert_frame
 import torch.utils._pytree as pytree
 
 from .errors import InputError, KfuseError, ModelFileError
@@ -21,10 +22,12 @@ from .ops.reference import run as run_reference
 from .runtime import build_program
 from .verify import Verification, compare
 
-# One compilation at a time in the process: torch.export keeps process-wide state (its mode stack, the
-# patcher, module keys), and two threads exporting at once (a model called concurrently with two new
-# shapes) failed with "Trying to pop empty mode stack" and similar.
-_COMPILING = threading.RLock()
+# One compilation at a time in the process, Dynamo's included: torch.export and Dynamo's tracing keep
+# process-wide state (the mode stack, the patcher, module keys, fake tensors). Two threads exporting at
+# once (a model called with two new shapes) failed with "Trying to pop empty mode stack"; an export of a
+# new size set in one thread while Dynamo traced in another, with "sN is not tracked with proxy". Hence
+# Dynamo's own compile lock (re-entrant: a kfuse backend compiling inside Dynamo's compile holds it).
+_COMPILING = getattr(torch._dynamo.convert_frame, "compile_lock", None) or threading.RLock()
 
 
 def _signature(tensors) -> tuple:

@@ -21,14 +21,13 @@ dynamic=True) runs by one of three strategies, chosen from the share of its work
 from __future__ import annotations
 
 import operator
-import threading
 import warnings
 import weakref
 
 import torch
 import torch.fx
 
-from .api import check_options, compile
+from .api import _COMPILING, check_options, compile
 from .errors import KfuseError
 from .runtime import kvcache
 
@@ -203,7 +202,6 @@ class Segment:
         self._past_programs = 0   # programs of the compiled models this one replaced
         self.fallback = ""        # why torch runs this graph, if it does
         self._built = None        # (state, compiled model, positions of the tensors it takes), swapped whole
-        self._lock = threading.Lock()    # two threads making the first call compile once
         self._numbers = _number_outputs(fn)
 
     def _build(self, args, state):
@@ -247,7 +245,7 @@ class Segment:
         state = self._state(args)
         built = self._built
         if built is None or built[0] != state:
-            with self._lock:
+            with _COMPILING:      # one compilation at a time (api._COMPILING): two first calls compile once
                 built = self._built
                 if built is None or built[0] != state:
                     built = self._build(args, state)

@@ -162,3 +162,24 @@ def test_new_shapes_from_two_threads_compile_one_at_a_time():
         for (t, c), outs in got.items():
             torch.testing.assert_close(outs[0], m(inputs[(t + c) % 4]), rtol=1e-4, atol=1e-5)
     assert len(cm._programs) == 5
+
+
+def test_first_calls_of_a_dynamic_torch_compile_from_two_threads():
+    """Two threads making the first calls of torch.compile(backend="kfuse", dynamic=True) on inputs of
+    four shapes: kfuse's compilations of new size sets wait for Dynamo's tracing in the other thread (an
+    export beside it had failed with "sN is not tracked with proxy" in every trial)."""
+    model, _ = build("llama", batch=1, seq=8, layers=1)
+    inputs = [build("llama", batch=b, seq=s, layers=1, seed=s)[1] for b, s in ((1, 7), (2, 19), (1, 33), (3, 5))]
+    with torch.no_grad():
+        want = [_flat(model(*x)) for x in inputs]
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="kfuse", dynamic=True)
+
+    def call(*x):
+        with torch.no_grad():
+            return _flat(fn(*x))
+    got = _hammer(call, lambda t, c: inputs[(t + c) % 4], 2, 4)
+    for (t, c), outs in got.items():
+        for a, b in zip(outs, want[(t + c) % 4]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
