@@ -199,6 +199,15 @@ class CompiledModel:
         flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
         if spec != self._in_spec:
             want_args, want_kwargs = pytree.tree_unflatten([0] * self._in_spec.num_leaves, self._in_spec)
+            if len(inputs) == len(want_args) and sorted(kwargs) == sorted(want_kwargs):   # one input's structure
+                pairs = [(f"input {i}", a, w) for i, (a, w) in enumerate(zip(inputs, want_args))] + \
+                        [(f"keyword input {k!r}", kwargs[k], want_kwargs[k]) for k in sorted(kwargs)]
+                for where, got, want in pairs:
+                    if pytree.tree_structure(got) != pytree.tree_structure(want):
+                        n = pytree.tree_structure(want).num_leaves
+                        kind = "a torch.Tensor" if pytree.tree_structure(want).is_leaf() else \
+                            f"a {type(want).__name__} of {n} tensor{'s' if n != 1 else ''}"
+                        raise InputError(f"{where} is a {type(got).__name__}, compiled for {kind}")
             raise InputError(f"model was compiled for {len(want_args)} positional inputs and keyword inputs "
                              f"{sorted(want_kwargs)}; got {len(inputs)} positional "
                              f"({', '.join(type(a).__name__ for a in inputs)}) and keyword inputs {sorted(kwargs)} (calls with "

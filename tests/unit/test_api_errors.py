@@ -40,6 +40,12 @@ def test_not_a_tensor(compiled):
         cm(ids, 5)
 
 
+def test_a_container_where_a_tensor_was_compiled_is_named(compiled):
+    cm, (ids, mask) = compiled
+    with pytest.raises(kfuse.InputError, match=r"^input 0 is a list, compiled for a torch.Tensor$"):
+        cm(ids.tolist(), mask)
+
+
 def test_an_input_on_another_device_is_named(tmp_path):
     """C kernels given a meta (or other device's) tensor read a pointer they cannot (it crashed the
     process); the compiled model, and one loaded from its artifact, say which input is where."""
