@@ -101,12 +101,31 @@ def read_model(model) -> onnx.ModelProto:
     try:
         # The checker wants a path for models over 2 GB; either way it is cheap next to loading.
         big = not isinstance(model, onnx.ModelProto) and proto.ByteSize() >= 2**31
-        onnx.checker.check_model(os.fspath(model) if big else proto)
+        onnx.checker.check_model(os.fspath(model) if big else _outputs_typed(proto))
     except (onnx.checker.ValidationError, ValueError) as e:
         raise ModelFileError(f"ONNX model {what} fails the ONNX checker: {e}") from None
     if not proto.graph.output:
         raise ModelFileError(f"ONNX model {what} has no graph outputs (truncated?)")
     return proto
+
+
+def _outputs_typed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """proto, or for the checker a copy in which every graph output declares a tensor type and a shape:
+    ONNX Runtime runs a file whose outputs declare neither (kfuse's conversion finds both), the checker
+    refuses it ("Field 'shape' of 'type' is required")."""
+    def untyped(o):
+        kind = o.type.WhichOneof("value")
+        return kind is None or kind == "tensor_type" and not o.type.tensor_type.HasField("shape")
+    if not any(untyped(o) for o in proto.graph.output):
+        return proto
+    typed = onnx.ModelProto()
+    typed.CopyFrom(proto)
+    for o in typed.graph.output:
+        if untyped(o):
+            if o.type.WhichOneof("value") is None:
+                o.type.tensor_type.elem_type = TensorProto.FLOAT    # a placeholder, for the checker alone
+            o.type.tensor_type.shape.SetInParent()
+    return typed
 
 
 def _check_type(vi: onnx.ValueInfoProto, where: str):

@@ -399,3 +399,18 @@ def test_names_are_data_not_code():
     m.graph.output[0].name = m.graph.node[0].output[0] = evil
     g = load_onnx(m, [torch.from_numpy(feeds["in0"])])
     assert g.output_names == [evil] and not math.isnan(run(g, [torch.ones(2, 3)])[0].sum().item())
+
+
+@pytest.mark.parametrize("declared", ["nothing", "a type without a shape"])
+def test_graph_output_declaring_no_type_or_shape(tmp_path, declared):
+    """ONNX Runtime runs a file whose output declares no type (or no shape); the checker refuses it. kfuse
+    checks a copy with the outputs typed and finds the real type and shape by conversion."""
+    import kfuse
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = onnx.ValueInfoProto(name="y") if declared == "nothing" else helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT64)], "g", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(m, tmp_path / "m.onnx")
+    got = kfuse.compile(str(tmp_path / "m.onnx"), (torch.ones(2, 3),))(torch.full((2, 3), 2.7))
+    assert got.dtype == torch.int64 and torch.equal(got, torch.full((2, 3), 2))
+    assert not read_model(m).graph.output[0].type.tensor_type.HasField("shape")    # the file's model, unchanged
