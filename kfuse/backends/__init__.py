@@ -37,6 +37,7 @@ from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
 from .c.autotune import pick
+from .c.autotune import problem as problem_key
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from . import choice, linear, openmp
 from .launch import group_runner
@@ -117,7 +118,7 @@ def _best_conv(spec, cands: dict | None = None):
     # previous kernel left it: timed warm, oneDNN won MobileNetV3's stem by 6% at compile time and then took
     # twice as long in the program as in the timing
     cold = _nchw_view(spec.x)
-    problem = choice.problem("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act,
+    problem = problem_key("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act,
                              spec.residual is not None, *(["nchw-view"] if cold else []))
     best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
     return cands[best], best, schedule
@@ -199,7 +200,7 @@ def _pair(group) -> _Pair | None:
                 fused = kernel(*ours)
             except (NotImplementedError, CompileError):
                 pass
-        problem = choice.problem(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape,
+        problem = problem_key(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape,
                                  dw.attrs, a.act, b.act, b.residual is not None)
         return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
                      POINTWISE_PAIRS[rule][1])
@@ -208,7 +209,7 @@ def _pair(group) -> _Pair | None:
         node, pw = pair
         se, cp = _squeeze_excite(node), _conv_candidates(pw)
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
-        problem = choice.problem("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape),
+        problem = problem_key("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape),
                                  node.shape, node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      POINTWISE_PAIRS["squeeze_excite_pointwise"][1])

@@ -1,22 +1,12 @@
-"""Timed choices among kernels that compute one function (ours and a library's): the names of the
-problems autotune.pick caches, the timing closures, and what our kernels need to run and be saved."""
+"""Timed choices among kernels that compute one function (ours and a library's): the timing closures,
+and what our kernels need to run and be saved (the problems' names: autotune.problem)."""
 from __future__ import annotations
-
-import json
 
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
-
-
-def problem(*parts) -> str:
-    """The text naming a timed choice (autotune.pick's cache key): JSON, so a shape or attribute read back
-    from an artifact as a list names the same problem as the tuple it was compiled from. The "into"
-    mark: choices timed with our kernels writing into a buffer (earlier ones allocated, page faults and
-    all, and are not reused); "first-into" likewise for a pair's first kernel (split_pairs)."""
-    return json.dumps(["into", *parts], sort_keys=True, default=str)
 
 
 def timed(cands):

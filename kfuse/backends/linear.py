@@ -11,6 +11,7 @@ from . import choice
 from .c import CompileError
 from .c import gemm as c_gemm
 from .c.autotune import pick
+from .c.autotune import problem as problem_key
 from .constants import shared
 from .library import pack_linear
 
@@ -64,7 +65,7 @@ def _fastest(cands: dict, problem: tuple, x_shape):
     fn(bufs, x, *weights) writing into the planned buffer (backends._conv_call says why)."""
     schedule = ""
     if len(cands) > 1:
-        best, schedule = pick(choice.problem(*problem), choice.timed(cands), lambda: [torch.randn(x_shape)])
+        best, schedule = pick(problem_key(*problem), choice.timed(cands), lambda: [torch.randn(x_shape)])
         cands = {best: cands[best]}
     (backend, k), = cands.items()
     if choice.takes_out(k):

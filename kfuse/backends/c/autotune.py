@@ -375,6 +375,14 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     return Choice(best, scheds[best], "timed", times)
 
 
+def problem(*parts) -> str:
+    """The text naming a timed choice (pick's cache key): JSON, so a shape or attribute read back from an
+    artifact as a list names the same problem as the tuple it was compiled from. The "into" mark: choices
+    timed with our kernels writing into a buffer (earlier ones allocated, page faults and all, and are not
+    reused); "first-into" likewise for a pair's first kernel (split_pairs)."""
+    return json.dumps(["into", *parts], sort_keys=True, default=str)
+
+
 def pick(problem: str, candidates: dict, inputs, threads: int | None = None, cold: bool = False) -> tuple[str, str]:
     """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
     kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and

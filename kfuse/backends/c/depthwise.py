@@ -37,6 +37,7 @@ import torch
 
 from .. import openmp
 from .autotune import cpu_has, pick
+from .autotune import problem as problem_key
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
@@ -125,11 +126,10 @@ class DepthwiseConv:
         names = list(orders)
         if len(names) == 1:
             return names[0]
-        from ..choice import problem as choice_problem      # (choice imports this module)
         x, out = torch.randn(*nhw, self.c), torch.empty(self.out_shape(*nhw))
         args = (self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), out.data_ptr())
         cands = {o: (lambda a, d=orders[o]: self.fn(a[0].data_ptr(), *args, d, self.params, threads)) for o in names}
-        problem = choice_problem("depthwise order", self.kh, self.kw, self.stride, self.dilation, self.padding,
+        problem = problem_key("depthwise order", self.kh, self.kw, self.stride, self.dilation, self.padding,
                                  (*nhw, self.c), self.act_code)
         best, self.order_text[(*nhw, threads)] = pick(problem, cands, lambda: [x], threads)
         return best
