@@ -101,7 +101,7 @@ def read_model(model) -> onnx.ModelProto:
     try:
         # The checker wants a path for models over 2 GB; either way it is cheap next to loading.
         big = not isinstance(model, onnx.ModelProto) and proto.ByteSize() >= 2**31
-        onnx.checker.check_model(os.fspath(model) if big else _outputs_typed(proto))
+        onnx.checker.check_model(os.fspath(model) if big else _for_checker(proto))
     except (onnx.checker.ValidationError, ValueError) as e:
         raise ModelFileError(f"ONNX model {what} fails the ONNX checker: {e}") from None
     if not proto.graph.output:
@@ -109,23 +109,35 @@ def read_model(model) -> onnx.ModelProto:
     return proto
 
 
-def _outputs_typed(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """proto, or for the checker a copy in which every graph output declares a tensor type and a shape:
-    ONNX Runtime runs a file whose outputs declare neither (kfuse's conversion finds both), the checker
-    refuses it ("Field 'shape' of 'type' is required")."""
+UNCHECKED = "kfuse.unchecked"   # the checker's copy puts default-domain ops with no ONNX schema here
+
+
+def _for_checker(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """proto, or for the checker a copy with what ONNX Runtime accepts and the checker does not made
+    acceptable: graph outputs that declare no tensor type or no shape (kfuse's conversion finds both) get
+    placeholders; default-domain ops with no ONNX schema that kfuse handles (ONNX Runtime's optimizer
+    writes SimplifiedLayerNormalization there) move to a domain the checker does not check."""
     def untyped(o):
         kind = o.type.WhichOneof("value")
         return kind is None or kind == "tensor_type" and not o.type.tensor_type.HasField("shape")
-    if not any(untyped(o) for o in proto.graph.output):
+
+    def schemaless(n):
+        return n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+    if not any(untyped(o) for o in proto.graph.output) and not any(schemaless(n) for n in proto.graph.node):
         return proto
-    typed = onnx.ModelProto()
-    typed.CopyFrom(proto)
-    for o in typed.graph.output:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for o in fixed.graph.output:
         if untyped(o):
             if o.type.WhichOneof("value") is None:
                 o.type.tensor_type.elem_type = TensorProto.FLOAT    # a placeholder, for the checker alone
             o.type.tensor_type.shape.SetInParent()
-    return typed
+    moved = [n for n in fixed.graph.node if schemaless(n)]
+    for n in moved:
+        n.domain = UNCHECKED
+    if moved:
+        fixed.opset_import.append(onnx.helper.make_opsetid(UNCHECKED, 1))
+    return fixed
 
 
 def _check_type(vi: onnx.ValueInfoProto, where: str):

@@ -414,3 +414,20 @@ def test_graph_output_declaring_no_type_or_shape(tmp_path, declared):
     got = kfuse.compile(str(tmp_path / "m.onnx"), (torch.ones(2, 3),))(torch.full((2, 3), 2.7))
     assert got.dtype == torch.int64 and torch.equal(got, torch.full((2, 3), 2))
     assert not read_model(m).graph.output[0].type.tensor_type.HasField("shape")    # the file's model, unchanged
+
+
+def test_default_domain_op_without_a_schema_that_kfuse_handles(tmp_path):
+    """ONNX Runtime's EXTENDED optimizer writes RMSNorm as SimplifiedLayerNormalization in the default domain,
+    which has no ONNX schema: the checker refused the file before kfuse's handler could take it."""
+    import kfuse
+    ort = pytest.importorskip("onnxruntime")
+    w = numpy_helper.from_array(np.linspace(0.5, 2.0, 8).astype(np.float32), "w")
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"], axis=-1, epsilon=1e-6)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = kfuse.compile(str(path), (torch.from_numpy(x),))(torch.from_numpy(x))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
