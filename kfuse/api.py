@@ -236,7 +236,12 @@ class CompiledModel:
                 import onnxruntime as ort
             except ImportError:
                 raise KfuseError("verifying an ONNX model runs ONNX Runtime: pip install 'kfuse[onnxruntime]'") from None
-            sess = ort.InferenceSession(str(self.source), providers=["CPUExecutionProvider"])
+            # the file's own semantics: ONNX Runtime's graph optimizations rewrite some of them (a
+            # quantized model's DequantizeLinear -> Conv -> QuantizeLinear becomes one integer kernel
+            # that rounds otherwise, 1-2 quantization steps from the file's result)
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sess = ort.InferenceSession(str(self.source), opts, providers=["CPUExecutionProvider"])
             feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
             try:
                 return [torch.from_numpy(o) for o in sess.run(None, feeds)]
@@ -257,7 +262,11 @@ class CompiledModel:
             "ONNX Runtime" if self.is_onnx else "PyTorch eager"
         literals = prog.graph.literals        # Python values among the outputs: not compared
         want = [w for k, w in enumerate(self.reference(*inputs, **kwargs)) if k not in literals]
-        return compare(names, got, want, against)
+        steps = None
+        if self.is_onnx:
+            from .capture.onnx import output_steps
+            steps = output_steps(self.source)
+        return compare(names, got, want, against, steps)
 
     def report(self):
         """What the last compiled program fused, and why not the rest."""

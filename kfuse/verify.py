@@ -101,12 +101,14 @@ class Verification:
         return "\n".join([head] + [f"  {o}" for o in self.outputs])
 
 
-def compare(names, got, want, against: str) -> Verification:
-    """Each output of `got` against `want` by `mismatch`, with its max abs and max rel error."""
+def compare(names, got, want, against: str, steps: dict | None = None) -> Verification:
+    """Each output of `got` against `want` by `mismatch`, with its max abs and max rel error; an output
+    named in `steps` (a quantized model's output -> its quantization step) may also be one step off."""
     rows = []
     for name, a, b in zip(names, got, want):
         a, b = torch.as_tensor(a), torch.as_tensor(b)
-        why = mismatch(a, b)
+        step = (steps or {}).get(name)
+        why = mismatch(a, b, atol=None if step is None else tolerance(b.dtype)[0] + step * (1 + 1e-6))
         if a.shape != b.shape:
             rows.append(OutputError(name, float("inf"), float("inf"), False, why))
             continue

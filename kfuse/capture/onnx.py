@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
@@ -37,7 +38,7 @@ from .onnx_ops import HANDLERS
 from .onnx_ops import unsigned
 from .onnx_ops.common import DTYPES, _convert, _tensor, _unsupported, handler_key
 
-__all__ = ["HANDLERS", "load_onnx", "read_model"]
+__all__ = ["HANDLERS", "load_onnx", "output_steps", "read_model"]
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -107,6 +108,26 @@ def read_model(model) -> onnx.ModelProto:
     if not proto.graph.output:
         raise ModelFileError(f"ONNX model {what} has no graph outputs (truncated?)")
     return proto
+
+
+def output_steps(model) -> dict[str, float]:
+    """Graph output name -> its quantization step, for the outputs a DequantizeLinear with a constant scale
+    produces (the largest of a per-channel scale): where a fused computation's float value lands
+    within rounding of a QuantizeLinear's half-way point, it may round to the neighbouring step."""
+    proto = read_model(model)
+    consts = {t.name: t for t in proto.graph.initializer}
+    consts.update({n.output[0]: a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute
+                   if a.name == "value"})
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    steps = {}
+    for out in proto.graph.output:
+        n = producer.get(out.name)
+        if n is not None and n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx", "com.microsoft") \
+                and len(n.input) > 1 and n.input[1] in consts:
+            scale = onnx.numpy_helper.to_array(consts[n.input[1]])
+            if scale.size and np.issubdtype(scale.dtype, np.floating):
+                steps[out.name] = float(np.abs(scale.astype(np.float64)).max())
+    return steps
 
 
 UNCHECKED = "kfuse.unchecked"   # the checker's copy puts default-domain ops with no ONNX schema here

@@ -93,3 +93,48 @@ def test_verification_of_outputs():
     assert str(d) == "d: max abs 0.02, max rel 0.0002 MISMATCH"
     ok = verify_outputs(names[:1], got[:1], want[:1], "ONNX Runtime")
     assert ok.ok and str(ok) == "verified against ONNX Runtime: all outputs match\n  a: max abs 0, max rel 0 ok"
+
+
+def test_a_quantized_output_may_be_one_step_off():
+    """An output named with its quantization step may differ by one step (a fused float value on the other
+    side of a QuantizeLinear's half-way point), not by two."""
+    want = torch.tensor([0.25, 0.50, 0.75])
+    one, two = want + torch.tensor([0.0, 0.25, 0.0]), want + torch.tensor([0.0, 0.5, 0.0])
+    assert verify_outputs(["y"], [one], [want], "x", {"y": 0.25}).ok
+    assert not verify_outputs(["y"], [two], [want], "x", {"y": 0.25}).ok
+    assert not verify_outputs(["y"], [one], [want], "x").ok
+
+
+def test_verify_of_a_qdq_quantized_onnx_model(tmp_path):
+    """cm.verify() on a model quantized by ONNX Runtime's quantizer (QDQ): the reference is ONNX Runtime
+    without its graph optimizations (with them its fused integer kernels round otherwise), and the
+    output one DequantizeLinear step wide (it reported this correct program as a MISMATCH: 2 steps from
+    optimized ONNX Runtime, 1 from the file's semantics)."""
+    quant = pytest.importorskip("onnxruntime.quantization")
+    import kfuse
+
+    class CNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.c3, self.fc = torch.nn.Conv2d(16, 16, 1), torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            y = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+            z = torch.relu(self.c2(y)) + self.c3(y)
+            return self.fc(torch.nn.functional.avg_pool2d(z, 2).flatten(1))
+
+    class Data(quant.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": torch.randn(2, 3, 16, 16).numpy()} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    torch.manual_seed(0)
+    plain, qdq = tmp_path / "m.onnx", tmp_path / "qdq.onnx"
+    torch.onnx.export(CNN().eval(), (torch.randn(2, 3, 16, 16),), str(plain), dynamo=False, input_names=["x"],
+                      opset_version=17)
+    quant.quantize_static(str(plain), str(qdq), Data(), quant_format=quant.QuantFormat.QDQ)
+    x = torch.randn(2, 3, 16, 16)
+    v = kfuse.compile(str(qdq), (x,)).verify(x)
+    assert v.ok, str(v)
