@@ -498,3 +498,58 @@ def test_extended_optimized_cnn_file(tmp_path):
     assert "FusedConv" in {n.op_type for n in onnx.load(str(opt)).graph.node}
     got = kfuse.compile(str(opt), (x,))(x)
     np.testing.assert_allclose(got.numpy(), m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_qoperator_quantized_cnn(tmp_path):
+    """A CNN quantized by ONNX Runtime's quantizer in the QOperator format: QLinearConv and the com.microsoft
+    QLinearAdd, QLinearMul, QLinearConcat, QLinearLeakyRelu, QLinearAveragePool, QLinearSigmoid,
+    QLinearGlobalAveragePool and QGemm; ONNX Runtime's outputs exactly (at two batch sizes)."""
+    quant = pytest.importorskip("onnxruntime.quantization")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            a, b = self.c1(x), self.c2(x)
+            y = torch.nn.functional.leaky_relu(torch.cat([a + b, a * b], 1), 0.1)
+            y = torch.sigmoid(torch.nn.functional.avg_pool2d(y, 2))
+            return self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+    class Data(quant.CalibrationDataReader):
+        def __init__(self):
+            g = torch.Generator().manual_seed(3)
+            self.batches = iter([{"x": torch.randn(2, 4, 8, 8, generator=g).numpy()} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    torch.manual_seed(0)
+    plain, qop = tmp_path / "m.onnx", tmp_path / "qop.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 4, 8, 8),), str(plain), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    quant.quantize_static(str(plain), str(qop), Data(), quant_format=quant.QuantFormat.QOperator)
+    ops = {n.op_type for n in onnx.load(str(qop)).graph.node if n.domain == MS}
+    assert {"QLinearAdd", "QLinearMul", "QLinearConcat", "QGemm", "QLinearGlobalAveragePool"} <= ops, ops
+    sess = ort.InferenceSession(str(qop), providers=["CPUExecutionProvider"])
+    for batch in (2, 3):
+        x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(batch))
+        got = kfuse.compile(str(qop), (x,))(x)
+        np.testing.assert_array_equal(got.numpy(), sess.run(None, {"x": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("quantized_output", [False, True])
+def test_qgemm(tmp_path, quantized_output):
+    """QGemm with transA, a per-column weight scale and zero point, an int32 bias, alpha; a float output
+    where no y_scale is given."""
+    a = rng.integers(0, 256, (5, 7), dtype=np.uint8)          # [K, M], transA
+    b = rng.integers(-128, 128, (5, 6), dtype=np.int8)
+    inits = {"a_scale": np.array(0.02, np.float32), "a_zp": np.array(128, np.uint8), "b": b,
+             "b_scale": np.linspace(0.01, 0.03, 6).astype(np.float32), "b_zp": np.zeros(6, np.int8),
+             "c": rng.integers(-500, 500, (6,), dtype=np.int32)}
+    if quantized_output:
+        inits |= {"y_scale": np.array(0.05, np.float32), "y_zp": np.array(100, np.uint8)}
+    model = ms_node("QGemm", {"a": a}, {"y": (TensorProto.UINT8 if quantized_output else F, 2)},
+                    dict(transA=1, alpha=0.75), inits=inits)
+    got, want, _ = run(tmp_path, model, {"a": a})
+    check(got, want, tol=1e-6)

@@ -552,7 +552,9 @@ TESTED = {c[1] for c in CASES} | {"TopK", "Einsum", "Resize", "Pad", "If"} | {w[
     | {"SimplifiedLayerNormalization"} | {("com.microsoft", op) for op in (   # tests/onnx/test_contrib.py
         "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
         "EmbedLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "BiasAdd", "Attention",
-        "MultiHeadAttention", "RotaryEmbedding", "GroupQueryAttention", "FusedConv", "FusedGemm", "FusedMatMul")}
+        "MultiHeadAttention", "RotaryEmbedding", "GroupQueryAttention", "FusedConv", "FusedGemm", "FusedMatMul",
+        "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearAveragePool",
+        "QLinearGlobalAveragePool", "QGemm")}
 TESTED |= {"LSTM", "GRU", "RNN"}   # tested in tests/onnx/test_recurrent.py
 # tests/onnx/test_more_ops.py, test_unsigned.py and the node suite (tests/onnx/test_node_suite.py)
 TESTED |= {("ai.onnx.ml", "ArrayFeatureExtractor"), ("ai.onnx.ml", "Binarizer"), "AffineGrid", "BitCast", "BitShift",

@@ -1,6 +1,8 @@
 """ONNX handlers of the integer quantization ops, as ONNX's reference computes them
 (onnx/reference/ops/op_quantize_linear.py, op_qlinear_matmul.py, ...): QuantizeLinear,
-DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv.
+DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv; and
+ONNX Runtime's QOperator-format com.microsoft ops (QLinearAdd, QLinearMul, QLinearConcat, QLinearLeakyRelu,
+QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool, QGemm).
 
 Rounding is half to even (np.rint, torch.round) and results saturate to the integer type's range.
 Integer matrix products and convolutions run in float64, exact for these sizes (every partial sum
@@ -150,3 +152,79 @@ def _qlinear_conv(n, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale
     if w_scale.numel > 1:
         w_scale = reshape(n, w_scale, (w_scale.shape[0],) + (1,) * (len(c.shape) - 2))
     return _requantize(n, c, n.add("mul", x_scale, w_scale), y_scale, y_zero_point, x)
+
+
+# -- ONNX Runtime's QOperator-format ops (com.microsoft; onnxruntime.quantization, QuantFormat.QOperator) --
+# Each is its float op between a dequantization of its inputs and a quantization of its output, as ONNX
+# Runtime's reference for them reads (per-tensor scales and zero points; a per-column weight scale in QGemm).
+
+MS = "com.microsoft"
+
+
+def _dq(n, x, scale, zero_point=None):
+    """(float32(x) - zero_point) * scale."""
+    return _dequantize_linear(n, x, scale, zero_point)
+
+
+def _q(n, y, scale, zero_point=None):
+    """saturate(round(y / scale) + zero_point), uint8 where no zero point is given."""
+    return _quantize_linear(n, y, scale, zero_point)
+
+
+def _channels_first(n):
+    if n.attr("channels_last", 0):
+        n.unsupported("channels_last=1")
+
+
+def _float_op(op_type, check=None):
+    """A QLinear op whose inputs are (X, X_scale, X_zero_point)..., then (Y_scale, Y_zero_point): the
+    ONNX op `op_type` (with the node's attributes) on the dequantized inputs, quantized."""
+    def convert(n, *ins):
+        if check is not None:
+            check(n)
+        *xs, y_scale, y_zero_point = ins
+        if len(xs) % 3:
+            n.fail(f"{len(ins)} inputs: want (X, scale, zero point) per input, then the output's scale and zero point")
+        floats = [_dq(n, *xs[i:i + 3]) for i in range(0, len(xs), 3)]
+        return _q(n, HANDLERS[op_type](n, *floats), y_scale, y_zero_point)
+    return convert
+
+
+for _name, _op, _check in (("QLinearAdd", "Add", None), ("QLinearMul", "Mul", None),
+                           ("QLinearLeakyRelu", "LeakyRelu", None), ("QLinearSigmoid", "Sigmoid", None),
+                           ("QLinearAveragePool", "AveragePool", _channels_first),
+                           ("QLinearGlobalAveragePool", "GlobalAveragePool", _channels_first)):
+    handler((MS, _name))(_float_op(_op, _check))
+
+
+@handler((MS, "QLinearConcat"))
+def _qlinear_concat(n, y_scale, y_zero_point, *xs):
+    """Concat of the dequantized (X, X_scale, X_zero_point) triples, quantized."""
+    if len(xs) % 3:
+        n.fail(f"{len(xs)} inputs after Y_scale, Y_zero_point: want (X, scale, zero point) triples")
+    floats = [_dq(n, *xs[i:i + 3]) for i in range(0, len(xs), 3)]
+    return _q(n, HANDLERS["Concat"](n, *floats), y_scale, y_zero_point)
+
+
+@handler((MS, "QGemm"))
+def _qgemm(n, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scale=None, y_zero_point=None):
+    """alpha ((A - a_zp)(B - b_zp) + C) a_scale b_scale, as ONNX Runtime computes it (C an int32 bias of
+    scale a_scale b_scale; transA/transB as Gemm's; b's scale and zero point per tensor or per output
+    column), quantized where y_scale is given, else float32."""
+    if n.attr("transA", 0):
+        a = n.add("transpose", a, perm=[1, 0])
+    if n.attr("transB", 0):
+        b = n.add("transpose", b, perm=[1, 0])
+    if b_zero_point is not None and b_zero_point.numel > 1:
+        b_zero_point = reshape(n, b_zero_point, (1, b_zero_point.numel))
+    scale = n.add("cast", n.add("mul", a_scale, b_scale if b_scale.numel == 1 else reshape(n, b_scale, (1, b_scale.numel))),
+                  dtype=F64)
+    acc = n.add("matmul", _shifted(n, a, a_zero_point), _shifted(n, b, b_zero_point))
+    if c is not None:
+        if c.dtype != torch.int32:
+            n.fail(f"C of type {c.dtype}: QGemm's bias is int32")
+        acc = n.add("add", acc, n.add("cast", c, dtype=F64))
+    y = n.add("mul", acc, n.add("mul", scale, n.const(float(n.attr("alpha", 1.0)), dtype=F64)))
+    if y_scale is None:
+        return n.add("cast", y, dtype=torch.float32)
+    return _q(n, n.add("cast", y, dtype=torch.float32), y_scale, y_zero_point)
