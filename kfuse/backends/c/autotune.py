@@ -389,14 +389,18 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
     schedule variants and cached per machine the same way; `cold`: with the caches overwritten before
     each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. With
-    KFUSE_AUTOTUNE=0 the first candidate, untimed."""
+    KFUSE_AUTOTUNE=0 the first candidate, untimed, or the choice a loaded artifact carries (adopt): its
+    program as it was compiled, bit for bit."""
     names = list(candidates)
-    if not config.get().autotune:
-        return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
     threads = threads or config.threads()
     mode = "all" if cold else "weights" if _weights_cold.get() else ""
     key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])]),
                threads)
+    if not config.get().autotune:
+        carried = _memo.get(key)
+        if carried is not None and carried[0] in range(len(names)) and names[carried[0]] == carried[1]:
+            return carried[1], f"{carried[1]} (the artifact's choice; not timed: KFUSE_AUTOTUNE=0)"
+        return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
     hit = cached(key, names)
     if hit is not None:
         return names[hit], f"{names[hit]} (measured, cached)"
