@@ -93,7 +93,7 @@ def static_nodes(gm: torch.fx.GraphModule) -> dict:
             for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
 
 
-CONTRACTIONS = {torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.nn.functional.linear,
+CONTRACTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.nn.functional.linear,
                 torch._C._nn.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d, "matmul", "bmm", "mm"}
 ATTENTION = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -342,7 +342,8 @@ class DynamoGraph:
         from torch.fx.passes.split_module import split_module
         for node, _, _ in self._appends.values():
             if not static[node] and node.all_input_nodes[0].op == "placeholder":
-                node.target, node.kwargs = kvcache.append, {"dim": node.kwargs.get("dim", 0)}
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)   # cat(ts, -2) or dim=-2
+                node.target, node.args, node.kwargs = kvcache.append, node.args[:1], {"dim": dim}
         self.gm.recompile()
         part, pid, prev = {}, 0, None
         for n in self.gm.graph.nodes:

@@ -281,3 +281,29 @@ def test_static_cache_prompts_either_side_of_the_sliding_window():
     model.forward = torch.compile(model.forward, backend="kfuse")
     got = [_generate(model, ids, 6, cache_implementation="static") for ids in (long, short)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_cache_concatenation_with_a_positional_dim(positional):
+    """torch.cat([past, new], -2) with the dim positional, as much user code writes it, in a decode step
+    kfuse partitions: the append kept its positional -2 beside dim= and failed from the first symbolic
+    length ("append() got multiple values for argument 'dim'")."""
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x, past):
+            new = self.k(x).view(1, 1, -1, 16)
+            k = torch.cat([past, new], -2) if positional else torch.cat([past, new], dim=-2)
+            return self.o(x) + k.mean(), k
+    torch.manual_seed(0)
+    m = Step().eval()
+    f = torch.compile(m, backend="kfuse")
+    want = got = torch.zeros(1, 1, 0, 16)
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(1, 16)
+            (ye, want), (yg, got) = m(x, want), f(x, got)
+            torch.testing.assert_close(yg, ye)
+            torch.testing.assert_close(got, want)
