@@ -119,6 +119,10 @@ def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> lis
         if n.op == "placeholder":
             env[n] = inputs[n.name] if n.name in inputs else g.const(values[n.name], name=n.name)
         elif n.op == "get_attr":
+            if not isinstance(values.get(n.target), torch.Tensor):   # a subgraph of torch.cond, while_loop, ...
+                user = next(iter(n.users), None)
+                raise UnsupportedOpError(str(user.target) if user is not None else n.target, n.name, "PyTorch",
+                                         "control flow with subgraphs (torch.cond, while_loop, map, scan)")
             env[n] = g.const(values[n.target], name=n.name)
         elif n.op == "call_function":
             env[n] = _call(g, n, env)

@@ -178,3 +178,19 @@ def test_zero_size_batch_compiles_and_runs():
     ln = torch.nn.LayerNorm(5)
     cm = kfuse.compile(ln, (torch.randn(0, 5),))
     assert cm(torch.randn(0, 5)).shape == (0, 5)
+
+
+def test_control_flow_subgraphs_are_a_clear_error_or_run_by_torch():
+    """torch.cond (a higher-order op with subgraphs): kfuse.compile names it; torch.compile's backend runs
+    that graph by torch with a warning (both had failed with a bare KeyError 'true_graph_0')."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda x: x.sin() * 2, lambda x: x.cos() - 1, (x,))
+    x = torch.randn(3, 4).abs()
+    with pytest.raises(kfuse.UnsupportedOpError, match="cond.*control flow"):
+        kfuse.compile(M(), (x,))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="runs by torch"):
+        got = torch.compile(M(), backend="kfuse")(x)
+    torch.testing.assert_close(got, M()(x))
+    torch._dynamo.reset()
