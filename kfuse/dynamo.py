@@ -161,6 +161,7 @@ class _Frozen(torch.nn.Module):
             else:
                 self.layout.append(("a", n))
                 n += 1
+        self.eval()     # Dynamo's graph holds its ops' modes itself (a train-mode BatchNorm is its own op)
 
     def forward(self, *live):
         # a scalar as torch.tensor(value): export reads such a constant's value (.item(), a size)

@@ -277,19 +277,29 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
     """The model as torch.export traces it, after the core ATen decompositions. `dynamic_shapes`
     (torch.export's argument) marks sizes to keep symbolic: one export then serves every size set
     it admits (`to_graph(ep, shapes)`), where a re-export costs about a second per size set."""
+    # inference: traced in eval mode (BatchNorm's running statistics, no dropout), the caller's module
+    # left in the mode it was in (it had been switched to eval for good)
+    training = {m: m.training for m in model.modules()} if isinstance(model, torch.nn.Module) else {}
+    modal = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)   # differ in eval mode
+    if any(mode and isinstance(m, modal) for m, mode in training.items()):
+        warnings.warn(f"kfuse: {type(model).__name__} is in training mode; kfuse compiles it as in eval mode "
+                      f"(inference: BatchNorm's running statistics, no dropout)", stacklevel=3)
     model = model.eval()
     register_cache_types(model)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False,
                                      dynamic_shapes=dynamic_shapes)
-        except Exception as e:
-            raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
-        table = torch.export.default_decompositions()
-        for op in KEEP_WHOLE:
-            table.pop(op, None)
-        ep = ep.run_decompositions(table)
+            table = torch.export.default_decompositions()
+            for op in KEEP_WHOLE:
+                table.pop(op, None)
+            ep = ep.run_decompositions(table)
+    except Exception as e:
+        raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+    finally:
+        for m, mode in training.items():
+            m.training = mode
     sig = ep.graph_signature
     if sig.buffers_to_mutate:
         written = ", ".join(sorted(set(sig.buffers_to_mutate.values())))

@@ -194,3 +194,30 @@ def test_control_flow_subgraphs_are_a_clear_error_or_run_by_torch():
         got = torch.compile(M(), backend="kfuse")(x)
     torch.testing.assert_close(got, M()(x))
     torch._dynamo.reset()
+
+
+def test_a_module_in_training_mode_is_compiled_as_in_eval_mode_and_left_as_it_was():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5)).train()
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="training mode; kfuse compiles it as in eval mode"):
+        cm = kfuse.compile(m, (x,))
+    assert m.training and all(c.training for c in m)      # the caller's module keeps its mode
+    torch.testing.assert_close(cm(x), m.eval()(x))
+
+
+def test_export_failures_inside_the_decompositions_are_kfuse_errors():
+    """Two inputs overlapping in memory, one written in place: torch.export's decompositions fail; a
+    KfuseError (a raw RuntimeError had escaped), so torch.compile's backend runs the graph by torch."""
+    def f(a, b):
+        a.add_(1)
+        return b * 2
+    base = torch.arange(16.0).reshape(4, 4)
+    want_base = base.clone()
+    want = f(want_base[0], want_base[:, 0])
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="runs by torch"):
+        got = torch.compile(f, backend="kfuse")(base[0], base[:, 0])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(base, want_base)
+    torch._dynamo.reset()
