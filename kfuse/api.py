@@ -352,7 +352,21 @@ def check_options(backend: str, options: dict) -> dict:
         ok, what = OPTIONS[name]
         if not ok(value):
             raise KfuseError(f"option {name}={value!r}: expected {what}")
+    for name in options.get("disable", ()):
+        known = _disable_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise KfuseError(f"disable: {name!r} names no op type or fusion" + (f" (did you mean {close[0]!r}?)" if close
+                             else "") + "; the fusions are the names in cm.report().fusions and .rules")
     return {"backend": backend, **options}
+
+
+def _disable_names() -> set[str]:
+    """What `disable` may name: IR op types, pattern rules, the layout pass's and the pairs' fusions."""
+    from .ir import KIND
+    from .kernels.conv import POINTWISE_PAIRS
+    from .passes import patterns
+    return set(KIND) | patterns.names() | set(POINTWISE_PAIRS) | {"squeeze_excite"}
 
 
 def load(path) -> CompiledModel:

@@ -221,3 +221,22 @@ def test_export_failures_inside_the_decompositions_are_kfuse_errors():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(base, want_base)
     torch._dynamo.reset()
+
+
+def test_disable_names_are_checked():
+    with pytest.raises(kfuse.KfuseError, match=r"disable: 'sofmax' names no op type or fusion \(did you mean 'softmax'"):
+        kfuse.compile(torch.nn.Softmax(-1), (torch.randn(2, 3),), disable=["sofmax"])
+    kfuse.compile(torch.nn.Softmax(-1), (torch.randn(2, 3),), disable=["softmax", "gated_linear", "horizontal_gemm",
+                                                                        "depthwise_pointwise", "squeeze_excite_pointwise"])
+
+
+def test_torch_compile_mode_and_gradients_are_warnings():
+    m = torch.nn.Linear(4, 4)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="gradients enabled: kfuse computes inference only"):
+        y = torch.compile(m, backend="kfuse")(torch.randn(2, 4))
+    assert not y.requires_grad
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="mode='reduce-overhead' does not apply"), torch.no_grad():
+        torch.compile(m, backend="kfuse", mode="reduce-overhead")(torch.randn(2, 4))
+    torch._dynamo.reset()

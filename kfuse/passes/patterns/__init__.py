@@ -12,6 +12,13 @@ from .. import fold
 from . import attention, conv, linear_act, norm, rope
 
 
+def names() -> set[str]:
+    """The pattern rules' names (what `disable` may name besides IR op types and the layout's rules)."""
+    families = (norm.RULES, conv.RULES, rope.RULES, attention.RULES, linear_act.RULES, linear_act.GATED_RULES,
+                linear_act.ACT_RULES)
+    return {name for family in families for name, _ in family} | {"horizontal_gemm"}
+
+
 def run(graph, options, report):
     disabled = set(options.get("disable", ()))
 
