@@ -352,8 +352,8 @@ def check_options(backend: str, options: dict) -> dict:
         ok, what = OPTIONS[name]
         if not ok(value):
             raise KfuseError(f"option {name}={value!r}: expected {what}")
+    known = _disable_names() if options.get("disable") else set()
     for name in options.get("disable", ()):
-        known = _disable_names()
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             raise KfuseError(f"disable: {name!r} names no op type or fusion" + (f" (did you mean {close[0]!r}?)" if close

@@ -349,10 +349,9 @@ class DynamoGraph:
     def _partition(self, static: dict):
         """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
         from torch.fx.passes.split_module import split_module
-        for node, _, _ in self._appends.values():
-            if not static[node] and node.all_input_nodes[0].op == "placeholder":
-                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)   # cat(ts, -2) or dim=-2
-                node.target, node.args, node.kwargs = kvcache.append, node.args[:1], {"dim": dim}
+        for node, axis, _ in self._appends.values():
+            if not static[node] and node.all_input_nodes[0].op == "placeholder":   # cat(ts, -2) or dim=-2
+                node.target, node.args, node.kwargs = kvcache.append, node.args[:1], {"dim": axis}
         self.gm.recompile()
         part, pid, prev = {}, 0, None
         for n in self.gm.graph.nodes:

@@ -119,7 +119,7 @@ def _best_conv(spec, cands: dict | None = None):
     # twice as long in the program as in the timing
     cold = _nchw_view(spec.x)
     problem = problem_key("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act,
-                             spec.residual is not None, *(["nchw-view"] if cold else []))
+                          spec.residual is not None, *(["nchw-view"] if cold else []))
     best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
     return cands[best], best, schedule
 
@@ -201,7 +201,7 @@ def _pair(group) -> _Pair | None:
             except (NotImplementedError, CompileError):
                 pass
         problem = problem_key(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape,
-                                 dw.attrs, a.act, b.act, b.residual is not None)
+                              dw.attrs, a.act, b.act, b.residual is not None)
         return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
                      POINTWISE_PAIRS[rule][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
@@ -210,7 +210,7 @@ def _pair(group) -> _Pair | None:
         se, cp = _squeeze_excite(node), _conv_candidates(pw)
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
         problem = problem_key("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape),
-                                 node.shape, node.attrs, pw.act, pw.residual is not None)
+                              node.shape, node.attrs, pw.act, pw.residual is not None)
         return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      POINTWISE_PAIRS["squeeze_excite_pointwise"][1])
     return None

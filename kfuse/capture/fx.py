@@ -279,7 +279,7 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
     it admits (`to_graph(ep, shapes)`), where a re-export costs about a second per size set."""
     # inference: traced in eval mode (BatchNorm's running statistics, no dropout), the caller's module
     # left in the mode it was in (it had been switched to eval for good)
-    training = {m: m.training for m in model.modules()} if isinstance(model, torch.nn.Module) else {}
+    training = {m: m.training for m in model.modules()}
     modal = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)   # differ in eval mode
     if any(mode and isinstance(m, modal) for m, mode in training.items()):
         warnings.warn(f"kfuse: {type(model).__name__} is in training mode; kfuse compiles it as in eval mode "

@@ -325,11 +325,11 @@ def _time(fns, argv, budget_s: float = BUDGET_S, cold: str = "", stat=None) -> l
     return [stat(sorted(t_f)) * 1e3 for t_f in ts]
 
 
-def cached(key: str, names: list[str]) -> int | None:
-    """The index of this machine's earlier choice for `key` (this process's memo, else the cache file),
-    if it still names names[index]; else None."""
+def cached(key: str, names: list[str], file: bool = True) -> int | None:
+    """The index of this machine's earlier choice for `key` (this process's memo, else, with `file`, the
+    cache file), if it still names names[index]; else None."""
     hit = _memo.get(key)
-    if hit is None:
+    if hit is None and file:
         entry = _read().get(key)
         if isinstance(entry, dict) and entry.get("index") in range(len(names)):
             hit = (entry["index"], entry.get("variant"))
@@ -397,9 +397,9 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])]),
                threads)
     if not config.get().autotune:
-        carried = _memo.get(key)
-        if carried is not None and carried[0] in range(len(names)) and names[carried[0]] == carried[1]:
-            return carried[1], f"{carried[1]} (the artifact's choice; not timed: KFUSE_AUTOTUNE=0)"
+        carried = cached(key, names, file=False)     # untimed: only what an artifact brought (adopt)
+        if carried is not None:
+            return names[carried], f"{names[carried]} (the artifact's choice; not timed: KFUSE_AUTOTUNE=0)"
         return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
     hit = cached(key, names)
     if hit is not None:

@@ -126,12 +126,13 @@ class DepthwiseConv:
         names = list(orders)
         if len(names) == 1:
             return names[0]
-        x, out = torch.randn(*nhw, self.c), torch.empty(self.out_shape(*nhw))
-        args = (self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), out.data_ptr())
-        cands = {o: (lambda a, d=orders[o]: self.fn(a[0].data_ptr(), *args, d, self.params, threads)) for o in names}
+        weights = (self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr())
+        cands = {o: (lambda a, d=orders[o]: self.fn(a[0].data_ptr(), *weights, a[1].data_ptr(), d, self.params, threads))
+                 for o in names}
         problem = problem_key("depthwise order", self.kh, self.kw, self.stride, self.dilation, self.padding,
-                                 (*nhw, self.c), self.act_code)
-        best, self.order_text[(*nhw, threads)] = pick(problem, cands, lambda: [x], threads)
+                              (*nhw, self.c), self.act_code)
+        best, self.order_text[(*nhw, threads)] = pick(
+            problem, cands, lambda: [torch.randn(*nhw, self.c), torch.empty(self.out_shape(*nhw))], threads)
         return best
 
     def bound(self, x_shape):

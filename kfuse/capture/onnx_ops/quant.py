@@ -161,14 +161,11 @@ def _qlinear_conv(n, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale
 MS = "com.microsoft"
 
 
-def _dq(n, x, scale, zero_point=None):
-    """(float32(x) - zero_point) * scale."""
-    return _dequantize_linear(n, x, scale, zero_point)
-
-
-def _q(n, y, scale, zero_point=None):
-    """saturate(round(y / scale) + zero_point), uint8 where no zero point is given."""
-    return _quantize_linear(n, y, scale, zero_point)
+def _dequantized(n, xs, what: str) -> list:
+    """The float values of (X, X_scale, X_zero_point) triples."""
+    if len(xs) % 3:
+        n.fail(f"{len(xs)} inputs {what}: want (X, scale, zero point) triples")
+    return [_dequantize_linear(n, *xs[i:i + 3]) for i in range(0, len(xs), 3)]
 
 
 def _channels_first(n):
@@ -183,10 +180,8 @@ def _float_op(op_type, check=None):
         if check is not None:
             check(n)
         *xs, y_scale, y_zero_point = ins
-        if len(xs) % 3:
-            n.fail(f"{len(ins)} inputs: want (X, scale, zero point) per input, then the output's scale and zero point")
-        floats = [_dq(n, *xs[i:i + 3]) for i in range(0, len(xs), 3)]
-        return _q(n, HANDLERS[op_type](n, *floats), y_scale, y_zero_point)
+        floats = _dequantized(n, xs, "before Y_scale, Y_zero_point")
+        return _quantize_linear(n, HANDLERS[op_type](n, *floats), y_scale, y_zero_point)
     return convert
 
 
@@ -200,10 +195,8 @@ for _name, _op, _check in (("QLinearAdd", "Add", None), ("QLinearMul", "Mul", No
 @handler((MS, "QLinearConcat"))
 def _qlinear_concat(n, y_scale, y_zero_point, *xs):
     """Concat of the dequantized (X, X_scale, X_zero_point) triples, quantized."""
-    if len(xs) % 3:
-        n.fail(f"{len(xs)} inputs after Y_scale, Y_zero_point: want (X, scale, zero point) triples")
-    floats = [_dq(n, *xs[i:i + 3]) for i in range(0, len(xs), 3)]
-    return _q(n, HANDLERS["Concat"](n, *floats), y_scale, y_zero_point)
+    floats = _dequantized(n, xs, "after Y_scale, Y_zero_point")
+    return _quantize_linear(n, HANDLERS["Concat"](n, *floats), y_scale, y_zero_point)
 
 
 @handler((MS, "QGemm"))
@@ -227,4 +220,4 @@ def _qgemm(n, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scal
     y = n.add("mul", acc, n.add("mul", scale, n.const(float(n.attr("alpha", 1.0)), dtype=F64)))
     if y_scale is None:
         return n.add("cast", y, dtype=torch.float32)
-    return _q(n, n.add("cast", y, dtype=torch.float32), y_scale, y_zero_point)
+    return _quantize_linear(n, n.add("cast", y, dtype=torch.float32), y_scale, y_zero_point)
