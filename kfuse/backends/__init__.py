@@ -132,7 +132,8 @@ def _nchw_view(x) -> bool:
 
 def _conv_inputs(x, residual):
     """() -> inputs to time a convolution's candidates on, laid out as the program's (an NCHW view costs
-    oneDNN an internal reorder and our GEMM its bands: timed on NHWC memory, both looked faster)."""
+    oneDNN an internal reorder and our GEMM its reads across channel planes: timed on NHWC memory, both
+    looked faster)."""
     def make():
         t = torch.randn(*(x.shape[i] for i in (0, 3, 1, 2))).permute(0, 2, 3, 1) if _nchw_view(x) \
             else torch.randn(x.shape)

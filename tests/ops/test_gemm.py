@@ -275,14 +275,16 @@ NCHW = [
     (3, 4, 7, 9, 7, (3, 5), (2, 1), (1, 2), (1, 1)),
     (1, 8, 5, 6, 40, (5, 5), (3, 3), (4, 4), (1, 1)),       # more padding than the kernel reaches
     (1, 2, 1, 2, 17, (3, 3), (1, 1), (1, 1), (1, 1)),       # a one-row input: most taps in the padding
+    (2, 3, 6, 45, 32, (3, 3), (1, 1), (1, 1), (1, 1)),      # whole tiles inside the row, a partial one at its end
 ]
 
 
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("n,cin,h,w,cout,k,stride,padding,dilation", NCHW)
 def test_nchw_view_read_in_place(n, cin, h, w, cout, k, stride, padding, dilation, generic):
-    """An NHWC view of NCHW memory (a network's input after the layout pass) is read through bands, not
-    copied first: the same bits as the contiguous input, through the checked and the bound call."""
+    """An NHWC view of NCHW memory (a network's input after the layout pass) is read in place, each tap
+    from its channel plane, not copied first: the same bits as the contiguous input, through the checked
+    and the bound call."""
     xc = torch.randn(n, cin, h, w)
     x = xc.permute(0, 2, 3, 1)
     wt, b = torch.randn(cout, cin, *k), torch.randn(cout)

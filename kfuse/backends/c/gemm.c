@@ -19,7 +19,6 @@
                                       out = act(gate + b) * (up + b'), 16 outputs per pair */
 #define MR 8                       /* rows per register tile */
 #define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
-#define MAX_RING 64                /* input rows an NCHW band holds, (KH - 1) DH + 1 (gemm.py checks) */
 
 /*CONV_ACT*/
 
@@ -48,43 +47,28 @@ KF_INLINE void gated(float *restrict op, const float *restrict g, const float *r
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* A tile of mr rows by nv 16-column panels (at most 2): for each of the ntaps segments, row i reads cin
-   adjacent inputs from ap[t * MR + i], the panels their rows t*cin.. from bp (second panel at bp + ps).
-   cols: valid columns of the tile. */
-KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntaps, int64_t cin,
-                    const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
-                    const float *restrict b, const float *restrict r, float p0, float p1) {
-    __m512 acc[MR][2];
+/* A tile's accumulators zeroed; its residual rows fetched now (read only after the K loop, their misses
+   overlap the FMAs: a 1x1 K=64 convolution + residual 0.94x; prefetching the output lines too gained
+   nothing) */
+KF_INLINE void tile_start(const int mr, const int nv, __m512 acc[MR][2], const float *restrict r, int64_t ldc) {
+    (void)nv; (void)r; (void)ldc;
     #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         acc[i][0] = acc[i][1] = _mm512_setzero_ps();
 #if RES
-        /* the residual tile is read only after the K loop: fetched now, its misses overlap the FMAs
-           (a 1x1 K=64 convolution + residual 0.94x; prefetching the output lines too gained nothing) */
         _mm_prefetch((const char *)(r + i * ldc), _MM_HINT_T0);
         if (nv > 1)
             _mm_prefetch((const char *)(r + i * ldc + 16), _MM_HINT_T0);
 #endif
     }
-    for (int t = 0; t < ntaps; t++) {
-        const float *a[MR];
-        #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++)
-            a[i] = ap[t * MR + i];
-        const float *restrict bt = bp + 16 * t * cin;
-        for (int64_t k = 0; k < cin; k++) {
-            __m512 b0 = _mm512_loadu_ps(bt + 16 * k);
-            __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * k) : b0;
-            #pragma GCC unroll 8
-            for (int i = 0; i < mr; i++) {
-                __m512 ai = _mm512_set1_ps(a[i][k]);
-                acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-                if (nv > 1)
-                    acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-            }
-        }
-    }
+}
+
+/* A tile's outputs from its sums: the epilogue (or the gating) per row and panel; cols valid columns */
+KF_INLINE void tile_end(const int mr, const int nv, __m512 acc[MR][2], float *restrict c, int64_t ldc, int cols,
+                        const float *restrict b, const float *restrict r, float p0, float p1) {
+    (void)r;
 #if GLU
+    (void)nv;
     #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         float g[16] __attribute__((aligned(64))), u[16] __attribute__((aligned(64)));
@@ -105,12 +89,80 @@ KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntap
 #endif
 }
 
+/* A tile of mr rows by nv 16-column panels (at most 2): for each of the ntaps segments, row i reads cin
+   adjacent inputs from ap[t * MR + i], the panels their rows t*cin.. from bp (second panel at bp + ps).
+   cols: valid columns of the tile. */
+KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntaps, int64_t cin,
+                    const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
+                    const float *restrict b, const float *restrict r, float p0, float p1) {
+    __m512 acc[MR][2];
+    tile_start(mr, nv, acc, r, ldc);
+    for (int t = 0; t < ntaps; t++) {
+        const float *a[MR];
+        #pragma GCC unroll 8
+        for (int i = 0; i < mr; i++)
+            a[i] = ap[t * MR + i];
+        const float *restrict bt = bp + 16 * t * cin;
+        for (int64_t k = 0; k < cin; k++) {
+            __m512 b0 = _mm512_loadu_ps(bt + 16 * k);
+            __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * k) : b0;
+            #pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                __m512 ai = _mm512_set1_ps(a[i][k]);
+                acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+                if (nv > 1)
+                    acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            }
+        }
+    }
+    tile_end(mr, nv, acc, c, ldc, cols, b, r, p0, p1);
+}
+
+/* The same tile for an NCHW input read in place (a network's input, few channels): the mr rows are mr
+   adjacent pixels of output row oh from column ow on, and each tap (kernel row ki, column kj, channel ch;
+   the packed weight's order) broadcasts pixel i's input from its channel plane, xn[ch][ih][iw + i SW].
+   A tap in the padding multiplies zeros (as a padded input would: a NaN weight still gives NaN). Against
+   the bands of NHWC rows this replaced (each output row's input rows transposed, then a pointer per tile
+   row and kernel row): a [1,3,224,224] 3x3/2 -> 32 stem 0.225 -> 0.131 ms. g: C H W KH KW SH SW PH PW
+   DH DW. */
+KF_INLINE void tile_nchw(const int mr, const int nv, const float *restrict xn, int64_t oh, int64_t ow,
+                         const int64_t *g, const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc,
+                         int cols, const float *restrict b, const float *restrict r, float p0, float p1) {
+    const int64_t C = g[0], H = g[1], W = g[2], KH = g[3], KW = g[4], SH = g[5], SW = g[6];
+    const int64_t PH = g[7], PW = g[8], DH = g[9], DW = g[10], iw0 = ow * SW - PW, HW = H * W;
+    __m512 acc[MR][2];
+    tile_start(mr, nv, acc, r, ldc);
+    for (int64_t ki = 0; ki < KH; ki++) {
+        const int64_t ih = oh * SH - PH + ki * DH;
+        for (int64_t kj = 0; kj < KW; kj++) {
+            const int64_t iw = iw0 + kj * DW;       /* row i reads column iw + i SW */
+            const int inside = ih >= 0 && ih < H && iw >= 0 && iw + (mr - 1) * SW < W;
+            const float *restrict bt = bp + 16 * (ki * KW + kj) * C;
+            for (int64_t ch = 0; ch < C; ch++) {
+                __m512 b0 = _mm512_loadu_ps(bt + 16 * ch);
+                __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * ch) : b0;
+                const float *xc = xn + ch * HW + ih * W + iw;
+                #pragma GCC unroll 8
+                for (int i = 0; i < mr; i++) {
+                    const int64_t col = iw + i * SW;
+                    __m512 ai = _mm512_set1_ps(inside || (ih >= 0 && ih < H && col >= 0 && col < W) ? xc[i * SW] : 0.0f);
+                    acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+                    if (nv > 1)
+                        acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+                }
+            }
+        }
+    }
+    tile_end(mr, nv, acc, c, ldc, cols, b, r, p0, p1);
+}
+
 #define TILE(MRC, NVC) tile(MRC, NVC, ap, ntaps, cin, bp, ps, c, ldc, cols, b, r, p0, p1)
-#define ROWS(NVC)                                                                                   \
+#define TILE_NCHW(MRC, NVC) tile_nchw(MRC, NVC, xn, oh, ow, g, bp, ps, c, ldc, cols, b, r, p0, p1)
+#define ROWS(T, NVC)                                                                                \
     switch (mr) {                                                                                   \
-    case 8: TILE(8, NVC); break;  case 7: TILE(7, NVC); break;  case 6: TILE(6, NVC); break;        \
-    case 5: TILE(5, NVC); break;  case 4: TILE(4, NVC); break;  case 3: TILE(3, NVC); break;        \
-    case 2: TILE(2, NVC); break;  default: TILE(1, NVC); break;                                     \
+    case 8: T(8, NVC); break;  case 7: T(7, NVC); break;  case 6: T(6, NVC); break;                 \
+    case 5: T(5, NVC); break;  case 4: T(4, NVC); break;  case 3: T(3, NVC); break;                 \
+    case 2: T(2, NVC); break;  default: T(1, NVC); break;                                           \
     }
 
 /* every shape of tile compiled with its row and panel counts as constants */
@@ -118,18 +170,43 @@ static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t 
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
     if (nv > 1) {
-        ROWS(2)
+        ROWS(TILE, 2)
     } else {
-        ROWS(1)
+        ROWS(TILE, 1)
+    }
+}
+
+static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
+                          const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
+                          const float *restrict b, const float *restrict r, float p0, float p1) {
+    if (nv > 1) {
+        ROWS(TILE_NCHW, 2)
+    } else {
+        ROWS(TILE_NCHW, 1)
     }
 }
 #else
 /* without AVX-512: per row, the 16 columns of each panel as an `omp simd` vector */
+static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int64_t ldc, int cols,
+                      const float *restrict b, const float *restrict r, float p0, float p1) {
+    (void)nv;
+    for (int i = 0; i < mr; i++) {
+#if GLU
+        gated(c + i * ldc, sum[i][0], sum[i][1], b, b + 16, cols, p0, p1);
+#else
+        for (int v = 0; v < nv; v++) {
+            int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
+            epilogue(c + i * ldc + 16 * v, sum[i][v], b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
+        }
+#endif
+    }
+}
+
 static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
-    for (int i = 0; i < mr; i++) {
-        float sum[2][16] = {{0}};
+    float sum[MR][2][16] = {{{0}}};
+    for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++)
             for (int t = 0; t < ntaps; t++) {
                 const float *a = ap[t * MR + i], *pb = bp + v * ps + 16 * t * cin;
@@ -137,71 +214,49 @@ static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t 
                     float ak = a[k];
                     #pragma omp simd
                     for (int l = 0; l < 16; l++)
-                        sum[v][l] = fmaf(ak, pb[16 * k + l], sum[v][l]);
+                        sum[i][v][l] = fmaf(ak, pb[16 * k + l], sum[i][v][l]);
                 }
             }
-#if GLU
-        gated(c + i * ldc, sum[0], sum[1], b, b + 16, cols, p0, p1);
-#else
-        for (int v = 0; v < nv; v++) {
-            int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
-            epilogue(c + i * ldc + 16 * v, sum[v], b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
-        }
-#endif
-    }
+    tile_rows(mr, nv, sum, c, ldc, cols, b, r, p0, p1);
 }
-#endif
 
-/* The KH input rows that output row oh of image n reads, from NCHW x as NHWC rows of WB columns (column
-   bc is input column bc - PW; zeros in the padding): rowp[ki] is that row, or 0 for one in the padding.
-   The band is a ring of RING = (KH - 1) DH + 1 rows, slot ih %% RING, have[slot] the (n, ih) it holds
-   (n H + ih): the next output row fills only the SH rows it does not share with this one. */
-static void fill_band(const float *restrict x, float *restrict band, int64_t *have, const float **rowp, int64_t n,
-                      int64_t oh, int64_t C, int64_t H, int64_t W, int64_t WB, int KH, int64_t SH, int64_t PH,
-                      int64_t PW, int64_t DH) {
-    const int64_t ring = (KH - 1) * DH + 1;
-    for (int ki = 0; ki < KH; ki++) {
-        const int64_t ih = oh * SH - PH + ki * DH, slot = ((ih %% ring) + ring) %% ring;
-        float *row = band + slot * WB * C;
-        rowp[ki] = ih >= 0 && ih < H ? row : 0;
-        if (!rowp[ki] || have[slot] == n * H + ih)
-            continue;
-        have[slot] = n * H + ih;
-        const int64_t lo = PW < WB ? PW : WB, hi = PW + W < WB ? PW + W : WB;
-        for (int64_t j = 0; j < lo * C; j++)
-            row[j] = 0.0f;
-        for (int64_t j = hi * C; j < WB * C; j++)
-            row[j] = 0.0f;
-        const float *xp = x + (n * C * H + ih) * W - PW;     /* channel c, band column bc: xp[c H W + bc] */
-        if (C == 3) {        /* RGB: the three planes in one pass, the stores contiguous */
-            const float *x0 = xp, *x1 = xp + H * W, *x2 = xp + 2 * H * W;
-            for (int64_t bc = lo; bc < hi; bc++) {
-                row[3 * bc] = x0[bc];
-                row[3 * bc + 1] = x1[bc];
-                row[3 * bc + 2] = x2[bc];
-            }
-        } else
-            for (int64_t bc = lo; bc < hi; bc++)
-                for (int64_t c = 0; c < C; c++)
-                    row[bc * C + c] = xp[c * H * W + bc];
-    }
+static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
+                          const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
+                          const float *restrict b, const float *restrict r, float p0, float p1) {
+    const int64_t C = g[0], H = g[1], W = g[2], KH = g[3], KW = g[4], SH = g[5], SW = g[6];
+    const int64_t PH = g[7], PW = g[8], DH = g[9], DW = g[10];
+    float sum[MR][2][16] = {{{0}}};
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++)
+            for (int64_t ki = 0; ki < KH; ki++)
+                for (int64_t kj = 0; kj < KW; kj++)
+                    for (int64_t ch = 0; ch < C; ch++) {
+                        const int64_t ih = oh * SH - PH + ki * DH, iw = (ow + i) * SW - PW + kj * DW;
+                        const float ak = ih >= 0 && ih < H && iw >= 0 && iw < W ? xn[(ch * H + ih) * W + iw] : 0.0f;
+                        const float *pb = bp + v * ps + 16 * ((ki * KW + kj) * C + ch);
+                        #pragma omp simd
+                        for (int l = 0; l < 16; l++)
+                            sum[i][v][l] = fmaf(ak, pb[l], sum[i][v][l]);
+                    }
+    tile_rows(mr, nv, sum, c, ldc, cols, b, r, p0, p1);
 }
+#endif
 
 /* dims: M Cout (the weight's columns) MB (rows per work item, a multiple of MR), then the geometry N H W
-   C OH OW KH KW SH SW PH PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read through per-thread bands
-   (fill_band: the KH rows an output row reads, transposed; tiles then stop at row ends), so the layout
-   change costs no pass over memory of its own; then HWS: with `scale` (a direct kernel only), row m's
+   C OH OW KH KW SH SW PH PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read
+   in place by tile_nchw (tiles then stop at row ends), so the layout change costs no pass over memory of
+   its own; then HWS: with `scale` (a direct kernel only), row m's
    inputs are x[m, c] * scale[m / HWS][c] (a squeeze-excitation's gate, folded into the 1x1 convolution
    after it: a row block is scaled into a per-thread buffer once for all its panel pairs, the product
    rounded as y = x * s would be, so the result is that of the convolution of y, never written); then G:
    groups (the input and output channels in G equal blocks, block g of the output reading block g of the
    input; the weight packed per group, [G][P][KH*KW*C/G][16], P panels of the group's N/G columns; with
-   G > 1 no NCHW bands, scale or merged kernel rows); then F: out's columns, N, or with GLU (one group, no
+   G > 1 no NCHW input, scale or merged kernel rows); then F: out's columns, N, or with GLU (one group, no
    residual) the gated outputs, the weight's N columns then being ceil(F / 16) pairs of a gate panel and
    the matching up panel, and b likewise; then rows_first. A work item is MB rows by one pair of a
    group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
    shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
-   shares its rows. Returns 0, or -1 when the bands or buffers cannot be allocated. */
+   shares its rows. Returns 0, or -1 when a buffer cannot be allocated. */
 int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
                  const float *restrict scale, const int64_t *dims, const float *prm, int nthreads) {
@@ -217,15 +272,12 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
     const int direct = !nchw && ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
     const int merge = KW > 1 && DW == 1 && C < 64 && G == 1;      /* kernel rows as segments (below) */
-    const int64_t WB = (OW - 1) * SW + (KW - 1) * DW + 1, band_floats = nchw ? ((KH - 1) * DH + 1) * WB * C : 0;
     const int64_t HWS = dims[18];
     const int64_t F = dims[20];      /* output columns: N, or with GLU the gated outputs (N / 2 padded to 16s) */
     const int rows_first = (int)dims[21];
+    const int64_t geometry[11] = {C, H, W, KH, KW, SH, SW, PH, PW, DH, DW};     /* tile_nchw's */
     if ((scale && (!direct || HWS < 1)) || G < 1 || C %% G || N %% G || (G > 1 && (scale || nchw))
         || (GLU && (G > 1 || RES || N %% 32 || F > N / 2 || F <= N / 2 - 16)) || (!GLU && F != N))
-        return -1;
-    float *bands = nchw ? malloc(nthreads * band_floats * sizeof(float)) : 0;
-    if (nchw && !bands)
         return -1;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
@@ -259,26 +311,28 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
         /* a pair's valid output columns; with GLU its 16 gated outputs start at column 16 pp */
         const int cols = GLU ? (F - 16 * pp < 16 ? (int)(F - 16 * pp) : 16) : (NG - 32 * pp < 32 ? (int)(NG - 32 * pp) : 32);
         const float *ap[MAX_TAPS * MR];
-        float *band = nchw ? bands + omp_get_thread_num() * band_floats : 0;
-        const float *rowp[MAX_TAPS];
-        int64_t have[MAX_RING];          /* the band's rows (fill_band) */
-        for (int i = 0; i < MAX_RING; i++)
-            have[i] = -1;
-        int64_t band_row = -1;           /* the (n, oh) rowp points at, as n * OH + oh */
         /* the pixel (n, oh, ow) of row m0, then stepped row by row: no division per row */
         int64_t n = m0 / (OH * OW), oh = m0 / OW %% OH, ow = m0 %% OW;
         for (int64_t m = m0; m < m1; ) {
             int mr = m1 - m < MR ? (int)(m1 - m) : MR;
-            if (nchw) {
+            if (nchw) {          /* pixels of one output row, read from the NCHW image in place */
                 if (mr > OW - ow)
                     mr = (int)(OW - ow);
-                if (band_row != n * OH + oh) {
-                    fill_band(x, band, have, rowp, n, oh, C, H, W, WB, KH, SH, PH, PW, DH);
-                    band_row = n * OH + oh;
+                tile_nchw_any(mr, nv, x + n * C * H * W, oh, ow, geometry, wp + 2 * pp * ps, ps, out + m * F + n0, F,
+                              cols, b + n0, RES ? r + m * N + n0 : 0, p0, p1);
+                ow += mr;
+                if (ow == OW) {
+                    ow = 0;
+                    if (++oh == OH) {
+                        oh = 0;
+                        n++;
+                    }
                 }
+                m += mr;
+                continue;
             }
             /* Segments: one per tap (C inputs each), or, where every row of the tile has its kernel's
-               columns inside the input (or in a band, padding and all) and DW == 1, one per kernel row
+               columns inside the input and DW == 1, one per kernel row
                (its KW taps are KW C adjacent inputs, and their weights adjacent too): few input channels
                (a stem) then make long inner loops. A tap or kernel row in the padding reads zeros. */
             int nseg = ntaps, rows_merged = 0;
@@ -286,7 +340,7 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
             if (merge) {
                 int64_t o = ow;
                 int inside = 1;
-                for (int i = 0; i < mr && inside && !nchw; i++, o = o + 1 == OW ? 0 : o + 1)
+                for (int i = 0; i < mr && inside; i++, o = o + 1 == OW ? 0 : o + 1)
                     inside = o * SW - PW >= 0 && o * SW - PW + KW - 1 < W;
                 if (inside) {
                     nseg = KH;
@@ -300,11 +354,6 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
                     ap[i] = scaled + (m + i - m0) * C;
                 else if (direct)
                     ap[i] = x + (m + i) * C + c0;
-                else if (nchw)          /* band column ow SW is input column iw0 */
-                    for (int ki = 0; ki < KH; ki++)
-                        for (int kj = 0; kj < (rows_merged ? 1 : KW); kj++)
-                            ap[(ki * (rows_merged ? 1 : KW) + kj) * MR + i] =
-                                rowp[ki] ? rowp[ki] + (ow * SW + kj * DW) * C : zero;
                 else if (rows_merged)
                     for (int ki = 0; ki < KH; ki++) {
                         const int64_t ih = ih0 + ki * DH;
@@ -332,6 +381,5 @@ int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float 
     }
     free(scaled);
     }
-    free(bands);
     return failed ? -1 : 0;
 }

@@ -32,8 +32,7 @@ TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 8                   # rows per register tile (gemm.c)
 MAX_TAPS = 121           # kernel positions, 11 x 11 (gemm.c)
 SERIAL_FMAS = 1 << 17    # below this many multiply-adds the call runs on one thread (no team start)
-NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in place, through bands
-MAX_RING = 64            # input rows a band holds, (KH - 1) DH + 1 (gemm.c)
+NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in place (gemm.c tile_nchw)
 
 
 def source(act: int, residual: bool, generic: bool = False, glu: bool = False) -> str:
@@ -188,13 +187,12 @@ class GemmConv:
                    0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
                    None if scale is None else scale.data_ptr(), self._plan(geometry, threads, nchw, rows_per_scale),
                    self.params, threads):
-            raise MemoryError("gemm kernel: cannot allocate its input bands or buffers")
+            raise MemoryError("gemm kernel: cannot allocate its buffers")
         return out
 
     def _reads_nchw(self, x: torch.Tensor) -> bool:
         """Whether x, an NHWC view of NCHW memory with few channels (a network's input after the layout
-        pass), is read in place: each output row's input rows transposed into a small band (gemm.c)
+        pass), is read in place, each tap's inputs broadcast from their channel planes (gemm.c tile_nchw),
         instead of a copy of the whole tensor first."""
         return (x.dim() == 4 and self.cin <= NCHW_MAX_C and not self._rows and self.groups == 1
-                and (self.kh - 1) * self.dilation[0] + 1 <= MAX_RING
                 and not x.is_contiguous() and x.permute(0, 3, 1, 2).is_contiguous())
