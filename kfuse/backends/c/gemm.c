@@ -118,32 +118,36 @@ KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntap
     tile_end(mr, nv, acc, c, ldc, cols, b, r, p0, p1);
 }
 
-/* The same tile for an NCHW input read in place (a network's input, few channels): the mr rows are mr
-   adjacent pixels of output row oh from column ow on, and each tap (kernel row ki, column kj, channel ch;
-   the packed weight's order) broadcasts pixel i's input from its channel plane, xn[ch][ih][iw + i SW].
-   A tap in the padding multiplies zeros (as a padded input would: a NaN weight still gives NaN). Against
-   the bands of NHWC rows this replaced (each output row's input rows transposed, then a pointer per tile
-   row and kernel row): a [1,3,224,224] 3x3/2 -> 32 stem 0.225 -> 0.131 ms. g: C H W KH KW SH SW PH PW
-   DH DW. */
-KF_INLINE void tile_nchw(const int mr, const int nv, const float *restrict xn, int64_t oh, int64_t ow,
-                         const int64_t *g, const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc,
-                         int cols, const float *restrict b, const float *restrict r, float p0, float p1) {
+/* The same tile for an NCHW input read in place (a network's input, few channels): the rows are adjacent
+   pixels of output row oh from column ow on, and each tap (kernel row ki, column kj, channel ch; the
+   packed weight's order) broadcasts pixel i's input from its channel plane, xn[ch][ih][iw + i SW]. A tap
+   in the padding multiplies zeros (as a padded input would: a NaN weight still gives NaN). All MR rows
+   are computed (a pixel past the row's end reads the padding's zeros or its right neighbours, in
+   bounds) and the first mr stored: one compiled tile per panel count, where one per row count as well
+   doubled the build time of this file. Against the bands of NHWC rows this replaced (each output row's
+   input rows transposed, then a pointer per tile row and kernel row): a [1,3,224,224] 3x3/2 -> 32 stem
+   0.225 -> 0.175 ms. g: C H W KH KW SH SW PH PW DH DW. */
+KF_INLINE void tile_nchw(const int nv, int mr, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
+                         const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
+                         const float *restrict b, const float *restrict r, float p0, float p1) {
     const int64_t C = g[0], H = g[1], W = g[2], KH = g[3], KW = g[4], SH = g[5], SW = g[6];
     const int64_t PH = g[7], PW = g[8], DH = g[9], DW = g[10], iw0 = ow * SW - PW, HW = H * W;
     __m512 acc[MR][2];
-    tile_start(mr, nv, acc, r, ldc);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; i++)
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t ki = 0; ki < KH; ki++) {
         const int64_t ih = oh * SH - PH + ki * DH;
         for (int64_t kj = 0; kj < KW; kj++) {
             const int64_t iw = iw0 + kj * DW;       /* row i reads column iw + i SW */
-            const int inside = ih >= 0 && ih < H && iw >= 0 && iw + (mr - 1) * SW < W;
+            const int inside = ih >= 0 && ih < H && iw >= 0 && iw + (MR - 1) * SW < W;
             const float *restrict bt = bp + 16 * (ki * KW + kj) * C;
             for (int64_t ch = 0; ch < C; ch++) {
                 __m512 b0 = _mm512_loadu_ps(bt + 16 * ch);
                 __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * ch) : b0;
                 const float *xc = xn + ch * HW + ih * W + iw;
                 #pragma GCC unroll 8
-                for (int i = 0; i < mr; i++) {
+                for (int i = 0; i < MR; i++) {
                     const int64_t col = iw + i * SW;
                     __m512 ai = _mm512_set1_ps(inside || (ih >= 0 && ih < H && col >= 0 && col < W) ? xc[i * SW] : 0.0f);
                     acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
@@ -157,33 +161,41 @@ KF_INLINE void tile_nchw(const int mr, const int nv, const float *restrict xn, i
 }
 
 #define TILE(MRC, NVC) tile(MRC, NVC, ap, ntaps, cin, bp, ps, c, ldc, cols, b, r, p0, p1)
-#define TILE_NCHW(MRC, NVC) tile_nchw(MRC, NVC, xn, oh, ow, g, bp, ps, c, ldc, cols, b, r, p0, p1)
-#define ROWS(T, NVC)                                                                                \
-    switch (mr) {                                                                                   \
-    case 8: T(8, NVC); break;  case 7: T(7, NVC); break;  case 6: T(6, NVC); break;                 \
-    case 5: T(5, NVC); break;  case 4: T(4, NVC); break;  case 3: T(3, NVC); break;                 \
-    case 2: T(2, NVC); break;  default: T(1, NVC); break;                                           \
+#define PIECE(NVC)                                                                                  \
+    switch (piece) {                                                                                \
+    case 8: TILE(8, NVC); break;  case 4: TILE(4, NVC); break;  case 2: TILE(2, NVC); break;        \
+    default: TILE(1, NVC); break;                                                                   \
     }
 
-/* every shape of tile compiled with its row and panel counts as constants */
+/* A tile of mr <= MR rows as pieces of 8, 4, 2 and 1 rows, each piece size compiled with its row and
+   panel counts as constants. A tile compiled for every row count (16 of them with the panel counts) had
+   made this the slowest file to build (7.3 s, 2.1 with the 8-row tile alone); a partial tile (the end
+   of a row block or of an output row) now runs as up to three pieces. */
 static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
-    if (nv > 1) {
-        ROWS(TILE, 2)
-    } else {
-        ROWS(TILE, 1)
+    while (mr > 0) {
+        const int piece = mr >= 8 ? 8 : mr >= 4 ? 4 : mr >= 2 ? 2 : 1;
+        if (nv > 1) {
+            PIECE(2)
+        } else {
+            PIECE(1)
+        }
+        ap += piece;          /* the pieces' rows: ap[t * MR + i] from row `piece` on */
+        c += piece * ldc;
+        if (RES)
+            r += piece * ldc;
+        mr -= piece;
     }
 }
 
 static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
                           const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
                           const float *restrict b, const float *restrict r, float p0, float p1) {
-    if (nv > 1) {
-        ROWS(TILE_NCHW, 2)
-    } else {
-        ROWS(TILE_NCHW, 1)
-    }
+    if (nv > 1)
+        tile_nchw(2, mr, xn, oh, ow, g, bp, ps, c, ldc, cols, b, r, p0, p1);
+    else
+        tile_nchw(1, mr, xn, oh, ow, g, bp, ps, c, ldc, cols, b, r, p0, p1);
 }
 #else
 /* without AVX-512: per row, the 16 columns of each panel as an `omp simd` vector */
