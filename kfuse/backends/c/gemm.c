@@ -269,7 +269,10 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
    group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
    shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
    shares its rows. Returns 0, or -1 when a buffer cannot be allocated. */
-int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
+#ifndef KF_GEMM_ENTRY       /* dwpw.py and winograd.py, which use the tiles only, make the driver static: gcc */
+#define KF_GEMM_ENTRY       /* then drops it (a depthwise + 1x1 kernel's build 4.1 -> 1.4 s) */
+#endif
+KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
                  const float *restrict scale, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t M = dims[0], N = dims[1], MB = dims[2];
