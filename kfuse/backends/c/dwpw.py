@@ -34,10 +34,9 @@ EXPAND_FLOATS = 65536        # expanded rows per thread buffer (at least a depth
 
 def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -> str:
     """The fused kernel's C: dw_args are depthwise.source's (kh, kw, stride, dilation, act)."""
-    pw = gemm.source(pw_act, residual)
+    pw = gemm.source(pw_act, residual, tiles_only=True)
     dw = depthwise.source(*dw_args).replace(VECMATH_C, "")
-    return (("#undef __AVX512F__\n" if generic else "") + "#define KF_GEMM_ENTRY static __attribute__((unused))\n"
-            + "#define act pw_act\n" + pw
+    return (("#undef __AVX512F__\n" if generic else "") + "#define act pw_act\n" + pw
             + "\n#undef act\n#undef ACT\n#define act dw_act\n" + dw + "\n#undef act\n" + DRIVER)
 
 

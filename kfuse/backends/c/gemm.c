@@ -44,6 +44,17 @@ KF_INLINE void gated(float *restrict op, const float *restrict g, const float *r
         op[l] = act(g[l] + bg[l], p0, p1) * (u[l] + bu[l]);
 }
 
+/* (n, oh, ow) k output pixels on, k at most the pixels left in row oh */
+KF_INLINE void advance(int64_t k, int64_t *n, int64_t *oh, int64_t *ow, int64_t OH, int64_t OW) {
+    if ((*ow += k) == OW) {
+        *ow = 0;
+        if (++*oh == OH) {
+            *oh = 0;
+            ++*n;
+        }
+    }
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -261,8 +272,8 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
    group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
    shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
    shares its rows. Returns 0, or -1 when a buffer cannot be allocated. */
-#ifndef KF_GEMM_ENTRY       /* dwpw.py and winograd.py, which use the tiles only, make the driver static: gcc */
-#define KF_GEMM_ENTRY       /* then drops it (a depthwise + 1x1 kernel's build 4.1 -> 1.4 s) */
+#ifndef KF_GEMM_ENTRY       /* static and unused where a kernel appends this file for its tiles (gemm.py */
+#define KF_GEMM_ENTRY       /* source(tiles_only=True)): gcc then drops it */
 #endif
 KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
@@ -327,14 +338,7 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
                     mr = (int)(OW - ow);
                 tile_nchw_any(mr, nv, x + n * C * H * W, oh, ow, geometry, wp + 2 * pp * ps, ps, out + m * F + n0, F,
                               cols, b + n0, RES ? r + m * N + n0 : 0, p0, p1);
-                ow += mr;
-                if (ow == OW) {
-                    ow = 0;
-                    if (++oh == OH) {
-                        oh = 0;
-                        n++;
-                    }
-                }
+                advance(mr, &n, &oh, &ow, OH, OW);
                 m += mr;
                 continue;
             }
@@ -373,13 +377,7 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
                             ap[(ki * KW + kj) * MR + i] =
                                 ih >= 0 && ih < H && iw >= 0 && iw < W ? x + ((n * H + ih) * W + iw) * C + c0 : zero;
                         }
-                if (++ow == OW) {
-                    ow = 0;
-                    if (++oh == OH) {
-                        oh = 0;
-                        n++;
-                    }
-                }
+                advance(1, &n, &oh, &ow, OH, OW);
             }
             tile_any(mr, nv, ap, nseg, seglen, wp + (g * P + 2 * pp) * ps, ps, out + m * F + (GLU ? n0 / 2 : n0), F, cols, b + n0,
                      RES ? r + m * N + n0 : 0, p0, p1);

@@ -36,8 +36,8 @@ TILE = 2                  # outputs per tile side (winograd.c's WM)
 
 def source(act: int, residual: bool, generic: bool = False) -> str:
     """gemm.c with an identity epilogue for the 16 GEMMs, then this kernel's activation and winograd.c"""
-    return (("#undef __AVX512F__\n" if generic else "") + "#define KF_GEMM_ENTRY static __attribute__((unused))\n"
-            + "#define act tile_act\n" + gemm.source(0, False)
+    return (("#undef __AVX512F__\n" if generic else "") + "#define act tile_act\n"
+            + gemm.source(0, False, tiles_only=True)
             + f"\n#undef act\n#undef ACT\n#undef RES\n#define ACT {int(act)}\n#define RES {int(bool(residual))}\n"
             + C_SOURCE + DRIVER)
 
