@@ -1,8 +1,10 @@
 """Compile vs load: the time a fresh process takes to compile a built-in model (capture, passes,
 kernels; with a cold and with a warm kernel cache) and to load the same model from an artifact
 (`kfuse.load`, with CC pointing at no compiler), each in its own process, median of a few runs.
+`--baseline REV` also compiles with kfuse as of git revision REV (a temporary worktree), cold and warm,
+in turns with this tree's runs (a change's effect on the first compile).
 
-    python bench/bench_artifact.py [--model bert] [--seq 128] [--runs 3]
+    python bench/bench_artifact.py [--model bert] [--seq 128] [--runs 3] [--baseline REV]
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import commit, machine
+from common import baseline_worktree, commit, machine
 
 COMPILE = """
 import sys, time, torch, kfuse
@@ -48,17 +50,28 @@ def main():
     ap.add_argument("--model", default="bert")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline", metavar="REV", help="also compile with kfuse as of git revision REV")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     base = {**os.environ, "PYTHONPATH": root}
     cold, warm, load, imp = [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    old = {"cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as tmp, baseline_worktree(a.baseline) as bl:
         art = os.path.join(tmp, "art")
         for r in range(a.runs):
-            cache = os.path.join(tmp, f"cache{r}")          # a new, empty kernel cache: a fresh machine
-            env = {**base, "KFUSE_CACHE_DIR": cache}
-            cold.append(run(COMPILE, [a.model, str(a.seq), art], env)[0])
-            warm.append(run(COMPILE, [a.model, str(a.seq)], env)[0])
+            if bl:           # the baseline first in even runs, after this tree's in odd ones
+                trees = [("old", bl[1]), ("new", root)][:: 1 if r % 2 == 0 else -1]
+            else:
+                trees = [("new", root)]
+            for which, tree in trees:
+                cache = os.path.join(tmp, f"cache-{which}{r}")    # a new, empty kernel cache: a fresh machine
+                env = {**base, "PYTHONPATH": tree, "KFUSE_CACHE_DIR": cache}
+                if which == "old":
+                    old["cold"].append(run(COMPILE, [a.model, str(a.seq)], env)[0])
+                    old["warm"].append(run(COMPILE, [a.model, str(a.seq)], env)[0])
+                    continue
+                cold.append(run(COMPILE, [a.model, str(a.seq), art], env)[0])
+                warm.append(run(COMPILE, [a.model, str(a.seq)], env)[0])
             t, ti = run(LOAD, [art], {**base, "CC": "/nonexistent/cc", "KFUSE_CACHE_DIR": os.path.join(tmp, "none")})
             load.append(t)
             imp.append(ti)
@@ -66,6 +79,11 @@ def main():
     print(f"{machine()}, commit {commit()}; {a.model} batch 1 x seq {a.seq}; median of {a.runs} fresh processes")
     print(f"  compile, cold kernel cache   {med(cold):8.3f} s   ({min(cold):.3f}-{max(cold):.3f})")
     print(f"  compile, warm kernel cache   {med(warm):8.3f} s   ({min(warm):.3f}-{max(warm):.3f})")
+    if a.baseline:
+        for what in ("cold", "warm"):
+            t = old[what]
+            print(f"  compile, {what} cache @{a.baseline:<9s}{med(t):8.3f} s   ({min(t):.3f}-{max(t):.3f})   "
+                  f"this tree / baseline {med(cold if what == 'cold' else warm) / med(t):.3f}")
     print(f"  kfuse.load, no C compiler    {med(load):8.3f} s   ({min(load):.3f}-{max(load):.3f})"
           f"   (import kfuse {med(imp):.2f} s, not counted)")
     print(f"  load / warm compile {med(load) / med(warm):.3f}, load / cold compile {med(load) / med(cold):.3f}")

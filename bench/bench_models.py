@@ -33,7 +33,6 @@ it is not one of the "others" the ratio is taken against, and is printed beside 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -43,7 +42,8 @@ import tempfile
 import time
 import traceback
 
-from common import ROUNDS, commit, machine, measure, median_run, run_worker  # re-executes with the malloc/thread env
+from common import (ROUNDS, baseline_worktree, commit, machine, measure, median_run,  # re-executes with the malloc/thread env
+                    run_worker)
 
 import torch
 import torch.utils._pytree as pytree
@@ -394,23 +394,6 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
         print(f"  {n:<32}{r['ms']:>10.3f}{r['p10']:>9.3f}-{r['p90']:<8.3f}{r['calls']:>12}{r['faults']:>12.1f}"
               f"{r['err']:>13.2e}" + (f"{r['cpu']:>10.3f}" if cpu else ""))
     return res
-
-
-@contextlib.contextmanager
-def baseline_worktree(rev: str | None):
-    """(rev, path) of a temporary git worktree of revision `rev` of this repository, removed after; None
-    without a revision."""
-    if not rev:
-        yield None
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = tempfile.mkdtemp(prefix="kfuse-baseline-")
-    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "--force", path, rev], check=True,
-                   capture_output=True)
-    try:
-        yield rev, path
-    finally:
-        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], capture_output=True)
 
 
 def main():

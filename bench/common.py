@@ -27,10 +27,12 @@ if any(os.environ.get(k) != v for k, v in _ENV.items()) and not os.environ.get("
     os.environ.update(_ENV, KFUSE_BENCH_REEXEC="1")      # malloc reads these only at process start
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
+import contextlib  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -375,3 +377,20 @@ def print_csv(rows: list) -> None:
     for name, res in rows:
         for n, r in res.items():
             print(f"CSV,{machine()},{commit()},{name},{n},{r['ms']:.4f},{r['p10']:.4f},{r['p90']:.4f}")
+
+
+@contextlib.contextmanager
+def baseline_worktree(rev: str | None):
+    """(rev, path) of a temporary git worktree of revision `rev` of this repository, removed after; None
+    without a revision."""
+    if not rev:
+        yield None
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tempfile.mkdtemp(prefix="kfuse-baseline-")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "--force", path, rev], check=True,
+                   capture_output=True)
+    try:
+        yield rev, path
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], capture_output=True)

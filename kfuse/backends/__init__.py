@@ -24,7 +24,7 @@ from ..kernels.conv import (POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as
 from ..kernels.linear import as_linear
 from ..ops.reference import REFERENCE
 from ..report import KernelInfo
-from .c import CompileError, build
+from .c import CompileError, build, compiler
 from .c import attention as c_attention
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
@@ -185,7 +185,7 @@ _CONV_PAIRS = (("depthwise_pointwise", c_dwpw.DepthwisePointwise, "dw+pw", "c:de
 def _pair(group) -> _Pair | None:
     """The kernels of a pair group (passes/autofuse.pointwise_pairs: a depthwise convolution's kernel, or
     a squeeze-excitation, and the 1x1 convolution that alone reads it; a 1x1's kernel and the depthwise
-    convolution that alone reads it), built; None for other groups."""
+    convolution that alone reads it), made (nothing timed: split_pairs times); None for other groups."""
     for rule, kernel, tag, name in _CONV_PAIRS:
         pair = POINTWISE_PAIRS[rule][0](group.nodes)
         if pair is None:
@@ -193,18 +193,16 @@ def _pair(group) -> _Pair | None:
         a, b = pair                          # the first convolution's kernel, then the second's
         dw = a if tag == "dw+pw" else b
         ca, cb = _conv_candidates(a), _conv_candidates(b)
-        first, name1, _ = _best_conv(a, ca)
         ours = [c.get("c:depthwise" if spec is dw else "c:gemm") for spec, c in ((a, ca), (b, cb))]
         fused = None
-        if None not in ours:          # the fused kernel from the two built for the choices above
+        if None not in ours:          # the fused kernel from our two among the candidates
             try:
                 fused = kernel(*ours)
             except (NotImplementedError, CompileError):
                 pass
         problem = problem_key(tag, "first-into", tuple(a.weight.shape), tuple(b.weight.shape), a.x.shape,
                               dw.attrs, a.act, b.act, b.residual is not None)
-        return _Pair(group.nodes.index(b.x) + 1, first, name1, b, cb, fused, name, problem, a.x,
-                     POINTWISE_PAIRS[rule][1])
+        return _Pair(group.nodes.index(b.x) + 1, a, ca, b, cb, fused, name, problem, a.x, POINTWISE_PAIRS[rule][1])
     pair = as_squeeze_excite_pointwise(group.nodes)
     if pair is not None:
         node, pw = pair
@@ -212,7 +210,7 @@ def _pair(group) -> _Pair | None:
         fused = None if "c:gemm" not in cp else c_squeeze_excite.SqueezeExcitePointwise(se, cp["c:gemm"])
         problem = problem_key("se+pw", "first-into", tuple(node.inputs[1].shape), tuple(pw.weight.shape),
                               node.shape, node.attrs, pw.act, pw.residual is not None)
-        return _Pair(1, se, "c:squeeze_excite", pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
+        return _Pair(1, None, {"c:squeeze_excite": se}, pw, cp, fused, "c:squeeze_excite+gemm", problem, node.inputs[0],
                      POINTWISE_PAIRS["squeeze_excite_pointwise"][1])
     return None
 
@@ -220,8 +218,8 @@ def _pair(group) -> _Pair | None:
 @dataclass
 class _Pair:
     split: int              # group.nodes[split:] are the second convolution's kernel
-    first: object           # the first kernel (of group.nodes[:split]) and its backend name
-    first_name: str
+    first: object           # kernels.conv.ConvEpilogue of the first (group.nodes[:split]; None for a
+    first_cands: dict       # squeeze-excitation), and its candidates
     second: object          # kernels.conv.ConvEpilogue of the second convolution, and its candidates
     second_cands: dict
     fused: object           # the kernel computing both, or None, and its backend name
@@ -230,6 +228,35 @@ class _Pair:
     x: Node                 # the group's input
     what: str
     schedule: str = ""      # the timed choice, for the report
+
+
+def prebuild(groups: list) -> list:
+    """Build at once (compiler.build_all: a C compiler per CPU) the C libraries the kernels of `groups`
+    will need that are not on disk yet: each group's candidate kernels are made with stand-ins for
+    those libraries (compiler.collecting; nothing is timed), recording their sources. The kernels are
+    then made and timed as before and find their libraries built. Returns what was made: held while the
+    kernels are made, the candidates made whole (every library on disk) are handed out again by
+    constants.shared instead of being made twice. A group whose candidates fail to make is left to
+    make_kernel to report."""
+    made = []
+    with compiler.collecting() as wanted:
+        for g in groups:
+            kind = kind_of(g)
+            try:
+                if kind == "conv":
+                    made.append(_pair(g) or _conv_candidates(as_conv(g.nodes)))
+                elif kind == "linear":
+                    made.append(linear.linear_candidates(g.nodes))
+                elif kind == "gated_linear":
+                    made.append(linear.gated_linear_candidates(g.nodes[0]))
+                elif kind == "attention":
+                    _attention_kernel(g.nodes[0])
+                elif kind == "c":
+                    _c_kernel(g)
+            except Exception:       # make_kernel meets it again and reports it
+                continue
+    compiler.build_all(wanted)
+    return made
 
 
 def split_pairs(groups: list, report) -> list:
@@ -256,17 +283,18 @@ def _pair_loses(pair: _Pair) -> tuple[str, str] | None:
     """(why-not code, detail) where the pair runs better as two groups; None where the fused kernel wins."""
     if pair.fused is None:
         return "kernel_ir_cannot_express", f"{pair.what}: no fused kernel for this pair ({pair.fused_name})"
+    first, first_name, _ = _best_conv(pair.first, pair.first_cands)
     kp, bp, _ = _best_conv(pair.second, pair.second_cands)
-    two = f"{pair.first_name} -> {bp}"
+    two = f"{first_name} -> {bp}"
 
     held = []
 
     def two_kernels(x, *r, out=None):
         """the first kernel writing into a held buffer, as into its planned one, then the second"""
-        if held and choice.takes_out(pair.first):
-            y = pair.first(x, out=held[0])
+        if held and choice.takes_out(first):
+            y = first(x, out=held[0])
         else:
-            y = pair.first(x)
+            y = first(x)
             held[:] = [y]
         return kp(y, *r, out=out) if choice.takes_out(kp) else kp(y, *r)
     two_kernels.takes_out = True

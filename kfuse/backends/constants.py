@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from ..ir import bits, fingerprint, has_bits
+from .c import compiler
 
 MIN_NUMEL = 4096        # smaller constants are not worth the lookup
 _lock = threading.RLock()     # reentrant: a weak reference's callback may run inside a locked section (GC)
@@ -67,7 +68,8 @@ def _key(a):
 def shared(build, first: torch.Tensor, *args, **kwargs):
     """build(first, *args, **kwargs), or the object an earlier identical call built while it is still
     alive. Identical: the same owner tensors (by identity, unchanged since: their version counters)
-    viewed the same way, and equal other arguments. Kept weakly, on `first`'s owner."""
+    viewed the same way, and equal other arguments. Kept weakly, on `first`'s owner; not kept if it was
+    made with a stand-in for a library not built yet (compiler.collecting)."""
     owner = _owner(first)
     key = (build.__module__, build.__qualname__, _key(first), _key(args), _key(kwargs))
     others = [_owner(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel() >= MIN_NUMEL]
@@ -79,7 +81,10 @@ def shared(build, first: torch.Tensor, *args, **kwargs):
         obj = hit[1]() if hit is not None else None
     if obj is not None:
         return obj
+    before = compiler.stand_ins()
     obj = build(first, *args, **kwargs)
+    if compiler.stand_ins() != before:
+        return obj
     with _lock:
         memo[key] = (others, weakref.ref(obj))    # `others` held: their ids in the key stay theirs
     return obj

@@ -21,7 +21,8 @@ POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none")
             "tanh": ("tanh", (), "")}
 
 
-def linear_kernel(nodes):
+def linear_candidates(nodes) -> dict:
+    """{backend name: kernel} of the kernels computing a linear group: the library's, and our GEMM."""
     x, w, b, act = as_linear(nodes)
     # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
     # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
@@ -32,7 +33,12 @@ def linear_kernel(nodes):
             cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False)
         except CompileError:        # no C compiler: the library alone
             pass
-    return _fastest(cands, ("linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
+    return cands
+
+
+def linear_kernel(nodes):
+    x, w, b, act = as_linear(nodes)
+    return _fastest(linear_candidates(nodes), ("linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
 
 
 class _GatedLibrary:
@@ -47,9 +53,10 @@ class _GatedLibrary:
         return self.act(gate).mul_(up)
 
 
-def gated_linear_kernel(node):
-    """act(x @ w_gate + b_gate) * (x @ w_up + b_up), w = [w_gate | w_up] [K, 2F]."""
-    x, w, b = node.inputs[0], node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None
+def gated_linear_candidates(node) -> dict:
+    """{backend name: kernel} of the kernels computing a gated linear, act(x @ w_gate + b_gate) * (x @ w_up
+    + b_up), w = [w_gate | w_up] [K, 2F]: the library's GEMM then the gating, and our gated GEMM."""
+    w, b = node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None
     act = node.attrs["act"]
     lib = _GatedLibrary(w, b, act)
     cands = {f"library:{lib.backend}+torch": lib}
@@ -57,7 +64,13 @@ def gated_linear_kernel(node):
         cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False, glu=True)
     except CompileError:
         pass
-    return _fastest(cands, ("gated_linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
+    return cands
+
+
+def gated_linear_kernel(node):
+    x, w, b = node.inputs[0], node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None
+    return _fastest(gated_linear_candidates(node), ("gated_linear", tuple(w.shape), x.shape, node.attrs["act"],
+                                                    b is not None), x.shape)
 
 
 def _fastest(cands: dict, problem: tuple, x_shape):

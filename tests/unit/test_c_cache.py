@@ -1,6 +1,8 @@
 """The C kernel cache: concurrent builds, damaged cached libraries, a missing compiler."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +94,101 @@ def test_cache_key_changes_with_flags_and_source(cache):
     assert a == compiler.library_path("int f(void){return 1;}")
     assert a != compiler.library_path("int f(void){return 2;}")
     assert a != compiler.library_path("int f(void){return 1;}", flags=tuple(compiler.FLAGS[1:]))
+
+
+def test_collecting_records_sources_and_keeps_no_stand_in(cache):
+    """backends.prebuild's two steps: kernels made while collecting hold stand-ins (which raise if called,
+    and are cached nowhere), then build_all builds what they recorded, and the kernels made after load it."""
+    src = "int kf_seven(void) { return 7; }\n"
+
+    @compiler.keeps_built
+    def seven():
+        return compiler.load(src).kf_seven
+
+    with compiler.collecting() as wanted:
+        assert compiler.is_collecting()
+        stand_in = seven()
+        k = build(_kernel())
+    assert not compiler.is_collecting()
+    with pytest.raises(RuntimeError, match="kf_seven called while its library was only being collected"):
+        stand_in()
+    with pytest.raises(RuntimeError, match="only being collected"):
+        k([torch.randn(100)], [torch.empty(100)])
+    assert len(wanted) == 2 and not list(cache.glob("*.so"))          # recorded, nothing built yet
+    assert compiler.build_all(wanted) == 2 and len(list(cache.glob("*.so"))) == 2
+    assert compiler.build_all(wanted) == 0                             # on disk now
+    assert seven()() == 7                 # not the stand-in: it was not kept
+    assert _run(build(_kernel()))
+
+
+def test_a_kernel_made_with_a_stand_in_is_made_again_and_one_made_whole_is_kept(cache):
+    from kfuse.backends.constants import shared
+    src = "int kf_eight(void) { return 8; }\n"
+
+    @compiler.keeps_built
+    def eight():
+        return compiler.load(src).kf_eight
+
+    class Kernel:
+        def __init__(self, weight):
+            self.fn = eight()
+    w = torch.randn(64, 64)
+    with compiler.collecting() as wanted:
+        first = shared(Kernel, w)
+        assert wanted.stand_ins == 1 and shared(Kernel, w) is not first      # holds a stand-in: not kept
+    compiler.build_all(wanted)
+    with compiler.collecting() as wanted:
+        whole = shared(Kernel, w)
+        assert shared(Kernel, w) is whole and not wanted and wanted.stand_ins == 0
+    assert shared(Kernel, w) is whole and whole.fn() == 8
+
+
+def test_build_all_leaves_a_failing_compiler_to_load(cache, monkeypatch):
+    with compiler.collecting() as wanted:
+        build(_kernel(0.79))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    assert compiler.build_all(wanted) == 0          # no error here: the kernel's build reports it
+    with pytest.raises(compiler.CompileError, match="C compiler failed"):
+        build(_kernel(0.79))
+
+
+# A first compile (an empty cache, a fresh process) of a model with convolutions, a depthwise -> 1x1 pair,
+# a linear and an elementwise kernel: which C builds ran inside build_all, and which one at a time after.
+FIRST_COMPILE = """
+import json, threading, torch, kfuse
+from kfuse.backends.c import compiler
+torch.manual_seed(0)
+late, build = [], compiler._build
+def recorded(src, path, flags):
+    if threading.current_thread() is threading.main_thread():
+        late.append(src.splitlines()[0][:60])
+    build(src, path, flags)
+compiler._build = recorded
+class M(torch.nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.c1, s.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        s.dw, s.pw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.Conv2d(16, 24, 1)
+        s.fc = torch.nn.Linear(24 * 12 * 12, 10)
+    def forward(s, x):
+        y = s.pw(torch.relu(s.dw(torch.relu(s.bn(s.c1(x))))))
+        return torch.tanh(s.fc(y.flatten(1)) * 0.5 + 1)
+m, x = M().eval(), torch.randn(1, 3, 12, 12)
+cm = kfuse.compile(m, (x,))
+with torch.no_grad():
+    err = (cm(x) - m(x)).abs().max().item()
+print(json.dumps({"late": late, "built": len(list(compiler.cache_dir().glob("*.so"))), "err": err,
+                  "backends": sorted({k.backend for k in cm.report().kernels})}))
+"""
+
+
+def test_first_compile_builds_its_libraries_together_before_timing(tmp_path):
+    env = {**os.environ, "KFUSE_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", FIRST_COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["err"] < 1e-4
+    assert out["built"] >= 4, out                      # our GEMM, depthwise, the pair, the elementwise kernel
+    assert out["late"] == [], out                      # every one built by build_all, none one at a time
+    assert {"c:gemm", "c:depthwise+gemm", "c"} <= set(out["backends"]), out

@@ -69,7 +69,7 @@ def build(k: FusedKernel, tune: bool = True) -> CKernel:
     other = single if want is multi else multi
     source = other if compiler.is_provided(other) and not compiler.is_provided(want) else want
     lib = compiler.load(source)
-    if source is single:
+    if source is single or compiler.is_collecting():     # collecting: sources only, nothing timed
         return CKernel(k, lib, source)
     choice = autotune.choose(k, lib, source, scheds)
     fn = CKernel(k, lib, source, f"kf_v{choice.index}")

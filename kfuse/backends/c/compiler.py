@@ -5,9 +5,16 @@ upgrade or a flag change never reuses a stale library. Writes are atomic (compil
 temporary name, then rename), so processes compiling the same kernel at once all succeed.
 A cached library that is truncated (its ELF section table does not end at the end of the file)
 or fails to load (corrupted) is rebuilt; a truncated file is never handed to dlopen.
+
+A program's first compile used to build its libraries one after another as its kernels were made and
+timed. `collecting()` lets backends.prebuild make the kernels once with stand-ins for the libraries not
+built yet, recording their sources, and `build_all` then runs the C compiler on them at once, one
+process per CPU, before anything is timed (timings beside a running compiler would be wrong).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -17,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ... import config
@@ -34,6 +42,7 @@ from ...errors import KfuseError
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
          "-fno-trapping-math", "-ffp-contract=off", "-fwrapv"]
 LIBS = ["-lm", "-lmvec"]
+MAX_BUILDS = 8          # C compilers run at once by build_all (each takes up to a few hundred MB)
 
 
 class CompileError(KfuseError):
@@ -134,6 +143,11 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
     lib = _loaded.get(path)
     if lib is not None:
         return lib
+    wanted = _wanted.get()
+    if wanted is not None and not _complete_elf(path):
+        wanted.add((source, tuple(flags)))
+        wanted.stand_ins += 1
+        return _StandIn()
     if _complete_elf(path):
         try:
             lib = ctypes.CDLL(str(path))
@@ -164,3 +178,95 @@ def _build(source: str, path: Path, flags):
         if res.returncode != 0:
             raise CompileError(f"C compiler failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
         os.replace(out, path)  # atomic: readers see the old file or the whole new one
+
+
+class Wanted(set):
+    """The (source, flags) pairs load() met with no library on disk while collecting, and the number of
+    stand-ins it handed out."""
+    stand_ins = 0
+
+
+_wanted = contextvars.ContextVar("kfuse_wanted", default=None)    # a Wanted while collecting
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within it, load() of a source with no library on disk records (source, flags) in the Wanted this
+    yields and returns a stand-in, whose functions raise if called. Caches keep only what was made
+    without a stand-in (`stand_ins` before and after: `keeps_built`, backends.constants.shared), so no
+    stand-in outlives it, and what was made whole is made once."""
+    wanted = Wanted()
+    token = _wanted.set(wanted)
+    try:
+        yield wanted
+    finally:
+        _wanted.reset(token)
+
+
+def is_collecting() -> bool:
+    return _wanted.get() is not None
+
+
+def stand_ins() -> int:
+    """The stand-ins load() has handed out while collecting (0 when not collecting)."""
+    wanted = _wanted.get()
+    return 0 if wanted is None else wanted.stand_ins
+
+
+class _StandInFunction:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args):
+        raise RuntimeError(f"kfuse: C function {self.name} called while its library was only being collected")
+
+
+class _StandIn:
+    """A library not built yet, while collecting: its functions take argtypes and restype as ctypes'
+    do, and raise if called."""
+
+    def __getattr__(self, name: str):
+        return _StandInFunction(name)
+
+
+def keeps_built(fn):
+    """functools.lru_cache for a function returning a library's C functions, except that a result made
+    with a stand-in (while collecting) is not kept."""
+    memo: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key in memo:
+            return memo[key]
+        before = stand_ins()
+        out = fn(*args, **kwargs)
+        if stand_ins() == before:
+            memo[key] = out
+        return out
+    cached.cache_clear = memo.clear
+    return cached
+
+
+def build_all(wanted) -> int:
+    """Build the libraries of `wanted` ((source, flags) pairs, as collecting() gathers them) that are not
+    on disk, as many at once as there are CPUs; the number built. A build that fails is left for load()
+    to repeat and report where the kernel is made (a missing compiler: nothing is built here)."""
+    try:
+        todo = {library_path(src, flags): (src, flags) for src, flags in wanted}
+    except CompileError:
+        return 0
+    todo = {path: sf for path, sf in todo.items() if not _complete_elf(path)}
+
+    def one(item) -> bool:
+        path, (src, flags) = item
+        try:
+            _build(src, path, flags)
+        except CompileError:
+            return False
+        return True
+    if not todo:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(min(len(todo), cpus, MAX_BUILDS)) as pool:
+        return sum(pool.map(one, todo.items()))

@@ -30,7 +30,6 @@ w and b (kh kw C + C floats, from cache after the first row). FLOPs: 2 kh kw per
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ import torch
 from .. import openmp
 from .autotune import cpu_has, pick
 from .autotune import problem as problem_key
+from .compiler import keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
@@ -68,7 +68,7 @@ def source(kh: int, kw: int, stride, dilation, act: int, generic: bool = False) 
     return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {k: int(v) for k, v in vals.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _fn(kh: int, kw: int, stride, dilation, act: int, generic: bool = False):
     return entry(source(kh, kw, stride, dilation, act, generic), "kf_depthwise", 5)
 

@@ -16,7 +16,6 @@ computed twice, by it and by the thread before): backends.split_pairs times both
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
+from .compiler import keeps_built
 from .conv_act import bind, cdiv, check_out, check_residual, entry
 from .vecmath import VECMATH_C
 
@@ -40,7 +40,7 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
             + "\n#undef act\n#undef ACT\n#define act dw_act\n" + dw + "\n#undef act\n" + DRIVER)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _fn(dw_args: tuple, pw_act: int, residual: bool, generic: bool, name: str, pointers: int):
     f = entry(source(dw_args, pw_act, residual, generic), name, pointers)
     f.restype = ctypes.c_int

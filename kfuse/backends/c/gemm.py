@@ -18,7 +18,6 @@ panels (from cache after the first), the packed weight once per row block, out w
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from .. import openmp
 from . import autotune
+from .compiler import keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
@@ -59,7 +59,7 @@ def bias_of(b, cout: int) -> torch.Tensor:
     return (torch.zeros(cout) if b is None else b.detach().float().reshape(cout)).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _fn(act: int, residual: bool, generic: bool = False, glu: bool = False):
     f = entry(source(act, residual, generic, glu), "kf_gemm_conv", 7)
     f.restype = ctypes.c_int

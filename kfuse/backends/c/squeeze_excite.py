@@ -12,13 +12,12 @@ the weights read once. Sizes are runtime arguments: one compiled library serves 
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 from .. import openmp
-from .compiler import load
+from .compiler import keeps_built, load
 from .nhwc import nhwc_input, same_shape_io
 from .vecmath import VECMATH_C
 
@@ -28,7 +27,7 @@ ACT1 = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "hardswish": 4, "leaky_relu"
 ACT2 = {"sigmoid": 6, "hardsigmoid": 7}
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _lib():
     lib = load(SOURCE)
     fn = lib.kf_squeeze_excite

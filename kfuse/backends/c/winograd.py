@@ -15,7 +15,6 @@ Cout] once per block of tiles, out written once. FLOPs: 2 * 16 * tiles * Cin * C
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from .. import openmp
 from . import gemm
+from .compiler import keeps_built
 from .conv_act import C_SOURCE, act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair
 
 DRIVER = Path(__file__).with_name("winograd.c").read_text()
@@ -42,7 +42,7 @@ def source(act: int, residual: bool, generic: bool = False) -> str:
             + C_SOURCE + DRIVER)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _fn(act: int, residual: bool, generic: bool = False):
     f = entry(source(act, residual, generic), "kf_winograd", 7)
     f.restype = ctypes.c_int
