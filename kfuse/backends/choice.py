@@ -32,7 +32,8 @@ def conv_sources(k) -> list[str]:
     if isinstance(k, c_winograd.WinogradConv):
         return [c_winograd.source(k.act_code, k.residual)]
     if isinstance(k, (c_dwpw.DepthwisePointwise, c_dwpw.PointwiseDepthwise)):
-        return [k.source()]
+        # and its halves': the pair is made from them (a loaded artifact without a compiler makes them too)
+        return [k.source(), *conv_sources(k.dw), *conv_sources(k.pw)]
     if isinstance(k, c_squeeze_excite.SqueezeExcite):
         return [c_squeeze_excite.SOURCE]
     if isinstance(k, c_squeeze_excite.SqueezeExcitePointwise):
