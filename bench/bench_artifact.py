@@ -39,7 +39,9 @@ print(t, t_import)
 
 
 def run(code, args, env) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900)
+    # run in the tree it imports: `python -c` puts the working directory first on sys.path
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=900,
+                         cwd=env["PYTHONPATH"])
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return [float(x) for x in out.stdout.split()]
