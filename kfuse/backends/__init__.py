@@ -251,6 +251,14 @@ def prebuild(groups: list) -> list:
                     made.append(linear.gated_linear_candidates(g.nodes[0]))
                 elif kind == "attention":
                     _attention_kernel(g.nodes[0])
+                elif kind == "rope":
+                    _rope_kernel(g.nodes[0])
+                elif kind == "recurrent":
+                    c_recurrent.kernel(g.nodes[0])
+                elif kind in ("squeeze_excite", "group_norm", "max_pool2d"):
+                    _nhwc_kernel(g.nodes[0])
+                elif kind == "reduce_mid":
+                    _reduce_mid_kernel(g.nodes[0])
                 elif kind == "c":
                     _c_kernel(g)
             except Exception:       # make_kernel meets it again and reports it

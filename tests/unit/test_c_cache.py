@@ -153,8 +153,9 @@ def test_build_all_leaves_a_failing_compiler_to_load(cache, monkeypatch):
         build(_kernel(0.79))
 
 
-# A first compile (an empty cache, a fresh process) of a model with convolutions, a depthwise -> 1x1 pair,
-# a linear and an elementwise kernel: which C builds ran inside build_all, and which one at a time after.
+# A first compile (an empty cache, a fresh process) of a model with convolutions, max pooling, a depthwise ->
+# 1x1 pair, a global average pool, a linear and an elementwise kernel: which C builds ran inside build_all,
+# and which one at a time after.
 FIRST_COMPILE = """
 import json, threading, torch, kfuse
 from kfuse.backends.c import compiler
@@ -170,10 +171,11 @@ class M(torch.nn.Module):
         super().__init__()
         s.c1, s.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
         s.dw, s.pw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.Conv2d(16, 24, 1)
-        s.fc = torch.nn.Linear(24 * 12 * 12, 10)
+        s.fc = torch.nn.Linear(24, 10)
     def forward(s, x):
-        y = s.pw(torch.relu(s.dw(torch.relu(s.bn(s.c1(x))))))
-        return torch.tanh(s.fc(y.flatten(1)) * 0.5 + 1)
+        y = torch.nn.functional.max_pool2d(torch.relu(s.bn(s.c1(x))), 2)
+        y = s.pw(torch.relu(s.dw(y)))
+        return torch.tanh(s.fc(y.mean((2, 3))) * 0.5 + 1)
 m, x = M().eval(), torch.randn(1, 3, 12, 12)
 cm = kfuse.compile(m, (x,))
 with torch.no_grad():
@@ -191,4 +193,4 @@ def test_first_compile_builds_its_libraries_together_before_timing(tmp_path):
     assert out["err"] < 1e-4
     assert out["built"] >= 4, out                      # our GEMM, depthwise, the pair, the elementwise kernel
     assert out["late"] == [], out                      # every one built by build_all, none one at a time
-    assert {"c:gemm", "c:depthwise+gemm", "c"} <= set(out["backends"]), out
+    assert {"c:gemm", "c:max_pool2d", "c:depthwise+gemm", "c:reduce_mid", "c"} <= set(out["backends"]), out

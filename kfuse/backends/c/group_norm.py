@@ -11,20 +11,19 @@ arguments: one compiled library serves every shape.
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 from .. import openmp
-from .compiler import load
+from .compiler import keeps_built, load
 from .nhwc import same_shape_io
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("group_norm.c").read_text().replace("/*VECMATH*/", VECMATH_C)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _lib():
     lib = load(SOURCE)
     fn = lib.kf_group_norm_nhwc

@@ -12,13 +12,12 @@ windows from cache), y written once. Sizes are runtime arguments: one library se
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 from .. import openmp
-from .compiler import load
+from .compiler import keeps_built, load
 from .conv_act import pair
 from .nhwc import nhwc_input
 
@@ -26,7 +25,7 @@ SOURCE = Path(__file__).with_name("pool.c").read_text()
 MAX_TAPS = 256         # kernel positions (pool.c)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _lib():
     lib = load(SOURCE)
     fn = lib.kf_max_pool_nhwc

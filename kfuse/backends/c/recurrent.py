@@ -17,13 +17,12 @@ step, which pays off only when a step has enough work (SPLIT_MIN_MACS).
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
 from .. import openmp
-from .compiler import load
+from .compiler import keeps_built, load
 from .vecmath import VECMATH_C
 
 VL = 16                   # hidden units per block: one 512-bit vector
@@ -38,7 +37,7 @@ SPLIT_MIN_MACS = 1 << 19
 SOURCE = (Path(__file__).with_name("recurrent.c")).read_text().replace("/*VECMATH*/", VECMATH_C)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _lib():
     lib = load(SOURCE)
     lib.rec_forward.argtypes = [ctypes.c_void_p]

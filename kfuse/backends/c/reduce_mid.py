@@ -8,14 +8,13 @@ by one thread in one order: the same bits at any thread count.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 from pathlib import Path
 
 import torch
 
 from .. import openmp
-from .compiler import load
+from .compiler import keeps_built, load
 from .conv_act import check_out
 
 SOURCE = Path(__file__).with_name("reduce_mid.c").read_text()
@@ -23,7 +22,7 @@ OPS = {"reduce_sum": 0, "reduce_mean": 1, "reduce_max": 2, "reduce_min": 3}
 SERIAL_VALUES = 1 << 16      # below this many inputs one thread (no team start)
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _fn():
     f = load(SOURCE).kf_reduce_mid
     f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,

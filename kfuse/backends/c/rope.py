@@ -8,11 +8,10 @@ output is a contiguous [..., S, D] buffer. Bytes moved: x read once, cos/sin rea
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from .compiler import load
+from .compiler import keeps_built, load
 
 SOURCE = r"""
 #include <stdint.h>
@@ -39,7 +38,7 @@ void kf_rope(const float *x, const float *c, const float *s, float *o, const int
 """
 
 
-@functools.lru_cache(maxsize=None)
+@keeps_built
 def _lib():
     lib = load(SOURCE)
     lib.kf_rope.restype = None
