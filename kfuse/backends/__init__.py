@@ -242,25 +242,10 @@ def prebuild(groups: list) -> list:
     with compiler.collecting() as wanted:
         for g in groups:
             kind = kind_of(g)
+            make = _CANDIDATES.get(kind) or _C_KERNELS.get(kind)
             try:
-                if kind == "conv":
-                    made.append(_pair(g) or _conv_candidates(as_conv(g.nodes)))
-                elif kind == "linear":
-                    made.append(linear.linear_candidates(g.nodes))
-                elif kind == "gated_linear":
-                    made.append(linear.gated_linear_candidates(g.nodes[0]))
-                elif kind == "attention":
-                    _attention_kernel(g.nodes[0])
-                elif kind == "rope":
-                    _rope_kernel(g.nodes[0])
-                elif kind == "recurrent":
-                    c_recurrent.kernel(g.nodes[0])
-                elif kind in ("squeeze_excite", "group_norm", "max_pool2d"):
-                    _nhwc_kernel(g.nodes[0])
-                elif kind == "reduce_mid":
-                    _reduce_mid_kernel(g.nodes[0])
-                elif kind == "c":
-                    _c_kernel(g)
+                if make is not None:
+                    made.append(make(g))
             except Exception:       # make_kernel meets it again and reports it
                 continue
     compiler.build_all(wanted)
@@ -610,6 +595,28 @@ def _triton_kernel(kind, group, rounding: str):
     return tr.fused_kernel(group, rounding)
 
 
+# a group's kernel on the CPU by its kind: (fn, backend name) = _C_KERNELS[kind](group)
+_C_KERNELS = {
+    "linear": lambda g: linear.linear_kernel(g.nodes),
+    "gated_linear": lambda g: linear.gated_linear_kernel(g.nodes[0]),
+    "conv": _conv_kernel,
+    "attention": lambda g: _attention_kernel(g.nodes[0]),
+    "rope": lambda g: _rope_kernel(g.nodes[0]),
+    "recurrent": lambda g: c_recurrent.kernel(g.nodes[0]),
+    "squeeze_excite": lambda g: _nhwc_kernel(g.nodes[0]),
+    "group_norm": lambda g: _nhwc_kernel(g.nodes[0]),
+    "max_pool2d": lambda g: _nhwc_kernel(g.nodes[0]),
+    "reduce_mid": lambda g: _reduce_mid_kernel(g.nodes[0]),
+    "c": _c_kernel,
+}
+# the kinds whose kernel is the fastest of candidates timed at compile: their candidates, untimed (prebuild)
+_CANDIDATES = {
+    "conv": lambda g: _pair(g) or _conv_candidates(as_conv(g.nodes)),
+    "linear": lambda g: linear.linear_candidates(g.nodes),
+    "gated_linear": lambda g: linear.gated_linear_candidates(g.nodes[0]),
+}
+
+
 def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "outputs") -> Kernel:
     """The kernel for `group`, priced on `machine` (kfuse.cost.Machine) for the report. `backend`
     ("cpu" or "triton", BACKENDS) picks the renderer of the fused kinds: C and oneDNN, or Triton;
@@ -622,24 +629,8 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
             fn, backend_name = _view_kernel(nodes[0]), "view"
         elif backend == "triton" and kind in ("linear", "attention", "rope", "c"):
             fn, backend_name = _triton_kernel(kind, group, rounding)
-        elif kind == "linear":
-            fn, backend_name = linear.linear_kernel(nodes)
-        elif kind == "gated_linear":
-            fn, backend_name = linear.gated_linear_kernel(nodes[0])
-        elif kind == "conv":
-            fn, backend_name = _conv_kernel(group)
-        elif kind == "attention":
-            fn, backend_name = _attention_kernel(nodes[0])
-        elif kind == "rope":
-            fn, backend_name = _rope_kernel(nodes[0])
-        elif kind == "recurrent":
-            fn, backend_name = c_recurrent.kernel(nodes[0])
-        elif kind in ("squeeze_excite", "group_norm", "max_pool2d"):
-            fn, backend_name = _nhwc_kernel(nodes[0])
-        elif kind == "reduce_mid":
-            fn, backend_name = _reduce_mid_kernel(nodes[0])
-        elif kind == "c":
-            fn, backend_name = _c_kernel(group)
+        elif kind in _C_KERNELS:
+            fn, backend_name = _C_KERNELS[kind](group)
     except Exception as e:          # any failure to build a kernel falls back, reported
         if isinstance(e, NotFusable):     # an op our kernel IR does not cover: torch runs it
             note = f"runs on torch: {e.reason}"
