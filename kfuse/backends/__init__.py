@@ -230,26 +230,25 @@ class _Pair:
     schedule: str = ""      # the timed choice, for the report
 
 
-def prebuild(groups: list) -> list:
+def prebuild(groups: list) -> int:
     """Build at once (compiler.build_all: a C compiler per CPU) the C libraries the kernels of `groups`
     will need that are not on disk yet: each group's candidate kernels are made with stand-ins for
     those libraries (compiler.collecting; nothing is timed), recording their sources. The kernels are
-    then made and timed as before and find their libraries built. Returns what was made: held while the
-    kernels are made, the candidates made whole (every library on disk) are handed out again by
-    constants.shared instead of being made twice. A group whose candidates fail to make is left to
+    then made and timed as before and find their libraries built. Nothing made here is held: a group's
+    candidates are freed before the next group's are made, so the compile's peak memory stays one
+    group's candidates above its weights (holding them all, to make them once, would hold every packed
+    copy of every weight at once). The number built; a group whose candidates fail to make is left to
     make_kernel to report."""
-    made = []
     with compiler.collecting() as wanted:
         for g in groups:
             kind = kind_of(g)
             make = _CANDIDATES.get(kind) or _C_KERNELS.get(kind)
             try:
                 if make is not None:
-                    made.append(make(g))
+                    make(g)
             except Exception:       # make_kernel meets it again and reports it
                 continue
-    compiler.build_all(wanted)
-    return made
+    return compiler.build_all(wanted)
 
 
 def split_pairs(groups: list, report) -> list:

@@ -239,11 +239,10 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
             if n.op == "const":
                 n.attrs["value"] = intern(n.attrs["value"])
         with autotune.weights_from_memory(_weight_bytes(graph) > autotune.cache_bytes()):
-            made = prebuild(groups) if backend == "cpu" else []      # held while the kernels are made
             if backend == "cpu":
+                prebuild(groups)
                 groups = split_pairs(groups, report)
             kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
-            del made
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])

@@ -194,7 +194,7 @@ def collecting():
     """Within it, load() of a source with no library on disk records (source, flags) in the Wanted this
     yields and returns a stand-in, whose functions raise if called. Caches keep only what was made
     without a stand-in (`stand_ins` before and after: `keeps_built`, backends.constants.shared), so no
-    stand-in outlives it, and what was made whole is made once."""
+    stand-in outlives it."""
     wanted = Wanted()
     token = _wanted.set(wanted)
     try:
