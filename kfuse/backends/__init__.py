@@ -611,8 +611,8 @@ _C_KERNELS = {
 # the kinds whose kernel is the fastest of candidates timed at compile: their candidates, untimed (prebuild)
 _CANDIDATES = {
     "conv": lambda g: _pair(g) or _conv_candidates(as_conv(g.nodes)),
-    "linear": lambda g: linear.linear_candidates(g.nodes),
-    "gated_linear": lambda g: linear.gated_linear_candidates(g.nodes[0]),
+    "linear": lambda g: linear.linear_candidates(*as_linear(g.nodes)),
+    "gated_linear": lambda g: linear.gated_linear_candidates(*linear.gated_parts(g.nodes[0])[1:]),
 }
 
 

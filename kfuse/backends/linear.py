@@ -21,9 +21,9 @@ POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none")
             "tanh": ("tanh", (), "")}
 
 
-def linear_candidates(nodes) -> dict:
-    """{backend name: kernel} of the kernels computing a linear group: the library's, and our GEMM."""
-    x, w, b, act = as_linear(nodes)
+def linear_candidates(x, w, b, act) -> dict:
+    """{backend name: kernel} of the kernels computing a linear (kernels.linear.as_linear's parts): the
+    library's, and our GEMM."""
     # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
     # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
     lin = shared(pack_linear, w, b, act, batch_hint=1 if x.numel == x.shape[-1] else None)
@@ -38,7 +38,7 @@ def linear_candidates(nodes) -> dict:
 
 def linear_kernel(nodes):
     x, w, b, act = as_linear(nodes)
-    return _fastest(linear_candidates(nodes), ("linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
+    return _fastest(linear_candidates(x, w, b, act), ("linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
 
 
 class _GatedLibrary:
@@ -53,11 +53,16 @@ class _GatedLibrary:
         return self.act(gate).mul_(up)
 
 
-def gated_linear_candidates(node) -> dict:
-    """{backend name: kernel} of the kernels computing a gated linear, act(x @ w_gate + b_gate) * (x @ w_up
-    + b_up), w = [w_gate | w_up] [K, 2F]: the library's GEMM then the gating, and our gated GEMM."""
-    w, b = node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None
-    act = node.attrs["act"]
+def gated_parts(node) -> tuple:
+    """(x, w, b, act) of a gated_linear node: act(x @ w_gate + b_gate) * (x @ w_up + b_up), w = [w_gate |
+    w_up] [K, 2F], b likewise or None."""
+    return node.inputs[0], node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None, \
+        node.attrs["act"]
+
+
+def gated_linear_candidates(w, b, act) -> dict:
+    """{backend name: kernel} of the kernels computing a gated linear (gated_parts): the library's GEMM
+    then the gating, and our gated GEMM."""
     lib = _GatedLibrary(w, b, act)
     cands = {f"library:{lib.backend}+torch": lib}
     try:
@@ -68,9 +73,9 @@ def gated_linear_candidates(node) -> dict:
 
 
 def gated_linear_kernel(node):
-    x, w, b = node.inputs[0], node.inputs[1].value, node.inputs[2].value if len(node.inputs) == 3 else None
-    return _fastest(gated_linear_candidates(node), ("gated_linear", tuple(w.shape), x.shape, node.attrs["act"],
-                                                    b is not None), x.shape)
+    x, w, b, act = gated_parts(node)
+    return _fastest(gated_linear_candidates(w, b, act), ("gated_linear", tuple(w.shape), x.shape, act, b is not None),
+                    x.shape)
 
 
 def _fastest(cands: dict, problem: tuple, x_shape):

@@ -162,8 +162,7 @@ def test_missing_c_compiler_falls_back_and_says_so(tmp_path, monkeypatch):
     from kfuse.backends.c import attention, depthwise, gemm, rope
     monkeypatch.setattr(compiler, "_loaded", {})       # forget libraries this process already loaded
     monkeypatch.setattr(compiler, "_provided", {})     # and those an artifact provided
-    monkeypatch.setattr(attention, "_libs", {})
-    for lib in (rope._lib, gemm._fn, depthwise._fn):
+    for lib in (attention.library, rope._lib, gemm._fn, depthwise._fn):
         lib.cache_clear()
     model, inputs = build("bert", batch=2, seq=16, layers=1)
     cm = kfuse.compile(model, inputs)

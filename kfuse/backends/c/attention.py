@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 
 from ...kernels.attention import BLOCK_K, BLOCK_Q, ROW_GROUP, num_threads, peak_extra_bytes, plan  # noqa: F401
-from . import compiler
-from .compiler import load
+from .compiler import keeps_built, load
 
 SOURCE = (Path(__file__).with_name("attention.c")).read_text()
 
@@ -55,27 +54,19 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("Lnew", "snkb", "snkh", "snkj", "snvb", "snvh", "snvj")])
 
 
-_libs: dict[tuple, ctypes.CDLL] = {}
-
-
 def source(head_dim: int) -> str:
     """The C source of the kernel for one head dimension."""
     return f"#define HD {int(head_dim)}\n" + SOURCE
 
 
+@keeps_built
 def library(head_dim: int, flags=None) -> ctypes.CDLL:
     """The kernel compiled for one head dimension (cached in memory and on disk)."""
-    key = (head_dim, flags)
-    lib = _libs.get(key)
-    if lib is None:
-        src = source(head_dim)
-        before = compiler.stand_ins()
-        lib = load(src) if flags is None else load(src, flags)
-        lib.attn_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
-        lib.attn_forward.restype = None
-        lib.attn_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        if compiler.stand_ins() == before:      # a stand-in (compiler.collecting) is not kept
-            _libs[key] = lib
+    src = source(head_dim)
+    lib = load(src) if flags is None else load(src, flags)
+    lib.attn_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+    lib.attn_forward.restype = None
+    lib.attn_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 

@@ -236,7 +236,7 @@ def keeps_built(fn):
 
     @functools.wraps(fn)
     def cached(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs.items())))
+        key = (args, tuple(sorted(kwargs.items()))) if kwargs else args      # attention.library: per call
         if key in memo:
             return memo[key]
         before = stand_ins()
