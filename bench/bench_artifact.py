@@ -56,36 +56,31 @@ def main():
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     base = {**os.environ, "PYTHONPATH": root}
-    cold, warm, load, imp = [], [], [], []
-    old = {"cold": [], "warm": []}
+    load, imp = [], []
+    times = {"new": {"cold": [], "warm": []}, "old": {"cold": [], "warm": []}}     # this tree's, the baseline's
     with tempfile.TemporaryDirectory() as tmp, baseline_worktree(a.baseline) as bl:
         art = os.path.join(tmp, "art")
         for r in range(a.runs):
-            if bl:           # the baseline first in even runs, after this tree's in odd ones
-                trees = [("old", bl[1]), ("new", root)][:: 1 if r % 2 == 0 else -1]
-            else:
-                trees = [("new", root)]
-            for which, tree in trees:
+            trees = [("new", root)] + ([("old", bl[1])] if bl else [])
+            for which, tree in trees[:: 1 if r % 2 else -1]:      # the baseline first in even runs
                 cache = os.path.join(tmp, f"cache-{which}{r}")    # a new, empty kernel cache: a fresh machine
                 env = {**base, "PYTHONPATH": tree, "KFUSE_CACHE_DIR": cache}
-                if which == "old":
-                    old["cold"].append(run(COMPILE, [a.model, str(a.seq)], env)[0])
-                    old["warm"].append(run(COMPILE, [a.model, str(a.seq)], env)[0])
-                    continue
-                cold.append(run(COMPILE, [a.model, str(a.seq), art], env)[0])
-                warm.append(run(COMPILE, [a.model, str(a.seq)], env)[0])
+                saved = [art] if which == "new" else []          # this tree's cold compile saves the artifact
+                times[which]["cold"].append(run(COMPILE, [a.model, str(a.seq), *saved], env)[0])
+                times[which]["warm"].append(run(COMPILE, [a.model, str(a.seq)], env)[0])
             t, ti = run(LOAD, [art], {**base, "CC": "/nonexistent/cc", "KFUSE_CACHE_DIR": os.path.join(tmp, "none")})
             load.append(t)
             imp.append(ti)
+    cold, warm = times["new"]["cold"], times["new"]["warm"]
     med = statistics.median
     print(f"{machine()}, commit {commit()}; {a.model} batch 1 x seq {a.seq}; median of {a.runs} fresh processes")
     print(f"  compile, cold kernel cache   {med(cold):8.3f} s   ({min(cold):.3f}-{max(cold):.3f})")
     print(f"  compile, warm kernel cache   {med(warm):8.3f} s   ({min(warm):.3f}-{max(warm):.3f})")
     if a.baseline:
         for what in ("cold", "warm"):
-            t = old[what]
+            t = times["old"][what]
             print(f"  compile, {what} cache @{a.baseline:<9s}{med(t):8.3f} s   ({min(t):.3f}-{max(t):.3f})   "
-                  f"this tree / baseline {med(cold if what == 'cold' else warm) / med(t):.3f}")
+                  f"this tree / baseline {med(times['new'][what]) / med(t):.3f}")
     print(f"  kfuse.load, no C compiler    {med(load):8.3f} s   ({min(load):.3f}-{max(load):.3f})"
           f"   (import kfuse {med(imp):.2f} s, not counted)")
     print(f"  load / warm compile {med(load) / med(warm):.3f}, load / cold compile {med(load) / med(cold):.3f}")
