@@ -37,6 +37,10 @@ PARTITION_MIN_STATIC = 0.5
 MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it partitions instead
 
 _COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torch._dynamo.reset frees them)
+# Compiled segments by what they compute (_Built.key): a graph recompiled by Dynamo (a decode graph
+# again once the cache passes a sliding window, a guard on a new length) repeats the static segments
+# of the one before, with the same weights; each is compiled once. Held by the Segments using them.
+_BUILT: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def compilations(since: int = 0) -> list:
@@ -207,41 +211,74 @@ class Segment:
         # one export keeping those sizes symbolic, each size set converted from it (kfuse.compile's
         # dynamic_shapes); None: the sizes of the first call
         self.symbolic = symbolic
-        self.builds = 0
+        self.builds = 0           # compilations by this segment (not counting those it found in _BUILT)
+        self.reused = 0           # compiled models it took from another segment computing the same
         self._past_programs = 0   # programs of the compiled models this one replaced
         self.fallback = ""        # why torch runs this graph, if it does
-        self._built = None        # (state, compiled model, positions of the tensors it takes), swapped whole
+        self._built = None        # (state, _Built, positions of the tensors it takes, whether it compiled
+        #                           it), swapped whole
         self._numbers = _number_outputs(fn)
 
     def _build(self, args, state):
         fixed = set(self.frozen) | set(self.scalars)
         live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
+        key, held = self._key(args, live)
+        built, own = _BUILT.get(key) if key is not None else None, False
+        if built is not None and built.holds(held):
+            self.reused += 1
+        else:
+            cm = self._compile(args, live)
+            if cm is None:
+                return None
+            self.builds, own = self.builds + 1, True
+            built = _Built(cm, held)
+            if key is not None:
+                _BUILT[key] = built
+        self._past_programs = self.programs
+        self._built = (state, built, live, own)
+        return self._built
+
+    def _compile(self, args, live):
         dims, sizes = self.symbolic or ({}, None)
         dynamic = None
         if self.symbolic:
             from torch.export import Dim
             dynamic = (tuple({d: Dim.AUTO for d in dims.get(i, ())} for i in live),)
         try:
-            cm = compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes),
-                         tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
+            return compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes),
+                           tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
         except KfuseError as e:
             self.fallback = str(e).splitlines()[0][:300]
             warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
             return None
-        self.builds += 1
-        self._past_programs = self.programs
-        self._built = (state, cm, live)
-        return self._built
+
+    def _key(self, args, live) -> tuple[tuple | None, list]:
+        """(what the compiled model depends on, the tensors in it by identity): the graph's code, the
+        tensors it holds and the frozen inputs (identity and version), the scalars' values, the live
+        inputs' shapes, dtypes and strides, the options and the symbolic sizes. None: not shared (the
+        graph reads an attribute that is not a tensor)."""
+        attrs = [getattr(self.fn, n.target, None) for n in self.fn.graph.nodes if n.op == "get_attr"]
+        if not all(isinstance(t, torch.Tensor) for t in attrs):
+            return None, []
+        held = [*self.fn.parameters(), *self.fn.buffers(), *attrs, *(args[i] for i in self.frozen)]
+        key = (self.fn.code, tuple((id(t), t._version) for t in held), tuple(args[i].item() for i in self.scalars),
+               tuple(self.frozen), tuple(self.scalars),
+               tuple((i, args[i].shape, args[i].dtype, args[i].stride(), args[i].device) for i in live),
+               tuple(type(a).__name__ if isinstance(a, torch.Tensor) else repr(a) for a in args),
+               repr(sorted(self.options.items())), repr(self.symbolic))
+        return key, held
 
     @property
     def programs(self) -> int:
-        """kfuse programs compiled by this segment (one per size set where it has symbolic sizes)."""
-        return self._past_programs + (len(self.cm.signatures) if self.cm is not None else 0)
+        """kfuse programs compiled by this segment (one per size set where it has symbolic sizes; none
+        for a compiled model found in _BUILT)."""
+        own = self._built is not None and self._built[3]
+        return self._past_programs + (len(self.cm.signatures) if own else 0)
 
     @property
     def cm(self):
         """The compiled model of the latest build, or None."""
-        return None if self._built is None else self._built[1]
+        return None if self._built is None else self._built[1].cm
 
     def _state(self, args):
         return tuple((id(args[i]), args[i]._version) for i in self.frozen) + tuple(args[i].item() for i in self.scalars)
@@ -260,8 +297,8 @@ class Segment:
                     built = self._build(args, state)
                     if built is None:
                         return self.fn(*args)
-        _, cm, live = built
-        outs = cm(*[args[i] for i in live])
+        _, shared, live, _ = built
+        outs = shared.cm(*[args[i] for i in live])
         if self._numbers:        # an int the graph returns (a cache length): a 0-d tensor where computed
             outs = list(outs)
             for i in self._numbers:
@@ -269,6 +306,19 @@ class Segment:
                     outs[i] = outs[i].item()
             outs = tuple(outs)
         return outs
+
+
+class _Built:
+    """A segment's compiled model, kept in _BUILT for segments computing the same (weakly: the
+    segments hold it), with weak references to the tensors its key names by identity: an id alone
+    could be a new tensor's at the address of a freed one."""
+
+    def __init__(self, cm, held: list):
+        self.cm = cm
+        self._held = [weakref.ref(t) for t in held]
+
+    def holds(self, held: list) -> bool:
+        return len(held) == len(self._held) and all(r() is t for r, t in zip(self._held, held))
 
 
 class DynamoGraph:
@@ -388,6 +438,9 @@ class DynamoGraph:
         line = f"kfuse on a Dynamo graph of {self.n_ops} ops: {self.strategy} ({self.why}); {self.programs()} kfuse program(s)"
         if self.strategy == "partitioned":
             line += f", {len(self._segments)} static segment(s), {self.n_symbolic_ops} op(s) run by torch on symbolic sizes"
+            reused = sum(1 for s in self._segments if s.reused)
+            if reused:
+                line += f"; {reused} segment(s) run a program compiled for an identical segment of another graph"
         elif self.strategy == "specialised":
             line += f" for {len(self._specialised)} size set(s)"
             cm = self._shared.cm if self._shared is not None else None

@@ -63,6 +63,24 @@ def test_generate_matches_eager(arch, cache):
     assert sum(g.programs() for g in graphs) == programs
 
 
+def test_recompiled_graph_reuses_the_programs_of_identical_segments():
+    """Mistral's static cache: Dynamo compiles the decode graph again once the cache passes the
+    sliding window; the static segments it repeats, over the same weights, run the programs already
+    compiled rather than compile again."""
+    model = _model("mistral")
+    ids = torch.randint(1, VOCAB, (1, 7))
+    want = _generate(model, ids, 12, cache_implementation="static")
+    before = kfuse.dynamo.compiled_count()
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, 12, cache_implementation="static"), want)
+    graphs = kfuse.dynamo.compilations(since=before)
+    segments = [s for g in graphs for s in g._segments]
+    reused = [s for s in segments if s.reused]
+    assert reused and all(s.builds == 0 and s.programs == 0 for s in reused), [g.summary() for g in graphs]
+    assert any("identical segment of another graph" in g.summary() for g in graphs)
+    assert sum(g.programs() for g in graphs) == sum(s.builds for s in segments)
+
+
 def test_decode_graph_is_partitioned_and_fused():
     """With the dynamic cache, the decode step's KV length is symbolic: the projections, norms and
     MLP run as static kfuse programs, only the cache concatenation and attention over it by torch."""
