@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from .errors import InputError, KfuseError, ModelFileError
 from .ir import DTYPE_SHORT, Graph, on_device
-from . import artifact
+from . import artifact, progress
 from .ops.reference import run as run_reference
 from .runtime import build_program
 from .verify import Verification, compare
@@ -154,8 +154,10 @@ class CompiledModel:
     def _compile(self, sig, flat):
         """Capture and build the program for these inputs (under _COMPILING)."""
         device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
-        with on_device(device):
-            graph = self.capture(flat)
+        name = os.path.basename(self.source) if self.is_onnx else getattr(self.source, "kfuse_label", type(self.source).__name__)
+        with on_device(device), progress.compiling(f"{name} for {_fmt(sig)}"):
+            with progress.stage("capture (ONNX)" if self.is_onnx else "capture (torch.export)"):
+                graph = self.capture(flat)
             specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes
             note = getattr(graph, "capture_note", "")
             prog = build_program(graph, self.options)

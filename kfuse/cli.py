@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import sys
-import time
 
 import torch
 
-from . import artifact
+from . import artifact, progress
 from .api import compile
 from .errors import KfuseError
 from .models import IMAGE_MODELS, MODELS, build
@@ -17,13 +15,10 @@ from .report import fusion_table
 from .runtime import median_ms
 
 
-@contextlib.contextmanager
 def step(what: str):
-    """Show progress on anything that may take more than a moment."""
-    print(f"  {what} ...", end="", flush=True, file=sys.stderr)
-    t = time.perf_counter()
-    yield
-    print(f" {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    """Show progress on anything that may take more than a moment (a compile's own stages show within
+    it where stderr is a terminal: kfuse/progress.py)."""
+    return progress.stage(what, always="  ")
 
 
 def cmd_demo(args) -> int:

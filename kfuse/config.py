@@ -8,6 +8,8 @@
     KFUSE_DUMP         comma-separated pipeline step names (or "all") whose result is printed to stderr
     KFUSE_AUTOTUNE     "0" (or "off", "false", "no") turns off the timing of schedule variants of the C
                        kernels at compile time (kfuse/backends/c/autotune.py); default on
+    KFUSE_PROGRESS     "1" shows the progress of long compiles on stderr, "0" never; default: where
+                       stderr is a terminal (kfuse/progress.py)
 
 Code reads `config.get()`; a test that changes the environment installs a fresh `from_env()`.
 """
@@ -29,6 +31,7 @@ class Config:
     cc: str
     dump: frozenset[str]
     autotune: bool = True        # time schedule variants of the larger C kernels, keep the fastest
+    progress: bool | None = None   # show compile progress on stderr; None: where stderr is a terminal
 
 
 def from_env(env=None) -> Config:
@@ -46,8 +49,14 @@ def from_env(env=None) -> Config:
         if threads < 1:
             raise KfuseError(f"KFUSE_NUM_THREADS={env['KFUSE_NUM_THREADS']!r}: expected a positive integer")
     dump = frozenset(s.strip() for s in env.get("KFUSE_DUMP", "").split(",") if s.strip())
-    autotune = env.get("KFUSE_AUTOTUNE", "1").strip().lower() not in ("0", "off", "false", "no")
-    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune)
+    autotune = _flag(env, "KFUSE_AUTOTUNE")
+    progress = _flag(env, "KFUSE_PROGRESS") if env.get("KFUSE_PROGRESS", "").strip() else None
+    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune, progress)
+
+
+def _flag(env, name: str) -> bool:
+    """An on/off setting: "0", "off", "false" or "no" is off, anything else (or unset) on."""
+    return env.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 _config: Config | None = None

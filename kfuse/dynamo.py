@@ -148,6 +148,7 @@ class _Frozen(torch.nn.Module):
     them constants, and ints and scalar tensors given by value: forward takes the other tensors.
     `sizes` maps an int argument to (tensor argument, dim) where it is that tensor's size: forward
     reads it there, so an export with symbolic sizes keeps it symbolic."""
+    kfuse_label = "a Dynamo graph"      # what a compile's progress calls it
 
     def __init__(self, fn, args: list, frozen: set, scalars: set, sizes: dict | None = None):
         super().__init__()

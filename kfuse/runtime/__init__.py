@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .. import config
+from .. import config, progress
 from ..backends import Kernel, make_kernel, prebuild, split_pairs
 from ..backends import openmp
 from ..backends.c import autotune
@@ -196,7 +196,8 @@ def build_program(graph: Graph, options: dict) -> Program:
         groups = [Group([n], [n]) for n in graph.nodes if n.op not in ("input", "const")]
         return assemble(graph, groups, report, True, None)
     m = machine()
-    graph, groups = run_pipeline(graph, options, report, m)
+    with progress.stage("fusion passes"):
+        graph, groups = run_pipeline(graph, options, report, m)
     _constants_to(graph)
     return assemble(graph, groups, report, False, m, backend=options.get("backend", "cpu"),
                     cuda_graphs=options.get("cuda_graphs", "auto"), rounding=options.get("rounding", "outputs"))
@@ -241,8 +242,10 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
         with autotune.weights_from_memory(_weight_bytes(graph) > autotune.cache_bytes()):
             if backend == "cpu":
                 prebuild(groups)
-                groups = split_pairs(groups, report)
-            kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
+            with progress.stage(f"making {len(groups)} kernels (timing their choices)"):
+                if backend == "cpu":
+                    groups = split_pairs(groups, report)
+                kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])

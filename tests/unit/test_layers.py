@@ -16,6 +16,7 @@ MAX_LINES = 700
 LAYERS = [
     ("kfuse.errors", "kfuse._version"),
     ("kfuse.config", "kfuse.report", "kfuse.verify", "kfuse.models"),
+    ("kfuse.progress",),
     ("kfuse.ops",),
     ("kfuse.ir",),
     ("kfuse.rewrite", "kfuse.kernels", "kfuse.cost", "kfuse.capture"),

@@ -27,7 +27,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ... import config
+from ... import config, progress
 from ...errors import KfuseError
 
 # -O3 and -march=native for SIMD; -fopenmp for threads; no -ffast-math, so NaN and Inf keep IEEE
@@ -154,7 +154,8 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
         except OSError:          # truncated or corrupted: rebuild it below
             lib = None
     if lib is None:
-        _build(source, path, flags)
+        with progress.stage("building a C kernel library", long=True):
+            _build(source, path, flags)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as e:
@@ -268,5 +269,7 @@ def build_all(wanted) -> int:
     if not todo:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(min(len(todo), cpus, MAX_BUILDS)) as pool:
+    jobs = min(len(todo), cpus, MAX_BUILDS)
+    with progress.stage(f"building {len(todo)} C kernel librar{'y' if len(todo) == 1 else 'ies'} ({jobs} at a time)",
+                        long=True), ThreadPoolExecutor(jobs) as pool:
         return sum(pool.map(one, todo.items()))
