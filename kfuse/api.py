@@ -155,7 +155,11 @@ class CompiledModel:
         """Capture and build the program for these inputs (under _COMPILING)."""
         device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
         name = os.path.basename(self.source) if self.is_onnx else getattr(self.source, "kfuse_label", type(self.source).__name__)
-        with on_device(device), progress.compiling(f"{name} for {_fmt(sig)}"):
+        # torch's global generators as the user left them: nothing a compile draws (random inputs to time
+        # kernels on) may change what a seeded program draws after it (generate(do_sample=True) compiles
+        # on its first call)
+        rng = torch.random.fork_rng(devices=[device.index or 0] if device is not None else [])
+        with rng, on_device(device), progress.compiling(f"{name} for {_fmt(sig)}"):
             with progress.stage("capture (ONNX)" if self.is_onnx else "capture (torch.export)"):
                 graph = self.capture(flat)
             specialised = tuple(sorted(getattr(graph, "specialised", None) or ()))   # read before the passes

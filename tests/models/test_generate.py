@@ -8,6 +8,7 @@ import gc
 import pytest
 import torch
 
+import kfuse.config
 import kfuse.dynamo
 import kfuse.runtime.kvcache
 
@@ -61,6 +62,24 @@ def test_generate_matches_eager(arch, cache):
     assert torch.equal(_generate(model, ids, 12, **kw), want)
     assert kfuse.dynamo.compiled_count() == before + len(graphs)
     assert sum(g.programs() for g in graphs) == programs
+
+
+def test_sampling_on_the_compiling_call_draws_eagers_numbers(tmp_path, monkeypatch):
+    """generate(do_sample=True) compiles on its first call, inside the user's seeded run: the
+    compile (its kernel choices timed on random inputs: an empty cache) draws nothing from torch's
+    generator, so the sampled tokens are eager's."""
+    monkeypatch.setenv("KFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kfuse.config, "_config", kfuse.config.from_env())
+    model = _model("llama")
+    ids = torch.randint(1, VOCAB, (2, 6))
+
+    def sample():
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=True, top_k=5, pad_token_id=0)
+    want = sample()
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(sample(), want)
 
 
 def test_recompiled_graph_reuses_the_programs_of_identical_segments():

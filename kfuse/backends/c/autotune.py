@@ -233,6 +233,13 @@ def flush():
 atexit.register(flush)
 
 
+def own_rng():
+    """Random inputs for timing drawn without moving torch's global generator: a kernel first timed
+    inside the user's seeded run (a compile on the first call of generate(do_sample=True), a new thread
+    count) must not change the numbers the run draws next."""
+    return torch.random.fork_rng(devices=[])
+
+
 def fresh_inputs(k) -> list[torch.Tensor]:
     """Inputs for timing `k`: constants as they are, floats uniform in [-2, 2], integers 1 (a safe
     divisor), booleans random."""
@@ -359,7 +366,8 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     if hit is not None:
         return Choice(hit, scheds[hit], "cached")
     from . import CKernel          # (the package imports this module)
-    inputs = fresh_inputs(k)
+    with own_rng():
+        inputs = fresh_inputs(k)
     outputs = [torch.empty(n.shape, dtype=n.dtype) for n in k.outputs]
     kernel = CKernel(k, lib, source)      # held while argv points at its loop count
     argv = kernel.argv(inputs, outputs)
@@ -404,11 +412,13 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     hit = cached(key, names)
     if hit is not None:
         return names[hit], f"{names[hit]} (measured, cached)"
+    with own_rng():
+        args = inputs()
     with openmp.using(threads), torch.no_grad():
         # the fastest call of each, not the median: whole kernels are compared here, and on a loaded machine
         # most calls of a 0.1 ms kernel can take an 8 ms scheduler slice (cached choices were seen made on
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
-        ms = _time([candidates[n] for n in names], inputs(), cold=mode, stat=lambda t: t[0])
+        ms = _time([candidates[n] for n in names], args, cold=mode, stat=lambda t: t[0])
     best = min(range(len(ms)), key=ms.__getitem__)
     remember(key, best, names, ms)
     return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"
