@@ -309,7 +309,8 @@ def main(family: str, cases: dict, providers=PROVIDERS):
         runs: dict = {p: [] for p in a.providers.split(",")}
         for _ in range(a.repeat):        # in turns: a busy spell of the machine hits one turn, not one provider
             for p in runs:
-                env = dict(os.environ, **({"KFUSE_AUTOTUNE": "0"} if "no tune" in p else {}))
+                env = dict(os.environ, **({"KFUSE_AUTOTUNE": "0"} if "no tune" in p else {}),
+                           **({"KFUSE_HUGEPAGES": "0"} if "4 KB pages" in p else {}))
                 out = subprocess.run([sys.executable, sys.argv[0], "--worker", case, p], capture_output=True, text=True,
                                      env=env, timeout=1800)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -8,6 +8,8 @@
     KFUSE_DUMP         comma-separated pipeline step names (or "all") whose result is printed to stderr
     KFUSE_AUTOTUNE     "0" (or "off", "false", "no") turns off the timing of schedule variants of the C
                        kernels at compile time (kfuse/backends/c/autotune.py); default on
+    KFUSE_HUGEPAGES    "0" leaves packed weights in the pages they were allocated in (default: their
+                       regions collapsed into 2 MB pages on Linux, kfuse/backends/hugepages.py)
     KFUSE_PROGRESS     "1" shows the progress of long compiles on stderr, "0" never; default: where
                        stderr is a terminal (kfuse/progress.py)
 
@@ -32,6 +34,7 @@ class Config:
     dump: frozenset[str]
     autotune: bool = True        # time schedule variants of the larger C kernels, keep the fastest
     progress: bool | None = None   # show compile progress on stderr; None: where stderr is a terminal
+    hugepages: bool = True       # packed weights collapsed into 2 MB pages (Linux)
 
 
 def from_env(env=None) -> Config:
@@ -51,7 +54,7 @@ def from_env(env=None) -> Config:
     dump = frozenset(s.strip() for s in env.get("KFUSE_DUMP", "").split(",") if s.strip())
     autotune = _flag(env, "KFUSE_AUTOTUNE")
     progress = _flag(env, "KFUSE_PROGRESS") if env.get("KFUSE_PROGRESS", "").strip() else None
-    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune, progress)
+    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune, progress, _flag(env, "KFUSE_HUGEPAGES"))
 
 
 def _flag(env, name: str) -> bool:

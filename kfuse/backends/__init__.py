@@ -171,7 +171,7 @@ def _conv_kernel(group):
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
     order = getattr(conv, "order_text", {}).get((*spec.x.shape[:3], openmp.threads()))
-    fn.schedule = schedule + (f"; work order {order}" if order else "")
+    fn.schedule, fn.weights = schedule + (f"; work order {order}" if order else ""), conv
     fn.sources = lambda: choice.conv_sources(conv)
     return fn, backend
 
@@ -302,7 +302,7 @@ def _pair_kernel(group, pair: _Pair):
     """The fused kernel of a pair group that split_pairs kept whole."""
     fn = _conv_call(group, replace(pair.second, x=pair.x), pair.fused)
     fn.sources = lambda: choice.conv_sources(pair.fused)
-    fn.split, fn.schedule = pair.split, pair.schedule
+    fn.split, fn.schedule, fn.weights = pair.split, pair.schedule, pair.fused
     return fn, pair.fused_name
 
 
@@ -568,6 +568,8 @@ class Kernel:
     sources: object = list     # () -> the C sources of the libraries it has loaded so far (for artifacts)
     inline: str | None = None  # a view as a method call on its input ("reshape((2, 3))"): the runtime
                                # writes it into the generated wrapper instead of calling fn
+    weights: object = None     # the packed kernel object it reads its weights from (a chosen GEMM or
+                               # convolution; hugepages.back_object)
 
 
 def inline_view(node) -> str | None:
@@ -639,6 +641,7 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
         fn = None
     writes_into = fn is not None and (kind in WRITES_INTO or getattr(fn, "writes_into", False))
     note = getattr(fn, "note", note)
+    weights = getattr(fn, "weights", None)
     sources = getattr(fn, "sources", list)
     if fn is None:
         fn, kind = reference_kernel(group), "torch"
@@ -652,4 +655,4 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
     if name:
         report.fused(name)
     inline = inline_view(nodes[0]) if kind == "view" and len(group.inputs) == 1 else None
-    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline)
+    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline, weights=weights)

@@ -92,6 +92,6 @@ def _fastest(cands: dict, problem: tuple, x_shape):
         fn.writes_into = True
     else:
         fn = lambda x, *_: (k(x),)   # noqa: E731
-    fn.schedule = schedule
+    fn.schedule, fn.weights = schedule, k
     fn.sources = lambda: choice.conv_sources(k)
     return fn, backend

@@ -16,7 +16,7 @@ import torch
 
 from .. import config, progress
 from ..backends import Kernel, make_kernel, prebuild, split_pairs
-from ..backends import openmp
+from ..backends import hugepages, openmp
 from ..backends.c import autotune
 from ..backends.calibrate import machine
 from ..backends.constants import intern
@@ -246,6 +246,10 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
                 if backend == "cpu":
                     groups = split_pairs(groups, report)
                 kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
+        if backend == "cpu":
+            with progress.stage("moving weights into 2 MB pages"):
+                for k in kernels:
+                    hugepages.back_object(k.weights)
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
         plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
