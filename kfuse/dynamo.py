@@ -204,8 +204,11 @@ class Segment:
     A graph kfuse cannot capture or compile runs by torch, with a warning and the reason kept."""
 
     def __init__(self, fn, options: dict, frozen: list[int] | None = None, scalars: list[int] = (),
-                 symbolic: tuple[dict, dict] | None = None):
+                 symbolic: tuple[dict, dict] | None = None, exports: dict | None = None):
         self.fn, self.options = fn, options
+        # exports shared by the segments of one graph that compute the same over other weights (its
+        # layers): capture.fx.export's cache, keyed by _structure
+        self.exports = exports
         self.frozen = frozen      # positions of frozen inputs; None: found on the first call's tensors
         self.scalars = list(scalars)
         # (tensor argument -> its symbolic dims, int argument -> (tensor argument, dim)): compile with
@@ -245,9 +248,15 @@ class Segment:
         if self.symbolic:
             from torch.export import Dim
             dynamic = (tuple({d: Dim.AUTO for d in dims.get(i, ())} for i in live),)
+        frozen = _Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes)
+        structure = _structure(self.fn) if self.exports is not None and not self.symbolic else None
+        if structure is not None:     # the graph, every argument's shape and layout, the numbers compiled in
+            frozen.kfuse_export = (self.exports, (
+                structure, tuple((a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else repr(a) for a in args),
+                tuple(args[i].item() for i in self.scalars), tuple(self.frozen), tuple(self.scalars),
+                repr(sorted(self.options.items()))))
         try:
-            return compile(_Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes),
-                           tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
+            return compile(frozen, tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
         except KfuseError as e:
             self.fallback = str(e).splitlines()[0][:300]
             warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
@@ -351,6 +360,7 @@ class DynamoGraph:
         self._appends = _cache_appends(gm)
         self._specialised: dict[tuple, Segment] = {}
         self._segments: list[Segment] = []
+        self._exports: dict = {}      # one torch.export per distinct static segment (Segment.exports)
         self._run = None
         # specialised: one segment for every size set, exported once with symbolic sizes, where
         # every int input is a tensor's size (else a segment, and an export, per size set)
@@ -418,7 +428,7 @@ class DynamoGraph:
         for n in split.graph.nodes:     # each static run's call becomes a call of its Segment
             if n.op == "call_module" and kinds.get(n.target) and _computes(getattr(split, n.target)):
                 sub = getattr(split, n.target)
-                seg = Segment(sub, self.options, None, _scalar_inputs(sub, scalar_names))
+                seg = Segment(sub, self.options, None, _scalar_inputs(sub, scalar_names), exports=self._exports)
                 seg.__name__, seg.__module__ = f"kfuse_{n.target}", __name__
                 self._segments.append(seg)
                 n.op, n.target = "call_function", seg
@@ -515,6 +525,27 @@ def _symbolic_inputs(gm: torch.fx.GraphModule, frozen: list[int]) -> tuple[dict,
         elif isinstance(v, torch.SymFloat):
             return None
     return dims, sizes
+
+
+def _structure(gm: torch.fx.GraphModule) -> tuple | None:
+    """What a graph computes, without its names: each node's op, target, arguments (nodes by their
+    position, literals as they are) and traced shape and dtype. Segments of equal structure over
+    equal shapes export to one ATen graph; None where the graph reads attributes or submodules of
+    its own (their values are not in it)."""
+    index, out = {}, []
+    for i, n in enumerate(gm.graph.nodes):
+        if n.op in ("get_attr", "call_module"):
+            return None
+        index[n] = i
+        args = torch.fx.node.map_aggregate((n.args, n.kwargs), lambda a: ("node", index[a]) if isinstance(a, torch.fx.Node)
+                                           else a)
+        val = _val(n)
+        meta = (tuple(map(int, val.shape)), val.dtype, tuple(map(int, val.stride()))) \
+            if isinstance(val, torch.Tensor) and not _symbols(val) else repr(val) if n.op == "placeholder" else None
+        target = None if n.op == "placeholder" else n.target if isinstance(n.target, str) else \
+            (getattr(n.target, "__module__", None), getattr(n.target, "__qualname__", repr(n.target)))
+        out.append((n.op, target, repr(args), meta))
+    return tuple(out)
 
 
 def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:

@@ -268,8 +268,18 @@ def register_cache_types(model):
 
 
 def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> tuple[Graph, object]:
-    """torch.export + core ATen decompositions -> (Graph, output pytree spec)."""
-    return to_graph(exported(model, example_inputs, example_kwargs))
+    """torch.export + core ATen decompositions -> (Graph, output pytree spec). A model carrying
+    `kfuse_export` = (cache, key) shares one export with the models of equal key in `cache` (a dict):
+    models computing the same graph over other weights (a decode graph's layers, as Dynamo segments),
+    each converted with its own parameters and buffers."""
+    shared = getattr(model, "kfuse_export", None)
+    if shared is None:
+        return to_graph(exported(model, example_inputs, example_kwargs))
+    cache, key = shared
+    ep = cache.get(key)
+    if ep is None:
+        ep = cache[key] = exported(model, example_inputs, example_kwargs)
+    return to_graph(ep, state={**dict(model.named_parameters()), **dict(model.named_buffers())})
 
 
 def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
@@ -313,13 +323,14 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
     return ep
 
 
-def to_graph(ep, shapes: list[tuple[int, ...]] | None = None) -> tuple[Graph, object]:
+def to_graph(ep, shapes: list[tuple[int, ...]] | None = None, state: dict | None = None) -> tuple[Graph, object]:
     """An exported program as a kfuse Graph and its output pytree spec; with `shapes` (one per user
     input), a program exported with symbolic sizes converted for those sizes (SizeMismatch if it
-    was not exported for them)."""
+    was not exported for them); with `state` (name -> tensor), those parameters and buffers in place
+    of the exported ones (another model of the same graph)."""
     from torch.export.graph_signature import InputKind
     values = {}
-    state = {**ep.state_dict, **ep.constants}
+    state = {**ep.state_dict, **ep.constants, **(state or {})}
     for spec in ep.graph_signature.input_specs:
         if spec.kind != InputKind.USER_INPUT and hasattr(spec.arg, "name"):
             values[spec.arg.name] = state[spec.target].detach()

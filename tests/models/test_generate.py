@@ -82,6 +82,33 @@ def test_sampling_on_the_compiling_call_draws_eagers_numbers(tmp_path, monkeypat
     assert torch.equal(sample(), want)
 
 
+def test_layers_of_a_decode_graph_share_one_export(monkeypatch):
+    """A partitioned decode graph's static segments between attentions are one per layer, equal but
+    for their weights: they are exported once and converted with each layer's weights."""
+    import kfuse.capture.fx as fx
+    exports = []
+    exported = fx.exported
+    monkeypatch.setattr(fx, "exported", lambda *a, **k: exports.append(a[0]) or exported(*a, **k))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, max_position_embeddings=64)).eval()
+    ids = torch.randint(1, VOCAB, (1, 6))
+    want = _generate(model, ids, 6)
+    before = kfuse.dynamo.compiled_count()
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, 6), want)
+    decode = [g for g in kfuse.dynamo.compilations(since=before) if g.strategy == "partitioned"]
+    assert decode, [g.summary() for g in kfuse.dynamo.compilations(since=before)]
+    segments = [s for s in decode[0]._segments if s.builds]
+    sizes = [len(s.fn.graph.nodes) for s in segments]
+    layers = [s for s, n in zip(segments, sizes) if n == max(set(sizes), key=sizes.count)]
+    assert len(layers) == 4, sizes        # between each two of the five layers' attentions
+    assert len(decode[0]._exports) == len(segments) - len(layers) + 1, "the layers' segments share one export"
+    assert sum(1 for m in exports if getattr(m, "kfuse_export", None) is not None) == \
+        sum(len(g._exports) for g in decode)
+
+
 def test_recompiled_graph_reuses_the_programs_of_identical_segments():
     """Mistral's static cache: Dynamo compiles the decode graph again once the cache passes the
     sliding window; the static segments it repeats, over the same weights, run the programs already

@@ -75,3 +75,23 @@ def test_a_freed_weights_program_is_not_found_for_new_tensors():
         kept.append(seg)
         del w, b
         gc.collect()
+
+
+def test_segments_of_one_structure_share_an_export_and_keep_their_weights(monkeypatch):
+    """Segments equal but for their weights (a decode graph's layers) are exported once and each is
+    converted with its own weights; another weight shape is another export."""
+    import kfuse.capture.fx as fx
+    calls = []
+    exported = fx.exported
+    monkeypatch.setattr(fx, "exported", lambda *a, **k: calls.append(a[0]) or exported(*a, **k))
+    exports = {}
+    x = torch.randn(5, 16)
+    for seed in range(3):
+        w, b = _args(seed)
+        seg = Segment(torch.fx.symbolic_trace(_fn), OPTIONS, frozen=[0, 1], exports=exports)
+        torch.testing.assert_close(seg(w, b, x), _fn(w, b, x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and len(exports) == 1
+    wide = Segment(torch.fx.symbolic_trace(_fn), OPTIONS, frozen=[0, 1], exports=exports)
+    w, b = torch.randn(40, 16), torch.randn(40)
+    torch.testing.assert_close(wide(w, b, x), _fn(w, b, x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 and len(exports) == 2
