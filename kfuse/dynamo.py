@@ -37,7 +37,7 @@ PARTITION_MIN_STATIC = 0.5
 MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it partitions instead
 
 _COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torch._dynamo.reset frees them)
-# Compiled segments by what they compute (_Built.key): a graph recompiled by Dynamo (a decode graph
+# Compiled segments by what they compute (Segment._key): a graph recompiled by Dynamo (a decode graph
 # again once the cache passes a sliding window, a guard on a new length) repeats the static segments
 # of the one before, with the same weights; each is compiled once. Held by the Segments using them.
 _BUILT: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -226,7 +226,7 @@ class Segment:
     def _build(self, args, state):
         fixed = set(self.frozen) | set(self.scalars)
         live = [i for i, a in enumerate(args) if i not in fixed and isinstance(a, torch.Tensor)]
-        key, held = self._key(args, live)
+        key, held = self._key(args)
         built, own = _BUILT.get(key) if key is not None else None, False
         if built is not None and built.holds(held):
             self.reused += 1
@@ -250,11 +250,8 @@ class Segment:
             dynamic = (tuple({d: Dim.AUTO for d in dims.get(i, ())} for i in live),)
         frozen = _Frozen(self.fn, list(args), set(self.frozen), set(self.scalars), sizes)
         structure = _structure(self.fn) if self.exports is not None and not self.symbolic else None
-        if structure is not None:     # the graph, every argument's shape and layout, the numbers compiled in
-            frozen.kfuse_export = (self.exports, (
-                structure, tuple((a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else repr(a) for a in args),
-                tuple(args[i].item() for i in self.scalars), tuple(self.frozen), tuple(self.scalars),
-                repr(sorted(self.options.items()))))
+        if structure is not None:
+            frozen.kfuse_export = (self.exports, (structure, self._setting(args)))
         try:
             return compile(frozen, tuple(args[i] for i in live), dynamic_shapes=dynamic, **self.options)
         except KfuseError as e:
@@ -262,21 +259,23 @@ class Segment:
             warnings.warn(f"kfuse: a graph of {len(self.fn.graph.nodes)} nodes runs by torch: {self.fallback}")
             return None
 
-    def _key(self, args, live) -> tuple[tuple | None, list]:
+    def _key(self, args) -> tuple[tuple | None, list]:
         """(what the compiled model depends on, the tensors in it by identity): the graph's code, the
-        tensors it holds and the frozen inputs (identity and version), the scalars' values, the live
-        inputs' shapes, dtypes and strides, the options and the symbolic sizes. None: not shared (the
-        graph reads an attribute that is not a tensor)."""
+        tensors it holds and the frozen inputs (identity and version), and _setting. None: not shared
+        (the graph reads an attribute that is not a tensor)."""
         attrs = [getattr(self.fn, n.target, None) for n in self.fn.graph.nodes if n.op == "get_attr"]
         if not all(isinstance(t, torch.Tensor) for t in attrs):
             return None, []
         held = [*self.fn.parameters(), *self.fn.buffers(), *attrs, *(args[i] for i in self.frozen)]
-        key = (self.fn.code, tuple((id(t), t._version) for t in held), tuple(args[i].item() for i in self.scalars),
-               tuple(self.frozen), tuple(self.scalars),
-               tuple((i, args[i].shape, args[i].dtype, args[i].stride(), args[i].device) for i in live),
-               tuple(type(a).__name__ if isinstance(a, torch.Tensor) else repr(a) for a in args),
-               repr(sorted(self.options.items())), repr(self.symbolic))
-        return key, held
+        return (self.fn.code, tuple((id(t), t._version) for t in held), self._setting(args)), held
+
+    def _setting(self, args) -> tuple:
+        """What a compile depends on besides the graph and the weights' values: every argument's shape,
+        dtype, strides and device (other values by repr), which are frozen and which scalars, the
+        scalars' values, the options, the symbolic sizes."""
+        return (tuple((a.shape, a.dtype, a.stride(), a.device) if isinstance(a, torch.Tensor) else repr(a) for a in args),
+                tuple(self.frozen), tuple(self.scalars), tuple(args[i].item() for i in self.scalars),
+                repr(sorted(self.options.items())), repr(self.symbolic))
 
     @property
     def programs(self) -> int:
