@@ -42,6 +42,16 @@ def _generate(model, ids, n, **kw):
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
 
 
+def _compiled_generate(model, ids, n, **kw) -> list:
+    """Greedy generate() of n tokens with model.forward compiled by kfuse, checked against eager's
+    tokens; the Dynamo graphs it compiled."""
+    want = _generate(model, ids, n, **kw)
+    before = kfuse.dynamo.compiled_count()
+    model.forward = torch.compile(model.forward, backend="kfuse")
+    assert torch.equal(_generate(model, ids, n, **kw), want)
+    return kfuse.dynamo.compilations(since=before)
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_generate_matches_eager(arch, cache):
@@ -93,13 +103,9 @@ def test_layers_of_a_decode_graph_share_one_export(monkeypatch):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         num_hidden_layers=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, max_position_embeddings=64)).eval()
-    ids = torch.randint(1, VOCAB, (1, 6))
-    want = _generate(model, ids, 6)
-    before = kfuse.dynamo.compiled_count()
-    model.forward = torch.compile(model.forward, backend="kfuse")
-    assert torch.equal(_generate(model, ids, 6), want)
-    decode = [g for g in kfuse.dynamo.compilations(since=before) if g.strategy == "partitioned"]
-    assert decode, [g.summary() for g in kfuse.dynamo.compilations(since=before)]
+    graphs = _compiled_generate(model, torch.randint(1, VOCAB, (1, 6)), 6)
+    decode = [g for g in graphs if g.strategy == "partitioned"]
+    assert decode, [g.summary() for g in graphs]
     segments = [s for s in decode[0]._segments if s.builds]
     sizes = [len(s.fn.graph.nodes) for s in segments]
     layers = [s for s, n in zip(segments, sizes) if n == max(set(sizes), key=sizes.count)]
@@ -113,13 +119,7 @@ def test_recompiled_graph_reuses_the_programs_of_identical_segments():
     """Mistral's static cache: Dynamo compiles the decode graph again once the cache passes the
     sliding window; the static segments it repeats, over the same weights, run the programs already
     compiled rather than compile again."""
-    model = _model("mistral")
-    ids = torch.randint(1, VOCAB, (1, 7))
-    want = _generate(model, ids, 12, cache_implementation="static")
-    before = kfuse.dynamo.compiled_count()
-    model.forward = torch.compile(model.forward, backend="kfuse")
-    assert torch.equal(_generate(model, ids, 12, cache_implementation="static"), want)
-    graphs = kfuse.dynamo.compilations(since=before)
+    graphs = _compiled_generate(_model("mistral"), torch.randint(1, VOCAB, (1, 7)), 12, cache_implementation="static")
     segments = [s for g in graphs for s in g._segments]
     reused = [s for s in segments if s.reused]
     assert reused and all(s.builds == 0 and s.programs == 0 for s in reused), [g.summary() for g in graphs]
@@ -130,13 +130,7 @@ def test_recompiled_graph_reuses_the_programs_of_identical_segments():
 def test_decode_graph_is_partitioned_and_fused():
     """With the dynamic cache, the decode step's KV length is symbolic: the projections, norms and
     MLP run as static kfuse programs, only the cache concatenation and attention over it by torch."""
-    model = _model("llama")
-    ids = torch.randint(1, VOCAB, (2, 5))
-    want = _generate(model, ids, 10)
-    before = kfuse.dynamo.compiled_count()
-    model.forward = torch.compile(model.forward, backend="kfuse")
-    assert torch.equal(_generate(model, ids, 10), want)
-    graphs = kfuse.dynamo.compilations(since=before)
+    graphs = _compiled_generate(_model("llama"), torch.randint(1, VOCAB, (2, 5)), 10)
     decode = [g for g in graphs if g.strategy == "partitioned"]
     assert decode, [g.summary() for g in graphs]
     fused = {name for g in decode for r in g.reports() for name in r.fusions}
@@ -152,13 +146,7 @@ def test_decode_graph_is_partitioned_and_fused():
 def test_static_cache_written_in_place():
     """StaticCache's index_copy_ into the cache becomes an in-place index_put: the new rows are
     written into the cache tensor (same storage), no copy of the whole cache per token."""
-    model = _model("llama")
-    ids = torch.randint(1, VOCAB, (1, 6))
-    want = _generate(model, ids, 6, cache_implementation="static")
-    before = kfuse.dynamo.compiled_count()
-    model.forward = torch.compile(model.forward, backend="kfuse")
-    assert torch.equal(_generate(model, ids, 6, cache_implementation="static"), want)
-    graphs = kfuse.dynamo.compilations(since=before)
+    graphs = _compiled_generate(_model("llama"), torch.randint(1, VOCAB, (1, 6)), 6, cache_implementation="static")
     programs = [s.cm._last for g in graphs for s in g._segments if s.cm is not None]
     inplace = [n for p in programs for n in p.graph.nodes if n.op == "index_put" and n.attrs.get("inplace")]
     assert len(inplace) >= 4, "2 layers x (keys, values) written in place by the decode step"
