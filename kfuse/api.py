@@ -158,7 +158,8 @@ class CompiledModel:
         # torch's global generators as the user left them: nothing a compile draws (random inputs to time
         # kernels on) may change what a seeded program draws after it (generate(do_sample=True) compiles
         # on its first call)
-        rng = torch.random.fork_rng(devices=[device.index or 0] if device is not None else [])
+        gpu = None if device is None else device.index if device.index is not None else torch.cuda.current_device()
+        rng = torch.random.fork_rng(devices=[] if gpu is None else [gpu])
         with rng, on_device(device), progress.compiling(f"{name} for {_fmt(sig)}"):
             with progress.stage("capture (ONNX)" if self.is_onnx else "capture (torch.export)"):
                 graph = self.capture(flat)
