@@ -21,12 +21,14 @@ dynamic=True) runs by one of three strategies, chosen from the share of its work
 from __future__ import annotations
 
 import operator
+import time
 import warnings
 import weakref
 
 import torch
 import torch.fx
 
+from . import progress
 from .api import _COMPILING, check_options, compile
 from .errors import KfuseError
 from .runtime import kvcache
@@ -41,6 +43,7 @@ _COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torc
 # again once the cache passes a sliding window, a guard on a new length) repeats the static segments
 # of the one before, with the same weights; each is compiled once. Held by the Segments using them.
 _BUILT: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_set_up = [0]       # segments compiled or found in _BUILT so far (a graph's call that moved it compiled)
 
 
 def compilations(since: int = 0) -> list:
@@ -148,7 +151,7 @@ class _Frozen(torch.nn.Module):
     them constants, and ints and scalar tensors given by value: forward takes the other tensors.
     `sizes` maps an int argument to (tensor argument, dim) where it is that tensor's size: forward
     reads it there, so an export with symbolic sizes keeps it symbolic."""
-    kfuse_label = "a Dynamo graph"      # what a compile's progress calls it
+    kfuse_label = "a Dynamo graph's segment"      # what a compile's progress calls it
 
     def __init__(self, fn, args: list, frozen: set, scalars: set, sizes: dict | None = None):
         super().__init__()
@@ -240,6 +243,7 @@ class Segment:
                 _BUILT[key] = built
         self._past_programs = self.programs
         self._built = (state, built, live, own)
+        _set_up[0] += 1
         return self._built
 
     def _compile(self, args, live):
@@ -381,7 +385,11 @@ class DynamoGraph:
         self._strides = _output_strides(gm)
 
     def __call__(self, *args):
+        set_up, t = _set_up[0], time.perf_counter()
         outs = self._call(*args)
+        if _set_up[0] != set_up:       # this call compiled segments: a first call shows what it took
+            progress.finished(f"compiled Dynamo graph {self.number} ({self.strategy}, {len(self._segments)} kfuse "
+                              f"segment(s)) and ran it", time.perf_counter() - t)
         strides = self._strides
         if self._appends:
             outs, adopted = _adopt(outs, self._appends, args)

@@ -48,12 +48,17 @@ def compiling(label: str):
     _local.current = (label, time.perf_counter())
     try:
         yield
-        took = time.perf_counter() - _local.current[1]
-        log.info("compiled %s in %.1f s", label, took)
-        if took >= SLOW_S and shown():
-            _show(f"kfuse: compiled {label} in {took:.1f} s")
+        finished(f"compiled {label}", time.perf_counter() - _local.current[1])
     finally:
         _local.current = outer
+
+
+def finished(what: str, took: float) -> None:
+    """Something long done (a compile, a Dynamo graph's first call): logged, and shown when it took
+    SLOW_S or more."""
+    log.info("%s in %.1f s", what, took)
+    if took >= SLOW_S and shown():
+        _show(f"kfuse: {what} in {took:.1f} s")
 
 
 @contextlib.contextmanager

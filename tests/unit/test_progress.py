@@ -51,3 +51,23 @@ def test_a_stage_that_others_interrupt_ends_on_a_line_of_its_own(capsys):
         with progress.stage("inner", always="  "):
             pass
     assert re.fullmatch(r"  outer \.\.\.\n  inner \.\.\. \d+\.\d s\n  outer: \d+\.\d s\n", capsys.readouterr().err)
+
+
+def test_a_dynamo_graphs_first_call_shows_what_it_compiled(monkeypatch, capsys):
+    from kfuse import progress
+    monkeypatch.setenv("KFUSE_PROGRESS", "1")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    monkeypatch.setattr(progress, "SLOW_S", 0.0)       # every step shown, however quick
+    torch._dynamo.reset()
+    fn = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()).eval(), backend="kfuse")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        fn(x)
+        first = capsys.readouterr().err
+        fn(x)
+        again = capsys.readouterr().err
+    torch._dynamo.reset()
+    assert re.search(r"^kfuse: compiled Dynamo graph \d+ \(static, 1 kfuse segment\(s\)\) and ran it in \d+\.\d s$",
+                     first, re.M), first
+    assert re.search(r"^kfuse: compiled a Dynamo graph's segment for f32\[3, 16\] in ", first, re.M), first
+    assert again == ""          # a call that compiles nothing shows nothing
