@@ -3,8 +3,9 @@ libraries (seconds each, one per CPU at a time) and times kernel choices, 10-30 
 
 Shown where stderr is a terminal, or where KFUSE_PROGRESS=1 (KFUSE_PROGRESS=0: never); always logged
 to the "kfuse" logger at INFO. Only what takes time is shown: a stage that may be long (building
-libraries) when it starts, another when it took a second or more, and the whole compile when it took
-that long, so a compile that finds everything built stays quiet.
+libraries) when it starts, another when it took a second or more, and the whole compile (or a Dynamo
+graph's call that compiled segments) when it took that long, so a compile that finds everything built
+stays quiet.
 """
 from __future__ import annotations
 
