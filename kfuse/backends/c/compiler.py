@@ -143,12 +143,12 @@ def load(source: str, flags=tuple(FLAGS)) -> ctypes.CDLL:
     lib = _loaded.get(path)
     if lib is not None:
         return lib
-    wanted = _wanted.get()
-    if wanted is not None and not _complete_elf(path):
+    wanted, complete = _wanted.get(), _complete_elf(path)
+    if wanted is not None and not complete:
         wanted.add((source, tuple(flags)))
         wanted.stand_ins += 1
         return _StandIn()
-    if _complete_elf(path):
+    if complete:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:          # truncated or corrupted: rebuild it below
