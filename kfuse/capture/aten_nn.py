@@ -335,6 +335,17 @@ def _adaptive_avg_pool3d(g, x, size):
     return g.add("adaptive_avg_pool3d", x, size=tuple(size))
 
 
+@handles(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default, aten.grid_sampler.default)
+def _grid_sampler(g, x, grid, mode, padding_mode, align_corners):
+    """F.grid_sample (optical flow, spatial transformers): the op torch runs, its integer codes named."""
+    if not x.dtype.is_floating_point or grid.dtype != x.dtype:
+        raise Unsupported(f"grid_sample of a {x.dtype} input with a {grid.dtype} grid")
+    if mode not in (0, 1, 2) or padding_mode not in (0, 1, 2):
+        raise Unsupported(f"grid_sample with interpolation code {mode}, padding code {padding_mode}")
+    return g.add("grid_sample", x, grid, mode=("bilinear", "nearest", "bicubic")[mode],
+                 padding_mode=("zeros", "border", "reflection")[padding_mode], align_corners=bool(align_corners))
+
+
 @handles(aten._trilinear.default)
 def _trilinear(g, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
     """sum over `sumdim` of i1 * i2 * i3, each unsqueezed at its `expand` dims (nn.Bilinear is

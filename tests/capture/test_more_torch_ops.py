@@ -279,6 +279,19 @@ def test_3d_convolutions_and_pools_and_adaptive_pools_run_on_torch():
     assert ops_of(lambda x: F.adaptive_avg_pool2d(x, (50, 50)), r(1, 2, 99, 99)) == {"input": 1, "adaptive_avg_pool2d": 1}
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+def test_grid_sample_runs_on_torch_with_its_modes(mode):
+    """F.grid_sample (RAFT's optical flow, spatial transformers): every padding mode and align_corners,
+    sampling points out of range included; 3-d for the modes torch has there."""
+    grid = (r(2, 5, 7, 2) * 0.8).clamp(-1.3, 1.3)
+    for padding in ("zeros", "border", "reflection"):
+        for corners in (False, True):
+            compiled(lambda x, g: F.grid_sample(x * 2, g, mode, padding, corners).relu(), special(2, 3, 9, 11), grid)
+    if mode != "bicubic":
+        compiled(lambda x, g: F.grid_sample(x, g, mode, "border", True), r(1, 2, 4, 5, 6), r(1, 3, 4, 5, 3))
+    assert ops_of(lambda x, g: F.grid_sample(x, g, mode), r(1, 2, 4, 5), grid[:1]) == {"input": 2, "grid_sample": 1}
+
+
 def test_bilinear_is_two_contractions():
     """nn.Bilinear exports as aten._trilinear: lowered as an einsum, x1 W then a batched matrix-vector
     product with x2, never the [B, out, in1, in2] product."""
