@@ -42,7 +42,7 @@ from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from . import choice, linear, openmp
 from .launch import group_runner
 from .constants import shared
-from .reference import reference_kernel
+from .reference import out_kernel, reference_kernel
 
 def view_call(node) -> tuple[str, tuple] | None:
     """The torch method and its integer arguments that compute view `node` on its input without a
@@ -643,8 +643,10 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
     note = getattr(fn, "note", note)
     weights = getattr(fn, "weights", None)
     sources = getattr(fn, "sources", list)
-    if fn is None:
-        fn, kind = reference_kernel(group), "torch"
+    if fn is None:          # torch runs it, into its planned buffer where the op has an out= form
+        fn = out_kernel(group)
+        writes_into, kind = (True, "torch:out") if fn is not None else (False, "torch")
+        fn = fn or reference_kernel(group)
     elif kind == "view" or kind in NODE_KERNELS:
         fn = _by_node_inputs(fn, group, writes_into)
     info = _info(group, machine, backend_name, note, getattr(fn, "schedule", ""))

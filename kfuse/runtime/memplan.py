@@ -28,9 +28,12 @@ class Plan:
         return list(self.slot_of)
 
     def new_arena(self, device=None) -> list:
-        """Fresh buffers for one caller: one tensor per planned value (views into shared slots)."""
-        slots = [torch.empty(size, dtype=torch.uint8, device=device) for size in self.slot_bytes]
-        return [slots[s][: o.nbytes].view(o.dtype).view(o.shape) for o, s in self.slot_of.items()]
+        """Fresh buffers for one caller: one tensor per planned value (views into shared slots). Normal
+        tensors even when made inside torch.inference_mode(): torch writes into some (out= forms), and an
+        inference tensor refuses that outside inference mode, where a later call may run."""
+        with torch.inference_mode(False):        # (views made in inference mode are inference tensors)
+            slots = [torch.empty(size, dtype=torch.uint8, device=device) for size in self.slot_bytes]
+            return [slots[s][: o.nbytes].view(o.dtype).view(o.shape) for o, s in self.slot_of.items()]
 
     @property
     def buffers(self) -> dict:
