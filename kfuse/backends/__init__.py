@@ -329,19 +329,38 @@ def _nhwc_kernel(node):
     return run, f"c:{node.op}"
 
 
+def _four_d(shape) -> tuple:
+    """An attention operand's shape [*lead, H, L, D] as the kernel's [B, H, L, D] (B = prod(lead); 1 for a
+    3-d [H, L, D])."""
+    return (math.prod(shape[:-3]), *shape[-3:])
+
+
 def _attention_kernel(node):
-    q = node.inputs[0]
-    if len(q.shape) != 4 or q.dtype != torch.float32:
-        raise NotImplementedError("attention kernel takes 4-D float32 q, k, v")
+    q, k, v = node.inputs[:3]
+    rank = len(q.shape)
+    if rank < 3 or q.dtype != torch.float32:
+        raise NotImplementedError("attention kernel takes float32 q, k, v of rank 3 or more")
+    if len(k.shape) != rank or len(v.shape) != rank or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
+        raise NotFusable(f"attention of q {q.shape}, k {k.shape}, v {v.shape}: leading dims differ")
     c_attention.library(q.shape[-1])   # compile now, so a missing compiler falls back at build time
     scale, causal, zero_masked = node.attrs["scale"], node.attrs["causal"], node.attrs.get("zero_masked", False)
-    b, h, lq, d = q.shape
-    dv = node.inputs[2].shape[-1]
+    b, h, lq, d = _four_d(q.shape)
+    dv = v.shape[-1]
     if dv != d:
         raise NotFusable(f"attention kernel needs v's head dim ({dv}) equal to q's ({d})")
+    lead = q.shape[:-3]
+
+    def four_d(t):
+        """q, k, v or a mask broadcast to their leading dims (maxvit's windows: [B, G, H, L, D]) as 4-d"""
+        if t.dim() < rank:
+            t = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+        t = t.expand(*lead, *t.shape[-3:])
+        return t.reshape(_four_d(t.shape))
 
     def run(bufs, q, k, v, mask=None):
         buf = bufs[0]
+        if rank != 4:
+            q, k, v, mask = (None if t is None else four_d(t) for t in (q, k, v, mask))
         # the kernel reads rows of q, k, v in place: a last dim that is not contiguous (a k
         # transposed back by an ONNX exporter's Transpose) is copied
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -350,7 +369,7 @@ def _attention_kernel(node):
         out = store.permute(0, 2, 1, 3)
         c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out, zero_masked=zero_masked,
                               check=False)
-        return (out,)
+        return (out if rank == 4 else out.reshape(node.shape),)
     run.sources = lambda: [c_attention.source(d)]
     return run, "c:attention"
 

@@ -130,6 +130,26 @@ def test_sdpa_of_one_tensor_and_of_k_as_v():
     assert rep.fusions["attention"] == 1
 
 
+@pytest.mark.parametrize("lead", [(), (2, 3), (2, 1, 3)])
+def test_attention_of_rank_3_and_above_runs_the_kernel(lead):
+    """softmax(q kᵀ + bias) v over windows ([B, G, H, L, D], maxvit's; a bias [H, L, L] broadcast over
+    B and G) and over 3-d [H, L, D]: the kernel runs with the leading dims as its batch, no fallback."""
+    q, k, v = (torch.randn(*lead, 4, 7, 8) for _ in range(3))
+    bias = torch.randn(4, 7, 7)
+
+    def fn(m, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + m.bias, -1) @ v
+    cm = compiled(Fn(fn, bias=bias), q, k, v)
+    rep = cm.report()
+    assert rep.fusions.get("attention") == 1 and not rep.fallbacks
+    assert [ki.backend for ki in rep.kernels if "attention" in ki.name] == ["c:attention"]
+    out = cm(q, k, v)
+    assert out.shape == (*lead, 4, 7, 8)
+    sdpa = F.scaled_dot_product_attention(q.reshape(-1, 4, 7, 8), k.reshape(-1, 4, 7, 8), v.reshape(-1, 4, 7, 8),
+                                          attn_mask=bias)
+    assert_close(out, sdpa.reshape(out.shape), **SMALL_TOL)
+
+
 def test_v_head_dim_other_than_q_runs_on_torch():
     q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 4)
     rep = compiled(Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v)), q, k, v).report()
