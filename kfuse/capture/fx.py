@@ -84,7 +84,8 @@ class SizeMismatch(KfuseError):
 # sym_size): evaluated on the call's ints at conversion, so the IR stays static.
 SIZE_OPS = {getattr(operator, n) for n in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "eq",
                                            "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")} | {
-    getattr(torch, n) for n in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_ite") if hasattr(torch, n)}
+    getattr(torch, n) for n in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_ite", "sym_sum")
+    if hasattr(torch, n)}     # (sym_sum of a list: a concatenation's size, shufflenet's channel shuffle)
 SIZE_OF = {aten.sym_size.int: lambda x, d: x.shape[d], aten.sym_numel.default: lambda x: x.numel}
 
 
@@ -179,7 +180,7 @@ def _size_arithmetic(n: torch.fx.Node, args: tuple):
     A size read from data (`item()`) is a node of g, not a number: its checks are skipped as SKIP's are."""
     if n.target in SIZE_OF:
         return SIZE_OF[n.target](*args)
-    from_data = any(isinstance(a, Node) for a in args)
+    from_data = any(isinstance(a, Node) for a in torch.utils._pytree.tree_leaves(args))
     if n.target in ASSERT_SCALAR:
         if not from_data and not args[0]:
             raise SizeMismatch(f"the sizes of this call fail the exported graph's check "

@@ -2,6 +2,8 @@
 size set is converted from that export (sizes read by sym_size, arithmetic on them, size checks),
 compiled as a static program; sizes the export does not admit are traced anew, never run on a graph
 made for other sizes."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,27 @@ def test_dynamic_shapes_is_for_pytorch_models(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(kfuse.KfuseError, match="dim_param"):
         kfuse.compile(str(path), (torch.randn(2),), dynamic_shapes={})
+
+
+def test_sizes_through_strided_convolutions_under_dynamic_torch_compile():
+    """A view computed from the sizes after strided convolutions (shufflenet's channel shuffle): Dynamo's
+    graph computes them with torch.sym_sum, which had sent the whole graph to torch with a warning."""
+    class Shuffle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            z = self.c2(self.c1(x))
+            b, c, h, w = z.size()
+            return z.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w).relu()
+
+    torch.manual_seed(0)
+    model = Shuffle().eval()
+    compiled = torch.compile(model, backend="kfuse", dynamic=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")          # a graph run by torch warns
+        for shape in [(2, 3, 17, 21), (3, 3, 30, 9)]:
+            x = torch.randn(*shape)
+            assert_close(compiled(x), model(x))
