@@ -85,7 +85,7 @@ class SizeMismatch(KfuseError):
 SIZE_OPS = {getattr(operator, n) for n in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "eq",
                                            "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")} | {
     getattr(torch, n) for n in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_ite", "sym_sum")
-    if hasattr(torch, n)}     # (sym_sum of a list: a concatenation's size, shufflenet's channel shuffle)
+    if hasattr(torch, n)}     # (sym_sum of a list: Dynamo's form of a size after strided convolutions)
 SIZE_OF = {aten.sym_size.int: lambda x, d: x.shape[d], aten.sym_numel.default: lambda x: x.numel}
 
 
