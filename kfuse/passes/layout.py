@@ -13,6 +13,8 @@ converted back. Here each 4-D tensor of the region gets a physical node holding 
   transpose                 x.permute(0, 2, 3, 1) of a region tensor is its physical node (ConvNeXt's
                             permute before a LayerNorm over channels disappears), and a permute(0, 3, 1, 2)
                             of a plain 4-D tensor joins the region as it is
+  channel shuffle           (reshape to [N, G, C/G, H, W], swap G and C/G, reshape back: ShuffleNet) the same
+                            permutation of the NHWC channels
 
 Squeeze-excitation blocks are then matched on the NHWC tensors (patterns/squeeze_excite.py).
 
@@ -70,6 +72,8 @@ class _Region:
             self.phys[n] = g.add("conv2d", self.physical(ins[0]), *ins[1:], **n.attrs, layout="nhwc")
         elif n.op == "reshape" and len(n.shape) == 4 and (gn := self.group_norm(n)) is not None:
             self.phys[n] = gn
+        elif n.op == "reshape" and len(n.shape) == 4 and (cs := self.channel_shuffle(n)) is not None:
+            self.phys[n] = cs
         elif not any(inside):
             if n.op == "transpose" and n.attrs["perm"] == BACK and len(n.shape) == 4:
                 self.phys[n] = self.plain.get(ins[0], ins[0])     # a plain NHWC tensor seen as NCHW
@@ -89,6 +93,25 @@ class _Region:
                 (self.phys if keep else self.plain)[n] = new
         elif n.op == "transpose" and n.attrs["perm"] == CL:
             self.plain[n] = self.phys[ins[0]]
+
+    def channel_shuffle(self, n: Node) -> Node | None:
+        """reshape(transpose(reshape(x, [N, G, C/G, H, W]), (0, 2, 1, 3, 4)), [N, C, H, W]) of a region tensor
+        x (ShuffleNet's channel shuffle) as the same permutation of x's NHWC channels: [N, H, W, G, C/G],
+        its last two dims swapped, [N, H, W, C]. As captured the shuffle left the region: a copy in NCHW
+        order that every consumer then read through a transpose with a channel stride of H*W."""
+        t = n.inputs[0]
+        if t.op != "transpose" or tuple(t.attrs["perm"]) != (0, 2, 1, 3, 4):
+            return None
+        r = t.inputs[0]
+        if r.op != "reshape" or r.inputs[0] not in self.phys:
+            return None
+        x = r.inputs[0]
+        nb, c, h, w = x.shape
+        if n.shape != x.shape or len(r.shape) != 5 or r.shape[0] != nb or r.shape[3:] != (h, w):
+            return None
+        y = self.g.add("reshape", self.phys[x], shape=(nb, h, w, *r.shape[1:3]))
+        y = self.g.add("transpose", y, perm=(0, 1, 2, 4, 3))
+        return self.g.add("reshape", y, shape=(nb, h, w, c))
 
     def group_norm(self, n: Node) -> Node | None:
         """GroupNorm of a region tensor x as captured (kfuse/capture/aten_nn.py): reshape(x, [N, G, K]),

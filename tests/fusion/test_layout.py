@@ -401,3 +401,39 @@ def test_onnx_group_norm_of_an_empty_batch(tmp_path):
     cm = kfuse.compile(str(path), (x,))
     assert_close(cm(x), m(x), atol=1e-4, rtol=1e-4)
     assert cm.report().fusions.get("group_norm") == 1        # at batch 2 the rule fires
+
+
+class ShuffleBlock(torch.nn.Module):
+    """ShuffleNet v2's unit: split the channels, a 1x1 -> depthwise -> 1x1 branch, concatenate, shuffle."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        h = c // 2
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(h, h, 1), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(h, h, 3, padding=1, groups=h), torch.nn.Conv2d(h, h, 1))
+        self.head = torch.nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(2):
+            a, b = x.chunk(2, dim=1)
+            x = torch.cat([a, self.branch(b)], 1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x)
+
+
+def test_channel_shuffle_stays_channels_last(monkeypatch):
+    """The shuffle as the same permutation of the NHWC channels: as captured it left the region (a copy in
+    NCHW order, read back through transposes by every consumer)."""
+    from kfuse.passes import layout
+    torch.manual_seed(0)
+    m, x = ShuffleBlock().eval(), torch.randn(2, 3, 9, 7)
+    cm = compiled(m, x)
+    shuffles = [n for n in cm.graph.nodes if n.op == "transpose" and tuple(n.attrs["perm"]) == (0, 1, 2, 4, 3)]
+    assert len(shuffles) == 2 and all(n.shape[:3] == (2, 9, 7) for n in shuffles)      # [N, H, W, C/G, G]
+    monkeypatch.setattr(layout._Region, "channel_shuffle", lambda self, n: None)
+    plain = compiled(m, x)
+    assert not any(n.op == "transpose" and len(n.shape) == 5 and n.shape[:3] == (2, 9, 7) for n in plain.graph.nodes)
+    assert cm.report().rules["layout_conversion"] < plain.report().rules["layout_conversion"]
