@@ -663,9 +663,9 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
     weights = getattr(fn, "weights", None)
     sources = getattr(fn, "sources", list)
     if fn is None:          # torch runs it, into its planned buffer where the op has an out= form
-        fn = out_kernel(group)
-        writes_into, kind = (True, "torch:out") if fn is not None else (False, "torch")
-        fn = fn or reference_kernel(group)
+        into = out_kernel(nodes[0]) if len(nodes) == 1 else None
+        writes_into, kind = into is not None, "torch:out" if into is not None else "torch"
+        fn = _by_node_inputs(into, group, True) if into is not None else reference_kernel(group)
     elif kind == "view" or kind in NODE_KERNELS:
         fn = _by_node_inputs(fn, group, writes_into)
     info = _info(group, machine, backend_name, note, getattr(fn, "schedule", ""))

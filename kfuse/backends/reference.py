@@ -32,23 +32,17 @@ OUT_FORMS = {
 }
 
 
-def out_kernel(group: Group):
-    """For a group of one OUT_FORMS op whose inputs have its dtype, the kernel fn(bufs, *inputs) writing
-    into bufs[0] (a new tensor where it is None: an output the caller keeps); else None."""
-    if len(group.nodes) != 1 or group.nodes[0].op not in OUT_FORMS:
+def out_kernel(node):
+    """For an OUT_FORMS op whose inputs have its dtype, the kernel fn(bufs, *node.inputs) writing into
+    bufs[0] (a new tensor where it is None: an output the caller keeps); else None."""
+    if node.op not in OUT_FORMS or any(i.dtype != node.dtype for i in node.inputs):
         return None
-    node = group.nodes[0]
-    if any(i.dtype != node.dtype for i in node.inputs):
-        return None
-    idx = [group.inputs.index(i) for i in node.inputs]
     into, new = OUT_FORMS[node.op], REFERENCE[node.op]
 
     def fn(bufs, *args):
-        args = [args[i] for i in idx]
         if bufs[0] is None:
             return (new(*args, **node.attrs),)
         with torch.no_grad():       # out= takes no input that requires grad; kfuse computes inference
             into(bufs[0], *args, **node.attrs)
         return bufs
-    fn.writes_into = True
     return fn
