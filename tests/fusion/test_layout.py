@@ -437,3 +437,26 @@ def test_channel_shuffle_stays_channels_last(monkeypatch):
     plain = compiled(m, x)
     assert not any(n.op == "transpose" and len(n.shape) == 5 and n.shape[:3] == (2, 9, 7) for n in plain.graph.nodes)
     assert cm.report().rules["layout_conversion"] < plain.report().rules["layout_conversion"]
+
+
+def test_near_misses_of_the_channel_shuffle_keep_their_meaning():
+    """A 5-d reshape of a region tensor whose swap is not of the group dims, or whose reshape back is not
+    to the input's shape, is not the shuffle: not rewritten, the numbers eager's."""
+    c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def swap_hw(m, x):
+        y = m.c1(x)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(3, 4).reshape(n, c, w, h).relu()
+
+    def other_split(m, x):
+        y = m.c1(x)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c // 2, 2 * h, w).relu()
+
+    for fn in (swap_hw, other_split):
+        m = Fn(fn)
+        m.c1 = c1
+        cm = compiled(m, torch.randn(2, 3, 5, 7))
+        assert not any(n.op == "transpose" and tuple(n.attrs["perm"]) == (0, 1, 2, 4, 3) and n.shape[1:3] == (5, 7)
+                       for n in cm.graph.nodes)
