@@ -12,7 +12,9 @@ small kernels), so instead of constants measured on one of them:
 
 `choose` calls each entry on fresh inputs in turn (a warm-up call, then rounds until about BUDGET_S),
 takes the median per variant, and keeps the default unless another is faster by more than MARGIN
-(two cores shared with other processes give 5% of noise easily). The choice is stored in
+(two cores shared with other processes give 5% of noise easily). A timing during which this process's
+threads waited for a CPU (another process's load, a hypervisor's steal) is taken again (ATTEMPTS), and
+a choice made on disturbed times holds for this process only. The choice is stored in
 `<cache_dir>/autotune.json` under a key of the CPU (model name, family/model, ISA flags), the C
 compiler and flags, the thread count and the kernel's source, so the next compile of the same
 kernel on this machine reads it and times nothing. KFUSE_AUTOTUNE=0 (kfuse.config) turns it off:
@@ -44,6 +46,10 @@ from .render import CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
 MIN_REPS, MAX_REPS = 3, 15
+# A timing is disturbed when this process's threads spent more than LOAD_MAX of its thread-time waiting,
+# runnable, for a CPU (or the hypervisor stole it); it is taken again, up to ATTEMPTS in all.
+LOAD_MAX = 0.10
+ATTEMPTS = 3
 # A row kernel writing this many bytes or more also times its streaming-store form (render.Schedule.stream):
 # outputs that, with their inputs, crowd a last-level cache of tens of MB. A size of the kernel's, not of
 # the machine's caches, so the variants (and an artifact's library) do not depend on the machine.
@@ -58,6 +64,7 @@ class Choice:
     sched: Schedule
     how: str                        # "timed", "cached", or "default" (one thread, or tuning off)
     ms: dict = field(default_factory=dict)     # variant name -> median ms (when timed now)
+    load: float = 0.0               # the timing's disturbance (waited()); above LOAD_MAX: not cached
 
     def __str__(self):
         if self.how == "default":
@@ -65,7 +72,7 @@ class Choice:
         if not self.ms:
             return f"{self.sched} (autotuned, cached)"
         times = ", ".join(f"{n} {t:.3f}" for n, t in self.ms.items())
-        return f"{self.sched} (autotuned: {times} ms)"
+        return f"{self.sched} (autotuned: {times} ms{under_load(self.load)})"
 
 
 def variants(k) -> list[Schedule]:
@@ -204,10 +211,10 @@ def _read(path: Path | None = None) -> dict:
     return _file[1]
 
 
-def _write(key: str, index: int, name: str, ms: dict):
+def _write(key: str, index: int, name: str, ms: dict, load: float):
     """Queue one choice for the cache file (`flush` writes it: after a program's kernels are built, and
     at exit; a rewrite of the whole file per choice took 0.1 s each once it had grown)."""
-    _pending.setdefault(str(_path()), {})[key] = {"index": index, "variant": name, "ms": ms}
+    _pending.setdefault(str(_path()), {})[key] = {"index": index, "variant": name, "ms": ms, "load": round(load, 4)}
 
 
 def flush():
@@ -332,13 +339,59 @@ def _time(fns, argv, budget_s: float = BUDGET_S, cold: str = "", stat=None) -> l
     return [stat(sorted(t_f)) * 1e3 for t_f in ts]
 
 
+def waited() -> int:
+    """Nanoseconds this process's threads have spent runnable but not running (Linux schedstat, summed over
+    /proc/self/task), plus the time the hypervisor stole from this machine's CPUs (/proc/stat): the
+    measure of another process's load that a timing suffered. 0 where neither can be read."""
+    ns = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        tasks = []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                ns += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass                    # a thread that ended meanwhile
+    try:
+        with open("/proc/stat") as f:
+            ns += int(f.readline().split()[8]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return ns
+
+
+def _time_quietly(fns, argv, threads: int, **kw) -> tuple[list[float], float]:
+    """_time's result and its disturbance (the fraction of the timing's thread-time spent waiting for a
+    CPU): taken again while that is above LOAD_MAX, up to ATTEMPTS times, keeping the least disturbed
+    (on a machine shared with other processes, one cached choice made in a loaded minute stays for good:
+    MobileNetV3's program from such choices ran 1.1-1.2x the time of one from choices made again)."""
+    best = None
+    for _ in range(ATTEMPTS):
+        w, t = waited(), time.perf_counter()
+        ms = _time(fns, argv, **kw)
+        load = (waited() - w) / max((time.perf_counter() - t) * 1e9 * threads, 1.0)
+        if best is None or load < best[1]:
+            best = (ms, load)
+        if load <= LOAD_MAX:
+            break
+    return best
+
+
+def under_load(load: float) -> str:
+    """The report's mark of a choice made on disturbed times (empty for a quiet timing)."""
+    return f"; under load, {load:.0%} of the time waiting for a CPU: not cached" if load > LOAD_MAX else ""
+
+
 def cached(key: str, names: list[str], file: bool = True) -> int | None:
     """The index of this machine's earlier choice for `key` (this process's memo, else, with `file`, the
     cache file), if it still names names[index]; else None."""
     hit = _memo.get(key)
     if hit is None and file:
         entry = _read().get(key)
-        if isinstance(entry, dict) and entry.get("index") in range(len(names)):
+        # an entry without its load was timed before timings were checked for disturbance: timed again
+        if isinstance(entry, dict) and entry.get("index") in range(len(names)) and "load" in entry:
             hit = (entry["index"], entry.get("variant"))
     if hit is None or names[hit[0]] != hit[1]:
         return None
@@ -346,11 +399,14 @@ def cached(key: str, names: list[str], file: bool = True) -> int | None:
     return hit[0]
 
 
-def remember(key: str, best: int, names: list[str], ms: list[float]) -> dict:
-    """Store choice `best` of `names` (timed at `ms`) in the memo and the cache file; the times by name."""
+def remember(key: str, best: int, names: list[str], ms: list[float], load: float = 0.0) -> dict:
+    """Store choice `best` of `names` (timed at `ms`, disturbed by `load`) in the memo, and in the cache file
+    when the timing was quiet (load at most LOAD_MAX: a later compile times a disturbed one again); the
+    times by name."""
     times = {n: round(t, 4) for n, t in zip(names, ms)}
     _memo[key] = (best, names[best])
-    _write(key, best, names[best], times)
+    if load <= LOAD_MAX:
+        _write(key, best, names[best], times, load)
     return times
 
 
@@ -375,12 +431,12 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
     for f in fns:
         f.argtypes, f.restype = [ctypes.c_void_p], None
     with openmp.using(threads):
-        ms = _time(fns, argv)
+        ms, load = _time_quietly(fns, argv, threads)
     best = min(range(len(ms)), key=ms.__getitem__)
     if ms[best] > (1 - MARGIN) * ms[0]:
         best = 0
-    times = remember(key, best, [str(s) for s in scheds], ms)
-    return Choice(best, scheds[best], "timed", times)
+    times = remember(key, best, [str(s) for s in scheds], ms, load)
+    return Choice(best, scheds[best], "timed", times, load)
 
 
 def problem(*parts) -> str:
@@ -418,7 +474,8 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
         # the fastest call of each, not the median: whole kernels are compared here, and on a loaded machine
         # most calls of a 0.1 ms kernel can take an 8 ms scheduler slice (cached choices were seen made on
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
-        ms = _time([candidates[n] for n in names], args, cold=mode, stat=lambda t: t[0])
+        ms, load = _time_quietly([candidates[n] for n in names], args, threads, cold=mode, stat=lambda t: t[0])
     best = min(range(len(ms)), key=ms.__getitem__)
-    remember(key, best, names, ms)
-    return names[best], f"{names[best]} (measured: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms)) + ")"
+    remember(key, best, names, ms, load)
+    times = ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms))
+    return names[best], f"{names[best]} (measured: {times}{under_load(load)})"
