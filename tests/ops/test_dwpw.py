@@ -16,7 +16,7 @@ from helpers import in_threads
 
 from kfuse.backends import openmp
 from kfuse.backends.c.depthwise import DepthwiseConv
-from kfuse.backends.c.dwpw import DepthwisePointwise, PointwiseDepthwise
+from kfuse.backends.c.dwpw import BUFFER_FLOATS, DepthwisePointwise, PointwiseDepthwise
 from kfuse.backends.c.gemm import GemmConv
 
 
@@ -66,6 +66,21 @@ def test_thread_counts(threads):
     with openmp.using(threads):
         check(2, 17, 9, 40, 24, residual=True)
         check(1, 7, 7, 96, 32, stride=2)
+
+
+@pytest.mark.parametrize("n,hw,c,threads", [(1, 14, 384, 2), (1, 7, 960, 2), (3, 14, 240, 2), (1, 28, 144, 3)])
+def test_depthwise_pointwise_bands_split_evenly(n, hw, c, threads):
+    """kf_dwpw's work items are bands of the depthwise output's rows a row apart in size (dwpw.c), as many as
+    make the items a multiple of the threads where the rows allow: 14 rows had been 5 bands of 3 and 2,
+    3 to one thread, 2 to the other."""
+    fused = make(c, 24, 3, 1, "relu6", "none", False)[2]
+    d = fused._plan(n, hw, hw, threads)
+    nrb = d[9]
+    sizes = [(i + 1) * hw // nrb - i * hw // nrb for i in range(nrb)]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and max(sizes) * hw * c <= BUFFER_FLOATS, sizes
+    assert (n * nrb) % threads == 0 or nrb == hw, nrb
+    with openmp.using(threads):
+        check(n, hw, hw, c, 24)
 
 
 def test_nan_propagates():

@@ -150,6 +150,31 @@ def test_work_item_orders(threads, monkeypatch):
         assert_close(got[0], reference(x, wt, b, r, "relu", padding=pad), **TOL)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("hw,cin,cout,k", [(14, 576, 96, 1), (7, 576, 160, 1), (7, 960, 320, 1), (56, 144, 24, 1),
+                                           (14, 256, 256, 3), (9, 40, 72, 1)])
+def test_threads_get_even_shares_of_the_rows(hw, cin, cout, k, threads):
+    """The plan's row blocks (gemm.c: block i is the register tiles [i T / nmb, (i + 1) T / nmb)) are a tile
+    apart in size, and blocks times panel pairs is a multiple of the threads where the tiles allow, so the
+    static schedule gives each thread the same number of items: the bigger share is within a tile per
+    block of the even one (14 x 14 rows by 3 pairs had been split 5 items to 4)."""
+    kern = GemmConv(torch.randn(cout, cin, k, k), torch.randn(cout), ACTS["relu"][0], False, padding=k // 2)
+    d = kern._plan((1, hw, hw, hw, hw), threads)
+    m, nmb, rows_first = d[0], d[2], d[21]
+    tiles, pairs = -(-m // gemm.MR), -(-cout // 32)
+    bounds = [min(m, i * tiles // nmb * gemm.MR) for i in range(nmb + 1)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    assert sum(sizes) == m and min(sizes) > 0 and max(sizes) - min(sizes) <= gemm.MR, sizes
+    items = [(rb, pp) for rb in range(nmb) for pp in range(pairs)] if rows_first else \
+        [(rb, pp) for pp in range(pairs) for rb in range(nmb)]
+    assert len(items) % threads == 0 or nmb == tiles, (nmb, pairs)
+    per = len(items) // threads
+    shares = [sum(sizes[rb] for rb, _ in items[t * per:(t + 1) * per]) for t in range(threads)]
+    assert max(shares) - m * pairs / threads <= gemm.MR * nmb * pairs / threads, shares
+    with openmp.using(threads):
+        check(1, hw, hw, cin, cout, act="relu", k=(k, k), padding=(k // 2, k // 2))
+
+
 def test_no_bias():
     check(1, 5, 5, 33, 17, act="silu", bias=False)
 

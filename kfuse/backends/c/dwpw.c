@@ -10,14 +10,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* dims: N H W C OH OW PH PW Cout RB (depthwise output rows per work item); prm: the depthwise
-   activation's two scalars, then the 1x1's */
+/* dims: N H W C OH OW PH PW Cout NRB (work items per image: item i takes the depthwise output rows
+   [i OH / NRB, (i + 1) OH / NRB), a row apart in size at most); prm: the depthwise activation's two scalars,
+   then the 1x1's */
 int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *restrict dw_b,
             const float *restrict zero, const float *restrict pw_w, const float *restrict pw_b,
             const float *restrict r, float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t N = dims[0], H = dims[1], W = dims[2], C = dims[3], OH = dims[4], OW = dims[5];
-    const int64_t PH = dims[6], PW = dims[7], CO = dims[8], RB = dims[9];
-    const int64_t nrb = (OH + RB - 1) / RB, P = (CO + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * C;
+    const int64_t PH = dims[6], PW = dims[7], CO = dims[8], nrb = dims[9] < 1 ? 1 : dims[9];
+    const int64_t RB = (OH + nrb - 1) / nrb, P = (CO + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * C;
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
     int failed = 0;
@@ -36,7 +37,7 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
         if (!bad) {
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < N * nrb; t++) {
-                const int64_t n = t / nrb, oh0 = (t % nrb) * RB, oh1 = oh0 + RB < OH ? oh0 + RB : OH;
+                const int64_t n = t / nrb, oh0 = t % nrb * OH / nrb, oh1 = (t % nrb + 1) * OH / nrb;
                 for (int64_t oh = oh0; oh < oh1; oh++)
                     dw_row(x + n * H * W * C, dw_w, dw_b, zero, buf + (oh - oh0) * OW * C, oh, 0, C, H, W, C, OW,
                            PH, PW, ow_lo, ow_hi, prm[0], prm[1]);

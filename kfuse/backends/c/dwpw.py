@@ -112,7 +112,11 @@ class DepthwisePointwise(_Pair):
             rb = max(1, min(oh, BUFFER_FLOATS // (ow * c)))
             while rb > 1 and n * -(-oh // rb) < 2 * threads:      # work items for every thread
                 rb //= 2
-            self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, rb)
+            # bands a row apart in size (dwpw.c), as many as make the items a multiple of the threads where
+            # the rows allow: 14 rows in bands of 3 had been 5 items, 3 to one thread and 2 to the other
+            nrb, whole = cdiv(oh, rb), threads // math.gcd(n, threads)
+            nrb = cdiv(nrb, whole) * whole if cdiv(nrb, whole) * whole <= oh else nrb
+            self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, nrb)
         return self._dims[key]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):

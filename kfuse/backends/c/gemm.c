@@ -263,7 +263,8 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
 }
 #endif
 
-/* dims: M Cout (the weight's columns) MB (rows per work item, a multiple of MR), then the geometry N H W
+/* dims: M Cout (the weight's columns) NMB (row blocks: block i is register tiles [i T / NMB, (i + 1) T / NMB)
+   of the T = ceil(M / MR), so blocks differ by a tile at most), then the geometry N H W
    C OH OW KH KW SH SW PH PW DH DW, then nchw: x is [N, C, H, W] (a network's input, few channels), read
    in place by tile_nchw (tiles then stop at row ends), so the layout change costs no pass over memory of
    its own; then HWS: with `scale` (a direct kernel only), row m's
@@ -274,7 +275,7 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
    input; the weight packed per group, [G][P][KH*KW*C/G][16], P panels of the group's N/G columns; with
    G > 1 no NCHW input, scale or merged kernel rows); then F: out's columns, N, or with GLU (one group, no
    residual) the gated outputs, the weight's N columns then being ceil(F / 16) pairs of a gate panel and
-   the matching up panel, and b likewise; then rows_first. A work item is MB rows by one pair of a
+   the matching up panel, and b likewise; then rows_first. A work item is a row block by one pair of a
    group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
    shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
    shares its rows. Returns 0, or -1 when a buffer cannot be allocated. */
@@ -284,14 +285,15 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
 KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp, const float *restrict b,
                  const float *restrict r, const float *restrict zero, float *restrict out,
                  const float *restrict scale, const int64_t *dims, const float *prm, int nthreads) {
-    const int64_t M = dims[0], N = dims[1], MB = dims[2];
+    const int64_t M = dims[0], N = dims[1], T = (M + MR - 1) / MR, nmb = dims[2] < 1 ? 1 : dims[2];
+    const int64_t MB = (T + nmb - 1) / nmb * MR;                    /* a block's rows, at most */
     const int64_t H = dims[4], W = dims[5], C = dims[6], OH = dims[7], OW = dims[8];
     const int KH = (int)dims[9], KW = (int)dims[10];
     const int64_t SH = dims[11], SW = dims[12], PH = dims[13], PW = dims[14], DH = dims[15], DW = dims[16];
     const int nchw = (int)dims[17];
     const int ntaps = KH * KW;
     const int64_t G = dims[19], CG = C / G, NG = N / G;             /* channels of a group, in and out */
-    const int64_t P = (NG + 15) / 16, NP2 = (P + 1) / 2, nmb = (M + MB - 1) / MB, ps = 16 * ntaps * CG;
+    const int64_t P = (NG + 15) / 16, NP2 = (P + 1) / 2, ps = 16 * ntaps * CG;
     const float p0 = prm[0], p1 = prm[1];
     /* a 1x1 stride-1 unpadded convolution, or a linear: row m reads x[m, :] */
     const int direct = !nchw && ntaps == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
@@ -319,8 +321,9 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
         /* row block first (gemm.py's choice, always with a scale: the block is scaled once into the
            buffer for all the panel pairs) */
         const int64_t g = t / (NP2 * nmb), tg = t %% (NP2 * nmb);
-        const int64_t pp = rows_first ? tg %% NP2 : tg / nmb, m0 = (rows_first ? tg / NP2 : tg %% nmb) * MB;
-        const int64_t m1 = m0 + MB < M ? m0 + MB : M, n0 = g * NG + 32 * pp, c0 = g * CG;
+        const int64_t pp = rows_first ? tg %% NP2 : tg / nmb, rb = rows_first ? tg / NP2 : tg %% nmb;
+        const int64_t m0 = rb * T / nmb * MR, m1e = (rb + 1) * T / nmb * MR, m1 = m1e < M ? m1e : M;
+        const int64_t n0 = g * NG + 32 * pp, c0 = g * CG;
         if (scale && scaled_m0 != m0) {
             for (int64_t m = m0; m < m1; m++) {
                 const float *xr = x + m * C, *sr = scale + m / HWS * C;

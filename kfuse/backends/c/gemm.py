@@ -126,9 +126,14 @@ class GemmConv:
             # 62 GFLOP/s on one thread. A larger weight keeps pairs first: every thread would read all of it.
             # With a scale, always: a block is scaled once for all its pairs.
             rows_first = bool(rows_per_scale) or self.weight.numel() * 4 <= autotune.cache_bytes(2) // 2
-            if rows_first:    # threads then take whole blocks: equal ones (784 rows as 4 x
-                mb = cdiv(cdiv(m, cdiv(m, mb)), MR) * MR     # 200, not 3 x 256 + 16: 0.83x at 2 threads)
-            self._dims[key] = (ctypes.c_int64 * 22)(m, self.wcols, mb, n, h, w, self.cin, oh, ow,
+            # gemm.c splits the rows' register tiles evenly over the blocks (sizes a tile apart at most), and
+            # the static schedule gives each thread a contiguous run of items: as many blocks as make the
+            # items a multiple of the threads (rows first: whole blocks a thread). Blocks of mb rows had
+            # left the last one short: 196 rows as 72, 72, 52 by 3 pairs gave one thread 5 items of 9.
+            tiles = cdiv(m, MR)
+            step = threads if rows_first else threads // math.gcd(threads, pairs)
+            nmb = max(1, min(tiles, cdiv(cdiv(m, mb), step) * step))
+            self._dims[key] = (ctypes.c_int64 * 22)(m, self.wcols, nmb, n, h, w, self.cin, oh, ow,
                                                     self.kh, self.kw, *self.stride, *self.padding, *self.dilation,
                                                     int(nchw), rows_per_scale, self.groups, self.cout, rows_first)
         return self._dims[key]
