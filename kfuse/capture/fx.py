@@ -307,7 +307,12 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
                 table.pop(op, None)
             ep = ep.run_decompositions(table)
     except Exception as e:
-        raise KfuseError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+        hint = ""
+        if "DataDependent" in type(e).__name__ or "data-dependent" in str(e):
+            hint = (" (a branch or a size there depends on the values of tensors, as a mixture-of-experts' routing "
+                    "by nonzero does: kfuse.compile takes one graph of fixed sizes; torch.compile(model, "
+                    "backend=\"kfuse\") splits the model at such points and fuses the graphs between them)")
+        raise KfuseError(f"torch.export failed on {type(model).__name__}{hint}: {type(e).__name__}: {e}") from e
     finally:
         for m, mode in training.items():
             m.training = mode

@@ -95,6 +95,23 @@ def test_export_failure_is_a_kfuse_error():
         kfuse.compile(Bad(), (torch.ones(2),))
 
 
+def test_data_dependent_control_flow_names_the_cause_and_the_way_through():
+    """A branch on a tensor's values (a mixture-of-experts' routing, as DBRX's) cannot be exported as one
+    graph: the error says why and points at torch.compile(backend="kfuse"), which splits the model there
+    and gives eager's numbers on both sides of the branch."""
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if (x > 0).any():
+                return torch.relu(x) * 2
+            return x - 1
+    with pytest.raises(kfuse.KfuseError, match=r"torch.export failed on Branchy \(a branch or a size there depends "
+                                               r"on the values of tensors.*backend=\"kfuse\"\)"):
+        kfuse.compile(Branchy(), (torch.randn(4, 5),))
+    f = torch.compile(Branchy(), backend="kfuse")
+    for x in (torch.randn(4, 5), -torch.rand(4, 5)):
+        torch.testing.assert_close(f(x), Branchy()(x))
+
+
 def test_cli_help():
     for args in (["--help"], ["demo", "--help"], ["compile", "--help"]):
         out = subprocess.run([sys.executable, "-m", "kfuse.cli", *args], capture_output=True, text=True)
