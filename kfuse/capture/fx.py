@@ -5,6 +5,7 @@ from them alone folds at capture time.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 
@@ -16,6 +17,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from ..errors import GraphError, KfuseError, UnsupportedOpError
 from ..ir import Graph, Node
 from . import aten_nn  # noqa: F401  (registers its builders into ATEN)
+from . import complex as complex_
 from .aten import ATEN, Unsupported, aten
 
 # -- upsampling: builders that fall back on the converter -----------------------------------------
@@ -99,11 +101,17 @@ def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names:
     inputs = {}
     for i, name in enumerate(input_names):
         val = placeholders[name].meta["val"]
+        if val.dtype.is_complex:
+            raise UnsupportedOpError("input", name, "PyTorch", f"a {val.dtype} input: kfuse's inputs and outputs are "
+                                     f"real (pass torch.view_as_real(x) and take view_as_complex inside)")
         inputs[name] = g.input(tuple(val.shape) if shapes is None else tuple(shapes[i]), val.dtype, name)
     outs = _convert(g, graph, values, inputs)
     for k, (env, name) in enumerate(outs):
         if env is None or isinstance(env, (bool, int, float)):     # returned as the model returns it
             g.literals[k] = env
+        elif isinstance(env, complex_.Complex):
+            raise UnsupportedOpError("output", name, "PyTorch", "a complex output: kfuse's inputs and outputs are real "
+                                     "(return torch.view_as_real(y))")
         else:
             g.outputs.append(env if isinstance(env, Node) else g.const(env))
             g.output_names.append(name)
@@ -118,19 +126,25 @@ def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> lis
     outs = []
     for n in graph.nodes:
         if n.op == "placeholder":
-            env[n] = inputs[n.name] if n.name in inputs else g.const(values[n.name], name=n.name)
+            env[n] = inputs[n.name] if n.name in inputs else _const(g, values[n.name], n.name)
         elif n.op == "get_attr":
             if not isinstance(values.get(n.target), torch.Tensor):   # a subgraph of torch.cond, while_loop, ...
                 user = next(iter(n.users), None)
                 raise UnsupportedOpError(str(user.target) if user is not None else n.target, n.name, "PyTorch",
                                          "control flow with subgraphs (torch.cond, while_loop, map, scan)")
-            env[n] = g.const(values[n.target], name=n.name)
+            env[n] = _const(g, values[n.target], n.name)
         elif n.op == "call_function":
             env[n] = _call(g, n, env)
         elif n.op == "output":
             outs = [(env[o], o.name) if isinstance(o, torch.fx.Node) else (o, "const")
                     for o in torch.utils._pytree.tree_leaves(n.args[0])]
     return outs
+
+
+def _const(g: Graph, value, name: str):
+    if isinstance(value, torch.Tensor) and value.dtype.is_complex:
+        return complex_.constant(g, value, name)
+    return g.const(value, name=name)
 
 
 def _call(g, n: torch.fx.Node, env):
@@ -150,21 +164,29 @@ def _call(g, n: torch.fx.Node, env):
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch",
                                  f"its output size {list(val.shape)} depends on the values of its inputs (as with "
                                  f"boolean-mask indexing x[mask], nonzero or masked_select); kfuse compiles fixed sizes only")
+    args = torch.fx.node.map_aggregate(n.args, conv)
+    kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
+    if complex_.involved(n.target, args, kwargs):
+        handler = functools.partial(complex_.call, g, n.target)
+        return _run(handler, n, args, kwargs)
     handler = ATEN.get(n.target)
     if handler is None and _is_custom(n.target):
         handler = _custom_op(n.target)
     if handler is None:
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch")
-    args = torch.fx.node.map_aggregate(n.args, conv)
-    kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
     if n.target in READS_STORAGE:       # as_strided's meaning depends on its input's traced memory layout
         val = n.args[0].meta.get("val")
         if val is not None and any(isinstance(d, torch.SymInt) for d in (*val.stride(), val.storage_offset())):
             raise SizeMismatch(f"{n.target} at node {n.name!r} reads memory laid out by symbolic sizes")
         kwargs["storage"] = None if val is None else (tuple(val.stride()), val.storage_offset())
+    return _run(functools.partial(handler, g), n, args, kwargs)
+
+
+def _run(handler, n: torch.fx.Node, args, kwargs):
+    """handler(*args, **kwargs) for node n, its errors naming the op and node"""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "device", "pin_memory", "memory_format", "non_blocking")}
     try:
-        out = handler(g, *args, **kwargs)
+        out = handler(*args, **kwargs)
     except Unsupported as e:
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch", str(e)) from None
     except GraphError as e:

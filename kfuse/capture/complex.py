@@ -1,0 +1,170 @@
+"""Complex tensors in a PyTorch graph, carried as real ones.
+
+A complex value becomes a float tensor with a trailing dimension of 2 (real, imaginary): the memory
+layout torch.view_as_real gives, so view_as_complex and view_as_real are free. That covers rotary
+embeddings written with complex numbers (Meta's Llama code, torchtitan, Hugging Face's Llama 4):
+`torch.polar` (or `torch.complex`) makes the rotation, `view_as_complex` pairs up a tensor's last
+dimension, one complex multiply rotates it, `view_as_real` unpairs it. Mapped here: those four,
+complex constants, mul / add / sub / div (by a real), neg, conj, abs, and the view ops (their
+dimensions counted on the complex tensor, the pair kept last). Any other op on a complex tensor is an
+UnsupportedOpError naming it; a complex graph input or output is an error too (kfuse's are real).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Node
+from .aten import ATEN, Unsupported
+
+aten = torch.ops.aten
+REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+@dataclass(frozen=True)
+class Complex:
+    pair: Node          # float [..., 2]: the real and imaginary parts
+
+    @property
+    def shape(self) -> tuple:
+        return self.pair.shape[:-1]
+
+
+def constant(g, value: torch.Tensor, name: str | None = None) -> Complex:
+    return Complex(g.const(torch.view_as_real(value.resolve_conj()).contiguous(), name=name))
+
+
+def involved(target, args, kwargs) -> bool:
+    """Whether the call makes or takes a complex value."""
+    return target in MAKERS or any(isinstance(a, Complex) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+
+
+def call(g, target, *args, **kwargs):
+    """target(*args, **kwargs) with its complex values as pairs"""
+    fn = HANDLERS.get(target)
+    if fn is None:
+        raise Unsupported("on a complex tensor (mapped: view_as_complex, view_as_real, polar, complex, mul, add, "
+                          "sub, div by a real, neg, conj, abs and the view ops)")
+    return fn(g, *args, **kwargs)
+
+
+def _parts(g, c: Complex) -> tuple[Node, Node]:
+    return ATEN[aten.select.int](g, c.pair, -1, 0), ATEN[aten.select.int](g, c.pair, -1, 1)
+
+
+def _pair(g, re, im) -> Complex:
+    """Complex(re + i im), re and im broadcast to one shape."""
+    shape = tuple(torch.broadcast_shapes(tuple(re.shape), tuple(im.shape)))
+    re, im = (ATEN[aten.expand.default](g, x, shape) for x in (re, im))
+    return Complex(ATEN[aten.cat.default](g, [ATEN[aten.unsqueeze.default](g, x, -1) for x in (re, im)], -1))
+
+
+def _axis(c: Complex, dim: int, extra: int = 0) -> int:
+    """dim of the complex tensor as an axis of its pair (rank + extra: unsqueeze's new position)."""
+    return dim % (len(c.shape) + extra) if len(c.shape) + extra else 0
+
+
+def _real(g, x):
+    """x (a real node or a number) as the complex x + 0i, for adding to a complex value"""
+    zero = g.const(0.0, x.dtype if isinstance(x, Node) and x.dtype.is_floating_point else torch.float32)
+    return _pair(g, x if isinstance(x, Node) else g.const(float(x)), zero)
+
+
+def _mul(g, a, b):
+    if not isinstance(a, Complex):
+        a, b = b, a
+    mul, add, sub = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor], ATEN[aten.sub.Tensor]
+    if not isinstance(b, Complex):      # by a real: both parts scaled
+        return Complex(mul(g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
+    (ar, ai), (br, bi) = _parts(g, a), _parts(g, b)
+    return _pair(g, sub(g, mul(g, ar, br), mul(g, ai, bi)), add(g, mul(g, ar, bi), mul(g, ai, br)))
+
+
+def _add_sub(op):
+    def handler(g, a, b, alpha=1):
+        a, b = (x if isinstance(x, Complex) else _real(g, x) for x in (a, b))
+        return Complex(ATEN[op](g, a.pair, b.pair, alpha=alpha) if alpha != 1 else ATEN[op](g, a.pair, b.pair))
+    return handler
+
+
+def _div(g, a, b):
+    if isinstance(b, Complex):
+        raise Unsupported("division by a complex tensor")
+    return Complex(ATEN[aten.div.Tensor](g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
+
+
+def _view_as_complex(g, x):
+    if not isinstance(x, Node) or not x.shape or x.shape[-1] != 2 or x.dtype not in (torch.float32, torch.float64):
+        raise Unsupported(f"view_as_complex of {x.dtype}{list(x.shape)}: a float32/float64 [..., 2] tensor")
+    return Complex(x)
+
+
+def _polar(g, r, theta):
+    mul = ATEN[aten.mul.Tensor]
+    return _pair(g, mul(g, r, g.add("cos", theta)), mul(g, r, g.add("sin", theta)))
+
+
+def _conj(g, c):
+    return Complex(ATEN[aten.mul.Tensor](g, c.pair, g.const(torch.tensor([1.0, -1.0], dtype=c.pair.dtype))))
+
+
+def _abs(g, c):
+    re, im = _parts(g, c)
+    mul = ATEN[aten.mul.Tensor]
+    return g.add("sqrt", ATEN[aten.add.Tensor](g, mul(g, re, re), mul(g, im, im)))
+
+
+def _copy(g, c, *_, dtype=None, **__):
+    if dtype is not None and dtype not in REAL_OF:
+        raise Unsupported(f"a complex tensor cast to {dtype} (torch drops its imaginary part)")
+    pair = ATEN[aten.clone.default](g, c.pair)
+    return Complex(pair if dtype is None else ATEN[aten._to_copy.default](g, pair, dtype=REAL_OF[dtype]))
+
+
+def _view(g, c, shape):
+    shape = [int(d) for d in shape]
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape[shape.index(-1)] = math.prod(c.shape) // known if known else 0
+    return Complex(ATEN[aten.view.default](g, c.pair, [*shape, 2]))
+
+
+def _squeeze(g, c, dims=None):
+    if dims is None:
+        dims = [i for i, d in enumerate(c.shape) if d == 1]
+    dims = [dims] if isinstance(dims, int) else dims
+    return Complex(ATEN[aten.squeeze.dims](g, c.pair, [_axis(c, d) for d in dims]))
+
+
+def _cat(g, cs, dim=0):
+    if not all(isinstance(c, Complex) for c in cs):
+        raise Unsupported("concatenation of complex and real tensors")
+    return Complex(ATEN[aten.cat.default](g, [c.pair for c in cs], _axis(cs[0], dim)))
+
+
+MAKERS = {aten.view_as_complex.default: _view_as_complex, aten.polar.default: _polar,
+          aten.complex.default: lambda g, re, im: _pair(g, re, im)}
+HANDLERS = {
+    **MAKERS,
+    aten.view_as_real.default: lambda g, c: c.pair,
+    aten.mul.Tensor: _mul, aten.mul.Scalar: _mul,
+    aten.add.Tensor: _add_sub(aten.add.Tensor), aten.sub.Tensor: _add_sub(aten.sub.Tensor),
+    aten.div.Tensor: _div, aten.div.Scalar: _div,
+    aten.neg.default: lambda g, c: Complex(ATEN[aten.neg.default](g, c.pair)),
+    aten._conj.default: _conj, aten.conj_physical.default: _conj, aten.resolve_conj.default: lambda g, c: c,
+    aten.abs.default: _abs,
+    aten.clone.default: _copy, aten._to_copy.default: _copy, aten.alias.default: lambda g, c: c,
+    aten.detach.default: lambda g, c: c, aten.contiguous.default: lambda g, c, *_, **__: c,
+    aten.view.default: _view, aten._unsafe_view.default: _view, aten.reshape.default: _view,
+    aten.permute.default: lambda g, c, dims: Complex(ATEN[aten.permute.default](
+        g, c.pair, [_axis(c, d) for d in dims] + [len(c.shape)])),
+    aten.transpose.int: lambda g, c, a, b: Complex(ATEN[aten.transpose.int](g, c.pair, _axis(c, a), _axis(c, b))),
+    aten.unsqueeze.default: lambda g, c, dim: Complex(ATEN[aten.unsqueeze.default](g, c.pair, _axis(c, dim, 1))),
+    aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze, aten.squeeze.default: _squeeze,
+    aten.expand.default: lambda g, c, shape, implicit=False: Complex(ATEN[aten.expand.default](g, c.pair, [*shape, 2])),
+    aten.slice.Tensor: lambda g, c, dim=0, *rest: Complex(ATEN[aten.slice.Tensor](g, c.pair, _axis(c, dim), *rest)),
+    aten.select.int: lambda g, c, dim, index: Complex(ATEN[aten.select.int](g, c.pair, _axis(c, dim), index)),
+    aten.cat.default: _cat,
+}

@@ -1,0 +1,130 @@
+"""Complex tensors inside a model (kfuse/capture/complex.py): carried as (real, imaginary) pairs, so
+rotary embeddings written with complex numbers (Meta's Llama code, torchtitan, Hugging Face's Llama 4)
+compile and give eager's numbers; complex inputs and outputs, and ops not mapped, are clear errors."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kfuse
+from kfuse.errors import UnsupportedOpError
+
+
+def freqs_cis(dim, seq, theta=10000.0, dtype=torch.float32):
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype)[: dim // 2] / dim))
+    freqs = torch.outer(torch.arange(seq, dtype=dtype), freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+class TitanRope(nn.Module):
+    """torchtitan's Llama attention front: q and k projected, rotated by a complex buffer, then attention"""
+
+    def __init__(self, heads=3, dim=10, seq=16):
+        super().__init__()
+        self.h, self.d = heads, dim
+        self.wq, self.wk, self.wv = (nn.Linear(heads * dim, heads * dim) for _ in range(3))
+        self.register_buffer("freqs_cis", freqs_cis(dim, seq), persistent=False)
+
+    @staticmethod
+    def rotate(x, fc):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * fc).flatten(3).type_as(x)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, self.h, self.d) for f in (self.wq, self.wk, self.wv))
+        fc = self.freqs_cis[:s].view(1, s, 1, self.d // 2)
+        q, k = self.rotate(q, fc), self.rotate(k, fc)
+        y = nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        return y.transpose(1, 2).reshape(b, s, -1)
+
+
+class PolarInForward(nn.Module):
+    """Llama 4's form: the rotation made in forward from the positions, by torch.polar"""
+
+    def forward(self, x, pos):
+        inv = 1.0 / (500000.0 ** (torch.arange(0, x.shape[-1], 2).float() / x.shape[-1]))
+        freqs = pos[:, :, None].float() * inv
+        fc = torch.polar(torch.ones_like(freqs), freqs)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * fc[:, :, None, :]).flatten(3)
+
+
+def test_torchtitan_rope_attention_matches_eager_on_fresh_inputs():
+    m = TitanRope().eval()
+    cm = kfuse.compile(m, (torch.randn(2, 7, 30),))
+    for seed in (1, 2):
+        x = torch.randn(2, 7, 30, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)
+    assert cm.verify(x).ok
+
+
+def test_polar_made_in_forward_from_an_input():
+    m = PolarInForward()
+    x, pos = torch.randn(2, 5, 3, 12), torch.tensor([[0, 1, 2, 3, 4], [7, 3, 9, 100, 2]])
+    cm = kfuse.compile(m, (x, pos))
+    x[0, 1, 2, 3] = math.nan        # the NaN stays in its own pair's two outputs
+    torch.testing.assert_close(cm(x, pos), m(x, pos), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_through_torch_compile():
+    """compiled by kfuse, not handed back to torch (which warns)"""
+    m = TitanRope().eval()
+    f = torch.compile(m, backend="kfuse")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for s in (5, 9):
+            x = torch.randn(1, s, 30)
+            torch.testing.assert_close(f(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+class Ops(nn.Module):
+    """The other mapped ops: torch.complex, conj, abs, add / sub (complex and real), div by a real, neg,
+    cat, permute, transpose, unsqueeze, squeeze, select, slice, expand, a complex128 constant"""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c64", torch.complex(torch.randn(5, 1, 4), torch.randn(5, 1, 4)).to(torch.complex128))
+
+    def forward(self, a, b):
+        z = torch.complex(a, b)                                     # [3, 5, 4]
+        w = (z.conj() * z - z / 2.0 + a - (-z)).permute(1, 0, 2)     # [5, 3, 4]
+        w = torch.cat([w, w.transpose(0, 1).reshape(5, 3, 4)], 1)   # [5, 6, 4]
+        w = w.unsqueeze(1)[:, 0, 1:5, ::2].expand(2, 5, 4, 2)        # [2, 5, 4, 2]
+        u = w[1] * self.c64.squeeze(1)[:, :, None].to(torch.complex64)[:, :4]
+        return torch.view_as_real(u), z.abs(), torch.view_as_real(w.select(-1, 0))
+
+
+def test_other_mapped_ops():
+    m = Ops()
+    a, b = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    cm = kfuse.compile(m, (a, b))
+    for got, want in zip(cm(a, b), m(a, b)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class ComplexOut(nn.Module):
+    def forward(self, x):
+        return torch.view_as_complex(x) * 2
+
+
+class Unmapped(nn.Module):
+    def forward(self, x):
+        return torch.view_as_real(torch.exp(torch.view_as_complex(x)))
+
+
+class ComplexIn(nn.Module):
+    def forward(self, z):
+        return torch.view_as_real(z * 2)
+
+
+@pytest.mark.parametrize("model,x,match", [
+    (ComplexOut(), torch.randn(4, 2), "'output'.*complex output.*view_as_real"),
+    (Unmapped(), torch.randn(4, 2), "'aten.exp.default'.*on a complex tensor"),
+    (ComplexIn(), torch.randn(4, dtype=torch.complex64), "complex64 input"),
+])
+def test_what_is_not_mapped_is_a_clear_error(model, x, match):
+    with pytest.raises(UnsupportedOpError, match=match):
+        kfuse.compile(model, (x,))
