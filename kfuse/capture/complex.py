@@ -75,11 +75,18 @@ def _real(g, x):
 def _mul(g, a, b):
     if not isinstance(a, Complex):
         a, b = b, a
-    mul, add, sub = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor], ATEN[aten.sub.Tensor]
+    mul, add = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor]
     if not isinstance(b, Complex):      # by a real: both parts scaled
         return Complex(mul(g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
-    (ar, ai), (br, bi) = _parts(g, a), _parts(g, b)
-    return _pair(g, sub(g, mul(g, ar, br), mul(g, ai, bi)), add(g, mul(g, ar, bi), mul(g, ai, br)))
+    # (ar + i ai)(br + i bi) as ar [br, bi] + ai [-bi, br]: elementwise in a, read through slices of its
+    # pairs, the pairs swapped in b, the smaller (a rotary embedding's table), so a's side fuses into one
+    # kernel where the products written out and paired up again took a concatenation of a's size
+    if math.prod(a.shape) < math.prod(b.shape):
+        a, b = b, a
+    br, bi = _parts(g, b)
+    swapped = _pair(g, ATEN[aten.neg.default](g, bi), br)
+    part = lambda i: ATEN[aten.slice.Tensor](g, a.pair, -1, i, i + 1)
+    return Complex(add(g, mul(g, part(0), b.pair), mul(g, part(1), swapped.pair)))
 
 
 def _add_sub(op):
