@@ -165,7 +165,7 @@ def _call(g, n: torch.fx.Node, env):
                                  f"its output size {list(val.shape)} depends on the values of its inputs (as with "
                                  f"boolean-mask indexing x[mask], nonzero or masked_select); kfuse compiles fixed sizes only")
     args = torch.fx.node.map_aggregate(n.args, conv)
-    kwargs = torch.fx.node.map_aggregate(n.kwargs, conv)
+    kwargs = dict(torch.fx.node.map_aggregate(n.kwargs, conv))
     if complex_.involved(n.target, args, kwargs):
         handler = functools.partial(complex_.call, g, n.target)
         return _run(handler, n, args, kwargs)
