@@ -459,6 +459,26 @@ def _index_select(g, x, dim, idx):
     return g.add("gather", x, idx, axis=dim_axis(dim, x))
 
 
+@handles(aten.unfold.default)
+def _unfold(g, x, dim, size, step):
+    """Tensor.unfold: the windows x[..., i step : i step + size, ...] along dim, each as a new last
+    dimension (PatchTST's patches, sliding frames): non-overlapping windows are a view, others a gather."""
+    d = dim_axis(dim, x)
+    length = x.shape[d] if x.shape else 1
+    if step < 1 or size < 0 or size > length:
+        raise Unsupported(f"unfold of {length} elements by windows of {size}, step {step}")
+    if not x.shape:             # a 0-d tensor's one window
+        return reshape(g, x, (size,))
+    n = (length - size) // step + 1
+    if step == size:
+        y = _slice(g, x, d, 0, n * size)
+        y = reshape(g, y, y.shape[:d] + (n, size) + y.shape[d + 1:])
+    else:
+        index = torch.arange(n)[:, None] * step + torch.arange(size)
+        y = g.add("gather", x, g.const(index), axis=d)
+    return _permute(g, y, [a for a in range(len(y.shape)) if a != d + 1] + [d + 1])
+
+
 @handles(aten.gather.default)
 def _gather_elements(g, x, dim, idx, sparse_grad=False):
     return g.add("gather_elements", x, idx, axis=dim_axis(dim, x))

@@ -173,6 +173,16 @@ def test_flip_repeat_tile():
     compiled(lambda x: (x.flip(0, 1), x.flip(-1), x.repeat(2, 1, 3), x.tile(2), x.tile(2, 1, 1)), r(3, 7))
 
 
+def test_unfold_windows():
+    """Tensor.unfold (PatchTST's patches): windows that tile the dim (a view, a remainder dropped), overlap
+    or skip elements (a gather), negative dims, a window the dim's length, a 0-d tensor; NaN where it is"""
+    x = special(2, 13, 3)
+    compiled(lambda x: (x.unfold(1, 4, 4), x.unfold(-2, 5, 2), x.unfold(1, 3, 5), x.unfold(0, 1, 3),
+                        x.unfold(-1, 3, 1), x.unfold(1, 13, 1), x.reshape(-1).unfold(0, 39, 7)), x)
+    compiled(lambda x: x.unfold(0, 1, 1) * 2, r(1).reshape(()))
+    assert ops_of(lambda x: x.unfold(1, 4, 4) + 1, r(2, 12, 3)).get("gather", 0) == 0       # tiling windows: a view
+
+
 # -- 7. group norm, instance norm, batch statistics ---------------------------------------------------------
 
 def _with_affine(m):
