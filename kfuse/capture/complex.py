@@ -31,14 +31,19 @@ class Complex:
     def shape(self) -> tuple:
         return self.pair.shape[:-1]
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 def constant(g, value: torch.Tensor, name: str | None = None) -> Complex:
     return Complex(g.const(torch.view_as_real(value.resolve_conj()).contiguous(), name=name))
 
 
-def involved(target, args, kwargs) -> bool:
-    """Whether the call makes or takes a complex value."""
-    return target in MAKERS or any(isinstance(a, Complex) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+def involved(target, args, kwargs, out) -> bool:
+    """Whether the call (of traced output `out`) makes or takes a complex value."""
+    return (target in MAKERS or (isinstance(out, torch.Tensor) and out.dtype.is_complex)
+            or any(isinstance(a, Complex) for a in torch.utils._pytree.tree_leaves((args, kwargs))))
 
 
 def call(g, target, *args, **kwargs):
@@ -126,6 +131,8 @@ def _abs(g, c):
 def _copy(g, c, *_, dtype=None, **__):
     if dtype is not None and dtype not in REAL_OF:
         raise Unsupported(f"a complex tensor cast to {dtype} (torch drops its imaginary part)")
+    if not isinstance(c, Complex):      # a real tensor made complex: x + 0i
+        return _real(g, ATEN[aten._to_copy.default](g, c, dtype=REAL_OF[dtype]))
     pair = ATEN[aten.clone.default](g, c.pair)
     return Complex(pair if dtype is None else ATEN[aten._to_copy.default](g, pair, dtype=REAL_OF[dtype]))
 

@@ -166,7 +166,7 @@ def _call(g, n: torch.fx.Node, env):
                                  f"boolean-mask indexing x[mask], nonzero or masked_select); kfuse compiles fixed sizes only")
     args = torch.fx.node.map_aggregate(n.args, conv)
     kwargs = dict(torch.fx.node.map_aggregate(n.kwargs, conv))
-    if complex_.involved(n.target, args, kwargs):
+    if complex_.involved(n.target, args, kwargs, val):
         handler = functools.partial(complex_.call, g, n.target)
         return _run(handler, n, args, kwargs)
     handler = ATEN.get(n.target)

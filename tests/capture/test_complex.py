@@ -94,7 +94,8 @@ class Ops(nn.Module):
         w = torch.cat([w, w.transpose(0, 1).reshape(5, 3, 4)], 1)   # [5, 6, 4]
         w = w.unsqueeze(1)[:, 0, 1:5, ::2].expand(2, 5, 4, 2)        # [2, 5, 4, 2]
         u = w[1] * self.c64.squeeze(1)[:, :, None].to(torch.complex64)[:, :4]
-        return torch.view_as_real(u), z.abs(), torch.view_as_real(w.select(-1, 0))
+        v = a.to(torch.complex64) * z          # a real tensor made complex
+        return torch.view_as_real(u), z.abs(), torch.view_as_real(w.select(-1, 0)), torch.view_as_real(v)
 
 
 def test_other_mapped_ops():
