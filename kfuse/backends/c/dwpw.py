@@ -115,7 +115,8 @@ class DepthwisePointwise(_Pair):
             # bands a row apart in size (dwpw.c), as many as make the items a multiple of the threads where
             # the rows allow: 14 rows in bands of 3 had been 5 items, 3 to one thread and 2 to the other
             nrb, whole = cdiv(oh, rb), threads // math.gcd(n, threads)
-            nrb = cdiv(nrb, whole) * whole if cdiv(nrb, whole) * whole <= oh else nrb
+            if cdiv(nrb, whole) * whole <= oh:
+                nrb = cdiv(nrb, whole) * whole
             self._dims[key] = (ctypes.c_int64 * 10)(n, h, w, c, oh, ow, *self.dw.padding, self.pw.cout, nrb)
         return self._dims[key]
 
