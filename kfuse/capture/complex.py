@@ -5,7 +5,7 @@ layout torch.view_as_real gives, so view_as_complex and view_as_real are free. T
 embeddings written with complex numbers (Meta's Llama code, torchtitan, Hugging Face's Llama 4):
 `torch.polar` (or `torch.complex`) makes the rotation, `view_as_complex` pairs up a tensor's last
 dimension, one complex multiply rotates it, `view_as_real` unpairs it. Mapped here: those four,
-complex constants, mul / add / sub / div (by a real), neg, conj, abs, and the view ops (their
+complex constants, mul / add / sub / div (by a real), neg, conj, abs, sum, mean, and the view ops (their
 dimensions counted on the complex tensor, the pair kept last). Any other op on a complex tensor is an
 UnsupportedOpError naming it; a complex graph input or output is an error too (kfuse's are real).
 """
@@ -51,7 +51,7 @@ def call(g, target, *args, **kwargs):
     fn = HANDLERS.get(target)
     if fn is None:
         raise Unsupported("on a complex tensor (mapped: view_as_complex, view_as_real, polar, complex, mul, add, "
-                          "sub, div by a real, neg, conj, abs and the view ops)")
+                          "sub, div by a real, neg, conj, abs, sum, mean and the view ops)")
     return fn(g, *args, **kwargs)
 
 
@@ -72,7 +72,9 @@ def _axis(c: Complex, dim: int, extra: int = 0) -> int:
 
 
 def _real(g, x):
-    """x (a real node or a number) as the complex x + 0i, for adding to a complex value"""
+    """x (a real node, a number, or a Python complex number) as a complex value"""
+    if isinstance(x, complex):
+        return Complex(g.const(torch.tensor([x.real, x.imag])))
     zero = g.const(0.0, x.dtype if isinstance(x, Node) and x.dtype.is_floating_point else torch.float32)
     return _pair(g, x if isinstance(x, Node) else g.const(float(x)), zero)
 
@@ -80,6 +82,8 @@ def _real(g, x):
 def _mul(g, a, b):
     if not isinstance(a, Complex):
         a, b = b, a
+    if isinstance(b, complex):
+        b = _real(g, b)
     mul, add = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor]
     if not isinstance(b, Complex):      # by a real: both parts scaled
         return Complex(mul(g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
@@ -101,8 +105,16 @@ def _add_sub(op):
     return handler
 
 
+def _reduce(op):
+    """sum or mean over dims of the complex tensor: the pairs' parts reduced alike"""
+    def handler(g, c, dims=None, keepdim=False, dtype=None):
+        dims = range(len(c.shape)) if dims is None or len(dims) == 0 else dims
+        return Complex(ATEN[op](g, c.pair, [_axis(c, d) for d in dims], keepdim))
+    return handler
+
+
 def _div(g, a, b):
-    if isinstance(b, Complex):
+    if isinstance(b, (Complex, complex)):
         raise Unsupported("division by a complex tensor")
     return Complex(ATEN[aten.div.Tensor](g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
 
@@ -169,6 +181,7 @@ HANDLERS = {
     aten.neg.default: lambda g, c: Complex(ATEN[aten.neg.default](g, c.pair)),
     aten._conj.default: _conj, aten.conj_physical.default: _conj, aten.resolve_conj.default: lambda g, c: c,
     aten.abs.default: _abs,
+    aten.sum.dim_IntList: _reduce(aten.sum.dim_IntList), aten.mean.dim: _reduce(aten.mean.dim),
     aten.clone.default: _copy, aten._to_copy.default: _copy, aten.alias.default: lambda g, c: c,
     aten.detach.default: lambda g, c: c, aten.contiguous.default: lambda g, c, *_, **__: c,
     aten.view.default: _view, aten._unsafe_view.default: _view, aten.reshape.default: _view,

@@ -82,7 +82,8 @@ def test_through_torch_compile():
 
 class Ops(nn.Module):
     """The other mapped ops: torch.complex, conj, abs, add / sub (complex and real), div by a real, neg,
-    cat, permute, transpose, unsqueeze, squeeze, select, slice, expand, a complex128 constant"""
+    sum, mean, Python complex numbers, cat, permute, transpose, unsqueeze, squeeze, select, slice, expand,
+    a complex128 constant"""
 
     def __init__(self):
         super().__init__()
@@ -95,7 +96,9 @@ class Ops(nn.Module):
         w = w.unsqueeze(1)[:, 0, 1:5, ::2].expand(2, 5, 4, 2)        # [2, 5, 4, 2]
         u = w[1] * self.c64.squeeze(1)[:, :, None].to(torch.complex64)[:, :4]
         v = a.to(torch.complex64) * z          # a real tensor made complex
-        return torch.view_as_real(u), z.abs(), torch.view_as_real(w.select(-1, 0)), torch.view_as_real(v)
+        s = (z * (1 + 2j) - (0.5 - 1j)).sum(1) + z.mean((0, -2), keepdim=True)[0]      # Python complex numbers
+        return (torch.view_as_real(u), z.abs(), torch.view_as_real(w.select(-1, 0)), torch.view_as_real(v),
+                torch.view_as_real(s))
 
 
 def test_other_mapped_ops():
