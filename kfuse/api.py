@@ -30,6 +30,10 @@ from .verify import Verification, compare
 _COMPILING = getattr(torch._dynamo.convert_frame, "compile_lock", None) or threading.RLock()
 
 
+LITERALS = (type(None), bool, int, float, str)     # non-tensor inputs kfuse.compile compiles in
+_TENSOR = object()
+
+
 def _signature(tensors) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
@@ -85,8 +89,11 @@ class CompiledModel:
             from .capture.fx import register_cache_types
             register_cache_types(source)      # a KV cache among the inputs flattens into its tensors
         flat, self._in_spec = pytree.tree_flatten((tuple(example_inputs), dict(example_kwargs)))
-        self._n_positional = _positional(self._in_spec)
-        self._check_tensors(flat)
+        # non-tensor inputs (None, a flag, a number, a string: a pipeline's return_dict=False) are compiled in
+        # as torch.export specialises them; a call must pass the same values
+        self._literals = {} if self.is_onnx else {i: v for i, v in enumerate(flat) if isinstance(v, LITERALS)}
+        self._n_positional = _positional(self._in_spec) if not self._literals else -1
+        flat = self._tensors(flat)
         self._devices = tuple(t.device.type for t in flat)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
@@ -103,7 +110,7 @@ class CompiledModel:
             from .capture.onnx import load_onnx
             return load_onnx(self.source, flat_inputs)
         from .capture.fx import export
-        args, kwargs = pytree.tree_unflatten(flat_inputs, self._in_spec)
+        args, kwargs = pytree.tree_unflatten(self._with_inputs(flat_inputs), self._in_spec)
         if self._dynamic is not None:
             graph = self._from_symbolic(flat_inputs, args, kwargs)
             if graph is not None:
@@ -173,12 +180,28 @@ class CompiledModel:
         self._programs.setdefault(sig, prog)
         return prog
 
-    def _check_tensors(self, flat):
+    def _tensors(self, flat) -> list:
+        """The tensors of a call's flattened inputs, its non-tensor ones checked against those compiled in."""
         for i, t in enumerate(flat):
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {i} ({_input_name(self._in_spec, i)}) is a {type(t).__name__}, expected a "
-                                 f"torch.Tensor: a setting that is not a tensor belongs in the model (for Hugging "
-                                 f"Face models, its config)")
+            want = self._literals.get(i, _TENSOR)
+            if want is _TENSOR and isinstance(t, torch.Tensor):
+                continue
+            if want is _TENSOR:
+                allowed = "a torch.Tensor" + ("" if self.is_onnx else " (or None, a bool, int, float or str compiled in)")
+                raise InputError(f"input {i} ({_input_name(self._in_spec, i)}) is a {type(t).__name__}, expected "
+                                 f"{allowed}")
+            if type(t) is not type(want) or t != want:
+                got = f"a tensor {t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                raise InputError(f"input {i} ({_input_name(self._in_spec, i)}) is {got}, compiled with {want!r}: "
+                                 f"a non-tensor input is compiled in (kfuse.compile again for another value)")
+        return [t for i, t in enumerate(flat) if i not in self._literals] if self._literals else flat
+
+    def _with_inputs(self, tensors) -> list:
+        """The call's flattened inputs again: the tensors with the compiled-in values put back in place."""
+        if not self._literals:
+            return list(tensors)
+        it = iter(tensors)
+        return [self._literals[i] if i in self._literals else next(it) for i in range(self._in_spec.num_leaves)]
 
     def _flatten(self, inputs, kwargs):
         if not kwargs and len(inputs) == self._n_positional and all(type(t) is torch.Tensor for t in inputs):
@@ -200,7 +223,8 @@ class CompiledModel:
         if self.is_onnx:
             names = self._last.graph.input_names
             return f"input {i} ({names[i]!r})" if i < len(names) and names[i] else f"input {i}"
-        return f"input {i} ({_input_name(self._in_spec, i)})"
+        leaf = [k for k in range(self._in_spec.num_leaves) if k not in self._literals][i]
+        return f"input {leaf} ({_input_name(self._in_spec, leaf)})"
 
     def _flatten_tree(self, inputs, kwargs):
         flat, spec = pytree.tree_flatten((tuple(inputs), dict(kwargs)))
@@ -220,8 +244,7 @@ class CompiledModel:
                              f"({', '.join(type(a).__name__ for a in inputs)}) and keyword inputs {sorted(kwargs)} (calls with "
                              f"other inputs need a kfuse.compile of their own; for generate(), use "
                              f"torch.compile(model.forward, backend='kfuse'))")
-        self._check_tensors(flat)
-        return flat
+        return self._tensors(flat)
 
     # -- running ----------------------------------------------------------------------------------------
     def __call__(self, *inputs, **kwargs):
@@ -255,7 +278,7 @@ class CompiledModel:
             except Exception as e:   # noqa: BLE001 - ONNX Runtime's own error types: say it was the reference that failed
                 raise KfuseError(f"ONNX Runtime, the reference, failed on inputs {_fmt(_signature(flat))}: "
                                  f"{str(e).splitlines()[0][:300]}") from None
-        args, kwargs = pytree.tree_unflatten(flat, self._in_spec)
+        args, kwargs = pytree.tree_unflatten(self._with_inputs(flat), self._in_spec)
         with torch.no_grad():
             return pytree.tree_leaves(self.source(*args, **kwargs))
 
@@ -299,7 +322,8 @@ class CompiledModel:
             except Exception as e:   # noqa: BLE001 - a type pytree cannot name: say which
                 raise KfuseError(f"cannot save the model's input/output structure ({s}): {e}") from None
         meta = {"in_spec": spec(self._in_spec), "out_spec": spec(self._out_spec), "is_onnx": self.is_onnx,
-                "options": self.options, "devices": list(self._devices)}
+                "options": self.options, "devices": list(self._devices),
+                "literals": [[i, v] for i, v in sorted(self._literals.items())]}
         programs = [(sig, None, p) for sig, p in self._programs.items() if sig not in self._specialised]
         programs += [(sig, values, p) for (sig, values), p in self._by_value.items()]
         artifact.save(path, programs, meta)
@@ -317,8 +341,10 @@ class CompiledModel:
         self = cls.__new__(cls)
         self.source, self.options, self.is_onnx = None, dict(meta["options"]), bool(meta["is_onnx"])
         self._in_spec, self._out_spec = spec(meta["in_spec"]), spec(meta["out_spec"])
-        self._n_positional = _positional(self._in_spec)
-        self._devices = tuple(meta.get("devices") or [None] * self._in_spec.num_leaves)   # None: saved before devices were
+        self._literals = {int(i): v for i, v in meta.get("literals") or []}
+        self._n_positional = _positional(self._in_spec) if not self._literals else -1
+        n = self._in_spec.num_leaves - len(self._literals)
+        self._devices = tuple(meta.get("devices") or [None] * n)   # None: saved before devices were
         self._programs, self._specialised, self._by_value = {}, {}, {}
         for sig, values, prog in programs:
             self._programs.setdefault(sig, prog)

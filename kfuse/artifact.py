@@ -103,7 +103,7 @@ def _graph_from_json(d: dict, consts: dict) -> tuple[Graph, list[Node]]:
     g.outputs = [nodes[i] for i in d["outputs"]]
     g.input_names, g.output_names = list(d["input_names"]), list(d["output_names"])
     g.mutated = [int(i) for i in d.get("mutated", ())]
-    g.literals = {int(k): v for k, v in d.get("literals", {}).items() if v is None or isinstance(v, (bool, int, float))}
+    g.literals = {int(k): v for k, v in d.get("literals", {}).items() if v is None or isinstance(v, (bool, int, float, str))}
     g.check()
     return g, nodes
 

@@ -107,7 +107,7 @@ def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names:
         inputs[name] = g.input(tuple(val.shape) if shapes is None else tuple(shapes[i]), val.dtype, name)
     outs = _convert(g, graph, values, inputs)
     for k, (env, name) in enumerate(outs):
-        if env is None or isinstance(env, (bool, int, float)):     # returned as the model returns it
+        if env is None or isinstance(env, (bool, int, float, str)):     # returned as the model returns it
             g.literals[k] = env
         elif isinstance(env, complex_.Complex):
             raise UnsupportedOpError("output", name, "PyTorch", "a complex output: kfuse's inputs and outputs are real "
@@ -126,7 +126,14 @@ def _convert(g: Graph, graph: torch.fx.Graph, values: dict, inputs: dict) -> lis
     outs = []
     for n in graph.nodes:
         if n.op == "placeholder":
-            env[n] = inputs[n.name] if n.name in inputs else _const(g, values[n.name], n.name)
+            if n.name in inputs:
+                env[n] = inputs[n.name]
+            elif n.name in values:
+                env[n] = _const(g, values[n.name], n.name)
+            elif n.users:
+                raise GraphError(f"placeholder {n.name!r} has no value")
+            else:                  # a non-tensor input compiled in: the graph holds its value where it is used
+                env[n] = None
         elif n.op == "get_attr":
             if not isinstance(values.get(n.target), torch.Tensor):   # a subgraph of torch.cond, while_loop, ...
                 user = next(iter(n.users), None)
@@ -375,9 +382,11 @@ def to_graph(ep, shapes: list[tuple[int, ...]] | None = None, state: dict | None
 
 def _user_inputs(ep) -> list[torch.fx.Node]:
     """The placeholders of an exported program's user inputs, in their order."""
-    from torch.export.graph_signature import InputKind
+    from torch.export.graph_signature import ConstantArgument, InputKind
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return [nodes[s.arg.name] for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    # (a non-tensor input, None or a number, is a ConstantArgument: compiled in, not an input)
+    return [nodes[s.arg.name] for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and not isinstance(s.arg, ConstantArgument)]
 
 
 def symbolic_inputs(ep) -> dict[int, list[int]]:

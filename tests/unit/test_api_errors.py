@@ -59,14 +59,40 @@ def test_an_input_on_another_device_is_named(tmp_path):
         torch.testing.assert_close(c(x), model(x))
 
 
-def test_non_tensor_input_is_named_by_keyword():
-    class Flagged(torch.nn.Module):
-        def forward(self, x, output_attentions=False, extra=None):
-            return x * 2
-    with pytest.raises(kfuse.InputError, match=r"input 1 \(keyword input 'output_attentions'\) is a bool"):
-        kfuse.compile(Flagged(), (torch.ones(2),), {"output_attentions": True})
-    with pytest.raises(kfuse.InputError, match=r"input 2 \(keyword input 'extra'\[1\]\) is a str"):
-        kfuse.compile(Flagged(), (torch.ones(2),), {"extra": [torch.ones(1), "no"]})
+class Flagged(torch.nn.Module):
+    def forward(self, x, mask=None, output_attentions=False, scale=2.0, mode="a", extra=None):
+        y = x * scale
+        if mask is not None:
+            y = y + mask
+        if output_attentions:
+            y = y.relu()
+        return (y if mode == "a" else -y), extra
+
+
+def test_non_tensor_inputs_are_compiled_in_and_checked_at_call(tmp_path):
+    """None, bools, numbers and strings among the inputs (a pipeline's return_dict=False, PixArt's
+    added_cond_kwargs={"resolution": None}) are compiled in as torch.export specialises them: the same
+    values give eager's numbers, another value is an InputError naming the input (the compiled model and
+    one loaded from its artifact), and so is a tensor where None was compiled."""
+    m, x = Flagged(), torch.randn(3, 5)
+    kw = {"mask": None, "output_attentions": True, "scale": 3.0, "mode": "b", "extra": [None, "no"]}
+    cm = kfuse.compile(m, (x,), kw)
+    cm.save(tmp_path / "m.kfuse")
+    for c in (cm, kfuse.load(tmp_path / "m.kfuse")):
+        got, extra = c(x, **kw)
+        torch.testing.assert_close(got, m(x, **kw)[0])
+        assert extra == [None, "no"]
+        for key, value, said in [("output_attentions", False, "False"), ("scale", 3, "3"), ("mode", "a", "'a'"),
+                                 ("mask", torch.ones(3, 5), r"a tensor torch.float32\[3, 5\]")]:
+            with pytest.raises(kfuse.InputError, match=rf"keyword input '{key}'\) is {said}, compiled with"):
+                c(x, **{**kw, key: value})
+    assert cm.verify(x, **kw).ok
+
+
+def test_other_python_objects_as_inputs_are_named_by_keyword():
+    with pytest.raises(kfuse.InputError, match=r"input 2 \(keyword input 'extra'\[1\]\) is a dtype, expected a "
+                                               r"torch.Tensor \(or None, a bool, int, float or str compiled in\)"):
+        kfuse.compile(Flagged(), (torch.ones(2),), {"extra": [torch.ones(1), torch.float16]})
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
