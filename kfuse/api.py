@@ -94,6 +94,7 @@ class CompiledModel:
         self._literals = {} if self.is_onnx else {i: v for i, v in enumerate(flat) if isinstance(v, LITERALS)}
         self._n_positional = _positional(self._in_spec) if not self._literals else -1
         flat = self._tensors(flat)
+        self._complex = any(t.is_complex() for t in flat)      # fed to programs as their real views
         self._devices = tuple(t.device.type for t in flat)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
@@ -196,6 +197,10 @@ class CompiledModel:
                                  f"a non-tensor input is compiled in (kfuse.compile again for another value)")
         return [t for i, t in enumerate(flat) if i not in self._literals] if self._literals else flat
 
+    def _fed(self, flat) -> list:
+        """The tensors a program takes: a complex input as torch.view_as_real's view of it (its pairs)."""
+        return [torch.view_as_real(t) if t.is_complex() else t for t in flat] if self._complex else flat
+
     def _with_inputs(self, tensors) -> list:
         """The call's flattened inputs again: the tensors with the compiled-in values put back in place."""
         if not self._literals:
@@ -250,7 +255,7 @@ class CompiledModel:
     def __call__(self, *inputs, **kwargs):
         flat = self._flatten(inputs, kwargs)
         self._last = prog = self._program(flat)    # prog, not self._last: another thread may set that meanwhile
-        outs = _with_literals(prog(flat), prog.graph.literals)
+        outs = _with_literals(prog(self._fed(flat)), prog.graph.literals)
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
             outs[0] if len(outs) == 1 else tuple(outs))
 
@@ -260,7 +265,7 @@ class CompiledModel:
         flat = self._flatten(inputs, kwargs)
         if self.source is None:
             graph = self._program(flat).graph
-            return _with_literals(run_reference(graph, flat), graph.literals)
+            return _with_literals(run_reference(graph, self._fed(flat)), graph.literals)
         if self.is_onnx:
             try:
                 import onnxruntime as ort
@@ -286,7 +291,7 @@ class CompiledModel:
         """Max abs and rel error of each output against the original model on `inputs`."""
         flat = self._flatten(inputs, kwargs)
         self._last = prog = self._program(flat)
-        got = prog(flat)
+        got = prog(self._fed(flat))
         names = prog.graph.output_names or [f"output{i}" for i in range(len(got))]
         against = "the saved graph's reference interpreter" if self.source is None else \
             "ONNX Runtime" if self.is_onnx else "PyTorch eager"
@@ -346,6 +351,7 @@ class CompiledModel:
         n = self._in_spec.num_leaves - len(self._literals)
         self._devices = tuple(meta.get("devices") or [None] * n)   # None: saved before devices were
         self._programs, self._specialised, self._by_value = {}, {}, {}
+        self._complex = any(dtype.is_complex for sig, _, _ in programs for _, dtype in sig)
         for sig, values, prog in programs:
             self._programs.setdefault(sig, prog)
             if values is not None:

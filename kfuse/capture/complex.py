@@ -7,7 +7,8 @@ embeddings written with complex numbers (Meta's Llama code, torchtitan, Hugging 
 dimension, one complex multiply rotates it, `view_as_real` unpairs it. Mapped here: those four,
 complex constants, mul / add / sub / div (by a real), neg, conj, abs, sum, mean, and the view ops (their
 dimensions counted on the complex tensor, the pair kept last). Any other op on a complex tensor is an
-UnsupportedOpError naming it; a complex graph input or output is an error too (kfuse's are real).
+UnsupportedOpError naming it, and so is a complex graph output. A complex graph input is a real one of
+its pairs, which CompiledModel feeds as torch.view_as_real's view of the caller's tensor.
 """
 from __future__ import annotations
 

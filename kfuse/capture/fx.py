@@ -101,10 +101,11 @@ def from_fx(graph: torch.fx.Graph, values: dict[str, torch.Tensor], input_names:
     inputs = {}
     for i, name in enumerate(input_names):
         val = placeholders[name].meta["val"]
-        if val.dtype.is_complex:
-            raise UnsupportedOpError("input", name, "PyTorch", f"a {val.dtype} input: kfuse's inputs and outputs are "
-                                     f"real (pass torch.view_as_real(x) and take view_as_complex inside)")
-        inputs[name] = g.input(tuple(val.shape) if shapes is None else tuple(shapes[i]), val.dtype, name)
+        shape = tuple(val.shape) if shapes is None else tuple(shapes[i])
+        if val.dtype.is_complex:        # fed as torch.view_as_real(x) (CompiledModel): its pairs
+            inputs[name] = complex_.Complex(g.input(shape + (2,), complex_.REAL_OF[val.dtype], name))
+        else:
+            inputs[name] = g.input(shape, val.dtype, name)
     outs = _convert(g, graph, values, inputs)
     for k, (env, name) in enumerate(outs):
         if env is None or isinstance(env, (bool, int, float, str)):     # returned as the model returns it
