@@ -85,9 +85,9 @@ def _mul(g, a, b):
         a, b = b, a
     if isinstance(b, complex):
         b = _real(g, b)
-    mul, add = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor]
     if not isinstance(b, Complex):      # by a real: both parts scaled
-        return Complex(mul(g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
+        return _by_real(g, aten.mul.Tensor, a, b)
+    mul, add = ATEN[aten.mul.Tensor], ATEN[aten.add.Tensor]
     # (ar + i ai)(br + i bi) as ar [br, bi] + ai [-bi, br]: elementwise in a, read through slices of its
     # pairs, the pairs swapped in b, the smaller (a rotary embedding's table), so a's side fuses into one
     # kernel where the products written out and paired up again took a concatenation of a's size
@@ -102,7 +102,7 @@ def _mul(g, a, b):
 def _add_sub(op):
     def handler(g, a, b, alpha=1):
         a, b = (x if isinstance(x, Complex) else _real(g, x) for x in (a, b))
-        return Complex(ATEN[op](g, a.pair, b.pair, alpha=alpha) if alpha != 1 else ATEN[op](g, a.pair, b.pair))
+        return Complex(ATEN[op](g, a.pair, b.pair, alpha=alpha))
     return handler
 
 
@@ -114,10 +114,15 @@ def _reduce(op):
     return handler
 
 
+def _by_real(g, op, c: Complex, r) -> Complex:
+    """op (mul, div) of both parts of c by r, a real node (broadcast over the pairs) or a number"""
+    return Complex(ATEN[op](g, c.pair, ATEN[aten.unsqueeze.default](g, r, -1) if isinstance(r, Node) else r))
+
+
 def _div(g, a, b):
     if isinstance(b, (Complex, complex)):
         raise Unsupported("division by a complex tensor")
-    return Complex(ATEN[aten.div.Tensor](g, a.pair, ATEN[aten.unsqueeze.default](g, b, -1) if isinstance(b, Node) else b))
+    return _by_real(g, aten.div.Tensor, a, b)
 
 
 def _view_as_complex(g, x):
@@ -151,11 +156,7 @@ def _copy(g, c, *_, dtype=None, **__):
 
 
 def _view(g, c, shape):
-    shape = [int(d) for d in shape]
-    if -1 in shape:
-        known = math.prod(d for d in shape if d != -1)
-        shape[shape.index(-1)] = math.prod(c.shape) // known if known else 0
-    return Complex(ATEN[aten.view.default](g, c.pair, [*shape, 2]))
+    return Complex(ATEN[aten.view.default](g, c.pair, [*shape, 2]))     # (a -1 in shape resolves the same)
 
 
 def _squeeze(g, c, dims=None):
