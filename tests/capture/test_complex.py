@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import kfuse
+from kfuse.capture.fx import export
 from kfuse.errors import UnsupportedOpError
 
 
@@ -60,6 +61,17 @@ def test_torchtitan_rope_attention_matches_eager_on_fresh_inputs():
         x = torch.randn(2, 7, 30, generator=torch.Generator().manual_seed(seed))
         torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)
     assert cm.verify(x).ok
+
+
+def test_the_rotated_tensor_is_not_concatenated():
+    """The complex multiply reads the rotated tensor's pairs through slices and swaps the pairs of the smaller
+    operand (the rotary table): the only concatenations in the graph are the table's size, none of q's."""
+    concats = lambda graph: [math.prod(n.shape) for n in graph.nodes if n.op == "concat"]
+    graph, _ = export(TitanRope().eval(), (torch.randn(2, 7, 30),))
+    assert max(concats(graph), default=0) <= 7 * 5 * 2           # (a constant table: folded at capture)
+    x, pos = torch.randn(2, 5, 3, 12), torch.arange(5).expand(2, 5).contiguous()
+    graph, _ = export(PolarInForward(), (x, pos))
+    assert concats(graph) and max(concats(graph)) <= 2 * 5 * 6 * 2 < x.numel(), concats(graph)
 
 
 def test_polar_made_in_forward_from_an_input():
@@ -142,6 +154,8 @@ def test_a_complex_input_is_fed_as_its_pairs(tmp_path):
             with torch.no_grad():
                 torch.testing.assert_close(c(x, table), m(x, table), rtol=1e-6, atol=1e-6)
     assert cm.verify(x, f).ok
+    x9, f9 = torch.randn(1, 9, 3, 10), torch.polar(torch.ones(9, 5), torch.randn(9, 5))    # another shape
+    torch.testing.assert_close(cm(x9, f9), m(x9, f9), rtol=1e-6, atol=1e-6)
     with pytest.raises(kfuse.InputError, match="has dtype torch.float32, compiled for torch.complex64"):
         cm(x, f.real.contiguous())
 
