@@ -224,10 +224,12 @@ def test_errors():
         A.attention(q.double(), k, v, scale=1.0)
 
 
-def test_portable_fallback_without_avx512():
-    """The non-AVX-512 path (GCC vector extensions, libm exp) compiles and agrees."""
+@pytest.mark.parametrize("isa", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")])
+def test_vector_layers_without_avx512(isa):
+    """The AVX2 layer (two 8-lane halves, one query vector per register tile) and the portable one (GCC
+    vector extensions, libm exp) compile and agree: causal, split-KV, both kernels."""
     from kfuse.backends.c.compiler import FLAGS
-    flags = tuple(FLAGS) + ("-mno-avx512f",)
+    flags = tuple(FLAGS) + isa
     lib = A.library(32, flags)
     q, k, v = qkv(1, 4, 2, 70, 130, 32)
     want = _attention(q, k, v, scale=0.2, causal=True)

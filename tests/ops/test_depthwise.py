@@ -100,10 +100,12 @@ def test_thread_counts(threads, c):
 @pytest.mark.parametrize("c", [16, 33, 100])
 def test_both_work_orders(monkeypatch, threads, c):
     """The work order is timed per shape and thread count (DepthwiseConv._order): each order it can pick
-    gives torch's numbers, and with AVX-512 both are candidates on more than one thread."""
+    gives torch's numbers, and with a register block (AVX-512, AVX2) both are candidates on more than one
+    thread."""
     orders = DepthwiseConv._orders(1, c, threads)
-    assert orders[0] == ("blocks" if c // 16 % threads == 0 or c // 16 >= 8 * threads else "rows")
-    if depthwise.cpu_has("avx512f"):
+    blocks = c // depthwise.VB if depthwise.VB else 0
+    assert orders[0] == ("blocks" if blocks and (blocks % threads == 0 or blocks >= 8 * threads) else "rows")
+    if blocks:
         assert sorted(orders) == ["blocks", "rows"]
     for order in orders:
         monkeypatch.setattr(DepthwiseConv, "_order", lambda self, cands, nhw, t, o=order: o)
@@ -122,7 +124,7 @@ def test_work_order_timed_and_reported():
     x = torch.randn(1, 32, 20, 20)
     assert_close(cm(x), m(x), atol=1e-5, rtol=1e-5)
     k = [k for k in cm.report().kernels if k.backend == "c:depthwise"]
-    if depthwise.cpu_has("avx512f") and k:
+    if depthwise.VB and k:
         assert re.search(r"work order (blocks|rows) \(measured", k[0].schedule), k[0].schedule
 
 
@@ -191,8 +193,8 @@ def test_non_contiguous_input():
 
 @pytest.mark.parametrize("act", ["none", "relu6", "gelu"])
 def test_generic_path(act):
-    """The source without its AVX-512 row kernel (what a machine without AVX-512 builds): every channel
-    takes the per-pixel `omp simd` path."""
+    """The source without its register-block row kernel (what a machine without AVX-512 or AVX2 builds):
+    every channel takes the per-pixel `omp simd` path."""
     dw, x, want = check(3, 7, 9, 33, (5, 5), (2, 2), (2, 2), act=act)
     dw.fn = depthwise._fn(5, 5, (2, 2), (1, 1), dw.act_code, generic=True)
     assert_close(dw(x), want, **TOL)

@@ -58,7 +58,9 @@ typedef struct {
     int64_t Lnew, snkb, snkh, snkj, snvb, snvh, snvj;     /* (a decode step's append to its KV cache) */
 } attn_args;
 
-/* ---------------------------------------------------------------- vector layer, 16 lanes */
+/* ---------------------------------------------------------------- vector layer, 16 lanes
+   VG: query vectors per register tile of the block kernel (4 keys or dims x VG vectors of 16 lanes in
+   accumulators): 4 where 32 vector registers hold a vector each, fewer where there are 16 holding half */
 #ifdef __AVX512F__
 #include <immintrin.h>
 typedef __m512 vf;
@@ -160,6 +162,129 @@ INL vf vreduce16(const vf *a) {
     const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     return _mm512_permutexvar_ps(idx, z);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 (Zen 2/3, Haswell ..): a vector is two 8-lane halves; same semantics as the AVX-512 layer */
+#include <immintrin.h>
+typedef struct { __m256 l, h; } vf;
+#define KEEP_IN_REGISTER(x) __asm__("" : "+x"((x).l), "+x"((x).h))
+#ifndef VG
+#define VG 1
+#endif
+INL vf vpair(__m256 l, __m256 h) { vf r = {l, h}; return r; }
+INL vf vzero(void) { return vpair(_mm256_setzero_ps(), _mm256_setzero_ps()); }
+INL vf vset1(float x) { return vpair(_mm256_set1_ps(x), _mm256_set1_ps(x)); }
+INL vf vload(const float *p) { return vpair(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)); }
+/* lanes l < n of the 16 (n <= 0: none), as the two halves' maskload masks */
+INL __m256i vlanes(int n, int half) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8 * half), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+INL vf vloadn(const float *p, int n) { return vpair(_mm256_maskload_ps(p, vlanes(n, 0)), _mm256_maskload_ps(p + 8, vlanes(n, 1))); }
+INL void vstore(float *p, vf x) { _mm256_storeu_ps(p, x.l); _mm256_storeu_ps(p + 8, x.h); }
+INL vf vdiv(vf a, vf b) { return vpair(_mm256_div_ps(a.l, b.l), _mm256_div_ps(a.h, b.h)); }
+INL vf vadd(vf a, vf b) { return vpair(_mm256_add_ps(a.l, b.l), _mm256_add_ps(a.h, b.h)); }
+INL vf vsub(vf a, vf b) { return vpair(_mm256_sub_ps(a.l, b.l), _mm256_sub_ps(a.h, b.h)); }
+INL vf vmul(vf a, vf b) { return vpair(_mm256_mul_ps(a.l, b.l), _mm256_mul_ps(a.h, b.h)); }
+INL vf vfma(vf a, vf b, vf c) { return vpair(_mm256_fmadd_ps(a.l, b.l, c.l), _mm256_fmadd_ps(a.h, b.h, c.h)); }
+INL vf vmax(vf a, vf b) { return vpair(_mm256_max_ps(a.l, b.l), _mm256_max_ps(a.h, b.h)); } /* NaN in either: b */
+INL float hmax8(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+INL float vhmax(vf x) { return hmax8(_mm256_max_ps(x.l, x.h)); }
+INL float vhsum(vf x) {
+    __m256 t = _mm256_add_ps(x.l, x.h);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+INL __m256 safe8(__m256 m) {
+    return _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+}
+INL vf vsafe(vf m) { return vpair(safe8(m.l), safe8(m.h)); }
+/* exp as the AVX-512 layer's, with 2^n applied as two exact factors 2^(n>>1) 2^(n-(n>>1)) (each a normal
+   float for the clamped n in [-159, 145]): p 2^(n>>1) is exact, so the one rounding is scalef's */
+INL __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-110.0f), x);
+    x = _mm256_min_ps(_mm256_set1_ps(100.0f), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23)));
+}
+INL vf vexp(vf x) { return vpair(exp8(x.l), exp8(x.h)); }
+INL vf vmask_below(vf s, int64_t t) {
+    const int n = t >= 16 ? 16 : t <= 0 ? 0 : (int)t;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    return vpair(_mm256_blendv_ps(s.l, ninf, _mm256_castsi256_ps(vlanes(n, 0))),
+                 _mm256_blendv_ps(s.h, ninf, _mm256_castsi256_ps(vlanes(n, 1))));
+}
+INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
+    if (kind == 1) return vadd(s, vloadn((const float *)p, n));
+    unsigned char t[16] = {0};
+    if (n < 16) { memcpy(t, p, n > 0 ? n : 0); p = (const char *)t; }     /* never read past the mask */
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256i lo = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(b), _mm256_setzero_si256());
+    __m256i hi = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), _mm256_setzero_si256());
+    return vpair(_mm256_blendv_ps(s.l, ninf, _mm256_castsi256_ps(lo)), _mm256_blendv_ps(s.h, ninf, _mm256_castsi256_ps(hi)));
+}
+/* the 8 x 8 transpose of r (unpacks, shuffles, 128-bit permutes) */
+INL void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 2; g++) {
+        u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        r[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+        r[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+    }
+}
+/* as the AVX-512 layer's: dst[c * ds + r] (+)= src[r * ss + c], rows r < nr and columns c < nc read,
+   destination rows c < nc written in columns r < nw; four 8 x 8 blocks */
+INL void vtranspose16(const float *src, int64_t ss, int nr, int nc, float *dst, int64_t ds, int nw, int acc) {
+    for (int rb = 0; rb < 16; rb += 8)
+        for (int cb = 0; cb < 16 && cb < nc; cb += 8) {
+            const __m256i lm = vlanes(nc - cb, 0), wm = vlanes(nw - rb, 0);
+            __m256 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = rb + i < nr ? _mm256_maskload_ps(src + (rb + i) * ss + cb, lm) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int k = 0; k < 8 && cb + k < nc; k++) {
+                float *d = dst + (cb + k) * ds + rb;
+                _mm256_maskstore_ps(d, wm, acc ? _mm256_add_ps(_mm256_maskload_ps(d, wm), r[k]) : r[k]);
+            }
+        }
+}
+/* the lane sums of eight vectors, as one: hadd tree */
+INL __m256 sum8x8(const __m256 *s) {
+    __m256 t0 = _mm256_hadd_ps(s[0], s[1]), t1 = _mm256_hadd_ps(s[2], s[3]);
+    __m256 t2 = _mm256_hadd_ps(s[4], s[5]), t3 = _mm256_hadd_ps(s[6], s[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+INL vf vreduce16(const vf *a) {
+    __m256 s[16];
+    for (int k = 0; k < 16; k++) s[k] = _mm256_add_ps(a[k].l, a[k].h);
+    return vpair(sum8x8(s), sum8x8(s + 8));
+}
 #else /* portable fallback: GCC vector extensions, scalar libm where there is no operator */
 typedef float vf __attribute__((vector_size(64)));
 #define KEEP_IN_REGISTER(x) ((void)0)
@@ -191,6 +316,10 @@ INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
     }
     return s;
 }
+#endif
+
+#ifndef VG
+#define VG 4
 #endif
 
 /* a head row of HD floats as NC vectors (the last one zero-filled past HD) */
@@ -289,24 +418,26 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         const int n = (int)(jend - j0 < BK ? jend - j0 : BK);
         /* S^T tile: 4 keys x NV vectors per register tile */
         int j = 0;
-        for (; j + 4 <= n; j += 4) {
-            vf acc[4][4];
-            for (int r = 0; r < 4; r++) for (int v = 0; v < NV; v++) acc[r][v] = vzero();
-            const float *k0 = kp + (j0 + j) * skj;
-            for (int d = 0; d < HD; d++) {
-                vf qv[4];
-                for (int v = 0; v < NV; v++) {
-                    qv[v] = vload(qt + d * BQ + 16 * v);
-                    KEEP_IN_REGISTER(qv[v]);
+        for (; j + 4 <= n; j += 4)
+            for (int g = 0; g < NV; g += VG) {
+                vf acc[4][4];
+                for (int r = 0; r < 4; r++) for (int v = g; v < g + VG && v < NV; v++) acc[r][v - g] = vzero();
+                const float *k0 = kp + (j0 + j) * skj;
+                for (int d = 0; d < HD; d++) {
+                    vf qv[4];
+                    for (int v = g; v < g + VG && v < NV; v++) {
+                        qv[v - g] = vload(qt + d * BQ + 16 * v);
+                        KEEP_IN_REGISTER(qv[v - g]);
+                    }
+                    for (int r = 0; r < 4; r++) {
+                        vf kb = vset1(k0[r * skj + d]);
+                        for (int v = g; v < g + VG && v < NV; v++) acc[r][v - g] = vfma(kb, qv[v - g], acc[r][v - g]);
+                    }
                 }
-                for (int r = 0; r < 4; r++) {
-                    vf kb = vset1(k0[r * skj + d]);
-                    for (int v = 0; v < NV; v++) acc[r][v] = vfma(kb, qv[v], acc[r][v]);
-                }
+                for (int r = 0; r < 4; r++)
+                    for (int v = g; v < g + VG && v < NV; v++)
+                        vstore(st + (j + r) * BQ + 16 * v, vmul(acc[r][v - g], vset1(scale)));
             }
-            for (int r = 0; r < 4; r++)
-                for (int v = 0; v < NV; v++) vstore(st + (j + r) * BQ + 16 * v, vmul(acc[r][v], vset1(scale)));
-        }
         for (; j < n; j++) {
             vf acc[4];
             for (int v = 0; v < NV; v++) acc[v] = vzero();
@@ -365,22 +496,23 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         }
         /* O^T = O^T * alpha + V^T P^T: 4 dims x NV vectors per register tile */
         int d = 0;
-        for (; d + 4 <= HD; d += 4) {
-            vf acc[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int v = 0; v < NV; v++) acc[r][v] = vmul(vload(ot + (d + r) * BQ + 16 * v), alpha[v]);
-            const float *v0 = vp + j0 * svj + d;
-            for (j = 0; j < n; j++) {
-                vf pv[4];
-                for (int v = 0; v < NV; v++) pv[v] = vload(st + j * BQ + 16 * v);
-                for (int r = 0; r < 4; r++) {
-                    vf vb = vset1(v0[j * svj + r]);
-                    for (int v = 0; v < NV; v++) acc[r][v] = vfma(vb, pv[v], acc[r][v]);
+        for (; d + 4 <= HD; d += 4)
+            for (int g = 0; g < NV; g += VG) {
+                vf acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int v = g; v < g + VG && v < NV; v++) acc[r][v - g] = vmul(vload(ot + (d + r) * BQ + 16 * v), alpha[v]);
+                const float *v0 = vp + j0 * svj + d;
+                for (j = 0; j < n; j++) {
+                    vf pv[4];
+                    for (int v = g; v < g + VG && v < NV; v++) pv[v - g] = vload(st + j * BQ + 16 * v);
+                    for (int r = 0; r < 4; r++) {
+                        vf vb = vset1(v0[j * svj + r]);
+                        for (int v = g; v < g + VG && v < NV; v++) acc[r][v - g] = vfma(vb, pv[v - g], acc[r][v - g]);
+                    }
                 }
+                for (int r = 0; r < 4; r++)
+                    for (int v = g; v < g + VG && v < NV; v++) vstore(ot + (d + r) * BQ + 16 * v, acc[r][v - g]);
             }
-            for (int r = 0; r < 4; r++)
-                for (int v = 0; v < NV; v++) vstore(ot + (d + r) * BQ + 16 * v, acc[r][v]);
-        }
         for (; d < HD; d++) {
             vf acc[4];
             for (int v = 0; v < NV; v++) acc[v] = vmul(vload(ot + d * BQ + 16 * v), alpha[v]);

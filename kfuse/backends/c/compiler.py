@@ -42,6 +42,8 @@ from ...errors import KfuseError
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno",
          "-fno-trapping-math", "-ffp-contract=off", "-fwrapv"]
 LIBS = ["-lm", "-lmvec"]
+# prepended to a kernel's source for its portable path (tests): without the AVX-512 and AVX2 code
+PORTABLE = "#undef __AVX512F__\n#undef __AVX2__\n"
 MAX_BUILDS = 8          # C compilers run at once by build_all (each takes up to a few hundred MB)
 
 

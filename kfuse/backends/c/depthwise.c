@@ -102,24 +102,38 @@ static void row_simd(const float *restrict xn, const float *restrict w, const fl
         pixel_border(xn, w, b, zero, orow + ow * C, ih0, ow * SW - PW, H, W, C, c0, c1, p0, p1);
 }
 
-#ifdef __AVX512F__
-/* 16 channels [c, c+16) of a whole output row in zmm registers: the KH x KW weight vectors are loaded
-   once per row and stay in registers (25 of the 32 for 5x5; 7x7 and up spill some to L1), each tile of
-   TW pixels loads every input vector it needs once. Per 16 outputs of a 3x3 stride-1 row: 9 FMAs and
-   (TW + 2) * 3 / TW loads, against 18 loads for the per-pixel `omp simd` form. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* VB channels [c, c + VB) of a whole output row in vector registers (VB = 16 with AVX-512, 8 with AVX2's
+   16 registers of 8 floats: a 3x3's 9 weights + a tile's 4 accumulators fit): the KH x KW weight vectors
+   are loaded once per row and stay in registers (25 of the 32 zmm for 5x5; 7x7 and up spill some to L1),
+   each tile of TW pixels loads every input vector it needs once. Per VB outputs of a 3x3 stride-1 row: 9
+   FMAs and (TW + 2) * 3 / TW loads, against 18 loads for the per-pixel `omp simd` form. */
 #include <immintrin.h>
+#ifdef __AVX512F__
+#define VB 16
+typedef __m512 vb_t;
+#define VB_LOAD _mm512_loadu_ps
+#define VB_STORE _mm512_storeu_ps
+#define VB_FMA _mm512_fmadd_ps
+#else
+#define VB 8
+typedef __m256 vb_t;
+#define VB_LOAD _mm256_loadu_ps
+#define VB_STORE _mm256_storeu_ps
+#define VB_FMA _mm256_fmadd_ps
+#endif
 
-KF_INLINE void store_act(float *restrict op, __m512 v, float p0, float p1) {
-    float tmp[16] __attribute__((aligned(64)));
-    _mm512_store_ps(tmp, v);
+KF_INLINE void store_act(float *restrict op, vb_t v, float p0, float p1) {
+    float tmp[VB] __attribute__((aligned(64)));
+    VB_STORE(tmp, v);
     #pragma omp simd
-    for (int l = 0; l < 16; l++)
+    for (int l = 0; l < VB; l++)
         op[l] = act(tmp[l], p0, p1);
 }
 
-KF_INLINE void pixel16_border(const float *restrict xn, const __m512 *wr, __m512 bv, float *restrict op,
-                              int64_t ih0, int64_t iw0, int64_t H, int64_t W, int64_t C, float p0, float p1) {
-    __m512 acc = bv;
+KF_INLINE void pixelv_border(const float *restrict xn, const vb_t *wr, vb_t bv, float *restrict op,
+                             int64_t ih0, int64_t iw0, int64_t H, int64_t W, int64_t C, float p0, float p1) {
+    vb_t acc = bv;
     #pragma GCC unroll 16
     for (int i = 0; i < KH; i++) {
         int64_t ih = ih0 + i * DH;
@@ -129,35 +143,34 @@ KF_INLINE void pixel16_border(const float *restrict xn, const __m512 *wr, __m512
         for (int j = 0; j < KW; j++) {
             int64_t iw = iw0 + j * DW;
             if (iw >= 0 && iw < W)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(xn + (ih * W + iw) * C), wr[i * KW + j], acc);
+                acc = VB_FMA(VB_LOAD(xn + (ih * W + iw) * C), wr[i * KW + j], acc);
         }
     }
     store_act(op, acc, p0, p1);
 }
 
 /* T pixels starting at xp (their first tap; all taps inside the input) */
-#define TILE16(T)                                                                                   \
+#define TILEV(T)                                                                                    \
     do {                                                                                            \
-        __m512 acc[T];                                                                              \
+        vb_t acc[T];                                                                                \
         _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) acc[t] = bv;                           \
         _Pragma("GCC unroll 16") for (int i = 0; i < KH; i++)                                       \
             _Pragma("GCC unroll 16") for (int j = 0; j < KW; j++)                                   \
                 _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                                \
-                    acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + i * DH * rs + (t * SW + j * DW) * C), \
-                                             wr[i * KW + j], acc[t]);                               \
+                    acc[t] = VB_FMA(VB_LOAD(xp + i * DH * rs + (t * SW + j * DW) * C), wr[i * KW + j], acc[t]); \
         _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) store_act(op + t * CO, acc[t], p0, p1); \
     } while (0)
 
 /* C: the input's pixel stride; CO: the channel count (the output's pixel stride, the weights' tap stride) */
-static void row16(const float *restrict xn, const float *restrict w, const float *restrict b,
-                  float *restrict orow, int64_t ih0, int64_t H, int64_t W, int64_t C, int64_t CO, int64_t OW,
-                  int64_t PW, int64_t lo, int64_t hi, float p0, float p1) {
-    __m512 wr[KH * KW];
+static void rowv(const float *restrict xn, const float *restrict w, const float *restrict b,
+                 float *restrict orow, int64_t ih0, int64_t H, int64_t W, int64_t C, int64_t CO, int64_t OW,
+                 int64_t PW, int64_t lo, int64_t hi, float p0, float p1) {
+    vb_t wr[KH * KW];
     for (int t = 0; t < KH * KW; t++)
-        wr[t] = _mm512_loadu_ps(w + t * CO);
-    __m512 bv = _mm512_loadu_ps(b);
+        wr[t] = VB_LOAD(w + t * CO);
+    vb_t bv = VB_LOAD(b);
     for (int64_t ow = 0; ow < lo; ow++)
-        pixel16_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
+        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
     int64_t ow = lo;
     if (hi > lo) {
         const int64_t rs = W * C;
@@ -165,16 +178,16 @@ static void row16(const float *restrict xn, const float *restrict w, const float
         for (; ow + TW <= hi; ow += TW) {
             const float *xp = xr + (ow * SW - PW) * C;
             float *op = orow + ow * CO;
-            TILE16(TW);
+            TILEV(TW);
         }
         for (; ow < hi; ow++) {
             const float *xp = xr + (ow * SW - PW) * C;
             float *op = orow + ow * CO;
-            TILE16(1);
+            TILEV(1);
         }
     }
     for (; ow < OW; ow++)
-        pixel16_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
+        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
 }
 #endif
 
@@ -188,8 +201,8 @@ static void interior_cols(int64_t W, int64_t OW, int64_t PW, int64_t *lo, int64_
     *hi = ow_hi;
 }
 
-/* channels [c, c1) of output row oh of image xn: 16-channel blocks in registers (AVX-512), the rest
-   per pixel */
+/* channels [c, c1) of output row oh of image xn: VB-channel blocks in registers (AVX-512, AVX2), the
+   rest per pixel */
 static void dw_row(const float *restrict xn, const float *restrict w, const float *restrict b,
                    const float *restrict zero, float *restrict orow, int64_t oh, int64_t c, int64_t c1, int64_t H,
                    int64_t W, int64_t C, int64_t OW, int64_t PH, int64_t PW, int64_t ow_lo, int64_t ow_hi,
@@ -197,16 +210,17 @@ static void dw_row(const float *restrict xn, const float *restrict w, const floa
     int64_t ih0 = oh * SH - PH;
     int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
     int64_t lo = full ? ow_lo : OW, hi = full ? ow_hi : OW;
-#ifdef __AVX512F__
-    for (; c + 16 <= c1; c += 16)
-        row16(xn + c, w + c, b + c, orow + c, ih0, H, W, C, C, OW, PW, lo, hi, p0, p1);
+#ifdef VB
+    for (; c + VB <= c1; c += VB)
+        rowv(xn + c, w + c, b + c, orow + c, ih0, H, W, C, C, OW, PW, lo, hi, p0, p1);
 #endif
     if (c < c1)
         row_simd(xn, w, b, zero, orow, ih0, c, c1, H, W, C, OW, PW, lo, hi, p0, p1);
 }
 
 /* dims: N H W C OH OW PH PW, nck (channel chunks per row: more work items when rows are few), ck
-   (channels per chunk, a multiple of 16), block_major (AVX-512 only: items are (image, 16-channel block));
+   (channels per chunk, a multiple of 16), block_major (AVX-512 and AVX2 only: items are (image, VB-channel
+   block));
    prm: the activation's scalars. */
 void kf_depthwise(const float *restrict x, const float *restrict w, const float *restrict b,
                   const float *restrict zero, float *restrict out, const int64_t *dims, const float *prm,
@@ -216,49 +230,49 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
     const float p0 = prm[0], p1 = prm[1];
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
-#ifdef __AVX512F__
+#ifdef VB
     if (dims[10]) {
-        /* block-major: a work item is one 16-channel block of one image, its rows in order, so the
-           kh input rows a row reads (kh W 64 bytes) are still in L1 from the rows before */
-        const int64_t nb = C / 16, HP = H + 2 * PH, WP = W + 2 * PW;
+        /* block-major: a work item is one VB-channel block of one image, its rows in order, so the
+           kh input rows a row reads (kh W VB floats) are still in L1 from the rows before */
+        const int64_t nb = C / VB, HP = H + 2 * PH, WP = W + 2 * PW;
         /* a small padded image: each block is first copied into a zero-bordered per-thread buffer
-           [HP][WP][16], so every output pixel takes the unrolled interior tile; at 7x7 outputs half the
+           [HP][WP][VB], so every output pixel takes the unrolled interior tile; at 7x7 outputs half the
            pixels are border pixels, whose per-tap tests had made [1,14,14,672] 5x5/2 take 24 us against 3 us
            of FMAs (16 us with the copy). Larger images have few border pixels and go straight through. */
-        const int padded = PH + PW > 0 && HP * WP * 16 * (int64_t)sizeof(float) <= PAD_BYTES;
+        const int padded = PH + PW > 0 && HP * WP * VB * (int64_t)sizeof(float) <= PAD_BYTES;
         #pragma omp parallel num_threads(nthreads)
         {
-        float *pb = padded ? calloc(HP * WP * 16, sizeof(float)) : 0;
+        float *pb = padded ? calloc(HP * WP * VB, sizeof(float)) : 0;
         #pragma omp for collapse(2) schedule(static)
         for (int64_t n = 0; n < N; n++)
             for (int64_t k = 0; k < nb; k++) {
-                const int64_t c = k * 16;
+                const int64_t c = k * VB;
                 const float *xb = x + n * H * W * C + c;
                 if (pb) {
                     for (int64_t i = 0; i < H; i++)
                         for (int64_t j = 0; j < W; j++)
-                            _mm512_storeu_ps(pb + ((i + PH) * WP + j + PW) * 16, _mm512_loadu_ps(xb + (i * W + j) * C));
+                            VB_STORE(pb + ((i + PH) * WP + j + PW) * VB, VB_LOAD(xb + (i * W + j) * C));
                     for (int64_t oh = 0; oh < OH; oh++)
-                        row16(pb, w + c, b + c, out + (n * OH + oh) * OW * C + c, oh * SH, HP, WP, 16, C, OW, 0,
+                        rowv(pb, w + c, b + c, out + (n * OH + oh) * OW * C + c, oh * SH, HP, WP, VB, C, OW, 0,
                               0, OW, p0, p1);
                     continue;
                 }
                 for (int64_t oh = 0; oh < OH; oh++) {
                     int64_t ih0 = oh * SH - PH;
                     int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
-                    row16(xb, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, C, OW,
+                    rowv(xb, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, C, OW,
                           PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
                 }
             }
         free(pb);
         }
-        if (nb * 16 < C) {
+        if (nb * VB < C) {
             #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
             for (int64_t n = 0; n < N; n++)
                 for (int64_t oh = 0; oh < OH; oh++) {
                     int64_t ih0 = oh * SH - PH;
                     int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
-                    row_simd(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, ih0, nb * 16, C, H, W, C,
+                    row_simd(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, ih0, nb * VB, C, H, W, C,
                              OW, PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
                 }
         }

@@ -5,16 +5,17 @@ out[n, oh, ow, c] = act(b[c] + sum_{i,j} x[n, oh*sh - ph + i*dh, ow*sw - pw + j*
 zero outside the input: torch's conv2d(groups=C) on channels-last data. The weight is packed once to
 [kh, kw, C], so every tap reads a contiguous channel vector. The source is rendered per (kh, kw, stride,
 dilation, activation) as numeric constants, so the taps unroll. Two paths in depthwise.c:
-- with AVX-512, each 16-channel block of an output row runs in zmm registers: its kh kw weight vectors
-  loaded once per row, TW output pixels a tile (tile_width), each input vector loaded once per tile (row16);
-- the rest (channels past the last whole 16, or every channel on a machine without AVX-512): per pixel,
+- with AVX-512 (AVX2), each 16-channel (8-channel) block of an output row runs in vector registers: its
+  kh kw weight vectors loaded once per row, TW output pixels a tile (tile_width), each input vector loaded
+  once per tile (rowv);
+- the rest (channels past the last whole block, or every channel on a machine with neither): per pixel,
   `omp simd` over the channels (row_simd).
-Border pixels test each tap (row16) or read a row of C zeros for taps outside the input (row_simd);
+Border pixels test each tap (rowv) or read a row of C zeros for taps outside the input (row_simd);
 interior pixels address the input directly. In the block-major order (next), a small padded image's
-16-channel block (up to PAD_BYTES padded) is first copied into a zero-bordered per-thread buffer, so every
+channel block (up to PAD_BYTES padded) is first copied into a zero-bordered per-thread buffer, so every
 pixel is an interior one: at 7x7 outputs half the pixels are border pixels, and their tap tests had made
 [1,14,14,672] 5x5/2 take 24 us against 3 us of FMAs (16 us with the copy).
-Threads split (image, 16-channel block), each item running its rows in order so the kh input rows a row
+Threads split (image, channel block), each item running its rows in order so the kh input rows a row
 reads are still in L1 (block-major: 1 thread, [1,112,112,96] 3x3/2 0.081 -> 0.067 ms CPU), or (n, output
 row), and a row's channels too, in whole vectors, when rows are fewer than 8 per thread (7x7 maps). Which
 is faster is timed per shape and thread count at compile time (_order; autotune.pick caches it); untimed,
@@ -37,19 +38,21 @@ import torch
 from .. import openmp
 from .autotune import cpu_has, pick
 from .autotune import problem as problem_key
-from .compiler import keeps_built
+from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
-# Output pixels per register tile (row16), by column stride: stride 1, where neighbours share input
+# Output pixels per register tile (rowv), by column stride: stride 1, where neighbours share input
 # vectors, 2, 4 and 6 timed alike on the bench shapes (1 thread); stride 2 gains little from sharing and
 # the tile's addresses cost registers: [8,14,14,672] 5x5/2, CPU ms: TW 1 0.214, 2 0.244, 3 0.254, 4 0.283.
 def tile_width(sw: int) -> int:
     return 4 if sw == 1 else 1
 
 
-VL = 16                 # floats per vector: channel chunks are multiples of it
+VL = 16                 # channel chunks are multiples of it
+# channels of depthwise.c's register block (rowv): a vector of AVX-512 or AVX2; 0: none (per-pixel form only)
+VB = 16 if cpu_has("avx512f") else 8 if cpu_has("avx2") and cpu_has("fma") else 0
 ROWS_PER_THREAD = 8     # below this many (n, output row) items per thread, rows are split by channels too
 
 
@@ -61,11 +64,11 @@ def supported(weight_shape, groups, in_channels) -> bool:
 
 
 def source(kh: int, kw: int, stride, dilation, act: int, generic: bool = False) -> str:
-    """depthwise.c with its constants filled in (all ints formatted here); `generic`: without the AVX-512
-    row kernel, as a machine without AVX-512 builds it (for tests)."""
+    """depthwise.c with its constants filled in (all ints formatted here); `generic`: without the register
+    block row kernel, as a machine without AVX-512 or AVX2 builds it (for tests)."""
     vals = dict(kh=kh, kw=kw, sh=stride[0], sw=stride[1], dh=dilation[0], dw=dilation[1], act=act,
                 tw=tile_width(stride[1]))
-    return ("#undef __AVX512F__\n" if generic else "") + TEMPLATE % {k: int(v) for k, v in vals.items()}
+    return (PORTABLE if generic else "") + TEMPLATE % {k: int(v) for k, v in vals.items()}
 
 
 @keeps_built
@@ -112,11 +115,11 @@ class DepthwiseConv:
     @staticmethod
     def _orders(n: int, c: int, threads: int) -> list[str]:
         """The work orders worth timing, the one expected faster first (the choice untimed): block-major
-        (AVX-512 only; items (image, 16-channel block)) where those items balance over the threads, else
+        (AVX-512 or AVX2 only; items (image, VB-channel block)) where those items balance over the threads, else
         rows; both where there is a whole block and more than one thread. The rule alone misjudged this
         machine: [1,112,112,32] 3x3 on 2 threads (two blocks, so block-major) took 0.080 ms, by rows 0.048."""
-        blocks = n * (c // VL)
-        if blocks < 1 or not cpu_has("avx512f"):
+        blocks = n * (c // VB) if VB else 0
+        if blocks < 1:
             return ["rows"]
         first = ["blocks", "rows"] if blocks % threads == 0 or blocks >= 8 * threads else ["rows", "blocks"]
         return first if threads > 1 else first[:1]

@@ -23,7 +23,7 @@ import torch
 
 from .. import openmp
 from . import depthwise, gemm
-from .compiler import keeps_built
+from .compiler import PORTABLE, keeps_built
 from .conv_act import bind, cdiv, check_out, check_residual, entry
 from .vecmath import VECMATH_C
 
@@ -36,7 +36,7 @@ def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -
     """The fused kernel's C: dw_args are depthwise.source's (kh, kw, stride, dilation, act)."""
     pw = gemm.source(pw_act, residual, tiles_only=True)
     dw = depthwise.source(*dw_args).replace(VECMATH_C, "")
-    return (("#undef __AVX512F__\n" if generic else "") + "#define act pw_act\n" + pw
+    return ((PORTABLE if generic else "") + "#define act pw_act\n" + pw
             + "\n#undef act\n#undef ACT\n#define act dw_act\n" + dw + "\n#undef act\n" + DRIVER)
 
 

@@ -23,7 +23,11 @@
 #define RES %(res)d                /* 1: a residual r is added before the activation */
 #define GLU %(glu)d                /* 1: gated (SwiGLU, GeGLU): a pair's panels are gate and up columns,
                                       out = act(gate + b) * (up + b'), 16 outputs per pair */
-#define MR 8                       /* rows per register tile */
+#if defined(__AVX512F__) || !defined(__AVX2__)
+#define MR 8                       /* rows per register tile: 8 x 2 panels, 16 zmm accumulators */
+#else
+#define MR 6                       /* AVX2: 6 rows x 1 panel (2 ymm), 12 accumulators */
+#endif
 #define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
 
 /*CONV_ACT*/
@@ -207,7 +211,7 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
         tile_nchw(1, mr, xn, oh, ow, g, bp, ps, c, ldc, cols, b, r, p0, p1);
 }
 #else
-/* without AVX-512: per row, the 16 columns of each panel as an `omp simd` vector */
+/* without AVX-512: a tile's sums in sum[row][panel][16], then its outputs from them row by row */
 static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int64_t ldc, int cols,
                       const float *restrict b, const float *restrict r, float p0, float p1) {
     (void)nv;
@@ -223,6 +227,55 @@ static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* AVX2 (16 vector registers of 8 floats): a tile panel by panel, MR = 6 rows x 2 vectors = 12
+   accumulators + 2 panel vectors + a broadcast; rows of panel v into sum */
+KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t cin,
+                       const float *restrict bp, float sum[][2][16], int v) {
+    __m256 acc[MR][2];
+    #pragma GCC unroll 6
+    for (int i = 0; i < mr; i++)
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int t = 0; t < ntaps; t++) {
+        const float *a[MR];
+        #pragma GCC unroll 6
+        for (int i = 0; i < mr; i++)
+            a[i] = ap[t * MR + i];
+        const float *restrict bt = bp + 16 * t * cin;
+        for (int64_t k = 0; k < cin; k++) {
+            __m256 b0 = _mm256_loadu_ps(bt + 16 * k), b1 = _mm256_loadu_ps(bt + 16 * k + 8);
+            #pragma GCC unroll 6
+            for (int i = 0; i < mr; i++) {
+                __m256 ai = _mm256_broadcast_ss(a[i] + k);
+                acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+            }
+        }
+    }
+    #pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        _mm256_store_ps(sum[i][v], acc[i][0]);
+        _mm256_store_ps(sum[i][v] + 8, acc[i][1]);
+    }
+}
+
+static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
+                     int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
+                     const float *restrict r, float p0, float p1) {
+    float sum[MR][2][16] __attribute__((aligned(32)));
+    for (int v = 0; v < nv; v++)
+        switch (mr) {
+        case 6: subtile(6, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        case 5: subtile(5, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        case 4: subtile(4, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        case 3: subtile(3, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        case 2: subtile(2, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        default: subtile(1, ap, ntaps, cin, bp + v * ps, sum, v); break;
+        }
+    tile_rows(mr, nv, sum, c, ldc, cols, b, r, p0, p1);
+}
+#else
 static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
@@ -240,6 +293,7 @@ static void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t 
             }
     tile_rows(mr, nv, sum, c, ldc, cols, b, r, p0, p1);
 }
+#endif
 
 static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
                           const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,

@@ -25,21 +25,21 @@ import torch
 
 from .. import openmp
 from . import autotune
-from .compiler import keeps_built
+from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
-MR = 8                   # rows per register tile (gemm.c)
+MR = 8 if autotune.cpu_has("avx512f") else 6      # rows per register tile (gemm.c: AVX-512 8, AVX2 6)
 MAX_TAPS = 121           # kernel positions, 11 x 11 (gemm.c)
 SERIAL_FMAS = 1 << 17    # below this many multiply-adds the call runs on one thread (no team start)
 NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in place (gemm.c tile_nchw)
 
 
 def source(act: int, residual: bool, generic: bool = False, glu: bool = False, tiles_only: bool = False) -> str:
-    """gemm.c with its constants filled in; `generic`: without the AVX-512 tiles (for tests); `tiles_only`:
+    """gemm.c with its constants filled in; `generic`: the portable tiles, without AVX-512 or AVX2 (for tests); `tiles_only`:
     for a kernel that appends it for its register tiles, the driver kf_gemm_conv static and unused, so gcc
     drops it (a depthwise + 1x1 kernel's build 4.1 -> 1.4 s)."""
-    return (("#undef __AVX512F__\n" if generic else "")
+    return ((PORTABLE if generic else "")
             + ("#define KF_GEMM_ENTRY static __attribute__((unused))\n" if tiles_only else "")
             + TEMPLATE % {"act": int(act), "res": int(bool(residual)), "glu": int(glu)})
 

@@ -75,21 +75,25 @@ PRELUDE = """#define _ISOC11_SOURCE   /* aligned_alloc, which -std=gnu99 does no
 # leaves by non-temporal stores where its destination is 64-byte aligned (else plain stores). They skip
 # the read of each destination line a store first makes and leave the caches to the inputs. gcc
 # ignores `omp simd nontemporal`, hence the intrinsics.
-STREAM_C = """#ifdef __AVX512F__
+STREAM_C = """#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 KF_INLINE void kf_stream_block(float *restrict p, const float *restrict v) {
-#ifdef __AVX512F__
     if (((uintptr_t)p & 63) == 0) {
+#if defined(__AVX512F__)
         for (int i = 0; i < %(block)d; i += 16)
             _mm512_stream_ps(p + i, _mm512_load_ps(v + i));
         return;
-    }
+#elif defined(__AVX2__)
+        for (int i = 0; i < %(block)d; i += 8)
+            _mm256_stream_ps(p + i, _mm256_load_ps(v + i));
+        return;
 #endif
+    }
     memcpy(p, v, %(block)d * sizeof(float));
 }
 KF_INLINE void kf_stream_fence(void) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
     _mm_sfence();      /* the streamed lines reach memory before the team's closing barrier */
 #endif
 }

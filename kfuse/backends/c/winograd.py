@@ -22,7 +22,7 @@ import torch
 
 from .. import openmp
 from . import gemm
-from .compiler import keeps_built
+from .compiler import PORTABLE, keeps_built
 from .conv_act import C_SOURCE, act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair
 
 DRIVER = Path(__file__).with_name("winograd.c").read_text()
@@ -36,7 +36,7 @@ TILE = 2                  # outputs per tile side (winograd.c's WM)
 
 def source(act: int, residual: bool, generic: bool = False) -> str:
     """gemm.c with an identity epilogue for the 16 GEMMs, then this kernel's activation and winograd.c"""
-    return (("#undef __AVX512F__\n" if generic else "") + "#define act tile_act\n"
+    return ((PORTABLE if generic else "") + "#define act tile_act\n"
             + gemm.source(0, False, tiles_only=True)
             + f"\n#undef act\n#undef ACT\n#undef RES\n#define ACT {int(act)}\n#define RES {int(bool(residual))}\n"
             + C_SOURCE + DRIVER)
