@@ -238,19 +238,20 @@ KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t 
     for (int i = 0; i < mr; i++)
         acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int t = 0; t < ntaps; t++) {
-        const float *a[MR];
-        #pragma GCC unroll 6
-        for (int i = 0; i < mr; i++)
-            a[i] = ap[t * MR + i];
+        /* the rows' pointers as offsets from row 0's, in named variables: kept in an array, gcc left them
+           on the stack and reloaded one per broadcast */
+        const float *a = ap[t * MR];
+        const int64_t o1 = mr > 1 ? ap[t * MR + 1] - a : 0, o2 = mr > 2 ? ap[t * MR + 2] - a : 0,
+                      o3 = mr > 3 ? ap[t * MR + 3] - a : 0, o4 = mr > 4 ? ap[t * MR + 4] - a : 0,
+                      o5 = mr > 5 ? ap[t * MR + 5] - a : 0;
         const float *restrict bt = bp + 16 * t * cin;
-        for (int64_t k = 0; k < cin; k++) {
-            __m256 b0 = _mm256_loadu_ps(bt + 16 * k), b1 = _mm256_loadu_ps(bt + 16 * k + 8);
-            #pragma GCC unroll 6
-            for (int i = 0; i < mr; i++) {
-                __m256 ai = _mm256_broadcast_ss(a[i] + k);
-                acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
-            }
+        for (int64_t k = 0; k < cin; k++, a++) {
+            __m256 b0 = _mm256_loadu_ps(bt + 16 * k), b1 = _mm256_loadu_ps(bt + 16 * k + 8), ai;
+            __asm__("" : "+x"(b0), "+x"(b1));    /* in registers: gcc otherwise reloads them for every FMA */
+#define ROW(i, off) if (mr > i) { ai = _mm256_broadcast_ss(a + off); acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]); \
+                                  acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]); }
+            ROW(0, 0) ROW(1, o1) ROW(2, o2) ROW(3, o3) ROW(4, o4) ROW(5, o5)
+#undef ROW
         }
     }
     #pragma GCC unroll 6
