@@ -58,6 +58,14 @@ typedef struct {
     int64_t Lnew, snkb, snkh, snkj, snvb, snvh, snvj;     /* (a decode step's append to its KV cache) */
 } attn_args;
 
+/* exp (every vector layer's vexp): Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, ln2 split in
+   two parts, then 1 + r + r^2 P5(r), P5's coefficients highest first */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+static const float EXP_P5[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                                1.6666665459e-1f, 5.0000001201e-1f};
+
 /* ---------------------------------------------------------------- vector layer, 16 lanes
    VG: query vectors per register tile of the block kernel (4 keys or dims x VG vectors of 16 lanes in
    accumulators): 4 where 32 vector registers hold a vector each, fewer where there are 16 holding half */
@@ -85,22 +93,17 @@ INL float vhsum(vf x) { return _mm512_reduce_add_ps(x); }
 INL vf vsafe(vf m) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, vset1(-INFINITY), _CMP_EQ_OQ), m, vzero());
 }
-/* exp: Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial
- * (1 + r + r^2 P5(r)), then scalef (exact 2^n, correct overflow and underflow).
+/* exp (EXP_P5 above), then scalef (exact 2^n, correct overflow and underflow).
  * Clamping to [-110, 100] sends exp(-inf) to exactly 0 and exp(+inf) to inf; the clamps return
  * their second operand on NaN, so NaN propagates. Accuracy: tests/ops/test_attention_kernel.py. */
 INL vf vexp(vf x) {
     x = _mm512_max_ps(vset1(-110.0f), x);
     x = _mm512_min_ps(vset1(100.0f), x);
-    vf n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    vf p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
+    vf n = _mm512_roundscale_ps(vmul(x, vset1(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, vset1(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, vset1(EXP_LN2_LO), r);
+    vf p = vset1(EXP_P5[0]);
+    for (int i = 1; i < 6; i++) p = vfma(p, r, vset1(EXP_P5[i]));
     p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
@@ -207,15 +210,11 @@ INL vf vsafe(vf m) { return vpair(safe8(m.l), safe8(m.h)); }
 INL __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-110.0f), x);
     x = _mm256_min_ps(_mm256_set1_ps(100.0f), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_P5[0]);
+    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5[i]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
     const __m256i bias = _mm256_set1_epi32(127);
