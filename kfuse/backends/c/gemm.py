@@ -10,7 +10,8 @@ do not). `backends._conv_kernel` and `backends.linear` time it against oneDNN pe
 
 The weight is packed once to [ceil(Cout/16), KH*KW*Cin, 16] (16-column panels, zero-padded, taps
 outermost), so a tile's k-th step loads one vector per panel and broadcasts one input per row: 8 rows x
-2 panels is 16 accumulators, one FMA per load pair. A tile's rows gather their taps through pointers
+2 panels is 16 accumulators, one FMA per load pair (AVX-512); with AVX2, 6 rows x 1 panel (two 8-float
+vectors) is 12, the panels of a pair in turn. A tile's rows gather their taps through pointers
 (a tap in the padding points at a row of zeros): no im2col buffer. Bytes moved: x read once per pair of
 panels (from cache after the first), the packed weight once per row block, out written once. FLOPs:
 2 M KH KW Cin Cout.
