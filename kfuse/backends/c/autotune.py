@@ -112,6 +112,14 @@ def cpu_has(flag: str) -> bool:
     return flag in _cpuinfo().get("flags", "").split()
 
 
+def vector_isa() -> str:
+    """Which form of the hand-written kernels -march=native builds here, as their `#if`s choose it:
+    "avx512" (__AVX512F__), "avx2" (__AVX2__ and __FMA__), else "portable"."""
+    if cpu_has("avx512f"):
+        return "avx512"
+    return "avx2" if cpu_has("avx2") and cpu_has("fma") else "portable"
+
+
 @functools.lru_cache(maxsize=None)
 def machine_key() -> str:
     """The CPU (model name, family, model, the ISA flags -march=native turns into code), the compiler

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .. import openmp
-from .autotune import cpu_has, pick
+from .autotune import pick, vector_isa
 from .autotune import problem as problem_key
 from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
@@ -52,7 +52,7 @@ def tile_width(sw: int) -> int:
 
 VL = 16                 # channel chunks are multiples of it
 # channels of depthwise.c's register block (rowv): a vector of AVX-512 or AVX2; 0: none (per-pixel form only)
-VB = 16 if cpu_has("avx512f") else 8 if cpu_has("avx2") and cpu_has("fma") else 0
+VB = {"avx512": 16, "avx2": 8}.get(vector_isa(), 0)
 ROWS_PER_THREAD = 8     # below this many (n, output row) items per thread, rows are split by channels too
 
 

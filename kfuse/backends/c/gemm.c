@@ -23,10 +23,10 @@
 #define RES %(res)d                /* 1: a residual r is added before the activation */
 #define GLU %(glu)d                /* 1: gated (SwiGLU, GeGLU): a pair's panels are gate and up columns,
                                       out = act(gate + b) * (up + b'), 16 outputs per pair */
-#if defined(__AVX512F__) || !defined(__AVX2__)
-#define MR 8                       /* rows per register tile: 8 x 2 panels, 16 zmm accumulators */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define MR 6                       /* rows per register tile, AVX2: 6 rows x 1 panel (2 ymm), 12 accumulators */
 #else
-#define MR 6                       /* AVX2: 6 rows x 1 panel (2 ymm), 12 accumulators */
+#define MR 8                       /* rows per register tile: 8 x 2 panels, 16 zmm accumulators */
 #endif
 #define MAX_TAPS 121               /* 11 x 11 (gemm.py checks) */
 

@@ -30,7 +30,7 @@ from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair, template
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
-MR = 8 if autotune.cpu_has("avx512f") else 6      # rows per register tile (gemm.c: AVX-512 8, AVX2 6)
+MR = 6 if autotune.vector_isa() == "avx2" else 8      # rows per register tile (gemm.c: AVX2 6, else 8)
 MAX_TAPS = 121           # kernel positions, 11 x 11 (gemm.c)
 SERIAL_FMAS = 1 << 17    # below this many multiply-adds the call runs on one thread (no team start)
 NCHW_MAX_C = 8           # input channels up to which an NCHW input is read in place (gemm.c tile_nchw)
