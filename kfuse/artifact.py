@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import config
 from ._version import __version__ as KFUSE_VERSION
 from .backends.c import autotune, compiler
 from .cost import Machine
@@ -167,7 +168,8 @@ def save(path, programs: list[tuple[tuple, tuple | None, Program]], meta: dict):
         # cloned: safetensors refuses tensors that share storage (a weight and a slice of it)
         save_file({key: t.detach().clone().contiguous() for key, t in consts.values()}, str(tmp / "weights.safetensors"))
         (tmp / "program.json").write_text(json.dumps({**meta, "programs": entries, "choices": autotune.choices(),
-                                                          "machine_key": autotune.machine_key()}))
+                                                          "machine_key": autotune.machine_key(),
+                                                          "threads": config.threads()}))
         files = {str(f.relative_to(tmp)): _sha(f.read_bytes()) for f in sorted(tmp.rglob("*")) if f.is_file()}
         body = json.dumps({"format": FORMAT, "kfuse": KFUSE_VERSION, "torch": torch.__version__,
                            "python": platform.python_version(), "compiler": _compiler_identity(),
@@ -240,7 +242,8 @@ def load(path) -> tuple[dict, list[tuple[tuple, tuple | None, Program]]]:
         doc = json.loads((path / "program.json").read_text())
         autotune.adopt(doc.pop("choices", {}))      # the kernels and schedules chosen at compile time
         programs = []
-        with autotune.compiled_on(doc.pop("machine_key", None)):    # the choices hit without a compiler too
+        # the choices hit without a compiler too, and at another thread count
+        with autotune.compiled_on(doc.pop("machine_key", None), doc.pop("threads", None)):
             for e in doc.pop("programs"):
                 graph, nodes = _graph_from_json(e["graph"], consts)
                 groups = [Group([nodes[i] for i in g["nodes"]], [nodes[i] for i in g["outputs"]]) for g in e["groups"]]

@@ -45,10 +45,11 @@ def test_gated_linears_round_trip(tmp_path):
     assert cm2.report().fusions["gemm_swiglu"] == 2 and not cm2.report().fallbacks
 
 
-@pytest.mark.parametrize("autotune", ["1", "0"])
-def test_fresh_process_without_a_compiler_uses_the_stored_libraries(bert_artifact, tmp_path, autotune):
+@pytest.mark.parametrize("autotune, threads", [("1", None), ("0", None), ("1", "1")])
+def test_fresh_process_without_a_compiler_uses_the_stored_libraries(bert_artifact, tmp_path, autotune, threads):
     """... and with KFUSE_AUTOTUNE=0 too: the choices the artifact carries, not each problem's first
-    candidate (a loaded ResNet differed by 2e-6 from the saved program)."""
+    candidate (a loaded ResNet differed by 2e-6 from the saved program); and on one thread (a serving
+    replica on one CPU): timed again there, a choice between kernels once gave other bits."""
     cm, inputs, path = bert_artifact
     torch.save(inputs, tmp_path / "inputs.pt")
     code = (
@@ -59,7 +60,7 @@ def test_fresh_process_without_a_compiler_uses_the_stored_libraries(bert_artifac
         "timed = sum('(measured:' in k.schedule for k in cm.report().kernels)\n"
         "print(len(cm.report().fallbacks), 'kfuse.capture.fx' in sys.modules, timed, t)\n")
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "KFUSE_CACHE_DIR": str(tmp_path / "empty-cache"),
-           "KFUSE_AUTOTUNE": autotune}
+           "KFUSE_AUTOTUNE": autotune, **({"KFUSE_NUM_THREADS": threads, "OMP_NUM_THREADS": threads} if threads else {})}
     out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -226,6 +226,24 @@ def test_pick_timed_again_when_a_kernel_source_changes(cache, monkeypatch):
     assert "cached" not in autotune.pick("p", cands, lambda: None)[1]
 
 
+def test_a_load_at_another_thread_count_takes_the_artifacts_choice(cache):
+    """A serving replica on one CPU loads an artifact compiled on two: its kernels are the compiled ones
+    (the same bits), not timed again at one thread, which could pick the other kernel; another machine's
+    artifact, or none being loaded, times the choice."""
+    calls = []
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.001]})
+    autotune.adopt({autotune._key("\0".join([autotune.problem("p"), "a", "b", autotune.kernels_fingerprint()]), 2):
+                    [1, "b"]})
+    with autotune.compiled_on(autotune.machine_key(), threads=2):
+        assert autotune.pick(autotune.problem("p"), cands, lambda: None, threads=1) == \
+            ("b", "b (the artifact's choice, made at 2 threads)")
+    assert calls == []
+    other = autotune.machine_key().replace("\n", "\nanother CPU\n", 1)
+    with autotune.compiled_on(other, threads=2):
+        assert autotune.pick(autotune.problem("p"), cands, lambda: None, threads=1)[0] == "a"
+    assert calls
+
+
 def _load(monkeypatch, fractions: list):
     """waited() as if each timing in turn had spent fractions[i] of its thread-time waiting for a CPU."""
     clock = {"ns": 0, "t": None, "i": 0}

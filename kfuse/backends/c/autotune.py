@@ -144,7 +144,7 @@ def kernels_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-_loading = threading.local()      # .key: the machine key of an artifact being loaded (compiled_on)
+_loading = threading.local()      # .key, .threads: the machine key and thread count of an artifact being loaded
 
 
 def _key(source: str, threads: int) -> str:
@@ -153,21 +153,24 @@ def _key(source: str, threads: int) -> str:
 
 
 @contextlib.contextmanager
-def compiled_on(key: str | None):
+def compiled_on(key: str | None, threads: int | None = None):
     """Within it, choices are looked up under `key`, the machine key an artifact was compiled under, where
     it names this machine but for the compiler (a process without one, or with another): the artifact's
     kernels are that compiler's libraries, so the choices it carries (adopt) are the ones that hold, and
-    are hit instead of timed again (which under load could pick another kernel and other bits). On
-    another CPU the key is not used: that machine times its own choices."""
+    are hit instead of timed again (which under load could pick another kernel and other bits). `threads`:
+    the thread count they were made at; a process running on another count (a one-CPU serving replica)
+    still takes the carried choice between kernels (pick), so it computes the compiled program's bits. On
+    another CPU neither is used: that machine times its own choices."""
     mine = machine_key().split("\n")
     theirs = key.split("\n") if isinstance(key, str) else []
     # the CPU's four lines first, the flags and CPU count last; the compiler's identity (lines) between
     same_cpu = len(theirs) >= 6 and theirs[:4] == mine[:4] and theirs[-2:] == mine[-2:]
     _loading.key = key if same_cpu else None
+    _loading.threads = threads if same_cpu else None
     try:
         yield
     finally:
-        _loading.key = None
+        _loading.key = _loading.threads = None
 
 
 _memo: dict[str, tuple[int, str]] = {}       # key -> (index, variant name), this process's choices
@@ -465,8 +468,13 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     names = list(candidates)
     threads = threads or config.threads()
     mode = "all" if cold else "weights" if _weights_cold.get() else ""
-    key = _key("\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])]),
-               threads)
+    text = "\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])])
+    key = _key(text, threads)
+    carried_threads = getattr(_loading, "threads", None)
+    if carried_threads not in (None, threads):        # an artifact made at another thread count: its choice
+        carried = cached(_key(text, carried_threads), names, file=False)
+        if carried is not None:
+            return names[carried], f"{names[carried]} (the artifact's choice, made at {carried_threads} threads)"
     if not config.get().autotune:
         carried = cached(key, names, file=False)     # untimed: only what an artifact brought (adopt)
         if carried is not None:
