@@ -269,6 +269,15 @@ static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
     float sum[MR][2][16] __attribute__((aligned(32)));
+#if RES
+    /* the residual rows fetched now, read after the K loop, where the panels the loop streams through L1
+       (64 bytes a step each) fit in half of it: [3136,64] x [64,256] + residual 0.72-0.80x the time; after
+       1408 steps they had been evicted again, 1.07x */
+    if (ntaps * cin * nv <= 256)
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                _mm_prefetch((const char *)(r + i * ldc + 16 * v), _MM_HINT_T0);
+#endif
     for (int v = 0; v < nv; v++)
         switch (mr) {
         case 6: subtile(6, ap, ntaps, cin, bp + v * ps, sum, v); break;
