@@ -219,16 +219,54 @@ static TILE_ANY void tile_nchw_any(int mr, int nv, const float *restrict xn, int
 static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int64_t ldc, int cols,
                       const float *restrict b, const float *restrict r, float p0, float p1) {
     (void)nv;
-    for (int i = 0; i < mr; i++) {
 #if GLU
+    for (int i = 0; i < mr; i++)      /* (all rows' gates activated in one loop, as below: 1.09-1.2x the time) */
         gated(c + i * ldc, sum[i][0], sum[i][1], b, b + 16, cols, p0, p1);
+#elif ACT != 0 && ACT != 1 && ACT != 7 && ACT != 8
+    /* An activation with an exp, erf or division: bias and residual row by row, the activation over the
+       whole tile in one loop, then the valid columns out. Row by row (16 or 32 columns a loop) its
+       constants were set up again for every row and its division's latency was not overlapped: a SiLU
+       epilogue took as long as a K = 64 tile's FMAs (this way 0.77-0.99x the time; a clamp (relu, leaky
+       relu, hardtanh), one instruction, is faster row by row: 1.0-1.1x this way). */
+    for (int i = 0; i < mr; i++) {
+        float *restrict si = sum[i][0];
+        const float *restrict ri = RES ? r + i * ldc : 0;
+        (void)ri;
+        #pragma omp simd
+        for (int l = 0; l < cols; l++) {
+            float v = si[l] + b[l];         /* epilogue's order: (sum + b) + r */
+#if RES
+            v += ri[l];
+#endif
+            si[l] = v;
+        }
+    }
+    if (nv == 2) {
+        float *restrict s = sum[0][0];
+        #pragma omp simd
+        for (int j = 0; j < 32 * mr; j++)   /* both panels' sums (columns past cols: zero weights) */
+            s[j] = act(s[j], p0, p1);
+    } else
+        for (int i = 0; i < mr; i++) {
+            float *restrict si = sum[i][0];
+            #pragma omp simd
+            for (int l = 0; l < 16; l++)
+                si[l] = act(si[l], p0, p1);
+        }
+    for (int i = 0; i < mr; i++) {
+        const float *restrict si = sum[i][0];
+        float *restrict ci = c + i * ldc;
+        #pragma omp simd
+        for (int l = 0; l < cols; l++)
+            ci[l] = si[l];
+    }
 #else
+    for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++) {
             int n = cols - 16 * v < 16 ? cols - 16 * v : 16;
             epilogue(c + i * ldc + 16 * v, sum[i][v], b + 16 * v, RES ? r + i * ldc + 16 * v : 0, n, p0, p1);
         }
 #endif
-    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
