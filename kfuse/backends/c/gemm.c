@@ -271,15 +271,15 @@ static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-/* With a clamp activation (none, relu, leaky relu, hardtanh: one or two instructions) a full panel's outputs
-   are stored from the accumulators, without the sums' trip through memory (stored, reloaded, stored again):
-   1x1 convolutions with K = 16..64 0.61-0.84x the time, longer K 0.9-1.0x, bits unchanged. The others (and
-   a partial last panel) keep tile_rows's epilogue. */
-#define CLAMP_EPILOGUE (!GLU && (ACT == 0 || ACT == 1 || ACT == 7 || ACT == 8))
+/* With an activation of a few IEEE operations (none, relu, leaky relu, hardtanh, hardswish, hardsigmoid) a
+   full panel's outputs are stored from the accumulators, without the sums' trip through memory (stored,
+   reloaded, stored again): 1x1 convolutions with K = 16..64 0.61-0.84x the time (hardswish 0.73-0.84x),
+   longer K 0.9-1.0x, bits unchanged. Those with an exp or erf (and a partial last panel) keep tile_rows. */
+#define REG_EPILOGUE (!GLU && (ACT == 0 || ACT == 1 || (ACT >= 7 && ACT <= 10)))
 
-/* act() of 8 lanes for a clamp, with its NaN semantics: vmaxps/vminps return their second operand where
-   either is NaN, as `p0 > v ? p0 : v` does */
-KF_INLINE __m256 clamp8(__m256 v, __m256 p0, __m256 p1) {
+/* act() of 8 lanes, the same operations in the same order (the same bits); vmaxps/vminps return their
+   second operand where either is NaN, as `p0 > v ? p0 : v` does */
+KF_INLINE __m256 act8(__m256 v, __m256 p0, __m256 p1) {
     (void)p0; (void)p1;
 #if ACT == 1
     return _mm256_max_ps(p0, v);
@@ -287,6 +287,10 @@ KF_INLINE __m256 clamp8(__m256 v, __m256 p0, __m256 p1) {
     return _mm256_blendv_ps(_mm256_mul_ps(v, p0), v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
 #elif ACT == 8
     return _mm256_max_ps(p0, _mm256_min_ps(p1, v));
+#elif ACT == 9 || ACT == 10
+    const __m256 six = _mm256_set1_ps(6.0f);
+    __m256 t = _mm256_max_ps(p0, _mm256_min_ps(p1, _mm256_add_ps(v, _mm256_set1_ps(3.0f))));
+    return _mm256_div_ps(ACT == 9 ? _mm256_mul_ps(v, t) : t, six);
 #else
     return v;
 #endif
@@ -317,7 +321,7 @@ KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t 
 #undef ROW
         }
     }
-#if CLAMP_EPILOGUE
+#if REG_EPILOGUE
     if (c) {            /* the panel's 16 columns all valid: its outputs straight from the accumulators */
         const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         const __m256 q0 = _mm256_set1_ps(p0), q1 = _mm256_set1_ps(p1);
@@ -328,8 +332,8 @@ KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t 
             s0 = _mm256_add_ps(s0, _mm256_loadu_ps(r + i * ldc));
             s1 = _mm256_add_ps(s1, _mm256_loadu_ps(r + i * ldc + 8));
 #endif
-            _mm256_storeu_ps(c + i * ldc, clamp8(s0, q0, q1));
-            _mm256_storeu_ps(c + i * ldc + 8, clamp8(s1, q0, q1));
+            _mm256_storeu_ps(c + i * ldc, act8(s0, q0, q1));
+            _mm256_storeu_ps(c + i * ldc + 8, act8(s1, q0, q1));
         }
         return;
     }
@@ -358,7 +362,7 @@ static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps,
 #endif
     for (int v = 0; v < nv; v++) {
         /* with a clamp, a panel whose 16 columns are all valid is stored from registers (cv) */
-        float *cv = CLAMP_EPILOGUE && cols >= 16 * v + 16 ? c + 16 * v : 0;
+        float *cv = REG_EPILOGUE && cols >= 16 * v + 16 ? c + 16 * v : 0;
         const float *rv = RES ? r + 16 * v : 0;
 #define SUB(MRC) subtile(MRC, ap, ntaps, cin, bp + v * ps, sum, v, cv, ldc, b + 16 * v, rv, p0, p1)
         switch (mr) {
@@ -367,7 +371,7 @@ static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps,
         }
 #undef SUB
     }
-#if CLAMP_EPILOGUE
+#if REG_EPILOGUE
     if (cols < 16 * nv)     /* the last panel's valid columns, from sum */
         for (int i = 0; i < mr; i++)
             epilogue(c + i * ldc + 16 * (nv - 1), sum[i][nv - 1], b + 16 * (nv - 1),
