@@ -185,6 +185,24 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("residual", [False, True])
+def test_epilogue_in_registers_equals_the_portable_one_bit_for_bit(act, residual):
+    """The native tiles finish a full panel in vector registers (AVX2: act8, kf_exp8) and a partial one,
+    like the portable tiles, from the sums in memory: the same operations in the same order, so the same
+    bits, on every special value. With one input channel of weight 1 and no bias each output is its
+    input (+ residual) activated: the values reach the activations exactly."""
+    vals = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 6.0, 87.5, -87.5, 88.7, -88.7, 89.0,
+                         -104.0, 1e4, -1e4, 3e38, -3e38, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([vals, torch.randn(37) * 20]).reshape(-1, 1)
+    r = torch.randn(x.shape[0], 40) if residual else None
+    w, b = torch.ones(40, 1, 1, 1), torch.zeros(40)
+    native = GemmConv(w, b, ACTS[act][0], residual)(x, r)
+    portable = GemmConv(w, b, ACTS[act][0], residual, generic=True)(x, r)
+    assert torch.equal(native.isnan(), portable.isnan()), act
+    assert torch.equal(native.nan_to_num(7.0), portable.nan_to_num(7.0)), act
+
+
+@pytest.mark.parametrize("act", list(ACTS))
 def test_nan_inf_propagate(act):
     """NaN and +-Inf inputs reach every output of their row, as in torch (relu and relu6 keep the NaN,
     which oneDNN's post-ops do not)"""

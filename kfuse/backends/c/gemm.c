@@ -271,11 +271,12 @@ static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-/* With an activation of a few IEEE operations (none, relu, leaky relu, hardtanh, hardswish, hardsigmoid) a
-   full panel's outputs are stored from the accumulators, without the sums' trip through memory (stored,
-   reloaded, stored again): 1x1 convolutions with K = 16..64 0.61-0.84x the time (hardswish 0.73-0.84x),
-   longer K 0.9-1.0x, bits unchanged. Those with an exp or erf (and a partial last panel) keep tile_rows. */
-#define REG_EPILOGUE (!GLU && (ACT == 0 || ACT == 1 || (ACT >= 7 && ACT <= 10)))
+/* A full panel's outputs are stored from the accumulators, without the sums' trip through memory (stored,
+   reloaded, stored again), for every activation but tanh and erf-GELU (tile_rows's whole-tile loop): 1x1
+   convolutions with K = 16..64 0.61-0.84x the time (hardswish 0.73-0.84x, SiLU 0.85-0.92x), longer K
+   0.9-1.0x (GELU-tanh [128,384] x [384,1536] 0.92x), bits unchanged. A gated pair (its gate activated in
+   registers into sum, its outputs from the up panel's accumulators) was 1.0-1.05x: kept as tile_rows. */
+#define REG_EPILOGUE (!GLU && ACT != 3 && ACT != 5)
 
 /* act() of 8 lanes, the same operations in the same order (the same bits); vmaxps/vminps return their
    second operand where either is NaN, as `p0 > v ? p0 : v` does */
@@ -287,6 +288,14 @@ KF_INLINE __m256 act8(__m256 v, __m256 p0, __m256 p1) {
     return _mm256_blendv_ps(_mm256_mul_ps(v, p0), v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
 #elif ACT == 8
     return _mm256_max_ps(p0, _mm256_min_ps(p1, v));
+#elif ACT == 2 || ACT == 4 || ACT == 6          /* sigmoid, SiLU, GELU (tanh form): x / (1 + e^-u) */
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 u = v;
+    if (ACT == 6)       /* 0x1.988454p0f * (v + 0.044715f * v * v * v), as act() rounds it */
+        u = _mm256_mul_ps(_mm256_set1_ps(0x1.988454p0f), _mm256_add_ps(v, _mm256_mul_ps(_mm256_mul_ps(
+                _mm256_mul_ps(_mm256_set1_ps(0.044715f), v), v), v)));
+    __m256 d = _mm256_add_ps(one, kf_exp8(_mm256_xor_ps(u, _mm256_set1_ps(-0.0f))));
+    return _mm256_div_ps(ACT == 2 ? one : v, d);
 #elif ACT == 9 || ACT == 10
     const __m256 six = _mm256_set1_ps(6.0f);
     __m256 t = _mm256_max_ps(p0, _mm256_min_ps(p1, _mm256_add_ps(v, _mm256_set1_ps(3.0f))));
@@ -361,7 +370,7 @@ static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps,
                 _mm_prefetch((const char *)(r + i * ldc + 16 * v), _MM_HINT_T0);
 #endif
     for (int v = 0; v < nv; v++) {
-        /* with a clamp, a panel whose 16 columns are all valid is stored from registers (cv) */
+        /* a panel whose 16 columns are all valid is finished in registers (cv: its outputs) */
         float *cv = REG_EPILOGUE && cols >= 16 * v + 16 ? c + 16 * v : 0;
         const float *rv = RES ? r + 16 * v : 0;
 #define SUB(MRC) subtile(MRC, ap, ntaps, cin, bp + v * ps, sum, v, cv, ldc, b + 16 * v, rv, p0, p1)
