@@ -223,8 +223,9 @@ static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int
     for (int i = 0; i < mr; i++)      /* (all rows' gates activated in one loop, as below: 1.09-1.2x the time) */
         gated(c + i * ldc, sum[i][0], sum[i][1], b, b + 16, cols, p0, p1);
 #elif ACT != 0 && ACT != 1 && ACT != 7 && ACT != 8
-    /* An activation with an exp, erf or division: bias and residual row by row, the activation over the
-       whole tile in one loop, then the valid columns out. Row by row (16 or 32 columns a loop) its
+    /* An activation with an exp, erf or division (AVX2: the tanh and erf-GELU tiles and the NCHW stem
+       tile; the others are finished in registers, subtile): bias and residual row by row, the activation
+       over the whole tile in one loop, then the valid columns out. Row by row (16 or 32 columns a loop) its
        constants were set up again for every row and its division's latency was not overlapped: a SiLU
        epilogue took as long as a K = 64 tile's FMAs (this way 0.77-0.99x the time; a clamp (relu, leaky
        relu, hardtanh), one instruction, is faster row by row: 1.0-1.1x this way). */
@@ -305,7 +306,8 @@ KF_INLINE __m256 act8(__m256 v, __m256 p0, __m256 p1) {
 #endif
 }
 /* AVX2 (16 vector registers of 8 floats): a tile panel by panel, MR = 6 rows x 2 vectors = 12
-   accumulators + 2 panel vectors + a broadcast; rows of panel v into sum */
+   accumulators + 2 panel vectors + a broadcast; rows of panel v into sum, or with c (a full panel,
+   REG_EPILOGUE) their outputs into c */
 KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t cin,
                        const float *restrict bp, float sum[][2][16], int v, float *restrict c, int64_t ldc,
                        const float *restrict b, const float *restrict r, float p0, float p1) {
