@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .compiler import load
-from .vecmath import VECMATH_C
+from .vecmath import EXP8_C, VECMATH_C
 
 C_SOURCE = Path(__file__).with_name("conv_act.c").read_text()
 ACTS = {None: 0, ("relu", ""): 1, ("sigmoid", ""): 2, ("tanh", ""): 3, ("swish", ""): 4, ("gelu", "none"): 5,
@@ -25,8 +25,10 @@ CLAMP_BOUNDS = {"relu": (0.0, 0.0), "hardswish": (0.0, 6.0), "hardsigmoid": (0.0
 
 
 def template(path: Path) -> str:
-    """The C template at `path` with the vector math and the activation filled in."""
-    return path.read_text().replace("/*VECMATH*/", VECMATH_C).replace("/*CONV_ACT*/", C_SOURCE)
+    """The C template at `path` with the vector math (and, where it marks the place, kf_exp8) and the
+    activation filled in."""
+    return (path.read_text().replace("/*VECMATH*/", VECMATH_C).replace("/*CONV_ACT*/", C_SOURCE)
+            .replace("/*EXP8*/", EXP8_C))
 
 
 def act_code(act, kernel: str) -> tuple[int, ctypes.Array]:

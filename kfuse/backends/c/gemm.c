@@ -272,6 +272,7 @@ static void tile_rows(int mr, int nv, float sum[][2][16], float *restrict c, int
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+/*EXP8*/
 /* A full panel's outputs are stored from the accumulators, without the sums' trip through memory (stored,
    reloaded, stored again), for every activation but tanh and erf-GELU (tile_rows's whole-tile loop): 1x1
    convolutions with K = 16..64 0.61-0.84x the time (hardswish 0.73-0.84x, SiLU 0.85-0.92x), longer K

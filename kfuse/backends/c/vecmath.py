@@ -54,28 +54,6 @@ KF_INLINE float kf_exp(float x) {
     return p * kf_asfloat(t << 23);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-/* kf_exp on 8 lanes, its operations in its order (the same bits), for a kernel whose values are in AVX2
-   registers (gemm.c's epilogue); vmaxps(c, x) keeps a NaN x, as `x < c ? c : x` does. */
-KF_INLINE __m256 kf_exp8(__m256 x) {
-    const __m256 shift = _mm256_set1_ps(0x1.8p+23f + 126.0f);
-    __m256 xl = _mm256_max_ps(_mm256_set1_ps(-0x1.5ep+6f), x);
-    __m256i t = _mm256_castps_si256(_mm256_fmadd_ps(xl, _mm256_set1_ps(0x1.715476p+0f), shift));
-    t = _mm256_min_epu32(t, _mm256_set1_epi32(0x4b4000fe));
-    __m256 n = _mm256_sub_ps(_mm256_castsi256_ps(t), shift);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.63p-1f), xl);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-0x1.bd0106p-13f), r);
-    __m256 p = _mm256_set1_ps(0x1.0fa7d8p-6f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.573ad0p-4f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.555a6ep-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.fffdc4p-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.fffff6p+0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.0f));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(t, 23)));
-}
-#endif
-
 %(ERF)s
 /* tanh(x), on a = |x| with the sign of x put back last (tanh(-0) = -0). a <= 0.625: a + a s P(s),
    s = a^2. Above: 1 - 2 / (e^(2a) + 1); e^(2a) overflows to inf from a ~ 44.4 on, giving exactly 1. */
@@ -149,6 +127,30 @@ KF_INLINE float kf_phi(float x) {{
 }}
 """
 VECMATH_C = VECMATH_C % {"ERF": ERF_C}
+
+# kf_exp on 8 lanes (AVX2), for a template that marks where with /*EXP8*/ (gemm.c, after its own
+# immintrin.h): not in VECMATH_C, which every kernel includes, because immintrin.h costs ~0.5 s a build
+# (0.06 -> 0.6 s for a small kernel; a test suite of cold builds 33 -> 50 min)
+EXP8_C = """
+/* kf_exp on 8 lanes, its operations in its order (the same bits), for a kernel whose values are in AVX2
+   registers (gemm.c's epilogue); vmaxps(c, x) keeps a NaN x, as `x < c ? c : x` does. */
+KF_INLINE __m256 kf_exp8(__m256 x) {
+    const __m256 shift = _mm256_set1_ps(0x1.8p+23f + 126.0f);
+    __m256 xl = _mm256_max_ps(_mm256_set1_ps(-0x1.5ep+6f), x);
+    __m256i t = _mm256_castps_si256(_mm256_fmadd_ps(xl, _mm256_set1_ps(0x1.715476p+0f), shift));
+    t = _mm256_min_epu32(t, _mm256_set1_epi32(0x4b4000fe));
+    __m256 n = _mm256_sub_ps(_mm256_castsi256_ps(t), shift);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.63p-1f), xl);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-0x1.bd0106p-13f), r);
+    __m256 p = _mm256_set1_ps(0x1.0fa7d8p-6f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.573ad0p-4f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.555a6ep-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.fffdc4p-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.fffff6p+0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.0f));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(t, 23)));
+}
+"""
 
 FLOAT_FN = {"abs": "fabsf", "exp": "kf_exp", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
             "sin": "sinf", "cos": "cosf", "tanh": "kf_tanh", "erf": "kf_erf", "phi": "kf_phi", "floor": "floorf",
