@@ -282,7 +282,8 @@ def test_a_timing_under_load_is_taken_again_and_a_disturbed_choice_is_not_cached
     assert clock["i"] == 2 and "under load" not in text and "measured:" in text, text
     autotune.flush()
     [entry] = json.loads((cache / "autotune.json").read_text()).values()
-    assert entry["variant"] == "a" and entry["load"] == 0.02
+    # the fake clock and the timing read perf_counter at slightly different moments: about, not equal
+    assert entry["variant"] == "a" and entry["load"] == pytest.approx(0.02, abs=0.005)
     monkeypatch.setattr(autotune, "_memo", {})
     assert autotune.pick("p", cands, lambda: None)[1] == "a (measured, cached)"
 
