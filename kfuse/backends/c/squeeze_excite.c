@@ -2,7 +2,10 @@
  *
  *   m = mean over H*W of x          [N, C]
  *   h = act1(m w1^T + b1)           [N, R]   w1 [R, C] (dot products along contiguous C)
- *   s = act2(h w2^T + b2)           [N, C]   w2t = w2^T [R, C] (axpy rows along contiguous C)
+ *   s = act2(h w2^T + b2)           [N, C]   w2b = w2^T in blocks of CB columns, [ceil(C/CB)][R][CB]
+ *                                            (axpy rows along contiguous columns; a block's R x CB weights
+ *                                            one contiguous stream, where rows of w2^T [R, C] made R short
+ *                                            runs a page apart, which the prefetchers did not follow)
  *   y = x * s[n]                    [N, HW, C]
  *
  * Phases, separated by barriers:
@@ -14,7 +17,7 @@
  *   3. h: the R outputs split across threads, 8 dot products over C at a time for every n (the 8 w1
  *      rows are read once for all n);
  *   4. s: the C outputs split across threads in blocks of CB, each block accumulated over the R rows
- *      of w2t for every n;
+ *      of w2b's block for every n;
  *   5. y = x * s, the N*HW rows split across threads.
  * Bytes: x read twice (the second time from cache when it fits), y written once, w1 and w2 read once.
  * y may be x itself: every row of x is read in phase 1 before any y is written, and phase 5 writes
@@ -91,7 +94,7 @@ static void share(int64_t n, int64_t align, int t, int nt, int64_t *lo, int64_t 
 }
 
 /* Returns 0, or -1 when the scratch cannot be allocated. */
-int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, const float *b1, const float *w2t,
+int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, const float *b1, const float *w2b,
                       const float *b2, int64_t N, int64_t HW, int64_t C, int64_t R,
                       int64_t act1, int64_t act2, float slope, int64_t nthreads)
 {
@@ -184,12 +187,13 @@ int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, co
         for (int64_t n = 0; n < N && hi > lo; n++) act_inplace(h + n * R + lo, hi - lo, (int)act1, slope);
         #pragma omp barrier
 
-        /* 4. s = act2(h w2^T + b2), C outputs split in blocks of CB; 4 rows of w2t per pass over the
+        /* 4. s = act2(h w2^T + b2), C outputs split in blocks of CB; 4 rows of w2b's block per pass over the
               block's accumulators (in L1), so each accumulator vector is loaded and stored once per
               4 FMAs and the CB / 8 vectors are independent chains */
         share(C, CB, t, nt, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += CB) {
             const int64_t nc = hi - c0 < CB ? hi - c0 : CB;
+            const float *wblk = w2b + c0 * R;               /* block c0 / CB: [R][CB] */
             for (int64_t n = 0; n < N; n++) {
                 double acc[CB];
                 #pragma omp simd
@@ -198,7 +202,7 @@ int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, co
                 int64_t k = 0;
                 for (; k + 4 <= R; k += 4) {
                     const double h0 = hn[k], h1 = hn[k + 1], h2 = hn[k + 2], h3 = hn[k + 3];
-                    const float *w0 = w2t + k * C + c0, *wa = w0 + C, *wb = w0 + 2 * C, *wc = w0 + 3 * C;
+                    const float *w0 = wblk + k * CB, *wa = w0 + CB, *wb = w0 + 2 * CB, *wc = w0 + 3 * CB;
                     #pragma omp simd
                     for (int64_t j = 0; j < nc; j++)
                         acc[j] = fma(h3, (double)wc[j], fma(h2, (double)wb[j], fma(h1, (double)wa[j],
@@ -206,7 +210,7 @@ int kf_squeeze_excite(const float *x, float *y, float *gate, const float *w1, co
                 }
                 for (; k < R; k++) {
                     const double hv = hn[k];
-                    const float *w = w2t + k * C + c0;
+                    const float *w = wblk + k * CB;
                     #pragma omp simd
                     for (int64_t j = 0; j < nc; j++) acc[j] = fma(hv, (double)w[j], acc[j]);
                 }

@@ -4,14 +4,16 @@
 
 x is physical [N, H, W, C] float32. One OpenMP region: the means (channels split across threads, so
 each sum has one order whatever the thread count), the two GEMVs (R outputs, then C outputs, split
-across threads) and y = x * s (rows split). Weights are packed once: w1 stays [R, C] (dot products along contiguous C),
-w2 is stored transposed [R, C] (each output block accumulates contiguous rows, so small R still
-vectorises). Bytes per call: x read twice (the second time from cache when it fits), y written once,
-the weights read once. Sizes are runtime arguments: one compiled library serves every shape.
+across threads) and y = x * s (rows split). Weights are packed once: w1 stays [R, C] (dot products
+along contiguous C), w2 is stored transposed in blocks of CB output channels, [ceil(C / CB), R, CB]
+(each output block accumulates contiguous rows, so small R still vectorises, and reads one contiguous
+stream). Bytes per call: x read twice (the second time from cache when it fits), y written once, the
+weights read once. Sizes are runtime arguments: one compiled library serves every shape.
 """
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from .nhwc import nhwc_input, same_shape_io
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("squeeze_excite.c").read_text().replace("/*VECMATH*/", VECMATH_C)
+CB = int(re.search(r"#define CB (\d+)", SOURCE)[1])      # the second GEMV's block of output channels
 
 ACT1 = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "hardswish": 4, "leaky_relu": 5}
 ACT2 = {"sigmoid": 6, "hardsigmoid": 7}
@@ -62,14 +65,15 @@ class SqueezeExcite:
         w2 = _weight(w2)
         if tuple(w2.shape) != (c, r):
             raise ValueError(f"squeeze_excite: w1 {tuple(self.w1.shape)} and w2 {tuple(w2.shape)} do not match")
-        self.w2t = w2.t().contiguous()                     # [R, C]
+        nb = -(-c // CB)
+        self.w2b = torch.nn.functional.pad(w2.t(), (0, nb * CB - c)).reshape(r, nb, CB).transpose(0, 1).contiguous()
         self.b1 = None if b1 is None else _weight(b1).reshape(r)
         self.b2 = None if b2 is None else _weight(b2).reshape(c)
         self.r, self.c = r, c
         self.act1, self.slope = _act(act1, ACT1, "act1")
         self.act2, _ = _act(act2, ACT2, "act2")
         self._fn = _lib().kf_squeeze_excite               # compile now: a missing compiler shows at build time
-        self._ptrs = (self.w1.data_ptr(), None if self.b1 is None else self.b1.data_ptr(), self.w2t.data_ptr(),
+        self._ptrs = (self.w1.data_ptr(), None if self.b1 is None else self.b1.data_ptr(), self.w2b.data_ptr(),
                       None if self.b2 is None else self.b2.data_ptr())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,9 +93,9 @@ class SqueezeExcite:
 
     def _run(self, x, out, gate):
         n, hh, ww, c = x.shape
-        w1, b1, w2t, b2 = self._ptrs
+        w1, b1, w2b, b2 = self._ptrs
         rc = self._fn(x.data_ptr(), None if out is None else out.data_ptr(), None if gate is None else gate.data_ptr(),
-                      w1, b1, w2t, b2, n, hh * ww, c, self.r, self.act1, self.act2, self.slope, openmp.threads())
+                      w1, b1, w2b, b2, n, hh * ww, c, self.r, self.act1, self.act2, self.slope, openmp.threads())
         if rc != 0:
             raise MemoryError("squeeze_excite: cannot allocate the scratch buffer")
 
