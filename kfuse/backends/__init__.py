@@ -324,6 +324,8 @@ def _nhwc_kernel(node):
     else:
         w, b = (i.value for i in node.inputs[1:])
         k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
+    if node.op == "squeeze_excite":
+        k = k.bound(tuple(node.inputs[0].shape))       # its checks done once, for the program's shape
     run = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
     run.sources = lambda: [lib.SOURCE]
     return run, f"c:{node.op}"

@@ -197,7 +197,15 @@ def test_gate_folded_into_the_pointwise_conv_is_bit_exact(n, hw, c, cout, act, r
         want = pw(se(x), *r)
         out = torch.full((n, *hw, cout), float("nan"))
         got = SqueezeExcitePointwise(se, pw)(x, *r, out=out)
+        # as a program runs it: both halves bound to x's shape, their checks done once
+        bound = SqueezeExcitePointwise(se, pw).bound(tuple(x.shape))
+        out2 = torch.full((n, *hw, cout), float("nan"))
+        got2 = bound(x, *r, out=out2)
+        y = torch.full_like(x, float("nan"))
+        got_se = se.bound(tuple(x.shape))(x, out=y)
     assert got.data_ptr() == out.data_ptr() and same(got, want)
+    assert got2.data_ptr() == out2.data_ptr() and same(got2, want)
+    assert got_se.data_ptr() == y.data_ptr() and same(got_se, se(x))
     if n > 1:
         assert got[1].isnan().all() and not got[0].isnan().any()
 
@@ -216,3 +224,24 @@ def test_gemm_scale_needs_a_pointwise_kernel_and_an_image_gate():
         GemmConv(torch.randn(4, 8), None, None, False)(x.reshape(50, 8), scale=s)      # a linear's rows
     with pytest.raises(ValueError, match="scale"):
         GemmConv(torch.randn(4, 8, 1, 1), None, None, False)(x, scale=torch.rand(1, 8))
+
+
+def test_bound_kernels_take_the_checked_path_for_other_inputs():
+    """A kernel bound to a program's shape still serves (or rejects, clearly) other inputs: another shape,
+    a strided x, no `out`; the gate and scale it passes itself are checked where they do not fit."""
+    from kfuse.backends.c.gemm import GemmConv
+    from kfuse.backends.c.squeeze_excite import SqueezeExcitePointwise
+    se = se_of(*weights(24, 6), "relu", "hardsigmoid", True)
+    pw = GemmConv(torch.randn(8, 24, 1, 1), torch.randn(8), None, False)
+    pair = SqueezeExcitePointwise(se, pw).bound((2, 5, 5, 24))
+    for x in (torch.randn(3, 4, 6, 24), torch.randn(2, 5, 24, 5).transpose(2, 3), torch.randn(2, 5, 5, 24)):
+        assert same(pair(x), pw(se(x)))
+        assert same(se.bound((2, 5, 5, 24))(x), se(x))
+        assert same(se.bound((2, 5, 5, 24), gate=True)(x), se.gate(x))
+    with pytest.raises(ValueError, match=r"x must be float32 \[N, H, W, 24\]"):
+        pair(torch.randn(2, 5, 5, 23), out=torch.empty(2, 5, 5, 8))
+    scaled = pw.bound((2, 5, 5, 24), scaled=True)
+    with pytest.raises(ValueError, match="scale"):
+        scaled(torch.randn(2, 5, 5, 24), out=torch.empty(2, 5, 5, 8), scale=torch.rand(1, 24))
+    with pytest.raises(ValueError, match="1x1 stride-1"):
+        GemmConv(torch.randn(4, 24, 3, 3), None, None, False, padding=1).bound((2, 5, 5, 24), scaled=True)

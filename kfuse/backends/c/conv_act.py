@@ -92,23 +92,29 @@ def check_residual(residual, built_with: bool, shape, kernel: str):
     return residual.contiguous()
 
 
-def bind(full, shape, fn, args: list, slots: tuple, plan, threads, params):
-    """call(x, residual=None, out=None): kernel `full` for inputs of one shape (a compiled program's) with
-    its argument checks and plan lookup done here, once. At the call only the pointers of x, the residual
-    and out are read (the Python around a C call had cost ~3.7 us of a 1x1 convolution's 28, on every
-    one of a MobileNet's ~50 kernels). args: the C function's pointer arguments, weights filled in, None
-    at slots (x, residual or None, out); plan(t): its dims for t threads; threads(): the count to run.
-    Another shape, a strided input or no `out` goes through full, checked."""
-    ix, ir, io = slots
+def bind(full, shape, fn, args: list, slots: tuple, plan, threads, params, scale_shape=None):
+    """call(x, residual=None, out=None[, scale]): kernel `full` for inputs of one shape (a compiled
+    program's) with its argument checks and plan lookup done here, once. At the call only the pointers of
+    x, the residual and out are read (the Python around a C call had cost ~3.7 us of a 1x1 convolution's
+    28, on every one of a MobileNet's ~50 kernels). args: the C function's pointer arguments, weights
+    filled in, None at slots (x, residual or None, out[, scale]); plan(t): its dims for t threads;
+    threads(): the count to run; scale_shape: with a fourth slot, the shape of the float32 `scale` every
+    call then gives (gemm's squeeze-excitation gate). Another shape, a strided input or no `out` goes
+    through full, checked."""
+    ix, ir, io = slots[:3]
 
-    def call(x, residual=None, out=None):
+    def call(x, residual=None, out=None, **scale):
+        s = scale.get("scale")
         if out is None or x.shape != shape or not x.is_contiguous() or (
-                residual is not None and not residual.is_contiguous()):
-            return full(x, residual, out=out) if ir is not None else full(x, out=out)
+                residual is not None and not residual.is_contiguous()) or (s is None) != (scale_shape is None) or (
+                s is not None and (s.shape != scale_shape or s.dtype != torch.float32 or not s.is_contiguous())):
+            return full(x, residual, out=out, **scale) if ir is not None else full(x, out=out, **scale)
         a = list(args)
         a[ix], a[io] = x.data_ptr(), out.data_ptr()
         if ir is not None:
             a[ir] = 0 if residual is None else residual.data_ptr()
+        if s is not None:
+            a[slots[3]] = s.data_ptr()
         t = threads()
         if fn(*a, plan(t), params, t):
             raise MemoryError("convolution kernel: cannot allocate its buffers")

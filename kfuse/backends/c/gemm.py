@@ -157,16 +157,26 @@ class GemmConv:
             return lambda: 1
         return openmp.threads
 
-    def bound(self, x_shape):
-        """This kernel for inputs of x_shape, its checks done once (conv_act.bind)."""
+    def bound(self, x_shape, scaled: bool = False):
+        """This kernel for inputs of x_shape, its checks done once (conv_act.bind); `scaled`: each call
+        gives a `scale` (see __call__)."""
         geometry, shape = self._geometry(x_shape)
         rows = math.prod(shape[:-1])
         if rows == 0:
             return self
+        rows_per_scale = 0
+        if scaled:
+            self._check_scaled(len(x_shape))
+            rows_per_scale = x_shape[1] * x_shape[2]
         return bind(self, torch.Size(x_shape), self.fn,
                     [None, self.weight.data_ptr(), self.bias.data_ptr(), None, self.zero.data_ptr(), None, None],
-                    (0, 3, 5),
-                    lambda t: self._plan(geometry, t), self._threads(rows), self.params)
+                    (0, 3, 5, 6) if scaled else (0, 3, 5),
+                    lambda t: self._plan(geometry, t, False, rows_per_scale), self._threads(rows), self.params,
+                    torch.Size((x_shape[0], self.cin)) if scaled else None)
+
+    def _check_scaled(self, rank: int):
+        if not self._rows or rank != 4 or self.groups > 1:
+            raise ValueError("gemm kernel: a scale needs a 1x1 stride-1 unpadded kernel of one group on NHWC x")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None):
@@ -178,8 +188,7 @@ class GemmConv:
         geometry, shape = self._geometry(tuple(x.shape))
         rows_per_scale = 0
         if scale is not None:
-            if not self._rows or x.dim() != 4 or self.groups > 1:
-                raise ValueError("gemm kernel: a scale needs a 1x1 stride-1 unpadded kernel of one group on NHWC x")
+            self._check_scaled(x.dim())
             if tuple(scale.shape) != (x.shape[0], self.cin) or scale.dtype != torch.float32:
                 raise ValueError(f"gemm kernel: scale {scale.dtype} {tuple(scale.shape)}, want float32 "
                                  f"{(x.shape[0], self.cin)}")
