@@ -308,8 +308,10 @@ KF_INLINE __m256 act8(__m256 v, __m256 p0, __m256 p1) {
 }
 /* AVX2 (16 vector registers of 8 floats): a tile panel by panel, MR = 6 rows x 2 vectors = 12
    accumulators + 2 panel vectors + a broadcast; rows of panel v into sum, or with c (a full panel,
-   REG_EPILOGUE) their outputs into c */
-KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t cin,
+   REG_EPILOGUE) their outputs into c. nvec 1: the panel's first 8 columns only (half_panel: a last panel
+   with at most 8 valid, e.g. a group of 24 output channels, whose other 8 had been computed for nothing,
+   a third of RegNetY's grouped convolutions' FMAs); its other 8 sums are stored as zeros */
+KF_INLINE void subtile(const int mr, const int nvec, const float *const *ap, int ntaps, int64_t cin,
                        const float *restrict bp, float sum[][2][16], int v, float *restrict c, int64_t ldc,
                        const float *restrict b, const float *restrict r, float p0, float p1) {
     __m256 acc[MR][2];
@@ -325,10 +327,10 @@ KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t 
                       o5 = mr > 5 ? ap[t * MR + 5] - a : 0;
         const float *restrict bt = bp + 16 * t * cin;
         for (int64_t k = 0; k < cin; k++, a++) {
-            __m256 b0 = _mm256_loadu_ps(bt + 16 * k), b1 = _mm256_loadu_ps(bt + 16 * k + 8), ai;
+            __m256 b0 = _mm256_loadu_ps(bt + 16 * k), b1 = nvec > 1 ? _mm256_loadu_ps(bt + 16 * k + 8) : b0, ai;
             __asm__("" : "+x"(b0), "+x"(b1));    /* in registers: gcc otherwise reloads them for every FMA */
 #define ROW(i, off) if (mr > i) { ai = _mm256_broadcast_ss(a + off); acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]); \
-                                  acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]); }
+                                  if (nvec > 1) acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]); }
             ROW(0, 0) ROW(1, o1) ROW(2, o2) ROW(3, o3) ROW(4, o4) ROW(5, o5)
 #undef ROW
         }
@@ -359,6 +361,18 @@ KF_INLINE void subtile(const int mr, const float *const *ap, int ntaps, int64_t 
     }
 }
 
+/* A last panel with at most 8 valid columns, its first 8 computed into sum (its own function, out of
+   tile_any's way: there the tiles without such a panel are the common case) */
+static __attribute__((noinline)) void half_panel(int mr, const float *const *ap, int ntaps, int64_t cin,
+                                                 const float *restrict bp, float sum[][2][16], int v) {
+#define HALF(MRC) subtile(MRC, 1, ap, ntaps, cin, bp, sum, v, 0, 0, 0, 0, 0.0f, 0.0f)
+    switch (mr) {
+    case 6: HALF(6); break;  case 5: HALF(5); break;  case 4: HALF(4); break;
+    case 3: HALF(3); break;  case 2: HALF(2); break;  default: HALF(1); break;
+    }
+#undef HALF
+}
+
 static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps, int64_t cin, const float *restrict bp,
                      int64_t ps, float *restrict c, int64_t ldc, int cols, const float *restrict b,
                      const float *restrict r, float p0, float p1) {
@@ -373,10 +387,15 @@ static TILE_ANY void tile_any(int mr, int nv, const float *const *ap, int ntaps,
                 _mm_prefetch((const char *)(r + i * ldc + 16 * v), _MM_HINT_T0);
 #endif
     for (int v = 0; v < nv; v++) {
-        /* a panel whose 16 columns are all valid is finished in registers (cv: its outputs) */
+        /* a panel whose 16 columns are all valid is finished in registers (cv: its outputs); one with at
+           most 8 (not a gated pair's: its cols count gated outputs) is computed on 8 */
         float *cv = REG_EPILOGUE && cols >= 16 * v + 16 ? c + 16 * v : 0;
         const float *rv = RES ? r + 16 * v : 0;
-#define SUB(MRC) subtile(MRC, ap, ntaps, cin, bp + v * ps, sum, v, cv, ldc, b + 16 * v, rv, p0, p1)
+        if (!GLU && cols <= 16 * v + 8) {
+            half_panel(mr, ap, ntaps, cin, bp + v * ps, sum, v);
+            continue;
+        }
+#define SUB(MRC) subtile(MRC, 2, ap, ntaps, cin, bp + v * ps, sum, v, cv, ldc, b + 16 * v, rv, p0, p1)
         switch (mr) {
         case 6: SUB(6); break;  case 5: SUB(5); break;  case 4: SUB(4); break;
         case 3: SUB(3); break;  case 2: SUB(2); break;  default: SUB(1); break;
