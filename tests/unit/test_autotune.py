@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -247,6 +248,12 @@ def test_a_load_at_another_thread_count_takes_the_artifacts_choice(cache):
     assert calls
 
 
+def _load_shown(text: str) -> int:
+    """The percentage a choice's text gives for its load: about the fake's fraction, since the fake clock
+    and the timing read perf_counter at slightly different moments (under CI's load, 89% for 0.9)."""
+    return int(re.search(r"under load, (\d+)% of the time waiting for a CPU", text)[1])
+
+
 def _load(monkeypatch, fractions: list):
     """waited() as if each timing in turn had spent fractions[i] of its thread-time waiting for a CPU."""
     clock = {"ns": 0, "t": None, "i": 0}
@@ -268,11 +275,11 @@ def test_a_timing_under_load_is_taken_again_and_a_disturbed_choice_is_not_cached
     ATTEMPTS), the least disturbed one decides, and a choice still disturbed holds for this process
     only (the report says so); the next process times it again, and stores it once quiet."""
     calls = []
-    cands = _candidates(calls, {"a": [0.0002], "b": [0.0004]})
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.002]})
     clock = _load(monkeypatch, [0.5, 0.3, 0.4])
     best, text = autotune.pick("p", cands, lambda: None)
     assert best == "a" and clock["i"] == autotune.ATTEMPTS, text
-    assert "under load, 30% of the time waiting for a CPU: not cached" in text
+    assert _load_shown(text) == pytest.approx(30, abs=3) and text.endswith("of the time waiting for a CPU: not cached)")
     assert autotune.pick("p", cands, lambda: None)[1] == "a (measured, cached)"       # this process's memo
     autotune.flush()
     assert not (cache / "autotune.json").exists()
@@ -293,14 +300,14 @@ def test_a_schedule_timed_under_load_is_not_cached(cache, monkeypatch):
     k = _kernel(CASES["add+layernorm rows"][0], (257, 131), (257, 131))
     fn = build(k)
     assert fn.choice.how == "timed" and fn.choice.load == pytest.approx(0.9, abs=0.05)
-    assert "under load, 9" in str(fn.choice) and "not cached" in str(fn.choice)
+    assert _load_shown(str(fn.choice)) == pytest.approx(90, abs=5) and "not cached" in str(fn.choice)
     autotune.flush()
     assert not (cache / "autotune.json").exists()
 
 
 def test_an_entry_cached_before_timings_were_checked_for_load_is_timed_again(cache, monkeypatch):
     calls = []
-    cands = _candidates(calls, {"a": [0.0002], "b": [0.0004]})
+    cands = _candidates(calls, {"a": [0.0002], "b": [0.002]})
     autotune.pick("p", cands, lambda: None)
     autotune.flush()
     path = cache / "autotune.json"
