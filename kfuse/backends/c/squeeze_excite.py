@@ -90,18 +90,14 @@ class SqueezeExcite:
         full = (lambda x: self.gate(x)) if gate else self
         if len(x_shape) != 4 or x_shape[3] != self.c or not math.prod(x_shape):
             return full
-        n, hh, ww, c = x_shape
-        shape, fn, (w1, b1, w2b, b2) = torch.Size(x_shape), self._fn, self._ptrs
-        sizes = (n, hh * ww, c, self.r, self.act1, self.act2, self.slope)
+        shape, n = torch.Size(x_shape), x_shape[0]
 
         def call(x, out=None):
             if x.shape != shape or not x.is_contiguous() or (not gate and (
                     out is None or out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous())):
                 return full(x) if gate else full(x, out=out)
-            s = torch.empty(n, c) if gate else None
-            if fn(x.data_ptr(), None if gate else out.data_ptr(), None if s is None else s.data_ptr(),
-                  w1, b1, w2b, b2, *sizes, openmp.threads()):
-                raise MemoryError("squeeze_excite: cannot allocate the scratch buffer")
+            s = torch.empty(n, self.c) if gate else None
+            self._run(x, None if gate else out, s)
             return s if gate else out
         return call
 
