@@ -317,15 +317,13 @@ def _squeeze_excite(node):
 def _nhwc_kernel(node):
     """A squeeze_excite, group_norm or max_pool2d node as its C kernel, writing into its planned buffer."""
     a = node.attrs
-    if node.op == "squeeze_excite":
-        k, lib = _squeeze_excite(node), c_squeeze_excite
+    if node.op == "squeeze_excite":      # its checks done once, for the program's shape
+        k, lib = _squeeze_excite(node).bound(tuple(node.inputs[0].shape)), c_squeeze_excite
     elif node.op == "max_pool2d":
         k, lib = c_pool.MaxPoolNHWC(a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), c_pool
     else:
         w, b = (i.value for i in node.inputs[1:])
         k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
-    if node.op == "squeeze_excite":
-        k = k.bound(tuple(node.inputs[0].shape))       # its checks done once, for the program's shape
     run = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
     run.sources = lambda: [lib.SOURCE]
     return run, f"c:{node.op}"

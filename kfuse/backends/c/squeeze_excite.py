@@ -87,7 +87,7 @@ class SqueezeExcite:
         """call(x, out): this kernel for inputs of x_shape, its checks done once (the Python around the C
         call cost more than a small gate's C); another shape, a strided x or no `out` goes through
         __call__, checked. With `gate`: call(x), the gate [N, C] alone (self.gate), into a new tensor."""
-        full = (lambda x: self.gate(x)) if gate else self
+        full = self.gate if gate else self
         if len(x_shape) != 4 or x_shape[3] != self.c or not math.prod(x_shape):
             return full
         shape, n = torch.Size(x_shape), x_shape[0]
