@@ -29,6 +29,15 @@ imported from a temporary worktree in its own process (the A/B of a change, both
 it is not one of the "others" the ratio is taken against, and is printed beside it):
 
     python bench/bench_models.py --models mobilenetv3-b1,resnet50-b1 --only ort --baseline ce107a6 --repeat 3
+
+`--interleave` builds every provider's process first (one after another: a build's timings, kfuse's
+autotuner among them, see an otherwise idle machine), then times them block by block in rotated rounds,
+each still in its own process, waiting between blocks until the last worker's threads are idle (ONNX
+Runtime's pool spins ~55 ms after a run). Processes timed one after another meet different spells of a
+busy machine; here each round times every provider within a second or so, and the ratio of kfuse to the
+fastest other is also given round by round (its median: "by round"):
+
+    python bench/bench_models.py --models cnn-b1,gpt2,llama --only ort --interleave --rounds 15
 """
 from __future__ import annotations
 
@@ -42,8 +51,8 @@ import tempfile
 import time
 import traceback
 
-from common import (ROUNDS, baseline_worktree, commit, machine, measure, median_run,  # re-executes with the malloc/thread env
-                    run_worker)
+from common import (ROUNDS, Served, baseline_worktree, commit, interleaved,  # re-executes with the malloc/thread env
+                    machine, measure, median_run, pct, run_worker, serve_blocks)
 
 import torch
 import torch.utils._pytree as pytree
@@ -51,6 +60,7 @@ import torch.utils._pytree as pytree
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 THREADS = torch.get_num_threads()
+MODEL_BLOCK_S = 0.1     # a timed block of a model's calls lasts about this long
 
 from kfuse.models import CNN_MODELS, build, token_inputs  # noqa: E402
 
@@ -277,8 +287,9 @@ def profile_kfuse(cm, inputs, calls: int = 20):
 
 # -- the worker: one provider of one model in this process --------------------------------------------------
 
-def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profile: bool) -> dict:
-    """Build the model and the provider, check it against eager, time it: the result for the parent."""
+def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profile: bool, serve: bool = False) -> dict:
+    """Build the model and the provider, check it against eager, time it (serve: the parent times it block
+    by block, common.serve_blocks): the result for the parent."""
     model, inputs, _ = make_model(model_name)
     # a fresh, never-run copy for a compiler, made before the eager reference call
     fresh = copy.deepcopy(model) if provider.startswith(("kfuse", "inductor:")) else None
@@ -311,7 +322,11 @@ def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profil
     scale = max(1.0, max(r.abs().max().item() for r in ref))
     if not err <= 1e-4 * scale:
         return {"error": f"max abs error {err:.2e} against eager (computes another function), not timed"}
-    res = measure({provider: f}, rounds, block_s=0.1)[provider]
+    if serve:
+        serve_blocks(f, MODEL_BLOCK_S)
+        res = {}
+    else:
+        res = measure({provider: f}, rounds, block_s=MODEL_BLOCK_S)[provider]
     res["err"] = err
     if profile and cm is not None:
         profile_kfuse(cm, inputs)
@@ -324,9 +339,10 @@ def worker_main(argv: list[str]):
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--onnx")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args(argv)
     try:
-        res = worker(*a.worker, a.rounds, a.onnx, a.profile)
+        res = worker(*a.worker, a.rounds, a.onnx, a.profile, a.serve)
     except Exception as e:  # noqa: BLE001 - the parent prints the reason and moves on
         traceback.print_exc()
         msg = str(e).strip().splitlines()
@@ -337,9 +353,10 @@ def worker_main(argv: list[str]):
 # -- the parent: processes per model and provider, tables ----------------------------------------------------
 
 def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat: int = 1,
-                baseline: tuple | None = None) -> dict | None:
+                baseline: tuple | None = None, interleave: bool = False) -> dict | None:
     """baseline: (revision, path of its worktree): also the provider kfuse@revision, that kfuse imported
-    from the worktree (its own Python and C sources) in its own process."""
+    from the worktree (its own Python and C sources) in its own process. interleave: all the providers'
+    processes built first (one after another), then timed block by block in rotated rounds."""
     print(f"\n=== {name} ===", flush=True)
     names = ["kfuse", "eager"] + (["kfuse:nchw"] if "layout" in only else [])
     names += [f"kfuse@{baseline[0]}"] if baseline else []
@@ -355,9 +372,30 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
             except Exception as e:  # noqa: BLE001 - the torch providers still run
                 fail("onnx export", e)
         names += list(onnx)
+
+        def process(n: str, first: bool) -> tuple[list, dict | None]:
+            """(argv, env) of provider n's worker"""
+            argv = [os.path.abspath(__file__), "--worker", name, n, "--rounds", str(rounds)]
+            argv += ["--onnx", onnx[n]] if n in onnx else []
+            argv += ["--profile"] if profile and n == "kfuse" and first else []
+            argv += ["--serve"] if interleave else []
+            env = None
+            if baseline and n == f"kfuse@{baseline[0]}":
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (baseline[1],
+                                                                               os.environ.get("PYTHONPATH")))))
+            return argv, env
+
         runs: dict = {n: [] for n in names}
         failed = set()
-        for turn in range(repeat):          # in turns, rotated: a busy spell of the machine hits one turn
+        if interleave:
+            res = interleaved_run(names, process, rounds)
+            for n, r in res.items():
+                if "error" in r:
+                    fail(n, r["error"])
+                    failed.add(n)
+                else:
+                    runs[n].append(r)
+        for turn in range(0 if interleave else repeat):   # in turns, rotated: a busy spell hits one turn
             order = names[turn % len(names):] + names[:turn % len(names)]
             if repeat > 1:
                 print(f"  -- turn {turn + 1}/{repeat}: {', '.join(n for n in order if n not in failed)}", flush=True)
@@ -366,16 +404,7 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
                     continue
                 if turn == 0:
                     print(f"  {n}: building in its own process", flush=True)
-                argv = [os.path.abspath(__file__), "--worker", name, n, "--rounds", str(rounds)]
-                if n in onnx:
-                    argv += ["--onnx", onnx[n]]
-                if profile and n == "kfuse" and turn == 0:
-                    argv.append("--profile")
-                env = None
-                if baseline and n == f"kfuse@{baseline[0]}":
-                    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (baseline[1],
-                                                                                   os.environ.get("PYTHONPATH")))))
-                r = run_worker(argv, env=env, echo="    " if turn == 0 else None)
+                r = run_worker(*process(n, turn == 0), echo="    " if turn == 0 else None)
                 if "error" in r:
                     fail(n, r["error"])
                     failed.add(n)
@@ -385,15 +414,53 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
     res = {n: median_run(r) for n, r in runs.items() if r and n not in failed}
     if not res:
         return None
-    turns = f", median of {repeat} processes each" if repeat > 1 else ""
-    print(f"\n  {name}: median over {rounds} rounds, {THREADS} threads, each provider in its own process{turns}")
+    how = (f", all built first, then timed in {rounds} rotated rounds" if interleave
+           else f", median of {repeat} processes each" if repeat > 1 else "")
+    print(f"\n  {name}: median over {rounds} rounds, {THREADS} threads, each provider in its own process{how}")
     cpu = all(r.get("cpu") for r in res.values())     # KFUSE_BENCH_THREADS=1: cpu ms of the calling thread
     print(f"  {'provider':<32}{'median ms':>10}{'p10-p90 ms':>18}{'calls/block':>12}{'faults/call':>12}"
           f"{'max abs err':>13}" + (f"{'cpu ms':>10}" if cpu else ""))
     for n, r in sorted(res.items(), key=lambda kv: kv[1]["ms"]):
         print(f"  {n:<32}{r['ms']:>10.3f}{r['p10']:>9.3f}-{r['p90']:<8.3f}{r['calls']:>12}{r['faults']:>12.1f}"
               f"{r['err']:>13.2e}" + (f"{r['cpu']:>10.3f}" if cpu else ""))
+    paired = round_ratios(res)
+    if paired:
+        paired.sort()
+        print(f"  kfuse / the best other in the same round: median {pct(paired, 0.5):.3f}x "
+              f"(p10-p90 {pct(paired, 0.1):.3f}-{pct(paired, 0.9):.3f}, {len(paired)} rounds)")
     return res
+
+
+def interleaved_run(names: list, process, rounds: int) -> dict:
+    """Every provider's worker built in turn (serving blocks), then common.interleaved: name -> result."""
+    workers, res = {}, {}
+    try:
+        for n in names:
+            print(f"  {n}: building in its own process", flush=True)
+            w = Served(*process(n, True))
+            why = w.ready()
+            if why:
+                res[n] = {"error": why}
+            else:
+                workers[n] = w
+        print(f"  timing {len(workers)} providers in {rounds} rotated rounds", flush=True)
+        timed = interleaved(workers, rounds)
+        for n, w in workers.items():
+            done = w.finish()                   # the worker's check (err) and profile, after the timing
+            res[n] = done if "error" in done else dict(timed[n], **done) if "error" not in timed[n] else timed[n]
+    finally:
+        for w in workers.values():
+            w.close()
+    return {n: res[n] for n in names if n in res}
+
+
+def round_ratios(res: dict) -> list:
+    """Interleaved runs: kfuse's time over the fastest other provider's, round by round."""
+    others = [r["samples"] for n, r in res.items() if not n.startswith("kfuse") and "samples" in r]
+    if "samples" not in res.get("kfuse", {}) or not others:
+        return []
+    return [k / min(o[i] for o in others) for i, k in enumerate(res["kfuse"]["samples"])
+            if all(i < len(o) for o in others)]
 
 
 def main():
@@ -409,9 +476,15 @@ def main():
     ap.add_argument("--profile", action="store_true", help="time each kfuse kernel and print the top 15")
     ap.add_argument("--only", default="", help="comma-separated competitor families to include besides "
                     "kfuse and eager: inductor, ort, layout (kfuse with layout=\"nchw\"; not in the default)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every provider's process first, then time them block by block in rotated rounds "
+                    "(each still in its own process): a busy spell of the machine falls on all alike; the "
+                    "ratio of kfuse to the best other is also given round by round")
     ap.add_argument("--baseline", metavar="REV", help="also kfuse as of git revision REV (a temporary worktree), "
                     "in its own process: the A/B of a change; not counted among the others")
     a = ap.parse_args()
+    if a.interleave and a.repeat > 1:
+        ap.error("--interleave times every provider in the same rounds: --repeat does not apply")
     models = model_names(a.models)
     unknown = [m for m in models if not known(m)]
     if unknown:
@@ -426,7 +499,7 @@ def main():
     with baseline_worktree(a.baseline) as baseline:
         for name in models:
             try:
-                results[name] = bench_model(name, a.rounds, a.profile, only, a.repeat, baseline)
+                results[name] = bench_model(name, a.rounds, a.profile, only, a.repeat, baseline, a.interleave)
             except Exception as e:  # noqa: BLE001 - one model failing never ends the run
                 fail(name, e)
                 traceback.print_exc()
@@ -444,6 +517,8 @@ def main():
         ran = lambda fam: not only or fam in only
         cell = lambda b, p: f"{b[1]['ms']:6.2f} ({b[0][len(p):]})" if b else "failed" if ran(p[:-1]) else "not run"
         ratio = f"{k['ms'] / min(others):.2f}x" if k and others else "-"
+        paired = sorted(round_ratios(res))
+        ratio += f" ({pct(paired, 0.5):.2f}x by round)" if paired else ""
         base = res.get(f"kfuse@{a.baseline}") if a.baseline else None
         print(f"{name:<{w}}| {k['ms'] if k else float('nan'):8.2f} | {e['ms'] if e else float('nan'):8.2f} | "
               f"{cell(ind, 'inductor:'):<30}| {cell(ort, 'ort:'):<33}| {ratio}"

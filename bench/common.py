@@ -157,7 +157,7 @@ def _time_block(f, n, cpu: list | None = None):
     return t / n * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
 
 
-def _pct(s: list, q: float):
+def pct(s: list, q: float):
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
@@ -183,13 +183,15 @@ def measure(providers: dict, rounds: int = ROUNDS, block_s: float = BLOCK_S) -> 
                 ms, pf = _time_block(providers[name], calls[name], cpus[name])
                 samples[name].append(ms)
                 faults[name].append(pf)
-    res = {}
-    for n in names:
-        s = sorted(samples[n])
-        res[n] = dict(ms=statistics.median(s), lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4],
-                      p10=_pct(s, 0.1), p90=_pct(s, 0.9), faults=statistics.median(faults[n]),
-                      calls=calls[n], cpu=statistics.median(cpus[n]) if cpus[n] else None)
-    return res
+    return {n: _summary(samples[n], faults[n], cpus[n], calls[n]) for n in names}
+
+
+def _summary(samples: list, faults: list, cpus: list, calls: int) -> dict:
+    """One provider's timed blocks (ms per call each) as measure reports them."""
+    s = sorted(samples)
+    return dict(ms=statistics.median(s), lo=s[len(s) // 4], hi=s[(3 * len(s)) // 4], p10=pct(s, 0.1),
+                p90=pct(s, 0.9), faults=statistics.median(faults), calls=calls,
+                cpu=statistics.median(cpus) if cpus else None)
 
 
 class Bench:
@@ -286,13 +288,17 @@ def _provider(case: Case, name: str):
     raise SystemExit(f"unknown provider {name!r}")
 
 
-def _worker(cases: dict, case: str, provider: str):
+def _worker(cases: dict, case: str, provider: str, serve: bool = False):
     import json
     torch.manual_seed(0)
     c = cases[case]()
     with torch.no_grad():
         f = _provider(c, provider)
-        res = measure({provider: f})[provider]
+        if serve:                   # the parent times it block by block (interleaved)
+            serve_blocks(f)
+            res = {}
+        else:
+            res = measure({provider: f})[provider]
     res["label"] = getattr(f, "label", None)
     res["bytes"] = c.bytes()
     print("RESULT " + json.dumps(res))
@@ -305,30 +311,37 @@ class _Label:
 
 
 def main(family: str, cases: dict, providers=PROVIDERS):
-    """`python bench_x.py [case ...] [--providers a,b]`: each (case, provider) timed in its own process;
-    `--worker case provider` is the child's entry."""
+    """`python bench_x.py [case ...] [--providers a,b] [--repeat K | --interleave]`: each (case, provider)
+    timed in its own process; `--worker case provider [--serve]` is the child's entry."""
     import argparse
     import json
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        return _worker(cases, sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--worker":
+        return _worker(cases, sys.argv[2], sys.argv[3], sys.argv[4:] == ["--serve"])
     ap = argparse.ArgumentParser()
     ap.add_argument("cases", nargs="*", default=list(cases))
     ap.add_argument("--providers", default=",".join(providers))
     ap.add_argument("--repeat", type=int, default=1, help="processes per provider, in turns; the median one is shown")
+    ap.add_argument("--interleave", action="store_true", help="build every provider's process first, then time "
+                    "them block by block in rotated rounds (a busy spell of the machine falls on all alike)")
     a = ap.parse_args()
+    if a.interleave and a.repeat > 1:
+        ap.error("--interleave times every provider in the same rounds: --repeat does not apply")
     unknown = [c for c in a.cases if c not in cases]
     if unknown:
         ap.error(f"unknown case {unknown[0]!r}; the cases: " + ", ".join(repr(c) for c in cases))
     print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, each provider in its own process"
-          f" (x{a.repeat})")
+          + (", all built first, then timed in rotated rounds" if a.interleave else f" (x{a.repeat})"))
+    env_of = lambda p: dict(os.environ, **({"KFUSE_AUTOTUNE": "0"} if "no tune" in p else {}),
+                            **({"KFUSE_HUGEPAGES": "0"} if "4 KB pages" in p else {}))
     for case in a.cases:
         runs: dict = {p: [] for p in a.providers.split(",")}
-        for _ in range(a.repeat):        # in turns: a busy spell of the machine hits one turn, not one provider
+        if a.interleave:
+            for p, r in _interleaved_case(case, list(runs), env_of).items():
+                runs[p].append(r)
+        for _ in range(0 if a.interleave else a.repeat):  # in turns: a busy spell hits one turn, not one provider
             for p in runs:
-                env = dict(os.environ, **({"KFUSE_AUTOTUNE": "0"} if "no tune" in p else {}),
-                           **({"KFUSE_HUGEPAGES": "0"} if "4 KB pages" in p else {}))
                 out = subprocess.run([sys.executable, sys.argv[0], "--worker", case, p], capture_output=True, text=True,
-                                     env=env, timeout=1800)
+                                     env=env_of(p), timeout=1800)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if out.returncode or line is None:
                     raise SystemExit(f"{case} / {p} failed:\n{out.stderr[-3000:]}")
@@ -339,6 +352,28 @@ def main(family: str, cases: dict, providers=PROVIDERS):
         for r in res.values():
             r["gbs"] = nbytes / r["ms"] / 1e6
         Bench(family, case, nbytes).report(res, labels)
+
+
+def _interleaved_case(case: str, providers: list, env_of) -> dict:
+    """main --interleave: each provider's worker built in turn, then all timed in the same rounds"""
+    workers = {}
+    try:
+        for p in providers:
+            w = Served([sys.argv[0], "--worker", case, p, "--serve"], env=env_of(p), echo=None)
+            why = w.ready()
+            if why:
+                raise SystemExit(f"{case} / {p} failed: {why}")
+            workers[p] = w
+        timed = interleaved(workers)
+        out = {}
+        for p, w in workers.items():
+            if "error" in timed[p]:
+                raise SystemExit(f"{case} / {p} failed: {timed[p]['error']}")
+            out[p] = dict(timed[p], **w.finish())
+        return out
+    finally:
+        for w in workers.values():
+            w.close()
 
 
 # -- helpers for scripts that run their own workers (bench_models.py) ------------------------------------------
@@ -371,6 +406,151 @@ def run_worker(argv: list, env: dict | None = None, timeout: float = 1800, echo:
         tail = [x for x in err.read().strip().splitlines() if x.strip()]
         why = f"killed after {timeout:.0f} s" if rc == -9 else f"exit {rc}"
         return {"error": f"{why}: {tail[-1][:200] if tail else '(no message)'}"}
+
+
+# -- interleaved workers: each provider in its own process, all built first, then timed block by block in
+# rotated rounds. Processes timed one after another meet different spells of a busy machine (on the project
+# machine the same program's time moved 1.6x between spells minutes apart, its kernels' times alike); here
+# every round times each provider within a second or so of the others.
+
+def serve_blocks(f, block_s: float = BLOCK_S) -> None:
+    """A worker's side of `interleaved`: size a block of calls of `f` to about block_s, print `READY`, then
+    for each `block` line read from stdin make one untimed call (its thread pool back) and time a block,
+    printed as `BLOCK ms faults cpu`; returns at any other line or at the end of stdin."""
+    with torch.no_grad():
+        f()
+        ms, _ = _time_block(f, 3)
+        calls = max(3, int(block_s * 1e3 / max(ms, 1e-4)))
+        print(f"READY {calls}", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "block":
+                return
+            f()
+            cpu: list = []
+            ms, pf = _time_block(f, calls, cpu)
+            print(f"BLOCK {ms} {pf} {cpu[0] if cpu else -1}", flush=True)
+
+
+class Served:
+    """A worker `python argv...` (inheriting this process's env, or `env`) that builds its provider and
+    serves timed blocks (serve_blocks), then prints its `RESULT` JSON. Its other stdout lines are echoed
+    with the prefix `echo` (None: not shown)."""
+
+    def __init__(self, argv: list, env: dict | None = None, timeout: float = 1800, echo: str | None = "    "):
+        import threading
+        self.echo, self.err = echo, tempfile.TemporaryFile("w+")
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        self.p = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True, env=env)
+        self.timer = threading.Timer(timeout, self.p.kill)
+        self.timer.start()
+        self.calls, self.result = 0, None
+
+    def _line(self, *want: str) -> tuple[str, str]:
+        """(tag, rest) of the next line tagged with one of `want` (or RESULT); other lines echoed;
+        ("EOF", why) where the worker ended without one."""
+        import json
+        for line in self.p.stdout:
+            tag, _, rest = line.rstrip("\n").partition(" ")
+            if tag == "RESULT":
+                self.result = json.loads(rest)
+                return tag, rest
+            if tag in want:
+                return tag, rest
+            if self.echo is not None and line.strip():
+                print(self.echo + line.rstrip(), flush=True)
+        rc = self.p.wait()
+        self.err.seek(0)
+        tail = [x for x in self.err.read().strip().splitlines() if x.strip()]
+        return "EOF", f"exit {rc}: {tail[-1][:200] if tail else '(no message)'}"
+
+    def ready(self) -> str | None:
+        """Wait for the build: None when it serves blocks, else why not."""
+        tag, rest = self._line("READY")
+        if tag == "READY":
+            self.calls = int(rest)
+            return None
+        self.close()
+        return (self.result or {}).get("error") or rest
+
+    def block(self) -> tuple[float, float, float]:
+        """ms per call, page faults per call and cpu ms per call (-1: not collected) of one timed block"""
+        self.p.stdin.write("block\n")
+        self.p.stdin.flush()
+        tag, rest = self._line("BLOCK")
+        if tag != "BLOCK":
+            raise RuntimeError(f"worker stopped: {rest}")
+        ms, pf, cpu = map(float, rest.split())
+        return ms, pf, cpu
+
+    def cpu_ns(self) -> int | None:
+        """CPU time the worker's threads have run, ns (Linux /proc; None elsewhere)"""
+        import glob
+        total = 0
+        for f in glob.glob(f"/proc/{self.p.pid}/task/*/schedstat"):
+            try:
+                with open(f) as fh:
+                    total += int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total or None
+
+    def settle(self, limit_s: float = 0.5) -> None:
+        """Wait (at most limit_s) until the worker's threads stop running: after its block ONNX Runtime's
+        pool spins on for ~55 ms at 1-1.75 CPUs of this machine's 2, which the next provider's block would
+        otherwise pay. Idle: under 10% of a CPU over two 5 ms samples in a row."""
+        prev, quiet, t0 = self.cpu_ns(), 0, time.perf_counter()
+        if prev is None:
+            time.sleep(0.1)
+            return
+        while quiet < 2 and time.perf_counter() - t0 < limit_s:
+            time.sleep(0.005)
+            now = self.cpu_ns() or prev
+            quiet = quiet + 1 if now - prev < 0.1 * 5e6 else 0
+            prev = now
+
+    def finish(self) -> dict:
+        """Stop serving; the worker's RESULT (or {"error": why})."""
+        try:
+            self.p.stdin.write("done\n")
+            self.p.stdin.flush()
+        except OSError:
+            pass
+        tag, rest = ("RESULT", "") if self.result is not None else self._line()
+        self.close()
+        return self.result if self.result is not None else {"error": rest}
+
+    def close(self):
+        self.timer.cancel()
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+        self.err.close()
+
+
+def interleaved(workers: dict, rounds: int = ROUNDS) -> dict:
+    """Time ready Served workers block by block, the order rotating between rounds: per name, the summary
+    measure gives plus "samples" (ms per call of each round, in round order). A worker that stops is
+    dropped with {"error": why}."""
+    names = list(workers)
+    samples, faults, cpus = ({n: [] for n in names} for _ in range(3))
+    failed = {}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if n in failed:
+                continue
+            try:
+                ms, pf, cpu = workers[n].block()
+            except RuntimeError as e:
+                failed[n] = {"error": str(e)}
+                continue
+            workers[n].settle()
+            samples[n].append(ms)
+            faults[n].append(pf)
+            if cpu >= 0:
+                cpus[n].append(cpu)
+    return {n: failed.get(n) or dict(_summary(samples[n], faults[n], cpus[n], workers[n].calls),
+                                     samples=samples[n]) for n in names}
 
 
 def median_run(runs: list) -> dict:
