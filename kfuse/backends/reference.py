@@ -34,8 +34,12 @@ OUT_FORMS = {
 
 def out_kernel(node):
     """For an OUT_FORMS op whose inputs have its dtype, the kernel fn(bufs, *node.inputs) writing into
-    bufs[0] (a new tensor where it is None: an output the caller keeps); else None."""
+    bufs[0] (a new tensor where it is None: an output the caller keeps); else None. Not for a matmul of a
+    vector: torch.matmul(vector, matrix, out=) resizes its [N] out to [1, N] (a deprecated resize, with a
+    warning), which would change the planned buffer's shape under the ops reading it."""
     if node.op not in OUT_FORMS or any(i.dtype != node.dtype for i in node.inputs):
+        return None
+    if node.op == "matmul" and any(len(i.shape) == 1 for i in node.inputs):
         return None
     into, new = OUT_FORMS[node.op], REFERENCE[node.op]
 

@@ -3,6 +3,9 @@ a new tensor per call (backends/reference.py OUT_FORMS): right values call after
 keeps are new tensors, and neither inputs that require grad nor torch.inference_mode() get in the way."""
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from helpers import module_of
 
@@ -78,3 +81,30 @@ def test_a_concat_of_mixed_dtypes_runs_as_torch_promotes():
     got = kfuse.compile(module_of(f), (a, b))(a, b)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, f(a, b))
+
+
+
+def test_a_vector_times_a_matrix_keeps_its_shape_and_warns_of_nothing(tmp_path):
+    """torch.matmul(vector, matrix, out=) resizes an [N] out to [1, N] with a deprecation warning: such a
+    product is not run into a planned buffer (found by the fuzzer, seed 424251). An ONNX MatMul of a
+    vector and a matrix, both activations, is captured as that matmul."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("MatMul", ["v", "m"], ["y"]), helper.make_node("Sin", ["y"], ["s"]),
+             helper.make_node("Abs", ["y"], ["a"])]
+    graph = helper.make_graph(nodes, "vm", [helper.make_tensor_value_info("v", TensorProto.FLOAT, [33]),
+                                            helper.make_tensor_value_info("m", TensorProto.FLOAT, [33, 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [16]) for n in "sa"])
+    path = tmp_path / "vm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), path)
+    cm = kfuse.compile(str(path), (torch.randn(33), torch.randn(33, 16)))
+    assert "matmul" in _torch_kernels(cm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            v, m = torch.randn(33, generator=g), torch.randn(33, 16, generator=g)
+            s, a = cm(v, m)
+            assert s.shape == a.shape == (16,)
+            torch.testing.assert_close(s, (v @ m).sin(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, (v @ m).abs(), rtol=1e-5, atol=1e-5)
