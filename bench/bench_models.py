@@ -447,7 +447,7 @@ def interleaved_run(names: list, process, rounds: int) -> dict:
         timed = interleaved(workers, rounds)
         for n, w in workers.items():
             done = w.finish()                   # the worker's check (err) and profile, after the timing
-            res[n] = done if "error" in done else dict(timed[n], **done) if "error" not in timed[n] else timed[n]
+            res[n] = timed[n] if "error" in timed[n] else done if "error" in done else dict(timed[n], **done)
     finally:
         for w in workers.values():
             w.close()

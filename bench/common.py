@@ -474,9 +474,13 @@ class Served:
         return (self.result or {}).get("error") or rest
 
     def block(self) -> tuple[float, float, float]:
-        """ms per call, page faults per call and cpu ms per call (-1: not collected) of one timed block"""
-        self.p.stdin.write("block\n")
-        self.p.stdin.flush()
+        """ms per call, page faults per call and cpu ms per call (-1: not collected) of one timed block;
+        RuntimeError where the worker has stopped"""
+        try:
+            self.p.stdin.write("block\n")
+            self.p.stdin.flush()
+        except OSError:             # it ended since its last block: _line says how
+            pass
         tag, rest = self._line("BLOCK")
         if tag != "BLOCK":
             raise RuntimeError(f"worker stopped: {rest}")

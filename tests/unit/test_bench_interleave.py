@@ -89,6 +89,8 @@ def test_a_worker_that_dies_while_timed_is_dropped_and_the_others_are_timed_on(c
         res = common.interleaved({"ok": ok, "dies": dies}, rounds=6)
         assert "worker stopped" in res["dies"]["error"] and "exit 3" in res["dies"]["error"]
         assert len(res["ok"]["samples"]) == 6
+        with pytest.raises(RuntimeError, match="worker stopped"):     # not a broken pipe
+            dies.block()
     finally:
         ok.close()
         dies.close()
