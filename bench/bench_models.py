@@ -387,14 +387,19 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
 
         runs: dict = {n: [] for n in names}
         failed = set()
+
+        def take(n: str, r: dict) -> bool:
+            """r, a worker's result, kept for provider n; False (reported) where it is an error"""
+            if "error" in r:
+                fail(n, r["error"])
+                failed.add(n)
+                return False
+            runs[n].append(r)
+            return True
+
         if interleave:
-            res = interleaved_run(names, process, rounds)
-            for n, r in res.items():
-                if "error" in r:
-                    fail(n, r["error"])
-                    failed.add(n)
-                else:
-                    runs[n].append(r)
+            for n, r in interleaved_run(names, process, rounds).items():
+                take(n, r)
         for turn in range(0 if interleave else repeat):   # in turns, rotated: a busy spell hits one turn
             order = names[turn % len(names):] + names[:turn % len(names)]
             if repeat > 1:
@@ -405,12 +410,8 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
                 if turn == 0:
                     print(f"  {n}: building in its own process", flush=True)
                 r = run_worker(*process(n, turn == 0), echo="    " if turn == 0 else None)
-                if "error" in r:
-                    fail(n, r["error"])
-                    failed.add(n)
-                    continue
-                runs[n].append(r)
-                print(f"    {n}: {r['ms']:.3f} ms, max abs err {r['err']:.2e}", flush=True)
+                if take(n, r):
+                    print(f"    {n}: {r['ms']:.3f} ms, max abs err {r['err']:.2e}", flush=True)
     res = {n: median_run(r) for n, r in runs.items() if r and n not in failed}
     if not res:
         return None
@@ -459,8 +460,7 @@ def round_ratios(res: dict) -> list:
     others = [r["samples"] for n, r in res.items() if not n.startswith("kfuse") and "samples" in r]
     if "samples" not in res.get("kfuse", {}) or not others:
         return []
-    return [k / min(o[i] for o in others) for i, k in enumerate(res["kfuse"]["samples"])
-            if all(i < len(o) for o in others)]
+    return [k / min(round_) for k, *round_ in zip(res["kfuse"]["samples"], *others)]
 
 
 def main():

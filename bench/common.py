@@ -382,30 +382,7 @@ def run_worker(argv: list, env: dict | None = None, timeout: float = 1800, echo:
     """Run `python <argv...>` as a child (it inherits this process's malloc/thread env) and return the
     JSON after its `RESULT ` line. The child's other stdout lines are printed as they come, prefixed
     with `echo` (None: not printed). A child that dies or prints no result gives {"error": reason}."""
-    import json
-    import tempfile
-    import threading
-    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-    with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
-        result = None
-        try:
-            for line in p.stdout:
-                if line.startswith("RESULT "):
-                    result = json.loads(line[7:])
-                elif echo is not None and line.strip():
-                    print(echo + line.rstrip(), flush=True)
-            rc = p.wait()
-        finally:
-            timer.cancel()
-        if result is not None:
-            return result
-        err.seek(0)
-        tail = [x for x in err.read().strip().splitlines() if x.strip()]
-        why = f"killed after {timeout:.0f} s" if rc == -9 else f"exit {rc}"
-        return {"error": f"{why}: {tail[-1][:200] if tail else '(no message)'}"}
+    return Served(argv, env, timeout, echo).finish()
 
 
 # -- interleaved workers: each provider in its own process, all built first, then timed block by block in
@@ -444,7 +421,7 @@ class Served:
                                   stderr=self.err, text=True, env=env)
         self.timer = threading.Timer(timeout, self.p.kill)
         self.timer.start()
-        self.calls, self.result = 0, None
+        self.timeout, self.calls, self.result = timeout, 0, None
 
     def _line(self, *want: str) -> tuple[str, str]:
         """(tag, rest) of the next line tagged with one of `want` (or RESULT); other lines echoed;
@@ -462,7 +439,8 @@ class Served:
         rc = self.p.wait()
         self.err.seek(0)
         tail = [x for x in self.err.read().strip().splitlines() if x.strip()]
-        return "EOF", f"exit {rc}: {tail[-1][:200] if tail else '(no message)'}"
+        why = f"killed after {self.timeout:.0f} s" if rc == -9 else f"exit {rc}"
+        return "EOF", f"{why}: {tail[-1][:200] if tail else '(no message)'}"
 
     def ready(self) -> str | None:
         """Wait for the build: None when it serves blocks, else why not."""
@@ -514,7 +492,7 @@ class Served:
             prev = now
 
     def finish(self) -> dict:
-        """Stop serving; the worker's RESULT (or {"error": why})."""
+        """Stop serving (a worker that does not serve ignores it); its RESULT (or {"error": why})."""
         try:
             self.p.stdin.write("done\n")
             self.p.stdin.flush()
@@ -524,11 +502,19 @@ class Served:
         self.close()
         return self.result if self.result is not None else {"error": rest}
 
-    def close(self):
+    def close(self, grace_s: float = 30):
+        """End the worker: its stdin closed (a serving one then returns from serve_blocks and exits), killed
+        if it has not exited within grace_s."""
         self.timer.cancel()
-        if self.p.poll() is None:
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.p.wait(grace_s)
+        except subprocess.TimeoutExpired:
             self.p.kill()
-        self.p.wait()
+            self.p.wait()
         self.err.close()
 
 

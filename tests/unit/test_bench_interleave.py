@@ -23,6 +23,10 @@ if mode == "broken":
     sys.exit(0)
 if mode == "crash":
     sys.exit("build failed: out of cheese")
+if mode == "plain":                 # a worker that times itself (run_worker), never reading stdin
+    print("built")
+    print("RESULT " + json.dumps({"label": mode}))
+    sys.exit(0)
 def spin():                  # a pool spinning on after the calls, as ONNX Runtime's does for ~55 ms
     while True:
         while time.perf_counter() < until[0]:
@@ -80,6 +84,14 @@ def test_workers_are_timed_in_the_same_rounds_and_their_results_come_back(common
 def test_a_worker_that_cannot_build_says_why(common, tmp_path, mode, why):
     w = _served(common, tmp_path, mode)
     assert why in w.ready()
+
+
+def test_run_worker_returns_a_plain_worker_s_result_or_why_it_has_none(common, tmp_path, capsys):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    assert common.run_worker([str(script), str(BENCH), "plain"], echo="  > ") == {"label": "plain"}
+    assert "  > built" in capsys.readouterr().out
+    assert "out of cheese" in common.run_worker([str(script), str(BENCH), "crash"], echo=None)["error"]
 
 
 def test_a_worker_that_dies_while_timed_is_dropped_and_the_others_are_timed_on(common, tmp_path):
