@@ -155,9 +155,9 @@ def test_work_item_orders(threads, monkeypatch):
                                            (14, 256, 256, 3), (9, 40, 72, 1)])
 def test_threads_get_even_shares_of_the_rows(hw, cin, cout, k, threads):
     """The plan's row blocks (gemm.c: block i is the register tiles [i T / nmb, (i + 1) T / nmb)) are a tile
-    apart in size, and blocks times panel pairs is a multiple of the threads where the tiles allow, so the
-    static schedule gives each thread the same number of items: the bigger share is within a tile per
-    block of the even one (14 x 14 rows by 3 pairs had been split 5 items to 4)."""
+    apart in size, and blocks times panel pairs is a multiple of the threads where the tiles allow, so each
+    thread's own share of the items (share.c) is as large as the others': the bigger share is within a tile
+    per block of the even one (14 x 14 rows by 3 pairs had been split 5 items to 4)."""
     kern = GemmConv(torch.randn(cout, cin, k, k), torch.randn(cout), ACTS["relu"][0], False, padding=k // 2)
     d = kern._plan((1, hw, hw, hw, hw), threads)
     m, nmb, rows_first = d[0], d[2], d[21]

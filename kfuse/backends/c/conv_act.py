@@ -14,6 +14,7 @@ from .compiler import load
 from .vecmath import EXP8_C, VECMATH_C
 
 C_SOURCE = Path(__file__).with_name("conv_act.c").read_text()
+SHARE_C = Path(__file__).with_name("share.c").read_text()     # kf_take: work items shared by a team
 ACTS = {None: 0, ("relu", ""): 1, ("sigmoid", ""): 2, ("tanh", ""): 3, ("swish", ""): 4, ("gelu", "none"): 5,
         ("gelu", "erf"): 5, ("gelu", "tanh"): 6, ("leaky_relu", ""): 7, ("hardtanh", ""): 8, ("hardswish", ""): 9,
         ("hardsigmoid", ""): 10}
@@ -25,10 +26,10 @@ CLAMP_BOUNDS = {"relu": (0.0, 0.0), "hardswish": (0.0, 6.0), "hardsigmoid": (0.0
 
 
 def template(path: Path) -> str:
-    """The C template at `path` with the vector math (and, where it marks the place, kf_exp8) and the
-    activation filled in."""
+    """The C template at `path` with the vector math, the activation and, where it marks their places,
+    kf_exp8 and the shared work items (share.c) filled in."""
     return (path.read_text().replace("/*VECMATH*/", VECMATH_C).replace("/*CONV_ACT*/", C_SOURCE)
-            .replace("/*EXP8*/", EXP8_C))
+            .replace("/*EXP8*/", EXP8_C).replace("/*SHARE*/", SHARE_C))
 
 
 def act_code(act, kernel: str) -> tuple[int, ctypes.Array]:

@@ -20,6 +20,7 @@
 #define PAD_BYTES (128 << 10)      /* a padded block image up to this size is copied (kf_depthwise) */
 
 /*CONV_ACT*/
+/*SHARE*/
 
 /* An output pixel whose taps all lie inside the input: xp is its top-left tap, rs the row stride (W C). */
 KF_INLINE void pixel_inner(const float *restrict xp, const float *restrict w, const float *restrict b,
@@ -240,30 +241,31 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
            pixels are border pixels, whose per-tap tests had made [1,14,14,672] 5x5/2 take 24 us against 3 us
            of FMAs (16 us with the copy). Larger images have few border pixels and go straight through. */
         const int padded = PH + PW > 0 && HP * WP * VB * (int64_t)sizeof(float) <= PAD_BYTES;
+        kf_share shares[KF_SHARES];
+        const int ns = kf_shares_init(shares, nthreads, N * nb);
         #pragma omp parallel num_threads(nthreads)
         {
         float *pb = padded ? calloc(HP * WP * VB, sizeof(float)) : 0;
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t k = 0; k < nb; k++) {
-                const int64_t c = k * VB;
-                const float *xb = x + n * H * W * C + c;
-                if (pb) {
-                    for (int64_t i = 0; i < H; i++)
-                        for (int64_t j = 0; j < W; j++)
-                            VB_STORE(pb + ((i + PH) * WP + j + PW) * VB, VB_LOAD(xb + (i * W + j) * C));
-                    for (int64_t oh = 0; oh < OH; oh++)
-                        rowv(pb, w + c, b + c, out + (n * OH + oh) * OW * C + c, oh * SH, HP, WP, VB, C, OW, 0,
-                              0, OW, p0, p1);
-                    continue;
-                }
-                for (int64_t oh = 0; oh < OH; oh++) {
-                    int64_t ih0 = oh * SH - PH;
-                    int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
-                    rowv(xb, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, C, OW,
-                          PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
-                }
+        int step = 0;
+        for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
+            const int64_t n = t / nb, k = t - n * nb, c = k * VB;
+            const float *xb = x + n * H * W * C + c;
+            if (pb) {
+                for (int64_t i = 0; i < H; i++)
+                    for (int64_t j = 0; j < W; j++)
+                        VB_STORE(pb + ((i + PH) * WP + j + PW) * VB, VB_LOAD(xb + (i * W + j) * C));
+                for (int64_t oh = 0; oh < OH; oh++)
+                    rowv(pb, w + c, b + c, out + (n * OH + oh) * OW * C + c, oh * SH, HP, WP, VB, C, OW, 0,
+                          0, OW, p0, p1);
+                continue;
             }
+            for (int64_t oh = 0; oh < OH; oh++) {
+                int64_t ih0 = oh * SH - PH;
+                int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
+                rowv(xb, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, C, OW,
+                      PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
+            }
+        }
         free(pb);
         }
         if (nb * VB < C) {
@@ -279,12 +281,16 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
         return;
     }
 #endif
-    #pragma omp parallel for collapse(3) schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t oh = 0; oh < OH; oh++)
-            for (int64_t k = 0; k < nck; k++) {
-                int64_t c = k * ck, c1 = c + ck < C ? c + ck : C;
-                dw_row(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, oh, c, c1, H, W, C, OW, PH, PW,
-                       ow_lo, ow_hi, p0, p1);
-            }
+    kf_share shares[KF_SHARES];
+    const int ns = kf_shares_init(shares, nthreads, N * OH * nck);
+    #pragma omp parallel num_threads(nthreads)
+    {
+    int step = 0;
+    for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
+        const int64_t n = t / (OH * nck), oh = t / nck - n * OH, k = t - t / nck * nck;
+        const int64_t c = k * ck, c1 = c + ck < C ? c + ck : C;
+        dw_row(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, oh, c, c1, H, W, C, OW, PH, PW,
+               ow_lo, ow_hi, p0, p1);
+    }
+    }
 }

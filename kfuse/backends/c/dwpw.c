@@ -22,6 +22,8 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
     int failed = 0;
+    kf_share shares[KF_SHARES];
+    const int ns = kf_shares_init(shares, nthreads, N * nrb);
     #pragma omp parallel num_threads(nthreads)
     {
         float *buf = malloc(RB * OW * C * sizeof(float));
@@ -35,8 +37,8 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
         #pragma omp atomic read
         bad = failed;
         if (!bad) {
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < N * nrb; t++) {
+            int step = 0;
+            for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
                 const int64_t n = t / nrb, oh0 = t % nrb * OH / nrb, oh1 = (t % nrb + 1) * OH / nrb;
                 for (int64_t oh = oh0; oh < oh1; oh++)
                     dw_row(x + n * H * W * C, dw_w, dw_b, zero, buf + (oh - oh0) * OW * C, oh, 0, C, H, W, C, OW,

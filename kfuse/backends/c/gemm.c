@@ -35,6 +35,7 @@
 #define TILE_ANY __attribute__((noinline))
 
 /*CONV_ACT*/
+/*SHARE*/
 
 /* cols outputs of one row from their sums: bias, residual, activation */
 KF_INLINE void epilogue(float *restrict op, const float *restrict sum, const float *restrict b,
@@ -523,9 +524,10 @@ static void tile_nchw_any(int mr, int nv, const float *restrict xn, int64_t oh, 
    G > 1 no NCHW input, scale or merged kernel rows); then F: out's columns, N, or with GLU (one group, no
    residual) the gated outputs, the weight's N columns then being ceil(F / 16) pairs of a gate panel and
    the matching up panel, and b likewise; then rows_first. A work item is a row block by one pair of a
-   group's panels; items are numbered group, then panel pair first, so a thread's contiguous range
-   shares its panels, or with rows_first (gemm.py's choice; set with a scale) row block first, so it
-   shares its rows. Returns 0, or -1 when a buffer cannot be allocated. */
+   group's panels; items are numbered group, then panel pair first, so a thread's contiguous share
+   (share.c: its own first, then what the others left) shares its panels, or with rows_first (gemm.py's
+   choice; set with a scale) row block first, so it shares its rows. Returns 0, or -1 when a buffer
+   cannot be allocated. */
 #ifndef KF_GEMM_ENTRY       /* static and unused where a kernel appends this file for its tiles (gemm.py */
 #define KF_GEMM_ENTRY       /* source(tiles_only=True)): gcc then drops it */
 #endif
@@ -553,6 +555,8 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
         || (GLU && (G > 1 || RES || N %% 32 || F > N / 2 || F <= N / 2 - 16)) || (!GLU && F != N))
         return -1;
     int failed = 0;
+    kf_share shares[KF_SHARES];
+    const int ns = kf_shares_init(shares, nthreads, G * NP2 * nmb);
     #pragma omp parallel num_threads(nthreads)
     {
     float *scaled = scale ? malloc(MB * C * sizeof(float)) : 0;     /* a row block's rows times the gate */
@@ -561,8 +565,8 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
         #pragma omp atomic write
         failed = 1;
     }
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < G * NP2 * nmb; t++) {
+    int step = 0;
+    for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
         if (scale && !scaled)
             continue;
         /* row block first (gemm.py's choice, always with a scale: the block is scaled once into the

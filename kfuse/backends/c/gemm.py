@@ -128,7 +128,7 @@ class GemmConv:
             # With a scale, always: a block is scaled once for all its pairs.
             rows_first = bool(rows_per_scale) or self.weight.numel() * 4 <= autotune.cache_bytes(2) // 2
             # gemm.c splits the rows' register tiles evenly over the blocks (sizes a tile apart at most), and
-            # the static schedule gives each thread a contiguous run of items: as many blocks as make the
+            # each thread first takes a contiguous share of the items (share.c): as many blocks as make the
             # items a multiple of the threads (rows first: whole blocks a thread). Blocks of mb rows had
             # left the last one short: 196 rows as 72, 72, 52 by 3 pairs gave one thread 5 items of 9.
             tiles = cdiv(m, MR)

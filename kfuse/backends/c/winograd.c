@@ -155,6 +155,8 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
     const int64_t VS = TB * C + 16, MS = TB * CO + 16;
     const float p0 = prm[0], p1 = prm[1];
     int failed = 0;
+    kf_share shares[KF_SHARES];
+    const int ns = kf_shares_init(shares, nthreads, nblk);
     #pragma omp parallel num_threads(nthreads)
     {
     float *v = malloc(W_TILE_POS * VS * sizeof(float)), *mb = malloc(W_TILE_POS * MS * sizeof(float));
@@ -162,8 +164,8 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
         #pragma omp atomic write
         failed = 1;
     }
-    #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblk; blk++) {
+    int step = 0;
+    for (int64_t blk; (blk = kf_take(shares, ns, &step)) >= 0; ) {
         if (!v || !mb)
             continue;
         const int64_t t0 = blk * TB, nt = T - t0 < TB ? T - t0 : TB;
