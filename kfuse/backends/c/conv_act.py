@@ -1,7 +1,9 @@
 """What the C convolution kernels (depthwise, gemm, dwpw) share: the activation after a convolution
 (conv_act.c defines `act(v, p0, p1)` for the code ACT that the including template sets; ACTS maps a
 oneDNN post-op (name, algorithm), as kfuse.kernels.conv.post_op_of gives it, to that code), the output
-size, the check of a given output (reduce_mid's too), the loading of an entry point, and the bound call.
+size, the check of a given output (reduce_mid's too), the loading of an entry point, the bound call, and
+the work items a kernel's team shares (share.c, `kf_take`: each thread's own contiguous share first, then
+what the others left).
 """
 from __future__ import annotations
 
