@@ -14,14 +14,14 @@ from kfuse.backends.c.conv_act import SHARE_C
 SOURCE = SHARE_C + SHARE_C + r"""
 #include <time.h>
 /* Items [0, T) over `team` threads with shares planned for `planned`; taker[t]: the thread that took
-   item t (-1 before); order[t]: its rank among the taker's items. Thread `late` first sleeps 30 ms. */
+   item t (-1 before); order[t]: its rank among the taker's items. Thread `late` first sleeps 200 ms. */
 void kf_test_take(int64_t T, int planned, int team, int late, int32_t *taker, int32_t *order) {
     kf_share shares[KF_SHARES];
     const int ns = kf_shares_init(shares, planned, T);
     #pragma omp parallel num_threads(team)
     {
         if (omp_get_thread_num() == late) {
-            struct timespec d = {0, 30000000};
+            struct timespec d = {0, 200000000};
             nanosleep(&d, 0);
         }
         int step = 0, rank = 0;
