@@ -11,6 +11,7 @@ import torch
 from kfuse.backends.c.compiler import load
 from kfuse.backends.c.conv_act import SHARE_C
 
+# twice, as the depthwise + 1x1 kernels (gemm.c and depthwise.c appended) include it: its guard keeps one
 SOURCE = SHARE_C + SHARE_C + r"""
 #include <time.h>
 /* Items [0, T) over `team` threads with shares planned for `planned`; taker[t]: the thread that took
