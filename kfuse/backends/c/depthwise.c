@@ -287,7 +287,7 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
     {
     int step = 0;
     for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
-        const int64_t n = t / (OH * nck), oh = t / nck - n * OH, k = t - t / nck * nck;
+        const int64_t n = t / (OH * nck), oh = t / nck %% OH, k = t %% nck;
         const int64_t c = k * ck, c1 = c + ck < C ? c + ck : C;
         dw_row(x + n * H * W * C, w, b, zero, out + (n * OH + oh) * OW * C, oh, c, c1, H, W, C, OW, PH, PW,
                ow_lo, ow_hi, p0, p1);
