@@ -10,6 +10,8 @@
                        kernels at compile time (kfuse/backends/c/autotune.py); default on
     KFUSE_HUGEPAGES    "0" leaves packed weights in the pages they were allocated in (default: their
                        regions collapsed into 2 MB pages on Linux, kfuse/backends/hugepages.py)
+    KFUSE_NATIVE       "0" runs every call of a CPU program kernel by kernel from Python (default: its C
+                       kernels called from generated C, kfuse/runtime/native.py)
     KFUSE_PROGRESS     "1" shows the progress of long compiles on stderr, "0" never; default: where
                        stderr is a terminal (kfuse/progress.py)
 
@@ -35,6 +37,7 @@ class Config:
     autotune: bool = True        # time schedule variants of the larger C kernels, keep the fastest
     progress: bool | None = None   # show compile progress on stderr; None: where stderr is a terminal
     hugepages: bool = True       # packed weights collapsed into 2 MB pages (Linux)
+    native: bool = True          # CPU programs' C kernels called from generated C (runtime/native.py)
 
 
 def from_env(env=None) -> Config:
@@ -54,7 +57,8 @@ def from_env(env=None) -> Config:
     dump = frozenset(s.strip() for s in env.get("KFUSE_DUMP", "").split(",") if s.strip())
     autotune = _flag(env, "KFUSE_AUTOTUNE")
     progress = _flag(env, "KFUSE_PROGRESS") if env.get("KFUSE_PROGRESS", "").strip() else None
-    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune, progress, _flag(env, "KFUSE_HUGEPAGES"))
+    return Config(Path(cache), threads, env.get("CC") or "cc", dump, autotune, progress, _flag(env, "KFUSE_HUGEPAGES"),
+                  _flag(env, "KFUSE_NATIVE"))
 
 
 def _flag(env, name: str) -> bool:

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -24,7 +25,10 @@ from ..backends.reference import reference_kernel
 from ..ir import Graph, Group, Node
 from ..passes import dump, run_pipeline
 from ..report import Report
-from . import memplan
+from . import memplan, native
+
+
+NATIVE_AFTER = 2        # a program's calls before its native runner is made
 
 
 class Program:
@@ -49,6 +53,13 @@ class Program:
         self._n_arenas = len(self._arenas)   # arenas made; those not in the pool are in use by a call
         self._grow = threading.Lock()
         self._graphed = None
+        # the native runner (native.py): made after the second call of a CPU program (a program called
+        # once never pays for its C compile), None until then or where it cannot be made (report.launch
+        # says why); _native_after counts the calls left before it is made, 0: never
+        self._native = None
+        self._native_after = NATIVE_AFTER if backend == "cpu" and not reference and config.get().native else 0
+        if backend == "cpu" and not reference and not config.get().native:
+            report.launch = "Python, kernel by kernel (KFUSE_NATIVE=0)"
         if backend == "triton" and cuda_graphs and torch.cuda.is_available():
             if graph.mutated:       # replay reads and writes static copies of the inputs, not the caller's
                 report.launch = "one launch per kernel (the model writes into its inputs: no CUDA graph)"
@@ -79,12 +90,37 @@ class Program:
             in_flight = max(1, self._n_arenas - len(arenas))     # never drifts: counted from the pool
             before = openmp.threads()
             want = max(1, (config.get().threads or before) // in_flight)
-            if want == before:
-                return list(self._fn(arena, *inputs))
-            with openmp.using(want):
-                return list(self._fn(arena, *inputs))
+            with openmp.using(want) if want != before else contextlib.nullcontext():
+                runner = self._native
+                if runner is not None and in_flight == 1 and want == runner.threads and runner.lock.acquire(False):
+                    try:
+                        return runner(inputs)
+                    finally:
+                        runner.lock.release()
+                out = list(self._fn(arena, *inputs))
+                if self._native_after and in_flight == 1:
+                    self._make_native(arena, inputs, want)
+                return out
         finally:
             arenas.append(arena)
+
+    def _make_native(self, arena, inputs, threads: int) -> None:
+        """Make and check the native runner at the NATIVE_AFTER-th call; the report's launch line says which
+        way calls run."""
+        with self._grow:
+            if not self._native_after:
+                return
+            self._native_after -= 1
+            if self._native_after:
+                return
+        try:
+            runner = native.build(self, inputs, threads)
+            native.check(runner, self._fn, arena, inputs)
+        except native.NotNative as e:
+            self.report.launch = f"Python, kernel by kernel (no native runner: {e})"
+            return
+        self.report.launch = runner.describe()
+        self._native = runner
 
     def profile(self, inputs, reps: int = 7) -> list[tuple[float, float]]:
         """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
@@ -123,6 +159,16 @@ def median_ms(fns: list, args, reps: int = 20) -> list[float]:
     return [sorted(t_f)[len(t_f) // 2] * 1e3 for t_f in ts]
 
 
+def constant_views(graph: Graph, groups: list[Group], kernels: list) -> set:
+    """The values that may share a constant's storage: constants, and what views and aliasing kernels
+    make of them (returned, they are copied, so that a caller writing into one changes no later call)."""
+    views = {n for n in graph.nodes if n.op == "const"}
+    for group, kernel in zip(groups, kernels):
+        if (kernel.aliases or kernel.inline is not None) and views.intersection(group.inputs):
+            views.update(group.outputs)
+    return views
+
+
 def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, planned: list) -> tuple[str, object]:
     """Python source of the straight-line wrapper, and the function compiled from it. Every name in
     the source is made here (i<n>, v<n>, k<n>, c<n>, b<n>); nothing from the model reaches it. Each
@@ -145,12 +191,10 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
     for n, gi in last_use.items():
         if n not in keep and n.op not in ("input", "const"):
             dies_after.setdefault(gi, []).append(n)
-    const_views = {n for n in graph.nodes if n.op == "const"}     # values that may share a constant's storage
+    const_views = constant_views(graph, groups, kernels)
     for gi, (group, kernel) in enumerate(zip(groups, kernels)):
         for o in group.outputs:
             names[o] = f"v{len(names)}"
-        if (kernel.aliases or kernel.inline is not None) and const_views.intersection(group.inputs):
-            const_views.update(group.outputs)
         outs = ", ".join(names[o] for o in group.outputs) + ","
         args = [names[i] for i in group.inputs]
         if kernel.inline is not None:     # a view: a method call in place of a kernel call (~1 us less)

@@ -31,6 +31,7 @@ def test_compile_and_call_keep_torchs_thread_count(one_thread):
 def test_kfuse_num_threads_applies_to_the_call_only(one_thread, monkeypatch):
     """KFUSE_NUM_THREADS sets the kernels' threads during a call; torch's setting is back after it."""
     monkeypatch.setenv("KFUSE_NUM_THREADS", "2")
+    monkeypatch.setenv("KFUSE_NATIVE", "0")         # the probe wraps the Python program
     monkeypatch.setattr(config, "_config", config.from_env())
     seen = []
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sigmoid())

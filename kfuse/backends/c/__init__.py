@@ -18,6 +18,7 @@ from ... import config
 from ...kernels import FusedKernel
 from . import autotune, compiler
 from .compiler import CompileError
+from .record import c_call
 from .render import loop_count, render, render_variants
 
 __all__ = ["build", "CompileError", "CKernel", "render", "variant"]
@@ -42,7 +43,7 @@ class CKernel:
         return self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs], self._count_ptr)
 
     def __call__(self, inputs, outputs):
-        self._run(self.argv(inputs, outputs))
+        c_call(self._run, self.argv(inputs, outputs), keep=(*inputs, *outputs))
 
     def check(self, inputs, outputs):
         """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging):

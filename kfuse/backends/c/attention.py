@@ -39,6 +39,7 @@ import torch
 
 from ...kernels.attention import BLOCK_K, BLOCK_Q, ROW_GROUP, num_threads, peak_extra_bytes, plan  # noqa: F401
 from .compiler import keeps_built, load
+from .record import c_call
 
 SOURCE = (Path(__file__).with_name("attention.c")).read_text()
 
@@ -124,7 +125,8 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         a.knew, a.vnew, a.Lnew = new[0].data_ptr(), new[1].data_ptr(), new[0].shape[2]
         a.snkb, a.snkh, a.snkj = new[0].stride()[:3]
         a.snvb, a.snvh, a.snvj = new[1].stride()[:3]
-    library(D).attn_forward(ctypes.byref(a), kern)
+    # recorded unless the mask was converted or copied in Python (a replay would read the old copy)
+    c_call(library(D).attn_forward, a, kern, keep=(q, k, v, out, *keep, *(new or ())), record=keep[0] is mask)
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .compiler import load
+from .record import c_call
 from .vecmath import EXP8_C, VECMATH_C
 
 C_SOURCE = Path(__file__).with_name("conv_act.c").read_text()
@@ -119,7 +120,7 @@ def bind(full, shape, fn, args: list, slots: tuple, plan, threads, params, scale
         if s is not None:
             a[slots[3]] = s.data_ptr()
         t = threads()
-        if fn(*a, plan(t), params, t):
+        if c_call(fn, *a, plan(t), params, t, keep=(x, residual, out, s)):
             raise MemoryError("convolution kernel: cannot allocate its buffers")
         return out
     return call

@@ -25,6 +25,7 @@ from .. import openmp
 from . import depthwise, gemm
 from .compiler import PORTABLE, keeps_built
 from .conv_act import bind, cdiv, check_out, check_residual, entry
+from .record import c_call
 from .vecmath import VECMATH_C
 
 DRIVER = Path(__file__).with_name("dwpw.c").read_text()
@@ -88,7 +89,7 @@ class _Pair:
         if ir is not None:
             a[ir] = 0 if residual is None else residual.data_ptr()
         threads = openmp.threads()
-        if self.fn(*a, self._plan(*x.shape[:3], threads), self.params, threads):
+        if c_call(self.fn, *a, self._plan(*x.shape[:3], threads), self.params, threads, keep=(x, residual, out)):
             raise MemoryError(f"{self.what} kernel: cannot allocate its row buffers")
         return out
 

@@ -28,6 +28,7 @@ from .. import openmp
 from . import autotune
 from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, check_residual, entry, out_hw, pair, template
+from .record import c_call
 
 TEMPLATE = template(Path(__file__).with_name("gemm.c"))
 MR = 6 if autotune.vector_isa() == "avx2" else 8      # rows per register tile (gemm.c: AVX2 6, else 8)
@@ -186,7 +187,7 @@ class GemmConv:
         if x.dtype != torch.float32:
             raise ValueError(f"gemm kernel: x {x.dtype} {tuple(x.shape)}, want float32 [..., {self.cin}]")
         geometry, shape = self._geometry(tuple(x.shape))
-        rows_per_scale = 0
+        rows_per_scale, given = 0, (x, residual, scale)
         if scale is not None:
             self._check_scaled(x.dim())
             if tuple(scale.shape) != (x.shape[0], self.cin) or scale.dtype != torch.float32:
@@ -201,10 +202,11 @@ class GemmConv:
         if m == 0:
             return out
         threads = self._threads(m)()
-        if self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                   0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
-                   None if scale is None else scale.data_ptr(), self._plan(geometry, threads, nchw, rows_per_scale),
-                   self.params, threads):
+        if c_call(self.fn, x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                  0 if residual is None else residual.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
+                  None if scale is None else scale.data_ptr(), self._plan(geometry, threads, nchw, rows_per_scale),
+                  self.params, threads, keep=(x, residual, out, scale),
+                  record=all(a is b for a, b in zip((x, residual, scale), given))):
             raise MemoryError("gemm kernel: cannot allocate its buffers")
         return out
 

@@ -18,6 +18,7 @@ import torch
 from .. import openmp
 from .compiler import keeps_built, load
 from .nhwc import same_shape_io
+from .record import c_call
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("group_norm.c").read_text().replace("/*VECMATH*/", VECMATH_C)
@@ -56,13 +57,14 @@ class GroupNormNHWC:
                       None if self.bias is None else self.bias.data_ptr())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        given = x
         x, out = same_shape_io(x, out, self.c, "group_norm")
         n, hh, ww, c = x.shape
         if out.numel() == 0:  # N or H*W is 0: nothing to write
             return out
         w, b = self._ptrs
-        rc = self._fn(x.data_ptr(), out.data_ptr(), w, b, n, hh * ww, c, self.groups, self.eps, int(self.silu),
-                      openmp.threads())
+        rc = c_call(self._fn, x.data_ptr(), out.data_ptr(), w, b, n, hh * ww, c, self.groups, self.eps, int(self.silu),
+                    openmp.threads(), keep=(x, out), record=x is given)
         if rc != 0:
             raise MemoryError("group_norm: cannot allocate the scratch buffer")
         return out

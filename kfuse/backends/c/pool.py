@@ -20,6 +20,7 @@ from .. import openmp
 from .compiler import keeps_built, load
 from .conv_act import pair
 from .nhwc import nhwc_input
+from .record import c_call
 
 SOURCE = Path(__file__).with_name("pool.c").read_text()
 MAX_TAPS = 256         # kernel positions (pool.c)
@@ -72,7 +73,7 @@ class MaxPoolNHWC:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"max_pool2d: x must be float32 [N, H, W, C], got {x.dtype} {tuple(x.shape)}")
-        x = nhwc_input(x, x.shape[3], "max_pool2d")
+        given, x = x, nhwc_input(x, x.shape[3], "max_pool2d")
         shape = self.out_shape(*x.shape)
         if out is None:
             out = torch.empty(shape, dtype=torch.float32)
@@ -85,5 +86,5 @@ class MaxPoolNHWC:
         if dims is None:
             dims = self._dims[key] = (ctypes.c_int64 * 14)(*x.shape[:3], x.shape[3], *shape[1:3], *self.kernel,
                                                             *self.stride, *self.padding, *self.dilation)
-        self._fn(x.data_ptr(), out.data_ptr(), dims, openmp.threads())
+        c_call(self._fn, x.data_ptr(), out.data_ptr(), dims, openmp.threads(), keep=(x, out), record=x is given)
         return out

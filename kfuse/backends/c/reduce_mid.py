@@ -16,6 +16,7 @@ import torch
 from .. import openmp
 from .compiler import keeps_built, load
 from .conv_act import check_out
+from .record import c_call
 
 SOURCE = Path(__file__).with_name("reduce_mid.c").read_text()
 OPS = {"reduce_sum": 0, "reduce_mean": 1, "reduce_max": 2, "reduce_min": 3}
@@ -67,7 +68,8 @@ class ReduceMiddle:
         out = check_out(out, shape, self.op)
         if out.numel() == 0:
             return out
-        x = x.contiguous()
+        given, x = x, x.contiguous()
         threads = 1 if x.numel() < SERIAL_VALUES else openmp.threads()
-        self.fn(x.data_ptr(), out.data_ptr(), outer, r, inner, OPS[self.op], threads)
+        c_call(self.fn, x.data_ptr(), out.data_ptr(), outer, r, inner, OPS[self.op], threads, keep=(x, out),
+               record=x is given)
         return out

@@ -12,6 +12,7 @@ import ctypes
 import torch
 
 from .compiler import keeps_built, load
+from .record import c_call
 
 SOURCE = r"""
 #include <stdint.h>
@@ -75,12 +76,14 @@ def _plan(x, cos, sin):
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.dtype != torch.float32 or x.shape[-1] % 2 or x.dim() > 4:
         raise NotImplementedError("rope kernel takes float32 x of rank <= 4 with an even last dim")
+    given = (x, cos, sin)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     plan = _plan(x, cos, sin)
     if plan is None:    # a last dim that is not contiguous: copy what needs it, broadcast to x
         x, cos, sin = (t if _strides4(t, x.shape) else t.expand(x.shape).contiguous() for t in (x, cos, sin))
         plan = _plan(x, cos, sin)
     out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
-    _lib().kf_rope(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(cos.data_ptr()),
-                   ctypes.c_void_p(sin.data_ptr()), ctypes.c_void_p(out.data_ptr()), *plan)
+    c_call(_lib().kf_rope, ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(cos.data_ptr()),
+           ctypes.c_void_p(sin.data_ptr()), ctypes.c_void_p(out.data_ptr()), *plan, keep=(x, cos, sin, out),
+           record=all(a is b for a, b in zip((x, cos, sin), given)))
     return out

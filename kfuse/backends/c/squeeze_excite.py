@@ -22,6 +22,7 @@ import torch
 from .. import openmp
 from .compiler import keeps_built, load
 from .nhwc import nhwc_input, same_shape_io
+from .record import c_call
 from .vecmath import VECMATH_C
 
 SOURCE = Path(__file__).with_name("squeeze_excite.c").read_text().replace("/*VECMATH*/", VECMATH_C)
@@ -97,7 +98,7 @@ class SqueezeExcite:
                     out is None or out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous())):
                 return full(x) if gate else full(x, out=out)
             s = torch.empty(n, self.c) if gate else None
-            self._run(x, None if gate else out, s)
+            self._run(x, None if gate else out, s, record=True)
             return s if gate else out
         return call
 
@@ -110,11 +111,12 @@ class SqueezeExcite:
             self._run(x, None, s)
         return s
 
-    def _run(self, x, out, gate):
+    def _run(self, x, out, gate, record: bool = False):
         n, hh, ww, c = x.shape
         w1, b1, w2b, b2 = self._ptrs
-        rc = self._fn(x.data_ptr(), None if out is None else out.data_ptr(), None if gate is None else gate.data_ptr(),
-                      w1, b1, w2b, b2, n, hh * ww, c, self.r, self.act1, self.act2, self.slope, openmp.threads())
+        rc = c_call(self._fn, x.data_ptr(), None if out is None else out.data_ptr(),
+                    None if gate is None else gate.data_ptr(), w1, b1, w2b, b2, n, hh * ww, c, self.r, self.act1,
+                    self.act2, self.slope, openmp.threads(), keep=(x, out, gate), record=record)
         if rc != 0:
             raise MemoryError("squeeze_excite: cannot allocate the scratch buffer")
 

@@ -1,0 +1,42 @@
+"""The C calls of a program's kernels, recorded for the native runner (kfuse/runtime/native.py).
+
+A kernel's Python wrapper calls its C function through `c_call(fn, *args, keep=tensors)` on its fast
+path, where the arguments are nothing but its tensors' data pointers, its own weights, plans and
+parameters. While a `Recorder` is active in the calling thread, each such call is also appended to the
+recorder, with the tensors it was given (`keep`): the recorder holds them, so a pointer in a recorded
+call stays valid however the call's wrapper allocated the tensor behind it. Paths that copy or convert
+tensors in Python first call their C function directly and are not recorded: a kernel that records
+nothing runs from Python in the native program.
+"""
+from __future__ import annotations
+
+import threading
+
+_active = threading.local()
+
+
+def c_call(fn, *args, keep=(), record: bool = True):
+    """fn(*args), recorded when a Recorder is active in this thread (and `record`: False where the
+    wrapper copied a tensor in Python first, which a replay of the C call alone would not redo)."""
+    rec = getattr(_active, "recorder", None)
+    if rec is not None and record:
+        rec.calls.setdefault(rec.kernel, []).append((fn, args))
+        rec.kept.extend(keep)
+    return fn(*args)
+
+
+class Recorder:
+    """`with Recorder() as r:` records the c_call calls made in this thread: r.calls[kernel index] is the
+    list of (function, arguments) made while r.kernel was that index; r.kept the tensors they were given."""
+
+    def __init__(self):
+        self.calls: dict[int, list] = {}
+        self.kept: list = []
+        self.kernel = -1
+
+    def __enter__(self):
+        _active.recorder = self
+        return self
+
+    def __exit__(self, *exc):
+        _active.recorder = None

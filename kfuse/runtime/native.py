@@ -1,0 +1,310 @@
+"""The native runner: a program's C kernels called in order from generated C, not one by one from Python.
+
+Between two C kernels the Python program spends a few microseconds in a warm loop (argument checks,
+pointers, a ctypes call), but in a real call each kernel's Python runs cold, after the previous kernel
+has streamed its weights through the caches: a 1280-value hardswish took 5 us called in a loop and 25-30
+us in MobileNetV3's program, and the main thread spent ~20% of a call in the interpreter and torch
+while the other OpenMP thread waited (perf, 2 threads). Replaying the recorded C calls from a generated
+Python loop took MobileNetV3 from 6.45 to 5.33 ms.
+
+At a program's first call (after computing it the usual way) `build` runs the kernels once more into a
+dedicated arena, on copies of the inputs (the staging tensors), recording every C call their fast paths
+make (kfuse/backends/c/record.py) with the tensors they were given. Each run of consecutive kernels that
+recorded their calls becomes one generated C function calling the same functions with the same
+arguments; it is valid for that arena, those staging tensors and those recorded outputs, which the
+runner keeps. Other kernels (oneDNN's, torch's, a C kernel on a path that copies in Python) run from
+Python between the runs, reading the recorded tensors and copying their results into them where a C
+run reads them. A call copies its inputs into the staging tensors, runs the steps and returns copies
+of the outputs (the caller owns them; the runner reuses its buffers).
+
+The runner is checked before it is used: on inputs made different from the first call's (each flipped
+along all of its axes, a float that is its own flip shifted by one), its outputs must equal the Python
+program's bit for bit; else the program stays on Python and the report says why. It is used by one
+call at a time, with the thread count it was recorded with; concurrent callers use the Python program.
+KFUSE_NATIVE=0 turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..backends import POOL_MIN
+from ..backends.c import record
+from ..backends.c.compiler import CompileError, load
+
+
+class _Arg(ctypes.Union):
+    _fields_ = [("i", ctypes.c_int64), ("d", ctypes.c_double), ("f", ctypes.c_float), ("p", ctypes.c_void_p)]
+
+
+_POINTERS = (ctypes.c_void_p, ctypes.c_char_p)
+_C_TYPES = {ctypes.c_int: ("int", "i"), ctypes.c_uint: ("unsigned", "i"), ctypes.c_int64: ("int64_t", "i"),
+            ctypes.c_uint64: ("uint64_t", "i"), ctypes.c_float: ("float", "f"), ctypes.c_double: ("double", "d")}
+
+
+class NotNative(Exception):
+    """Why a program (or one kernel's call) cannot run from the native runner."""
+
+
+def _c_arg(t, v) -> tuple[str, str, object]:
+    """(C type, _Arg member, value) of argument v passed as ctypes type t (None: no argtypes given)."""
+    if t is None:           # ctypes' conversions without argtypes: its own objects, or a Python int as a C int
+        t = type(v) if isinstance(v, ctypes._SimpleCData) else ctypes.c_int if isinstance(v, int) \
+            else ctypes.c_void_p if isinstance(v, (ctypes.Array, ctypes.Structure, ctypes._Pointer)) else None
+        v = v.value if isinstance(v, ctypes._SimpleCData) else v
+    if t in _POINTERS or (isinstance(t, type) and issubclass(t, (ctypes._Pointer, ctypes.Array))):
+        if v is None or isinstance(v, int):
+            return "void *", "p", v or 0
+        if isinstance(v, (ctypes.Array, ctypes.Structure, ctypes._Pointer)):
+            return "void *", "p", ctypes.cast(v, ctypes.c_void_p).value if isinstance(v, ctypes._Pointer) \
+                else ctypes.addressof(v)
+        if isinstance(v, ctypes.c_void_p):
+            return "void *", "p", v.value or 0
+        raise NotNative(f"a pointer argument of type {type(v).__name__}")
+    if t in _C_TYPES and isinstance(v, (int, float)):
+        ctype, member = _C_TYPES[t]
+        return ctype, member, v
+    raise NotNative(f"an argument of type {getattr(t, '__name__', t)}")
+
+
+def _call_source(index: int, fn, args, first_arg: int) -> tuple[str, list]:
+    """The C statement calling recorded call `index` (fn(*args)) with its arguments at _Arg slots
+    first_arg..., and the (member, value) of those slots."""
+    types = fn.argtypes
+    if types is not None and len(types) != len(args):
+        raise NotNative("a call with more arguments than its argtypes")
+    decls, uses, slots = [], [], []
+    for k, v in enumerate(args):
+        ctype, member, value = _c_arg(None if types is None else types[k], v)
+        decls.append(ctype)
+        uses.append(f"a[{first_arg + k}].{member}")
+        slots.append((member, value))
+    if fn.restype is None:
+        ret = "void"
+    elif fn.restype is ctypes.c_int:
+        ret = "int"
+    else:
+        raise NotNative(f"a function returning {fn.restype.__name__}")
+    call = f"(({ret} (*)({', '.join(decls) or 'void'}))fn[{index}])({', '.join(uses)})"
+    return (f"    if ({call}) return {index + 1};" if ret == "int" else f"    {call};"), slots
+
+
+class _Run:
+    """One generated C function calling a run of kernels' recorded calls: call() -> 0, or 1 + the index of
+    the call that failed (a kernel that could not allocate its buffers)."""
+
+    def __init__(self, lib, name: str, calls: list, slots: list, kernels: list):
+        self.kept = calls                  # the recorded arguments (ctypes arrays among them) stay alive
+        self.fns = (ctypes.c_void_p * len(calls))(*[ctypes.cast(f, ctypes.c_void_p).value for f, _ in calls])
+        self.args = (_Arg * max(1, len(slots)))()
+        for a, (member, value) in zip(self.args, slots):
+            setattr(a, member, value)
+        self.kernels = kernels             # the kernel index of each call, for the error
+        self._fn = getattr(lib, name)
+        self._fn.argtypes, self._fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+        self._a = (ctypes.addressof(self.fns), ctypes.addressof(self.args))
+
+    def __call__(self):
+        rc = self._fn(*self._a)
+        if rc:
+            raise MemoryError(f"kernel {self.kernels[rc - 1]}: cannot allocate its buffers")
+
+
+def _source(runs: list) -> tuple[str, list]:
+    """C source of one function per run (kf_run<j>), and each run's _Arg slots."""
+    lines = ["/* a program's native runner (kfuse/runtime/native.py) */", "#include <stdint.h>",
+             "typedef union { int64_t i; double d; float f; void *p; } kf_arg;"]
+    all_slots = []
+    for j, calls in enumerate(runs):
+        lines.append(f"int kf_run{j}(void *const *fn, const kf_arg *a) {{")
+        slots: list = []
+        for i, (fn, args) in enumerate(calls):
+            stmt, s = _call_source(i, fn, args, len(slots))
+            lines.append(stmt)
+            slots.extend(s)
+        lines += ["    return 0;", "}"]
+        all_slots.append(slots)
+    return "\n".join(lines) + "\n", all_slots
+
+
+def _root(n, view_of: dict):
+    """The value n is a view of (through inline views), or n."""
+    while n in view_of:
+        n = view_of[n]
+    return n
+
+
+def _different(t: torch.Tensor) -> torch.Tensor:
+    """An input unlike t, of its shape and dtype: t flipped along every axis (a permutation of its own
+    values, so ids stay in range); a float tensor that is its own flip shifted by one."""
+    f = t.flip(list(range(t.dim()))) if t.dim() else t.clone()
+    if torch.equal(f, t) and t.is_floating_point():
+        f = f + 1
+    return f
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and (torch.equal(a, b) or (
+            (a.is_floating_point() or a.is_complex()) and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())))
+    return type(a) is type(b) and a == b
+
+
+class Native:
+    """A program's steps run with its C kernels called from generated C (see the module docstring).
+    Call with the flat inputs; `threads`: the OpenMP count the calls were recorded with; `lock`: held
+    by the call using it."""
+
+    def __init__(self, fn, threads: int, runs: int, native: int, python: int, keep):
+        self._fn, self.threads, self.lock = fn, threads, threading.Lock()
+        self.runs, self.native_kernels, self.python_kernels = runs, native, python
+        self._keep = keep
+
+    def __call__(self, inputs):
+        with torch.no_grad():       # the staging copies would otherwise join a caller's autograd graph
+            return list(self._fn(*inputs))
+
+    def describe(self) -> str:
+        return (f"native: {self.native_kernels} kernels called from C in {self.runs} run(s), "
+                f"{self.python_kernels} from Python between them")
+
+
+def build(program, inputs, threads: int) -> Native:
+    """The native runner of `program` (a CPU Program) for inputs like `inputs`; NotNative saying why not."""
+    graph, groups, kernels, plan = program.graph, program.groups, program.kernels, program._plan
+    if plan is None or program.reference:
+        raise NotNative("a reference program")
+    if graph.mutated:
+        raise NotNative("the model writes into its inputs")
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs):
+        raise NotNative("an input that is not a CPU tensor")
+    # normal tensors, not inference ones, so that a call in or out of inference mode may copy into them
+    with torch.inference_mode(False):
+        staging = [t.clone() for t in inputs]
+        arena = plan.new_arena()
+    buffers = dict(zip(plan.planned, arena))
+    env = dict(zip(graph.inputs, staging))
+    env.update({n: n.value for n in graph.nodes if n.op == "const"})
+    with record.Recorder() as rec, torch.inference_mode(False), torch.no_grad():
+        for gi, (group, kernel) in enumerate(zip(groups, kernels)):
+            rec.kernel = gi
+            args = [env[i] for i in group.inputs]
+            outs = kernel.fn(tuple(buffers.get(o) for o in group.outputs), *args) if kernel.writes_into \
+                else kernel.fn(*args)
+            env.update(zip(group.outputs, outs))
+    # which kernels run from C: those whose every C call was recorded and can be written as a C call, but
+    # for a large output the caller gets: the Python step writes it into a buffer of the output pool
+    # (backends.POOL_MIN), where the runner would copy it out of its own
+    view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
+    large = {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
+    native = set()
+    for gi, calls in rec.calls.items():
+        if kernels[gi].inline is None and not large.intersection(groups[gi].outputs):
+            try:
+                for fn, args in calls:
+                    _call_source(0, fn, args, 0)
+                native.add(gi)
+            except NotNative:
+                pass
+    if not native:
+        raise NotNative("no kernel with recorded C calls")
+    return _assemble(program, env, buffers, native, rec, threads)
+
+
+def _assemble(program, env: dict, buffers: dict, native: set, rec, threads: int) -> Native:
+    """The runner's Python: the staging copies, the runs and the Python steps in program order, the
+    outputs; recorded tensors and kernels are its globals."""
+    graph, groups, kernels = program.graph, program.groups, program.kernels
+    g: dict = {}                 # the generated function's globals
+    names: dict = {}
+    fixed = set()                # values held in recorded tensors (what the runs read and write)
+
+    def global_name(prefix: str, value) -> str:
+        name = f"{prefix}{len(g)}"
+        g[name] = value
+        return name
+
+    def fixed_name(n) -> str:
+        fixed.add(n)
+        names[n] = global_name("r", env[n])
+        return names[n]
+
+    for n in graph.nodes:
+        if n.op == "const":
+            names[n] = global_name("c", n.value)
+    view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
+    read = {_root(i, view_of) for gi in native for i in groups[gi].inputs}      # what the runs read, through views
+    lines = [f"def program({', '.join(f'i{k}' for k in range(len(graph.inputs)))}):"]
+    for k, n in enumerate(graph.inputs):
+        # the runs read the staging copy; Python steps and views (an output may be a view of an input, as
+        # in eager) the caller's tensor
+        names[n] = f"i{k}"
+        if n in read:
+            lines.append(f"    {global_name('s', env[n])}.copy_(i{k})")
+    runs: list = []
+    pending: list = []
+
+    def close_run():
+        if pending:
+            runs.append(list(pending))
+            lines.append(f"    run{len(runs) - 1}()")
+            pending.clear()
+
+    for gi, (group, kernel) in enumerate(zip(groups, kernels)):
+        if gi in native:
+            pending.extend((gi, call) for call in rec.calls[gi])
+            for o in group.outputs:
+                fixed_name(o)
+            continue
+        if kernel.inline is not None and group.inputs[0] in fixed:
+            fixed_name(group.outputs[0])        # a view of a recorded tensor is one too
+            continue
+        close_run()
+        args = [names[i] for i in group.inputs]
+        outs = [f"v{gi}_{k}" for k in range(len(group.outputs))]
+        if kernel.inline is not None:
+            lines.append(f"    {outs[0]} = {args[0]}.{kernel.inline}")
+        else:
+            if kernel.writes_into:
+                args.insert(0, "(" + "".join((global_name("b", buffers[o]) if o in buffers else "None") + ", "
+                                             for o in group.outputs) + ")")
+            lines.append(f"    {', '.join(outs)}, = {global_name('k', kernel.fn)}({', '.join(args)})")
+        for o, v in zip(group.outputs, outs):
+            if o in read:            # a run reads it from the recorded tensor
+                r = fixed_name(o)
+                lines.append(f"    if {v}.data_ptr() != {r}.data_ptr(): {r}.copy_({v})")
+            names[o] = v
+    close_run()
+    # the outputs as generate() returns them, and copies of recorded tensors (the runner reuses them)
+    from . import constant_views     # the package imports this module
+    const_views = constant_views(graph, groups, kernels)
+    seen = set(graph.inputs)
+    returned = []
+    for o in graph.outputs:
+        returned.append(names[o] + (".clone()" if o in fixed or o in const_views or o in seen else ""))
+        seen.add(o)
+    lines.append(f"    return ({''.join(r + ', ' for r in returned)})")
+    source, slots = _source([[call for _, call in run] for run in runs])
+    try:
+        lib = load(source)
+    except CompileError as e:
+        raise NotNative(f"its C did not compile: {str(e).splitlines()[0][:200]}") from e
+    for j, (run, s) in enumerate(zip(runs, slots)):
+        g[f"run{j}"] = _Run(lib, f"kf_run{j}", [call for _, call in run], s, [gi for gi, _ in run])
+    py = "\n".join(lines) + "\n"
+    exec(compile(py, "<kfuse native program>", "exec"), g)
+    python_kernels = sum(1 for gi, (_, k) in enumerate(zip(groups, kernels)) if gi not in native and k.inline is None)
+    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, rec.kept, env, buffers, py))
+
+
+def check(runner: Native, program_fn, arena, inputs) -> None:
+    """NotNative unless the runner's outputs equal the Python program's, bit for bit, on inputs unlike
+    those it was recorded with."""
+    other = [_different(t) for t in inputs]
+    with torch.no_grad():
+        want = list(program_fn(arena, *other))
+        got = runner(other)
+    if len(want) != len(got) or not all(_same(a, b) for a, b in zip(want, got)):
+        raise NotNative("its outputs differed from the Python program's")

@@ -1,0 +1,173 @@
+"""The native runner (kfuse/runtime/native.py): after a program's second call its C kernels are called from
+generated C; every later call must give what the Python program gives, bit for bit, on fresh inputs."""
+import pytest
+import torch
+
+import kfuse
+from kfuse import config
+from kfuse.models import build
+
+
+class SortBetween(torch.nn.Module):
+    """C kernels, a torch op between them (a Python step whose result a later C kernel reads), a small
+    output and a view of an intermediate as a second output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = torch.sort(y, dim=1).values
+        y = torch.sigmoid(self.c2(self.dw(y)))
+        return self.fc(y.mean((2, 3))), y[:, :2]
+
+
+class Elementwise(torch.nn.Module):
+    """Two C elementwise kernels (no timed choice) with a torch op between them."""
+
+    def forward(self, x):
+        y = torch.sin(x) * 2 + 1
+        return torch.cos(torch.sort(y, dim=-1).values) * 3 - y
+
+
+def _python(cm, *inputs):
+    """cm's outputs computed kernel by kernel from Python (its native runner set aside for the call)."""
+    prog = cm._last
+    runner, prog._native = prog._native, None
+    try:
+        return cm(*inputs)
+    finally:
+        prog._native = runner
+
+
+def _warm(cm, *inputs):
+    """The two calls after which the runner is made: none after the first."""
+    cm(*inputs)
+    assert cm._last._native is None and cm.report().launch == ""
+    cm(*inputs)
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(_flat(a), _flat(b), strict=True))
+
+
+def test_a_cnn_runs_from_c_after_its_second_call_and_equals_the_python_program():
+    model, inputs = build("mobilenetv3", image=64)
+    cm = kfuse.compile(model, inputs)
+    with torch.no_grad():
+        _warm(cm, *inputs)
+        launch = cm.report().launch
+        assert launch.startswith("native:") and " 1 run(s)" in launch, launch
+        for seed in range(3):
+            x = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed))
+            got = cm(x)
+            assert _equal(got, _python(cm, x))
+            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", [Elementwise(), SortBetween().eval()])
+def test_a_torch_op_between_c_kernels_runs_from_python_and_feeds_the_next_run(model):
+    x = torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        assert cm._last._native is not None
+        if isinstance(model, Elementwise):
+            assert cm.report().launch == "native: 2 kernels called from C in 2 run(s), 1 from Python between them"
+        for _ in range(3):
+            x = torch.randn(2, 3, 9, 9)
+            got = cm(x)
+            assert _equal(got, _python(cm, x))
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_are_the_callers_and_a_strided_input_is_read_as_given():
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        first = cm(x)
+        kept = [t.clone() for t in first]
+        for t in first:
+            t.fill_(float("nan"))           # the caller writing into its outputs changes no later call
+        second = cm(x)
+        assert _equal(second, kept)
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, second))
+        wide = torch.randn(2, 3, 9, 20)[..., 3:12]         # not contiguous
+        assert not wide.is_contiguous()
+        torch.testing.assert_close(cm(wide), model(wide), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stale_replay_is_refused_and_the_program_stays_on_python():
+    """A kernel that copies its input in Python before its recorded C call (a wrapper bug the replay
+    could not redo) must not run from C: the check on inputs unlike the first call's catches it."""
+    model, x = Elementwise(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    prog = cm._last
+    i = next(i for i, k in enumerate(cm.report().kernels) if k.backend == "c")
+    inner = prog.kernels[i].fn
+
+    def copies_first(bufs, x, *rest):
+        return inner(bufs, x * 1.0, *rest)      # a temporary the recorded call reads
+    prog.kernels[i].fn = copies_first
+    prog._fn.__globals__[f"k{i}"] = copies_first
+    with torch.no_grad():
+        _warm(cm, x)
+        assert prog._native is None
+        assert "differed" in cm.report().launch, cm.report().launch
+        x2 = torch.randn(2, 3, 9, 9)
+        torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_another_thread_count_runs_from_python(monkeypatch):
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    monkeypatch.setenv("KFUSE_NUM_THREADS", "2")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        runner = cm._last._native
+        assert runner is not None and runner.threads == 2
+        calls = []
+        fn = runner._fn
+        runner._fn = lambda *a: (calls.append(1), fn(*a))[1]
+        cm(x)
+        assert calls == [1]
+        monkeypatch.setenv("KFUSE_NUM_THREADS", "1")
+        monkeypatch.setattr(config, "_config", config.from_env())
+        x2 = torch.randn(2, 3, 9, 9)
+        torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-5)
+        assert calls == [1]             # the runner was recorded for two threads: not used
+
+
+def test_kfuse_native_0_keeps_every_call_on_python(monkeypatch):
+    monkeypatch.setenv("KFUSE_NATIVE", "0")
+    monkeypatch.setattr(config, "_config", config.from_env())
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        cm(x)
+        cm(x)
+    assert cm._last._native is None
+    assert "KFUSE_NATIVE=0" in cm.report().launch
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_inference_mode_at_the_first_call_or_later(inference):
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.inference_mode(inference):
+        _warm(cm, x)
+    assert cm._last._native is not None
+    with torch.inference_mode(not inference):
+        x2 = torch.randn(2, 3, 9, 9)
+        got = cm(x2)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x2), rtol=1e-5, atol=1e-5)
