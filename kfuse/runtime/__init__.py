@@ -116,8 +116,9 @@ class Program:
         try:
             runner = native.build(self, inputs, threads)
             native.check(runner, self._fn, arena, inputs)
-        except native.NotNative as e:
-            self.report.launch = f"Python, kernel by kernel (no native runner: {e})"
+        except Exception as e:         # the call computed its outputs already: it never fails for this
+            why = str(e) if isinstance(e, native.NotNative) else f"{type(e).__name__}: {str(e)[:200]}"
+            self.report.launch = f"Python, kernel by kernel (no native runner: {why})"
             return
         self.report.launch = runner.describe()
         self._native = runner

@@ -129,6 +129,10 @@ def _source(runs: list) -> tuple[str, list]:
     return "\n".join(lines) + "\n", all_slots
 
 
+def _storage(t) -> int | None:
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
 def _root(n, view_of: dict):
     """The value n is a view of (through inline views), or n."""
     while n in view_of:
@@ -197,7 +201,10 @@ def build(program, inputs, threads: int) -> Native:
     # which kernels run from C: those whose every C call was recorded and can be written as a C call, but
     # for a large output the caller gets: the Python step writes it into a buffer of the output pool
     # (backends.POOL_MIN), where the runner would copy it out of its own
-    view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
+    # the views that share their input's memory (a reshape of strided memory copies instead: then it is a
+    # step of its own, redone each call)
+    view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None
+               and _storage(env[gr.outputs[0]]) == _storage(env[gr.inputs[0]])}
     large = {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
     native = set()
     for gi, calls in rec.calls.items():
@@ -210,10 +217,10 @@ def build(program, inputs, threads: int) -> Native:
                 pass
     if not native:
         raise NotNative("no kernel with recorded C calls")
-    return _assemble(program, env, buffers, native, rec, threads)
+    return _assemble(program, env, buffers, view_of, native, rec, threads)
 
 
-def _assemble(program, env: dict, buffers: dict, native: set, rec, threads: int) -> Native:
+def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec, threads: int) -> Native:
     """The runner's Python: the staging copies, the runs and the Python steps in program order, the
     outputs; recorded tensors and kernels are its globals."""
     graph, groups, kernels = program.graph, program.groups, program.kernels
@@ -234,7 +241,6 @@ def _assemble(program, env: dict, buffers: dict, native: set, rec, threads: int)
     for n in graph.nodes:
         if n.op == "const":
             names[n] = global_name("c", n.value)
-    view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
     read = {_root(i, view_of) for gi in native for i in groups[gi].inputs}      # what the runs read, through views
     lines = [f"def program({', '.join(f'i{k}' for k in range(len(graph.inputs)))}):"]
     for k, n in enumerate(graph.inputs):
@@ -258,7 +264,7 @@ def _assemble(program, env: dict, buffers: dict, native: set, rec, threads: int)
             for o in group.outputs:
                 fixed_name(o)
             continue
-        if kernel.inline is not None and group.inputs[0] in fixed:
+        if group.outputs[0] in view_of and group.inputs[0] in fixed:
             fixed_name(group.outputs[0])        # a view of a recorded tensor is one too
             continue
         close_run()

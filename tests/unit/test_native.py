@@ -88,6 +88,33 @@ def test_a_torch_op_between_c_kernels_runs_from_python_and_feeds_the_next_run(mo
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_reshape_that_copies_is_redone_each_call():
+    """MultiheadAttention (batch first) merges heads with a reshape of strided memory: a copy, not a view,
+    which the runner must redo each call, not read as recorded."""
+    model = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 9, 32)
+    cm = kfuse.compile(lambda_module(lambda x: model(x, x, x, need_weights=False)[0], model), (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        assert cm.report().launch.startswith("native:"), cm.report().launch
+        for _ in range(3):
+            x = torch.randn(2, 9, 32)
+            got = cm(x)
+            assert _equal(got, _python(cm, x))
+            torch.testing.assert_close(got, model(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def lambda_module(f, *mods):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mods = torch.nn.ModuleList(mods)
+
+        def forward(self, *x):
+            return f(*x)
+    return M().eval()
+
+
 def test_outputs_are_the_callers_and_a_strided_input_is_read_as_given():
     model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
     cm = kfuse.compile(model, (x,))
