@@ -358,7 +358,7 @@ def _attention_kernel(node):
         return t.reshape(_four_d(t.shape))
 
     def run(bufs, q, k, v, mask=None):
-        buf = bufs[0]
+        buf, given = bufs[0], (q, k, v, mask)
         if rank != 4:
             q, k, v, mask = (None if t is None else four_d(t) for t in (q, k, v, mask))
         # the kernel reads rows of q, k, v in place: a last dim that is not contiguous (a k
@@ -367,8 +367,11 @@ def _attention_kernel(node):
         # stored [B, Lq, H, D]: the head merge (transpose + reshape) that follows is then a view
         store = torch.empty(b, lq, h, dv) if buf is None else buf.view(b, lq, h, dv)
         out = store.permute(0, 2, 1, 3)
+        # recorded for the native runner unless a reshape or the copy above made a new tensor
+        same = all(t is None or t.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+                   for t, g in zip((q, k, v, mask), given))
         c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out, zero_masked=zero_masked,
-                              check=False)
+                              check=False, record=same)
         return (out if rank == 4 else out.reshape(node.shape),)
     run.sources = lambda: [c_attention.source(d)]
     return run, "c:attention"

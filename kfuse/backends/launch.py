@@ -32,12 +32,12 @@ def group_runner(group, fk: FusedKernel, build, alloc):
     def run(bufs, *inputs):
         args = [inputs[p] for p in pick]
         outs = [alloc(k, bufs[w], args) for k, w in enumerate(where)]
-        kk = kernel
+        kk, copied = kernel, False
         if not all(a.is_contiguous() for a in args):
             kk = specialised(args)
             if kk is None:
-                kk, args = kernel, [a.contiguous() for a in args]
-        kk(args, outs)
+                kk, args, copied = kernel, [a.contiguous() for a in args], True
+        kk(args, outs, record=not copied)      # a replay of the call alone would read the old copies
         return tuple(outs[b] for b in back)
     run.kernel, run.strided = kernel, strided
     return run

@@ -141,12 +141,12 @@ def _root(n, view_of: dict):
 
 
 def _different(t: torch.Tensor) -> torch.Tensor:
-    """An input unlike t, of its shape and dtype: t flipped along every axis (a permutation of its own
-    values, so ids stay in range); a float tensor that is its own flip shifted by one."""
-    f = t.flip(list(range(t.dim()))) if t.dim() else t.clone()
-    if torch.equal(f, t) and t.is_floating_point():
-        f = f + 1
-    return f
+    """An input unlike t, of its shape and dtype: its values in a random order (ids stay in range: a flip
+    kept every other element's set, a reduction over them unchanged), and floats scaled and shifted (a
+    reduction over all of them would not change with the order alone)."""
+    flat = t.reshape(-1)
+    f = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(flat.numel()))].reshape(t.shape)
+    return f * 0.75 + 0.5 if t.is_floating_point() or t.is_complex() else f
 
 
 def _same(a, b) -> bool:
@@ -208,7 +208,10 @@ def build(program, inputs, threads: int) -> Native:
     large = {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
     native = set()
     for gi, calls in rec.calls.items():
-        if kernels[gi].inline is None and not large.intersection(groups[gi].outputs):
+        # our C kernels' wrappers only (their fast paths are what c_call records): not torch's ops or a
+        # library's, whatever they call inside
+        if kernels[gi].inline is None and program.report.kernels[gi].backend.startswith("c") \
+                and not large.intersection(groups[gi].outputs):
             try:
                 for fn, args in calls:
                     _call_source(0, fn, args, 0)

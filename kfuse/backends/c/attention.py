@@ -83,7 +83,7 @@ def _check(name, t, ndim=4):
 
 
 def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False,
-              check=True, new=None):
+              check=True, new=None, record=True):
     """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
     allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
     split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests).
@@ -91,7 +91,9 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
     check=False: the caller (a compiled program, its shapes checked at compile time) vouches for the
     dtypes, shapes and last-dim strides (the checks cost ~4 us of Python a call).
     new=(k_new, v_new), each [B,Hkv,Lnew,D] float32 with a contiguous last dim: the kernel first writes
-    them into the last Lnew rows of k and v (a decode step appending to its KV cache: no separate copy)."""
+    them into the last Lnew rows of k and v (a decode step appending to its KV cache: no separate copy).
+    record=False: the tensors are copies the caller made, which the native runner must not read as recorded
+    (kfuse/backends/c/record.py)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if new is not None:
@@ -126,7 +128,7 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         a.snkb, a.snkh, a.snkj = new[0].stride()[:3]
         a.snvb, a.snvh, a.snvj = new[1].stride()[:3]
     # recorded unless the mask was converted or copied in Python (a replay would read the old copy)
-    c_call(library(D).attn_forward, a, kern, keep=(q, k, v, out, *keep, *(new or ())), record=keep[0] is mask)
+    c_call(library(D).attn_forward, a, kern, keep=(q, k, v, out, *keep, *(new or ())), record=record and keep[0] is mask)
     return out
 
 

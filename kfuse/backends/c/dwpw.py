@@ -79,8 +79,8 @@ class _Pair:
             raise ValueError(f"{self.what} kernel: x {x.dtype} {tuple(x.shape)}, want float32 [N, H, W, {self.cin}]")
         return x.contiguous()
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-        """The C call on checked, contiguous tensors."""
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, record: bool) -> torch.Tensor:
+        """The C call on checked, contiguous tensors; `record`: they are the caller's, not copies."""
         if out.numel() == 0:
             return out
         ix, ir, io = self.slots
@@ -89,7 +89,8 @@ class _Pair:
         if ir is not None:
             a[ir] = 0 if residual is None else residual.data_ptr()
         threads = openmp.threads()
-        if c_call(self.fn, *a, self._plan(*x.shape[:3], threads), self.params, threads, keep=(x, residual, out)):
+        if c_call(self.fn, *a, self._plan(*x.shape[:3], threads), self.params, threads, keep=(x, residual, out),
+                  record=record):
             raise MemoryError(f"{self.what} kernel: cannot allocate its row buffers")
         return out
 
@@ -122,12 +123,13 @@ class DepthwisePointwise(_Pair):
         return self._dims[key]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        given = (x, residual)
         x = self._check_x(x)
         n, h, w, _ = x.shape
         _, oh, ow, _ = self.dw.out_shape(n, h, w)
         shape = (n, oh, ow, self.pw.cout)
         residual = check_residual(residual, self.pw.residual, shape, self.what)
-        return self._run(x, residual, check_out(out, shape, self.what))
+        return self._run(x, residual, check_out(out, shape, self.what), x is given[0] and residual is given[1])
 
 
 class PointwiseDepthwise(_Pair):
@@ -164,5 +166,5 @@ class PointwiseDepthwise(_Pair):
         return self._dims[key]
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None):
-        x = self._check_x(x)
-        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what))
+        given, x = x, self._check_x(x)
+        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what), x is given)
