@@ -283,7 +283,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
         for o, v in zip(group.outputs, outs):
             if o in read:            # a run reads it from the recorded tensor
                 r = fixed_name(o)
-                lines.append(f"    if {v}.data_ptr() != {r}.data_ptr(): {r}.copy_({v})")
+                lines.append(f"    if {v}.data_ptr() != {r}.data_ptr() or {v}.stride() != {r}.stride(): {r}.copy_({v})")
             names[o] = v
     close_run()
     # the outputs as generate() returns them, and copies of recorded tensors (the runner reuses them)
@@ -305,7 +305,8 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     py = "\n".join(lines) + "\n"
     exec(compile(py, "<kfuse native program>", "exec"), g)
     python_kernels = sum(1 for gi, (_, k) in enumerate(zip(groups, kernels)) if gi not in native and k.inline is None)
-    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, rec.kept, env, buffers, py))
+    # held: the library, the tensors the recorded calls were given, the arena (the globals hold the rest)
+    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, rec.kept, buffers, py))
 
 
 def check(runner: Native, program_fn, arena, inputs) -> None:
