@@ -4,9 +4,9 @@ A kernel's Python wrapper calls its C function through `c_call(fn, *args, keep=t
 path, where the arguments are nothing but its tensors' data pointers, its own weights, plans and
 parameters. While a `Recorder` is active in the calling thread, each such call is also appended to the
 recorder, with the tensors it was given (`keep`): the recorder holds them, so a pointer in a recorded
-call stays valid however the call's wrapper allocated the tensor behind it. Paths that copy or convert
-tensors in Python first call their C function directly and are not recorded: a kernel that records
-nothing runs from Python in the native program.
+call stays valid however the call's wrapper allocated the tensor behind it. A path that copied or
+converted a tensor in Python first passes record=False (a replay of the C call alone would read the old
+copy): a kernel that records nothing runs from Python in the native program.
 """
 from __future__ import annotations
 
