@@ -4,6 +4,7 @@ buffers, and strided inputs read in place by a kernel specialised to their strid
 from __future__ import annotations
 
 from ..kernels import FusedKernel
+from .c import record
 
 
 def group_runner(group, fk: FusedKernel, build, alloc):
@@ -32,12 +33,14 @@ def group_runner(group, fk: FusedKernel, build, alloc):
     def run(bufs, *inputs):
         args = [inputs[p] for p in pick]
         outs = [alloc(k, bufs[w], args) for k, w in enumerate(where)]
-        kk, copied = kernel, False
+        kk = kernel
         if not all(a.is_contiguous() for a in args):
             kk = specialised(args)
             if kk is None:
-                kk, args, copied = kernel, [a.contiguous() for a in args], True
-        kk(args, outs, record=not copied)      # a replay of the call alone would read the old copies
+                with record.paused():         # a replay of the call alone would read the old copies
+                    kernel([a.contiguous() for a in args], outs)
+                return tuple(outs[b] for b in back)
+        kk(args, outs)
         return tuple(outs[b] for b in back)
     run.kernel, run.strided = kernel, strided
     return run

@@ -129,6 +129,11 @@ def _source(runs: list) -> tuple[str, list]:
     return "\n".join(lines) + "\n", all_slots
 
 
+def _ours(program, gi: int) -> bool:
+    """Whether kernel gi is one of our C kernels (backend c, c:*), not a view, torch's op or a library's."""
+    return program.kernels[gi].inline is None and program.report.kernels[gi].backend.startswith("c")
+
+
 def _storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
@@ -184,6 +189,11 @@ def build(program, inputs, threads: int) -> Native:
         raise NotNative("the model writes into its inputs")
     if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs):
         raise NotNative("an input that is not a CPU tensor")
+    # before recording anything (it takes buffers from the output pool): any kernel it could replay
+    views = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
+    large = {_root(o, views) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
+    if not any(_ours(program, gi) and not large.intersection(gr.outputs) for gi, gr in enumerate(groups)):
+        raise NotNative("no C kernel but for outputs of 1 MiB or more")
     # normal tensors, not inference ones, so that a call in or out of inference mode may copy into them
     with torch.inference_mode(False):
         staging = [t.clone() for t in inputs]
@@ -210,8 +220,7 @@ def build(program, inputs, threads: int) -> Native:
     for gi, calls in rec.calls.items():
         # our C kernels' wrappers only (their fast paths are what c_call records): not torch's ops or a
         # library's, whatever they call inside
-        if kernels[gi].inline is None and program.report.kernels[gi].backend.startswith("c") \
-                and not large.intersection(groups[gi].outputs):
+        if _ours(program, gi) and not large.intersection(groups[gi].outputs):
             try:
                 for fn, args in calls:
                     _call_source(0, fn, args, 0)
@@ -305,8 +314,10 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     py = "\n".join(lines) + "\n"
     exec(compile(py, "<kfuse native program>", "exec"), g)
     python_kernels = sum(1 for gi, (_, k) in enumerate(zip(groups, kernels)) if gi not in native and k.inline is None)
-    # held: the library, the tensors the recorded calls were given, the arena (the globals hold the rest)
-    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, rec.kept, buffers, py))
+    # held: the library, the tensors the replayed calls were given (not the others': a Python step's output
+    # goes back to the output pool), the arena (the globals hold the rest)
+    kept = [t for gi in native for t in rec.kept.get(gi, ())]
+    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, kept, buffers, py))
 
 
 def check(runner: Native, program_fn, arena, inputs) -> None:

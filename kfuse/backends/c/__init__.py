@@ -42,8 +42,8 @@ class CKernel:
         """The argument array render.py's kernels take: the tensors' data pointers, then the loop count's."""
         return self._argv(*[t.data_ptr() for t in inputs], *[t.data_ptr() for t in outputs], self._count_ptr)
 
-    def __call__(self, inputs, outputs, record: bool = True):
-        c_call(self._run, self.argv(inputs, outputs), keep=(*inputs, *outputs), record=record)
+    def __call__(self, inputs, outputs):
+        c_call(self._run, self.argv(inputs, outputs), keep=(*inputs, *outputs))
 
     def check(self, inputs, outputs):
         """Raise ValueError unless the tensors match the kernel's arguments (tests, debugging):

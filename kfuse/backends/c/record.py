@@ -10,6 +10,7 @@ copy): a kernel that records nothing runs from Python in the native program.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 _active = threading.local()
@@ -21,17 +22,29 @@ def c_call(fn, *args, keep=(), record: bool = True):
     rec = getattr(_active, "recorder", None)
     if rec is not None and record:
         rec.calls.setdefault(rec.kernel, []).append((fn, args))
-        rec.kept.extend(keep)
+        rec.kept.setdefault(rec.kernel, []).extend(keep)
     return fn(*args)
+
+
+@contextlib.contextmanager
+def paused():
+    """No recording in this thread inside (a kernel called on copies its wrapper made: a replay of its C
+    calls alone would read the old copies)."""
+    rec = getattr(_active, "recorder", None)
+    _active.recorder = None
+    try:
+        yield
+    finally:
+        _active.recorder = rec
 
 
 class Recorder:
     """`with Recorder() as r:` records the c_call calls made in this thread: r.calls[kernel index] is the
-    list of (function, arguments) made while r.kernel was that index; r.kept the tensors they were given."""
+    list of (function, arguments) made while r.kernel was that index; r.kept[index] the tensors they were given."""
 
     def __init__(self):
         self.calls: dict[int, list] = {}
-        self.kept: list = []
+        self.kept: dict[int, list] = {}
         self.kernel = -1
 
     def __enter__(self):
