@@ -134,6 +134,12 @@ def _ours(program, gi: int) -> bool:
     return program.kernels[gi].inline is None and program.report.kernels[gi].backend.startswith("c")
 
 
+def _large(graph, view_of: dict) -> set:
+    """The values whose views the caller gets as outputs of 1 MiB or more (their kernels stay on Python,
+    writing into the output pool)."""
+    return {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
+
+
 def _storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
@@ -191,7 +197,7 @@ def build(program, inputs, threads: int) -> Native:
         raise NotNative("an input that is not a CPU tensor")
     # before recording anything (it takes buffers from the output pool): any kernel it could replay
     views = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None}
-    large = {_root(o, views) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
+    large = _large(graph, views)
     if not any(_ours(program, gi) and not large.intersection(gr.outputs) for gi, gr in enumerate(groups)):
         raise NotNative("no C kernel but for outputs of 1 MiB or more")
     # normal tensors, not inference ones, so that a call in or out of inference mode may copy into them
@@ -215,7 +221,7 @@ def build(program, inputs, threads: int) -> Native:
     # step of its own, redone each call)
     view_of = {gr.outputs[0]: gr.inputs[0] for gr, k in zip(groups, kernels) if k.inline is not None
                and _storage(env[gr.outputs[0]]) == _storage(env[gr.inputs[0]])}
-    large = {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
+    large = _large(graph, view_of)
     native = set()
     for gi, calls in rec.calls.items():
         # our C kernels' wrappers only (their fast paths are what c_call records): not torch's ops or a
