@@ -92,17 +92,20 @@ class Program:
             want = max(1, (config.get().threads or before) // in_flight)
             with openmp.using(want) if want != before else contextlib.nullcontext():
                 runner = self._native
-                if runner is not None and in_flight == 1 and want == runner.threads and runner.lock.acquire(False):
-                    try:
-                        return runner(inputs)
-                    finally:
-                        runner.lock.release()
+                # the runner writes into one arena of the pool: holding it, this call is its only user
+                if runner is not None and arena is runner.arena and in_flight == 1 and want == runner.threads:
+                    return runner(inputs)
                 out = list(self._fn(arena, *inputs))
                 if self._native_after and in_flight == 1:
                     self._make_native(arena, inputs, want)
                 return out
         finally:
-            arenas.append(arena)
+            # the runner's arena on top, where the next lone caller takes it (after concurrent calls the
+            # pool holds others)
+            if self._native is None or arena is self._native.arena:
+                arenas.append(arena)
+            else:
+                arenas.insert(0, arena)
 
     def _make_native(self, arena, inputs, threads: int) -> None:
         """Make and check the native runner at the NATIVE_AFTER-th call; the report's launch line says which
@@ -114,7 +117,7 @@ class Program:
             if self._native_after:
                 return
         try:
-            runner = native.build(self, inputs, threads)
+            runner = native.build(self, inputs, threads, arena)
             native.check(runner, self._fn, arena, inputs)
         except Exception as e:         # the call computed its outputs already: it never fails for this
             why = str(e) if isinstance(e, native.NotNative) else f"{type(e).__name__}: {str(e)[:200]}"

@@ -7,8 +7,8 @@ us in MobileNetV3's program, and the main thread spent ~20% of a call in the int
 while the other OpenMP thread waited (perf, 2 threads). Replaying the recorded C calls from a generated
 Python loop took MobileNetV3 from 6.45 to 5.33 ms.
 
-At a program's first call (after computing it the usual way) `build` runs the kernels once more into a
-dedicated arena, on copies of the inputs (the staging tensors), recording every C call their fast paths
+At a program's second call (after computing it the usual way) `build` runs the kernels once more into
+the call's arena, on copies of the inputs (the staging tensors), recording every C call their fast paths
 make (kfuse/backends/c/record.py) with the tensors they were given. Each run of consecutive kernels that
 recorded their calls becomes one generated C function calling the same functions with the same
 arguments; it is valid for that arena, those staging tensors and those recorded outputs, which the
@@ -17,16 +17,15 @@ Python between the runs, reading the recorded tensors and copying their results 
 run reads them. A call copies its inputs into the staging tensors, runs the steps and returns copies
 of the outputs (the caller owns them; the runner reuses its buffers).
 
-The runner is checked before it is used: on inputs made different from the first call's (each flipped
-along all of its axes, a float that is its own flip shifted by one), its outputs must equal the Python
-program's bit for bit; else the program stays on Python and the report says why. It is used by one
-call at a time, with the thread count it was recorded with; concurrent callers use the Python program.
-KFUSE_NATIVE=0 turns it off.
+The runner is checked before it is used: on inputs made different from that call's (`_different`), its
+outputs must equal the Python program's bit for bit; else the program stays on Python and the report
+says why. It serves a call that took its arena from the program's pool (so one call at a time, and no
+second arena resident for it), with the thread count it was recorded with; concurrent callers use the
+Python program with other arenas. KFUSE_NATIVE=0 turns it off.
 """
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -169,11 +168,11 @@ def _same(a, b) -> bool:
 
 class Native:
     """A program's steps run with its C kernels called from generated C (see the module docstring).
-    Call with the flat inputs; `threads`: the OpenMP count the calls were recorded with; `lock`: held
-    by the call using it."""
+    Call with the flat inputs; `threads`: the OpenMP count the calls were recorded with; `arena`: the
+    program's arena its calls write into (a call holding it from the program's pool may use the runner)."""
 
-    def __init__(self, fn, threads: int, runs: int, native: int, python: int, keep):
-        self._fn, self.threads, self.lock = fn, threads, threading.Lock()
+    def __init__(self, fn, threads: int, arena: list, runs: int, native: int, python: int, keep):
+        self._fn, self.threads, self.arena = fn, threads, arena
         self.runs, self.native_kernels, self.python_kernels = runs, native, python
         self._keep = keep
 
@@ -186,8 +185,9 @@ class Native:
                 f"{self.python_kernels} from Python between them")
 
 
-def build(program, inputs, threads: int) -> Native:
-    """The native runner of `program` (a CPU Program) for inputs like `inputs`; NotNative saying why not."""
+def build(program, inputs, threads: int, arena: list) -> Native:
+    """The native runner of `program` (a CPU Program) for inputs like `inputs`, its recorded calls writing
+    into `arena` (one of the program's, which it then serves only); NotNative saying why not."""
     graph, groups, kernels, plan = program.graph, program.groups, program.kernels, program._plan
     if plan is None or program.reference:
         raise NotNative("a reference program")
@@ -201,9 +201,9 @@ def build(program, inputs, threads: int) -> Native:
     if not any(_ours(program, gi) and not large.intersection(gr.outputs) for gi, gr in enumerate(groups)):
         raise NotNative("no C kernel but for outputs of 1 MiB or more")
     # normal tensors, not inference ones, so that a call in or out of inference mode may copy into them
+    # (the arena's are: memplan.new_arena)
     with torch.inference_mode(False):
         staging = [t.clone() for t in inputs]
-        arena = plan.new_arena()
     buffers = dict(zip(plan.planned, arena))
     env = dict(zip(graph.inputs, staging))
     env.update({n: n.value for n in graph.nodes if n.op == "const"})
@@ -235,10 +235,10 @@ def build(program, inputs, threads: int) -> Native:
                 pass
     if not native:
         raise NotNative("no kernel with recorded C calls")
-    return _assemble(program, env, buffers, view_of, native, rec, threads)
+    return _assemble(program, env, buffers, view_of, native, rec, threads, arena)
 
 
-def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec, threads: int) -> Native:
+def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec, threads: int, arena: list) -> Native:
     """The runner's Python: the staging copies, the runs and the Python steps in program order, the
     outputs; recorded tensors and kernels are its globals."""
     graph, groups, kernels = program.graph, program.groups, program.kernels
@@ -321,9 +321,9 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     exec(compile(py, "<kfuse native program>", "exec"), g)
     python_kernels = sum(1 for gi, (_, k) in enumerate(zip(groups, kernels)) if gi not in native and k.inline is None)
     # held: the library, the tensors the replayed calls were given (not the others': a Python step's output
-    # goes back to the output pool), the arena (the globals hold the rest)
+    # goes back to the output pool; the globals hold the rest)
     kept = [t for gi in native for t in rec.kept.get(gi, ())]
-    return Native(g["program"], threads, len(runs), len(native), python_kernels, (lib, kept, buffers, py))
+    return Native(g["program"], threads, arena, len(runs), len(native), python_kernels, (lib, kept, py))
 
 
 def check(runner: Native, program_fn, arena, inputs) -> None:
@@ -331,7 +331,8 @@ def check(runner: Native, program_fn, arena, inputs) -> None:
     those it was recorded with."""
     other = [_different(t) for t in inputs]
     with torch.no_grad():
-        want = list(program_fn(arena, *other))
+        # copies: the runner writes into the same arena, and the comparison must not see its own writes
+        want = [t.clone() if isinstance(t, torch.Tensor) else t for t in program_fn(arena, *other)]
         got = runner(other)
     if len(want) != len(got) or not all(_same(a, b) for a, b in zip(want, got)):
         raise NotNative("its outputs differed from the Python program's")

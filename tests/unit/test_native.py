@@ -198,3 +198,27 @@ def test_inference_mode_at_the_first_call_or_later(inference):
         got = cm(x2)
     with torch.no_grad():
         torch.testing.assert_close(got, model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_the_runner_writes_into_the_programs_arena():
+    """No second arena resident for the runner; a call holding another arena of the pool (made for
+    concurrent callers) runs from Python, and the next lone call finds the runner's arena on top."""
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        prog = cm._last
+        runner = prog._native
+        assert runner is not None and prog._n_arenas == 1 and prog._arenas == [runner.arena]
+        calls = []
+        fn = runner._fn
+        runner._fn = lambda *a: (calls.append(1), fn(*a))[1]
+        with prog._grow:        # as a concurrent spell leaves the pool: another arena on top
+            prog._n_arenas += 1
+        prog._arenas.append(prog._plan.new_arena())
+        x2 = torch.randn(2, 3, 9, 9)
+        want = model(x2)
+        torch.testing.assert_close(cm(x2), want, rtol=1e-5, atol=1e-5)
+        assert calls == [] and prog._arenas[-1] is runner.arena
+        torch.testing.assert_close(cm(x2), want, rtol=1e-5, atol=1e-5)
+        assert calls == [1]
