@@ -96,6 +96,7 @@ class CompiledModel:
         flat = self._tensors(flat)
         self._complex = any(t.is_complex() for t in flat)      # fed to programs as their real views
         self._devices = tuple(t.device.type for t in flat)
+        self._cpu = all(d == "cpu" for d in self._devices)
         self._out_spec = None
         self._programs: dict[tuple, object] = {}    # signature -> its first program (rank/dtype checks, listing)
         # An ONNX input that feeds shape-like operands (a Reshape's shape, a TopK's k, an If's
@@ -223,6 +224,14 @@ class CompiledModel:
                 raise InputError(f"{self._where(i)} is on device {t.device}, compiled for {device}")
         return flat
 
+    def _hit(self, inputs):
+        """The program for positional CPU tensors of a compiled signature, or None (then _flatten's checks
+        and _program). The common call; _flatten's per-input checks cost ~1 us an input."""
+        if len(inputs) != self._n_positional or not self._cpu or not all(type(t) is torch.Tensor and t.is_cpu
+                                                                         for t in inputs):
+            return None
+        return self._compiled(_signature(inputs), inputs)
+
     def _where(self, i: int) -> str:
         """Input i as a message names it: "input 0 (keyword input 'mask')", "input 1 ('pixel_values')"."""
         if self.is_onnx:
@@ -253,8 +262,13 @@ class CompiledModel:
 
     # -- running ----------------------------------------------------------------------------------------
     def __call__(self, *inputs, **kwargs):
-        flat = self._flatten(inputs, kwargs)
-        self._last = prog = self._program(flat)    # prog, not self._last: another thread may set that meanwhile
+        prog = None if kwargs else self._hit(inputs)
+        if prog is None:
+            flat = self._flatten(inputs, kwargs)
+            prog = self._program(flat)
+        else:
+            flat = list(inputs)
+        self._last = prog       # prog, not self._last, below: another thread may set that meanwhile
         outs = _with_literals(prog(self._fed(flat)), prog.graph.literals)
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else (
             outs[0] if len(outs) == 1 else tuple(outs))
@@ -350,6 +364,7 @@ class CompiledModel:
         self._n_positional = _positional(self._in_spec) if not self._literals else -1
         n = self._in_spec.num_leaves - len(self._literals)
         self._devices = tuple(meta.get("devices") or [None] * n)   # None: saved before devices were
+        self._cpu = all(d == "cpu" for d in self._devices)
         self._programs, self._specialised, self._by_value = {}, {}, {}
         self._complex = any(dtype.is_complex for sig, _, _ in programs for _, dtype in sig)
         for sig, values, prog in programs:

@@ -177,8 +177,10 @@ class Native:
         self._keep = keep
 
     def __call__(self, inputs):
-        with torch.no_grad():       # the staging copies would otherwise join a caller's autograd graph
-            return list(self._fn(*inputs))
+        if torch.is_grad_enabled():     # the staging copies would otherwise join a caller's autograd graph
+            with torch.no_grad():
+                return list(self._fn(*inputs))
+        return list(self._fn(*inputs))
 
     def describe(self) -> str:
         return (f"native: {self.native_kernels} kernels called from C in {self.runs} run(s), "
