@@ -207,15 +207,12 @@ def build(program, inputs, threads: int, arena: list) -> Native:
     with torch.inference_mode(False):
         staging = [t.clone() for t in inputs]
     buffers = dict(zip(plan.planned, arena))
-    env = dict(zip(graph.inputs, staging))
-    env.update({n: n.value for n in graph.nodes if n.op == "const"})
+    env = {}                # every value's tensor in the recorded call
     with record.Recorder() as rec, torch.inference_mode(False), torch.no_grad():
-        for gi, (group, kernel) in enumerate(zip(groups, kernels)):
+        for gi, group, fn, args in program.kernel_calls(staging, buffers):
             rec.kernel = gi
-            args = [env[i] for i in group.inputs]
-            outs = kernel.fn(tuple(buffers.get(o) for o in group.outputs), *args) if kernel.writes_into \
-                else kernel.fn(*args)
-            env.update(zip(group.outputs, outs))
+            env.update(zip(group.inputs, args))
+            env.update(zip(group.outputs, fn(*args)))
     # which kernels run from C: those whose every C call was recorded and can be written as a C call, but
     # for a large output the caller gets: the Python step writes it into a buffer of the output pool
     # (backends.POOL_MIN), where the runner would copy it out of its own

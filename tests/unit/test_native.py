@@ -222,3 +222,20 @@ def test_the_runner_writes_into_the_programs_arena():
         assert calls == [] and prog._arenas[-1] is runner.arena
         torch.testing.assert_close(cm(x2), want, rtol=1e-5, atol=1e-5)
         assert calls == [1]
+
+
+def test_profile_walks_the_kernels_the_runner_records():
+    """Program.profile and the runner's recording share Program.kernel_calls: every kernel timed, the
+    fused ones against their ops run one by one, and the program's calls unchanged after it."""
+    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        prog = cm._last
+        pairs = prog.profile([x], reps=3)
+        infos = cm.report().kernels
+        assert len(pairs) == len(infos) and all(i.measured_ms > 0 for i in infos)
+        assert any(i.fusion for i in infos) and all(i.unfused_ms > 0 for i in infos if i.fusion)
+        x2 = torch.randn(2, 3, 9, 9)
+        assert _equal(cm(x2), _python(cm, x2))
+        torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-5)
