@@ -103,7 +103,8 @@ class Program:
         finally:
             # the runner's arena on top, where the next lone caller takes it (after concurrent calls the
             # pool holds others)
-            if self._native is None or arena is self._native.arena:
+            runner = self._native
+            if runner is None or arena is runner.arena:
                 arenas.append(arena)
             else:
                 arenas.insert(0, arena)
