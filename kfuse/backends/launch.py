@@ -33,14 +33,12 @@ def group_runner(group, fk: FusedKernel, build, alloc):
     def run(bufs, *inputs):
         args = [inputs[p] for p in pick]
         outs = [alloc(k, bufs[w], args) for k, w in enumerate(where)]
-        kk = kernel
-        if not all(a.is_contiguous() for a in args):
-            kk = specialised(args)
-            if kk is None:
-                with record.paused():         # a replay of the call alone would read the old copies
-                    kernel([a.contiguous() for a in args], outs)
-                return tuple(outs[b] for b in back)
-        kk(args, outs)
+        kk = kernel if all(a.is_contiguous() for a in args) else specialised(args)
+        if kk is not None:
+            kk(args, outs)
+        else:
+            with record.paused():         # on copies: a replay of the call alone would read the old ones
+                kernel([a.contiguous() for a in args], outs)
         return tuple(outs[b] for b in back)
     run.kernel, run.strided = kernel, strided
     return run
