@@ -134,34 +134,31 @@ class Program:
         are called alternately, so a busy spell of the machine slows both alike rather than one."""
         buffers = dict(zip(self._plan.planned, self._plan.new_arena())) if self._plan is not None else {}
         times = []
-        for gi, group, fn, args in self.kernel_calls(inputs, buffers):
+
+        def timed(gi, group, fn, args):
             info = self.report.kernels[gi]
             fns = [fn, reference_kernel(group)] if info.fusion else [fn]
             meds = median_ms(fns, args, reps)
             fused, unfused = meds[0], meds[-1]
             info.measured_ms, info.unfused_ms = fused, unfused
             times.append((fused, unfused))
+            return fn(*args)
+        self.kernel_calls(inputs, buffers, timed)
         return times
 
-    def kernel_calls(self, inputs, buffers: dict):
-        """The program's kernels one by one outside its wrapper, for timing and recording: yields
-        (index, group, fn, args) in order, fn(*args) writing into `buffers` (value -> tensor: an arena)
-        where the kernel writes into planned buffers; the outputs of the call after a yield (the
-        caller's, else one more) are what later kernels read."""
+    def kernel_calls(self, inputs, buffers: dict, call) -> dict:
+        """Runs the program's kernels one by one outside its wrapper, for timing and recording:
+        call(index, group, fn, args) returns fn(*args), the group's outputs, fn writing into `buffers`
+        (value -> tensor: an arena) where the kernel writes into planned buffers. Returns every value's
+        tensor (inputs and constants too)."""
         env = dict(zip(self.graph.inputs, inputs))
         env.update({n: n.value for n in self.graph.nodes if n.op == "const"})
         for gi, (group, kernel) in enumerate(zip(self.groups, self.kernels)):
-            args = [env[i] for i in group.inputs]
             fn = kernel.fn
             if kernel.writes_into:
                 fn = functools.partial(kernel.fn, tuple(buffers.get(o) for o in group.outputs))
-            last = []           # the latest outputs of the caller's calls
-
-            def call(*a, _f=fn, _last=last):
-                _last[:] = [_f(*a)]
-                return _last[0]
-            yield gi, group, call, args
-            env.update(zip(group.outputs, last[0] if last else fn(*args)))
+            env.update(zip(group.outputs, call(gi, group, fn, [env[i] for i in group.inputs])))
+        return env
 
 
 def median_ms(fns: list, args, reps: int = 20) -> list[float]:

@@ -207,12 +207,11 @@ def build(program, inputs, threads: int, arena: list) -> Native:
     with torch.inference_mode(False):
         staging = [t.clone() for t in inputs]
     buffers = dict(zip(plan.planned, arena))
-    env = {}                # every value's tensor in the recorded call
     with record.Recorder() as rec, torch.inference_mode(False), torch.no_grad():
-        for gi, group, fn, args in program.kernel_calls(staging, buffers):
+        def recorded(gi, group, fn, args):
             rec.kernel = gi
-            env.update(zip(group.inputs, args))
-            env.update(zip(group.outputs, fn(*args)))
+            return fn(*args)
+        env = program.kernel_calls(staging, buffers, recorded)      # every value's tensor in the recorded call
     # which kernels run from C: those whose every C call was recorded and can be written as a C call, but
     # for a large output the caller gets: the Python step writes it into a buffer of the output pool
     # (backends.POOL_MIN), where the runner would copy it out of its own
