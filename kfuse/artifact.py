@@ -253,7 +253,8 @@ def load(path) -> tuple[dict, list[tuple[tuple, tuple | None, Program]]]:
                 sig = tuple((tuple(s), DTYPES[d]) for s, d in e["signature"])
                 values = None if e["specialised"] is None else tuple((int(i), bytes.fromhex(v))
                                                                      for i, v in e["specialised"])
-                programs.append((sig, values, assemble(graph, groups, report, e["reference"], machine)))
+                program = assemble(graph, groups, report, e["reference"], machine, settle_choices=False)
+                programs.append((sig, values, program))
     except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
         raise ArtifactError(f"{path}: program.json or weights.safetensors is inconsistent "
                             f"({type(err).__name__}: {err})") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import cost
+from .. import config, cost
 from ..ir import VIEW_OPS, Group, Kind, Node
 from ..kernels import NotFusable, lower
 from ..kernels.conv import (POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as_pointwise_depthwise,
@@ -36,6 +36,7 @@ from .c import rope as c_rope
 from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
+from .c import autotune
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
@@ -114,14 +115,19 @@ def _best_conv(spec, cands: dict | None = None):
     if len(cands) == 1:
         (backend, conv), = cands.items()
         return conv, backend, ""
+    problem, cold = _conv_problem(spec)
+    best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
+    return cands[best], best, schedule
+
+
+def _conv_problem(spec) -> tuple[str, bool]:
+    """(the name of the timed choice of `spec`'s kernel, whether it is timed cold)."""
     # the network's input (an NCHW view) reaches its convolution from memory, not from the cache where the
     # previous kernel left it: timed warm, oneDNN won MobileNetV3's stem by 6% at compile time and then took
     # twice as long in the program as in the timing
     cold = _nchw_view(spec.x)
-    problem = problem_key("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act,
-                          spec.residual is not None, *(["nchw-view"] if cold else []))
-    best, schedule = pick(problem, choice.timed(cands), _conv_inputs(spec.x, spec.residual), cold=cold)
-    return cands[best], best, schedule
+    return problem_key("conv", tuple(spec.weight.shape), spec.x.shape, spec.attrs, spec.act, spec.residual is not None,
+                       *(["nchw-view"] if cold else [])), cold
 
 
 def _nchw_view(x) -> bool:
@@ -148,15 +154,14 @@ def _conv_call(group, spec, conv):
     20.7 -> 30.3 ms)."""
     ix = group.inputs.index(spec.x)
     ir = None if spec.residual is None else group.inputs.index(spec.residual)
+    run = conv.bound(tuple(spec.x.shape)) if hasattr(conv, "bound") else conv   # ours: checks done once
     if not choice.takes_out(conv):
-        return (lambda *args: (conv(args[ix]),)) if ir is None else (lambda *args: (conv(args[ix], args[ir]),))
-    if hasattr(conv, "bound"):          # our kernels: the checks done once, for the shape the program has
-        conv = conv.bound(tuple(spec.x.shape))
-    if ir is None:
-        fn = lambda bufs, *args: (conv(args[ix], out=bufs[0]),)   # noqa: E731
+        fn = (lambda *args: (run(args[ix]),)) if ir is None else (lambda *args: (run(args[ix], args[ir]),))
+    elif ir is None:
+        fn = lambda bufs, *args: (run(args[ix], out=bufs[0]),)   # noqa: E731
     else:
-        fn = lambda bufs, *args: (conv(args[ix], args[ir], out=bufs[0]),)   # noqa: E731
-    fn.writes_into = True
+        fn = lambda bufs, *args: (run(args[ix], args[ir], out=bufs[0]),)   # noqa: E731
+    fn.writes_into, fn.weights = choice.takes_out(conv), conv
     return fn
 
 
@@ -165,13 +170,18 @@ def _conv_kernel(group):
     if pair is not None:
         return _pair_kernel(group, pair)
     spec = as_conv(group.nodes)
-    conv, backend, schedule = _best_conv(spec)
+    cands = _conv_candidates(spec)
+    conv, backend, schedule = _best_conv(spec, cands)
     fn = _conv_call(group, spec, conv)
+    problem, cold = _conv_problem(spec)
+    if len(cands) > 1 and config.get().autotune and not autotune.settled(problem, list(cands), cold):
+        fn.contest = choice.Contest(autotune.verdict_key(problem, list(cands), cold), list(cands), backend,
+                                    lambda: {n: _conv_call(group, spec, k) for n, k in _conv_candidates(spec).items()})
     if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"
     order = getattr(conv, "order_text", {}).get((*spec.x.shape[:3], openmp.threads()))
-    fn.schedule, fn.weights = schedule + (f"; work order {order}" if order else ""), conv
+    fn.schedule = schedule + (f"; work order {order}" if order else "")
     fn.sources = lambda: choice.conv_sources(conv)
     return fn, backend
 
@@ -592,6 +602,7 @@ class Kernel:
                                # writes it into the generated wrapper instead of calling fn
     weights: object = None     # the packed kernel object it reads its weights from (a chosen GEMM or
                                # convolution; hugepages.back_object)
+    contest: object = None     # choice.Contest: a choice timed alone, to be timed in the program (settle.py)
 
 
 def inline_view(node) -> str | None:
@@ -679,4 +690,5 @@ def make_kernel(group, report, machine, backend: str = "cpu", rounding: str = "o
     if name:
         report.fused(name)
     inline = inline_view(nodes[0]) if kind == "view" and len(group.inputs) == 1 else None
-    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline, weights=weights)
+    return Kernel(fn, writes_into, aliases=kind in ("view", "torch"), sources=sources, inline=inline, weights=weights,
+                  contest=getattr(fn, "contest", None))

@@ -2,11 +2,25 @@
 and what our kernels need to run and be saved (the problems' names: autotune.problem)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
+
+
+@dataclass
+class Contest:
+    """A kernel chosen among interchangeable ones by timing each alone, to be timed again in its program
+    (runtime/settle.py): alone, a kernel finds its weights and input where the timing left them, and in
+    a program they may not be (MobileNetV2's 320 -> 1280 1x1 convolution: oneDNN 0.44 ms alone, 0.73 in
+    the program; our GEMM won there)."""
+    key: str        # the cache key of the verdict (autotune.verdict_key)
+    names: list     # the candidates
+    chosen: str     # the one chosen alone
+    make: object    # () -> {name: fn}: each candidate as the group's kernel (backends.make_kernel's fn)
 
 
 def timed(cands):

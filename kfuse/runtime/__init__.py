@@ -13,6 +13,7 @@ import contextlib
 import functools
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -26,7 +27,7 @@ from ..backends.reference import reference_kernel
 from ..ir import Graph, Group, Node
 from ..passes import dump, run_pipeline
 from ..report import Report
-from . import memplan, native
+from . import memplan, native, settle
 
 
 NATIVE_AFTER = 2        # a program's calls before its native runner is made
@@ -132,7 +133,7 @@ class Program:
         """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
         stores them in report.kernels[i].measured_ms / .unfused_ms and returns the pairs. The two
         are called alternately, so a busy spell of the machine slows both alike rather than one."""
-        buffers = dict(zip(self._plan.planned, self._plan.new_arena())) if self._plan is not None else {}
+        buffers = self.arena_buffers()
         times = []
 
         def timed(gi, group, fn, args):
@@ -145,6 +146,11 @@ class Program:
             return fn(*args)
         self.kernel_calls(inputs, buffers, timed)
         return times
+
+    def arena_buffers(self) -> dict:
+        """{value: buffer} of an arena of the pool (for kernel_calls outside a call: profiling, settling)."""
+        arena = self._arenas[-1] if self._arenas else self._new_arena([])
+        return dict(zip(self._plan.planned, arena)) if self._plan is not None else {}
 
     def kernel_calls(self, inputs, buffers: dict, call) -> dict:
         """Runs the program's kernels one by one outside its wrapper, for timing and recording:
@@ -285,16 +291,17 @@ def _weight_bytes(graph: Graph) -> int:
 
 
 def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool, m, backend: str = "cpu",
-             cuda_graphs="auto", rounding: str = "outputs") -> Program:
+             cuda_graphs="auto", rounding: str = "outputs", settle_choices: bool = True) -> Program:
     """The Program for a fused graph and its groups: kernels built (or, with `reference`, every group
     run by the reference functions), memory planned, the call wrapper generated. `backend`: the
     renderer of the fused kernels, "cpu" (C and oneDNN) or "triton" (kfuse.backends.make_kernel);
     `cuda_graphs`: a Triton program on a GPU may replay as a CUDA graph (runtime/cudagraph.py);
-    `rounding`: where Triton kernels round float16/bfloat16 values (kfuse.compile's option)."""
+    `rounding`: where Triton kernels round float16/bfloat16 values (kfuse.compile's option);
+    `settle_choices`: kernels chosen by timing alone are timed again in the program (settle.py; an
+    artifact's program is loaded as it was compiled)."""
     if reference:
         kernels = [Kernel(reference_kernel(g), writes_into=False, aliases=True) for g in groups]
-        last_use = {i: gi for gi, g in enumerate(groups) for i in g.inputs}
-        plan = None
+        program = _program(graph, groups, kernels, report, True, m, backend, cuda_graphs)
     else:
         for n in graph.nodes:       # weights other programs hold already: one copy, packed once
             if n.op == "const":
@@ -306,16 +313,41 @@ def assemble(graph: Graph, groups: list[Group], report: Report, reference: bool,
                 if backend == "cpu":
                     groups = split_pairs(groups, report)
                 kernels = [make_kernel(g, report, m, backend, rounding) for g in groups]
-        if backend == "cpu":
-            with progress.stage("moving weights into 2 MB pages"):
-                for k in kernels:
-                    hugepages.back_object(k.weights)
+            if backend == "cpu":
+                with progress.stage("moving weights into 2 MB pages"):
+                    for k in kernels:
+                        hugepages.back_object(k.weights)
+            program = _program(graph, groups, kernels, report, False, m, backend, cuda_graphs)
+            changed = settle.propose(program) if backend == "cpu" and settle_choices else {}
+            if changed:
+                infos, kernels = list(report.kernels), list(kernels)    # the first program's, if it is kept
+                for gi in changed:          # made again: the verdict is now the cached choice
+                    kernels[gi] = make_kernel(groups[gi], made := Report(), m, backend, rounding)
+                    report.kernels[gi] = replace(made.kernels[0], schedule=report.kernels[gi].schedule)
+                    hugepages.back_object(kernels[gi].weights)
+                new = _program(graph, groups, kernels, report, False, m, backend, cuda_graphs)
+                with progress.stage("timing the program with the choices made in it"):
+                    if not settle.faster(new, program):
+                        kernels, report.kernels[:] = program.kernels, infos
+                        settle.reject(changed, program)
         autotune.flush()       # the choices timed for these kernels, into the cache file at once
+        if changed:         # a fresh program: both were called, and a program makes its runner at its own calls
+            program = _program(graph, groups, kernels, report, False, m, backend, cuda_graphs)
+        report.peak_bytes, report.unplanned_bytes = program._plan.peak_bytes, program._plan.unplanned_bytes
         dump("kernels", "\n".join(f"group {i}: {k.name} ({k.backend})" for i, k in enumerate(report.kernels)))
-        plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
+        plan = program._plan
         dump("memory_plan", f"{len(plan.slot_of)} planned values in {len(plan.slot_bytes)} slots, {plan.peak_bytes} bytes")
-        report.peak_bytes, report.unplanned_bytes = plan.peak_bytes, plan.unplanned_bytes
+    dump("codegen", program.source)
+    return program
+
+
+def _program(graph: Graph, groups: list[Group], kernels: list, report: Report, reference: bool, m, backend: str,
+             cuda_graphs) -> Program:
+    """The Program of these kernels: memory planned (but for the reference), the wrapper generated."""
+    if reference:
+        plan, last_use = None, {i: gi for gi, g in enumerate(groups) for i in g.inputs}
+    else:
+        plan = memplan.plan(groups, graph, [k.writes_into for k in kernels], [k.aliases for k in kernels])
         last_use = plan.last_use
     source, fn = generate(graph, groups, kernels, last_use, plan.planned if plan is not None else [])
-    dump("codegen", source)
     return Program(graph, groups, kernels, report, source, fn, plan, reference, m, backend, cuda_graphs)

@@ -259,10 +259,15 @@ def own_rng():
 
 
 def fresh_inputs(k) -> list[torch.Tensor]:
-    """Inputs for timing `k`: constants as they are, floats uniform in [-2, 2], integers 1 (a safe
-    divisor), booleans random."""
+    """Inputs for timing `k` (random_values of its inputs)."""
+    return random_values(k.inputs)
+
+
+def random_values(nodes) -> list[torch.Tensor]:
+    """Values of `nodes` to time on: constants as they are, floats uniform in [-2, 2], integers 1 (a safe
+    divisor, a valid index), booleans random."""
     out = []
-    for n in k.inputs:
+    for n in nodes:
         if n.op == "const":
             out.append(n.value.contiguous())
         elif n.dtype.is_floating_point:
@@ -457,40 +462,68 @@ def problem(*parts) -> str:
     return json.dumps(["into", *parts], sort_keys=True, default=str)
 
 
+def _cold_mode(cold: bool) -> str:
+    return "all" if cold else "weights" if _weights_cold.get() else ""
+
+
+def _text(problem: str, names: list[str], cold: bool) -> str:
+    """What names a timed choice among `names` on `problem` (with `cold`, or inside weights_from_memory,
+    timed so): its cache key before the machine and thread count (_key)."""
+    mode = _cold_mode(cold)
+    return "\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])])
+
+
+IN_PROGRAM = "\0in the program"      # the mark of a verdict key (verdict_key)
+
+
+def verdict_key(problem: str, names: list[str], cold: bool = False, threads: int | None = None) -> str:
+    """The cache key of the choice on `problem` as timed in a program (runtime/settle.py): `pick` takes
+    it before one timed alone."""
+    return _key(_text(problem, names, cold) + IN_PROGRAM, threads or config.threads())
+
+
+def settled(problem: str, names: list[str], cold: bool = False) -> bool:
+    """Whether the choice on `problem` has been timed in a program on this machine (verdict_key)."""
+    return cached(verdict_key(problem, names, cold), names) is not None
+
+
 def pick(problem: str, candidates: dict, inputs, threads: int | None = None, cold: bool = False) -> tuple[str, str]:
     """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
     kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and
     attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
     schedule variants and cached per machine the same way; `cold`: with the caches overwritten before
-    each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. With
-    KFUSE_AUTOTUNE=0 the first candidate, untimed, or the choice a loaded artifact carries (adopt): its
-    program as it was compiled, bit for bit."""
+    each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. A
+    choice timed in a program (verdict_key) comes first. With KFUSE_AUTOTUNE=0 the first candidate,
+    untimed, or the choice a loaded artifact carries (adopt): its program as it was compiled, bit for
+    bit."""
     names = list(candidates)
     threads = threads or config.threads()
-    mode = "all" if cold else "weights" if _weights_cold.get() else ""
-    text = "\0".join([problem, *names, kernels_fingerprint(), *([f"cold {mode} {EVICT_BYTES}"] if mode else [])])
-    key = _key(text, threads)
+    text = _text(problem, names, cold)
+    keys = [_key(text + IN_PROGRAM, threads), _key(text, threads)]
     carried_threads = getattr(_loading, "threads", None)
     if carried_threads not in (None, threads):        # an artifact made at another thread count: its choice
-        carried = cached(_key(text, carried_threads), names, file=False)
-        if carried is not None:
-            return names[carried], f"{names[carried]} (the artifact's choice, made at {carried_threads} threads)"
+        for key in (_key(text + IN_PROGRAM, carried_threads), _key(text, carried_threads)):
+            carried = cached(key, names, file=False)
+            if carried is not None:
+                return names[carried], f"{names[carried]} (the artifact's choice, made at {carried_threads} threads)"
     if not config.get().autotune:
-        carried = cached(key, names, file=False)     # untimed: only what an artifact brought (adopt)
-        if carried is not None:
-            return names[carried], f"{names[carried]} (the artifact's choice; not timed: KFUSE_AUTOTUNE=0)"
+        for key in keys:        # untimed: only what an artifact brought (adopt)
+            carried = cached(key, names, file=False)
+            if carried is not None:
+                return names[carried], f"{names[carried]} (the artifact's choice; not timed: KFUSE_AUTOTUNE=0)"
         return names[0], f"{names[0]} (not timed: KFUSE_AUTOTUNE=0)"
-    hit = cached(key, names)
-    if hit is not None:
-        return names[hit], f"{names[hit]} (measured, cached)"
+    for key, how in zip(keys, ("measured in the program", "measured")):
+        hit = cached(key, names)
+        if hit is not None:
+            return names[hit], f"{names[hit]} ({how}, cached)"
     with own_rng():
         args = inputs()
     with openmp.using(threads), torch.no_grad():
         # the fastest call of each, not the median: whole kernels are compared here, and on a loaded machine
         # most calls of a 0.1 ms kernel can take an 8 ms scheduler slice (cached choices were seen made on
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
-        ms, load = _time_quietly([candidates[n] for n in names], args, threads, cold=mode, stat=lambda t: t[0])
+        ms, load = _time_quietly([candidates[n] for n in names], args, threads, cold=_cold_mode(cold), stat=lambda t: t[0])
     best = min(range(len(ms)), key=ms.__getitem__)
-    remember(key, best, names, ms, load)
+    remember(keys[1], best, names, ms, load)
     times = ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms))
     return names[best], f"{names[best]} (measured: {times}{under_load(load)})"
