@@ -16,7 +16,7 @@ class Contest:
     """A kernel chosen among interchangeable ones by timing each alone, to be timed again in its program
     (runtime/settle.py): alone, a kernel finds its weights and input where the timing left them, and in
     a program they may not be (MobileNetV2's 320 -> 1280 1x1 convolution: oneDNN 0.44 ms alone, 0.73 in
-    the program; our GEMM won there)."""
+    the program)."""
     key: str        # the cache key of the verdict (autotune.verdict_key)
     names: list     # the candidates
     chosen: str     # the one chosen alone

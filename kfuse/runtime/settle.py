@@ -2,11 +2,11 @@
 
 A group whose kernel was chosen among interchangeable candidates (backends.choice.Contest: our
 convolution or oneDNN's) was timed alone at compile time, with its weights and input in the caches the
-timing warmed. In the program the kernels before it have passed their own data through the caches, and
-weights that stay in the last-level cache alone do not stay there: forcing our kernel wherever oneDNN
-had won alone, RegNetY-1.6GF at batch 8 took 0.86x the time, MobileNetV2 at batch 1 0.94x, ResNet-50
-at batch 1 1.02x (oneDNN right there), on the project's Zen 3. Timing every candidate cold instead is
-no rule either (MobileNetV2 0.94x, EfficientNet-B0 1.02-1.05x).
+timing warmed. In the program the kernels before it have passed their own data through the caches,
+weights that stay in the last-level cache alone do not stay there, and a library kernel's output,
+allocated per call, may be page-faulted in on every call, depending on the process's allocation history
+(RegNetY-1.6GF at batch 8: 10,740 faults a call in one process, none in another). Timing every candidate
+cold instead is no rule (MobileNetV2 0.94x, EfficientNet-B0 1.02-1.05x).
 
 So the assembled program is walked kernel by kernel (Program.kernel_calls) on random inputs, each
 contested group running one of its candidates per walk, in rotation, timed where it stands; a candidate
