@@ -133,7 +133,7 @@ class Program:
         """Time every kernel (median of `reps` calls) and the same group run op by op in torch;
         stores them in report.kernels[i].measured_ms / .unfused_ms and returns the pairs. The two
         are called alternately, so a busy spell of the machine slows both alike rather than one."""
-        buffers = self.arena_buffers()
+        buffers = dict(zip(self._plan.planned, self._plan.new_arena())) if self._plan is not None else {}
         times = []
 
         def timed(gi, group, fn, args):
@@ -148,7 +148,8 @@ class Program:
         return times
 
     def arena_buffers(self) -> dict:
-        """{value: buffer} of an arena of the pool (for kernel_calls outside a call: profiling, settling)."""
+        """{value: buffer} of the arena on top of the pool, the one the next lone call takes (for
+        kernel_calls outside a call, while none is in flight: settle.py)."""
         arena = self._arenas[-1] if self._arenas else self._new_arena([])
         return dict(zip(self._plan.planned, arena)) if self._plan is not None else {}
 
