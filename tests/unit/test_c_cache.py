@@ -180,7 +180,7 @@ m, x = M().eval(), torch.randn(1, 3, 12, 12)
 cm = kfuse.compile(m, (x,))
 with torch.no_grad():
     err = (cm(x) - m(x)).abs().max().item()
-    cm(x)                   # the second call makes the native runner: its one build, after the kernels'
+    cm(x)                   # the second call makes the native runner: built after the kernels
 print(json.dumps({"late": late, "built": len(list(compiler.cache_dir().glob("*.so"))), "err": err,
                   "backends": sorted({k.backend for k in cm.report().kernels})}))
 """
@@ -193,6 +193,7 @@ def test_first_compile_builds_its_libraries_together_before_timing(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["err"] < 1e-4
     assert out["built"] >= 4, out                      # our GEMM, depthwise, the pair, the elementwise kernel
-    # every kernel built by build_all, none one at a time; the native runner at the second call, after them
-    assert out["late"] == ["/* a program's native runner (kfuse/runtime/native.py) */"], out
+    # every kernel built by build_all, none one at a time; the native runner after them: at the second call,
+    # and the two programs' of settle.faster where a choice timed in the program changed a kernel
+    assert out["late"] and set(out["late"]) == {"/* a program's native runner (kfuse/runtime/native.py) */"}, out
     assert {"c:gemm", "c:max_pool2d", "c:depthwise+gemm", "c:reduce_mid", "c"} <= set(out["backends"]), out
