@@ -60,11 +60,12 @@ def propose(program) -> dict:
         if ms[best] > (1 - MARGIN) * ms[names.index(chosen)]:
             best = names.index(chosen)
         autotune.remember(key, best, names, ms, load)
-        verdicts[key] = names[best], ", ".join(f"{n} {t:.3f}" for n, t in zip(names, ms)), len(same)
+        # shown per kernel, like the times alone
+        verdicts[key] = names[best], ", ".join(f"{n} {t / len(same):.3f}" for n, t in zip(names, ms)), len(same)
     for gi, c in contests.items():
         best, text, count = verdicts[c.key]
         info = program.report.kernels[gi]
-        each = f" over {count} kernels like it" if count > 1 else ""
+        each = f", the mean of {count} kernels like it" if count > 1 else ""
         info.schedule = f"{best} (measured in the program: {text} ms{each}{autotune.under_load(load)}; " \
                         f"alone: {info.schedule})"
     return {gi: c for gi, c in contests.items() if verdicts[c.key][0] != c.chosen}
