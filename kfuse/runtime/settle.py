@@ -76,7 +76,8 @@ def faster(new, old) -> bool:
     as a user calls them (Program.__call__: through their native runners, made at their second call),
     in turn, on the same random inputs. A library kernel costs the runner more than the walk sees: its
     output is copied into the recorded tensor, and the C run around it is split (ResNet-50 at batch 1,
-    ten convolutions moved to oneDNN by their times in the walk: the program 1.10x slower). Both programs
+    ten convolutions moved to oneDNN by their times in the walk: the program 1.10x slower, timed beside
+    the first in one process). Both programs
     are called: the caller makes a fresh one of the faster (whose runner is made at its own second call);
     the report's launch line is left as it was."""
     try:
