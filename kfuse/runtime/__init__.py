@@ -149,9 +149,9 @@ class Program:
 
     def arena_buffers(self) -> dict:
         """{value: buffer} of the arena on top of the pool, the one the next lone call takes (for
-        kernel_calls outside a call, while none is in flight: settle.py)."""
-        arena = self._arenas[-1] if self._arenas else self._new_arena([])
-        return dict(zip(self._plan.planned, arena)) if self._plan is not None else {}
+        kernel_calls outside a call, while none is in flight, on a CPU program, whose pool starts with
+        one: settle.py)."""
+        return dict(zip(self._plan.planned, self._arenas[-1])) if self._plan is not None else {}
 
     def kernel_calls(self, inputs, buffers: dict, call) -> dict:
         """Runs the program's kernels one by one outside its wrapper, for timing and recording:
