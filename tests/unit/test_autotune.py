@@ -66,6 +66,9 @@ def test_every_variant_matches_the_reference(cache, name):
     scheds = autotune.variants(k)
     assert len(scheds) >= 3 and scheds[0] == DEFAULT
     assert (Schedule(stream=True) in scheds) == (name in STREAMED)
+    # rows read again after their reductions: the variant fetching the next row in the last pass
+    assert (Schedule(prefetch=True) in scheds) == (k.passes > 1) == (name != "swiglu flat")
+    assert (Schedule(stream=True, prefetch=True) in scheds) == (name in STREAMED)
     fn = build(k)
     assert fn.choice is not None and fn.choice.how == "timed"
     xs = [torch.randn(s) for s in shapes]

@@ -1,8 +1,9 @@
 """Choose each C kernel's schedule by timing it on this machine, once, and remember the winner.
 
 A schedule (render.Schedule) is how a kernel's outer loop is spread over the threads: all threads
-with a static split (the default), the calling thread alone, dynamic chunks, guided; and, for row
-kernels writing STREAM_MIN_BYTES or more, whether they write by streaming stores. Which is fastest
+with a static split (the default), the calling thread alone, dynamic chunks, guided; for row kernels
+of several passes, whether the last pass prefetches the next row's inputs; and, for row kernels writing
+STREAM_MIN_BYTES or more, whether they write by streaming stores (with and without the prefetch). Which is fastest
 depends on the machine (a Zen 5 and a Zen 4 disagreed about static vs dynamic splits and about
 small kernels), so instead of constants measured on one of them:
 
@@ -41,7 +42,7 @@ import torch
 from ... import config
 from .. import openmp
 from . import compiler
-from .render import CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
+from .render import BLOCK, CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
 
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
@@ -86,8 +87,11 @@ def variants(k) -> list[Schedule]:
         return [DEFAULT]
     # chunks of 1/16 of the loop (elements, in whole 64-byte lines, or rows), sized at the call
     scheds = [DEFAULT, Schedule(threads="one"), Schedule(omp=f"dynamic, {CHUNK}"), Schedule(omp="guided")]
+    fetch = not k.flat and k.passes > 1 and k.shape[-1] >= BLOCK
+    if fetch:
+        scheds.append(Schedule(prefetch=True))
     if not k.flat and sum(math.prod(o.shape) * o.dtype.itemsize for o in k.outputs) >= STREAM_MIN_BYTES:
-        scheds.append(Schedule(stream=True))
+        scheds += [Schedule(stream=True)] + ([Schedule(stream=True, prefetch=True)] if fetch else [])
     return scheds
 
 

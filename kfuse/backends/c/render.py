@@ -47,10 +47,12 @@ class Schedule:
                                 # stands for 1/16 of the loop count (at least 4096 elements, 1 row)
     stream: bool = False        # a row kernel's float outputs written by streaming (non-temporal) stores,
                                 # past the caches: for outputs larger than the last-level cache can hold
+    prefetch: bool = False      # a row kernel of several passes fetches the next row's inputs while it
+                                # writes this row (its last pass), so the memory is busy in every pass
 
     def __str__(self):
         text = "1 thread" if self.threads == "one" else self.omp.replace(" ", "").replace(CHUNK, "n/16")
-        return text + (", streaming stores" if self.stream else "")
+        return text + (", next row prefetched" if self.prefetch else "") + (", streaming stores" if self.stream else "")
 
 
 CHUNK = "{chunk}"
@@ -220,9 +222,12 @@ class _Render:
                 self.out(f"int64_t i{j} = q % {lead[j]}LL; q /= {lead[j]}LL;", d)
             self.out("int64_t i0 = q;", d)
         idx = ["r"] if len(lead) == 1 else [f"i{j}" for j in range(len(lead))]
+        self.next_row = {}      # input -> its elements from one row to the next, where the rows follow evenly
         for a, st in enumerate(k.strides):
             if all(st[j] == st[j + 1] * lead[j + 1] for j in range(len(lead) - 1)):
                 off = f"{st[-2]}LL * r" if st[-2] else "0"   # walks the rows contiguously
+                if a < self.n_in and st[-2] and st[-1] == 1:
+                    self.next_row[a] = st[-2]
             else:
                 off = " + ".join(f"{s}LL * {x}" for s, x in zip(st[:-1], idx) if s) or "0"
             self.out(f"{'const ' if a < self.n_in else ''}{CTYPE_OF(k, a)} *restrict p{a} = a{a} + {off};", d)
@@ -255,8 +260,9 @@ class _Render:
         if not (reds or outs or stores):
             return
         streamed = [(o, v) for o, v in outs if self.streams(o, v)] if not reds and N >= BLOCK else []
-        if streamed:
-            self.streamed_pass(p, row, d, N, stores, outs, streamed)
+        fetch = self.sched.prefetch and p == k.passes - 1 and p > 0 and N >= BLOCK
+        if streamed or fetch:
+            self.blocked_pass(p, row, d, N, stores, outs, streamed, fetch)
             return
         nan = [i for i in reds if k.values[i].op != "rsum" and k.values[i].dtype == "f32"]
         for i in reds:
@@ -309,13 +315,18 @@ class _Render:
         return self.sched.stream and k.varies[v] and k.strides[self.n_in + o][-1] == 1 and \
             DTYPES[k.outputs[o].dtype] == "f32"
 
-    def streamed_pass(self, p, row, d, N, stores, outs, streamed):
-        """A pass without reductions whose `streamed` outputs are computed BLOCK elements at a time into
-        aligned local arrays t<o>, each block then streamed out (kf_stream_block); the rest of the row, past
-        the last whole block, by plain stores."""
+    def blocked_pass(self, p, row, d, N, stores, outs, streamed, fetch):
+        """A pass without reductions run BLOCK elements at a time: its `streamed` outputs computed into
+        aligned local arrays t<o>, each block then streamed out (kf_stream_block); with `fetch`, each block
+        first prefetches the same block of the next row's inputs (into L1: the row's first pass reads them
+        next). The rest of the row, past the last whole block, by plain stores."""
         split = N // BLOCK * BLOCK
         dest = {o: f"t{o}[jj]" for o, _ in streamed}
         self.out(f"for (int64_t j0 = 0; j0 < {split}LL; j0 += {BLOCK}) {{", d)
+        for a, step in self.next_row.items() if fetch else ():
+            self.out(f"const char *f{a} = (const char *)(p{a} + {step}LL + j0);", d + 1)
+            for line in range(0, BLOCK * self.k.inputs[a].dtype.itemsize, 64):
+                self.out(f"__builtin_prefetch(f{a} + {line}, 0, 3);", d + 1)   # never faults, past the end too
         for o, _ in streamed:
             self.out(f"float t{o}[{BLOCK}] __attribute__((aligned(64)));", d + 1)
         self.out("#pragma omp simd", d + 1)
