@@ -89,10 +89,50 @@ KF_INLINE void tile_start(const int mr, const int nv, __m512 acc[MR][2], const f
     }
 }
 
-/* A tile's outputs from its sums: the epilogue (or the gating) per row and panel; cols valid columns */
+/* The activations without an exponential on 16 lanes: act()'s operations in its order (the same bits);
+   vmaxps/vminps return their second operand where either is NaN, as `p0 > v ? p0 : v` does */
+#define REG_EPILOGUE16 (!GLU && (ACT == 0 || ACT == 1 || ACT == 7 || ACT == 8 || ACT == 9 || ACT == 10))
+KF_INLINE __m512 act16(__m512 v, __m512 p0, __m512 p1) {
+    (void)p0; (void)p1;
+#if ACT == 1
+    return _mm512_max_ps(p0, v);
+#elif ACT == 7
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_mul_ps(v, p0), v);
+#elif ACT == 8
+    return _mm512_max_ps(p0, _mm512_min_ps(p1, v));
+#elif ACT == 9 || ACT == 10
+    __m512 t = _mm512_max_ps(p0, _mm512_min_ps(p1, _mm512_add_ps(v, _mm512_set1_ps(3.0f))));
+    return _mm512_div_ps(ACT == 9 ? _mm512_mul_ps(v, t) : t, _mm512_set1_ps(6.0f));
+#else
+    return v;
+#endif
+}
+
+/* A tile's outputs from its sums: the epilogue (or the gating) per row and panel; cols valid columns. Whole
+   panels of an activation act16 has are stored from the accumulators (REG_EPILOGUE16), without the sums'
+   trip through memory and epilogue()'s loop. On Zen 5 (one process, both sources alternated, bits equal):
+   1x1 convolutions K = 16 -> 96 [12544 rows] 0.89-0.92x the time, K = 64 0.97-0.98x, longer K 0.98-1.0x. */
 KF_INLINE void tile_end(const int mr, const int nv, __m512 acc[MR][2], float *restrict c, int64_t ldc, int cols,
                         const float *restrict b, const float *restrict r, float p0, float p1) {
     (void)r;
+#if REG_EPILOGUE16
+    if (cols == 16 * nv) {
+        const __m512 q0 = _mm512_set1_ps(p0), q1 = _mm512_set1_ps(p1);
+        #pragma GCC unroll 2
+        for (int v = 0; v < nv; v++) {
+            const __m512 bv = _mm512_loadu_ps(b + 16 * v);
+            #pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                __m512 sv = _mm512_add_ps(acc[i][v], bv);
+#if RES
+                sv = _mm512_add_ps(sv, _mm512_loadu_ps(r + i * ldc + 16 * v));
+#endif
+                _mm512_storeu_ps(c + i * ldc + 16 * v, act16(sv, q0, q1));
+            }
+        }
+        return;
+    }
+#endif
 #if GLU
     (void)nv;
     #pragma GCC unroll 8
