@@ -14,7 +14,7 @@ import torch
 
 from .compiler import load
 from .record import c_call
-from .vecmath import EXP8_C, VECMATH_C
+from .vecmath import EXP8_C, EXP16_C, VECMATH_C
 
 C_SOURCE = Path(__file__).with_name("conv_act.c").read_text()
 SHARE_C = Path(__file__).with_name("share.c").read_text()     # kf_take: work items shared by a team
@@ -30,9 +30,9 @@ CLAMP_BOUNDS = {"relu": (0.0, 0.0), "hardswish": (0.0, 6.0), "hardsigmoid": (0.0
 
 def template(path: Path) -> str:
     """The C template at `path` with the vector math, the activation and, where it marks their places,
-    kf_exp8 and the shared work items (share.c) filled in."""
+    kf_exp8, kf_exp16 and the shared work items (share.c) filled in."""
     return (path.read_text().replace("/*VECMATH*/", VECMATH_C).replace("/*CONV_ACT*/", C_SOURCE)
-            .replace("/*EXP8*/", EXP8_C).replace("/*SHARE*/", SHARE_C))
+            .replace("/*EXP8*/", EXP8_C).replace("/*EXP16*/", EXP16_C).replace("/*SHARE*/", SHARE_C))
 
 
 def act_code(act, kernel: str) -> tuple[int, ctypes.Array]:

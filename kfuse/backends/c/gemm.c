@@ -72,6 +72,7 @@ KF_INLINE void advance(int64_t k, int64_t *n, int64_t *oh, int64_t *ow, int64_t 
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+/*EXP16*/
 
 /* A tile's accumulators zeroed; its residual rows fetched now (read only after the K loop, their misses
    overlap the FMAs: a 1x1 K=64 convolution + residual 0.94x; prefetching the output lines too gained
@@ -89,9 +90,9 @@ KF_INLINE void tile_start(const int mr, const int nv, __m512 acc[MR][2], const f
     }
 }
 
-/* The activations without an exponential on 16 lanes: act()'s operations in its order (the same bits);
+/* act() of 16 lanes, its operations in its order (the same bits), every activation but tanh and erf-GELU;
    vmaxps/vminps return their second operand where either is NaN, as `p0 > v ? p0 : v` does */
-#define REG_EPILOGUE16 (!GLU && (ACT == 0 || ACT == 1 || ACT == 7 || ACT == 8 || ACT == 9 || ACT == 10))
+#define REG_EPILOGUE16 (!GLU && ACT != 3 && ACT != 5)
 KF_INLINE __m512 act16(__m512 v, __m512 p0, __m512 p1) {
     (void)p0; (void)p1;
 #if ACT == 1
@@ -100,6 +101,15 @@ KF_INLINE __m512 act16(__m512 v, __m512 p0, __m512 p1) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_mul_ps(v, p0), v);
 #elif ACT == 8
     return _mm512_max_ps(p0, _mm512_min_ps(p1, v));
+#elif ACT == 2 || ACT == 4 || ACT == 6          /* sigmoid, SiLU, GELU (tanh form): x / (1 + e^-u) */
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 u = v;
+    if (ACT == 6)       /* 0x1.988454p0f * (v + 0.044715f * v * v * v), as act() rounds it */
+        u = _mm512_mul_ps(_mm512_set1_ps(0x1.988454p0f), _mm512_add_ps(v, _mm512_mul_ps(_mm512_mul_ps(
+                _mm512_mul_ps(_mm512_set1_ps(0.044715f), v), v), v)));
+    const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(u), _mm512_set1_epi32(INT32_MIN)));
+    __m512 d = _mm512_add_ps(one, kf_exp16(neg));    /* -u by its sign bit (vxorps on zmm needs AVX512DQ) */
+    return _mm512_div_ps(ACT == 2 ? one : v, d);
 #elif ACT == 9 || ACT == 10
     __m512 t = _mm512_max_ps(p0, _mm512_min_ps(p1, _mm512_add_ps(v, _mm512_set1_ps(3.0f))));
     return _mm512_div_ps(ACT == 9 ? _mm512_mul_ps(v, t) : t, _mm512_set1_ps(6.0f));
@@ -111,7 +121,8 @@ KF_INLINE __m512 act16(__m512 v, __m512 p0, __m512 p1) {
 /* A tile's outputs from its sums: the epilogue (or the gating) per row and panel; cols valid columns. Whole
    panels of an activation act16 has are stored from the accumulators (REG_EPILOGUE16), without the sums'
    trip through memory and epilogue()'s loop. On Zen 5 (one process, both sources alternated, bits equal):
-   1x1 convolutions K = 16 -> 96 [12544 rows] 0.89-0.92x the time, K = 64 0.97-0.98x, longer K 0.98-1.0x. */
+   1x1 convolutions K = 16 -> 96 [12544 rows] 0.89-0.92x the time with ReLU, 0.88-0.93x with sigmoid, SiLU or
+   GELU-tanh; K = 64 0.97x (ReLU), 0.91-0.96x (exp forms); longer K 0.96-1.0x. */
 KF_INLINE void tile_end(const int mr, const int nv, __m512 acc[MR][2], float *restrict c, int64_t ldc, int cols,
                         const float *restrict b, const float *restrict r, float p0, float p1) {
     (void)r;

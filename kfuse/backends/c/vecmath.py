@@ -152,6 +152,11 @@ KF_INLINE __m256 kf_exp8(__m256 x) {
 }
 """
 
+# the same on 16 lanes (AVX-512), for a template marking /*EXP16*/ (gemm.c): the 8-lane text with its types
+# and intrinsics widened, so the two cannot drift apart
+EXP16_C = (EXP8_C.replace("__m256", "__m512").replace("_mm256_", "_mm512_").replace("si256", "si512")
+           .replace("kf_exp8", "kf_exp16").replace("on 8 lanes", "on 16 lanes").replace("AVX2", "AVX-512"))
+
 FLOAT_FN = {"abs": "fabsf", "exp": "kf_exp", "log": "logf", "log1p": "log1pf", "sqrt": "sqrtf",
             "sin": "sinf", "cos": "cosf", "tanh": "kf_tanh", "erf": "kf_erf", "phi": "kf_phi", "floor": "floorf",
             "ceil": "ceilf", "pow": "powf", "round": "nearbyintf", "trunc": "truncf",
