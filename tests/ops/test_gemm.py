@@ -187,11 +187,11 @@ def test_empty_batch():
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("residual", [False, True])
 def test_epilogue_in_registers_equals_the_portable_one_bit_for_bit(act, residual):
-    """The native tiles finish a full panel in vector registers (AVX2: act8, kf_exp8; AVX-512: act16, for
-    the activations without an exponential) and a partial one, like the portable tiles, from the sums in
-    memory: the same operations in the same order, so the same bits, on every special value. With one
-    input channel of weight 1 and no bias each output is its input (+ residual) activated: the values
-    reach the activations exactly."""
+    """The native tiles finish a full panel in vector registers (AVX2: act8, kf_exp8; AVX-512: act16,
+    kf_exp16; both for every activation but tanh and erf-GELU) and a partial one, like the portable tiles,
+    from the sums in memory: the same operations in the same order, so the same bits, on every special
+    value. With one input channel of weight 1 and no bias each output is its input (+ residual)
+    activated: the values reach the activations exactly."""
     vals = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 6.0, 87.5, -87.5, 88.7, -88.7, 89.0,
                          -104.0, 1e4, -1e4, 3e38, -3e38, float("inf"), float("-inf"), float("nan")])
     x = torch.cat([vals, torch.randn(37) * 20]).reshape(-1, 1)
