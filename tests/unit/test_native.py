@@ -6,6 +6,7 @@ import torch
 import kfuse
 from kfuse import config
 from kfuse.models import build
+from kfuse.runtime import native
 
 
 class SortBetween(torch.nn.Module):
@@ -70,6 +71,31 @@ def test_a_cnn_runs_from_c_after_its_second_call_and_equals_the_python_program()
             got = cm(x)
             assert _equal(got, _python(cm, x))
             torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_runs_read_the_callers_input_where_it_is():
+    """The runs' pointers into an input's staging tensor are moved to each call's tensor of the same shape,
+    dtype and strides, which the runs then read in place (the staging tensor is not written); the same
+    tensor with new values is read anew; an input of other strides is copied into the staging tensor."""
+    model, inputs = build("mobilenetv3", image=64)
+    cm = kfuse.compile(model, inputs)
+    with torch.no_grad():
+        _warm(cm, *inputs)
+        moved = [v for v in cm._last._native._fn.__globals__.values() if isinstance(v, native._Moved)]
+        assert len(moved) == 1 and moved[0].sites
+        staged = moved[0].staging.clone()
+        for seed in range(3):
+            x = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed))
+            got = cm(x)
+            assert moved[0].at == x.data_ptr() and _equal(got, _python(cm, x))
+        assert torch.equal(moved[0].staging, staged)
+        x.mul_(-2)
+        assert _equal(cm(x), _python(cm, x))
+        last = x.contiguous(memory_format=torch.channels_last)
+        got = cm(last)
+        assert torch.equal(moved[0].staging, last) and moved[0].at == moved[0].staging.data_ptr()
+        assert _equal(got, _python(cm, last))
+        torch.testing.assert_close(got, model(last), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model", [Elementwise(), SortBetween().eval()])
