@@ -15,8 +15,10 @@ arguments; it is valid for that arena, those staging tensors and those recorded 
 runner keeps. Other kernels (oneDNN's, torch's, a C kernel on a path that copies in Python) run from
 Python between the runs, reading the recorded tensors and copying their results into them where a C
 run reads them. A call moves the recorded pointers into each staging tensor to the caller's input where
-that has the staging tensor's shape, dtype and strides (else copies the input into it), runs the steps
-and returns copies of the outputs (the caller owns them; the runner reuses its buffers).
+that has the staging tensor's shape, dtype and strides (else copies the input into it), moves the
+pointers into a recorded output to a fresh tensor made for the call where nothing else reads the recorded
+one, runs the steps and returns those fresh outputs and copies of the others (the caller owns them; the
+runner reuses its buffers).
 
 The runner is checked before it is used: on inputs made different from that call's (`_different`), its
 outputs must equal the Python program's bit for bit; else the program stays on Python and the report
@@ -128,10 +130,12 @@ def _pointer_sites(runs: list) -> list:
 
 
 class _Moved:
-    """A graph input the runs read where the caller's tensor is, not from a copy: the pointers into its
-    staging tensor (the runs' recorded calls) are moved to each call's tensor of the same shape, dtype and
-    strides; another is copied into the staging tensor first, as every input was before (a 1x1
-    convolution's 3.2 MB input, copied on every call: 0.04 ms beside the kernel's 0.29)."""
+    """A tensor the runs read or write where each call's is, not through a copy. An input: the pointers
+    into its staging tensor (the runs' recorded calls) are moved to each call's tensor of the same shape,
+    dtype and strides; another is copied into the staging tensor first, as every input was before (a 1x1
+    convolution's 3.2 MB input, copied on every call: 0.04 ms beside the kernel's 0.29). An output
+    (`fresh`): the pointers into its recorded tensor are moved to a new one each call, which is returned
+    as the runs computed it, not copied out of the recorded one."""
 
     def __init__(self, staging: torch.Tensor, sites: list):
         base, size = staging.untyped_storage().data_ptr(), staging.untyped_storage().nbytes()
@@ -151,6 +155,13 @@ class _Moved:
                 else:
                     obj[key] = p + offset
             self.at = p
+
+    def fresh(self) -> torch.Tensor:
+        """A new tensor like the recorded one, the runs' pointers moved to it."""
+        shape, dtype, stride = self.like
+        t = torch.empty_strided(shape, stride, dtype=dtype)
+        self(t)
+        return t
 
 
 def _source(runs: list) -> tuple[str, list]:
@@ -301,7 +312,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
             names[n] = global_name("c", n.value)
     read = {_root(i, view_of) for gi in native for i in groups[gi].inputs}      # what the runs read, through views
     lines = [f"def program({', '.join(f'i{k}' for k in range(len(graph.inputs)))}):"]
-    moved = {}                   # the inputs the runs read: their _Moved's global name, their staging tensor
+    moved = {}                   # name -> tensor: the inputs the runs read, the outputs made fresh (_Moved)
     for k, n in enumerate(graph.inputs):
         # the runs read the caller's tensor through their moved pointers (or a staging copy); Python steps
         # and views (an output may be a view of an input, as in eager) the caller's tensor
@@ -310,6 +321,8 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
             name = global_name("m", None)
             moved[name] = env[n]
             lines.append(f"    {name}(i{k})")
+    head = len(lines)            # where the fresh outputs are made (below)
+    by_name = set()              # what Python steps read, through views: by the recorded tensors' names
     runs: list = []
     pending: list = []
 
@@ -329,6 +342,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
             fixed_name(group.outputs[0])        # a view of a recorded tensor is one too
             continue
         close_run()
+        by_name.update(_root(i, view_of) for i in group.inputs)
         args = [names[i] for i in group.inputs]
         outs = [f"v{gi}_{k}" for k in range(len(group.outputs))]
         if kernel.inline is not None:
@@ -347,10 +361,30 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     # the outputs as generate() returns them, and copies of recorded tensors (the runner reuses them)
     from . import constant_views     # the package imports this module
     const_views = constant_views(graph, groups, kernels)
+    # An output a run writes (or a view of one), in a tensor of its own that no Python step reads and no
+    # other output shares: a fresh one each call, the runs' pointers moved to it (_Moved.fresh), the view
+    # made again on it
+    by_runs = {o for gi in native for o in groups[gi].outputs}
+    inline = {gr.outputs[0]: k.inline for gr, k in zip(groups, kernels) if k.inline is not None}
+    roots = [_root(o, view_of) for o in graph.outputs]
+    fresh = {}
+    for out, b in zip(graph.outputs, roots):
+        t = env[b]
+        if b in by_runs and b not in by_name and b not in buffers and b not in const_views and roots.count(b) == 1 \
+                and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+            name, w = global_name("m", None), f"w{len(fresh)}"
+            moved[name] = t
+            lines.insert(head, f"    {w} = {name}.fresh()")
+            views, x = [], out
+            while x is not b:
+                views.append(inline[x])
+                x = view_of[x]
+            fresh[out] = w + "".join(f".{v}" for v in reversed(views))
     seen = set(graph.inputs)
     returned = []
     for o in graph.outputs:
-        returned.append(names[o] + (".clone()" if o in fixed or o in const_views or o in seen else ""))
+        returned.append(fresh[o] if o in fresh else
+                        names[o] + (".clone()" if o in fixed or o in const_views or o in seen else ""))
         seen.add(o)
     lines.append(f"    return ({''.join(r + ', ' for r in returned)})")
     source, slots = _source([[call for _, call in run] for run in runs])

@@ -73,22 +73,28 @@ def test_a_cnn_runs_from_c_after_its_second_call_and_equals_the_python_program()
             torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_the_runs_read_the_callers_input_where_it_is():
+def test_the_runs_read_the_callers_input_and_write_a_fresh_output_where_they_are():
     """The runs' pointers into an input's staging tensor are moved to each call's tensor of the same shape,
     dtype and strides, which the runs then read in place (the staging tensor is not written); the same
-    tensor with new values is read anew; an input of other strides is copied into the staging tensor."""
+    tensor with new values is read anew; an input of other strides is copied into the staging tensor. The
+    output the last run writes is a new tensor each call, its pointers moved there (the recorded one is
+    not written), and the caller's earlier outputs stay as they were."""
     model, inputs = build("mobilenetv3", image=64)
     cm = kfuse.compile(model, inputs)
     with torch.no_grad():
         _warm(cm, *inputs)
-        moved = [v for v in cm._last._native._fn.__globals__.values() if isinstance(v, native._Moved)]
-        assert len(moved) == 1 and moved[0].sites
-        staged = moved[0].staging.clone()
+        runner = cm._last._native
+        moved = [v for v in runner._fn.__globals__.values() if isinstance(v, native._Moved)]
+        assert len(moved) == 2 and all(m.sites for m in moved) and ".fresh()" in runner._keep[2]
+        staged = [m.staging.clone() for m in moved]
+        held = []
         for seed in range(3):
             x = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed))
             got = cm(x)
-            assert moved[0].at == x.data_ptr() and _equal(got, _python(cm, x))
-        assert torch.equal(moved[0].staging, staged)
+            assert moved[0].at == x.data_ptr() and moved[1].at == got.data_ptr() and _equal(got, _python(cm, x))
+            held.append((got, got.clone()))
+        assert all(torch.equal(m.staging, t) for m, t in zip(moved, staged))
+        assert all(torch.equal(a, b) for a, b in held) and len({a.data_ptr() for a, _ in held}) == 3
         x.mul_(-2)
         assert _equal(cm(x), _python(cm, x))
         last = x.contiguous(memory_format=torch.channels_last)
@@ -96,6 +102,25 @@ def test_the_runs_read_the_callers_input_where_it_is():
         assert torch.equal(moved[0].staging, last) and moved[0].at == moved[0].staging.data_ptr()
         assert _equal(got, _python(cm, last))
         torch.testing.assert_close(got, model(last), rtol=1e-4, atol=1e-4)
+
+
+def test_a_view_of_a_runs_output_is_returned_made_again_on_a_fresh_tensor():
+    """An output that is a view of what a run wrote: the view is made on the fresh tensor each call, with
+    eager's shape and strides, and an earlier output is not written by a later call."""
+    model = lambda_module(lambda x: (torch.softmax(x * 2, -1).transpose(0, 1), torch.sin(x)))
+    x = torch.randn(6, 7, 33)
+    cm = kfuse.compile(model, (x,))
+    with torch.no_grad():
+        _warm(cm, x)
+        assert ".fresh()" in cm._last._native._keep[2] and ".clone()" not in cm._last._native._keep[2]
+        first = cm(x)
+        kept = [t.clone() for t in first]
+        x2 = torch.randn(6, 7, 33)
+        second = cm(x2)
+        assert _equal(first, kept) and _equal(second, _python(cm, x2))
+        for got, want in zip(second, model(x2)):
+            assert got.stride() == want.stride()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", [Elementwise(), SortBetween().eval()])
