@@ -11,7 +11,6 @@ A kernel is called with the group's input tensors and returns a tuple of its out
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +41,7 @@ from .c.autotune import problem as problem_key
 from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
 from . import choice, linear, openmp
 from .launch import group_runner
+from .outputs import POOL_MIN, OutputPool  # noqa: F401  (POOL_MIN: the runtime and tests read it here)
 from .constants import shared
 from .reference import out_kernel, reference_kernel
 
@@ -149,18 +149,20 @@ def _conv_inputs(x, residual):
 
 def _conv_call(group, spec, conv):
     """fn(*group inputs) -> (conv(x[, residual]),); where conv takes `out`, fn(bufs, *inputs) writing
-    into the planned buffer (or a new tensor where none is planned): a fresh output of a few MB per call
-    is page-faulted in each time once glibc serves it by mmap (MobileNetV2 b8: 9,409 faults a call,
-    20.7 -> 30.3 ms)."""
+    into the planned buffer, or where none is planned (an output the caller gets) into one from an
+    OutputPool: a fresh output of a few MB per call is page-faulted in each time once glibc serves it by
+    mmap (MobileNetV2 b8: 9,409 faults a call, 20.7 -> 30.3 ms), and our kernels' checked path (no `out`)
+    cost a one-convolution program 0.4 -> 0.36 ms."""
     ix = group.inputs.index(spec.x)
     ir = None if spec.residual is None else group.inputs.index(spec.residual)
     run = conv.bound(tuple(spec.x.shape)) if hasattr(conv, "bound") else conv   # ours: checks done once
+    pool = OutputPool(group.outputs[0].shape, group.outputs[0].dtype)
     if not choice.takes_out(conv):
         fn = (lambda *args: (run(args[ix]),)) if ir is None else (lambda *args: (run(args[ix], args[ir]),))
     elif ir is None:
-        fn = lambda bufs, *args: (run(args[ix], out=bufs[0]),)   # noqa: E731
+        fn = lambda bufs, *args: (run(args[ix], out=pool.take() if bufs[0] is None else bufs[0]),)   # noqa: E731
     else:
-        fn = lambda bufs, *args: (run(args[ix], args[ir], out=bufs[0]),)   # noqa: E731
+        fn = lambda bufs, *args: (run(args[ix], args[ir], out=pool.take() if bufs[0] is None else bufs[0]),)   # noqa: E731
     fn.writes_into, fn.weights = choice.takes_out(conv), conv
     return fn
 
@@ -435,31 +437,10 @@ def _c_kernel(group):
         except (NotFusable, CompileError):
             return None
 
-    # Outputs the caller owns (no planned buffer) of POOL_MIN bytes or more are recycled: a fresh one of
-    # 32 MB is mmapped by malloc and page-faulted in on every call (8193 faults, ~20 ms on this VM);
-    # the previous call's tensor is reused once nothing but the pool refers to it or its storage.
-    pooled = [math.prod(s) * d.itemsize >= POOL_MIN and POOLING for s, d in shapes]
-    pools: list[list] = [[] for _ in shapes]
+    pools = [OutputPool(s, d) for s, d in shapes]
 
     def new_output(i, buf, args):
-        if buf is not None:
-            return buf
-        if not pooled[i]:
-            return torch.empty(shapes[i][0], dtype=shapes[i][1])
-        pool, probe = pools[i], _PROBE[0]
-        for _ in range(len(pool)):
-            try:
-                t = pool.pop(0)           # atomic: a tensor is out of the pool while it is checked
-            except IndexError:
-                break
-            pool.append(t)
-            if _unshared(t, probe):       # held as the probe is: by a list and this frame only
-                return t
-        t = torch.empty(shapes[i][0], dtype=shapes[i][1])
-        pool.append(t)
-        if len(pool) > POOL_KEEP:         # y = cm(x) in a loop holds the last output during the call
-            pool.pop(0)
-        return t
+        return buf if buf is not None else pools[i].take()
 
     run = group_runner(group, fk, build_for, new_output)
     k = run.kernel
@@ -467,26 +448,6 @@ def _c_kernel(group):
     if k.choice is not None:
         run.schedule = str(k.choice)
     return run, "c"
-
-
-POOL_MIN = 1 << 20      # bytes: smaller outputs come from malloc's free lists cheaply
-POOL_KEEP = 2           # outputs kept per kernel output: the one the caller still holds, and one more
-# _unshared counts references: CPython 3.14 may borrow stack references (sys.getrefcount lower than
-# the references that exist), so the pool is used only where the count is exact
-POOLING = sys.version_info < (3, 14)
-
-
-_PROBE = [torch.empty(0)]    # held like a pooled tensor: by one list and the caller's local
-
-
-def _unshared(t, probe) -> bool:
-    """Nothing refers to tensor `t` but the pool and the caller's one reference (a view holds its base,
-    an array from .numpy() the tensor), no C++ owner holds its TensorImpl, and no other tensor shares
-    its storage (.detach(), .data, set_). The count is compared with the probe's, held the same way,
-    not with a constant: the interpreter's own references to a frame's locals are not the same in
-    every process state (one more after transformers' generate() under torch.compile ran)."""
-    return sys.getrefcount(t) == sys.getrefcount(probe) and t._use_count() == 1 and \
-        torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
 
 
 def _info(group, machine, backend: str, note: str = "", schedule: str = "") -> KernelInfo:

@@ -1,4 +1,4 @@
-"""A C kernel's large outputs are recycled between calls (kfuse/backends/__init__.py, POOL_MIN): the
+"""A C kernel's large outputs are recycled between calls (kfuse/backends/outputs.py, POOL_MIN): the
 previous call's tensor is reused only when nothing outside the pool refers to it or its storage."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kfuse
-from kfuse import backends
+from kfuse import backends, config
 
 
 class _Gelu(torch.nn.Module):
@@ -113,3 +113,38 @@ def test_clones_of_an_input_and_its_views_are_copies():
         o.add_(1)
     assert torch.equal(x, keep) and torch.equal(outs[1], keep + 1) and torch.equal(outs[0], keep.reshape(-1) + 1)
     assert sum(n.op == "copy" for n in cm._last.graph.nodes) == 4      # not merged into one
+
+
+class _ConvResidual(torch.nn.Module):
+    """A 1x1 convolution + residual + ReLU on channels-last tensors: our GEMM writes the NHWC output the
+    caller gets (as an NCHW view), 1 MiB."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(64, 256, 1)
+
+    def forward(self, x, r):
+        return F.relu(self.conv(x) + r)
+
+
+def test_a_convolutions_large_output_comes_from_the_pool_and_a_held_one_is_never_overwritten(monkeypatch):
+    taken = []
+    take = backends.OutputPool.take
+    monkeypatch.setattr(backends.OutputPool, "take", lambda self: taken.append(self.pooled) or take(self))
+    monkeypatch.setenv("KFUSE_AUTOTUNE", "0")       # our GEMM (the first candidate), not oneDNN's
+    monkeypatch.setattr(config, "_config", config.from_env())
+    m = _ConvResidual().eval()
+    x, r = (torch.randn(1, c, 32, 32).contiguous(memory_format=torch.channels_last) for c in (64, 256))
+    cm = kfuse.compile(m, (x, r))
+    cm(x, r)
+    assert [k.backend for k in cm._last.report.kernels if k.name == "conv_add_relu"] == ["c:gemm"]
+    held = [cm(x * s, r) for s in (1.0, 2.0, 3.0)]
+    assert taken and all(taken) and len({h.data_ptr() for h in held}) == 3
+    for s, h in zip((1.0, 2.0, 3.0), held):
+        torch.testing.assert_close(h, m(x * s, r), rtol=1e-5, atol=1e-5)
+    del held
+    ptrs = set()
+    for _ in range(4):
+        y = cm(x, r)
+        ptrs.add(y.data_ptr())
+    assert len(ptrs) <= 2
