@@ -203,12 +203,33 @@ KF_INLINE void tile(const int mr, const int nv, const float *const *ap, int ntap
    bounds) and the first mr stored: one compiled tile per panel count, where one per row count as well
    doubled the build time of this file. Against the bands of NHWC rows this replaced (each output row's
    input rows transposed, then a pointer per tile row and kernel row): a [1,3,224,224] 3x3/2 -> 32 stem
-   0.225 -> 0.175 ms. g: C H W KH KW SH SW PH PW DH DW. */
+   0.225 -> 0.175 ms. A tap with every row's input inside is compiled without the per-row check (as the
+   AVX2 form's): the one-conv [1,3,224,224] 7x7/2 -> 64 + ReLU program 0.62-0.66 -> 0.57-0.59 ms (warm),
+   0.79-0.87 -> 0.68-0.70 (input from memory), four processes each. g: C H W KH KW SH SW PH PW DH DW. */
+KF_INLINE void nchw_tap16(const int nv, __m512 acc[MR][2], const float *restrict bt, int64_t ps,
+                          const float *restrict xn, int64_t C, int64_t H, int64_t W, int64_t ih, int64_t iw,
+                          int64_t SW, const int edge) {
+    for (int64_t ch = 0; ch < C; ch++) {
+        __m512 b0 = _mm512_loadu_ps(bt + 16 * ch);
+        __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * ch) : b0;
+        const float *xc = xn + (ch * H + ih) * W + iw;
+        #pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            const int64_t col = iw + i * SW;
+            __m512 ai = !edge ? _mm512_set1_ps(xc[i * SW])
+                              : _mm512_set1_ps(ih >= 0 && ih < H && col >= 0 && col < W ? xc[i * SW] : 0.0f);
+            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+            if (nv > 1)
+                acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+        }
+    }
+}
+
 KF_INLINE void tile_nchw(const int nv, int mr, const float *restrict xn, int64_t oh, int64_t ow, const int64_t *g,
                          const float *restrict bp, int64_t ps, float *restrict c, int64_t ldc, int cols,
                          const float *restrict b, const float *restrict r, float p0, float p1) {
     const int64_t C = g[0], H = g[1], W = g[2], KH = g[3], KW = g[4], SH = g[5], SW = g[6];
-    const int64_t PH = g[7], PW = g[8], DH = g[9], DW = g[10], iw0 = ow * SW - PW, HW = H * W;
+    const int64_t PH = g[7], PW = g[8], DH = g[9], DW = g[10], iw0 = ow * SW - PW;
     __m512 acc[MR][2];
     #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
@@ -217,21 +238,11 @@ KF_INLINE void tile_nchw(const int nv, int mr, const float *restrict xn, int64_t
         const int64_t ih = oh * SH - PH + ki * DH;
         for (int64_t kj = 0; kj < KW; kj++) {
             const int64_t iw = iw0 + kj * DW;       /* row i reads column iw + i SW */
-            const int inside = ih >= 0 && ih < H && iw >= 0 && iw + (MR - 1) * SW < W;
             const float *restrict bt = bp + 16 * (ki * KW + kj) * C;
-            for (int64_t ch = 0; ch < C; ch++) {
-                __m512 b0 = _mm512_loadu_ps(bt + 16 * ch);
-                __m512 b1 = nv > 1 ? _mm512_loadu_ps(bt + ps + 16 * ch) : b0;
-                const float *xc = xn + ch * HW + ih * W + iw;
-                #pragma GCC unroll 8
-                for (int i = 0; i < MR; i++) {
-                    const int64_t col = iw + i * SW;
-                    __m512 ai = _mm512_set1_ps(inside || (ih >= 0 && ih < H && col >= 0 && col < W) ? xc[i * SW] : 0.0f);
-                    acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-                    if (nv > 1)
-                        acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-                }
-            }
+            if (ih >= 0 && ih < H && iw >= 0 && iw + (MR - 1) * SW < W)
+                nchw_tap16(nv, acc, bt, ps, xn, C, H, W, ih, iw, SW, 0);
+            else
+                nchw_tap16(nv, acc, bt, ps, xn, C, H, W, ih, iw, SW, 1);
         }
     }
     tile_end(mr, nv, acc, c, ldc, cols, b, r, p0, p1);
