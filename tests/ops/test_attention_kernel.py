@@ -133,6 +133,27 @@ def test_hard_masked_tiles_are_skipped_exactly(L, fill):
         assert got[2].isnan().all() and not got[0].isnan().any()
 
 
+@pytest.mark.parametrize("Lq,Lk", [(15, 15), (17, 17), (63, 63), (65, 65), (129, 129), (37, 130), (130, 200)])
+@pytest.mark.parametrize("how", ["causal", "float", "bool"])
+def test_diagonal_blocks_of_16(Lq, Lk, how, monkeypatch):
+    """Where the mask differs along the queries (causal, or a causal mask tensor) the block kernel takes 16
+    queries a task and trims each task's keys 16 at a time; the result is the reference's with either block
+    size, around every 16- and 64-boundary, with more keys than queries (the causal offset) and GQA."""
+    assert A.block_q(True, False) == A.block_q(False, True) == 16 and A.block_q(False, False) == A.BLOCK_Q
+    q, k, v = qkv(2, 4, 2, Lq, Lk, 64)
+    keep = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)[None, None]
+    mask = None if how == "causal" else keep if how == "bool" else \
+        torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    outs = []
+    for bq in (None, A.BLOCK_Q):
+        A._TEMPLATES.clear()
+        if bq:
+            monkeypatch.setattr(A, "block_q", lambda *_: bq)
+        outs.append(run(q, k, v, mask, causal=how == "causal", kernel="block")[0])
+    A._TEMPLATES.clear()
+    assert_close(outs[0], outs[1], **SMALL_TOL)
+
+
 def test_strided_views_fold_transposes():
     """q, k, v as head-split views of [B, L, H, D] buffers and out as a view of a [B, Lq, H, D]
     buffer (the merge transpose folds into the store); the buffer around out is left alone."""

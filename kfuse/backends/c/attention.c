@@ -3,7 +3,8 @@
  *
  * Two kernels, both with an online softmax (running max m, running sum l, rescaled accumulator):
  *
- * block kernel (many queries): a task is (batch, head, block of BQ = 64 queries, key chunk).
+ * block kernel (many queries): a task is (batch, head, block of bq queries, key chunk); bq is BQ = 64, or
+ *   16 where a causal or query-varying mask leaves the diagonal tiles mostly masked (attention.py).
  *   Queries live in the SIMD lanes: the query block is packed transposed, qt[HD][BQ], once per
  *   task; then for every key tile of BK = 64 keys
  *     st[BK][BQ] = K_tile . qt       (broadcast K[j][d] from the strided k rows, FMA with qt[d][:])
@@ -37,7 +38,7 @@
 #endif
 #define NC ((HD + 15) / 16) /* 16-float chunks of a head row */
 #define HDP (NC * 16)       /* padded head dimension */
-#define BQ 64               /* queries per block-kernel task: 4 vectors */
+#define BQ 64               /* most queries per block-kernel task (4 vectors): the tiles' size */
 #define BK 64               /* keys per tile */
 #define RMAX 4              /* query rows per row-kernel task */
 #define INL static inline __attribute__((always_inline))
@@ -56,6 +57,7 @@ typedef struct {
     double scale;
     const float *knew, *vnew;                  /* NULL, or rows written into k and v's last Lnew rows */
     int64_t Lnew, snkb, snkh, snkj, snvb, snvh, snvj;     /* (a decode step's append to its KV cache) */
+    int64_t bq;                                /* queries per block-kernel task: 16, 32 or BQ (attention.py) */
 } attn_args;
 
 /* exp (every vector layer's vexp): Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, ln2 split in
@@ -374,7 +376,7 @@ static int64_t masked_tail(const attn_args *a, const char *mrow, int64_t i0, int
     const int nr = a->smi ? rows : 1;         /* a mask constant along the queries: one row tells */
     int64_t end = ke;
     while (end > ks) {
-        const int64_t j0 = ks + (end - ks - 1) / BK * BK;
+        const int64_t j0 = ks + (end - ks - 1) / 16 * 16;     /* 16 keys at a time: a short tail tile */
         if (!hard_masked(a, mrow, i0, nr, j0, end))
             break;
         end = j0;
@@ -393,8 +395,8 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
     float ot[HD * BQ] __attribute__((aligned(64)));
     float st[BK * BQ] __attribute__((aligned(64)));
     float mrun[BQ] __attribute__((aligned(64))), lrun[BQ] __attribute__((aligned(64)));
-    const int64_t G = a->H / a->Hkv, hk = h / G, i0 = qb * BQ;
-    const int rows = (int)(a->Lq - i0 < BQ ? a->Lq - i0 : BQ);
+    const int64_t G = a->H / a->Hkv, hk = h / G, i0 = qb * a->bq;
+    const int rows = (int)(a->Lq - i0 < a->bq ? a->Lq - i0 : a->bq);
     const int64_t off = a->Lk - a->Lq; /* causal: query i sees keys j <= i + off */
     const float *qp = a->q + b * a->sqb + h * a->sqh + i0 * a->sqi;
     const float *kp = a->k + b * a->skb + hk * a->skh;
@@ -540,8 +542,8 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
 }
 
 static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke) {
-    int64_t rows = a->Lq - qb * BQ;
-    int nv = rows >= 64 ? 4 : (int)((rows + 15) / 16);
+    int64_t rows = a->Lq - qb * a->bq;
+    int nv = rows >= a->bq ? (int)(a->bq / 16) : (int)((rows + 15) / 16);
     switch (nv) {
     case 1: block_task_nv(a, b, h, qb, c, ks, ke, 1); break;
     case 2: block_task_nv(a, b, h, qb, c, ks, ke, 2); break;
@@ -677,7 +679,7 @@ int attn_row_group(void) { return RMAX; }
 void attn_forward(const attn_args *a, int kernel) {
     const int64_t ns = a->part ? a->nsplit : 1, chunk = a->part ? a->chunk : a->Lk;
     const int64_t G = a->H / a->Hkv;
-    const int64_t nqb = (a->Lq + BQ - 1) / BQ, nrg = (G * a->Lq + RMAX - 1) / RMAX;
+    const int64_t nqb = (a->Lq + a->bq - 1) / a->bq, nrg = (G * a->Lq + RMAX - 1) / RMAX;
     const int64_t ntask = kernel == 0 ? a->B * a->H * nqb * ns : a->B * a->Hkv * nrg * ns;
     const int64_t nrows = a->B * a->H * a->Lq;
     if (a->knew)        /* a few rows per call (one per head in a decode step): not worth a team */
