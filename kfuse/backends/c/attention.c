@@ -57,7 +57,7 @@ typedef struct {
     double scale;
     const float *knew, *vnew;                  /* NULL, or rows written into k and v's last Lnew rows */
     int64_t Lnew, snkb, snkh, snkj, snvb, snvh, snvj;     /* (a decode step's append to its KV cache) */
-    int64_t bq;                                /* queries per block-kernel task: 16, 32 or BQ (attention.py) */
+    int64_t bq;                                /* queries per block-kernel task: 16 or BQ (attention.py) */
 } attn_args;
 
 /* exp (every vector layer's vexp): Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, ln2 split in
@@ -542,8 +542,8 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
 }
 
 static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke) {
-    int64_t rows = a->Lq - qb * a->bq;
-    int nv = rows >= a->bq ? (int)(a->bq / 16) : (int)((rows + 15) / 16);
+    const int64_t left = a->Lq - qb * a->bq, rows = left < a->bq ? left : a->bq;
+    int nv = (int)((rows + 15) / 16);
     switch (nv) {
     case 1: block_task_nv(a, b, h, qb, c, ks, ke, 1); break;
     case 2: block_task_nv(a, b, h, qb, c, ks, ke, 2); break;

@@ -184,6 +184,9 @@ def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=Fa
     return a, (mask, part), kern
 
 
+BLOCK_Q_DIAGONAL = 16
+
+
 def block_q(causal: bool, query_mask: bool) -> int:
     """Queries per block-kernel task. Where the mask differs along the queries (causal, or a mask tensor
     varying by query), blocks of 16 let each skip the keys past its own last visible one (the tail is
@@ -192,9 +195,6 @@ def block_q(causal: bool, query_mask: bool) -> int:
     causal [1,8,128,64] with 2 kv heads 0.76-0.79x the time of 64, by a float mask 0.83-0.86x, [1,8,512,64]
     0.96-0.99x; without a mask 16 took 1.03-1.09x (so not there), and 32 was slower than 64 in every case."""
     return BLOCK_Q_DIAGONAL if causal or query_mask else BLOCK_Q
-
-
-BLOCK_Q_DIAGONAL = 16
 
 
 def _query_major(mask):
