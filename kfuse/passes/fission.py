@@ -1,6 +1,6 @@
 """Fission: where one kernel would leave threads idle, split it, and record why.
 
-Split-KV attention for decoding: with fewer (batch x head x query-block) tasks than threads, the
+Split-KV attention for decoding: where the (batch x head x query-block) tasks leave threads idle, the
 keys are cut into chunks computed in parallel and combined (FlashDecoding). The decision is the
 attention kernel's own `plan` (one rule, used here to record it and by the kernel to run it).
 GEMMs are not split here: oneDNN already splits K for small M internally.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import Graph
-from ..kernels.attention import plan
+from ..kernels.attention import block_q, plan
 
 
 def run(graph: Graph, options, report) -> Graph:
@@ -19,8 +19,10 @@ def run(graph: Graph, options, report) -> Graph:
             continue
         b, h, lq, _ = n.shape
         hkv, lk = n.inputs[1].shape[1], n.inputs[1].shape[2]
-        kernel, nsplit, chunk = plan(b, h, lq, lk, Hkv=hkv)
+        mask = n.inputs[3] if len(n.inputs) > 3 else None
+        bq = block_q(bool(n.attrs.get("causal")), mask is not None and len(mask.shape) >= 2 and mask.shape[-2] > 1)
+        kernel, nsplit, chunk = plan(b, h, lq, lk, Hkv=hkv, bq=bq)
         if nsplit:
             report.splits.append(f"attention [{b},{h},{lq},{lk}]: split-KV into {nsplit} chunks of {chunk} keys "
-                                 f"({kernel} kernel has fewer tasks than threads)")
+                                 f"(the {kernel} kernel's tasks would leave threads idle)")
     return graph

@@ -120,6 +120,23 @@ def test_decode_attention_with_fewer_tasks_than_threads_is_split(monkeypatch):
     assert rep2.splits == []
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_kv_counts_the_kernels_own_query_blocks(causal, monkeypatch):
+    """64 queries of one head over 2048 keys on 2 threads: one 64-query task unmasked (split-KV), four
+    16-query tasks causal (enough for the threads, not split); the report says what the kernel runs."""
+    import kfuse.kernels.attention as plan_module
+    monkeypatch.setattr(plan_module, "num_threads", lambda: 2)
+
+    def fn(m, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    q, k, v = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 2048, 64), torch.randn(1, 1, 2048, 64)
+    cm = compiled(Fn(fn), q, k, v)
+    assert len(cm.report().splits) == (0 if causal else 1)
+    assert plan_module.plan(1, 1, 64, 2048, bq=plan_module.block_q(causal, False))[1] == (0 if causal else 4)
+    q, k, v = (torch.randn_like(t) for t in (q, k, v))
+    torch.testing.assert_close(cm(q, k, v), fn(None, q, k, v), rtol=1e-4, atol=1e-5)
+
+
 def test_sdpa_of_one_tensor_and_of_k_as_v():
     """sdpa(x, x, x) and sdpa(q, k, k, mask): the kernel gets each of its operands, not the
     group's de-duplicated inputs in order."""

@@ -171,14 +171,18 @@ def test_strided_views_fold_transposes():
 
 
 def test_auto_choices():
-    """The automatic plan: row kernel for decode; split-KV when tasks are few and Lk is long."""
+    """The automatic plan: row kernel for decode; split-KV when tasks leave threads idle and Lk is long."""
     assert A.plan(1, 32, 1024, 1024, threads=2)[:2] == ("block", 0)
     assert A.plan(1, 8, 1, 4096, threads=2)[:2] == ("row", 0)       # 8 tasks: enough
     assert A.plan(1, 8, 1, 4096, Hkv=1, threads=2)[:2] == ("row", 0)  # 2 row groups: enough
     kern, nsplit, chunk = A.plan(1, 4, 1, 4096, Hkv=1, threads=2)     # 1 task for 2 threads
     assert kern == "row" and nsplit > 1 and chunk * nsplit >= 4096
     assert A.plan(1, 1, 64, 8192, threads=2)[1] > 1                   # block kernel splits too
+    assert A.plan(1, 1, 64, 8192, threads=2, bq=16)[1] == 0           # its 4 causal blocks: enough
+    assert A.plan(1, 1, 64, 8192, threads=8, bq=16)[1] == 8           # 4 tasks for 8 threads: 8 chunks
     assert A.plan(1, 4, 1, 100, Hkv=1, threads=2)[1] == 0             # too short to split
+    assert A.plan(1, 3, 1, 4096, Hkv=3, threads=2)[1] == 3            # 3 tasks fill 3/4 of 2 threads' rounds
+    assert A.plan(1, 5, 1, 4096, Hkv=5, threads=2)[1] == 0            # 5 fill 5/6: unsplit
     q, k, v = qkv(1, 4, 1, 1, 4096, 64)
     run(q, k, v)
     run(q, k, v, causal=True)

@@ -21,11 +21,12 @@ Kernels (see attention.c for the loop nests):
 - row kernel (decoding, Lq <= 8): the head dim in the lanes, up to 4 query rows that share a kv
   head per task, so a KV cache row is read once for all the query heads of a GQA group.
 - split-KV (fission): the keys are cut into chunks processed as separate tasks, then combined.
-  Automatic rule (`plan`): split when the unsplit kernel has fewer tasks than threads and
-  Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to SPLIT_TASKS_PER_THREAD
-  per thread (dynamic scheduling absorbs a preempted thread), each chunk keeping at least
-  SPLIT_MIN_CHUNK keys. Measured (bench/README.md, decode): with 1 task for 2 threads split was
-  1.6-1.8x faster; with 2 or 8 tasks for 2 threads it was 0.7-0.96x, so those stay unsplit.
+  Automatic rule (`plan`): split when the unsplit kernel's tasks fill less than SPLIT_BALANCE of
+  the threads' rounds and Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to
+  SPLIT_TASKS_PER_THREAD per thread (dynamic scheduling absorbs a preempted thread), each chunk
+  keeping at least SPLIT_MIN_CHUNK keys. Measured (bench/README.md, decode): with 1 task for 2
+  threads split was 1.6-1.8x faster; with 2 or 8 tasks for 2 threads it was 0.7-0.96x, so those stay
+  unsplit; 3 tasks and 5 in kfuse/kernels/attention.py.
 
 Threads: kfuse.config.threads() (KFUSE_NUM_THREADS, else torch's count). The tile sizes and the
 split-KV plan are in kfuse/kernels/attention.py.
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from ...kernels.attention import BLOCK_K, BLOCK_Q, ROW_GROUP, num_threads, peak_extra_bytes, plan  # noqa: F401
+from ...kernels.attention import (BLOCK_K, BLOCK_Q, ROW_GROUP, block_q, num_threads, peak_extra_bytes,  # noqa: F401
+                                 plan)
 from .compiler import keeps_built, load
 from .record import c_call
 
@@ -184,19 +186,6 @@ def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=Fa
     return a, (mask, part), kern
 
 
-BLOCK_Q_DIAGONAL = 16
-
-
-def block_q(causal: bool, query_mask: bool) -> int:
-    """Queries per block-kernel task. Where the mask differs along the queries (causal, or a mask tensor
-    varying by query), blocks of 16 let each skip the keys past its own last visible one (the tail is
-    trimmed 16 keys at a time), where a block of 64 computes its diagonal 64 x 64 tile whole; elsewhere 64,
-    the larger register tiles. Measured (Zen 4, 2 threads, the kernel alone, alternated in one process):
-    causal [1,8,128,64] with 2 kv heads 0.76-0.79x the time of 64, by a float mask 0.83-0.86x, [1,8,512,64]
-    0.96-0.99x; without a mask 16 took 1.03-1.09x (so not there), and 32 was slower than 64 in every case."""
-    return BLOCK_Q_DIAGONAL if causal or query_mask else BLOCK_Q
-
-
 def _query_major(mask):
     """mask's values stored queries fastest (broadcast dims kept)"""
     return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -212,7 +201,9 @@ def _template(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_maske
     a.skb, a.skh, a.skj = k.stride()[:3]
     a.svb, a.svh, a.svj = v.stride()[:3]
     a.sob, a.soh, a.soi = out.stride()[:3]
-    kern, nsplit, chunk = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel)
+    # the mask's stride along the queries is 0 where it is the same for every query
+    bq = block_q(causal, mask is not None and mask.expand(B, H, Lq, Lk).stride(2) != 0)
+    kern, nsplit, chunk = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel, bq=bq)
     copy_mask = False
     if mask is not None:
         # the block kernel holds 16 queries in a vector: a mask stored query-fastest adds them with one
@@ -228,7 +219,7 @@ def _template(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_maske
     if nsplit:
         a.nsplit, a.chunk = nsplit, chunk
     a.causal, a.nthreads, a.scale, a.zero_masked = int(causal), threads, float(scale), int(zero_masked)
-    a.bq = block_q(causal, mask is not None and a.smi != 0)
+    a.bq = bq
     return bytes(a), copy_mask, nsplit * B * H * Lq * (D + 2), 0 if kern == "block" else 1
 
 
