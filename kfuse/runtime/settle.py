@@ -56,9 +56,7 @@ def propose(program) -> dict:
         same = [gi for gi, c in contests.items() if c.key == key]
         names, chosen = contests[same[0]].names, contests[same[0]].chosen
         ms = [sum(_median(times[gi][n]) for gi in same) for n in names]
-        best = min(range(len(names)), key=ms.__getitem__)
-        if ms[best] > (1 - MARGIN) * ms[names.index(chosen)]:
-            best = names.index(chosen)
+        best = autotune.winner(ms, MARGIN, names.index(chosen))
         autotune.remember(key, best, names, ms, load)
         # shown per kernel, like the times alone
         verdicts[key] = names[best], ", ".join(f"{n} {t / len(same):.3f}" for n, t in zip(names, ms)), len(same)

@@ -211,6 +211,17 @@ def test_pick_takes_each_kernels_fastest_call(cache):
     assert best == "a" and "measured" in text, text
 
 
+def test_pick_keeps_the_first_kernel_on_a_near_tie(cache):
+    """A candidate replaces the first only when its fastest call is KERNEL_MARGIN faster: a near-tie,
+    timed either way from compile to compile, keeps the first; a clear win does not."""
+    best, text = autotune.pick("p", _candidates([], {"a": [0.0050], "b": [0.0049]}), lambda: None)
+    assert best == "a" and "the first kept" in text, text
+    best, text = autotune.pick("q", _candidates([], {"a": [0.0050], "b": [0.0030]}), lambda: None)
+    assert best == "b" and "the first kept" not in text, text
+    assert autotune.winner([1.0, 0.98, 0.99], 0.03) == 0 and autotune.winner([1.0, 0.96], 0.03) == 1
+    assert autotune.winner([0.96, 1.0, 0.98], 0.03, default=2) == 2 and autotune.winner([0.9, 1.0, 0.98], 0.03, default=2) == 0
+
+
 def test_pick_timed_again_when_a_kernel_source_changes(cache, monkeypatch):
     calls = []
     cands = _candidates(calls, {"a": [0.0002], "b": [0.001]})

@@ -46,6 +46,9 @@ from .render import BLOCK, CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
 
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
+# a kernel (pick) replaces the first candidate only when its fastest call is this much faster: ties
+# timed either way kept flipping a choice between compiles (the ResNet stem's two kernels within 1-4%)
+KERNEL_MARGIN = 0.03
 MIN_REPS, MAX_REPS = 3, 15
 # A timing is disturbed when this process's threads spent more than LOAD_MAX of its thread-time waiting,
 # runnable, for a CPU (or the hypervisor stole it); it is taken again, up to ATTEMPTS in all.
@@ -429,6 +432,12 @@ def remember(key: str, best: int, names: list[str], ms: list[float], load: float
     return times
 
 
+def winner(ms: list[float], margin: float, default: int = 0) -> int:
+    """The index of the fastest of `ms`, unless it is within `margin` of ms[default]: then default."""
+    best = min(range(len(ms)), key=ms.__getitem__)
+    return best if ms[best] <= (1 - margin) * ms[default] else default
+
+
 def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: int | None = None) -> Choice:
     """The fastest of `scheds` for `k` (entries kf_v<i> of `lib`, built from `source`): from this
     process's memo or the cache file when this machine has timed it, else timed now and stored."""
@@ -451,9 +460,7 @@ def choose(k, lib: ctypes.CDLL, source: str, scheds: list[Schedule], threads: in
         f.argtypes, f.restype = [ctypes.c_void_p], None
     with openmp.using(threads):
         ms, load = _time_quietly(fns, argv, threads)
-    best = min(range(len(ms)), key=ms.__getitem__)
-    if ms[best] > (1 - MARGIN) * ms[0]:
-        best = 0
+    best = winner(ms, MARGIN)
     times = remember(key, best, [str(s) for s in scheds], ms, load)
     return Choice(best, scheds[best], "timed", times, load)
 
@@ -493,7 +500,8 @@ def settled(problem: str, names: list[str], cold: bool = False) -> bool:
 
 def pick(problem: str, candidates: dict, inputs, threads: int | None = None, cold: bool = False) -> tuple[str, str]:
     """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
-    kernels: our depthwise convolution or oneDNN's) on `problem` (a text naming the shapes and
+    kernels: our depthwise convolution or oneDNN's; the first unless another is KERNEL_MARGIN faster) on
+    `problem` (a text naming the shapes and
     attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
     schedule variants and cached per machine the same way; `cold`: with the caches overwritten before
     each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. A
@@ -527,7 +535,8 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
         # most calls of a 0.1 ms kernel can take an 8 ms scheduler slice (cached choices were seen made on
         # medians of 8.0 vs 15.9 ms), which the fastest call of the rounds escapes
         ms, load = _time_quietly([candidates[n] for n in names], args, threads, cold=_cold_mode(cold), stat=lambda t: t[0])
-    best = min(range(len(ms)), key=ms.__getitem__)
+    best = winner(ms, KERNEL_MARGIN)
     remember(keys[1], best, names, ms, load)
     times = ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms))
-    return names[best], f"{names[best]} (measured: {times}{under_load(load)})"
+    tie = f"; the first kept, the fastest within {KERNEL_MARGIN:.0%}" if best != min(range(len(ms)), key=ms.__getitem__) else ""
+    return names[best], f"{names[best]} (measured: {times}{tie}{under_load(load)})"
