@@ -112,12 +112,14 @@ static void row_simd(const float *restrict xn, const float *restrict w, const fl
 #include <immintrin.h>
 #ifdef __AVX512F__
 #define VB 16
+#define NREG 32        /* vector registers */
 typedef __m512 vb_t;
 #define VB_LOAD _mm512_loadu_ps
 #define VB_STORE _mm512_storeu_ps
 #define VB_FMA _mm512_fmadd_ps
 #else
 #define VB 8
+#define NREG 16
 typedef __m256 vb_t;
 #define VB_LOAD _mm256_loadu_ps
 #define VB_STORE _mm256_storeu_ps
@@ -150,15 +152,31 @@ KF_INLINE void pixelv_border(const float *restrict xn, const vb_t *wr, vb_t bv, 
     store_act(op, acc, p0, p1);
 }
 
-/* T pixels starting at xp (their first tap; all taps inside the input) */
+/* T pixels starting at xp (their first tap; all taps inside the input). A row of input vectors the T
+   pixels read (IN_COLS) is loaded into registers once where it fits beside the weights and accumulators
+   (IN_REGS: 3x3 stride 1 with AVX-512), else each FMA reads its input from memory (gcc allocates a too
+   large set of live vectors by spilling them to the stack: 5x5 took 1.3x as long). */
+#define IN_COLS(T) (((T) - 1) * SW + (KW - 1) * DW + 1)
+#define IN_REGS(T) (KH * KW + (T) + IN_COLS(T) <= NREG - 2)
 #define TILEV(T)                                                                                    \
     do {                                                                                            \
         vb_t acc[T];                                                                                \
         _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) acc[t] = bv;                           \
-        _Pragma("GCC unroll 16") for (int i = 0; i < KH; i++)                                       \
-            _Pragma("GCC unroll 16") for (int j = 0; j < KW; j++)                                   \
-                _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                                \
-                    acc[t] = VB_FMA(VB_LOAD(xp + i * DH * rs + (t * SW + j * DW) * C), wr[i * KW + j], acc[t]); \
+        _Pragma("GCC unroll 16") for (int i = 0; i < KH; i++) {                                     \
+            const float *xi = xp + i * DH * rs;                                                     \
+            if (IN_REGS(T)) {                                                                       \
+                vb_t in[IN_COLS(T)];                                                                \
+                _Pragma("GCC unroll 64") for (int k = 0; k < IN_COLS(T); k++)                       \
+                    in[k] = VB_LOAD(xi + k * C);                                                    \
+                _Pragma("GCC unroll 16") for (int j = 0; j < KW; j++)                               \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                            \
+                        acc[t] = VB_FMA(in[t * SW + j * DW], wr[i * KW + j], acc[t]);               \
+            } else {                                                                                \
+                _Pragma("GCC unroll 16") for (int j = 0; j < KW; j++)                               \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                            \
+                        acc[t] = VB_FMA(VB_LOAD(xi + (t * SW + j * DW) * C), wr[i * KW + j], acc[t]); \
+            }                                                                                       \
+        }                                                                                           \
         _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) store_act(op + t * CO, acc[t], p0, p1); \
     } while (0)
 
