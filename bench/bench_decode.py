@@ -3,10 +3,11 @@
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_decode.py
 
 Batch 1, one query, KV length 4096, head dim 64, fp32, 2 threads (KFUSE_NUM_THREADS /
-OMP_NUM_THREADS / torch.set_num_threads). Rows H/Hkv: 8/8 (MHA), 8/2 (GQA), 8/1 (MQA), 4/1, 1/1.
-Unsplit, the row kernel has B * Hkv * ceil(H/Hkv / 4) tasks (4 query rows of one kv head per
-task): 8, 2, 2, 1, 1. Where that is below the thread count, splitting the keys is what gives the
-second thread work; at 8 tasks for 2 threads there is nothing to gain but load balance.
+OMP_NUM_THREADS / torch.set_num_threads). Rows H/Hkv: 8/8 (MHA), 8/2 (GQA), 8/1 (MQA), 4/1, 1/1,
+3/3, 5/5. Unsplit, the row kernel has B * Hkv * ceil(H/Hkv / 4) tasks (4 query rows of one kv head
+per task): 8, 2, 2, 1, 1, 3, 5. Where they fill the threads' rounds unevenly (1 task on 2 threads
+leaves one idle, 3 leave one idle for half the time), splitting the keys gives the idle thread work;
+at 8 tasks for 2 threads there is nothing to gain but load balance (kfuse/kernels/attention.py's rule).
 Timing as in bench_attention.py: blocks of calls per provider, order rotated, median per call.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main():
     print(f"# load average before: {os.getloadavg()}; median per call over rounds, then the fastest round")
     print(f"{'H/Hkv':>8s} {'split ms':>9s} {'unsplit ms':>10s} {'auto ms':>9s} {'sdpa ms':>9s} "
           f"{'unsplit/split':>13s} {'sdpa/split':>10s} {'sdpa/auto':>9s}  auto plan (kernel, chunks, keys/chunk)")
-    for H, hkv in ((8, 8), (8, 2), (8, 1), (4, 1), (1, 1)):
+    for H, hkv in ((8, 8), (8, 2), (8, 1), (4, 1), (1, 1), (3, 3), (5, 5)):
         q = torch.randn(B, H, 1, D)
         k, v = torch.randn(B, hkv, L, D), torch.randn(B, hkv, L, D)
         out = torch.empty_like(q)

@@ -5,11 +5,12 @@ Split when the unsplit kernel's tasks (block_q queries each) fill less than SPLI
 threads' rounds (1 task on 2 threads fills half, 3 fill three quarters) and Lk >= 2 * SPLIT_MIN_CHUNK;
 the number of chunks brings the task count to SPLIT_TASKS_PER_THREAD per thread, each chunk keeping
 at least SPLIT_MIN_CHUNK keys (measurements in kfuse/backends/c/attention.py and bench/README.md).
-Measured on 2 threads (Zen 4, split vs unsplit, the kernel alone): 3 tasks split 1.10-1.26x faster
-(decode [1,3,1,4096], [1,12,1,4096] with 3 kv heads; causal [1,1,48,4096]; [1,3,64,2048]); 5 tasks
-(0.83 filled) split 1.14x faster in the block kernel ([1,5,64,2048]) but 0.92-0.93x in the
-bandwidth-bound row kernel ([1,5,1,2048], [1,5,1,8192]), hence 0.8; 4 causal 16-query blocks of
-[1,1,64,2048] unsplit 1.03-1.05x faster than split.
+Measured on 2 threads (Zen 4, split vs unsplit, the kernel alone): with 3 tasks the block kernel split
+1.10-1.14x faster (causal [1,1,48,4096], [1,3,64,2048]), the row kernel (decode, reading the cache at
+memory speed) 0.95-1.26x ([1,3,1,4096]; [1,12,1,4096] with 3 kv heads; bench_decode.py's 3/3 row);
+with 5 tasks (0.83 filled) the block kernel split 1.14x faster ([1,5,64,2048]), the row kernel 0.91-1.04x
+([1,5,1,2048], [1,5,1,8192], the 5/5 row), hence 0.8; 4 causal 16-query blocks of [1,1,64,2048]
+unsplit 1.03-1.05x faster than split.
 """
 from __future__ import annotations
 
