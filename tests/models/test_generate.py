@@ -74,6 +74,31 @@ def test_generate_matches_eager(arch, cache):
     assert sum(g.programs() for g in graphs) == programs
 
 
+# architectures whose decode graphs differ from the three above: Gemma-2 (logit soft-capping, a sliding
+# window on alternate layers, a scaled embedding), BLOOM (ALiBi position bias, no rotary), Phi (partial
+# rotary, parallel attention and MLP), GPT-J (interleaved rotary on part of the head)
+MORE = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                          sliding_window=8, max_position_embeddings=64)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                                num_attention_heads=4, max_position_embeddings=64)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE))
+def test_generate_matches_eager_on_more_architectures(arch):
+    config, model_class, size = MORE[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(**size, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = getattr(transformers, model_class)(cfg).eval()
+    graphs = _compiled_generate(model, torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3)), 12)
+    assert 1 <= len(graphs) <= 4, [g.summary() for g in graphs]
+    assert not any(s.fallback for g in graphs for s in g._segments), [g.summary() for g in graphs]
+
+
 def test_sampling_on_the_compiling_call_draws_eagers_numbers(tmp_path, monkeypatch):
     """generate(do_sample=True) compiles on its first call, inside the user's seeded run: the
     compile (its kernel choices timed on random inputs: an empty cache) draws nothing from torch's
