@@ -6,8 +6,9 @@ zero outside the input: torch's conv2d(groups=C) on channels-last data. The weig
 [kh, kw, C], so every tap reads a contiguous channel vector. The source is rendered per (kh, kw, stride,
 dilation, activation) as numeric constants, so the taps unroll. Two paths in depthwise.c:
 - with AVX-512 (AVX2), each 16-channel (8-channel) block of an output row runs in vector registers: its
-  kh kw weight vectors loaded once per row, TW output pixels a tile (tile_width), each input vector loaded
-  once per tile (rowv);
+  kh kw weight vectors loaded once per row, TW output pixels a tile (tile_width), each tile's row of
+  input vectors loaded into registers once where they fit (IN_REGS in depthwise.c), else read by each
+  FMA (rowv);
 - the rest (channels past the last whole block, or every channel on a machine with neither): per pixel,
   `omp simd` over the channels (row_simd).
 Border pixels test each tap (rowv) or read a row of C zeros for taps outside the input (row_simd);
