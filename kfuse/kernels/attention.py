@@ -1,16 +1,17 @@
 """The fused attention kernel's tiling and its split-KV plan (FlashDecoding), backend-neutral.
 
 The fission pass records the plan, the C kernel (kfuse/backends/c/attention.py) runs it: one rule.
-Split when the unsplit kernel's tasks (block_q queries each) fill less than SPLIT_BALANCE of the
-threads' rounds (1 task on 2 threads fills half, 3 fill three quarters) and Lk >= 2 * SPLIT_MIN_CHUNK;
+Split when the unsplit kernel's tasks (block_q queries each) fill less than SPLIT_BALANCE[kernel] of
+the threads' rounds (1 task on 2 threads fills half, 3 fill three quarters) and Lk >= 2 * SPLIT_MIN_CHUNK;
 the number of chunks brings the task count to SPLIT_TASKS_PER_THREAD per thread, each chunk keeping
 at least SPLIT_MIN_CHUNK keys (measurements in kfuse/backends/c/attention.py and bench/README.md).
 Measured on 2 threads (Zen 4, split vs unsplit, the kernel alone): with 3 tasks the block kernel split
 1.10-1.14x faster (causal [1,1,48,4096], [1,3,64,2048]), the row kernel (decode, reading the cache at
 memory speed) 0.95-1.26x ([1,3,1,4096]; [1,12,1,4096] with 3 kv heads; bench_decode.py's 3/3 row);
-with 5 tasks (0.83 filled) the block kernel split 1.14x faster ([1,5,64,2048]), the row kernel 0.91-1.04x
-([1,5,1,2048], [1,5,1,8192], the 5/5 row), hence 0.8; 4 causal 16-query blocks of [1,1,64,2048]
-unsplit 1.03-1.05x faster than split.
+with 5 tasks (0.83 filled) the block kernel split 1.08-1.19x faster ([1,5,64,2048], [1,5,64,4096]), the
+row kernel 0.91-1.04x ([1,5,1,2048], [1,5,1,8192], the 5/5 row); with 7 (0.875) block 1.05x
+([1,7,64,2048]), row 0.98x ([1,7,1,4096]): hence 0.9 for the compute-bound block kernel, 0.8 for the
+row kernel. 4 causal 16-query blocks of [1,1,64,2048] unsplit 1.03-1.05x faster than split.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ BLOCK_Q_DIAGONAL = 16
 ROW_KERNEL_MAX_LQ = 8
 SPLIT_TASKS_PER_THREAD = 4
 SPLIT_MIN_CHUNK = 512
-SPLIT_BALANCE = 0.8
+SPLIT_BALANCE = {"block": 0.9, "row": 0.8}
 
 
 def num_threads() -> int:
@@ -55,7 +56,7 @@ def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None, bq
     if split_kv is None:
         # the share of the threads' rounds the tasks fill: 3 tasks on 2 threads leave one idle half the time
         balance = tasks / (threads * math.ceil(tasks / threads))
-        split_kv = balance < SPLIT_BALANCE and Lk >= 2 * SPLIT_MIN_CHUNK
+        split_kv = balance < SPLIT_BALANCE[kernel] and Lk >= 2 * SPLIT_MIN_CHUNK
         nsplit = min(want, Lk // SPLIT_MIN_CHUNK)
     else:
         nsplit = max(2, want)

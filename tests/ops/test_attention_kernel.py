@@ -182,7 +182,8 @@ def test_auto_choices():
     assert A.plan(1, 1, 64, 8192, threads=8, bq=16)[1] == 8           # 4 tasks for 8 threads: 8 chunks
     assert A.plan(1, 4, 1, 100, Hkv=1, threads=2)[1] == 0             # too short to split
     assert A.plan(1, 3, 1, 4096, Hkv=3, threads=2)[1] == 3            # 3 tasks fill 3/4 of 2 threads' rounds
-    assert A.plan(1, 5, 1, 4096, Hkv=5, threads=2)[1] == 0            # 5 fill 5/6: unsplit
+    assert A.plan(1, 5, 1, 4096, Hkv=5, threads=2)[1] == 0            # 5 fill 5/6: unsplit (row kernel)
+    assert A.plan(1, 5, 64, 4096, threads=2)[1] == 2                  # ... split where compute-bound (block)
     q, k, v = qkv(1, 4, 1, 1, 4096, 64)
     run(q, k, v)
     run(q, k, v, causal=True)
