@@ -22,11 +22,12 @@ Kernels (see attention.c for the loop nests):
   head per task, so a KV cache row is read once for all the query heads of a GQA group.
 - split-KV (fission): the keys are cut into chunks processed as separate tasks, then combined.
   Automatic rule (`plan`): split when the unsplit kernel's tasks fill less than SPLIT_BALANCE
-  (0.9 block kernel, 0.8 row kernel) of the threads' rounds and Lk >= 2 * SPLIT_MIN_CHUNK; the number of chunks brings the task count to
-  SPLIT_TASKS_PER_THREAD per thread (dynamic scheduling absorbs a preempted thread), each chunk
-  keeping at least SPLIT_MIN_CHUNK keys. Measured (bench/README.md, decode): with 1 task for 2
-  threads split was 1.6-1.8x faster; with 2 or 8 tasks for 2 threads it was 0.7-0.96x, so those stay
-  unsplit; 3, 5 and 7 tasks in kfuse/kernels/attention.py.
+  (0.9 block kernel, 0.8 row kernel) of the threads' rounds and Lk >= 2 * SPLIT_MIN_CHUNK; the
+  number of chunks brings the task count to SPLIT_TASKS_PER_THREAD per thread (dynamic scheduling
+  absorbs a preempted thread), each chunk keeping at least SPLIT_MIN_CHUNK keys. Measured
+  (bench/README.md, decode): with 1 task for 2 threads split was 1.6-1.8x faster; with 2 or 8
+  tasks for 2 threads it was 0.7-0.96x, so those stay unsplit; 3, 5 and 7 tasks in
+  kfuse/kernels/attention.py.
 
 Threads: kfuse.config.threads() (KFUSE_NUM_THREADS, else torch's count). The tile sizes and the
 split-KV plan are in kfuse/kernels/attention.py.
