@@ -501,11 +501,10 @@ def settled(problem: str, names: list[str], cold: bool = False) -> bool:
 def pick(problem: str, candidates: dict, inputs, threads: int | None = None, cold: bool = False) -> tuple[str, str]:
     """(name, what the report shows) of the fastest of `candidates` ({name: fn(arg)}, interchangeable
     kernels: our depthwise convolution or oneDNN's; the first unless another is KERNEL_MARGIN faster) on
-    `problem` (a text naming the shapes and
-    attributes), timed on the argument `inputs()` makes (only when there is something to time) like the
-    schedule variants and cached per machine the same way; `cold`: with the caches overwritten before
-    each call (_time), else with the weights alone from memory inside `weights_from_memory(True)`. A
-    choice timed in a program (verdict_key) comes first. With KFUSE_AUTOTUNE=0 the first candidate,
+    `problem` (a text naming the shapes and attributes), timed on the argument `inputs()` makes (only
+    when there is something to time) like the schedule variants and cached per machine the same way;
+    `cold`: with the caches overwritten before each call (_time), else with the weights alone from
+    memory inside `weights_from_memory(True)`. A choice timed in a program (verdict_key) comes first. With KFUSE_AUTOTUNE=0 the first candidate,
     untimed, or the choice a loaded artifact carries (adopt): its program as it was compiled, bit for
     bit."""
     names = list(candidates)
