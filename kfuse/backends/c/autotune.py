@@ -504,9 +504,9 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     `problem` (a text naming the shapes and attributes), timed on the argument `inputs()` makes (only
     when there is something to time) like the schedule variants and cached per machine the same way;
     `cold`: with the caches overwritten before each call (_time), else with the weights alone from
-    memory inside `weights_from_memory(True)`. A choice timed in a program (verdict_key) comes first. With KFUSE_AUTOTUNE=0 the first candidate,
-    untimed, or the choice a loaded artifact carries (adopt): its program as it was compiled, bit for
-    bit."""
+    memory inside `weights_from_memory(True)`. A choice timed in a program (verdict_key) comes first.
+    With KFUSE_AUTOTUNE=0 the first candidate, untimed, or the choice a loaded artifact carries (adopt):
+    its program as it was compiled, bit for bit."""
     names = list(candidates)
     threads = threads or config.threads()
     text = _text(problem, names, cold)
