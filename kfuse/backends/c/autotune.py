@@ -537,5 +537,5 @@ def pick(problem: str, candidates: dict, inputs, threads: int | None = None, col
     best = winner(ms, KERNEL_MARGIN)
     remember(keys[1], best, names, ms, load)
     times = ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, ms))
-    tie = f"; the first kept, the fastest within {KERNEL_MARGIN:.0%}" if best != min(range(len(ms)), key=ms.__getitem__) else ""
+    tie = f"; the first kept, the fastest within {KERNEL_MARGIN:.0%}" if ms[best] > min(ms) else ""
     return names[best], f"{names[best]} (measured: {times}{tie}{under_load(load)})"
