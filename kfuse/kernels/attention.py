@@ -9,7 +9,7 @@ Measured on 2 threads (Zen 4, split vs unsplit, the kernel alone): with 3 tasks 
 1.10-1.14x faster (causal [1,1,48,4096], [1,3,64,2048]), the row kernel (decode, reading the cache at
 memory speed) 0.95-1.26x ([1,3,1,4096]; [1,12,1,4096] with 3 kv heads; bench_decode.py's 3/3 row);
 with 5 tasks (0.83 filled) the block kernel split 1.08-1.19x faster ([1,5,64,2048], [1,5,64,4096]), the
-row kernel 0.91-1.04x ([1,5,1,2048], [1,5,1,8192], the 5/5 row); with 7 (0.875) block 1.05x
+row kernel 0.91-1.10x ([1,5,1,2048], [1,5,1,8192], the 5/5 row: a wash); with 7 (0.875) block 1.05x
 ([1,7,64,2048]), row 0.98x ([1,7,1,4096]): hence 0.9 for the compute-bound block kernel, 0.8 for the
 row kernel. 4 causal 16-query blocks of [1,1,64,2048] unsplit 1.03-1.05x faster than split.
 """
