@@ -99,6 +99,7 @@ def memory_cases(dtype):
     s, mask = torch.randn(8, 16, 1024, 1024, **d), torch.zeros(8, 1, 1, 1024, **d)
     q = torch.randn(8, 32, 1024, 128, **d)
     cos, sin = torch.randn(1024, 128, **d), torch.randn(1024, 128, **d)
+    x4, r4 = torch.randn(32768, H, **d), torch.randn(32768, H, **d)
 
     def rope(q, cos, sin):
         q1, q2 = q[..., :64], q[..., 64:]
@@ -108,7 +109,9 @@ def memory_cases(dtype):
     if lf is not None:      # only the functions this Liger-Kernel version has
         cands = {"rmsnorm": ("liger_rms_norm", lambda f: f(x, w, 1e-6)), "swiglu": ("liger_swiglu", lambda f: f(a, g)),
                  "geglu": ("liger_geglu", lambda f: f(a, g)),
-                 "layernorm": ("liger_layer_norm", lambda f: f(x + r, w, b, 1e-5))}
+                 "layernorm": ("liger_layer_norm", lambda f: f(x + r, w, b, 1e-5)),
+                 "rmsnorm_large": ("liger_rms_norm", lambda f: f(x4, w, 1e-6)),
+                 "layernorm_large": ("liger_layer_norm", lambda f: f(x4 + r4, w, b, 1e-5))}
         for key, (attr, call) in cands.items():
             if hasattr(lf, attr):
                 liger[key] = (lambda c=call, f=getattr(lf, attr): c(f))
@@ -122,6 +125,11 @@ def memory_cases(dtype):
         ("bias+GELU [8192,11008]", lambda a, b2: F.gelu(a + b2), [a], [torch.randn(11008, **d)], None),
         ("scale+mask+softmax [8,16,1024,1024]", lambda s, m: torch.softmax(s * 0.125 + m, -1), [s, mask], [], None),
         ("rotary [8,32,1024,128]", rope, [q, cos, sin], [], None),
+        # four times the rows: a call's CPU time (tens of microseconds) a smaller share of the kernel's
+        ("add+LayerNorm [32768,4096]", lambda x, r, w, b: F.layer_norm(x + r, (H,), w, b, 1e-5), [x4, r4], [w, b],
+         liger.get("layernorm_large")),
+        ("RMSNorm [32768,4096]", lambda x, w: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * w,
+         [x4], [w], liger.get("rmsnorm_large")),
     ]
 
 
@@ -180,11 +188,25 @@ def bench_attention(rounds, reps, rows):
         rep = H // Hkv
         kk, vv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
         nbytes = 2 * k.numel() * k.element_size()
-        providers = {"sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, scale=128 ** -0.5),
-                     "kfuse": lambda: attention(q, k, v, scale=128 ** -0.5)}
+        sdpa = lambda: F.scaled_dot_product_attention(q, kk, vv, scale=128 ** -0.5)    # noqa: E731
+        ours = lambda: attention(q, k, v, scale=128 ** -0.5)                            # noqa: E731
+        # one call each is CPU-bound at these sizes: replayed from a CUDA graph, the GPU's time alone
+        providers = {"sdpa": sdpa, "kfuse": ours, "sdpa graph": _graphed(sdpa), "kfuse graph": _graphed(ours)}
         ms = measure(providers, rounds, reps)
         _print_row(f"decode B{B} H{H}/{Hkv} L{L} D128", ms, nbytes, "GB/s", lambda t: nbytes / t / 1e6, rows)
         _print_config()
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph after three plain calls (the tuner times its configs in the first):
+    the replay's time is the GPU's alone, no Python or launch time per call."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def _print_config():
@@ -235,7 +257,22 @@ def _print_kfuse(cm, module, inputs):
     got = [got] if isinstance(got, torch.Tensor) else list(got)
     rel = max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item()
               for g, w in zip(got, want))
-    print(f"    kfuse vs eager: max error {rel:.2e} of the output's scale; launch: {cm.report().launch or '-'}")
+    print(f"    kfuse vs eager: max error {rel:.2e} of the output's scale; launch: {cm.report().launch or '-'}; "
+          f"CPU time per call {_cpu_us(lambda: cm(*inputs)):.0f} us")
+
+
+def _cpu_us(fn, n: int = 100) -> float:
+    """Microseconds of CPU time per call, the GPU not waited for: where this exceeds the GPU's time per
+    call, back-to-back calls are bound by the host."""
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        us = (time.perf_counter() - t) / n * 1e6
+        torch.cuda.synchronize()
+    return us
 
 
 def _print_row(name, ms, nbytes, unit, rate, rows):

@@ -33,11 +33,12 @@ def _attn_inputs(B, H, Hkv, Lq, Lk, D, dtype):
 # seen by every query, then the causal diagonal; Lk > Lq shifts the diagonal)
 @pytest.mark.parametrize("shape", [(1, 2, 2, 5, 5, 16), (2, 4, 2, 70, 70, 32), (1, 4, 1, 3, 80, 24),
                                    (1, 2, 1, 128, 192, 32), (2, 2, 2, 64, 64, 64)])
-def test_attention_kernel(shape, causal):
+@pytest.mark.parametrize("scale", [0.3, -0.2])     # a positive scale is folded into exp2's argument
+def test_attention_kernel(shape, causal, scale):
     q, k, v = _attn_inputs(*shape, torch.float32)
     out = torch.full_like(q, float("nan"))
-    attention(q, k, v, scale=0.3, causal=causal, out=out)
-    want = REFERENCE["attention"](q, k, v, scale=0.3, causal=causal)
+    attention(q, k, v, scale=scale, causal=causal, out=out)
+    want = REFERENCE["attention"](q, k, v, scale=scale, causal=causal)
     assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
@@ -132,11 +133,24 @@ def test_builtin_model(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_kernel_strided_and_broadcast(dtype):
+@pytest.mark.parametrize("case", ["head_split_view", "per_batch_positions", "per_head", "rank3", "one_position"])
+def test_rope_kernel_strided_and_broadcast(dtype, case):
     from kfuse.backends.triton.rope import rope
-    base = torch.randn(2, 9, 3, 20, dtype=dtype)           # [B, S, H, D]: q as a head-split view
-    x = base.transpose(1, 2)
-    cos, sin = torch.randn(9, 20, dtype=dtype), torch.randn(9, 20, dtype=dtype)
+    if case == "head_split_view":           # q as a head-split view of [B, S, H, D]; cos [S, D]
+        x = torch.randn(2, 9, 3, 20, dtype=dtype).transpose(1, 2)
+        cos, sin = torch.randn(9, 20, dtype=dtype), torch.randn(9, 20, dtype=dtype)
+    elif case == "per_batch_positions":     # cos/sin [B, 1, S, D] (position ids per sequence), 37 positions
+        x = torch.randn(2, 5, 37, 12, dtype=dtype)
+        cos, sin = torch.randn(2, 1, 37, 12, dtype=dtype), torch.randn(2, 1, 37, 12, dtype=dtype)
+    elif case == "per_head":                # cos/sin varying across heads too: read once per head
+        x = torch.randn(2, 5, 11, 16, dtype=dtype)
+        cos, sin = torch.randn(5, 11, 16, dtype=dtype), torch.randn(5, 11, 16, dtype=dtype)
+    elif case == "rank3":
+        x = torch.randn(3, 70, 8, dtype=dtype)
+        cos, sin = torch.randn(70, 8, dtype=dtype), torch.randn(70, 8, dtype=dtype)
+    else:                                   # decoding: one position, a cos row broadcast over batch and heads
+        x = torch.randn(4, 6, 1, 16, dtype=dtype)
+        cos, sin = torch.randn(1, 16, dtype=dtype), torch.randn(1, 16, dtype=dtype)
     out = torch.full(x.shape, float("nan"), dtype=dtype)
     rope(x, cos, sin, out=out)
     want = REFERENCE["rope"](x.float(), cos.float(), sin.float())

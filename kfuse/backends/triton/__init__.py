@@ -43,29 +43,25 @@ class TritonKernel:
     def __init__(self, k: FusedKernel, variants: list):
         self.kernel = k
         self.variants = variants          # [(candidate, rendered, jit function)], the default first
-        _, self.rendered, self._fn = variants[0]
-        self.source = self.rendered.source
+        self._use(0)
         self._tuned = len(variants) == 1 or not tk.autotune_enabled()
 
-    def _launch(self, rendered, fn, args):
-        if tk.interpreting():     # masked lanes compute on zeros (log 0, 0 / 0): NumPy's warnings are noise
-            with tk.quiet():
-                fn[rendered.grid](*args, num_warps=rendered.num_warps)
-        else:
-            fn[rendered.grid](*args, num_warps=rendered.num_warps)
+    def _use(self, i: int):
+        _, self.rendered, fn = self.variants[i]
+        self.source = self.rendered.source
+        self._launch = tk.Launch(fn, self.rendered.grid, self.rendered.num_warps)
 
     def __call__(self, inputs, outputs):
         args = [tk.as_arg(t) for t in inputs] + [tk.as_arg(t) for t in outputs]
         if not self._tuned:
             self._tune(args)
-        self._launch(self.rendered, self._fn, args)
+        self._launch(args)
 
     def _tune(self, args):
         """Keep the fastest candidate rendering (timed on these arguments, or cached)."""
-        by = {c: (r, fn) for c, r, fn in self.variants}
-        best = tk.fastest(list(by), lambda c: self._launch(*by[c], args), problem=self.variants[0][1].source)
-        self.rendered, self._fn = by[best]
-        self.source = self.rendered.source
+        launches = {c: tk.Launch(fn, r.grid, r.num_warps) for c, r, fn in self.variants}
+        best = tk.fastest(list(launches), lambda c: launches[c](args), problem=self.variants[0][1].source)
+        self._use([c for c, _, _ in self.variants].index(best))
         self._tuned = True
 
 

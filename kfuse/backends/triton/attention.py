@@ -54,8 +54,10 @@ import triton.language as tl
 @triton.jit
 def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
           D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-          IEEE: tl.constexpr, EDGE: tl.constexpr):
-    # one block of BN keys; EDGE: it may hold keys past Lk or, causal, keys some of the queries do not see
+          IEEE: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr):
+    # one block of BN keys; EDGE: it may hold keys past Lk or, causal, keys some of the queries do not see.
+    # FOLD (a positive scale, no additive mask): the scores stay unscaled, the scale is folded into the
+    # running max and into exp2's argument (one FMA a score instead of a multiply and a subtract)
     rn = n0 + tl.arange(0, BN)
     koff = rn[:, None] * skj + rd[None, :]
     voff = rn[:, None] * svj + rd[None, :]
@@ -68,7 +70,8 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
         s = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(qt, tl.trans(kt))
-    s = s * qk_scale
+    if not FOLD:
+        s = s * qk_scale
     if MASK != 0:
         mv = tl.load(mp + rm[:, None] * smi + rn[None, :] * smj, mask=(rm[:, None] < Lq) & (rn[None, :] < Lk), other=0)
         if MASK == 1:
@@ -80,7 +83,10 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
         if CAUSAL:
             keep = keep & (rn[None, :] <= rm[:, None] + shift)
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if MASK != 0 or CAUSAL:     # a row may have seen no key yet: exp(-inf - -inf) would be NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -88,7 +94,10 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
     if MASK == 1:       # natural base: a mask of finfo.min times log2(e) would overflow to -inf
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-    else:               # log2 base: qk_scale carries log2(e)
+    elif FOLD:          # log2 base: qk_scale carries log2(e)
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -96,10 +105,11 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
         vt = tl.load(vp + voff, mask=kvm, other=0)
     else:
         vt = tl.load(vp + voff)
+    acc = acc * alpha[:, None]          # the product accumulates into the rescaled accumulator
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, vt.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = tl.dot(p.to(vt.dtype), vt, acc)
     return acc, l_i, m_new
 
 
@@ -108,7 +118,8 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
                  sqb, sqh, sqi, skb, skh, skj, svb, svh, svj, sob, soh, soi, smb, smh, smi, smj, pacc, pm, pl, NS,
                  D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr,
+                 FOLD: tl.constexpr):
     # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8). EVEN_M / EVEN_N: Lq % BM == 0 / Lk % BN == 0
     # SPLIT: this program takes key chunk program_id(2) of NS and writes its partial softmax (running max
     # pm, sum pl, unnormalised accumulator pacc, fp32) for kf_combine
@@ -148,10 +159,10 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
         full = tl.maximum(tl.minimum(full, hi), lo)
     for n0 in tl.range(lo, full, BN, warp_specialize=WS):
         acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
-                              D, BD, BN, MASK, CAUSAL, IEEE, False)
+                              D, BD, BN, MASK, CAUSAL, IEEE, False, FOLD)
     for n0 in range(full, hi, BN):
         acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
-                              D, BD, BN, MASK, CAUSAL, IEEE, True)
+                              D, BD, BN, MASK, CAUSAL, IEEE, True, FOLD)
     if SPLIT:
         prow = (bh.to(tl.int64) * NS + tl.program_id(2)) * Lq + rm
         tl.store(pm + prow, m_i, mask=rm < Lq)
@@ -227,7 +238,7 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
     args = (q, k, v, out, m, float(scale) * (1.0 if kind == 1 else LOG2E), H, H // Hkv, Lq, Lk,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms)
     flags = dict(D=D, BD=max(16, 1 << (D - 1).bit_length()), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
-                 ZERO_MASKED=bool(zero_masked))
+                 ZERO_MASKED=bool(zero_masked), FOLD=kind != 1 and scale > 0)
     configs = CONFIGS["decode" if Lq <= DECODE_LQ else "f32" if q.dtype == torch.float32 else "half"]
     if splits is not None:
         configs = [(*configs[0][:5], splits)]

@@ -64,14 +64,19 @@ def source_key(source: str) -> str:
 
 
 _modules: dict[str, object] = {}
+_by_text: dict[str, object] = {}     # the same, by the source text itself: no hash of it per call
 
 
 def load(source: str):
     """The module defined by `source`, from a file in the cache (written first if absent)."""
+    mod = _by_text.get(source)
+    if mod is not None:
+        return mod
     require()
     key = source_key(source)
     mod = _modules.get(key)
     if mod is not None:
+        _by_text[source] = mod
         return mod
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -91,7 +96,37 @@ def load(source: str):
     sys.modules[name] = mod          # triton looks its functions' globals up through the module
     spec.loader.exec_module(mod)
     _modules[key] = mod
+    _by_text[source] = mod
     return mod
+
+
+class Launch:
+    """Launches of one jit function on one grid whose arguments are all tensors: the first through
+    `fn[grid](...)` (which compiles, and specialises on each pointer's 16-byte alignment), the later ones
+    straight through the compiled kernel while the pointers' alignments are those it was built for.
+    Triton's own call path (binding, specialisation, cache key) cost about as much CPU time per launch
+    as a 40 us kernel takes on an H200, so one-kernel programs were CPU-bound. Any launch the compiled
+    kernel's runner cannot take goes through `fn[grid]` again."""
+
+    def __init__(self, fn, grid: tuple, num_warps: int):
+        self.fn, self.grid, self.num_warps = fn, grid, num_warps
+        self.runner = None
+        self.key = None          # (device, each pointer 16-byte aligned) the runner was compiled for
+
+    def __call__(self, args):
+        if interpreting():          # masked lanes compute on zeros (log 0, 0 / 0): NumPy's warnings are noise
+            with quiet():
+                self.fn[self.grid](*args, num_warps=self.num_warps)
+            return
+        key = (args[0].device, *(a.data_ptr() % 16 == 0 for a in args))
+        if self.runner is not None and key == self.key:
+            self.runner(*args)
+            return
+        compiled = self.fn[self.grid](*args, num_warps=self.num_warps)
+        try:
+            self.runner, self.key = compiled[self.grid], key
+        except Exception:        # noqa: BLE001 - a Triton without CompiledKernel[grid]: its own path each time
+            self.runner = None
 
 
 def as_arg(t: torch.Tensor) -> torch.Tensor:
