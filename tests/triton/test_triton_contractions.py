@@ -42,27 +42,33 @@ def test_attention_kernel(shape, causal, scale):
     assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 8])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 1, 200, 32), (1, 2, 1, 5, 131, 16), (1, 2, 2, 3, 20, 24)])
-def test_attention_split_keys(shape, causal, splits):
+@pytest.mark.parametrize("shape", [(2, 4, 2, 1, 200, 32), (1, 2, 1, 5, 131, 16), (1, 2, 2, 3, 20, 24),
+                                   (2, 8, 2, 5, 70, 16)])
+def test_attention_split_keys(shape, causal, splits, pack):
     # decoding: a few queries, keys split over programs whose partial softmaxes kf_combine merges
-    # (8 splits of 20 keys: more splits than key blocks, clamped); masks and fully masked rows too
+    # (8 splits of 20 keys: more splits than key blocks, clamped); masks and fully masked rows too.
+    # pack: the rows of a tile are the (query head, query) pairs of one kv head (4 heads x 5 queries:
+    # two 16-row tiles, the second part empty), each row with its own head's mask row
     q, k, v = _attn_inputs(*shape, torch.float32)
     want = REFERENCE["attention"](q, k, v, scale=0.3, causal=causal)
-    assert_close(attention(q, k, v, scale=0.3, causal=causal, splits=splits), want, atol=1e-5, rtol=1e-5)
+    assert_close(attention(q, k, v, scale=0.3, causal=causal, splits=splits, pack=pack), want, atol=1e-5, rtol=1e-5)
     B, H, _, Lq, Lk, _ = shape
-    mask = torch.rand(B, 1, Lq, Lk) > 0.5
-    mask[..., 0, :] = False                                   # query 0 sees no key: NaN, or 0 as SDPA
+    mask = torch.rand(B, H, Lq, Lk) > 0.5
+    mask[:, 0, 0, :] = False                                  # head 0's query 0 sees no key: NaN, or 0 as SDPA
     for zero in (False, True):
-        got = attention(q, k, v, mask, scale=0.3, zero_masked=zero, splits=splits)
+        got = attention(q, k, v, mask, scale=0.3, zero_masked=zero, splits=splits, pack=pack)
         want = REFERENCE["attention"](q, k, v, mask, scale=0.3)
         if zero:
             want = torch.nan_to_num(want, nan=0.0)
         assert_close(got, want, atol=1e-5, rtol=1e-5)
     additive = torch.randn(1, H, 1, Lk)
-    assert_close(attention(q, k, v, additive, scale=0.3, splits=splits),
+    assert_close(attention(q, k, v, additive, scale=0.3, splits=splits, pack=pack),
                  REFERENCE["attention"](q, k, v, additive, scale=0.3), atol=1e-5, rtol=1e-5)
+    assert_close(attention(q, k, v, additive, scale=0.3, causal=True, splits=splits, pack=pack),
+                 REFERENCE["attention"](q, k, v, additive, scale=0.3, causal=True), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("lq, lk", [(9, 67), (64, 128)])

@@ -33,17 +33,23 @@ import torch
 
 from . import kernel as tk
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop, key splits) timed on a GPU for
-# each new problem; the first is the default (and the interpreter's). fp32 (IEEE products) keeps small
-# tiles: its tiles are twice the bytes. A config that does not compile on this GPU is skipped. A few
-# queries (decoding: DECODE_LQ or fewer) take 16-row blocks and split the keys over programs, each
-# writing a partial softmax that kf_combine merges: B x H programs alone leave most of a GPU idle.
-CONFIGS = {"half": [(128, 64, 8, 3, False, 1), (128, 128, 8, 3, False, 1), (64, 64, 4, 3, False, 1),
-                    (128, 64, 4, 4, False, 1), (64, 128, 4, 3, False, 1), (128, 128, 8, 3, True, 1),
-                    (128, 64, 8, 3, True, 1)],
-           "f32": [(64, 64, 4, 2, False, 1), (64, 32, 4, 2, False, 1), (32, 64, 4, 2, False, 1)],
-           "decode": [(16, 64, 4, 2, False, 1), (16, 64, 4, 2, False, 8), (16, 128, 4, 2, False, 16),
-                      (16, 64, 4, 2, False, 32), (16, 128, 4, 3, False, 64)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop, key splits, grouped-query rows
+# packed) timed on a GPU for each new problem; the first is the default (and the interpreter's). fp32
+# (IEEE products) keeps small tiles: its tiles are twice the bytes. A config that does not compile on
+# this GPU is skipped. A few queries (decoding: DECODE_LQ or fewer) take 16-row blocks and split the
+# keys over programs, each writing a partial softmax that kf_combine merges: B x H programs alone leave
+# most of a GPU idle. Packed, a tile's rows are the queries of all the heads that share a kv head, so
+# those keys and values are read once (unpacked: once per query head, and 15 of 16 rows idle at Lq 1).
+CONFIGS = {"half": [(128, 64, 8, 3, False, 1, False), (128, 128, 8, 3, False, 1, False),
+                    (64, 64, 4, 3, False, 1, False), (128, 64, 4, 4, False, 1, False),
+                    (64, 128, 4, 3, False, 1, False), (128, 128, 8, 3, True, 1, False),
+                    (128, 64, 8, 3, True, 1, False)],
+           "f32": [(64, 64, 4, 2, False, 1, False), (64, 32, 4, 2, False, 1, False), (32, 64, 4, 2, False, 1, False)],
+           "decode": [(16, 64, 4, 2, False, 8, True), (16, 64, 4, 2, False, 1, False), (16, 64, 4, 2, False, 8, False),
+                      (16, 128, 4, 2, False, 16, False), (16, 64, 4, 2, False, 32, False),
+                      (16, 128, 4, 3, False, 64, False), (16, 64, 4, 2, False, 1, True),
+                      (16, 128, 4, 2, False, 16, True), (16, 64, 4, 2, False, 32, True),
+                      (16, 128, 4, 3, False, 64, True)]}
 DECODE_LQ = 16
 LOG2E = 1.4426950408889634
 
@@ -52,10 +58,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+def _step(acc, l_i, m_i, qt, kp, vp, mp, qi, mrow, rv, rd, n0, Lk, shift, qk_scale, skj, svj, smj,
           D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
           IEEE: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr):
     # one block of BN keys; EDGE: it may hold keys past Lk or, causal, keys some of the queries do not see.
+    # Per row of the tile: qi its query's index, mrow its mask row's offset, rv whether it is a row at all.
     # FOLD (a positive scale, no additive mask): the scores stay unscaled, the scale is folded into the
     # running max and into exp2's argument (one FMA a score instead of a multiply and a subtract)
     rn = n0 + tl.arange(0, BN)
@@ -73,7 +80,7 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
     if not FOLD:
         s = s * qk_scale
     if MASK != 0:
-        mv = tl.load(mp + rm[:, None] * smi + rn[None, :] * smj, mask=(rm[:, None] < Lq) & (rn[None, :] < Lk), other=0)
+        mv = tl.load(mp + mrow[:, None] + rn[None, :] * smj, mask=rv[:, None] & (rn[None, :] < Lk), other=0)
         if MASK == 1:
             s = s + mv.to(tl.float32)
         else:
@@ -81,7 +88,7 @@ def _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, sk
     if EDGE:
         keep = rn[None, :] < Lk
         if CAUSAL:
-            keep = keep & (rn[None, :] <= rm[:, None] + shift)
+            keep = keep & (rn[None, :] <= qi[:, None] + shift)
         s = tl.where(keep, s, float("-inf"))
     if FOLD:
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
@@ -119,33 +126,49 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
                  D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ZERO_MASKED: tl.constexpr,
                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr,
-                 FOLD: tl.constexpr):
-    # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8). EVEN_M / EVEN_N: Lq % BM == 0 / Lk % BN == 0
-    # SPLIT: this program takes key chunk program_id(2) of NS and writes its partial softmax (running max
-    # pm, sum pl, unnormalised accumulator pacc, fp32) for kf_combine
+                 FOLD: tl.constexpr, PACK: tl.constexpr):
+    # MASK: 0 none, 1 additive float, 2 boolean keep mask (uint8). EVEN_M: the tile's rows are all rows;
+    # EVEN_N: Lk % BN == 0. SPLIT: this program takes key chunk program_id(2) of NS and writes its partial
+    # softmax (running max pm, sum pl, unnormalised accumulator pacc, fp32) for kf_combine.
+    # PACK (decoding, grouped-query): program_id(1) is a (batch, kv head) and the tile's rows are the
+    # (query head, query) pairs of that kv head's group, so its keys and values are read once for the group
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // HPK
-    rm = pid_m * BM + tl.arange(0, BM)
+    r = pid_m * BM + tl.arange(0, BM)
+    if PACK:
+        b = (bh // (H // HPK)).to(tl.int64)
+        hk = (bh % (H // HPK)).to(tl.int64)
+        qi = r % Lq
+        h = hk * HPK + (r // Lq)
+        rv = r < HPK * Lq
+        q_lo = 0                    # the rows' queries: any of the Lq
+        q_hi = Lq - 1
+    else:
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // HPK
+        qi = r
+        rv = r < Lq
+        q_lo = pid_m * BM
+        q_hi = pid_m * BM + BM - 1
     rd = tl.arange(0, BD)
-    qoff = b * sqb + h * sqh + rm[:, None] * sqi + rd[None, :]
+    qoff = b * sqb + (h * sqh + qi * sqi)[:, None] + rd[None, :]
     if EVEN_M and D == BD:
         qt = tl.load(q + qoff)
     else:
-        qt = tl.load(q + qoff, mask=(rm[:, None] < Lq) & (rd[None, :] < D), other=0)
+        qt = tl.load(q + qoff, mask=rv[:, None] & (rd[None, :] < D), other=0)
     kp = k + b * skb + hk * skh
     vp = v + b * svb + hk * svh
-    mp = mask + b * smb + h * smh
+    mp = mask + b * smb
+    mrow = h * smh + qi * smi
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     shift = Lk - Lq
     # keys [0, full) are seen by every query of this program (no bounds or causal test); [full, hi) are tested
     if CAUSAL:
-        hi = tl.maximum(tl.minimum(Lk, (pid_m + 1) * BM + shift), 0)
-        full = tl.minimum(tl.maximum(pid_m * BM + shift + 1, 0) // BN * BN, hi)
+        hi = tl.maximum(tl.minimum(Lk, q_hi + 1 + shift), 0)
+        full = tl.minimum(tl.maximum(q_lo + shift + 1, 0) // BN * BN, hi)
     else:
         hi = Lk
         full = Lk
@@ -158,25 +181,25 @@ def kf_attention(q, k, v, o, mask, qk_scale, H, HPK, Lq, Lk,
         hi = tl.minimum(hi, lo + chunk)
         full = tl.maximum(tl.minimum(full, hi), lo)
     for n0 in tl.range(lo, full, BN, warp_specialize=WS):
-        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, qi, mrow, rv, rd, n0, Lk, shift, qk_scale, skj, svj, smj,
                               D, BD, BN, MASK, CAUSAL, IEEE, False, FOLD)
     for n0 in range(full, hi, BN):
-        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, rm, rd, n0, Lq, Lk, shift, qk_scale, skj, svj, smi, smj,
+        acc, l_i, m_i = _step(acc, l_i, m_i, qt, kp, vp, mp, qi, mrow, rv, rd, n0, Lk, shift, qk_scale, skj, svj, smj,
                               D, BD, BN, MASK, CAUSAL, IEEE, True, FOLD)
     if SPLIT:
-        prow = (bh.to(tl.int64) * NS + tl.program_id(2)) * Lq + rm
-        tl.store(pm + prow, m_i, mask=rm < Lq)
-        tl.store(pl + prow, l_i, mask=rm < Lq)
-        tl.store(pacc + prow[:, None] * BD + rd[None, :], acc, mask=(rm < Lq)[:, None])
+        prow = ((b * H + h) * NS + tl.program_id(2)) * Lq + qi
+        tl.store(pm + prow, m_i, mask=rv)
+        tl.store(pl + prow, l_i, mask=rv)
+        tl.store(pacc + prow[:, None] * BD + rd[None, :], acc, mask=rv[:, None])
         return
     if ZERO_MASKED:     # a row with every key masked: 0 (torch's SDPA), not 0 / 0
         l_i = tl.where(l_i == 0.0, float("inf"), l_i)
     out = acc / l_i[:, None]
-    ooff = b * sob + h * soh + rm[:, None] * soi + rd[None, :]
+    ooff = b * sob + (h * soh + qi * soi)[:, None] + rd[None, :]
     if EVEN_M and D == BD:
         tl.store(o + ooff, out.to(o.dtype.element_ty))
     else:
-        tl.store(o + ooff, out.to(o.dtype.element_ty), mask=(rm[:, None] < Lq) & (rd[None, :] < D))
+        tl.store(o + ooff, out.to(o.dtype.element_ty), mask=rv[:, None] & (rd[None, :] < D))
 
 
 @triton.jit
@@ -218,10 +241,11 @@ def _mask_strides(mask, B, H, Lq, Lk):
 
 
 def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=None, zero_masked: bool = False,
-              splits: int | None = None):
+              splits: int | None = None, pack: bool | None = None):
     """softmax(q kᵀ·scale + mask) v; q [B, H, Lq, D], k and v [B, Hkv, Lk, D], out [B, H, Lq, D] (any
     strides with the last dim contiguous; allocated when None). Returns out. `splits`: split the keys
-    over that many programs per query block (None: the tuned or default config's)."""
+    over that many programs per query block; `pack`: a tile's rows are the queries of the heads sharing a
+    kv head (decoding only); None: the tuned or default config's."""
     mod = tk.load(SOURCE)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -240,8 +264,9 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
     flags = dict(D=D, BD=max(16, 1 << (D - 1).bit_length()), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
                  ZERO_MASKED=bool(zero_masked), FOLD=kind != 1 and scale > 0)
     configs = CONFIGS["decode" if Lq <= DECODE_LQ else "f32" if q.dtype == torch.float32 else "half"]
-    if splits is not None:
-        configs = [(*configs[0][:5], splits)]
+    if splits is not None or pack is not None:
+        c = configs[0]
+        configs = [(*c[:5], c[5] if splits is None else splits, c[6] if pack is None else bool(pack) and Lq <= DECODE_LQ)]
     if tk.interpreting():
         with tk.quiet():
             _launch(mod, configs[0], args, flags, B * H)
@@ -253,11 +278,13 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
 
 
 def _launch(mod, config, args, flags, bh):
-    bm, bn, warps, stages, ws, ns = config
-    q, out, H, Lq, Lk = args[0], args[3], args[6], args[8], args[9]
+    bm, bn, warps, stages, ws, ns, pack = config
+    q, out, H, hpk, Lq, Lk = args[0], args[3], args[6], args[7], args[8], args[9]
     ns = max(1, min(ns, math.ceil(Lk / bn)))        # no split without a key block of its own
-    grid = (math.ceil(Lq / bm), bh, ns)
-    kw = dict(BM=bm, BN=bn, EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, **flags, num_warps=warps, num_stages=stages)
+    rows = hpk * Lq if pack else Lq                 # a program's rows: per kv head packed, else per head
+    grid = (math.ceil(rows / bm), bh // hpk if pack else bh, ns)
+    kw = dict(BM=bm, BN=bn, EVEN_M=rows % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, PACK=pack, **flags, num_warps=warps,
+              num_stages=stages)
     if ns == 1:
         mod.kf_attention[grid](*args, q, q, q, 1, SPLIT=False, **kw)
         return
