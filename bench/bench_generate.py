@@ -4,13 +4,16 @@ provider in its own process (built once, warmed up, then timed).
 
     python bench/bench_generate.py [--models gpt2,llama,mistral] [--batch 1,4] [--prompt 128] [--new 128]
                                    [--providers eager,inductor,kfuse] [--cache dynamic|static] [--rounds 3]
+                                   [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Models: random weights from configs (seeded), GPT-2-style (MHA, GELU MLP), Llama-style (GQA 8/2,
 RMSNorm, SwiGLU, rotary) and Mistral-style (Llama's with a sliding window), --layers/--hidden sized.
 Prefill: median ms of generate(max_new_tokens=1). Decode: (N - 1) tokens over the median time of
 generate(N) minus that of generate(1), as tokens/s. Roofline: a decode step reads every weight once
 (batch 1 is a GEMV per linear): parameter bytes per step / step time, as a fraction of the copy
-bandwidth the same process measures (bytes read + written per second copying a 256 MB tensor).
+bandwidth the same process measures (bytes read + written per second copying a 256 MB tensor, on the
+model's device). `--device cuda` runs the models on the GPU (kfuse's Triton backend), timed with the
+GPU synchronised after each generate().
 RSS MB: the process's resident memory after those runs (model, compiled programs, caches).
 Every provider's tokens are compared with eager's. "inductor-max" (mode="max-autotune-no-cudagraphs")
 is available, not run by default: on this CPU it spends minutes tuning.
@@ -49,15 +52,22 @@ def build(arch: str, layers: int, hidden: int, prompt: int, new: int):
     return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=prompt + new // 2)).eval()
 
 
-def bandwidth_gbs() -> float:
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth_gbs(device: str = "cpu") -> float:
     """Copy bandwidth, bytes read + written per second (median of 5)."""
     import time
-    src = torch.randn(64 << 20)          # 256 MB
+    src = torch.randn(64 << 20, device=device)          # 256 MB
     dst = torch.empty_like(src)
     ts = []
     for _ in range(6):
+        _sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         ts.append(time.perf_counter() - t)
     return 2 * src.numel() * 4 / sorted(ts[1:])[2] / 1e9
 
@@ -65,8 +75,8 @@ def bandwidth_gbs() -> float:
 def child(a):
     import time
     torch.set_num_threads(int(THREADS))
-    model = build(a.arch, a.layers, a.hidden, a.prompt, a.new)
-    ids = torch.randint(1, VOCAB, (a.b, a.prompt), generator=torch.Generator().manual_seed(1))
+    model = build(a.arch, a.layers, a.hidden, a.prompt, a.new).to(a.device, getattr(torch, a.dtype))
+    ids = torch.randint(1, VOCAB, (a.b, a.prompt), generator=torch.Generator().manual_seed(1)).to(a.device)
     kw = dict(do_sample=False, **({"cache_implementation": "static"} if a.cache == "static" else {}))
     if a.provider != "eager":
         backend = "kfuse" if a.provider == "kfuse" else "inductor"
@@ -75,7 +85,9 @@ def child(a):
 
     def gen(n):
         with torch.no_grad():
-            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        _sync(a.device)
+        return out
 
     t = time.perf_counter()
     tokens = gen(a.new)            # compiles (prefill and decode graphs) and warms up
@@ -93,12 +105,12 @@ def child(a):
     out = {"prefill_ms": med(t1) * 1e3, "step_ms": step * 1e3, "tok_s": a.b / step, "first_s": first_s,
            "rss_mb": rss(), "tokens": tokens.tolist(),
            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-           "bandwidth_gbs": bandwidth_gbs(), "spread_ms": [(min(tn) - max(t1)) / (a.new - 1) * 1e3,
+           "bandwidth_gbs": bandwidth_gbs(a.device), "spread_ms": [(min(tn) - max(t1)) / (a.new - 1) * 1e3,
                                                           (max(tn) - min(t1)) / (a.new - 1) * 1e3]}
     if a.lengths:
         before, first, steady = rss(), [], []
         for n in map(int, a.lengths.split(",")):
-            ids = torch.randint(1, VOCAB, (a.b, n), generator=torch.Generator().manual_seed(n))
+            ids = torch.randint(1, VOCAB, (a.b, n), generator=torch.Generator().manual_seed(n)).to(a.device)
             for ts in (first, steady):
                 t = time.perf_counter()
                 gen(1)
@@ -122,6 +134,8 @@ def main():
     ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lengths", default="", help="prompt lengths not seen before, timed after the run")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "BATCH", "PROVIDER"))
     ap.add_argument("--verbose", action="store_true", help="print kfuse's strategy per Dynamo graph")
     a = ap.parse_args()
@@ -129,7 +143,8 @@ def main():
         a.arch, a.b, a.provider = a.child[0], int(a.child[1]), a.child[2]
         return child(a)
     providers = a.providers.split(",")
-    print(f"{machine()}, commit {commit()}, torch {torch.__version__}, {THREADS} threads, fp32; {a.layers} layers, "
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{machine()}, {THREADS} threads"
+    print(f"{where}, commit {commit()}, torch {torch.__version__}, {a.dtype}; {a.layers} layers, "
           f"hidden {a.hidden}, vocab {VOCAB}; prompt {a.prompt} -> {a.new} new tokens, {a.cache} KV cache")
     print(f"{'model':<9}{'batch':>5}  {'provider':<13}{'prefill ms':>11}{'decode tok/s':>14}{'ms/token':>10}"
           f"{'roofline':>10}{'1st call s':>11}{'RSS MB':>8}  tokens")
