@@ -80,6 +80,8 @@ def child(a):
     kw = dict(do_sample=False, **({"cache_implementation": "static"} if a.cache == "static" else {}))
     if a.provider != "eager":
         backend = "kfuse" if a.provider == "kfuse" else "inductor"
+        if backend == "kfuse":
+            import kfuse  # noqa: F401 - registers the backend where kfuse runs from a source tree (no entry point)
         mode = "max-autotune-no-cudagraphs" if a.provider == "inductor-max" else None
         model.forward = torch.compile(model.forward, backend=backend, mode=mode)
 

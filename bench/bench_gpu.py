@@ -144,6 +144,8 @@ def bench_memory(dtype, rounds, reps, rows):
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         providers = {"copy": lambda: dst.copy_(src), "eager": lambda: module(*inputs)}
+        # one lambda's code for every case: without a reset, Dynamo's recompile limit (8) sends the ninth to eager
+        torch._dynamo.reset()
         comp = _compiled(lambda *xs, _f=fn, _p=tuple(params): _f(*xs, *_p))   # (a module holding a lambda fails in Dynamo)
         if comp is not None:
             providers["torch.compile"] = lambda: comp(*inputs)

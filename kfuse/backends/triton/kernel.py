@@ -123,8 +123,8 @@ class Launch:
             self.runner(*args)
             return
         compiled = self.fn[self.grid](*args, num_warps=self.num_warps)
-        try:
-            self.runner, self.key = compiled[self.grid], key
+        try:        # the compiled kernel's runner takes the grid in three dims
+            self.runner, self.key = compiled[(tuple(self.grid) + (1, 1))[:3]], key
         except Exception:        # noqa: BLE001 - a Triton without CompiledKernel[grid]: its own path each time
             self.runner = None
 
