@@ -70,6 +70,16 @@ def _with_literals(tensors: list, literals: dict) -> list:
     return [literals[k] if k in literals else next(it) for k in range(len(tensors) + len(literals))]
 
 
+def _gpu_of(flat, source):
+    """The GPU a program runs on: its tensor inputs', else its module's parameters' and buffers' (a
+    Dynamo segment whose live inputs are CPU numbers or none at all, its weights held on the GPU);
+    None for the CPU."""
+    tensors = list(flat)
+    if isinstance(source, torch.nn.Module):
+        tensors += [*source.parameters(), *source.buffers()]
+    return next((t.device for t in tensors if t.is_cuda), None)
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -162,7 +172,7 @@ class CompiledModel:
 
     def _compile(self, sig, flat):
         """Capture and build the program for these inputs (under _COMPILING)."""
-        device = next((t.device for t in flat if t.is_cuda), None)     # constants live on the inputs' GPU
+        device = _gpu_of(flat, self.source)              # constants live on the inputs' (or weights') GPU
         name = os.path.basename(self.source) if self.is_onnx else getattr(self.source, "kfuse_label", type(self.source).__name__)
         # torch's global generators as the user left them: nothing a compile draws (random inputs to time
         # kernels on) may change what a seeded program draws after it (generate(do_sample=True) compiles

@@ -95,3 +95,19 @@ def test_segments_of_one_structure_share_an_export_and_keep_their_weights(monkey
     w, b = torch.randn(40, 16), torch.randn(40)
     torch.testing.assert_close(wide(w, b, x), _fn(w, b, x), rtol=1e-5, atol=1e-5)
     assert len(calls) == 2 and len(exports) == 2
+
+
+def test_a_programs_gpu_is_its_inputs_else_its_weights(monkeypatch):
+    # a Dynamo segment's live inputs can all be CPU numbers while its weights sit on the GPU: its
+    # constants (aranges, masks) must go to that GPU, or a torch op mixes devices (seen on an H200)
+    from types import SimpleNamespace
+
+    from kfuse.api import _gpu_of
+    gpu = SimpleNamespace(is_cuda=True, device="cuda:1")
+    cpu = torch.zeros(2)
+    module = torch.nn.Linear(2, 2)
+    assert _gpu_of([cpu], module) is None
+    assert _gpu_of([cpu, gpu], module) == "cuda:1"
+    monkeypatch.setattr(module, "buffers", lambda: iter([gpu]))
+    assert _gpu_of([cpu], module) == "cuda:1" and _gpu_of([], module) == "cuda:1"
+    assert _gpu_of([cpu], None) is None
