@@ -72,12 +72,12 @@ def _with_literals(tensors: list, literals: dict) -> list:
 
 def _gpu_of(flat, source):
     """The GPU a program runs on: its tensor inputs', else its module's parameters' and buffers' (a
-    Dynamo segment whose live inputs are CPU numbers or none at all, its weights held on the GPU);
-    None for the CPU."""
+    Dynamo segment whose live inputs are CPU numbers or none at all, its weights held on the GPU),
+    else the one its module names (`kfuse_device`: a Dynamo segment's values' device); None: the CPU."""
     tensors = list(flat)
     if isinstance(source, torch.nn.Module):
         tensors += [*source.parameters(), *source.buffers()]
-    return next((t.device for t in tensors if t.is_cuda), None)
+    return next((t.device for t in tensors if t.is_cuda), getattr(source, "kfuse_device", None))
 
 
 def _fmt(sig) -> str:

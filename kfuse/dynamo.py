@@ -178,6 +178,11 @@ class _Frozen(torch.nn.Module):
                 self.layout.append(("a", n))
                 n += 1
         self.eval()     # Dynamo's graph holds its ops' modes itself (a train-mode BatchNorm is its own op)
+        # where its values live by Dynamo's example values: a graph making tensors on the GPU from CPU
+        # numbers alone (an arange of positions) has neither GPU inputs nor weights to tell (kfuse.api._gpu_of)
+        graph = getattr(fn, "graph", None)
+        vals = [_val(n) for n in graph.nodes] if graph is not None else []
+        self.kfuse_device = next((v.device for v in vals if getattr(v, "is_cuda", False)), None)
 
     def forward(self, *live):
         # a scalar as torch.tensor(value): export reads such a constant's value (.item(), a size)

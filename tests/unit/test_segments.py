@@ -111,3 +111,18 @@ def test_a_programs_gpu_is_its_inputs_else_its_weights(monkeypatch):
     monkeypatch.setattr(module, "buffers", lambda: iter([gpu]))
     assert _gpu_of([cpu], module) == "cuda:1" and _gpu_of([], module) == "cuda:1"
     assert _gpu_of([cpu], None) is None
+    module.kfuse_device = "cuda:2"          # a segment that makes GPU tensors from CPU numbers alone
+    monkeypatch.setattr(module, "buffers", lambda: iter([]))
+    assert _gpu_of([cpu], module) == "cuda:2"
+
+
+def test_a_segment_names_the_gpu_its_values_live_on():
+    from types import SimpleNamespace
+
+    from kfuse.dynamo import _Frozen
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    for n in gm.graph.nodes:
+        n.meta["val"] = torch.empty(2, device="meta")
+    assert _Frozen(gm, [torch.zeros(2)], set(), set()).kfuse_device is None     # no CUDA value: the CPU
+    list(gm.graph.nodes)[1].meta["val"] = SimpleNamespace(is_cuda=True, device="cuda:0")   # (a fake: no GPU here)
+    assert _Frozen(gm, [torch.zeros(2)], set(), set()).kfuse_device == "cuda:0"
