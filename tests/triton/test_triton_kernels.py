@@ -325,8 +325,12 @@ def test_autotune_times_candidates_once_and_keeps_one(monkeypatch, tmp_path):
 
 def test_launch_goes_straight_to_the_compiled_kernel_while_alignments_hold(monkeypatch):
     # on a GPU (faked here: the interpreter has no compiled kernels) the second launch skips Triton's
-    # binding and goes to the kernel compiled by the first, unless a pointer's 16-byte alignment changed
+    # binding and goes to the kernel compiled by the first, with every parameter in the signature's
+    # order, unless a pointer's 16-byte alignment or an integer changed
+    import inspect
+
     from kfuse.backends.triton import kernel as tk
+    from kfuse.backends.triton import rope
     calls = []
 
     class Compiled:
@@ -334,18 +338,61 @@ def test_launch_goes_straight_to_the_compiled_kernel_while_alignments_hold(monke
             return lambda *args: calls.append(("compiled", grid, args))
 
     class Jit:
+        def __init__(self, arg_names):
+            self.arg_names = arg_names
+
         def __getitem__(self, grid):
-            def launch(*args, num_warps):
+            def launch(*args, num_warps, **constexprs):
                 calls.append(("jit", grid, args))
                 return Compiled()
             return launch
     monkeypatch.setattr(tk, "interpreting", lambda: False)
-    launch = tk.Launch(Jit(), (3,), 4)
+    launch = tk.Launch(Jit(["a", "b", "n"]), (3,), 4)
     base = torch.zeros(64)
     a, b = base[:16], base[16:32]
-    launch([a, b])
-    launch([a, b])
-    launch([b, a])
-    launch([base[1:17], b])                     # 4 bytes off: another specialisation, through the jit
-    assert [c[0] for c in calls] == ["jit", "compiled", "compiled", "jit"]
-    assert calls[2][2] == (b, a) and calls[0][1] == (3,) and calls[1][1] == (3, 1, 1)    # a runner takes 3 dims
+    launch([a, b, 7])
+    launch([a, b, 7])
+    launch([b, a, 7])
+    launch([base[1:17], b, 7])                  # 4 bytes off: another specialisation, through the jit
+    launch([base[1:17], b, 8])                  # another integer: the jit again
+    assert [c[0] for c in calls] == ["jit", "compiled", "compiled", "jit", "jit"]
+    assert calls[2][2] == (b, a, 7) and calls[0][1] == (3,) and calls[1][1] == (3, 1, 1)    # a runner takes 3 dims
+
+    # a runner gets every parameter in the kernel's own signature order, as Triton's call binds them: the
+    # rope kernel, and attention's two kernels (split keys) as attention._launch calls them
+    from kfuse.backends.triton import attention as tattn
+
+    class Recording:                        # a jit function with a real kernel's signature
+        def __init__(self, real):
+            self.arg_names, self.sig, self.bound, self.ran = real.arg_names, inspect.signature(real.fn), [], []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages=None, **constexprs):
+                self.bound.append(list(self.sig.bind(*args, **constexprs).arguments.values()))
+                return Runner(self)
+            return launch
+
+    class Runner:                           # its compiled kernel
+        def __init__(self, rec):
+            self.rec = rec
+
+        def __getitem__(self, grid):
+            return lambda *args: self.rec.ran.append(list(args))
+    rec = Recording(tk.load(rope.SOURCE).kf_rope)
+    launch = tk.Launch(rec, (5,), 4, num_stages=2, WIDE=False, RB=4, D=8, SHARED=True, G=2, BH=4)
+    for _ in range(2):
+        launch([a, b, a, b, *range(1, 14)])
+    mod = tk.load(tattn.SOURCE)
+
+    class Mod:
+        kf_attention, kf_combine = Recording(mod.kf_attention), Recording(mod.kf_combine)
+    q, kv = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16)
+    out = torch.empty_like(q)
+    args = (q, kv, kv, out, q, 0.3, 4, 2, 1, 40, *q.stride()[:3], *kv.stride()[:3], *kv.stride()[:3],
+            *out.stride()[:3], 0, 0, 0, 0)
+    flags = dict(D=16, BD=16, MASK=0, CAUSAL=False, IEEE=True, ZERO_MASKED=False, FOLD=True)
+    for _ in range(2):
+        tattn._launch(Mod, (16, 16, 4, 2, False, 2, True), args, flags, 4)
+    same = lambda x, y: (x.shape == y.shape and x.dtype == y.dtype) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
+    for r in (rec, Mod.kf_attention, Mod.kf_combine):
+        assert r.ran and len(r.ran[-1]) == len(r.bound[-1]) and all(map(same, r.ran[-1], r.bound[-1])), r.arg_names

@@ -268,13 +268,30 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
         c = configs[0]
         configs = [(*c[:5], c[5] if splits is None else splits, c[6] if pack is None else bool(pack) and Lq <= DECODE_LQ)]
     if tk.interpreting():
-        with tk.quiet():
-            _launch(mod, configs[0], args, flags, B * H)
+        _launch(mod, configs[0], args, flags, B * H)
         return out
     launch = lambda c: _launch(mod, c, args, flags, B * H)   # noqa: E731
-    launch(tk.choice("attention", SOURCE, (q.dtype, B * H, Lq, Lk, tuple(sorted(flags.items()))), configs, launch,
-                     reps=3))
+    # tuned per length bucket (a power of two): a decode step's key length grows by one each call
+    problem = (q.dtype, B * H, _bucket(Lq), _bucket(Lk), tuple(sorted(flags.items())))
+    launch(tk.choice("attention", SOURCE, problem, configs, launch, reps=3))
     return out
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_LAUNCHES: dict = {}     # (kernel, grid, constexprs, warps, stages) -> tk.Launch
+
+
+def _launcher(fn, grid, warps, stages, **constexprs):
+    key = (fn, grid, tuple(constexprs.items()), warps, stages)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) > 4096:       # decoding makes a grid per key length in a while: start again
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = tk.Launch(fn, grid, warps, stages, **constexprs)
+    return launch
 
 
 def _launch(mod, config, args, flags, bh):
@@ -283,15 +300,14 @@ def _launch(mod, config, args, flags, bh):
     ns = max(1, min(ns, math.ceil(Lk / bn)))        # no split without a key block of its own
     rows = hpk * Lq if pack else Lq                 # a program's rows: per kv head packed, else per head
     grid = (math.ceil(rows / bm), bh // hpk if pack else bh, ns)
-    kw = dict(BM=bm, BN=bn, EVEN_M=rows % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, PACK=pack, **flags, num_warps=warps,
-              num_stages=stages)
+    kw = dict(BM=bm, BN=bn, EVEN_M=rows % bm == 0, EVEN_N=Lk % bn == 0, WS=ws, PACK=pack, **flags)
     if ns == 1:
-        mod.kf_attention[grid](*args, q, q, q, 1, SPLIT=False, **kw)
+        _launcher(mod.kf_attention, grid, warps, stages, SPLIT=False, **kw)([*args, q, q, q, 1])
         return
     BD = flags["BD"]
     pacc = torch.empty(bh * ns * Lq * BD, dtype=torch.float32, device=q.device)
     pm = torch.empty(bh * ns * Lq, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    mod.kf_attention[grid](*args, pacc, pm, pl, ns, SPLIT=True, **kw)
-    mod.kf_combine[(bh, Lq)](pacc, pm, pl, out, H, Lq, ns, *out.stride()[:3], D=flags["D"], BD=BD,
-                             BS=max(2, 1 << (ns - 1).bit_length()), MASK=flags["MASK"], ZERO_MASKED=flags["ZERO_MASKED"])
+    _launcher(mod.kf_attention, grid, warps, stages, SPLIT=True, **kw)([*args, pacc, pm, pl, ns])
+    _launcher(mod.kf_combine, (bh, Lq), 4, None, D=flags["D"], BD=BD, BS=max(2, 1 << (ns - 1).bit_length()),
+              MASK=flags["MASK"], ZERO_MASKED=flags["ZERO_MASKED"])([pacc, pm, pl, out, H, Lq, ns, *out.stride()[:3]])

@@ -101,32 +101,49 @@ def load(source: str):
 
 
 class Launch:
-    """Launches of one jit function on one grid whose arguments are all tensors: the first through
-    `fn[grid](...)` (which compiles, and specialises on each pointer's 16-byte alignment), the later ones
-    straight through the compiled kernel while the pointers' alignments are those it was built for (any
-    other goes through `fn[grid]` again). Why: on an H200 a one-kernel program's call cost 55 us of host
-    time against its 37 us kernel (RMSNorm [8192, 4096] bf16), and Triton's call path (binding,
-    specialisation, cache key) is part of that; 26-52 us a call after, in a noisier run (not an A/B)."""
+    """Launches of one jit function on one grid with fixed constexpr (keyword) arguments: the first
+    through `fn[grid](...)` (which binds the arguments, specialises on each pointer's 16-byte alignment
+    and on integer values, and compiles), the later ones straight through the compiled kernel with every
+    parameter's value in the signature's order (what Triton's own call passes it) while the pointers'
+    alignments and the integers are those it was built for (any other call goes through `fn[grid]`
+    again). Why: on an H200 a one-kernel program's call cost 55 us of host time against its 37 us kernel
+    (RMSNorm [8192, 4096] bf16), and Triton's call path (binding, specialisation, cache key) is part of
+    that; 26-52 us a call after, in a noisier run (not an A/B)."""
 
-    def __init__(self, fn, grid: tuple, num_warps: int):
-        self.fn, self.grid, self.num_warps = fn, grid, num_warps
-        self.runner = None
-        self.key = None          # (device, each pointer 16-byte aligned) the runner was compiled for
+    def __init__(self, fn, grid: tuple, num_warps: int, num_stages: int | None = None, **constexprs):
+        self.fn, self.grid, self.constexprs = fn, grid, constexprs
+        self.options = {"num_warps": num_warps, **({} if num_stages is None else {"num_stages": num_stages})}
+        # (runner, the _spec of each argument it was compiled for, the constexprs' values after the
+        # positional arguments in signature order), or None; replaced whole, so threads see one or the other
+        self.fast = None
 
     def __call__(self, args):
         if interpreting():          # masked lanes compute on zeros (log 0, 0 / 0): NumPy's warnings are noise
             with quiet():
-                self.fn[self.grid](*args, num_warps=self.num_warps)
+                self.fn[self.grid](*args, **self.constexprs, **self.options)
             return
-        key = (args[0].device, *(a.data_ptr() % 16 == 0 for a in args))
-        if self.runner is not None and key == self.key:
-            self.runner(*args)
+        key = tuple(map(_spec, args))
+        fast = self.fast
+        if fast is not None and key == fast[1]:
+            fast[0](*args, *fast[2])
             return
-        compiled = self.fn[self.grid](*args, num_warps=self.num_warps)
-        try:        # the compiled kernel's runner takes the grid in three dims
-            self.runner, self.key = compiled[(tuple(self.grid) + (1, 1))[:3]], key
-        except Exception:        # noqa: BLE001 - a Triton without CompiledKernel[grid]: its own path each time
-            self.runner = None
+        compiled = self.fn[self.grid](*args, **self.constexprs, **self.options)
+        try:
+            rest = self.fn.arg_names[len(args):]
+            if sorted(rest) != sorted(self.constexprs):     # a default or a misnamed keyword: Triton's path
+                return
+            # the compiled kernel's runner takes the grid in three dims
+            self.fast = (compiled[(tuple(self.grid) + (1, 1))[:3]], key, [self.constexprs[n] for n in rest])
+        except Exception:        # noqa: BLE001 - a Triton without CompiledKernel[grid] or arg_names: its own path
+            self.fast = None
+
+
+def _spec(a):
+    """What Triton specialises a kernel argument on: a tensor's device, dtype and 16-byte alignment, an
+    integer's value (1, multiples of 16), a float's type only."""
+    if isinstance(a, torch.Tensor):
+        return a.device, a.dtype, a.data_ptr() % 16 == 0
+    return float if isinstance(a, float) else a
 
 
 def as_arg(t: torch.Tensor) -> torch.Tensor:

@@ -71,37 +71,57 @@ def _strides3(t: torch.Tensor, shape) -> tuple[int, int, int] | None:
     return ((0,) * (4 - len(shape)) + tuple(st))[:3]
 
 
+_PLANS: dict = {}      # (dtype, device, shapes and strides of x, cos, sin) -> (Launch, its integer arguments)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[-1] % 2 or x.dim() > 4 or x.dim() < 1:
         raise NotImplementedError("Triton rope takes x of rank 1 to 4 with an even last dim")
-    fn = tk.load(SOURCE).kf_rope
-    shape = tuple(x.shape)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    st = [_strides3(t, shape) for t in (x, cos, sin)]
-    if None in st:
-        x, cos, sin = (t if _strides3(t, shape) else t.expand(shape).contiguous() for t in (x, cos, sin))
+    shape = tuple(x.shape)
+    key = (x.dtype, x.device, shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride())
+    plan = _PLANS.get(key)
+    if plan is None:
         st = [_strides3(t, shape) for t in (x, cos, sin)]
+        if None in st:      # a last dim that is not contiguous: copied (not planned: each call copies)
+            x, cos, sin = (t if _strides3(t, shape) else t.expand(shape).contiguous() for t in (x, cos, sin))
+            return rope(x, cos, sin, out)
+        if out is None or out.device != x.device:
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        plan = _plan(x, cos, sin, out, st)
+        if len(_PLANS) > 1024:          # prompts of many lengths: start again rather than grow
+            _PLANS.clear()
+        _PLANS[key] = plan
     if out is None or out.device != x.device:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    n0, n1, S, D = (1,) * (4 - len(shape)) + shape
+    launch, ints = plan
+    launch([x, cos, sin, out, *ints])
+    return out
+
+
+def _plan(x, cos, sin, out, st):
+    """The launch of the kernel for these shapes and strides (its config tuned on a GPU) and its
+    integer arguments."""
+    fn = tk.load(SOURCE).kf_rope
+    n0, n1, S, D = (1,) * (4 - x.dim()) + tuple(x.shape)
     BH = max(1, 1 << (D // 2 - 1).bit_length())
     # a head's slab: S rows of any of the three tensors' strides, or of out's D
     wide = S * max(D, *(abs(t[2]) for t in st)) + D >= 2 ** 31
     shared = st[1][1] == 0 and st[2][1] == 0
 
-    def launch(config):
+    def planned(config):
         elems, warps, heads = config
         RB = max(1, min(1 << max(0, (S - 1).bit_length()), elems // (2 * BH)))
         G = min(heads, n1)
         nsb, ng = (S + RB - 1) // RB, (n1 + G - 1) // G
-        fn[(n0 * ng * nsb,)](x, cos, sin, out, n1, S, nsb, ng, *st[0], *st[1], *st[2], D=D, BH=BH, RB=RB, G=G,
-                             SHARED=shared, WIDE=wide, num_warps=warps)
-    if tk.interpreting():
-        with tk.quiet():
-            launch(CONFIGS[0])
-        return out
-    launch(tk.choice("rope", SOURCE, (x.dtype, shape, tuple(st)), CONFIGS, launch))
-    return out
+        launch = tk.Launch(fn, (n0 * ng * nsb,), warps, D=D, BH=BH, RB=RB, G=G, SHARED=shared, WIDE=wide)
+        return launch, (n1, S, nsb, ng, *st[0], *st[1], *st[2])
+    if not tk.autotune_enabled():
+        return planned(CONFIGS[0])
+    plans = {c: planned(c) for c in CONFIGS}
+    best = tk.choice("rope", SOURCE, (x.dtype, tuple(x.shape), tuple(st)), CONFIGS,
+                     lambda c: plans[c][0]([x, cos, sin, out, *plans[c][1]]))
+    return plans[best]
 
 
 # (elements per program and head, num_warps, heads per program) timed on a GPU for each new problem; the
