@@ -20,8 +20,10 @@ the reference to ~1e-6. (In the interpreter, bfloat16 products run in fp32 too: 
 not take bfloat16.)
 Decoding (a few queries): the keys are split over programs too (SPLIT), each writing its partial
 softmax (running max, sum, unnormalised accumulator, fp32); kf_combine rescales them to their common
-max and sums them, one program per query row.
-Bytes: q, k, v and out once per program's tiles: k and v are read ceil(Lq / BLOCK_M) times.
+max and sums them, one program per query row. With grouped-query heads a program's rows can be the
+(query head, query) pairs of one kv head (PACK), so k and v are read once per kv head.
+Bytes: q, k, v and out once per program's tiles: k and v are read ceil(Lq / BLOCK_M) times (unpacked:
+once per query head).
 q, k, v and out are read/written through their strides (the last dim contiguous), so the head
 split/merge transposes of a model fold into the loads and stores.
 """
