@@ -34,6 +34,7 @@ import math
 import torch
 
 from . import kernel as tk
+from .render import pow2
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop, key splits, grouped-query rows
 # packed) timed on a GPU for each new problem; the first is the default (and the interpreter's). fp32
@@ -263,7 +264,7 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
     ieee = q.dtype == torch.float32 or (tk.interpreting() and q.dtype == torch.bfloat16)
     args = (q, k, v, out, m, float(scale) * (1.0 if kind == 1 else LOG2E), H, H // Hkv, Lq, Lk,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms)
-    flags = dict(D=D, BD=max(16, 1 << (D - 1).bit_length()), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
+    flags = dict(D=D, BD=max(16, pow2(D)), MASK=kind, CAUSAL=bool(causal), IEEE=ieee,
                  ZERO_MASKED=bool(zero_masked), FOLD=kind != 1 and scale > 0)
     configs = CONFIGS["decode" if Lq <= DECODE_LQ else "f32" if q.dtype == torch.float32 else "half"]
     if splits is not None or pack is not None:
@@ -274,13 +275,9 @@ def attention(q, k, v, mask=None, *, scale: float, causal: bool = False, out=Non
         return out
     launch = lambda c: _launch(mod, c, args, flags, B * H)   # noqa: E731
     # tuned per length bucket (a power of two): a decode step's key length grows by one each call
-    problem = (q.dtype, B * H, _bucket(Lq), _bucket(Lk), tuple(sorted(flags.items())))
+    problem = (q.dtype, B * H, pow2(Lq), pow2(Lk), tuple(sorted(flags.items())))
     launch(tk.choice("attention", SOURCE, problem, configs, launch, reps=3))
     return out
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 _LAUNCHES: dict = {}     # (kernel, grid, constexprs, warps, stages) -> tk.Launch
@@ -311,5 +308,5 @@ def _launch(mod, config, args, flags, bh):
     pm = torch.empty(bh * ns * Lq, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     _launcher(mod.kf_attention, grid, warps, stages, SPLIT=True, **kw)([*args, pacc, pm, pl, ns])
-    _launcher(mod.kf_combine, (bh, Lq), 4, None, D=flags["D"], BD=BD, BS=max(2, 1 << (ns - 1).bit_length()),
+    _launcher(mod.kf_combine, (bh, Lq), 4, None, D=flags["D"], BD=BD, BS=max(2, pow2(ns)),
               MASK=flags["MASK"], ZERO_MASKED=flags["ZERO_MASKED"])([pacc, pm, pl, out, H, Lq, ns, *out.stride()[:3]])

@@ -139,8 +139,9 @@ class Launch:
 
 
 def _spec(a):
-    """What Triton specialises a kernel argument on: a tensor's device, dtype and 16-byte alignment, an
-    integer's value (1, multiples of 16), a float's type only."""
+    """An argument as a compiled kernel's runner must see it again: a tensor's device, dtype and 16-byte
+    alignment (what Triton specialises a pointer on), an integer's value (stricter than Triton's classes:
+    1, multiples of 16, int32 range), a float's type only."""
     if isinstance(a, torch.Tensor):
         return a.device, a.dtype, a.data_ptr() % 16 == 0
     return float if isinstance(a, float) else a

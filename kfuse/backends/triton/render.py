@@ -42,7 +42,8 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<",
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -229,7 +230,7 @@ class _Render:
         faster than the row kernel's loop over column blocks."""
         k = self.k
         n = math.prod(k.shape)
-        B = min(self.flat_block, _pow2(n))
+        B = min(self.flat_block, pow2(n))
         self.block = B
         pid = "tl.program_id(0).to(tl.int64)" if self.big else "tl.program_id(0)"
         self.out(f"offs = {pid} * {B} + tl.arange(0, {B})", 1)
@@ -318,8 +319,8 @@ class _Render:
         lead = k.shape[:-1]
         R = math.prod(lead)
         single = N <= self.max_block
-        BN = _pow2(N) if single else min(LOOP_BLOCK, _pow2(self.max_block))
-        RB = max(1, min(_pow2(R), self.tile // BN))
+        BN = pow2(N) if single else min(LOOP_BLOCK, pow2(self.max_block))
+        RB = max(1, min(pow2(R), self.tile // BN))
         self.bn, self.rb = BN, RB
         pid = "tl.program_id(0).to(tl.int64)" if self.big else "tl.program_id(0)"
         self.out(f"rows = {pid} * {RB} + tl.arange(0, {RB})[:, None]", 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import kernel as tk
+from .render import pow2
 
 SOURCE = '''import triton
 import triton.language as tl
@@ -79,6 +80,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
         raise NotImplementedError("Triton rope takes x of rank 1 to 4 with an even last dim")
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     shape = tuple(x.shape)
+    if out is None or out.device != x.device:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
     key = (x.dtype, x.device, shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride())
     plan = _PLANS.get(key)
     if plan is None:
@@ -86,14 +89,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
         if None in st:      # a last dim that is not contiguous: copied (not planned: each call copies)
             x, cos, sin = (t if _strides3(t, shape) else t.expand(shape).contiguous() for t in (x, cos, sin))
             return rope(x, cos, sin, out)
-        if out is None or out.device != x.device:
-            out = torch.empty(shape, dtype=x.dtype, device=x.device)
         plan = _plan(x, cos, sin, out, st)
         if len(_PLANS) > 1024:          # prompts of many lengths: start again rather than grow
             _PLANS.clear()
         _PLANS[key] = plan
-    if out is None or out.device != x.device:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
     launch, ints = plan
     launch([x, cos, sin, out, *ints])
     return out
@@ -104,14 +103,14 @@ def _plan(x, cos, sin, out, st):
     integer arguments."""
     fn = tk.load(SOURCE).kf_rope
     n0, n1, S, D = (1,) * (4 - x.dim()) + tuple(x.shape)
-    BH = max(1, 1 << (D // 2 - 1).bit_length())
+    BH = pow2(D // 2)
     # a head's slab: S rows of any of the three tensors' strides, or of out's D
     wide = S * max(D, *(abs(t[2]) for t in st)) + D >= 2 ** 31
     shared = st[1][1] == 0 and st[2][1] == 0
 
     def planned(config):
         elems, warps, heads = config
-        RB = max(1, min(1 << max(0, (S - 1).bit_length()), elems // (2 * BH)))
+        RB = max(1, min(pow2(S), elems // (2 * BH)))
         G = min(heads, n1)
         nsb, ng = (S + RB - 1) // RB, (n1 + G - 1) // G
         launch = tk.Launch(fn, (n0 * ng * nsb,), warps, D=D, BH=BH, RB=RB, G=G, SHARED=shared, WIDE=wide)
