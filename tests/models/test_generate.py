@@ -280,6 +280,18 @@ def test_padded_batch_generate(arch):
     assert torch.equal(_generate(model, ids, 8, **kw), want)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_beam_search_matches_eager(arch):
+    """Beam search reorders the cache between steps (every layer's keys and values indexed by the beams
+    kept), so a step's past is a fresh tensor, not the view of a buffer with spare rows the step before
+    returned: the cache write must notice and still give eager's beams."""
+    model = _model(arch)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    graphs = _compiled_generate(model, ids, 10, num_beams=3)
+    assert 1 <= len(graphs) <= 4, [g.summary() for g in graphs]
+    assert not any(s.fallback for g in graphs for s in g._segments), [g.summary() for g in graphs]
+
+
 def _cache_tensors(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
