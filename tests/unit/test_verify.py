@@ -138,3 +138,44 @@ def test_verify_of_a_qdq_quantized_onnx_model(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     v = kfuse.compile(str(qdq), (x,)).verify(x)
     assert v.ok, str(v)
+
+
+def test_a_float64_evaluation_allows_the_references_own_worst_error_over_an_output():
+    """compare's want64: a float32 output may be off by F64_FACTOR times want's largest distance from it
+    over the whole output, not more; outputs of other dtypes are untouched"""
+    want = torch.tensor([1e6, 0.5, 0.0])
+    want64 = want.double() + torch.tensor([0.25, 0.0, 0.0], dtype=torch.float64)      # want's own error: 0.25
+    near = want + torch.tensor([0.0, 0.0, 0.9 * F64_FACTOR * 0.25])
+    far = want + torch.tensor([0.0, 0.0, 1.1 * F64_FACTOR * 0.25 + TOLERANCE[torch.float32][0]])
+    assert not verify_outputs(["y"], [near], [want], "x").ok
+    assert verify_outputs(["y"], [near], [want], "x", want64=[want64]).ok
+    assert not verify_outputs(["y"], [far], [want], "x", want64=[want64]).ok
+    ints = torch.tensor([1, 2])
+    assert not verify_outputs(["i"], [ints + 1], [ints], "x", want64=[ints.double() + 1]).ok
+
+
+def test_verify_allows_eager_float32_rounding_of_a_model_with_large_values():
+    """A model whose values are large (a random-weight Inception-v3's logits near 1e12): eager's float32
+    sums err by more than the tolerance of the small outputs, so the compiled program, summing in another
+    order, does too; cm.verify then compares with a float64 evaluation of the model and reports a match,
+    and a program off by more than eager's own error still fails"""
+    import kfuse
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 256)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x * 1e4)))
+
+    torch.manual_seed(0)
+    model, x = Big().eval(), torch.randn(8, 512)
+    cm = kfuse.compile(model, (x,))
+    got, want = cm(x), model(x).detach()
+    assert mismatch(got, want) is not None          # float32 alone: a false alarm
+    v = cm.verify(x)
+    assert v.ok and "float64" in v.against, str(v)
+    wrong = got.clone()
+    wrong[0, 0] += 100 * float((got - want).abs().max())
+    assert not verify_outputs(["y"], [wrong], [want], "x", want64=cm._reference64([x])).ok
