@@ -25,6 +25,7 @@ from ..ops.reference import REFERENCE
 from ..report import KernelInfo
 from .c import CompileError, build, compiler
 from .c import attention as c_attention
+from .c import concat as c_concat
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
@@ -327,18 +328,34 @@ def _squeeze_excite(node):
 
 
 def _nhwc_kernel(node):
-    """A squeeze_excite, group_norm or max_pool2d node as its C kernel, writing into its planned buffer."""
+    """A squeeze_excite, group_norm, max_pool2d or avg_pool2d node as its C kernel, writing into its planned
+    buffer."""
     a = node.attrs
     if node.op == "squeeze_excite":      # its checks done once, for the program's shape
         k, lib = _squeeze_excite(node).bound(tuple(node.inputs[0].shape)), c_squeeze_excite
     elif node.op == "max_pool2d":
         k, lib = c_pool.MaxPoolNHWC(a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), c_pool
+    elif node.op == "avg_pool2d":
+        k, lib = c_pool.AvgPoolNHWC(a["kernel"], a["stride"], a["padding"], a.get("ceil_mode", False),
+                                    a.get("count_include_pad", True)), c_pool
     else:
         w, b = (i.value for i in node.inputs[1:])
         k, lib = c_group_norm.GroupNormNHWC(a["groups"], node.shape[3], w, b, a["eps"], a["silu"]), c_group_norm
     run = lambda bufs, x, *_: (k(x, out=bufs[0]),)   # noqa: E731
     run.sources = lambda: [lib.SOURCE]
     return run, f"c:{node.op}"
+
+
+def _concat_kernel(node):
+    """A concat node as its C kernel (a copy of rows), writing into its planned buffer."""
+    if any(i.dtype != node.dtype for i in node.inputs):
+        raise NotFusable(f"concat of {sorted({str(i.dtype) for i in node.inputs})}: mixed dtypes promote")
+    if any(len(i.shape) != len(node.shape) for i in node.inputs):      # torch.cat skips an empty 1-D input
+        raise NotFusable(f"concat of ranks {[len(i.shape) for i in node.inputs]}: an empty 1-D input skipped")
+    k = c_concat.Concat(node.attrs["axis"])
+    run = lambda bufs, *xs: (k(*xs, out=bufs[0]),)   # noqa: E731
+    run.sources = lambda: [c_concat.SOURCE]
+    return run, "c:concat"
 
 
 def _four_d(shape) -> tuple:
@@ -512,7 +529,7 @@ def fusion_name(nodes) -> str | None:
 
 def kind_of(group, backend: str = "cpu") -> str:
     """Which kind of kernel runs the group: view, linear, conv, attention, rope, a one-node C kernel
-    (recurrent, squeeze_excite, group_norm, reduce_mid), c or torch. With backend "triton", linear,
+    (recurrent, squeeze_excite, group_norm, the pools, concat, reduce_mid), c or torch. With backend "triton", linear,
     attention and rope take float16/bfloat16 too, and conv runs on torch."""
     nodes = group.nodes
     floats = TRITON_FLOATS if backend == "triton" else (torch.float32,)
@@ -527,11 +544,13 @@ def kind_of(group, backend: str = "cpu") -> str:
         return "torch" if backend == "triton" else "conv"
     if len(nodes) == 1 and nodes[0].op in ("attention", "rope") and nodes[0].dtype in floats:
         return nodes[0].op
-    # (max_pool2d's default layout is NCHW, the others' NHWC)
-    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm", "max_pool2d") \
+    # (the pools' default layout is NCHW, the others' NHWC)
+    if len(nodes) == 1 and nodes[0].op in ("recurrent", "squeeze_excite", "group_norm", *POOL_KERNELS) \
             and nodes[0].dtype == torch.float32 and backend == "cpu" \
-            and nodes[0].attrs.get("layout", "nchw" if nodes[0].op == "max_pool2d" else "nhwc") == "nhwc":
+            and nodes[0].attrs.get("layout", "nchw" if nodes[0].op in POOL_KERNELS else "nhwc") == "nhwc":
         return nodes[0].op
+    if len(nodes) == 1 and nodes[0].op == "concat" and backend == "cpu":
+        return "concat"
     if backend == "cpu" and _mid_reduction(nodes):
         return "reduce_mid"
     if all(n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST, Kind.REDUCTION) for n in nodes):
@@ -545,7 +564,8 @@ GATED_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "re
 
 # kernels of one node (a composite op) that run its inputs in the node's order
 COMPOSITE_OPS = ("attention", "rope", "recurrent", "squeeze_excite", "group_norm")   # one op, a fusion's work
-NODE_KERNELS = (*COMPOSITE_OPS, "max_pool2d")
+POOL_KERNELS = ("max_pool2d", "avg_pool2d")      # NHWC pools on our C kernels
+NODE_KERNELS = (*COMPOSITE_OPS, *POOL_KERNELS, "concat")
 WRITES_INTO = ("c", "reduce_mid", *NODE_KERNELS)      # kernels that write into buffers they are given
 BACKENDS = ("cpu", "triton")                  # the renderers make_kernel chooses between
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -601,6 +621,8 @@ _C_KERNELS = {
     "squeeze_excite": lambda g: _nhwc_kernel(g.nodes[0]),
     "group_norm": lambda g: _nhwc_kernel(g.nodes[0]),
     "max_pool2d": lambda g: _nhwc_kernel(g.nodes[0]),
+    "avg_pool2d": lambda g: _nhwc_kernel(g.nodes[0]),
+    "concat": lambda g: _concat_kernel(g.nodes[0]),
     "reduce_mid": lambda g: _reduce_mid_kernel(g.nodes[0]),
     "c": _c_kernel,
 }

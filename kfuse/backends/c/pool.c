@@ -51,3 +51,41 @@ void kf_max_pool_nhwc(const float *restrict x, float *restrict out, const int64_
             }
         }
 }
+
+/* NHWC average pooling, torch's: the taps inside the input summed in order, each window's sum divided by
+   its size counted with the padding (INCLUDE_PAD: its rows and columns up to H + PH, W + PW) or without.
+   dims: N H W C OH OW KH KW SH SW PH PW INCLUDE_PAD */
+void kf_avg_pool_nhwc(const float *restrict x, float *restrict out, const int64_t *dims, int nthreads) {
+    const int64_t N = dims[0], H = dims[1], W = dims[2], C = dims[3], OH = dims[4], OW = dims[5];
+    const int64_t KH = dims[6], KW = dims[7], SH = dims[8], SW = dims[9], PH = dims[10], PW = dims[11];
+    const int include_pad = (int)dims[12];
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oh = 0; oh < OH; oh++) {
+            int64_t h0 = oh * SH - PH, h1 = h0 + KH < H + PH ? h0 + KH : H + PH;
+            const int64_t hsize = h1 - h0;
+            h0 = h0 > 0 ? h0 : 0;
+            h1 = h1 < H ? h1 : H;
+            for (int64_t ow = 0; ow < OW; ow++) {
+                int64_t w0 = ow * SW - PW, w1 = w0 + KW < W + PW ? w0 + KW : W + PW;
+                const int64_t wsize = w1 - w0;
+                w0 = w0 > 0 ? w0 : 0;
+                w1 = w1 < W ? w1 : W;
+                const float div = (float)(include_pad ? hsize * wsize : (h1 - h0) * (w1 - w0));
+                float *restrict op = out + ((n * OH + oh) * OW + ow) * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++)
+                    op[c] = 0.0f;
+                for (int64_t ih = h0; ih < h1; ih++)
+                    for (int64_t iw = w0; iw < w1; iw++) {
+                        const float *restrict tp = x + ((n * H + ih) * W + iw) * C;
+                        #pragma omp simd
+                        for (int64_t c = 0; c < C; c++)
+                            op[c] += tp[c];
+                    }
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++)
+                    op[c] /= div;
+            }
+        }
+}
