@@ -7,7 +7,9 @@
 Models: the real all-MiniLM-L6-v2 (BertModel, tests/helpers.minilm()) at batch 1 and batch 8
 x seq 128 with padding masks; the built-in GPT-2-style (hidden 384, 6 layers) and Llama-style (hidden
 512, 8 layers, GQA 8/2 heads, FFN 1408) at batch 1 x seq 128; the built-in CNNs as NAME-bBATCH
-(resnet50, mobilenetv2, mobilenetv3, efficientnet_b0, convnext_tiny, regnety_1_6gf at 224x224, unet at 64x64).
+(resnet50, mobilenetv2, mobilenetv3, efficientnet_b0, convnext_tiny, regnety_1_6gf at 224x224, unet at 64x64);
+torchvision's classification models as tv:NAME-bBATCH (random weights, 224x224, Inception-v3 299x299) where
+torchvision is installed (it is not a kfuse dependency).
 Competitors, each tried in every configuration listed:
   - torch.compile: default; freezing + dynamic=False; freezing + dynamic=True;
   - ONNX Runtime (ORT_ENABLE_ALL): the dynamo and the TorchScript (legacy) exports, and each passed
@@ -81,8 +83,16 @@ def model_names(spec: str) -> list[str]:
     return out
 
 
+# torchvision models, random weights (`tv:NAME[-bBATCH]`; torchvision is not a kfuse dependency): the
+# constructor's arguments where its defaults download weights or add training-only heads, and input sizes
+TV_ARGS = {"inception_v3": dict(aux_logits=False, init_weights=True), "googlenet": dict(aux_logits=False, init_weights=True)}
+TV_SIZE = {"inception_v3": 299}
+
+
 def known(name: str) -> bool:
     arch, _, batch = name.partition("-b")
+    if name.startswith("tv:"):
+        return (not batch or batch.isdigit()) and _torchvision_model(arch[3:]) is not None
     if name.startswith("minilm"):
         return batch.isdigit()
     return name in ("gpt2", "llama") or (arch in CNN_MODELS and (not batch or batch.isdigit()))
@@ -104,10 +114,24 @@ def make_model(name: str):
         model, inputs = build("llama", batch=1, seq=128)
         return model, inputs, None      # ORT's transformer optimizer has no Llama type
     arch, _, batch = name.partition("-b")
+    if name.startswith("tv:"):
+        torch.manual_seed(0)
+        size = TV_SIZE.get(arch[3:], 224)
+        return _torchvision_model(arch[3:])(weights=None, **TV_ARGS.get(arch[3:], {})).eval(), \
+            (torch.randn(int(batch or 1), 3, size, size),), None
     if arch in CNN_MODELS:     # resnet50-b1, mobilenetv2-b8, ...: at the model's own size (IMAGE_MODELS)
         model, inputs = build(arch, batch=int(batch or 1))
         return model, inputs, None
     raise ValueError(f"unknown model {name!r}")
+
+
+def _torchvision_model(arch: str):
+    """torchvision.models.ARCH (a classification model's constructor), or None"""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return getattr(torchvision.models, arch, None)
 
 
 def leaves(out) -> list[torch.Tensor]:
@@ -481,7 +505,7 @@ def main():
     unknown = [m for m in models if not known(m)]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS[:4])}, "
-                 f"NAME-bBATCH for NAME in {', '.join(CNN_MODELS)}, or {', '.join(SHORTHANDS)}")
+                 f"NAME-bBATCH for NAME in {', '.join(CNN_MODELS)}, {', '.join(SHORTHANDS)}, or tv:NAME-bBATCH (torchvision)")
     mach, com = machine(), commit()
     print(f"{mach}, commit {com}, torch {torch.__version__}, {THREADS} threads, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, each provider in its own process"
