@@ -65,6 +65,33 @@ def test_non_contiguous_inputs():
     assert torch.equal(Concat(1)(a, b, c), torch.cat([a, b, c], 1))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inputs_with_evenly_spaced_rows_are_read_in_place(threads):
+    """a channel slice of an NHWC map (ShuffleNet's chunk) and one pixel's channels broadcast over the map
+    are read where they are (the call recorded for the native runner); a batch slice of a row slice and
+    a transposed input are copied first (not recorded: a replay would read the old copy)"""
+    from kfuse.backends.c import concat as c_concat
+    half = torch.randn(2, 5, 6, 16)[..., 8:]
+    pixel = torch.randn(1, 1, 1, 4).expand(2, 5, 6, 4)
+    uneven = torch.randn(2, 9, 6, 3)[:, 2:7]
+    tr = torch.randn(2, 6, 5, 5).transpose(1, 3)
+    assert [c_concat.row_stride(x, 3) for x in (half, pixel, uneven, tr)] == [16, 0, None, None]
+    recorded = []
+    real = c_concat.c_call
+
+    def spy(fn, *args, keep=(), record=True):
+        recorded.append(record)
+        return real(fn, *args, keep=keep, record=record)
+    c_concat.c_call = spy
+    try:
+        with openmp.using(threads):
+            for xs in ([half, pixel], [half, uneven, pixel], [tr, half[:, :, :5]]):
+                assert torch.equal(Concat(3)(*xs), torch.cat(xs, 3))
+    finally:
+        c_concat.c_call = real
+    assert recorded == [True, False, False]
+
+
 def test_all_empty_and_no_output():
     assert Concat(0)(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 3)
 

@@ -1,8 +1,10 @@
 """torch.cat(xs, axis) as one C call (concat.c) writing into the buffer it is given: a copy of each input's
-rows into its place in every output row, for any dtype. As a C kernel the concatenation runs inside the
-native runner's C runs (runtime/native.py); through torch it broke them into a Python step each, and
-DenseNet-121 has 58 of them (every layer concatenates the block's features so far). Bytes: each input read
-once, the output written once. Sizes are runtime arguments: one library serves every shape.
+rows into its place in every output row, for any dtype; an input whose rows are evenly spaced (a channel
+slice of an NHWC map, as ShuffleNet's `chunk` makes) is read in place, any other copied first. As a C
+kernel the concatenation runs inside the native runner's C runs (runtime/native.py); through torch it
+broke them into a Python step each, and DenseNet-121 has 58 of them (every layer concatenates the block's
+features so far). Bytes: each input read once, the output written once. Sizes are runtime arguments: one
+library serves every shape.
 """
 from __future__ import annotations
 
@@ -54,17 +56,22 @@ class Concat:
         return (*first.shape[:a], sum(x.shape[a] for x in xs), *first.shape[a + 1:])
 
     def __call__(self, *xs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        key = (*(tuple(x.shape) for x in xs), *(x.dtype for x in xs))
+        key = (*(tuple(x.shape) for x in xs), *(x.stride() for x in xs), *(x.dtype for x in xs))
         plan = self._plans.get(key)
-        if plan is None:        # shapes checked once per shape set
+        if plan is None:        # shapes checked once per shape and stride set
             shape = self.out_shape(xs)
             a, size = self.axis % len(shape), xs[0].element_size()
             rows = math.prod(shape[:a])
-            rb = [x.numel() // rows * size if rows else 0 for x in xs if x.numel()]     # an empty input adds nothing
+            parts = [x for x in xs if x.numel()]     # an empty input adds nothing
+            rb = [x.numel() // rows * size for x in parts]
             off = [sum(rb[:i]) for i in range(len(rb))]
+            ss = [row_stride(x, a) for x in parts]
+            copied = [s is None for s in ss]
+            ss = [b if s is None else s * size for s, b in zip(ss, rb)]
             serial = math.prod(shape) * size < SERIAL_BYTES
-            plan = self._plans[key] = (shape, (ctypes.c_int64 * (3 + 2 * len(rb)))(rows, len(rb), sum(rb), *rb, *off), serial)
-        shape, dims, serial = plan
+            plan = self._plans[key] = (shape, (ctypes.c_int64 * (3 + 3 * len(rb)))(rows, len(rb), sum(rb), *rb, *off, *ss),
+                                       serial, copied)
+        shape, dims, serial, copied = plan
         dtype = xs[0].dtype
         if out is None:
             out = torch.empty(shape, dtype=dtype)
@@ -72,8 +79,28 @@ class Concat:
             raise ValueError(f"concat: out must be contiguous {dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
         if out.numel() == 0:
             return out
-        given = [x for x in xs if x.numel()]
-        parts = [x if x.is_contiguous() else x.contiguous() for x in given]
+        parts = [x.contiguous() if c else x for x, c in zip((x for x in xs if x.numel()), copied)]
         c_call(self._fn, (ctypes.c_void_p * len(parts))(*[x.data_ptr() for x in parts]), out.data_ptr(), dims,
-               1 if serial else openmp.threads(), keep=(*parts, out), record=all(x is g for x, g in zip(parts, given)))
+               1 if serial else openmp.threads(), keep=(*parts, out), record=not any(copied))
         return out
+
+
+def row_stride(x: torch.Tensor, axis: int) -> int | None:
+    """The stride in elements between x's rows, viewed as [prod(shape[:axis]), the rest] with the rest
+    contiguous, or None where x is not such rows (its rows are then copied first)."""
+    inner = 1
+    for d in range(x.dim() - 1, axis - 1, -1):      # the axis and the dims after it: contiguous
+        if x.shape[d] != 1 and x.stride(d) != inner:
+            return None
+        inner *= x.shape[d]
+    step = None
+    for d in range(axis - 1, -1, -1):               # the dims before it: one stride, row after row
+        if x.shape[d] == 1:
+            continue
+        if step is None:
+            step, span = x.stride(d), x.stride(d) * x.shape[d]
+        elif x.stride(d) != span:
+            return None
+        else:
+            span *= x.shape[d]
+    return inner if step is None else step
