@@ -226,3 +226,29 @@ def test_pointwise_depthwise_bound_and_concurrent_calls():
     assert call(xs[0], out=out) is out and torch.equal(out, fused(xs[0]))
     assert torch.equal(call(xs[1][:, :, :19].contiguous(), out=torch.empty(1, 20, 19, 48)), fused(xs[1][:, :, :19]))
     assert not concurrent_mismatches(lambda x: call(x, out=torch.empty(1, 20, 20, 48)), xs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_expand_reads_a_channel_slice_in_place(threads):
+    """the pointwise + depthwise pair on a channel slice of a wider NHWC map (ShuffleNet's chunk) reads its
+    pixels where they are, the call recorded for the native runner, the same bits as on a contiguous copy;
+    a broadcast input (pixels overlapping) is copied first"""
+    from kfuse.backends.c import dwpw
+    pw = GemmConv(torch.randn(40, 24, 1, 1) / 5, torch.randn(40), ("relu", (), ""), False)
+    dw = DepthwiseConv(torch.randn(40, 1, 3, 3), torch.randn(40), 2, 1, 1, ("relu", (), ""))
+    pair = PointwiseDepthwise(pw, dw)
+    wide = torch.randn(2, 11, 9, 48)
+    recorded = []
+    real = dwpw.c_call
+
+    def spy(fn, *args, keep=(), record=True):
+        recorded.append(record)
+        return real(fn, *args, keep=keep, record=record)
+    dwpw.c_call = spy
+    try:
+        with openmp.using(threads):
+            for x in (wide[..., 24:], wide[..., 3:27], torch.randn(1, 1, 1, 24).expand(2, 11, 9, 24)):
+                assert torch.equal(pair(x), pair(x.contiguous()))
+    finally:
+        dwpw.c_call = real
+    assert recorded == [True, True, True, True, False, True]

@@ -16,6 +16,7 @@ import torch
 
 from .. import openmp
 from .compiler import keeps_built, load
+from .nhwc import row_stride
 from .record import c_call
 
 SOURCE = Path(__file__).with_name("concat.c").read_text()
@@ -84,23 +85,3 @@ class Concat:
                1 if serial else openmp.threads(), keep=(*parts, out), record=not any(copied))
         return out
 
-
-def row_stride(x: torch.Tensor, axis: int) -> int | None:
-    """The stride in elements between x's rows, viewed as [prod(shape[:axis]), the rest] with the rest
-    contiguous, or None where x is not such rows (its rows are then copied first)."""
-    inner = 1
-    for d in range(x.dim() - 1, axis - 1, -1):      # the axis and the dims after it: contiguous
-        if x.shape[d] != 1 and x.stride(d) != inner:
-            return None
-        inner *= x.shape[d]
-    step = None
-    for d in range(axis - 1, -1, -1):               # the dims before it: one stride, row after row
-        if x.shape[d] == 1:
-            continue
-        if step is None:
-            step, span = x.stride(d), x.stride(d) * x.shape[d]
-        elif x.stride(d) != span:
-            return None
-        else:
-            span *= x.shape[d]
-    return inner if step is None else step

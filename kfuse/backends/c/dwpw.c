@@ -70,14 +70,15 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
    that slides down the image: when the next output row's window would run past the buffer's end, the
    rows it still needs move to the front (a few rows every RB - window rows). The depthwise row then reads
    the buffer as the image (its row pointer offset by the buffer's first row), so the expanded tensor
-   never goes to memory. x [N, H, W, CI], out [N, OH, OW, C]. dims: N H W CI C OH OW PH PW RB, nck (channel
-   chunks: more items where rows are few), ck (channels per chunk, a multiple of 32); prm: the depthwise
+   never goes to memory. x [N, H, W, CI] (its pixels XS floats apart), out [N, OH, OW, C]. dims: N H W CI C OH OW
+   PH PW RB, nck (channel chunks: more items where rows are few), ck (channels per chunk, a multiple of 32),
+   XS (CI, or more for a channel slice of a wider map read in place: ShuffleNet's chunk); prm: the depthwise
    activation's two scalars, then the 1x1's. */
 /* Channels [c0, c1) of the 1x1 convolution of M consecutive pixels xr (CI channels each) into row (C
    channels each): the panel pairs covering the chunk, each over all M pixels (tiles run across row ends). */
 static void expand_rows(const float *restrict xr, const float *restrict pw_w, const float *restrict pw_b,
-                        float *restrict row, int64_t M, int64_t CI, int64_t C, int64_t c0, int64_t c1, float p0,
-                        float p1) {
+                        float *restrict row, int64_t M, int64_t CI, int64_t XS, int64_t C, int64_t c0, int64_t c1,
+                        float p0, float p1) {
     const int64_t P = (C + 15) / 16, ps = 16 * CI;
     const float *ap[MR];
     for (int64_t pp = c0 / 32; pp < (c1 + 31) / 32; pp++) {
@@ -87,7 +88,7 @@ static void expand_rows(const float *restrict xr, const float *restrict pw_w, co
         for (int64_t m = 0; m < M; m += MR) {
             const int mr = M - m < MR ? (int)(M - m) : MR;
             for (int i = 0; i < mr; i++)
-                ap[i] = xr + (m + i) * CI;
+                ap[i] = xr + (m + i) * XS;
             tile_any(mr, nv, ap, 1, CI, pw_w + 2 * pp * ps, ps, row + m * C + n0, C, cols, pw_b + n0, 0, p0, p1);
         }
     }
@@ -98,10 +99,11 @@ int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *re
             float *restrict out, const int64_t *dims, const float *prm, int nthreads) {
     const int64_t N = dims[0], H = dims[1], W = dims[2], CI = dims[3], C = dims[4], OH = dims[5], OW = dims[6];
     const int64_t PH = dims[7], PW = dims[8], RB = dims[9], nck = dims[10], ck = dims[11], rs = W * C;
+    const int64_t XS = dims[12];        /* x's pixel stride: CI, or more for a channel slice read in place */
     const int64_t span = (KH - 1) * DH + 1;
     int64_t ow_lo, ow_hi;
     interior_cols(W, OW, PW, &ow_lo, &ow_hi);
-    if (RB < (span < H ? span : H) || ck % 32)     /* a window fits; whole panel pairs */
+    if (RB < (span < H ? span : H) || XS < CI || ck % 32)     /* a window fits; whole panel pairs */
         return -1;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
@@ -134,7 +136,7 @@ int kf_pwdw(const float *restrict x, const float *restrict pw_w, const float *re
                 int64_t to = last * SH - PH + span < H ? last * SH - PH + span : H;
                 if (to > base + RB)
                     to = base + RB;
-                expand_rows(x + (n * H + end) * W * CI, pw_w, pw_b, buf + (end - base) * rs, (to - end) * W, CI, C, c0,
+                expand_rows(x + (n * H + end) * W * XS, pw_w, pw_b, buf + (end - base) * rs, (to - end) * W, CI, XS, C, c0,
                             c1, prm[2], prm[3]);
                 end = to;
             }

@@ -5,6 +5,8 @@
   row is computed once into a per-thread buffer of rows sliding down the image, and the depthwise rows
   read it there;
 so the tensor between them (MobileNet's widest, six times the block's channels) never goes to memory.
+The expand reads its input where it is when its pixels are evenly spaced (a channel slice of a wider
+map: ShuffleNet's `chunk`), not a copy made first.
 
 The source is gemm.c, then depthwise.c (without a second copy of the vector math), each with its
 activation function renamed, then the driver: the row and tile functions are those of the two
@@ -25,6 +27,7 @@ from .. import openmp
 from . import depthwise, gemm
 from .compiler import PORTABLE, keeps_built
 from .conv_act import bind, cdiv, check_out, check_residual, entry
+from .nhwc import row_stride
 from .record import c_call
 from .vecmath import VECMATH_C
 
@@ -79,8 +82,10 @@ class _Pair:
             raise ValueError(f"{self.what} kernel: x {x.dtype} {tuple(x.shape)}, want float32 [N, H, W, {self.cin}]")
         return x.contiguous()
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, record: bool) -> torch.Tensor:
-        """The C call on checked, contiguous tensors; `record`: they are the caller's, not copies."""
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, record: bool,
+             *plan) -> torch.Tensor:
+        """The C call on checked tensors (contiguous, but where `plan`, _plan's further arguments, says
+        otherwise); `record`: they are the caller's, not copies."""
         if out.numel() == 0:
             return out
         ix, ir, io = self.slots
@@ -89,7 +94,7 @@ class _Pair:
         if ir is not None:
             a[ir] = 0 if residual is None else residual.data_ptr()
         threads = openmp.threads()
-        if c_call(self.fn, *a, self._plan(*x.shape[:3], threads), self.params, threads, keep=(x, residual, out),
+        if c_call(self.fn, *a, self._plan(*x.shape[:3], threads, *plan), self.params, threads, keep=(x, residual, out),
                   record=record):
             raise MemoryError(f"{self.what} kernel: cannot allocate its row buffers")
         return out
@@ -144,9 +149,10 @@ class PointwiseDepthwise(_Pair):
                          [None, pw.weight.data_ptr(), pw.bias.data_ptr(), dw.weight.data_ptr(), dw.bias.data_ptr(),
                           dw.zero.data_ptr(), None], (0, None, 6))
 
-    def _plan(self, n, h, w, threads):
-        """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call)"""
-        key = (n, h, w, threads)
+    def _plan(self, n, h, w, threads, xs: int = 0):
+        """the kernel's dims (read-only, so shared by concurrent calls; the row buffers are per call); xs:
+        x's pixel stride where it is not its channel count"""
+        key = (n, h, w, threads, xs)
         if key not in self._dims:
             _, oh, ow, c = self.dw.out_shape(n, h, w)
             window = (self.dw.kh - 1) * self.dw.dilation[0] + 1
@@ -161,10 +167,15 @@ class PointwiseDepthwise(_Pair):
             if 1 < k <= pairs and pairs % k == 0:
                 nck = k
             ck = cdiv(cdiv(c, nck), 32) * 32
-            self._dims[key] = (ctypes.c_int64 * 12)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
-                                                    cdiv(c, ck), ck)
+            self._dims[key] = (ctypes.c_int64 * 13)(n, h, w, self.pw.cin, c, oh, ow, *self.dw.padding, rb,
+                                                    cdiv(c, ck), ck, xs or self.pw.cin)
         return self._dims[key]
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None):
-        given, x = x, self._check_x(x)
-        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what), x is given)
+        # a channel slice of a wider NHWC map (ShuffleNet's chunk) is read in place, its pixels xs apart
+        xs = row_stride(x, 3) if x.dim() == 4 and not x.is_contiguous() else None
+        xs = xs if xs is not None and xs >= self.cin else None       # overlapping pixels (a broadcast): copied
+        given = x
+        x = x if xs is not None and x.dtype == torch.float32 and x.shape[3] == self.cin else self._check_x(x)
+        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what), x is given,
+                         xs if x is given else 0)

@@ -1,5 +1,6 @@
 """Argument checks shared by the hand-written NHWC kernels that write an output of their input's shape
-(squeeze_excite, group_norm)."""
+(squeeze_excite, group_norm), and the row geometry of an input read in place (concat, the 1x1 ->
+depthwise pair)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,24 @@ def same_shape_io(x: torch.Tensor, out: torch.Tensor | None, c: int, what: str) 
     elif tuple(out.shape) != tuple(x.shape) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"{what}: out must be contiguous float32 {tuple(x.shape)}")
     return x, out
+
+
+def row_stride(x: torch.Tensor, axis: int) -> int | None:
+    """The stride in elements between x's rows, viewed as [prod(shape[:axis]), the rest] with the rest
+    contiguous, or None where x is not such rows (its rows are then copied first)."""
+    inner = 1
+    for d in range(x.dim() - 1, axis - 1, -1):      # the axis and the dims after it: contiguous
+        if x.shape[d] != 1 and x.stride(d) != inner:
+            return None
+        inner *= x.shape[d]
+    step = None
+    for d in range(axis - 1, -1, -1):               # the dims before it: one stride, row after row
+        if x.shape[d] == 1:
+            continue
+        if step is None:
+            step, span = x.stride(d), x.stride(d) * x.shape[d]
+        elif x.stride(d) != span:
+            return None
+        else:
+            span *= x.shape[d]
+    return inner if step is None else step
