@@ -3,6 +3,7 @@ on sys.path). Numbers are compared by kfuse's one policy, `kfuse.verify.mismatch
 table per dtype unless a test passes its own (atol, rtol), with the reason next to it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -225,3 +226,19 @@ def in_threads(n: int, work) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+@contextlib.contextmanager
+def recorded_flags(module):
+    """Inside: the list of the `record` flags of the C calls `module` makes through its c_call (True: the
+    call is recorded for the native runner; False: its wrapper copied an input first)."""
+    flags, real = [], module.c_call
+
+    def spy(fn, *args, keep=(), record=True):
+        flags.append(record)
+        return real(fn, *args, keep=keep, record=record)
+    module.c_call = spy
+    try:
+        yield flags
+    finally:
+        module.c_call = real

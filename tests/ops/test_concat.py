@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import in_threads
+from helpers import recorded_flags
 
 from kfuse.backends import openmp
 from kfuse.backends.c.concat import Concat
@@ -77,19 +78,9 @@ def test_inputs_with_evenly_spaced_rows_are_read_in_place(threads):
     uneven = torch.randn(2, 9, 6, 3)[:, 2:7]
     tr = torch.randn(2, 6, 5, 5).transpose(1, 3)
     assert [row_stride(x, 3) for x in (half, pixel, uneven, tr)] == [16, 0, None, None]
-    recorded = []
-    real = c_concat.c_call
-
-    def spy(fn, *args, keep=(), record=True):
-        recorded.append(record)
-        return real(fn, *args, keep=keep, record=record)
-    c_concat.c_call = spy
-    try:
-        with openmp.using(threads):
-            for xs in ([half, pixel], [half, uneven, pixel], [tr, half[:, :, :5]]):
-                assert torch.equal(Concat(3)(*xs), torch.cat(xs, 3))
-    finally:
-        c_concat.c_call = real
+    with recorded_flags(c_concat) as recorded, openmp.using(threads):
+        for xs in ([half, pixel], [half, uneven, pixel], [tr, half[:, :, :5]]):
+            assert torch.equal(Concat(3)(*xs), torch.cat(xs, 3))
     assert recorded == [True, False, False]
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import CONV_ACTS as ACTS
 from helpers import assert_close
 from helpers import in_threads
+from helpers import recorded_flags
 
 from kfuse.backends import openmp
 from kfuse.backends.c.depthwise import DepthwiseConv
@@ -238,17 +239,7 @@ def test_expand_reads_a_channel_slice_in_place(threads):
     dw = DepthwiseConv(torch.randn(40, 1, 3, 3), torch.randn(40), 2, 1, 1, ("relu", (), ""))
     pair = PointwiseDepthwise(pw, dw)
     wide = torch.randn(2, 11, 9, 48)
-    recorded = []
-    real = dwpw.c_call
-
-    def spy(fn, *args, keep=(), record=True):
-        recorded.append(record)
-        return real(fn, *args, keep=keep, record=record)
-    dwpw.c_call = spy
-    try:
-        with openmp.using(threads):
-            for x in (wide[..., 24:], wide[..., 3:27], torch.randn(1, 1, 1, 24).expand(2, 11, 9, 24)):
-                assert torch.equal(pair(x), pair(x.contiguous()))
-    finally:
-        dwpw.c_call = real
+    with recorded_flags(dwpw) as recorded, openmp.using(threads):
+        for x in (wide[..., 24:], wide[..., 3:27], torch.randn(1, 1, 1, 24).expand(2, 11, 9, 24)):
+            assert torch.equal(pair(x), pair(x.contiguous()))
     assert recorded == [True, True, True, True, False, True]
