@@ -112,8 +112,9 @@ def compare(names, got, want, against: str, steps: dict | None = None, want64: l
         a, b = torch.as_tensor(a), torch.as_tensor(b)
         step = (steps or {}).get(name)
         atol = None if step is None else tolerance(b.dtype)[0] + step * (1 + 1e-6)
-        if want64 is not None and b.dtype == torch.float32 and a.shape == b.shape == torch.as_tensor(want64[k]).shape:
-            off = (b.double() - torch.as_tensor(want64[k]).double()).abs()
+        b64 = None if want64 is None else torch.as_tensor(want64[k])
+        if b64 is not None and b.dtype == torch.float32 and a.shape == b.shape == b64.shape:
+            off = (b.double() - b64.double()).abs()
             off = off[torch.isfinite(off)]
             atol = (tolerance(b.dtype)[0] if atol is None else atol) + F64_FACTOR * float(off.max() if off.numel() else 0.0)
         why = mismatch(a, b, atol=atol)

@@ -172,10 +172,11 @@ class PointwiseDepthwise(_Pair):
         return self._dims[key]
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None):
-        # a channel slice of a wider NHWC map (ShuffleNet's chunk) is read in place, its pixels xs apart
-        xs = row_stride(x, 3) if x.dim() == 4 and not x.is_contiguous() else None
-        xs = xs if xs is not None and xs >= self.cin else None       # overlapping pixels (a broadcast): copied
-        given = x
-        x = x if xs is not None and x.dtype == torch.float32 and x.shape[3] == self.cin else self._check_x(x)
-        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what), x is given,
-                         xs if x is given else 0)
+        # a channel slice of a wider NHWC map (ShuffleNet's chunk) is read in place, its pixels xs apart;
+        # overlapping pixels (a broadcast) and any other layout are copied (_check_x), xs 0
+        xs = 0
+        if x.dim() == 4 and x.dtype == torch.float32 and x.shape[3] == self.cin and not x.is_contiguous():
+            xs = row_stride(x, 3) or 0
+            xs = xs if xs >= self.cin else 0
+        given, x = x, x if xs else self._check_x(x)
+        return self._run(x, None, check_out(out, self.dw.out_shape(*x.shape[:3]), self.what), x is given, xs)

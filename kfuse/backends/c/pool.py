@@ -34,7 +34,7 @@ MAX_TAPS = 256         # kernel positions (pool.c)
 @keeps_built
 def _lib():
     lib = load(SOURCE)
-    for fn in (lib.kf_max_pool_nhwc, lib.kf_avg_pool_nhwc):
+    for fn in (lib.kf_max_pool_nhwc, lib.kf_avg_pool_nhwc):      # MaxPoolNHWC.entry, AvgPoolNHWC.entry
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
         fn.restype = None
     return lib
@@ -52,7 +52,7 @@ def pooled_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> i
 
 class MaxPoolNHWC:
     """y = max_pool2d(x, kernel, stride, padding, dilation, ceil_mode) for x [N, H, W, C] (float32, NHWC)."""
-    what = "max_pool2d"
+    what, entry = "max_pool2d", "kf_max_pool_nhwc"
 
     def __init__(self, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
         self.kernel, self.padding, self.dilation = pair(kernel), pair(padding), pair(dilation)
@@ -66,7 +66,7 @@ class MaxPoolNHWC:
             raise ValueError(f"{self.what}: padding {self.padding} is more than half the kernel {self.kernel}")
         if kh * kw > MAX_TAPS:
             raise NotImplementedError(f"{self.what} kernel: at most {MAX_TAPS} kernel positions, got {kh}x{kw}")
-        self._fn = getattr(_lib(), f"kf_{self.what[:3]}_pool_nhwc")    # compile now: a missing compiler shows at build time
+        self._fn = getattr(_lib(), self.entry)       # compile now: a missing compiler shows at build time
         self._dims: dict = {}
 
     def out_shape(self, n: int, h: int, w: int, c: int) -> tuple[int, int, int, int]:
@@ -104,7 +104,7 @@ class MaxPoolNHWC:
 class AvgPoolNHWC(MaxPoolNHWC):
     """y = avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad) for x [N, H, W, C] (float32,
     NHWC)."""
-    what = "avg_pool2d"
+    what, entry = "avg_pool2d", "kf_avg_pool_nhwc"
 
     def __init__(self, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
         super().__init__(kernel, stride, padding, 1, ceil_mode)
