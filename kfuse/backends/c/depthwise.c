@@ -126,16 +126,24 @@ typedef __m256 vb_t;
 #define VB_FMA _mm256_fmadd_ps
 #endif
 
-KF_INLINE void store_act(float *restrict op, vb_t v, float p0, float p1) {
+/* lanes [skip, VB) of act(v) to op: a block's first `skip` lanes are another block's (the shifted last
+   block, dw_row), written there */
+KF_INLINE void store_act(float *restrict op, vb_t v, float p0, float p1, int skip) {
     float tmp[VB] __attribute__((aligned(64)));
     VB_STORE(tmp, v);
-    #pragma omp simd
-    for (int l = 0; l < VB; l++)
-        op[l] = act(tmp[l], p0, p1);
+    if (!skip) {
+        #pragma omp simd
+        for (int l = 0; l < VB; l++)
+            op[l] = act(tmp[l], p0, p1);
+    } else {
+        for (int l = skip; l < VB; l++)
+            op[l] = act(tmp[l], p0, p1);
+    }
 }
 
 KF_INLINE void pixelv_border(const float *restrict xn, const vb_t *wr, vb_t bv, float *restrict op,
-                             int64_t ih0, int64_t iw0, int64_t H, int64_t W, int64_t C, float p0, float p1) {
+                             int64_t ih0, int64_t iw0, int64_t H, int64_t W, int64_t C, float p0, float p1,
+                             int skip) {
     vb_t acc = bv;
     #pragma GCC unroll 16
     for (int i = 0; i < KH; i++) {
@@ -149,7 +157,7 @@ KF_INLINE void pixelv_border(const float *restrict xn, const vb_t *wr, vb_t bv, 
                 acc = VB_FMA(VB_LOAD(xn + (ih * W + iw) * C), wr[i * KW + j], acc);
         }
     }
-    store_act(op, acc, p0, p1);
+    store_act(op, acc, p0, p1, skip);
 }
 
 /* T pixels starting at xp (their first tap; all taps inside the input). A row of input vectors the T
@@ -177,19 +185,20 @@ KF_INLINE void pixelv_border(const float *restrict xn, const vb_t *wr, vb_t bv, 
                         acc[t] = VB_FMA(VB_LOAD(xi + (t * SW + j * DW) * C), wr[i * KW + j], acc[t]); \
             }                                                                                       \
         }                                                                                           \
-        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) store_act(op + t * CO, acc[t], p0, p1); \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) store_act(op + t * CO, acc[t], p0, p1, skip);\
     } while (0)
 
-/* C: the input's pixel stride; CO: the channel count (the output's pixel stride, the weights' tap stride) */
+/* C: the input's pixel stride; CO: the channel count (the output's pixel stride, the weights' tap stride);
+   skip: the block's first lanes not stored (store_act) */
 static void rowv(const float *restrict xn, const float *restrict w, const float *restrict b,
                  float *restrict orow, int64_t ih0, int64_t H, int64_t W, int64_t C, int64_t CO, int64_t OW,
-                 int64_t PW, int64_t lo, int64_t hi, float p0, float p1) {
+                 int64_t PW, int64_t lo, int64_t hi, float p0, float p1, int skip) {
     vb_t wr[KH * KW];
     for (int t = 0; t < KH * KW; t++)
         wr[t] = VB_LOAD(w + t * CO);
     vb_t bv = VB_LOAD(b);
     for (int64_t ow = 0; ow < lo; ow++)
-        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
+        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1, skip);
     int64_t ow = lo;
     if (hi > lo) {
         const int64_t rs = W * C;
@@ -206,7 +215,7 @@ static void rowv(const float *restrict xn, const float *restrict w, const float 
         }
     }
     for (; ow < OW; ow++)
-        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1);
+        pixelv_border(xn, wr, bv, orow + ow * CO, ih0, ow * SW - PW, H, W, C, p0, p1, skip);
 }
 #endif
 
@@ -220,8 +229,10 @@ static void interior_cols(int64_t W, int64_t OW, int64_t PW, int64_t *lo, int64_
     *hi = ow_hi;
 }
 
-/* channels [c, c1) of output row oh of image xn: VB-channel blocks in registers (AVX-512, AVX2), the
-   rest per pixel */
+/* channels [c, c1) of output row oh of image xn: VB-channel blocks in registers (AVX-512, AVX2); the
+   channels past the last whole block too where the range has a whole block (the block ending at c1,
+   shifted back over channels already done, storing its new lanes: every load stays inside the pixel and
+   the chunk, no masked loads), else per pixel */
 static void dw_row(const float *restrict xn, const float *restrict w, const float *restrict b,
                    const float *restrict zero, float *restrict orow, int64_t oh, int64_t c, int64_t c1, int64_t H,
                    int64_t W, int64_t C, int64_t OW, int64_t PH, int64_t PW, int64_t ow_lo, int64_t ow_hi,
@@ -230,8 +241,14 @@ static void dw_row(const float *restrict xn, const float *restrict w, const floa
     int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
     int64_t lo = full ? ow_lo : OW, hi = full ? ow_hi : OW;
 #ifdef VB
+    const int64_t c0 = c;
     for (; c + VB <= c1; c += VB)
-        rowv(xn + c, w + c, b + c, orow + c, ih0, H, W, C, C, OW, PW, lo, hi, p0, p1);
+        rowv(xn + c, w + c, b + c, orow + c, ih0, H, W, C, C, OW, PW, lo, hi, p0, p1, 0);
+    if (c < c1 && c1 - c0 >= VB) {
+        rowv(xn + c1 - VB, w + c1 - VB, b + c1 - VB, orow + c1 - VB, ih0, H, W, C, C, OW, PW, lo, hi, p0, p1,
+             (int)(c - (c1 - VB)));
+        c = c1;
+    }
 #endif
     if (c < c1)
         row_simd(xn, w, b, zero, orow, ih0, c, c1, H, W, C, OW, PW, lo, hi, p0, p1);
@@ -252,21 +269,23 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
 #ifdef VB
     if (dims[10]) {
         /* block-major: a work item is one VB-channel block of one image, its rows in order, so the
-           kh input rows a row reads (kh W VB floats) are still in L1 from the rows before */
-        const int64_t nb = C / VB, HP = H + 2 * PH, WP = W + 2 * PW;
+           kh input rows a row reads (kh W VB floats) are still in L1 from the rows before; the channels
+           past the last whole block are one more block, shifted back (dw_row), where there is a whole one */
+        const int64_t nb = C / VB, nbt = nb + (C %% VB && nb), HP = H + 2 * PH, WP = W + 2 * PW;
         /* a small padded image: each block is first copied into a zero-bordered per-thread buffer
            [HP][WP][VB], so every output pixel takes the unrolled interior tile; at 7x7 outputs half the
            pixels are border pixels, whose per-tap tests had made [1,14,14,672] 5x5/2 take 24 us against 3 us
            of FMAs (16 us with the copy). Larger images have few border pixels and go straight through. */
         const int padded = PH + PW > 0 && HP * WP * VB * (int64_t)sizeof(float) <= PAD_BYTES;
         kf_share shares[KF_SHARES];
-        const int ns = kf_shares_init(shares, nthreads, N * nb);
+        const int ns = kf_shares_init(shares, nthreads, N * nbt);
         #pragma omp parallel num_threads(nthreads)
         {
         float *pb = padded ? calloc(HP * WP * VB, sizeof(float)) : 0;
         int step = 0;
         for (int64_t t; (t = kf_take(shares, ns, &step)) >= 0; ) {
-            const int64_t n = t / nb, k = t - n * nb, c = k * VB;
+            const int64_t n = t / nbt, k = t - n * nbt, c = k < nb ? k * VB : C - VB;
+            const int skip = (int)(k * VB - c);
             const float *xb = x + n * H * W * C + c;
             if (pb) {
                 for (int64_t i = 0; i < H; i++)
@@ -274,19 +293,19 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
                         VB_STORE(pb + ((i + PH) * WP + j + PW) * VB, VB_LOAD(xb + (i * W + j) * C));
                 for (int64_t oh = 0; oh < OH; oh++)
                     rowv(pb, w + c, b + c, out + (n * OH + oh) * OW * C + c, oh * SH, HP, WP, VB, C, OW, 0,
-                          0, OW, p0, p1);
+                          0, OW, p0, p1, skip);
                 continue;
             }
             for (int64_t oh = 0; oh < OH; oh++) {
                 int64_t ih0 = oh * SH - PH;
                 int full = ih0 >= 0 && ih0 + (KH - 1) * DH < H;
                 rowv(xb, w + c, b + c, out + (n * OH + oh) * OW * C + c, ih0, H, W, C, C, OW,
-                      PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1);
+                      PW, full ? ow_lo : OW, full ? ow_hi : OW, p0, p1, skip);
             }
         }
         free(pb);
         }
-        if (nb * VB < C) {
+        if (nbt * VB < C) {      /* fewer channels than a block */
             #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
             for (int64_t n = 0; n < N; n++)
                 for (int64_t oh = 0; oh < OH; oh++) {

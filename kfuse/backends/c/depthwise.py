@@ -9,8 +9,11 @@ dilation, activation) as numeric constants, so the taps unroll. Two paths in dep
   kh kw weight vectors loaded once per row, TW output pixels a tile (tile_width), each tile's row of
   input vectors loaded into registers once where they fit (IN_REGS in depthwise.c), else read by each
   FMA (rowv);
-- the rest (channels past the last whole block, or every channel on a machine with neither): per pixel,
-  `omp simd` over the channels (row_simd).
+- the channels past the last whole block: the block ending at the last channel, shifted back over
+  channels already done and storing only its new lanes (so no load leaves the pixel: no masked loads,
+  no second build of the row kernel);
+- fewer channels than a block, or every channel on a machine with neither: per pixel, `omp simd` over
+  the channels (row_simd).
 Border pixels test each tap (rowv) or read a row of C zeros for taps outside the input (row_simd);
 interior pixels address the input directly. In the block-major order (next), a small padded image's
 channel block (up to PAD_BYTES padded) is first copied into a zero-bordered per-thread buffer, so every
@@ -119,7 +122,7 @@ class DepthwiseConv:
         (AVX-512 or AVX2 only; items (image, VB-channel block)) where those items balance over the threads, else
         rows; both where there is a whole block and more than one thread. The rule alone misjudged this
         machine: [1,112,112,32] 3x3 on 2 threads (two blocks, so block-major) took 0.080 ms, by rows 0.048."""
-        blocks = n * (c // VB) if VB else 0
+        blocks = n * cdiv(c, VB) if VB and c >= VB else 0      # a last part block runs shifted back (dw_row)
         if blocks < 1:
             return ["rows"]
         first = ["blocks", "rows"] if blocks % threads == 0 or blocks >= 8 * threads else ["rows", "blocks"]
