@@ -37,7 +37,7 @@ def flops(n: Node) -> int:
     if n.op == "attention":
         q, k = n.inputs[0], n.inputs[1]
         return 4 * q.numel // q.shape[-1] * k.shape[-2] * q.shape[-1]
-    if n.op == "conv2d":
+    if n.op in ("conv2d", "conv3d"):
         w = n.inputs[1]
         return 2 * n.numel * w.numel // w.shape[0]
     if n.kind in (Kind.INJECTIVE, Kind.SOURCE):

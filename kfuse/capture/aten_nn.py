@@ -295,7 +295,7 @@ def _convolution(g, x, w, b, stride, padding, dilation, transposed, output_paddi
     attrs = {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation), "groups": groups}
     if transposed:
         return g.add(f"conv_transpose{nd}d", *args, output_padding=tuple(output_padding), **attrs)
-    return g.add(f"conv{nd}d", *args, **attrs)   # conv3d runs on torch as it is
+    return g.add(f"conv{nd}d", *args, **attrs)
 
 
 def _per_dim(v, nd, default):

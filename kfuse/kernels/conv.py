@@ -1,7 +1,7 @@
-"""The convolution-with-epilogue kernel: act(conv2d(x, W) + b [+ residual]) with constant W and b,
+"""The convolution-with-epilogue kernel: act(conv(x, W) + b [+ residual]) with constant W and b (2-D or 3-D),
 as a library (oneDNN) runs it: the activation and the residual add as post-ops of the convolution.
 
-`as_conv(nodes)` recognises a group the scheduler formed (a conv2d by a constant weight, then a
+`as_conv(nodes)` recognises a group the scheduler formed (a conv2d or conv3d by a constant weight, then a
 per-channel bias add, then either a residual add of a tensor of the output's shape, an activation,
 or a residual add followed by an activation); the activations are those with a oneDNN post-op.
 """
@@ -18,7 +18,7 @@ from ..ir import Node
 @dataclass
 class ConvEpilogue:
     x: Node                       # the convolution's input
-    weight: torch.Tensor          # [Cout, Cin/groups, kh, kw]
+    weight: torch.Tensor          # [Cout, Cin/groups, kh, kw] ([..., kd, kh, kw] for conv3d)
     bias: torch.Tensor | None     # [Cout]
     attrs: dict                   # stride, padding, dilation, groups, layout ("nhwc": x and output [N, H, W, C])
     act: tuple | None             # (oneDNN attr, scalars, algorithm), e.g. ("relu", (), "")
@@ -53,9 +53,10 @@ def per_channel(c: Node, conv: Node) -> torch.Tensor | None:
 
 
 def as_conv(nodes) -> ConvEpilogue | None:
-    """The description of `nodes` (a conv2d by a constant weight and its epilogue), or None."""
+    """The description of `nodes` (a conv2d or conv3d by a constant weight and its epilogue), or None."""
     head = nodes[0]
-    if head.op != "conv2d" or head.dtype != torch.float32 or len(head.shape) != 4 or head.inputs[1].op != "const" \
+    if head.op not in ("conv2d", "conv3d") or head.dtype != torch.float32 or len(head.shape) != int(head.op[4]) + 2 \
+            or head.inputs[1].op != "const" \
             or (len(head.inputs) == 3 and head.inputs[2].op != "const"):
         return None
     bias = head.inputs[2].value if len(head.inputs) == 3 else None

@@ -253,3 +253,85 @@ def test_convolution_candidates(cin, cout, k, stride, dilation, groups, winograd
     want = F.relu(F.conv2d(xs.permute(0, 3, 1, 2), spec.weight, spec.bias, stride, dilation, dilation, groups))
     for name, kern in cands.items():            # every candidate computes the same function
         torch.testing.assert_close(kern(xs).permute(0, 3, 1, 2), want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# -- 3-D convolutions (video networks): BatchNorm folded, the epilogue a oneDNN post-op, channels_last_3d ----------
+
+class _Block3d(torch.nn.Module):
+    """A video ResNet block: conv3d + BN + ReLU, conv3d + BN, the input added, ReLU."""
+
+    def __init__(self, c, k=(3, 3, 3), groups=1):
+        super().__init__()
+        pad = tuple(i // 2 for i in k)
+        self.c1, self.c2 = (torch.nn.Conv3d(c, c, k, padding=pad, groups=groups, bias=False) for _ in range(2))
+        self.b1, self.b2 = torch.nn.BatchNorm3d(c), torch.nn.BatchNorm3d(c)
+        with torch.no_grad():
+            for b in (self.b1, self.b2):
+                b.running_mean.uniform_(-1, 1)
+                b.running_var.uniform_(0.5, 2)
+                b.weight.uniform_(0.5, 1.5)
+                b.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + x)
+
+
+@pytest.mark.parametrize("k,groups", [((3, 3, 3), 1), ((1, 3, 3), 1), ((3, 1, 1), 2)])
+def test_conv3d_block_folds_bn_and_fuses_its_epilogue(k, groups):
+    model = _Block3d(6, k, groups).eval()
+    x = torch.randn(2, 6, 5, 9, 7)
+    x[0, 1, 2, 3, 4] = float("nan")             # NaN propagates as in eager (oneDNN's relu post-op would zero it)
+    cm = compiled(model, x)
+    rep = cm.report()
+    assert (rep.rules["conv_bn_scale"], rep.rules["conv_bn_shift"]) == (2, 2)
+    assert rep.fusions == {"conv_relu": 1, "conv_add_relu": 1}, rep.fusions
+    ops = cm.graph.op_counts()
+    assert ops["conv3d"] == 2 and "mul" not in ops
+    backends = [k.backend for k in rep.kernels]
+    assert all(b.startswith("library:onednn") for b in backends), backends
+    # the residual add is a oneDNN post-op where the convolution has one group
+    assert backends[1].endswith("+residual") == (groups == 1)
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((1, 4, 5, 7, 6), dict(kernel_size=3, dilation=2, padding=2)),                        # dilation 2
+    ((1, 4, 6, 9, 9), dict(kernel_size=2, stride=3)),                                     # stride larger than the kernel
+    ((2, 4, 5, 9, 7), dict(kernel_size=1, stride=(1, 2, 2))),                             # 1x1x1 stride 2, odd sizes
+    ((1, 6, 4, 7, 7), dict(kernel_size=(3, 5, 5), groups=6, padding=(1, 2, 2))),          # depthwise
+    ((1, 3, 4, 6, 6), dict(kernel_size=3, padding=1, padding_mode="replicate")),
+    ((0, 3, 4, 6, 6), dict(kernel_size=3, padding=1)),                                    # batch 0
+])
+@pytest.mark.parametrize("act", [F.silu, F.hardswish, F.relu6])
+def test_odd_3d_convolutions_match_eager(shape, kw, act):
+    conv = torch.nn.Conv3d(shape[1], 8 if kw.get("groups", 1) == 1 else shape[1] * 2, **kw)
+    model = Fn(lambda m, x: act(conv(x)))
+    model.conv = conv
+    x = torch.randn(shape)
+    cm = compiled(model, x)
+    assert compiled(model, x.transpose(3, 4).contiguous().transpose(3, 4))      # a non-contiguous input
+    convs = [k for k in cm.report().kernels if k.ops[0] == "conv3d"]
+    assert len(convs) == 1 and len(convs[0].ops) == 2 and convs[0].backend.startswith("library:onednn")
+
+
+def test_conv3d_without_onednn_is_torch_with_the_same_numbers(monkeypatch):
+    monkeypatch.setattr(conv_backend, "_ops", lambda: None)
+    conv_backend.supports.cache_clear()
+    try:
+        model = _Block3d(4).eval()
+        cm = compiled(model, torch.randn(1, 4, 3, 6, 5))
+        assert {k.backend for k in cm.report().kernels} == {"library:torch"}
+    finally:
+        conv_backend.supports.cache_clear()
+
+
+def test_conv3d_through_onnx_matches_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)),
+                                torch.nn.BatchNorm3d(8), torch.nn.ReLU(), _Block3d(8)).eval()
+    x = torch.randn(1, 3, 4, 12, 10)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
+    v = cm.verify(x)
+    assert v.ok and v.max_rel < 1e-4, v
+    assert cm.report().fusions == {"conv_relu": 2, "conv_add_relu": 1}, cm.report().fusions

@@ -1,4 +1,4 @@
-"""BatchNorm folded into the convolution before it: inference BatchNorm is x * scale + shift per
+"""BatchNorm folded into the (2-D or 3-D) convolution before it: inference BatchNorm is x * scale + shift per
 channel (capture already writes it so), and both fold into the conv's weights and bias once.
 
     conv(x, W, b) * s[c]  -> conv(x, W * s[c], b * s[c])
@@ -18,7 +18,7 @@ def fold_bn(g: Graph, n: Node, report=None):
     if not is_op(n, "mul", "add"):
         return None
     for conv, c in (n.inputs, n.inputs[::-1]):
-        if not is_op(conv, "conv2d") or conv.inputs[1].op != "const" or uses(g, conv) != 1:
+        if not is_op(conv, "conv2d", "conv3d") or conv.inputs[1].op != "const" or uses(g, conv) != 1:
             continue
         if len(conv.inputs) == 3 and conv.inputs[2].op != "const":
             continue
@@ -28,10 +28,10 @@ def fold_bn(g: Graph, n: Node, report=None):
         w = conv.inputs[1].value
         b = conv.inputs[2].value if len(conv.inputs) == 3 else torch.zeros(w.shape[0], dtype=w.dtype)
         if n.op == "mul":
-            w, b = w * v.reshape(-1, 1, 1, 1), b * v
+            w, b = w * v.reshape(-1, *(1,) * (w.dim() - 1)), b * v
         else:
             b = b + v
-        return g.add("conv2d", conv.inputs[0], g.const(w), g.const(b), **conv.attrs)
+        return g.add(conv.op, conv.inputs[0], g.const(w), g.const(b), **conv.attrs)
     return None
 
 
