@@ -40,6 +40,9 @@ def flops(n: Node) -> int:
     if n.op in ("conv2d", "conv3d"):
         w = n.inputs[1]
         return 2 * n.numel * w.numel // w.shape[0]
+    if n.op in ("conv_transpose2d", "conv_transpose3d"):     # each input element times its Cout/g x taps weights
+        w = n.inputs[1]
+        return 2 * n.inputs[0].numel * w.numel // w.shape[0]
     if n.kind in (Kind.INJECTIVE, Kind.SOURCE):
         return 0
     size = max([n.numel] + [i.numel for i in n.inputs])

@@ -30,6 +30,8 @@ class Kind(enum.IntEnum):
 
 
 _E, _B, _I, _R, _C, _O = Kind.ELEMENTWISE, Kind.BROADCAST, Kind.INJECTIVE, Kind.REDUCTION, Kind.CONTRACTION, Kind.OPAQUE
+# the convolutions (by their spatial dims; transposed: weight [Cin, Cout / groups, ...], attr output_padding)
+CONVS = ("conv2d", "conv3d", "conv_transpose2d", "conv_transpose3d")
 
 # op -> kind. The vocabulary is closed: a frontend maps every source op onto these.
 KIND: dict[str, Kind] = {
@@ -48,9 +50,9 @@ KIND: dict[str, Kind] = {
     **{op: _R for op in (
         "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_var", "argmax", "softmax",
         "log_softmax", "layer_norm", "rms_norm", "argmin", "reduce_prod")},
-    **{op: _C for op in ("matmul", "linear", "gated_linear", "conv2d", "conv3d", "attention")},
+    **{op: _C for op in ("matmul", "linear", "gated_linear", *CONVS, "attention")},
     **{op: _O for op in ("max_pool2d", "avg_pool2d", "cumsum", "rope", "recurrent", "cumprod", "topk", "sort", "resize",
-                         "conv_transpose2d", "conv_transpose3d", "max_pool3d", "avg_pool3d",
+                         "max_pool3d", "avg_pool3d",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
                          "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put", "bitcast", "grid_sample",
                          "affine_grid", "col2im", "det", "histc", "grouped_mm", "torch_op", "max_pool_indices",

@@ -83,6 +83,8 @@ def _conv_candidates(spec) -> dict:
     conv = shared(pack_conv, spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
     backend = _library_name(conv)
     others, a = {}, spec.attrs
+    if spec.transposed:             # oneDNN's alone (its weight is [Cin, Cout / groups, ...])
+        return {backend: conv}
     if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
             spec.weight.shape, a["groups"], spec.x.shape[3]):
         try:
@@ -502,8 +504,9 @@ def fusion_name(nodes) -> str | None:
         return "se_pwconv" + ("_add" if pair[1].residual is not None else "")
     conv = as_conv(nodes)
     if conv is not None:
-        parts = ["conv"] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
-        return "_".join(parts) if len(parts) > 1 else ("conv_bias" if len(nodes) > 1 else None)
+        head = "conv_transpose" if conv.transposed else "conv"
+        parts = [head] + (["add"] if conv.residual is not None else []) + ([nodes[-1].op] if conv.act else [])
+        return "_".join(parts) if len(parts) > 1 else (f"{head}_bias" if len(nodes) > 1 else None)
     if len(nodes) == 1:
         return nodes[0].op if nodes[0].op in COMPOSITE_OPS else None
     inside = set(nodes)

@@ -1,5 +1,6 @@
-"""2-D and 3-D convolutions with constant weights through oneDNN: the weight packed once, the activation
-and a residual add as post-ops; `F.conv2d` (`F.conv3d`) plus in-place epilogue ops where the probe says no.
+"""Convolutions with constant weights through oneDNN (2-D and 3-D, plain and transposed): the weight packed
+once, the activation and a residual add as post-ops; torch's convolution plus in-place epilogue ops where
+the probe says no.
 
     conv = pack_conv(w, b, attrs, act=("relu", (), ""), residual=False, input_size=[1, 64, 56, 56])
     y = conv(x)                 # act(conv2d(x, w, b)), channels-last output on the oneDNN path
@@ -9,10 +10,12 @@ The ops are the private ones Inductor's freezing uses (torch/_inductor/fx_passes
 `torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, input_size)` and
 `torch.ops.mkldnn._convolution_pointwise(x, W, b, padding, stride, dilation, groups, attr, scalars,
 algorithm)` (padding before stride, the reverse of aten), `.binary(x, other, W, b, padding, stride,
-dilation, groups, "add", alpha, unary_attr, unary_scalars, unary_algorithm)` for the residual.
+dilation, groups, "add", alpha, unary_attr, unary_scalars, unary_algorithm)` for the residual;
+`_reorder_convolution_transpose_weight` and `_convolution_transpose_pointwise` take output_padding after
+padding (no binary form: a transposed convolution's residual is added in place).
 oneDNN computes in the channels-last layout: x is converted once if it is not, and the output is
-channels-last (channels_last_3d for a 3-D convolution: a video network's convolutions ran 1.4x faster so
-than eager's NCDHW ones, [1,64,8,56,56] 3x3x3 23 vs 32 ms). The binary form needs channels-last x and groups == 1, so only then is the residual
+channels-last (channels_last_3d for a 3-D convolution: [1,64,8,56,56] 3x3x3 took 23 ms so, eager's NCDHW
+one 32). The binary form needs channels-last x and groups == 1, so only then is the residual
 fused. Each post-op is probed once on a tiny odd problem (stride 1x2, so swapped arguments show,
 and a NaN, which oneDNN's relu, hardtanh and hardsigmoid turn into a number) and used only if it matches
 the reference; hardswish passes (oneDNN computes x * min(max(x / 6 + 1/2, 0), 1), within an ulp or two).
@@ -26,7 +29,15 @@ import torch.nn.functional as F
 
 CL = torch.channels_last
 FORMAT = {2: CL, 3: torch.channels_last_3d}       # by the number of spatial dims
-CONV = {2: F.conv2d, 3: F.conv3d}
+
+
+def torch_conv(x, w, b, stride, padding, dilation, groups, output_padding=None):
+    """torch's convolution of x (2-D or 3-D by x's rank; transposed where output_padding is given)."""
+    nd = x.dim() - 2
+    if output_padding is None:
+        return (F.conv2d if nd == 2 else F.conv3d)(x, w, b, stride, padding, dilation, groups)
+    return (F.conv_transpose2d if nd == 2 else F.conv_transpose3d)(x, w, b, stride, padding, output_padding, groups,
+                                                                  dilation)
 
 # the same activations in place, where a post-op is not available (exactly the reference's functions)
 INPLACE = {
@@ -69,6 +80,24 @@ def _ops():
     return _private("_convolution_pointwise", "_reorder_convolution_weight")
 
 
+def _transpose_ops():
+    """(unary, None, reorder) of oneDNN's transposed convolution (it has no binary form), where _ops has them."""
+    if _ops() is None:
+        return None
+    try:
+        return (torch.ops.mkldnn._convolution_transpose_pointwise.default, None,
+                torch.ops.mkldnn._reorder_convolution_transpose_weight.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def geometry(stride, padding, dilation, groups, output_padding=None) -> list:
+    """The arguments oneDNN's ops and weight reorders take after the weight (and bias): padding before
+    stride, output_padding between them for a transposed convolution."""
+    pads = [list(padding)] + ([] if output_padding is None else [list(output_padding)])
+    return pads + [list(stride), list(dilation), int(groups)]
+
+
 def _linear_ops():
     return _private("_linear_pointwise", "_reorder_linear_weight")
 
@@ -90,35 +119,39 @@ def _agrees(call, want: torch.Tensor, act) -> bool:
 
 
 @functools.cache
-def supports(act: tuple | None, residual: bool, nd: int = 2) -> bool:
+def supports(act: tuple | None, residual: bool, nd: int = 2, transposed: bool = False) -> bool:
     """Whether oneDNN computes act(conv(x) + b [+ r]) like the reference on a tiny odd problem with nd
-    spatial dims."""
-    ops = _ops()
-    if ops is None:
+    spatial dims (stride 1 then 2, output_padding 0 then 1 where transposed, so swapped arguments show)."""
+    ops = _transpose_ops() if transposed else _ops()
+    if ops is None or residual and transposed:
         return False
     unary, binary, reorder = ops
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, *(3,) * (nd - 2), 5, 7, generator=g)
     x[(0, 1) + (1,) * (nd - 2) + (2, 3)] = float("nan")
-    w, b = torch.randn(4, 3, *(3,) * nd, generator=g), torch.randn(4, generator=g)
-    r = torch.randn(1, 4, *(3,) * (nd - 2), 5, 4, generator=g)
+    w, b = torch.randn(*((3, 4) if transposed else (4, 3)), *(3,) * nd, generator=g), torch.randn(4, generator=g)
     stride, pad, dil = [1] * (nd - 1) + [2], [1] * nd, [1] * nd
-    want = CONV[nd](x.double(), w.double(), b.double(), stride, pad, dil) + (r.double() if residual else 0)
+    out_pad = [0] * (nd - 1) + [1] if transposed else None
+    want = torch_conv(x.double(), w.double(), b.double(), stride, pad, dil, 1, out_pad)
+    if residual:
+        r = torch.randn(want.shape, generator=g)
+        want = want + r.double()
+    args = geometry(stride, pad, dil, 1, out_pad)
 
     def call():
-        wp = reorder(w, pad, stride, dil, 1, list(x.shape))
+        wp = reorder(w, *args, list(x.shape))
         xc = x.contiguous(memory_format=FORMAT[nd])
         if residual:
             a = act or (None, (), None)
-            return binary(xc, r.contiguous(memory_format=FORMAT[nd]), wp, b, pad, stride, dil, 1, "add", None, a[0],
-                          list(a[1]), a[2])
+            return binary(xc, r.contiguous(memory_format=FORMAT[nd]), wp, b, *args, "add", None, a[0], list(a[1]), a[2])
         a = act or ("none", (), "")
-        return unary(xc, wp, b, pad, stride, dil, 1, a[0], list(a[1]), a[2])
+        return unary(xc, wp, b, *args, a[0], list(a[1]), a[2])
     return _agrees(call, want, act)
 
 
 class PackedConv:
-    """act(conv2d(x, W, b) [+ residual]) (conv3d for a 5-D x) for one constant weight. Attributes: backend ("onednn" or
+    """act(conv(x, W, b) [+ residual]) for one constant weight: 2-D or 3-D by x's rank, transposed where attrs
+    has output_padding. Attributes: backend ("onednn" or
     "torch"), post_op_fused, residual_fused (what runs inside the oneDNN call)."""
 
     def __init__(self, w, b, attrs, act, residual: bool, input_size):
@@ -127,22 +160,24 @@ class PackedConv:
         self.nhwc = attrs.get("layout") == "nhwc"
         if self.nhwc:
             input_size = [input_size[i] for i in (0, 3, 1, 2)]
-        nd = len(input_size) - 2
-        self.format, self.conv = FORMAT[nd], CONV[nd]
+        nd, self.transposed = len(input_size) - 2, "output_padding" in attrs
+        self.format = FORMAT[nd]
         self.stride, self.padding = list(attrs["stride"]), list(attrs["padding"])
         self.dilation, self.groups = list(attrs["dilation"]), int(attrs["groups"])
+        self.output_padding = list(attrs["output_padding"]) if self.transposed else None
+        self.geometry = geometry(self.stride, self.padding, self.dilation, self.groups, self.output_padding)
         self.act = act
         self._b = None if b is None else b.detach().float().contiguous().clone()
-        onednn = supports(None, False, nd)
+        t = self.transposed
+        onednn = supports(None, False, nd, t)
         self.backend = "onednn" if onednn else "torch"
-        self.residual_fused = onednn and residual and self.groups == 1 and supports(None, True, nd)
+        self.residual_fused = onednn and residual and self.groups == 1 and supports(None, True, nd, t)
         self.post_op_fused = act is not None and onednn and (
-            supports(act, True, nd) if self.residual_fused else not residual and supports(act, False, nd))
+            supports(act, True, nd, t) if self.residual_fused else not residual and supports(act, False, nd, t))
         with torch.no_grad():
             if onednn:
-                self._unary, self._binary, reorder = _ops()
-                self._w = reorder(w.detach().contiguous(), self.padding, self.stride, self.dilation, self.groups,
-                                  list(input_size))
+                self._unary, self._binary, reorder = _transpose_ops() if t else _ops()
+                self._w = reorder(w.detach().contiguous(), *self.geometry, list(input_size))
             else:
                 self._w = w.detach().contiguous().clone()
 
@@ -155,17 +190,17 @@ class PackedConv:
     def _nchw(self, x, residual):
         act, fused_act = self.act, self.post_op_fused
         if self.backend == "torch":
-            y = self.conv(x, self._w, self._b, self.stride, self.padding, self.dilation, self.groups)
+            y = torch_conv(x, self._w, self._b, self.stride, self.padding, self.dilation, self.groups,
+                           self.output_padding)
         elif residual is not None and self.residual_fused:
             a = act if fused_act else (None, (), None)
             y = self._binary(x.contiguous(memory_format=self.format), residual.contiguous(memory_format=self.format),
-                             self._w, self._b, self.padding, self.stride, self.dilation, self.groups, "add", None, a[0],
-                             list(a[1]), a[2])
+                             self._w, self._b, *self.geometry, "add", None, a[0], list(a[1]), a[2])
             residual = None
         else:
             a = act if fused_act else ("none", (), "")
-            y = self._unary(x.contiguous(memory_format=self.format), self._w, self._b, self.padding, self.stride,
-                            self.dilation, self.groups, a[0], list(a[1]), a[2])
+            y = self._unary(x.contiguous(memory_format=self.format), self._w, self._b, *self.geometry, a[0],
+                            list(a[1]), a[2])
         if residual is not None:
             y.add_(residual)
         if act is not None and not fused_act:

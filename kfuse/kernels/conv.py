@@ -1,7 +1,8 @@
-"""The convolution-with-epilogue kernel: act(conv(x, W) + b [+ residual]) with constant W and b (2-D or 3-D),
+"""The convolution-with-epilogue kernel: act(conv(x, W) + b [+ residual]) with constant W and b (2-D or 3-D,
+plain or transposed),
 as a library (oneDNN) runs it: the activation and the residual add as post-ops of the convolution.
 
-`as_conv(nodes)` recognises a group the scheduler formed (a conv2d or conv3d by a constant weight, then a
+`as_conv(nodes)` recognises a group the scheduler formed (a convolution by a constant weight, then a
 per-channel bias add, then either a residual add of a tensor of the output's shape, an activation,
 or a residual add followed by an activation); the activations are those with a oneDNN post-op.
 """
@@ -12,17 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Node
+from ..ir import CONVS, Node
 
 
 @dataclass
 class ConvEpilogue:
     x: Node                       # the convolution's input
-    weight: torch.Tensor          # [Cout, Cin/groups, kh, kw] ([..., kd, kh, kw] for conv3d)
+    weight: torch.Tensor          # [Cout, Cin/groups, kh, kw] ([..., kd, kh, kw] 3-D; [Cin, Cout/groups, ...] transposed)
     bias: torch.Tensor | None     # [Cout]
-    attrs: dict                   # stride, padding, dilation, groups, layout ("nhwc": x and output [N, H, W, C])
+    attrs: dict                   # stride, padding, dilation, groups, layout ("nhwc": x and output [N, H, W, C]),
+                                  # output_padding (transposed)
     act: tuple | None             # (oneDNN attr, scalars, algorithm), e.g. ("relu", (), "")
     residual: Node | None         # added after the bias, before the activation
+
+    @property
+    def transposed(self) -> bool:
+        return "output_padding" in self.attrs
 
 
 def post_op_of(n: Node) -> tuple | None:
@@ -53,9 +59,9 @@ def per_channel(c: Node, conv: Node) -> torch.Tensor | None:
 
 
 def as_conv(nodes) -> ConvEpilogue | None:
-    """The description of `nodes` (a conv2d or conv3d by a constant weight and its epilogue), or None."""
+    """The description of `nodes` (a convolution by a constant weight and its epilogue), or None."""
     head = nodes[0]
-    if head.op not in ("conv2d", "conv3d") or head.dtype != torch.float32 or len(head.shape) != int(head.op[4]) + 2 \
+    if head.op not in CONVS or head.dtype != torch.float32 or len(head.shape) != int(head.op[-2]) + 2 \
             or head.inputs[1].op != "const" \
             or (len(head.inputs) == 3 and head.inputs[2].op != "const"):
         return None

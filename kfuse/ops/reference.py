@@ -324,17 +324,18 @@ REFERENCE = {
     "sort": lambda x, *, axis=-1, descending=False, output="values":
         torch.sort(x, dim=axis, descending=descending, stable=True)[output == "indices"],
     "resize": _resize,
-    "conv_transpose2d": lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
-        dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation),
+    "conv_transpose2d": _nhwc(lambda x, w, b=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
+                              dilation=(1, 1): F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups,
+                                                                  dilation)),
     "rope": _rope,
     "recurrent": _recurrent,
     "squeeze_excite": _squeeze_excite,
     "group_norm": _nhwc(_group_norm),
-    # run by torch as they are (opaque to fusion)
     "conv3d": lambda x, w, b=None, *, stride, padding, dilation, groups=1:
         F.conv3d(x, w, b, stride, padding, dilation, groups),
     "conv_transpose3d": lambda x, w, b=None, *, stride, padding, output_padding, groups=1, dilation:
         F.conv_transpose3d(x, w, b, stride, padding, output_padding, groups, dilation),
+    # run by torch as they are (opaque to fusion)
     "max_pool3d": lambda x, *, kernel, stride, padding, dilation, ceil_mode=False:
         F.max_pool3d(x, kernel, stride, padding, dilation, ceil_mode),
     "avg_pool3d": lambda x, *, kernel, stride, padding, ceil_mode=False, count_include_pad=True:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 
 from .. import cost
-from ..ir import VIEW_OPS, Graph, Group, Kind, Node
+from ..ir import CONVS, VIEW_OPS, Graph, Group, Kind, Node
 from ..kernels import NotFusable, lower
 from ..kernels.conv import POINTWISE_PAIRS, as_conv
 from ..kernels.linear import as_linear
@@ -143,7 +143,7 @@ class Scheduler:
         for i in n.inputs:
             gi = self.group_of.get(i)
             if gi is None or n.op in self.disabled or self.groups[gi][-1] is not i or len(self.users[i]) != 1 \
-                    or i in self.outputs or self.groups[gi][0].op not in ("matmul", "conv2d", "conv3d"):
+                    or i in self.outputs or self.groups[gi][0].op not in ("matmul", *CONVS):
                 continue
             described = as_linear if self.groups[gi][0].op == "matmul" else as_conv
             if described(self.groups[gi] + [n]) is not None and not self.creates_cycle(self.groups[gi], [n]):

@@ -6,7 +6,8 @@ convolutions read a channels-last tensor through strides and wrote NCHW, which t
 converted back. Here each 4-D tensor of the region gets a physical node holding it as
 [N, H, W, C] (`p = x.permute(0, 2, 3, 1)`), and the region's ops are rewritten to work on those:
 
-  conv2d, max/avg pooling   the same op with attr layout="nhwc" (x and the output are NHWC)
+  conv2d, conv_transpose2d, the same op with attr layout="nhwc" (x and the output are NHWC)
+  max/avg pooling
   elementwise / broadcast   the same op on NHWC operands; constants permuted once, other operands viewed
   reduce_* over axes        the axes renumbered (a global average pool is a mean over axes 1, 2)
   concat                    the axis renumbered
@@ -38,7 +39,7 @@ REDUCE = ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min")
 
 
 def _conv_ok(n: Node) -> bool:
-    return n.op == "conv2d" and len(n.shape) == 4 and n.dtype == torch.float32 and n.inputs[1].op == "const"
+    return n.op in ("conv2d", "conv_transpose2d") and len(n.shape) == 4 and n.dtype == torch.float32 and n.inputs[1].op == "const"
 
 
 class _Region:
@@ -69,7 +70,7 @@ class _Region:
         g, ins = self.g, n.inputs
         inside = [i in self.phys for i in ins]
         if _conv_ok(n):
-            self.phys[n] = g.add("conv2d", self.physical(ins[0]), *ins[1:], **n.attrs, layout="nhwc")
+            self.phys[n] = g.add(n.op, self.physical(ins[0]), *ins[1:], **n.attrs, layout="nhwc")
         elif n.op == "reshape" and len(n.shape) == 4 and (gn := self.group_norm(n)) is not None:
             self.phys[n] = gn
         elif n.op == "reshape" and len(n.shape) == 4 and (cs := self.channel_shuffle(n)) is not None:

@@ -335,3 +335,68 @@ def test_conv3d_through_onnx_matches_onnx_runtime(tmp_path):
     v = cm.verify(x)
     assert v.ok and v.max_rel < 1e-4, v
     assert cm.report().fusions == {"conv_relu": 2, "conv_add_relu": 1}, cm.report().fusions
+
+
+# -- transposed convolutions (decoders, GAN generators): BatchNorm folded, oneDNN with the activation a post-op ------
+
+def _bn(c):
+    bn = torch.nn.BatchNorm2d(c) if isinstance(c, int) else c
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=4, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, output_padding=1, groups=2),     # grouped: BN scales per group
+    dict(kernel_size=3, stride=(1, 3), padding=(0, 1), output_padding=(0, 2), dilation=1),
+    dict(kernel_size=2, stride=1, dilation=2, bias=False),
+])
+def test_conv_transpose_bn_activation_is_one_kernel(kw):
+    up = torch.nn.ConvTranspose2d(6, 4, **kw)
+    model = torch.nn.Sequential(up, _bn(4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 6, 7, 9)
+    x[0, 1, 2, 3] = float("nan")
+    cm = compiled(model, x)
+    rep = cm.report()
+    assert (rep.rules["conv_bn_scale"], rep.rules["conv_bn_shift"]) == (1, 1)
+    assert rep.fusions == {"conv_transpose_relu": 1}, rep.fusions
+    assert "mul" not in cm.graph.op_counts()
+    (k,) = [k for k in rep.kernels if k.backend != "view"]
+    assert k.backend.startswith("library:onednn"), k.backend
+
+
+def test_conv_transpose_chain_stays_channels_last_with_a_residual():
+    """a decoder: two transposed convolutions and a conv in one NHWC region, a skip connection added"""
+    a, b = torch.nn.ConvTranspose2d(8, 8, 4, 2, 1), torch.nn.ConvTranspose2d(8, 4, 3, 1, 1)
+    c = torch.nn.Conv2d(4, 3, 3, padding=1)
+    model = Fn(lambda m, x, skip: torch.tanh(c(F.silu(b(F.relu(a(x)) + skip)))))
+    model.a, model.b, model.c = a, b, c
+    cm = compiled(model, torch.randn(1, 8, 5, 6), torch.randn(1, 8, 10, 12))
+    rep = cm.report()
+    assert rep.fusions == {"conv_transpose_relu": 1, "conv_transpose_silu": 1, "conv_tanh": 1}, rep.fusions
+    assert rep.rules["nhwc_layout"] >= 3
+
+
+def test_conv_transpose3d_folds_bn():
+    up = torch.nn.ConvTranspose3d(4, 6, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1))
+    model = torch.nn.Sequential(up, _bn(torch.nn.BatchNorm3d(6)), torch.nn.SiLU()).eval()
+    cm = compiled(model, torch.randn(1, 4, 3, 5, 6))
+    assert cm.report().fusions == {"conv_transpose_silu": 1}
+    assert "mul" not in cm.graph.op_counts()
+
+
+def test_conv_transpose_through_onnx_matches_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 4, 2, 1), _bn(4), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(4, 3, 3, 2, 1, output_padding=1), torch.nn.Tanh()).eval()
+    x = torch.randn(1, 8, 6, 5)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    cm = kfuse.compile(str(tmp_path / "m.onnx"), (x,))
+    v = cm.verify(x)
+    assert v.ok and v.max_rel < 1e-4, v
+    assert cm.report().fusions == {"conv_transpose_relu": 1, "conv_transpose_tanh": 1}, cm.report().fusions
