@@ -8,8 +8,8 @@ Models: the real all-MiniLM-L6-v2 (BertModel, tests/helpers.minilm()) at batch 1
 x seq 128 with padding masks; the built-in GPT-2-style (hidden 384, 6 layers) and Llama-style (hidden
 512, 8 layers, GQA 8/2 heads, FFN 1408) at batch 1 x seq 128; the built-in CNNs as NAME-bBATCH
 (resnet50, mobilenetv2, mobilenetv3, efficientnet_b0, convnext_tiny, regnety_1_6gf at 224x224, unet at 64x64);
-torchvision's classification models as tv:NAME-bBATCH (random weights, 224x224, Inception-v3 299x299) where
-torchvision is installed (it is not a kfuse dependency).
+torchvision's classification and video models as tv:NAME-bBATCH (random weights, 224x224, Inception-v3 299x299,
+video clips 8x112x112, S3D and MViT 16x224x224) where torchvision is installed (it is not a kfuse dependency).
 Competitors, each tried in every configuration listed:
   - torch.compile: default; freezing + dynamic=False; freezing + dynamic=True;
   - ONNX Runtime (ORT_ENABLE_ALL): the dynamo and the TorchScript (legacy) exports, and each passed
@@ -84,9 +84,11 @@ def model_names(spec: str) -> list[str]:
 
 
 # torchvision models, random weights (`tv:NAME[-bBATCH]`; torchvision is not a kfuse dependency): the
-# constructor's arguments where its defaults download weights or add training-only heads, and input sizes
+# constructor's arguments where its defaults download weights or add training-only heads, and one sample's
+# shape where it is not a 224x224 image (video models: 8 frames of 112x112)
 TV_ARGS = {"inception_v3": dict(aux_logits=False, init_weights=True), "googlenet": dict(aux_logits=False, init_weights=True)}
-TV_SIZE = {"inception_v3": 299}
+TV_SHAPE = {"inception_v3": (3, 299, 299), "video": (3, 8, 112, 112), "s3d": (3, 16, 224, 224),
+            "mvit_v1_b": (3, 16, 224, 224), "mvit_v2_s": (3, 16, 224, 224)}
 
 
 def known(name: str) -> bool:
@@ -116,9 +118,10 @@ def make_model(name: str):
     arch, _, batch = name.partition("-b")
     if name.startswith("tv:"):
         torch.manual_seed(0)
-        size = TV_SIZE.get(arch[3:], 224)
-        return _torchvision_model(arch[3:])(weights=None, **TV_ARGS.get(arch[3:], {})).eval(), \
-            (torch.randn(int(batch or 1), 3, size, size),), None
+        ctor = _torchvision_model(arch[3:])
+        video = ctor.__module__.startswith("torchvision.models.video")
+        shape = TV_SHAPE.get(arch[3:], TV_SHAPE["video"] if video else (3, 224, 224))
+        return ctor(weights=None, **TV_ARGS.get(arch[3:], {})).eval(), (torch.randn(int(batch or 1), *shape),), None
     if arch in CNN_MODELS:     # resnet50-b1, mobilenetv2-b8, ...: at the model's own size (IMAGE_MODELS)
         model, inputs = build(arch, batch=int(batch or 1))
         return model, inputs, None
@@ -126,12 +129,12 @@ def make_model(name: str):
 
 
 def _torchvision_model(arch: str):
-    """torchvision.models.ARCH (a classification model's constructor), or None"""
+    """torchvision.models.ARCH or torchvision.models.video.ARCH (a classification model's constructor), or None"""
     try:
         import torchvision
     except ImportError:
         return None
-    return getattr(torchvision.models, arch, None)
+    return getattr(torchvision.models, arch, None) or getattr(torchvision.models.video, arch, None)
 
 
 def leaves(out) -> list[torch.Tensor]:
