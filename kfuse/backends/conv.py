@@ -14,11 +14,11 @@ dilation, groups, "add", alpha, unary_attr, unary_scalars, unary_algorithm)` for
 `_reorder_convolution_transpose_weight` and `_convolution_transpose_pointwise` take output_padding after
 padding (no binary form: a transposed convolution's residual is added in place).
 oneDNN computes in the channels-last layout: x is converted once if it is not, and the output is
-channels-last (channels_last_3d for a 3-D convolution: [1,64,8,56,56] 3x3x3 took 23 ms so, eager's NCDHW
-one 32). The binary form needs channels-last x and groups == 1, so only then is the residual
-fused. Each post-op is probed once on a tiny odd problem (stride 1x2, so swapped arguments show,
-and a NaN, which oneDNN's relu, hardtanh and hardsigmoid turn into a number) and used only if it matches
-the reference; hardswish passes (oneDNN computes x * min(max(x / 6 + 1/2, 0), 1), within an ulp or two).
+channels-last (channels_last_3d for a 3-D convolution). The binary form needs channels-last x and
+groups == 1, so only then is the residual fused. Each post-op is probed once on a tiny odd problem (stride
+1x2, so swapped arguments show, and a NaN, which oneDNN's relu, hardtanh and hardsigmoid turn into a number)
+and used only if it matches the reference; hardswish passes (oneDNN computes x * min(max(x / 6 + 1/2, 0), 1),
+within an ulp or two).
 """
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def supports(act: tuple | None, residual: bool, nd: int = 2, transposed: bool = 
 
 class PackedConv:
     """act(conv(x, W, b) [+ residual]) for one constant weight: 2-D or 3-D by x's rank, transposed where attrs
-    has output_padding. Attributes: backend ("onednn" or
-    "torch"), post_op_fused, residual_fused (what runs inside the oneDNN call)."""
+    has output_padding. Attributes: backend ("onednn" or "torch"), post_op_fused, residual_fused (what runs
+    inside the oneDNN call)."""
 
     def __init__(self, w, b, attrs, act, residual: bool, input_size):
         # layout "nhwc": x, the residual and the output are [N, H, W, C] (kfuse/passes/layout.py); they
