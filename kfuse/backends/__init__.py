@@ -39,7 +39,7 @@ from .c import winograd as c_winograd
 from .c import autotune
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
-from .conv import PointwiseConv, linear_supports, pack_conv, pointwise
+from .conv import FrameConv, PointwiseConv, frame_wise, linear_supports, pack_conv, pointwise
 from . import choice, linear, openmp
 from .launch import group_runner
 from .outputs import POOL_MIN, OutputPool  # noqa: F401  (POOL_MIN: the runtime and tests read it here)
@@ -75,38 +75,54 @@ def _library_name(k) -> str:
     return f"library:{k.backend}" + ("+post-op" if k.post_op_fused else "") + ("+residual" if k.residual_fused else "")
 
 
-def _conv_candidates(spec) -> dict:
-    """{backend name: kernel} of the kernels that compute `spec` (a kernels.conv.ConvEpilogue): our
-    depthwise kernel; our implicit GEMM (any groups but depthwise); our Winograd kernel (3x3 stride 1, one
-    group); oneDNN's GEMM on the [N*H*W, C] view of a 1x1; oneDNN's convolution, last. kernel(x[, residual])
-    -> output."""
-    conv = shared(pack_conv, spec.weight, spec.bias, spec.attrs, spec.act, spec.residual is not None, spec.x.shape)
-    backend = _library_name(conv)
-    others, a = {}, spec.attrs
-    if spec.transposed:             # oneDNN's alone (its weight is [Cin, Cout / groups, ...])
-        return {backend: conv}
-    if spec.residual is None and a.get("layout") == "nhwc" and c_depthwise.supported(
-            spec.weight.shape, a["groups"], spec.x.shape[3]):
+def _ours(weight, bias, a: dict, act, residual: bool, x_shape) -> dict:
+    """{backend name: kernel} of our kernels computing an NHWC 2-D convolution (x_shape [N, H, W, C], attrs
+    a): the depthwise kernel; the implicit GEMM (any groups but depthwise); the Winograd kernel (3x3 stride
+    1, one group)."""
+    others = {}
+    if not residual and c_depthwise.supported(weight.shape, a["groups"], x_shape[3]):
         try:
-            others["c:depthwise"] = shared(c_depthwise.DepthwiseConv, spec.weight, spec.bias, a["stride"], a["padding"],
-                                                              a["dilation"], spec.act)
+            others["c:depthwise"] = shared(c_depthwise.DepthwiseConv, weight, bias, a["stride"], a["padding"],
+                                           a["dilation"], act)
         except (NotImplementedError, CompileError):
             pass
-    if a.get("layout") == "nhwc" and (int(a["groups"]) == 1 or spec.weight.shape[1] > 1):   # not depthwise
+    if int(a["groups"]) == 1 or weight.shape[1] > 1:   # not depthwise
         try:
-            others["c:gemm"] = shared(c_gemm.GemmConv, spec.weight, spec.bias, spec.act, spec.residual is not None,
-                                      a["stride"], a["padding"], a["dilation"], int(a["groups"]))
+            others["c:gemm"] = shared(c_gemm.GemmConv, weight, bias, act, residual, a["stride"], a["padding"],
+                                      a["dilation"], int(a["groups"]))
         except (NotImplementedError, CompileError):
             pass
-        if c_winograd.supported(spec.weight.shape, a["groups"], a["stride"], a["dilation"]):
+        if c_winograd.supported(weight.shape, a["groups"], a["stride"], a["dilation"]):
             try:
-                others["c:winograd"] = shared(c_winograd.WinogradConv, spec.weight, spec.bias, spec.act,
-                                              spec.residual is not None, a["stride"], a["padding"], a["dilation"])
+                others["c:winograd"] = shared(c_winograd.WinogradConv, weight, bias, act, residual, a["stride"],
+                                              a["padding"], a["dilation"])
             except (NotImplementedError, CompileError):
                 pass
+    return others
+
+
+def _conv_candidates(spec) -> dict:
+    """{backend name: kernel} of the kernels that compute `spec` (a kernels.conv.ConvEpilogue): ours (_ours)
+    on channels-last 2-D convolutions, and on 3-D ones whose kernel spans one frame (as 2-D ones over the
+    frames, backends.conv.FrameConv); oneDNN's GEMM on the [N*H*W, C] view of a 1x1; oneDNN's convolution,
+    last (alone for a transposed one). kernel(x[, residual]) -> output."""
+    residual = spec.residual is not None
+    conv = shared(pack_conv, spec.weight, spec.bias, spec.attrs, spec.act, residual, spec.x.shape)
+    backend = _library_name(conv)
+    a = spec.attrs
+    if spec.transposed:             # its weight is [Cin, Cout / groups, ...]
+        return {backend: conv}
+    if spec.weight.dim() == 5:
+        frames = frame_wise(spec.weight, a)
+        if frames is None:
+            return {backend: conv}
+        n, c, d, h, w = spec.x.shape
+        ours = _ours(*frames[:1], spec.bias, frames[1], spec.act, residual, (n * d, h, w, c))
+        return {name: FrameConv(k) for name, k in ours.items()} | {backend: conv}
+    others = _ours(spec.weight, spec.bias, a, spec.act, residual, spec.x.shape) if a.get("layout") == "nhwc" else {}
     if pointwise(a, spec.weight):
         if conv.backend == "onednn" and linear_supports(None, False):
-            pw = shared(PointwiseConv, spec.weight, spec.bias, spec.act, spec.residual is not None, math.prod(spec.x.shape[:3]))
+            pw = shared(PointwiseConv, spec.weight, spec.bias, spec.act, residual, math.prod(spec.x.shape[:3]))
             others[_library_name(pw)] = pw
     return others | {backend: conv}        # the first is the choice when timing is off
 
@@ -146,7 +162,9 @@ def _conv_inputs(x, residual):
     def make():
         t = torch.randn(*(x.shape[i] for i in (0, 3, 1, 2))).permute(0, 2, 3, 1) if _nchw_view(x) \
             else torch.randn(x.shape)
-        return [t] + ([torch.randn(residual.shape)] if residual is not None else [])
+        ts = [t] + ([torch.randn(residual.shape)] if residual is not None else [])
+        # 3-D convolutions pass channels_last_3d tensors on (oneDNN's output, FrameConv's)
+        return [t.contiguous(memory_format=torch.channels_last_3d) for t in ts] if len(x.shape) == 5 else ts
     return make
 
 

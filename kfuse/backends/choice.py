@@ -39,6 +39,8 @@ def timed(cands):
 
 def conv_sources(k) -> list[str]:
     """The C sources of a convolution kernel of ours (for artifacts); none for a library's."""
+    if hasattr(k, "k"):             # backends.conv.FrameConv: ours over a 3-D convolution's frames
+        return conv_sources(k.k)
     if isinstance(k, c_depthwise.DepthwiseConv):
         return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
     if isinstance(k, c_gemm.GemmConv):

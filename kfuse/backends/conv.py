@@ -267,3 +267,32 @@ class PointwiseConv:
 
 def pack_conv(w, b, attrs, act=None, residual=False, input_size=None) -> PackedConv:
     return PackedConv(w, b, attrs, act, residual, input_size)
+
+
+def frame_wise(weight, attrs) -> tuple | None:
+    """(the 2-D weight, the 2-D attrs) of a 3-D convolution whose kernel spans one frame (kernel depth 1,
+    depth stride 1, no depth padding: R(2+1)D's and MC3's 1x3x3), or None."""
+    if weight.dim() != 5 or weight.shape[2] != 1 or "output_padding" in attrs \
+            or attrs["stride"][0] != 1 or attrs["padding"][0] != 0:
+        return None
+    return weight[:, :, 0], {"stride": tuple(attrs["stride"][1:]), "padding": tuple(attrs["padding"][1:]),
+                             "dilation": tuple(attrs["dilation"][1:]), "groups": attrs["groups"], "layout": "nhwc"}
+
+
+class FrameConv:
+    """A frame_wise 3-D convolution as a 2-D NHWC kernel of ours over the N * D frames: x [N, C, D, H, W]
+    in channels_last_3d memory (NDHWC: each frame an NHWC image; other memory is converted first), the
+    output likewise (what oneDNN's 3-D convolutions read and write). The kernel is k(x, [residual])."""
+
+    def __init__(self, k):
+        self.k = k
+
+    @staticmethod
+    def _frames(t):
+        n, c, d, h, w = t.shape
+        return t.permute(0, 2, 3, 4, 1).contiguous().view(n * d, h, w, c)     # a view of NDHWC memory
+
+    def __call__(self, x, residual=None):
+        n, d = x.shape[0], x.shape[2]
+        y = self.k(self._frames(x)) if residual is None else self.k(self._frames(x), self._frames(residual))
+        return y.view(n, d, *y.shape[1:]).permute(0, 4, 1, 2, 3)

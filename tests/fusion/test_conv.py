@@ -288,9 +288,11 @@ def test_conv3d_block_folds_bn_and_fuses_its_epilogue(k, groups):
     ops = cm.graph.op_counts()
     assert ops["conv3d"] == 2 and "mul" not in ops
     backends = [k.backend for k in rep.kernels]
-    assert all(b.startswith("library:onednn") for b in backends), backends
-    # the residual add is a oneDNN post-op where the convolution has one group
-    assert backends[1].endswith("+residual") == (groups == 1)
+    # oneDNN, or where the kernel spans one frame, ours over the frames if it measured faster
+    ours = {"c:gemm", "c:winograd"} if k[0] == 1 else set()
+    assert all(b.startswith("library:onednn") or b in ours for b in backends), backends
+    # the residual add is inside the kernel: ours, or oneDNN's post-op where the convolution has one group
+    assert backends[1] in ours or backends[1].endswith("+residual") == (groups == 1)
 
 
 @pytest.mark.parametrize("shape,kw", [
@@ -310,7 +312,43 @@ def test_odd_3d_convolutions_match_eager(shape, kw, act):
     cm = compiled(model, x)
     assert compiled(model, x.transpose(3, 4).contiguous().transpose(3, 4))      # a non-contiguous input
     convs = [k for k in cm.report().kernels if k.ops[0] == "conv3d"]
-    assert len(convs) == 1 and len(convs[0].ops) == 2 and convs[0].backend.startswith("library:onednn")
+    frame_wise = kw["kernel_size"] == 1           # (the only case here whose kernel spans one frame)
+    assert len(convs) == 1 and len(convs[0].ops) == 2
+    assert convs[0].backend.startswith("library:onednn") or frame_wise and convs[0].backend == "c:gemm"
+
+
+@pytest.mark.parametrize("k,stride,padding,groups,residual,ours", [
+    ((1, 3, 3), (1, 1, 1), (0, 1, 1), 1, True, {"c:gemm", "c:winograd"}),     # R(2+1)D's spatial convolution
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1), 1, False, {"c:gemm"}),
+    ((1, 5, 5), (1, 1, 1), (0, 2, 2), 6, False, {"c:depthwise"}),
+    ((1, 1, 1), (1, 2, 1), (0, 0, 0), 1, True, {"c:gemm"}),
+    ((3, 1, 1), (1, 1, 1), (1, 0, 0), 1, False, set()),                       # spans frames: oneDNN alone
+    ((1, 3, 3), (2, 1, 1), (0, 1, 1), 1, False, set()),                       # a depth stride
+])
+def test_conv3d_candidates_over_frames(k, stride, padding, groups, residual, ours):
+    """A 3-D convolution whose kernel spans one frame is also a 2-D one over the N * D frames of its
+    channels_last_3d input, which our kernels take (backends.conv.FrameConv): every candidate computes
+    eager's function, reading NCDHW or channels_last_3d input, writing channels_last_3d."""
+    from kfuse.backends import _conv_candidates
+    from kfuse.ir import Graph
+    from kfuse.kernels.conv import ConvEpilogue
+    shape = (2, 6, 3, 9, 8)
+    g = Graph()
+    x, r = g.input(list(shape), torch.float32), g.input([1], torch.float32)
+    w, b = torch.randn(6, 6 // groups, *k), torch.randn(6)
+    attrs = {"stride": stride, "padding": padding, "dilation": (1, 1, 1), "groups": groups}
+    xs = torch.randn(shape)
+    want = F.conv3d(xs, w, b, stride, padding, 1, groups)
+    rs = torch.randn(want.shape) if residual else None
+    spec = ConvEpilogue(x, w, b, attrs, ("swish", (), ""), r if residual else None)
+    want = F.silu(want + rs if residual else want)
+    cands = _conv_candidates(spec)
+    assert set(cands) - {"library:onednn+post-op", "library:onednn+residual", "library:onednn"} == ours, list(cands)
+    for name, kern in cands.items():
+        for inp in (xs, xs.contiguous(memory_format=torch.channels_last_3d)):
+            got = kern(inp) if rs is None else kern(inp, rs)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+            assert got.is_contiguous(memory_format=torch.channels_last_3d), name
 
 
 def test_conv3d_without_onednn_is_torch_with_the_same_numbers(monkeypatch):
