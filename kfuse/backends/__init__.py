@@ -116,8 +116,9 @@ def _conv_candidates(spec) -> dict:
         frames = frame_wise(spec.weight, a)
         if frames is None:
             return {backend: conv}
+        w2, a2 = frames
         n, c, d, h, w = spec.x.shape
-        ours = _ours(*frames[:1], spec.bias, frames[1], spec.act, residual, (n * d, h, w, c))
+        ours = _ours(w2, spec.bias, a2, spec.act, residual, (n * d, h, w, c))
         return {name: FrameConv(k) for name, k in ours.items()} | {backend: conv}
     others = _ours(spec.weight, spec.bias, a, spec.act, residual, spec.x.shape) if a.get("layout") == "nhwc" else {}
     if pointwise(a, spec.weight):

@@ -9,6 +9,7 @@ from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
+from .conv import FrameConv
 
 
 @dataclass
@@ -39,7 +40,7 @@ def timed(cands):
 
 def conv_sources(k) -> list[str]:
     """The C sources of a convolution kernel of ours (for artifacts); none for a library's."""
-    if hasattr(k, "k"):             # backends.conv.FrameConv: ours over a 3-D convolution's frames
+    if isinstance(k, FrameConv):    # ours over a 3-D convolution's frames
         return conv_sources(k.k)
     if isinstance(k, c_depthwise.DepthwiseConv):
         return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]

@@ -106,6 +106,31 @@ def test_a_fused_convolution_pair_loads_without_a_compiler(tmp_path, monkeypatch
         assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
 
 
+def test_3d_convolutions_on_our_kernels_round_trip(tmp_path, monkeypatch):
+    """a 3-D convolution spanning one frame on our GEMM over the frames (backends.conv.FrameConv): its C
+    source travels in the artifact, and a process with no C compiler runs it"""
+    monkeypatch.setenv("KFUSE_AUTOTUNE", "0")        # untimed: our kernel, the first candidate
+    monkeypatch.setattr(config, "_config", config.from_env())
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv3d(4, 8, (1, 3, 3), padding=(0, 1, 1)), torch.nn.ReLU(),
+                            torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), torch.nn.SiLU()).eval()
+    x = torch.randn(1, 4, 3, 9, 10)
+    cm = kfuse.compile(m, (x,))
+    backends = [k.backend for k in cm.report().kernels]
+    assert backends[0] == "c:gemm" and backends[1].startswith("library:"), backends
+    cm.save(tmp_path / "video")
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "KFUSE_CACHE_DIR": str(tmp_path / "empty-cache"),
+           "KFUSE_AUTOTUNE": "0"}
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "video"), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, fallbacks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == backends and fallbacks == []
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
+
+
 def _files(path: Path):
     return sorted(p for p in path.rglob("*") if p.is_file())
 

@@ -84,4 +84,3 @@ class Concat:
         c_call(self._fn, (ctypes.c_void_p * len(parts))(*[x.data_ptr() for x in parts]), out.data_ptr(), dims,
                1 if serial else openmp.threads(), keep=(*parts, out), record=not any(copied))
         return out
-
