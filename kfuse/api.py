@@ -64,6 +64,17 @@ def _input_name(spec, i: int) -> str:
     return head + pytree.keystr(below)
 
 
+def _onnx_runtime(ort, model, feeds: list) -> list[torch.Tensor]:
+    """The outputs of ONNX model `model` (a path or serialized bytes) by ONNX Runtime's CPU provider with
+    its graph optimizations off: the file's own semantics (they rewrite some: a quantized model's
+    DequantizeLinear -> Conv -> QuantizeLinear becomes one integer kernel that rounds otherwise, 1-2
+    quantization steps from the file's result)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), feeds)})]
+
+
 def _with_literals(tensors: list, literals: dict) -> list:
     """The flat outputs: the program's tensors with the graph's Python-value outputs put back in place."""
     if not literals:
@@ -297,15 +308,8 @@ class CompiledModel:
                 import onnxruntime as ort
             except ImportError:
                 raise KfuseError("verifying an ONNX model runs ONNX Runtime: pip install 'kfuse[onnxruntime]'") from None
-            # the file's own semantics: ONNX Runtime's graph optimizations rewrite some of them (a
-            # quantized model's DequantizeLinear -> Conv -> QuantizeLinear becomes one integer kernel
-            # that rounds otherwise, 1-2 quantization steps from the file's result)
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            sess = ort.InferenceSession(str(self.source), opts, providers=["CPUExecutionProvider"])
-            feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat)}
             try:
-                return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+                return _onnx_runtime(ort, str(self.source), [t.numpy() for t in flat])
             except Exception as e:   # noqa: BLE001 - ONNX Runtime's own error types: say it was the reference that failed
                 raise KfuseError(f"ONNX Runtime, the reference, failed on inputs {_fmt(_signature(flat))}: "
                                  f"{str(e).splitlines()[0][:300]}") from None
@@ -315,8 +319,9 @@ class CompiledModel:
 
     def verify(self, *inputs, **kwargs) -> Verification:
         """Max abs and rel error of each output against the original model on `inputs` (kfuse.verify's
-        policy); where that finds a mismatch, a PyTorch model is run again in float64 and each output may
-        also differ by a few times eager's own worst float32 error on it (verify.compare's want64)."""
+        policy); where that finds a mismatch, the model is run again in float64 (a PyTorch model by eager, an
+        ONNX file by ONNX Runtime with its float types made double) and each output may also differ by a
+        few times the reference's own worst float32 error on it (verify.compare's want64)."""
         flat = self._flatten(inputs, kwargs)
         self._last = prog = self._program(flat)
         got = prog(self._fed(flat))
@@ -335,17 +340,26 @@ class CompiledModel:
         want64 = self._reference64(flat)
         if want64 is None or len(want64) != len(want):
             return found
-        return compare(names, got, want, against + " (and in float64: eager's own float32 rounding allowed)",
+        return compare(names, got, want, against + " (and in float64: its own float32 rounding allowed)",
                        steps, [w for k, w in enumerate(want64) if k not in literals])
 
     def _reference64(self, flat) -> list[torch.Tensor] | None:
-        """The PyTorch model's outputs computed in float64 (a copy of it, float32 parameters, buffers and
-        inputs in float64), flattened; None for an ONNX file or a saved artifact, or where the model does
-        not run in float64. Taken only when a float32 comparison fails: a model whose values grow large (a
-        random-weight Inception-v3's logits near 1e12) rounds in eager by more than verify's tolerance of
-        its small outputs, and so may kfuse's program, by as much and no more."""
-        if self.source is None or self.is_onnx:
+        """The model's outputs computed in float64 (a copy of a PyTorch model, float32 parameters, buffers
+        and inputs in float64; an ONNX file widened, capture.onnx.widened), flattened; None for a saved
+        artifact, or where the model does not run in float64. Taken only when a float32 comparison fails:
+        a model whose values grow large (a random-weight Inception-v3's logits near 1e12) rounds in eager
+        by more than verify's tolerance of its small outputs, and so may kfuse's program, by as much and
+        no more."""
+        if self.source is None:
             return None
+        if self.is_onnx:        # the file with its float types made double, run by ONNX Runtime
+            from .capture.onnx import read_model, widened
+            up = [t.double().numpy() if t.dtype in (torch.float16, torch.float32) else t.numpy() for t in flat]
+            try:
+                import onnxruntime as ort
+                return _onnx_runtime(ort, widened(read_model(self.source)).SerializeToString(), up)
+            except Exception:   # noqa: BLE001 - no double kernel for an op, or over 2 GB: the float32 verdict stands
+                return None
         f64_bytes = 8 * sum(t.numel() for t in (*self.source.parameters(), *self.source.buffers()))
         try:        # the copy takes at most half the memory free now (not there: a mismatch stands as found)
             if 2 * f64_bytes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):

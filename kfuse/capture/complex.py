@@ -51,8 +51,8 @@ def call(g, target, *args, **kwargs):
     """target(*args, **kwargs) with its complex values as pairs"""
     fn = HANDLERS.get(target)
     if fn is None:
-        raise Unsupported("on a complex tensor (mapped: view_as_complex, view_as_real, polar, complex, mul, add, "
-                          "sub, div by a real, neg, conj, abs, sum, mean and the view ops)")
+        raise Unsupported("on a complex tensor (mapped: view_as_complex, view_as_real, polar, complex, real, imag, "
+                          "mul, add, sub, div by a real, neg, conj, abs, sum, mean, the FFTs and the view ops)")
     return fn(g, *args, **kwargs)
 
 
@@ -172,6 +172,24 @@ def _cat(g, cs, dim=0):
     return Complex(ATEN[aten.cat.default](g, [c.pair for c in cs], _axis(cs[0], dim)))
 
 
+
+def _fft_args(norm, dims, rank: int) -> dict:
+    return dict(dims=tuple(d % rank for d in dims), norm=int(norm))
+
+
+def _fft_r2c(g, x, dim, normalization, onesided):
+    return Complex(g.add("fft", x, kind="r2c", onesided=bool(onesided), **_fft_args(normalization, dim, len(x.shape))))
+
+
+def _fft_c2c(g, c, dim, normalization, forward):
+    c = c if isinstance(c, Complex) else _real(g, c)
+    return Complex(g.add("fft", c.pair, kind="c2c", forward=bool(forward), **_fft_args(normalization, dim, len(c.shape))))
+
+
+def _fft_c2r(g, c, dim, normalization, last_dim_size):
+    return g.add("fft", c.pair, kind="c2r", length=int(last_dim_size), **_fft_args(normalization, dim, len(c.shape)))
+
+
 MAKERS = {aten.view_as_complex.default: _view_as_complex, aten.polar.default: _polar,
           aten.complex.default: lambda g, re, im: _pair(g, re, im)}
 HANDLERS = {
@@ -196,4 +214,6 @@ HANDLERS = {
     aten.slice.Tensor: lambda g, c, dim=0, *rest: Complex(ATEN[aten.slice.Tensor](g, c.pair, _axis(c, dim), *rest)),
     aten.select.int: lambda g, c, dim, index: Complex(ATEN[aten.select.int](g, c.pair, _axis(c, dim), index)),
     aten.cat.default: _cat,
+    aten._fft_r2c.default: _fft_r2c, aten._fft_c2c.default: _fft_c2c, aten._fft_c2r.default: _fft_c2r,
+    aten.real.default: lambda g, c: _parts(g, c)[0], aten.imag.default: lambda g, c: _parts(g, c)[1],
 }

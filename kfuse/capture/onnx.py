@@ -130,6 +130,51 @@ def output_steps(model) -> dict[str, float]:
     return steps
 
 
+WIDENED = (TensorProto.FLOAT16, TensorProto.FLOAT)     # the element types `widened` makes double
+
+
+def widened(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` computing in float64: every float16 and float32 type (inputs, outputs, value
+    infos, initializers, Cast targets, constants, subgraphs, functions' casts) made double. verify's
+    float64 evaluation of an ONNX file (api.CompiledModel._reference64) runs it, as the node suite's does."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def widen_type(t):
+        if t.HasField("tensor_type") and t.tensor_type.elem_type in WIDENED:
+            t.tensor_type.elem_type = TensorProto.DOUBLE
+
+    def widen_tensor(t):
+        if t.data_type in WIDENED:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    def widen_attrs(node):
+        for a in node.attribute:
+            if a.name in ("to", "saturate_to") and a.type == onnx.AttributeProto.INT and a.i in WIDENED:
+                a.i = TensorProto.DOUBLE
+            elif a.type == onnx.AttributeProto.TENSOR:
+                widen_tensor(a.t)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                widen_graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    widen_graph(sub)
+
+    def widen_graph(g):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            widen_type(vi.type)
+        for t in g.initializer:
+            widen_tensor(t)
+        for node in g.node:
+            widen_attrs(node)
+
+    widen_graph(out.graph)
+    for f in out.functions:
+        for node in f.node:
+            widen_attrs(node)
+    return out
+
+
 UNCHECKED = "kfuse.unchecked"   # the checker's copy puts default-domain ops with no ONNX schema here
 
 

@@ -221,6 +221,19 @@ def _col2im(cols, *, image, block, dilations, pads, strides):
     return out[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + image[i]) for i in range(nd))]
 
 
+def _fft(x, *, kind, dims, norm, forward=True, onesided=True, length=0):
+    """aten's _fft_r2c, _fft_c2c and _fft_c2r over `dims`, with complex values carried as float [..., 2]
+    pairs (capture/complex.py): "r2c" takes a real x and "c2r" returns a real tensor of `length` elements
+    along the last of dims. norm: aten's code (0 none, 1 by 1/sqrt(n), 2 by 1/n)."""
+    dims = list(dims)
+    if kind == "r2c":
+        return torch.view_as_real(torch.ops.aten._fft_r2c(x, dims, norm, onesided))
+    z = torch.view_as_complex(x.contiguous())
+    if kind == "c2r":
+        return torch.ops.aten._fft_c2r(z, dims, norm, length)
+    return torch.view_as_real(torch.ops.aten._fft_c2c(z, dims, norm, forward))
+
+
 # Activations a linear/contraction epilogue may carry, by name.
 ACTIVATIONS = {
     "none": lambda x: x,
@@ -353,6 +366,7 @@ REFERENCE = {
     "affine_grid": lambda theta, *, size, align_corners: F.affine_grid(theta, list(size), align_corners),
     "col2im": _col2im,
     "det": torch.linalg.det,
+    "fft": _fft,
     "torch_op": _torch_op,
     "histc": lambda x, *, bins, min, max: torch.histc(x, bins, min, max),
     "grouped_mm": lambda a, b, offs: torch._grouped_mm(a, b, offs=offs),

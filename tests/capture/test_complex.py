@@ -167,3 +167,80 @@ def test_a_complex_input_is_fed_as_its_pairs(tmp_path):
 def test_what_is_not_mapped_is_a_clear_error(model, x, match):
     with pytest.raises(UnsupportedOpError, match=match):
         kfuse.compile(model, (x,))
+
+
+class Spectrogram(nn.Module):
+    """An audio front end: a Hann-windowed torch.stft, the power spectrum, a mel-like projection and log,
+    then a convolution (a model's spectrogram computed inside it)"""
+
+    def __init__(self, n_fft=64, hop=16, bins=12):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft))
+        self.mel = nn.Parameter(torch.rand(n_fft // 2 + 1, bins))
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, wav):
+        spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, return_complex=True)
+        power = spec.abs() ** 2
+        logmel = torch.log(power.transpose(1, 2) @ self.mel + 1e-6)
+        return torch.relu(self.conv(logmel.unsqueeze(1)))
+
+
+class FourierMix(nn.Module):
+    """FNet's token mixing (the real part of a 2-d FFT over sequence and hidden), then a residual LayerNorm"""
+
+    def __init__(self, d=24):
+        super().__init__()
+        self.ln, self.ff = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.ln(x + torch.fft.fftn(x, dim=(1, 2)).real) + self.ff(x)
+
+
+class FftForms(nn.Module):
+    """every FFT form and normalisation: rfft cut and padded (n), its inverse, ifft, 2-d, imag, a complex
+    product between the transforms (an FFT convolution)"""
+
+    def forward(self, x, k):
+        conv = torch.fft.irfft(torch.fft.rfft(x, n=64) * torch.fft.rfft(k, n=64), n=64)[..., :x.shape[-1]]
+        a = torch.fft.rfft(x, n=20, norm="ortho").abs()
+        b = torch.fft.ifft(torch.fft.fft(x, norm="forward"), norm="forward")
+        c = torch.fft.irfft2(torch.fft.rfft2(x), s=x.shape[-2:])
+        d = torch.fft.fft2(x, norm="ortho").imag
+        return conv + b.real + c + d, a
+
+
+@pytest.mark.parametrize("model,inputs", [
+    (Spectrogram(), (torch.randn(2, 400),)),
+    (FourierMix(), (torch.randn(2, 9, 24),)),
+    (FftForms(), (torch.randn(3, 5, 33), torch.randn(3, 5, 7))),
+])
+def test_fft_models_match_eager(model, inputs):
+    """torch.fft and torch.stft run as the IR's fft op (torch's own FFTs) between fused kernels: eager's
+    numbers on fresh inputs, through kfuse.compile and torch.compile"""
+    model = model.eval()
+    cm = kfuse.compile(model, inputs)
+    assert "fft" in [k.name for k in cm.report().kernels]
+    tc = torch.compile(model, backend="kfuse")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        fresh = tuple(torch.randn_like(t) * 3 for t in inputs)
+        with torch.no_grad():
+            want = model(*fresh)
+            for got in (cm(*fresh), tc(*fresh)):
+                for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    assert cm.verify(*inputs).ok
+
+
+def test_fft_of_nan_and_inf_spreads_as_torch():
+    """a NaN or Inf sample spreads over its row's spectrum as torch's FFT spreads it"""
+    x = torch.randn(3, 16)
+    x[0, 3], x[1, 5] = float("nan"), float("inf")
+    m = FftForms().eval()
+    k = torch.randn(3, 7)
+    cm = kfuse.compile(m, (x, k))
+    for g, w in zip(cm(x, k), m(x, k)):
+        assert torch.equal(g.isnan(), w.isnan())
+        torch.testing.assert_close(g.nan_to_num(0, 0, 0), w.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-3)

@@ -51,7 +51,8 @@ def test_architecture_matches_eager_with_its_cache(arch):
 
 # encoders and vision / audio models, each with a form the built-in models lack: DeBERTa-v2's disentangled
 # relative-position attention, Swin's shifted windows, Wav2Vec2's strided 1-D convolutions and grouped
-# positional convolution, Segformer's spatial-reduction attention and overlapping patch embeddings
+# positional convolution, Segformer's spatial-reduction attention and overlapping patch embeddings, FNet's
+# Fourier token mixing (torch.fft.fftn)
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 ENCODERS = {
     "deberta_v2": ("DebertaV2Config", "DebertaV2Model", TEXT, "text"),
@@ -64,6 +65,8 @@ ENCODERS = {
                                                             hidden_sizes=[16, 32], num_attention_heads=[1, 2],
                                                             patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2]),
                   {"pixel_values": IMAGES}),
+    "fnet": ("FNetConfig", "FNetModel", dict(TEXT, tpu_short_seq_length=13),
+             {"input_ids": torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(4))}),
 }
 
 

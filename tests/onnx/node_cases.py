@@ -160,52 +160,21 @@ def mismatch(got, want, rtol: float, atol: float) -> str | None:
     return None
 
 
-# -- float16 outputs -------------------------------------------------------------------------------
+# -- the reference's own rounding -------------------------------------------------------------------
 
 def float64_outputs(case) -> list | None:
-    """The case's outputs computed in float64: the model with every float16 type (inputs, outputs,
-    initializers, Cast targets, constants, subgraphs) made double, run by ONNX's reference evaluator
-    on the inputs as float64. None when that model does not run."""
+    """The case's outputs computed in float64: the model with every float16 and float32 type made double
+    (kfuse.capture.onnx.widened), run by ONNX's reference evaluator on the inputs as float64. None when
+    that model does not run."""
     from onnx.reference import ReferenceEvaluator
-    model = onnx.ModelProto()
-    model.CopyFrom(case.model)
 
-    def widen_type(t):
-        if t.HasField("tensor_type") and t.tensor_type.elem_type == TensorProto.FLOAT16:
-            t.tensor_type.elem_type = TensorProto.DOUBLE
-
-    def widen_tensor(t):
-        if t.data_type == TensorProto.FLOAT16:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
-
-    def widen_graph(g):
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            widen_type(vi.type)
-        for t in g.initializer:
-            widen_tensor(t)
-        for node in g.node:
-            for a in node.attribute:
-                if a.name in ("to", "saturate_to") and a.type == onnx.AttributeProto.INT and a.i == TensorProto.FLOAT16:
-                    a.i = TensorProto.DOUBLE
-                elif a.type == onnx.AttributeProto.TENSOR:
-                    widen_tensor(a.t)
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    widen_graph(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        widen_graph(sub)
-
-    widen_graph(model.graph)
-    for f in model.functions:
-        for node in f.node:
-            for a in node.attribute:
-                if a.name == "to" and a.type == onnx.AttributeProto.INT and a.i == TensorProto.FLOAT16:
-                    a.i = TensorProto.DOUBLE
+    from kfuse.capture.onnx import widened
+    model = widened(case.model)
     ins, _ = case.data_sets[0]
     feeds = {}
     for vi, v in zip(case.model.graph.input, ins):
         a = numpy_helper.to_array(v) if isinstance(v, TensorProto) else np.asarray(v)
-        feeds[vi.name] = a.astype(np.float64) if a.dtype == np.float16 else a
+        feeds[vi.name] = a.astype(np.float64) if a.dtype in (np.float16, np.float32) else a
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -214,9 +183,9 @@ def float64_outputs(case) -> list | None:
         return None
 
 
-def float16_mismatch(got, want, want64, rtol: float, atol: float) -> str | None:
-    """The comparison for a float16 output that is outside the case's tolerance: the expected
-    value was itself computed in float16, rounding after every op, so `got` may also differ from it
+def rounding_mismatch(got, want, want64, rtol: float, atol: float) -> str | None:
+    """The comparison for a float16 or float32 output that is outside the case's tolerance: the expected
+    value was itself computed in that type, rounding after every op, so `got` may also differ from it
     by F64_FACTOR times the expected value's own error against the float64 evaluation
     (kfuse.verify's rule for a reference that rounds): |got - want| <= atol + rtol |want| +
     4 |want - want64|, NaN and infinities in the same places."""
@@ -256,13 +225,14 @@ def run_kfuse(case, workdir: Path) -> Outcome:
     return compare(case, list(got) if isinstance(got, (list, tuple)) else [got], "wrong", want)
 
 
-# False: float16 outputs held to the case's tolerance only (report.py --strict-float16)
-FLOAT16_ALLOWANCE = True
+# False: float16 and float32 outputs held to the case's tolerance only (report.py --strict-rounding)
+ROUNDING_ALLOWANCE = True
+ROUNDED = (torch.float16, torch.float32)     # the output types it applies to
 
 
 def compare(case, got: list, fail: str, expected: list | None = None) -> Outcome:
     """pass when every output matches the case's expected outputs (or `expected`) (`mismatch`, then
-    `float16_mismatch` for a float16 output outside the case's tolerance; the detail says which passed
+    `rounding_mismatch` for a float16 or float32 output outside the case's tolerance; the detail says which passed
     only so), else `fail` and why."""
     expected = case.data_sets[0][1] if expected is None else expected
     if len(got) != len(expected):
@@ -272,15 +242,15 @@ def compare(case, got: list, fail: str, expected: list | None = None) -> Outcome
         why = mismatch(g, w, case.rtol, case.atol)
         if isinstance(g, np.ndarray) and g.dtype == np.float16:
             g = torch.from_numpy(g)
-        if why and FLOAT16_ALLOWANCE and isinstance(g, torch.Tensor) and g.dtype == torch.float16 and \
-                getattr(to_torch(w), "dtype", None) == torch.float16 and tuple(g.shape) == np.shape(w):
+        if why and ROUNDING_ALLOWANCE and isinstance(g, torch.Tensor) and g.dtype in ROUNDED and \
+                getattr(to_torch(w), "dtype", None) == g.dtype and tuple(g.shape) == np.shape(w):
             want64 = float64_outputs(case)
-            if want64 is not None and float16_mismatch(g, w, want64[i], case.rtol, case.atol) is None:
+            if want64 is not None and rounding_mismatch(g, w, want64[i], case.rtol, case.atol) is None:
                 allowed.append(f"output {i}: {why}")
                 why = None
         if why:
             return Outcome(fail, f"output {i} ({case.model.graph.output[i].name}): {why}")
-    return Outcome("pass", "; ".join(f"within the float16 allowance only: {a}" for a in allowed))
+    return Outcome("pass", "; ".join(f"within the rounding allowance only: {a}" for a in allowed))
 
 
 def ort_outputs(case) -> list:

@@ -3,7 +3,7 @@
     python -m tests.onnx.report                 # the table (about a minute on 2 cores)
     python -m tests.onnx.report --list wrong    # also each case of a status, with why
     python -m tests.onnx.report --expected      # the clear errors as lines of expected_errors.txt
-    python -m tests.onnx.report --strict-float16    # no allowance for a float16 reference's own rounding
+    python -m tests.onnx.report --strict-rounding    # no allowance for a float16/float32 reference's own rounding
 
 kfuse's outcome of each case (pass / clear error / wrong / crash, see node_cases.py) is counted
 over all cases and over the cases ONNX Runtime passes; ONNX Runtime's over all cases. --jobs runs
@@ -26,8 +26,8 @@ import node_cases  # noqa: E402
 STATUSES = ("pass", "error", "wrong", "crash")
 
 
-def _run(names, strict_float16=False):
-    node_cases.FLOAT16_ALLOWANCE = not strict_float16
+def _run(names, strict_rounding=False):
+    node_cases.ROUNDING_ALLOWANCE = not strict_rounding
     cases = node_cases.cases()
     out = []
     with tempfile.TemporaryDirectory() as d:
@@ -38,13 +38,13 @@ def _run(names, strict_float16=False):
     return out
 
 
-def run_all(jobs: int, strict_float16=False) -> list[tuple]:
+def run_all(jobs: int, strict_rounding=False) -> list[tuple]:
     names = sorted(node_cases.cases())
     if jobs <= 1:
-        return _run(names, strict_float16)
+        return _run(names, strict_rounding)
     chunks = [names[i::jobs * 8] for i in range(jobs * 8)]
     with ProcessPoolExecutor(jobs) as pool:
-        parts = pool.map(_run, chunks, [strict_float16] * len(chunks))
+        parts = pool.map(_run, chunks, [strict_rounding] * len(chunks))
         return sorted(r for part in parts for r in part)
 
 
@@ -72,11 +72,12 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4))
     ap.add_argument("--list", action="append", default=[], choices=STATUSES + ("ort-fail",))
     ap.add_argument("--expected", action="store_true", help="print the clear errors as expected_errors.txt lines")
-    ap.add_argument("--strict-float16", action="store_true",
-                    help="hold float16 outputs to the case's tolerance only (no allowance for the reference's rounding)")
+    ap.add_argument("--strict-rounding", action="store_true",
+                    help="hold float16 and float32 outputs to the case's tolerance only "
+                         "(no allowance for the reference's rounding)")
     args = ap.parse_args(argv)
     t = time.time()
-    rows = run_all(args.jobs, args.strict_float16)
+    rows = run_all(args.jobs, args.strict_rounding)
     took = time.time() - t
     if args.expected:
         for name, k, detail, _, _ in rows:
@@ -97,7 +98,7 @@ def main(argv=None):
     allowed = [r for r in rows if r[1] == "pass" and r[2]]
     ort_allowed = [r for r in rows if r[3] == "pass" and r[4]]
     if allowed or ort_allowed:
-        print(f"passing only by the float16 allowance (node_cases.float16_mismatch): kfuse {len(allowed)} "
+        print(f"passing only by the rounding allowance (node_cases.rounding_mismatch): kfuse {len(allowed)} "
               f"({', '.join(r[0] for r in allowed)}), ONNX Runtime {len(ort_allowed)} ({', '.join(r[0] for r in ort_allowed)})")
     for status in args.list:
         print(f"\n-- {status}")

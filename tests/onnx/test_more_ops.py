@@ -217,3 +217,39 @@ def test_bitcast_float_bits(tmp_path):
 def test_max_pool_indices_1d(tmp_path):
     node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[3], strides=[2], pads=[1, 1])
     check(tmp_path, model([node], {"x": f32(2, 3, 9)}, {"y": TensorProto.FLOAT, "i": TensorProto.INT64}))
+
+
+@pytest.mark.parametrize("last,axis,length,inverse,onesided,opset", [
+    (1, 1, None, 0, 0, 17), (1, -2, 11, 0, 1, 20), (2, 1, 6, 0, 1, 20), (2, 2, None, 1, 0, 20),
+    (1, 1, 13, 1, 0, 17), (2, 1, 14, 1, 1, 20), (2, -2, 9, 1, 1, 20), (2, 1, 3, 0, 0, 17),
+])
+def test_dft_variants(tmp_path, last, axis, length, inverse, onesided, opset):
+    """DFT of a real ([..., 1]) or complex ([..., 2]) signal on odd lengths: dft_length cutting or
+    zero-padding, forward and inverse, one-sided (irfft for the inverse), axis attribute or input"""
+    ins = ["x", "n" if length else ""] + (["axis"] if opset >= 20 else [])
+    attrs = dict(inverse=inverse, onesided=onesided) | ({"axis": axis} if opset < 20 else {})
+    inits = ({"n": np.array(length, np.int64)} if length else {}) | ({"axis": np.array(axis, np.int64)} if opset >= 20 else {})
+    built = model([helper.make_node("DFT", ins, ["y"], **attrs)], {"x": f32(2, 7, 5, last)}, {"y": TensorProto.FLOAT},
+                  inits, opset=opset)
+    check(tmp_path, built, atol=1e-5)
+
+
+@pytest.mark.parametrize("signal,window,frame_length,onesided", [
+    ((2, 50, 1), 16, None, 1), ((1, 41, 2), 12, None, 0), ((2, 33, 1), None, 10, 1), ((1, 30, 1), 8, 12, 1),
+])
+def test_stft_variants(tmp_path, signal, window, frame_length, onesided):
+    """STFT of real and complex signals: a window, or frame_length alone, or a window shorter than the
+    DFT (zero-padded frames), one- and two-sided, a step that leaves a tail unused"""
+    ins = ["x", "step", "w" if window else "", "n" if frame_length else ""]
+    inits = {"step": np.array(7, np.int64)} | ({"w": np.hanning(window).astype(np.float32)} if window else {}) \
+        | ({"n": np.array(frame_length, np.int64)} if frame_length else {})
+    built = model([helper.make_node("STFT", ins, ["y"], onesided=onesided)], {"x": f32(*signal)},
+                  {"y": TensorProto.FLOAT}, inits, opset=17)
+    check(tmp_path, built, atol=1e-5)
+
+
+def test_dft_of_float16_is_a_clear_error(tmp_path):
+    built = model([helper.make_node("DFT", ["x"], ["y"])], {"x": f32(2, 8, 1).astype(np.float16)},
+                  {"y": TensorProto.FLOAT16}, opset=17)
+    with pytest.raises(kfuse.UnsupportedOpError, match="DFT.*float16 input"):
+        check(tmp_path, built)

@@ -363,10 +363,11 @@ def _const(name, value):
 
 
 def test_op_without_handler_on_constants_is_evaluated(tmp_path):
-    """DFT has no handler; on a constant it is computed at load time."""
-    assert "DFT" not in HANDLERS
-    nodes = [_const("sig", f32(1, 8, 1)),
-             helper.make_node("DFT", ["sig"], ["spec"]),
+    """RoiAlign has no handler; on constants it is computed at load time."""
+    assert "RoiAlign" not in HANDLERS
+    nodes = [_const("img", f32(1, 2, 6, 6)), _const("rois", np.array([[0.5, 1, 4, 5.5]], np.float32)),
+             _const("at", np.array([0], np.int64)),
+             helper.make_node("RoiAlign", ["img", "rois", "at"], ["spec"], output_height=2, output_width=4),
              helper.make_node("Reshape", ["spec", "flat"], ["s"]),
              helper.make_node("Add", ["x", "s"], ["y"])]
     m, feeds, expected = graph_model(nodes, {"x": f32(16), "flat": C(i64(-1))}, ["y"], 20)
@@ -387,15 +388,14 @@ def test_unsupported_variant_on_constants_is_evaluated(tmp_path):
 
 def test_constant_evaluation_has_limits():
     x = torch.zeros(2)
-    nodes = [_const("small", np.zeros((1, 4, 1), np.float32)),
-             helper.make_node("DFT", ["small", "length"], ["huge"], name="grow"),
+    nodes = [_const("small", np.zeros((1, 1, 4, 4), np.float32)), _const("rois", np.array([[0, 0, 0, 3, 3]] * 2, np.float32)),
+             helper.make_node("MaxRoiPool", ["small", "rois"], ["huge"], name="grow", pooled_shape=[1024, 1024]),
              helper.make_node("ReduceSum", ["huge"], ["s"], keepdims=0),
              helper.make_node("Add", ["x", "s"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-                          [numpy_helper.from_array(np.array(1 << 20, np.int64), "length")])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-    with pytest.raises(UnsupportedOpError, match="DFT.*grow.*over 1048576 elements"):
+    with pytest.raises(UnsupportedOpError, match="MaxRoiPool.*grow.*over 1048576 elements"):
         load_onnx(m, [x])
     # a random op is never frozen into a constant
     node = helper.make_node("RandomNormal", [], ["r"], shape=[2], name="noise")
@@ -405,9 +405,9 @@ def test_constant_evaluation_has_limits():
 
 
 def test_op_without_handler_on_runtime_values_is_unsupported():
-    m, _, _ = node_model("DFT", [f32(1, 8, 1)], {}, 20)
-    with pytest.raises(UnsupportedOpError, match="DFT.*the_DFT_node"):
-        load_onnx(m, [torch.randn(1, 8, 1)])
+    m, _, _ = node_model("GlobalLpPool", [f32(1, 8, 3)], {}, 20)
+    with pytest.raises(UnsupportedOpError, match="GlobalLpPool.*the_GlobalLpPool_node"):
+        load_onnx(m, [torch.randn(1, 8, 3)])
 
 
 def _if_model(threshold):
@@ -559,10 +559,10 @@ TESTED |= {"LSTM", "GRU", "RNN"}   # tested in tests/onnx/test_recurrent.py
 # tests/onnx/test_more_ops.py, test_unsigned.py and the node suite (tests/onnx/test_node_suite.py)
 TESTED |= {("ai.onnx.ml", "ArrayFeatureExtractor"), ("ai.onnx.ml", "Binarizer"), "AffineGrid", "BitCast", "BitShift",
            "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "BlackmanWindow", "CenterCropPad", "Col2Im", "Compress",
-           "ConvInteger", "CumProd", "DeformConv", "DequantizeLinear", "Det", "DynamicQuantizeLinear", "EyeLike",
+           "ConvInteger", "CumProd", "DeformConv", "DequantizeLinear", "Det", "DFT", "DynamicQuantizeLinear", "EyeLike",
            "GridSample", "GroupNormalization", "HammingWindow", "HannWindow", "Hardmax", "LRN", "Loop",
            "LpNormalization", "LpPool", "MatMulInteger", "MaxUnpool", "MeanVarianceNormalization", "MelWeightMatrix",
-           "NegativeLogLikelihoodLoss", "NonMaxSuppression", "NonZero", "QLinearConv", "QLinearMatMul", "QuantizeLinear",
+           "NegativeLogLikelihoodLoss", "NonMaxSuppression", "NonZero", "QLinearConv", "QLinearMatMul", "QuantizeLinear", "STFT",
            "ReverseSequence", "Scan", "Shrink", "SoftmaxCrossEntropyLoss", "Softsign", "Swish", "TensorScatter",
            "TfIdfVectorizer", "ThresholdedRelu", "Unique", "Upsample"}
 

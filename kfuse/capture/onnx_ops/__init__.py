@@ -5,6 +5,7 @@ from . import contrib  # noqa: F401  (the com.microsoft ops: keys ("com.microsof
 from . import recurrent  # noqa: F401  (LSTM, GRU, RNN)
 from . import loss, unsigned  # noqa: F401  (the loss ops; uint16/32/64 and the bitwise ops)
 from . import sampling  # noqa: F401  (GridSample, AffineGrid, Col2Im, Det)
+from . import spectral  # noqa: F401  (DFT, STFT)
 from . import control  # noqa: F401  (Scan, Loop: unrolled)
 from . import dynamic  # noqa: F401  (NonZero, Unique, NonMaxSuppression by value; TensorScatter, MaxUnpool)
 from . import ml  # noqa: F401  (TfIdfVectorizer; ai.onnx.ml Binarizer, ArrayFeatureExtractor)
