@@ -55,7 +55,8 @@ KIND: dict[str, Kind] = {
                          "max_pool3d", "avg_pool3d",
                          "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
                          "adaptive_max_pool3d", "embedding_bag", "scatter", "index_put", "bitcast", "grid_sample",
-                         "affine_grid", "col2im", "det", "fft", "histc", "grouped_mm", "torch_op", "max_pool_indices",
+                         "affine_grid", "col2im", "det", "fft", "roi_align", "histc", "grouped_mm", "torch_op",
+                         "max_pool_indices",
                          "squeeze_excite", "group_norm")},
 }
 

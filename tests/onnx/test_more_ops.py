@@ -2,8 +2,9 @@
 does not reach, against ONNX's reference evaluator (the semantics kfuse follows): GridSample, Resize
 by weight matrices (cubic coefficients, antialias, tf_crop_and_resize), Scan and Loop unrolled, the
 quantization ops, DeformConv, AveragePool by convolution, ScatterND reductions, MaxPool's Indices,
-TfIdfVectorizer, BitCast, and ops whose output shape depends on values (compiled again per value); Resize with
-align_corners and a fractional output width against ONNX Runtime (which kfuse follows there)."""
+TfIdfVectorizer, BitCast, DFT, STFT, RoiAlign, and ops whose output shape depends on values (compiled again
+per value); Resize with align_corners and a fractional output width, and opset-10 RoiAlign, against ONNX
+Runtime (which kfuse follows there)."""
 import numpy as np
 import onnx
 import pytest
@@ -253,3 +254,35 @@ def test_dft_of_float16_is_a_clear_error(tmp_path):
                   {"y": TensorProto.FLOAT16}, opset=17)
     with pytest.raises(kfuse.UnsupportedOpError, match="DFT.*float16 input"):
         check(tmp_path, built)
+
+
+@pytest.mark.parametrize("attrs,opset", [
+    ({}, 16), ({"mode": "max"}, 16), ({"sampling_ratio": 2, "spatial_scale": 0.5}, 16),
+    ({"coordinate_transformation_mode": "output_half_pixel", "output_height": 3, "output_width": 2}, 16),
+    ({"mode": "max", "sampling_ratio": 3, "output_height": 2, "output_width": 5}, 16), ({"spatial_scale": 0.25}, 10),
+])
+def test_roi_align_variants(tmp_path, attrs, opset):
+    """RoiAlign over ROIs of different sizes (so the adaptive sampling grid differs per ROI), partly and
+    wholly outside the image, empty, in both images of the batch. Opset 10 against ONNX Runtime: its
+    RoiAlign had no half-pixel shift (opset 16's output_half_pixel), which ONNX's reference evaluator,
+    one class for both versions, does not follow (1.09 off ONNX Runtime there)."""
+    rois = np.array([[0, 0, 9, 7], [2.5, 1.5, 4, 9.7], [-3, -2, 2, 3], [6, 6, 30, 25], [4, 4, 4, 4], [8.5, 0, 11.9, 2]],
+                    np.float32)
+    attrs = {"output_height": 2, "output_width": 3} | attrs
+    built = model([helper.make_node("RoiAlign", ["x", "rois", "at"], ["y"], **attrs)],
+                  {"x": f32(2, 3, 10, 12), "rois": rois, "at": np.array([0, 1, 0, 1, 0, 1], np.int64)},
+                  {"y": TensorProto.FLOAT}, opset=opset)
+    check(tmp_path, built, atol=1e-5, oracle="ort" if opset < 16 else "reference")
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roi_align_spreads_inf_and_nan_as_the_reference(tmp_path, mode):
+    """An Inf and a NaN in the map reach the bins whose samples read them, as in ONNX's reference (the
+    average of a finite map takes other code: grid_sample). In max mode NaN is left out here: the
+    reference's Python max() keeps or drops a NaN by argument order; kfuse's max keeps it."""
+    x = f32(2, 3, 10, 12)
+    x[0, 1, 5, 6], x[1, 2, 2, 9] = np.inf, (np.nan if mode == "avg" else -np.inf)
+    rois = np.array([[0, 0, 9, 7], [2.5, 1.5, 4, 9.7], [6, 6, 30, 25], [4, 1, 11, 5]], np.float32)
+    built = model([helper.make_node("RoiAlign", ["x", "rois", "at"], ["y"], mode=mode, output_height=3, output_width=2)],
+                  {"x": x, "rois": rois, "at": np.array([0, 0, 1, 1], np.int64)}, {"y": TensorProto.FLOAT}, opset=16)
+    check(tmp_path, built, atol=1e-5)

@@ -362,12 +362,11 @@ def _const(name, value):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value)))
 
 
-def test_op_without_handler_on_constants_is_evaluated(tmp_path):
-    """RoiAlign has no handler; on constants it is computed at load time."""
-    assert "RoiAlign" not in HANDLERS
-    nodes = [_const("img", f32(1, 2, 6, 6)), _const("rois", np.array([[0.5, 1, 4, 5.5]], np.float32)),
-             _const("at", np.array([0], np.int64)),
-             helper.make_node("RoiAlign", ["img", "rois", "at"], ["spec"], output_height=2, output_width=4),
+def test_op_without_handler_on_constants_is_evaluated(tmp_path, monkeypatch):
+    """An op with no handler (DFT, its handler taken out) on a constant is computed at load time."""
+    monkeypatch.delitem(HANDLERS, "DFT")
+    nodes = [_const("sig", f32(1, 8, 1)),
+             helper.make_node("DFT", ["sig"], ["spec"]),
              helper.make_node("Reshape", ["spec", "flat"], ["s"]),
              helper.make_node("Add", ["x", "s"], ["y"])]
     m, feeds, expected = graph_model(nodes, {"x": f32(16), "flat": C(i64(-1))}, ["y"], 20)
@@ -386,16 +385,18 @@ def test_unsupported_variant_on_constants_is_evaluated(tmp_path):
     check_model(tmp_path, m, feeds, expected)
 
 
-def test_constant_evaluation_has_limits():
+def test_constant_evaluation_has_limits(monkeypatch):
+    monkeypatch.delitem(HANDLERS, "DFT")       # an op evaluated at load time, as one with no handler is
     x = torch.zeros(2)
-    nodes = [_const("small", np.zeros((1, 1, 4, 4), np.float32)), _const("rois", np.array([[0, 0, 0, 3, 3]] * 2, np.float32)),
-             helper.make_node("MaxRoiPool", ["small", "rois"], ["huge"], name="grow", pooled_shape=[1024, 1024]),
+    nodes = [_const("small", np.zeros((1, 4, 1), np.float32)),
+             helper.make_node("DFT", ["small", "length"], ["huge"], name="grow"),
              helper.make_node("ReduceSum", ["huge"], ["s"], keepdims=0),
              helper.make_node("Add", ["x", "s"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [numpy_helper.from_array(np.array(1 << 20, np.int64), "length")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-    with pytest.raises(UnsupportedOpError, match="MaxRoiPool.*grow.*over 1048576 elements"):
+    with pytest.raises(UnsupportedOpError, match="DFT.*grow.*over 1048576 elements"):
         load_onnx(m, [x])
     # a random op is never frozen into a constant
     node = helper.make_node("RandomNormal", [], ["r"], shape=[2], name="noise")
@@ -404,10 +405,11 @@ def test_constant_evaluation_has_limits():
         load_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), [x])
 
 
-def test_op_without_handler_on_runtime_values_is_unsupported():
-    m, _, _ = node_model("GlobalLpPool", [f32(1, 8, 3)], {}, 20)
-    with pytest.raises(UnsupportedOpError, match="GlobalLpPool.*the_GlobalLpPool_node"):
-        load_onnx(m, [torch.randn(1, 8, 3)])
+def test_op_without_handler_on_runtime_values_is_unsupported(monkeypatch):
+    monkeypatch.delitem(HANDLERS, "DFT")
+    m, _, _ = node_model("DFT", [f32(1, 8, 1)], {}, 20)
+    with pytest.raises(UnsupportedOpError, match="DFT.*the_DFT_node"):
+        load_onnx(m, [torch.randn(1, 8, 1)])
 
 
 def _if_model(threshold):
@@ -562,9 +564,9 @@ TESTED |= {("ai.onnx.ml", "ArrayFeatureExtractor"), ("ai.onnx.ml", "Binarizer"),
            "ConvInteger", "CumProd", "DeformConv", "DequantizeLinear", "Det", "DFT", "DynamicQuantizeLinear", "EyeLike",
            "GridSample", "GroupNormalization", "HammingWindow", "HannWindow", "Hardmax", "LRN", "Loop",
            "LpNormalization", "LpPool", "MatMulInteger", "MaxUnpool", "MeanVarianceNormalization", "MelWeightMatrix",
-           "NegativeLogLikelihoodLoss", "NonMaxSuppression", "NonZero", "QLinearConv", "QLinearMatMul", "QuantizeLinear", "STFT",
-           "ReverseSequence", "Scan", "Shrink", "SoftmaxCrossEntropyLoss", "Softsign", "Swish", "TensorScatter",
-           "TfIdfVectorizer", "ThresholdedRelu", "Unique", "Upsample"}
+           "NegativeLogLikelihoodLoss", "NonMaxSuppression", "NonZero", "QLinearConv", "QLinearMatMul", "QuantizeLinear",
+           "RoiAlign", "STFT", "ReverseSequence", "Scan", "Shrink", "SoftmaxCrossEntropyLoss", "Softsign", "Swish",
+           "TensorScatter", "TfIdfVectorizer", "ThresholdedRelu", "Unique", "Upsample"}
 
 
 def test_ops_in_tests_cover_the_table():

@@ -1,6 +1,7 @@
 """ONNX handlers of sampling and image ops torch runs as they are (opaque IR ops, never fused):
-GridSample, AffineGrid, Col2Im, Det, DeformConv (by grid_sample); and Resize's variants with no torch equivalent (cubic with other
-coefficients, antialias, tf_crop_and_resize) as one constant weight matrix per resized axis."""
+GridSample, AffineGrid, Col2Im, Det, RoiAlign, DeformConv (by grid_sample); and Resize's variants with no
+torch equivalent (cubic with other coefficients, antialias, tf_crop_and_resize) as one constant weight
+matrix per resized axis."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,6 +59,26 @@ def _det(n, x):
         n.unsupported(f"{x.dtype} input")
     return n.add("det", x)
 
+
+
+@handler("RoiAlign")
+def _roi_align(n, x, rois, batch_indices):
+    """ONNX's RoiAlign (avg, and max by its rule: the largest weighted corner term of each sample) as
+    one opaque op; opset 10's coordinates are output_half_pixel's (no half-pixel shift)."""
+    mode = n.attr("mode", "avg")
+    ctm = n.attr("coordinate_transformation_mode", "half_pixel" if n.opset >= 16 else "output_half_pixel")
+    if mode not in ("avg", "max") or ctm not in ("half_pixel", "output_half_pixel"):
+        n.unsupported(f"mode {mode!r}, coordinate_transformation_mode {ctm!r}")
+    if x.dtype not in (torch.float32, torch.float64) or rois.dtype != x.dtype or len(x.shape) != 4:
+        n.unsupported(f"X {x.dtype}{list(x.shape)}, rois {rois.dtype}: float32/float64 [N, C, H, W] and rois alike")
+    if len(rois.shape) != 2 or rois.shape[1] != 4 or tuple(batch_indices.shape) != rois.shape[:1]:
+        n.fail(f"rois {list(rois.shape)} and batch_indices {list(batch_indices.shape)}: want [R, 4] and [R]")
+    height, width = int(n.attr("output_height", 1)), int(n.attr("output_width", 1))
+    if height < 1 or width < 1:
+        n.fail(f"output_height {height}, output_width {width}")
+    return n.add("roi_align", x, rois, batch_indices, height=height, width=width,
+                 ratio=int(n.attr("sampling_ratio", 0)), scale=float(n.attr("spatial_scale", 1.0)),
+                 half_pixel=ctm == "half_pixel", mode=mode)
 
 # -- Resize by weight matrices ----------------------------------------------------------------------
 
