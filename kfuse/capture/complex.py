@@ -5,8 +5,9 @@ layout torch.view_as_real gives, so view_as_complex and view_as_real are free. T
 embeddings written with complex numbers (Meta's Llama code, torchtitan, Hugging Face's Llama 4):
 `torch.polar` (or `torch.complex`) makes the rotation, `view_as_complex` pairs up a tensor's last
 dimension, one complex multiply rotates it, `view_as_real` unpairs it. Mapped here: those four,
-complex constants, mul / add / sub / div (by a real), neg, conj, abs, sum, mean, and the view ops (their
-dimensions counted on the complex tensor, the pair kept last). Any other op on a complex tensor is an
+complex constants, real / imag, mul / add / sub / div (by a real), neg, conj, abs, sum, mean, the view ops
+(their dimensions counted on the complex tensor, the pair kept last), and aten's FFTs (torch.fft, stft,
+istft) as the IR's opaque `fft` op on the pairs, run by torch. Any other op on a complex tensor is an
 UnsupportedOpError naming it, and so is a complex graph output. A complex graph input is a real one of
 its pairs, which CompiledModel feeds as torch.view_as_real's view of the caller's tensor.
 """
@@ -172,8 +173,8 @@ def _cat(g, cs, dim=0):
     return Complex(ATEN[aten.cat.default](g, [c.pair for c in cs], _axis(cs[0], dim)))
 
 
-
 def _fft_args(norm, dims, rank: int) -> dict:
+    """The fft op's axes (non-negative, of the complex tensor, the same on its pairs) and aten's norm code."""
     return dict(dims=tuple(d % rank for d in dims), norm=int(norm))
 
 

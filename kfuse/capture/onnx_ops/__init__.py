@@ -4,7 +4,7 @@ from . import elementwise, fused, nn, shape  # noqa: F401  (each registers its h
 from . import contrib  # noqa: F401  (the com.microsoft ops: keys ("com.microsoft", op type))
 from . import recurrent  # noqa: F401  (LSTM, GRU, RNN)
 from . import loss, unsigned  # noqa: F401  (the loss ops; uint16/32/64 and the bitwise ops)
-from . import sampling  # noqa: F401  (GridSample, AffineGrid, Col2Im, Det)
+from . import sampling  # noqa: F401  (GridSample, AffineGrid, Col2Im, Det, RoiAlign)
 from . import spectral  # noqa: F401  (DFT, STFT)
 from . import control  # noqa: F401  (Scan, Loop: unrolled)
 from . import dynamic  # noqa: F401  (NonZero, Unique, NonMaxSuppression by value; TensorScatter, MaxUnpool)
