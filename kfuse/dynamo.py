@@ -483,7 +483,7 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     the call, so it serves the symbolic KV length of a decode step. `new`: (k_new, v_new), rows to
     write into the last rows of k and v first (by the kernel where it runs, else copied)."""
     from .backends.c import attention as c_attention
-    heads_ok = q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[-1] == k.shape[-1] and (
+    heads_ok = q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and v.shape[:3] == k.shape[:3] and q.shape[-1] == k.shape[-1] and (
         q.shape[0] == k.shape[0]) and (k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
     kernel = (heads_ok and not dropout_p and not (is_causal and q.shape[2] != k.shape[2]) and q.device.type == "cpu"
               and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))

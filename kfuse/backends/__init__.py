@@ -392,12 +392,10 @@ def _attention_kernel(node):
         raise NotImplementedError("attention kernel takes float32 q, k, v of rank 3 or more")
     if len(k.shape) != rank or len(v.shape) != rank or k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
         raise NotFusable(f"attention of q {q.shape}, k {k.shape}, v {v.shape}: leading dims differ")
-    c_attention.library(q.shape[-1])   # compile now, so a missing compiler falls back at build time
+    c_attention.library(q.shape[-1], v_head_dim=v.shape[-1])   # compile now, so a missing compiler falls back at build time
     scale, causal, zero_masked = node.attrs["scale"], node.attrs["causal"], node.attrs.get("zero_masked", False)
     b, h, lq, d = _four_d(q.shape)
     dv = v.shape[-1]
-    if dv != d:
-        raise NotFusable(f"attention kernel needs v's head dim ({dv}) equal to q's ({d})")
     lead = q.shape[:-3]
 
     def four_d(t):
@@ -423,7 +421,7 @@ def _attention_kernel(node):
         c_attention.attention(q, k, v, mask, scale=scale, causal=causal, out=out, zero_masked=zero_masked,
                               check=False, record=same)
         return (out if rank == 4 else out.reshape(node.shape),)
-    run.sources = lambda: [c_attention.source(d)]
+    run.sources = lambda: [c_attention.source(d, dv)]
     return run, "c:attention"
 
 

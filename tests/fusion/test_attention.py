@@ -167,11 +167,20 @@ def test_attention_of_rank_3_and_above_runs_the_kernel(lead):
     assert_close(out, sdpa.reshape(out.shape), **SMALL_TOL)
 
 
-def test_v_head_dim_other_than_q_runs_on_torch():
-    q, k, v = torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 4)
-    rep = compiled(Fn(lambda _, q, k, v: F.scaled_dot_product_attention(q, k, v)), q, k, v).report()
-    notes = [ki.note for ki in rep.kernels if ki.note]
-    assert any("head dim (4)" in n for n in notes), notes
+@pytest.mark.parametrize("dv", [4, 32])
+def test_v_head_dim_other_than_qs_runs_the_kernel(dv):
+    """v's head dim other than q's (LeViT's 16 and 32, DeepSeek's MLA 192 and 128): SDPA (causal too) and
+    softmax(q kᵀ + bias) v run the C kernel, not torch, and give torch's numbers"""
+    q, k, v = torch.randn(1, 2, 13, 16), torch.randn(1, 2, 13, 16), torch.randn(1, 2, 13, dv)
+    bias = torch.randn(2, 13, 13)
+    for fn in (lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               lambda m, q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m.bias, -1) @ v):
+        cm = compiled(Fn(fn, bias=bias), q, k, v)
+        rep = cm.report()
+        assert [ki.backend for ki in rep.kernels if ki.name == "attention"] == ["c:attention"]
+        out = cm(q, k, v)
+        assert out.shape == (1, 2, 13, dv)
+        assert_close(out, fn(Fn(fn, bias=bias), q, k, v), **SMALL_TOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])

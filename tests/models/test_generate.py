@@ -76,7 +76,8 @@ def test_generate_matches_eager(arch, cache):
 
 # architectures whose decode graphs differ from the three above: Gemma-2 (logit soft-capping, a sliding
 # window on alternate layers, a scaled embedding), BLOOM (ALiBi position bias, no rotary), Phi (partial
-# rotary, parallel attention and MLP), GPT-J (interleaved rotary on part of the head)
+# rotary, parallel attention and MLP), GPT-J (interleaved rotary on part of the head), DeepSeek-V3 (multi-head
+# latent attention: low-rank q and kv projections, v's head dim 24 against q's and k's 48)
 MORE = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
                                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -85,6 +86,10 @@ MORE = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
                                                 num_attention_heads=4, max_position_embeddings=64)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+        first_k_dense_replace=2, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=24, max_position_embeddings=64)),
 }
 
 

@@ -316,3 +316,25 @@ def test_new_rows_without_a_kernel_call_and_errors():
     assert k[0, :, 3].eq(1).all() and v[0, :, 3].eq(2).all() and k[0, :, :3].eq(0).all()
     with pytest.raises(ValueError, match="not rows of k"):
         A.attention(torch.randn(1, 2, 1, 16), k, v, scale=1.0, new=(torch.ones(1, 2, 5, 16),) * 2)
+
+
+@pytest.mark.parametrize("H,Hkv,Lq,Lk,D,DV", [(4, 4, 70, 130, 16, 32), (4, 2, 1, 300, 192, 128), (6, 2, 3, 77, 24, 40),
+                                             (2, 1, 33, 33, 64, 16), (3, 3, 5, 200, 8, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_v_head_dim_differs_from_qs(H, Hkv, Lq, Lk, D, DV, causal):
+    """v's head dim other than q's and k's (DeepSeek's MLA: 192 and 128; LeViT: 16 and 32 or 64): both
+    kernels, split-KV on and off, a float mask, and new rows appended to k and v of their own widths"""
+    q, k, v = torch.randn(2, H, Lq, D), torch.randn(2, Hkv, Lk, D), torch.randn(2, Hkv, Lk, DV)
+    mask = torch.randn(2, 1, Lq, Lk)
+    for kernel in ("block", "row"):
+        for split in (False, True):
+            got, _ = run(q, k, v, mask, causal=causal, kernel=kernel, split_kv=split)
+            assert got.shape == (2, H, Lq, DV)
+    k_new, v_new = torch.randn(2, Hkv, 1, D), torch.randn(2, Hkv, 1, DV)
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, -1:], want_v[:, :, -1:] = k_new, v_new
+    got = A.attention(q, k, v, scale=0.125, causal=causal, new=(k_new, v_new))
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    close(got, _attention(q, want_k, want_v, None, scale=0.125, causal=causal))
+    with pytest.raises(ValueError, match="v_new has shape"):
+        A.attention(q, k, v, scale=0.125, new=(k_new, torch.randn(2, Hkv, 1, D + 1)))

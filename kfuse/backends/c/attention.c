@@ -1,5 +1,6 @@
 /* Fused attention, FlashAttention style: softmax(q k^T * scale + mask) v, never materialising the
- * [Lq, Lk] score matrix. Compiled once per head dimension: attention.py prepends `#define HD <D>`.
+ * [Lq, Lk] score matrix. Compiled once per head dimension: attention.py prepends `#define HD <D>` (and
+ * `#define HDV <Dv>` where v's head dimension differs: DeepSeek's MLA, LeViT).
  *
  * Two kernels, both with an online softmax (running max m, running sum l, rescaled accumulator):
  *
@@ -10,7 +11,7 @@
  *     st[BK][BQ] = K_tile . qt       (broadcast K[j][d] from the strided k rows, FMA with qt[d][:])
  *     st = st * scale + mask, causal -inf
  *     softmax update per lane (a lane is a query): max and sum over j are vertical, no shuffles
- *     ot[HD][BQ] = ot * alpha + V_tile^T . st  (broadcast V[j][d], FMA with st[j][:])
+ *     ot[HDV][BQ] = ot * alpha + V_tile^T . st  (broadcast V[j][d], FMA with st[j][:])
  *   K and V are read straight from their strided rows; nothing is packed but the query block.
  *   Sizes: qt + ot = 2*HD*BQ*4 B (32 KiB at HD=64) and st = BK*BQ*4 B = 16 KiB stay in L1/L2;
  *   the register tiles are 4 keys x 4 vectors (S) and 4 dims x 4 vectors (PV): 16 accumulators.
@@ -36,8 +37,13 @@
 #ifndef HD
 #error "HD (head dimension) must be defined"
 #endif
+#ifndef HDV
+#define HDV HD              /* v's (and the output's) head dimension, where it differs from q's and k's */
+#endif
 #define NC ((HD + 15) / 16) /* 16-float chunks of a head row */
 #define HDP (NC * 16)       /* padded head dimension */
+#define NCV ((HDV + 15) / 16)
+#define HDVP (NCV * 16)
 #define BQ 64               /* most queries per block-kernel task (4 vectors): the tiles' size */
 #define BK 64               /* keys per tile */
 #define RMAX 4              /* query rows per row-kernel task */
@@ -325,6 +331,8 @@ INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
 
 /* a head row of HD floats as NC vectors (the last one zero-filled past HD) */
 INL vf vrow(const float *p, int c) { return (c + 1) * 16 <= HD ? vload(p + 16 * c) : vloadn(p + 16 * c, HD - 16 * c); }
+/* a v row of HDV floats, the same way */
+INL vf vrowv(const float *p, int c) { return (c + 1) * 16 <= HDV ? vload(p + 16 * c) : vloadn(p + 16 * c, HDV - 16 * c); }
 
 static const float zero_row[HDP];
 
@@ -342,13 +350,13 @@ INL const char *mask_base(const attn_args *a, int64_t b, int64_t h) {
 INL void emit_row(const attn_args *a, int64_t b, int64_t h, int64_t i, int64_t c, float m, float l, const float *o, int64_t ostride) {
     if (!a->part) {
         float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
-        if (a->zero_masked && l == 0.0f) { for (int d = 0; d < HD; d++) dst[d] = 0.0f; return; }
-        for (int d = 0; d < HD; d++) dst[d] = o[d * ostride] / l;
+        if (a->zero_masked && l == 0.0f) { for (int d = 0; d < HDV; d++) dst[d] = 0.0f; return; }
+        for (int d = 0; d < HDV; d++) dst[d] = o[d * ostride] / l;
     } else {
         int64_t row = (b * a->H + h) * a->Lq + i;
-        float *dst = a->part + (c * a->B * a->H * a->Lq + row) * (HD + 2);
+        float *dst = a->part + (c * a->B * a->H * a->Lq + row) * (HDV + 2);
         dst[0] = m; dst[1] = l;
-        for (int d = 0; d < HD; d++) dst[2 + d] = o[d * ostride];
+        for (int d = 0; d < HDV; d++) dst[2 + d] = o[d * ostride];
     }
 }
 
@@ -392,7 +400,7 @@ static int64_t masked_tail(const attn_args *a, const char *mrow, int64_t i0, int
 /* ---------------------------------------------------------------- block kernel */
 INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke, const int NV) {
     float qt[HD * BQ] __attribute__((aligned(64)));
-    float ot[HD * BQ] __attribute__((aligned(64)));
+    float ot[HDV * BQ] __attribute__((aligned(64)));
     float st[BK * BQ] __attribute__((aligned(64)));
     float mrun[BQ] __attribute__((aligned(64))), lrun[BQ] __attribute__((aligned(64)));
     const int64_t G = a->H / a->Hkv, hk = h / G, i0 = qb * a->bq;
@@ -409,7 +417,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         for (int cc = 0; cc < NC; cc++)
             vtranspose16(qp + 16 * v * a->sqi + 16 * cc, a->sqi, rows - 16 * v, HD - 16 * cc, qt + 16 * cc * BQ + 16 * v, BQ, 16, 0);
     for (int i = 0; i < NV * 16; i++) { mrun[i] = -INFINITY; lrun[i] = 0.0f; }
-    for (int d = 0; d < HD; d++)
+    for (int d = 0; d < HDV; d++)
         for (int v = 0; v < NV; v++) vstore(ot + d * BQ + 16 * v, vzero());
 
     int64_t jend = ke;
@@ -497,7 +505,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         }
         /* O^T = O^T * alpha + V^T P^T: 4 dims x NV vectors per register tile */
         int d = 0;
-        for (; d + 4 <= HD; d += 4)
+        for (; d + 4 <= HDV; d += 4)
             for (int g = 0; g < NV; g += VG) {
                 vf acc[4][4];
                 for (int r = 0; r < 4; r++)
@@ -514,7 +522,7 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
                 for (int r = 0; r < 4; r++)
                     for (int v = g; v < g + VG && v < NV; v++) vstore(ot + (d + r) * BQ + 16 * v, acc[r][v - g]);
             }
-        for (; d < HD; d++) {
+        for (; d < HDV; d++) {
             vf acc[4];
             for (int v = 0; v < NV; v++) acc[v] = vmul(vload(ot + d * BQ + 16 * v), alpha[v]);
             for (j = 0; j < n; j++) {
@@ -533,12 +541,12 @@ INL void block_task_nv(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
         if (a->zero_masked) /* every key masked: 0 / inf = 0 */
             for (int i = 0; i < 16; i++) lrun[16 * v + i] = lrun[16 * v + i] == 0.0f ? INFINITY : lrun[16 * v + i];
         vf l = vload(lrun + 16 * v);
-        for (int d = 0; d < HD; d++) vstore(ot + d * BQ + 16 * v, vdiv(vload(ot + d * BQ + 16 * v), l));
+        for (int d = 0; d < HDV; d++) vstore(ot + d * BQ + 16 * v, vdiv(vload(ot + d * BQ + 16 * v), l));
     }
     float *op = a->o + b * a->sob + h * a->soh + i0 * a->soi;
     for (int v = 0; v < NV; v++)
-        for (int cc = 0; cc < NC; cc++)
-            vtranspose16(ot + 16 * cc * BQ + 16 * v, BQ, HD - 16 * cc, rows - 16 * v, op + 16 * v * a->soi + 16 * cc, a->soi, HD - 16 * cc, 0);
+        for (int cc = 0; cc < NCV; cc++)
+            vtranspose16(ot + 16 * cc * BQ + 16 * v, BQ, HDV - 16 * cc, rows - 16 * v, op + 16 * v * a->soi + 16 * cc, a->soi, HDV - 16 * cc, 0);
 }
 
 static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int64_t c, int64_t ks, int64_t ke) {
@@ -555,7 +563,7 @@ static void block_task(const attn_args *a, int64_t b, int64_t h, int64_t qb, int
 /* ---------------------------------------------------------------- row kernel */
 INL void row_task_r(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int64_t c, int64_t ks, int64_t ke, const int R) {
     float s[RMAX][BK] __attribute__((aligned(64)));
-    float ob[RMAX][HDP] __attribute__((aligned(64)));
+    float ob[RMAX][HDVP] __attribute__((aligned(64)));
     vf q[RMAX][NC];
     float mrun[RMAX], lrun[RMAX];
     const char *mrow[RMAX];
@@ -571,7 +579,7 @@ INL void row_task_r(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int64
         const float *qp = a->q + b * a->sqb + hr[r] * a->sqh + ir[r] * a->sqi;
         for (int cc = 0; cc < NC; cc++) q[r][cc] = vrow(qp, cc);
         mrun[r] = -INFINITY; lrun[r] = 0.0f;
-        for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, vzero());
+        for (int cc = 0; cc < NCV; cc++) vstore(ob[r] + 16 * cc, vzero());
         mrow[r] = a->mask_kind ? mask_base(a, b, hr[r]) : 0;
         lim[r] = a->causal ? (ir[r] + off + 1 < ke ? ir[r] + off + 1 : ke) : ke;
         if (lim[r] > jend) jend = lim[r];
@@ -611,19 +619,19 @@ INL void row_task_r(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int64
             float alpha = expf(mrun[r] - ms);
             lrun[r] = lrun[r] * alpha + vhsum(sum);
             mrun[r] = m;
-            for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, vmul(vload(ob[r] + 16 * cc), vset1(alpha)));
+            for (int cc = 0; cc < NCV; cc++) vstore(ob[r] + 16 * cc, vmul(vload(ob[r] + 16 * cc), vset1(alpha)));
         }
         /* o_r += p_r[j] V[j]; V rows loaded once for all R rows */
-        vf o[RMAX][NC];
-        for (int r = 0; r < R; r++) for (int cc = 0; cc < NC; cc++) o[r][cc] = vload(ob[r] + 16 * cc);
+        vf o[RMAX][NCV];
+        for (int r = 0; r < R; r++) for (int cc = 0; cc < NCV; cc++) o[r][cc] = vload(ob[r] + 16 * cc);
         for (int j = 0; j < n; j++) {
             const float *vr = vp + (j0 + j) * a->svj;
-            for (int cc = 0; cc < NC; cc++) {
-                vf vv = vrow(vr, cc);
+            for (int cc = 0; cc < NCV; cc++) {
+                vf vv = vrowv(vr, cc);
                 for (int r = 0; r < R; r++) o[r][cc] = vfma(vset1(s[r][j]), vv, o[r][cc]);
             }
         }
-        for (int r = 0; r < R; r++) for (int cc = 0; cc < NC; cc++) vstore(ob[r] + 16 * cc, o[r][cc]);
+        for (int r = 0; r < R; r++) for (int cc = 0; cc < NCV; cc++) vstore(ob[r] + 16 * cc, o[r][cc]);
     }
     for (int r = 0; r < R; r++) emit_row(a, b, hr[r], ir[r], c, mrun[r], lrun[r], ob[r], 1);
 }
@@ -642,23 +650,23 @@ static void row_task(const attn_args *a, int64_t b, int64_t hk, int64_t rg, int6
 /* merge the split-KV partials of one row: M = max m_c, L = sum l_c e^(m_c - M), O = sum o_c e^(m_c - M) / L */
 static void combine_row(const attn_args *a, int64_t row) {
     const int64_t nrows = a->B * a->H * a->Lq;
-    float M = -INFINITY, L = 0.0f, acc[HD];
+    float M = -INFINITY, L = 0.0f, acc[HDV];
     for (int64_t c = 0; c < a->nsplit; c++) {
-        float m = a->part[(c * nrows + row) * (HD + 2)];
+        float m = a->part[(c * nrows + row) * (HDV + 2)];
         if (m > M || m != m) M = m;
     }
     float ms = M == -INFINITY ? 0.0f : M;
-    for (int d = 0; d < HD; d++) acc[d] = 0.0f;
+    for (int d = 0; d < HDV; d++) acc[d] = 0.0f;
     for (int64_t c = 0; c < a->nsplit; c++) {
-        const float *p = a->part + (c * nrows + row) * (HD + 2);
+        const float *p = a->part + (c * nrows + row) * (HDV + 2);
         float w = expf(p[0] - ms); /* a chunk that saw only masked keys: m = -inf, w = 0 */
         L += p[1] * w;
-        for (int d = 0; d < HD; d++) acc[d] += p[2 + d] * w;
+        for (int d = 0; d < HDV; d++) acc[d] += p[2 + d] * w;
     }
     int64_t h = (row / a->Lq) % a->H, b = row / (a->Lq * a->H), i = row % a->Lq;
     float *dst = a->o + b * a->sob + h * a->soh + i * a->soi;
     if (a->zero_masked && L == 0.0f) L = INFINITY;   /* every key masked: 0 / inf = 0 */
-    for (int d = 0; d < HD; d++) dst[d] = acc[d] / L; /* every chunk masked: 0 / 0 = NaN */
+    for (int d = 0; d < HDV; d++) dst[d] = acc[d] / L; /* every chunk masked: 0 / 0 = NaN */
 }
 
 /* vexp over n floats, for the accuracy test */
@@ -670,6 +678,7 @@ void attn_exp(const float *x, float *y, int64_t n) {
 
 int attn_max_threads(void) { return omp_get_max_threads(); }
 int attn_head_dim(void) { return HD; }
+int attn_v_head_dim(void) { return HDV; }
 int attn_block_q(void) { return BQ; }
 int attn_block_k(void) { return BK; }
 int attn_row_group(void) { return RMAX; }
@@ -690,7 +699,7 @@ void attn_forward(const attn_args *a, int kernel) {
                     memcpy((float *)a->k + b * a->skb + h * a->skh + row * a->skj,
                            a->knew + b * a->snkb + h * a->snkh + j * a->snkj, HD * sizeof(float));
                     memcpy((float *)a->v + b * a->svb + h * a->svh + row * a->svj,
-                           a->vnew + b * a->snvb + h * a->snvh + j * a->snvj, HD * sizeof(float));
+                           a->vnew + b * a->snvb + h * a->snvh + j * a->snvj, HDV * sizeof(float));
                 }
 #pragma omp parallel num_threads(a->nthreads)
     {

@@ -58,15 +58,16 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("Lnew", "snkb", "snkh", "snkj", "snvb", "snvh", "snvj", "bq")])
 
 
-def source(head_dim: int) -> str:
-    """The C source of the kernel for one head dimension."""
-    return f"#define HD {int(head_dim)}\n" + SOURCE
+def source(head_dim: int, v_head_dim: int | None = None) -> str:
+    """The C source of the kernel for one head dimension (and v's, where it differs: DeepSeek's MLA, LeViT)."""
+    dv = "" if v_head_dim in (None, head_dim) else f"#define HDV {int(v_head_dim)}\n"
+    return f"#define HD {int(head_dim)}\n" + dv + SOURCE
 
 
 @keeps_built
-def library(head_dim: int, flags=None) -> ctypes.CDLL:
-    """The kernel compiled for one head dimension (cached in memory and on disk)."""
-    src = source(head_dim)
+def library(head_dim: int, flags=None, v_head_dim: int | None = None) -> ctypes.CDLL:
+    """The kernel compiled for one head dimension and v's (cached in memory and on disk)."""
+    src = source(head_dim, v_head_dim)
     lib = load(src) if flags is None else load(src, flags)
     lib.attn_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
     lib.attn_forward.restype = None
@@ -87,23 +88,25 @@ def _check(name, t, ndim=4):
 
 def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=None, kernel=None, zero_masked=False,
               check=True, new=None, record=True):
-    """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (strided views
-    allowed, last dim contiguous); `out` (optional, may be a strided view) receives the result.
+    """softmax(q kᵀ·scale + mask) v for float32 q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] (strided
+    views allowed, last dim contiguous); `out` [B,H,Lq,Dv] (optional, may be a strided view) receives the result.
     split_kv: None decides (see `plan`), True/False force. kernel: None, "block" or "row" (tests).
     A row whose keys are all masked gives NaN, or 0 with `zero_masked` (torch's SDPA).
     check=False: the caller (a compiled program, its shapes checked at compile time) vouches for the
     dtypes, shapes and last-dim strides (the checks cost ~4 us of Python a call).
-    new=(k_new, v_new), each [B,Hkv,Lnew,D] float32 with a contiguous last dim: the kernel first writes
+    new=(k_new, v_new), [B,Hkv,Lnew,D] and [B,Hkv,Lnew,Dv] float32 with a contiguous last dim: the kernel first writes
     them into the last Lnew rows of k and v (a decode step appending to its KV cache: no separate copy).
     record=False: the tensors are copies the caller made, which the native runner must not read as recorded
     (kfuse/backends/c/record.py)."""
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+    Lk, DV = k.shape[2], v.shape[3]
     if new is not None:
-        for name, t in (("k_new", new[0]), ("v_new", new[1])) if check else ():
+        for name, t, of in (("k_new", new[0], k), ("v_new", new[1], v)) if check else ():
             _check(name, t)
-            if t.shape[:2] != k.shape[:2] or t.shape[3] != D or not 0 < t.shape[2] <= Lk or t.shape != new[0].shape:
-                raise ValueError(f"attention: {name} has shape {tuple(t.shape)}: not rows of k {tuple(k.shape)}")
+            if t.shape[:2] != of.shape[:2] or t.shape[3] != of.shape[3] or not 0 < t.shape[2] <= Lk \
+                    or t.shape[2] != new[0].shape[2]:
+                raise ValueError(f"attention: {name} has shape {tuple(t.shape)}: "
+                                 f"not rows of {name[0]} {tuple(of.shape)}")
         if B * H * Lq * D == 0:             # no kernel call below: the rows by torch
             for dst, t in zip((k, v), new):
                 dst.narrow(2, Lk - t.shape[2], t.shape[2]).copy_(t)
@@ -111,15 +114,15 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
     if check:
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check(name, t)
-        if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape or H % k.shape[1]:
+        if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3] or H % k.shape[1]:
             raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                             "do not fit [B,H,Lq,D], [B,Hkv,Lk,D] with H % Hkv == 0")
+                             "do not fit [B,H,Lq,D], [B,Hkv,Lk,D], [B,Hkv,Lk,Dv] with H % Hkv == 0")
         if out is not None:
             _check("out", out)
-            if tuple(out.shape) != (B, H, Lq, D):
-                raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, D)}")
+            if tuple(out.shape) != (B, H, Lq, DV):
+                raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(B, H, Lq, DV)}")
     if out is None:
-        out = torch.empty(B, H, Lq, D, dtype=torch.float32)
+        out = torch.empty(B, H, Lq, DV, dtype=torch.float32)
     if out.numel() == 0:
         return out
     if Lk == 0:                                 # softmax over no keys times an empty v: zeros
@@ -131,7 +134,8 @@ def attention(q, k, v, mask=None, *, scale, causal=False, out=None, split_kv=Non
         a.snkb, a.snkh, a.snkj = new[0].stride()[:3]
         a.snvb, a.snvh, a.snvj = new[1].stride()[:3]
     # recorded unless the mask was converted or copied in Python (a replay would read the old copy)
-    c_call(library(D).attn_forward, a, kern, keep=(q, k, v, out, *keep, *(new or ())), record=record and keep[0] is mask)
+    c_call(library(D, v_head_dim=DV).attn_forward, a, kern, keep=(q, k, v, out, *keep, *(new or ())),
+           record=record and keep[0] is mask)
     return out
 
 
@@ -141,11 +145,11 @@ def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kern
     call instead of about 15). The tensors must stay where they are while it is in use."""
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         _check(name, t)
-    if tuple(out.shape) != tuple(q.shape):
-        raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+    if tuple(out.shape) != (*q.shape[:3], v.shape[3]):
+        raise ValueError(f"attention: out has shape {tuple(out.shape)}, expected {(*q.shape[:3], v.shape[3])}")
     a, keep, kern = _args(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv, kernel=kernel,
                           zero_masked=zero_masked)
-    fn, ref = library(q.shape[-1]).attn_forward, ctypes.byref(a)
+    fn, ref = library(q.shape[-1], v_head_dim=v.shape[-1]).attn_forward, ctypes.byref(a)
 
     def run():
         fn(ref, kern)
@@ -164,7 +168,7 @@ def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=Fa
     copied per call so concurrent calls never share one), which took ~10 us of Python per call."""
     if mask is not None and mask.dtype not in (torch.float32, torch.bool):
         mask = mask.to(torch.float32)
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(),
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype),
            scale, causal, split_kv, kernel, zero_masked, num_threads())
     tpl = _TEMPLATES.get(key)
@@ -221,7 +225,7 @@ def _template(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_maske
         a.nsplit, a.chunk = nsplit, chunk
     a.causal, a.nthreads, a.scale, a.zero_masked = int(causal), threads, float(scale), int(zero_masked)
     a.bq = bq
-    return bytes(a), copy_mask, nsplit * B * H * Lq * (D + 2), 0 if kern == "block" else 1
+    return bytes(a), copy_mask, nsplit * B * H * Lq * (v.shape[3] + 2), 0 if kern == "block" else 1
 
 
 def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:
