@@ -268,6 +268,8 @@ def _roi_align(x, rois, batch, *, height, width, ratio, scale, half_pixel, mode)
     out = x.new_zeros((r, c, height, width))
     if x.is_meta or out.numel() == 0:
         return out
+    if int(batch.min()) < 0 or int(batch.max()) >= x.shape[0]:
+        raise ValueError(f"RoiAlign: batch index {int(batch.min())}..{int(batch.max())} outside a batch of {x.shape[0]}")
     box = rois.double() * scale - (0.5 if half_pixel else 0.0)
     size = box[:, 2:] - box[:, :2]                                  # [R, (width, height)]
     if not half_pixel:
@@ -283,6 +285,8 @@ def _roi_align(x, rois, batch, *, height, width, ratio, scale, half_pixel, mode)
         for k in ids.split(step):
             gw, gh = grid[k, 0], grid[k, 1]
             most_h, most_w = int(gh.max()), int(gw.max())
+            if not most_h or not most_w:        # every ROI here empty: no sample, 0 (as ONNX's reference)
+                continue
             ty, uy = _roi_points(box[k, 1], bins[k, 1], gh, height, most_h)
             tx, ux = _roi_points(box[k, 0], bins[k, 0], gw, width, most_w)
             if sampled:

@@ -276,6 +276,16 @@ def test_roi_align_variants(tmp_path, attrs, opset):
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roi_align_of_only_empty_rois_in_an_image(tmp_path, mode):
+    """every ROI of image 0 empty (a detector's padding boxes): zeros there, no error"""
+    rois = np.array([[4, 4, 4, 4], [0, 0, 0, 0], [1, 1, 5, 5]], np.float32)
+    built = model([helper.make_node("RoiAlign", ["x", "rois", "at"], ["y"], mode=mode, output_height=2, output_width=3)],
+                  {"x": f32(2, 3, 10, 12), "rois": rois, "at": np.array([0, 0, 1], np.int64)}, {"y": TensorProto.FLOAT},
+                  opset=16)
+    check(tmp_path, built, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
 def test_roi_align_spreads_inf_and_nan_as_the_reference(tmp_path, mode):
     """An Inf and a NaN in the map reach the bins whose samples read them, as in ONNX's reference (the
     average of a finite map takes other code: grid_sample). In max mode NaN is left out here: the
