@@ -79,6 +79,23 @@ print(json.dumps([[k.backend for k in cm.report().kernels], cm.report().fallback
 """
 
 
+def _same_without_a_compiler(tmp_path, cm, x):
+    """cm saved, loaded and called on x in a process with no C compiler and an empty kernel cache (untimed):
+    the same kernels, none falling back, the same bits"""
+    backends = [k.backend for k in cm.report().kernels]
+    cm.save(tmp_path / "model")
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "KFUSE_CACHE_DIR": str(tmp_path / "empty-cache"),
+           "KFUSE_AUTOTUNE": "0"}
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "model"), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, fallbacks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == backends and fallbacks == []
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
+
+
 def test_a_fused_convolution_pair_loads_without_a_compiler(tmp_path, monkeypatch):
     """A 1x1 -> depthwise pair as one kernel, made from the kernels of its two convolutions: the artifact
     carries their libraries too, so a process without a compiler makes the same fused kernel (it could
@@ -93,17 +110,7 @@ def test_a_fused_convolution_pair_loads_without_a_compiler(tmp_path, monkeypatch
     cm = kfuse.compile(m, (x,))
     backends = [k.backend for k in cm.report().kernels]
     assert {"c:gemm+depthwise", "c:depthwise+gemm"} & set(backends), backends
-    cm.save(tmp_path / "cnn")
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "KFUSE_CACHE_DIR": str(tmp_path / "empty-cache"),
-           "KFUSE_AUTOTUNE": "0"}
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "cnn"), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    loaded, fallbacks = json.loads(out.stdout.strip().splitlines()[-1])
-    assert loaded == backends and fallbacks == []
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
+    _same_without_a_compiler(tmp_path, cm, x)
 
 
 def test_3d_convolutions_on_our_kernels_round_trip(tmp_path, monkeypatch):
@@ -118,17 +125,7 @@ def test_3d_convolutions_on_our_kernels_round_trip(tmp_path, monkeypatch):
     cm = kfuse.compile(m, (x,))
     backends = [k.backend for k in cm.report().kernels]
     assert backends[0] == "c:gemm" and backends[1].startswith("library:"), backends
-    cm.save(tmp_path / "video")
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "KFUSE_CACHE_DIR": str(tmp_path / "empty-cache"),
-           "KFUSE_AUTOTUNE": "0"}
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "video"), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    loaded, fallbacks = json.loads(out.stdout.strip().splitlines()[-1])
-    assert loaded == backends and fallbacks == []
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
+    _same_without_a_compiler(tmp_path, cm, x)
 
 
 def _files(path: Path):
