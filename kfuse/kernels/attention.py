@@ -66,14 +66,16 @@ def plan(B, H, Lq, Lk, *, Hkv=None, split_kv=None, threads=None, kernel=None, bq
     return kernel, math.ceil(Lk / chunk), chunk
 
 
-def peak_extra_bytes(B, H, Lq, Lk, D, *, Hkv=None, split_kv=None, threads=None, kernel=None, bq=BLOCK_Q) -> int:
+def peak_extra_bytes(B, H, Lq, Lk, D, *, Hkv=None, split_kv=None, threads=None, kernel=None, bq=BLOCK_Q,
+                     Dv=None) -> int:
     """Scratch memory of one call beyond q, k, v, mask and out: per-thread tiles (on the stack)
-    plus the split-KV partials. Grows with Lq (partials only), never with Lq * Lk."""
+    plus the split-KV partials. Grows with Lq (partials only), never with Lq * Lk. Dv: v's head dim
+    where it differs from D."""
     threads = num_threads() if threads is None else threads
     kern, nsplit, _ = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel, bq=bq)
-    dp = math.ceil(D / 16) * 16
+    Dv = D if Dv is None else Dv
     if kern == "block":
-        per_thread = (2 * D * bq + BLOCK_K * bq + 2 * bq) * 4
+        per_thread = ((D + Dv) * bq + BLOCK_K * bq + 2 * bq) * 4
     else:
-        per_thread = (ROW_GROUP * BLOCK_K + 2 * ROW_GROUP * dp) * 4
-    return threads * per_thread + nsplit * B * H * Lq * (D + 2) * 4
+        per_thread = (ROW_GROUP * BLOCK_K + ROW_GROUP * 16 * (math.ceil(D / 16) + math.ceil(Dv / 16))) * 4
+    return threads * per_thread + nsplit * B * H * Lq * (Dv + 2) * 4

@@ -243,10 +243,15 @@ def _roi_points(start, bin_size, grid, bins: int, most: int):
     return t.reshape(len(start), -1), (k < grid[:, None, None]).expand(t.shape).reshape(len(start), -1)
 
 
+def _roi_inside(t, size: int):
+    """Whether points t lie within a pixel of [0, size]: RoiAlign weights the others 0."""
+    return (t >= -1.0) & (t <= size)
+
+
 def _roi_corners(t, size: int):
     """The lower and upper input index of points t and their bilinear weights, zero where a point lies
     more than a pixel outside [0, size] (clamped to the edge within it)."""
-    inside = (t >= -1.0) & (t <= size)
+    inside = _roi_inside(t, size)
     t = t.clamp(min=0.0)
     low = t.floor().long()
     edge = low >= size - 1
@@ -279,7 +284,7 @@ def _roi_align(x, rois, batch, *, height, width, ratio, scale, half_pixel, mode)
     count = (grid[:, 0] * grid[:, 1]).clamp(min=1).to(x.dtype)[:, None, None, None]
     sampled = mode == "avg" and bool(torch.isfinite(x).all())
     step = max(1, (1 << 22) // max(1, height * width * int(grid[:, 0].max()) * int(grid[:, 1].max()) * c))
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)                   # a pixel's channels contiguous
+    rows = None if sampled else x.permute(0, 2, 3, 1).reshape(-1, c)     # the gathers' pixels, channels contiguous
     for n in batch.unique().tolist():
         ids = (batch == n).nonzero().reshape(-1)
         for k in ids.split(step):
@@ -293,7 +298,7 @@ def _roi_align(x, rois, batch, *, height, width, ratio, scale, half_pixel, mode)
                 at = torch.stack(torch.broadcast_tensors((2 * tx[:, None, :] + 1) / w - 1, (2 * ty[:, :, None] + 1) / h - 1), -1)
                 v = F.grid_sample(x[int(n)][None].expand(len(k), -1, -1, -1), at.to(x.dtype), mode="bilinear",
                                   padding_mode="border", align_corners=False)
-                keep = ((ty >= -1) & (ty <= h) & uy)[:, :, None] & ((tx >= -1) & (tx <= w) & ux)[:, None, :]
+                keep = (_roi_inside(ty, h) & uy)[:, :, None] & (_roi_inside(tx, w) & ux)[:, None, :]
                 out[k] = F.avg_pool2d(v.mul_(keep[:, None].to(x.dtype)), (most_h, most_w)) * (most_h * most_w) / count[k]
                 continue
             (yl, yh, wyl, wyh), (xl, xh, wxl, wxh) = _roi_corners(ty, h), _roi_corners(tx, w)

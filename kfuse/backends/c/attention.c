@@ -330,9 +330,9 @@ INL vf vmask_lanes(vf s, const char *p, int kind, int n) {
 #endif
 
 /* a head row of HD floats as NC vectors (the last one zero-filled past HD) */
-INL vf vrow(const float *p, int c) { return (c + 1) * 16 <= HD ? vload(p + 16 * c) : vloadn(p + 16 * c, HD - 16 * c); }
-/* a v row of HDV floats, the same way */
-INL vf vrowv(const float *p, int c) { return (c + 1) * 16 <= HDV ? vload(p + 16 * c) : vloadn(p + 16 * c, HDV - 16 * c); }
+INL vf vchunk(const float *p, int c, int n) { return (c + 1) * 16 <= n ? vload(p + 16 * c) : vloadn(p + 16 * c, n - 16 * c); }
+INL vf vrow(const float *p, int c) { return vchunk(p, c, HD); }
+INL vf vrowv(const float *p, int c) { return vchunk(p, c, HDV); }     /* a v row, HDV floats */
 
 static const float zero_row[HDP];
 

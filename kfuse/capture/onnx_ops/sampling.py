@@ -60,7 +60,6 @@ def _det(n, x):
     return n.add("det", x)
 
 
-
 @handler("RoiAlign")
 def _roi_align(n, x, rois, batch_indices):
     """ONNX's RoiAlign (avg, and max by its rule: the largest weighted corner term of each sample) as
@@ -79,6 +78,7 @@ def _roi_align(n, x, rois, batch_indices):
     return n.add("roi_align", x, rois, batch_indices, height=height, width=width,
                  ratio=int(n.attr("sampling_ratio", 0)), scale=float(n.attr("spatial_scale", 1.0)),
                  half_pixel=ctm == "half_pixel", mode=mode)
+
 
 # -- Resize by weight matrices ----------------------------------------------------------------------
 

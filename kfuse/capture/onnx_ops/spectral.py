@@ -23,11 +23,7 @@ def _length(n, x, axis: int, length: int):
 
 def _pairs(n, x):
     """x [..., 1] (real) or [..., 2] as complex pairs: a real signal's imaginary part zero-padded."""
-    if x.shape[-1] == 2:
-        return x
-    ends = [0] * len(x.shape)
-    ends[-1] = 1
-    return _pad(n, x, [0] * len(x.shape), ends)
+    return _length(n, x, len(x.shape) - 1, 2)
 
 
 def _dft(n, x, axis: int, length: int, inverse: bool, onesided: bool):
