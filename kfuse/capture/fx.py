@@ -313,20 +313,38 @@ def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict |
     return to_graph(ep, state={**dict(model.named_parameters()), **dict(model.named_buffers())})
 
 
+def twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree sharing every parameter, buffer and other value with `model`.
+    torch.export (non-strict) swaps fake tensors into the module it traces and lets forward set
+    attributes on it, so a call of the user's own module in another thread while kfuse compiles
+    returned fake tensors or broke the trace; the twin takes all of that, and the traced program's
+    weights are still the user's tensors (same objects: later changes to them are seen)."""
+    twins = {}
+
+    def copy(m):
+        if id(m) not in twins:
+            new = twins[id(m)] = object.__new__(type(m))
+            state = {k: list(v) if type(v) is list else v for k, v in m.__dict__.items()}   # RNN's _flat_weights
+            state.update(_parameters=dict(m._parameters), _buffers=dict(m._buffers),
+                         _modules={k: None if c is None else copy(c) for k, c in m._modules.items()})
+            new.__dict__.update(state)
+        return twins[id(m)]
+    return copy(model)
+
+
 def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
              dynamic_shapes=None):
     """The model as torch.export traces it, after the core ATen decompositions. `dynamic_shapes`
     (torch.export's argument) marks sizes to keep symbolic: one export then serves every size set
     it admits (`to_graph(ep, shapes)`), where a re-export costs about a second per size set."""
-    # inference: traced in eval mode (BatchNorm's running statistics, no dropout), the caller's module
-    # left in the mode it was in (it had been switched to eval for good)
-    training = {m: m.training for m in model.modules()}
+    # inference: traced in eval mode (BatchNorm's running statistics, no dropout), on a twin of the
+    # caller's module, which stays as it was (in its mode; it had been switched to eval for good)
     modal = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)   # differ in eval mode
-    if any(mode and isinstance(m, modal) for m, mode in training.items()):
+    if any(m.training and isinstance(m, modal) for m in model.modules()):
         warnings.warn(f"kfuse: {type(model).__name__} is in training mode; kfuse compiles it as in eval mode "
                       f"(inference: BatchNorm's running statistics, no dropout)", stacklevel=3)
-    model = model.eval()
     register_cache_types(model)
+    model = twin(model).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -343,9 +361,6 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
                     "by nonzero does: kfuse.compile takes one graph of fixed sizes; torch.compile(model, "
                     "backend=\"kfuse\") splits the model at such points and fuses the graphs between them)")
         raise KfuseError(f"torch.export failed on {type(model).__name__}{hint}: {type(e).__name__}: {e}") from e
-    finally:
-        for m, mode in training.items():
-            m.training = mode
     sig = ep.graph_signature
     if sig.buffers_to_mutate:
         written = ", ".join(sorted(set(sig.buffers_to_mutate.values())))

@@ -184,3 +184,44 @@ def test_first_calls_of_a_dynamic_torch_compile_from_two_threads():
         for a, b in zip(outs, want[(t + c) % 4]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+class _Cached(torch.nn.Module):
+    """Sets an attribute in forward, as rotary embeddings cache their tables by length."""
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None or self.table.shape[0] != x.shape[0]:
+            self.table = torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+        return torch.nn.functional.gelu(self.proj(x)) + self.table
+
+
+def test_eager_module_in_one_thread_while_another_compiles_it():
+    """The user's own module called in one thread while another thread's call compiles it for new
+    sizes: torch.export had swapped fake tensors into the module it traced (the eager call returned
+    a FakeTensor, or the trace failed; the attribute forward sets held a fake one meanwhile). Both threads get
+    real, right answers, and the module keeps its mode and attributes."""
+    torch.manual_seed(0)
+    m = _Cached().eval()
+    cm = kfuse.compile(m, (torch.randn(3, 16),))
+    m.train()                           # compiled as in eval mode; the user's module stays as it is
+    sizes = range(4, 12)
+    inputs = {n: torch.randn(n, 16) for n in sizes}
+    with torch.no_grad():
+        want = {n: m(inputs[n]) for n in sizes}
+    got, done = [], threading.Event()
+
+    def work(i):
+        if i == 0:
+            got.extend((n, cm(inputs[n])) for n in sizes)
+            done.set()
+        while i == 1 and not done.is_set():          # eager calls all through the compilations
+            got.extend((n, m(inputs[n]).detach()) for n in sizes)
+    in_threads(2, work)
+    for n, out in got:
+        assert type(out) is torch.Tensor, n
+        torch.testing.assert_close(out, want[n], rtol=1e-5, atol=1e-5)
+    assert m.training and type(m.table) is torch.Tensor and len(cm._programs) == 1 + len(sizes)
