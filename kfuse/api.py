@@ -93,6 +93,14 @@ def _gpu_of(flat, source):
     return next((t.device for t in tensors if t.is_cuda), getattr(source, "kfuse_device", None))
 
 
+def warn_if_grad(tensors, what: str, stacklevel: int) -> None:
+    """kfuse computes inference only: say so where the inputs ask for gradients."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        warnings.warn(f"kfuse: {what} compiled with gradients enabled: kfuse computes inference only, its outputs do "
+                      f"not require grad (call the model under torch.no_grad() or torch.inference_mode(); train with "
+                      f"another backend)", stacklevel=stacklevel + 1)
+
+
 def _fmt(sig) -> str:
     return ", ".join(f"{DTYPE_SHORT.get(d, d)}{list(s)}" for s, d in sig)
 
@@ -117,6 +125,7 @@ class CompiledModel:
         self._literals = {} if self.is_onnx else {i: v for i, v in enumerate(flat) if isinstance(v, LITERALS)}
         self._n_positional = _positional(self._in_spec) if not self._literals else -1
         flat = self._tensors(flat)
+        warn_if_grad(flat, "a model", stacklevel=3)
         self._complex = any(t.is_complex() for t in flat)      # fed to programs as their real views
         self._devices = tuple(t.device.type for t in flat)
         self._cpu = all(d == "cpu" for d in self._devices)

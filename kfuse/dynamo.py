@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from . import progress
-from .api import _COMPILING, check_options, compile
+from .api import _COMPILING, check_options, compile, warn_if_grad
 from .errors import KfuseError
 from .runtime import kvcache
 
@@ -69,10 +69,7 @@ def kfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
     if mode not in (None, "default"):
         warnings.warn(f"kfuse: torch.compile's mode={mode!r} does not apply to backend='kfuse' (its kernel choices are "
                       f"timed at compile time; options={{'cuda_graphs': ...}} chooses CUDA graphs)", stacklevel=2)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        warnings.warn("kfuse: a graph compiled with gradients enabled: kfuse computes inference only, its outputs do "
-                      "not require grad (call the model under torch.no_grad() or torch.inference_mode(); train with "
-                      "another backend)", stacklevel=2)
+    warn_if_grad(example_inputs, "a graph", stacklevel=2)
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     options = check_options(options.pop("backend", None) or ("triton" if cuda else "cpu"), options)
     graph = DynamoGraph(gm, list(example_inputs), options)

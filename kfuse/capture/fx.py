@@ -5,7 +5,9 @@ from them alone folds at capture time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import operator
 import warnings
 
@@ -313,6 +315,19 @@ def export(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict |
     return to_graph(ep, state={**dict(model.named_parameters()), **dict(model.named_buffers())})
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """torch's fake tensors log an op that fails on the traced shapes (a call of a new shape the model
+    cannot take) with a full traceback before raising; the KfuseError raised here names it."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def twin(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the module tree sharing every parameter, buffer and other value with `model`.
     torch.export (non-strict) swaps fake tensors into the module it traces and lets forward set
@@ -346,7 +361,7 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
     register_cache_types(model)
     model = twin(model).eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_fake_tensors():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, tuple(example_inputs), dict(example_kwargs or {}), strict=False,
                                      dynamic_shapes=dynamic_shapes)

@@ -1,6 +1,8 @@
 """The public API's errors: one exception family, each naming the problem."""
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -119,6 +121,21 @@ def test_export_failure_is_a_kfuse_error():
             return x.numpy()       # cannot be traced
     with pytest.raises(kfuse.KfuseError, match="torch.export failed"):
         kfuse.compile(Bad(), (torch.ones(2),))
+
+
+def test_a_new_shape_the_model_cannot_take_is_one_error_without_a_logged_traceback():
+    cm = kfuse.compile(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logger = logging.getLogger("torch._subclasses.fake_tensor")    # torch's loggers do not propagate
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(kfuse.KfuseError, match=r"torch.export failed on Linear: .*\[2, 7\] X \[8, 4\]"):
+            cm(torch.randn(2, 7))
+    finally:
+        logger.removeHandler(handler)
+    assert not logged
 
 
 def test_data_dependent_control_flow_names_the_cause_and_the_way_through():
@@ -273,12 +290,22 @@ def test_disable_names_are_checked():
 
 
 def test_torch_compile_mode_and_gradients_are_warnings():
+    """kfuse computes inference only: inputs that ask for gradients get a warning, through either entry."""
     m = torch.nn.Linear(4, 4)
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="gradients enabled: kfuse computes inference only"):
         y = torch.compile(m, backend="kfuse")(torch.randn(2, 4))
     assert not y.requires_grad
     torch._dynamo.reset()
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="a model compiled with gradients enabled: kfuse computes inference only"):
+        y = kfuse.compile(m, (x,))(x)
+    assert not y.requires_grad and torch.allclose(y, m(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kfuse.compile(m, (x.detach(),))           # an input that needs no grad: no warning
+        with torch.no_grad():
+            kfuse.compile(m, (x,))
     with pytest.warns(UserWarning, match="mode='reduce-overhead' does not apply"), torch.no_grad():
         torch.compile(m, backend="kfuse", mode="reduce-overhead")(torch.randn(2, 4))
     torch._dynamo.reset()
