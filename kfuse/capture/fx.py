@@ -69,10 +69,11 @@ SKIP = _overloads("_assert_tensor_metadata.default", "_assert_scalar.default", "
                   "_assert_async.msg", "_functional_assert_async.msg", "_functional_assert_scalar.default",
                   "sym_constrain_range.default", "sym_constrain_range_for_size.default",
                   "_functional_sym_constrain_range.default", "_functional_sym_constrain_range_for_size.default",
-                  "_make_dep_token.default")
+                  "_make_dep_token.default", "_linalg_check_errors.default")
 """Runtime checks (one_hot's range asserts, export's shape asserts): they produce no value an output
 uses, and inputs of another shape recompile anyway. A check of sizes only, in a graph exported with
-symbolic sizes, is evaluated instead (see `SizeMismatch`)."""
+symbolic sizes, is evaluated instead (see `SizeMismatch`). The linear algebra's check of its `_ex`
+op's info (a singular matrix) is made by that op, run by torch with check_errors=True (`_torch_run`)."""
 ASSERT_SCALAR = _overloads("_assert_scalar.default")
 READS_STORAGE = _overloads("as_strided.default", "as_strided_copy.default")
 
@@ -180,10 +181,11 @@ def _call(g, n: torch.fx.Node, env):
         handler = functools.partial(complex_.call, g, n.target)
         return _run(handler, n, args, kwargs)
     handler = ATEN.get(n.target)
-    if handler is None and _is_custom(n.target):
-        handler = _custom_op(n.target)
+    if handler is None and _by_torch(n.target):
+        handler = _torch_run(n.target)
     if handler is None:
-        raise UnsupportedOpError(str(n.target), n.name, "PyTorch")
+        random = isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+        raise UnsupportedOpError(str(n.target), n.name, "PyTorch", "it draws random numbers" if random else "")
     if n.target in READS_STORAGE:       # as_strided's meaning depends on its input's traced memory layout
         val = n.args[0].meta.get("val")
         if val is not None and any(isinstance(d, torch.SymInt) for d in (*val.stride(), val.storage_offset())):
@@ -223,29 +225,44 @@ def _size_arithmetic(n: torch.fx.Node, args: tuple):
     return n.target(*args)
 
 
-def _is_custom(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims", "prim")
+def _by_torch(target) -> bool:
+    """Whether an op without a handler of ours runs as torch runs it, one opaque node: an op another
+    library registered (torch.library: transformers' mixture-of-experts fallback, a user's op), or an
+    ATen op no kernel of ours covers (torch.cdist, the linear algebra) that is functional, draws no
+    random numbers and returns new tensors (a view could outlive the buffer it reads)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target.namespace not in ("aten", "prims", "prim"):
+        return True
+    schema = target._schema
+    return (target.namespace == "aten" and not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+            and all(r.alias_info is None for r in schema.returns))
 
 
-def _custom_op(target):
-    """An op registered by another library (torch.library: transformers' mixture-of-experts fallback,
-    a user's op) runs as torch runs it: one opaque node whose attributes hold the op's name and its
-    non-tensor arguments (a fake/meta implementation, which export needed too, infers the shape)."""
+def _torch_run(target):
+    """The handler of an op `_by_torch` admits: a `torch_op` node per tensor it returns, whose attributes
+    hold the op's name, its non-tensor arguments and which output it is (the op's fake/meta
+    implementation, which export needed too, infers the shape)."""
     def handler(g, *args, **kwargs):
-        returns = target._schema.returns
-        if len(returns) != 1 or str(returns[0].type) != "Tensor":
-            raise Unsupported(f"custom op returning {', '.join(str(r.type) for r in returns) or 'nothing'}: "
-                              "only ops returning one tensor run as opaque nodes")
+        returns = [str(r.type) for r in target._schema.returns]
+        if not returns or any(r != "Tensor" for r in returns):
+            raise Unsupported(f"an op returning {', '.join(returns) or 'nothing'}: only ops returning tensors "
+                              "run as opaque nodes")
         def value(a):
             if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a):
-                raise Unsupported("custom op taking a list of tensors")
+                raise Unsupported("an op taking a list of tensors")
             return None if isinstance(a, Node) else tuple(a) if isinstance(a, list) else a
         # the tensor arguments become the node's inputs, positional ones first; `tensors` names their slots
         slots = tuple(i for i, a in enumerate(args) if isinstance(a, Node))
         names = tuple(k for k, v in kwargs.items() if isinstance(v, Node))
         inputs = [args[i] for i in slots] + [kwargs[k] for k in names]
-        return g.add("torch_op", *inputs, target=target.name(), args=tuple(value(a) for a in args),
+        if any(a.name == "check_errors" for a in target._schema.arguments):
+            kwargs["check_errors"] = True   # linalg's _ex ops: raise as torch.linalg.inv does (export checks apart)
+        attrs = dict(target=target.name(), args=tuple(value(a) for a in args),
                      kwargs=tuple((k, value(v)) for k, v in kwargs.items()), tensors=(slots, names))
+        if len(returns) == 1:
+            return g.add("torch_op", *inputs, **attrs)
+        return tuple(g.add("torch_op", *inputs, **attrs, output=i) for i in range(len(returns)))
     return handler
 
 
@@ -354,6 +371,8 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
     it admits (`to_graph(ep, shapes)`), where a re-export costs about a second per size set."""
     # inference: traced in eval mode (BatchNorm's running statistics, no dropout), on a twin of the
     # caller's module, which stays as it was (in its mode; it had been switched to eval for good)
+    from torch.export._remove_effect_tokens_pass import _remove_effect_tokens
+    from torch.export.graph_signature import InputKind
     modal = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)   # differ in eval mode
     if any(m.training and isinstance(m, modal) for m in model.modules()):
         warnings.warn(f"kfuse: {type(model).__name__} is in training mode; kfuse compiles it as in eval mode "
@@ -369,6 +388,8 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
             for op in KEEP_WHOLE:
                 table.pop(op, None)
             ep = ep.run_decompositions(table)
+            if any(spec.kind == InputKind.TOKEN for spec in ep.graph_signature.input_specs):
+                ep = _remove_effect_tokens(ep)   # ordering tokens of effectful ops (linalg's checks): plain calls
     except Exception as e:
         hint = ""
         if "DataDependent" in type(e).__name__ or "data-dependent" in str(e):

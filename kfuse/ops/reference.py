@@ -141,10 +141,10 @@ def _index(x, *idx, dims):
     return x[tuple(key)]
 
 
-def _torch_op(*inputs, target, args, kwargs, tensors):
-    """A registered op of another namespace ("ns::name.overload") called with its non-tensor `args`
-    and `kwargs` and `inputs` in the tensor slots: tensors = (positions in args, names in kwargs), in
-    the order of inputs (capture/fx.py, _custom_op)."""
+def _torch_op(*inputs, target, args, kwargs, tensors, output=None):
+    """A registered op ("ns::name.overload") called with its non-tensor `args` and `kwargs` and `inputs`
+    in the tensor slots: tensors = (positions in args, names in kwargs), in the order of inputs
+    (capture/fx.py, _torch_run); of an op returning several tensors, its `output`-th."""
     name, _, overload = target.partition(".")
     ns, op = name.split("::")
     try:
@@ -157,7 +157,8 @@ def _torch_op(*inputs, target, args, kwargs, tensors):
     for i, t in zip(slots, inputs):
         args[i] = t
     kwargs.update(zip(names, inputs[len(slots):]))
-    return fn(*args, **kwargs)
+    out = fn(*args, **kwargs)
+    return out if output is None else out[output]
 
 
 def _reduce(fn):

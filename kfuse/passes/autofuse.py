@@ -264,7 +264,8 @@ def _kind_reason(producer: Node, consumer: Node, disabled) -> tuple[str, str]:
         if n.kind == Kind.CONTRACTION:
             return f"contraction_{role}", f"{role} {n.op} is a contraction"
         if n.kind in (Kind.INJECTIVE, Kind.OPAQUE):
-            return f"{n.kind.name.lower()}_{role}", f"{role} {n.op} runs as its own kernel"
+            by_torch = f" ({n.attrs['target']}, run by torch)" if n.op == "torch_op" else ""
+            return f"{n.kind.name.lower()}_{role}", f"{role} {n.op}{by_torch} runs as its own kernel"
     return "placed_elsewhere", f"{producer.op} -> {consumer.op}"
 
 

@@ -438,10 +438,21 @@ def _(x):
     return x[:1].clone(), x[1:].clone()
 
 
+@torch.library.custom_op("kfuse_test::pieces", mutates_args=())
+def _pieces(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x[:1].clone(), x[1:].clone()]
+
+
+@_pieces.register_fake
+def _(x):
+    return [x[:1].clone(), x[1:].clone()]
+
+
 def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops(tmp_path):
     """A torch.library op (transformers registers some) is called as traced, with its non-tensor
     arguments kept, tensors passed by position or keyword; its neighbours still fuse; the node is saved
-    in an artifact and loads back. An op returning several tensors is a clear error."""
+    in an artifact and loads back. An op returning several tensors is a node per output; one returning a
+    list of tensors is a clear error."""
     f = lambda x, y: torch.ops.kfuse_test.scaled_shift(torch.relu(x), y * 2, 2, scale=0.5).sigmoid()
     g = lambda x, y: torch.ops.kfuse_test.scaled_shift(x, y=y.exp(), k=-1) * 3
     x, y = r(5, 3), r(5, 3)
@@ -450,8 +461,40 @@ def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops(tmp_path):
     assert ops_of(f, x, y).get("torch_op") == 1
     cm.save(tmp_path / "g")
     torch.testing.assert_close(kfuse.load(tmp_path / "g")(x, y), g(x, y))
-    with pytest.raises(kfuse.UnsupportedOpError, match="kfuse_test.split2.*only ops returning one tensor"):
-        export(module_of(lambda x: torch.ops.kfuse_test.split2(x)[0] + 1), (x,))
+    compiled(lambda x: (torch.ops.kfuse_test.split2(x)[0] + 1, torch.ops.kfuse_test.split2(x)[1] * 2), x)
+    with pytest.raises(kfuse.UnsupportedOpError, match=r"kfuse_test.pieces.*returning List\[Tensor\]: only ops returning"):
+        export(module_of(lambda x: torch.ops.kfuse_test.pieces(x)[0] + 1), (x,))
+
+
+@pytest.mark.parametrize("fn, x", [
+    (lambda a, b: torch.cdist(a, b).relu() * 2, (r(2, 5, 3), r(2, 7, 3))),          # a distance, then fused ops
+    (lambda a, b: torch.cdist(a, b, p=1), (special(2, 5, 3), r(2, 6, 3))),
+    (lambda a: (lambda u, s, v: (u * s) @ v)(*torch.linalg.svd(a, full_matrices=False)), (r(5, 4),)),  # 3 outputs
+    (lambda a: torch.linalg.inv(a + 4 * torch.eye(4)) - torch.linalg.solve(a + 5 * torch.eye(4), a), (r(4, 4),)),
+    (lambda a, b: (torch.bucketize(a, b), torch.searchsorted(b, a, right=True) * 2), (special(10), torch.arange(-2.0, 3))),
+    (lambda a: (torch.kthvalue(a, 3, -1)[0], torch.median(a, -1).indices, torch.special.i0(a) + torch.lgamma(a)),
+     (r(4, 9),)),
+])
+def test_aten_ops_without_a_kernel_run_by_torch(fn, x, tmp_path):
+    """ATen ops no kernel of ours covers (distances, the linear algebra, bucketing, selections, special
+    functions) run as torch runs them, one opaque node per output used, their neighbours still fused; the
+    report names the op; an artifact saves them and loads back."""
+    cm = compiled(fn, *x)
+    assert ops_of(fn, *x).get("torch_op")
+    assert any("run by torch" in w.detail for w in cm.report().why_not) or len(cm.report().kernels) == 1
+    cm.save(tmp_path / "m")
+    for a, b in zip(torch.utils._pytree.tree_leaves(kfuse.load(tmp_path / "m")(*x)),
+                    torch.utils._pytree.tree_leaves(fn(*x))):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_linear_algebra_on_a_singular_matrix_raises_as_eager():
+    """torch.linalg.inv's check of the matrix (an effectful op export orders by a token) is kept: a
+    singular matrix raises torch's error, not infinities."""
+    cm = kfuse.compile(module_of(lambda a: torch.linalg.inv(a) * 2), (r(3, 3),))
+    torch.testing.assert_close(cm(r(3, 3)), torch.linalg.inv(r(3, 3)) * 2)
+    with pytest.raises(torch.linalg.LinAlgError, match="singular"):
+        cm(torch.zeros(3, 3))
 
 
 @pytest.mark.parametrize("fn", [lambda a: torch.softmax(a, 0), lambda a: torch.log_softmax(a, -1), lambda a: a.sum(0),
