@@ -396,6 +396,9 @@ def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict
             hint = (" (a branch or a size there depends on the values of tensors, as a mixture-of-experts' routing "
                     "by nonzero does: kfuse.compile takes one graph of fixed sizes; torch.compile(model, "
                     "backend=\"kfuse\") splits the model at such points and fuses the graphs between them)")
+        elif "torch.classes.quantized" in str(e):
+            hint = (" (a module quantized by torch.ao.quantization: its packed weights are objects torch.export cannot "
+                    "trace; compile the float model)")
         raise KfuseError(f"torch.export failed on {type(model).__name__}{hint}: {type(e).__name__}: {e}") from e
     sig = ep.graph_signature
     if sig.buffers_to_mutate:

@@ -36,8 +36,11 @@ def _attention(q, k, v, mask=None, *, scale, causal=False, zero_masked=False):
 
 
 def _linear(x, w, b=None, *, act="none"):
-    """act(x @ w + b) with w stored [K, N]."""
-    return ACTIVATIONS[act](torch.matmul(x, w) if b is None else torch.matmul(x, w) + b)
+    """act(x @ w + b) with w stored [K, N]; the bias added before the product is rounded, as eager's
+    nn.Linear does (addmm): in bfloat16/float16, a product rounded first is one more rounding off it."""
+    if b is None:
+        return ACTIVATIONS[act](torch.matmul(x, w))
+    return ACTIVATIONS[act](torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1]))
 
 
 def _gated_linear(x, w, b=None, *, act="none"):

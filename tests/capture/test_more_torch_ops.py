@@ -130,6 +130,32 @@ def test_half_tensor_and_python_float_round_as_eager(dtype):
     assert ops_of(lambda x: x * 1.003 + 1.003, x.float()).get("cast") is None
 
 
+def test_bfloat16_linear_layers_give_eagers_bits():
+    """nn.Linear in bfloat16 (a model .to(bfloat16), or autocast inside forward) adds its bias before the
+    product is rounded, as eager's addmm does; rounded first, the fused linear had been one rounding off
+    (0.004 on values near 1, and verify's MISMATCH after a softmax)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(torch.bfloat16).eval()
+    for x in (r(5, 64), r(2, 7, 64)):
+        x = x.to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(kfuse.compile(m, (x,))(x), m(x))
+
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.proj(x).float().softmax(-1)
+    a, x = Autocast().eval(), r(4, 16)
+    cm = kfuse.compile(a, (x,))
+    assert cm.verify(x).ok
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), a(x), rtol=1e-6, atol=1e-6)
+
+
 # -- 4. reductions -------------------------------------------------------------------------------------------
 
 def test_prod():

@@ -123,6 +123,12 @@ def test_export_failure_is_a_kfuse_error():
         kfuse.compile(Bad(), (torch.ones(2),))
 
 
+def test_a_dynamically_quantized_module_says_to_compile_the_float_model():
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 4)), {torch.nn.Linear})
+    with pytest.raises(kfuse.KfuseError, match="quantized by torch.ao.quantization.*compile the float model"):
+        kfuse.compile(q, (torch.randn(2, 8),))
+
+
 def test_a_new_shape_the_model_cannot_take_is_one_error_without_a_logged_traceback():
     cm = kfuse.compile(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
     logged = []
