@@ -22,7 +22,7 @@ from .ir import DTYPE_SHORT, Graph, on_device
 from . import artifact, progress
 from .ops.reference import run as run_reference
 from .runtime import build_program
-from .verify import Verification, compare
+from .verify import ROUNDED, Verification, compare
 
 # One compilation at a time in the process, Dynamo's included: torch.export and Dynamo's tracing keep
 # process-wide state (the mode stack, the patcher, module keys, fake tensors). Two threads exporting at
@@ -330,7 +330,7 @@ class CompiledModel:
         """Max abs and rel error of each output against the original model on `inputs` (kfuse.verify's
         policy); where that finds a mismatch, the model is run again in float64 (a PyTorch model by eager, an
         ONNX file by ONNX Runtime with its float types made double) and each output may also differ by a
-        few times the reference's own worst float32 error on it (verify.compare's want64)."""
+        few times the reference's own worst float32 (or float16/bfloat16) error on it (verify.compare's want64)."""
         flat = self._flatten(inputs, kwargs)
         self._last = prog = self._program(flat)
         got = prog(self._fed(flat))
@@ -349,11 +349,11 @@ class CompiledModel:
         want64 = self._reference64(flat)
         if want64 is None or len(want64) != len(want):
             return found
-        return compare(names, got, want, against + " (and in float64: its own float32 rounding allowed)",
+        return compare(names, got, want, against + " (and in float64: its own rounding allowed)",
                        steps, [w for k, w in enumerate(want64) if k not in literals])
 
     def _reference64(self, flat) -> list[torch.Tensor] | None:
-        """The model's outputs computed in float64 (a copy of a PyTorch model, float32 parameters, buffers
+        """The model's outputs computed in float64 (a copy of a PyTorch model, float32/16 parameters, buffers
         and inputs in float64; an ONNX file widened, capture.onnx.widened), flattened; None for a saved
         artifact, or where the model does not run in float64. Taken only when a float32 comparison fails:
         a model whose values grow large (a random-weight Inception-v3's logits near 1e12) rounds in eager
@@ -377,7 +377,7 @@ class CompiledModel:
             pass
 
         def up(t):
-            return t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            return t.double() if isinstance(t, torch.Tensor) and t.dtype in ROUNDED else t
         args, kwargs = pytree.tree_unflatten([up(t) for t in self._with_inputs(flat)], self._in_spec)
         try:
             model = copy.deepcopy(self.source).to(torch.float64)

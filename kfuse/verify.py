@@ -5,9 +5,9 @@ differential fuzzer (kfuse.testing) and the tests.
 - shape and dtype must be equal; integers and bools exactly;
 - floats: NaN, +Inf and -Inf at the same places, and at every finite element
   |got - want| <= atol + rtol |want| (+ F64_FACTOR |want - want64| when a float64 evaluation of the
-  same computation is given: the rounding error the float32 reference itself makes at that element,
-  from cancellation in a large sum or an amplifying log, so the compiled result may be as inexact
-  as the float32 reference, a few times over, and no more).
+  same computation is given: the rounding error the float32 (or float16/bfloat16) reference itself
+  makes, from cancellation in a large sum, an amplifying log, or a deep half-precision network, so the
+  compiled result may be as inexact as the reference, a few times over, and no more).
 (atol, rtol) default to `TOLERANCE` for want's dtype: fused kernels reorder float arithmetic, so
 bit-exactness is not expected.
 """
@@ -21,6 +21,7 @@ import torch
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2),
              torch.float64: (1e-12, 1e-10)}
 F64_FACTOR = 4.0
+ROUNDED = (torch.float32, torch.float16, torch.bfloat16)   # outputs held to the float64 allowance
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -104,16 +105,17 @@ class Verification:
 def compare(names, got, want, against: str, steps: dict | None = None, want64: list | None = None) -> Verification:
     """Each output of `got` against `want` by `mismatch`, with its max abs and max rel error; an output
     named in `steps` (a quantized model's output -> its quantization step) may also be one step off.
-    `want64`, a float64 evaluation of the same model: a float32 output may also be off by F64_FACTOR times
+    `want64`, a float64 evaluation of the same model: a float32/16 output may also be off by F64_FACTOR times
     want's own worst rounding error over that output (its largest distance from want64), where a model's
-    large values make eager's float32 sums err by more than the tolerance of its small outputs."""
+    large values make eager's float32 sums err by more than the tolerance of its small outputs (or a deep
+    float16/bfloat16 network's rounding adds up past its dtype's tolerance)."""
     rows = []
     for k, (name, a, b) in enumerate(zip(names, got, want)):
         a, b = torch.as_tensor(a), torch.as_tensor(b)
         step = (steps or {}).get(name)
         atol = None if step is None else tolerance(b.dtype)[0] + step * (1 + 1e-6)
         b64 = None if want64 is None else torch.as_tensor(want64[k])
-        if b64 is not None and b.dtype == torch.float32 and a.shape == b.shape == b64.shape:
+        if b64 is not None and b.dtype in ROUNDED and a.shape == b.shape == b64.shape:
             off = (b.double() - b64.double()).abs()
             off = off[torch.isfinite(off)]
             atol = (tolerance(b.dtype)[0] if atol is None else atol) + F64_FACTOR * float(off.max() if off.numel() else 0.0)

@@ -222,3 +222,24 @@ def test_verify_of_an_onnx_file_allows_onnx_runtimes_own_float32_rounding(tmp_pa
     wrong = kfuse.compile(str(off), (x,))
     wrong.source = path                       # the reference of the right file, the program of the wrong one
     assert not wrong.verify(x).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_verify_allows_a_half_precision_networks_own_rounding(dtype):
+    """A convolutional network in float16/bfloat16: eager's own rounding, layer after layer, exceeds the
+    dtype's tolerance on small outputs, and the program, rounding at other places (fused kernels compute in
+    float32), is off eager by about as much. cm.verify compares with the model in float64 then; a program
+    off by more than eager's own error still fails."""
+    import kfuse
+    from kfuse.models import build
+
+    model, (x,) = build("unet", batch=1, image=32)
+    model, x = model.to(dtype), x.to(dtype)
+    cm = kfuse.compile(model, (x,))
+    got, want = cm(x), model(x).detach()
+    assert mismatch(got, want) is not None          # the dtype's tolerance alone: a false alarm
+    v = cm.verify(x)
+    assert v.ok and "float64" in v.against, str(v)
+    wrong = got.clone()
+    wrong[0, 0, 0, 0] += 100 * float((got.float() - want.float()).abs().max())
+    assert not verify_outputs(["y"], [wrong], [want], "x", want64=cm._reference64([x])).ok
