@@ -6,6 +6,7 @@ from them alone folds at capture time.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import operator
@@ -353,15 +354,16 @@ def twin(model: torch.nn.Module) -> torch.nn.Module:
     weights are still the user's tensors (same objects: later changes to them are seen)."""
     twins = {}
 
-    def copy(m):
+    def twin_of(m):
         if id(m) not in twins:
             new = twins[id(m)] = object.__new__(type(m))
-            state = {k: list(v) if type(v) is list else v for k, v in m.__dict__.items()}   # RNN's _flat_weights
+            # containers copied too: hook dicts, RNN's _flat_weights list (set through its __setattr__)
+            state = {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in m.__dict__.items()}
             state.update(_parameters=dict(m._parameters), _buffers=dict(m._buffers),
-                         _modules={k: None if c is None else copy(c) for k, c in m._modules.items()})
+                         _modules={k: None if c is None else twin_of(c) for k, c in m._modules.items()})
             new.__dict__.update(state)
         return twins[id(m)]
-    return copy(model)
+    return twin_of(model)
 
 
 def exported(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
