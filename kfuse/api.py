@@ -362,13 +362,18 @@ class CompiledModel:
         if self.source is None:
             return None
         if self.is_onnx:        # the file with its float types made double, run by ONNX Runtime
+            from onnx import TensorProto
+
             from .capture.onnx import read_model, widened
-            up = [t.double().numpy() if t.dtype in (torch.float16, torch.float32) else t.numpy() for t in flat]
-            try:
-                import onnxruntime as ort
-                return _onnx_runtime(ort, widened(read_model(self.source)).SerializeToString(), up)
-            except Exception:   # noqa: BLE001 - no double kernel for an op, or over 2 GB: the float32 verdict stands
-                return None
+            # where ONNX Runtime has no double kernel for an op (Erf), a float16 file's float32 evaluation
+            for to, dtype in ((TensorProto.DOUBLE, torch.float64), (TensorProto.FLOAT, torch.float32)):
+                up = [t.to(dtype).numpy() if t.dtype in (torch.float16, torch.float32) else t.numpy() for t in flat]
+                try:
+                    import onnxruntime as ort
+                    return _onnx_runtime(ort, widened(read_model(self.source), to).SerializeToString(), up)
+                except Exception:   # noqa: BLE001 - no kernel for an op, or over 2 GB: the verdict stands
+                    pass
+            return None
         f64_bytes = 8 * sum(t.numel() for t in (*self.source.parameters(), *self.source.buffers()))
         try:        # the copy takes at most half the memory free now (not there: a mismatch stands as found)
             if 2 * f64_bytes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):

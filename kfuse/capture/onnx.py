@@ -133,25 +133,28 @@ def output_steps(model) -> dict[str, float]:
 WIDENED = (TensorProto.FLOAT16, TensorProto.FLOAT)     # the element types `widened` makes double
 
 
-def widened(model: onnx.ModelProto) -> onnx.ModelProto:
+def widened(model: onnx.ModelProto, to: int = TensorProto.DOUBLE) -> onnx.ModelProto:
     """A copy of `model` computing in float64: every float16 and float32 type (inputs, outputs, value
-    infos, initializers, Cast targets, constants, subgraphs, functions' casts) made double. verify's
-    float64 evaluation of an ONNX file (api.CompiledModel._reference64) runs it, as the node suite's does."""
+    infos, initializers, Cast targets, constants, subgraphs, functions' casts) made double; with `to`
+    FLOAT, float16 alone made float32. verify's float64 evaluation of an ONNX file
+    (api.CompiledModel._reference64) runs it, as the node suite's does."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    types = [t for t in WIDENED if t != to]
+    wide = onnx.helper.tensor_dtype_to_np_dtype(to)
 
     def widen_type(t):
-        if t.HasField("tensor_type") and t.tensor_type.elem_type in WIDENED:
-            t.tensor_type.elem_type = TensorProto.DOUBLE
+        if t.HasField("tensor_type") and t.tensor_type.elem_type in types:
+            t.tensor_type.elem_type = to
 
     def widen_tensor(t):
-        if t.data_type in WIDENED:
-            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float64), t.name))
+        if t.data_type in types:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(wide), t.name))
 
     def widen_attrs(node):
         for a in node.attribute:
-            if a.name in ("to", "saturate_to") and a.type == onnx.AttributeProto.INT and a.i in WIDENED:
-                a.i = TensorProto.DOUBLE
+            if a.name in ("to", "saturate_to") and a.type == onnx.AttributeProto.INT and a.i in types:
+                a.i = to
             elif a.type == onnx.AttributeProto.TENSOR:
                 widen_tensor(a.t)
             elif a.type == onnx.AttributeProto.GRAPH:
