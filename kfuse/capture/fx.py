@@ -355,6 +355,8 @@ def twin(model: torch.nn.Module) -> torch.nn.Module:
     twins = {}
 
     def twin_of(m):
+        if isinstance(m, torch.jit.ScriptModule):      # its state lives in C++: shared as it is
+            return m
         if id(m) not in twins:
             new = twins[id(m)] = object.__new__(type(m))
             # containers copied too: hook dicts, RNN's _flat_weights list (set through its __setattr__)
