@@ -182,8 +182,9 @@ def _call(g, n: torch.fx.Node, env):
         handler = functools.partial(complex_.call, g, n.target)
         return _run(handler, n, args, kwargs)
     handler = ATEN.get(n.target)
-    if handler is None and _by_torch(n.target):
-        handler = _torch_run(n.target)
+    if handler is None:
+        target = _copying(n.target)
+        handler = _torch_run(target) if _by_torch(target) else None
     if handler is None:
         random = isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
         raise UnsupportedOpError(str(n.target), n.name, "PyTorch", "it draws random numbers" if random else "")
@@ -238,6 +239,16 @@ def _by_torch(target) -> bool:
     schema = target._schema
     return (target.namespace == "aten" and not schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
             and all(r.alias_info is None for r in schema.returns))
+
+
+def _copying(target):
+    """A view op's functional `_copy` twin (aten.diagonal -> aten.diagonal_copy, the same arguments)
+    where torch has one, else `target`: a view run by torch could outlive the buffer it reads."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" \
+            and any(r.alias_info is not None for r in target._schema.returns):
+        copy_op = getattr(getattr(torch.ops.aten, target._opname + "_copy", None), target._overloadname, None)
+        return copy_op or target
+    return target
 
 
 def _torch_run(target):

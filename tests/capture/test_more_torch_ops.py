@@ -500,6 +500,7 @@ def test_custom_ops_of_other_libraries_run_as_opaque_torch_ops(tmp_path):
     (lambda a, b: (torch.bucketize(a, b), torch.searchsorted(b, a, right=True) * 2), (special(10), torch.arange(-2.0, 3))),
     (lambda a: (torch.kthvalue(a, 3, -1)[0], torch.median(a, -1).indices, torch.special.i0(a) + torch.lgamma(a)),
      (r(4, 9),)),
+    (lambda a: torch.trace(a[:, :4]) + torch.diagonal(a, 1).exp(), (special(4, 9),)),    # a view: as its _copy twin
 ])
 def test_aten_ops_without_a_kernel_run_by_torch(fn, x, tmp_path):
     """ATen ops no kernel of ours covers (distances, the linear algebra, bucketing, selections, special
