@@ -365,12 +365,19 @@ class CompiledModel:
             from onnx import TensorProto
 
             from .capture.onnx import read_model, widened
+            try:
+                import onnxruntime as ort
+                model = read_model(self.source)
+            except Exception:   # noqa: BLE001 - no ONNX Runtime, or the file gone: the verdict stands
+                return None
             # where ONNX Runtime has no double kernel for an op (Erf), a float16 file's float32 evaluation
             for to, dtype in ((TensorProto.DOUBLE, torch.float64), (TensorProto.FLOAT, torch.float32)):
+                wide = widened(model, to)
+                if wide == model:       # no float16 in the file: float32 is the verdict already found
+                    continue
                 up = [t.to(dtype).numpy() if t.dtype in (torch.float16, torch.float32) else t.numpy() for t in flat]
                 try:
-                    import onnxruntime as ort
-                    return _onnx_runtime(ort, widened(read_model(self.source), to).SerializeToString(), up)
+                    return _onnx_runtime(ort, wide.SerializeToString(), up)
                 except Exception:   # noqa: BLE001 - no kernel for an op, or over 2 GB: the verdict stands
                     pass
             return None
