@@ -3,9 +3,9 @@ paths the kernels use (a 64 MB copy; a 512³ GEMM through kfuse's GEMM library p
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
-import platform
 import time
 
 import torch
@@ -21,24 +21,32 @@ def machine() -> Machine:
 
 @functools.lru_cache(maxsize=None)
 def _measured(threads: int) -> Machine:
-    key = f"v3-{platform.node()}-{platform.processor()}-{os.cpu_count()}-{threads}"
+    # keyed by the CPU itself (autotune.machine_key: model, ISA, compiler, CPU count), not the host name:
+    # a cache directory that outlives a machine (a VM moved to another CPU under the same name) must not
+    # hand the new one the old one's rates; one entry per CPU and thread count
+    from .c.autotune import machine_key
+    key = hashlib.sha256(f"v4\n{machine_key()}\n{threads}".encode()).hexdigest()[:24]
     path = config.get().cache_dir / "machine.json"
     try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return Machine(data["bandwidth_gbs"], data["gemm_gflops"], threads)
-    except (OSError, ValueError, KeyError):
-        pass
+        entries = json.loads(path.read_text()).get("machines", {})
+    except (OSError, ValueError, AttributeError):
+        entries = {}
+    if key in entries:
+        try:
+            return Machine(entries[key]["bandwidth_gbs"], entries[key]["gemm_gflops"], threads)
+        except (KeyError, TypeError):
+            pass
     src = torch.empty(16 << 20)
     dst = torch.empty_like(src)
     bw = 2 * src.nbytes / _fastest(lambda: dst.copy_(src)) / 1e9
     a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))   # the global generator untouched
     gemm = pack_linear(a, None)
     gflops = 2 * 512 ** 3 / _fastest(lambda: gemm(a)) / 1e9
+    entries[key] = {"bandwidth_gbs": bw, "gemm_gflops": gflops}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "bandwidth_gbs": bw, "gemm_gflops": gflops}))
+        tmp.write_text(json.dumps({"machines": entries}))
         os.replace(tmp, path)
     except OSError:
         pass

@@ -43,3 +43,26 @@ def test_gemm_costs_its_flops_over_a_gemm_rate(memory_bound):
     assert compute_ms > 1.2 * k.bytes_after * per_byte          # compute-bound: above its bytes' time
     gflops = k.flops / (compute_ms * 1e6)
     assert 1 <= gflops <= 1e6, gflops
+
+
+def test_the_machines_rates_are_measured_per_cpu_and_thread_count(cache, monkeypatch):
+    """The cost model's rates are cached per CPU (autotune.machine_key) and thread count, not per host
+    name: a cache that outlives its machine (a VM moved to another CPU) measures the new one afresh, and
+    going back to an earlier CPU or thread count reads its entry without measuring again."""
+    import json
+
+    from kfuse import config
+    from kfuse.backends import calibrate
+    from kfuse.backends.c import autotune
+
+    measured = []
+    real = calibrate._fastest
+    monkeypatch.setattr(calibrate, "_fastest", lambda fn, reps=10: measured.append(fn) or real(fn, 1))
+    for cpu, threads in [("zen4", 2), ("sapphire rapids", 2), ("zen4", 1), ("zen4", 2), ("sapphire rapids", 2)]:
+        calibrate._measured.cache_clear()
+        monkeypatch.setattr(autotune, "machine_key", lambda cpu=cpu: cpu)
+        m = calibrate._measured(threads)
+        assert m.threads == threads and m.bandwidth_gbs > 0 and m.gemm_gflops > 0
+    calibrate._measured.cache_clear()
+    assert len(measured) == 3 * 2                   # a copy and a GEMM for each of the three new keys
+    assert len(json.loads((config.get().cache_dir / "machine.json").read_text())["machines"]) == 3
