@@ -31,6 +31,7 @@ def _measured(threads: int) -> Machine:
         entries = json.loads(path.read_text()).get("machines", {})
     except (OSError, ValueError, AttributeError):
         entries = {}
+    entries = entries if isinstance(entries, dict) else {}      # a file of another shape is measured over
     if key in entries:
         try:
             return Machine(entries[key]["bandwidth_gbs"], entries[key]["gemm_gflops"], threads)
