@@ -12,6 +12,7 @@ import torch
 
 from .. import config
 from ..cost import Machine
+from .c.autotune import machine_key
 from .library import pack_linear
 
 
@@ -24,7 +25,6 @@ def _measured(threads: int) -> Machine:
     # keyed by the CPU itself (autotune.machine_key: model, ISA, compiler, CPU count), not the host name:
     # a cache directory that outlives a machine (a VM moved to another CPU under the same name) must not
     # hand the new one the old one's rates; one entry per CPU and thread count
-    from .c.autotune import machine_key
     key = hashlib.sha256(f"v4\n{machine_key()}\n{threads}".encode()).hexdigest()[:24]
     path = config.get().cache_dir / "machine.json"
     try:

@@ -42,7 +42,8 @@ def check(n, h, w_, cin, cout, act="none", residual=False, bias=True, scale=1.0,
 
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("cout", [1, 15, 16, 17, 31, 32, 33, 72])
-@pytest.mark.parametrize("rows", [(1, 1, 1), (1, 3, 3), (1, 2, 5), (1, 1, 11), (2, 3, 5), (1, 7, 7)])   # 10, 11: 8 + the rest
+# 10 and 11 rows: a whole register tile, then part of one
+@pytest.mark.parametrize("rows", [(1, 1, 1), (1, 3, 3), (1, 2, 5), (1, 1, 11), (2, 3, 5), (1, 7, 7)])
 def test_shapes(rows, cout, generic):
     check(*rows, 24, cout, act="relu6", residual=cout % 2 == 1, generic=generic)
 

@@ -53,14 +53,13 @@ def test_the_machines_rates_are_measured_per_cpu_and_thread_count(cache, monkeyp
 
     from kfuse import config
     from kfuse.backends import calibrate
-    from kfuse.backends.c import autotune
 
     measured = []
     real = calibrate._fastest
     monkeypatch.setattr(calibrate, "_fastest", lambda fn, reps=10: measured.append(fn) or real(fn, 1))
     for cpu, threads in [("zen4", 2), ("sapphire rapids", 2), ("zen4", 1), ("zen4", 2), ("sapphire rapids", 2)]:
         calibrate._measured.cache_clear()
-        monkeypatch.setattr(autotune, "machine_key", lambda cpu=cpu: cpu)
+        monkeypatch.setattr(calibrate, "machine_key", lambda cpu=cpu: cpu)
         m = calibrate._measured(threads)
         assert m.threads == threads and m.bandwidth_gbs > 0 and m.gemm_gflops > 0
     calibrate._measured.cache_clear()
