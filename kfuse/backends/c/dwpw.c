@@ -53,7 +53,7 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
                         for (int i = 0; i < mr; i++)
                             ap[i] = buf + (m + i) * C;
                         tile_any(mr, nv, ap, 1, C, pw_w + 2 * pp * ps, ps, out + (base + m) * CO + n0, CO, cols,
-                                 pw_b + n0, RES ? r + (base + m) * CO + n0 : 0, prm[2], prm[3]);
+                                 pw_b + n0, RES ? r + (base + m) * CO + n0 : 0, prm[2], prm[3], 0);
                     }
                 }
             }
@@ -89,7 +89,7 @@ static void expand_rows(const float *restrict xr, const float *restrict pw_w, co
             const int mr = M - m < MR ? (int)(M - m) : MR;
             for (int i = 0; i < mr; i++)
                 ap[i] = xr + (m + i) * XS;
-            tile_any(mr, nv, ap, 1, CI, pw_w + 2 * pp * ps, ps, row + m * C + n0, C, cols, pw_b + n0, 0, p0, p1);
+            tile_any(mr, nv, ap, 1, CI, pw_w + 2 * pp * ps, ps, row + m * C + n0, C, cols, pw_b + n0, 0, p0, p1, 0);
         }
     }
 }

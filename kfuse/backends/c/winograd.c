@@ -190,7 +190,7 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
                     for (int i = 0; i < mr; i++)
                         ap[i] = v + xi * VS + (m + i) * C;
                     tile_any(mr, nv, ap, 1, C, u + xi * us + 2 * pp * ps, ps, mb + xi * MS + m * CO + 32 * pp, CO,
-                             cols, zero, 0, 0.0f, 0.0f);
+                             cols, zero, 0, 0.0f, 0.0f, 0);
                 }
             }
         for (int64_t i = 0; i < nt; i++) {                       /* Y of each tile */
