@@ -44,6 +44,17 @@ typedef struct {
     int64_t mask;
 } kf_fetch;
 
+/* f set to fetch `bytes` from `next` over `steps` K steps: a line every 2^s steps, the sparsest spacing
+   (at most 64) that covers them */
+static inline void fetch_over(kf_fetch *f, const void *next, int64_t bytes, int64_t steps) {
+    int64_t every = 1;
+    while (every < 64 && 2 * every * (bytes / 64) <= steps)
+        every *= 2;
+    f->next = (const char *)next;
+    f->end = f->next + bytes;
+    f->mask = every - 1;
+}
+
 /* cols outputs of one row from their sums: bias, residual, activation */
 KF_INLINE void epilogue(float *restrict op, const float *restrict sum, const float *restrict b,
                         const float *restrict rp, int cols, float p0, float p1) {
@@ -687,14 +698,8 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
             first_rb = rb;
         if (!nchw && t + 1 < G * NP2 * nmb && (rows_first ? rb == first_rb && pp + 1 < NP2 : (t + 1) %% nmb == 0)) {
             const int64_t g1 = (t + 1) / (NP2 * nmb), pp1 = rows_first ? pp + 1 : (t + 1) %% (NP2 * nmb) / nmb;
-            const int64_t bytes = (2 * pp1 + 1 < P ? 2 : 1) * ps * (int64_t)sizeof(float);
-            const int64_t steps = ntaps * CG * ((m1 - m0 + MR - 1) / MR);
-            int64_t every = 1;
-            while (every < 64 && 2 * every * (bytes / 64) <= steps)
-                every *= 2;
-            fetch.next = (const char *)(wp + (g1 * P + 2 * pp1) * ps);
-            fetch.end = fetch.next + bytes;
-            fetch.mask = every - 1;
+            fetch_over(&fetch, wp + (g1 * P + 2 * pp1) * ps, (2 * pp1 + 1 < P ? 2 : 1) * ps * (int64_t)sizeof(float),
+                       ntaps * CG * ((m1 - m0 + MR - 1) / MR));
         }
         /* a pair's valid output columns; with GLU its 16 gated outputs start at column 16 pp */
         const int cols = GLU ? (F - 16 * pp < 16 ? (int)(F - 16 * pp) : 16) : (NG - 32 * pp < 32 ? (int)(NG - 32 * pp) : 32);

@@ -165,6 +165,7 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
         failed = 1;
     }
     int step = 0;
+    kf_fetch fetch = {0, 0, 0};
     for (int64_t blk; (blk = kf_take(shares, ns, &step)) >= 0; ) {
         if (!v || !mb)
             continue;
@@ -180,17 +181,27 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
             for (int64_t c0 = 0; c0 < C; c0 += 16)
                 input_transform(p, c0, v + i * C + c0, VS, C - c0 < 16 ? (int)(C - c0) : 16);
         }
-        for (int xi = 0; xi < W_TILE_POS; xi++)                  /* M[xi] = V[xi] U[xi] */
+        /* M[xi] = V[xi] U[xi]; U's panel pairs are read in the order they are stored, and the tiles of
+           each fetch the next pair into L2 as they go (gemm.c's fetch_over): on an Intel VM with 2 MB of
+           L2 per core, ResNet-50 b1 0.971x the time, the UNet block 0.978x (the same kernel choices,
+           alternated in one process, 15 rounds) */
+        for (int xi = 0; xi < W_TILE_POS; xi++)
             for (int64_t pp = 0; pp < NP2; pp++) {
                 const int nv = 2 * pp + 1 < P ? 2 : 1;
                 const int cols = CO - 32 * pp < 32 ? (int)(CO - 32 * pp) : 32;
+                const float *pair = u + xi * us + 2 * pp * ps;
+                fetch.next = fetch.end = 0;
+                if (xi + 1 < W_TILE_POS || pp + 1 < NP2) {   /* the next pair follows this one in memory */
+                    const int64_t panels = pp + 1 < NP2 ? (2 * pp + 3 < P ? 2 : 1) : (P > 1 ? 2 : 1);
+                    fetch_over(&fetch, pair + nv * ps, panels * ps * (int64_t)sizeof(float), C * ((nt + MR - 1) / MR));
+                }
                 for (int64_t m = 0; m < nt; m += MR) {
                     const int mr = nt - m < MR ? (int)(nt - m) : MR;
                     const float *ap[MR];
                     for (int i = 0; i < mr; i++)
                         ap[i] = v + xi * VS + (m + i) * C;
-                    tile_any(mr, nv, ap, 1, C, u + xi * us + 2 * pp * ps, ps, mb + xi * MS + m * CO + 32 * pp, CO,
-                             cols, zero, 0, 0.0f, 0.0f, 0);
+                    tile_any(mr, nv, ap, 1, C, pair, ps, mb + xi * MS + m * CO + 32 * pp, CO,
+                             cols, zero, 0, 0.0f, 0.0f, &fetch);
                 }
             }
         for (int64_t i = 0; i < nt; i++) {                       /* Y of each tile */
