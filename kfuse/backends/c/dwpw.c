@@ -46,7 +46,7 @@ int kf_dwpw(const float *restrict x, const float *restrict dw_w, const float *re
                 const int64_t rows = (oh1 - oh0) * OW, base = (n * OH + oh0) * OW;
                 for (int64_t pp = 0; pp < NP2; pp++) {
                     const int64_t n0 = 32 * pp;
-                    const int nv = 2 * pp + 1 < P ? 2 : 1;
+                    const int nv = pair_panels(pp, P);
                     const int cols = CO - n0 < 32 ? (int)(CO - n0) : 32;
                     for (int64_t m = 0; m < rows; m += MR) {
                         const int mr = rows - m < MR ? (int)(rows - m) : MR;
@@ -83,7 +83,7 @@ static void expand_rows(const float *restrict xr, const float *restrict pw_w, co
     const float *ap[MR];
     for (int64_t pp = c0 / 32; pp < (c1 + 31) / 32; pp++) {
         const int64_t n0 = 32 * pp;
-        const int nv = 2 * pp + 1 < P ? 2 : 1;
+        const int nv = pair_panels(pp, P);
         const int cols = C - n0 < 32 ? (int)(C - n0) : 32;
         for (int64_t m = 0; m < M; m += MR) {
             const int mr = M - m < MR ? (int)(M - m) : MR;

@@ -44,6 +44,11 @@ typedef struct {
     int64_t mask;
 } kf_fetch;
 
+/* panels (1 or 2) in panel pair pp of P 16-column panels: the last pair of an odd P has one */
+static inline int pair_panels(int64_t pp, int64_t P) {
+    return 2 * pp + 1 < P ? 2 : 1;
+}
+
 /* f set to fetch `bytes` from `next` over `steps` K steps: a line every 2^s steps, the sparsest spacing
    (at most 64) that covers them */
 static inline void fetch_over(kf_fetch *f, const void *next, int64_t bytes, int64_t steps) {
@@ -681,7 +686,7 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
             }
             scaled_m0 = m0;
         }
-        const int nv = 2 * pp + 1 < P ? 2 : 1;
+        const int nv = pair_panels(pp, P);
         /* The weight of the thread's next item, where that is another panel pair likely still in memory,
            fetched into L2 by this item's full tiles as they go (a line every `every` K steps, spread over
            the item's steps), so the next pair's first tile does not wait on memory line by line: pairs
@@ -698,7 +703,7 @@ KF_GEMM_ENTRY int kf_gemm_conv(const float *restrict x, const float *restrict wp
             first_rb = rb;
         if (!nchw && t + 1 < G * NP2 * nmb && (rows_first ? rb == first_rb && pp + 1 < NP2 : (t + 1) %% nmb == 0)) {
             const int64_t g1 = (t + 1) / (NP2 * nmb), pp1 = rows_first ? pp + 1 : (t + 1) %% (NP2 * nmb) / nmb;
-            fetch_over(&fetch, wp + (g1 * P + 2 * pp1) * ps, (2 * pp1 + 1 < P ? 2 : 1) * ps * (int64_t)sizeof(float),
+            fetch_over(&fetch, wp + (g1 * P + 2 * pp1) * ps, pair_panels(pp1, P) * ps * (int64_t)sizeof(float),
                        ntaps * CG * ((m1 - m0 + MR - 1) / MR));
         }
         /* a pair's valid output columns; with GLU its 16 gated outputs start at column 16 pp */

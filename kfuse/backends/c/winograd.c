@@ -187,13 +187,13 @@ int kf_winograd(const float *restrict x, const float *restrict u, const float *r
            alternated in one process, 15 rounds) */
         for (int xi = 0; xi < W_TILE_POS; xi++)
             for (int64_t pp = 0; pp < NP2; pp++) {
-                const int nv = 2 * pp + 1 < P ? 2 : 1;
+                const int nv = pair_panels(pp, P);
                 const int cols = CO - 32 * pp < 32 ? (int)(CO - 32 * pp) : 32;
                 const float *pair = u + xi * us + 2 * pp * ps;
                 fetch.next = fetch.end = 0;
                 if (xi + 1 < W_TILE_POS || pp + 1 < NP2) {   /* the next pair follows this one in memory */
-                    const int64_t panels = pp + 1 < NP2 ? (2 * pp + 3 < P ? 2 : 1) : (P > 1 ? 2 : 1);
-                    fetch_over(&fetch, pair + nv * ps, panels * ps * (int64_t)sizeof(float), C * ((nt + MR - 1) / MR));
+                    const int64_t bytes = pair_panels(pp + 1 < NP2 ? pp + 1 : 0, P) * ps * (int64_t)sizeof(float);
+                    fetch_over(&fetch, pair + nv * ps, bytes, C * ((nt + MR - 1) / MR));
                 }
                 for (int64_t m = 0; m < nt; m += MR) {
                     const int mr = nt - m < MR ? (int)(nt - m) : MR;
