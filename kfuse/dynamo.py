@@ -24,6 +24,7 @@ import operator
 import time
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -37,6 +38,9 @@ from .runtime import kvcache
 # in static kfuse programs; below it the graph is specialised per size.
 PARTITION_MIN_STATIC = 0.5
 MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it partitions instead
+# A partition's static run of less work (elements written, multiply-adds) runs by torch with the ops
+# beside it: a decode step's position and mask arithmetic on a few hundred elements between graph pieces
+SMALL_RUN = 8192
 
 _COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torch._dynamo.reset frees them)
 # Compiled segments by what they compute (Segment._key): a graph recompiled by Dynamo (a decode graph
@@ -419,19 +423,49 @@ class DynamoGraph:
     def _partition(self, static: dict):
         """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
         from torch.fx.passes.split_module import split_module
-        for node, axis, _ in self._appends.values():
-            if not static[node] and node.all_input_nodes[0].op == "placeholder":   # cat(ts, -2) or dim=-2
-                node.target, node.args, node.kwargs = kvcache.append, node.args[:1], {"dim": axis}
+        _erase_unused(self.gm)      # a size read and dropped (a cache's numel) would split a static run
+        # size arithmetic (a cache length plus one) between static ops would split their run too: each
+        # moves to the first op torch runs after its inputs, else to its first reader
+        for n in reversed(list(self.gm.graph.nodes)):
+            if _size_arithmetic(n) and n.users:
+                nodes = list(self.gm.graph.nodes)
+                first = min(nodes.index(u) for u in n.users)
+                after = max((nodes.index(a) for a in n.all_input_nodes), default=-1)
+                to = next((m for m in nodes[after + 1:first] if m is not n and m.op not in ("placeholder", "get_attr")
+                           and not static.get(m, True) and not _size_arithmetic(m)), nodes[first])
+                to.prepend(n)
+        live = set(self.gm.graph.nodes)
+        static = {n: s for n, s in static.items() if n in live}
+        kind_of = dict(static)      # True: in a kfuse segment
+        out = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
+        for i, c in self._appends.items():
+            node = c.cat
+            if node.target is not kvcache.append and not static[node] and node.all_input_nodes[0].op == "placeholder":
+                node.target, node.args, node.kwargs = kvcache.append, node.args[:1], {"dim": c.axis}
+            if c.rows is not None and node.target is kvcache.append:    # the window stays a view of the buffer
+                out[i].target, out[i].args, out[i].kwargs = kvcache.window, (node, c.rows), {"dim": c.axis}
+                kind_of[out[i]] = False
         self.gm.recompile()
-        part, pid, prev = {}, 0, None
+        runs = []       # [static, nodes] in graph order
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
-            if prev is not None and static[n] != prev:
+            if runs and runs[-1][0] == kind_of[n]:
+                runs[-1][1].append(n)
+            else:
+                runs.append([kind_of[n], [n]])
+        # a static run of views and size arithmetic alone, or of less work than SMALL_RUN, joins the torch
+        # runs beside it: torch runs such ops in a few us, a kfuse program's call costs ~20-40 us
+        part, pid, prev = {}, 0, None
+        for kind, nodes in runs:
+            kind = kind and not all(_cheap(n) for n in nodes) and sum(work(n) for n in nodes) >= SMALL_RUN
+            if prev is not None and kind != prev:
                 pid += 1
-            part[n], prev = pid, static[n]
+            for n in nodes:
+                part[n], kind_of[n] = pid, kind
+            prev = kind
         split = split_module(self.gm, None, lambda n: part[n], keep_original_order=True)
-        kinds = {f"submod_{pid}": static[n] for n, pid in part.items()}
+        kinds = {f"submod_{pid}": kind_of[n] for n, pid in part.items()}
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         scalar_names = {placeholders[i].name for i in self.scalars}
         for n in split.graph.nodes:     # each static run's call becomes a call of its Segment
@@ -558,26 +592,74 @@ def _structure(gm: torch.fx.GraphModule) -> tuple | None:
 
 
 def _attention_by_kfuse(gm: torch.fx.GraphModule) -> None:
-    """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`; one whose
-    keys and values are KV-cache appends (along the sequence axis, read by nothing else but the graph's
-    outputs) a call of `sdpa_appending`, which writes the new rows inside the attention kernel."""
+    """The SDPA calls of a graph that runs by torch on symbolic sizes, made calls of `sdpa`: keys and
+    values repeated per query head (Hugging Face's repeat_kv, used where a mask rules out torch's GQA)
+    read unrepeated with enable_gqa; one whose keys and values are KV-cache appends (along the sequence
+    axis, read by nothing else but the graph's outputs and windows of them it returns) a call of
+    `sdpa_appending`, which writes the new rows inside the attention kernel."""
     hit = False
+    outputs = set(_outputs(gm))
     for n in list(gm.graph.nodes):
-        if n.op == "call_function" and n.target in ATTENTION:
-            n.target, hit = sdpa, True
-            k, v = (n.args[1:3] if len(n.args) >= 3 else (None, None))
-            if not all(isinstance(a, torch.fx.Node) and a.target is kvcache.append and len(a.args) == 1
-                       and a.kwargs.get("dim") in (-2, 2) and set(a.users) <= {n, *_outputs(gm)} for a in (k, v)):
-                continue
-            with gm.graph.inserting_before(n):
-                fused = gm.graph.call_function(sdpa_appending, (n.args[0], k.args[0], v.args[0], *n.args[3:]),
-                                               {**n.kwargs, "dim": -2})
-                parts = [gm.graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
-            for old, new in zip((n, k, v), parts):
-                old.replace_all_uses_with(new)
-                gm.graph.erase_node(old)
+        if n.op != "call_function" or n.target not in ATTENTION:
+            continue
+        n.target, hit = sdpa, True
+        if len(n.args) < 3:
+            continue
+        repeated = [_repeated_kv(a) for a in n.args[1:3]]
+        if repeated[0] and repeated[1] and repeated[0][1] == repeated[1][1]:
+            n.args = (n.args[0], repeated[0][0], repeated[1][0], *n.args[3:])
+            n.kwargs = {**n.kwargs, "enable_gqa": True}
+            _erase_unused(gm)       # the repeats, so the caches' readers are the attention's own
+        k, v = n.args[1:3]
+        windows = [u for a in (k, v) if isinstance(a, torch.fx.Node) for u in a.users if u.target is kvcache.window]
+        if not (all(isinstance(a, torch.fx.Node) and a.target is kvcache.append and len(a.args) == 1
+                    and a.kwargs.get("dim") in (-2, 2) and set(a.users) <= {n, *outputs, *windows} for a in (k, v))
+                and all(set(w.users) <= outputs for w in windows)):
+            continue
+        with gm.graph.inserting_before(n):
+            fused = gm.graph.call_function(sdpa_appending, (n.args[0], k.args[0], v.args[0], *n.args[3:]),
+                                           {**n.kwargs, "dim": -2})
+            parts = [gm.graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+        for old, new in zip((n, k, v), parts):
+            old.replace_all_uses_with(new)
+            gm.graph.erase_node(old)
+        for w in windows:       # views of the caches, returned: after the call that makes them
+            next(iter(outputs)).prepend(w)
     if hit:
         gm.recompile()
+
+
+def _repeated_kv(n) -> tuple[torch.fx.Node, int] | None:
+    """(x, r) where n is x's heads each repeated r times: x[:, :, None].expand(b, h, r, s, d).reshape(b, h * r,
+    s, d), as Hugging Face's repeat_kv writes it (query head i reads key head i // r, as SDPA's enable_gqa)."""
+    if not (isinstance(n, torch.fx.Node) and n.target in ("reshape", torch.reshape) and n.args
+            and isinstance(n.args[0], torch.fx.Node) and n.args[0].target == "expand"):
+        return None
+    e = n.args[0]
+    g = e.args[0]
+    whole = slice(None, None, None)
+    if not (isinstance(g, torch.fx.Node) and g.target is operator.getitem and isinstance(g.args[0], torch.fx.Node)
+            and isinstance(g.args[1], tuple) and len(g.args[1]) == 5 and g.args[1][2] is None
+            and all(isinstance(a, slice) and a == whole for j, a in enumerate(g.args[1]) if j != 2)):
+        return None
+    x, ve, vn = _val(g.args[0]), _val(e), _val(n)
+    if not all(isinstance(t, torch.Tensor) for t in (x, ve, vn)) or x.dim() != 4 or ve.dim() != 5 or vn.dim() != 4:
+        return None
+    r = ve.shape[2]
+    same = [str(a) for a in ve.shape] == [str(a) for a in (*x.shape[:2], r, *x.shape[2:])] and \
+        [str(a) for a in vn.shape] == [str(a) for a in (x.shape[0], x.shape[1] * r, *x.shape[2:])]
+    return (g.args[0], r) if isinstance(r, int) and same else None
+
+
+def _erase_unused(gm: torch.fx.GraphModule) -> None:
+    """Remove the views, getitems and size arithmetic no one reads any more (a repeat_kv folded away)."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if not n.users and n.op in ("call_function", "call_method") and _cheap(n):
+                gm.graph.erase_node(n)
+                changed = True
 
 
 def _outputs(gm: torch.fx.GraphModule) -> list:
@@ -616,15 +698,29 @@ def _restride(outs, strides: dict):
     return outs if fixed is None else type(outs)(fixed) if isinstance(outs, tuple) else fixed
 
 
-def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int, int | None]]:
-    """Output position -> (node, axis, position of past among the graph's inputs or None) of each output
-    that is a KV-cache concatenation as Hugging Face's DynamicCache writes it: torch.cat([past, new],
-    dim=-2) of a rank >= 3 floating tensor, past a graph input or the empty tensor of a lazily
-    initialised cache (None)."""
+class _CacheOut(NamedTuple):
+    """A graph output that is a KV cache: `cat` (torch.cat([past, new], dim=axis)) or, where `rows` is
+    set, the window `cat[..., -rows:, :]` of it that a sliding-window cache keeps."""
+    cat: torch.fx.Node
+    axis: int
+    past: int | None       # past's position among the graph's inputs; None: the empty tensor of a new cache
+    rows: int | None = None
+
+
+def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, _CacheOut]:
+    """Output position -> _CacheOut for each output that is a KV-cache concatenation as Hugging Face's
+    DynamicCache writes it (torch.cat([past, new], dim=-2) of a rank >= 3 floating tensor, past a graph
+    input or the empty tensor of a lazily initialised cache), or the last rows of one along that axis
+    (DynamicSlidingWindowLayer's `full[:, :, -w:, :]`)."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = {}
     for i, n in enumerate(out if isinstance(out, (tuple, list)) else ()):
+        rows = None
+        if isinstance(n, torch.fx.Node) and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+            rows, n = _window_rows(n), n.args[0]
+            if rows is None:
+                continue
         if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in (torch.cat, torch.concat)):
             continue
         parts, dim = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
@@ -635,10 +731,24 @@ def _cache_appends(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, i
             continue
         past = _val(parts[0]) if isinstance(parts[0], torch.fx.Node) else None
         if isinstance(past, torch.Tensor) and parts[0].op == "placeholder":
-            found[i] = (n, val.dim() - 2, inputs.index(parts[0]))
+            found[i] = _CacheOut(n, val.dim() - 2, inputs.index(parts[0]), rows)
         elif isinstance(past, torch.Tensor) and past.dim() == 1 and not _symbols(past) and past.numel() == 0:
-            found[i] = (n, val.dim() - 2, None)
+            found[i] = _CacheOut(n, val.dim() - 2, None, rows)
     return found
+
+
+def _window_rows(n: torch.fx.Node) -> int | None:
+    """w where n is `x[:, ..., -w:, :]` (the last w rows along the second-last axis, all of the others)."""
+    x, index = _val(n.args[0]), n.args[1]
+    if not isinstance(x, torch.Tensor) or not isinstance(index, tuple) or len(index) != x.dim() or x.dim() < 3:
+        return None
+    whole = slice(None, None, None)
+    last = index[-2]
+    if (not all(isinstance(a, slice) and a == whole for j, a in enumerate(index) if j != x.dim() - 2)
+            or not isinstance(last, slice) or last.stop is not None or last.step is not None
+            or not isinstance(last.start, int) or last.start >= 0):
+        return None
+    return -last.start
 
 
 def _adopt(outs, appends: dict, args) -> tuple[object, set]:
@@ -646,21 +756,33 @@ def _adopt(outs, appends: dict, args) -> tuple[object, set]:
     empty tensor a cache starts from) made the latest view of a growable buffer, their positions);
     other concatenations of an input are left as computed (spare rows only where a cache grows)."""
     fixed, adopted = list(outs), set()
-    for i, (_, dim, past) in appends.items():
-        if past is None or kvcache.growable(args[past]):
-            fixed[i] = kvcache.adopt(fixed[i], dim)
+    for i, c in appends.items():
+        if c.past is None or kvcache.growable(args[c.past]):
+            fixed[i] = kvcache.adopt(fixed[i], c.axis)
             adopted.add(i)
     return (tuple(fixed) if isinstance(outs, tuple) else fixed), adopted
 
 
+_CHEAP = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "contiguous", "size", "to", "expand",
+          "split", "chunk", "flatten", "__getitem__", "getitem", "dim", "numel", "sym_sum", "window"}
+
+
+def _cheap(n: torch.fx.Node) -> bool:
+    """Whether a node is a view, a getitem or size arithmetic (no work worth a kfuse call)."""
+    if n.op not in ("call_function", "call_method", "call_module"):
+        return True
+    return (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")) in _CHEAP
+
+
+def _size_arithmetic(n: torch.fx.Node) -> bool:
+    """Whether n computes a Python int from others (a cache length plus one, a sym_max): pure, cheap."""
+    if n.op != "call_function" or isinstance(_val(n), bool) or not isinstance(_val(n), (int, torch.SymInt)):
+        return False
+    return getattr(n.target, "__module__", None) in ("_operator", "operator") or \
+        getattr(n.target, "__name__", "").startswith("sym_")
+
+
 def _computes(gm: torch.fx.GraphModule) -> bool:
     """Whether a segment does work worth a kfuse call (not only views, getitems and size arithmetic)."""
-    cheap = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "contiguous", "size", "to",
-             "expand", "split", "chunk", "flatten", "__getitem__", "getitem", "dim", "numel"}
-    for n in gm.graph.nodes:
-        if n.op in ("call_function", "call_method", "call_module"):
-            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if name not in cheap:
-                return True
-    return False
+    return not all(_cheap(n) for n in gm.graph.nodes)
 

@@ -6,9 +6,14 @@ the whole cache of every layer to add one row. A Dynamo graph whose output is su
 step's concatenation, given that view back, writes only the new rows into the buffer's spare rows and
 returns a view one row longer. The values are the concatenation's, bit for bit.
 
-A view is appended to in place only when it is the buffer's latest (its length is the buffer's fill):
-one grown from an older view gets a buffer of its own, so no tensor anyone holds ever changes. The
-buffer rides on the view as an attribute, so nothing global keeps it alive and no address is trusted.
+A sliding-window cache (Mistral's: the step's keys are cat([past, new]), the cache keeps their last
+w rows) keeps a `window` view of the same buffer, ending at its fill: appending to it extends it in
+place too, and the buffer is copied (the window only) once its spare rows are used up.
+
+A view is appended to in place only when it is the buffer's latest (it ends at the buffer's fill):
+one grown from an older view gets a buffer of its own, so no tensor anyone holds ever changes (views
+cover rows below the fill, appends write rows at and past it). The buffer rides on the view as an
+attribute, so nothing global keeps it alive and no address is trusted.
 Only caches that started empty (a lazily initialised DynamicCache layer) grow this way: a concatenation
 of any other tensor stays torch.cat (no spare rows for tensors that are not caches), and so does a
 cache cropped or reordered for beam search (new tensors, not views of ours).
@@ -37,17 +42,22 @@ def capacity(rows: int) -> int:
     return -(-want // ALIGN) * ALIGN
 
 
-def _latest(t: torch.Tensor, dim: int) -> _Buffer | None:
-    """The buffer `t` is the latest view of, if it is one."""
+def _latest(t: torch.Tensor, dim: int) -> tuple[_Buffer, int] | None:
+    """(the buffer, the row `t` starts at) where `t` is a latest view of one: rows of it along dim
+    that end at its fill, whole along the other dims."""
     b = getattr(t, "_kfuse_kv", None)
-    if (b is None or b.dim != dim or b.fill != t.shape[dim] or t.data_ptr() != b.data.data_ptr()
-            or t.stride() != b.data.stride() or t.dtype != b.data.dtype):
+    if (b is None or b.dim != dim or t.stride() != b.data.stride() or t.dtype != b.data.dtype
+            or any(t.shape[d] != b.data.shape[d] for d in range(t.dim()) if d != dim)):
         return None
-    return b
+    step = b.data.stride(dim) * b.data.element_size()
+    start, rest = divmod(t.data_ptr() - b.data.data_ptr(), step)
+    if rest or start < 0 or start + t.shape[dim] != b.fill:
+        return None
+    return b, start
 
 
-def _view(b: _Buffer) -> torch.Tensor:
-    v = b.data.narrow(b.dim, 0, b.fill)
+def _view(b: _Buffer, start: int = 0) -> torch.Tensor:
+    v = b.data.narrow(b.dim, start, b.fill - start)
     v._kfuse_kv = b
     return v
 
@@ -62,6 +72,17 @@ def _fresh(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     b = _Buffer(data, dim, rows)
     torch.cat(parts, dim=dim, out=data.narrow(dim, 0, rows))
     return _view(b)
+
+
+def window(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """t's last `rows` rows along dim (all of them where it has fewer), as `t[..., -rows:, ...]` gives
+    them; a view of t's buffer, appended to in place, where t is a growable cache."""
+    n = t.shape[dim]
+    v = t.narrow(dim, max(n - rows, 0), min(rows, n))
+    b = getattr(t, "_kfuse_kv", None)
+    if b is not None:
+        v._kfuse_kv = b
+    return v
 
 
 def growable(t: torch.Tensor) -> bool:
@@ -96,12 +117,13 @@ def reserve(tensors, dim: int = 0) -> tuple[torch.Tensor, bool]:
     dim = dim % new.dim()
     if past.dim() == new.dim() and past.dtype == new.dtype and past.device == new.device:
         with _lock:
-            b = _latest(past, dim)
+            found = _latest(past, dim)
             rows = new.shape[dim]
-            if (b is not None and b.fill + rows <= b.data.shape[dim]
+            if (found is not None and found[0].fill + rows <= found[0].data.shape[dim]
                     and all(past.shape[d] == new.shape[d] for d in range(new.dim()) if d != dim)):
+                b, start = found
                 b.fill += rows
-                return _view(b), True
+                return _view(b, start), True
     if past.numel() == 0 and past.dim() == 1:     # a lazily initialised cache: torch.cat skips it
         return _fresh([new], dim), False
     return _fresh([past, new], dim), False

@@ -4,6 +4,7 @@ eager's tokens, with a handful of compilations, not one per length."""
 from __future__ import annotations
 
 import gc
+import operator
 
 import pytest
 import torch
@@ -146,10 +147,10 @@ def test_layers_of_a_decode_graph_share_one_export(monkeypatch):
 
 
 def test_recompiled_graph_reuses_the_programs_of_identical_segments():
-    """Mistral's static cache: Dynamo compiles the decode graph again once the cache passes the
-    sliding window; the static segments it repeats, over the same weights, run the programs already
-    compiled rather than compile again."""
-    graphs = _compiled_generate(_model("mistral"), torch.randint(1, VOCAB, (1, 7)), 12, cache_implementation="static")
+    """Mistral's dynamic cache from a 3-token prompt: Dynamo compiles the decode graph again (a guard on
+    the length, again once the cache passes the sliding window); the static segments it repeats, over
+    the same weights, run the programs already compiled rather than compile again."""
+    graphs = _compiled_generate(_model("mistral"), torch.randint(1, VOCAB, (1, 3)), 12)
     segments = [s for g in graphs for s in g._segments]
     reused = [s for s in segments if s.reused]
     assert reused and all(s.builds == 0 and s.programs == 0 for s in reused), [g.summary() for g in graphs]
@@ -171,6 +172,48 @@ def test_decode_graph_is_partitioned_and_fused():
     torch_parts = [m for m in decode[0]._run.children() if isinstance(m, torch.fx.GraphModule)]
     calls = [n.target for m in torch_parts for n in m.graph.nodes if n.op == "call_function"]
     assert calls.count(kfuse.dynamo.sdpa_appending) == 2 and kfuse.runtime.kvcache.append not in calls, calls
+    # and nothing else splits the step: a kfuse program before, between and after the two attentions
+    # (the cache's unused numel dropped, the cache lengths' + 1 moved beside the attention)
+    run = decode[0]._run.graph.nodes
+    assert [n.op for n in run if n.op in ("call_module", "call_function") and n.target is not operator.getitem] == \
+        ["call_function", "call_module"] * 2 + ["call_function"], decode[0]._run.code
+
+
+def test_sliding_window_decode_writes_its_cache_in_place():
+    """Mistral's dynamic cache keeps the last w rows of cat([past, new]): before and after the window
+    fills, each layer's cache update and attention is one sdpa_appending call, reading the keys
+    unrepeated (enable_gqa, not repeat_kv's copies, also where a sliding mask is given), and the cache
+    is a view of a buffer that the step writes into."""
+    graphs = _compiled_generate(_model("mistral"), torch.randint(1, VOCAB, (1, 5)), 12)
+    decode = [g for g in graphs if any(c.cat.target is kfuse.runtime.kvcache.append for c in g._appends.values())]
+    assert len(decode) >= 2, [g.summary() for g in graphs]          # symbolic lengths before and after the window fills
+    masked = False
+    for g in decode:      # the parts torch runs (the static ones are kfuse programs)
+        nodes = [n for c in g._run.graph.nodes if c.op == "call_module" for n in getattr(g._run, c.target).graph.nodes]
+        appending = [n for n in nodes if n.target is kfuse.dynamo.sdpa_appending]
+        assert len(appending) == 2 and all(n.kwargs.get("enable_gqa") for n in appending), g._run.code
+        assert not any(n.target in ("expand", kfuse.runtime.kvcache.append) for n in nodes), g._run.code
+        assert sum(n.target is kfuse.runtime.kvcache.window for n in nodes) == 4
+        masked = masked or any(n.kwargs.get("attn_mask") is not None for n in appending)
+    assert masked, "past the window, the sliding mask goes to the attention kernel"
+    # step by step: eager's logits, and the window's buffer kept from the second step on (the window
+    # moves along it), through the window filling (8 rows) and past it
+    torch._dynamo.reset()       # Dynamo's recompile limit counts the generate()'s graphs above
+    model, ids = _model("mistral"), torch.randint(1, VOCAB, (1, 5))
+    with torch.no_grad():
+        wants = [model(ids, use_cache=True)]
+        for i in range(9):
+            wants.append(model(ids[:, i % 5:i % 5 + 1], past_key_values=wants[-1].past_key_values, use_cache=True))
+        forward = torch.compile(model.forward, backend="kfuse")
+        out, storages = forward(ids, use_cache=True), []
+        for i in range(9):
+            out = forward(ids[:, i % 5:i % 5 + 1], past_key_values=out.past_key_values, use_cache=True)
+            torch.testing.assert_close(out.logits, wants[i + 1].logits, rtol=1e-4, atol=1e-5)
+            storages.append([t.untyped_storage().data_ptr() for t in _cache_tensors(out.past_key_values)])
+    for got, ref in zip(_cache_tensors(out.past_key_values), _cache_tensors(wants[-1].past_key_values)):
+        assert got.shape == ref.shape == (1, 2, 7, 16)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert all(s == storages[1] for s in storages[1:]), storages
 
 
 def test_static_cache_written_in_place():

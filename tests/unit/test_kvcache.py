@@ -83,3 +83,30 @@ def test_reserve_leaves_only_in_place_rows_to_the_caller():
     assert not pending and torch.equal(older, torch.cat([past, new], -2))
     plain, pending = kvcache.reserve([r(1, 2, 4, 8), new], dim=-2)   # not a cache: torch.cat
     assert not pending and plain.shape[-2] == 5
+
+
+def test_sliding_window_appends_in_place_and_copies_only_the_window_when_full():
+    """Mistral's cache: the step's keys are cat([past, new]), the cache keeps their last w rows. The
+    window is a view of the same buffer and appends in place; once the spare rows are used up only
+    the window moves into a new buffer; older windows never change."""
+    w = 6
+    past = kvcache.window(kvcache.adopt(r(1, 2, 4, 8), 2), w, 2)
+    want = past.clone()
+    cap, moves, held = kvcache.capacity(4), 0, []
+    for i in range(cap + 3):
+        new = r(1, 2, 1, 8, seed=i + 1)
+        full = kvcache.append([past, new], 2)
+        want_full = torch.cat([want, new], 2)
+        assert torch.equal(full, want_full)
+        moves += full.untyped_storage().data_ptr() != past.untyped_storage().data_ptr()
+        held.append((past, past.clone()))
+        past, want = kvcache.window(full, w, 2), want_full[:, :, -w:]
+        assert torch.equal(past, want) and past.shape[2] == min(w, 5 + i)
+    assert moves == 1                                          # one regrowth, the window copied
+    assert past.untyped_storage().nbytes() == 2 * kvcache.capacity(w + 1) * 8 * 4
+    assert all(torch.equal(t, snapshot) for t, snapshot in held)
+    stale = held[-3][0]                                        # an older window: its own buffer
+    grown = kvcache.append([stale, r(1, 2, 1, 8)], 2)
+    assert grown.untyped_storage().data_ptr() != past.untyped_storage().data_ptr()
+    plain = r(1, 2, 9, 8)
+    assert torch.equal(kvcache.window(plain, 4, 2), plain[:, :, -4:]) and not kvcache.growable(kvcache.window(plain, 4, 2))
