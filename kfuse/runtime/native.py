@@ -29,6 +29,7 @@ Python program with other arenas. KFUSE_NATIVE=0 turns it off.
 from __future__ import annotations
 
 import ctypes
+import re
 
 import torch
 
@@ -323,6 +324,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
             lines.append(f"    {name}(i{k})")
     head = len(lines)            # where the fresh outputs are made (below)
     by_name = set()              # what Python steps read, through views: by the recorded tensors' names
+    view_lines = set()           # the Python views' lines (dropped below where nothing reads them)
     runs: list = []
     pending: list = []
 
@@ -347,6 +349,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
         outs = [f"v{gi}_{k}" for k in range(len(group.outputs))]
         if kernel.inline is not None:
             lines.append(f"    {outs[0]} = {args[0]}.{kernel.inline}")
+            view_lines.add(lines[-1])
         else:
             if kernel.writes_into:
                 args.insert(0, "(" + "".join((global_name("b", buffers[o]) if o in buffers else "None") + ", "
@@ -387,6 +390,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
                         names[o] + (".clone()" if o in fixed or o in const_views or o in seen else ""))
         seen.add(o)
     lines.append(f"    return ({''.join(r + ', ' for r in returned)})")
+    lines, runs = _joined_runs(_read_views_only(lines, view_lines), runs)
     source, slots = _source([[call for _, call in run] for run in runs])
     try:
         lib = load(source)
@@ -404,6 +408,34 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     # goes back to the output pool; the globals hold the rest)
     kept = [t for gi in native for t in rec.kept.get(gi, ())]
     return Native(g["program"], threads, arena, len(runs), len(native), python_kernels, (lib, kept, py))
+
+
+def _read_views_only(lines: list, view_lines: set) -> list:
+    """lines without the views nothing reads (a view of an input that only the runs read, through their
+    moved pointers): a reshape is ~1.5 us of Python a call."""
+    while True:
+        text = "\n".join(lines)
+        dead = [ln for ln in lines if ln in view_lines
+                and len(re.findall(rf"\b{ln.split()[0]}\b", text)) == 1]
+        if not dead:
+            return lines
+        lines = [ln for ln in lines if ln not in dead]
+
+
+def _joined_runs(lines: list, runs: list) -> tuple[list, list]:
+    """(lines, runs) with runs that follow each other with nothing between (a view between them dropped)
+    made one: one C call instead of two."""
+    out, joined = [], []
+    for ln in lines:
+        m = re.fullmatch(r"    run(\d+)\(\)", ln)
+        if m is None:
+            out.append(ln)
+        elif out and re.fullmatch(r"    run\d+\(\)", out[-1]):
+            joined[-1].extend(runs[int(m.group(1))])
+        else:
+            joined.append(list(runs[int(m.group(1))]))
+            out.append(f"    run{len(joined) - 1}()")
+    return out, joined
 
 
 def check(runner: Native, program_fn, arena, inputs) -> None:

@@ -290,3 +290,18 @@ def test_profile_walks_the_kernels_the_runner_records():
         x2 = torch.randn(2, 3, 9, 9)
         assert _equal(cm(x2), _python(cm, x2))
         torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_views_nothing_reads_are_dropped_and_the_runs_beside_them_joined():
+    """A view of an input that only the runs read (through their moved pointers) is not made in Python,
+    and two runs that then follow each other are one C call; views a later line reads stay."""
+    lines = ["def program(i0, i1):", "    m3(i0)", "    run0()", "    v1_0 = i1.permute((1, 0, ))",
+             "    v2_0 = v1_0.reshape((4, 8, ))", "    run1()", "    v4_0 = i0.reshape((2, 16, ))", "    v5_0, = k7(v4_0)",
+             "    run2()", "    return (v5_0, )"]
+    views = {lines[3], lines[4], lines[6]}
+    kept = native._read_views_only(lines, views)
+    assert kept == [ln for ln in lines if ln not in (lines[3], lines[4])]
+    out, runs = native._joined_runs(kept, [["a"], ["b", "c"], ["d"]])
+    assert out == ["def program(i0, i1):", "    m3(i0)", "    run0()", "    v4_0 = i0.reshape((2, 16, ))",
+                   "    v5_0, = k7(v4_0)", "    run1()", "    return (v5_0, )"]
+    assert runs == [["a", "b", "c"], ["d"]]
