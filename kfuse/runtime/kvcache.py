@@ -29,10 +29,14 @@ ALIGN = 64                   # capacity granularity, in rows
 
 
 class _Buffer:
-    __slots__ = ("data", "dim", "fill")
+    __slots__ = ("data", "dim", "fill", "ptr", "row", "strides", "dtype", "head", "tail")
 
     def __init__(self, data: torch.Tensor, dim: int, fill: int):
         self.data, self.dim, self.fill = data, dim, fill
+        # what _latest compares a view with, read once (it runs twice per layer and decode step)
+        self.ptr, self.row, self.strides, self.dtype = data.data_ptr(), data.stride(dim) * data.element_size(), \
+            data.stride(), data.dtype
+        self.head, self.tail = tuple(data.shape[:dim]), tuple(data.shape[dim + 1:])
 
 
 def capacity(rows: int) -> int:
@@ -46,12 +50,13 @@ def _latest(t: torch.Tensor, dim: int) -> tuple[_Buffer, int] | None:
     """(the buffer, the row `t` starts at) where `t` is a latest view of one: rows of it along dim
     that end at its fill, whole along the other dims."""
     b = getattr(t, "_kfuse_kv", None)
-    if (b is None or b.dim != dim or t.stride() != b.data.stride() or t.dtype != b.data.dtype
-            or any(t.shape[d] != b.data.shape[d] for d in range(t.dim()) if d != dim)):
+    if b is None or b.dim != dim or t.dtype != b.dtype or t.stride() != b.strides:
         return None
-    step = b.data.stride(dim) * b.data.element_size()
-    start, rest = divmod(t.data_ptr() - b.data.data_ptr(), step)
-    if rest or start < 0 or start + t.shape[dim] != b.fill:
+    shape = t.shape
+    if shape[:dim] != b.head or shape[dim + 1:] != b.tail:
+        return None
+    start, rest = divmod(t.data_ptr() - b.ptr, b.row)
+    if rest or start < 0 or start + shape[dim] != b.fill:
         return None
     return b, start
 
