@@ -31,8 +31,7 @@ import torch.fx
 from . import progress
 from .api import _COMPILING, check_options, compile, warn_if_grad
 from .errors import KfuseError
-from .dynamo_graph import (_CacheOut, _adopt, _cache_appends, _cheap, _size_arithmetic,  # noqa: F401
-                           _symbols, _val)
+from .dynamo_graph import _adopt, _cache_appends, _cheap, _size_arithmetic, _symbols, _val
 from .runtime import kvcache
 
 # A partition is worth it when this share of the work (contraction flops, elementwise elements) runs
