@@ -501,13 +501,15 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     the call, so it serves the symbolic KV length of a decode step. `new`: (k_new, v_new), rows to
     write into the last rows of k and v first (by the kernel where it runs, else copied)."""
     from .backends.c import attention as c_attention
-    heads_ok = q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and v.shape[:3] == k.shape[:3] and q.shape[-1] == k.shape[-1] and (
-        q.shape[0] == k.shape[0]) and (k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0))
-    kernel = (heads_ok and not dropout_p and not (is_causal and q.shape[2] != k.shape[2]) and q.device.type == "cpu"
-              and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
-              and (attn_mask is None or attn_mask.dtype in (torch.float32, torch.bool)))
-    if new is not None and not (kernel and all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1
-                                               for t in new)):
+    # shapes read once: this runs once per layer and decode step
+    qs, ks, vs, f32 = q.shape, k.shape, v.shape, torch.float32
+    kernel = (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and vs[:3] == ks[:3] and qs[3] == ks[3] and qs[0] == ks[0]
+              and (ks[1] == qs[1] or (enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0))
+              and not dropout_p and not (is_causal and qs[2] != ks[2]) and q.is_cpu
+              and q.dtype == f32 and k.dtype == f32 and v.dtype == f32
+              and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+              and (attn_mask is None or attn_mask.dtype in (f32, torch.bool)))
+    if new is not None and not (kernel and all(t.dtype == f32 and t.dim() == 4 and t.stride(-1) == 1 for t in new)):
         for dst, t in zip((k, v), new):
             kvcache.write_rows(dst, t, -2)
         new = None

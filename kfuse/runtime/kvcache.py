@@ -119,16 +119,16 @@ def reserve(tensors, dim: int = 0) -> tuple[torch.Tensor, bool]:
     past, new = tensors
     if not growable(past):
         return torch.cat(tensors, dim), False
-    dim = dim % new.dim()
-    if past.dim() == new.dim() and past.dtype == new.dtype and past.device == new.device:
+    ns = new.shape
+    dim = dim % len(ns)
+    if past.dim() == len(ns) and past.dtype == new.dtype and past.device == new.device:
         with _lock:
-            found = _latest(past, dim)
-            rows = new.shape[dim]
-            if (found is not None and found[0].fill + rows <= found[0].data.shape[dim]
-                    and all(past.shape[d] == new.shape[d] for d in range(new.dim()) if d != dim)):
+            found = _latest(past, dim)      # past's shape but along dim is its buffer's (head, tail)
+            if found is not None:
                 b, start = found
-                b.fill += rows
-                return _view(b, start), True
+                if b.fill + ns[dim] <= b.data.shape[dim] and ns[:dim] == b.head and ns[dim + 1:] == b.tail:
+                    b.fill += ns[dim]
+                    return _view(b, start), True
     if past.numel() == 0 and past.dim() == 1:     # a lazily initialised cache: torch.cat skips it
         return _fresh([new], dim), False
     return _fresh([past, new], dim), False

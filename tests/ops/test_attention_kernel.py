@@ -309,6 +309,31 @@ def test_new_rows_written_into_the_cache_first(B, H, Hkv, Lq, Lnew, Lk):
         close(got, _attention(q, want_k, want_v, None, scale=0.125, causal=False))
 
 
+@pytest.mark.parametrize("mask_kind", [None, "float", "bool", "per_head"])
+def test_growing_key_length_over_one_buffer(mask_kind):
+    """A decode loop: q of one row, k and v views of one buffer one key longer each call (a template shared
+    across key lengths, the split-KV plan and the mask's strides per call), across the lengths where the
+    split starts; every call against the reference, the output poisoned."""
+    B, H, Hkv, D = 1, 4, 1, 16          # one row-kernel task: split by the plan once the keys are many
+    buf_k, buf_v = torch.randn(B, Hkv, 1100, D), torch.randn(B, Hkv, 1100, D)
+    q = torch.randn(B, H, 1, D)
+    splits = set()
+    for Lk in [*range(1, 40), *range(1000, 1100, 9)]:
+        k, v = buf_k[:, :, :Lk], buf_v[:, :, :Lk]
+        mask = None
+        if mask_kind == "float":
+            mask = torch.randn(1, 1, 1, Lk)
+        elif mask_kind == "bool":
+            mask = torch.rand(1, 1, 1, Lk) < 0.8
+            mask[..., 0] = True
+        elif mask_kind == "per_head":
+            mask = torch.randn(B, H, 1, Lk)
+        for split in (None, True, False):
+            run(q, k, v, mask, split_kv=split)
+        splits.add(A.plan(B, H, 1, Lk, Hkv=Hkv, threads=2)[1] > 0)
+    assert splits == {False, True}
+
+
 def test_new_rows_without_a_kernel_call_and_errors():
     k, v = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
     new = (torch.ones(1, 2, 1, 16), torch.full((1, 2, 1, 16), 2.0))

@@ -35,12 +35,13 @@ split-KV plan are in kfuse/kernels/attention.py.
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
 
-from ...kernels.attention import (BLOCK_K, BLOCK_Q, ROW_GROUP, block_q, num_threads, peak_extra_bytes,  # noqa: F401
-                                 plan)
+from ...kernels.attention import (BLOCK_K, BLOCK_Q, ROW_GROUP, ROW_KERNEL_MAX_LQ, block_q, num_threads,  # noqa: F401
+                                 peak_extra_bytes, plan)
 from .compiler import keeps_built, load
 from .record import c_call
 
@@ -164,31 +165,50 @@ _TEMPLATES_MAX = 256
 
 def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=False):
     """The C argument struct, the tensors it points into that must stay alive, the kernel id. Everything
-    but the pointers depends on shapes, strides and options only: built once per such key (a template,
-    copied per call so concurrent calls never share one), which took ~10 us of Python per call."""
+    but the pointers, the key length and what follows from it (the split-KV plan, a mask's strides) depends
+    on shapes, strides and options only: built once per such key (a template, copied per call so concurrent
+    calls never share one), which took ~10 us of Python per call. The key leaves the key length out, so
+    a decode step (one key more each call, its cache a view of one buffer) hits the same template."""
     if mask is not None and mask.dtype not in (torch.float32, torch.bool):
         mask = mask.to(torch.float32)
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(),
-           None if mask is None else (mask.shape, mask.stride(), mask.dtype),
+    B, H, Lq = q.shape[:3]
+    Lk = k.shape[2]
+    full = (B, H, Lq, Lk)
+    mkey = None
+    if mask is not None:
+        # the mask's layout as the kernel reads it: strides along the dims it spans (a dim of size 1 has
+        # none), whether its last dim is contiguous (the copy rule below)
+        mkey = (mask.dtype, mask.dim(), mask.dim() >= 2 and mask.shape[-2] > 1, mask.stride(-1) == 1,
+                tuple(0 if n == 1 else s for n, s in zip(full, mask.expand(full).stride())))
+    key = (q.shape, q.stride(), k.shape[:2], k.stride(), v.shape[3], v.stride(), out.stride(), mkey,
            scale, causal, split_kv, kernel, zero_masked, num_threads())
     tpl = _TEMPLATES.get(key)
     if tpl is None:
         if len(_TEMPLATES) >= _TEMPLATES_MAX:
             _TEMPLATES.clear()
-        tpl = _TEMPLATES[key] = _template(q, k, v, mask, out, scale=scale, causal=causal, split_kv=split_kv,
-                                          kernel=kernel, zero_masked=zero_masked, threads=key[-1])
-    raw, copy_mask, part_numel, kern = tpl
+        tpl = _TEMPLATES[key] = _template(q, k, v, mkey, out, scale=scale, causal=causal, kernel=kernel,
+                                          zero_masked=zero_masked, threads=key[-1])
+    raw, bq, kern, copy_mask = tpl
     a = _Args.from_buffer_copy(raw)
     a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    a.Lk = Lk
+    _, nsplit, chunk = _plan(B, H, Lq, Lk, k.shape[1], split_kv, key[-1], kernel, bq)
+    part = None
+    if nsplit:
+        a.nsplit, a.chunk = nsplit, chunk
+        part = torch.empty(nsplit * B * H * Lq * (v.shape[3] + 2), dtype=torch.float32)
+        a.part = part.data_ptr()
     if mask is not None:
         if copy_mask:
             mask = _query_major(mask)
-        a.mask = mask.data_ptr()                # the expanded view the template's strides describe
-    part = None
-    if part_numel:
-        part = torch.empty(part_numel, dtype=torch.float32)
-        a.part = part.data_ptr()
+        a.smb, a.smh, a.smi, a.smj = mask.expand(full).stride()
+        a.mask = mask.data_ptr()                # the expanded view those strides describe
     return a, (mask, part), kern
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(B, H, Lq, Lk, Hkv, split_kv, threads, kernel, bq):
+    return plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel, bq=bq)
 
 
 def _query_major(mask):
@@ -196,36 +216,32 @@ def _query_major(mask):
     return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _template(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked, threads):
-    """(struct bytes without pointers, whether the mask is copied query-major, split-KV partials' size, kernel id)"""
+def _template(q, k, v, mkey, out, *, scale, causal, kernel, zero_masked, threads):
+    """(struct bytes without pointers, the key length and what follows from it; the block kernel's queries
+    per task; the kernel id; whether the mask is copied query-major) for a mask of layout mkey (_args)"""
     B, H, Lq, D = q.shape
-    _, Hkv, Lk, _ = k.shape
     a = _Args()
-    a.B, a.H, a.Hkv, a.Lq, a.Lk = B, H, Hkv, Lq, Lk
+    a.B, a.H, a.Hkv, a.Lq = B, H, k.shape[1], Lq
     a.sqb, a.sqh, a.sqi = q.stride()[:3]
     a.skb, a.skh, a.skj = k.stride()[:3]
     a.svb, a.svh, a.svj = v.stride()[:3]
     a.sob, a.soh, a.soi = out.stride()[:3]
-    # the mask's stride along the queries is 0 where it is the same for every query
-    bq = block_q(causal, mask is not None and mask.expand(B, H, Lq, Lk).stride(2) != 0)
-    kern, nsplit, chunk = plan(B, H, Lq, Lk, Hkv=Hkv, split_kv=split_kv, threads=threads, kernel=kernel, bq=bq)
+    # the mask varies along the queries where it has a stride along them
+    bq = block_q(causal, mkey is not None and mkey[4][2] != 0)
+    kern = kernel or ("row" if Lq <= ROW_KERNEL_MAX_LQ else "block")
     copy_mask = False
-    if mask is not None:
+    if mkey is not None:
+        dtype, dim, per_query, last_contiguous, strides = mkey
         # the block kernel holds 16 queries in a vector: a mask stored query-fastest adds them with one
         # load; a float mask stored keys-fastest is transposed 16 x 16 in the kernel; any other (a bool
         # mask, a strided one) is copied query-fastest (broadcast dims kept) rather than read as 16
         # strided scalars
-        copy_mask = (kern == "block" and mask.dim() >= 2 and mask.shape[-2] > 1 and mask.stride(-2) != 1
-                     and not (mask.dtype == torch.float32 and mask.stride(-1) == 1))
-        if copy_mask:
-            mask = _query_major(mask)
-        a.smb, a.smh, a.smi, a.smj = mask.expand(B, H, Lq, Lk).stride()
-        a.mask_kind = 2 if mask.dtype == torch.bool else 1
-    if nsplit:
-        a.nsplit, a.chunk = nsplit, chunk
+        copy_mask = (kern == "block" and dim >= 2 and per_query and strides[2] != 1
+                     and not (dtype == torch.float32 and last_contiguous))
+        a.mask_kind = 2 if dtype == torch.bool else 1
     a.causal, a.nthreads, a.scale, a.zero_masked = int(causal), threads, float(scale), int(zero_masked)
     a.bq = bq
-    return bytes(a), copy_mask, nsplit * B * H * Lq * (v.shape[3] + 2), 0 if kern == "block" else 1
+    return bytes(a), bq, 0 if kern == "block" else 1, copy_mask
 
 
 def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:
