@@ -80,7 +80,33 @@ class Program:
         device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None) if self._on_input_device else None
         return self._plan.new_arena(device)
 
+    def lone(self, inputs):
+        """The outputs by the native runner where it can serve this call as the program's only caller (the
+        runner's arena on top of the pool, no other call in flight, the runner's thread count wanted), else
+        None (then the call goes the usual way). CompiledModel's call takes this first: a call that ends in
+        the runner skips the general path's Python, run cold between programs in a decode step."""
+        runner, arenas = self._native, self._arenas
+        if runner is None or not arenas or arenas[-1] is not runner.arena or len(arenas) != self._n_arenas \
+                or (config.get().threads or openmp.threads()) != runner.threads:
+            return None
+        try:
+            arena = arenas.pop()        # atomic under the GIL: another caller may have taken it meanwhile
+        except IndexError:
+            return None
+        try:
+            # the runner writes into one arena of the pool: holding it, this call is its only user
+            return runner(inputs) if arena is runner.arena and self._n_arenas - len(arenas) == 1 else None
+        finally:
+            # the runner's arena on top, where the next lone caller takes it
+            if arena is runner.arena:
+                arenas.append(arena)
+            else:
+                arenas.insert(0, arena)
+
     def _launch(self, inputs):
+        out = self.lone(inputs)
+        if out is not None:
+            return out
         arenas = self._arenas
         try:
             arena = arenas.pop()         # list.pop and append are atomic under the GIL
@@ -93,10 +119,6 @@ class Program:
             before = openmp.threads()
             want = max(1, (config.get().threads or before) // in_flight)
             with openmp.using(want) if want != before else contextlib.nullcontext():
-                runner = self._native
-                # the runner writes into one arena of the pool: holding it, this call is its only user
-                if runner is not None and arena is runner.arena and in_flight == 1 and want == runner.threads:
-                    return runner(inputs)
                 out = list(self._fn(arena, *inputs))
                 if self._native_after and in_flight == 1:
                     self._make_native(arena, inputs, want)
