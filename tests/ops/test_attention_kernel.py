@@ -334,6 +334,15 @@ def test_growing_key_length_over_one_buffer(mask_kind):
     assert splits == {False, True}
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (9,), (1, 9)])
+def test_masks_of_few_dims_broadcast(shape):
+    """A 0-d (a scalar added to every score), 1-d or 2-d mask broadcast to [B, H, Lq, Lk], as ONNX's and torch's
+    attention allow."""
+    q, k, v = qkv(2, 4, 2, 5, 9, 16)
+    for kernel in ("block", "row"):
+        run(q, k, v, torch.randn(shape), kernel=kernel)
+
+
 def test_new_rows_without_a_kernel_call_and_errors():
     k, v = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
     new = (torch.ones(1, 2, 1, 16), torch.full((1, 2, 1, 16), 2.0))

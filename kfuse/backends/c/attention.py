@@ -178,7 +178,7 @@ def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=Fa
     if mask is not None:
         # the mask's layout as the kernel reads it: strides along the dims it spans (a dim of size 1 has
         # none), whether its last dim is contiguous (the copy rule below)
-        mkey = (mask.dtype, mask.dim(), mask.dim() >= 2 and mask.shape[-2] > 1, mask.stride(-1) == 1,
+        mkey = (mask.dtype, mask.dim(), mask.dim() >= 2 and mask.shape[-2] > 1, mask.dim() >= 1 and mask.stride(-1) == 1,
                 tuple(0 if n == 1 else s for n, s in zip(full, mask.expand(full).stride())))
     key = (q.shape, q.stride(), k.shape[:2], k.stride(), v.shape[3], v.stride(), out.stride(), mkey,
            scale, causal, split_kv, kernel, zero_masked, num_threads())
