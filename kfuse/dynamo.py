@@ -28,10 +28,11 @@ import weakref
 import torch
 import torch.fx
 
-from . import progress
+from . import dynamo_step, progress
 from .api import _COMPILING, check_options, compile, warn_if_grad
 from .errors import KfuseError
 from .dynamo_graph import _adopt, _cache_appends, _cheap, _size_arithmetic, _symbols, _val
+from .dynamo_step import sdpa, sdpa_appending
 from .runtime import kvcache
 
 # A partition is worth it when this share of the work (contraction flops, elementwise elements) runs
@@ -41,6 +42,8 @@ MAX_SPECIALISED = 8        # distinct size sets one graph compiles before it par
 # A partition's static run of less work (elements written, multiply-adds) runs by torch with the ops
 # beside it: a decode step's position and mask arithmetic on a few hundred elements between graph pieces
 SMALL_RUN = 8192
+STEP_AFTER = 3             # a partitioned graph's calls before its calls are tried as one C call (dynamo_step)
+STEP_TRIES = 3
 
 _COMPILED: list = []     # weak references: Dynamo's cache owns the graphs (torch._dynamo.reset frees them)
 # Compiled segments by what they compute (Segment._key): a graph recompiled by Dynamo (a decode graph
@@ -368,6 +371,9 @@ class DynamoGraph:
             else:
                 self.why += "; traced per size set (an int input is not the size of a tensor input)"
         self.n_symbolic_ops = 0
+        # a partitioned graph's calls as one C call (dynamo_step.Step), tried at its STEP_AFTER-th call (its
+        # segments have native runners by then); step_why: why not, where it was tried and is not
+        self._step, self._step_after, self._step_tries, self.step_why = None, STEP_AFTER, STEP_TRIES, ""
         if self.strategy == "static":
             self._run = Segment(gm, options, self.frozen, self.scalars)
             self._segments.append(self._run)
@@ -405,7 +411,25 @@ class DynamoGraph:
                 if seg not in self._segments:
                     self._segments.append(seg)
             return seg(*args)
+        step = self._step
+        if step is not None:
+            outs = step(args)
+            if outs is not None:
+                return outs
+        elif self._step_after and self.strategy == "partitioned":
+            self._step_after -= 1
+            if not self._step_after:
+                return self._first_step(args)
         return self._run(*args)
+
+    def _first_step(self, args):
+        """This call's outputs, with the graph's calls tried as one C call (dynamo_step.setup)."""
+        outs, self._step, why = dynamo_step.setup(self._run, Segment, args)
+        if self._step is None and why.startswith("its first call"):
+            self._step_tries -= 1
+            self._step_after = STEP_AFTER if self._step_tries else 0
+        self.step_why = why
+        return outs
 
     def _partition(self, static: dict):
         """gm split into runs of static ops (each a Segment compiled by kfuse) and the ops between."""
@@ -488,52 +512,14 @@ class DynamoGraph:
             if cm is not None:
                 line += ("; each converted from one export with symbolic sizes" if not cm.symbolic_why
                          else f"; traced per size set where needed: {cm.symbolic_why}")
+        if self._step is not None:
+            line += f"; {self._step.describe()}"
+        elif self.step_why:
+            line += f"; steps not one C call: {self.step_why}"
         fallbacks = [s.fallback for s in self._segments if s.fallback]
         if fallbacks:
             line += f"; {len(fallbacks)} graph(s) run by torch: {fallbacks[0]}"
         return line
-
-
-def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, new=None):
-    """torch's scaled_dot_product_attention, by kfuse's attention kernel (split-KV for one query)
-    where it computes the same: float32 4-D CPU tensors, no dropout, a causal frontier only where
-    torch's top-left alignment is the kernel's bottom-right one (equal lengths). Sizes are read at
-    the call, so it serves the symbolic KV length of a decode step. `new`: (k_new, v_new), rows to
-    write into the last rows of k and v first (by the kernel where it runs, else copied)."""
-    from .backends.c import attention as c_attention
-    # shapes read once: this runs once per layer and decode step
-    qs, ks, vs, f32 = q.shape, k.shape, v.shape, torch.float32
-    kernel = (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and vs[:3] == ks[:3] and qs[3] == ks[3] and qs[0] == ks[0]
-              and (ks[1] == qs[1] or (enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0))
-              and not dropout_p and not (is_causal and qs[2] != ks[2]) and q.is_cpu
-              and q.dtype == f32 and k.dtype == f32 and v.dtype == f32
-              and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-              and (attn_mask is None or attn_mask.dtype in (f32, torch.bool)))
-    if new is not None and not (kernel and all(t.dtype == f32 and t.dim() == 4 and t.stride(-1) == 1 for t in new)):
-        for dst, t in zip((k, v), new):
-            kvcache.write_rows(dst, t, -2)
-        new = None
-    if not kernel:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
-                                                                enable_gqa=enable_gqa)
-    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    # checked above (dtypes, ranks, last-dim strides, heads), and `new` holds rows of k and v (kvcache.reserve)
-    return c_attention.attention(q, k, v, attn_mask, scale=scale, causal=is_causal, zero_masked=True, new=new,
-                                 check=False)
-
-
-def sdpa_appending(q, keys, values, *args, dim: int, **kwargs):
-    """(sdpa(q, k, v, ...), k, v) for k, v = kvcache.append(keys, dim), kvcache.append(values, dim): where
-    both caches grow in place, their new rows are written by the attention kernel as it starts instead
-    of copied by torch before it (a decode step's cache update, inside the kernel)."""
-    k, k_pending = kvcache.reserve(keys, dim)
-    v, v_pending = kvcache.reserve(values, dim)
-    if k_pending and v_pending and keys[1].shape == values[1].shape:
-        return sdpa(q, k, v, *args, new=(keys[1], values[1]), **kwargs), k, v
-    for out, pending, t in ((k, k_pending, keys[1]), (v, v_pending, values[1])):
-        if pending:
-            kvcache.write_rows(out, t, dim)
-    return sdpa(q, k, v, *args, **kwargs), k, v
 
 
 def _symbolic_inputs(gm: torch.fx.GraphModule, frozen: list[int]) -> tuple[dict, dict] | None:

@@ -119,19 +119,45 @@ def reserve(tensors, dim: int = 0) -> tuple[torch.Tensor, bool]:
     past, new = tensors
     if not growable(past):
         return torch.cat(tensors, dim), False
-    ns = new.shape
-    dim = dim % len(ns)
-    if past.dim() == len(ns) and past.dtype == new.dtype and past.device == new.device:
+    dim = dim % new.dim()
+    if past.dim() == new.dim() and past.device == new.device:
         with _lock:
-            found = _latest(past, dim)      # past's shape but along dim is its buffer's (head, tail)
+            found = _room(past, new.shape, new.dtype, dim)
             if found is not None:
                 b, start = found
-                if b.fill + ns[dim] <= b.data.shape[dim] and ns[:dim] == b.head and ns[dim + 1:] == b.tail:
-                    b.fill += ns[dim]
-                    return _view(b, start), True
+                b.fill += new.shape[dim]
+                return _view(b, start), True
     if past.numel() == 0 and past.dim() == 1:     # a lazily initialised cache: torch.cat skips it
         return _fresh([new], dim), False
     return _fresh([past, new], dim), False
+
+
+def _room(past: torch.Tensor, shape, dtype, dim: int) -> tuple[_Buffer, int] | None:
+    """(buffer, start) where rows of `shape` and `dtype` append to `past` in place: it is the latest view of
+    its buffer, the rows fit in the spare ones and match it along the other dims (under _lock)."""
+    found = _latest(past, dim)      # past's shape but along dim is its buffer's (head, tail)
+    if found is None:
+        return None
+    b = found[0]
+    if b.dtype != dtype or b.fill + shape[dim] > b.data.shape[dim] or shape[:dim] != b.head or shape[dim + 1:] != b.tail:
+        return None
+    return found
+
+
+def grow(caches: list, dim: int) -> list[torch.Tensor] | None:
+    """For (past, rows' shape, dtype) of each cache: the view `reserve` returns where the rows append in place
+    (their writing left to the caller), for all of them or for none (None: one is not the latest view of its
+    buffer with the rows to spare). A decode step composed into one C call grows every layer's cache first."""
+    with _lock:
+        found = []
+        for past, shape, dtype in caches:
+            f = _room(past, shape, dtype, dim) if past.is_cpu else None
+            if f is None or any(f[0] is b for b, _, _ in found):
+                return None
+            found.append((*f, shape[dim]))
+        for b, _, rows in found:
+            b.fill += rows
+        return [_view(b, start) for b, start, _ in found]
 
 
 def adopt(t: torch.Tensor, dim: int) -> torch.Tensor:

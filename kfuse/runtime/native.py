@@ -231,6 +231,7 @@ class Native:
         self._fn, self.threads, self.arena = fn, threads, arena
         self.runs, self.native_kernels, self.python_kernels = runs, native, python
         self._keep = keep
+        self.parts: Parts | None = None     # set by _assemble
 
     def __call__(self, inputs):
         if torch.is_grad_enabled():     # the staging copies would otherwise join a caller's autograd graph
@@ -371,7 +372,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     # made again on it
     by_runs = {o for gi in native for o in groups[gi].outputs}
     roots = [_root(o, view_of) for o in graph.outputs]
-    fresh = {}
+    fresh, fresh_of = {}, {}
     for out, b in zip(graph.outputs, roots):
         t = env[b]
         if b in by_runs and b not in by_name and b not in buffers and b not in const_views and roots.count(b) == 1 \
@@ -382,13 +383,17 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
             # a view of it (the chain of views the program makes) as one as_strided: ~1 us where a chain
             # of three (narrow, reshape, permute) took ~4
             v = env[out]
-            fresh[out] = w if out is b else \
-                f"{w}.as_strided({tuple(v.shape)}, {v.stride()}, {v.storage_offset() - t.storage_offset()})"
+            view = None if out is b else (tuple(v.shape), v.stride(), v.storage_offset() - t.storage_offset())
+            fresh[out] = w if view is None else f"{w}.as_strided{view}"
+            fresh_of[out] = (name, view)
     seen = set(graph.inputs)
     returned = []
+    recorded = {}                # output -> the recorded tensor it is a copy of
     for o in graph.outputs:
         returned.append(fresh[o] if o in fresh else
                         names[o] + (".clone()" if o in fixed or o in const_views or o in seen else ""))
+        if o not in fresh and o in fixed and o not in const_views and o not in seen:
+            recorded[o] = names[o]
         seen.add(o)
     lines.append(f"    return ({''.join(r + ', ' for r in returned)})")
     lines, runs = _joined_runs(_read_views_only(lines, view_lines), runs)
@@ -408,7 +413,38 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     # held: the library, the tensors the replayed calls were given (not the others': a Python step's output
     # goes back to the output pool; the globals hold the rest)
     kept = [t for gi in native for t in rec.kept.get(gi, ())]
-    return Native(g["program"], threads, arena, len(runs), len(native), python_kernels, (lib, kept, py))
+    runner = Native(g["program"], threads, arena, len(runs), len(native), python_kernels, (lib, kept, py))
+    runner.parts = _parts(lines, g, graph, fresh_of, recorded)
+    return runner
+
+
+class Parts:
+    """A native program that is moves, runs and outputs only: what a caller composing several programs into
+    one C call (kfuse/dynamo_step.py) wires together. inputs[k]: the _Moved of input k (None: the runs do not
+    read it); runs: the _Run calls in order; outputs[j]: (the _Moved made fresh for output j, the (size,
+    stride, offset) of the view returned on it or None, None), or (None, None, the recorded tensor a run
+    writes it into, which the program returns a copy of)."""
+
+    def __init__(self, inputs: list, runs: list, outputs: list):
+        self.inputs, self.runs, self.outputs = inputs, runs, outputs
+
+
+def _parts(lines: list, g: dict, graph, fresh_of: dict, recorded: dict) -> Parts | None:
+    """The program as Parts, or None where it runs anything else from Python (a view, a torch op, a copy)."""
+    inputs: list = [None] * len(graph.inputs)
+    runs = []
+    for ln in lines[1:-1]:
+        move, run = re.fullmatch(r"    (m\d+)\(i(\d+)\)", ln), re.fullmatch(r"    (run\d+)\(\)", ln)
+        if move:
+            inputs[int(move.group(2))] = g[move.group(1)]
+        elif run:
+            runs.append(g[run.group(1)])
+        elif not re.fullmatch(r"    w\d+ = m\d+\.fresh\(\)", ln):
+            return None
+    if not all(o in fresh_of or o in recorded for o in graph.outputs):
+        return None
+    return Parts(inputs, runs, [(g[fresh_of[o][0]], fresh_of[o][1], None) if o in fresh_of else (None, None, g[recorded[o]])
+                                for o in graph.outputs])
 
 
 def _read_views_only(lines: list, view_lines: set) -> list:

@@ -159,6 +159,49 @@ def prepare(q, k, v, mask=None, *, scale, causal=False, out, split_kv=None, kern
     return run
 
 
+class Decode:
+    """attention(q, k, v, new=(k_new, v_new), scale) called once per decode step with q, k_new, v_new and out
+    at fixed addresses, k and v views of caches one row longer each step (kfuse/dynamo_step.py): the argument
+    struct is built once; `keys(k, v)` sets each step's caches (pointers, strides, length, split plan) and
+    `address` is what the kernel takes, with `function` and `kernel` (no mask, not causal)."""
+
+    def __init__(self, q, k, v, k_new, v_new, out, *, scale: float):
+        for name, t in (("q", q), ("k", k), ("v", v), ("k_new", k_new), ("v_new", v_new), ("out", out)):
+            _check(name, t)
+        self.a, _, self.kernel = _args(q, k, v, None, out, scale=scale, causal=False, split_kv=None, kernel=None,
+                                       zero_masked=True)
+        a = self.a
+        a.knew, a.vnew, a.Lnew = k_new.data_ptr(), v_new.data_ptr(), k_new.shape[2]
+        a.snkb, a.snkh, a.snkj = k_new.stride()[:3]
+        a.snvb, a.snvh, a.snvj = v_new.stride()[:3]
+        self.address = ctypes.addressof(a)
+        self.function = ctypes.cast(library(q.shape[-1], v_head_dim=v.shape[-1]).attn_forward, ctypes.c_void_p).value
+        self._sizes = (q.shape[0], q.shape[1], q.shape[2], k.shape[1], v.shape[-1])
+        self._keep = (q, k_new, v_new, out)
+        self.part = None          # the split-KV partials of the step (held until the kernel has run)
+        self.keys(k, v)
+
+    def rows(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """This step's q and new rows, where they are not at fixed addresses (the layouts of the first call's)."""
+        a = self.a
+        a.q, a.knew, a.vnew = q.data_ptr(), k_new.data_ptr(), v_new.data_ptr()
+        a.sqb, a.sqh, a.sqi = q.stride()[:3]
+        a.snkb, a.snkh, a.snkj = k_new.stride()[:3]
+        a.snvb, a.snvh, a.snvj = v_new.stride()[:3]
+        self._keep = (q, k_new, v_new, self._keep[3])
+
+    def keys(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """This step's caches: views of [B, Hkv, Lk, D] whose last Lnew rows the kernel writes first."""
+        a, (B, H, Lq, Hkv, DV) = self.a, self._sizes
+        Lk = k.shape[2]
+        a.k, a.v, a.Lk = k.data_ptr(), v.data_ptr(), Lk
+        a.skb, a.skh, a.skj = k.stride()[:3]
+        a.svb, a.svh, a.svj = v.stride()[:3]
+        _, nsplit, chunk = _plan(B, H, Lq, Lk, Hkv, None, a.nthreads, None, a.bq)
+        self.part = torch.empty(nsplit * B * H * Lq * (DV + 2), dtype=torch.float32) if nsplit else None
+        a.nsplit, a.chunk, a.part = nsplit, chunk, self.part.data_ptr() if nsplit else None
+
+
 _TEMPLATES: dict[tuple, tuple] = {}
 _TEMPLATES_MAX = 256
 
