@@ -384,7 +384,7 @@ class Step:
             q, kn, vn = (value[layer[x]] if layer["pre"] else self.fixed[layer[x]][2] for x in ("q", "kn", "vn"))
             if not _attention_fits(q, kn, vn, gqa=layer["gqa"]):
                 raise NotStepped("an attention call the kernel does not compute as torch does")
-            scale = layer["scale"] if layer["scale"] is not None else q.shape[-1] ** -0.5
+            scale = layer["scale"] if layer["scale"] is not None else 1.0 / q.shape[-1] ** 0.5     # as sdpa computes it
             k, v = args[layer["kc"][1]], args[layer["vc"][1]]
             decs.append(c_attention.Decode(q, k, v, kn, vn, self.fixed[("attn", a, 0)][2], scale=float(scale)))
         ops = []
