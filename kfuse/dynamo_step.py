@@ -31,6 +31,7 @@ from . import config
 from .backends import openmp
 from .backends.c import attention as c_attention
 from .backends.c.compiler import load
+from .dynamo_graph import _val
 from .runtime import kvcache
 from .runtime.native import _same
 
@@ -105,7 +106,7 @@ class _Seg:
     torch op: the embedding's gather) and reads only the graph's inputs is `pre`: it runs through its usual
     call before the C call, and what it computes is read where it is, each call."""
 
-    def __init__(self, seg, node, source: dict):
+    def __init__(self, seg, node, source: dict, pre_ok):
         if seg.fallback or seg._built is None or seg._numbers:
             raise NotStepped("a segment that torch runs, not yet built, or returning ints")
         self.seg, self.built = seg, seg._built
@@ -116,11 +117,8 @@ class _Seg:
         args = node.args
         self.pre = runner is None or runner.parts is None or prog._graphed is not None
         if self.pre:
-            if not all(not isinstance(a, torch.fx.Node) or source[a][0] == "arg" for a in args):
-                raise NotStepped("a segment's program with Python steps, after another piece")
             self._outputs(cm, prog)
-            self.call = [source[a][1] if isinstance(a, torch.fx.Node) else a for a in args]
-            self.literal = [not isinstance(a, torch.fx.Node) for a in args]
+            self.call = _pre_call(args, source, pre_ok)
             self.meta = [(tuple(o.shape), o.dtype) for o in prog.graph.outputs]
             return
         self._outputs(cm, prog)
@@ -145,31 +143,93 @@ class _Seg:
         state = tuple((id(args[p]), args[p]._version) for p in self.frozen) + tuple(args[p].item() for p in self.scalars)
         return self.seg._built is self.built and state == self.built[0] and self.prog._native is self.runner
 
-    def run(self, args) -> tuple:
-        """A pre segment's outputs for the graph's inputs `args`."""
-        outs = self.seg(*[p if lit else args[p] for p, lit in zip(self.call, self.literal)])
+    def run(self, args, value: dict) -> tuple:
+        """A pre segment's outputs for the graph's inputs `args` and the earlier pre pieces' outputs `value`."""
+        outs = self.seg(*_pre_args(self.call, args, value))
         return (outs,) if self.single else outs
 
 
+class _TorchPre:
+    """A piece torch runs (not an attention call) before the first attention call, reading only the graph's
+    inputs and earlier pre pieces' outputs (Mistral's embedding, positions and window arithmetic): it runs as
+    it is before the C call, and what it computes is read where it is."""
+    pre = True
+
+    def __init__(self, sub, node, source: dict, pre_ok):
+        self.sub, self.call = sub, _pre_call(node.args, source, pre_ok)
+        out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+        self.single = not isinstance(out, (tuple, list))
+        vals = [_val(o) if isinstance(o, torch.fx.Node) else o for o in ((out,) if self.single else out)]
+        self.meta = [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (None, None) for v in vals]
+
+    def run(self, args, value: dict) -> tuple:
+        outs = self.sub(*_pre_args(self.call, args, value))
+        return (outs,) if self.single else outs
+
+
+def _pre_call(args, source: dict, pre_ok) -> list:
+    """The sources of a pre piece's arguments: ("arg", i), a pre piece's output, or ("literal", value)."""
+    call = [source.get(a) if isinstance(a, torch.fx.Node) else ("literal", a) for a in args]
+    if not all(c and (c[0] == "literal" or pre_ok(c)) for c in call):
+        raise NotStepped("a segment with Python steps, or a piece torch runs, after a piece of the C call")
+    return call
+
+
+def _pre_args(call: list, args, value: dict) -> list:
+    return [c[1] if c[0] == "literal" else args[c[1]] if c[0] == "arg" else value[c] for c in call]
+
+
 def _attention_call(sub) -> tuple:
-    """(the sdpa_appending node, sub's placeholders, which of its results each output is) of a torch-run piece
-    that is one such call; NotStepped where it is anything else."""
+    """(the sdpa_appending node, sub's placeholders, what each of its outputs is: ("result", i) for result i
+    of the call, ("window", i, rows) for kvcache.window(result i, rows), ("int", node) for size arithmetic on
+    its int inputs) of a torch-run piece that is one such call and those; NotStepped where it is anything else."""
     calls = [n for n in sub.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
-    if len(calls) != 1 or calls[0].target is not sdpa_appending:
+    appending = [n for n in calls if n.target is sdpa_appending]
+    if len(appending) != 1:
         raise NotStepped("a piece torch runs that is not one cache append and attention")
-    call = calls[0]
+    call = appending[0]
     kw = call.kwargs
-    if len(call.args) != 3 or kw.get("attn_mask") is not None or kw.get("dropout_p", 0.0) or kw.get("is_causal") \
-            or kw.get("dim") not in (-2, 2) or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "dim"}:
-        raise NotStepped("an attention call with a mask, dropout or a causal frontier")
+    mask = kw.get("attn_mask")
+    if len(call.args) != 3 or not (mask is None or (isinstance(mask, torch.fx.Node) and mask.op == "placeholder")) \
+            or kw.get("dropout_p", 0.0) or kw.get("is_causal") or kw.get("dim") not in (-2, 2) \
+            or set(kw) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "dim"}:
+        raise NotStepped("an attention call with dropout, a causal frontier or a mask computed in its piece")
+    ints = set()                # size arithmetic: ints from the piece's int inputs
+    for n in sub.graph.nodes:
+        if n.op == "placeholder" and isinstance(_val(n), (int, torch.SymInt)):
+            ints.add(n)
+        elif n.op == "call_function" and n is not call and n.target is not kvcache.window and n.target is not operator.getitem:
+            if not (isinstance(_val(n), (int, torch.SymInt)) and all(i in ints for i in n.all_input_nodes)):
+                raise NotStepped("a piece torch runs that is not one cache append and attention")
+            ints.add(n)
     out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    which = []
-    for o in outs:
-        if not (isinstance(o, torch.fx.Node) and o.target is operator.getitem and o.args[0] is call):
+    what = []
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        result = lambda x: x.args[1] if isinstance(x, torch.fx.Node) and x.target is operator.getitem \
+            and x.args[0] is call else None    # noqa: E731
+        if result(o) is not None:
+            what.append(("result", result(o)))
+        elif isinstance(o, torch.fx.Node) and o.target is kvcache.window and result(o.args[0]) in (1, 2) \
+                and isinstance(o.args[1], int) and o.kwargs.get("dim", o.args[2] if len(o.args) > 2 else None) in (2, -2):
+            what.append(("window", result(o.args[0]), o.args[1]))
+        elif o in ints:
+            what.append(("int", o))
+        else:
             raise NotStepped("an attention piece returning something else")
-        which.append(o.args[1])
-    return call, [n for n in sub.graph.nodes if n.op == "placeholder"], which
+    return call, [n for n in sub.graph.nodes if n.op == "placeholder"], what
+
+
+def _appends(sub) -> bool:
+    return any(n.target is sdpa_appending for n in sub.graph.nodes)
+
+
+def _ints(n: torch.fx.Node, bound: dict, args):
+    """The int a piece's size-arithmetic node computes, for the graph's inputs `args` (bound: the piece's
+    placeholders -> the graph's input positions)."""
+    if n.op == "placeholder":
+        return args[bound[n]]
+    get = lambda a: _ints(a, bound, args) if isinstance(a, torch.fx.Node) else a   # noqa: E731
+    return n.target(*torch.fx.node.map_aggregate(n.args, get), **torch.fx.node.map_aggregate(n.kwargs, get))
 
 
 def _attention_fits(q, kn, vn, gqa: bool) -> bool:
@@ -190,20 +250,34 @@ class Step:
         order: list = []            # ("seg", s) | ("attn", a), in graph order
         placeholders = 0
         outputs = None
+        pre_ok = lambda src: src[0] == "arg" or (src[0] == "seg" and self.segs[src[1]].pre)  # noqa: E731
         for n in split.graph.nodes:
             if n.op == "placeholder":
                 source[n], placeholders = ("arg", placeholders), placeholders + 1
             elif n.op == "call_function" and isinstance(n.target, segment_type):
-                self.segs.append(_Seg(n.target, n, source))
+                self.segs.append(_Seg(n.target, n, source, pre_ok))
+                order.append(("seg", len(self.segs) - 1))
+                source[n] = (*order[-1], 0) if self.segs[-1].single else order[-1]
+            elif n.op == "call_module" and not self.layers and not _appends(getattr(split, n.target)):
+                self.segs.append(_TorchPre(getattr(split, n.target), n, source, pre_ok))
                 order.append(("seg", len(self.segs) - 1))
                 source[n] = (*order[-1], 0) if self.segs[-1].single else order[-1]
             elif n.op == "call_module":
-                call, params, which = _attention_call(getattr(split, n.target))
+                call, params, what = _attention_call(getattr(split, n.target))
                 bound = dict(zip(params, n.args))
                 arg = lambda a: source.get(bound.get(a, a), None) if isinstance(a, torch.fx.Node) else None  # noqa: E731
                 (kc, kn), (vc, vn) = call.args[1], call.args[2]
-                layer = dict(q=arg(call.args[0]), kc=arg(kc), kn=arg(kn), vc=arg(vc), vn=arg(vn), which=which,
-                             scale=call.kwargs.get("scale"), gqa=call.kwargs.get("enable_gqa", False))
+                layer = dict(q=arg(call.args[0]), kc=arg(kc), kn=arg(kn), vc=arg(vc), vn=arg(vn), what=what,
+                             scale=call.kwargs.get("scale"), gqa=call.kwargs.get("enable_gqa", False),
+                             mask=arg(call.kwargs.get("attn_mask")))
+                if call.kwargs.get("attn_mask") is not None and not (layer["mask"] and len(layer["mask"]) in (2, 3)
+                                                                      and layer["mask"][0] in ("arg", "seg")):
+                    raise NotStepped("an attention mask that is not the graph's or a segment's tensor")
+                ints = {p: source.get(a, ("",))[1] for p, a in bound.items() if source.get(a, ("",))[0] == "arg"}
+                if any(w[0] == "int" for w in what) and any(isinstance(_val(p), (int, torch.SymInt)) and p not in ints
+                                                             for p in params):
+                    raise NotStepped("size arithmetic on an int that is not an input of the graph")
+                layer["ints"] = ints
                 if not all(layer[x] and layer[x][0] == "seg" and len(layer[x]) == 3 for x in ("q", "kn", "vn")) \
                         or not all(layer[x] and layer[x][0] == "arg" for x in ("kc", "vc")):
                     raise NotStepped("an attention call whose tensors are not a segment's and the graph's caches")
@@ -213,12 +287,15 @@ class Step:
             elif n.op == "call_function" and n.target is operator.getitem and source.get(n.args[0], ("",))[0] in ("seg", "attn") \
                     and len(source[n.args[0]]) == 2:
                 kind, i = source[n.args[0]]
-                source[n] = (kind, i, n.args[1] if kind == "seg" else self.layers[i]["which"][n.args[1]])
+                w = ("result", n.args[1]) if kind == "seg" else self.layers[i]["what"][n.args[1]]
+                # a result i of layer a: ("attn", a, i); its window: ("window", a, i, rows); an int: ("int", a, node)
+                source[n] = (kind, i, n.args[1]) if kind == "seg" else ("attn", i, w[1]) if w[0] == "result" \
+                    else ("window", i, *w[1:]) if w[0] == "window" else ("int", i, w[1])
             elif n.op == "output":
-                outputs = [source.get(o) for o in n.args[0]]
+                outputs = [source.get(o) if isinstance(o, torch.fx.Node) else None for o in n.args[0]]
             else:
                 raise NotStepped(f"a {n.op} of {getattr(n.target, '__name__', n.target)}")
-        if not self.layers or outputs is None or not all(o and (o[0] == "arg" or len(o) == 3) for o in outputs):
+        if not self.layers or outputs is None or not all(o and (o[0] == "arg" or len(o) >= 3) for o in outputs):
             raise NotStepped("no attention call, or an output that is not a tensor the pieces compute")
         if any(o[0] == "attn" and o[2] == 0 for o in outputs):
             raise NotStepped("an attention output returned by the graph")
@@ -244,6 +321,9 @@ class Step:
         pre = {si for si, s in enumerate(self.segs) if s.pre}
         if any(kind == "seg" and i in pre and any(k == "attn" for k, _ in order[:n]) for n, (kind, i) in enumerate(order)):
             raise NotStepped("a segment with Python steps after an attention call")
+        for s in self.segs:
+            if not s.pre and any(src[0] not in ("arg", "seg") and src[:1] + src[2:] != ("attn", 0) for _, src in s.inputs):
+                raise NotStepped("a segment reading a cache or an int a torch piece computes")
         returned = {o for o in outputs if o[0] == "seg"}
         readers: dict = {}
         for s in self.segs:
@@ -319,7 +399,7 @@ class Step:
         value = {}                  # the pre segments' outputs, this call
         for si, s in enumerate(self.segs):
             if s.pre:
-                value.update((("seg", si, j), t) for j, t in enumerate(s.run(args)))
+                value.update((("seg", si, j), t) for j, t in enumerate(s.run(args, value)))
         for m, src in self.feeds:
             t = args[src[1]] if src[0] == "arg" else value[src]
             if type(t) is not torch.Tensor or not t.is_cpu or t.shape != m.like[0] or t.dtype != m.like[1]:
@@ -339,11 +419,19 @@ class Step:
                     return None
             if self._decs is None:
                 self._build(args, value)
-            caches = []
+            caches, masks = [], []
             for layer in self.layers:
                 for c, new in (("kc", "kn"), ("vc", "vn")):
                     t = value[layer[new]] if layer["pre"] else self.fixed[layer[new]][2]
                     caches.append((args[layer[c][1]], t.shape, t.dtype))
+                m = self._mask(layer, args, value)
+                if m is not None:       # broadcastable to [B, H, Lq, Lk] of this step, of the first call's dtype
+                    q = value[layer["q"]] if layer["pre"] else self.fixed[layer["q"]][2]
+                    full = (*q.shape[:3], caches[-1][0].shape[2] + t.shape[2])
+                    if type(m) is not torch.Tensor or m.dtype != layer["mask_dtype"] or not m.is_cpu or m.dim() > 4 \
+                            or any(n not in (1, f) for n, f in zip(reversed(m.shape), reversed(full))):
+                        return None
+                masks.append(m)
             views = kvcache.grow(caches, 2)
             if views is None:
                 return None
@@ -359,6 +447,8 @@ class Step:
                 value[key] = t if view is None else t.as_strided(*view)
             for a, (layer, dec) in enumerate(zip(self.layers, self._decs)):
                 dec.keys(views[2 * a], views[2 * a + 1])
+                if masks[a] is not None:
+                    dec.mask(masks[a])
                 if layer["pre"]:
                     dec.rows(*(value[layer[x]] for x in ("q", "kn", "vn")))
             rc = self._fn(self._ops_address, self._n_ops)
@@ -368,13 +458,28 @@ class Step:
                 value[key] = recorded.clone()
             for a in range(len(self.layers)):
                 value[("attn", a, 1)], value[("attn", a, 2)] = views[2 * a], views[2 * a + 1]
-            return tuple(args[o[1]] if o[0] == "arg" else value[o] for o in self.outputs)
+            return tuple(self._output(o, args, value, views) for o in self.outputs)
         finally:
             for s, arena in reversed(held):
                 if arena is s.runner.arena:
                     s.prog._arenas.append(arena)
                 else:
                     s.prog._arenas.insert(0, arena)
+
+    def _mask(self, layer: dict, args, value: dict):
+        src = layer["mask"]
+        if src is None:
+            return None
+        return args[src[1]] if src[0] == "arg" else self.fixed[src][2] if src in self.fixed else value[src]
+
+    def _output(self, o, args, value: dict, views: list):
+        if o[0] == "arg":
+            return args[o[1]]
+        if o[0] == "window":
+            return kvcache.window(views[2 * o[1] + o[2] - 1], o[3], 2)
+        if o[0] == "int":
+            return _ints(o[2], self.layers[o[1]]["ints"], args)
+        return value[o]
 
     def _build(self, args, value: dict) -> None:
         """The attention calls' argument structs and the op list, at the first call (before any cache grows:
@@ -385,8 +490,16 @@ class Step:
             if not _attention_fits(q, kn, vn, gqa=layer["gqa"]):
                 raise NotStepped("an attention call the kernel does not compute as torch does")
             scale = layer["scale"] if layer["scale"] is not None else 1.0 / q.shape[-1] ** 0.5     # as sdpa computes it
-            k, v = args[layer["kc"][1]], args[layer["vc"][1]]
-            decs.append(c_attention.Decode(q, k, v, kn, vn, self.fixed[("attn", a, 0)][2], scale=float(scale)))
+            # the struct is made for this step's key length (the caches one row longer, as `keys` sets them)
+            k, v = (torch.empty(*c.shape[:2], c.shape[2] + kn.shape[2], c.shape[3]) for c in (args[layer["kc"][1]],
+                                                                                             args[layer["vc"][1]]))
+            mask = self._mask(layer, args, value)
+            layer["mask_dtype"] = None if mask is None else mask.dtype
+            try:
+                decs.append(c_attention.Decode(q, k, v, kn, vn, self.fixed[("attn", a, 0)][2], scale=float(scale),
+                                               mask=mask))
+            except ValueError as e:
+                raise NotStepped(str(e)) from None
         ops = []
         for kind, i in self._order:
             if kind == "attn":

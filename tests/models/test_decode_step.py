@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_generate import VOCAB, _compiled_generate, _generate, _model, fresh_dynamo  # noqa: F401
 
+import kfuse.config
 import kfuse.dynamo
 import kfuse.dynamo_step
 import kfuse.runtime.kvcache
@@ -115,8 +116,27 @@ def test_a_step_whose_first_call_differs_is_dropped(monkeypatch):
     assert "its first call differed" in decode[0].summary()
 
 
-def test_a_graph_the_step_does_not_serve_says_why():
-    """Mistral's sliding window (a window of the cache and a mask past it): not one C call, with the reason."""
-    graphs = _compiled_generate(_model("mistral"), torch.randint(1, VOCAB, (1, 5)), 12)
+def test_mistral_window_views_and_masks_past_the_window():
+    """Mistral's sliding window: the pieces return window views of the caches (and, before the window
+    fills, size arithmetic); past it, a torch piece computes the embedding and positions first and each
+    attention reads a mask a segment computes. The decode graph past the window runs as one C call, with
+    eager's tokens."""
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    graphs = _compiled_generate(_model("mistral"), ids, 16)
+    decode = [g for g in graphs if g.strategy == "partitioned" and g._step is not None]
+    assert decode, [g.summary() for g in graphs]
+    assert any(layer["mask"] is not None for g in decode for layer in g._step.layers)
+    assert any(w[0] == "window" for g in decode for layer in g._step.layers for w in layer["what"])
+    assert any(isinstance(s, kfuse.dynamo_step._TorchPre) for g in decode for s in g._step.segs)
+
+
+def test_a_graph_the_step_does_not_serve_says_why(monkeypatch):
+    """Without native runners (KFUSE_NATIVE=0) a segment after an attention call has Python steps: not one C
+    call, and the summary says why; the tokens are eager's."""
+    monkeypatch.setenv("KFUSE_NATIVE", "0")
+    monkeypatch.setattr(kfuse.config, "_config", kfuse.config.from_env())
+    graphs = _compiled_generate(_model("llama"), torch.randint(1, VOCAB, (1, 5)), 10)
     decode = [g for g in graphs if g.strategy == "partitioned"]
-    assert decode and any("steps not one C call: " in g.summary() for g in decode), [g.summary() for g in decode]
+    assert decode and all(g._step is None for g in decode)
+    assert "steps not one C call: a segment with Python steps, or a piece torch runs, after a piece of the C call" \
+        in decode[0].summary()

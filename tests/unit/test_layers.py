@@ -25,7 +25,8 @@ LAYERS = [
     ("kfuse.runtime",),
     ("kfuse.artifact",),
     ("kfuse.api",),
-    ("kfuse.dynamo_graph", "kfuse.dynamo_step"),
+    ("kfuse.dynamo_graph",),
+    ("kfuse.dynamo_step",),
     ("kfuse.dynamo", "kfuse.cli", "kfuse.testing", "kfuse.serving"),
     ("kfuse",),
 ]

@@ -165,11 +165,13 @@ class Decode:
     struct is built once; `keys(k, v)` sets each step's caches (pointers, strides, length, split plan) and
     `address` is what the kernel takes, with `function` and `kernel` (no mask, not causal)."""
 
-    def __init__(self, q, k, v, k_new, v_new, out, *, scale: float):
+    def __init__(self, q, k, v, k_new, v_new, out, *, scale: float, mask=None):
         for name, t in (("q", q), ("k", k), ("v", v), ("k_new", k_new), ("v_new", v_new), ("out", out)):
             _check(name, t)
-        self.a, _, self.kernel = _args(q, k, v, None, out, scale=scale, causal=False, split_kv=None, kernel=None,
-                                       zero_masked=True)
+        self.a, keep, self.kernel = _args(q, k, v, mask, out, scale=scale, causal=False, split_kv=None, kernel=None,
+                                          zero_masked=True)
+        if mask is not None and (keep[0] is not mask or self.kernel != 1):
+            raise ValueError("a mask the kernel reads through a copy (another dtype, or the block kernel's layout)")
         a = self.a
         a.knew, a.vnew, a.Lnew = k_new.data_ptr(), v_new.data_ptr(), k_new.shape[2]
         a.snkb, a.snkh, a.snkj = k_new.stride()[:3]
@@ -189,6 +191,12 @@ class Decode:
         a.snkb, a.snkh, a.snkj = k_new.stride()[:3]
         a.snvb, a.snvh, a.snvj = v_new.stride()[:3]
         self._keep = (q, k_new, v_new, self._keep[3])
+
+    def mask(self, mask: torch.Tensor) -> None:
+        """This step's mask (after `keys`): float32 or bool as the first call's, broadcastable to [B, H, Lq, Lk]."""
+        a, (B, H, Lq, _, _) = self.a, self._sizes
+        a.mask = mask.data_ptr()
+        a.smb, a.smh, a.smi, a.smj = mask.expand(B, H, Lq, a.Lk).stride()
 
     def keys(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """This step's caches: views of [B, Hkv, Lk, D] whose last Lnew rows the kernel writes first."""
