@@ -253,7 +253,8 @@ def test_inference_mode_at_the_first_call_or_later(inference):
 
 def test_the_runner_writes_into_the_programs_arena():
     """No second arena resident for the runner; a call holding another arena of the pool (made for
-    concurrent callers) runs from Python, and the next lone call finds the runner's arena on top."""
+    concurrent callers) runs from Python, and the next lone call finds the runner's arena on top; a call
+    while another holds the runner's arena runs from Python too."""
     model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
     cm = kfuse.compile(model, (x,))
     with torch.no_grad():
@@ -273,25 +274,15 @@ def test_the_runner_writes_into_the_programs_arena():
         assert calls == [] and prog._arenas[-1] is runner.arena
         torch.testing.assert_close(cm(x2), want, rtol=1e-5, atol=1e-5)
         assert calls == [1]
-
-
-def test_a_call_while_another_holds_the_runners_arena_runs_from_python():
-    """Program.lone, which a compiled model's call tries first, serves a lone caller only: while a call in
-    flight holds the runner's arena it declines, and the call runs from Python in an arena of its own."""
-    model, x = SortBetween().eval(), torch.randn(2, 3, 9, 9)
-    cm = kfuse.compile(model, (x,))
-    with torch.no_grad():
-        _warm(cm, x)
-        prog = cm._last
-        runner = prog._native
-        held = prog._arenas.pop()               # a call in flight holds it
-        assert held is runner.arena and prog.lone([x]) is None
-        x2 = torch.randn(2, 3, 9, 9)
-        torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-5)
-        assert prog._n_arenas == 2 and all(a is not held for a in prog._arenas)
+        # Program.lone, which the call tries first, serves a lone caller only: while a call in flight holds
+        # the runner's arena it declines, and the call runs from Python in another arena
+        held = prog._arenas.pop()
+        assert held is runner.arena and prog.lone([x2]) is None
+        torch.testing.assert_close(cm(x2), want, rtol=1e-5, atol=1e-5)
+        assert calls == [1] and all(a is not held for a in prog._arenas)
         prog._arenas.append(held)               # that call ends: the runner's arena on top again
         got = prog.lone([x2])
-        assert got is not None and _equal(got, _python(cm, x2)) and prog._arenas[-1] is runner.arena
+        assert calls == [1, 1] and _equal(got, _python(cm, x2)) and prog._arenas[-1] is runner.arena
 
 
 def test_profile_walks_the_kernels_the_runner_records():
