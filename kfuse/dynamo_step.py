@@ -117,6 +117,8 @@ class _Seg:
         args = node.args
         self.pre = runner is None or runner.parts is None or prog._graphed is not None
         if self.pre:
+            if prog.graph.mutated:      # run again by the partitioned graph where the step declines a call
+                raise NotStepped("a segment with Python steps that writes into its inputs")
             self._outputs(cm, prog)
             self.call = _pre_call(args, source, pre_ok)
             self.meta = [(tuple(o.shape), o.dtype) for o in prog.graph.outputs]
@@ -156,6 +158,11 @@ class _TorchPre:
     pre = True
 
     def __init__(self, sub, node, source: dict, pre_ok):
+        # run again by the partitioned graph where the step declines a call: nothing it does may write
+        if any(n.op in ("call_function", "call_method") and (n.target is operator.setitem
+                                                              or getattr(n.target, "__name__", str(n.target)).endswith("_"))
+               for n in sub.graph.nodes):
+            raise NotStepped("a piece torch runs that writes into a tensor, before the attention")
         self.sub, self.call = sub, _pre_call(node.args, source, pre_ok)
         out = next(n for n in sub.graph.nodes if n.op == "output").args[0]
         self.single = not isinstance(out, (tuple, list))

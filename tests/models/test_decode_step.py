@@ -4,6 +4,8 @@ weight changed, a cache that must regrow, another caller in it, a first call tha
 partitioned, with the same tokens."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from test_generate import VOCAB, _compiled_generate, _generate, _model, fresh_dynamo  # noqa: F401
@@ -140,3 +142,31 @@ def test_a_graph_the_step_does_not_serve_says_why(monkeypatch):
     assert decode and all(g._step is None for g in decode)
     assert "steps not one C call: a segment with Python steps, or a piece torch runs, after a piece of the C call" \
         in decode[0].summary()
+
+
+def test_a_torch_piece_that_writes_is_not_run_first():
+    """A torch piece before the first attention runs first as a pre piece, and again where the step declines
+    a call: one that writes into a tensor (in place, or by setitem) is refused."""
+    class Writes(torch.nn.Module):
+        def forward(self, x):
+            x.add_(1)
+            return x * 2
+
+    class Pure(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    node = torch.fx.Graph().placeholder("x")
+    source = {node: ("arg", 0)}
+    wrap = lambda m: torch.fx.symbolic_trace(m)     # noqa: E731
+    call = type("Call", (), {"args": (node,)})()
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.call_function(operator.setitem, (x, 0, 1.0))
+    g.output(g.call_function(operator.mul, (x, 2)))
+    sets_item = torch.fx.GraphModule(torch.nn.Module(), g)
+    for piece in (wrap(Writes()), sets_item):
+        with pytest.raises(kfuse.dynamo_step.NotStepped, match="writes into a tensor"):
+            kfuse.dynamo_step._TorchPre(piece, call, source, lambda src: src[0] == "arg")
+    pre = kfuse.dynamo_step._TorchPre(wrap(Pure()), call, source, lambda src: src[0] == "arg")
+    assert torch.equal(pre.run([torch.ones(3)], {})[0], torch.full((3,), 2.0))
