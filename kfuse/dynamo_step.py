@@ -338,8 +338,9 @@ class Step:
                 if m is not None and src[0] != "arg":
                     readers.setdefault(src, []).append(m)
         for layer in self.layers:
-            for x in ("q", "kn", "vn"):
-                readers.setdefault(layer[x], []).append(None)      # read through the attention struct
+            for x in ("q", "kn", "vn", "mask"):
+                if layer[x] is not None:
+                    readers.setdefault(layer[x], []).append(None)      # read through the attention struct
         self.fixed: dict = {}       # ("seg", s, j) | ("attn", a, 0) -> (its tensor, the _Moved writing it, the view read)
         self.fresh, self.copied = [], []
         for si, s in enumerate(self.segs):
@@ -428,6 +429,10 @@ class Step:
                 self._build(args, value)
             caches, masks = [], []
             for layer in self.layers:
+                if layer["pre"]:        # q and the new rows where a pre piece put them: the first call's shapes
+                    qkv = [value[layer[x]] for x in ("q", "kn", "vn")]
+                    if [t.shape for t in qkv] != layer["shapes"] or not _attention_fits(*qkv, gqa=layer["gqa"]):
+                        return None
                 for c, new in (("kc", "kn"), ("vc", "vn")):
                     t = value[layer[new]] if layer["pre"] else self.fixed[layer[new]][2]
                     caches.append((args[layer[c][1]], t.shape, t.dtype))
@@ -496,6 +501,7 @@ class Step:
             q, kn, vn = (value[layer[x]] if layer["pre"] else self.fixed[layer[x]][2] for x in ("q", "kn", "vn"))
             if not _attention_fits(q, kn, vn, gqa=layer["gqa"]):
                 raise NotStepped("an attention call the kernel does not compute as torch does")
+            layer["shapes"] = [q.shape, kn.shape, vn.shape]
             scale = layer["scale"] if layer["scale"] is not None else 1.0 / q.shape[-1] ** 0.5     # as sdpa computes it
             # the struct is made for this step's key length (the caches one row longer, as `keys` sets them)
             k, v = (torch.empty(*c.shape[:2], c.shape[2] + kn.shape[2], c.shape[3]) for c in (args[layer["kc"][1]],
