@@ -386,9 +386,10 @@ class Step:
         return tuple(t.shape), t.dtype
 
     def describe(self) -> str:
-        runs = sum(len(s.parts.runs) for s in self.segs if not s.pre)
-        return (f"decode steps as one C call ({runs} native run(s) of {len(self.segs)} segment(s), "
-                f"{len(self.layers)} attention call(s))")
+        stepped = [s for s in self.segs if not s.pre]
+        runs = sum(len(s.parts.runs) for s in stepped)
+        return (f"decode steps as one C call ({runs} native run(s) of {len(stepped)} program(s), "
+                f"{len(self.layers)} attention call(s); {len(self.segs) - len(stepped)} piece(s) run before it)")
 
     def __call__(self, args):
         if not self._busy.acquire(blocking=False):      # another thread in a step: that call as partitioned
