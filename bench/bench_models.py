@@ -25,6 +25,9 @@ env (common.py re-executes the script with the malloc thresholds and thread vari
 A configuration that fails (export error, optimizer crash, wrong numbers) is printed with its reason and
 skipped. `--only inductor` or `--only ort` keeps one competitor family (kfuse and eager always run);
 `--only layout` adds kfuse with the channels-last pass off (`kfuse:nchw`, kfuse.compile(..., layout="nchw")).
+`--only dynamic` adds kfuse through `torch.compile(model, backend="kfuse", dynamic=True)` (`kfuse:dynamic`: the
+graph Dynamo hands over has symbolic sizes; its summary says how kfuse runs it), beside kfuse.compile's static
+program: the cost of the symbolic path, printed as kfuse:dynamic / kfuse.
 `--profile` times every kernel of kfuse's compiled program (in the kfuse worker) and prints where the
 time goes, by kernel name and backend. `--baseline REV` adds `kfuse@REV`: kfuse as of git revision REV,
 imported from a temporary worktree in its own process (the A/B of a change, both versions timed alike;
@@ -320,10 +323,20 @@ def worker(model_name: str, provider: str, rounds: int, onnx: str | None, profil
         if "@" in provider:
             print(f"kfuse of {provider.split('@', 1)[1]}: {os.path.dirname(kfuse.__file__)}")
         t0 = time.perf_counter()
-        cm = kfuse.compile(fresh, tuple(inputs), **({"layout": "nchw"} if provider == "kfuse:nchw" else {}))
-        cm(*inputs)
-        print(f"kfuse: compiled in {time.perf_counter() - t0:.1f} s, {len(cm.report().kernels)} kernels")
-        f = lambda: cm(*inputs)
+        if provider == "kfuse:dynamic":
+            from kfuse.dynamo import compilations
+            c = torch.compile(fresh, backend="kfuse", dynamic=True)
+            with torch.no_grad():
+                for _ in range(3):
+                    c(*inputs)
+            print(f"kfuse:dynamic: compiled in {time.perf_counter() - t0:.1f} s; "
+                  + "; ".join(g.summary() for g in compilations()))
+            f = lambda: c(*inputs)
+        else:
+            cm = kfuse.compile(fresh, tuple(inputs), **({"layout": "nchw"} if provider == "kfuse:nchw" else {}))
+            cm(*inputs)
+            print(f"kfuse: compiled in {time.perf_counter() - t0:.1f} s, {len(cm.report().kernels)} kernels")
+            f = lambda: cm(*inputs)
     elif provider == "eager":
         f = lambda: model(*inputs)
     elif provider.startswith("inductor:"):
@@ -378,6 +391,7 @@ def bench_model(name: str, rounds: int, profile: bool, only: tuple = (), repeat:
     processes built first (one after another), then timed block by block in rotated rounds."""
     print(f"\n=== {name} ===", flush=True)
     names = ["kfuse", "eager"] + (["kfuse:nchw"] if "layout" in only else [])
+    names += ["kfuse:dynamic"] if "dynamic" in only else []
     names += [f"kfuse@{baseline[0]}"] if baseline else []
     if not only or "inductor" in only:
         names += [f"inductor:{c}" for c in INDUCTOR]
@@ -494,7 +508,8 @@ def main():
                     help="run every provider's process K times, in rotated turns; the median one is reported")
     ap.add_argument("--profile", action="store_true", help="time each kfuse kernel and print the top 15")
     ap.add_argument("--only", default="", help="comma-separated competitor families to include besides "
-                    "kfuse and eager: inductor, ort, layout (kfuse with layout=\"nchw\"; not in the default)")
+                    "kfuse and eager: inductor, ort, layout (kfuse with layout=\"nchw\"), dynamic (kfuse through "
+                    "torch.compile(dynamic=True)); layout and dynamic are not in the default")
     ap.add_argument("--interleave", action="store_true",
                     help="build every provider's process first, then time them block by block in rotated rounds "
                     "(each still in its own process): a busy spell of the machine falls on all alike; the "
@@ -539,10 +554,12 @@ def main():
         paired = sorted(round_ratios(res))
         ratio += f" ({pct(paired, 0.5):.2f}x by round)" if paired else ""
         base = res.get(f"kfuse@{a.baseline}") if a.baseline else None
+        dyn = res.get("kfuse:dynamic")
         print(f"{name:<{w}}| {k['ms'] if k else float('nan'):8.2f} | {e['ms'] if e else float('nan'):8.2f} | "
               f"{cell(ind, 'inductor:'):<30}| {cell(ort, 'ort:'):<33}| {ratio}"
               + (f"  (kfuse@{a.baseline} {base['ms']:.2f} ms: kfuse / it {k['ms'] / base['ms']:.3f}x)"
-                 if base and k else ""))
+                 if base and k else "")
+              + (f"  (kfuse:dynamic {dyn['ms']:.2f} ms: {dyn['ms'] / k['ms']:.3f}x kfuse's)" if dyn and k else ""))
         rows += [(name, n, r) for n, r in res.items()]
     print("\nCSV,machine,commit,model,provider,median_ms,p10,p90")
     for name, n, r in rows:

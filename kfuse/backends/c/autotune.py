@@ -2,8 +2,9 @@
 
 A schedule (render.Schedule) is how a kernel's outer loop is spread over the threads: all threads
 with a static split (the default), the calling thread alone, dynamic chunks, guided; for row kernels
-of several passes, whether the last pass prefetches the next row's inputs; and, for row kernels writing
-STREAM_MIN_BYTES or more, whether they write by streaming stores (with and without the prefetch). Which is fastest
+of several passes, whether the last pass prefetches the next row's inputs; for row kernels writing
+STREAM_MIN_BYTES or more, whether they write by streaming stores (with and without the prefetch); and, on
+an AVX-512 CPU, each static split with its loops vectorised 512 bits wide. Which is fastest
 depends on the machine (a Zen 5 and a Zen 4 disagreed about static vs dynamic splits and about
 small kernels), so instead of constants measured on one of them:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import dataclasses
 import ctypes
 import functools
 import hashlib
@@ -42,7 +44,7 @@ import torch
 from ... import config
 from .. import openmp
 from . import compiler
-from .render import BLOCK, CHUNK, DEFAULT, PARALLEL_MIN, Schedule, loop_count
+from .render import BLOCK, CHUNK, DEFAULT, PARALLEL_MIN, SCHEDULE, Schedule, loop_count
 
 BUDGET_S = 0.05        # timing per kernel, at most (plus one warm-up call per variant)
 MARGIN = 0.05          # a variant replaces the default only when its median is this much lower
@@ -95,6 +97,8 @@ def variants(k) -> list[Schedule]:
         scheds.append(Schedule(prefetch=True))
     if not k.flat and sum(math.prod(o.shape) * o.dtype.itemsize for o in k.outputs) >= STREAM_MIN_BYTES:
         scheds += [Schedule(stream=True)] + ([Schedule(stream=True, prefetch=True)] if fetch else [])
+    if vector_isa() == "avx512":       # each static split also with 512-bit loops (render.Schedule.wide)
+        scheds += [dataclasses.replace(s, wide=True) for s in scheds if s.omp == SCHEDULE]
     return scheds
 
 

@@ -49,13 +49,19 @@ class Schedule:
                                 # past the caches: for outputs larger than the last-level cache can hold
     prefetch: bool = False      # a row kernel of several passes fetches the next row's inputs while it
                                 # writes this row (its last pass), so the memory is busy in every pass
+    wide: bool = False          # loops vectorised 512 bits wide: gcc's -march=native tuning for Intel's
+                                # AVX-512 CPUs prefers 256-bit vectors (for their clocks), which halved the
+                                # exp-bound loops' speed on an Ice Lake-class VM (WIDE)
 
     def __str__(self):
         text = "1 thread" if self.threads == "one" else self.omp.replace(" ", "").replace(CHUNK, "n/16")
-        return text + (", next row prefetched" if self.prefetch else "") + (", streaming stores" if self.stream else "")
+        return (text + (", next row prefetched" if self.prefetch else "") + (", streaming stores" if self.stream else "")
+                + (", 512-bit vectors" if self.wide else ""))
 
 
 CHUNK = "{chunk}"
+# A function's loops vectorised 512 bits wide whatever -march=native's tuning prefers (Schedule.wide)
+WIDE = ('#pragma GCC push_options\n#pragma GCC target("prefer-vector-width=512")\n', "#pragma GCC pop_options\n")
 
 
 def loop_count(k: FusedKernel) -> int:
@@ -173,7 +179,8 @@ class _Render:
             self.flat()
         else:
             self.rows()
-        return "\n".join(body + self.lines + ["}", ""])
+        text = "\n".join(body + self.lines + ["}", ""])
+        return WIDE[0] + text + WIDE[1] if self.sched.wide else text
 
     def flat(self):
         """All elements in one parallel SIMD loop; invariant values computed once, before it."""
