@@ -1,6 +1,7 @@
 """The C kernels' schedule autotuner (kfuse/backends/c/autotune.py): every variant computes the same
 numbers (bit for bit where only the split differs; within rounding where a row's sums run 512 bits
-wide), the choice is timed once per machine and read from the cache after, KFUSE_AUTOTUNE=0 turns it off, and the report shows the choice."""
+wide), the choice is timed once per machine and read from the cache after, KFUSE_AUTOTUNE=0 turns it
+off, and the report shows the choice."""
 from __future__ import annotations
 
 import json
