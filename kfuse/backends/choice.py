@@ -43,7 +43,7 @@ def conv_sources(k) -> list[str]:
     if isinstance(k, FrameConv):    # ours over a 3-D convolution's frames
         return conv_sources(k.k)
     if isinstance(k, c_depthwise.DepthwiseConv):
-        return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code)]
+        return [c_depthwise.source(k.kh, k.kw, k.stride, k.dilation, k.act_code, wide=w) for w in c_depthwise.WIDTHS]
     if isinstance(k, c_gemm.GemmConv):
         return [c_gemm.source(k.act_code, k.residual, glu=k.glu)]
     if isinstance(k, c_winograd.WinogradConv):

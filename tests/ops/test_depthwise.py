@@ -99,20 +99,23 @@ def test_thread_counts(threads, c):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("c", [16, 33, 100])
 def test_both_work_orders(monkeypatch, threads, c):
-    """The work order is timed per shape and thread count (DepthwiseConv._order): each order it can pick
-    gives torch's numbers, and with a register block (AVX-512, AVX2) both are candidates on more than one
-    thread."""
+    """The work order is timed per shape and thread count (DepthwiseConv._order), with the loops' width on
+    AVX-512 CPUs: each order and width it can pick gives torch's numbers, and with a register block (AVX-512,
+    AVX2) both orders are candidates on more than one thread."""
     orders = DepthwiseConv._orders(1, c, threads)
     blocks = -(-c // depthwise.VB) if depthwise.VB and c >= depthwise.VB else 0     # a part block counts
     assert orders[0] == ("blocks" if blocks and (blocks % threads == 0 or blocks >= 8 * threads) else "rows")
     if blocks:
         assert sorted(orders) == ["blocks", "rows"]
     for order in orders:
-        monkeypatch.setattr(DepthwiseConv, "_order", lambda self, cands, nhw, t, o=order: o)
-        with openmp.using(threads):
-            dw, _, _ = check(1, 15, 13, c, (3, 3), (1, 1), (1, 1), act="relu6")
-            assert dw._plan(1, 15, 13, threads)[10] == (order == "blocks")
-            check(2, 7, 7, c, (5, 5), (2, 2), (2, 2), act="relu6")
+        for wide in depthwise.WIDTHS:     # and each at each vector width (512 bits: on AVX-512 CPUs)
+            name = order + (", 512-bit loops" if wide else "")
+            monkeypatch.setattr(DepthwiseConv, "_order", lambda self, cands, nhw, t, o=name: o)
+            with openmp.using(threads):
+                dw, _, _ = check(1, 15, 13, c, (3, 3), (1, 1), (1, 1), act="silu")
+                assert dw._plan(1, 15, 13, threads)[10] == (order == "blocks")
+                assert dw.wide == wide and dw.fn is dw.fns[wide]
+                check(2, 7, 7, c, (5, 5), (2, 2), (2, 2), act="relu6")
 
 
 def test_work_order_timed_and_reported():
@@ -125,7 +128,7 @@ def test_work_order_timed_and_reported():
     assert_close(cm(x), m(x), atol=1e-5, rtol=1e-5)
     k = [k for k in cm.report().kernels if k.backend == "c:depthwise"]
     if depthwise.VB and k:
-        assert re.search(r"work order (blocks|rows) \(measured", k[0].schedule), k[0].schedule
+        assert re.search(r"work order (blocks|rows)(, 512-bit loops)? \(measured", k[0].schedule), k[0].schedule
 
 
 @pytest.mark.parametrize("act", ["none", "relu6"])

@@ -7,13 +7,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Its `omp simd` loops 512 bits wide on an AVX-512 CPU, whatever -march=native's tuning prefers (256 on
-   Intel's: every loop here then ran 8 lanes): EfficientNet-B0's depthwise + SiLU kernels 2.59 -> 2.37 and
-   2.56 -> 2.31 ms of its program, MobileNetV2's depthwise pairs 2-4 percent faster (bench/README.md, forty-fifth
-   session). Ended by the pop at the end of the file: a kernel appending it keeps its own width. */
-#pragma GCC push_options
-#pragma GCC target("prefer-vector-width=512")
-
 /*VECMATH*/
 
 #define KH %(kh)d
@@ -338,4 +331,3 @@ void kf_depthwise(const float *restrict x, const float *restrict w, const float 
     }
     }
 }
-#pragma GCC pop_options

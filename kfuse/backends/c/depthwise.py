@@ -44,6 +44,7 @@ from .autotune import pick, vector_isa
 from .autotune import problem as problem_key
 from .compiler import PORTABLE, keeps_built
 from .conv_act import act_code, bind, cdiv, check_out, entry, out_hw, pair, template
+from .render import WIDE
 
 TEMPLATE = template(Path(__file__).with_name("depthwise.c"))
 MAX_KERNEL = 11
@@ -58,6 +59,11 @@ VL = 16                 # channel chunks are multiples of it
 # channels of depthwise.c's register block (rowv): a vector of AVX-512 or AVX2; 0: none (per-pixel form only)
 VB = {"avx512": 16, "avx2": 8}.get(vector_isa(), 0)
 ROWS_PER_THREAD = 8     # below this many (n, output row) items per thread, rows are split by channels too
+# The kernel is also built with its `omp simd` loops 512 bits wide on an AVX-512 CPU (render.WIDE: gcc's
+# -march=native tuning for Intel prefers 256), and the width timed with the work order: EfficientNet-B0's
+# depthwise + SiLU kernels ran 8-10% faster wide in its program, MobileNetV3's 1-4% slower (bench/README.md,
+# forty-fifth session)
+WIDTHS = (False, True) if vector_isa() == "avx512" else (False,)
 
 
 def supported(weight_shape, groups, in_channels) -> bool:
@@ -67,17 +73,19 @@ def supported(weight_shape, groups, in_channels) -> bool:
             and 1 <= ws[2] <= MAX_KERNEL and 1 <= ws[3] <= MAX_KERNEL)
 
 
-def source(kh: int, kw: int, stride, dilation, act: int, generic: bool = False) -> str:
+def source(kh: int, kw: int, stride, dilation, act: int, generic: bool = False, wide: bool = False) -> str:
     """depthwise.c with its constants filled in (all ints formatted here); `generic`: without the register
-    block row kernel, as a machine without AVX-512 or AVX2 builds it (for tests)."""
+    block row kernel, as a machine without AVX-512 or AVX2 builds it (for tests); `wide`: its loops 512 bits
+    wide (WIDTHS)."""
     vals = dict(kh=kh, kw=kw, sh=stride[0], sw=stride[1], dh=dilation[0], dw=dilation[1], act=act,
                 tw=tile_width(stride[1]))
-    return (PORTABLE if generic else "") + TEMPLATE % {k: int(v) for k, v in vals.items()}
+    text = TEMPLATE % {k: int(v) for k, v in vals.items()}
+    return (PORTABLE if generic else "") + (WIDE[0] + text + WIDE[1] if wide else text)
 
 
 @keeps_built
-def _fn(kh: int, kw: int, stride, dilation, act: int, generic: bool = False):
-    return entry(source(kh, kw, stride, dilation, act, generic), "kf_depthwise", 5)
+def _fn(kh: int, kw: int, stride, dilation, act: int, generic: bool = False, wide: bool = False):
+    return entry(source(kh, kw, stride, dilation, act, generic, wide), "kf_depthwise", 5)
 
 
 class DepthwiseConv:
@@ -95,7 +103,8 @@ class DepthwiseConv:
         self.bias = (torch.zeros(c) if bias is None else bias.detach().float().reshape(c)).contiguous()
         self.zero = torch.zeros(c)
         self.act_code, self.params = act_code(act, "depthwise")
-        self.fn = _fn(kh, kw, self.stride, self.dilation, self.act_code)
+        self.fns = {wide: _fn(kh, kw, self.stride, self.dilation, self.act_code, wide=wide) for wide in WIDTHS}
+        self.fn, self.wide = self.fns[False], None       # the width: timed with the first shape's work order
         self._dims: dict = {}
         self.order_text: dict = {}      # (n, h, w, threads) -> the timed order choice, for the report
 
@@ -111,9 +120,14 @@ class DepthwiseConv:
                 nck = min(cdiv(c, VL), cdiv(ROWS_PER_THREAD * threads, max(1, n * oh)))
             ck = cdiv(cdiv(c, nck), VL) * VL          # channels per chunk, whole vectors
             nck = cdiv(c, ck)
-            orders = {o: (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, o == "blocks")
-                      for o in self._orders(n, c, threads)}
-            self._dims[key] = orders[self._order(orders, (n, h, w), threads)]
+            dims = {o: (ctypes.c_int64 * 11)(n, h, w, c, oh, ow, *self.padding, nck, ck, o == "blocks")
+                    for o in self._orders(n, c, threads)}
+            # each order at each width until one is chosen (the first candidate: the untimed choice)
+            widths = WIDTHS if self.wide is None else (self.wide,)
+            cands = {(o + ", 512-bit loops" if wide else o): (dims[o], wide) for wide in widths for o in dims}
+            self._dims[key], wide = cands[self._order(cands, (n, h, w), threads)]
+            if self.wide is None:
+                self.fn, self.wide = self.fns[wide], wide
         return self._dims[key]
 
     @staticmethod
@@ -129,13 +143,13 @@ class DepthwiseConv:
         return first if threads > 1 else first[:1]
 
     def _order(self, orders: dict, nhw, threads: int) -> str:
-        """The faster of `orders` ({name: dims}) on this machine (autotune.pick: timed once, cached)."""
+        """The faster of `orders` ({name: (dims, wide)}) on this machine (autotune.pick: timed once, cached)."""
         names = list(orders)
         if len(names) == 1:
             return names[0]
         weights = (self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr())
-        cands = {o: (lambda a, d=orders[o]: self.fn(a[0].data_ptr(), *weights, a[1].data_ptr(), d, self.params, threads))
-                 for o in names}
+        cands = {o: (lambda a, d=d, f=self.fns[wide]: f(a[0].data_ptr(), *weights, a[1].data_ptr(), d, self.params, threads))
+                 for o, (d, wide) in orders.items()}
         problem = problem_key("depthwise order", self.kh, self.kw, self.stride, self.dilation, self.padding,
                               (*nhw, self.c), self.act_code)
         best, self.order_text[(*nhw, threads)] = pick(
@@ -163,6 +177,7 @@ class DepthwiseConv:
         if out.numel() == 0:
             return out
         threads = openmp.threads()
+        dims = self._plan(n, h, w, threads)         # (the first plan chooses self.fn)
         self.fn(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), self.zero.data_ptr(), out.data_ptr(),
-                self._plan(n, h, w, threads), self.params, threads)
+                dims, self.params, threads)
         return out

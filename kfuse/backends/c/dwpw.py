@@ -39,7 +39,9 @@ EXPAND_FLOATS = 65536        # expanded rows per thread buffer (at least a depth
 def source(dw_args: tuple, pw_act: int, residual: bool, generic: bool = False) -> str:
     """The fused kernel's C: dw_args are depthwise.source's (kh, kw, stride, dilation, act)."""
     pw = gemm.source(pw_act, residual, tiles_only=True)
-    dw = depthwise.source(*dw_args).replace(VECMATH_C, "")
+    # the depthwise part's loops 512 bits wide where depthwise.WIDTHS offers it: the pairs of EfficientNet-B0
+    # and MobileNetV2 ran 2-7% faster so (bench/README.md, forty-fifth session)
+    dw = depthwise.source(*dw_args, wide=depthwise.WIDTHS[-1]).replace(VECMATH_C, "")
     return ((PORTABLE if generic else "") + "#define act pw_act\n" + pw
             + "\n#undef act\n#undef ACT\n#define act dw_act\n" + dw + "\n#undef act\n" + DRIVER)
 
