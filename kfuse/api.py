@@ -302,10 +302,7 @@ class CompiledModel:
         else:
             flat = list(inputs)
         self._last = prog       # prog, not self._last, below: another thread may set that meanwhile
-        fed = self._fed(flat)
-        # the native runner straight away where it serves the call alone (Program.lone), else the program
-        outs = prog.lone(fed)
-        outs = _with_literals(prog(fed) if outs is None else outs, prog.graph.literals)
+        outs = _with_literals(prog(self._fed(flat)), prog.graph.literals)
         spec = self._out_spec
         if spec is None:
             return outs[0] if len(outs) == 1 else tuple(outs)

@@ -61,7 +61,6 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     torch's top-left alignment is the kernel's bottom-right one (equal lengths). Sizes are read at
     the call, so it serves the symbolic KV length of a decode step. `new`: (k_new, v_new), rows to
     write into the last rows of k and v first (by the kernel where it runs, else copied)."""
-    from .backends.c import attention as c_attention
     # shapes read once: this runs once per layer and decode step
     qs, ks, vs, f32 = q.shape, k.shape, v.shape, torch.float32
     kernel = (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and vs[:3] == ks[:3] and qs[3] == ks[3] and qs[0] == ks[0]
@@ -420,12 +419,10 @@ class Step:
             for s in self.segs:          # every program's arena, held as a lone caller holds it (Program.lone)
                 if s.pre:
                     continue
-                prog, arenas = s.prog, s.prog._arenas
-                if not arenas or arenas[-1] is not s.runner.arena or len(arenas) != prog._n_arenas:
+                arena = s.prog.hold(s.runner)
+                if arena is None:
                     return None
-                held.append((s, arenas.pop()))
-                if held[-1][1] is not s.runner.arena or prog._n_arenas - len(arenas) != 1:
-                    return None
+                held.append((s, arena))
             if self._decs is None:
                 self._build(args, value)
             caches, masks = [], []
@@ -474,10 +471,7 @@ class Step:
             return tuple(self._output(o, args, value, views) for o in self.outputs)
         finally:
             for s, arena in reversed(held):
-                if arena is s.runner.arena:
-                    s.prog._arenas.append(arena)
-                else:
-                    s.prog._arenas.insert(0, arena)
+                s.prog.release(arena, s.runner)
 
     def _mask(self, layer: dict, args, value: dict):
         src = layer["mask"]

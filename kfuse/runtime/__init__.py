@@ -83,25 +83,41 @@ class Program:
     def lone(self, inputs):
         """The outputs by the native runner where it can serve this call as the program's only caller (the
         runner's arena on top of the pool, no other call in flight, the runner's thread count wanted), else
-        None (then the call goes the usual way). CompiledModel's call takes this first: a call that ends in
-        the runner skips the general path's Python, run cold between programs in a decode step."""
-        runner, arenas = self._native, self._arenas
-        if runner is None or not arenas or arenas[-1] is not runner.arena or len(arenas) != self._n_arenas \
-                or (config.get().threads or openmp.threads()) != runner.threads:
+        None (then the call goes the usual way). Tried first by every call: one that ends in the runner skips
+        the general path's Python, run cold between programs in a decode step."""
+        runner = self._native
+        if runner is None or (config.get().threads or openmp.threads()) != runner.threads:
+            return None
+        arena = self.hold(runner)
+        if arena is None:
+            return None
+        try:
+            return runner(inputs)
+        finally:
+            self.release(arena, runner)
+
+    def hold(self, runner):
+        """The arena of native runner `runner` (this program's), taken from the pool where no other call is in
+        flight: the runner writes into it, so its holder is the runner's only user; else None, nothing held.
+        Give it back with `release`."""
+        arenas = self._arenas
+        if not arenas or arenas[-1] is not runner.arena or len(arenas) != self._n_arenas:
             return None
         try:
             arena = arenas.pop()        # atomic under the GIL: another caller may have taken it meanwhile
         except IndexError:
             return None
-        try:
-            # the runner writes into one arena of the pool: holding it, this call is its only user
-            return runner(inputs) if arena is runner.arena and self._n_arenas - len(arenas) == 1 else None
-        finally:
-            # the runner's arena on top, where the next lone caller takes it
-            if arena is runner.arena:
-                arenas.append(arena)
-            else:
-                arenas.insert(0, arena)
+        if arena is runner.arena and self._n_arenas - len(arenas) == 1:
+            return arena
+        self.release(arena, runner)
+        return None
+
+    def release(self, arena, runner) -> None:
+        """An arena back to the pool: the runner's on top, where the next lone caller takes it."""
+        if arena is runner.arena:
+            self._arenas.append(arena)
+        else:
+            self._arenas.insert(0, arena)
 
     def _launch(self, inputs):
         out = self.lone(inputs)

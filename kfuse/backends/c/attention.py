@@ -172,14 +172,12 @@ class Decode:
                                           zero_masked=True)
         if mask is not None and (keep[0] is not mask or self.kernel != 1):
             raise ValueError("a mask the kernel reads through a copy (another dtype, or the block kernel's layout)")
-        a = self.a
-        a.knew, a.vnew, a.Lnew = k_new.data_ptr(), v_new.data_ptr(), k_new.shape[2]
-        a.snkb, a.snkh, a.snkj = k_new.stride()[:3]
-        a.snvb, a.snvh, a.snvj = v_new.stride()[:3]
-        self.address = ctypes.addressof(a)
+        self.a.Lnew = k_new.shape[2]
+        self.address = ctypes.addressof(self.a)
         self.function = ctypes.cast(library(q.shape[-1], v_head_dim=v.shape[-1]).attn_forward, ctypes.c_void_p).value
         self._sizes = (q.shape[0], q.shape[1], q.shape[2], k.shape[1], v.shape[-1])
         self._keep = (q, k_new, v_new, out)
+        self.rows(q, k_new, v_new)
         self.part = None          # the split-KV partials of the step (held until the kernel has run)
         self.keys(k, v)
 
@@ -205,9 +203,7 @@ class Decode:
         a.k, a.v, a.Lk = k.data_ptr(), v.data_ptr(), Lk
         a.skb, a.skh, a.skj = k.stride()[:3]
         a.svb, a.svh, a.svj = v.stride()[:3]
-        _, nsplit, chunk = _plan(B, H, Lq, Lk, Hkv, None, a.nthreads, None, a.bq)
-        self.part = torch.empty(nsplit * B * H * Lq * (DV + 2), dtype=torch.float32) if nsplit else None
-        a.nsplit, a.chunk, a.part = nsplit, chunk, self.part.data_ptr() if nsplit else None
+        self.part = _split(a, B, H, Lq, Lk, Hkv, DV, None, None)
 
 
 _TEMPLATES: dict[tuple, tuple] = {}
@@ -239,22 +235,26 @@ def _args(q, k, v, mask, out, *, scale, causal, split_kv, kernel, zero_masked=Fa
             _TEMPLATES.clear()
         tpl = _TEMPLATES[key] = _template(q, k, v, mkey, out, scale=scale, causal=causal, kernel=kernel,
                                           zero_masked=zero_masked, threads=key[-1])
-    raw, bq, kern, copy_mask = tpl
+    raw, kern, copy_mask = tpl
     a = _Args.from_buffer_copy(raw)
     a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     a.Lk = Lk
-    _, nsplit, chunk = _plan(B, H, Lq, Lk, k.shape[1], split_kv, key[-1], kernel, bq)
-    part = None
-    if nsplit:
-        a.nsplit, a.chunk = nsplit, chunk
-        part = torch.empty(nsplit * B * H * Lq * (v.shape[3] + 2), dtype=torch.float32)
-        a.part = part.data_ptr()
+    part = _split(a, B, H, Lq, Lk, k.shape[1], v.shape[3], split_kv, kernel)
     if mask is not None:
         if copy_mask:
             mask = _query_major(mask)
         a.smb, a.smh, a.smi, a.smj = mask.expand(full).stride()
         a.mask = mask.data_ptr()                # the expanded view those strides describe
     return a, (mask, part), kern
+
+
+def _split(a, B, H, Lq, Lk, Hkv, Dv, split_kv, kernel) -> torch.Tensor | None:
+    """Sets struct a's split-KV plan for key length Lk (its thread count and bq set); returns the buffer of
+    the partials (None: not split), which must live until the kernel has run."""
+    _, nsplit, chunk = _plan(B, H, Lq, Lk, Hkv, split_kv, a.nthreads, kernel, a.bq)
+    part = torch.empty(nsplit * B * H * Lq * (Dv + 2), dtype=torch.float32) if nsplit else None
+    a.nsplit, a.chunk, a.part = nsplit, chunk, None if part is None else part.data_ptr()
+    return part
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,8 +268,8 @@ def _query_major(mask):
 
 
 def _template(q, k, v, mkey, out, *, scale, causal, kernel, zero_masked, threads):
-    """(struct bytes without pointers, the key length and what follows from it; the block kernel's queries
-    per task; the kernel id; whether the mask is copied query-major) for a mask of layout mkey (_args)"""
+    """(struct bytes without pointers, the key length and what follows from it; the kernel id; whether the
+    mask is copied query-major) for a mask of layout mkey (_args)"""
     B, H, Lq, D = q.shape
     a = _Args()
     a.B, a.H, a.Hkv, a.Lq = B, H, k.shape[1], Lq
@@ -292,7 +292,7 @@ def _template(q, k, v, mkey, out, *, scale, causal, kernel, zero_masked, threads
         a.mask_kind = 2 if dtype == torch.bool else 1
     a.causal, a.nthreads, a.scale, a.zero_masked = int(causal), threads, float(scale), int(zero_masked)
     a.bq = bq
-    return bytes(a), bq, 0 if kern == "block" else 1, copy_mask
+    return bytes(a), 0 if kern == "block" else 1, copy_mask
 
 
 def vexp(x: torch.Tensor, flags=None) -> torch.Tensor:
