@@ -650,7 +650,7 @@ _C_KERNELS = {
 _CANDIDATES = {
     "conv": lambda g: _pair(g) or _conv_candidates(as_conv(g.nodes)),
     "linear": lambda g: linear.linear_candidates(*as_linear(g.nodes)),
-    "gated_linear": lambda g: linear.gated_linear_candidates(*linear.gated_parts(g.nodes[0])[1:]),
+    "gated_linear": lambda g: linear.gated_linear_candidates(*linear.gated_parts(g.nodes[0])),
 }
 
 

@@ -42,8 +42,10 @@ import torch
 
 from ..errors import KfuseError
 from ..ops.reference import ACTIVATIONS
+from . import openmp
 
-__all__ = ["pack_linear", "PackedLinear", "HAVE_ONEDNN", "onednn_supports", "reset_capabilities"]
+__all__ = ["pack_linear", "PackedLinear", "HAVE_ONEDNN", "onednn_supports", "mkl_packed_supported",
+           "reset_capabilities"]
 
 # kfuse activation name -> oneDNN post-op (attr, scalars, algorithm) as Inductor spells it.
 ONEDNN_POST_OPS = {
@@ -93,6 +95,37 @@ def _probe_problem():
     return x, w, b, r
 
 
+def _mkl_packed_ops():
+    """(linear, reorder) of MKL's packed GEMM (Inductor's fp32 linear after freezing), or None where this
+    torch build lacks them or kfuse cannot set MKL's thread count per calling thread (openmp.MKL_THREADS)."""
+    if not (torch.backends.mkl.is_available() and openmp.MKL_THREADS):
+        return None
+    try:
+        return torch.ops.mkl._mkl_linear.default, torch.ops.mkl._mkl_reorder_linear_weight.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def mkl_packed_supported() -> bool:
+    """Whether MKL's packed GEMM exists and gives the reference result on the probe (NaN included), for
+    the packed row count and another (its fallback to the unpacked weight)."""
+    ops = _mkl_packed_ops()
+    if ops is None:
+        return False
+    linear, reorder = ops
+    x, w, b, _ = _probe_problem()
+    want = x.double() @ w.double() + b.double()
+    try:
+        with torch.no_grad():
+            wp = reorder(w.t().contiguous(), x.shape[0])
+            got = [linear(x, wp, w.t(), b, x.shape[0]), linear(x[:1], wp, w.t(), b, x.shape[0])]
+    except Exception:  # a private op may fail in any way
+        return False
+    return all(isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.shape == want[:len(g)].shape
+               and torch.allclose(g.double(), want[:len(g)], rtol=1e-5, atol=1e-5, equal_nan=True) for g in got)
+
+
 @functools.cache
 def onednn_supports(feature: str) -> bool:
     """Whether the oneDNN op exists and a tiny call gives the reference result, once per feature:
@@ -118,11 +151,12 @@ def onednn_supports(feature: str) -> bool:
 
 
 def reset_capabilities() -> None:
-    """Forget the probes' results (tests use it after patching the private op)."""
-    _clear_probes()
+    """Forget the probes' results (tests use it after patching the private ops)."""
+    for clear in _clear_probes:
+        clear()
 
 
-_clear_probes = onednn_supports.cache_clear
+_clear_probes = (onednn_supports.cache_clear, mkl_packed_supported.cache_clear)     # bound here: tests patch the names
 
 
 HAVE_ONEDNN: bool = onednn_supports("none")
@@ -137,18 +171,22 @@ class PackedLinear:
       copied into it: one extra pass over the output (about 3% at [128,384]x[384,1536]).
     residual: a tensor of the output's shape, added after the activation: act(x @ w + b) + r.
       Fused into the GEMM (oneDNN binary post-op) when act == "none" on the onednn backend.
-    Attributes: backend ("onednn" | "mkl"), post_op_fused (the activation runs inside the oneDNN
-      call), residual_fused, act, in_features, out_features.
+    Attributes: backend ("onednn" | "mkl-packed" | "mkl"), post_op_fused (the activation runs inside the
+      oneDNN call), residual_fused, act, in_features, out_features.
+
+    Backends: "onednn" (oneDNN's GEMM on its reordered weight, the activation a post-op); "mkl-packed"
+    (MKL's GEMM on a weight packed for the call's row count, as Inductor runs fp32 linears after freezing:
+    no post-ops, so the activation runs in place after); "mkl" (torch.addmm, the fallback).
     """
 
     __slots__ = ("backend", "act", "post_op_fused", "residual_fused", "in_features", "out_features",
-                 "_w", "_b", "_unary", "_binary", "_attr", "_inplace_act", "__weakref__")
+                 "_w", "_b", "_unary", "_binary", "_attr", "_inplace_act", "_rows", "_w_nk", "__weakref__")
 
     def __init__(self, w_kn, bias, act, batch_hint, prefer):
         if act not in ONEDNN_POST_OPS:
             raise KfuseError(f"pack_linear: unknown activation {act!r}; known: {sorted(ONEDNN_POST_OPS)}")
-        if prefer not in ("onednn", "mkl"):
-            raise KfuseError(f"pack_linear: prefer must be 'onednn' or 'mkl', got {prefer!r}")
+        if prefer not in ("onednn", "mkl-packed", "mkl"):
+            raise KfuseError(f"pack_linear: prefer must be 'onednn', 'mkl-packed' or 'mkl', got {prefer!r}")
         if w_kn.dim() != 2 or w_kn.dtype != torch.float32:
             raise KfuseError(f"pack_linear: weight must be a 2-D float32 [K, N] tensor, got "
                              f"{tuple(w_kn.shape)} {w_kn.dtype}")
@@ -158,7 +196,8 @@ class PackedLinear:
         self.act, self.in_features, self.out_features = act, K, N
         self._b = None if bias is None else bias.detach().contiguous().clone()
         use_onednn = prefer == "onednn" and onednn_supports("none")
-        self.backend = "onednn" if use_onednn else "mkl"
+        self.backend = "onednn" if use_onednn else "mkl-packed" if prefer == "mkl-packed" and mkl_packed_supported() \
+            else "mkl"
         self.post_op_fused = use_onednn and act != "none" and onednn_supports(act)
         self.residual_fused = use_onednn and act == "none" and onednn_supports("residual")
         self._inplace_act = None if self.post_op_fused else INPLACE_ACTS[act]
@@ -169,6 +208,13 @@ class PackedLinear:
                 self._w = reorder(w_kn.detach().t().contiguous(), batch_hint)
                 self._unary, self._binary = unary, binary
                 self._attr = ONEDNN_POST_OPS[act if self.post_op_fused else "none"]
+            elif self.backend == "mkl-packed":
+                # MKL's copy packed for batch_hint rows, and a snapshot [N, K] the op reads for another row
+                # count (Inductor keeps the two as well)
+                self._rows = batch_hint or 1
+                self._w_nk = w_kn.detach().t().clone(memory_format=torch.contiguous_format)
+                self._w = _mkl_packed_ops()[1](self._w_nk, self._rows)
+                self._unary = self._binary = self._attr = None
             else:
                 self._w = w_kn.detach().contiguous().clone()   # a snapshot, as the oneDNN copy is
                 self._unary = self._binary = self._attr = None
@@ -180,6 +226,8 @@ class PackedLinear:
     def __call__(self, x, out=None, residual=None):
         if self.backend == "onednn":
             return self._call_onednn(x, out, residual)
+        if self.backend == "mkl-packed":
+            return self._call_mkl_packed(x, out, residual)
         return self._call_mkl(x, out, residual)
 
     def _call_onednn(self, x, out, residual):
@@ -196,6 +244,14 @@ class PackedLinear:
         if out is None:
             return y
         return out.copy_(y)
+
+    def _call_mkl_packed(self, x, out, residual):
+        y = _mkl_packed_ops()[0](x, self._w, self._w_nk, self._b, self._rows)
+        if self._inplace_act is not None:
+            self._inplace_act(y)
+        if residual is not None:
+            y.add_(residual)
+        return y if out is None else out.copy_(y)
 
     def _call_mkl(self, x, out, residual):
         lead = x.shape[:-1]
@@ -225,7 +281,8 @@ def pack_linear(w_kn: torch.Tensor, bias: torch.Tensor | None, act: str = "none"
 
     act: one of kfuse.ops.reference.ACTIVATIONS. batch_hint: the expected number of rows M, passed
     to oneDNN's weight reorder (measured: no difference for fp32 at M = 128 and 1024; kept because
-    Inductor passes it). prefer="mkl" forces the torch.addmm fallback (tests, comparisons);
-    "onednn" uses oneDNN when its probe passes, and falls back silently otherwise: check .backend.
+    Inductor passes it), and the row count MKL's packed weight is made for (another runs unpacked).
+    prefer="mkl" forces the torch.addmm fallback (tests, comparisons); "onednn" and "mkl-packed" use
+    their library when its probe passes, and fall back silently to "mkl" otherwise: check .backend.
     """
     return PackedLinear(w_kn, bias, act, batch_hint, prefer)

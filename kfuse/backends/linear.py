@@ -1,19 +1,28 @@
-"""Linear layers: the library's GEMM (oneDNN, the activation as a post-op) or our C GEMM with the
-epilogue in registers, whichever is measured faster per shape; and gated linears (SwiGLU, GeGLU): our
-GEMM with the gating in its epilogue, or the library's GEMM with the gating after it."""
+"""Linear layers: a library's GEMM (oneDNN, the activation as a post-op; MKL's on a packed weight, the
+activation after) or our C GEMM with the epilogue in registers, whichever is measured faster per shape,
+alone and then in the program (runtime/settle.py); and gated linears (SwiGLU, GeGLU): our GEMM with the
+gating in its epilogue, or a library's GEMM with the gating after it.
+
+Why both libraries: in a program each GEMM finds its weight out of the caches the kernels before it
+used, and there MKL's packed GEMM ran the no-activation linears of MiniLM, GPT-2- and Llama-style
+models faster than oneDNN's (the models 0.91-0.96x the time with every linear on MKL, Intel Xeon VM,
+2 threads), though the two time alike alone; oneDNN's GELU post-op kept its GELU linears ahead. So
+neither is a rule: both are candidates, and the program decides (bench/README.md, forty-sixth
+session)."""
 from __future__ import annotations
 
 import torch
 
+from .. import config
 from ..kernels.linear import as_linear
 from ..ops.reference import ACTIVATIONS
 from . import choice
-from .c import CompileError
+from .c import CompileError, autotune
 from .c import gemm as c_gemm
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
 from .constants import shared
-from .library import pack_linear
+from .library import mkl_packed_supported, pack_linear
 
 # a linear's activation as the convolution post-op our C GEMM takes
 POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none"),
@@ -23,29 +32,33 @@ POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none")
 
 def linear_candidates(x, w, b, act) -> dict:
     """{backend name: kernel} of the kernels computing a linear (kernels.linear.as_linear's parts): the
-    library's, and our GEMM."""
+    libraries', and our GEMM."""
+    rows = max(1, x.numel // max(1, x.shape[-1]))
     # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
     # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
-    lin = shared(pack_linear, w, b, act, batch_hint=1 if x.numel == x.shape[-1] else None)
+    lin = shared(pack_linear, w, b, act, batch_hint=1 if rows == 1 else None)
     cands = {f"library:{lin.backend}" + ("+post-op" if lin.post_op_fused else ""): lin}
     if act in POST_OPS:     # our C GEMM: no library call to pay, where the GEMM is small
         try:
             cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False)
         except CompileError:        # no C compiler: the library alone
             pass
+    if lin.backend == "onednn" and mkl_packed_supported():     # MKL packs its weight for the row count
+        cands["library:mkl-packed"] = shared(pack_linear, w, b, act, batch_hint=rows, prefer="mkl-packed")
     return cands
 
 
 def linear_kernel(nodes):
     x, w, b, act = as_linear(nodes)
-    return _fastest(linear_candidates(x, w, b, act), ("linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
+    return _fastest(lambda: linear_candidates(x, w, b, act), ("linear", tuple(w.shape), x.shape, act, b is not None),
+                    x.shape)
 
 
 class _GatedLibrary:
-    """act(gate) * up after the library's GEMM of both halves (what our gated GEMM is timed against)."""
+    """act(gate) * up after a library's GEMM of both halves (what our gated GEMM is timed against)."""
 
-    def __init__(self, w, b, act):
-        self.lin, self.act = shared(pack_linear, w, b, "none"), ACTIVATIONS[act]
+    def __init__(self, w, b, act, rows=None, prefer="onednn"):
+        self.lin, self.act = shared(pack_linear, w, b, "none", batch_hint=rows, prefer=prefer), ACTIVATIONS[act]
         self.backend = self.lin.backend
 
     def __call__(self, x):
@@ -60,8 +73,8 @@ def gated_parts(node) -> tuple:
         node.attrs["act"]
 
 
-def gated_linear_candidates(w, b, act) -> dict:
-    """{backend name: kernel} of the kernels computing a gated linear (gated_parts): the library's GEMM
+def gated_linear_candidates(x, w, b, act) -> dict:
+    """{backend name: kernel} of the kernels computing a gated linear (gated_parts): a library's GEMM
     then the gating, and our gated GEMM."""
     lib = _GatedLibrary(w, b, act)
     cands = {f"library:{lib.backend}+torch": lib}
@@ -69,29 +82,42 @@ def gated_linear_candidates(w, b, act) -> dict:
         cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False, glu=True)
     except CompileError:
         pass
+    if lib.backend == "onednn" and mkl_packed_supported():
+        cands["library:mkl-packed+torch"] = _GatedLibrary(w, b, act, max(1, x.numel // max(1, x.shape[-1])), "mkl-packed")
     return cands
 
 
 def gated_linear_kernel(node):
     x, w, b, act = gated_parts(node)
-    return _fastest(gated_linear_candidates(w, b, act), ("gated_linear", tuple(w.shape), x.shape, act, b is not None),
-                    x.shape)
+    return _fastest(lambda: gated_linear_candidates(x, w, b, act),
+                    ("gated_linear", tuple(w.shape), x.shape, act, b is not None), x.shape)
 
 
-def _fastest(cands: dict, problem: tuple, x_shape):
-    """(fn, backend name) of the candidate measured fastest: fn(x, *weights) -> (y,), or, for ours,
-    fn(bufs, x, *weights) writing into the planned buffer (backends._conv_call says why)."""
-    schedule = ""
+def _fastest(make, problem: tuple, x_shape):
+    """(fn, backend name) of the candidate measured fastest among make()'s; where it was timed alone, fn
+    carries a choice.Contest (settle.py times the candidates again in the program)."""
+    cands, schedule = make(), ""
+    best = next(iter(cands))
     if len(cands) > 1:
-        best, schedule = pick(problem_key(*problem), choice.timed(cands), lambda: [torch.randn(x_shape)])
-        cands = {best: cands[best]}
-    (backend, k), = cands.items()
+        key = problem_key(*problem)
+        best, schedule = pick(key, choice.timed(cands), lambda: [torch.randn(x_shape)])
+    fn = _as_fn(cands[best], x_shape)
+    fn.schedule = schedule
+    if len(cands) > 1 and config.get().autotune and not autotune.settled(key, list(cands)):
+        fn.contest = choice.Contest(autotune.verdict_key(key, list(cands)), list(cands), best,
+                                    lambda: {n: _as_fn(k, x_shape) for n, k in make().items()})
+    return fn, best
+
+
+def _as_fn(k, x_shape):
+    """Kernel k as a group's fn: fn(x, *weights) -> (y,), or, for ours, fn(bufs, x, *weights) writing into the
+    planned buffer (backends._conv_call says why)."""
     if choice.takes_out(k):
         run = k.bound(tuple(x_shape)) if hasattr(k, "bound") else k
         fn = lambda bufs, x, *_: (run(x, out=bufs[0]),)   # noqa: E731
         fn.writes_into = True
     else:
         fn = lambda x, *_: (k(x),)   # noqa: E731
-    fn.schedule, fn.weights = schedule, k
+    fn.weights = k
     fn.sources = lambda: choice.conv_sources(k)
-    return fn, backend
+    return fn

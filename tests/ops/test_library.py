@@ -10,12 +10,14 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kfuse.backends import library
+from kfuse.backends import library, openmp
 from kfuse.backends.library import HAVE_ONEDNN, pack_linear
 from kfuse.errors import KfuseError
 from kfuse.ops.reference import ACTIVATIONS, _linear
 
 BACKENDS = [pytest.param("onednn", marks=pytest.mark.skipif(not HAVE_ONEDNN, reason="no oneDNN op")),
+            pytest.param("mkl-packed", marks=pytest.mark.skipif(not library.mkl_packed_supported(),
+                                                                reason="no packed MKL op")),
             "mkl"]
 ACTS = list(ACTIVATIONS)
 
@@ -131,7 +133,7 @@ def test_residual(backend, act, bias):
 def test_weight_is_snapshot():
     x, w, b = problem(8, 16, 8)
     want = _linear(x, w, b, act="relu")
-    lins = [pack_linear(w, b, "relu", prefer=p) for p in ("onednn", "mkl")]
+    lins = [pack_linear(w, b, "relu", prefer=p) for p in ("onednn", "mkl-packed", "mkl")]
     w.zero_()
     b.zero_()
     for lin in lins:
@@ -195,3 +197,42 @@ def test_one_thread():
     finally:
         torch.set_num_threads(n)
     check(y1, _linear(x, w, b, act="gelu"), 384)
+
+
+@pytest.mark.skipif(not library.mkl_packed_supported(), reason="no packed MKL op")
+@pytest.mark.parametrize("M", [0, 1, 5, 64])
+def test_mkl_packed_row_counts(M):
+    """MKL's weight is packed for one row count (64 here); any other runs on its snapshot of the weight."""
+    x, w, b = problem(M, 384, 70)
+    lin = pack_linear(w, b, "silu", batch_hint=64, prefer="mkl-packed")
+    w.zero_()
+    y = lin(x)
+    assert y.shape == (M, 70)
+    check(y, _linear(x, problem(M, 384, 70)[1], b, act="silu"), 384)
+
+
+@pytest.mark.parametrize("fake", [_RaisingOp(), _RaisingOp(lambda x, *rest: torch.zeros(x.shape[0], 7))],
+                         ids=["raises", "wrong-result"])
+def test_mkl_packed_probe_failure_falls_back(monkeypatch, fresh_probes, fake):
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", fake)
+    assert not library.mkl_packed_supported()
+    x, w, b = problem(33, 384, 99)
+    lin = pack_linear(w, b, "gelu", batch_hint=33, prefer="mkl-packed")
+    assert lin.backend == "mkl"
+    check(lin(x), _linear(x, w, b, act="gelu"), 384)
+
+
+@pytest.mark.skipif(not openmp.MKL_THREADS, reason="MKL's per-thread count cannot be set")
+def test_mkl_obeys_the_calling_threads_count():
+    """MKL keeps its own thread count (torch.set_num_threads sets it for all threads): openmp.using sets
+    the calling thread's and gives it back, so a packed MKL GEMM runs on the count kfuse runs with."""
+    import ctypes
+    from pathlib import Path
+    get = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Get_Max_Threads
+    before = get()
+    with openmp.using(1):
+        assert get() == 1
+        x, w, b = problem(40, 384, 64)
+        if library.mkl_packed_supported():
+            check(pack_linear(w, b, "none", batch_hint=40, prefer="mkl-packed")(x), _linear(x, w, b, act="none"), 384)
+    assert get() == before

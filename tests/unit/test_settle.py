@@ -21,8 +21,22 @@ def _cnn():
     return m, torch.randn(2, 8, 11, 13)
 
 
+def _mlp():
+    """Linears with several candidates each (oneDNN's, MKL's packed, our GEMM): GELU, none, odd sizes."""
+    m = torch.nn.Sequential(torch.nn.Linear(40, 72), torch.nn.GELU(), torch.nn.Linear(72, 24)).eval()
+    return m, torch.randn(3, 37, 40)
+
+
+MODELS = {"cnn": (_cnn, "conv2d"), "mlp": (_mlp, "linear")}
+
+
+def _contested(cm, model="cnn"):
+    """The report's kernels of the model's contested kind."""
+    return [k for k in cm.report().kernels if k.ops[0] == MODELS[model][1]]
+
+
 def _convs(cm):
-    return [k for k in cm.report().kernels if k.ops[0] == "conv2d"]
+    return _contested(cm)
 
 
 def _fails(*a, **kw):
@@ -39,28 +53,30 @@ def _walks_favouring(monkeypatch, contests: dict):
     monkeypatch.setattr(settle, "_walks", walks)
 
 
-def test_choices_made_alone_are_timed_in_the_program_and_the_verdicts_cached(cache, monkeypatch):
-    m, x = _cnn()
-    convs = _convs(compiled(m, x))
+@pytest.mark.parametrize("model", list(MODELS))
+def test_choices_made_alone_are_timed_in_the_program_and_the_verdicts_cached(cache, monkeypatch, model):
+    m, x = MODELS[model][0]()
+    convs = _contested(compiled(m, x), model)
     assert len(convs) == 2 and all(" (measured in the program: " in k.schedule and "; alone: " in k.schedule
                                    for k in convs), [k.schedule for k in convs]
     # a new process: the verdicts come from the cache file; nothing is timed, alone or in the program
     monkeypatch.setattr(autotune, "_memo", {})
     monkeypatch.setattr(settle, "_walks", _fails)
     monkeypatch.setattr(autotune, "_time", _fails)
-    again = _convs(compiled(m, x))
+    again = _contested(compiled(m, x), model)
     assert [k.backend for k in again] == [k.backend for k in convs]
     assert all(k.schedule.startswith(f"{k.backend} (measured in the program, cached)") for k in again), \
         [k.schedule for k in again]
 
 
-def test_a_verdict_against_the_choice_made_alone_changes_the_kernel(cache, monkeypatch):
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_verdict_against_the_choice_made_alone_changes_the_kernel(cache, monkeypatch, model):
     contests = {}
     _walks_favouring(monkeypatch, contests)
     monkeypatch.setattr(settle, "faster", lambda new, old: True)
-    m, x = _cnn()
+    m, x = MODELS[model][0]()
     cm = compiled(m, x)          # the outputs checked against eager's
-    convs = _convs(cm)
+    convs = _contested(cm, model)
     assert len(contests) == 2
     for k, c in zip(convs, contests.values()):
         fav = next(n for n in c.names if n != c.chosen)
@@ -69,7 +85,7 @@ def test_a_verdict_against_the_choice_made_alone_changes_the_kernel(cache, monke
     assert cm._last._native is None and cm._last._native_after
     monkeypatch.setattr(autotune, "_memo", {})
     monkeypatch.setattr(settle, "_walks", _fails)
-    assert [k.backend for k in _convs(compiled(m, x))] == [k.backend for k in convs]
+    assert [k.backend for k in _contested(compiled(m, x), model)] == [k.backend for k in convs]
 
 
 def test_a_program_slower_with_the_verdicts_keeps_the_choices_made_alone(cache, monkeypatch):
