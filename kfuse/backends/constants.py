@@ -46,6 +46,17 @@ def intern(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def first_claim(t: torch.Tensor, tag: str, value):
+    """The value first claimed under `tag` for t's owner tensor (this one where none was): kept on the owner,
+    so every program of a model reading that weight sees the same."""
+    owner = _owner(t)
+    with _lock:
+        claims = getattr(owner, "_kfuse_claims", None)
+        if claims is None:
+            claims = owner._kfuse_claims = {}
+        return claims.setdefault(tag, value)
+
+
 def _owner(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
 

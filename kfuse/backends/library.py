@@ -1,13 +1,16 @@
-"""Linear layers with constant weights through a GEMM library: oneDNN (fast path) or MKL (fallback).
+"""Linear layers with constant weights through a GEMM library: oneDNN, MKL's packed GEMM, or torch.addmm
+(the fallback).
 
     lin = pack_linear(w_kn, bias, act="gelu")   # packs the weight once
     y = lin(x)                                  # act(x @ w_kn + bias), x [..., K] float32 -> [..., N]
     lin(x, out=buf)                             # into a preallocated buffer
     lin(x, residual=r)                          # act(x @ w_kn + bias) + r
 
-Why oneDNN: on the project's 2-core AVX-512 machine, oneDNN's fp32 GEMM on a pre-reordered weight
-runs at about 470-520 GFLOP/s, MKL's (`torch.addmm`/`F.linear`) at about 200 (bench/README.md).
-PyTorch reaches oneDNN only through the private op Inductor uses after freezing,
+Why oneDNN: on the project's 2-core AVX-512 Zen 5 machine, oneDNN's fp32 GEMM on a pre-reordered weight
+ran at about 470-520 GFLOP/s, MKL's unpacked (`torch.addmm`/`F.linear`) at about 200 (bench/README.md).
+MKL's GEMM on a packed weight (`torch.ops.mkl._mkl_linear`, Inductor's fp32 path after freezing) times
+like oneDNN's alone on the Intel VM and faster inside programs there, so it is a candidate too
+(backends/linear.py), probed like oneDNN's op. PyTorch reaches oneDNN only through the private op Inductor uses after freezing,
 `torch.ops.mkldnn._linear_pointwise(x, w_packed, b, attr, scalars, algorithm)`, with the weight
 packed by `torch.ops.mkldnn._reorder_linear_weight(w_nk, batch_size)` (see Inductor's
 fx_passes/mkldnn_fusion.py, `pack_linear_weight`). Being private, it is used only after a probe
@@ -246,7 +249,8 @@ class PackedLinear:
         return out.copy_(y)
 
     def _call_mkl_packed(self, x, out, residual):
-        y = _mkl_packed_ops()[0](x, self._w, self._w_nk, self._b, self._rows)
+        # detached: the op has no autograd formula (an input needing gradients gets an output that warns)
+        y = _mkl_packed_ops()[0](x.detach(), self._w, self._w_nk, self._b, self._rows)
         if self._inplace_act is not None:
             self._inplace_act(y)
         if residual is not None:

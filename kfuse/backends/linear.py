@@ -11,6 +11,8 @@ neither is a rule: both are candidates, and the program decides (bench/README.md
 session)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import config
@@ -21,7 +23,7 @@ from .c import CompileError, autotune
 from .c import gemm as c_gemm
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
-from .constants import shared
+from .constants import first_claim, shared
 from .library import mkl_packed_supported, pack_linear
 
 # a linear's activation as the convolution post-op our C GEMM takes
@@ -43,9 +45,23 @@ def linear_candidates(x, w, b, act) -> dict:
             cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False)
         except CompileError:        # no C compiler: the library alone
             pass
-    if lin.backend == "onednn" and mkl_packed_supported():     # MKL packs its weight for the row count
+    if lin.backend == "onednn" and _mkl_rows(w, rows):
         cands["library:mkl-packed"] = shared(pack_linear, w, b, act, batch_hint=rows, prefer="mkl-packed")
     return cands
+
+
+def _mkl_rows(w, rows: int) -> bool:
+    """Whether MKL's packed GEMM is a candidate for weight w at `rows` rows. Its pack serves one row count,
+    so a weight gets one for the first row count of at least FEW_ROWS that a program asks for and for no
+    other: each signature of a model (a prompt length) would otherwise hold another copy of every weight,
+    where oneDNN's pack and ours serve all (constants.py)."""
+    return rows >= FEW_ROWS and mkl_packed_supported() and first_claim(w, "mkl-packed rows", rows) == rows
+
+
+# Fewer rows (a decode step's, one per sequence of the batch): the product reads its weight for a handful of
+# rows, MKL's pack is not offered and the choice made alone is not timed again in the program, because a
+# library kernel in a decode step keeps it from running as one C call (dynamo_step), which neither timing sees.
+FEW_ROWS = 16
 
 
 def linear_kernel(nodes):
@@ -82,8 +98,9 @@ def gated_linear_candidates(x, w, b, act) -> dict:
         cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False, glu=True)
     except CompileError:
         pass
-    if lib.backend == "onednn" and mkl_packed_supported():
-        cands["library:mkl-packed+torch"] = _GatedLibrary(w, b, act, max(1, x.numel // max(1, x.shape[-1])), "mkl-packed")
+    rows = max(1, x.numel // max(1, x.shape[-1]))
+    if lib.backend == "onednn" and _mkl_rows(w, rows):
+        cands["library:mkl-packed+torch"] = _GatedLibrary(w, b, act, rows, "mkl-packed")
     return cands
 
 
@@ -103,7 +120,8 @@ def _fastest(make, problem: tuple, x_shape):
         best, schedule = pick(key, choice.timed(cands), lambda: [torch.randn(x_shape)])
     fn = _as_fn(cands[best], x_shape)
     fn.schedule = schedule
-    if len(cands) > 1 and config.get().autotune and not autotune.settled(key, list(cands)):
+    if len(cands) > 1 and config.get().autotune and math.prod(x_shape[:-1]) >= FEW_ROWS \
+            and not autotune.settled(key, list(cands)):
         fn.contest = choice.Contest(autotune.verdict_key(key, list(cands)), list(cands), best,
                                     lambda: {n: _as_fn(k, x_shape) for n, k in make().items()})
     return fn, best

@@ -71,8 +71,9 @@ def _live_packs(tensors) -> int:
 
 
 def test_programs_of_one_model_share_weights_and_packs():
-    """Every signature of a model holds the same weight tensors and the same packed GEMM weights
-    (oneDNN packs alike for any row count above one)."""
+    """Every signature of a model holds the same weight tensors and the same packed GEMM weights (oneDNN
+    packs alike for any row count above one, our GEMM for any), but for MKL's pack, made for one row count:
+    at most one per weight, for the first signature of many rows (linear.FEW_ROWS)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 256), torch.nn.GELU(), torch.nn.Linear(256, 96)).eval()
     cm = kfuse.compile(model, (torch.randn(8, 96),))
@@ -80,8 +81,10 @@ def test_programs_of_one_model_share_weights_and_packs():
     first = consts()
     packs = _live_packs(first)
     assert len(first) == 2 and packs >= 2
-    for rows in (5, 33):
+    counts = []
+    for rows in (5, 33, 47, 64):
         x = torch.randn(rows, 96)
         assert_close(cm(x), model(x))
         assert [id(t) for t in consts()] == [id(t) for t in first]
-    assert _live_packs(first) == packs
+        counts.append(_live_packs(first))
+    assert counts[0] == packs and packs <= counts[1] <= packs + len(first) and counts[1:] == [counts[1]] * 3, counts
