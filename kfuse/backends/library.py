@@ -212,11 +212,12 @@ class PackedLinear:
                 self._unary, self._binary = unary, binary
                 self._attr = ONEDNN_POST_OPS[act if self.post_op_fused else "none"]
             elif self.backend == "mkl-packed":
-                # MKL's copy packed for batch_hint rows, and a snapshot [N, K] the op reads for another row
-                # count (Inductor keeps the two as well)
+                # MKL's copy packed for batch_hint rows, the only copy kept (Inductor keeps the [N, K] weight
+                # too, which the op reads for another row count: _call_mkl_packed pads or splits instead);
+                # the op reads the [N, K] argument's sizes and dtype only, so it gets a view of one float
                 self._rows = batch_hint or 1
-                self._w_nk = w_kn.detach().t().clone(memory_format=torch.contiguous_format)
-                self._w = _mkl_packed_ops()[1](self._w_nk, self._rows)
+                self._w = _mkl_packed_ops()[1](w_kn.detach().t().contiguous(), self._rows)
+                self._w_nk = torch.zeros(1).expand(N, K)
                 self._unary = self._binary = self._attr = None
             else:
                 self._w = w_kn.detach().contiguous().clone()   # a snapshot, as the oneDNN copy is
@@ -250,7 +251,18 @@ class PackedLinear:
 
     def _call_mkl_packed(self, x, out, residual):
         # detached: the op has no autograd formula (an input needing gradients gets an output that warns)
-        y = _mkl_packed_ops()[0](x.detach(), self._w, self._w_nk, self._b, self._rows)
+        linear, rows, x = _mkl_packed_ops()[0], self._rows, x.detach()
+        if x.numel() == rows * self.in_features:
+            y = linear(x, self._w, self._w_nk, self._b, rows)
+        else:       # the pack serves `rows` rows: blocks of them, the last one padded with zeros
+            x2 = x.reshape(-1, self.in_features)
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for i in range(0, x2.shape[0], rows):
+                part = x2[i:i + rows]
+                if part.shape[0] < rows:
+                    part = torch.cat([part, part.new_zeros(rows - part.shape[0], self.in_features)])
+                y[i:i + rows] = linear(part, self._w, self._w_nk, self._b, rows)[:y.shape[0] - i]
+            y = y.view(*x.shape[:-1], self.out_features)
         if self._inplace_act is not None:
             self._inplace_act(y)
         if residual is not None:
@@ -285,7 +297,8 @@ def pack_linear(w_kn: torch.Tensor, bias: torch.Tensor | None, act: str = "none"
 
     act: one of kfuse.ops.reference.ACTIVATIONS. batch_hint: the expected number of rows M, passed
     to oneDNN's weight reorder (measured: no difference for fp32 at M = 128 and 1024; kept because
-    Inductor passes it), and the row count MKL's packed weight is made for (another runs unpacked).
+    Inductor passes it), and the row count MKL's packed weight is made for (another runs in blocks of
+    that many rows, the last padded).
     prefer="mkl" forces the torch.addmm fallback (tests, comparisons); "onednn" and "mkl-packed" use
     their library when its probe passes, and fall back silently to "mkl" otherwise: check .backend.
     """

@@ -200,9 +200,10 @@ def test_one_thread():
 
 
 @pytest.mark.skipif(not library.mkl_packed_supported(), reason="no packed MKL op")
-@pytest.mark.parametrize("M", [0, 1, 5, 64])
+@pytest.mark.parametrize("M", [0, 1, 5, 64, 150])
 def test_mkl_packed_row_counts(M):
-    """MKL's weight is packed for one row count (64 here); any other runs on its snapshot of the weight."""
+    """MKL's weight is packed for one row count (64 here); any other in blocks of 64 rows, the last padded
+    with zeros; the pack is the only copy (a snapshot: the weight changed after packing changes nothing)."""
     x, w, b = problem(M, 384, 70)
     lin = pack_linear(w, b, "silu", batch_hint=64, prefer="mkl-packed")
     w.zero_()
