@@ -359,7 +359,15 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
                                              for o in group.outputs) + ")")
             lines.append(f"    {', '.join(outs)}, = {global_name('k', kernel.fn)}({', '.join(args)})")
         for o, v in zip(group.outputs, outs):
-            if o in read:            # a run reads it from the recorded tensor
+            t = env[o]
+            if o in read and not kernel.writes_into and not kernel.aliases and t.storage_offset() == 0 \
+                    and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+                # a tensor of its own each call (a library's output): the runs' pointers into the recorded
+                # one are moved to it, as to an input (MiniLM b8's QKV output, 4.7 MB, had been copied)
+                name = global_name("m", None)
+                moved[name] = t
+                lines.append(f"    {name}({v})")
+            elif o in read:            # a run reads it from the recorded tensor
                 r = fixed_name(o)
                 lines.append(f"    if {v}.data_ptr() != {r}.data_ptr() or {v}.stride() != {r}.stride(): {r}.copy_({v})")
             names[o] = v

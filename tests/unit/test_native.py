@@ -6,7 +6,8 @@ import torch
 import kfuse
 from kfuse import config
 from kfuse.models import build
-from kfuse.runtime import native
+from kfuse.backends import linear
+from kfuse.runtime import native, settle
 
 
 class SortBetween(torch.nn.Module):
@@ -315,3 +316,37 @@ def test_views_nothing_reads_are_dropped_and_the_runs_beside_them_joined():
     assert out == ["def program(i0, i1):", "    m3(i0)", "    run0()", "    v4_0 = i0.reshape((2, 16, ))",
                    "    v5_0, = k7(v4_0)", "    run1()", "    return (v5_0, )"]
     assert runs == [["a", "b", "c"], ["d"]]
+
+
+class LinearIntoC(torch.nn.Module):
+    """A library GEMM whose output a C kernel reads and the caller gets as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(24, 40), torch.nn.Linear(40, 16)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.sin(h) * 2), h
+
+
+def test_a_library_output_a_run_reads_is_moved_to_not_copied(monkeypatch):
+    """The runs read a library kernel's output (a new tensor each call) through their pointers moved to it, as
+    an input's, not through a copy into the recorded tensor; the caller owns it when it is an output too."""
+    monkeypatch.setattr(linear, "pick", lambda problem, cands, inputs, **kw: (next(iter(cands)), "the library's"))
+    monkeypatch.setattr(settle, "propose", lambda program: {})
+    model, x = LinearIntoC().eval(), torch.randn(37, 24)
+    cm = kfuse.compile(model, (x,))
+    assert cm.report().kernels[0].backend.startswith("library"), cm.report().kernels
+    with torch.no_grad():
+        _warm(cm, x)
+        source = cm._last._native._keep[2]
+        assert cm.report().launch.startswith("native:") and ".copy_(" not in source, source
+        for _ in range(3):
+            x = torch.randn(37, 24)
+            got = cm(x)
+            assert _equal(got, _python(cm, x))
+            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+        kept = [t.clone() for t in got]
+        cm(torch.randn(37, 24))
+        assert _equal(got, kept)
