@@ -13,12 +13,13 @@ make (kfuse/backends/c/record.py) with the tensors they were given. Each run of 
 recorded their calls becomes one generated C function calling the same functions with the same
 arguments; it is valid for that arena, those staging tensors and those recorded outputs, which the
 runner keeps. Other kernels (oneDNN's, torch's, a C kernel on a path that copies in Python) run from
-Python between the runs, reading the recorded tensors and copying their results into them where a C
-run reads them. A call moves the recorded pointers into each staging tensor to the caller's input where
-that has the staging tensor's shape, dtype and strides (else copies the input into it), moves the
-pointers into a recorded output to a fresh tensor made for the call where nothing else reads the recorded
-one, runs the steps and returns those fresh outputs and copies of the others (the caller owns them; the
-runner reuses its buffers).
+Python between the runs, reading the recorded tensors; where a C run reads the result, the runs' pointers
+into the recorded one are moved to it each call when it is a tensor of its own (a library's output: an
+_Moved, as for an input), else it is copied into the recorded one. A call moves the recorded pointers
+into each staging tensor to the caller's input where that has the staging tensor's shape, dtype and
+strides (else copies the input into it), moves the pointers into a recorded output to a fresh tensor made
+for the call where nothing else reads the recorded one, runs the steps and returns those fresh outputs
+and copies of the others (the caller owns them; the runner reuses its buffers).
 
 The runner is checked before it is used: on inputs made different from that call's (`_different`), its
 outputs must equal the Python program's bit for bit; else the program stays on Python and the report

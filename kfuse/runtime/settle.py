@@ -72,8 +72,8 @@ def propose(program) -> dict:
 def faster(new, old) -> bool:
     """Whether program `new` (old's kernels with the verdicts of `propose`) is faster than `old`, both called
     as a user calls them (Program.__call__: through their native runners, made at their second call),
-    in turn, on the same random inputs. A library kernel costs the runner more than the walk sees: its
-    output is copied into the recorded tensor, and the C run around it is split (ResNet-50 at batch 1,
+    in turn, on the same random inputs. A library kernel costs the runner more than the walk sees: the
+    C run around it is split (and, before the forty-sixth session, its output copied) (ResNet-50 at batch 1,
     ten convolutions moved to oneDNN by their times in the walk: the program 1.10x slower, timed beside
     the first in one process). Both programs
     are called: the caller makes a fresh one of the faster (whose runner is made at its own second call);
