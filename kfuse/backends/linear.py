@@ -35,7 +35,7 @@ POST_OPS = {"none": None, "relu": ("relu", (), ""), "gelu": ("gelu", (), "none")
 def linear_candidates(x, w, b, act) -> dict:
     """{backend name: kernel} of the kernels computing a linear (kernels.linear.as_linear's parts): the
     libraries', and our GEMM."""
-    rows = max(1, x.numel // max(1, x.shape[-1]))
+    rows = _rows(x.shape)
     # oneDNN packs a weight for one row (a GEMV) its own way, for any other count the same way
     # (outputs bit-equal for 2..1024 rows): one packed copy serves every prefill length
     lin = shared(pack_linear, w, b, act, batch_hint=1 if rows == 1 else None)
@@ -56,6 +56,11 @@ def _mkl_rows(w, rows: int) -> bool:
     other: each signature of a model (a prompt length) would otherwise hold another copy of every weight,
     where oneDNN's pack and ours serve all (constants.py)."""
     return rows >= FEW_ROWS and mkl_packed_supported() and first_claim(w, "mkl-packed rows", rows) == rows
+
+
+def _rows(x_shape) -> int:
+    """The rows of a linear's input (all dims but the last), at least 1."""
+    return max(1, math.prod(x_shape[:-1]))
 
 
 # Fewer rows (a decode step's, one per sequence of the batch): the product reads its weight for a handful of
@@ -98,7 +103,7 @@ def gated_linear_candidates(x, w, b, act) -> dict:
         cands["c:gemm"] = shared(c_gemm.GemmConv, w.t(), b, POST_OPS[act], False, glu=True)
     except CompileError:
         pass
-    rows = max(1, x.numel // max(1, x.shape[-1]))
+    rows = _rows(x.shape)
     if lib.backend == "onednn" and _mkl_rows(w, rows):
         cands["library:mkl-packed+torch"] = _GatedLibrary(w, b, act, rows, "mkl-packed")
     return cands
@@ -120,7 +125,7 @@ def _fastest(make, problem: tuple, x_shape):
         best, schedule = pick(key, choice.timed(cands), lambda: [torch.randn(x_shape)])
     fn = _as_fn(cands[best], x_shape)
     fn.schedule = schedule
-    if len(cands) > 1 and config.get().autotune and math.prod(x_shape[:-1]) >= FEW_ROWS \
+    if len(cands) > 1 and config.get().autotune and _rows(x_shape) >= FEW_ROWS \
             and not autotune.settled(key, list(cands)):
         fn.contest = choice.Contest(autotune.verdict_key(key, list(cands)), list(cands), best,
                                     lambda: {n: _as_fn(k, x_shape) for n, k in make().items()})
