@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import config, cost
+from .. import cost
 from ..ir import VIEW_OPS, Group, Kind, Node
 from ..kernels import NotFusable, lower
 from ..kernels.conv import (POINTWISE_PAIRS, as_conv, as_depthwise_pointwise, as_pointwise_depthwise,
@@ -36,7 +36,6 @@ from .c import rope as c_rope
 from .c import group_norm as c_group_norm
 from .c import squeeze_excite as c_squeeze_excite
 from .c import winograd as c_winograd
-from .c import autotune
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
 from .conv import FrameConv, PointwiseConv, frame_wise, linear_supports, pack_conv, pointwise
@@ -198,9 +197,8 @@ def _conv_kernel(group):
     conv, backend, schedule = _best_conv(spec, cands)
     fn = _conv_call(group, spec, conv)
     problem, cold = _conv_problem(spec)
-    if len(cands) > 1 and config.get().autotune and not autotune.settled(problem, list(cands), cold):
-        fn.contest = choice.Contest(autotune.verdict_key(problem, list(cands), cold), list(cands), backend,
-                                    lambda: {n: _conv_call(group, spec, k) for n, k in _conv_candidates(spec).items()})
+    fn.contest = choice.contest(problem, list(cands), backend,
+                                lambda: {n: _conv_call(group, spec, k) for n, k in _conv_candidates(spec).items()}, cold)
     if spec.act is not None and backend.startswith("library") and not conv.post_op_fused:
         fn.note = f"{spec.act[0]} runs in place after the convolution: oneDNN's post-op failed the probe " \
                   f"(for relu, hardtanh and hardsigmoid it turns NaN into a number)"

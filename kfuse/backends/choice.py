@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import config
+from .c import autotune
 from .c import depthwise as c_depthwise
 from .c import dwpw as c_dwpw
 from .c import gemm as c_gemm
@@ -22,6 +24,15 @@ class Contest:
     names: list     # the candidates
     chosen: str     # the one chosen alone
     make: object    # () -> {name: fn}: each candidate as the group's kernel (backends.make_kernel's fn)
+
+
+def contest(problem: str, names: list, chosen: str, make, cold: bool = False) -> Contest | None:
+    """The Contest of a choice among `names` made alone on `problem` (autotune.pick's), for settle.py to time
+    again in the program; None where nothing is to be timed again (one candidate, tuning off, a verdict
+    made in a program before)."""
+    if len(names) < 2 or not config.get().autotune or autotune.settled(problem, names, cold):
+        return None
+    return Contest(autotune.verdict_key(problem, names, cold), names, chosen, make)
 
 
 def timed(cands):

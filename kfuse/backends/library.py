@@ -10,7 +10,8 @@ Why oneDNN: on the project's 2-core AVX-512 Zen 5 machine, oneDNN's fp32 GEMM on
 ran at about 470-520 GFLOP/s, MKL's unpacked (`torch.addmm`/`F.linear`) at about 200 (bench/README.md).
 MKL's GEMM on a packed weight (`torch.ops.mkl._mkl_linear`, Inductor's fp32 path after freezing) times
 like oneDNN's alone on the Intel VM and faster inside programs there, so it is a candidate too
-(backends/linear.py), probed like oneDNN's op. PyTorch reaches oneDNN only through the private op Inductor uses after freezing,
+(backends/linear.py), probed like oneDNN's op. PyTorch reaches oneDNN only through the private op
+Inductor uses after freezing,
 `torch.ops.mkldnn._linear_pointwise(x, w_packed, b, attr, scalars, algorithm)`, with the weight
 packed by `torch.ops.mkldnn._reorder_linear_weight(w_nk, batch_size)` (see Inductor's
 fx_passes/mkldnn_fusion.py, `pack_linear_weight`). Being private, it is used only after a probe
@@ -109,10 +110,16 @@ def _mkl_packed_ops():
         return None
 
 
+def _shape_only(N: int, K: int) -> torch.Tensor:
+    """The [N, K] weight argument of MKL's op where only its sizes and dtype are read (the packed row
+    count's path): a view of one float, so no copy of the weight is held for it."""
+    return torch.zeros(1).expand(N, K)
+
+
 @functools.cache
 def mkl_packed_supported() -> bool:
-    """Whether MKL's packed GEMM exists and gives the reference result on the probe (NaN included), for
-    the packed row count and another (its fallback to the unpacked weight)."""
+    """Whether MKL's packed GEMM exists and gives the reference result on the probe (NaN included), called
+    as PackedLinear calls it: the packed row count, the [N, K] argument a view of one float."""
     ops = _mkl_packed_ops()
     if ops is None:
         return False
@@ -121,12 +128,11 @@ def mkl_packed_supported() -> bool:
     want = x.double() @ w.double() + b.double()
     try:
         with torch.no_grad():
-            wp = reorder(w.t().contiguous(), x.shape[0])
-            got = [linear(x, wp, w.t(), b, x.shape[0]), linear(x[:1], wp, w.t(), b, x.shape[0])]
+            got = linear(x, reorder(w.t().contiguous(), x.shape[0]), _shape_only(*w.t().shape), b, x.shape[0])
     except Exception:  # a private op may fail in any way
         return False
-    return all(isinstance(g, torch.Tensor) and g.dtype == torch.float32 and g.shape == want[:len(g)].shape
-               and torch.allclose(g.double(), want[:len(g)], rtol=1e-5, atol=1e-5, equal_nan=True) for g in got)
+    return (isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == want.shape
+            and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True))
 
 
 @functools.cache
@@ -213,12 +219,12 @@ class PackedLinear:
                 self._attr = ONEDNN_POST_OPS[act if self.post_op_fused else "none"]
             elif self.backend == "mkl-packed":
                 # MKL's copy packed for batch_hint rows, the only copy kept (Inductor keeps the [N, K] weight
-                # too, which the op reads for another row count: _call_mkl_packed pads or splits instead);
-                # the op reads the [N, K] argument's sizes and dtype only, so it gets a view of one float
+                # too, which the op reads for another row count: _call_mkl_packed pads or splits instead)
+                self._unary, reorder = _mkl_packed_ops()
                 self._rows = batch_hint or 1
-                self._w = _mkl_packed_ops()[1](w_kn.detach().t().contiguous(), self._rows)
-                self._w_nk = torch.zeros(1).expand(N, K)
-                self._unary = self._binary = self._attr = None
+                self._w = reorder(w_kn.detach().t().contiguous(), self._rows)
+                self._w_nk = _shape_only(N, K)
+                self._binary = self._attr = None
             else:
                 self._w = w_kn.detach().contiguous().clone()   # a snapshot, as the oneDNN copy is
                 self._unary = self._binary = self._attr = None
@@ -251,7 +257,7 @@ class PackedLinear:
 
     def _call_mkl_packed(self, x, out, residual):
         # detached: the op has no autograd formula (an input needing gradients gets an output that warns)
-        linear, rows, x = _mkl_packed_ops()[0], self._rows, x.detach()
+        linear, rows, x = self._unary, self._rows, x.detach()
         if x.numel() == rows * self.in_features:
             y = linear(x, self._w, self._w_nk, self._b, rows)
         else:       # the pack serves `rows` rows: blocks of them, the last one padded with zeros

@@ -15,11 +15,10 @@ import math
 
 import torch
 
-from .. import config
 from ..kernels.linear import as_linear
 from ..ops.reference import ACTIVATIONS
 from . import choice
-from .c import CompileError, autotune
+from .c import CompileError
 from .c import gemm as c_gemm
 from .c.autotune import pick
 from .c.autotune import problem as problem_key
@@ -118,17 +117,14 @@ def gated_linear_kernel(node):
 def _fastest(make, problem: tuple, x_shape):
     """(fn, backend name) of the candidate measured fastest among make()'s; where it was timed alone, fn
     carries a choice.Contest (settle.py times the candidates again in the program)."""
-    cands, schedule = make(), ""
+    cands, schedule, key = make(), "", problem_key(*problem)
     best = next(iter(cands))
     if len(cands) > 1:
-        key = problem_key(*problem)
         best, schedule = pick(key, choice.timed(cands), lambda: [torch.randn(x_shape)])
     fn = _as_fn(cands[best], x_shape)
     fn.schedule = schedule
-    if len(cands) > 1 and config.get().autotune and _rows(x_shape) >= FEW_ROWS \
-            and not autotune.settled(key, list(cands)):
-        fn.contest = choice.Contest(autotune.verdict_key(key, list(cands)), list(cands), best,
-                                    lambda: {n: _as_fn(k, x_shape) for n, k in make().items()})
+    if _rows(x_shape) >= FEW_ROWS:
+        fn.contest = choice.contest(key, list(cands), best, lambda: {n: _as_fn(k, x_shape) for n, k in make().items()})
     return fn, best
 
 

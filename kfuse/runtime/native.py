@@ -196,6 +196,11 @@ def _large(graph, view_of: dict) -> set:
     return {_root(o, view_of) for o in graph.outputs if o.numel * o.dtype.itemsize >= POOL_MIN}
 
 
+def _whole(t: torch.Tensor) -> bool:
+    """Whether t is all of its storage (no offset, nothing beside it): pointers into that storage are its."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def _storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
@@ -360,13 +365,11 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
                                              for o in group.outputs) + ")")
             lines.append(f"    {', '.join(outs)}, = {global_name('k', kernel.fn)}({', '.join(args)})")
         for o, v in zip(group.outputs, outs):
-            t = env[o]
-            if o in read and not kernel.writes_into and not kernel.aliases and t.storage_offset() == 0 \
-                    and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+            if o in read and not kernel.writes_into and not kernel.aliases and _whole(env[o]):
                 # a tensor of its own each call (a library's output): the runs' pointers into the recorded
                 # one are moved to it, as to an input (MiniLM b8's QKV output, 4.7 MB, had been copied)
                 name = global_name("m", None)
-                moved[name] = t
+                moved[name] = env[o]
                 lines.append(f"    {name}({v})")
             elif o in read:            # a run reads it from the recorded tensor
                 r = fixed_name(o)
@@ -385,7 +388,7 @@ def _assemble(program, env: dict, buffers: dict, view_of: dict, native: set, rec
     for out, b in zip(graph.outputs, roots):
         t = env[b]
         if b in by_runs and b not in by_name and b not in buffers and b not in const_views and roots.count(b) == 1 \
-                and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+                and _whole(t):
             name, w = global_name("m", None), f"w{len(fresh)}"
             moved[name] = t
             lines.insert(head, f"    {w} = {name}.fresh()")
