@@ -191,18 +191,22 @@ class Program:
         one: settle.py)."""
         return dict(zip(self._plan.planned, self._arenas[-1])) if self._plan is not None else {}
 
-    def kernel_calls(self, inputs, buffers: dict, call) -> dict:
+    def kernel_calls(self, inputs, buffers: dict, call, drop: bool = False) -> dict:
         """Runs the program's kernels one by one outside its wrapper, for timing and recording:
         call(index, group, fn, args) returns fn(*args), the group's outputs, fn writing into `buffers`
         (value -> tensor: an arena) where the kernel writes into planned buffers. Returns every value's
-        tensor (inputs and constants too)."""
+        tensor (inputs and constants too); with `drop`, each is dropped after its last reader, as the program
+        drops it (then only the outputs, inputs and constants are returned)."""
         env = dict(zip(self.graph.inputs, inputs))
         env.update({n: n.value for n in self.graph.nodes if n.op == "const"})
+        dies_after = _dies_after(self.graph, self._plan.last_use) if drop and self._plan is not None else {}
         for gi, (group, kernel) in enumerate(zip(self.groups, self.kernels)):
             fn = kernel.fn
             if kernel.writes_into:
                 fn = functools.partial(kernel.fn, tuple(buffers.get(o) for o in group.outputs))
             env.update(zip(group.outputs, call(gi, group, fn, [env[i] for i in group.inputs])))
+            for n in dies_after.get(gi, ()):
+                env.pop(n, None)
         return env
 
 
@@ -230,6 +234,17 @@ def constant_views(graph: Graph, groups: list[Group], kernels: list) -> set:
     return views
 
 
+def _dies_after(graph: Graph, last_use: dict) -> dict[int, list[Node]]:
+    """{group index: the values its call is the last to read}, but for the graph's inputs, constants and
+    outputs."""
+    keep = set(graph.outputs)
+    dies_after: dict[int, list[Node]] = {}
+    for n, gi in last_use.items():
+        if n not in keep and n.op not in ("input", "const"):
+            dies_after.setdefault(gi, []).append(n)
+    return dies_after
+
+
 def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, planned: list) -> tuple[str, object]:
     """Python source of the straight-line wrapper, and the function compiled from it. Every name in
     the source is made here (i<n>, v<n>, k<n>, c<n>, b<n>); nothing from the model reaches it. Each
@@ -247,11 +262,7 @@ def generate(graph: Graph, groups: list[Group], kernels: list, last_use: dict, p
         if n.op == "const":
             names[n] = f"c{len(env)}"
             env[names[n]] = n.value
-    keep = set(graph.outputs)
-    dies_after: dict[int, list[Node]] = {}
-    for n, gi in last_use.items():
-        if n not in keep and n.op not in ("input", "const"):
-            dies_after.setdefault(gi, []).append(n)
+    dies_after = _dies_after(graph, last_use)
     const_views = constant_views(graph, groups, kernels)
     for gi, (group, kernel) in enumerate(zip(groups, kernels)):
         for o in group.outputs:

@@ -10,6 +10,7 @@ from helpers import compiled
 
 import kfuse
 from kfuse.backends.c import autotune
+from kfuse.backends.choice import Contest
 from kfuse.ir import Graph
 from kfuse.report import Report
 from kfuse.runtime import settle
@@ -142,3 +143,47 @@ def test_an_artifact_loads_with_its_verdicts_and_times_nothing(cache, monkeypatc
     loaded = kfuse.load(tmp_path / "cnn")
     assert [k.backend for k in _convs(loaded)] == [k.backend for k in _convs(cm)]
     torch.testing.assert_close(loaded(x), cm(x), rtol=0, atol=0)
+
+
+def test_the_walks_orders_are_balanced_and_no_two_groups_locked_together():
+    """Each group runs each candidate equally often, in an order of its own: in rotation a candidate of one
+    group always met the same candidate of the group before it, and was timed in that one context."""
+    runs = {gi: dict.fromkeys(["a", "b", "c"]) for gi in range(4)} | {9: dict.fromkeys(["x", "y"])}
+    order = settle._orders(runs, 30)
+    assert order == settle._orders(runs, 30)            # seeded: a compile times what the last one did
+    for gi, seq in order.items():
+        assert len(seq) == 30 and all(seq.count(n) == 30 // len(runs[gi]) for n in runs[gi]), seq
+    for gi in range(3):
+        assert len(set(zip(order[gi], order[gi + 1]))) > 3, (order[gi], order[gi + 1])
+
+
+class _Walked:
+    """A stand-in program for settle._walks: group 0 is contested (its candidates take `own[name]` seconds),
+    group 1 is a kernel after it that takes `after[name]` seconds after candidate `name`."""
+
+    def __init__(self, own: dict, after: dict):
+        self.own, self.after, self.last = own, after, None
+        self.graph, self.groups = Graph(), [None, None]
+
+    def arena_buffers(self):
+        return {}
+
+    def candidate(self, name):
+        def run():
+            self.last = name
+            time.sleep(self.own[name])
+        return run
+
+    def kernel_calls(self, inputs, buffers, call, drop=False):
+        call(0, None, None, [])
+        call(1, None, lambda: time.sleep(self.after[self.last]), [])
+
+
+def test_a_candidate_is_charged_for_what_it_costs_the_kernels_after_it():
+    """'fast' alone, but the kernel after it runs slower: its time in the walks runs to the next contested
+    kernel, so 'steady' is faster there."""
+    prog = _Walked({"fast": 0.001, "steady": 0.002}, {"fast": 0.004, "steady": 0.0})
+    contest = Contest("key", ["fast", "steady"], "fast", lambda: {n: prog.candidate(n) for n in ("fast", "steady")})
+    times, _ = settle._walks(prog, {0: contest})
+    med = {n: settle._median(ts) for n, ts in times[0].items()}
+    assert med["steady"] < med["fast"] and med["fast"] >= 4.5, med
