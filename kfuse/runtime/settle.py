@@ -11,10 +11,10 @@ cold instead is no rule (MobileNetV2 0.94x, EfficientNet-B0 1.02-1.05x).
 So the assembled program is walked kernel by kernel (Program.kernel_calls) on random inputs, each
 contested group running one of its candidates per walk, in a seeded order of its own (_orders), timed where
 it stands, to the next contested kernel; a candidate replaces the one chosen alone where its median in the
-program, summed over the groups that pose the same problem, is lower by MARGIN (propose). The program with the replacements is then called as a user
-calls it, in turn with the first, and kept only where faster (faster; else reject). The verdicts are
-cached like the other choices (autotune.verdict_key): the next compile of the same problem on this
-machine takes them untimed.
+program, summed over the groups that pose the same problem, is lower by MARGIN (propose). The program with
+the replacements is then called as a user calls it, in turn with the first, and kept only where faster
+(faster; else reject). The verdicts are cached like the other choices (autotune.verdict_key): the next
+compile of the same problem on this machine takes them untimed.
 """
 from __future__ import annotations
 
